@@ -1,0 +1,208 @@
+/* client.c - the C API of conveyor.h: publish commands, wait for results. */
+#include "conveyor.h"
+#include "core.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct pending {            /* a command published by this client */
+    char id[ID_LEN + 1];
+    char *result;           /* its result event, once seen; NULL before */
+    bool seen;              /* the result arrived (later events of the command are ignored) */
+};
+
+struct conveyor_client {
+    struct cfg cfg;
+    struct broker *brokers[2];  /* per transport, opened on first use */
+    bool declared;              /* RabbitMQ topology declared */
+    struct broker *events;      /* subscription, with CONVEYOR_WAIT */
+    struct pending *pending;
+    size_t npending, cap;
+    char err[1024];
+};
+
+static int fail(conveyor_client *c, int code, const char *fmt, const char *arg) {
+    snprintf(c->err, sizeof c->err, fmt, arg);
+    return code;
+}
+
+conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen) {
+    conveyor_client *c = calloc(1, sizeof *c);
+    if (cfg_load(config_path, &c->cfg, err, errlen) < 0) {
+        free(c);
+        return NULL;
+    }
+    if (flags & CONVEYOR_WAIT) {
+        c->events = broker_open(&c->cfg, c->cfg.events_transport, err, errlen);
+        if (!c->events || broker_subscribe(c->events, "#") < 0) {
+            if (c->events) snprintf(err, errlen, "cannot subscribe to events: %s", broker_error(c->events));
+            conveyor_close(c);
+            return NULL;
+        }
+    }
+    return c;
+}
+
+void conveyor_close(conveyor_client *c) {
+    if (!c) return;
+    broker_close(c->brokers[0]);
+    broker_close(c->brokers[1]);
+    broker_close(c->events);
+    for (size_t i = 0; i < c->npending; i++) free(c->pending[i].result);
+    free(c->pending);
+    cfg_free(&c->cfg);
+    free(c);
+}
+
+const char *conveyor_error(const conveyor_client *c) { return c ? c->err : "no client"; }
+
+static struct broker *broker_for(conveyor_client *c, enum transport t) {
+    if (!c->brokers[t]) {
+        c->brokers[t] = broker_open(&c->cfg, t, c->err, sizeof c->err);
+        if (!c->brokers[t]) return NULL;
+    }
+    if (t == TRANSPORT_RABBITMQ && !c->declared) {
+        /* so that a command published before any worker started is kept */
+        if (broker_declare(c->brokers[t]) < 0) {
+            snprintf(c->err, sizeof c->err, "%s", broker_error(c->brokers[t]));
+            broker_close(c->brokers[t]);
+            c->brokers[t] = NULL;
+            return NULL;
+        }
+        c->declared = true;
+    }
+    return c->brokers[t];
+}
+
+static void remember(conveyor_client *c, const char *id) {
+    if (!c->events) return;
+    if (c->npending == c->cap) {
+        c->cap = c->cap ? c->cap * 2 : 16;
+        c->pending = realloc(c->pending, c->cap * sizeof *c->pending);
+    }
+    struct pending *p = &c->pending[c->npending++];
+    memset(p, 0, sizeof *p);
+    snprintf(p->id, sizeof p->id, "%s", id);
+}
+
+int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]) {
+    cJSON *in = cJSON_Parse(envelope_json);
+    if (!cJSON_IsObject(in)) {
+        cJSON_Delete(in);
+        return fail(c, CONVEYOR_EINVALID, "%s", "the command is not a JSON object");
+    }
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(in, "id");
+    const cJSON *created = cJSON_GetObjectItemCaseSensitive(in, "createdAt");
+    char idbuf[ID_LEN + 1], ts[32];
+    if (!cJSON_IsString(id)) {
+        id_new(idbuf);
+        cJSON_DeleteItemFromObjectCaseSensitive(in, "id");
+        cJSON_AddStringToObject(in, "id", idbuf);
+    }
+    if (!cJSON_IsString(created)) {
+        clock_rfc3339(clock_ms(), ts);
+        cJSON_DeleteItemFromObjectCaseSensitive(in, "createdAt");
+        cJSON_AddStringToObject(in, "createdAt", ts);
+    }
+    char *body = cJSON_PrintUnformatted(in);
+    cJSON_Delete(in);
+
+    /* the same checks a worker makes, before anything is sent */
+    struct envelope env;
+    char err[512];
+    if (envelope_parse(body, strlen(body), (size_t)c->cfg.max_message_bytes, NULL, &env, err, sizeof err) < 0) {
+        free(body);
+        return fail(c, CONVEYOR_EINVALID, "invalid command: %s", err);
+    }
+    if (env.field_errors || env.has_nul) {
+        char *f = env.field_errors ? cJSON_PrintUnformatted(env.field_errors) : strdup("a string holds \\u0000");
+        snprintf(c->err, sizeof c->err, "invalid command: %s", f);
+        free(f);
+        free(body);
+        envelope_free(&env);
+        return CONVEYOR_EINVALID;
+    }
+    const struct cfg_queue *q = cfg_queue_for(&c->cfg, env.type);
+    if (!q) {
+        snprintf(c->err, sizeof c->err, "no queue in %s routes command type '%s'", c->cfg.path, env.type);
+        free(body);
+        envelope_free(&env);
+        return CONVEYOR_EINVALID;
+    }
+    int rc = CONVEYOR_EBROKER;
+    struct broker *b = broker_for(c, q->transport);
+    if (b) {
+        if (broker_publish_command(b, q, env.type, body, strlen(body), env.id) == 0) {
+            rc = 0;
+            snprintf(id_out, ID_LEN + 1, "%s", env.id);
+            remember(c, env.id);
+        } else {
+            snprintf(c->err, sizeof c->err, "%s", broker_error(b));
+            broker_close(b); /* re-opened on the next publish */
+            c->brokers[q->transport] = NULL;
+        }
+    }
+    free(body);
+    envelope_free(&env);
+    return rc;
+}
+
+int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
+                     const char *correlation_id, char id_out[37]) {
+    cJSON *payload = cJSON_Parse(payload_json);
+    if (!cJSON_IsObject(payload)) {
+        cJSON_Delete(payload);
+        return fail(c, CONVEYOR_EINVALID, "%s", "the payload is not a JSON object");
+    }
+    char *env = envelope_build(NULL, type, payload, correlation_id, NULL);
+    cJSON_Delete(payload);
+    int rc = conveyor_publish_envelope(c, env, id_out);
+    free(env);
+    return rc;
+}
+
+static struct pending *find(conveyor_client *c, const char *id) {
+    for (size_t i = 0; i < c->npending; i++)
+        if (strcmp(c->pending[i].id, id) == 0) return &c->pending[i];
+    return NULL;
+}
+
+int conveyor_wait(conveyor_client *c, const char *id, int timeout_ms, char **event_json) {
+    *event_json = NULL;
+    if (!c->events) return fail(c, CONVEYOR_EINVALID, "%s", "the client was opened without CONVEYOR_WAIT");
+    struct pending *want = find(c, id);
+    if (!want) return fail(c, CONVEYOR_EINVALID, "command %s was not published by this client", id);
+    int64_t deadline = clock_mono_ms() + timeout_ms;
+    while (!want->result) {
+        int64_t left = deadline - clock_mono_ms();
+        if (left <= 0) return fail(c, CONVEYOR_ETIMEOUT, "no result event for %s in time", id);
+        char *json = NULL;
+        int rc = broker_next_event(c->events, &json, (int)left);
+        if (rc < 0) {
+            /* reconnect and carry on: events published meanwhile may be missed */
+            if (broker_subscribe(c->events, "#") < 0) backoff_sleep(500, NULL);
+            continue;
+        }
+        if (rc == 0) continue;
+        cJSON *ev = cJSON_Parse(json);
+        const cJSON *cid = cJSON_GetObjectItemCaseSensitive(ev, "commandId");
+        struct pending *p = cJSON_IsString(cid) ? find(c, cid->valuestring) : NULL;
+        if (p && !p->seen) {
+            /* the first event of a command is its result (the outbox keeps the order) */
+            p->seen = true;
+            p->result = json;
+            json = NULL;
+        }
+        cJSON_Delete(ev);
+        free(json);
+    }
+    const char *res = want->result;
+    cJSON *ev = cJSON_Parse(res);
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(ev, "type");
+    bool rejected = cJSON_IsString(type) && strcmp(type->valuestring, "command.rejected") == 0;
+    cJSON_Delete(ev);
+    *event_json = want->result;
+    want->result = NULL;
+    return rejected ? CONVEYOR_REJECTED : 0;
+}

@@ -1,0 +1,60 @@
+/*
+ * conveyor.h - publish Conveyor commands from C, and wait for their results.
+ *
+ *   char err[512], id[37], *event;
+ *   conveyor_client *c = conveyor_open("queues.conf", CONVEYOR_WAIT, err, sizeof err);
+ *   conveyor_publish(c, "updateStock", "{\"productId\":\"...\",\"quantityChange\":-2}", NULL, id);
+ *   int rc = conveyor_wait(c, id, 10000, &event);   // 0: success event, CONVEYOR_REJECTED, ...
+ *   free(event);
+ *   conveyor_close(c);
+ *
+ * Functions return 0 or a negative CONVEYOR_E* code; the text of the last
+ * error is conveyor_error(c). Strings returned through out-parameters are
+ * malloc'd and owned by the caller. A client is not thread-safe.
+ */
+#ifndef CONVEYOR_H
+#define CONVEYOR_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct conveyor_client conveyor_client;
+
+enum {
+    CONVEYOR_OK = 0,
+    CONVEYOR_EINVALID = -1,  /* the command is not a valid envelope, or no queue routes its type */
+    CONVEYOR_EBROKER = -2,   /* the broker could not be reached or refused the message */
+    CONVEYOR_ETIMEOUT = -3,  /* no result event in time */
+    CONVEYOR_REJECTED = -4,  /* the result is command.rejected */
+};
+
+/* Subscribe to result events at open, so conveyor_wait() sees every result
+ * of a command published after it. */
+#define CONVEYOR_WAIT 1
+
+/* Reads the configuration (and the CONVEYOR_* environment) and connects.
+ * Returns NULL with a message in err on failure. */
+conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen);
+void conveyor_close(conveyor_client *c);
+const char *conveyor_error(const conveyor_client *c);
+
+/* Publishes one command and returns once the broker has confirmed it.
+ * payload_json must be a JSON object; correlation_id may be NULL. Writes the
+ * new command id to id_out (37 bytes). */
+int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
+                     const char *correlation_id, char id_out[37]);
+/* Publishes a whole envelope ({"type", "payload"} at least; id and createdAt
+ * are added when missing). Writes the command id to id_out. */
+int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]);
+/* Waits for the result event of command id (needs CONVEYOR_WAIT). Returns 0
+ * for a success event, CONVEYOR_REJECTED for command.rejected (either way the
+ * event JSON is in *event_json), or CONVEYOR_ETIMEOUT. */
+int conveyor_wait(conveyor_client *c, const char *id, int timeout_ms, char **event_json);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

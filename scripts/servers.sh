@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Local PostgreSQL, Redis and RabbitMQ for the demo and the tests, from Debian's
+# packages, under a git-ignored state folder, on the ports of DESIGN.md.
+#
+#   scripts/servers.sh install   apt-get the servers (and build deps) if missing
+#   scripts/servers.sh up        install if needed, start whatever is not running
+#   scripts/servers.sh down      stop all three (data is kept)
+#   scripts/servers.sh status    say what is running
+#   scripts/servers.sh env       print export lines: eval "$(scripts/servers.sh env)"
+#   scripts/servers.sh reset     down, delete the state folder
+#
+# Safe to run twice: every step checks before it acts.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PG_PORT=${CONVEYOR_PG_PORT:-55432}
+REDIS_PORT=${CONVEYOR_REDIS_PORT:-56379}
+AMQP_PORT=${CONVEYOR_AMQP_PORT:-55672}
+AMQP_DIST_PORT=${CONVEYOR_AMQP_DIST_PORT:-55673}
+PG_BIN=/usr/lib/postgresql/15/bin
+
+PACKAGES="build-essential cmake pkg-config git
+  librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev
+  postgresql redis-server redis-tools rabbitmq-server amqp-tools
+  python3-pika python3-redis python3-psycopg2 procps"
+
+log() { printf 'servers: %s\n' "$*" >&2; }
+die() { printf 'servers: error: %s\n' "$*" >&2; exit 1; }
+
+# The state folder must be reachable by the postgres and rabbitmq users; a clone
+# under a private home is not, so then the state lives in /var/tmp with a link.
+state_dir() {
+  if [ -n "${CONVEYOR_STATE_DIR:-}" ]; then echo "$CONVEYOR_STATE_DIR"; return; fi
+  local s="$ROOT/.state"
+  if [ -L "$s" ]; then readlink -f "$s"; return; fi
+  mkdir -p "$s"
+  chmod 755 "$s"
+  if id postgres >/dev/null 2>&1 && ! su postgres -s /bin/sh -c "test -x '$s'" 2>/dev/null; then
+    local alt="/var/tmp/conveyor-state-$(echo "$ROOT" | md5sum | cut -c1-8)"
+    mkdir -p "$alt"; chmod 755 "$alt"
+    rmdir "$s" 2>/dev/null || true
+    ln -sfn "$alt" "$s"
+    echo "$alt"; return
+  fi
+  echo "$s"
+}
+
+need_install() {
+  for b in "$PG_BIN/postgres" /usr/bin/redis-server /usr/sbin/rabbitmq-server /usr/bin/amqp-publish \
+           /usr/include/amqp.h /usr/include/hiredis/hiredis.h /usr/include/cjson/cJSON.h \
+           /usr/include/libconfig.h /usr/include/sodium.h /usr/include/uuid/uuid.h /usr/bin/cmake; do
+    [ -e "$b" ] || return 0
+  done
+  /usr/bin/python3 -c 'import pika, redis, psycopg2' 2>/dev/null || return 0
+  return 1
+}
+
+cmd_install() {
+  if need_install; then
+    [ "$(id -u)" = 0 ] || die "packages are missing and installing them needs root"
+    log "installing Debian packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq $PACKAGES >/dev/null
+  fi
+}
+
+pg_running()    { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; }
+redis_running() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
+rabbit_env() {
+  local st=$1
+  export RABBITMQ_NODENAME=conveyor@localhost
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_PORT=$AMQP_PORT
+  export RABBITMQ_DIST_PORT=$AMQP_DIST_PORT
+  export RABBITMQ_MNESIA_BASE=$st/rabbitmq/mnesia
+  export RABBITMQ_LOG_BASE=$st/rabbitmq/log
+  export RABBITMQ_PID_FILE=$st/rabbitmq/rabbitmq.pid
+  export RABBITMQ_ENABLED_PLUGINS_FILE=$st/rabbitmq/enabled_plugins
+  export RABBITMQ_CONFIG_FILE=$st/rabbitmq/rabbitmq
+}
+rabbit_running() {
+  local st=$1
+  rabbit_env "$st"
+  [ -f "$RABBITMQ_PID_FILE" ] && kill -0 "$(cat "$RABBITMQ_PID_FILE")" 2>/dev/null &&
+    timeout 20 rabbitmqctl -q -n "$RABBITMQ_NODENAME" status >/dev/null 2>&1
+}
+
+pg_up() {
+  local st=$1 d="$1/pg"
+  if pg_running; then return; fi
+  if [ ! -f "$d/PG_VERSION" ]; then
+    log "initialising PostgreSQL in $d"
+    mkdir -p "$d"; chown postgres:postgres "$d"; chmod 700 "$d"
+    su postgres -s /bin/sh -c "$PG_BIN/initdb -D '$d' -U conveyor --auth=trust -E UTF8 --locale=C.UTF-8" >/dev/null
+    cat >> "$d/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$d'
+max_connections = 200
+shared_buffers = 256MB
+fsync = on
+synchronous_commit = on
+CONF
+  fi
+  log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+  su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -w -t 60 -D '$d' -l '$d/server.log' start" >/dev/null
+  if ! psql -h 127.0.0.1 -p "$PG_PORT" -U conveyor -d postgres -tAc "select 1 from pg_database where datname='conveyor'" | grep -q 1; then
+    psql -q -h 127.0.0.1 -p "$PG_PORT" -U conveyor -d postgres -c 'create database conveyor'
+  fi
+}
+
+redis_up() {
+  local d="$1/redis"
+  if redis_running; then return; fi
+  mkdir -p "$d"
+  log "starting Redis on 127.0.0.1:$REDIS_PORT (AOF on, appendfsync always)"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$d" --daemonize yes \
+    --pidfile "$d/redis.pid" --logfile "$d/redis.log" \
+    --appendonly yes --appendfsync always --save '' >/dev/null
+  for _ in $(seq 50); do redis_running && return; sleep 0.1; done
+  die "Redis did not start; see $d/redis.log"
+}
+
+rabbit_up() {
+  local st=$1
+  if rabbit_running "$st"; then return; fi
+  rabbit_env "$st"
+  mkdir -p "$st/rabbitmq/mnesia" "$st/rabbitmq/log"
+  echo '[].' > "$RABBITMQ_ENABLED_PLUGINS_FILE"
+  printf 'loopback_users.guest = true\nlisteners.tcp.default = 127.0.0.1:%s\n' "$AMQP_PORT" > "$st/rabbitmq/rabbitmq.conf"
+  chown -R rabbitmq:rabbitmq "$st/rabbitmq"
+  log "starting RabbitMQ on 127.0.0.1:$AMQP_PORT (about 10 s)"
+  rm -f "$RABBITMQ_PID_FILE"
+  nohup rabbitmq-server > "$st/rabbitmq/log/console.log" 2>&1 &
+  for _ in $(seq 100); do [ -f "$RABBITMQ_PID_FILE" ] && break; sleep 0.2; done
+  timeout 120 rabbitmqctl -q -n "$RABBITMQ_NODENAME" wait "$RABBITMQ_PID_FILE" >/dev/null 2>&1 ||
+    die "RabbitMQ did not start; see $st/rabbitmq/log"
+}
+
+cmd_up() {
+  cmd_install
+  local st; st=$(state_dir)
+  pg_up "$st"; redis_up "$st"; rabbit_up "$st"
+  log "all up (state in $st)"
+}
+
+cmd_down() {
+  local st; st=$(state_dir)
+  if [ -f "$st/pg/postmaster.pid" ]; then
+    su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -w -D '$st/pg' -m fast stop" >/dev/null 2>&1 || true
+  fi
+  if redis_running; then redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true; fi
+  rabbit_env "$st"
+  if [ -f "$RABBITMQ_PID_FILE" ]; then
+    timeout 60 rabbitmqctl -q -n "$RABBITMQ_NODENAME" stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || true
+    rm -f "$RABBITMQ_PID_FILE"
+  fi
+  log "all down"
+}
+
+cmd_status() {
+  local st; st=$(state_dir)
+  pg_running && echo "postgresql: up (127.0.0.1:$PG_PORT)" || echo "postgresql: down"
+  redis_running && echo "redis: up (127.0.0.1:$REDIS_PORT)" || echo "redis: down"
+  rabbit_running "$st" && echo "rabbitmq: up (127.0.0.1:$AMQP_PORT)" || echo "rabbitmq: down"
+}
+
+cmd_env() {
+  cat <<ENV
+export CONVEYOR_DATABASE_URL='postgresql://conveyor@127.0.0.1:$PG_PORT/conveyor'
+export CONVEYOR_RABBITMQ_URL='amqp://guest:guest@127.0.0.1:$AMQP_PORT/'
+export CONVEYOR_REDIS_URL='redis://127.0.0.1:$REDIS_PORT/0'
+ENV
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  env) cmd_env ;;
+  reset) cmd_down; st=$(state_dir); rm -rf "${st:?}"/*; log "state removed" ;;
+  -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) echo "usage: $0 install|up|down|status|env|reset (see --help)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,79 @@
+/* broker.c - the broker interface: dispatch to the RabbitMQ or Redis backend, and names. */
+#include "broker_backend.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen) {
+    return t == TRANSPORT_REDIS ? broker_redis_open(cfg, err, errlen) : broker_amqp_open(cfg, err, errlen);
+}
+
+void broker_close(struct broker *b) {
+    if (b) b->ops->close(b);
+}
+
+const char *broker_error(const struct broker *b) { return b ? b->err : "no broker"; }
+
+int broker_fail(struct broker *b, int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->err, sizeof b->err, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+int broker_declare(struct broker *b) { return b->ops->declare(b); }
+
+int broker_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
+                           const char *body, size_t len, const char *message_id) {
+    return b->ops->publish_command(b, q, type, body, len, message_id);
+}
+
+int broker_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
+    b->queue = q;
+    return b->ops->consume(b, q, worker_id);
+}
+
+int broker_next(struct broker *b, struct delivery *d, int timeout_ms) {
+    return b->ops->next(b, d, timeout_ms);
+}
+
+int broker_ack(struct broker *b, const struct delivery *d) { return b->ops->ack(b, d); }
+int broker_requeue(struct broker *b, const struct delivery *d) { return b->ops->requeue(b, d); }
+
+int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
+                       const char *error, int attempts) {
+    return b->ops->dead_letter(b, d, reason, error, attempts);
+}
+
+int broker_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
+    return n > 0 ? b->ops->publish_events(b, ev, n) : 0;
+}
+
+int broker_subscribe(struct broker *b, const char *pattern) { return b->ops->subscribe(b, pattern); }
+
+int broker_next_event(struct broker *b, char **json, int timeout_ms) {
+    return b->ops->next_event(b, json, timeout_ms);
+}
+
+void delivery_free(struct delivery *d) {
+    if (!d) return;
+    free(d->body);
+    free(d->message_id);
+    d->body = d->message_id = NULL;
+}
+
+void names_amqp_queue(const struct cfg *c, const char *queue, char *out, size_t n) {
+    snprintf(out, n, "%s.%s", c->prefix, queue);
+}
+
+void names_amqp_dead(const struct cfg *c, const char *queue, char *out, size_t n) {
+    snprintf(out, n, "%s.%s.dead", c->prefix, queue);
+}
+
+/* kind: "queue", "inflight", "retry", "dead", "events", "worker"; queue may be NULL */
+void names_redis(const struct cfg *c, const char *kind, const char *queue, char *out, size_t n) {
+    if (queue) snprintf(out, n, "%s:%s:%s", c->prefix, kind, queue);
+    else snprintf(out, n, "%s:%s", c->prefix, kind);
+}

@@ -1,0 +1,451 @@
+/* broker_amqp.c - the RabbitMQ backend (librabbitmq-c 0.11, AMQP 0-9-1).
+ *
+ * Two connections, each opened on first use and dropped on any error (the next
+ * call re-opens it): "consume" carries basic.consume deliveries and acks;
+ * "publish" is in confirm mode and only publishes, so confirms never interleave
+ * with deliveries. Topology: DESIGN.md, "RabbitMQ".
+ */
+#include "broker_backend.h"
+
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHANNEL 1
+
+struct amqp_broker {
+    struct broker base;
+    amqp_connection_state_t consume, publish;
+    uint64_t publish_tag;      /* last delivery tag used on the publish channel */
+    char *url;                 /* amqp_parse_url writes into this copy */
+    struct amqp_connection_info info;
+    char queue[256], dead[256];
+    char commands_ex[256], events_ex[256];
+    bool consuming;
+    int prefetch;
+};
+
+static void drop(amqp_connection_state_t *c) {
+    if (!*c) return;
+    amqp_connection_close(*c, AMQP_REPLY_SUCCESS); /* best effort; ignores errors */
+    amqp_destroy_connection(*c);
+    *c = NULL;
+}
+
+/* Turns an RPC reply into 0, or a class with the reason in b->err. A refused
+ * request (channel or connection closed by the server) is CV_EFATAL; a lost
+ * connection CV_ERETRY. Either way the caller drops the connection. */
+static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what) {
+    switch (r.reply_type) {
+    case AMQP_RESPONSE_NORMAL: return 0;
+    case AMQP_RESPONSE_NONE: return broker_fail(&a->base, CV_ERETRY, "rabbitmq %s: missing reply", what);
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+        return broker_fail(&a->base, CV_ERETRY, "rabbitmq %s: %s", what, amqp_error_string2(r.library_error));
+    case AMQP_RESPONSE_SERVER_EXCEPTION:
+        if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+            amqp_channel_close_t *m = r.reply.decoded;
+            return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s: %.*s", what, (int)m->reply_text.len,
+                               (char *)m->reply_text.bytes);
+        }
+        if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+            amqp_connection_close_t *m = r.reply.decoded;
+            return broker_fail(&a->base, m->reply_code == AMQP_CONNECTION_FORCED ? CV_ERETRY : CV_EFATAL,
+                               "rabbitmq %s: %.*s", what, (int)m->reply_text.len, (char *)m->reply_text.bytes);
+        }
+        return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s: server error 0x%08x", what, r.reply.id);
+    }
+    return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s: unknown reply", what);
+}
+
+/* Opens a connection with channel 1 (in confirm mode when confirms). */
+static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
+    if (*out) return 0;
+    amqp_connection_state_t c = amqp_new_connection();
+    amqp_socket_t *s = amqp_tcp_socket_new(c);
+    struct timeval tv = {5, 0};
+    int rc = s ? amqp_socket_open_noblock(s, a->info.host, a->info.port, &tv) : AMQP_STATUS_NO_MEMORY;
+    if (rc != AMQP_STATUS_OK) {
+        amqp_destroy_connection(c);
+        return broker_fail(&a->base, CV_ERETRY, "rabbitmq %s:%d: %s", a->info.host, a->info.port,
+                           amqp_error_string2(rc));
+    }
+    const char *vhost = a->info.vhost && *a->info.vhost ? a->info.vhost : "/";
+    if ((rc = rpc_check(a, amqp_login(c, vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, a->info.user,
+                                      a->info.password), "login")) < 0) {
+        amqp_destroy_connection(c);
+        return rc;
+    }
+    amqp_channel_open(c, CHANNEL);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(c), "channel.open")) < 0) {
+        drop(&c);
+        return rc;
+    }
+    if (confirms) {
+        amqp_confirm_select(c, CHANNEL);
+        if ((rc = rpc_check(a, amqp_get_rpc_reply(c), "confirm.select")) < 0) {
+            drop(&c);
+            return rc;
+        }
+        a->publish_tag = 0;
+    }
+    *out = c;
+    return 0;
+}
+
+static void amqp_close_broker(struct broker *b) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    drop(&a->consume);
+    drop(&a->publish);
+    free(a->url);
+    free(a);
+}
+
+/* One message to publish with confirms. */
+struct amqp_msg {
+    const char *exchange, *routing_key;
+    const void *body;
+    size_t len;
+    const char *message_id, *type;
+    amqp_table_t headers;
+};
+
+/* Publishes msgs and waits for the broker to confirm every one. Returns 0,
+ * CV_EFATAL when one was refused (nack or unroutable), CV_ERETRY when the
+ * connection failed (the publish connection is then dropped). */
+static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory) {
+    int rc = open_conn(a, &a->publish, true);
+    if (rc < 0) return rc;
+    amqp_connection_state_t c = a->publish;
+    uint64_t first = a->publish_tag + 1;
+    for (int i = 0; i < n; i++) {
+        amqp_basic_properties_t p;
+        memset(&p, 0, sizeof p);
+        p._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG;
+        p.content_type = amqp_cstring_bytes("application/json");
+        p.delivery_mode = 2; /* persistent */
+        if (m[i].message_id) { p._flags |= AMQP_BASIC_MESSAGE_ID_FLAG; p.message_id = amqp_cstring_bytes(m[i].message_id); }
+        if (m[i].type) { p._flags |= AMQP_BASIC_TYPE_FLAG; p.type = amqp_cstring_bytes(m[i].type); }
+        if (m[i].headers.num_entries) { p._flags |= AMQP_BASIC_HEADERS_FLAG; p.headers = m[i].headers; }
+        amqp_bytes_t body = {m[i].len, (void *)m[i].body};
+        rc = amqp_basic_publish(c, CHANNEL, amqp_cstring_bytes(m[i].exchange), amqp_cstring_bytes(m[i].routing_key),
+                                mandatory, 0, &p, body);
+        if (rc != AMQP_STATUS_OK) {
+            drop(&a->publish);
+            return broker_fail(&a->base, CV_ERETRY, "rabbitmq publish: %s", amqp_error_string2(rc));
+        }
+        a->publish_tag++;
+    }
+    bool *done = calloc((size_t)n, sizeof *done);
+    int left = n;
+    const char *returned = NULL;
+    char returned_key[256] = "";
+    while (left > 0) {
+        amqp_frame_t f;
+        struct timeval tv = {30, 0};
+        amqp_maybe_release_buffers(c);
+        rc = amqp_simple_wait_frame_noblock(c, &f, &tv);
+        if (rc != AMQP_STATUS_OK) {
+            rc = broker_fail(&a->base, CV_ERETRY, "rabbitmq waiting for confirms: %s", amqp_error_string2(rc));
+            break;
+        }
+        if (f.frame_type != AMQP_FRAME_METHOD) continue;
+        amqp_method_number_t id = f.payload.method.id;
+        if (id == AMQP_BASIC_ACK_METHOD || id == AMQP_BASIC_NACK_METHOD) {
+            uint64_t tag;
+            bool multiple;
+            if (id == AMQP_BASIC_ACK_METHOD) {
+                amqp_basic_ack_t *ack = f.payload.method.decoded;
+                tag = ack->delivery_tag; multiple = ack->multiple;
+            } else {
+                amqp_basic_nack_t *nack = f.payload.method.decoded;
+                tag = nack->delivery_tag; multiple = nack->multiple;
+                returned = "refused (basic.nack)";
+            }
+            for (uint64_t t = multiple ? first : tag; t <= tag; t++) {
+                if (t < first || t >= first + (uint64_t)n || done[t - first]) continue;
+                done[t - first] = true;
+                left--;
+            }
+        } else if (id == AMQP_BASIC_RETURN_METHOD) {
+            amqp_basic_return_t *ret = f.payload.method.decoded;
+            snprintf(returned_key, sizeof returned_key, "%.*s", (int)ret->routing_key.len, (char *)ret->routing_key.bytes);
+            returned = "unroutable";
+            amqp_message_t msg;
+            amqp_rpc_reply_t r = amqp_read_message(c, CHANNEL, &msg, 0);
+            if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+                rc = broker_fail(&a->base, CV_ERETRY, "rabbitmq: cannot read a returned message");
+                break;
+            }
+            amqp_destroy_message(&msg);
+        } else if (id == AMQP_CHANNEL_CLOSE_METHOD || id == AMQP_CONNECTION_CLOSE_METHOD) {
+            amqp_channel_close_t *m2 = f.payload.method.decoded; /* same layout for both */
+            rc = broker_fail(&a->base, id == AMQP_CHANNEL_CLOSE_METHOD ? CV_EFATAL : CV_ERETRY,
+                             "rabbitmq closed the channel: %.*s", (int)m2->reply_text.len,
+                             (char *)m2->reply_text.bytes);
+            break;
+        }
+    }
+    free(done);
+    if (left > 0) {
+        drop(&a->publish);
+        return rc < 0 ? rc : CV_ERETRY;
+    }
+    if (returned) {
+        if (returned_key[0])
+            return broker_fail(&a->base, CV_EFATAL, "rabbitmq returned the message: no queue is bound for '%s'",
+                               returned_key);
+        return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s the message", returned);
+    }
+    return 0;
+}
+
+static int declare_queue(struct amqp_broker *a, const char *name, bool quorum) {
+    amqp_table_entry_t e = {amqp_cstring_bytes("x-queue-type"), {AMQP_FIELD_KIND_UTF8, {0}}};
+    e.value.value.bytes = amqp_cstring_bytes(quorum ? "quorum" : "classic");
+    amqp_table_t args = {1, &e};
+    amqp_queue_declare(a->publish, CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, args);
+    char what[300];
+    snprintf(what, sizeof what, "declaring queue %s", name);
+    return rpc_check(a, amqp_get_rpc_reply(a->publish), what);
+}
+
+static int amqp_declare(struct broker *b) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    int rc = open_conn(a, &a->publish, true);
+    if (rc < 0) return rc;
+    amqp_exchange_declare(a->publish, CHANNEL, amqp_cstring_bytes(a->commands_ex), amqp_cstring_bytes("direct"),
+                          0, 1, 0, 0, amqp_empty_table);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->publish), "declaring the commands exchange")) < 0) goto out;
+    amqp_exchange_declare(a->publish, CHANNEL, amqp_cstring_bytes(a->events_ex), amqp_cstring_bytes("topic"),
+                          0, 1, 0, 0, amqp_empty_table);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->publish), "declaring the events exchange")) < 0) goto out;
+    for (int i = 0; i < b->cfg->nqueues; i++) {
+        const struct cfg_queue *q = &b->cfg->queues[i];
+        if (q->transport != TRANSPORT_RABBITMQ) continue;
+        char name[256], dead[256];
+        names_amqp_queue(b->cfg, q->name, name, sizeof name);
+        names_amqp_dead(b->cfg, q->name, dead, sizeof dead);
+        if ((rc = declare_queue(a, name, q->quorum)) < 0 || (rc = declare_queue(a, dead, q->quorum)) < 0) goto out;
+        for (int j = 0; j < q->ncommands; j++) {
+            amqp_queue_bind(a->publish, CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(a->commands_ex),
+                            amqp_cstring_bytes(q->commands[j]), amqp_empty_table);
+            if ((rc = rpc_check(a, amqp_get_rpc_reply(a->publish), "binding a command type")) < 0) goto out;
+        }
+    }
+out:
+    if (rc < 0) drop(&a->publish);
+    return rc;
+}
+
+static int amqp_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
+                                const char *body, size_t len, const char *message_id) {
+    (void)q;
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    struct amqp_msg m = {a->commands_ex, type, body, len, message_id, type, amqp_empty_table};
+    return publish_confirmed(a, &m, 1, true);
+}
+
+static int amqp_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
+    (void)worker_id;
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    names_amqp_queue(b->cfg, q->name, a->queue, sizeof a->queue);
+    names_amqp_dead(b->cfg, q->name, a->dead, sizeof a->dead);
+    a->prefetch = q->prefetch;
+    a->consuming = true;
+    return 0; /* basic.consume is sent when the consume connection opens */
+}
+
+static int start_consuming(struct amqp_broker *a) {
+    if (a->consume) return 0;
+    int rc = open_conn(a, &a->consume, false);
+    if (rc < 0) return rc;
+    amqp_basic_qos(a->consume, CHANNEL, 0, (uint16_t)a->prefetch, 0);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->consume), "basic.qos")) < 0) goto fail;
+    amqp_basic_consume(a->consume, CHANNEL, amqp_cstring_bytes(a->queue), amqp_empty_bytes, 0, 0, 0,
+                       amqp_empty_table);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->consume), "basic.consume")) < 0) goto fail;
+    return 0;
+fail:
+    drop(&a->consume);
+    return rc;
+}
+
+/* Reads one delivery from the consume connection: 1, 0 on timeout, <0 on error. */
+static int read_delivery(struct amqp_broker *a, amqp_envelope_t *env, int timeout_ms) {
+    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    for (;;) {
+        amqp_maybe_release_buffers(a->consume);
+        amqp_rpc_reply_t r = amqp_consume_message(a->consume, env, &tv, 0);
+        if (r.reply_type == AMQP_RESPONSE_NORMAL) return 1;
+        if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_TIMEOUT) return 0;
+        if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
+            amqp_frame_t f;
+            if (amqp_simple_wait_frame(a->consume, &f) != AMQP_STATUS_OK) break;
+            if (f.frame_type == AMQP_FRAME_METHOD &&
+                (f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ||
+                 f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD ||
+                 f.payload.method.id == AMQP_BASIC_CANCEL_METHOD)) {
+                amqp_channel_close_t *m = f.payload.method.decoded;
+                broker_fail(&a->base, CV_ERETRY, "rabbitmq closed the consumer: %.*s",
+                            f.payload.method.id == AMQP_BASIC_CANCEL_METHOD ? 9 : (int)m->reply_text.len,
+                            f.payload.method.id == AMQP_BASIC_CANCEL_METHOD ? "cancelled" : (char *)m->reply_text.bytes);
+                drop(&a->consume);
+                return CV_ERETRY;
+            }
+            continue;
+        }
+        break;
+    }
+    broker_fail(&a->base, CV_ERETRY, "rabbitmq: connection lost while consuming");
+    drop(&a->consume);
+    return CV_ERETRY;
+}
+
+static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    memset(d, 0, sizeof *d);
+    int rc = start_consuming(a);
+    if (rc < 0) return rc;
+    amqp_envelope_t env;
+    if ((rc = read_delivery(a, &env, timeout_ms)) <= 0) return rc;
+    d->len = env.message.body.len;
+    d->body = malloc(d->len + 1);
+    memcpy(d->body, env.message.body.bytes, d->len);
+    d->body[d->len] = '\0';
+    if (env.message.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) {
+        amqp_bytes_t id = env.message.properties.message_id;
+        d->message_id = strndup(id.bytes, id.len);
+    }
+    d->tag = env.delivery_tag;
+    d->redelivered = env.redelivered;
+    amqp_destroy_envelope(&env);
+    return 1;
+}
+
+static int amqp_ack(struct broker *b, const struct delivery *d) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    if (!a->consume) return broker_fail(b, CV_ERETRY, "rabbitmq: connection lost before ack (the message will be redelivered)");
+    int rc = amqp_basic_ack(a->consume, CHANNEL, d->tag, 0);
+    if (rc != AMQP_STATUS_OK) {
+        drop(&a->consume);
+        return broker_fail(b, CV_ERETRY, "rabbitmq ack: %s", amqp_error_string2(rc));
+    }
+    return 0;
+}
+
+static int amqp_requeue(struct broker *b, const struct delivery *d) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    if (!a->consume) return 0; /* unacked on a closed channel: already back on the queue */
+    int rc = amqp_basic_nack(a->consume, CHANNEL, d->tag, 0, 1);
+    if (rc != AMQP_STATUS_OK) {
+        drop(&a->consume);
+        return broker_fail(b, CV_ERETRY, "rabbitmq nack: %s", amqp_error_string2(rc));
+    }
+    return 0;
+}
+
+static int amqp_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
+                            const char *error, int attempts) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    char ts[32];
+    clock_rfc3339(clock_ms(), ts);
+    amqp_table_entry_t h[4];
+    h[0].key = amqp_cstring_bytes("x-conveyor-reason");
+    h[0].value.kind = AMQP_FIELD_KIND_UTF8;
+    h[0].value.value.bytes = amqp_cstring_bytes(reason);
+    h[1].key = amqp_cstring_bytes("x-conveyor-error");
+    h[1].value.kind = AMQP_FIELD_KIND_UTF8;
+    h[1].value.value.bytes = amqp_cstring_bytes(error);
+    h[2].key = amqp_cstring_bytes("x-conveyor-attempts");
+    h[2].value.kind = AMQP_FIELD_KIND_I32;
+    h[2].value.value.i32 = attempts;
+    h[3].key = amqp_cstring_bytes("x-conveyor-failed-at");
+    h[3].value.kind = AMQP_FIELD_KIND_UTF8;
+    h[3].value.value.bytes = amqp_cstring_bytes(ts);
+    struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL, {4, h}};
+    int rc = publish_confirmed(a, &m, 1, true);
+    if (rc < 0) return rc;
+    return amqp_ack(b, d);
+}
+
+static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    struct amqp_msg *m = calloc((size_t)n, sizeof *m);
+    for (int i = 0; i < n; i++) {
+        m[i].exchange = a->events_ex;
+        m[i].routing_key = ev[i].type;
+        m[i].body = ev[i].json;
+        m[i].len = strlen(ev[i].json);
+        m[i].message_id = ev[i].id;
+        m[i].type = ev[i].type;
+        m[i].headers = amqp_empty_table;
+    }
+    /* not mandatory: an event nobody subscribes to is not an error */
+    int rc = publish_confirmed(a, m, n, false);
+    free(m);
+    return rc;
+}
+
+static int amqp_subscribe(struct broker *b, const char *pattern) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    int rc = open_conn(a, &a->consume, false);
+    if (rc < 0) return rc;
+    amqp_exchange_declare(a->consume, CHANNEL, amqp_cstring_bytes(a->events_ex), amqp_cstring_bytes("topic"),
+                          0, 1, 0, 0, amqp_empty_table);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->consume), "declaring the events exchange")) < 0) goto fail;
+    amqp_queue_declare_ok_t *ok = amqp_queue_declare(a->consume, CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->consume), "declaring a subscriber queue")) < 0) goto fail;
+    amqp_bytes_t qname = amqp_bytes_malloc_dup(ok->queue);
+    amqp_queue_bind(a->consume, CHANNEL, qname, amqp_cstring_bytes(a->events_ex),
+                    amqp_cstring_bytes(pattern && *pattern ? pattern : "#"), amqp_empty_table);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->consume), "binding the subscriber queue")) < 0) {
+        amqp_bytes_free(qname);
+        goto fail;
+    }
+    amqp_basic_consume(a->consume, CHANNEL, qname, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
+    amqp_bytes_free(qname);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->consume), "basic.consume")) < 0) goto fail;
+    return 0;
+fail:
+    drop(&a->consume);
+    return rc;
+}
+
+static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    if (!a->consume) return broker_fail(b, CV_ERETRY, "rabbitmq: the subscription was lost");
+    amqp_envelope_t env;
+    int rc = read_delivery(a, &env, timeout_ms);
+    if (rc <= 0) return rc;
+    *json = strndup(env.message.body.bytes, env.message.body.len);
+    amqp_destroy_envelope(&env);
+    return 1;
+}
+
+static const struct broker_ops amqp_ops = {
+    amqp_close_broker, amqp_declare, amqp_publish_command, amqp_consume, amqp_next, amqp_ack,
+    amqp_requeue, amqp_dead_letter, amqp_publish_events, amqp_subscribe, amqp_next_event,
+};
+
+struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen) {
+    struct amqp_broker *a = calloc(1, sizeof *a);
+    a->base.ops = &amqp_ops;
+    a->base.cfg = cfg;
+    snprintf(a->commands_ex, sizeof a->commands_ex, "%s.commands", cfg->prefix);
+    snprintf(a->events_ex, sizeof a->events_ex, "%s.events", cfg->prefix);
+    a->url = strdup(cfg->rabbitmq_url);
+    amqp_default_connection_info(&a->info);
+    if (amqp_parse_url(a->url, &a->info) != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "bad RabbitMQ URL '%s' (want amqp://user:password@host:port/vhost)", cfg->rabbitmq_url);
+        amqp_close_broker(&a->base);
+        return NULL;
+    }
+    if (open_conn(a, &a->publish, true) < 0) {
+        snprintf(err, errlen, "%s", a->base.err);
+        amqp_close_broker(&a->base);
+        return NULL;
+    }
+    return &a->base;
+}

@@ -1,0 +1,38 @@
+/* broker_backend.h - what a broker backend provides (broker_amqp.c, broker_redis.c).
+ * Only broker.c and the backends include this. */
+#ifndef CONVEYOR_BROKER_BACKEND_H
+#define CONVEYOR_BROKER_BACKEND_H
+
+#include "core.h"
+
+struct broker_ops {
+    void (*close)(struct broker *b);
+    int (*declare)(struct broker *b);
+    int (*publish_command)(struct broker *b, const struct cfg_queue *q, const char *type,
+                           const char *body, size_t len, const char *message_id);
+    int (*consume)(struct broker *b, const struct cfg_queue *q, const char *worker_id);
+    int (*next)(struct broker *b, struct delivery *d, int timeout_ms);
+    int (*ack)(struct broker *b, const struct delivery *d);
+    int (*requeue)(struct broker *b, const struct delivery *d);
+    int (*dead_letter)(struct broker *b, const struct delivery *d, const char *reason,
+                       const char *error, int attempts);
+    int (*publish_events)(struct broker *b, const struct outgoing_event *ev, int n);
+    int (*subscribe)(struct broker *b, const char *pattern);
+    int (*next_event)(struct broker *b, char **json, int timeout_ms);
+};
+
+/* Every backend's state starts with this header. */
+struct broker {
+    const struct broker_ops *ops;
+    const struct cfg *cfg;              /* not owned */
+    const struct cfg_queue *queue;      /* set by consume */
+    char err[512];
+};
+
+struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen);
+struct broker *broker_redis_open(const struct cfg *cfg, char *err, size_t errlen);
+
+/* Sets b->err and returns code. */
+int broker_fail(struct broker *b, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+#endif

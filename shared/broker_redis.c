@@ -1,0 +1,337 @@
+/* broker_redis.c - the Redis backend (hiredis): lists for queues, a stream for events.
+ *
+ * Keys (prefix "conveyor"): queue list conveyor:queue:<q> (producers LPUSH, workers
+ * BLMOVE RIGHT->LEFT into conveyor:inflight:<q>:<workerId>), dead letters
+ * conveyor:dead:<q>, events stream conveyor:events.
+ * A broken connection is dropped and re-opened by the next call.
+ */
+#include "broker_backend.h"
+
+#include <hiredis/hiredis.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct redis_broker {
+    struct broker base;
+    redisContext *ctx;
+    char host[256];
+    int port, db;
+    char password[256];
+    char queue_key[256], inflight_key[512], dead_key[256], events_key[256];
+    /* subscription */
+    char *pattern;
+    char last_id[64];
+    char **pending;       /* events read but not yet returned */
+    int npending, ipending;
+};
+
+/* redis://[[user]:password@]host[:port][/db] */
+static int parse_url(struct redis_broker *r, const char *url) {
+    const char *p = url;
+    if (strncmp(p, "redis://", 8) != 0) return -1;
+    p += 8;
+    const char *at = strrchr(p, '@');
+    if (at) {
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        const char *pw = colon ? colon + 1 : p;
+        snprintf(r->password, sizeof r->password, "%.*s", (int)(at - pw), pw);
+        p = at + 1;
+    }
+    const char *slash = strchr(p, '/');
+    const char *colon = strchr(p, ':');
+    if (colon && slash && colon > slash) colon = NULL;
+    const char *hend = colon ? colon : slash ? slash : p + strlen(p);
+    snprintf(r->host, sizeof r->host, "%.*s", (int)(hend - p), p);
+    if (!r->host[0]) snprintf(r->host, sizeof r->host, "127.0.0.1");
+    r->port = colon ? atoi(colon + 1) : 6379;
+    r->db = slash && slash[1] ? atoi(slash + 1) : 0;
+    return r->port > 0 ? 0 : -1;
+}
+
+static void drop(struct redis_broker *r) {
+    if (r->ctx) redisFree(r->ctx);
+    r->ctx = NULL;
+}
+
+/* A reply, or NULL with the broker error set (the connection is dropped). */
+static redisReply *cmd(struct redis_broker *r, const char *fmt, ...);
+
+static int connect_now(struct redis_broker *r) {
+    if (r->ctx && !r->ctx->err) return 0;
+    drop(r);
+    struct timeval tv = {3, 0};
+    r->ctx = redisConnectWithTimeout(r->host, r->port, tv);
+    if (!r->ctx || r->ctx->err) {
+        broker_fail(&r->base, CV_ERETRY, "redis %s:%d: %s", r->host, r->port,
+                    r->ctx ? r->ctx->errstr : "out of memory");
+        drop(r);
+        return CV_ERETRY;
+    }
+    struct timeval rw = {30, 0};
+    redisSetTimeout(r->ctx, rw);
+    redisEnableKeepAlive(r->ctx);
+    redisReply *rep;
+    if (r->password[0]) {
+        if (!(rep = cmd(r, "AUTH %s", r->password))) return CV_ERETRY;
+        freeReplyObject(rep);
+    }
+    if (r->db) {
+        if (!(rep = cmd(r, "SELECT %d", r->db))) return CV_ERETRY;
+        freeReplyObject(rep);
+    }
+    return 0;
+}
+
+static redisReply *vcmd(struct redis_broker *r, const char *fmt, va_list ap) {
+    if (!r->ctx && connect_now(r) < 0) return NULL;
+    redisReply *rep = redisvCommand(r->ctx, fmt, ap);
+    if (!rep) {
+        broker_fail(&r->base, CV_ERETRY, "redis: %s", r->ctx->errstr);
+        drop(r);
+        return NULL;
+    }
+    if (rep->type == REDIS_REPLY_ERROR) {
+        broker_fail(&r->base, CV_EFATAL, "redis: %s", rep->str);
+        freeReplyObject(rep);
+        return NULL;
+    }
+    return rep;
+}
+
+static redisReply *cmd(struct redis_broker *r, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *rep = vcmd(r, fmt, ap);
+    va_end(ap);
+    return rep;
+}
+
+/* The class of the last failure: lost connection (retry) or a refused command. */
+static int last_error(struct redis_broker *r) { return r->ctx ? CV_EFATAL : CV_ERETRY; }
+
+static void redis_close(struct broker *b) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    drop(r);
+    for (int i = r->ipending; i < r->npending; i++) free(r->pending[i]);
+    free(r->pending);
+    free(r->pattern);
+    free(r);
+}
+
+static int redis_declare(struct broker *b) { (void)b; return 0; }
+
+static int redis_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
+                                 const char *body, size_t len, const char *message_id) {
+    (void)type; (void)message_id;
+    struct redis_broker *r = (struct redis_broker *)b;
+    char key[256];
+    names_redis(b->cfg, "queue", q->name, key, sizeof key);
+    redisReply *rep = cmd(r, "LPUSH %s %b", key, body, len);
+    if (!rep) return last_error(r);
+    freeReplyObject(rep);
+    return 0;
+}
+
+static int redis_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    names_redis(b->cfg, "queue", q->name, r->queue_key, sizeof r->queue_key);
+    names_redis(b->cfg, "dead", q->name, r->dead_key, sizeof r->dead_key);
+    char base[256];
+    names_redis(b->cfg, "inflight", q->name, base, sizeof base);
+    snprintf(r->inflight_key, sizeof r->inflight_key, "%s:%s", base, worker_id);
+    /* What an earlier process of this worker id left in flight goes back to the
+     * consuming end of the queue, oldest last so that it is taken first. */
+    for (;;) {
+        redisReply *rep = cmd(r, "LMOVE %s %s LEFT RIGHT", r->inflight_key, r->queue_key);
+        if (!rep) return last_error(r);
+        bool moved = rep->type == REDIS_REPLY_STRING;
+        freeReplyObject(rep);
+        if (!moved) break;
+        log_warn("returned an in-flight message of %s to %s", worker_id, r->queue_key);
+    }
+    return 0;
+}
+
+static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    memset(d, 0, sizeof *d);
+    char tmo[32];
+    snprintf(tmo, sizeof tmo, "%.3f", timeout_ms / 1000.0);
+    redisReply *rep = cmd(r, "BLMOVE %s %s RIGHT LEFT %s", r->queue_key, r->inflight_key, tmo);
+    if (!rep) return last_error(r);
+    if (rep->type != REDIS_REPLY_STRING) {
+        freeReplyObject(rep);
+        return 0;
+    }
+    d->body = malloc(rep->len + 1);
+    memcpy(d->body, rep->str, rep->len);
+    d->body[rep->len] = '\0';
+    d->len = rep->len;
+    freeReplyObject(rep);
+    return 1;
+}
+
+static int redis_ack(struct broker *b, const struct delivery *d) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    redisReply *rep = cmd(r, "LREM %s 1 %b", r->inflight_key, d->body, d->len);
+    if (!rep) return last_error(r);
+    freeReplyObject(rep);
+    return 0;
+}
+
+/* Runs MULTI, the queued commands, EXEC: both effects or neither. */
+static int transaction(struct redis_broker *r, const char *what, int n, const char **fmts,
+                       const char **a1, const char **a2, const size_t *l2) {
+    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    redisAppendCommand(r->ctx, "MULTI");
+    for (int i = 0; i < n; i++) redisAppendCommand(r->ctx, fmts[i], a1[i], a2[i], l2[i]);
+    redisAppendCommand(r->ctx, "EXEC");
+    int rc = 0;
+    for (int i = 0; i < n + 2; i++) {
+        redisReply *rep = NULL;
+        if (redisGetReply(r->ctx, (void **)&rep) != REDIS_OK) {
+            broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
+            drop(r);
+            return CV_ERETRY;
+        }
+        if (rep->type == REDIS_REPLY_ERROR) rc = broker_fail(&r->base, CV_EFATAL, "redis %s: %s", what, rep->str);
+        freeReplyObject(rep);
+    }
+    return rc;
+}
+
+static int redis_requeue(struct broker *b, const struct delivery *d) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    const char *fmts[2] = {"LPUSH %s %b", "LREM %s 1 %b"};
+    const char *a1[2] = {r->queue_key, r->inflight_key};
+    const char *a2[2] = {d->body, d->body};
+    size_t l2[2] = {d->len, d->len};
+    return transaction(r, "requeue", 2, fmts, a1, a2, l2);
+}
+
+static int redis_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
+                             const char *error, int attempts) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    char ts[32];
+    clock_rfc3339(clock_ms(), ts);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "reason", reason);
+    cJSON_AddStringToObject(o, "error", error);
+    cJSON_AddNumberToObject(o, "attempts", attempts);
+    cJSON_AddStringToObject(o, "failedAt", ts);
+    cJSON_AddStringToObject(o, "queue", b->queue ? b->queue->name : "");
+    if (utf8_valid(d->body, d->len) && !memchr(d->body, '\0', d->len)) {
+        cJSON_AddStringToObject(o, "message", d->body);
+    } else {
+        size_t n = sodium_base64_encoded_len(d->len, sodium_base64_VARIANT_ORIGINAL);
+        char *b64 = malloc(n);
+        sodium_bin2base64(b64, n, (const unsigned char *)d->body, d->len, sodium_base64_VARIANT_ORIGINAL);
+        cJSON_AddStringToObject(o, "messageBase64", b64);
+        free(b64);
+    }
+    char *entry = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    const char *fmts[2] = {"LPUSH %s %b", "LREM %s 1 %b"};
+    const char *a1[2] = {r->dead_key, r->inflight_key};
+    const char *a2[2] = {entry, d->body};
+    size_t l2[2] = {strlen(entry), d->len};
+    int rc = transaction(r, "dead-letter", 2, fmts, a1, a2, l2);
+    free(entry);
+    return rc;
+}
+
+static int redis_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    char maxlen[32];
+    snprintf(maxlen, sizeof maxlen, "%ld", b->cfg->events_maxlen);
+    for (int i = 0; i < n; i++)
+        redisAppendCommand(r->ctx, "XADD %s MAXLEN ~ %s * type %s event %s", r->events_key, maxlen,
+                           ev[i].type, ev[i].json);
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        redisReply *rep = NULL;
+        if (redisGetReply(r->ctx, (void **)&rep) != REDIS_OK) {
+            broker_fail(b, CV_ERETRY, "redis XADD: %s", r->ctx->errstr);
+            drop(r);
+            return CV_ERETRY;
+        }
+        if (rep->type == REDIS_REPLY_ERROR) rc = broker_fail(b, CV_EFATAL, "redis XADD: %s", rep->str);
+        freeReplyObject(rep);
+    }
+    return rc;
+}
+
+static int redis_subscribe(struct broker *b, const char *pattern) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    free(r->pattern);
+    r->pattern = strdup(pattern ? pattern : "#");
+    redisReply *rep = cmd(r, "XREVRANGE %s + - COUNT 1", r->events_key);
+    if (!rep) return last_error(r);
+    snprintf(r->last_id, sizeof r->last_id, "0-0");
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 && rep->element[0]->elements == 2)
+        snprintf(r->last_id, sizeof r->last_id, "%s", rep->element[0]->element[0]->str);
+    freeReplyObject(rep);
+    return 0;
+}
+
+static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    int64_t deadline = clock_mono_ms() + timeout_ms;
+    for (;;) {
+        while (r->ipending < r->npending) {
+            char *e = r->pending[r->ipending++];
+            cJSON *o = cJSON_Parse(e);
+            const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+            bool match = cJSON_IsString(t) && topic_match(r->pattern, t->valuestring);
+            cJSON_Delete(o);
+            if (match) { *json = e; return 1; }
+            free(e);
+        }
+        r->npending = r->ipending = 0;
+        int64_t left = deadline - clock_mono_ms();
+        if (left <= 0) return 0;
+        redisReply *rep = cmd(r, "XREAD COUNT 256 BLOCK %lld STREAMS %s %s", (long long)left,
+                              r->events_key, r->last_id);
+        if (!rep) return last_error(r);
+        if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 1) {
+            redisReply *entries = rep->element[0]->element[1];
+            free(r->pending);
+            r->pending = calloc(entries->elements ? entries->elements : 1, sizeof *r->pending);
+            for (size_t i = 0; i < entries->elements; i++) {
+                redisReply *en = entries->element[i];
+                snprintf(r->last_id, sizeof r->last_id, "%s", en->element[0]->str);
+                redisReply *fields = en->element[1];
+                for (size_t f = 0; f + 1 < fields->elements; f += 2)
+                    if (strcmp(fields->element[f]->str, "event") == 0)
+                        r->pending[r->npending++] = strdup(fields->element[f + 1]->str);
+            }
+        }
+        freeReplyObject(rep);
+    }
+}
+
+static const struct broker_ops redis_ops = {
+    redis_close, redis_declare, redis_publish_command, redis_consume, redis_next, redis_ack,
+    redis_requeue, redis_dead_letter, redis_publish_events, redis_subscribe, redis_next_event,
+};
+
+struct broker *broker_redis_open(const struct cfg *cfg, char *err, size_t errlen) {
+    struct redis_broker *r = calloc(1, sizeof *r);
+    r->base.ops = &redis_ops;
+    r->base.cfg = cfg;
+    names_redis(cfg, "events", NULL, r->events_key, sizeof r->events_key);
+    if (parse_url(r, cfg->redis_url) < 0) {
+        snprintf(err, errlen, "bad Redis URL '%s' (want redis://[:password@]host[:port][/db])", cfg->redis_url);
+        free(r);
+        return NULL;
+    }
+    if (connect_now(r) < 0) {
+        snprintf(err, errlen, "%s", r->base.err);
+        redis_close(&r->base);
+        return NULL;
+    }
+    return &r->base;
+}

@@ -1,0 +1,350 @@
+/* cfg.c - queues.conf (libconfig), checked strictly, then CONVEYOR_* overrides. */
+#include "core.h"
+
+#include <ctype.h>
+#include <libconfig.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *transport_name(enum transport t) {
+    return t == TRANSPORT_REDIS ? "redis" : "rabbitmq";
+}
+
+static int parse_transport(const char *s, enum transport *t) {
+    if (strcmp(s, "rabbitmq") == 0) { *t = TRANSPORT_RABBITMQ; return 0; }
+    if (strcmp(s, "redis") == 0) { *t = TRANSPORT_REDIS; return 0; }
+    return -1;
+}
+
+/* Loader state: the file name and the error buffer. */
+struct loader {
+    const char *file;
+    char *err;
+    size_t errlen;
+};
+
+static int fail(struct loader *l, const config_setting_t *s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int fail(struct loader *l, const config_setting_t *s, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (s && config_setting_source_line(s))
+        snprintf(l->err, l->errlen, "%s:%d: %s", l->file, config_setting_source_line(s), msg);
+    else
+        snprintf(l->err, l->errlen, "%s: %s", l->file, msg);
+    return -1;
+}
+
+/* The dotted path of a setting, for messages ("queues.[1].workers"). */
+static void setting_path(const config_setting_t *s, char *out, size_t n) {
+    if (!s || !config_setting_parent(s)) { out[0] = '\0'; return; }
+    char parent[256];
+    setting_path(config_setting_parent(s), parent, sizeof parent);
+    const char *name = config_setting_name(s);
+    char self[96];
+    if (name) snprintf(self, sizeof self, "%s", name);
+    else snprintf(self, sizeof self, "[%d]", config_setting_index(s));
+    snprintf(out, n, "%s%s%s", parent, parent[0] ? "." : "", self);
+}
+
+/* Refuses any member of group g not named in allowed (NULL-terminated). */
+static int only_known(struct loader *l, const config_setting_t *g, const char *const *allowed) {
+    for (int i = 0; i < config_setting_length(g); i++) {
+        config_setting_t *m = config_setting_get_elem(g, (unsigned)i);
+        const char *name = config_setting_name(m);
+        bool ok = false;
+        for (const char *const *a = allowed; *a && !ok; a++) ok = strcmp(*a, name) == 0;
+        if (!ok) {
+            char p[256];
+            setting_path(m, p, sizeof p);
+            return fail(l, m, "unknown setting '%s'", p);
+        }
+    }
+    return 0;
+}
+
+/* Reads an optional string member; keeps *out when absent. */
+static int get_string(struct loader *l, const config_setting_t *g, const char *name, char **out) {
+    config_setting_t *s = g ? config_setting_get_member(g, name) : NULL;
+    if (!s) return 0;
+    char p[256];
+    setting_path(s, p, sizeof p);
+    if (config_setting_type(s) != CONFIG_TYPE_STRING) return fail(l, s, "'%s' must be a string", p);
+    const char *v = config_setting_get_string(s);
+    if (!*v) return fail(l, s, "'%s' must not be empty", p);
+    free(*out);
+    *out = strdup(v);
+    return 0;
+}
+
+/* Reads an optional integer member in [min, max]; keeps *out when absent. */
+static int get_long(struct loader *l, const config_setting_t *g, const char *name, long min,
+                    long max, long *out) {
+    config_setting_t *s = g ? config_setting_get_member(g, name) : NULL;
+    if (!s) return 0;
+    char p[256];
+    setting_path(s, p, sizeof p);
+    int t = config_setting_type(s);
+    if (t != CONFIG_TYPE_INT && t != CONFIG_TYPE_INT64) return fail(l, s, "'%s' must be an integer", p);
+    long long v = config_setting_get_int64(s);
+    if (t == CONFIG_TYPE_INT) v = config_setting_get_int(s);
+    if (v < min || v > max) return fail(l, s, "'%s' must be between %ld and %ld (got %lld)", p, min, max, v);
+    *out = (long)v;
+    return 0;
+}
+
+static int get_int(struct loader *l, const config_setting_t *g, const char *name, long min, long max,
+                   int *out) {
+    long v = *out;
+    if (get_long(l, g, name, min, max, &v) < 0) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+static int get_group(struct loader *l, const config_setting_t *root, const char *name,
+                     const char *const *allowed, config_setting_t **out) {
+    *out = config_setting_get_member(root, name);
+    if (!*out) return 0;
+    if (config_setting_type(*out) != CONFIG_TYPE_GROUP)
+        return fail(l, *out, "'%s' must be a group { ... }", name);
+    return only_known(l, *out, allowed);
+}
+
+static bool valid_name(const char *s) {
+    if (!*s || strlen(s) >= CFG_NAME_MAX) return false;
+    for (; *s; s++)
+        if (!isalnum((unsigned char)*s) && *s != '_' && *s != '-') return false;
+    return true;
+}
+
+static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enum transport deflt,
+                      struct cfg_queue *q) {
+    static const char *const keys[] = {"name", "commands", "workers", "prefetch", "transport",
+                                       "queue_type", NULL};
+    char p[256];
+    setting_path(qs, p, sizeof p);
+    if (config_setting_type(qs) != CONFIG_TYPE_GROUP)
+        return fail(l, qs, "'%s' must be a group { name = ...; commands = [...]; }", p);
+    if (only_known(l, qs, keys) < 0) return -1;
+    const char *name = NULL;
+    if (!config_setting_lookup_string(qs, "name", &name))
+        return fail(l, qs, "'%s.name' is required and must be a string", p);
+    if (!valid_name(name))
+        return fail(l, qs, "'%s.name' must be 1-63 letters, digits, '_' or '-' (got '%s')", p, name);
+    snprintf(q->name, sizeof q->name, "%s", name);
+    q->transport = deflt;
+    q->workers = 2;
+    q->prefetch = 8;
+    q->quorum = true;
+    char *tr = NULL, *qt = NULL;
+    if (get_string(l, qs, "transport", &tr) < 0) return -1;
+    if (tr && parse_transport(tr, &q->transport) < 0) {
+        free(tr);
+        return fail(l, config_setting_get_member(qs, "transport"),
+                    "'%s.transport' must be \"rabbitmq\" or \"redis\"", p);
+    }
+    free(tr);
+    if (get_string(l, qs, "queue_type", &qt) < 0) return -1;
+    if (qt && strcmp(qt, "quorum") != 0 && strcmp(qt, "classic") != 0) {
+        free(qt);
+        return fail(l, config_setting_get_member(qs, "queue_type"),
+                    "'%s.queue_type' must be \"quorum\" or \"classic\"", p);
+    }
+    if (qt) q->quorum = strcmp(qt, "quorum") == 0;
+    free(qt);
+    if (get_int(l, qs, "workers", 0, 256, &q->workers) < 0) return -1;
+    if (get_int(l, qs, "prefetch", 1, 65535, &q->prefetch) < 0) return -1;
+
+    config_setting_t *cmds = config_setting_get_member(qs, "commands");
+    if (!cmds || (config_setting_type(cmds) != CONFIG_TYPE_ARRAY &&
+                  config_setting_type(cmds) != CONFIG_TYPE_LIST))
+        return fail(l, cmds ? cmds : qs, "'%s.commands' is required: a list of command types", p);
+    int n = config_setting_length(cmds);
+    if (n == 0) return fail(l, cmds, "'%s.commands' must name at least one command type", p);
+    q->commands = calloc((size_t)n, sizeof *q->commands);
+    for (int i = 0; i < n; i++) {
+        config_setting_t *e = config_setting_get_elem(cmds, (unsigned)i);
+        if (config_setting_type(e) != CONFIG_TYPE_STRING || !*config_setting_get_string(e))
+            return fail(l, e, "'%s.commands' must hold non-empty strings", p);
+        const char *t = config_setting_get_string(e);
+        const struct cfg_queue *other = cfg_queue_for(c, t);
+        if (other) return fail(l, e, "command '%s' is routed twice (queues '%s' and '%s')", t, other->name, q->name);
+        for (int j = 0; j < q->ncommands; j++)
+            if (strcmp(q->commands[j], t) == 0) return fail(l, e, "command '%s' is listed twice in '%s'", t, q->name);
+        q->commands[q->ncommands++] = strdup(t);
+    }
+    return 0;
+}
+
+static int load(struct loader *l, config_t *lc, struct cfg *c) {
+    static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
+                                      "limits", "domain", "relay", "supervisor", "queues", NULL};
+    static const char *const k_url[] = {"url", NULL};
+    static const char *const k_events[] = {"transport", "stream_maxlen", NULL};
+    static const char *const k_limits[] = {"max_message_bytes", NULL};
+    static const char *const k_domain[] = {"stock_low_threshold", NULL};
+    static const char *const k_relay[] = {"poll_interval_ms", "batch_size", "retention_seconds", NULL};
+    static const char *const k_sup[] = {"shutdown_timeout", NULL};
+    config_setting_t *root = config_root_setting(lc), *g;
+    if (only_known(l, root, top) < 0) return -1;
+
+    if (get_string(l, root, "prefix", &c->prefix) < 0) return -1;
+    if (!valid_name(c->prefix)) return fail(l, config_setting_get_member(root, "prefix"),
+                                            "'prefix' must be letters, digits, '_' or '-'");
+    enum transport deflt = TRANSPORT_RABBITMQ;
+    char *tr = NULL;
+    if (get_string(l, root, "transport", &tr) < 0) return -1;
+    if (tr && parse_transport(tr, &deflt) < 0) {
+        free(tr);
+        return fail(l, config_setting_get_member(root, "transport"), "'transport' must be \"rabbitmq\" or \"redis\"");
+    }
+    free(tr);
+
+    if (get_group(l, root, "database", k_url, &g) < 0 || get_string(l, g, "url", &c->database_url) < 0) return -1;
+    if (get_group(l, root, "rabbitmq", k_url, &g) < 0 || get_string(l, g, "url", &c->rabbitmq_url) < 0) return -1;
+    if (get_group(l, root, "redis", k_url, &g) < 0 || get_string(l, g, "url", &c->redis_url) < 0) return -1;
+
+    c->events_transport = deflt;
+    if (get_group(l, root, "events", k_events, &g) < 0) return -1;
+    tr = NULL;
+    if (get_string(l, g, "transport", &tr) < 0) return -1;
+    if (tr && parse_transport(tr, &c->events_transport) < 0) {
+        free(tr);
+        return fail(l, config_setting_get_member(g, "transport"), "'events.transport' must be \"rabbitmq\" or \"redis\"");
+    }
+    free(tr);
+    if (get_long(l, g, "stream_maxlen", 1, 1000000000L, &c->events_maxlen) < 0) return -1;
+    if (get_group(l, root, "limits", k_limits, &g) < 0 ||
+        get_long(l, g, "max_message_bytes", 64, 100L * 1024 * 1024, &c->max_message_bytes) < 0) return -1;
+    if (get_group(l, root, "domain", k_domain, &g) < 0 ||
+        get_int(l, g, "stock_low_threshold", 0, 2147483647L, &c->stock_low_threshold) < 0) return -1;
+    if (get_group(l, root, "relay", k_relay, &g) < 0 ||
+        get_int(l, g, "poll_interval_ms", 10, 60000, &c->relay_poll_ms) < 0 ||
+        get_int(l, g, "batch_size", 1, 10000, &c->relay_batch) < 0 ||
+        get_long(l, g, "retention_seconds", 0, 365L * 86400, &c->outbox_retention_s) < 0) return -1;
+    if (get_group(l, root, "supervisor", k_sup, &g) < 0 ||
+        get_int(l, g, "shutdown_timeout", 1, 3600, &c->shutdown_timeout_s) < 0) return -1;
+
+    config_setting_t *qs = config_setting_get_member(root, "queues");
+    if (!qs) return fail(l, NULL, "'queues' is required: a list of ( { name = ...; commands = [...]; }, ... )");
+    if (config_setting_type(qs) != CONFIG_TYPE_LIST)
+        return fail(l, qs, "'queues' must be a list ( { ... }, { ... } )");
+    int n = config_setting_length(qs);
+    if (n == 0) return fail(l, qs, "'queues' must hold at least one queue");
+    c->queues = calloc((size_t)n, sizeof *c->queues);
+    for (int i = 0; i < n; i++) {
+        struct cfg_queue *q = &c->queues[i];
+        int rc = load_queue(l, c, config_setting_get_elem(qs, (unsigned)i), deflt, q);
+        c->nqueues = i + 1; /* so cfg_free sees what was allocated */
+        if (rc < 0) return -1;
+        for (int j = 0; j < i; j++)
+            if (strcmp(c->queues[j].name, q->name) == 0)
+                return fail(l, config_setting_get_elem(qs, (unsigned)i), "queue '%s' is defined twice", q->name);
+    }
+    return 0;
+}
+
+static void set_str(char **dst, const char *v) {
+    free(*dst);
+    *dst = strdup(v);
+}
+
+/* The environment wins over the file (DESIGN.md, "Local servers and URLs"). */
+static int apply_env(struct loader *l, struct cfg *c) {
+    const char *v;
+    if ((v = getenv("CONVEYOR_DATABASE_URL")) && *v) set_str(&c->database_url, v);
+    if ((v = getenv("CONVEYOR_RABBITMQ_URL")) && *v) set_str(&c->rabbitmq_url, v);
+    if ((v = getenv("CONVEYOR_REDIS_URL")) && *v) set_str(&c->redis_url, v);
+    if ((v = getenv("CONVEYOR_TRANSPORT")) && *v) {
+        enum transport t;
+        if (parse_transport(v, &t) < 0)
+            return fail(l, NULL, "CONVEYOR_TRANSPORT must be \"rabbitmq\" or \"redis\" (got \"%s\")", v);
+        for (int i = 0; i < c->nqueues; i++) c->queues[i].transport = t;
+        c->events_transport = t;
+    }
+    if ((v = getenv("CONVEYOR_EVENTS_TRANSPORT")) && *v) {
+        if (parse_transport(v, &c->events_transport) < 0)
+            return fail(l, NULL, "CONVEYOR_EVENTS_TRANSPORT must be \"rabbitmq\" or \"redis\" (got \"%s\")", v);
+    }
+    return 0;
+}
+
+int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    c->path = strdup(path);
+    c->prefix = strdup("conveyor");
+    c->database_url = strdup("postgresql://conveyor@127.0.0.1:55432/conveyor");
+    c->rabbitmq_url = strdup("amqp://guest:guest@127.0.0.1:55672/");
+    c->redis_url = strdup("redis://127.0.0.1:56379/0");
+    c->events_maxlen = 1000000;
+    c->max_message_bytes = 65536;
+    c->stock_low_threshold = 10;
+    c->relay_poll_ms = 1000;
+    c->relay_batch = 500;
+    c->outbox_retention_s = 7L * 86400;
+    c->shutdown_timeout_s = 30;
+
+    struct loader l = {path, err, errlen};
+    config_t lc;
+    config_init(&lc);
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "%s: cannot open: %m", path);
+        config_destroy(&lc);
+        cfg_free(c);
+        return -1;
+    }
+    int ok = config_read(&lc, f);
+    fclose(f);
+    if (!ok) {
+        snprintf(err, errlen, "%s:%d: syntax error: %s", path, config_error_line(&lc), config_error_text(&lc));
+        config_destroy(&lc);
+        cfg_free(c);
+        return -1;
+    }
+    int rc = load(&l, &lc, c);
+    config_destroy(&lc);
+    if (rc == 0) rc = apply_env(&l, c);
+    if (rc < 0) cfg_free(c);
+    return rc;
+}
+
+void cfg_free(struct cfg *c) {
+    if (!c) return;
+    for (int i = 0; i < c->nqueues; i++) {
+        for (int j = 0; j < c->queues[i].ncommands; j++) free(c->queues[i].commands[j]);
+        free(c->queues[i].commands);
+    }
+    free(c->queues);
+    free(c->path);
+    free(c->prefix);
+    free(c->database_url);
+    free(c->rabbitmq_url);
+    free(c->redis_url);
+    memset(c, 0, sizeof *c);
+}
+
+const struct cfg_queue *cfg_queue_for(const struct cfg *c, const char *type) {
+    for (int i = 0; i < c->nqueues; i++)
+        for (int j = 0; j < c->queues[i].ncommands; j++)
+            if (strcmp(c->queues[i].commands[j], type) == 0) return &c->queues[i];
+    return NULL;
+}
+
+const struct cfg_queue *cfg_queue_named(const struct cfg *c, const char *name) {
+    for (int i = 0; i < c->nqueues; i++)
+        if (strcmp(c->queues[i].name, name) == 0) return &c->queues[i];
+    return NULL;
+}
+
+bool cfg_uses(const struct cfg *c, enum transport t) {
+    if (c->events_transport == t) return true;
+    for (int i = 0; i < c->nqueues; i++)
+        if (c->queues[i].transport == t) return true;
+    return false;
+}

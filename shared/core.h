@@ -1,0 +1,220 @@
+/*
+ * core.h - the one internal header of Conveyor's shared library.
+ *
+ * Conventions (see DESIGN.md): functions return 0 or a negative CV_E* code;
+ * pointer returns are NULL on failure; x_free(NULL) is a no-op; every
+ * prototype says who owns what it returns. Errors carry a class (retry,
+ * reject, dead, fatal) so callers decide ack / retry / dead-letter from the
+ * code, never from message text.
+ */
+#ifndef CONVEYOR_CORE_H
+#define CONVEYOR_CORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cjson/cJSON.h>
+#include <libpq-fe.h>
+
+/* ---- error classes ------------------------------------------------------ */
+enum {
+    CV_OK = 0,
+    CV_ERETRY = -1,   /* transient: connection lost, serialization, deadlock, timeout */
+    CV_EREJECT = -2,  /* the command breaks a rule: command.rejected, ack */
+    CV_EDEAD = -3,    /* the message cannot be processed: dead-letter */
+    CV_EFATAL = -4,   /* configuration or programming error: stop */
+    CV_ETIMEOUT = -5, /* nothing arrived in time */
+};
+const char *cv_strerror(int code); /* static string, never NULL */
+
+/* ---- log.c: one JSON object per line on stderr ----------------------------- */
+enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
+/* Names the process in every line ("supervisor", "worker", ...). Reads the
+ * level from CONVEYOR_LOG_LEVEL (debug|info|warn|error; default info). */
+void log_init(const char *component);
+/* command_id may be NULL. Never pass a password, a hash or a payload. */
+void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+#define log_info(...) log_msg(LOG_INFO, NULL, __VA_ARGS__)
+#define log_warn(...) log_msg(LOG_WARN, NULL, __VA_ARGS__)
+#define log_error(...) log_msg(LOG_ERROR, NULL, __VA_ARGS__)
+#define log_debug(...) log_msg(LOG_DEBUG, NULL, __VA_ARGS__)
+
+/* ---- cfg.c: queues.conf ---------------------------------------------------- */
+enum transport { TRANSPORT_RABBITMQ, TRANSPORT_REDIS };
+const char *transport_name(enum transport t);
+
+#define CFG_NAME_MAX 64
+struct cfg_queue {
+    char name[CFG_NAME_MAX];
+    enum transport transport;
+    int workers;         /* processes for this queue */
+    int prefetch;        /* RabbitMQ basic.qos */
+    bool quorum;         /* RabbitMQ queue type: quorum (default) or classic */
+    char **commands;     /* command types routed here, owned by the cfg */
+    int ncommands;
+};
+
+struct cfg {
+    char *path;               /* the file it was read from */
+    char *prefix;             /* "conveyor": exchange, queue and key names */
+    char *database_url;
+    char *rabbitmq_url;
+    char *redis_url;
+    enum transport events_transport;
+    long events_maxlen;       /* Redis stream MAXLEN ~ */
+    long max_message_bytes;   /* a larger command is dead-lettered */
+    int stock_low_threshold;  /* stock.low fires at or below this */
+    int relay_poll_ms;        /* safety-net poll when no NOTIFY arrives */
+    int relay_batch;          /* outbox rows claimed at once */
+    long outbox_retention_s;  /* published rows older than this are pruned */
+    int shutdown_timeout_s;   /* SIGTERM: time given to in-flight work */
+    struct cfg_queue *queues;
+    int nqueues;
+};
+
+/* Reads and checks FILE, then applies the CONVEYOR_* environment overrides.
+ * Returns 0, or -1 with a message naming the file, line and key in err. */
+int cfg_load(const char *path, struct cfg *out, char *err, size_t errlen);
+/* Frees what cfg_load allocated; safe on a zeroed struct. */
+void cfg_free(struct cfg *c);
+/* The queue that routes TYPE, or NULL. Points into c. */
+const struct cfg_queue *cfg_queue_for(const struct cfg *c, const char *type);
+/* The queue called NAME, or NULL. */
+const struct cfg_queue *cfg_queue_named(const struct cfg *c, const char *name);
+/* True when some queue, or the events, use transport T. */
+bool cfg_uses(const struct cfg *c, enum transport t);
+
+/* ---- id.c / clock.c / utf8.c ------------------------------------------------ */
+#define ID_LEN 36
+void id_new(char out[ID_LEN + 1]);                 /* random UUID, lower case */
+/* True for a canonical 8-4-4-4-12 hex UUID; writes it lower-cased to out if not NULL. */
+bool id_parse(const char *s, char out[ID_LEN + 1]);
+int64_t clock_ms(void);                            /* wall clock, ms since epoch */
+int64_t clock_mono_ms(void);                       /* monotonic ms */
+void clock_rfc3339(int64_t ms, char out[32]);      /* 2026-11-20T10:00:00.123Z */
+bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any offset */
+bool utf8_valid(const char *s, size_t len);        /* well-formed, no overlongs or surrogates */
+size_t utf8_chars(const char *s);                  /* code points in a valid string */
+
+/* ---- backoff.c ------------------------------------------------------------------ */
+/* Capped exponential backoff with full jitter: delay for attempt n (0-based). */
+int backoff_ms(int attempt, int base_ms, int cap_ms);
+/* Sleeps ms, waking early when *stop becomes true. */
+void backoff_sleep(int ms, volatile int *stop);
+
+/* ---- envelope.c: the command envelope ------------------------------------------- */
+struct envelope {
+    char id[ID_LEN + 1];     /* lower-cased */
+    char type[CFG_NAME_MAX];
+    const cJSON *payload;    /* points into root */
+    const char *correlation_id; /* NULL when absent; points into root */
+    const char *created_at;  /* NULL when absent; points into root */
+    bool has_nul;            /* a string somewhere holds \u0000 */
+    cJSON *field_errors;     /* envelope fields that break a rule ({field: reason}), or NULL */
+    cJSON *root;             /* owned */
+};
+/* Parses and checks a command. fallback_id (RabbitMQ message_id) is used when
+ * the body has no id. Returns 0, or CV_EDEAD with the reason in err when the
+ * message is not a usable envelope (DESIGN.md: invalid_envelope). A bad
+ * correlationId or createdAt is not dead: it is listed in field_errors. */
+int envelope_parse(const char *body, size_t len, size_t max_bytes,
+                   const char *fallback_id, struct envelope *out,
+                   char *err, size_t errlen);
+void envelope_free(struct envelope *e);
+/* Builds the JSON text of a command; id and created_at are made when NULL.
+ * Takes nothing; returns a malloc'd string the caller frees, NULL on error. */
+char *envelope_build(const char *id, const char *type, const cJSON *payload,
+                     const char *correlation_id, const char *created_at);
+
+/* ---- event.c: the event envelope ---------------------------------------------- */
+/* A new event for command cmd; takes ownership of data. Caller owns the result. */
+cJSON *event_new(const char *type, const struct envelope *cmd,
+                 const char *aggregate_type, const char *aggregate_id, cJSON *data);
+
+/* ---- topic.c --------------------------------------------------------------------- */
+/* AMQP topic matching: words split by '.', '*' one word, '#' zero or more. */
+bool topic_match(const char *pattern, const char *type);
+
+/* ---- db.c: PostgreSQL --------------------------------------------------------------- */
+/* Connects, or returns NULL with libpq's message in err. */
+PGconn *db_connect(const char *url, char *err, size_t errlen);
+/* Connects, retrying with capped backoff until it succeeds or *stop is set
+ * (then NULL). Logs once when the database is lost and once when it is back. */
+PGconn *db_connect_retry(const char *url, volatile int *stop);
+/* Runs a parameterised statement. On success returns 0 and, if out is not
+ * NULL, the result (caller PQclear()s it). On failure returns the class of
+ * the error (CV_ERETRY for lost connections, serialization failures,
+ * deadlocks and timeouts; CV_EFATAL otherwise), with the SQLSTATE in
+ * sqlstate[6] if not NULL. */
+int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params,
+            PGresult **out, char sqlstate[6]);
+/* Runs a statement without parameters (BEGIN, COMMIT, ...); as db_exec. */
+int db_cmd(PGconn *db, const char *sql);
+
+/* ---- migrate.c --------------------------------------------------------------------------- */
+struct migration { const char *name; const char *sql; };
+extern const struct migration migrations[]; /* sql/ in name order, NULL-terminated */
+/* Applies the pending migrations under an advisory lock (a second pool waits,
+ * then finds nothing to do). Returns the number applied, or a negative code
+ * with a message in err. */
+int migrate_run(PGconn *db, char *err, size_t errlen);
+
+/* ---- broker.c: one interface, two backends ---------------------------------------------- */
+struct broker;
+
+struct delivery {
+    char *body;            /* owned; NUL-terminated for convenience, may hold NULs */
+    size_t len;
+    char *message_id;      /* RabbitMQ message_id property or NULL; owned */
+    uint64_t tag;          /* RabbitMQ delivery tag */
+    bool redelivered;
+};
+void delivery_free(struct delivery *d);
+
+struct outgoing_event {   /* one event to publish */
+    const char *id;
+    const char *type;
+    const char *json;
+};
+
+/* Opens a connection for transport t. Returns NULL with a message in err. */
+struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen);
+void broker_close(struct broker *b);
+const char *broker_error(const struct broker *b); /* last error text; never NULL */
+/* RabbitMQ: declares exchanges, every queue, its bindings and dead-letter queue.
+ * Redis: nothing to do. */
+int broker_declare(struct broker *b);
+/* Publishes one command to QUEUE (Redis) or to the commands exchange with
+ * routing key TYPE (RabbitMQ) and returns once the broker has it (confirm /
+ * reply). CV_EFATAL when the broker refused it (unroutable), CV_ERETRY when
+ * the connection failed. */
+int broker_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
+                           const char *body, size_t len, const char *message_id);
+/* Starts consuming QUEUE as worker WORKER_ID. Redis: first returns to the queue
+ * whatever an earlier process with this worker id left in flight. */
+int broker_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id);
+/* Waits up to timeout_ms for a message. Returns 1 with *d filled (caller
+ * delivery_free()s it), 0 on timeout, CV_ERETRY when the connection broke. */
+int broker_next(struct broker *b, struct delivery *d, int timeout_ms);
+/* Removes the message for good (after commit). */
+int broker_ack(struct broker *b, const struct delivery *d);
+/* Puts the message back on its queue, for a later attempt. */
+int broker_requeue(struct broker *b, const struct delivery *d);
+/* Moves the message, untouched, to the queue's dead letters with why. */
+int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
+                       const char *error, int attempts);
+/* Publishes events in order and returns once the broker has all of them. */
+int broker_publish_events(struct broker *b, const struct outgoing_event *ev, int n);
+/* Starts receiving events whose type matches PATTERN (topic syntax), from now on. */
+int broker_subscribe(struct broker *b, const char *pattern);
+/* Waits up to timeout_ms for the next event: 1 with *json (caller frees),
+ * 0 on timeout, negative on error. */
+int broker_next_event(struct broker *b, char **json, int timeout_ms);
+
+/* Names of things, from the prefix (buffers of at least 256 bytes). */
+void names_amqp_queue(const struct cfg *c, const char *queue, char *out, size_t n);
+void names_amqp_dead(const struct cfg *c, const char *queue, char *out, size_t n);
+void names_redis(const struct cfg *c, const char *kind, const char *queue, char *out, size_t n);
+
+#endif

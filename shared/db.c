@@ -1,0 +1,74 @@
+/* db.c - PostgreSQL access through libpq: parameterised statements only. */
+#include "core.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static void quiet_notice(void *arg, const char *msg) { (void)arg; (void)msg; }
+
+PGconn *db_connect(const char *url, char *err, size_t errlen) {
+    PGconn *db = PQconnectdb(url);
+    if (PQstatus(db) != CONNECTION_OK) {
+        snprintf(err, errlen, "%s", PQerrorMessage(db));
+        size_t n = strlen(err);
+        while (n && (err[n - 1] == '\n' || err[n - 1] == ' ')) err[--n] = '\0';
+        PQfinish(db);
+        return NULL;
+    }
+    PQsetNoticeProcessor(db, quiet_notice, NULL); /* NOTICEs are not errors; keep stderr JSON-only */
+    return db;
+}
+
+PGconn *db_connect_retry(const char *url, volatile int *stop) {
+    char err[512];
+    for (int attempt = 0; !(stop && *stop); attempt++) {
+        PGconn *db = db_connect(url, err, sizeof err);
+        if (db) {
+            if (attempt > 0) log_info("database is back");
+            return db;
+        }
+        if (attempt == 0) log_warn("database unreachable, retrying: %s", err);
+        backoff_sleep(backoff_ms(attempt, 100, 5000), stop);
+    }
+    return NULL;
+}
+
+/* The class of a failed statement, from its SQLSTATE and the connection. */
+static int classify(PGconn *db, const char *state) {
+    if (PQstatus(db) != CONNECTION_OK) return CV_ERETRY;
+    if (!state) return CV_ERETRY; /* no SQLSTATE: the connection broke mid-statement */
+    if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0 || /* serialization, deadlock */
+        strcmp(state, "57014") == 0 || strcmp(state, "55P03") == 0 || /* timeout, lock not available */
+        strncmp(state, "08", 2) == 0 || strcmp(state, "57P01") == 0 || /* connection, admin shutdown */
+        strcmp(state, "57P02") == 0 || strcmp(state, "57P03") == 0 || strcmp(state, "53300") == 0)
+        return CV_ERETRY;
+    return CV_EFATAL;
+}
+
+int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out,
+            char sqlstate[6]) {
+    if (out) *out = NULL;
+    if (sqlstate) sqlstate[0] = '\0';
+    PGresult *r = PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
+    ExecStatusType st = PQresultStatus(r);
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        if (out) *out = r;
+        else PQclear(r);
+        return 0;
+    }
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    if (sqlstate && state) snprintf(sqlstate, 6, "%s", state);
+    int cls = classify(db, state);
+    if (cls == CV_EFATAL || !sqlstate) {
+        char line[160];
+        snprintf(line, sizeof line, "%s", sql);
+        for (char *p = line; *p; p++) if (*p == '\n') *p = ' ';
+        if (!(sqlstate && state && strcmp(state, "23505") == 0))
+            log_msg(cls == CV_EFATAL ? LOG_ERROR : LOG_WARN, NULL, "SQL failed (%s): %s [%s]",
+                    state ? state : "no state", PQerrorMessage(db), line);
+    }
+    PQclear(r);
+    return cls;
+}
+
+int db_cmd(PGconn *db, const char *sql) { return db_exec(db, sql, 0, NULL, NULL, NULL); }

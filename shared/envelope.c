@@ -1,0 +1,116 @@
+/* envelope.c - the command envelope: parse and check (DESIGN.md, "Command envelope"). */
+#include "core.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* True when a JSON string escape \u0000 occurs in text (escapes only occur inside strings). */
+static bool has_escaped_nul(const char *s, size_t len) {
+    for (size_t i = 0; i + 1 < len; i++) {
+        if (s[i] != '\\') continue;
+        if (s[i + 1] == 'u' && i + 5 < len && memcmp(s + i + 2, "0000", 4) == 0) return true;
+        i++; /* skip the escaped character */
+    }
+    return false;
+}
+
+static int dead(char *err, size_t errlen, const char *fmt, const char *arg) {
+    snprintf(err, errlen, fmt, arg);
+    return CV_EDEAD;
+}
+
+static void field_error(struct envelope *e, const char *field, const char *reason) {
+    if (!e->field_errors) e->field_errors = cJSON_CreateObject();
+    cJSON_AddStringToObject(e->field_errors, field, reason);
+}
+
+int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *fallback_id,
+                   struct envelope *e, char *err, size_t errlen) {
+    memset(e, 0, sizeof *e);
+    if (len > max_bytes) {
+        snprintf(err, errlen, "message is %zu bytes, over the limit of %zu", len, max_bytes);
+        return CV_EDEAD;
+    }
+    if (!utf8_valid(body, len)) return dead(err, errlen, "%s", "message is not valid UTF-8");
+    if (memchr(body, '\0', len)) return dead(err, errlen, "%s", "message contains a NUL byte");
+    const char *end = NULL;
+    e->root = cJSON_ParseWithLengthOpts(body, len, &end, 0);
+    if (!e->root) return dead(err, errlen, "%s", "message is not valid JSON (or nests too deeply)");
+    for (const char *p = end; p < body + len; p++) {
+        if (*p != ' ' && *p != '\t' && *p != '\r' && *p != '\n') {
+            envelope_free(e);
+            return dead(err, errlen, "%s", "message has bytes after the JSON object");
+        }
+    }
+    if (!cJSON_IsObject(e->root)) {
+        envelope_free(e);
+        return dead(err, errlen, "%s", "message is not a JSON object");
+    }
+    e->has_nul = has_escaped_nul(body, len);
+
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(e->root, "id");
+    if (id && !cJSON_IsNull(id)) {
+        if (!cJSON_IsString(id) || !id_parse(id->valuestring, e->id)) {
+            envelope_free(e);
+            return dead(err, errlen, "%s", "'id' must be a UUID string");
+        }
+    } else if (!fallback_id || !id_parse(fallback_id, e->id)) {
+        envelope_free(e);
+        return dead(err, errlen, "%s", "'id' is missing");
+    }
+
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(e->root, "type");
+    if (!cJSON_IsString(type) || !type->valuestring[0]) {
+        envelope_free(e);
+        return dead(err, errlen, "%s", "'type' is missing or not a non-empty string");
+    }
+    if (strlen(type->valuestring) >= sizeof e->type) {
+        envelope_free(e);
+        return dead(err, errlen, "%s", "'type' is longer than 63 bytes");
+    }
+    snprintf(e->type, sizeof e->type, "%s", type->valuestring);
+
+    e->payload = cJSON_GetObjectItemCaseSensitive(e->root, "payload");
+    if (!cJSON_IsObject(e->payload)) {
+        envelope_free(e);
+        return dead(err, errlen, "%s", "'payload' is missing or not an object");
+    }
+
+    const cJSON *corr = cJSON_GetObjectItemCaseSensitive(e->root, "correlationId");
+    if (corr && !cJSON_IsNull(corr)) {
+        if (!cJSON_IsString(corr)) field_error(e, "correlationId", "must be a string");
+        else if (utf8_chars(corr->valuestring) > 200) field_error(e, "correlationId", "must be at most 200 characters");
+        else e->correlation_id = corr->valuestring;
+    }
+    const cJSON *created = cJSON_GetObjectItemCaseSensitive(e->root, "createdAt");
+    if (created && !cJSON_IsNull(created)) {
+        if (!cJSON_IsString(created) || !clock_rfc3339_valid(created->valuestring))
+            field_error(e, "createdAt", "must be an RFC 3339 date-time");
+        else e->created_at = created->valuestring;
+    }
+    return 0;
+}
+
+void envelope_free(struct envelope *e) {
+    if (!e) return;
+    cJSON_Delete(e->root);
+    cJSON_Delete(e->field_errors);
+    memset(e, 0, sizeof *e);
+}
+
+char *envelope_build(const char *id, const char *type, const cJSON *payload,
+                     const char *correlation_id, const char *created_at) {
+    char idbuf[ID_LEN + 1], ts[32];
+    if (!id) { id_new(idbuf); id = idbuf; }
+    if (!created_at) { clock_rfc3339(clock_ms(), ts); created_at = ts; }
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", id);
+    cJSON_AddStringToObject(o, "type", type);
+    cJSON_AddItemToObject(o, "payload", cJSON_Duplicate(payload, 1));
+    if (correlation_id) cJSON_AddStringToObject(o, "correlationId", correlation_id);
+    cJSON_AddStringToObject(o, "createdAt", created_at);
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}

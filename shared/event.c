@@ -1,0 +1,21 @@
+/* event.c - the event envelope (DESIGN.md, "Event envelope"). */
+#include "core.h"
+
+cJSON *event_new(const char *type, const struct envelope *cmd, const char *aggregate_type,
+                 const char *aggregate_id, cJSON *data) {
+    char id[ID_LEN + 1], ts[32];
+    id_new(id);
+    clock_rfc3339(clock_ms(), ts);
+    cJSON *e = cJSON_CreateObject();
+    cJSON_AddStringToObject(e, "id", id);
+    cJSON_AddStringToObject(e, "type", type);
+    cJSON_AddStringToObject(e, "occurredAt", ts);
+    cJSON_AddStringToObject(e, "commandId", cmd->id);
+    cJSON_AddStringToObject(e, "commandType", cmd->type);
+    if (cmd->correlation_id) cJSON_AddStringToObject(e, "correlationId", cmd->correlation_id);
+    else cJSON_AddNullToObject(e, "correlationId");
+    cJSON_AddStringToObject(e, "aggregateType", aggregate_type);
+    cJSON_AddStringToObject(e, "aggregateId", aggregate_id);
+    cJSON_AddItemToObject(e, "data", data ? data : cJSON_CreateObject());
+    return e;
+}

@@ -1,0 +1,60 @@
+/* log.c - one JSON object per line on stderr. */
+#include "core.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char *component = "conveyor";
+static enum log_level min_level = LOG_INFO;
+static const char *level_names[] = {"debug", "info", "warn", "error"};
+
+void log_init(const char *name) {
+    component = name;
+    const char *l = getenv("CONVEYOR_LOG_LEVEL");
+    if (!l) return;
+    for (int i = 0; i < 4; i++)
+        if (strcmp(l, level_names[i]) == 0) min_level = (enum log_level)i;
+}
+
+void log_msg(enum log_level level, const char *command_id, const char *fmt, ...) {
+    if (level < min_level) return;
+    char msg[2048], ts[32];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    clock_rfc3339(clock_ms(), ts);
+
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "ts", ts);
+    cJSON_AddStringToObject(o, "level", level_names[level]);
+    cJSON_AddStringToObject(o, "component", component);
+    cJSON_AddNumberToObject(o, "pid", (double)getpid());
+    if (command_id) cJSON_AddStringToObject(o, "commandId", command_id);
+    cJSON_AddStringToObject(o, "msg", msg);
+    char *line = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (line) {
+        /* one write per line, so lines of several processes never interleave */
+        size_t n = strlen(line);
+        line[n] = '\n';
+        ssize_t w = write(STDERR_FILENO, line, n + 1);
+        (void)w;
+        free(line);
+    }
+}
+
+const char *cv_strerror(int code) {
+    switch (code) {
+    case CV_OK: return "ok";
+    case CV_ERETRY: return "transient failure";
+    case CV_EREJECT: return "rejected";
+    case CV_EDEAD: return "not processable";
+    case CV_EFATAL: return "fatal error";
+    case CV_ETIMEOUT: return "timed out";
+    default: return "unknown error";
+    }
+}

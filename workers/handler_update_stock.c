@@ -1,0 +1,68 @@
+/* handler_update_stock.c - updateStock: change a product's stock, never below zero.
+ * The product row is locked (FOR UPDATE) so concurrent changes serialise. */
+#include "workers.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#define STOCK_MAX 2147483647LL
+
+int handle_update_stock(struct cmd_ctx *ctx) {
+    const cJSON *p = ctx->cmd->payload;
+    struct verr v = {0};
+    char product_id[ID_LEN + 1];
+    long long q = 0;
+    v_uuid(&v, p, "productId", true, product_id);
+    if (v_int(&v, p, "quantityChange", true, -1000000000LL, 1000000000LL, &q) > 0 && q == 0)
+        verr_add(&v, "quantityChange", "must not be 0");
+    if (verr_any(&v)) return ctx_reject_invalid(ctx, &v);
+
+    const char *params[2] = {product_id, NULL};
+    PGresult *r;
+    int rc = db_exec(ctx->db, "SELECT stock FROM products WHERE id = $1 FOR UPDATE", 1, params, &r, NULL);
+    if (rc < 0) return rc;
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        return ctx_reject(ctx, "NOT_FOUND", NULL, NULL, "product %s does not exist", product_id);
+    }
+    long long prev = atoll(PQgetvalue(r, 0, 0)), next = prev + q;
+    PQclear(r);
+    if (next < 0) {
+        cJSON *details = cJSON_CreateObject();
+        cJSON_AddNumberToObject(details, "available", (double)prev);
+        cJSON_AddNumberToObject(details, "requested", (double)-q);
+        return ctx_reject(ctx, "INSUFFICIENT_STOCK", NULL, details,
+                          "only %lld in stock, %lld requested", prev, -q);
+    }
+    if (next > STOCK_MAX) {
+        cJSON *fields = cJSON_CreateObject();
+        cJSON_AddStringToObject(fields, "quantityChange", "would take the stock above 2147483647");
+        return ctx_reject(ctx, "VALIDATION_FAILED", fields, NULL, "the stock would exceed its maximum");
+    }
+    char next_s[24];
+    snprintf(next_s, sizeof next_s, "%lld", next);
+    params[1] = next_s;
+    rc = db_exec(ctx->db, "UPDATE products SET stock = $2, updated_at = now() WHERE id = $1", 2, params, NULL, NULL);
+    if (rc < 0) return rc;
+
+    cJSON *data = cJSON_CreateObject();
+    cJSON_AddStringToObject(data, "productId", product_id);
+    cJSON_AddNumberToObject(data, "previousStock", (double)prev);
+    cJSON_AddNumberToObject(data, "stock", (double)next);
+    cJSON_AddNumberToObject(data, "quantityChange", (double)q);
+    ctx_emit(ctx, "stock.updated", "product", product_id, data);
+    long long thr = ctx->cfg->stock_low_threshold;
+    if (prev > thr && next <= thr) {
+        data = cJSON_CreateObject();
+        cJSON_AddStringToObject(data, "productId", product_id);
+        cJSON_AddNumberToObject(data, "stock", (double)next);
+        cJSON_AddNumberToObject(data, "threshold", (double)thr);
+        ctx_emit(ctx, "stock.low", "product", product_id, data);
+    }
+    if (next == 0 && prev > 0) {
+        data = cJSON_CreateObject();
+        cJSON_AddStringToObject(data, "productId", product_id);
+        ctx_emit(ctx, "stock.depleted", "product", product_id, data);
+    }
+    return 0;
+}

@@ -1,0 +1,146 @@
+/* relay.c - the outbox relay: publishes unpublished outbox rows in id order,
+ * with confirms, then marks them published. One relay is active at a time
+ * (a session advisory lock); the others stand by. Woken by NOTIFY on commit,
+ * with a slow poll as a safety net.
+ */
+#include "workers.h"
+
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PRUNE_EVERY_MS 60000
+
+/* Publishes up to batch rows. Returns the number published, or an error class. */
+static int relay_drain(PGconn *db, struct broker *b, int batch) {
+    char limit[16];
+    snprintf(limit, sizeof limit, "%d", batch);
+    const char *p[1] = {limit};
+    PGresult *r;
+    int rc = db_exec(db, "SELECT id, event_id::text, event_type, payload::text FROM outbox "
+                         "WHERE published_at IS NULL ORDER BY id LIMIT $1", 1, p, &r, NULL);
+    if (rc < 0) return rc;
+    int n = PQntuples(r);
+    if (n == 0) {
+        PQclear(r);
+        return 0;
+    }
+    struct outgoing_event *ev = calloc((size_t)n, sizeof *ev);
+    size_t idlen = 3;
+    for (int i = 0; i < n; i++) {
+        ev[i].id = PQgetvalue(r, i, 1);
+        ev[i].type = PQgetvalue(r, i, 2);
+        ev[i].json = PQgetvalue(r, i, 3);
+        idlen += strlen(PQgetvalue(r, i, 0)) + 1;
+    }
+    rc = broker_publish_events(b, ev, n);
+    free(ev);
+    if (rc < 0) {
+        PQclear(r);
+        log_warn("publishing events failed: %s", broker_error(b));
+        return rc;
+    }
+    /* {id,id,...}: a bigint[] literal built from the ids the database gave us */
+    char *ids = malloc(idlen), *w = ids;
+    *w++ = '{';
+    for (int i = 0; i < n; i++) w += sprintf(w, "%s%s", i ? "," : "", PQgetvalue(r, i, 0));
+    *w++ = '}';
+    *w = '\0';
+    PQclear(r);
+    const char *mp[1] = {ids};
+    rc = db_exec(db, "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", 1, mp, NULL, NULL);
+    free(ids);
+    return rc < 0 ? rc : n;
+}
+
+/* Deletes rows published longer ago than the retention. */
+static void relay_prune(PGconn *db, long retention_s) {
+    char secs[24];
+    snprintf(secs, sizeof secs, "%ld", retention_s);
+    const char *p[1] = {secs};
+    PGresult *r;
+    if (db_exec(db, "DELETE FROM outbox WHERE published_at IS NOT NULL "
+                    "AND published_at < now() - make_interval(secs => $1::bigint)", 1, p, &r, NULL) == 0) {
+        if (strcmp(PQcmdTuples(r), "0") != 0) log_info("pruned %s published outbox rows", PQcmdTuples(r));
+        PQclear(r);
+    }
+}
+
+/* Waits up to ms for a NOTIFY; returns at once if one is already queued. */
+static void relay_wait(PGconn *db, int ms) {
+    PQconsumeInput(db);
+    bool woken = false;
+    for (PGnotify *n; (n = PQnotifies(db)); PQfreemem(n)) woken = true;
+    if (woken) return;
+    struct pollfd pfd = {PQsocket(db), POLLIN, 0};
+    if (poll(&pfd, 1, ms) > 0) {
+        PQconsumeInput(db);
+        for (PGnotify *n; (n = PQnotifies(db)); PQfreemem(n)) {}
+    }
+}
+
+/* Holds the relay lock on db and publishes until stop or a lost connection. */
+static void relay_active(const struct cfg *cfg, PGconn *db) {
+    char sql[128];
+    snprintf(sql, sizeof sql, "LISTEN \"%s_outbox\"", cfg->prefix);
+    if (db_cmd(db, sql) < 0) return;
+    struct broker *b = NULL;
+    char err[512];
+    int failures = 0;
+    int64_t next_prune = clock_mono_ms();
+    while (!stop_requested && PQstatus(db) == CONNECTION_OK) {
+        if (!b && !(b = broker_open(cfg, cfg->events_transport, err, sizeof err))) {
+            if (failures == 0) log_warn("events broker unreachable, retrying: %s", err);
+            backoff_sleep(backoff_ms(failures++, 100, 5000), &stop_requested);
+            continue;
+        }
+        int n = relay_drain(db, b, cfg->relay_batch);
+        if (n < 0) {
+            if (n == CV_ERETRY && PQstatus(db) == CONNECTION_OK) {
+                broker_close(b); /* the broker failed: reconnect it */
+                b = NULL;
+            }
+            backoff_sleep(backoff_ms(failures++, 100, 5000), &stop_requested);
+            continue;
+        }
+        if (failures) log_info("relay publishing again");
+        failures = 0;
+        if (n == cfg->relay_batch) continue;
+        if (clock_mono_ms() >= next_prune) {
+            relay_prune(db, cfg->outbox_retention_s);
+            next_prune = clock_mono_ms() + PRUNE_EVERY_MS;
+        }
+        relay_wait(db, cfg->relay_poll_ms);
+    }
+    broker_close(b);
+}
+
+int relay_run(const struct cfg *cfg) {
+    char lock_name[128];
+    snprintf(lock_name, sizeof lock_name, "%s.relay", cfg->prefix);
+    const char *p[1] = {lock_name};
+    bool said_standby = false;
+    while (!stop_requested) {
+        PGconn *db = db_connect_retry(cfg->database_url, &stop_requested);
+        if (!db) break;
+        while (!stop_requested && PQstatus(db) == CONNECTION_OK) {
+            PGresult *r;
+            if (db_exec(db, "SELECT pg_try_advisory_lock(hashtext($1))", 1, p, &r, NULL) < 0) break;
+            bool got = PQgetvalue(r, 0, 0)[0] == 't';
+            PQclear(r);
+            if (got) {
+                log_info("relay active: publishing the outbox to %s", transport_name(cfg->events_transport));
+                said_standby = false;
+                relay_active(cfg, db);
+                break;
+            }
+            if (!said_standby) log_info("another relay is active; standing by");
+            said_standby = true;
+            backoff_sleep(1000, &stop_requested);
+        }
+        PQfinish(db); /* releases the lock if held */
+    }
+    log_info("relay stopped");
+    return 0;
+}

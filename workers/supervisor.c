@@ -1,0 +1,142 @@
+/* supervisor.c - forks the pool (the workers of every queue and one relay),
+ * restarts a child that dies (backing off when it crash-loops), and on
+ * SIGTERM / SIGINT stops the children, waits for them, and exits 0.
+ */
+#include "workers.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define STABLE_MS 10000 /* a child that lived this long was not crash-looping */
+
+struct child {
+    pid_t pid;                     /* 0 while not running */
+    const struct cfg_queue *queue; /* NULL for the relay */
+    char worker_id[160];
+    int64_t started_ms, restart_at_ms;
+    int crashes;                   /* consecutive quick deaths */
+};
+
+static void on_stop_signal(int sig) {
+    (void)sig;
+    stop_requested = 1;
+}
+
+/* In the child: default signal mask, SIGTERM/SIGINT request a drain, and the
+ * child dies with its supervisor. Never returns. */
+static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *mask) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGCHLD, SIG_DFL);
+    sigprocmask(SIG_UNBLOCK, mask, NULL);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    log_init(c->queue ? "worker" : "relay");
+    int rc = c->queue ? worker_run(cfg, c->queue, c->worker_id) : relay_run(cfg);
+    fflush(NULL);
+    _exit(rc);
+}
+
+static void spawn(const struct cfg *cfg, struct child *c, const sigset_t *mask) {
+    pid_t pid = fork();
+    if (pid < 0) {
+        log_error("fork failed: %s", strerror(errno));
+        c->restart_at_ms = clock_mono_ms() + 1000;
+        return;
+    }
+    if (pid == 0) child_main(cfg, c, mask);
+    c->pid = pid;
+    c->started_ms = clock_mono_ms();
+}
+
+int supervisor_run(const struct cfg *cfg) {
+    int n = 1;
+    for (int i = 0; i < cfg->nqueues; i++) n += cfg->queues[i].workers;
+    struct child *kids = calloc((size_t)n, sizeof *kids);
+    char host[64];
+    gethostname(host, sizeof host);
+    host[sizeof host - 1] = '\0';
+    int k = 0;
+    for (int i = 0; i < cfg->nqueues; i++)
+        for (int j = 0; j < cfg->queues[i].workers; j++, k++) {
+            kids[k].queue = &cfg->queues[i];
+            /* stable across restarts, so a restarted worker finds what its predecessor left in flight */
+            snprintf(kids[k].worker_id, sizeof kids[k].worker_id, "%s-%d-%s-%d", host, (int)getpid(),
+                     cfg->queues[i].name, j);
+        }
+    snprintf(kids[n - 1].worker_id, sizeof kids[n - 1].worker_id, "relay");
+
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGHUP);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+
+    for (int i = 0; i < n; i++) spawn(cfg, &kids[i], &mask);
+    log_info("pool started: %d workers and a relay", n - 1);
+
+    bool stopping = false;
+    int64_t deadline = 0;
+    for (;;) {
+        struct timespec tick = {0, 200 * 1000000L};
+        siginfo_t si;
+        int sig = sigtimedwait(&mask, &si, &tick);
+        if ((sig == SIGTERM || sig == SIGINT) && !stopping) {
+            stopping = true;
+            deadline = clock_mono_ms() + cfg->shutdown_timeout_s * 1000L;
+            log_info("%s: draining the pool (up to %d s)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+                     cfg->shutdown_timeout_s);
+            for (int i = 0; i < n; i++)
+                if (kids[i].pid) kill(kids[i].pid, SIGTERM);
+        } else if (sig == SIGHUP) {
+            log_warn("SIGHUP: reloading queues.conf is not supported yet; restart the pool instead");
+        }
+        pid_t pid;
+        int status;
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+            for (int i = 0; i < n; i++) {
+                struct child *c = &kids[i];
+                if (c->pid != pid) continue;
+                c->pid = 0;
+                if (stopping) break;
+                int64_t now = clock_mono_ms();
+                c->crashes = now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
+                int delay = c->crashes ? backoff_ms(c->crashes - 1, 500, 30000) : 0;
+                c->restart_at_ms = now + delay;
+                if (WIFSIGNALED(status))
+                    log_error("%s %s died of signal %d; restarting in %d ms", c->queue ? "worker" : "relay",
+                              c->worker_id, WTERMSIG(status), delay);
+                else
+                    log_error("%s %s exited with status %d; restarting in %d ms", c->queue ? "worker" : "relay",
+                              c->worker_id, WEXITSTATUS(status), delay);
+                break;
+            }
+        }
+        int running = 0;
+        for (int i = 0; i < n; i++) {
+            if (!kids[i].pid && !stopping && clock_mono_ms() >= kids[i].restart_at_ms) spawn(cfg, &kids[i], &mask);
+            running += kids[i].pid != 0;
+        }
+        if (stopping && running == 0) break;
+        if (stopping && clock_mono_ms() > deadline) {
+            log_warn("shutdown timeout: killing %d children (their messages return to the queue)", running);
+            for (int i = 0; i < n; i++)
+                if (kids[i].pid) kill(kids[i].pid, SIGKILL);
+            deadline = clock_mono_ms() + 60000;
+        }
+    }
+    free(kids);
+    log_info("pool stopped");
+    return 0;
+}

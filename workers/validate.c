@@ -1,0 +1,184 @@
+/* validate.c - payload rules (DESIGN.md, "Commands"), collecting every broken one. */
+#include "workers.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void verr_add(struct verr *v, const char *field, const char *reason) {
+    if (!v->fields) v->fields = cJSON_CreateObject();
+    if (!cJSON_GetObjectItemCaseSensitive(v->fields, field)) cJSON_AddStringToObject(v->fields, field, reason);
+}
+
+bool verr_any(const struct verr *v) { return v->fields != NULL; }
+
+void verr_free(struct verr *v) {
+    cJSON_Delete(v->fields);
+    v->fields = NULL;
+}
+
+/* The member, or NULL when absent or null (records "is required" if required). */
+static const cJSON *member(struct verr *v, const cJSON *obj, const char *field, bool required) {
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(obj, field);
+    if (m && !cJSON_IsNull(m)) return m;
+    if (required) verr_add(v, field, "is required");
+    return NULL;
+}
+
+int v_string(struct verr *v, const cJSON *obj, const char *field, bool required, bool trim,
+             size_t min_chars, size_t max_chars, char **out) {
+    *out = NULL;
+    const cJSON *m = member(v, obj, field, required);
+    if (!m) return 0;
+    if (!cJSON_IsString(m)) { verr_add(v, field, "must be a string"); return -1; }
+    const char *s = m->valuestring, *e = s + strlen(s);
+    if (trim) {
+        while (s < e && isspace((unsigned char)*s)) s++;
+        while (e > s && isspace((unsigned char)e[-1])) e--;
+    }
+    char *copy = strndup(s, (size_t)(e - s));
+    size_t n = utf8_chars(copy);
+    if (n < min_chars || n > max_chars) {
+        char reason[96];
+        if (min_chars > 0 && trim) snprintf(reason, sizeof reason, "must be %zu-%zu characters once trimmed", min_chars, max_chars);
+        else if (min_chars > 0) snprintf(reason, sizeof reason, "must be %zu-%zu characters", min_chars, max_chars);
+        else snprintf(reason, sizeof reason, "must be at most %zu characters", max_chars);
+        verr_add(v, field, reason);
+        free(copy);
+        return -1;
+    }
+    *out = copy;
+    return 1;
+}
+
+int v_uuid(struct verr *v, const cJSON *obj, const char *field, bool required, char out[ID_LEN + 1]) {
+    out[0] = '\0';
+    const cJSON *m = member(v, obj, field, required);
+    if (!m) return 0;
+    if (!cJSON_IsString(m) || !id_parse(m->valuestring, out)) {
+        out[0] = '\0';
+        verr_add(v, field, "must be a UUID string");
+        return -1;
+    }
+    return 1;
+}
+
+int v_int(struct verr *v, const cJSON *obj, const char *field, bool required, long long min,
+          long long max, long long *out) {
+    const cJSON *m = member(v, obj, field, required);
+    if (!m) return 0;
+    double d = m->valuedouble;
+    if (!cJSON_IsNumber(m) || !isfinite(d) || floor(d) != d) {
+        verr_add(v, field, "must be an integer");
+        return -1;
+    }
+    if (d < (double)min || d > (double)max) {
+        char reason[96];
+        snprintf(reason, sizeof reason, "must be between %lld and %lld", min, max);
+        verr_add(v, field, reason);
+        return -1;
+    }
+    *out = (long long)d;
+    return 1;
+}
+
+#define PRICE_MAX_CENTS 9999999999LL /* 99999999.99 */
+
+int v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]) {
+    out[0] = '\0';
+    const cJSON *m = member(v, obj, field, required);
+    if (!m) return 0;
+    long long cents;
+    if (cJSON_IsNumber(m)) {
+        double d = m->valuedouble;
+        if (!isfinite(d) || d < 0 || d > 99999999.99 + 1e-9) {
+            verr_add(v, field, "must be between 0 and 99999999.99");
+            return -1;
+        }
+        double c = d * 100.0;
+        cents = llround(c);
+        if (fabs(c - (double)cents) > 1e-6 * (c > 1 ? c : 1)) {
+            verr_add(v, field, "must have at most 2 decimals");
+            return -1;
+        }
+    } else if (cJSON_IsString(m)) {
+        /* digits[.d[d]], nothing else */
+        const char *s = m->valuestring;
+        size_t i = 0, ni = 0, nf = 0;
+        while (isdigit((unsigned char)s[i])) i++, ni++;
+        if (s[i] == '.') {
+            i++;
+            while (isdigit((unsigned char)s[i])) i++, nf++;
+            if (nf == 0) ni = 0; /* "12." is malformed */
+        }
+        if (ni == 0 || s[i] != '\0') {
+            verr_add(v, field, s[0] == '-' ? "must be between 0 and 99999999.99"
+                                           : "must be a number or a decimal string such as \"19.99\"");
+            return -1;
+        }
+        if (nf > 2) { verr_add(v, field, "must have at most 2 decimals"); return -1; }
+        const char *p = s;
+        while (*p == '0' && isdigit((unsigned char)p[1])) p++; /* leading zeros */
+        size_t digits = (size_t)(strchr(p, '.') ? strchr(p, '.') - p : (ptrdiff_t)strlen(p));
+        if (digits > 8) { verr_add(v, field, "must be between 0 and 99999999.99"); return -1; }
+        cents = atoll(p) * 100;
+        const char *dot = strchr(p, '.');
+        if (dot && nf >= 1) cents += (dot[1] - '0') * 10 + (nf == 2 ? dot[2] - '0' : 0);
+    } else {
+        verr_add(v, field, "must be a number or a decimal string such as \"19.99\"");
+        return -1;
+    }
+    if (cents < 0 || cents > PRICE_MAX_CENTS) {
+        verr_add(v, field, "must be between 0 and 99999999.99");
+        return -1;
+    }
+    snprintf(out, 32, "%lld.%02lld", cents / 100, cents % 100);
+    return 1;
+}
+
+int v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out) {
+    int rc = v_string(v, obj, field, required, true, 1, 254, out);
+    if (rc <= 0) return rc;
+    char *s = *out;
+    const char *at = strchr(s, '@');
+    bool ok = at && at != s && !strchr(at + 1, '@');
+    for (const char *p = s; ok && *p; p++)
+        if (isspace((unsigned char)*p) || iscntrl((unsigned char)*p)) ok = false;
+    if (ok) {
+        const char *dom = at + 1, *dot = strchr(dom, '.');
+        size_t dl = strlen(dom);
+        ok = dl >= 3 && dot && dot != dom && dom[dl - 1] != '.' && !strstr(dom, "..");
+    }
+    if (!ok) {
+        verr_add(v, field, "must be a valid email address (one '@', a local part, a domain with a dot)");
+        free(s);
+        *out = NULL;
+        return -1;
+    }
+    for (char *p = s; *p; p++) *p = (char)tolower((unsigned char)*p);
+    return 1;
+}
+
+int v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out) {
+    *out = NULL;
+    const cJSON *m = member(v, obj, field, required);
+    if (!m) return 0;
+    if (!cJSON_IsString(m)) { verr_add(v, field, "must be a string"); return -1; }
+    const char *s = m->valuestring;
+    size_t n = strlen(s);
+    bool up = false, low = false, dig = false;
+    for (const char *p = s; *p; p++) {
+        up |= (*p >= 'A' && *p <= 'Z');
+        low |= (*p >= 'a' && *p <= 'z');
+        dig |= (*p >= '0' && *p <= '9');
+    }
+    if (n < 8 || n > 128) { verr_add(v, field, "must be 8-128 bytes"); return -1; }
+    if (!up || !low || !dig) {
+        verr_add(v, field, "must contain an upper-case letter, a lower-case letter and a digit");
+        return -1;
+    }
+    *out = s;
+    return 1;
+}

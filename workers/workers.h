@@ -1,0 +1,86 @@
+/*
+ * workers.h - the internal header of conveyor-workers: payload validation,
+ * command handlers, the worker loop, the outbox relay and the supervisor.
+ */
+#ifndef CONVEYOR_WORKERS_H
+#define CONVEYOR_WORKERS_H
+
+#include "core.h"
+
+/* ---- validate.c: payload rules, collecting every broken one ------------------- */
+struct verr {
+    cJSON *fields; /* {field: reason}; NULL while nothing is wrong; owned */
+};
+void verr_add(struct verr *v, const char *field, const char *reason);
+bool verr_any(const struct verr *v);
+void verr_free(struct verr *v);
+
+/* Each v_* reads obj[field]. absent: a missing or null field; returns 1 when
+ * the field is present and valid (and writes *out), 0 when absent (an error
+ * is recorded if required), -1 when invalid (an error is recorded). Strings
+ * written to *out are malloc'd; the caller frees them. */
+int v_string(struct verr *v, const cJSON *obj, const char *field, bool required, bool trim,
+             size_t min_chars, size_t max_chars, char **out);
+int v_uuid(struct verr *v, const cJSON *obj, const char *field, bool required, char out[ID_LEN + 1]);
+/* An integral JSON number in [min, max]. */
+int v_int(struct verr *v, const cJSON *obj, const char *field, bool required, long long min,
+          long long max, long long *out);
+/* A price: a number or decimal string, 0..99999999.99, at most 2 decimals;
+ * written as "123.40". */
+int v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]);
+/* An email per DESIGN.md, trimmed and lower-cased. */
+int v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out);
+/* A password per DESIGN.md: 8-128 bytes, an upper-case letter, a lower-case letter, a digit. */
+int v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out);
+
+/* SQL that formats a timestamptz column as RFC 3339 UTC with milliseconds. */
+#define SQL_RFC3339(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+/* ---- handler.c: the command table and the context a handler works in ---------- */
+struct rejection {
+    const char *code;      /* VALIDATION_FAILED, NOT_FOUND, ... (static) */
+    char message[256];
+    cJSON *fields;         /* owned, may be NULL */
+    cJSON *details;        /* owned, may be NULL */
+};
+
+struct cmd_ctx {
+    PGconn *db;
+    const struct cfg *cfg;
+    const struct envelope *cmd;
+    cJSON *events;         /* array of event envelopes to write to the outbox; owned */
+    struct rejection rej;
+};
+
+/* A handler validates cmd->payload and applies it inside the open transaction.
+ * Returns 0 after emitting its events, CV_EREJECT with ctx->rej filled (the
+ * caller rolls back the domain changes and emits command.rejected), or
+ * CV_ERETRY / CV_EFATAL from the database. */
+typedef int (*handler_fn)(struct cmd_ctx *ctx);
+
+/* The handler of TYPE, or NULL when this build does not know it. */
+handler_fn handler_find(const char *type);
+/* Appends an event (takes data) to ctx->events. */
+void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
+              const char *aggregate_id, cJSON *data);
+/* Fills ctx->rej; takes fields and details. Returns CV_EREJECT. */
+int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,
+               const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+/* Rejects with VALIDATION_FAILED and the fields of v (taken). */
+int ctx_reject_invalid(struct cmd_ctx *ctx, struct verr *v);
+
+int handle_register(struct cmd_ctx *ctx);
+int handle_create_product(struct cmd_ctx *ctx);
+int handle_update_stock(struct cmd_ctx *ctx);
+
+/* ---- worker.c / relay.c / supervisor.c ------------------------------------------ */
+extern volatile int stop_requested; /* set by SIGTERM / SIGINT in a child */
+
+/* Consumes queue q until stop_requested; returns the process exit status. */
+int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id);
+/* Publishes the outbox while it holds the relay lock; returns the exit status. */
+int relay_run(const struct cfg *cfg);
+/* Forks and watches the pool until SIGTERM / SIGINT; returns the exit status. */
+int supervisor_run(const struct cfg *cfg);
+
+#endif
