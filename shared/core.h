@@ -149,7 +149,7 @@ PGconn *db_connect_retry(const char *url, volatile int *stop);
  * sqlstate[6] if not NULL. */
 int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params,
             PGresult **out, char sqlstate[6]);
-/* Runs a statement without parameters (BEGIN, COMMIT, ...); as db_exec. */
+/* Runs SQL text without parameters (BEGIN, "NOTIFY x; COMMIT", ...); as db_exec. */
 int db_cmd(PGconn *db, const char *sql);
 
 /* ---- migrate.c --------------------------------------------------------------------------- */

@@ -45,11 +45,10 @@ static int classify(PGconn *db, const char *state) {
     return CV_EFATAL;
 }
 
-int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out,
-            char sqlstate[6]) {
+/* Hands a result to the caller or classes its error (see db_exec). */
+static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, char sqlstate[6]) {
     if (out) *out = NULL;
     if (sqlstate) sqlstate[0] = '\0';
-    PGresult *r = PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
         if (out) *out = r;
@@ -71,4 +70,9 @@ int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params,
     return cls;
 }
 
-int db_cmd(PGconn *db, const char *sql) { return db_exec(db, sql, 0, NULL, NULL, NULL); }
+int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out,
+            char sqlstate[6]) {
+    return db_result(db, PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0), sql, out, sqlstate);
+}
+
+int db_cmd(PGconn *db, const char *sql) { return db_result(db, PQexec(db, sql), sql, NULL, NULL); }
