@@ -1,0 +1,310 @@
+"""Integration-test harness: real PostgreSQL, Redis and RabbitMQ, the real binaries.
+
+Publishes and subscribes the way another system would (pika, redis-py), written
+from DESIGN.md alone; reads the database with psycopg2. A missing server is a
+failure, never a skip.
+"""
+import base64
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pika
+import psycopg2
+import redis as redislib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.environ.get("CONVEYOR_BIN_DIR", os.path.join(ROOT, "build"))
+TRANSPORT = os.environ.get("CONVEYOR_TRANSPORT", "rabbitmq")
+DB_URL = os.environ.get("CONVEYOR_DATABASE_URL", "postgresql://conveyor@127.0.0.1:55432/conveyor")
+AMQP_URL = os.environ.get("CONVEYOR_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:55672/")
+REDIS_URL = os.environ.get("CONVEYOR_REDIS_URL", "redis://127.0.0.1:56379/0")
+
+ROUTING = {
+    "users": ["register", "changePassword"],
+    "catalog": ["createProduct", "updateProduct", "updateStock", "deleteProduct"],
+    "orders": ["placeOrder", "cancelOrder"],
+}
+QUEUE_OF = {t: q for q, ts in ROUTING.items() for t in ts}
+
+
+class Failure(AssertionError):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Failure(msg)
+
+
+def eq(got, want, what):
+    if got != want:
+        raise Failure(f"{what}: got {got!r}, want {want!r}")
+
+
+def new_id():
+    return str(uuid.uuid4())
+
+
+def now_iso():
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+
+
+def envelope(type_, payload, id_=None, correlation_id=None):
+    e = {"id": id_ or new_id(), "type": type_, "payload": payload, "createdAt": now_iso()}
+    if correlation_id is not None:
+        e["correlationId"] = correlation_id
+    return e
+
+
+# ---- configuration ---------------------------------------------------------
+
+def write_config(workers=None, extra=""):
+    """A queues.conf like the repository's, with per-queue worker counts."""
+    workers = workers or {}
+    lines = ['prefix = "conveyor";', 'transport = "rabbitmq";', extra, "queues = ("]
+    qs = []
+    for q, types in ROUTING.items():
+        cmds = ", ".join(f'"{t}"' for t in types)
+        qs.append(f'  {{ name = "{q}"; commands = [{cmds}]; workers = {workers.get(q, 1)}; prefetch = 8; }}')
+    lines.append(",\n".join(qs))
+    lines.append(");")
+    fd, path = tempfile.mkstemp(prefix="conveyor-test-", suffix=".conf")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+# ---- the pool ----------------------------------------------------------------
+
+def session_pids(sid):
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            if os.getsid(int(p)) == sid:
+                pids.append(int(p))
+        except OSError:
+            pass
+    return pids
+
+
+class Pool:
+    """conveyor-workers in its own session, logging to a file."""
+
+    def __init__(self, workers=None, extra="", env=None):
+        self.config = write_config(workers, extra)
+        self.log = tempfile.NamedTemporaryFile(prefix="conveyor-pool-", suffix=".log", delete=False)
+        e = dict(os.environ)
+        e.update(env or {})
+        self.proc = subprocess.Popen([os.path.join(BIN, "conveyor-workers"), "-c", self.config],
+                                     stdout=self.log, stderr=self.log, env=e, start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            text = self.read_log()
+            if "relay active" in text or "standing by" in text:
+                n = sum(1 for line in text.splitlines() if "consuming queue" in line)
+                want = sum(1 for line in open(self.config) if "workers =" in line and "workers = 0" not in line)
+                if n >= want:
+                    return
+            if self.proc.poll() is not None:
+                raise Failure(f"conveyor-workers exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise Failure("conveyor-workers did not become ready:\n" + self.read_log())
+
+    def read_log(self):
+        with open(self.log.name) as f:
+            return f.read()
+
+    def stop(self, timeout=40):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise Failure("conveyor-workers did not exit within %ds of SIGTERM" % timeout)
+        # children exit after the supervisor has reaped them; give stragglers no slack
+        left = session_pids(self.proc.pid)
+        os.unlink(self.config)
+        return rc, left
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.stop()
+        elif os.path.exists(self.config):
+            os.unlink(self.config)
+
+
+# ---- publishing -----------------------------------------------------------------
+
+class Publisher:
+    def __init__(self, transport=TRANSPORT):
+        self.transport = transport
+        if transport == "rabbitmq":
+            self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+            self.ch = self.conn.channel()
+            self.ch.confirm_delivery()
+        else:
+            self.r = redislib.Redis.from_url(REDIS_URL)
+
+    def command(self, env):
+        """Publishes an envelope dict, routed by its type."""
+        body = json.dumps(env).encode()
+        if self.transport == "rabbitmq":
+            self.ch.basic_publish("conveyor.commands", env["type"], body,
+                                  pika.BasicProperties(delivery_mode=2, content_type="application/json",
+                                                       message_id=env.get("id")), mandatory=True)
+        else:
+            self.r.lpush(f"conveyor:queue:{QUEUE_OF[env['type']]}", body)
+        return env
+
+    def raw(self, queue, body, message_id=None):
+        """Publishes bytes straight to a queue (default exchange / the list)."""
+        if self.transport == "rabbitmq":
+            props = pika.BasicProperties(delivery_mode=2, message_id=message_id)
+            self.ch.basic_publish("", f"conveyor.{queue}", body, props, mandatory=True)
+        else:
+            self.r.lpush(f"conveyor:queue:{queue}", body)
+
+    def close(self):
+        if self.transport == "rabbitmq":
+            self.conn.close()
+
+
+# ---- subscribing ------------------------------------------------------------------
+
+class Events:
+    """Every event published from now on, from the events transport."""
+
+    def __init__(self, transport=TRANSPORT):
+        self.transport = transport
+        self.events = []
+        self.arrived = {}  # event id -> arrival time
+        if transport == "rabbitmq":
+            self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+            self.ch = self.conn.channel()
+            self.ch.exchange_declare("conveyor.events", "topic", durable=True)
+            q = self.ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            self.ch.queue_bind(q, "conveyor.events", "#")
+            self.queue = q
+        else:
+            self.r = redislib.Redis.from_url(REDIS_URL)
+            last = self.r.xrevrange("conveyor:events", count=1)
+            self.last = last[0][0] if last else b"0-0"
+
+    def poll(self, timeout=0.2):
+        if self.transport == "rabbitmq":
+            deadline = time.time() + timeout
+            while True:
+                method, props, body = self.ch.basic_get(self.queue, auto_ack=True)
+                if method is None:
+                    if time.time() >= deadline:
+                        return
+                    self.conn.sleep(0.02)
+                    continue
+                ev = json.loads(body)
+                check(props.message_id == ev["id"], "AMQP message_id is the event id")
+                check(props.type == ev["type"], "AMQP type is the event type")
+                check(props.content_type == "application/json", "content_type application/json")
+                check(props.delivery_mode == 2, "events are persistent")
+                check(method.routing_key == ev["type"], "routing key is the event type")
+                self._add(ev)
+        else:
+            res = self.r.xread({"conveyor:events": self.last}, count=1000, block=int(timeout * 1000))
+            for _, entries in res:
+                for eid, fields in entries:
+                    self.last = eid
+                    ev = json.loads(fields[b"event"])
+                    check(fields[b"type"].decode() == ev["type"], "stream field type is the event type")
+                    self._add(ev)
+
+    def _add(self, ev):
+        self.events.append(ev)
+        self.arrived[ev["id"]] = time.time()
+
+    def for_command(self, cid):
+        return [e for e in self.events if e["commandId"] == cid]
+
+    def wait(self, pred, timeout=15, what="events"):
+        deadline = time.time() + timeout
+        while True:
+            self.poll()
+            if pred(self):
+                return
+            if time.time() > deadline:
+                raise Failure(f"timed out waiting for {what}; have {len(self.events)} events")
+
+    def wait_result(self, cid, timeout=15, count=1):
+        self.wait(lambda s: len(s.for_command(cid)) >= count, timeout, f"the events of command {cid}")
+        return self.for_command(cid)
+
+    def close(self):
+        if self.transport == "rabbitmq":
+            self.conn.close()
+
+
+# ---- dead letters and the database ---------------------------------------------------
+
+def drain_dead(queue, transport=TRANSPORT):
+    """Removes and returns the dead letters of queue as dicts:
+    {reason, error, attempts, failedAt, body(bytes)}."""
+    out = []
+    if transport == "rabbitmq":
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        ch = conn.channel()
+        while True:
+            method, props, body = ch.basic_get(f"conveyor.{queue}.dead", auto_ack=True)
+            if method is None:
+                break
+            h = props.headers or {}
+            out.append({"reason": h.get("x-conveyor-reason"), "error": h.get("x-conveyor-error"),
+                        "attempts": h.get("x-conveyor-attempts"), "failedAt": h.get("x-conveyor-failed-at"),
+                        "body": body})
+        conn.close()
+    else:
+        r = redislib.Redis.from_url(REDIS_URL)
+        while True:
+            raw = r.rpop(f"conveyor:dead:{queue}")
+            if raw is None:
+                break
+            d = json.loads(raw)
+            d["body"] = d["message"].encode() if "message" in d else base64.b64decode(d["messageBase64"])
+            check(d.get("queue") == queue, "the dead letter names its queue")
+            out.append(d)
+    return out
+
+
+def db():
+    c = psycopg2.connect(DB_URL)
+    c.autocommit = True
+    return c
+
+
+def query(sql, *args):
+    c = db()
+    try:
+        with c.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else None
+    finally:
+        c.close()
+
+
+def run_bin(name, *args, env=None, input_=None, timeout=60):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([os.path.join(BIN, name), *args], input=input_, capture_output=True, text=True,
+                          env=e, timeout=timeout, cwd=ROOT)

@@ -1,0 +1,153 @@
+"""Invalid messages go to the dead letters with their reason while valid ones
+are still processed; SIGTERM drains the pool and leaves no process behind."""
+import json
+import time
+
+from harness import (TRANSPORT, Events, Pool, Publisher, check, drain_dead, envelope, eq, new_id, query)
+
+ID = "5f0c6a8e-8a9b-4f0e-9d3c-1f2e3d4c5b6a"
+
+BAD = [  # (body, reason, words in the error)
+    (b"not json at all", "invalid_envelope", "not valid JSON"),
+    (b"[1, 2, 3]", "invalid_envelope", "not a JSON object"),
+    (b'{"type": "updateStock", "payload": {}}', "invalid_envelope", "'id' is missing"),
+    (b'{"id": "123", "type": "updateStock", "payload": {}}', "invalid_envelope", "UUID"),
+    (json.dumps({"id": new_id(), "payload": {}}).encode(), "invalid_envelope", "'type'"),
+    (json.dumps({"id": new_id(), "type": "updateStock"}).encode(), "invalid_envelope", "'payload'"),
+    (json.dumps({"id": new_id(), "type": "updateStock", "payload": "x"}).encode(), "invalid_envelope", "'payload'"),
+    (b'{"id": "' + new_id().encode() + b'", "type": "updateStock", "payload": {"n": "\xff\xfe"}}',
+     "invalid_envelope", "UTF-8"),
+    (json.dumps({"id": new_id(), "type": "updateStock", "payload": {}}).encode() + b" {}",
+     "invalid_envelope", "after the JSON"),
+    (json.dumps({"id": new_id(), "type": "updateStock", "payload": {"pad": "x" * 70000}}).encode(),
+     "invalid_envelope", "over the limit"),
+    (b'{"id": "' + new_id().encode() + b'", "type": "updateStock", "payload": ' + b"[" * 10000 + b"]" * 10000 + b"}",
+     "invalid_envelope", "JSON"),
+    (json.dumps({"id": new_id(), "type": "launchRocket", "payload": {}}).encode(), "unknown_command", "launchRocket"),
+]
+
+
+def test_invalid_messages_are_dead_lettered():
+    drain_dead("catalog")
+    with Pool() as pool:
+        pub, ev = Publisher(), Events()
+        for body, _, _ in BAD:
+            pub.raw("catalog", body)
+        valid = envelope("createProduct", {"name": "After the bad ones", "price": 1})
+        pub.command(valid)
+        res = ev.wait_result(valid["id"])
+        eq(res[0]["type"], "product.created", "the valid command after the bad ones")
+        deadline = time.time() + 10
+        dead = []
+        while len(dead) < len(BAD) and time.time() < deadline:
+            dead += drain_dead("catalog")
+            time.sleep(0.1)
+        eq(len(dead), len(BAD), "dead letters")
+        by_body = {d["body"]: d for d in dead}
+        for body, reason, words in BAD:
+            d = by_body.get(body)
+            check(d is not None, f"dead letter with the untouched body {body[:60]!r}")
+            eq(d["reason"], reason, f"reason for {body[:60]!r}")
+            check(words in d["error"], f"error {d['error']!r} mentions {words!r}")
+            check(d["failedAt"] and d["failedAt"].endswith("Z"), "failedAt")
+            eq(d["attempts"], 0, "a message no handler started has 0 attempts")
+        log = pool.read_log()
+        check("died of signal" not in log and "exited with status" not in log, "no worker restarted")
+        pub.close()
+        ev.close()
+        rc, left = pool.stop()
+        eq((rc, left), (0, []), "clean stop")
+
+
+def test_dead_letter_keeps_non_utf8_body():
+    drain_dead("users")
+    with Pool() as pool:
+        pub = Publisher()
+        body = b"\x00\x01\xffbinary"
+        pub.raw("users", body)
+        deadline = time.time() + 10
+        dead = []
+        while not dead and time.time() < deadline:
+            dead = drain_dead("users")
+            time.sleep(0.1)
+        eq(len(dead), 1, "one dead letter")
+        eq(dead[0]["body"], body, "body untouched")
+        eq(dead[0]["reason"], "invalid_envelope", "reason")
+        if TRANSPORT == "redis":
+            check("messageBase64" in dead[0] and "message" not in dead[0], "non-UTF-8 body kept as base64")
+        pub.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_message_id_stands_in_for_a_missing_id():
+    with Pool() as pool:
+        pub, ev = Publisher(), Events()
+        cid = new_id()
+        if TRANSPORT == "rabbitmq":
+            pub.raw("catalog", json.dumps({"type": "createProduct", "payload": {"name": "m", "price": 1}}).encode(),
+                    message_id=cid)
+            eq(ev.wait_result(cid)[0]["type"], "product.created", "AMQP message_id used as the command id")
+        else:
+            drain_dead("catalog")
+            pub.raw("catalog", json.dumps({"type": "createProduct", "payload": {"name": "m", "price": 1}}).encode())
+            deadline = time.time() + 10
+            dead = []
+            while not dead and time.time() < deadline:
+                dead = drain_dead("catalog")
+                time.sleep(0.1)
+            eq(dead[0]["reason"] if dead else None, "invalid_envelope", "Redis has no message_id: dead")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_sigterm_drains_and_leaves_no_process():
+    pool = Pool(workers={"users": 2, "catalog": 2, "orders": 1})
+    pub = Publisher()
+    ids = []
+    for i in range(30):
+        cmd = envelope("register", {"name": f"u{i}", "email": f"t{new_id()[:12]}@example.com",
+                                    "password": "Secret123"})
+        pub.command(cmd)
+        ids.append(cmd["id"])
+    time.sleep(0.5)  # some in flight (argon2id takes a while), some still queued
+    t0 = time.time()
+    rc, left = pool.stop()
+    took = time.time() - t0
+    eq(rc, 0, "exit status after SIGTERM")
+    eq(left, [], "processes left behind")
+    print(f"pool stopped {took:.2f} s after SIGTERM")
+    done = {r[0] for r in query("SELECT id::text FROM processed_commands WHERE id = ANY(%s::uuid[])", ids)}
+    # nothing lost: what was not processed is still queued, and a new pool finishes it
+    with Pool() as pool2:
+        ev = Events()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            done = {r[0] for r in query("SELECT id::text FROM processed_commands WHERE id = ANY(%s::uuid[])", ids)}
+            if len(done) == len(ids):
+                break
+            time.sleep(0.2)
+        eq(len(done), len(ids), "every command processed across the restart")
+        ev.close()
+        eq(pool2.stop(), (0, []), "clean stop")
+    pub.close()
+
+
+def test_supervisor_restarts_a_killed_worker():
+    import os
+    import signal
+    with Pool() as pool:
+        text = pool.read_log()
+        pids = [json.loads(line)["pid"] for line in text.splitlines() if "consuming queue catalog" in line]
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.time() + 10
+        while time.time() < deadline and pool.read_log().count("consuming queue catalog") < 2:
+            time.sleep(0.1)
+        check(pool.read_log().count("consuming queue catalog") >= 2, "the killed worker was restarted")
+        pub, ev = Publisher(), Events()
+        cmd = envelope("createProduct", {"name": "after kill", "price": 1})
+        pub.command(cmd)
+        eq(ev.wait_result(cmd["id"])[0]["type"], "product.created", "processing continues")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")

@@ -1,0 +1,114 @@
+"""conveyor-produce, conveyor-subscribe, and migrations under two pools at once."""
+import json
+import os
+import subprocess
+import time
+
+from harness import (BIN, DB_URL, ROOT, Events, Pool, check, eq, new_id, query, run_bin)
+
+
+def produce(*args, input_=None, env=None):
+    return run_bin("conveyor-produce", "-c", os.path.join(ROOT, "queues.conf"), *args, input_=input_, env=env)
+
+
+def test_produce_wait_success_and_rejection():
+    with Pool() as pool:
+        r = produce("--wait", "--timeout", "20", "--correlation-id", "cli-1", "createProduct",
+                    '{"name":"From the CLI","price":"2.50","stock":3}')
+        eq(r.returncode, 0, f"exit status (stderr: {r.stderr})")
+        lines = r.stdout.strip().splitlines()
+        eq(len(lines), 2, "the id, then the result event")
+        ev = json.loads(lines[1])
+        eq((ev["type"], ev["commandId"], ev["correlationId"]), ("product.created", lines[0], "cli-1"), "result")
+        pid = ev["data"]["productId"]
+        r = produce("--wait", "--timeout", "20", "updateStock", json.dumps({"productId": pid, "quantityChange": -5}))
+        eq(r.returncode, 1, "rejected command exits 1")
+        ev = json.loads(r.stdout.strip().splitlines()[1])
+        eq((ev["type"], ev["data"]["code"]), ("command.rejected", "INSUFFICIENT_STOCK"), "rejection printed")
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_produce_stdin_many():
+    with Pool() as pool:
+        lines = [json.dumps({"type": "createProduct", "payload": {"name": f"p{i}", "price": i}}) for i in range(5)]
+        own = new_id()
+        lines.append(json.dumps({"id": own, "type": "createProduct", "payload": {"name": "own id", "price": 1},
+                                 "correlationId": "batch"}))
+        r = produce("--wait", "--timeout", "20", input_="\n".join(lines) + "\n")
+        eq(r.returncode, 0, f"exit status (stderr: {r.stderr})")
+        out = r.stdout.strip().splitlines()
+        ids, events = out[:6], [json.loads(x) for x in out[6:]]
+        eq(ids[5], own, "a given id is kept")
+        eq([e["commandId"] for e in events], ids, "one result per command, in order")
+        check(all(e["type"] == "product.created" for e in events), "all created")
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_produce_refuses_bad_input_clearly():
+    r = produce("createProduct", "not json")
+    eq(r.returncode, 5, "invalid payload exit status")
+    check("not a JSON object" in r.stderr, f"message names the problem: {r.stderr}")
+    r = produce("launchRocket", "{}")
+    eq(r.returncode, 5, "unrouted type exit status")
+    check("no queue" in r.stderr and "launchRocket" in r.stderr, f"message names the type: {r.stderr}")
+    r = produce("--correlation-id", "x" * 201, "createProduct", "{}")
+    eq(r.returncode, 5, "bad envelope exit status")
+    r = produce("onlyone")
+    eq(r.returncode, 2, "usage exit status")
+    r = produce(input_='{"type":"createProduct","payload":{"name":"ok","price":1}}\nnot json\n')
+    eq(r.returncode, 5, "a bad stdin line makes the exit non-zero")
+    check("line 2" in r.stderr, f"the bad line is named: {r.stderr}")
+    eq(len(r.stdout.strip().splitlines()), 1, "the good line was still sent")
+    r = produce("createProduct", '{"name":"x","price":1}',
+                env={"CONVEYOR_RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/", "CONVEYOR_REDIS_URL": "redis://127.0.0.1:1/0"})
+    eq(r.returncode, 3, f"unreachable broker exit status ({r.stderr})")
+    check("127.0.0.1:1" in r.stderr, f"message names the broker: {r.stderr}")
+    r = run_bin("conveyor-produce", "-c", "/nonexistent.conf", "createProduct", "{}")
+    eq(r.returncode, 2, "missing config exit status")
+    check("/nonexistent.conf" in r.stderr, "message names the file")
+    for b in ("conveyor-produce", "conveyor-workers", "conveyor-subscribe"):
+        r = run_bin(b, "--help")
+        eq(r.returncode, 0, f"{b} --help")
+        check("usage:" in r.stdout, f"{b} --help prints usage")
+
+
+def test_subscribe_filters_by_pattern():
+    with Pool() as pool:
+        sub = subprocess.Popen([os.path.join(BIN, "conveyor-subscribe"), "-c", os.path.join(ROOT, "queues.conf"),
+                                "-n", "2", "--timeout", "30", "stock.*"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # subscribed
+        r = produce("--wait", "createProduct", '{"name":"sub","price":1,"stock":11}')
+        pid = json.loads(r.stdout.splitlines()[1])["data"]["productId"]
+        produce("updateStock", json.dumps({"productId": pid, "quantityChange": -1}))
+        out, _ = sub.communicate(timeout=30)
+        eq(sub.returncode, 0, "exit after 2 events")
+        evs = [json.loads(x) for x in out.strip().splitlines()]
+        eq([e["type"] for e in evs], ["stock.updated", "stock.low"], "only stock.* events, in order")
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_migrations_once_under_two_pools():
+    name = "conveyor_mig_" + new_id()[:8]
+    query(f"CREATE DATABASE {name}")
+    try:
+        url = DB_URL.rsplit("/", 1)[0] + "/" + name
+        pools = [subprocess.Popen([os.path.join(BIN, "conveyor-workers"), "-c", os.path.join(ROOT, "queues.conf")],
+                                  env=dict(os.environ, CONVEYOR_DATABASE_URL=url), stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True) for _ in range(2)]
+        time.sleep(3)
+        for p in pools:
+            p.terminate()
+        logs = [p.communicate(timeout=40)[1] for p in pools]
+        eq([p.returncode for p in pools], [0, 0], "both pools ran and stopped cleanly")
+        applied = sum(log.count("applied migration 0001_core.sql") for log in logs)
+        eq(applied, 1, "the migration was applied by exactly one pool")
+        import psycopg2
+        c = psycopg2.connect(url)
+        cur = c.cursor()
+        cur.execute("SELECT version FROM schema_migrations")
+        eq([r[0] for r in cur.fetchall()], ["0001_core.sql"], "schema_migrations")
+        c.close()
+        check(sum("relay active" in log for log in logs) == 1, "one relay active, the other standing by")
+    finally:
+        time.sleep(0.5)
+        query(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
