@@ -42,8 +42,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     log_init(c->queue ? "worker" : "relay");
     int rc = c->queue ? worker_run(cfg, c->queue, c->worker_id) : relay_run(cfg);
-    fflush(NULL);
-    _exit(rc);
+    exit(rc); /* exit, not _exit: flushes stdio, and LeakSanitizer checks the child */
 }
 
 static void spawn(const struct cfg *cfg, struct child *c, const sigset_t *mask) {

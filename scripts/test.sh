@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine (as root): installs what is
+# missing, starts the local servers, builds twice (Release, and ASan+UBSan) and
+# runs every unit and integration test against real PostgreSQL, Redis and
+# RabbitMQ on both transports, with each build. Safe to run again.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh -R redis   extra arguments go to ctest (both builds)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+if [ "$(id -u)" = 0 ] && ! command -v apt-get >/dev/null; then
+  echo "test.sh: needs Debian (apt-get)" >&2; exit 1
+fi
+scripts/servers.sh up
+eval "$(scripts/servers.sh env)"
+unset CONVEYOR_TRANSPORT CONVEYOR_EVENTS_TRANSPORT
+status=0
+for variant in release asan; do
+  echo "=== build: $variant"
+  dir=$(scripts/build.sh "$([ $variant = asan ] && echo asan || echo release)")
+  echo "=== tests: $variant ($dir)"
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  ctest --test-dir "$dir" --output-on-failure --timeout 300 "$@" || status=1
+done
+exit $status
