@@ -13,6 +13,7 @@ if [ "$(id -u)" = 0 ] && ! command -v apt-get >/dev/null; then
   echo "test.sh: needs Debian (apt-get)" >&2; exit 1
 fi
 scripts/servers.sh up
+scripts/demo.sh stop >/dev/null 2>&1 || true  # a demo pool would take the tests' commands
 eval "$(scripts/servers.sh env)"
 unset CONVEYOR_TRANSPORT CONVEYOR_EVENTS_TRANSPORT
 status=0

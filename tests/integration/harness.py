@@ -98,7 +98,8 @@ def session_pids(sid):
 class Pool:
     """conveyor-workers in its own session, logging to a file."""
 
-    def __init__(self, workers=None, extra="", env=None):
+    def __init__(self, workers=None, extra="", env=None, expect_restarts=False):
+        self.expect_restarts = expect_restarts
         self.config = write_config(workers, extra)
         self.log = tempfile.NamedTemporaryFile(prefix="conveyor-pool-", suffix=".log", delete=False)
         e = dict(os.environ)
@@ -133,10 +134,19 @@ class Pool:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             raise Failure("conveyor-workers did not exit within %ds of SIGTERM" % timeout)
-        # children exit after the supervisor has reaped them; give stragglers no slack
         left = session_pids(self.proc.pid)
         os.unlink(self.config)
+        self.check_log()
         return rc, left
+
+    def check_log(self):
+        """No sanitizer report, and no crashed child unless the test caused it."""
+        text = self.read_log()
+        for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer"):
+            check(marker not in text, f"sanitizer report in the pool log:\n{text[-4000:]}")
+        if not self.expect_restarts:
+            check("died of signal" not in text and "exited with status" not in text,
+                  f"a child of the pool crashed:\n{text[-4000:]}")
 
     def __enter__(self):
         return self

@@ -136,7 +136,7 @@ def test_sigterm_drains_and_leaves_no_process():
 def test_supervisor_restarts_a_killed_worker():
     import os
     import signal
-    with Pool() as pool:
+    with Pool(expect_restarts=True) as pool:
         text = pool.read_log()
         pids = [json.loads(line)["pid"] for line in text.splitlines() if "consuming queue catalog" in line]
         os.kill(pids[0], signal.SIGKILL)

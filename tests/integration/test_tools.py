@@ -100,6 +100,7 @@ def test_migrations_once_under_two_pools():
             p.terminate()
         logs = [p.communicate(timeout=40)[1] for p in pools]
         eq([p.returncode for p in pools], [0, 0], "both pools ran and stopped cleanly")
+        check(not any("Sanitizer" in log or "runtime error:" in log for log in logs), "no sanitizer report")
         applied = sum(log.count("applied migration 0001_core.sql") for log in logs)
         eq(applied, 1, "the migration was applied by exactly one pool")
         import psycopg2

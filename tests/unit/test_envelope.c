@@ -82,7 +82,7 @@ TEST(not_exactly_one_json_object_is_dead) {
 
 TEST(deep_nesting_is_dead) {
     size_t depth = 10000;
-    char *s = malloc(depth * 2 + 64);
+    char *s = malloc(depth * 2 + 128);
     strcpy(s, "{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":");
     size_t n = strlen(s);
     for (size_t i = 0; i < depth; i++) s[n++] = '[';

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The main job, from a fresh Debian machine (as root): installs what is missing,
+# starts PostgreSQL, Redis and RabbitMQ, builds Conveyor, runs the worker pool,
+# and shows commands going in and events coming out, first on RabbitMQ, then on
+# Redis. It leaves a pool running on RabbitMQ for you to try by hand.
+#
+#   scripts/demo.sh        the demo (safe to run again: it replaces its pool)
+#   scripts/demo.sh stop   stop the pool the demo left running
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+RUN="$ROOT/.state/demo"
+
+stop_pool() {
+  if [ -f "$RUN/workers.pid" ]; then
+    pid=$(cat "$RUN/workers.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    fi
+    rm -f "$RUN/workers.pid"
+  fi
+}
+
+if [ "${1:-}" = stop ]; then stop_pool; echo "demo pool stopped"; exit 0; fi
+if [ $# -gt 0 ]; then echo "usage: $0 [stop]" >&2; exit 2; fi
+
+scripts/servers.sh up
+BUILD=$(scripts/build.sh)
+eval "$(scripts/servers.sh env)"
+mkdir -p "$RUN"
+stop_pool
+export PATH="$BUILD:$PATH"
+
+start_pool() {  # transport
+  CONVEYOR_TRANSPORT=$1 setsid conveyor-workers -c queues.conf >>"$RUN/workers-$1.log" 2>&1 &
+  echo $! > "$RUN/workers.pid"
+  for _ in $(seq 100); do
+    grep -q '"relay active' "$RUN/workers-$1.log" 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "the pool did not start; see $RUN/workers-$1.log" >&2; exit 1
+}
+
+demo() {  # transport
+  local t=$1
+  echo
+  echo "=== $t: conveyor-workers running (log: $RUN/workers-$t.log)"
+  : > "$RUN/workers-$t.log"
+  start_pool "$t"
+  export CONVEYOR_TRANSPORT=$t
+  conveyor-subscribe -c queues.conf --timeout 5 '#' > "$RUN/events-$t.ndjson" &
+  sub=$!
+  sleep 0.5
+  echo "--- publishing commands with conveyor-produce"
+  pid=$(conveyor-produce -c queues.conf --wait createProduct \
+        '{"name":"Espresso cup","price":"4.50","stock":12,"category":"kitchen"}' | tail -1 |
+        sed -n 's/.*"productId": *"\([^"]*\)".*/\1/p')
+  echo "createProduct -> product $pid"
+  conveyor-produce -c queues.conf updateStock "{\"productId\":\"$pid\",\"quantityChange\":-3}" >/dev/null
+  conveyor-produce -c queues.conf updateStock "{\"productId\":\"$pid\",\"quantityChange\":-20}" >/dev/null
+  conveyor-produce -c queues.conf register \
+    "{\"name\":\"Ada\",\"email\":\"ada.$RANDOM$RANDOM@example.com\",\"password\":\"Analytical1\"}" >/dev/null
+  conveyor-produce -c queues.conf register '{"name":"","email":"nope","password":"short"}' >/dev/null
+  echo "--- events as they arrived (conveyor-subscribe '#'):"
+  wait "$sub" || true
+  cat "$RUN/events-$t.ndjson"
+  unset CONVEYOR_TRANSPORT
+}
+
+demo redis
+stop_pool
+demo rabbitmq
+
+cat <<MSG
+
+The pool is still running on RabbitMQ (pid $(cat "$RUN/workers.pid"), log $RUN/workers-rabbitmq.log).
+Try it by hand:
+  eval "\$(scripts/servers.sh env)"; export PATH="$BUILD:\$PATH"
+  conveyor-subscribe 'stock.*' &
+  conveyor-produce --wait createProduct '{"name":"Mug","price":3,"stock":11}'
+  amqp-publish --url="\$CONVEYOR_RABBITMQ_URL" -e conveyor.commands -r createProduct -p \\
+    -b '{"id":"'\$(cat /proc/sys/kernel/random/uuid)'","type":"createProduct","payload":{"name":"Bowl","price":"2.00"}}'
+Stop it with: scripts/demo.sh stop
+MSG
