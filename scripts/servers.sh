@@ -170,7 +170,7 @@ cmd_status() {
 cmd_env() {
   cat <<ENV
 export CONVEYOR_DATABASE_URL='postgresql://conveyor@127.0.0.1:$PG_PORT/conveyor'
-export CONVEYOR_RABBITMQ_URL='amqp://guest:guest@127.0.0.1:$AMQP_PORT/'
+export CONVEYOR_RABBITMQ_URL='amqp://guest:guest@127.0.0.1:$AMQP_PORT'
 export CONVEYOR_REDIS_URL='redis://127.0.0.1:$REDIS_PORT/0'
 ENV
 }

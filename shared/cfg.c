@@ -279,7 +279,7 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     c->path = strdup(path);
     c->prefix = strdup("conveyor");
     c->database_url = strdup("postgresql://conveyor@127.0.0.1:55432/conveyor");
-    c->rabbitmq_url = strdup("amqp://guest:guest@127.0.0.1:55672/");
+    c->rabbitmq_url = strdup("amqp://guest:guest@127.0.0.1:55672");
     c->redis_url = strdup("redis://127.0.0.1:56379/0");
     c->events_maxlen = 1000000;
     c->max_message_bytes = 65536;

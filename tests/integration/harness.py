@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.environ.get("CONVEYOR_BIN_DIR", os.path.join(ROOT, "build"))
 TRANSPORT = os.environ.get("CONVEYOR_TRANSPORT", "rabbitmq")
 DB_URL = os.environ.get("CONVEYOR_DATABASE_URL", "postgresql://conveyor@127.0.0.1:55432/conveyor")
-AMQP_URL = os.environ.get("CONVEYOR_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:55672/")
+AMQP_URL = os.environ.get("CONVEYOR_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:55672")
 REDIS_URL = os.environ.get("CONVEYOR_REDIS_URL", "redis://127.0.0.1:56379/0")
 
 ROUTING = {

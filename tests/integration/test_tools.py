@@ -113,3 +113,23 @@ def test_migrations_once_under_two_pools():
     finally:
         time.sleep(0.5)
         query(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_shell_clients_publish():
+    """The README's hand-publishing examples: amqp-publish and redis-cli."""
+    from harness import TRANSPORT, AMQP_URL
+    with Pool() as pool:
+        ev = Events()
+        cid = new_id()
+        body = json.dumps({"id": cid, "type": "createProduct", "payload": {"name": "Shell", "price": "3.50"}})
+        if TRANSPORT == "rabbitmq":
+            r = subprocess.run(["amqp-publish", f"--url={AMQP_URL}", "-e", "conveyor.commands", "-r", "createProduct",
+                                "-p", "-b", body], capture_output=True, text=True, timeout=30)
+        else:
+            r = subprocess.run(["redis-cli", "-p", "56379", "LPUSH", "conveyor:queue:catalog", body],
+                               capture_output=True, text=True, timeout=30)
+        eq(r.returncode, 0, f"shell client exit status ({r.stderr})")
+        res = ev.wait_result(cid)
+        eq((res[0]["type"], res[0]["data"]["price"]), ("product.created", "3.50"), "result event")
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
