@@ -8,7 +8,6 @@
 #include <string.h>
 
 static volatile int stop;
-static void on_signal(int sig) { (void)sig; stop = 1; }
 
 static const char usage[] =
     "usage: conveyor-subscribe [-c FILE] [--transport rabbitmq|redis] [-n COUNT] [--timeout SECONDS] [PATTERN]\n"
@@ -57,20 +56,12 @@ int main(int argc, char **argv) {
         return 2;
     }
     enum transport t = cfg.events_transport;
-    if (transport) {
-        if (strcmp(transport, "rabbitmq") == 0) t = TRANSPORT_RABBITMQ;
-        else if (strcmp(transport, "redis") == 0) t = TRANSPORT_REDIS;
-        else {
-            fprintf(stderr, "conveyor-subscribe: --transport must be rabbitmq or redis\n");
-            cfg_free(&cfg);
-            return 2;
-        }
+    if (transport && transport_parse(transport, &t) < 0) {
+        fprintf(stderr, "conveyor-subscribe: --transport must be rabbitmq or redis\n");
+        cfg_free(&cfg);
+        return 2;
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    signals_stop_sets(&stop);
     signal(SIGPIPE, SIG_IGN);
 
     struct broker *b = broker_open(&cfg, t, err, sizeof err);

@@ -13,6 +13,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd /  # the postgres and rabbitmq users may not be allowed into the clone
 PG_PORT=${CONVEYOR_PG_PORT:-55432}
 REDIS_PORT=${CONVEYOR_REDIS_PORT:-56379}
 AMQP_PORT=${CONVEYOR_AMQP_PORT:-55672}

@@ -12,7 +12,7 @@ const char *transport_name(enum transport t) {
     return t == TRANSPORT_REDIS ? "redis" : "rabbitmq";
 }
 
-static int parse_transport(const char *s, enum transport *t) {
+int transport_parse(const char *s, enum transport *t) {
     if (strcmp(s, "rabbitmq") == 0) { *t = TRANSPORT_RABBITMQ; return 0; }
     if (strcmp(s, "redis") == 0) { *t = TRANSPORT_REDIS; return 0; }
     return -1;
@@ -143,7 +143,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     q->quorum = true;
     char *tr = NULL, *qt = NULL;
     if (get_string(l, qs, "transport", &tr) < 0) return -1;
-    if (tr && parse_transport(tr, &q->transport) < 0) {
+    if (tr && transport_parse(tr, &q->transport) < 0) {
         free(tr);
         return fail(l, config_setting_get_member(qs, "transport"),
                     "'%s.transport' must be \"rabbitmq\" or \"redis\"", p);
@@ -199,7 +199,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     enum transport deflt = TRANSPORT_RABBITMQ;
     char *tr = NULL;
     if (get_string(l, root, "transport", &tr) < 0) return -1;
-    if (tr && parse_transport(tr, &deflt) < 0) {
+    if (tr && transport_parse(tr, &deflt) < 0) {
         free(tr);
         return fail(l, config_setting_get_member(root, "transport"), "'transport' must be \"rabbitmq\" or \"redis\"");
     }
@@ -213,7 +213,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     if (get_group(l, root, "events", k_events, &g) < 0) return -1;
     tr = NULL;
     if (get_string(l, g, "transport", &tr) < 0) return -1;
-    if (tr && parse_transport(tr, &c->events_transport) < 0) {
+    if (tr && transport_parse(tr, &c->events_transport) < 0) {
         free(tr);
         return fail(l, config_setting_get_member(g, "transport"), "'events.transport' must be \"rabbitmq\" or \"redis\"");
     }
@@ -262,13 +262,13 @@ static int apply_env(struct loader *l, struct cfg *c) {
     if ((v = getenv("CONVEYOR_REDIS_URL")) && *v) set_str(&c->redis_url, v);
     if ((v = getenv("CONVEYOR_TRANSPORT")) && *v) {
         enum transport t;
-        if (parse_transport(v, &t) < 0)
+        if (transport_parse(v, &t) < 0)
             return fail(l, NULL, "CONVEYOR_TRANSPORT must be \"rabbitmq\" or \"redis\" (got \"%s\")", v);
         for (int i = 0; i < c->nqueues; i++) c->queues[i].transport = t;
         c->events_transport = t;
     }
     if ((v = getenv("CONVEYOR_EVENTS_TRANSPORT")) && *v) {
-        if (parse_transport(v, &c->events_transport) < 0)
+        if (transport_parse(v, &c->events_transport) < 0)
             return fail(l, NULL, "CONVEYOR_EVENTS_TRANSPORT must be \"rabbitmq\" or \"redis\" (got \"%s\")", v);
     }
     return 0;

@@ -43,6 +43,8 @@ void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
 /* ---- cfg.c: queues.conf ---------------------------------------------------- */
 enum transport { TRANSPORT_RABBITMQ, TRANSPORT_REDIS };
 const char *transport_name(enum transport t);
+/* "rabbitmq" or "redis" into *t; returns 0, or -1 for anything else. */
+int transport_parse(const char *s, enum transport *t);
 
 #define CFG_NAME_MAX 64
 struct cfg_queue {
@@ -96,6 +98,10 @@ void clock_rfc3339(int64_t ms, char out[32]);      /* 2026-11-20T10:00:00.123Z *
 bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any offset */
 bool utf8_valid(const char *s, size_t len);        /* well-formed, no overlongs or surrogates */
 size_t utf8_chars(const char *s);                  /* code points in a valid string */
+
+/* ---- signals.c ------------------------------------------------------------------ */
+/* From now on SIGTERM and SIGINT set *flag to 1 (no SA_RESTART needed: loops poll it). */
+void signals_stop_sets(volatile int *flag);
 
 /* ---- backoff.c ------------------------------------------------------------------ */
 /* Capped exponential backoff with full jitter: delay for attempt n (0-based). */

@@ -25,11 +25,6 @@ static const char usage[] =
     "Exit status: 0 stopped cleanly, 2 usage or configuration error,\n"
     "3 the database schema could not be migrated.\n";
 
-static void on_startup_signal(int sig) {
-    (void)sig;
-    stop_requested = 1;
-}
-
 int main(int argc, char **argv) {
     const char *path = "queues.conf";
     bool check = false;
@@ -66,11 +61,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "conveyor-workers: libsodium failed to initialise\n");
         return 1;
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_startup_signal;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    signals_stop_sets(&stop_requested);
 
     PGconn *db = db_connect_retry(cfg.database_url, &stop_requested);
     if (!db) { cfg_free(&cfg); return 0; }

@@ -23,19 +23,10 @@ struct child {
     int crashes;                   /* consecutive quick deaths */
 };
 
-static void on_stop_signal(int sig) {
-    (void)sig;
-    stop_requested = 1;
-}
-
 /* In the child: default signal mask, SIGTERM/SIGINT request a drain, and the
  * child dies with its supervisor. Never returns. */
 static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *mask) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop_signal;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    signals_stop_sets(&stop_requested);
     signal(SIGHUP, SIG_IGN);
     signal(SIGCHLD, SIG_DFL);
     sigprocmask(SIG_UNBLOCK, mask, NULL);
