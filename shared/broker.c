@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen) {
     return t == TRANSPORT_REDIS ? broker_redis_open(cfg, err, errlen) : broker_amqp_open(cfg, err, errlen);
@@ -45,6 +46,40 @@ int broker_requeue(struct broker *b, const struct delivery *d) { return b->ops->
 int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
                        const char *error, int attempts) {
     return b->ops->dead_letter(b, d, reason, error, attempts);
+}
+
+int broker_retry(struct broker *b, const struct delivery *d, int delay_ms) {
+    return b->ops->retry(b, d, delay_ms);
+}
+
+int broker_maintain(struct broker *b) { return b->ops->maintain(b); }
+
+int broker_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n) {
+    *out = NULL;
+    *n = 0;
+    b->queue = q;
+    return b->ops->dead_read(b, q, out, n);
+}
+
+int broker_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+                     bool requeue, int *count) {
+    *count = 0;
+    b->queue = q;
+    return b->ops->dead_take(b, q, sel, arg, requeue, count);
+}
+
+void dead_letter_clear(struct dead_letter *d) {
+    free(d->body);
+    free(d->message_id);
+    free(d->reason);
+    free(d->error);
+    free(d->failed_at);
+    memset(d, 0, sizeof *d);
+}
+
+void dead_letters_free(struct dead_letter *d, int n) {
+    for (int i = 0; d && i < n; i++) dead_letter_clear(&d[i]);
+    free(d);
 }
 
 int broker_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {

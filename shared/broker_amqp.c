@@ -109,6 +109,7 @@ struct amqp_msg {
     size_t len;
     const char *message_id, *type;
     amqp_table_t headers;
+    const char *expiration;    /* per-message TTL in ms, or NULL */
 };
 
 /* Publishes msgs and waits for the broker to confirm every one. Returns 0,
@@ -128,6 +129,7 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
         if (m[i].message_id) { p._flags |= AMQP_BASIC_MESSAGE_ID_FLAG; p.message_id = amqp_cstring_bytes(m[i].message_id); }
         if (m[i].type) { p._flags |= AMQP_BASIC_TYPE_FLAG; p.type = amqp_cstring_bytes(m[i].type); }
         if (m[i].headers.num_entries) { p._flags |= AMQP_BASIC_HEADERS_FLAG; p.headers = m[i].headers; }
+        if (m[i].expiration) { p._flags |= AMQP_BASIC_EXPIRATION_FLAG; p.expiration = amqp_cstring_bytes(m[i].expiration); }
         amqp_bytes_t body = {m[i].len, (void *)m[i].body};
         rc = amqp_basic_publish(c, CHANNEL, amqp_cstring_bytes(m[i].exchange), amqp_cstring_bytes(m[i].routing_key),
                                 mandatory, 0, &p, body);
@@ -243,7 +245,7 @@ static int amqp_publish_command(struct broker *b, const struct cfg_queue *q, con
                                 const char *body, size_t len, const char *message_id) {
     (void)q;
     struct amqp_broker *a = (struct amqp_broker *)b;
-    struct amqp_msg m = {a->commands_ex, type, body, len, message_id, type, amqp_empty_table};
+    struct amqp_msg m = {a->commands_ex, type, body, len, message_id, type, amqp_empty_table, NULL};
     return publish_confirmed(a, &m, 1, true);
 }
 
@@ -326,11 +328,16 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
 
 static int amqp_ack(struct broker *b, const struct delivery *d) {
     struct amqp_broker *a = (struct amqp_broker *)b;
-    if (!a->consume) return broker_fail(b, CV_ERETRY, "rabbitmq: connection lost before ack (the message will be redelivered)");
+    if (!a->consume) {
+        /* the channel is gone, and with it the delivery: RabbitMQ redelivers the
+         * message, and the worker finds it done (processed_commands) */
+        log_warn("rabbitmq: connection lost before ack; the message will be redelivered and found done");
+        return 0;
+    }
     int rc = amqp_basic_ack(a->consume, CHANNEL, d->tag, 0);
     if (rc != AMQP_STATUS_OK) {
         drop(&a->consume);
-        return broker_fail(b, CV_ERETRY, "rabbitmq ack: %s", amqp_error_string2(rc));
+        log_warn("rabbitmq ack: %s; the message will be redelivered and found done", amqp_error_string2(rc));
     }
     return 0;
 }
@@ -364,10 +371,149 @@ static int amqp_dead_letter(struct broker *b, const struct delivery *d, const ch
     h[3].key = amqp_cstring_bytes("x-conveyor-failed-at");
     h[3].value.kind = AMQP_FIELD_KIND_UTF8;
     h[3].value.value.bytes = amqp_cstring_bytes(ts);
-    struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL, {4, h}};
+    struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL, {4, h}, NULL};
     int rc = publish_confirmed(a, &m, 1, true);
     if (rc < 0) return rc;
     return amqp_ack(b, d);
+}
+
+/* The delay queue for delay_ms: conveyor.<q>.retry.<nominal ms>, one per
+ * doubling of the base delay, so messages of one queue expire in about the
+ * order they were put in (a message expires only at the head of its queue). */
+static int retry_queue(struct amqp_broker *a, int delay_ms, char *name, size_t n) {
+    const struct cfg *c = a->base.cfg;
+    long nominal = c->retry_base_ms;
+    while (nominal < delay_ms && nominal < c->retry_max_ms) nominal *= 2;
+    if (nominal > c->retry_max_ms) nominal = c->retry_max_ms;
+    snprintf(name, n, "%s.retry.%ld", a->queue, nominal);
+    amqp_table_entry_t e[3];
+    e[0].key = amqp_cstring_bytes("x-dead-letter-exchange");
+    e[0].value.kind = AMQP_FIELD_KIND_UTF8;
+    e[0].value.value.bytes = amqp_cstring_bytes("");
+    e[1].key = amqp_cstring_bytes("x-dead-letter-routing-key");
+    e[1].value.kind = AMQP_FIELD_KIND_UTF8;
+    e[1].value.value.bytes = amqp_cstring_bytes(a->queue);
+    e[2].key = amqp_cstring_bytes("x-queue-type");
+    e[2].value.kind = AMQP_FIELD_KIND_UTF8;
+    e[2].value.value.bytes = amqp_cstring_bytes("classic");
+    amqp_table_t args = {3, e};
+    int rc = open_conn(a, &a->publish, true);
+    if (rc < 0) return rc;
+    amqp_queue_declare(a->publish, CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, args);
+    if ((rc = rpc_check(a, amqp_get_rpc_reply(a->publish), "declaring a delay queue")) < 0) drop(&a->publish);
+    return rc;
+}
+
+static int amqp_retry(struct broker *b, const struct delivery *d, int delay_ms) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    char name[300], expiration[24];
+    int rc = retry_queue(a, delay_ms, name, sizeof name);
+    if (rc < 0) return rc;
+    snprintf(expiration, sizeof expiration, "%d", delay_ms);
+    struct amqp_msg m = {"", name, d->body, d->len, d->message_id, NULL, amqp_empty_table, NULL};
+    m.expiration = expiration;
+    if ((rc = publish_confirmed(a, &m, 1, true)) < 0) return rc;
+    return amqp_ack(b, d);
+}
+
+static int amqp_maintain(struct broker *b) { (void)b; return 0; /* RabbitMQ redelivers and expires by itself */ }
+
+/* A header of a dead letter as a string (NULL if absent), or its integer. */
+static char *header_str(amqp_table_t *h, const char *key) {
+    for (int i = 0; h && i < h->num_entries; i++) {
+        amqp_table_entry_t *e = &h->entries[i];
+        if (e->key.len == strlen(key) && memcmp(e->key.bytes, key, e->key.len) == 0 &&
+            (e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES))
+            return strndup(e->value.value.bytes.bytes, e->value.value.bytes.len);
+    }
+    return NULL;
+}
+
+static int header_int(amqp_table_t *h, const char *key) {
+    for (int i = 0; h && i < h->num_entries; i++) {
+        amqp_table_entry_t *e = &h->entries[i];
+        if (e->key.len != strlen(key) || memcmp(e->key.bytes, key, e->key.len) != 0) continue;
+        switch (e->value.kind) {
+        case AMQP_FIELD_KIND_I8: return e->value.value.i8;
+        case AMQP_FIELD_KIND_U8: return e->value.value.u8;
+        case AMQP_FIELD_KIND_I16: return e->value.value.i16;
+        case AMQP_FIELD_KIND_U16: return e->value.value.u16;
+        case AMQP_FIELD_KIND_I32: return e->value.value.i32;
+        case AMQP_FIELD_KIND_U32: return (int)e->value.value.u32;
+        case AMQP_FIELD_KIND_I64: return (int)e->value.value.i64;
+        case AMQP_FIELD_KIND_U64: return (int)e->value.value.u64;
+        default: return 0;
+        }
+    }
+    return 0;
+}
+
+/* Gets every message of the dead queue of q without acking; with sel, acks
+ * (after re-publishing, with requeue) the chosen ones. Closing the connection
+ * then returns the others to the dead queue, in order. */
+static int amqp_dead_walk(struct amqp_broker *a, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+                          bool requeue, int *count, struct dead_letter **out, int *n) {
+    char dead[256], queue[256];
+    names_amqp_dead(a->base.cfg, q->name, dead, sizeof dead);
+    names_amqp_queue(a->base.cfg, q->name, queue, sizeof queue);
+    drop(&a->consume);
+    int rc = open_conn(a, &a->consume, false), cap = 0, index = 0;
+    if (rc < 0) return rc;
+    while (rc == 0) {
+        amqp_rpc_reply_t r = amqp_basic_get(a->consume, CHANNEL, amqp_cstring_bytes(dead), 0);
+        if ((rc = rpc_check(a, r, "reading the dead letters")) < 0) break;
+        if (r.reply.id == AMQP_BASIC_GET_EMPTY_METHOD) break;
+        uint64_t tag = ((amqp_basic_get_ok_t *)r.reply.decoded)->delivery_tag;
+        amqp_message_t msg;
+        if ((rc = rpc_check(a, amqp_read_message(a->consume, CHANNEL, &msg, 0), "reading a dead letter")) < 0) break;
+        struct dead_letter d;
+        memset(&d, 0, sizeof d);
+        d.len = msg.body.len;
+        d.body = malloc(d.len + 1);
+        memcpy(d.body, msg.body.bytes, d.len);
+        d.body[d.len] = '\0';
+        amqp_basic_properties_t *p = &msg.properties;
+        amqp_table_t *h = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? &p->headers : NULL;
+        if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) d.message_id = strndup(p->message_id.bytes, p->message_id.len);
+        d.reason = header_str(h, "x-conveyor-reason");
+        d.error = header_str(h, "x-conveyor-error");
+        d.failed_at = header_str(h, "x-conveyor-failed-at");
+        d.attempts = header_int(h, "x-conveyor-attempts");
+        amqp_destroy_message(&msg);
+        index++;
+        if (sel && sel(&d, index, arg)) {
+            if (requeue) {
+                struct amqp_msg m = {"", queue, d.body, d.len, d.message_id, NULL, amqp_empty_table, NULL};
+                if ((rc = publish_confirmed(a, &m, 1, true)) < 0) {
+                    dead_letter_clear(&d);
+                    break;
+                }
+            }
+            if (amqp_basic_ack(a->consume, CHANNEL, tag, 0) != AMQP_STATUS_OK) {
+                rc = broker_fail(&a->base, CV_ERETRY, "rabbitmq: ack of a dead letter failed");
+                dead_letter_clear(&d);
+                break;
+            }
+            (*count)++;
+        }
+        if (out) {
+            if (*n == cap) *out = realloc(*out, (size_t)(cap = cap ? cap * 2 : 16) * sizeof **out);
+            (*out)[(*n)++] = d;
+        } else {
+            dead_letter_clear(&d);
+        }
+    }
+    drop(&a->consume); /* the unacked ones go back to the dead queue */
+    return rc;
+}
+
+static int amqp_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n) {
+    return amqp_dead_walk((struct amqp_broker *)b, q, NULL, NULL, false, NULL, out, n);
+}
+
+static int amqp_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+                          bool requeue, int *count) {
+    return amqp_dead_walk((struct amqp_broker *)b, q, sel, arg, requeue, count, NULL, NULL);
 }
 
 static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
@@ -426,7 +572,8 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
 
 static const struct broker_ops amqp_ops = {
     amqp_close_broker, amqp_declare, amqp_publish_command, amqp_consume, amqp_next, amqp_ack,
-    amqp_requeue, amqp_dead_letter, amqp_publish_events, amqp_subscribe, amqp_next_event,
+    amqp_requeue, amqp_dead_letter, amqp_retry, amqp_maintain, amqp_dead_read, amqp_dead_take,
+    amqp_publish_events, amqp_subscribe, amqp_next_event,
 };
 
 struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen) {

@@ -16,6 +16,11 @@ struct broker_ops {
     int (*requeue)(struct broker *b, const struct delivery *d);
     int (*dead_letter)(struct broker *b, const struct delivery *d, const char *reason,
                        const char *error, int attempts);
+    int (*retry)(struct broker *b, const struct delivery *d, int delay_ms);
+    int (*maintain)(struct broker *b);
+    int (*dead_read)(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n);
+    int (*dead_take)(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+                     bool requeue, int *count);
     int (*publish_events)(struct broker *b, const struct outgoing_event *ev, int n);
     int (*subscribe)(struct broker *b, const char *pattern);
     int (*next_event)(struct broker *b, char **json, int timeout_ms);
@@ -31,6 +36,9 @@ struct broker {
 
 struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen);
 struct broker *broker_redis_open(const struct cfg *cfg, char *err, size_t errlen);
+
+/* Frees the fields of one dead letter (not d itself). */
+void dead_letter_clear(struct dead_letter *d);
 
 /* Sets b->err and returns code. */
 int broker_fail(struct broker *b, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 struct redis_broker {
     struct broker base;
@@ -19,7 +20,9 @@ struct redis_broker {
     char host[256];
     int port, db;
     char password[256];
-    char queue_key[256], inflight_key[512], dead_key[256], events_key[256];
+    char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], events_key[256];
+    char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
+    int64_t heartbeat_at;     /* monotonic ms of the last refresh */
     /* subscription */
     char *pattern;
     char last_id[64];
@@ -113,6 +116,11 @@ static int last_error(struct redis_broker *r) { return r->ctx ? CV_EFATAL : CV_E
 
 static void redis_close(struct broker *b) {
     struct redis_broker *r = (struct redis_broker *)b;
+    if (r->heartbeat_key[0] && r->ctx) {
+        /* a clean stop: nothing is in flight, so no reaper needs to wait for the expiry */
+        redisReply *rep = cmd(r, "DEL %s", r->heartbeat_key);
+        if (rep) freeReplyObject(rep);
+    }
     drop(r);
     for (int i = r->ipending; i < r->npending; i++) free(r->pending[i]);
     free(r->pending);
@@ -138,9 +146,13 @@ static int redis_consume(struct broker *b, const struct cfg_queue *q, const char
     struct redis_broker *r = (struct redis_broker *)b;
     names_redis(b->cfg, "queue", q->name, r->queue_key, sizeof r->queue_key);
     names_redis(b->cfg, "dead", q->name, r->dead_key, sizeof r->dead_key);
+    names_redis(b->cfg, "retry", q->name, r->retry_key, sizeof r->retry_key);
     char base[256];
     names_redis(b->cfg, "inflight", q->name, base, sizeof base);
     snprintf(r->inflight_key, sizeof r->inflight_key, "%s:%s", base, worker_id);
+    names_redis(b->cfg, "worker", NULL, base, sizeof base);
+    snprintf(r->heartbeat_key, sizeof r->heartbeat_key, "%s:%s", base, worker_id);
+    r->heartbeat_at = 0;
     /* What an earlier process of this worker id left in flight goes back to the
      * consuming end of the queue, oldest last so that it is taken first. */
     for (;;) {
@@ -154,9 +166,24 @@ static int redis_consume(struct broker *b, const struct cfg_queue *q, const char
     return 0;
 }
 
+/* Refreshes the worker's liveness key when it is due. */
+static int heartbeat(struct redis_broker *r) {
+    int64_t now = clock_mono_ms();
+    if (r->heartbeat_at && now - r->heartbeat_at < r->base.cfg->heartbeat_interval_s * 1000L) return 0;
+    redisReply *rep = cmd(r, "SET %s %d EX %d", r->heartbeat_key, (int)getpid(), r->base.cfg->heartbeat_ttl_s);
+    if (!rep) return last_error(r);
+    freeReplyObject(rep);
+    r->heartbeat_at = now;
+    return 0;
+}
+
 static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
     memset(d, 0, sizeof *d);
+    int rc = heartbeat(r);
+    if (rc < 0) return rc;
+    /* never block past the next heartbeat */
+    if (timeout_ms > b->cfg->heartbeat_interval_s * 500) timeout_ms = b->cfg->heartbeat_interval_s * 500;
     char tmo[32];
     snprintf(tmo, sizeof tmo, "%.3f", timeout_ms / 1000.0);
     redisReply *rep = cmd(r, "BLMOVE %s %s RIGHT LEFT %s", r->queue_key, r->inflight_key, tmo);
@@ -242,6 +269,151 @@ static int redis_dead_letter(struct broker *b, const struct delivery *d, const c
     return rc;
 }
 
+static int redis_retry(struct broker *b, const struct delivery *d, int delay_ms) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    char due[32];
+    snprintf(due, sizeof due, "%lld", (long long)(clock_ms() + delay_ms));
+    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    redisAppendCommand(r->ctx, "MULTI");
+    redisAppendCommand(r->ctx, "ZADD %s %s %b", r->retry_key, due, d->body, d->len);
+    redisAppendCommand(r->ctx, "LREM %s 1 %b", r->inflight_key, d->body, d->len);
+    redisAppendCommand(r->ctx, "EXEC");
+    int rc = 0;
+    for (int i = 0; i < 4; i++) {
+        redisReply *rep = NULL;
+        if (redisGetReply(r->ctx, (void **)&rep) != REDIS_OK) {
+            broker_fail(b, CV_ERETRY, "redis retry: %s", r->ctx->errstr);
+            drop(r);
+            return CV_ERETRY;
+        }
+        if (rep->type == REDIS_REPLY_ERROR) rc = broker_fail(b, CV_EFATAL, "redis retry: %s", rep->str);
+        freeReplyObject(rep);
+    }
+    return rc;
+}
+
+/* Moves due retries (score <= now) back to the producer end of the queue. */
+static const char due_script[] =
+    "local m = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500) "
+    "for _, v in ipairs(m) do redis.call('LPUSH', KEYS[2], v) redis.call('ZREM', KEYS[1], v) end "
+    "return #m";
+/* Returns a dead worker's in-flight messages to the consuming end, oldest first. */
+static const char reap_script[] =
+    "if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end "
+    "local n = 0 "
+    "while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end "
+    "return n";
+
+static int redis_maintain(struct broker *b) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    char now[32], queue[256], retry[256], pattern[300], worker[256], hb[600];
+    snprintf(now, sizeof now, "%lld", (long long)clock_ms());
+    names_redis(b->cfg, "worker", NULL, worker, sizeof worker);
+    long long moved = 0;
+    for (int i = 0; i < b->cfg->nqueues; i++) {
+        const struct cfg_queue *q = &b->cfg->queues[i];
+        if (q->transport != TRANSPORT_REDIS) continue;
+        names_redis(b->cfg, "queue", q->name, queue, sizeof queue);
+        names_redis(b->cfg, "retry", q->name, retry, sizeof retry);
+        redisReply *rep = cmd(r, "EVAL %s 2 %s %s %s", due_script, retry, queue, now);
+        if (!rep) return last_error(r);
+        moved += rep->integer;
+        freeReplyObject(rep);
+        names_redis(b->cfg, "inflight", q->name, pattern, sizeof pattern);
+        size_t plen = strlen(pattern) + 1; /* "...:inflight:<q>:" */
+        strcat(pattern, ":*");
+        char cursor[32] = "0";
+        do {
+            rep = cmd(r, "SCAN %s MATCH %s COUNT 500", cursor, pattern);
+            if (!rep) return last_error(r);
+            snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
+            redisReply *keys = rep->element[1];
+            for (size_t k = 0; k < keys->elements; k++) {
+                const char *key = keys->element[k]->str;
+                snprintf(hb, sizeof hb, "%s:%s", worker, key + plen);
+                redisReply *x = cmd(r, "EVAL %s 3 %s %s %s", reap_script, key, queue, hb);
+                if (!x) { freeReplyObject(rep); return last_error(r); }
+                if (x->integer > 0)
+                    log_warn("worker %s is gone (no heartbeat): returned %lld in-flight message%s to %s",
+                             key + plen, x->integer, x->integer == 1 ? "" : "s", queue);
+                moved += x->integer;
+                freeReplyObject(x);
+            }
+            freeReplyObject(rep);
+        } while (strcmp(cursor, "0") != 0);
+    }
+    return (int)moved;
+}
+
+/* Parses one conveyor:dead:<q> entry into d; returns false if it is not ours. */
+static bool parse_dead(const char *entry, struct dead_letter *d) {
+    memset(d, 0, sizeof *d);
+    cJSON *o = cJSON_Parse(entry);
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "message");
+    const cJSON *m64 = cJSON_GetObjectItemCaseSensitive(o, "messageBase64");
+    if (cJSON_IsString(m)) {
+        d->len = strlen(m->valuestring);
+        d->body = strdup(m->valuestring);
+    } else if (cJSON_IsString(m64)) {
+        size_t cap = strlen(m64->valuestring);
+        d->body = malloc(cap + 1);
+        if (sodium_base642bin((unsigned char *)d->body, cap, m64->valuestring, cap, NULL, &d->len, NULL,
+                              sodium_base64_VARIANT_ORIGINAL) != 0)
+            d->len = 0;
+        d->body[d->len] = '\0';
+    } else {
+        cJSON_Delete(o);
+        return false;
+    }
+    const cJSON *f;
+    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "reason"))) d->reason = strdup(f->valuestring);
+    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "error"))) d->error = strdup(f->valuestring);
+    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "failedAt"))) d->failed_at = strdup(f->valuestring);
+    if (cJSON_IsNumber(f = cJSON_GetObjectItemCaseSensitive(o, "attempts"))) d->attempts = f->valueint;
+    cJSON_Delete(o);
+    return true;
+}
+
+/* Walks the dead letters of q oldest first; with sel, removes (and with
+ * requeue re-publishes) the chosen ones; with out, collects them all. */
+static int redis_dead_walk(struct redis_broker *r, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+                           bool requeue, int *count, struct dead_letter **out, int *n) {
+    char dead[256], queue[256];
+    names_redis(r->base.cfg, "dead", q->name, dead, sizeof dead);
+    names_redis(r->base.cfg, "queue", q->name, queue, sizeof queue);
+    redisReply *rep = cmd(r, "LRANGE %s 0 -1", dead);
+    if (!rep) return last_error(r);
+    if (out) *out = calloc(rep->elements ? rep->elements : 1, sizeof **out);
+    int rc = 0, index = 0;
+    for (size_t i = rep->elements; i-- > 0 && rc == 0;) {  /* LPUSHed: the oldest is last */
+        redisReply *e = rep->element[i];
+        struct dead_letter d;
+        if (!parse_dead(e->str, &d)) continue;
+        index++;
+        if (sel && sel(&d, index, arg)) {
+            const char *fmts[2] = {"LREM %s 1 %b", "LPUSH %s %b"};
+            const char *a1[2] = {dead, queue};
+            const char *a2[2] = {e->str, d.body};
+            size_t l2[2] = {e->len, d.len};
+            rc = transaction(r, requeue ? "dead-letter retry" : "dead-letter purge", requeue ? 2 : 1, fmts, a1, a2, l2);
+            if (rc == 0) (*count)++;
+        }
+        if (out) (*out)[(*n)++] = d;
+        else dead_letter_clear(&d);
+    }
+    freeReplyObject(rep);
+    return rc;
+}
+
+static int redis_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n) {
+    return redis_dead_walk((struct redis_broker *)b, q, NULL, NULL, false, NULL, out, n);
+}
+
+static int redis_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+                           bool requeue, int *count) {
+    return redis_dead_walk((struct redis_broker *)b, q, sel, arg, requeue, count, NULL, NULL);
+}
+
 static int redis_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
     if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
@@ -315,7 +487,8 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
 
 static const struct broker_ops redis_ops = {
     redis_close, redis_declare, redis_publish_command, redis_consume, redis_next, redis_ack,
-    redis_requeue, redis_dead_letter, redis_publish_events, redis_subscribe, redis_next_event,
+    redis_requeue, redis_dead_letter, redis_retry, redis_maintain, redis_dead_read, redis_dead_take,
+    redis_publish_events, redis_subscribe, redis_next_event,
 };
 
 struct broker *broker_redis_open(const struct cfg *cfg, char *err, size_t errlen) {

@@ -125,7 +125,7 @@ static bool valid_name(const char *s) {
 static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enum transport deflt,
                       struct cfg_queue *q) {
     static const char *const keys[] = {"name", "commands", "workers", "prefetch", "transport",
-                                       "queue_type", NULL};
+                                       "queue_type", "max_attempts", NULL};
     char p[256];
     setting_path(qs, p, sizeof p);
     if (config_setting_type(qs) != CONFIG_TYPE_GROUP)
@@ -141,6 +141,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     q->workers = 2;
     q->prefetch = 8;
     q->quorum = true;
+    q->max_attempts = 10;
     char *tr = NULL, *qt = NULL;
     if (get_string(l, qs, "transport", &tr) < 0) return -1;
     if (tr && transport_parse(tr, &q->transport) < 0) {
@@ -159,6 +160,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     free(qt);
     if (get_int(l, qs, "workers", 0, 256, &q->workers) < 0) return -1;
     if (get_int(l, qs, "prefetch", 1, 65535, &q->prefetch) < 0) return -1;
+    if (get_int(l, qs, "max_attempts", 1, 1000, &q->max_attempts) < 0) return -1;
 
     config_setting_t *cmds = config_setting_get_member(qs, "commands");
     if (!cmds || (config_setting_type(cmds) != CONFIG_TYPE_ARRAY &&
@@ -183,13 +185,16 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
 
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
-                                      "limits", "domain", "relay", "supervisor", "queues", NULL};
+                                      "limits", "domain", "relay", "supervisor", "retry", "queues", NULL};
     static const char *const k_url[] = {"url", NULL};
+    static const char *const k_redis[] = {"url", "heartbeat_interval", "heartbeat_ttl", NULL};
+    static const char *const k_retry[] = {"base_delay_ms", "max_delay_ms", NULL};
     static const char *const k_events[] = {"transport", "stream_maxlen", NULL};
     static const char *const k_limits[] = {"max_message_bytes", NULL};
-    static const char *const k_domain[] = {"stock_low_threshold", NULL};
+    static const char *const k_domain[] = {"stock_low_threshold", "password_hash_opslimit",
+                                           "password_hash_memlimit_mb", NULL};
     static const char *const k_relay[] = {"poll_interval_ms", "batch_size", "retention_seconds", NULL};
-    static const char *const k_sup[] = {"shutdown_timeout", NULL};
+    static const char *const k_sup[] = {"shutdown_timeout", "max_jobs", "max_rss_mb", NULL};
     config_setting_t *root = config_root_setting(lc), *g;
     if (only_known(l, root, top) < 0) return -1;
 
@@ -207,7 +212,17 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
 
     if (get_group(l, root, "database", k_url, &g) < 0 || get_string(l, g, "url", &c->database_url) < 0) return -1;
     if (get_group(l, root, "rabbitmq", k_url, &g) < 0 || get_string(l, g, "url", &c->rabbitmq_url) < 0) return -1;
-    if (get_group(l, root, "redis", k_url, &g) < 0 || get_string(l, g, "url", &c->redis_url) < 0) return -1;
+    if (get_group(l, root, "redis", k_redis, &g) < 0 || get_string(l, g, "url", &c->redis_url) < 0 ||
+        get_int(l, g, "heartbeat_interval", 1, 3600, &c->heartbeat_interval_s) < 0 ||
+        get_int(l, g, "heartbeat_ttl", 2, 86400, &c->heartbeat_ttl_s) < 0) return -1;
+    if (c->heartbeat_ttl_s <= c->heartbeat_interval_s)
+        return fail(l, config_setting_get_member(g, "heartbeat_ttl"),
+                    "'redis.heartbeat_ttl' must be longer than 'redis.heartbeat_interval'");
+    if (get_group(l, root, "retry", k_retry, &g) < 0 ||
+        get_int(l, g, "base_delay_ms", 1, 3600000, &c->retry_base_ms) < 0 ||
+        get_int(l, g, "max_delay_ms", 1, 86400000, &c->retry_max_ms) < 0) return -1;
+    if (c->retry_max_ms < c->retry_base_ms)
+        return fail(l, config_setting_get_member(g, "max_delay_ms"), "'retry.max_delay_ms' must not be below 'retry.base_delay_ms'");
 
     c->events_transport = deflt;
     if (get_group(l, root, "events", k_events, &g) < 0) return -1;
@@ -222,13 +237,17 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     if (get_group(l, root, "limits", k_limits, &g) < 0 ||
         get_long(l, g, "max_message_bytes", 64, 100L * 1024 * 1024, &c->max_message_bytes) < 0) return -1;
     if (get_group(l, root, "domain", k_domain, &g) < 0 ||
-        get_int(l, g, "stock_low_threshold", 0, 2147483647L, &c->stock_low_threshold) < 0) return -1;
+        get_int(l, g, "stock_low_threshold", 0, 2147483647L, &c->stock_low_threshold) < 0 ||
+        get_int(l, g, "password_hash_opslimit", 1, 100, &c->password_opslimit) < 0 ||
+        get_int(l, g, "password_hash_memlimit_mb", 1, 4096, &c->password_memlimit_mb) < 0) return -1;
     if (get_group(l, root, "relay", k_relay, &g) < 0 ||
         get_int(l, g, "poll_interval_ms", 10, 60000, &c->relay_poll_ms) < 0 ||
         get_int(l, g, "batch_size", 1, 10000, &c->relay_batch) < 0 ||
         get_long(l, g, "retention_seconds", 0, 365L * 86400, &c->outbox_retention_s) < 0) return -1;
     if (get_group(l, root, "supervisor", k_sup, &g) < 0 ||
-        get_int(l, g, "shutdown_timeout", 1, 3600, &c->shutdown_timeout_s) < 0) return -1;
+        get_int(l, g, "shutdown_timeout", 1, 3600, &c->shutdown_timeout_s) < 0 ||
+        get_int(l, g, "max_jobs", 0, 2147483647L, &c->max_jobs) < 0 ||
+        get_int(l, g, "max_rss_mb", 0, 1048576, &c->max_rss_mb) < 0) return -1;
 
     config_setting_t *qs = config_setting_get_member(root, "queues");
     if (!qs) return fail(l, NULL, "'queues' is required: a list of ( { name = ...; commands = [...]; }, ... )");
@@ -288,6 +307,12 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     c->relay_batch = 500;
     c->outbox_retention_s = 7L * 86400;
     c->shutdown_timeout_s = 30;
+    c->retry_base_ms = 1000;
+    c->retry_max_ms = 300000;
+    c->heartbeat_interval_s = 2;
+    c->heartbeat_ttl_s = 10;
+    c->password_opslimit = 2;      /* crypto_pwhash_OPSLIMIT_INTERACTIVE */
+    c->password_memlimit_mb = 64;  /* crypto_pwhash_MEMLIMIT_INTERACTIVE */
 
     struct loader l = {path, err, errlen};
     config_t lc;

@@ -52,6 +52,7 @@ struct cfg_queue {
     enum transport transport;
     int workers;         /* processes for this queue */
     int prefetch;        /* RabbitMQ basic.qos */
+    int max_attempts;    /* handler starts before a message is dead-lettered (retries_exhausted) */
     bool quorum;         /* RabbitMQ queue type: quorum (default) or classic */
     char **commands;     /* command types routed here, owned by the cfg */
     int ncommands;
@@ -71,6 +72,14 @@ struct cfg {
     int relay_batch;          /* outbox rows claimed at once */
     long outbox_retention_s;  /* published rows older than this are pruned */
     int shutdown_timeout_s;   /* SIGTERM: time given to in-flight work */
+    int max_jobs;             /* a worker is recycled after this many commands (0: never) */
+    int max_rss_mb;           /* ... or above this resident size (0: never) */
+    int retry_base_ms;        /* backoff of the first retry; doubles per attempt */
+    int retry_max_ms;         /* cap of the backoff */
+    int heartbeat_interval_s; /* Redis worker heartbeat refresh */
+    int heartbeat_ttl_s;      /* Redis heartbeat expiry: then the reaper requeues in-flight work */
+    int password_opslimit;    /* argon2id cost (crypto_pwhash_str) */
+    int password_memlimit_mb;
     struct cfg_queue *queues;
     int nqueues;
 };
@@ -155,6 +164,8 @@ PGconn *db_connect_retry(const char *url, volatile int *stop);
  * sqlstate[6] if not NULL. */
 int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params,
             PGresult **out, char sqlstate[6]);
+/* The error text of the last statement that failed in this process (static). */
+const char *db_last_error(void);
 /* Runs SQL text without parameters (BEGIN, "NOTIFY x; COMMIT", ...); as db_exec. */
 int db_cmd(PGconn *db, const char *sql);
 
@@ -210,6 +221,33 @@ int broker_requeue(struct broker *b, const struct delivery *d);
 /* Moves the message, untouched, to the queue's dead letters with why. */
 int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
                        const char *error, int attempts);
+/* Moves the message, untouched, out of the way for delay_ms, after which it is
+ * back on its queue (RabbitMQ: a delay queue whose TTL dead-letters back;
+ * Redis: the retry sorted set, moved back by broker_maintain). */
+int broker_retry(struct broker *b, const struct delivery *d, int delay_ms);
+/* Redis housekeeping, run by the reaper: moves due retries back to their queues
+ * and returns the in-flight messages of workers whose heartbeat expired.
+ * Returns the number of messages moved. RabbitMQ: nothing to do, returns 0. */
+int broker_maintain(struct broker *b);
+
+/* A dead letter as the admin command sees it; every string owned. */
+struct dead_letter {
+    char *body;            /* the original message, untouched */
+    size_t len;
+    char *message_id;      /* RabbitMQ property, or NULL */
+    char *reason, *error, *failed_at;
+    int attempts;
+};
+void dead_letters_free(struct dead_letter *d, int n);
+/* Chooses dead letters: index counts from 1 in list order (oldest first). */
+typedef bool (*dead_select_fn)(const struct dead_letter *d, int index, void *arg);
+/* Reads the dead letters of q without removing them: *out (caller frees with
+ * dead_letters_free) and *n. */
+int broker_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n);
+/* Removes the dead letters of q that sel chooses; with requeue, each is first
+ * published again, untouched, to q. *count is how many. */
+int broker_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+                     bool requeue, int *count);
 /* Publishes events in order and returns once the broker has all of them. */
 int broker_publish_events(struct broker *b, const struct outgoing_event *ev, int n);
 /* Starts receiving events whose type matches PATTERN (topic syntax), from now on. */

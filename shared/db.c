@@ -45,6 +45,10 @@ static int classify(PGconn *db, const char *state) {
     return CV_EFATAL;
 }
 
+static char last_error[512];
+
+const char *db_last_error(void) { return last_error; }
+
 /* Hands a result to the caller or classes its error (see db_exec). */
 static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, char sqlstate[6]) {
     if (out) *out = NULL;
@@ -56,6 +60,9 @@ static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, c
         return 0;
     }
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    snprintf(last_error, sizeof last_error, "%s", PQerrorMessage(db));
+    for (size_t n = strlen(last_error); n && (last_error[n - 1] == '\n' || last_error[n - 1] == ' ');)
+        last_error[--n] = '\0';
     if (sqlstate && state) snprintf(sqlstate, 6, "%s", state);
     int cls = classify(db, state);
     if (cls == CV_EFATAL || !sqlstate) {

@@ -21,8 +21,8 @@ int handle_register(struct cmd_ctx *ctx) {
     }
 
     char hash[crypto_pwhash_STRBYTES];
-    if (crypto_pwhash_str(hash, password, strlen(password), crypto_pwhash_OPSLIMIT_INTERACTIVE,
-                          crypto_pwhash_MEMLIMIT_INTERACTIVE) != 0) {
+    if (crypto_pwhash_str(hash, password, strlen(password), (unsigned long long)ctx->cfg->password_opslimit,
+                          (size_t)ctx->cfg->password_memlimit_mb * 1024 * 1024) != 0) {
         log_msg(LOG_ERROR, ctx->cmd->id, "password hashing ran out of memory");
         rc = CV_ERETRY;
         goto out;

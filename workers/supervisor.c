@@ -15,9 +15,13 @@
 
 #define STABLE_MS 10000 /* a child that lived this long was not crash-looping */
 
+enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER };
+static const char *kind_name[] = {"worker", "relay", "reaper"};
+
 struct child {
     pid_t pid;                     /* 0 while not running */
-    const struct cfg_queue *queue; /* NULL for the relay */
+    enum child_kind kind;
+    const struct cfg_queue *queue; /* the worker's queue */
     char worker_id[160];
     int64_t started_ms, restart_at_ms;
     int crashes;                   /* consecutive quick deaths */
@@ -31,8 +35,10 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     signal(SIGCHLD, SIG_DFL);
     sigprocmask(SIG_UNBLOCK, mask, NULL);
     prctl(PR_SET_PDEATHSIG, SIGTERM);
-    log_init(c->queue ? "worker" : "relay");
-    int rc = c->queue ? worker_run(cfg, c->queue, c->worker_id) : relay_run(cfg);
+    log_init(kind_name[c->kind]);
+    int rc = c->kind == CHILD_WORKER ? worker_run(cfg, c->queue, c->worker_id)
+           : c->kind == CHILD_RELAY  ? relay_run(cfg)
+                                     : reaper_run(cfg);
     exit(rc); /* exit, not _exit: flushes stdio, and LeakSanitizer checks the child */
 }
 
@@ -49,8 +55,13 @@ static void spawn(const struct cfg *cfg, struct child *c, const sigset_t *mask) 
 }
 
 int supervisor_run(const struct cfg *cfg) {
+    bool redis_queues = false;
     int n = 1;
-    for (int i = 0; i < cfg->nqueues; i++) n += cfg->queues[i].workers;
+    for (int i = 0; i < cfg->nqueues; i++) {
+        n += cfg->queues[i].workers;
+        redis_queues |= cfg->queues[i].transport == TRANSPORT_REDIS;
+    }
+    n += redis_queues;
     struct child *kids = calloc((size_t)n, sizeof *kids);
     char host[64];
     gethostname(host, sizeof host);
@@ -63,7 +74,12 @@ int supervisor_run(const struct cfg *cfg) {
             snprintf(kids[k].worker_id, sizeof kids[k].worker_id, "%s-%d-%s-%d", host, (int)getpid(),
                      cfg->queues[i].name, j);
         }
-    snprintf(kids[n - 1].worker_id, sizeof kids[n - 1].worker_id, "relay");
+    kids[k].kind = CHILD_RELAY;
+    snprintf(kids[k++].worker_id, sizeof kids[0].worker_id, "relay");
+    if (redis_queues) {
+        kids[k].kind = CHILD_REAPER;
+        snprintf(kids[k++].worker_id, sizeof kids[0].worker_id, "reaper");
+    }
 
     sigset_t mask;
     sigemptyset(&mask);
@@ -74,7 +90,7 @@ int supervisor_run(const struct cfg *cfg) {
     sigprocmask(SIG_BLOCK, &mask, NULL);
 
     for (int i = 0; i < n; i++) spawn(cfg, &kids[i], &mask);
-    log_info("pool started: %d workers and a relay", n - 1);
+    log_info("pool started: %d workers, a relay%s", n - 1 - redis_queues, redis_queues ? " and a reaper" : "");
 
     bool stopping = false;
     int64_t deadline = 0;
@@ -101,14 +117,21 @@ int supervisor_run(const struct cfg *cfg) {
                 c->pid = 0;
                 if (stopping) break;
                 int64_t now = clock_mono_ms();
+                if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+                    /* a worker recycling itself (max_jobs, max_rss_mb): replace it at once */
+                    log_info("%s %s recycled; starting a fresh one", kind_name[c->kind], c->worker_id);
+                    c->crashes = 0;
+                    c->restart_at_ms = now;
+                    break;
+                }
                 c->crashes = now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
                 int delay = c->crashes ? backoff_ms(c->crashes - 1, 500, 30000) : 0;
                 c->restart_at_ms = now + delay;
                 if (WIFSIGNALED(status))
-                    log_error("%s %s died of signal %d; restarting in %d ms", c->queue ? "worker" : "relay",
+                    log_error("%s %s died of signal %d; restarting in %d ms", kind_name[c->kind],
                               c->worker_id, WTERMSIG(status), delay);
                 else
-                    log_error("%s %s exited with status %d; restarting in %d ms", c->queue ? "worker" : "relay",
+                    log_error("%s %s exited with status %d; restarting in %d ms", kind_name[c->kind],
                               c->worker_id, WEXITSTATUS(status), delay);
                 break;
             }

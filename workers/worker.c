@@ -1,19 +1,28 @@
 /* worker.c - one worker process: take a message, run its command in one
  * transaction with the dedup row and the outbox rows, commit, then ack.
  *
+ *   attempts += 1 (command_attempts, committed before the handler starts)
  *   BEGIN
  *     INSERT processed_commands(id)  -- conflict: duplicate, ROLLBACK, ack
+ *     DELETE command_attempts(id)
  *     SAVEPOINT command
  *     handler                        -- rejected: ROLLBACK TO SAVEPOINT, command.rejected
  *     INSERT outbox(events)
  *   NOTIFY; COMMIT
  *   ack
+ *
+ * A failure of the transaction (connection lost, serialization failure,
+ * deadlock, timeout, or an unexpected database error) sends the message to the
+ * broker's delay (retry) with exponential backoff; after max_attempts handler
+ * starts it is dead-lettered (retries_exhausted). The worker never waits with a
+ * message in hand.
  */
 #include "workers.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 volatile int stop_requested;
 
@@ -24,7 +33,7 @@ struct worker {
     PGconn *db;
     struct broker *broker;
     char commit_sql[160];  /* NOTIFY "<prefix>_outbox"; COMMIT */
-    int failures;          /* consecutive transient failures, for backoff */
+    long jobs;             /* commands handled, for max_jobs */
 };
 
 enum outcome { APPLIED, REJECTED, DUPLICATE };
@@ -71,14 +80,17 @@ static int run_transaction(struct worker *w, const struct envelope *env, handler
     const char *p[2] = {env->id, env->type};
     PGresult *r;
     int rc;
-    if ((rc = db_cmd(db, "BEGIN")) < 0) return rc;
-    if ((rc = db_exec(db, "INSERT INTO processed_commands (id, type, outcome) VALUES ($1, $2, 'applied') "
+    /* the session commits asynchronously (attempt counts); commands commit as the server is configured */
+    if ((rc = db_cmd(db, "BEGIN; SET LOCAL synchronous_commit TO DEFAULT")) < 0) return rc;
+    if ((rc = db_exec(db, "WITH done AS (DELETE FROM command_attempts WHERE id = $1) "
+                          "INSERT INTO processed_commands (id, type, outcome) VALUES ($1, $2, 'applied') "
                           "ON CONFLICT (id) DO NOTHING", 2, p, &r, NULL)) < 0)
         goto rollback;
     bool duplicate = strcmp(PQcmdTuples(r), "0") == 0;
     PQclear(r);
     if (duplicate) {
         db_cmd(db, "ROLLBACK");
+        db_exec(db, "DELETE FROM command_attempts WHERE id = $1", 1, p, NULL, NULL);
         return DUPLICATE;
     }
     if ((rc = db_cmd(db, "SAVEPOINT command")) < 0) goto rollback;
@@ -125,12 +137,12 @@ rollback:
     return rc;
 }
 
-/* Retries a broker operation on the current message until it lands or we stop. */
+/* Moves the message to the dead letters, retrying while the broker is away. */
 static void settle_dead(struct worker *w, const struct delivery *d, const char *reason, const char *error,
-                        const char *command_id) {
+                        int attempts, const char *command_id) {
     log_msg(LOG_WARN, command_id, "dead-lettered (%s): %s", reason, error);
     for (int attempt = 0; !stop_requested; attempt++) {
-        int rc = broker_dead_letter(w->broker, d, reason, error, 0);
+        int rc = broker_dead_letter(w->broker, d, reason, error, attempts);
         if (rc == 0) return;
         log_warn("cannot dead-letter yet: %s", broker_error(w->broker));
         if (rc != CV_ERETRY) return; /* unacked: RabbitMQ redelivers; Redis keeps it in flight */
@@ -138,45 +150,127 @@ static void settle_dead(struct worker *w, const struct delivery *d, const char *
     }
 }
 
+/* Counts one more start of the handler on command id, durably, before it
+ * runs. Returns the count (>= 1), or an error class when the database is
+ * unreachable. *last_error gets the error of the previous attempt (caller frees). */
+static int attempt_start(struct worker *w, const char *id, char **last_error) {
+    const char *p[1] = {id};
+    PGresult *r;
+    *last_error = NULL;
+    int rc = db_exec(w->db, "INSERT INTO command_attempts (id, attempts) VALUES ($1, 1) "
+                            "ON CONFLICT (id) DO UPDATE SET attempts = command_attempts.attempts + 1, "
+                            "updated_at = now() RETURNING attempts, last_error", 1, p, &r, NULL);
+    if (rc < 0) return rc;
+    int n = atoi(PQgetvalue(r, 0, 0));
+    if (!PQgetisnull(r, 0, 1)) *last_error = strdup(PQgetvalue(r, 0, 1));
+    PQclear(r);
+    return n;
+}
+
+/* After a failed attempt: records why, then retries later or gives up. */
+static void attempt_failed(struct worker *w, const struct delivery *d, const struct envelope *env, int attempts,
+                           int rc) {
+    char error[600];
+    snprintf(error, sizeof error, "%s: %s", cv_strerror(rc), db_last_error());
+    db_check(w);
+    if (w->db) {
+        const char *p[2] = {env->id, error};
+        db_exec(w->db, "UPDATE command_attempts SET last_error = $2 WHERE id = $1", 2, p, NULL, NULL);
+    }
+    if (attempts >= w->q->max_attempts) {
+        settle_dead(w, d, "retries_exhausted", error, attempts, env->id);
+        return;
+    }
+    int delay = backoff_ms(attempts - 1, w->cfg->retry_base_ms, w->cfg->retry_max_ms);
+    log_msg(LOG_WARN, env->id, "%s attempt %d of %d failed (%s); retrying in %d ms", env->type, attempts,
+            w->q->max_attempts, error, delay);
+    for (int i = 0; !stop_requested; i++) {
+        int brc = broker_retry(w->broker, d, delay);
+        if (brc == 0) return;
+        log_warn("cannot schedule the retry yet: %s", broker_error(w->broker));
+        if (brc != CV_ERETRY) break;
+        backoff_sleep(backoff_ms(i, 100, 5000), &stop_requested);
+    }
+    broker_requeue(w->broker, d); /* could not park it: hand it back now */
+}
+
 static void process(struct worker *w, struct delivery *d) {
     struct envelope env;
     char err[256];
     if (envelope_parse(d->body, d->len, (size_t)w->cfg->max_message_bytes, d->message_id, &env, err,
                        sizeof err) < 0) {
-        settle_dead(w, d, "invalid_envelope", err, NULL);
+        settle_dead(w, d, "invalid_envelope", err, 0, NULL);
         return;
     }
     handler_fn handler = handler_find(env.type);
     if (!handler) {
         snprintf(err, sizeof err, "no handler for command type '%s'", env.type);
-        settle_dead(w, d, "unknown_command", err, env.id);
+        settle_dead(w, d, "unknown_command", err, 0, env.id);
         envelope_free(&env);
         return;
     }
-    for (;;) {
-        if (!w->db && !(w->db = db_connect_retry(w->cfg->database_url, &stop_requested))) break;
-        int rc = run_transaction(w, &env, handler);
+    char *last_error = NULL;
+    int attempts = attempt_start(w, env.id, &last_error);
+    if (attempts < 0) {
+        /* the database is away: not an attempt; give the message back and reconnect */
         db_check(w);
-        if (rc >= 0) {
-            w->failures = 0;
-            log_msg(LOG_DEBUG, env.id, "%s %s", env.type, outcome_name[rc]);
-            if (broker_ack(w->broker, d) < 0)
-                log_msg(LOG_WARN, env.id, "ack failed (%s); the message will come back and be found done",
-                        broker_error(w->broker));
-            envelope_free(&env);
-            return;
-        }
-        /* transient (or an unexpected database error): back off and try again */
-        int delay = backoff_ms(w->failures++, 50, 5000);
-        log_msg(LOG_WARN, env.id, "%s failed (%s); retrying in %d ms", env.type, cv_strerror(rc), delay);
-        backoff_sleep(delay, &stop_requested);
-        if (stop_requested) break;
+        broker_requeue(w->broker, d);
+        envelope_free(&env);
+        return;
     }
-    /* stopping with the command not done: give it back */
-    if (broker_requeue(w->broker, d) < 0)
-        log_msg(LOG_WARN, env.id, "requeue failed (%s); the broker returns it on disconnect",
-                broker_error(w->broker));
+    if (attempts > w->q->max_attempts) {
+        /* the handler was started max_attempts times (some of them killed their worker) */
+        char why[700];
+        snprintf(why, sizeof why, "gave up after %d attempts; last error: %s", attempts - 1,
+                 last_error ? last_error : "the worker died while handling it");
+        settle_dead(w, d, "retries_exhausted", why, attempts - 1, env.id);
+    } else {
+        int rc = run_transaction(w, &env, handler);
+        if (rc >= 0) {
+            log_msg(LOG_DEBUG, env.id, "%s %s", env.type, outcome_name[rc]);
+            while (broker_ack(w->broker, d) == CV_ERETRY && !stop_requested) {
+                /* Redis: the in-flight entry must go, or it would come back after a restart */
+                log_msg(LOG_WARN, env.id, "ack failed (%s); retrying", broker_error(w->broker));
+                backoff_sleep(500, &stop_requested);
+            }
+        } else {
+            attempt_failed(w, d, &env, attempts, rc);
+        }
+    }
+    free(last_error);
     envelope_free(&env);
+}
+
+/* Connects to the database for a worker: attempt counts commit asynchronously
+ * (they only have to survive this worker, not the database host). */
+static PGconn *worker_db_connect(const struct cfg *cfg) {
+    for (;;) {
+        PGconn *db = db_connect_retry(cfg->database_url, &stop_requested);
+        if (!db || db_cmd(db, "SET synchronous_commit TO off") == 0) return db;
+        PQfinish(db);
+    }
+}
+
+/* True when the worker should exit and be replaced (max_jobs, max_rss_mb). */
+static bool should_recycle(struct worker *w) {
+    if (w->cfg->max_jobs > 0 && w->jobs >= w->cfg->max_jobs) {
+        log_info("recycling after %ld commands (max_jobs)", w->jobs);
+        return true;
+    }
+    if (w->cfg->max_rss_mb > 0) {
+        long pages = 0, rss = 0;
+        FILE *f = fopen("/proc/self/statm", "r");
+        if (f) {
+            if (fscanf(f, "%ld %ld", &pages, &rss) != 2) rss = 0;
+            fclose(f);
+        }
+        long mb = rss * (sysconf(_SC_PAGESIZE) / 1024) / 1024;
+        if (mb > w->cfg->max_rss_mb) {
+            log_info("recycling at %ld MB resident (max_rss_mb %d)", mb, w->cfg->max_rss_mb);
+            return true;
+        }
+    }
+    return false;
 }
 
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
@@ -196,11 +290,11 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         broker_close(w.broker);
         return 1;
     }
-    w.db = db_connect_retry(cfg->database_url, &stop_requested);
     log_info("worker %s consuming queue %s (%s)", worker_id, q->name, transport_name(q->transport));
 
     int broker_failures = 0;
     while (!stop_requested) {
+        if (!w.db && !(w.db = worker_db_connect(cfg))) break; /* take nothing while the database is away */
         struct delivery d;
         int rc = broker_next(w.broker, &d, 1000);
         if (rc < 0) {
@@ -213,6 +307,8 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         if (rc == 0) continue;
         process(&w, &d);
         delivery_free(&d);
+        w.jobs++;
+        if (should_recycle(&w)) break;
     }
     log_info("worker %s stopped", worker_id);
     broker_close(w.broker);

@@ -80,6 +80,8 @@ extern volatile int stop_requested; /* set by SIGTERM / SIGINT in a child */
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id);
 /* Publishes the outbox while it holds the relay lock; returns the exit status. */
 int relay_run(const struct cfg *cfg);
+/* Redis: moves due retries back and requeues the work of dead workers; returns the exit status. */
+int reaper_run(const struct cfg *cfg);
 /* Forks and watches the pool until SIGTERM / SIGINT; returns the exit status. */
 int supervisor_run(const struct cfg *cfg);
 
