@@ -32,6 +32,8 @@ enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 /* Names the process in every line ("supervisor", "worker", ...). Reads the
  * level from CONVEYOR_LOG_LEVEL (debug|info|warn|error; default info). */
 void log_init(const char *component);
+/* The name given to log_init ("conveyor" before). */
+const char *log_component(void);
 /* command_id may be NULL. Never pass a password, a hash or a payload. */
 void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

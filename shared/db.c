@@ -3,11 +3,17 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 static void quiet_notice(void *arg, const char *msg) { (void)arg; (void)msg; }
 
 PGconn *db_connect(const char *url, char *err, size_t errlen) {
-    PGconn *db = PQconnectdb(url);
+    /* application_name shows in pg_stat_activity which process holds a connection */
+    char app[64];
+    snprintf(app, sizeof app, "conveyor-%s-%d", log_component(), (int)getpid());
+    const char *keys[] = {"dbname", "application_name", NULL};
+    const char *vals[] = {url, app, NULL};
+    PGconn *db = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(db) != CONNECTION_OK) {
         snprintf(err, errlen, "%s", PQerrorMessage(db));
         size_t n = strlen(err);

@@ -19,6 +19,8 @@ void log_init(const char *name) {
         if (strcmp(l, level_names[i]) == 0) min_level = (enum log_level)i;
 }
 
+const char *log_component(void) { return component; }
+
 void log_msg(enum log_level level, const char *command_id, const char *fmt, ...) {
     if (level < min_level) return;
     char msg[2048], ts[32];

@@ -64,14 +64,14 @@ def envelope(type_, payload, id_=None, correlation_id=None):
 
 # ---- configuration ---------------------------------------------------------
 
-def write_config(workers=None, extra=""):
+def write_config(workers=None, extra="", queue_opts=""):
     """A queues.conf like the repository's, with per-queue worker counts."""
     workers = workers or {}
     lines = ['prefix = "conveyor";', 'transport = "rabbitmq";', extra, "queues = ("]
     qs = []
     for q, types in ROUTING.items():
         cmds = ", ".join(f'"{t}"' for t in types)
-        qs.append(f'  {{ name = "{q}"; commands = [{cmds}]; workers = {workers.get(q, 1)}; prefetch = 8; }}')
+        qs.append(f'  {{ name = "{q}"; commands = [{cmds}]; workers = {workers.get(q, 1)}; prefetch = 8; {queue_opts} }}')
     lines.append(",\n".join(qs))
     lines.append(");")
     fd, path = tempfile.mkstemp(prefix="conveyor-test-", suffix=".conf")
@@ -98,9 +98,9 @@ def session_pids(sid):
 class Pool:
     """conveyor-workers in its own session, logging to a file."""
 
-    def __init__(self, workers=None, extra="", env=None, expect_restarts=False):
+    def __init__(self, workers=None, extra="", env=None, expect_restarts=False, queue_opts=""):
         self.expect_restarts = expect_restarts
-        self.config = write_config(workers, extra)
+        self.config = write_config(workers, extra, queue_opts)
         self.log = tempfile.NamedTemporaryFile(prefix="conveyor-pool-", suffix=".log", delete=False)
         e = dict(os.environ)
         e.update(env or {})
@@ -114,7 +114,7 @@ class Pool:
             text = self.read_log()
             if "relay active" in text or "standing by" in text:
                 n = sum(1 for line in text.splitlines() if "consuming queue" in line)
-                want = sum(1 for line in open(self.config) if "workers =" in line and "workers = 0" not in line)
+                want = sum(1 for line in open(self.config) if "workers =" in line and "workers = 0;" not in line)
                 if n >= want:
                     return
             if self.proc.poll() is not None:
@@ -307,7 +307,7 @@ def query(sql, *args):
     c = db()
     try:
         with c.cursor() as cur:
-            cur.execute(sql, args)
+            cur.execute(sql, args or None)
             return cur.fetchall() if cur.description else None
     finally:
         c.close()

@@ -1,0 +1,257 @@
+"""Failure handling: retries with backoff, retries_exhausted, workers killed
+mid-command, the Redis reaper, recycling, and the dead-letter admin command."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import redis as redislib
+
+from harness import (BIN, REDIS_URL, ROOT, TRANSPORT, Events, Pool, Publisher, check, drain_dead, envelope, eq,
+                     new_id, query, run_bin)
+
+FAST_RETRY = "retry: { base_delay_ms = 100; max_delay_ms = 400; };"
+
+# A test-only trigger on products: names choose the misbehaviour.
+CHAOS_TRIGGER = """
+CREATE OR REPLACE FUNCTION test_chaos() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.name LIKE 'flaky-%' AND nextval(('test_seq_' || replace(NEW.id::text, '-', '_'))::regclass) <= 2 THEN
+    RAISE EXCEPTION 'simulated serialization failure' USING ERRCODE = '40001';
+  END IF;
+  IF NEW.name LIKE 'doomed-%' THEN
+    RAISE EXCEPTION 'simulated deadlock' USING ERRCODE = '40P01';
+  END IF;
+  IF NEW.name LIKE 'slow-%' THEN
+    PERFORM pg_sleep(60);
+  END IF;
+  IF NEW.name LIKE 'slowonce-%' AND nextval(('test_seq_' || replace(NEW.id::text, '-', '_'))::regclass) = 1 THEN
+    PERFORM pg_sleep(60);
+  END IF;
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS test_chaos ON products;
+CREATE TRIGGER test_chaos BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION test_chaos();
+"""
+
+
+class chaos_trigger:
+    def __enter__(self):
+        query(CHAOS_TRIGGER)
+        return self
+
+    def __exit__(self, *exc):
+        query("DROP TRIGGER IF EXISTS test_chaos ON products")
+
+
+def product(name_prefix, stock=10):
+    """A product row made directly, with a sequence for the trigger's counters."""
+    pid = new_id()
+    query(f"CREATE SEQUENCE IF NOT EXISTS test_seq_{pid.replace('-', '_')}")
+    query("INSERT INTO products (id, name, price, stock) VALUES (%s, %s, 1, %s)", pid, f"{name_prefix}-{pid[:8]}", stock)
+    return pid
+
+
+def stock(pid):
+    return query("SELECT stock FROM products WHERE id = %s", pid)[0][0]
+
+
+def wait_dead(queue, n=1, timeout=20):
+    deadline = time.time() + timeout
+    dead = []
+    while len(dead) < n and time.time() < deadline:
+        dead += drain_dead(queue)
+        time.sleep(0.1)
+    return dead
+
+
+def kill_sleeping_worker(timeout=30):
+    """Kills (-9) the worker whose database session sleeps in the trigger; returns its pid."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = query("SELECT pid, application_name FROM pg_stat_activity "
+                     "WHERE application_name LIKE 'conveyor-worker-%' AND wait_event = 'PgSleep'")
+        if rows:
+            backend, app = rows[0]
+            worker = int(app.rsplit("-", 1)[1])
+            os.kill(worker, signal.SIGKILL)
+            query("SELECT pg_terminate_backend(%s)", backend)  # it would hold the row lock until its sleep ends
+            return worker
+        time.sleep(0.05)
+    raise AssertionError("no worker was handling the slow command")
+
+
+def test_transient_failure_is_retried():
+    with chaos_trigger(), Pool(extra=FAST_RETRY) as pool:
+        pub, ev = Publisher(), Events()
+        pid = product("flaky")
+        cmd = envelope("updateStock", {"productId": pid, "quantityChange": -1})
+        pub.command(cmd)
+        res = ev.wait_result(cmd["id"], timeout=20)
+        eq(res[0]["type"], "stock.updated", "applied on the third attempt")
+        ev.poll(0.5)
+        eq(len(ev.for_command(cmd["id"])), 1, "one result event")
+        eq(stock(pid), 9, "applied once")
+        eq(query("SELECT count(*) FROM command_attempts WHERE id = %s", cmd["id"])[0][0], 0, "attempts row gone")
+        log = pool.read_log()
+        check("attempt 1 of 10 failed" in log and "attempt 2 of 10 failed" in log, "two failed attempts logged")
+        check("simulated serialization failure" in log, "the error is logged")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_retries_exhausted_then_admin_retry():
+    drain_dead("catalog")
+    with chaos_trigger(), Pool(extra=FAST_RETRY, queue_opts="max_attempts = 3;") as pool:
+        pub, ev = Publisher(), Events()
+        pid = product("doomed")
+        cmd = envelope("updateStock", {"productId": pid, "quantityChange": 2})
+        body = json.dumps(cmd).encode()
+        pub.raw("catalog", body)
+        admin = ["-c", pool.config]
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            r = run_bin("conveyor-admin", *admin, "--json", "dead", "list", "catalog")
+            rows = [json.loads(x) for x in r.stdout.splitlines()]
+            if rows:
+                break
+            time.sleep(0.2)
+        eq(len(rows), 1, "one dead letter listed")
+        d = rows[0]
+        eq((d["reason"], d["attempts"], d["commandId"], d["type"]), ("retries_exhausted", 3, cmd["id"], "updateStock"),
+           "dead letter")
+        check("simulated deadlock" in d["error"], f"last error kept: {d['error']}")
+        r = run_bin("conveyor-admin", *admin, "dead", "show", "catalog", cmd["id"])
+        eq(r.returncode, 0, "show")
+        eq(json.loads(json.loads(r.stdout)["message"]), cmd, "the original message, untouched")
+        r = run_bin("conveyor-admin", *admin, "dead", "counts")
+        check(any(line.split()[:4] == ["catalog", TRANSPORT, "retries_exhausted", "1"] for line in r.stdout.splitlines()),
+              f"counts per queue and reason:\n{r.stdout}")
+        eq(stock(pid), 10, "nothing applied")
+        # fix the cause, then retry from the dead letters: a fresh attempt count
+        query("DROP TRIGGER IF EXISTS test_chaos ON products")
+        r = run_bin("conveyor-admin", *admin, "dead", "retry", "catalog", "#1")
+        eq(r.returncode, 0, f"retry ({r.stderr})")
+        check("requeued 1 dead letter" in r.stdout, r.stdout)
+        res = ev.wait_result(cmd["id"], timeout=20)
+        eq(res[0]["type"], "stock.updated", "processed after the retry")
+        eq(stock(pid), 12, "applied once")
+        r = run_bin("conveyor-admin", *admin, "dead", "retry", "catalog", "#1")
+        eq(r.returncode, 1, "nothing left to retry")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_admin_purge_and_list_both_kinds():
+    drain_dead("users")
+    with Pool() as pool:
+        pub = Publisher()
+        keep = envelope("launchRocket", {})
+        pub.raw("users", json.dumps(keep).encode())
+        pub.raw("users", b"garbage")
+        admin = ["-c", pool.config]
+        deadline = time.time() + 10
+        rows = []
+        while len(rows) < 2 and time.time() < deadline:
+            r = run_bin("conveyor-admin", *admin, "--json", "dead", "list", "users")
+            rows = [json.loads(x) for x in r.stdout.splitlines()]
+            time.sleep(0.1)
+        eq([x["reason"] for x in rows], ["unknown_command", "invalid_envelope"], "listed oldest first")
+        r = run_bin("conveyor-admin", *admin, "dead", "list")
+        check("unknown_command" in r.stdout and "invalid_envelope" in r.stdout, "table output")
+        r = run_bin("conveyor-admin", *admin, "dead", "purge", "users", "#2")
+        eq(r.returncode, 0, "purge #2")
+        r = run_bin("conveyor-admin", *admin, "--json", "dead", "list", "users")
+        eq([json.loads(x)["commandId"] for x in r.stdout.splitlines()], [keep["id"]], "the other one kept")
+        r = run_bin("conveyor-admin", *admin, "dead", "purge", "users", "--all")
+        check("purged 1" in r.stdout, r.stdout)
+        r = run_bin("conveyor-admin", *admin, "dead", "show", "users", "#1")
+        eq(r.returncode, 1, "nothing left")
+        r = run_bin("conveyor-admin", *admin, "dead", "show", "nosuchqueue", "#1")
+        eq(r.returncode, 2, "unknown queue")
+        check("nosuchqueue" in r.stderr, "named")
+        pub.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_poison_message_is_dead_lettered_after_max_attempts():
+    """A command that kills its worker every time is dead-lettered, not redelivered forever."""
+    drain_dead("catalog")
+    with chaos_trigger(), Pool(queue_opts="max_attempts = 3;", expect_restarts=True) as pool:
+        pub = Publisher()
+        pid = product("slow")
+        cmd = envelope("updateStock", {"productId": pid, "quantityChange": -1})
+        pub.command(cmd)
+        kills = [kill_sleeping_worker() for _ in range(3)]
+        dead = wait_dead("catalog", timeout=30)
+        eq(len(dead), 1, f"dead-lettered after {len(kills)} kills")
+        eq((dead[0]["reason"], dead[0]["attempts"]), ("retries_exhausted", 3), "reason and attempts")
+        eq(json.loads(dead[0]["body"]), cmd, "body untouched")
+        eq(stock(pid), 10, "never applied")
+        print(f"killed workers {kills}; dead-lettered after 3 attempts")
+        pub.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_killed_worker_command_applied_once():
+    with chaos_trigger(), Pool(expect_restarts=True) as pool:
+        pub, ev = Publisher(), Events()
+        pid = product("slowonce")
+        cmd = envelope("updateStock", {"productId": pid, "quantityChange": -4})
+        pub.command(cmd)
+        kill_sleeping_worker()
+        res = ev.wait_result(cmd["id"], timeout=30)
+        ev.poll(1.0)
+        eq([e["type"] for e in ev.for_command(cmd["id"])], ["stock.updated"], "one result event")
+        eq(res[0]["data"]["previousStock"], 10, "applied on a clean row")
+        eq(stock(pid), 6, "applied once")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_lost_consumer_work_comes_back():
+    """Redis: an in-flight list whose worker has no heartbeat is returned by the
+    reaper. RabbitMQ: a consumer that vanishes with an unacked message gets it
+    redelivered by the broker."""
+    with Pool(extra="redis: { heartbeat_interval = 1; heartbeat_ttl = 2; };") as pool:
+        ev = Events()
+        cmd = envelope("createProduct", {"name": "orphan", "price": 1})
+        body = json.dumps(cmd).encode()
+        if TRANSPORT == "redis":
+            r = redislib.Redis.from_url(REDIS_URL)
+            r.lpush("conveyor:inflight:catalog:ghost-host-1-catalog-0", body)  # a worker that died with it
+        else:
+            import pika
+            from harness import AMQP_URL
+            conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+            ch = conn.channel()
+            ch.basic_publish("", "conveyor.catalog", body, pika.BasicProperties(delivery_mode=2))
+            conn.close()
+        res = ev.wait_result(cmd["id"], timeout=20)
+        eq(res[0]["type"], "product.created", "the orphaned command is processed")
+        if TRANSPORT == "redis":
+            check("ghost-host-1-catalog-0 is gone" in pool.read_log(), "the reaper says what it returned")
+            eq(redislib.Redis.from_url(REDIS_URL).exists("conveyor:inflight:catalog:ghost-host-1-catalog-0"), 0,
+               "in-flight list emptied")
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_max_jobs_recycles_without_loss():
+    with Pool(extra="supervisor: { max_jobs = 5; };") as pool:
+        pub, ev = Publisher(), Events()
+        pid = product("plain", stock=100)
+        cmds = [envelope("updateStock", {"productId": pid, "quantityChange": -1}) for _ in range(23)]
+        for c in cmds:
+            pub.command(c)
+        ids = {c["id"] for c in cmds}
+        ev.wait(lambda s: len({e["commandId"] for e in s.events if e["commandId"] in ids}) == 23, 30, "23 results")
+        eq(stock(pid), 77, "each applied once")
+        check(pool.read_log().count("recycled") >= 4, "the worker was recycled every 5 commands")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")

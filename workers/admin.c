@@ -1,0 +1,292 @@
+/* admin.c - conveyor-admin: see, retry and purge dead letters, on both transports. */
+#include "workers.h"
+
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
+
+static const char usage[] =
+    "usage: conveyor-admin [-c FILE] [--json] dead counts\n"
+    "       conveyor-admin [-c FILE] [--json] dead list [QUEUE]\n"
+    "       conveyor-admin [-c FILE] dead show QUEUE SELECTOR\n"
+    "       conveyor-admin [-c FILE] dead retry QUEUE SELECTOR|--all\n"
+    "       conveyor-admin [-c FILE] dead purge QUEUE SELECTOR|--all\n"
+    "\n"
+    "Dead letters of every queue in FILE (RabbitMQ conveyor.<queue>.dead, Redis\n"
+    "conveyor:dead:<queue>). SELECTOR is a command id, or #N for the N-th dead letter\n"
+    "of the queue as 'dead list' numbers them (oldest first). 'retry' publishes the\n"
+    "original message again, untouched, to the queue it came from, with a fresh\n"
+    "attempt count; 'purge' deletes.\n"
+    "\n"
+    "  -c, --config FILE  configuration (default ./queues.conf)\n"
+    "      --json         one JSON object per line\n"
+    "  -h, --help         this help\n"
+    "\n"
+    "Exit status: 0 done, 1 nothing matched the selector, 2 usage or configuration\n"
+    "error, 3 a broker or the database could not be reached.\n";
+
+struct selector {
+    const char *id;        /* a command id, or NULL */
+    int index;             /* #N, or 0 */
+    bool all;
+    PGconn *reset_db;      /* retry: reset the attempt count of each chosen command here, first */
+    int failed;            /* chosen, but the reset failed: left in the dead letters */
+};
+
+/* The command id of a dead letter: the body's "id", else the AMQP message_id; "" if none. */
+static void command_id_of(const struct dead_letter *d, char out[ID_LEN + 1]) {
+    out[0] = '\0';
+    cJSON *o = cJSON_ParseWithLength(d->body, d->len);
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
+    if (!(cJSON_IsString(id) && id_parse(id->valuestring, out)) && d->message_id) id_parse(d->message_id, out);
+    cJSON_Delete(o);
+}
+
+static char *type_of(const struct dead_letter *d) {
+    cJSON *o = cJSON_ParseWithLength(d->body, d->len);
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+    char *s = cJSON_IsString(t) ? strdup(t->valuestring) : strdup("-");
+    cJSON_Delete(o);
+    return s;
+}
+
+static bool choose(const struct dead_letter *d, int index, void *arg) {
+    struct selector *s = arg;
+    char id[ID_LEN + 1];
+    command_id_of(d, id);
+    bool yes = s->all || (s->index && s->index == index) || (s->id && strcmp(s->id, id) == 0);
+    if (yes && s->reset_db && id[0]) {
+        /* before the message is back on its queue, or a worker could count on the old attempts */
+        const char *p[1] = {id};
+        if (db_exec(s->reset_db, "DELETE FROM command_attempts WHERE id = $1", 1, p, NULL, NULL) < 0) {
+            fprintf(stderr, "conveyor-admin: %s left dead: cannot reset its attempt count: %s\n", id, db_last_error());
+            s->failed++;
+            return false;
+        }
+    }
+    return yes;
+}
+
+static long age_seconds(const char *failed_at) {
+    struct tm tm;
+    memset(&tm, 0, sizeof tm);
+    if (!failed_at || !strptime(failed_at, "%Y-%m-%dT%H:%M:%S", &tm)) return -1;
+    return (long)(time(NULL) - timegm(&tm));
+}
+
+static void print_age(long s, char *out, size_t n) {
+    if (s < 0) snprintf(out, n, "?");
+    else if (s < 120) snprintf(out, n, "%lds", s);
+    else if (s < 7200) snprintf(out, n, "%ldm", s / 60);
+    else if (s < 172800) snprintf(out, n, "%ldh", s / 3600);
+    else snprintf(out, n, "%ldd", s / 86400);
+}
+
+static cJSON *dead_json(const struct cfg_queue *q, const struct dead_letter *d, int index, bool body) {
+    char id[ID_LEN + 1];
+    command_id_of(d, id);
+    char *type = type_of(d);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "queue", q->name);
+    cJSON_AddNumberToObject(o, "index", index);
+    if (id[0]) cJSON_AddStringToObject(o, "commandId", id);
+    else cJSON_AddNullToObject(o, "commandId");
+    cJSON_AddStringToObject(o, "type", type);
+    cJSON_AddStringToObject(o, "reason", d->reason ? d->reason : "");
+    cJSON_AddStringToObject(o, "error", d->error ? d->error : "");
+    cJSON_AddNumberToObject(o, "attempts", d->attempts);
+    cJSON_AddStringToObject(o, "failedAt", d->failed_at ? d->failed_at : "");
+    cJSON_AddNumberToObject(o, "ageSeconds", (double)age_seconds(d->failed_at));
+    if (body) {
+        if (utf8_valid(d->body, d->len) && !memchr(d->body, '\0', d->len)) cJSON_AddStringToObject(o, "message", d->body);
+        else cJSON_AddStringToObject(o, "message", "(not UTF-8: use the broker's own tools to read the bytes)");
+    }
+    free(type);
+    return o;
+}
+
+static void print_json(cJSON *o, bool pretty) {
+    char *s = pretty ? cJSON_Print(o) : cJSON_PrintUnformatted(o);
+    puts(s);
+    free(s);
+    cJSON_Delete(o);
+}
+
+/* The broker of queue q's transport, opened once per transport. */
+static struct broker *brokers[2];
+static struct broker *broker_of(const struct cfg *cfg, const struct cfg_queue *q) {
+    char err[512];
+    if (!brokers[q->transport] && !(brokers[q->transport] = broker_open(cfg, q->transport, err, sizeof err))) {
+        fprintf(stderr, "conveyor-admin: %s\n", err);
+        exit(EXIT_UNREACHABLE);
+    }
+    return brokers[q->transport];
+}
+
+static int read_queue(const struct cfg *cfg, const struct cfg_queue *q, struct dead_letter **d, int *n) {
+    struct broker *b = broker_of(cfg, q);
+    if (broker_dead_read(b, q, d, n) < 0) {
+        fprintf(stderr, "conveyor-admin: cannot read the dead letters of %s: %s\n", q->name, broker_error(b));
+        return EXIT_UNREACHABLE;
+    }
+    return 0;
+}
+
+static int cmd_counts(const struct cfg *cfg, bool json) {
+    if (!json) printf("%-16s %-10s %-20s %s\n", "QUEUE", "TRANSPORT", "REASON", "COUNT");
+    for (int i = 0; i < cfg->nqueues; i++) {
+        const struct cfg_queue *q = &cfg->queues[i];
+        struct dead_letter *d;
+        int n, rc = read_queue(cfg, q, &d, &n);
+        if (rc) return rc;
+        cJSON *counts = cJSON_CreateObject();
+        for (int j = 0; j < n; j++) {
+            const char *r = d[j].reason ? d[j].reason : "?";
+            cJSON *c = cJSON_GetObjectItemCaseSensitive(counts, r);
+            if (c) cJSON_SetNumberValue(c, c->valuedouble + 1);
+            else cJSON_AddNumberToObject(counts, r, 1);
+        }
+        if (json) {
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "queue", q->name);
+            cJSON_AddStringToObject(o, "transport", transport_name(q->transport));
+            cJSON_AddNumberToObject(o, "total", n);
+            cJSON_AddItemToObject(o, "byReason", counts);
+            print_json(o, false);
+        } else {
+            if (n == 0) printf("%-16s %-10s %-20s %d\n", q->name, transport_name(q->transport), "-", 0);
+            for (cJSON *c = counts->child; c; c = c->next)
+                printf("%-16s %-10s %-20s %d\n", q->name, transport_name(q->transport), c->string, (int)c->valuedouble);
+            cJSON_Delete(counts);
+        }
+        dead_letters_free(d, n);
+    }
+    return 0;
+}
+
+static int cmd_list(const struct cfg *cfg, const char *queue, bool json) {
+    if (!json) printf("%-10s %4s %-36s %-14s %-18s %4s %5s  %s\n", "QUEUE", "#", "COMMAND ID", "TYPE", "REASON", "TRY", "AGE",
+                      "ERROR");
+    for (int i = 0; i < cfg->nqueues; i++) {
+        const struct cfg_queue *q = &cfg->queues[i];
+        if (queue && strcmp(queue, q->name) != 0) continue;
+        struct dead_letter *d;
+        int n, rc = read_queue(cfg, q, &d, &n);
+        if (rc) return rc;
+        for (int j = 0; j < n; j++) {
+            cJSON *o = dead_json(q, &d[j], j + 1, false);
+            if (json) {
+                print_json(o, false);
+                continue;
+            }
+            char age[16];
+            print_age(age_seconds(d[j].failed_at), age, sizeof age);
+            const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "commandId");
+            printf("%-10s %4d %-36s %-14.14s %-18s %4d %5s  %.80s\n", q->name, j + 1,
+                   cJSON_IsString(id) ? id->valuestring : "-", cJSON_GetObjectItem(o, "type")->valuestring,
+                   d[j].reason ? d[j].reason : "?", d[j].attempts, age, d[j].error ? d[j].error : "");
+            cJSON_Delete(o);
+        }
+        dead_letters_free(d, n);
+    }
+    return 0;
+}
+
+static int parse_selector(const char *arg, struct selector *s) {
+    memset(s, 0, sizeof *s);
+    static char id[ID_LEN + 1];
+    if (strcmp(arg, "--all") == 0) s->all = true;
+    else if (arg[0] == '#' && atoi(arg + 1) > 0) s->index = atoi(arg + 1);
+    else if (id_parse(arg, id)) s->id = id;
+    else {
+        fprintf(stderr, "conveyor-admin: '%s' is not a command id, #N or --all\n", arg);
+        return -1;
+    }
+    return 0;
+}
+
+static int cmd_show(const struct cfg *cfg, const struct cfg_queue *q, struct selector *s) {
+    struct dead_letter *d;
+    int n, rc = read_queue(cfg, q, &d, &n), found = 0;
+    if (rc) return rc;
+    for (int j = 0; j < n; j++)
+        if (choose(&d[j], j + 1, s)) {
+            print_json(dead_json(q, &d[j], j + 1, true), true);
+            found++;
+        }
+    dead_letters_free(d, n);
+    if (!found) fprintf(stderr, "conveyor-admin: no such dead letter in %s\n", q->name);
+    return found ? 0 : EXIT_NONE;
+}
+
+static int cmd_take(const struct cfg *cfg, const struct cfg_queue *q, struct selector *s, bool retry) {
+    struct broker *b = broker_of(cfg, q);
+    char err[512];
+    if (retry && !(s->reset_db = db_connect(cfg->database_url, err, sizeof err))) {
+        fprintf(stderr, "conveyor-admin: retrying needs the database (attempt counts): %s\n", err);
+        return EXIT_UNREACHABLE;
+    }
+    int count = 0;
+    int rc = broker_dead_take(b, q, choose, s, retry, &count);
+    if (rc < 0) fprintf(stderr, "conveyor-admin: %s stopped: %s\n", retry ? "retry" : "purge", broker_error(b));
+    PQfinish(s->reset_db);
+    printf("%s %d dead letter%s of %s\n", retry ? "requeued" : "purged", count, count == 1 ? "" : "s", q->name);
+    if (rc < 0 || s->failed) return EXIT_UNREACHABLE;
+    return count ? 0 : EXIT_NONE;
+}
+
+int main(int argc, char **argv) {
+    const char *path = "queues.conf";
+    bool json = false;
+    static const struct option opts[] = {{"config", required_argument, 0, 'c'}, {"json", no_argument, 0, 'j'},
+                                         {"help", no_argument, 0, 'h'},         {0, 0, 0, 0}};
+    int o;
+    while ((o = getopt_long(argc, argv, "+c:h", opts, NULL)) != -1) {
+        switch (o) {
+        case 'c': path = optarg; break;
+        case 'j': json = true; break;
+        case 'h': fputs(usage, stdout); return 0;
+        default: fputs(usage, stderr); return EXIT_USAGE;
+        }
+    }
+    char **a = argv + optind;
+    int n = argc - optind;
+    if (n < 2 || strcmp(a[0], "dead") != 0) {
+        fputs(usage, stderr);
+        return EXIT_USAGE;
+    }
+    log_init("admin");
+    struct cfg cfg;
+    char err[1024];
+    if (cfg_load(path, &cfg, err, sizeof err) < 0) {
+        fprintf(stderr, "conveyor-admin: %s\n", err);
+        return EXIT_USAGE;
+    }
+    int rc = EXIT_USAGE;
+    const char *verb = a[1];
+    const struct cfg_queue *q = n >= 3 ? cfg_queue_named(&cfg, a[2]) : NULL;
+    struct selector s;
+    if (strcmp(verb, "counts") == 0 && n == 2) {
+        rc = cmd_counts(&cfg, json);
+    } else if (strcmp(verb, "list") == 0 && n <= 3) {
+        if (n == 3 && !q) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], path);
+        else rc = cmd_list(&cfg, n == 3 ? a[2] : NULL, json);
+    } else if ((strcmp(verb, "show") == 0 || strcmp(verb, "retry") == 0 || strcmp(verb, "purge") == 0) && n == 4) {
+        if (!q) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], path);
+        else if (parse_selector(a[3], &s) == 0) {
+            if (strcmp(verb, "show") == 0) rc = s.all ? (fprintf(stderr, "conveyor-admin: show takes one\n"), EXIT_USAGE)
+                                                      : cmd_show(&cfg, q, &s);
+            else rc = cmd_take(&cfg, q, &s, strcmp(verb, "retry") == 0);
+        }
+    } else {
+        fputs(usage, stderr);
+    }
+    broker_close(brokers[0]);
+    broker_close(brokers[1]);
+    cfg_free(&cfg);
+    return rc;
+}
