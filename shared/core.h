@@ -114,6 +114,12 @@ size_t utf8_chars(const char *s);                  /* code points in a valid str
 /* From now on SIGTERM and SIGINT set *flag to 1 (no SA_RESTART needed: loops poll it). */
 void signals_stop_sets(volatile int *flag);
 
+/* ---- json_check.c ----------------------------------------------------------------- */
+#define JSON_MAX_DEPTH 512
+/* True when text is exactly one JSON value (RFC 8259, strictly), nested at most
+ * max_depth deep; otherwise false with a static reason in *why. */
+bool json_check(const char *text, size_t len, int max_depth, const char **why);
+
 /* ---- backoff.c ------------------------------------------------------------------ */
 /* Capped exponential backoff with full jitter: delay for attempt n (0-based). */
 int backoff_ms(int attempt, int base_ms, int cap_ms);

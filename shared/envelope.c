@@ -34,15 +34,13 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
     }
     if (!utf8_valid(body, len)) return dead(err, errlen, "%s", "message is not valid UTF-8");
     if (memchr(body, '\0', len)) return dead(err, errlen, "%s", "message contains a NUL byte");
-    const char *end = NULL;
-    e->root = cJSON_ParseWithLengthOpts(body, len, &end, 0);
-    if (!e->root) return dead(err, errlen, "%s", "message is not valid JSON (or nests too deeply)");
-    for (const char *p = end; p < body + len; p++) {
-        if (*p != ' ' && *p != '\t' && *p != '\r' && *p != '\n') {
-            envelope_free(e);
-            return dead(err, errlen, "%s", "message has bytes after the JSON object");
-        }
+    const char *why = NULL;
+    if (!json_check(body, len, JSON_MAX_DEPTH, &why)) {
+        snprintf(err, errlen, "message is not valid JSON: %s", why);
+        return CV_EDEAD;
     }
+    e->root = cJSON_ParseWithLength(body, len);
+    if (!e->root) return dead(err, errlen, "%s", "message is not valid JSON");
     if (!cJSON_IsObject(e->root)) {
         envelope_free(e);
         return dead(err, errlen, "%s", "message is not a JSON object");

@@ -16,8 +16,8 @@ int handle_create_product(struct cmd_ctx *ctx) {
     v_string(&v, p, "category", false, true, 0, 100, &category);
     if (v_uuid(&v, p, "productId", false, product_id) == 0) id_new(product_id);
     int rc;
-    if (verr_any(&v)) {
-        rc = ctx_reject_invalid(ctx, &v);
+    if (verr_any(&v) || ctx->validate_only) {
+        rc = verr_any(&v) ? ctx_reject_invalid(ctx, &v) : 0;
         goto out;
     }
     char stock_s[24];

@@ -15,8 +15,8 @@ int handle_register(struct cmd_ctx *ctx) {
     v_password(&v, p, "password", true, &password);
     if (v_uuid(&v, p, "userId", false, user_id) == 0) id_new(user_id);
     int rc;
-    if (verr_any(&v)) {
-        rc = ctx_reject_invalid(ctx, &v);
+    if (verr_any(&v) || ctx->validate_only) {
+        rc = verr_any(&v) ? ctx_reject_invalid(ctx, &v) : 0;
         goto out;
     }
 

@@ -16,6 +16,7 @@ int handle_update_stock(struct cmd_ctx *ctx) {
     if (v_int(&v, p, "quantityChange", true, -1000000000LL, 1000000000LL, &q) > 0 && q == 0)
         verr_add(&v, "quantityChange", "must not be 0");
     if (verr_any(&v)) return ctx_reject_invalid(ctx, &v);
+    if (ctx->validate_only) return 0;
 
     const char *params[2] = {product_id, NULL};
     PGresult *r;

@@ -49,6 +49,7 @@ struct cmd_ctx {
     const struct cfg *cfg;
     const struct envelope *cmd;
     cJSON *events;         /* array of event envelopes to write to the outbox; owned */
+    bool validate_only;    /* return 0 once the payload passed validation (tests, fuzzing) */
     struct rejection rej;
 };
 

@@ -77,6 +77,10 @@ TEST(not_exactly_one_json_object_is_dead) {
     dead("[1,2]", "not a JSON object");
     dead("\"str\"", "not a JSON object");
     dead("{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{}} {}", "bytes after");
+    dead("{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{\"a\":01}}", "leading zero");
+    dead("{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{\"a\":1.}}", "invalid number");
+    dead("{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{\"a\":\"x\ty\"}}", "control character");
+    dead("{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{\"a\":\"\\ud800\"}}", "surrogate");
     dead("{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{}}x", "bytes after");
 }
 
