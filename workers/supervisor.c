@@ -13,7 +13,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define STABLE_MS 10000 /* a child that lived this long was not crash-looping */
+#define STABLE_MS 5000 /* a child that lived this long was not crash-looping */
+#define RESTART_BASE_MS 250 /* backoff of a crash-looping child: 250 ms, doubling ... */
+#define RESTART_CAP_MS 10000 /* ... up to 10 s */
 
 enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER };
 static const char *kind_name[] = {"worker", "relay", "reaper"};
@@ -125,7 +127,7 @@ int supervisor_run(const struct cfg *cfg) {
                     break;
                 }
                 c->crashes = now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
-                int delay = c->crashes ? backoff_ms(c->crashes - 1, 500, 30000) : 0;
+                int delay = c->crashes ? backoff_ms(c->crashes - 1, RESTART_BASE_MS, RESTART_CAP_MS) : 0;
                 c->restart_at_ms = now + delay;
                 if (WIFSIGNALED(status))
                     log_error("%s %s died of signal %d; restarting in %d ms", kind_name[c->kind],
