@@ -20,7 +20,8 @@ static const char usage[] =
     "\n"
     "Environment: CONVEYOR_DATABASE_URL, CONVEYOR_RABBITMQ_URL, CONVEYOR_REDIS_URL,\n"
     "CONVEYOR_TRANSPORT (rabbitmq|redis), CONVEYOR_EVENTS_TRANSPORT, CONVEYOR_LOG_LEVEL.\n"
-    "SIGTERM or SIGINT drains the pool and exits 0.\n"
+    "SIGTERM or SIGINT drains the pool and exits 0; SIGHUP reloads FILE and replaces\n"
+    "the workers one by one.\n"
     "\n"
     "Exit status: 0 stopped cleanly, 2 usage or configuration error,\n"
     "3 the database schema could not be migrated.\n";

@@ -1,6 +1,12 @@
-/* supervisor.c - forks the pool (the workers of every queue and one relay),
- * restarts a child that dies (backing off when it crash-loops), and on
- * SIGTERM / SIGINT stops the children, waits for them, and exits 0.
+/* supervisor.c - forks the pool (the workers of every queue, one relay, and a
+ * reaper when a queue is on Redis), restarts a child that dies (backing off
+ * when it crash-loops), reloads queues.conf on SIGHUP, and on SIGTERM / SIGINT
+ * stops the children, waits for them, and exits 0.
+ *
+ * Reload: the new configuration is checked first (a bad file changes nothing);
+ * then a new generation of children starts, and the old children are asked to
+ * drain and exit one at a time. Old and new have different worker ids, so no
+ * message in flight is taken from a worker that is still finishing it.
  */
 #include "workers.h"
 
@@ -13,9 +19,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define STABLE_MS 5000 /* a child that lived this long was not crash-looping */
-#define RESTART_BASE_MS 250 /* backoff of a crash-looping child: 250 ms, doubling ... */
-#define RESTART_CAP_MS 10000 /* ... up to 10 s */
+#define STABLE_MS 5000        /* a child that lived this long was not crash-looping */
+#define RESTART_BASE_MS 250   /* backoff of a crash-looping child: 250 ms, doubling ... */
+#define RESTART_CAP_MS 10000  /* ... up to 10 s */
 
 enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER };
 static const char *kind_name[] = {"worker", "relay", "reaper"};
@@ -27,6 +33,16 @@ struct child {
     char worker_id[160];
     int64_t started_ms, restart_at_ms;
     int crashes;                   /* consecutive quick deaths */
+};
+
+struct pool {
+    struct cfg *cfg;
+    struct child *kids;
+    int nkids, generation;
+    pid_t *retiring;               /* children of older generations, stopped one at a time */
+    int nretiring;
+    pid_t retiring_now;            /* the one asked to stop, or 0 */
+    sigset_t mask;
 };
 
 /* In the child: default signal mask, SIGTERM/SIGINT request a drain, and the
@@ -44,19 +60,21 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     exit(rc); /* exit, not _exit: flushes stdio, and LeakSanitizer checks the child */
 }
 
-static void spawn(const struct cfg *cfg, struct child *c, const sigset_t *mask) {
+static void spawn(struct pool *p, struct child *c) {
     pid_t pid = fork();
     if (pid < 0) {
         log_error("fork failed: %s", strerror(errno));
         c->restart_at_ms = clock_mono_ms() + 1000;
         return;
     }
-    if (pid == 0) child_main(cfg, c, mask);
+    if (pid == 0) child_main(p->cfg, c, &p->mask);
     c->pid = pid;
     c->started_ms = clock_mono_ms();
 }
 
-int supervisor_run(const struct cfg *cfg) {
+/* The children p->cfg asks for, started. */
+static void start_generation(struct pool *p) {
+    const struct cfg *cfg = p->cfg;
     bool redis_queues = false;
     int n = 1;
     for (int i = 0; i < cfg->nqueues; i++) {
@@ -64,94 +82,155 @@ int supervisor_run(const struct cfg *cfg) {
         redis_queues |= cfg->queues[i].transport == TRANSPORT_REDIS;
     }
     n += redis_queues;
-    struct child *kids = calloc((size_t)n, sizeof *kids);
+    p->kids = calloc((size_t)n, sizeof *p->kids);
+    p->nkids = n;
+    p->generation++;
     char host[64];
     gethostname(host, sizeof host);
     host[sizeof host - 1] = '\0';
     int k = 0;
     for (int i = 0; i < cfg->nqueues; i++)
         for (int j = 0; j < cfg->queues[i].workers; j++, k++) {
-            kids[k].queue = &cfg->queues[i];
-            /* stable across restarts, so a restarted worker finds what its predecessor left in flight */
-            snprintf(kids[k].worker_id, sizeof kids[k].worker_id, "%s-%d-%s-%d", host, (int)getpid(),
+            p->kids[k].queue = &cfg->queues[i];
+            /* stable across restarts, so a restarted worker finds what its predecessor left in
+             * flight; a new generation (reload) gets new ids */
+            char gen[16] = "";
+            if (p->generation > 1) snprintf(gen, sizeof gen, ".%d", p->generation);
+            snprintf(p->kids[k].worker_id, sizeof p->kids[k].worker_id, "%s-%d%s-%s-%d", host, (int)getpid(), gen,
                      cfg->queues[i].name, j);
         }
-    kids[k].kind = CHILD_RELAY;
-    snprintf(kids[k++].worker_id, sizeof kids[0].worker_id, "relay");
+    p->kids[k].kind = CHILD_RELAY;
+    snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "relay");
     if (redis_queues) {
-        kids[k].kind = CHILD_REAPER;
-        snprintf(kids[k++].worker_id, sizeof kids[0].worker_id, "reaper");
+        p->kids[k].kind = CHILD_REAPER;
+        snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "reaper");
     }
-
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGCHLD);
-    sigaddset(&mask, SIGTERM);
-    sigaddset(&mask, SIGINT);
-    sigaddset(&mask, SIGHUP);
-    sigprocmask(SIG_BLOCK, &mask, NULL);
-
-    for (int i = 0; i < n; i++) spawn(cfg, &kids[i], &mask);
+    for (int i = 0; i < n; i++) spawn(p, &p->kids[i]);
     log_info("pool started: %d workers, a relay%s", n - 1 - redis_queues, redis_queues ? " and a reaper" : "");
+}
+
+/* SIGHUP: a checked new configuration, a new generation, the old one retired. */
+static void reload(struct pool *p) {
+    struct cfg next;
+    char err[1024];
+    if (cfg_load(p->cfg->path, &next, err, sizeof err) < 0) {
+        log_error("SIGHUP: %s; keeping the running configuration", err);
+        return;
+    }
+    if (cfg_uses(&next, TRANSPORT_RABBITMQ)) {
+        struct broker *b = broker_open(&next, TRANSPORT_RABBITMQ, err, sizeof err);
+        int rc = b ? broker_declare(b) : CV_ERETRY;
+        if (b && rc < 0) snprintf(err, sizeof err, "%s", broker_error(b));
+        broker_close(b);
+        if (rc < 0) {
+            log_error("SIGHUP: cannot declare the new RabbitMQ topology (%s); keeping the running configuration", err);
+            cfg_free(&next);
+            return;
+        }
+    }
+    log_info("SIGHUP: %s reloaded; replacing the pool's children one by one", p->cfg->path);
+    p->retiring = realloc(p->retiring, (size_t)(p->nretiring + p->nkids) * sizeof *p->retiring);
+    for (int i = 0; i < p->nkids; i++)
+        if (p->kids[i].pid) p->retiring[p->nretiring++] = p->kids[i].pid;
+    free(p->kids);
+    cfg_free(p->cfg);
+    *p->cfg = next;
+    start_generation(p);
+}
+
+/* Asks the next retiring child to drain, once the previous one is gone. */
+static void retire_next(struct pool *p) {
+    if (p->retiring_now || p->nretiring == 0) return;
+    p->retiring_now = p->retiring[--p->nretiring];
+    kill(p->retiring_now, SIGTERM);
+}
+
+/* Handles the exit of pid. */
+static void reaped(struct pool *p, pid_t pid, int status, bool stopping) {
+    if (pid == p->retiring_now) {
+        p->retiring_now = 0;
+        return;
+    }
+    for (int i = 0; i < p->nretiring; i++)
+        if (p->retiring[i] == pid) {
+            p->retiring[i] = p->retiring[--p->nretiring];
+            return;
+        }
+    for (int i = 0; i < p->nkids; i++) {
+        struct child *c = &p->kids[i];
+        if (c->pid != pid) continue;
+        c->pid = 0;
+        if (stopping) return;
+        int64_t now = clock_mono_ms();
+        if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+            /* a worker recycling itself (max_jobs, max_rss_mb): replace it at once */
+            log_info("%s %s recycled; starting a fresh one", kind_name[c->kind], c->worker_id);
+            c->crashes = 0;
+            c->restart_at_ms = now;
+            return;
+        }
+        c->crashes = now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
+        int delay = c->crashes ? backoff_ms(c->crashes - 1, RESTART_BASE_MS, RESTART_CAP_MS) : 0;
+        c->restart_at_ms = now + delay;
+        if (WIFSIGNALED(status))
+            log_error("%s %s died of signal %d; restarting in %d ms%s", kind_name[c->kind], c->worker_id,
+                      WTERMSIG(status), delay, c->crashes > 3 ? " (crash loop)" : "");
+        else
+            log_error("%s %s exited with status %d; restarting in %d ms%s", kind_name[c->kind], c->worker_id,
+                      WEXITSTATUS(status), delay, c->crashes > 3 ? " (crash loop)" : "");
+        return;
+    }
+}
+
+int supervisor_run(struct cfg *cfg) {
+    struct pool p = {.cfg = cfg};
+    sigemptyset(&p.mask);
+    sigaddset(&p.mask, SIGCHLD);
+    sigaddset(&p.mask, SIGTERM);
+    sigaddset(&p.mask, SIGINT);
+    sigaddset(&p.mask, SIGHUP);
+    sigprocmask(SIG_BLOCK, &p.mask, NULL);
+    start_generation(&p);
 
     bool stopping = false;
     int64_t deadline = 0;
     for (;;) {
         struct timespec tick = {0, 200 * 1000000L};
         siginfo_t si;
-        int sig = sigtimedwait(&mask, &si, &tick);
+        int sig = sigtimedwait(&p.mask, &si, &tick);
         if ((sig == SIGTERM || sig == SIGINT) && !stopping) {
             stopping = true;
-            deadline = clock_mono_ms() + cfg->shutdown_timeout_s * 1000L;
+            deadline = clock_mono_ms() + p.cfg->shutdown_timeout_s * 1000L;
             log_info("%s: draining the pool (up to %d s)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
-                     cfg->shutdown_timeout_s);
-            for (int i = 0; i < n; i++)
-                if (kids[i].pid) kill(kids[i].pid, SIGTERM);
-        } else if (sig == SIGHUP) {
-            log_warn("SIGHUP: reloading queues.conf is not supported yet; restart the pool instead");
+                     p.cfg->shutdown_timeout_s);
+            for (int i = 0; i < p.nkids; i++)
+                if (p.kids[i].pid) kill(p.kids[i].pid, SIGTERM);
+            for (int i = 0; i < p.nretiring; i++) kill(p.retiring[i], SIGTERM);
+        } else if (sig == SIGHUP && !stopping) {
+            reload(&p);
         }
         pid_t pid;
         int status;
-        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-            for (int i = 0; i < n; i++) {
-                struct child *c = &kids[i];
-                if (c->pid != pid) continue;
-                c->pid = 0;
-                if (stopping) break;
-                int64_t now = clock_mono_ms();
-                if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-                    /* a worker recycling itself (max_jobs, max_rss_mb): replace it at once */
-                    log_info("%s %s recycled; starting a fresh one", kind_name[c->kind], c->worker_id);
-                    c->crashes = 0;
-                    c->restart_at_ms = now;
-                    break;
-                }
-                c->crashes = now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
-                int delay = c->crashes ? backoff_ms(c->crashes - 1, RESTART_BASE_MS, RESTART_CAP_MS) : 0;
-                c->restart_at_ms = now + delay;
-                if (WIFSIGNALED(status))
-                    log_error("%s %s died of signal %d; restarting in %d ms", kind_name[c->kind],
-                              c->worker_id, WTERMSIG(status), delay);
-                else
-                    log_error("%s %s exited with status %d; restarting in %d ms", kind_name[c->kind],
-                              c->worker_id, WEXITSTATUS(status), delay);
-                break;
-            }
-        }
-        int running = 0;
-        for (int i = 0; i < n; i++) {
-            if (!kids[i].pid && !stopping && clock_mono_ms() >= kids[i].restart_at_ms) spawn(cfg, &kids[i], &mask);
-            running += kids[i].pid != 0;
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) reaped(&p, pid, status, stopping);
+        if (!stopping) retire_next(&p);
+        int running = p.nretiring + (p.retiring_now != 0);
+        for (int i = 0; i < p.nkids; i++) {
+            struct child *c = &p.kids[i];
+            if (!c->pid && !stopping && clock_mono_ms() >= c->restart_at_ms) spawn(&p, c);
+            running += c->pid != 0;
         }
         if (stopping && running == 0) break;
         if (stopping && clock_mono_ms() > deadline) {
             log_warn("shutdown timeout: killing %d children (their messages return to the queue)", running);
-            for (int i = 0; i < n; i++)
-                if (kids[i].pid) kill(kids[i].pid, SIGKILL);
+            for (int i = 0; i < p.nkids; i++)
+                if (p.kids[i].pid) kill(p.kids[i].pid, SIGKILL);
+            for (int i = 0; i < p.nretiring; i++) kill(p.retiring[i], SIGKILL);
+            if (p.retiring_now) kill(p.retiring_now, SIGKILL);
             deadline = clock_mono_ms() + 60000;
         }
     }
-    free(kids);
+    free(p.kids);
+    free(p.retiring);
     log_info("pool stopped");
     return 0;
 }

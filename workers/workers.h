@@ -83,7 +83,8 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
 int relay_run(const struct cfg *cfg);
 /* Redis: moves due retries back and requeues the work of dead workers; returns the exit status. */
 int reaper_run(const struct cfg *cfg);
-/* Forks and watches the pool until SIGTERM / SIGINT; returns the exit status. */
-int supervisor_run(const struct cfg *cfg);
+/* Forks and watches the pool until SIGTERM / SIGINT; returns the exit status.
+ * SIGHUP reloads cfg->path into *cfg. */
+int supervisor_run(struct cfg *cfg);
 
 #endif

@@ -255,3 +255,41 @@ def test_max_jobs_recycles_without_loss():
         pub.close()
         ev.close()
         eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_sighup_reloads_without_loss():
+    with Pool() as pool:
+        pub, ev = Publisher(), Events()
+        pid = product("plain", stock=0)
+        cmds = []
+        for i in range(60):
+            c = envelope("updateStock", {"productId": pid, "quantityChange": 1})
+            pub.command(c)
+            cmds.append(c)
+            if i == 20:
+                with open(pool.config) as f:
+                    text = f.read()
+                with open(pool.config, "w") as f:
+                    f.write("this is not libconfig\n")
+                pool.proc.send_signal(signal.SIGHUP)  # a broken file changes nothing
+                time.sleep(0.5)
+                with open(pool.config, "w") as f:
+                    f.write(text.replace('name = "catalog"; commands = ["createProduct", "updateProduct", '
+                                         '"updateStock", "deleteProduct"]; workers = 1;',
+                                         'name = "catalog"; commands = ["createProduct", "updateProduct", '
+                                         '"updateStock", "deleteProduct"]; workers = 3;'))
+                pool.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.02)
+        ids = {c["id"] for c in cmds}
+        ev.wait(lambda s: ids <= {e["commandId"] for e in s.events}, 30, "60 results")
+        eq(stock(pid), 60, "every command applied once across the reload")
+        log = pool.read_log()
+        check("keeping the running configuration" in log, "the broken file was refused")
+        check("reloaded" in log, "the good file was loaded")
+        deadline = time.time() + 10
+        while time.time() < deadline and pool.read_log().count("consuming queue catalog") < 4:
+            time.sleep(0.1)
+        check(pool.read_log().count("consuming queue catalog") >= 4, "three new catalog workers")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
