@@ -293,3 +293,35 @@ def test_sighup_reloads_without_loss():
         pub.close()
         ev.close()
         eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_standby_relay_takes_over_and_prunes():
+    old_event = new_id()
+    query("INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload, published_at) "
+          "VALUES (%s, 'product', %s, 'test.old', '{}', now() - interval '2 days')", old_event, new_id())
+    a = Pool(extra="relay: { retention_seconds = 86400; };")
+    b = Pool(extra="relay: { retention_seconds = 86400; };")
+    try:
+        logs = a.read_log() + b.read_log()
+        eq(logs.count("relay active"), 1, "one relay active")
+        eq(logs.count("standing by"), 1, "the other stands by")
+        active, standby = (a, b) if "relay active" in a.read_log() else (b, a)
+        eq(query("SELECT count(*) FROM outbox WHERE event_id = %s", old_event)[0][0], 0,
+           "a row published longer ago than the retention is pruned")
+        ev, pub = Events(), Publisher()
+        t0 = time.time()
+        eq(active.stop(), (0, []), "the active pool stops cleanly")
+        cmd = envelope("createProduct", {"name": "after the takeover", "price": 1})
+        pub.command(cmd)
+        res = ev.wait_result(cmd["id"], timeout=15)
+        took = time.time() - t0
+        eq(res[0]["type"], "product.created", "events flow through the standby")
+        check("relay active" in standby.read_log(), "the standby took over")
+        print(f"standby relay published {took:.2f} s after the active pool stopped")
+        check(took < 5, f"takeover within a few seconds ({took:.2f} s)")
+        ev.close()
+        pub.close()
+    finally:
+        for p in (a, b):
+            if p.proc.poll() is None:
+                eq(p.stop(), (0, []), "clean stop")
