@@ -27,6 +27,14 @@ struct amqp_broker {
     int prefetch;
 };
 
+/* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL). */
+static char *copy_bytes(amqp_bytes_t b) {
+    char *s = malloc(b.len + 1);
+    if (b.len) memcpy(s, b.bytes, b.len);
+    s[b.len] = '\0';
+    return s;
+}
+
 static void drop(amqp_connection_state_t *c) {
     if (!*c) return;
     amqp_connection_close(*c, AMQP_REPLY_SUCCESS); /* best effort; ignores errors */
@@ -313,12 +321,10 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     amqp_envelope_t env;
     if ((rc = read_delivery(a, &env, timeout_ms)) <= 0) return rc;
     d->len = env.message.body.len;
-    d->body = malloc(d->len + 1);
-    memcpy(d->body, env.message.body.bytes, d->len);
-    d->body[d->len] = '\0';
+    d->body = copy_bytes(env.message.body);
     if (env.message.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) {
         amqp_bytes_t id = env.message.properties.message_id;
-        d->message_id = strndup(id.bytes, id.len);
+        d->message_id = copy_bytes(id);
     }
     d->tag = env.delivery_tag;
     d->redelivered = env.redelivered;
@@ -424,7 +430,7 @@ static char *header_str(amqp_table_t *h, const char *key) {
         amqp_table_entry_t *e = &h->entries[i];
         if (e->key.len == strlen(key) && memcmp(e->key.bytes, key, e->key.len) == 0 &&
             (e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES))
-            return strndup(e->value.value.bytes.bytes, e->value.value.bytes.len);
+            return copy_bytes(e->value.value.bytes);
     }
     return NULL;
 }
@@ -469,12 +475,10 @@ static int amqp_dead_walk(struct amqp_broker *a, const struct cfg_queue *q, dead
         struct dead_letter d;
         memset(&d, 0, sizeof d);
         d.len = msg.body.len;
-        d.body = malloc(d.len + 1);
-        memcpy(d.body, msg.body.bytes, d.len);
-        d.body[d.len] = '\0';
+        d.body = copy_bytes(msg.body);
         amqp_basic_properties_t *p = &msg.properties;
         amqp_table_t *h = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? &p->headers : NULL;
-        if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) d.message_id = strndup(p->message_id.bytes, p->message_id.len);
+        if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) d.message_id = copy_bytes(p->message_id);
         d.reason = header_str(h, "x-conveyor-reason");
         d.error = header_str(h, "x-conveyor-error");
         d.failed_at = header_str(h, "x-conveyor-failed-at");
@@ -565,7 +569,7 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
     amqp_envelope_t env;
     int rc = read_delivery(a, &env, timeout_ms);
     if (rc <= 0) return rc;
-    *json = strndup(env.message.body.bytes, env.message.body.len);
+    *json = copy_bytes(env.message.body);
     amqp_destroy_envelope(&env);
     return 1;
 }

@@ -208,15 +208,11 @@ static int redis_ack(struct broker *b, const struct delivery *d) {
     return 0;
 }
 
-/* Runs MULTI, the queued commands, EXEC: both effects or neither. */
-static int transaction(struct redis_broker *r, const char *what, int n, const char **fmts,
-                       const char **a1, const char **a2, const size_t *l2) {
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
-    redisAppendCommand(r->ctx, "MULTI");
-    for (int i = 0; i < n; i++) redisAppendCommand(r->ctx, fmts[i], a1[i], a2[i], l2[i]);
-    redisAppendCommand(r->ctx, "EXEC");
+/* Reads the replies of n pipelined commands. Returns 0, CV_EFATAL if Redis
+ * refused one, or CV_ERETRY when the connection broke (it is then dropped). */
+static int read_replies(struct redis_broker *r, int n, const char *what) {
     int rc = 0;
-    for (int i = 0; i < n + 2; i++) {
+    for (int i = 0; i < n; i++) {
         redisReply *rep = NULL;
         if (redisGetReply(r->ctx, (void **)&rep) != REDIS_OK) {
             broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
@@ -227,6 +223,16 @@ static int transaction(struct redis_broker *r, const char *what, int n, const ch
         freeReplyObject(rep);
     }
     return rc;
+}
+
+/* Runs MULTI, the queued commands, EXEC: both effects or neither. */
+static int transaction(struct redis_broker *r, const char *what, int n, const char **fmts,
+                       const char **a1, const char **a2, const size_t *l2) {
+    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    redisAppendCommand(r->ctx, "MULTI");
+    for (int i = 0; i < n; i++) redisAppendCommand(r->ctx, fmts[i], a1[i], a2[i], l2[i]);
+    redisAppendCommand(r->ctx, "EXEC");
+    return read_replies(r, n + 2, what);
 }
 
 static int redis_requeue(struct broker *b, const struct delivery *d) {
@@ -278,18 +284,7 @@ static int redis_retry(struct broker *b, const struct delivery *d, int delay_ms)
     redisAppendCommand(r->ctx, "ZADD %s %s %b", r->retry_key, due, d->body, d->len);
     redisAppendCommand(r->ctx, "LREM %s 1 %b", r->inflight_key, d->body, d->len);
     redisAppendCommand(r->ctx, "EXEC");
-    int rc = 0;
-    for (int i = 0; i < 4; i++) {
-        redisReply *rep = NULL;
-        if (redisGetReply(r->ctx, (void **)&rep) != REDIS_OK) {
-            broker_fail(b, CV_ERETRY, "redis retry: %s", r->ctx->errstr);
-            drop(r);
-            return CV_ERETRY;
-        }
-        if (rep->type == REDIS_REPLY_ERROR) rc = broker_fail(b, CV_EFATAL, "redis retry: %s", rep->str);
-        freeReplyObject(rep);
-    }
-    return rc;
+    return read_replies(r, 4, "retry");
 }
 
 /* Moves due retries (score <= now) back to the producer end of the queue. */
@@ -422,18 +417,7 @@ static int redis_publish_events(struct broker *b, const struct outgoing_event *e
     for (int i = 0; i < n; i++)
         redisAppendCommand(r->ctx, "XADD %s MAXLEN ~ %s * type %s event %s", r->events_key, maxlen,
                            ev[i].type, ev[i].json);
-    int rc = 0;
-    for (int i = 0; i < n; i++) {
-        redisReply *rep = NULL;
-        if (redisGetReply(r->ctx, (void **)&rep) != REDIS_OK) {
-            broker_fail(b, CV_ERETRY, "redis XADD: %s", r->ctx->errstr);
-            drop(r);
-            return CV_ERETRY;
-        }
-        if (rep->type == REDIS_REPLY_ERROR) rc = broker_fail(b, CV_EFATAL, "redis XADD: %s", rep->str);
-        freeReplyObject(rep);
-    }
-    return rc;
+    return read_replies(r, n, "XADD");
 }
 
 static int redis_subscribe(struct broker *b, const char *pattern) {

@@ -325,3 +325,19 @@ def test_standby_relay_takes_over_and_prunes():
         for p in (a, b):
             if p.proc.poll() is None:
                 eq(p.stop(), (0, []), "clean stop")
+
+
+def test_max_rss_recycles_without_loss():
+    with Pool(extra="supervisor: { max_rss_mb = 1; };") as pool:
+        pub, ev = Publisher(), Events()
+        pid = product("plain", stock=0)
+        cmds = [envelope("updateStock", {"productId": pid, "quantityChange": 1}) for _ in range(6)]
+        for c in cmds:
+            pub.command(c)
+        ids = {c["id"] for c in cmds}
+        ev.wait(lambda s: ids <= {e["commandId"] for e in s.events}, 30, "6 results")
+        eq(stock(pid), 6, "each applied once")
+        check("recycling at" in pool.read_log() and "(max_rss_mb 1)" in pool.read_log(), "recycled above max_rss_mb")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
