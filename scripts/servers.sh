@@ -23,7 +23,7 @@ PG_BIN=/usr/lib/postgresql/15/bin
 PACKAGES="build-essential cmake pkg-config git
   librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev
   postgresql redis-server redis-tools rabbitmq-server amqp-tools
-  python3-pika python3-redis python3-psycopg2 procps clang libclang-rt-14-dev"
+  python3-pika python3-redis python3-psycopg2 python3-jsonschema procps clang libclang-rt-14-dev"
 
 log() { printf 'servers: %s\n' "$*" >&2; }
 die() { printf 'servers: error: %s\n' "$*" >&2; exit 1; }
@@ -53,7 +53,7 @@ need_install() {
            /usr/bin/clang; do
     [ -e "$b" ] || return 0
   done
-  /usr/bin/python3 -c 'import pika, redis, psycopg2' 2>/dev/null || return 0
+  /usr/bin/python3 -c 'import pika, redis, psycopg2, jsonschema' 2>/dev/null || return 0
   return 1
 }
 

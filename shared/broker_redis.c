@@ -22,6 +22,7 @@ struct redis_broker {
     char password[256];
     char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], events_key[256];
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
+    bool recover;             /* return the in-flight list before the next BLMOVE */
     int64_t heartbeat_at;     /* monotonic ms of the last refresh */
     /* subscription */
     char *pattern;
@@ -56,6 +57,7 @@ static int parse_url(struct redis_broker *r, const char *url) {
 static void drop(struct redis_broker *r) {
     if (r->ctx) redisFree(r->ctx);
     r->ctx = NULL;
+    r->recover = r->inflight_key[0] != '\0'; /* a BLMOVE's reply may have been lost */
 }
 
 /* A reply, or NULL with the broker error set (the connection is dropped). */
@@ -153,16 +155,24 @@ static int redis_consume(struct broker *b, const struct cfg_queue *q, const char
     names_redis(b->cfg, "worker", NULL, base, sizeof base);
     snprintf(r->heartbeat_key, sizeof r->heartbeat_key, "%s:%s", base, worker_id);
     r->heartbeat_at = 0;
-    /* What an earlier process of this worker id left in flight goes back to the
-     * consuming end of the queue, oldest last so that it is taken first. */
+    r->recover = true;
+    return 0;
+}
+
+/* Returns to the consuming end of the queue, oldest last so that it is taken
+ * first, what this worker id has in flight: left by an earlier process of the
+ * id, or taken by a BLMOVE whose reply was lost with the connection. Only
+ * called between messages, when the worker holds none. */
+static int recover_inflight(struct redis_broker *r) {
     for (;;) {
         redisReply *rep = cmd(r, "LMOVE %s %s LEFT RIGHT", r->inflight_key, r->queue_key);
         if (!rep) return last_error(r);
         bool moved = rep->type == REDIS_REPLY_STRING;
         freeReplyObject(rep);
         if (!moved) break;
-        log_warn("returned an in-flight message of %s to %s", worker_id, r->queue_key);
+        log_warn("returned an in-flight message of %s to %s", r->inflight_key, r->queue_key);
     }
+    r->recover = false;
     return 0;
 }
 
@@ -182,6 +192,7 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     memset(d, 0, sizeof *d);
     int rc = heartbeat(r);
     if (rc < 0) return rc;
+    if (r->recover && (rc = recover_inflight(r)) < 0) return rc;
     /* never block past the next heartbeat */
     if (timeout_ms > b->cfg->heartbeat_interval_s * 500) timeout_ms = b->cfg->heartbeat_interval_s * 500;
     char tmo[32];

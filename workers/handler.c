@@ -4,14 +4,20 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sodium.h>
 
 static const struct {
     const char *type;
     handler_fn fn;
 } handlers[] = {
     {"register", handle_register},
+    {"changePassword", handle_change_password},
     {"createProduct", handle_create_product},
+    {"updateProduct", handle_update_product},
     {"updateStock", handle_update_stock},
+    {"deleteProduct", handle_delete_product},
+    {"placeOrder", handle_place_order},
+    {"cancelOrder", handle_cancel_order},
 };
 
 handler_fn handler_find(const char *type) {
@@ -38,6 +44,31 @@ int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *deta
     ctx->rej.fields = fields;
     ctx->rej.details = details;
     return CV_EREJECT;
+}
+
+void emit_stock_notifications(struct cmd_ctx *ctx, const char *product_id, long long prev, long long next) {
+    long long thr = ctx->cfg->stock_low_threshold;
+    if (prev > thr && next <= thr) {
+        cJSON *data = cJSON_CreateObject();
+        cJSON_AddStringToObject(data, "productId", product_id);
+        cJSON_AddNumberToObject(data, "stock", (double)next);
+        cJSON_AddNumberToObject(data, "threshold", (double)thr);
+        ctx_emit(ctx, "stock.low", "product", product_id, data);
+    }
+    if (next == 0 && prev > 0) {
+        cJSON *data = cJSON_CreateObject();
+        cJSON_AddStringToObject(data, "productId", product_id);
+        ctx_emit(ctx, "stock.depleted", "product", product_id, data);
+    }
+}
+
+int password_hash(const struct cmd_ctx *ctx, const char *password, char out[128]) {
+    if (crypto_pwhash_str(out, password, strlen(password), (unsigned long long)ctx->cfg->password_opslimit,
+                          (size_t)ctx->cfg->password_memlimit_mb * 1024 * 1024) != 0) {
+        log_msg(LOG_ERROR, ctx->cmd->id, "password hashing ran out of memory");
+        return CV_ERETRY;
+    }
+    return 0;
 }
 
 int ctx_reject_invalid(struct cmd_ctx *ctx, struct verr *v) {

@@ -20,13 +20,8 @@ int handle_register(struct cmd_ctx *ctx) {
         goto out;
     }
 
-    char hash[crypto_pwhash_STRBYTES];
-    if (crypto_pwhash_str(hash, password, strlen(password), (unsigned long long)ctx->cfg->password_opslimit,
-                          (size_t)ctx->cfg->password_memlimit_mb * 1024 * 1024) != 0) {
-        log_msg(LOG_ERROR, ctx->cmd->id, "password hashing ran out of memory");
-        rc = CV_ERETRY;
-        goto out;
-    }
+    char hash[128];
+    if ((rc = password_hash(ctx, password, hash)) < 0) goto out;
     const char *params[4] = {user_id, name, email, hash};
     PGresult *r;
     rc = db_exec(ctx->db,

@@ -20,7 +20,7 @@ int handle_update_stock(struct cmd_ctx *ctx) {
 
     const char *params[2] = {product_id, NULL};
     PGresult *r;
-    int rc = db_exec(ctx->db, "SELECT stock FROM products WHERE id = $1 FOR UPDATE", 1, params, &r, NULL);
+    int rc = db_exec(ctx->db, "SELECT stock FROM products WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", 1, params, &r, NULL);
     if (rc < 0) return rc;
     if (PQntuples(r) == 0) {
         PQclear(r);
@@ -52,18 +52,6 @@ int handle_update_stock(struct cmd_ctx *ctx) {
     cJSON_AddNumberToObject(data, "stock", (double)next);
     cJSON_AddNumberToObject(data, "quantityChange", (double)q);
     ctx_emit(ctx, "stock.updated", "product", product_id, data);
-    long long thr = ctx->cfg->stock_low_threshold;
-    if (prev > thr && next <= thr) {
-        data = cJSON_CreateObject();
-        cJSON_AddStringToObject(data, "productId", product_id);
-        cJSON_AddNumberToObject(data, "stock", (double)next);
-        cJSON_AddNumberToObject(data, "threshold", (double)thr);
-        ctx_emit(ctx, "stock.low", "product", product_id, data);
-    }
-    if (next == 0 && prev > 0) {
-        data = cJSON_CreateObject();
-        cJSON_AddStringToObject(data, "productId", product_id);
-        ctx_emit(ctx, "stock.depleted", "product", product_id, data);
-    }
+    emit_stock_notifications(ctx, product_id, prev, next);
     return 0;
 }

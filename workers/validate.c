@@ -8,8 +8,10 @@
 #include <string.h>
 
 void verr_add(struct verr *v, const char *field, const char *reason) {
+    char name[160];
+    snprintf(name, sizeof name, "%s%s", v->prefix ? v->prefix : "", field);
     if (!v->fields) v->fields = cJSON_CreateObject();
-    if (!cJSON_GetObjectItemCaseSensitive(v->fields, field)) cJSON_AddStringToObject(v->fields, field, reason);
+    if (!cJSON_GetObjectItemCaseSensitive(v->fields, name)) cJSON_AddStringToObject(v->fields, name, reason);
 }
 
 bool verr_any(const struct verr *v) { return v->fields != NULL; }

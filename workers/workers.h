@@ -10,6 +10,7 @@
 /* ---- validate.c: payload rules, collecting every broken one ------------------- */
 struct verr {
     cJSON *fields; /* {field: reason}; NULL while nothing is wrong; owned */
+    const char *prefix; /* prepended to field names in errors ("items[2]."), or NULL */
 };
 void verr_add(struct verr *v, const char *field, const char *reason);
 bool verr_any(const struct verr *v);
@@ -71,8 +72,19 @@ int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *deta
 int ctx_reject_invalid(struct cmd_ctx *ctx, struct verr *v);
 
 int handle_register(struct cmd_ctx *ctx);
+int handle_change_password(struct cmd_ctx *ctx);
 int handle_create_product(struct cmd_ctx *ctx);
+int handle_update_product(struct cmd_ctx *ctx);
 int handle_update_stock(struct cmd_ctx *ctx);
+int handle_delete_product(struct cmd_ctx *ctx);
+int handle_place_order(struct cmd_ctx *ctx);
+int handle_cancel_order(struct cmd_ctx *ctx);
+
+/* stock.low / stock.depleted for a product whose stock went from prev to next. */
+void emit_stock_notifications(struct cmd_ctx *ctx, const char *product_id, long long prev, long long next);
+/* Hashes a password with argon2id at the configured cost into out. Returns 0,
+ * or CV_ERETRY when the memory for it could not be had. */
+int password_hash(const struct cmd_ctx *ctx, const char *password, char out[128]);
 
 /* ---- worker.c / relay.c / supervisor.c ------------------------------------------ */
 extern volatile int stop_requested; /* set by SIGTERM / SIGINT in a child */

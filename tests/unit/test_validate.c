@@ -13,8 +13,8 @@ static char *rep(const char *c, size_t n) {
     return s;
 }
 
-/* Runs a handler on payload; returns the rejection fields (caller frees) or NULL
- * when the payload passed validation (the handler then needed the database). */
+/* Runs a handler on payload; returns the rejection fields (caller frees). A
+ * payload holding "__valid" must pass validation instead (NULL is returned). */
 static cJSON *rejected_fields(handler_fn h, const char *type, cJSON *payload) {
     char *env = envelope_build(NULL, type, payload, NULL, NULL);
     struct envelope e;
@@ -24,7 +24,11 @@ static cJSON *rejected_fields(handler_fn h, const char *type, cJSON *payload) {
     struct cfg cfg = {.stock_low_threshold = 10};
     struct cmd_ctx ctx = {.db = NULL, .cfg = &cfg, .cmd = &e};
     cJSON *fields = NULL;
-    if (!cJSON_GetObjectItem(payload, "__valid")) {
+    if (cJSON_GetObjectItem(payload, "__valid")) {
+        /* expected to pass validation: run it up to the database, no further */
+        ctx.validate_only = true;
+        CHECK(h(&ctx) == 0);
+    } else {
         int rc = h(&ctx);
         CHECK(rc == CV_EREJECT);
         if (ctx.rej.code) CHECK_STR(ctx.rej.code, "VALIDATION_FAILED");
@@ -263,6 +267,54 @@ TEST(update_stock_rules) {
     expect_fields(handle_update_stock, "updateStock", "{}", (const char *[]){"productId", "quantityChange", NULL});
     expect_fields(handle_update_stock, "updateStock", "{\"productId\":\"nope\",\"quantityChange\":1e12}",
                   (const char *[]){"productId", "quantityChange", NULL});
+}
+
+#define PID "5f0c6a8e-8a9b-4f0e-9d3c-1f2e3d4c5b6a"
+#define PID2 "5f0c6a8e-8a9b-4f0e-9d3c-1f2e3d4c5b6b"
+
+TEST(place_order_rules) {
+    expect_fields(handle_place_order, "placeOrder", "{}", (const char *[]){"userId", "items", NULL});
+    expect_fields(handle_place_order, "placeOrder", "{\"userId\":\"" PID "\",\"items\":[]}",
+                  (const char *[]){"items", NULL});
+    expect_fields(handle_place_order, "placeOrder", "{\"userId\":\"" PID "\",\"items\":{}}",
+                  (const char *[]){"items", NULL});
+    expect_fields(handle_place_order, "placeOrder",
+                  "{\"userId\":\"" PID "\",\"items\":[{\"productId\":\"" PID "\",\"quantity\":0},"
+                  "{\"productId\":\"" PID "\",\"quantity\":1000000001},7]}",
+                  (const char *[]){"items[0].quantity", "items[1].productId", "items[1].quantity", "items[2]", NULL});
+    /* 100 items pass validation, 101 do not */
+    char buf[20000];
+    for (int n = 100; n <= 101; n++) {
+        size_t len = (size_t)snprintf(buf, sizeof buf, "{\"userId\":\"" PID "\",\"items\":[");
+        for (int i = 0; i < n; i++)
+            len += (size_t)snprintf(buf + len, sizeof buf - len, "%s{\"productId\":\"5f0c6a8e-8a9b-4f0e-9d3c-%012d\","
+                                    "\"quantity\":1}", i ? "," : "", i);
+        snprintf(buf + len, sizeof buf - len, "]}");
+        if (n == 100) {
+            cJSON *p = cJSON_Parse(buf);
+            cJSON_AddTrueToObject(p, "__valid");
+            CHECK(rejected_fields(handle_place_order, "placeOrder", p) == NULL);
+        } else {
+            expect_fields(handle_place_order, "placeOrder", buf, (const char *[]){"items", NULL});
+        }
+    }
+}
+
+TEST(update_product_rules) {
+    expect_fields(handle_update_product, "updateProduct", "{\"productId\":\"" PID "\"}", (const char *[]){"payload", NULL});
+    expect_fields(handle_update_product, "updateProduct",
+                  "{\"productId\":\"" PID "\",\"status\":\"SOLD\",\"price\":\"1.234\",\"name\":\" \"}",
+                  (const char *[]){"status", "price", "name", NULL});
+    expect_fields(handle_update_product, "updateProduct", "{\"status\":\"active\"}",
+                  (const char *[]){"productId", "status", NULL});
+}
+
+TEST(change_password_rules) {
+    expect_fields(handle_change_password, "changePassword", "{}",
+                  (const char *[]){"userId", "currentPassword", "newPassword", NULL});
+    expect_fields(handle_change_password, "changePassword",
+                  "{\"userId\":\"" PID2 "\",\"currentPassword\":\"x\",\"newPassword\":\"alllowercase1\"}",
+                  (const char *[]){"newPassword", NULL});
 }
 
 TEST_MAIN()
