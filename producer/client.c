@@ -27,12 +27,14 @@ static int fail(conveyor_client *c, int code, const char *fmt, const char *arg) 
     return code;
 }
 
-conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen) {
+conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen, int *code) {
     conveyor_client *c = calloc(1, sizeof *c);
+    if (code) *code = CONVEYOR_EINVALID;
     if (cfg_load(config_path, &c->cfg, err, errlen) < 0) {
         free(c);
         return NULL;
     }
+    if (code) *code = CONVEYOR_EBROKER;
     if (flags & CONVEYOR_WAIT) {
         c->events = broker_open(&c->cfg, c->cfg.events_transport, err, errlen);
         if (!c->events || broker_subscribe(c->events, "#") < 0) {

@@ -2,7 +2,7 @@
  * conveyor.h - publish Conveyor commands from C, and wait for their results.
  *
  *   char err[512], id[37], *event;
- *   conveyor_client *c = conveyor_open("queues.conf", CONVEYOR_WAIT, err, sizeof err);
+ *   conveyor_client *c = conveyor_open("queues.conf", CONVEYOR_WAIT, err, sizeof err, NULL);
  *   conveyor_publish(c, "updateStock", "{\"productId\":\"...\",\"quantityChange\":-2}", NULL, id);
  *   int rc = conveyor_wait(c, id, 10000, &event);   // 0: success event, CONVEYOR_REJECTED, ...
  *   free(event);
@@ -36,8 +36,9 @@ enum {
 #define CONVEYOR_WAIT 1
 
 /* Reads the configuration (and the CONVEYOR_* environment) and connects.
- * Returns NULL with a message in err on failure. */
-conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen);
+ * Returns NULL on failure, with a message in err and, if code is not NULL,
+ * CONVEYOR_EINVALID (configuration) or CONVEYOR_EBROKER (broker) in *code. */
+conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen, int *code);
 void conveyor_close(conveyor_client *c);
 const char *conveyor_error(const conveyor_client *c);
 

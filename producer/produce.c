@@ -81,10 +81,11 @@ int main(int argc, char **argv) {
         return EXIT_USAGE;
     }
     char err[1024], id[37];
-    conveyor_client *c = conveyor_open(path, wait ? CONVEYOR_WAIT : 0, err, sizeof err);
+    int open_rc;
+    conveyor_client *c = conveyor_open(path, wait ? CONVEYOR_WAIT : 0, err, sizeof err, &open_rc);
     if (!c) {
         fprintf(stderr, "conveyor-produce: %s\n", err);
-        return strstr(err, "rabbitmq") || strstr(err, "redis") || strstr(err, "subscribe") ? EXIT_BROKER : EXIT_USAGE;
+        return open_rc == CONVEYOR_EBROKER ? EXIT_BROKER : EXIT_USAGE;
     }
     int timeout_ms = (int)(timeout_s * 1000);
     int status = 0;

@@ -278,9 +278,9 @@ int main(int argc, char **argv) {
     } else if ((strcmp(verb, "show") == 0 || strcmp(verb, "retry") == 0 || strcmp(verb, "purge") == 0) && n == 4) {
         if (!q) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], path);
         else if (parse_selector(a[3], &s) == 0) {
-            if (strcmp(verb, "show") == 0) rc = s.all ? (fprintf(stderr, "conveyor-admin: show takes one\n"), EXIT_USAGE)
-                                                      : cmd_show(&cfg, q, &s);
-            else rc = cmd_take(&cfg, q, &s, strcmp(verb, "retry") == 0);
+            if (strcmp(verb, "show") != 0) rc = cmd_take(&cfg, q, &s, strcmp(verb, "retry") == 0);
+            else if (s.all) fprintf(stderr, "conveyor-admin: show takes one dead letter, not --all\n");
+            else rc = cmd_show(&cfg, q, &s);
         }
     } else {
         fputs(usage, stderr);

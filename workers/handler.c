@@ -32,6 +32,11 @@ void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
     cJSON_AddItemToArray(ctx->events, event_new(type, ctx->cmd, aggregate_type, aggregate_id, data));
 }
 
+void json_add_optional(cJSON *o, const char *key, const char *value) {
+    if (value) cJSON_AddStringToObject(o, key, value);
+    else cJSON_AddNullToObject(o, key);
+}
+
 int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,
                const char *fmt, ...) {
     ctx->rej.code = code;

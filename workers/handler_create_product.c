@@ -38,12 +38,10 @@ int handle_create_product(struct cmd_ctx *ctx) {
     cJSON *data = cJSON_CreateObject();
     cJSON_AddStringToObject(data, "productId", product_id);
     cJSON_AddStringToObject(data, "name", name);
-    if (description) cJSON_AddStringToObject(data, "description", description);
-    else cJSON_AddNullToObject(data, "description");
+    json_add_optional(data, "description", description);
     cJSON_AddStringToObject(data, "price", PQgetvalue(r, 0, 0));
     cJSON_AddNumberToObject(data, "stock", (double)stock);
-    if (category) cJSON_AddStringToObject(data, "category", category);
-    else cJSON_AddNullToObject(data, "category");
+    json_add_optional(data, "category", category);
     cJSON_AddStringToObject(data, "status", "DRAFT");
     cJSON_AddStringToObject(data, "createdAt", PQgetvalue(r, 0, 1));
     PQclear(r);

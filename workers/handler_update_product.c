@@ -66,15 +66,9 @@ int handle_update_product(struct cmd_ctx *ctx) {
     const char *new_status = has_status > 0 ? status : old_status;
     cJSON *changed = cJSON_CreateObject();
     if (!same(new_name, old_name)) cJSON_AddStringToObject(changed, "name", new_name);
-    if (!same(new_desc, old_desc)) {
-        if (new_desc) cJSON_AddStringToObject(changed, "description", new_desc);
-        else cJSON_AddNullToObject(changed, "description");
-    }
+    if (!same(new_desc, old_desc)) json_add_optional(changed, "description", new_desc);
     if (!same(new_price, old_price)) cJSON_AddStringToObject(changed, "price", new_price);
-    if (!same(new_cat, old_cat)) {
-        if (new_cat) cJSON_AddStringToObject(changed, "category", new_cat);
-        else cJSON_AddNullToObject(changed, "category");
-    }
+    if (!same(new_cat, old_cat)) json_add_optional(changed, "category", new_cat);
     if (!same(new_status, old_status)) cJSON_AddStringToObject(changed, "status", new_status);
     if (cJSON_GetArraySize(changed) > 0) {
         const char *up[6] = {product_id, new_name, new_desc, new_price, new_cat, new_status};

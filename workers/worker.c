@@ -191,7 +191,10 @@ static void attempt_failed(struct worker *w, const struct delivery *d, const str
         if (brc != CV_ERETRY) break;
         backoff_sleep(backoff_ms(i, 100, 5000), &stop_requested);
     }
-    broker_requeue(w->broker, d); /* could not park it: hand it back now */
+    /* could not park it: hand it back now */
+    if (broker_requeue(w->broker, d) < 0)
+        log_msg(LOG_WARN, env->id, "requeue failed too (%s); the broker returns it when the connection closes",
+                broker_error(w->broker));
 }
 
 static void process(struct worker *w, struct delivery *d) {
@@ -214,7 +217,9 @@ static void process(struct worker *w, struct delivery *d) {
     if (attempts < 0) {
         /* the database is away: not an attempt; give the message back and reconnect */
         db_check(w);
-        broker_requeue(w->broker, d);
+        if (broker_requeue(w->broker, d) < 0)
+            log_msg(LOG_WARN, env.id, "requeue failed (%s); the broker returns it when the connection closes",
+                    broker_error(w->broker));
         envelope_free(&env);
         return;
     }

@@ -65,6 +65,8 @@ handler_fn handler_find(const char *type);
 /* Appends an event (takes data) to ctx->events. */
 void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
               const char *aggregate_id, cJSON *data);
+/* Adds key: value to o, or key: null when value is NULL. */
+void json_add_optional(cJSON *o, const char *key, const char *value);
 /* Fills ctx->rej; takes fields and details. Returns CV_EREJECT. */
 int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,
                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
