@@ -327,7 +327,6 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
         d->message_id = copy_bytes(id);
     }
     d->tag = env.delivery_tag;
-    d->redelivered = env.redelivered;
     amqp_destroy_envelope(&env);
     return 1;
 }

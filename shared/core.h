@@ -193,7 +193,6 @@ struct delivery {
     size_t len;
     char *message_id;      /* RabbitMQ message_id property or NULL; owned */
     uint64_t tag;          /* RabbitMQ delivery tag */
-    bool redelivered;
 };
 void delivery_free(struct delivery *d);
 

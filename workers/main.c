@@ -8,13 +8,14 @@
 #include <string.h>
 
 static const char usage[] =
-    "usage: conveyor-workers [-c FILE] [--check]\n"
+    "usage: conveyor-workers [-c FILE] [--check | --setup]\n"
     "\n"
     "Runs a Conveyor worker pool: for every queue in FILE its worker processes,\n"
     "plus one outbox relay. Applies pending database migrations first.\n"
     "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
     "      --check        check the configuration and exit\n"
+    "      --setup        apply the migrations, declare the RabbitMQ topology, and exit\n"
     "  -h, --help         this help\n"
     "  -V, --version      print the version\n"
     "\n"
@@ -28,8 +29,9 @@ static const char usage[] =
 
 int main(int argc, char **argv) {
     const char *path = "queues.conf";
-    bool check = false;
+    bool check = false, setup_only = false;
     static const struct option opts[] = {{"config", required_argument, 0, 'c'}, {"check", no_argument, 0, 'k'},
+                                         {"setup", no_argument, 0, 's'},
                                          {"help", no_argument, 0, 'h'},         {"version", no_argument, 0, 'V'},
                                          {0, 0, 0, 0}};
     int o;
@@ -37,6 +39,7 @@ int main(int argc, char **argv) {
         switch (o) {
         case 'c': path = optarg; break;
         case 'k': check = true; break;
+        case 's': setup_only = true; break;
         case 'h': fputs(usage, stdout); return 0;
         case 'V': puts("conveyor-workers 0.1.0"); return 0;
         default: fputs(usage, stderr); return 2;
@@ -89,7 +92,7 @@ int main(int argc, char **argv) {
             backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
         }
     }
-    int rc = stop_requested ? 0 : supervisor_run(&cfg);
+    int rc = stop_requested || setup_only ? 0 : supervisor_run(&cfg);
     cfg_free(&cfg);
     return rc;
 }

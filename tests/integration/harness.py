@@ -158,6 +158,20 @@ class Pool:
             os.unlink(self.config)
 
 
+_setup_done = False
+
+
+def setup():
+    """Migrations and the RabbitMQ topology, as a deploy would make them before any pool runs."""
+    global _setup_done
+    if not _setup_done:
+        r = subprocess.run([os.path.join(BIN, "conveyor-workers"), "-c", os.path.join(ROOT, "queues.conf"), "--setup"],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise Failure(f"conveyor-workers --setup failed: {r.stderr}")
+        _setup_done = True
+
+
 # ---- publishing -----------------------------------------------------------------
 
 class Publisher:

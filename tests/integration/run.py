@@ -14,6 +14,8 @@ def main():
         print("usage: run.py MODULE.CASE", file=sys.stderr)
         return 2
     module, case = sys.argv[1].split(".", 1)
+    import harness
+    harness.setup()  # schema and topology exist before any test touches them, as after a deploy
     fn = getattr(importlib.import_module(module), case, None)
     if fn is None:
         print(f"no test case {sys.argv[1]}", file=sys.stderr)

@@ -3,12 +3,11 @@ mid-command, the Redis reaper, recycling, and the dead-letter admin command."""
 import json
 import os
 import signal
-import subprocess
 import time
 
 import redis as redislib
 
-from harness import (BIN, REDIS_URL, ROOT, TRANSPORT, Events, Pool, Publisher, check, drain_dead, envelope, eq,
+from harness import (REDIS_URL, TRANSPORT, Events, Pool, Publisher, check, drain_dead, envelope, eq,
                      new_id, query, run_bin)
 
 FAST_RETRY = "retry: { base_delay_ms = 100; max_delay_ms = 400; };"
