@@ -17,6 +17,8 @@ import pika
 import psycopg2
 import redis as redislib
 
+import contract
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.environ.get("CONVEYOR_BIN_DIR", os.path.join(ROOT, "build"))
 TRANSPORT = os.environ.get("CONVEYOR_TRANSPORT", "rabbitmq")
@@ -174,6 +176,36 @@ def setup():
 
 # ---- publishing -----------------------------------------------------------------
 
+# Every command the tests publish with Publisher.command, by id: (envelope, its
+# contract errors, [] when it keeps schemas/). Events._add holds each
+# command's result to them: a command that breaks the schema must end in
+# VALIDATION_FAILED, and one the worker rejects as VALIDATION_FAILED must break
+# the schema or a rule of schema_cannot_state (so the schemas are neither looser nor stricter than the workers).
+PUBLISHED = {}
+
+
+def schema_cannot_state(env):
+    """The rules the workers apply that JSON Schema cannot state (each is written
+    in the schema's "description"): a password's limit counts UTF-8 bytes where
+    maxLength counts characters; a name's length counts after trimming; an
+    order names each product once. True when env breaks one of them."""
+    p = env.get("payload") if isinstance(env, dict) else None
+    if not isinstance(p, dict):
+        return False
+    for k in ("password", "currentPassword", "newPassword"):
+        if isinstance(p.get(k), str) and len(p[k].encode()) != len(p[k]):
+            return True
+    for k in ("name",):
+        if isinstance(p.get(k), str) and p[k] != p[k].strip():
+            return True
+    items = p.get("items")
+    if isinstance(items, list):
+        ids = [i.get("productId") for i in items if isinstance(i, dict)]
+        if len(ids) != len(set(map(str, ids))):
+            return True
+    return False
+
+
 class Publisher:
     def __init__(self, transport=TRANSPORT):
         self.transport = transport
@@ -185,7 +217,10 @@ class Publisher:
             self.r = redislib.Redis.from_url(REDIS_URL)
 
     def command(self, env):
-        """Publishes an envelope dict, routed by its type."""
+        """Publishes an envelope dict, routed by its type, and notes whether it keeps
+        the contract (PUBLISHED)."""
+        if isinstance(env.get("id"), str):
+            PUBLISHED[env["id"]] = (env, contract.command_errors(env))
         body = json.dumps(env).encode()
         if self.transport == "rabbitmq":
             self.ch.basic_publish("conveyor.commands", env["type"], body,
@@ -256,6 +291,15 @@ class Events:
                     self._add(ev)
 
     def _add(self, ev):
+        errs = contract.event_errors(ev)
+        check(not errs, f"event breaks the contract: {errs}: {json.dumps(ev)}")
+        cmd, cmd_errs = PUBLISHED.get(ev.get("commandId"), (None, None))
+        if cmd_errs:
+            check(ev["type"] == "command.rejected" and ev["data"].get("code") == "VALIDATION_FAILED",
+                  f"a command that breaks the schema ({cmd_errs}) must be rejected as VALIDATION_FAILED: {json.dumps(ev)}")
+        elif cmd is not None and ev["type"] == "command.rejected" and ev["data"].get("code") == "VALIDATION_FAILED":
+            check(schema_cannot_state(cmd),
+                  f"the workers reject a command the schemas accept: {json.dumps(cmd)} -> {json.dumps(ev['data'])}")
         self.events.append(ev)
         self.arrived[ev["id"]] = time.time()
 

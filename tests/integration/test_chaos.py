@@ -17,6 +17,7 @@ import time
 import pika
 import redis as redislib
 
+import contract
 from harness import (AMQP_URL, REDIS_URL, ROOT, TRANSPORT, Pool, Publisher, check, drain_dead, envelope, eq,
                      new_id, query)
 
@@ -206,6 +207,8 @@ def test_chaos():
             continue
         unique[e["id"]] = e
     events = list(unique.values())
+    broken = [(e, errs) for e in events for errs in [contract.event_errors(e)] if errs]
+    eq(broken[:3], [], "events that break the contract (schemas/)")
     results = {}
     for e in events:
         if e["type"] in RESULTS and e["commandId"] in set(ids):
