@@ -20,6 +20,9 @@ int handle_update_product(struct cmd_ctx *ctx) {
     char product_id[ID_LEN + 1], price[32] = "";
     char *name = NULL, *description = NULL, *category = NULL, *status = NULL;
     v_uuid(&v, p, "productId", true, product_id);
+    for (const char *const *f = (const char *const[]){"name", "price", "status", NULL}; *f; f++)
+        if (cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(p, *f)))
+            verr_add(&v, *f, "cannot be null (only description and category can be cleared)");
     int has_name = v_string(&v, p, "name", false, true, 1, 255, &name);
     int has_price = v_price(&v, p, "price", false, price);
     int has_desc = v_string(&v, p, "description", false, false, 0, 10000, &description);

@@ -188,7 +188,9 @@ def schema_cannot_state(env):
     """The rules the workers apply that JSON Schema cannot state (each is written
     in the schema's "description"): a password's limit counts UTF-8 bytes where
     maxLength counts characters; a name's length counts after trimming; an
-    order names each product once. True when env breaks one of them."""
+    order names each product once; a price given as a number has at most two
+    decimals (binary floating point defeats multipleOf). True when env breaks
+    one of them."""
     p = env.get("payload") if isinstance(env, dict) else None
     if not isinstance(p, dict):
         return False
@@ -198,6 +200,9 @@ def schema_cannot_state(env):
     for k in ("name",):
         if isinstance(p.get(k), str) and p[k] != p[k].strip():
             return True
+    price = p.get("price")
+    if isinstance(price, (int, float)) and not isinstance(price, bool) and abs(round(price, 2) - price) > 1e-9:
+        return True
     items = p.get("items")
     if isinstance(items, list):
         ids = [i.get("productId") for i in items if isinstance(i, dict)]

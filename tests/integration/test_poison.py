@@ -7,7 +7,9 @@ import os
 import sys
 import time
 
-from harness import (QUEUE_OF, ROOT, Events, Pool, Publisher, check, drain_dead, envelope, eq, new_id, query)
+import contract
+from harness import (QUEUE_OF, ROOT, Events, Pool, Publisher, check, drain_dead, envelope, eq, new_id, query,
+                     schema_cannot_state)
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "poison"))
 import corpus  # noqa: E402
@@ -21,9 +23,28 @@ def route(body):
         return "catalog"
 
 
+def test_poison_corpus_and_schemas_agree():
+    """Every corpus message the workers reject as VALIDATION_FAILED breaks the
+    published schemas (or a rule they cannot state), and every one they apply
+    keeps them: the contract says what the workers do."""
+    problems = []
+    for e in corpus.load():
+        if not e["expect"].startswith(("rejected:VALIDATION_FAILED", "applied")):
+            continue
+        env = json.loads(corpus.body_of(e).replace(b"$ID", new_id().encode()).replace(b"$PID", new_id().encode()))
+        errs = contract.command_errors(env)
+        if e["expect"].startswith("applied") and errs:
+            problems.append(f"{e['name']}: applied, but the schemas refuse it: {errs}")
+        if e["expect"].startswith("rejected") and not errs and not schema_cannot_state(env):
+            problems.append(f"{e['name']}: rejected, but the schemas accept it")
+    check(not problems, "\n".join(problems))
+
+
 def test_poison_corpus():
     entries = corpus.load()
     check(sum(not e["expect"].startswith("applied") for e in entries) >= 200, "at least 200 bad messages")
+    types = {json.loads(e["text"]).get("type") for e in entries if e["expect"].startswith("rejected") and "text" in e}
+    check(types >= set(QUEUE_OF), f"the corpus covers every command; missing {set(QUEUE_OF) - types}")
     for q in ("users", "catalog", "orders"):
         drain_dead(q)
     pid = new_id()

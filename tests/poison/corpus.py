@@ -21,9 +21,18 @@ VALID = {
     "register": {"name": "Poison Tester", "email": "poison.$ID@example.com", "password": "Secret123"},
     "createProduct": {"name": "Poison product", "price": "1.00", "stock": 1, "description": "d", "category": "c"},
     "updateStock": {"productId": "$PID", "quantityChange": 1},
+    "updateProduct": {"productId": "$PID", "name": "Renamed", "price": "2.00", "status": "ACTIVE"},
+    "deleteProduct": {"productId": "$PID"},
+    "placeOrder": {"userId": UID, "items": [{"productId": "$PID", "quantity": 1}]},
+    "cancelOrder": {"orderId": UID},
+    "changePassword": {"userId": UID, "currentPassword": "Secret123", "newPassword": "Secret456"},
 }
 REQUIRED = {"register": ["name", "email", "password"], "createProduct": ["name", "price"],
-            "updateStock": ["productId", "quantityChange"]}
+            "updateStock": ["productId", "quantityChange"], "updateProduct": ["productId"],
+            "deleteProduct": ["productId"], "placeOrder": ["userId", "items"], "cancelOrder": ["orderId"],
+            "changePassword": ["userId", "currentPassword", "newPassword"]}
+# fields for which any string is the right type (a bad string is tested on its own)
+STRING_FIELDS = ("name", "description", "category", "email", "password", "currentPassword")
 
 
 def env(type_, payload, **extra):
@@ -111,7 +120,7 @@ def entries():
                     continue  # a number price is fine (1.5 -> 1.50)
                 p = dict(good)
                 p[field] = bad
-                if field in ("name", "description", "category", "email", "password") and isinstance(bad, str):
+                if field in STRING_FIELDS and isinstance(bad, str):
                     continue  # strings are the right type for these
                 add(f"{type_}.{field} = {json.dumps(bad)}", f"rejected:VALIDATION_FAILED:{field}", env(type_, p))
         for field in REQUIRED[type_]:
@@ -152,6 +161,45 @@ def entries():
         env("createProduct", VALID["createProduct"], correlationId=7))
     add("createdAt not a time", "rejected:VALIDATION_FAILED:createdAt",
         env("createProduct", VALID["createProduct"], createdAt="2026-13-45"))
+    # the order's items
+    item = VALID["placeOrder"]["items"][0]
+    other = dict(item, productId=UID)
+    for name, items, field in [
+            ("no items", [], "items"), ("101 items", [dict(item, productId=f"{i:08x}-0000-4000-8000-000000000000")
+                                                      for i in range(101)], "items"),
+            ("an item that is a number", [1], "items[0]"), ("an item that is null", [None], "items[0]"),
+            ("an item without quantity", [{"productId": "$PID"}], "items[0].quantity"),
+            ("an item without productId", [{"quantity": 1}], "items[0].productId"),
+            ("quantity 0", [dict(item, quantity=0)], "items[0].quantity"),
+            ("quantity -1", [dict(item, quantity=-1)], "items[0].quantity"),
+            ("quantity 1000000001", [dict(item, quantity=1000000001)], "items[0].quantity"),
+            ("quantity 1.5", [dict(item, quantity=1.5)], "items[0].quantity"),
+            ("quantity \"1\"", [dict(item, quantity="1")], "items[0].quantity"),
+            ("productId not a UUID", [dict(item, productId="42")], "items[0].productId"),
+            ("a product twice", [item, other, item], "items[2].productId"),
+            ("second item broken", [item, dict(other, quantity=None)], "items[1].quantity")]:
+        add(f"placeOrder with {name}", f"rejected:VALIDATION_FAILED:{field}",
+            env("placeOrder", dict(VALID["placeOrder"], items=items)))
+    # the rules of updateProduct and changePassword
+    for name, payload, field in [
+            ("nothing to change", {"productId": "$PID"}, "payload"),
+            ("only unknown fields", {"productId": "$PID", "colour": "red"}, "payload"),
+            ("status lower-case", {"productId": "$PID", "status": "active"}, "status"),
+            ("status DELETED", {"productId": "$PID", "status": "DELETED"}, "status"),
+            ("blank name", {"productId": "$PID", "name": "   "}, "name"),
+            ("name null", {"productId": "$PID", "name": None}, "name"),
+            ("price with 3 decimals", {"productId": "$PID", "price": "1.234"}, "price"),
+            ("negative price", {"productId": "$PID", "price": -1}, "price"),
+            ("category of 101", {"productId": "$PID", "category": "c" * 101}, "category")]:
+        add(f"updateProduct with {name}", f"rejected:VALIDATION_FAILED:{field}", env("updateProduct", payload))
+    for name, new, field in [("no upper-case letter", "secret456", "newPassword"),
+                             ("no lower-case letter", "SECRET456", "newPassword"),
+                             ("no digit", "SecretSecret", "newPassword"), ("7 characters", "Secr456", "newPassword"),
+                             ("129 characters", "Aa1" + "x" * 126, "newPassword")]:
+        add(f"changePassword to one with {name}", f"rejected:VALIDATION_FAILED:{field}",
+            env("changePassword", dict(VALID["changePassword"], newPassword=new)))
+    add("changePassword with a current password of 129", "rejected:VALIDATION_FAILED:currentPassword",
+        env("changePassword", dict(VALID["changePassword"], currentPassword="x" * 129)))
     # SQL fragments: a string that breaks no rule is stored verbatim; in an id field it is not a UUID
     sqls = ["'; DROP TABLE products; --", "\" OR 1=1 --", "Robert'); DROP TABLE users;--", "$$; SELECT pg_sleep(10); $$",
             "1; DELETE FROM processed_commands", "\\'; TRUNCATE outbox; --"]
@@ -166,7 +214,9 @@ def entries():
         p = dict(VALID["register"])
         p["password"] = "Aa1" + s
         add(f"SQL in register.password {i}", "applied:user.registered", env("register", p))
-        for type_, field in [("updateStock", "productId"), ("createProduct", "productId"), ("register", "userId")]:
+        for type_, field in [("updateStock", "productId"), ("createProduct", "productId"), ("register", "userId"),
+                             ("updateProduct", "productId"), ("deleteProduct", "productId"),
+                             ("placeOrder", "userId"), ("cancelOrder", "orderId"), ("changePassword", "userId")]:
             p = dict(VALID[type_])
             p[field] = s
             add(f"SQL in {type_}.{field} {i}", f"rejected:VALIDATION_FAILED:{field}", env(type_, p))
