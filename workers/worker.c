@@ -205,9 +205,13 @@ static void process(struct worker *w, struct delivery *d) {
         settle_dead(w, d, "invalid_envelope", err, 0, NULL);
         return;
     }
+    /* A type this build has no handler for, or that this queue's `commands` does
+     * not list (an older deployment), waits as a dead letter for an upgrade. */
     handler_fn handler = handler_find(env.type);
-    if (!handler) {
-        snprintf(err, sizeof err, "no handler for command type '%s'", env.type);
+    if (!handler || cfg_queue_for(w->cfg, env.type) != w->q) {
+        if (!handler) snprintf(err, sizeof err, "no handler for command type '%s'", env.type);
+        else snprintf(err, sizeof err, "queue '%s' does not take command type '%s' (its commands in the config)",
+                      w->q->name, env.type);
         settle_dead(w, d, "unknown_command", err, 0, env.id);
         envelope_free(&env);
         return;

@@ -66,12 +66,13 @@ def envelope(type_, payload, id_=None, correlation_id=None):
 
 # ---- configuration ---------------------------------------------------------
 
-def write_config(workers=None, extra="", queue_opts=""):
-    """A queues.conf like the repository's, with per-queue worker counts."""
+def write_config(workers=None, extra="", queue_opts="", routing=None):
+    """A queues.conf like the repository's, with per-queue worker counts (and
+    routing: {queue: [types]}, ROUTING by default)."""
     workers = workers or {}
     lines = ['prefix = "conveyor";', 'transport = "rabbitmq";', extra, "queues = ("]
     qs = []
-    for q, types in ROUTING.items():
+    for q, types in (routing or ROUTING).items():
         cmds = ", ".join(f'"{t}"' for t in types)
         qs.append(f'  {{ name = "{q}"; commands = [{cmds}]; workers = {workers.get(q, 1)}; prefetch = 8; {queue_opts} }}')
     lines.append(",\n".join(qs))
@@ -100,9 +101,9 @@ def session_pids(sid):
 class Pool:
     """conveyor-workers in its own session, logging to a file."""
 
-    def __init__(self, workers=None, extra="", env=None, expect_restarts=False, queue_opts=""):
+    def __init__(self, workers=None, extra="", env=None, expect_restarts=False, queue_opts="", routing=None):
         self.expect_restarts = expect_restarts
-        self.config = write_config(workers, extra, queue_opts)
+        self.config = write_config(workers, extra, queue_opts, routing)
         self.log = tempfile.NamedTemporaryFile(prefix="conveyor-pool-", suffix=".log", delete=False)
         e = dict(os.environ)
         e.update(env or {})

@@ -1,0 +1,65 @@
+"""The reference page (docs/reference.md) cannot drift from the contract: every
+JSON block in it keeps the schemas, every command and event type is shown, each
+command's example events answer that command, and its rejection codes are the
+ones the README's command table lists."""
+import json
+import os
+import re
+
+import contract
+from harness import QUEUE_OF, ROOT, check, eq
+
+REFERENCE = os.path.join(ROOT, "docs", "reference.md")
+
+
+def sections():
+    """{heading: text} of the level-2 sections of the reference page."""
+    text = open(REFERENCE).read()
+    parts = re.split(r"^## ", text, flags=re.M)[1:]
+    return {p.split("\n", 1)[0]: p for p in parts}
+
+
+def json_lines(text):
+    out = []
+    for block in re.findall(r"```json\n(.*?)```", text, flags=re.S):
+        out += [json.loads(line) for line in block.splitlines() if line.strip()]
+    return out
+
+
+def test_reference_examples_keep_the_contract():
+    problems, commands, events = [], set(), set()
+    for heading, text in sections().items():
+        for msg in json_lines(text):
+            if "payload" in msg:
+                commands.add(msg["type"])
+                problems += [f"{heading}: {e}" for e in contract.command_errors(msg)]
+            else:
+                events.add(msg["type"])
+                problems += [f"{heading}: {e}" for e in contract.event_errors(msg)]
+    check(not problems, "\n".join(problems))
+    eq(commands, set(QUEUE_OF), "command types shown")
+    all_events = {f[:-len(".schema.json")] for f in os.listdir(os.path.join(contract.SCHEMAS, "events"))}
+    eq(events, all_events, "event types shown")
+
+
+def test_reference_matches_the_readme():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = {}
+    for line in readme.splitlines():
+        m = re.match(r"\| `(\w+)` `\{.*\| (`[A-Z_]+`(?:, `[A-Z_]+`)*) \|$", line)
+        if m:
+            table[m.group(1)] = set(re.findall(r"[A-Z_]{4,}", m.group(2)))
+    eq(set(table), set(QUEUE_OF), "commands in the README table")
+    for type_, codes in table.items():
+        heading = next((h for h in sections() if h.startswith(f"`{type_}`")), None)
+        check(heading, f"no section for {type_}")
+        text = sections()[heading]
+        eq(f"queue `{QUEUE_OF[type_]}`" in heading, True, f"{type_}'s queue in the heading")
+        listed = set(re.findall(r"^- `([A-Z_]+)`", text.split("Rejected with:")[1], flags=re.M))
+        eq(listed, codes, f"rejection codes of {type_}")
+        msgs = json_lines(text)
+        cmd = [m for m in msgs if "payload" in m]
+        eq(len(cmd), 1, f"one example command for {type_}")
+        for ev in msgs:
+            if "payload" not in ev:
+                eq((ev["commandId"], ev["commandType"]), (cmd[0]["id"], type_), f"{type_}'s events answer it")
