@@ -88,7 +88,18 @@ static void remember(conveyor_client *c, const char *id) {
     snprintf(p->id, sizeof p->id, "%s", id);
 }
 
-int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]) {
+/* A command checked and ready to send. */
+struct prepared {
+    char *body;                 /* the envelope as sent (id and createdAt added); owned */
+    char id[ID_LEN + 1];
+    char type[CFG_NAME_MAX];
+    const struct cfg_queue *q;  /* the queue that routes its type */
+};
+
+/* Completes envelope_json (id, createdAt) and makes the checks a worker makes.
+ * Returns 0 with *p filled (free p->body), or CONVEYOR_EINVALID with the reason in c->err. */
+static int prepare(conveyor_client *c, const char *envelope_json, struct prepared *p) {
+    memset(p, 0, sizeof *p);
     cJSON *in = cJSON_Parse(envelope_json);
     if (!cJSON_IsObject(in)) {
         cJSON_Delete(in);
@@ -110,9 +121,9 @@ int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, cha
     char *body = cJSON_PrintUnformatted(in);
     cJSON_Delete(in);
 
-    /* the same checks a worker makes, before anything is sent */
     struct envelope env;
     char err[512];
+    int rc = CONVEYOR_EINVALID;
     if (envelope_parse(body, strlen(body), (size_t)c->cfg.max_message_bytes, NULL, &env, err, sizeof err) < 0) {
         free(body);
         return fail(c, CONVEYOR_EINVALID, "invalid command: %s", err);
@@ -121,32 +132,68 @@ int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, cha
         char *f = env.field_errors ? cJSON_PrintUnformatted(env.field_errors) : strdup("a string holds \\u0000");
         snprintf(c->err, sizeof c->err, "invalid command: %s", f);
         free(f);
-        free(body);
-        envelope_free(&env);
-        return CONVEYOR_EINVALID;
-    }
-    const struct cfg_queue *q = cfg_queue_for(&c->cfg, env.type);
-    if (!q) {
+    } else if (!(p->q = cfg_queue_for(&c->cfg, env.type))) {
         snprintf(c->err, sizeof c->err, "no queue in %s routes command type '%s'", c->cfg.path, env.type);
-        free(body);
-        envelope_free(&env);
-        return CONVEYOR_EINVALID;
-    }
-    int rc = CONVEYOR_EBROKER;
-    struct broker *b = broker_for(c, q->transport);
-    if (b) {
-        if (broker_publish_command(b, q, env.type, body, strlen(body), env.id) == 0) {
-            rc = 0;
-            snprintf(id_out, ID_LEN + 1, "%s", env.id);
-            remember(c, env.id);
-        } else {
-            snprintf(c->err, sizeof c->err, "%s", broker_error(b));
-            broker_close(b); /* re-opened on the next publish */
-            c->brokers[q->transport] = NULL;
-        }
+    } else {
+        snprintf(p->id, sizeof p->id, "%s", env.id);
+        snprintf(p->type, sizeof p->type, "%s", env.type);
+        p->body = body;
+        body = NULL;
+        rc = 0;
     }
     free(body);
     envelope_free(&env);
+    return rc;
+}
+
+/* Sends the n prepared commands of transport t with one wait for the broker.
+ * Returns 0, or CONVEYOR_EBROKER with the reason in c->err. */
+static int send_prepared(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
+    struct broker *b = broker_for(c, t);
+    if (!b) return CONVEYOR_EBROKER;
+    struct outgoing_command *oc = calloc((size_t)n, sizeof *oc);
+    for (int i = 0; i < n; i++) oc[i] = (struct outgoing_command){p[i].q, p[i].type, p[i].body, strlen(p[i].body), p[i].id};
+    int rc = broker_publish_commands(b, oc, n);
+    free(oc);
+    if (rc < 0) {
+        snprintf(c->err, sizeof c->err, "%s", broker_error(b));
+        broker_close(b); /* re-opened on the next publish */
+        c->brokers[t] = NULL;
+        return CONVEYOR_EBROKER;
+    }
+    for (int i = 0; i < n; i++) remember(c, p[i].id);
+    return 0;
+}
+
+int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]) {
+    struct prepared p;
+    int rc = prepare(c, envelope_json, &p);
+    if (rc == 0 && (rc = send_prepared(c, p.q->transport, &p, 1)) == 0) snprintf(id_out, ID_LEN + 1, "%s", p.id);
+    free(p.body);
+    return rc;
+}
+
+int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int n, char (*ids)[37],
+                           char **errors) {
+    struct prepared *p = calloc((size_t)n, sizeof *p), *by_t[2] = {NULL, NULL};
+    int count[2] = {0, 0}, rc = 0;
+    for (int i = 0; i < n; i++) {
+        ids[i][0] = '\0';
+        errors[i] = NULL;
+        if (prepare(c, envelopes[i], &p[i]) < 0) errors[i] = strdup(c->err);
+    }
+    for (int t = 0; t < 2; t++) {
+        by_t[t] = calloc((size_t)n, sizeof *by_t[t]);
+        for (int i = 0; i < n; i++)
+            if (p[i].body && p[i].q->transport == (enum transport)t) by_t[t][count[t]++] = p[i];
+        if (count[t] && rc == 0) rc = send_prepared(c, (enum transport)t, by_t[t], count[t]);
+        free(by_t[t]);
+    }
+    for (int i = 0; i < n; i++) {
+        if (p[i].body && rc == 0) snprintf(ids[i], 37, "%s", p[i].id);
+        free(p[i].body);
+    }
+    free(p);
     return rc;
 }
 

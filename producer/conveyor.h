@@ -50,6 +50,15 @@ int conveyor_publish(conveyor_client *c, const char *type, const char *payload_j
 /* Publishes a whole envelope ({"type", "payload"} at least; id and createdAt
  * are added when missing). Writes the command id to id_out. */
 int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]);
+/* Publishes n envelopes (as conveyor_publish_envelope) with one wait for the
+ * broker's confirms, the fast way to send many. For each i: ids[i] gets the
+ * command id once confirmed, or "" when it was not sent; errors[i] gets a
+ * malloc'd reason when envelope i was invalid (the caller frees it), else NULL.
+ * Returns 0 when every valid envelope was confirmed, or CONVEYOR_EBROKER (then
+ * none is reported sent, though some may have been: publish them again, the
+ * ids make that safe). */
+int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int n, char (*ids)[37],
+                           char **errors);
 /* Waits for the result event of command id (needs CONVEYOR_WAIT). Returns 0
  * for a success event, CONVEYOR_REJECTED for command.rejected (either way the
  * event JSON is in *event_json), or CONVEYOR_ETIMEOUT. */

@@ -1,11 +1,14 @@
 /* produce.c - conveyor-produce: publish commands from the command line or stdin. */
 #include "conveyor.h"
 
+#include <errno.h>
 #include <getopt.h>
+#include <poll.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 enum { EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXIT_INVALID = 5 };
 
@@ -35,6 +38,44 @@ static int code_for(int rc) {
     case CONVEYOR_ETIMEOUT: return EXIT_TIMEOUT;
     case CONVEYOR_REJECTED: return EXIT_REJECTED;
     default: return 0;
+    }
+}
+
+/* Commands sent together at most (one window of confirms). */
+#define BATCH_MAX 500
+
+/* Lines of standard input, read straight from fd 0 so that "is another line
+ * already waiting?" has an answer (poll cannot see stdio's buffer). */
+struct line_reader {
+    char *buf;
+    size_t len, cap;
+};
+
+/* The next line (malloc'd, without its newline), or NULL when none is ready:
+ * with block, waits for one (NULL then means end of input, *eof set);
+ * without, returns only a line already read or readable now. */
+static char *next_line(struct line_reader *r, bool block, bool *eof) {
+    for (;;) {
+        char *nl = r->len ? memchr(r->buf, '\n', r->len) : NULL;
+        if (nl || (*eof && r->len)) {
+            size_t n = nl ? (size_t)(nl - r->buf) : r->len;
+            char *line = strndup(r->buf, n);
+            size_t used = nl ? n + 1 : n;
+            memmove(r->buf, r->buf + used, r->len - used);
+            r->len -= used;
+            if (n && line[n - 1] == '\r') line[n - 1] = '\0';
+            return line;
+        }
+        if (*eof) return NULL;
+        if (!block) {
+            struct pollfd pfd = {0, POLLIN, 0};
+            if (poll(&pfd, 1, 0) <= 0) return NULL;
+        }
+        if (r->cap - r->len < 65536) r->buf = realloc(r->buf, r->cap = r->cap * 2 + 65536);
+        ssize_t got = read(0, r->buf + r->len, r->cap - r->len);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) *eof = true;
+        else r->len += (size_t)got;
     }
 }
 
@@ -103,34 +144,53 @@ int main(int argc, char **argv) {
         return status;
     }
 
-    /* stdin: one command per line; bad lines are reported and skipped */
-    char *line = NULL, (*ids)[37] = NULL;
-    size_t cap = 0, nids = 0, idcap = 0;
-    long lineno = 0;
-    ssize_t len;
-    while ((len = getline(&line, &cap, stdin)) >= 0) {
-        lineno++;
-        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = '\0';
-        if (len == 0) continue;
-        int rc = conveyor_publish_envelope(c, line, id);
-        if (rc == CONVEYOR_EINVALID) {
-            fprintf(stderr, "conveyor-produce: stdin line %ld not sent: %s\n", lineno, conveyor_error(c));
-            status = EXIT_INVALID;
+    /* stdin: one command per line; bad lines are reported and skipped. Lines
+     * already waiting are sent together (up to BATCH_MAX, one wait for the
+     * broker); a line typed alone is sent at once. */
+    struct line_reader lr = {0};
+    char *batch[BATCH_MAX], (*bids)[37] = malloc(BATCH_MAX * sizeof *bids), *errors[BATCH_MAX];
+    long lines[BATCH_MAX], lineno = 0;
+    char (*ids)[37] = NULL;
+    size_t nids = 0, idcap = 0;
+    bool eof = false;
+    while (status != EXIT_BROKER) {
+        int n = 0;
+        char *l;
+        while (n < BATCH_MAX && (l = next_line(&lr, n == 0, &eof))) {
+            lineno++;
+            if (!*l) { free(l); continue; }
+            lines[n] = lineno;
+            batch[n++] = l;
+        }
+        if (n == 0) {
+            if (eof) break;
             continue;
         }
+        int rc = conveyor_publish_batch(c, (const char *const *)batch, n, bids, errors);
+        for (int i = 0; i < n; i++) {
+            if (errors[i]) {
+                fprintf(stderr, "conveyor-produce: stdin line %ld not sent: %s\n", lines[i], errors[i]);
+                status = EXIT_INVALID;
+            } else if (bids[i][0]) {
+                printf("%s\n", bids[i]);
+                if (wait) {
+                    if (nids == idcap) ids = realloc(ids, (idcap = idcap ? idcap * 2 : 64) * sizeof *ids);
+                    memcpy(ids[nids++], bids[i], 37);
+                }
+            }
+            free(errors[i]);
+            free(batch[i]);
+        }
         if (rc < 0) {
-            fprintf(stderr, "conveyor-produce: stdin line %ld not sent: %s\n", lineno, conveyor_error(c));
+            fprintf(stderr, "conveyor-produce: stdin lines %ld-%ld not sent: %s\n", lines[0], lines[n - 1],
+                    conveyor_error(c));
             status = EXIT_BROKER;
-            break;
         }
-        printf("%s\n", id);
-        if (wait) {
-            if (nids == idcap) ids = realloc(ids, (idcap = idcap ? idcap * 2 : 64) * sizeof *ids);
-            memcpy(ids[nids++], id, 37);
-        }
+        fflush(stdout);
     }
+    free(bids);
+    free(lr.buf);
     fflush(stdout);
-    free(line);
     for (size_t i = 0; i < nids; i++) {
         int s = wait_result(c, ids[i], timeout_ms);
         if (s && (!status || s == EXIT_TIMEOUT)) status = s;

@@ -28,7 +28,12 @@ int broker_declare(struct broker *b) { return b->ops->declare(b); }
 
 int broker_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
                            const char *body, size_t len, const char *message_id) {
-    return b->ops->publish_command(b, q, type, body, len, message_id);
+    struct outgoing_command c = {q, type, body, len, message_id};
+    return b->ops->publish_commands(b, &c, 1);
+}
+
+int broker_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
+    return n > 0 ? b->ops->publish_commands(b, c, n) : 0;
 }
 
 int broker_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
@@ -40,7 +45,8 @@ int broker_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return b->ops->next(b, d, timeout_ms);
 }
 
-int broker_ack(struct broker *b, const struct delivery *d) { return b->ops->ack(b, d); }
+int broker_ack(struct broker *b, const struct delivery *d) { return b->ops->ack(b, d, 1); }
+int broker_ack_batch(struct broker *b, const struct delivery *d, int n) { return n > 0 ? b->ops->ack(b, d, n) : 0; }
 int broker_requeue(struct broker *b, const struct delivery *d) { return b->ops->requeue(b, d); }
 
 int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,

@@ -249,12 +249,15 @@ out:
     return rc;
 }
 
-static int amqp_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
-                                const char *body, size_t len, const char *message_id) {
-    (void)q;
+static int amqp_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
-    struct amqp_msg m = {a->commands_ex, type, body, len, message_id, type, amqp_empty_table, NULL};
-    return publish_confirmed(a, &m, 1, true);
+    struct amqp_msg *m = calloc((size_t)n, sizeof *m);
+    for (int i = 0; i < n; i++)
+        m[i] = (struct amqp_msg){a->commands_ex, c[i].type, c[i].body, c[i].len, c[i].message_id, c[i].type,
+                                 amqp_empty_table, NULL};
+    int rc = publish_confirmed(a, m, n, true);
+    free(m);
+    return rc;
 }
 
 static int amqp_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
@@ -262,7 +265,7 @@ static int amqp_consume(struct broker *b, const struct cfg_queue *q, const char 
     struct amqp_broker *a = (struct amqp_broker *)b;
     names_amqp_queue(b->cfg, q->name, a->queue, sizeof a->queue);
     names_amqp_dead(b->cfg, q->name, a->dead, sizeof a->dead);
-    a->prefetch = q->prefetch;
+    a->prefetch = q->prefetch > q->batch_size ? q->prefetch : q->batch_size; /* a batch is what is delivered */
     a->consuming = true;
     return 0; /* basic.consume is sent when the consume connection opens */
 }
@@ -331,7 +334,7 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return 1;
 }
 
-static int amqp_ack(struct broker *b, const struct delivery *d) {
+static int amqp_ack(struct broker *b, const struct delivery *d, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     if (!a->consume) {
         /* the channel is gone, and with it the delivery: RabbitMQ redelivers the
@@ -339,7 +342,10 @@ static int amqp_ack(struct broker *b, const struct delivery *d) {
         log_warn("rabbitmq: connection lost before ack; the message will be redelivered and found done");
         return 0;
     }
-    int rc = amqp_basic_ack(a->consume, CHANNEL, d->tag, 0);
+    /* a batch is every delivery held: one ack with multiple set covers it */
+    uint64_t last = d[0].tag;
+    for (int i = 1; i < n; i++) if (d[i].tag > last) last = d[i].tag;
+    int rc = amqp_basic_ack(a->consume, CHANNEL, last, n > 1);
     if (rc != AMQP_STATUS_OK) {
         drop(&a->consume);
         log_warn("rabbitmq ack: %s; the message will be redelivered and found done", amqp_error_string2(rc));
@@ -379,7 +385,7 @@ static int amqp_dead_letter(struct broker *b, const struct delivery *d, const ch
     struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL, {4, h}, NULL};
     int rc = publish_confirmed(a, &m, 1, true);
     if (rc < 0) return rc;
-    return amqp_ack(b, d);
+    return amqp_ack(b, d, 1);
 }
 
 /* The delay queue for delay_ms: conveyor.<q>.retry.<nominal ms>, one per
@@ -418,7 +424,7 @@ static int amqp_retry(struct broker *b, const struct delivery *d, int delay_ms) 
     struct amqp_msg m = {"", name, d->body, d->len, d->message_id, NULL, amqp_empty_table, NULL};
     m.expiration = expiration;
     if ((rc = publish_confirmed(a, &m, 1, true)) < 0) return rc;
-    return amqp_ack(b, d);
+    return amqp_ack(b, d, 1);
 }
 
 static int amqp_maintain(struct broker *b) { (void)b; return 0; /* RabbitMQ redelivers and expires by itself */ }
@@ -574,7 +580,7 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
 }
 
 static const struct broker_ops amqp_ops = {
-    amqp_close_broker, amqp_declare, amqp_publish_command, amqp_consume, amqp_next, amqp_ack,
+    amqp_close_broker, amqp_declare, amqp_publish_commands, amqp_consume, amqp_next, amqp_ack,
     amqp_requeue, amqp_dead_letter, amqp_retry, amqp_maintain, amqp_dead_read, amqp_dead_take,
     amqp_publish_events, amqp_subscribe, amqp_next_event,
 };

@@ -8,11 +8,10 @@
 struct broker_ops {
     void (*close)(struct broker *b);
     int (*declare)(struct broker *b);
-    int (*publish_command)(struct broker *b, const struct cfg_queue *q, const char *type,
-                           const char *body, size_t len, const char *message_id);
+    int (*publish_commands)(struct broker *b, const struct outgoing_command *c, int n);
     int (*consume)(struct broker *b, const struct cfg_queue *q, const char *worker_id);
     int (*next)(struct broker *b, struct delivery *d, int timeout_ms);
-    int (*ack)(struct broker *b, const struct delivery *d);
+    int (*ack)(struct broker *b, const struct delivery *d, int n);
     int (*requeue)(struct broker *b, const struct delivery *d);
     int (*dead_letter)(struct broker *b, const struct delivery *d, const char *reason,
                        const char *error, int attempts);

@@ -132,16 +132,17 @@ static void redis_close(struct broker *b) {
 
 static int redis_declare(struct broker *b) { (void)b; return 0; }
 
-static int redis_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
-                                 const char *body, size_t len, const char *message_id) {
-    (void)type; (void)message_id;
+static int read_replies(struct redis_broker *r, int n, const char *what);
+
+static int redis_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
+    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
     char key[256];
-    names_redis(b->cfg, "queue", q->name, key, sizeof key);
-    redisReply *rep = cmd(r, "LPUSH %s %b", key, body, len);
-    if (!rep) return last_error(r);
-    freeReplyObject(rep);
-    return 0;
+    for (int i = 0; i < n; i++) {
+        names_redis(b->cfg, "queue", c[i].q->name, key, sizeof key);
+        redisAppendCommand(r->ctx, "LPUSH %s %b", key, c[i].body, c[i].len);
+    }
+    return read_replies(r, n, "LPUSH");
 }
 
 static int redis_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
@@ -197,7 +198,9 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     if (timeout_ms > b->cfg->heartbeat_interval_s * 500) timeout_ms = b->cfg->heartbeat_interval_s * 500;
     char tmo[32];
     snprintf(tmo, sizeof tmo, "%.3f", timeout_ms / 1000.0);
-    redisReply *rep = cmd(r, "BLMOVE %s %s RIGHT LEFT %s", r->queue_key, r->inflight_key, tmo);
+    /* timeout 0: only a message already waiting (BLMOVE would block for ever) */
+    redisReply *rep = timeout_ms <= 0 ? cmd(r, "LMOVE %s %s RIGHT LEFT", r->queue_key, r->inflight_key)
+                                      : cmd(r, "BLMOVE %s %s RIGHT LEFT %s", r->queue_key, r->inflight_key, tmo);
     if (!rep) return last_error(r);
     if (rep->type != REDIS_REPLY_STRING) {
         freeReplyObject(rep);
@@ -211,12 +214,11 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return 1;
 }
 
-static int redis_ack(struct broker *b, const struct delivery *d) {
+static int redis_ack(struct broker *b, const struct delivery *d, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
-    redisReply *rep = cmd(r, "LREM %s 1 %b", r->inflight_key, d->body, d->len);
-    if (!rep) return last_error(r);
-    freeReplyObject(rep);
-    return 0;
+    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    for (int i = 0; i < n; i++) redisAppendCommand(r->ctx, "LREM %s 1 %b", r->inflight_key, d[i].body, d[i].len);
+    return read_replies(r, n, "LREM");
 }
 
 /* Reads the replies of n pipelined commands. Returns 0, CV_EFATAL if Redis
@@ -481,7 +483,7 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
 }
 
 static const struct broker_ops redis_ops = {
-    redis_close, redis_declare, redis_publish_command, redis_consume, redis_next, redis_ack,
+    redis_close, redis_declare, redis_publish_commands, redis_consume, redis_next, redis_ack,
     redis_requeue, redis_dead_letter, redis_retry, redis_maintain, redis_dead_read, redis_dead_take,
     redis_publish_events, redis_subscribe, redis_next_event,
 };

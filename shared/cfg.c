@@ -125,7 +125,7 @@ static bool valid_name(const char *s) {
 static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enum transport deflt,
                       struct cfg_queue *q) {
     static const char *const keys[] = {"name", "commands", "workers", "prefetch", "transport",
-                                       "queue_type", "max_attempts", NULL};
+                                       "queue_type", "max_attempts", "batch_size", NULL};
     char p[256];
     setting_path(qs, p, sizeof p);
     if (config_setting_type(qs) != CONFIG_TYPE_GROUP)
@@ -142,6 +142,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     q->prefetch = 8;
     q->quorum = true;
     q->max_attempts = 10;
+    q->batch_size = 1;
     char *tr = NULL, *qt = NULL;
     if (get_string(l, qs, "transport", &tr) < 0) return -1;
     if (tr && transport_parse(tr, &q->transport) < 0) {
@@ -161,6 +162,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     if (get_int(l, qs, "workers", 0, 256, &q->workers) < 0) return -1;
     if (get_int(l, qs, "prefetch", 1, 65535, &q->prefetch) < 0) return -1;
     if (get_int(l, qs, "max_attempts", 1, 1000, &q->max_attempts) < 0) return -1;
+    if (get_int(l, qs, "batch_size", 1, 1000, &q->batch_size) < 0) return -1;
 
     config_setting_t *cmds = config_setting_get_member(qs, "commands");
     if (!cmds || (config_setting_type(cmds) != CONFIG_TYPE_ARRAY &&

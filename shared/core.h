@@ -55,6 +55,7 @@ struct cfg_queue {
     int workers;         /* processes for this queue */
     int prefetch;        /* RabbitMQ basic.qos */
     int max_attempts;    /* handler starts before a message is dead-lettered (retries_exhausted) */
+    int batch_size;      /* messages already delivered that a worker runs in one transaction */
     bool quorum;         /* RabbitMQ queue type: quorum (default) or classic */
     char **commands;     /* command types routed here, owned by the cfg */
     int ncommands;
@@ -215,6 +216,18 @@ int broker_declare(struct broker *b);
  * the connection failed. */
 int broker_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
                            const char *body, size_t len, const char *message_id);
+/* A command to publish: its queue, type, body and id (borrowed). */
+struct outgoing_command {
+    const struct cfg_queue *q;
+    const char *type;
+    const char *body;
+    size_t len;
+    const char *message_id;
+};
+/* Publishes n commands with one wait for the broker (a window of confirms /
+ * one pipeline), as broker_publish_command does one. On an error none of them
+ * may be taken as published (some may have been). */
+int broker_publish_commands(struct broker *b, const struct outgoing_command *c, int n);
 /* Starts consuming QUEUE as worker WORKER_ID. Redis: first returns to the queue
  * whatever an earlier process with this worker id left in flight. */
 int broker_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id);
@@ -223,6 +236,10 @@ int broker_consume(struct broker *b, const struct cfg_queue *q, const char *work
 int broker_next(struct broker *b, struct delivery *d, int timeout_ms);
 /* Removes the message for good (after commit). */
 int broker_ack(struct broker *b, const struct delivery *d);
+/* Removes n messages for good at once (RabbitMQ: one multiple ack; Redis: one
+ * pipeline). They must be every message this consumer holds unsettled, in the
+ * order they arrived. */
+int broker_ack_batch(struct broker *b, const struct delivery *d, int n);
 /* Puts the message back on its queue, for a later attempt. */
 int broker_requeue(struct broker *b, const struct delivery *d);
 /* Moves the message, untouched, to the queue's dead letters with why. */

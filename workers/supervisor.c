@@ -53,6 +53,11 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     signal(SIGCHLD, SIG_DFL);
     sigprocmask(SIG_UNBLOCK, mask, NULL);
     prctl(PR_SET_PDEATHSIG, SIGTERM);
+    /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper */
+    char comm[16];
+    snprintf(comm, sizeof comm, "cv-%s%s%s", kind_name[c->kind], c->kind == CHILD_WORKER ? "-" : "",
+             c->kind == CHILD_WORKER ? c->queue->name : "");
+    prctl(PR_SET_NAME, comm);
     log_init(kind_name[c->kind]);
     int rc = c->kind == CHILD_WORKER ? worker_run(cfg, c->queue, c->worker_id)
            : c->kind == CHILD_RELAY  ? relay_run(cfg)

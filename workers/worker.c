@@ -73,27 +73,23 @@ static int check_envelope_rules(struct cmd_ctx *ctx) {
     return 0;
 }
 
-/* Runs the command in one transaction. Returns an outcome (>= 0) or the
- * error class of a failure (the transaction is then rolled back). */
-static int run_transaction(struct worker *w, const struct envelope *env, handler_fn handler) {
+/* Runs one command inside the open transaction: the dedup row (which also
+ * drops its attempt count), the handler, the outbox rows. Returns an outcome
+ * (>= 0), or the error class of a failure: the caller then rolls back (to the
+ * command's savepoint, or the whole transaction). */
+static int run_command(struct worker *w, const struct envelope *env, handler_fn handler) {
     PGconn *db = w->db;
     const char *p[2] = {env->id, env->type};
     PGresult *r;
     int rc;
-    /* the session commits asynchronously (attempt counts); commands commit as the server is configured */
-    if ((rc = db_cmd(db, "BEGIN; SET LOCAL synchronous_commit TO DEFAULT")) < 0) return rc;
     if ((rc = db_exec(db, "WITH done AS (DELETE FROM command_attempts WHERE id = $1) "
                           "INSERT INTO processed_commands (id, type, outcome) VALUES ($1, $2, 'applied') "
                           "ON CONFLICT (id) DO NOTHING", 2, p, &r, NULL)) < 0)
-        goto rollback;
+        return rc;
     bool duplicate = strcmp(PQcmdTuples(r), "0") == 0;
     PQclear(r);
-    if (duplicate) {
-        db_cmd(db, "ROLLBACK");
-        db_exec(db, "DELETE FROM command_attempts WHERE id = $1", 1, p, NULL, NULL);
-        return DUPLICATE;
-    }
-    if ((rc = db_cmd(db, "SAVEPOINT command")) < 0) goto rollback;
+    if (duplicate) return DUPLICATE; /* done before (or earlier in this batch): nothing to do */
+    if ((rc = db_cmd(db, "SAVEPOINT command")) < 0) return rc;
 
     struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = env};
     rc = check_envelope_rules(&ctx);
@@ -103,16 +99,15 @@ static int run_transaction(struct worker *w, const struct envelope *env, handler
         outcome = REJECTED;
         cJSON_Delete(ctx.events);
         ctx.events = NULL;
-        if ((rc = db_cmd(db, "ROLLBACK TO SAVEPOINT command")) < 0) goto rollback_ctx;
+        if ((rc = db_cmd(db, "ROLLBACK TO SAVEPOINT command")) < 0) goto out;
         log_msg(LOG_DEBUG, env->id, "%s rejected: %s (%s)", env->type, ctx.rej.code, ctx.rej.message);
         ctx_emit(&ctx, "command.rejected", "command", env->id, rejection_data(&ctx.rej));
         if ((rc = db_exec(db, "UPDATE processed_commands SET outcome = 'rejected' WHERE id = $1", 1, p, NULL,
                           NULL)) < 0)
-            goto rollback_ctx;
+            goto out;
     } else if (rc < 0) {
-        goto rollback_ctx;
+        goto out;
     }
-
     char *events = cJSON_PrintUnformatted(ctx.events);
     const char *ep[1] = {events};
     rc = db_exec(db,
@@ -121,19 +116,11 @@ static int run_transaction(struct worker *w, const struct envelope *env, handler
                  "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n",
                  1, ep, NULL, NULL);
     free(events);
-    if (rc < 0) goto rollback_ctx;
-    if ((rc = db_cmd(db, w->commit_sql)) < 0) goto rollback_ctx;
+    if (rc == 0) rc = outcome;
+out:
     cJSON_Delete(ctx.events);
     cJSON_Delete(ctx.rej.fields);
     cJSON_Delete(ctx.rej.details);
-    return outcome;
-
-rollback_ctx:
-    cJSON_Delete(ctx.events);
-    cJSON_Delete(ctx.rej.fields);
-    cJSON_Delete(ctx.rej.details);
-rollback:
-    if (PQstatus(db) == CONNECTION_OK) PQclear(PQexec(db, "ROLLBACK"));
     return rc;
 }
 
@@ -197,57 +184,146 @@ static void attempt_failed(struct worker *w, const struct delivery *d, const str
                 broker_error(w->broker));
 }
 
-static void process(struct worker *w, struct delivery *d) {
+/* One message of a batch, from delivery to settlement. */
+struct item {
+    struct delivery d;
     struct envelope env;
+    handler_fn handler;
+    bool live;            /* parsed, known, counted: it takes part in the transaction */
+    int attempts;
+    int rc;               /* its outcome (>= 0) or error class */
+    const char *key;      /* aggregate it touches first (payload.productId), for lock order; or "" */
+};
+
+/* Parses and counts one delivered message; settles at once what cannot run
+ * (invalid, unknown type, out of attempts). Returns false when the database
+ * is away: the message is then handed back untouched. */
+static bool admit(struct worker *w, struct item *it) {
     char err[256];
-    if (envelope_parse(d->body, d->len, (size_t)w->cfg->max_message_bytes, d->message_id, &env, err,
+    it->live = false;
+    if (envelope_parse(it->d.body, it->d.len, (size_t)w->cfg->max_message_bytes, it->d.message_id, &it->env, err,
                        sizeof err) < 0) {
-        settle_dead(w, d, "invalid_envelope", err, 0, NULL);
-        return;
+        settle_dead(w, &it->d, "invalid_envelope", err, 0, NULL);
+        return true;
     }
     /* A type this build has no handler for, or that this queue's `commands` does
      * not list (an older deployment), waits as a dead letter for an upgrade. */
-    handler_fn handler = handler_find(env.type);
-    if (!handler || cfg_queue_for(w->cfg, env.type) != w->q) {
-        if (!handler) snprintf(err, sizeof err, "no handler for command type '%s'", env.type);
+    it->handler = handler_find(it->env.type);
+    if (!it->handler || cfg_queue_for(w->cfg, it->env.type) != w->q) {
+        if (!it->handler) snprintf(err, sizeof err, "no handler for command type '%s'", it->env.type);
         else snprintf(err, sizeof err, "queue '%s' does not take command type '%s' (its commands in the config)",
-                      w->q->name, env.type);
-        settle_dead(w, d, "unknown_command", err, 0, env.id);
-        envelope_free(&env);
-        return;
+                      w->q->name, it->env.type);
+        settle_dead(w, &it->d, "unknown_command", err, 0, it->env.id);
+        return true;
     }
     char *last_error = NULL;
-    int attempts = attempt_start(w, env.id, &last_error);
-    if (attempts < 0) {
+    it->attempts = attempt_start(w, it->env.id, &last_error);
+    if (it->attempts < 0) {
         /* the database is away: not an attempt; give the message back and reconnect */
         db_check(w);
-        if (broker_requeue(w->broker, d) < 0)
-            log_msg(LOG_WARN, env.id, "requeue failed (%s); the broker returns it when the connection closes",
+        if (broker_requeue(w->broker, &it->d) < 0)
+            log_msg(LOG_WARN, it->env.id, "requeue failed (%s); the broker returns it when the connection closes",
                     broker_error(w->broker));
-        envelope_free(&env);
-        return;
+        return false;
     }
-    if (attempts > w->q->max_attempts) {
+    if (it->attempts > w->q->max_attempts) {
         /* the handler was started max_attempts times (some of them killed their worker) */
         char why[700];
-        snprintf(why, sizeof why, "gave up after %d attempts; last error: %s", attempts - 1,
+        snprintf(why, sizeof why, "gave up after %d attempts; last error: %s", it->attempts - 1,
                  last_error ? last_error : "the worker died while handling it");
-        settle_dead(w, d, "retries_exhausted", why, attempts - 1, env.id);
+        settle_dead(w, &it->d, "retries_exhausted", why, it->attempts - 1, it->env.id);
     } else {
-        int rc = run_transaction(w, &env, handler);
-        if (rc >= 0) {
-            log_msg(LOG_DEBUG, env.id, "%s %s", env.type, outcome_name[rc]);
-            while (broker_ack(w->broker, d) == CV_ERETRY && !stop_requested) {
-                /* Redis: the in-flight entry must go, or it would come back after a restart */
-                log_msg(LOG_WARN, env.id, "ack failed (%s); retrying", broker_error(w->broker));
-                backoff_sleep(500, &stop_requested);
-            }
-        } else {
-            attempt_failed(w, d, &env, attempts, rc);
-        }
+        const cJSON *k = cJSON_GetObjectItemCaseSensitive(it->env.payload, "productId");
+        it->key = cJSON_IsString(k) ? k->valuestring : "";
+        it->live = true;
     }
     free(last_error);
-    envelope_free(&env);
+    return true;
+}
+
+/* Stable order by key: every batch takes its rows' locks in the same order,
+ * so concurrent batches do not deadlock; commands on one aggregate keep theirs. */
+static void sort_by_key(struct item **v, int n) {
+    for (int i = 1; i < n; i++) {
+        struct item *x = v[i];
+        int j = i;
+        for (; j > 0 && strcmp(v[j - 1]->key, x->key) > 0; j--) v[j] = v[j - 1];
+        v[j] = x;
+    }
+}
+
+/* Runs the live items in one transaction, each in its own savepoint when
+ * there are several (a failing command is rolled back alone); commits once.
+ * Sets each item's rc. */
+static void run_batch(struct worker *w, struct item **v, int n) {
+    PGconn *db = w->db;
+    bool several = n > 1;
+    /* the session commits asynchronously (attempt counts); commands commit as the server is configured */
+    int rc = db_cmd(db, "BEGIN; SET LOCAL synchronous_commit TO DEFAULT");
+    for (int i = 0; i < n && rc == 0; i++) {
+        if (several && (rc = db_cmd(db, "SAVEPOINT item")) < 0) break;
+        v[i]->rc = run_command(w, &v[i]->env, v[i]->handler);
+        if (v[i]->rc >= 0) {
+            if (several) rc = db_cmd(db, "RELEASE SAVEPOINT item");
+        } else if (!several || PQstatus(db) != CONNECTION_OK) {
+            rc = v[i]->rc;
+        } else if ((rc = db_cmd(db, "ROLLBACK TO SAVEPOINT item")) == 0) {
+            rc = db_cmd(db, "RELEASE SAVEPOINT item"); /* this one alone is retried */
+        }
+    }
+    if (rc == 0) rc = db_cmd(db, w->commit_sql);
+    if (rc < 0) {
+        /* nothing of the batch was committed */
+        if (PQstatus(db) == CONNECTION_OK) PQclear(PQexec(db, "ROLLBACK"));
+        for (int i = 0; i < n; i++)
+            if (v[i]->rc >= 0) v[i]->rc = rc;
+    }
+}
+
+/* Takes up to batch_size messages (the first waited for, the rest only if
+ * already delivered), runs them, then settles each: acks after the commit
+ * (one ack for a batch that went through whole), retries or dead letters. */
+static void process_batch(struct worker *w, struct item *items, int n) {
+    struct item **live = malloc((size_t)n * sizeof *live);
+    int nlive = 0, admitted = 0;
+    for (; admitted < n; admitted++) {
+        if (!admit(w, &items[admitted])) break;
+        if (items[admitted].live) live[nlive++] = &items[admitted];
+    }
+    if (admitted < n) {
+        /* the database went away: hand back the rest, and the counted ones too */
+        for (int i = admitted + 1; i < n; i++) broker_requeue(w->broker, &items[i].d);
+        for (int i = 0; i < nlive; i++) broker_requeue(w->broker, &live[i]->d);
+        nlive = 0;
+    }
+    sort_by_key(live, nlive);
+    if (nlive > 0) run_batch(w, live, nlive);
+    bool whole = nlive == n;
+    for (int i = 0; i < nlive; i++) {
+        struct item *it = live[i];
+        if (it->rc >= 0) log_msg(LOG_DEBUG, it->env.id, "%s %s", it->env.type, outcome_name[it->rc]);
+        else whole = false;
+    }
+    /* failures first: a retry acks its own delivery */
+    for (int i = 0; i < nlive; i++)
+        if (live[i]->rc < 0) attempt_failed(w, &live[i]->d, &live[i]->env, live[i]->attempts, live[i]->rc);
+    struct delivery *acks = malloc((size_t)n * sizeof *acks);
+    int nacks = 0;
+    for (int i = 0; i < n; i++) /* in arrival order */
+        if (items[i].live && items[i].rc >= 0) acks[nacks++] = items[i].d;
+    for (int sent = 0; sent < nacks;) {
+        /* Redis: the in-flight entries must go, or they would come back after a restart */
+        int k = whole ? nacks : 1;
+        int rc = whole ? broker_ack_batch(w->broker, acks, nacks) : broker_ack(w->broker, &acks[sent]);
+        if (rc == CV_ERETRY && !stop_requested) {
+            log_warn("ack failed (%s); retrying", broker_error(w->broker));
+            backoff_sleep(500, &stop_requested);
+            continue;
+        }
+        sent += k;
+    }
+    free(acks);
+    free(live);
 }
 
 /* Connects to the database for a worker: attempt counts commit asynchronously
@@ -302,23 +378,30 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     log_info("worker %s consuming queue %s (%s)", worker_id, q->name, transport_name(q->transport));
 
     int broker_failures = 0;
+    struct item *items = calloc((size_t)q->batch_size, sizeof *items);
     while (!stop_requested) {
         if (!w.db && !(w.db = worker_db_connect(cfg))) break; /* take nothing while the database is away */
-        struct delivery d;
-        int rc = broker_next(w.broker, &d, 1000);
-        if (rc < 0) {
+        int n = 0, rc = 0;
+        /* the first message is waited for; the rest of a batch only taken if already delivered */
+        while (n < q->batch_size && (rc = broker_next(w.broker, &items[n].d, n == 0 ? 1000 : 0)) > 0) n++;
+        if (rc < 0 && n == 0) {
             if (broker_failures == 0) log_warn("broker lost: %s; reconnecting", broker_error(w.broker));
             backoff_sleep(backoff_ms(broker_failures++, 100, 5000), &stop_requested);
             continue;
         }
         if (broker_failures) log_info("broker is back");
         broker_failures = 0;
-        if (rc == 0) continue;
-        process(&w, &d);
-        delivery_free(&d);
-        w.jobs++;
+        if (n == 0) continue;
+        process_batch(&w, items, n);
+        for (int i = 0; i < n; i++) {
+            delivery_free(&items[i].d);
+            envelope_free(&items[i].env);
+            memset(&items[i], 0, sizeof items[i]);
+        }
+        w.jobs += n;
         if (should_recycle(&w)) break;
     }
+    free(items);
     log_info("worker %s stopped", worker_id);
     broker_close(w.broker);
     PQfinish(w.db);

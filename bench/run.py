@@ -1,0 +1,489 @@
+#!/usr/bin/python3
+"""Conveyor's benchmark: the limit, the brokers alone and Conveyor end to end, in one run.
+
+    bench/run.py                      the whole benchmark (about 10 minutes)
+    bench/run.py --smoke              a few seconds of each part (the test suite runs this)
+    bench/run.py --commands 200000    twice as long (memory must not grow)
+
+Measures, side by side on the project's local servers (scripts/servers.sh) with
+the durability a user gets by default (synchronous_commit on, persistent
+messages with publisher confirms, Redis AOF appendfsync always):
+
+  1. the limit: pgbench -M prepared running exactly the SQL of one updateStock
+     command (dedup insert, stock update, outbox insert, commit), at the pool's
+     number of connections; and the same with 10 commands per transaction;
+  2. the brokers alone: conveyor-bench-broker publishes with confirms and
+     consumes with acks, no database (RabbitMQ, Redis);
+  3. Conveyor end to end, per transport and batch size: N updateStock commands
+     over 1,000 products piped into conveyor-produce while the pool runs; time
+     from the first publish to the last event marked published by the relay;
+     latency from each command's createdAt to its event's publication; then
+     the same at half that rate, for latency; and a mixed variant (updateStock,
+     createProduct, register). Peak and end RSS of every Conveyor process.
+
+Prints a table with the ratios and writes every figure as JSON (--json,
+default bench/results.json). Exit 0 when the run completed (targets are
+reported, not enforced), 1 when a part failed, 2 on bad arguments.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import psycopg2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "bench")
+PRODUCT_PREFIX = "00000000-0000-4000-8000-"  # product n is PRODUCT_PREFIX + n as 12 digits
+START_STOCK = 1_000_000_000  # no updateStock of +-1 is ever rejected or crosses the low threshold
+
+
+def product_id(n):
+    return f"{PRODUCT_PREFIX}{n:012d}"
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def sh(*cmd, env=None, check=True, capture=True, timeout=None):
+    r = subprocess.run(cmd, env=env, capture_output=capture, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+# ---- set-up ------------------------------------------------------------------------
+
+def servers_env():
+    sh(os.path.join(ROOT, "scripts", "servers.sh"), "up", capture=False)
+    out = sh(os.path.join(ROOT, "scripts", "servers.sh"), "env").stdout
+    env = dict(os.environ)
+    for m in re.finditer(r"^export (\w+)=(.*)$", out, flags=re.M):
+        env[m.group(1)] = m.group(2).strip("'\"")
+    for k in ("CONVEYOR_TRANSPORT", "CONVEYOR_EVENTS_TRANSPORT"):
+        env.pop(k, None)
+    return env
+
+
+def write_config(transport, workers, batch_size):
+    """A queues.conf for one run: the catalog pool is the one measured."""
+    prefetch = max(16, 2 * batch_size)
+    batch = f"batch_size = {batch_size};" if batch_size != 1 else ""
+    text = f"""prefix = "conveyor";
+transport = "{transport}";
+queues = (
+  {{ name = "users";   commands = ["register", "changePassword"]; workers = 1; prefetch = {prefetch}; {batch} }},
+  {{ name = "catalog"; commands = ["createProduct", "updateProduct", "updateStock", "deleteProduct"];
+     workers = {workers}; prefetch = {prefetch}; {batch} }},
+  {{ name = "orders";  commands = ["placeOrder", "cancelOrder"]; workers = 1; prefetch = {prefetch}; {batch} }},
+  {{ name = "bench";   commands = ["benchNoop"]; workers = 0; }}
+);
+"""
+    fd, path = tempfile.mkstemp(prefix="conveyor-bench-", suffix=".conf")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.env = servers_env()
+        self.bin = sh(os.path.join(ROOT, "scripts", "build.sh"), "release").stdout.strip().splitlines()[-1]
+        self.db_url = self.env["CONVEYOR_DATABASE_URL"]
+        self.db = psycopg2.connect(self.db_url)
+        self.db.autocommit = True
+        conf = write_config("rabbitmq", 1, 1)
+        sh(os.path.join(self.bin, "conveyor-workers"), "-c", conf, "--setup", env=self.env)
+        os.unlink(conf)
+        self.results = {"machine": machine(), "settings": self.settings(), "args": vars(args)}
+
+    def q(self, sql, *a):
+        with self.db.cursor() as c:
+            c.execute(sql, a)
+            return c.fetchall() if c.description else None
+
+    def settings(self):
+        s = dict(self.q("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                        ["synchronous_commit", "fsync", "wal_sync_method", "shared_buffers", "max_wal_size"]))
+        s["redis"] = "appendonly yes, appendfsync always"
+        s["rabbitmq"] = "quorum queues, persistent messages, publisher confirms"
+        return s
+
+    def reset_products(self):
+        n = self.args.products
+        self.q("INSERT INTO products (id, name, price, stock, status) "
+               "SELECT (%s || lpad(g::text, 12, '0'))::uuid, 'bench product ' || g, 9.99, %s, 'ACTIVE' "
+               "FROM generate_series(1, %s) g ON CONFLICT (id) DO UPDATE SET stock = EXCLUDED.stock",
+               PRODUCT_PREFIX, START_STOCK, n)
+        self.q("VACUUM ANALYZE products")
+
+    def quiesce(self):
+        """Every earlier event published, dead rows vacuumed: each part starts alike."""
+        self.q("CHECKPOINT")
+        for t in ("outbox", "processed_commands", "command_attempts", "products"):
+            self.q(f"VACUUM {t}")
+
+    # ---- 1. the limit: pgbench ---------------------------------------------------
+
+    def pgbench(self, per_tx):
+        script = os.path.join(HERE, f"pgbench_update_stock_x{per_tx}.sql")
+        self.reset_products()
+        self.quiesce()
+        r = sh("pgbench", "-n", "-M", "prepared", "-c", str(self.args.workers), "-j", str(min(self.args.workers, 2)),
+               "-T", str(self.args.pgbench_seconds), "-D", f"products={self.args.products}",
+               "-f", script, self.db_url)
+        tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", r.stdout).group(1))
+        lat = float(re.search(r"latency average = ([0-9.]+) ms", r.stdout).group(1))
+        self.q("DELETE FROM processed_commands WHERE type = 'pgbench'")
+        self.q("DELETE FROM outbox WHERE event_type = 'pgbench'")
+        res = {"connections": self.args.workers, "commandsPerTransaction": per_tx, "tps": tps,
+               "commandsPerSecond": tps * per_tx, "latencyAvgMs": lat, "script": os.path.relpath(script, ROOT)}
+        log(f"pgbench x{per_tx}: {tps * per_tx:.0f} commands/s ({tps:.0f} tps, {self.args.workers} connections)")
+        return res
+
+    # ---- 2. the brokers alone ------------------------------------------------------
+
+    def broker_alone(self, transport):
+        conf = write_config(transport, 1, 1)
+        try:
+            self.purge(transport, conf, "bench")
+            r = sh(os.path.join(self.bin, "conveyor-bench-broker"), "-c", conf, "-q", "bench",
+                   "-n", str(self.args.broker_messages), env=self.env, timeout=600)
+            res = json.loads(r.stdout)
+        finally:
+            os.unlink(conf)
+        log(f"{transport} alone: {res['perSecond']:.0f} messages/s (publish with confirms + consume with acks)")
+        return res
+
+    def purge(self, transport, conf, queue):
+        if transport == "redis":
+            import redis
+            redis.Redis.from_url(self.env["CONVEYOR_REDIS_URL"]).delete(f"conveyor:queue:{queue}")
+        else:
+            import pika
+            c = pika.BlockingConnection(pika.URLParameters(self.env["CONVEYOR_RABBITMQ_URL"]))
+            try:
+                c.channel().queue_purge(f"conveyor.{queue}")
+            except Exception:
+                pass  # not declared yet
+            c.close()
+
+    # ---- 3. Conveyor end to end ---------------------------------------------------
+
+    def conveyor(self, transport, batch_size, n, mixed=False, rate=None):
+        """One end-to-end run: n commands into conveyor-produce at full speed (or
+        `rate` per second), the pool running. Returns the figures."""
+        conf = write_config(transport, self.args.workers, batch_size)
+        self.reset_products()
+        self.quiesce()
+        for q in ("users", "catalog", "orders"):
+            self.purge(transport, conf, q)
+        env = dict(self.env)
+        pool_log = tempfile.NamedTemporaryFile(prefix="conveyor-bench-pool-", suffix=".log", delete=False)
+        pool = subprocess.Popen([os.path.join(self.bin, "conveyor-workers"), "-c", conf], stdout=pool_log,
+                                stderr=pool_log, env=env, start_new_session=True)
+        try:
+            wait_ready(pool, pool_log.name, self.args.workers + 2)
+            start_id = self.q("SELECT coalesce(max(id), 0) FROM outbox")[0][0]
+            mem = MemorySampler(pool.pid)
+            mem.start()
+            created, t_first, t_last_write, producer = self.publish(conf, n, mixed, rate)
+            # done when every command's result event is marked published
+            deadline = time.time() + max(600, n / 50)
+            half_rss = None
+            while True:
+                done = self.q("SELECT count(*) FROM outbox WHERE id > %s AND published_at IS NOT NULL "
+                              "AND payload->>'correlationId' = 'bench'", start_id)[0][0]
+                if half_rss is None and done >= n // 2:
+                    half_rss = mem.current()
+                if done >= n:
+                    break
+                if pool.poll() is not None:
+                    raise RuntimeError(f"the pool exited {pool.returncode}; log {pool_log.name}")
+                if time.time() > deadline:
+                    raise RuntimeError(f"only {done} of {n} events published after {deadline - t_first:.0f} s")
+                time.sleep(0.2)
+            if producer.wait(60) != 0:
+                raise RuntimeError(f"conveyor-produce exited {producer.returncode}: {producer.stderr.read()}")
+            end_rss = mem.current()
+            mem.stop()
+            rows = self.q("SELECT payload->>'commandId', extract(epoch FROM published_at), payload->>'type' "
+                          "FROM outbox WHERE id > %s AND payload->>'correlationId' = 'bench'", start_id)
+        finally:
+            pool.terminate()
+            try:
+                pool.wait(60)
+            except subprocess.TimeoutExpired:
+                pool.kill()
+            os.unlink(conf)
+        rejected = sum(1 for r in rows if r[2] == "command.rejected")
+        lat = sorted(1000 * (float(p) - created[c]) for c, p, _ in rows if c in created)
+        t_end = max(float(p) for _, p, _ in rows)
+        secs = t_end - t_first
+        res = {"transport": transport, "batchSize": batch_size, "workers": self.args.workers, "commands": n,
+               "mixed": mixed, "targetRate": rate, "seconds": round(secs, 3),
+               "publishSeconds": round(t_last_write - t_first, 3),
+               "commandsPerSecond": round(n / secs, 1), "rejected": rejected,
+               "latencyMs": {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": round(lat[-1], 1)},
+               "rss": mem.report(half_rss, end_rss), "poolLog": pool_log.name}
+        log(f"conveyor {transport} batch {batch_size}{' mixed' if mixed else ''}"
+            f"{f' at {rate:.0f}/s' if rate else ''}: {res['commandsPerSecond']:.0f} commands/s, "
+            f"p50 {res['latencyMs']['p50']} ms, p99 {res['latencyMs']['p99']} ms, max {res['latencyMs']['max']} ms; "
+            f"worker RSS end {res['rss']['workerEndKB']} kB, peak {res['rss']['workerPeakKB']} kB")
+        if rejected and not mixed:
+            raise RuntimeError(f"{rejected} commands rejected; see {pool_log.name}")
+        return res
+
+    def publish(self, conf, n, mixed, rate):
+        """Starts conveyor-produce and writes n commands to it, each stamped with
+        createdAt as it is written (paced at rate per second when given)."""
+        producer = subprocess.Popen([os.path.join(self.bin, "conveyor-produce"), "-c", conf],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    env=self.env, text=True, bufsize=1 << 16)
+        rnd = random.Random(42)
+        created = {}
+        chunk = 50 if rate else 200
+        t_first = None
+        sent = 0
+        while sent < n:
+            now = time.time()
+            if t_first is None:
+                t_first = now
+            if rate:
+                due = t_first + sent / rate
+                if due > now:
+                    time.sleep(due - now)
+                    now = time.time()
+            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % (int(now * 1000) % 1000)
+            lines = []
+            k = min(chunk if not rate else max(1, min(chunk, int(rate / 200) or 1)), n - sent)
+            for _ in range(k):
+                cid = str(uuid.uuid4())
+                created[cid] = now
+                lines.append(json.dumps({"id": cid, **command(rnd, mixed, self.args.products),
+                                         "correlationId": "bench", "createdAt": ts}))
+            producer.stdin.write("\n".join(lines) + "\n")
+            producer.stdin.flush()
+            sent += k
+        t_last = time.time()
+        producer.stdin.close()
+        return created, t_first, t_last, producer
+
+    def run(self):
+        a, R = self.args, self.results
+        R["pgbench"] = {"x1": self.pgbench(1), "x10": self.pgbench(10)}
+        R["brokerAlone"] = {t: self.broker_alone(t) for t in a.transports}
+        R["conveyor"] = {}
+        for t in a.transports:
+            for b in a.batch_sizes:
+                full = self.conveyor(t, b, a.commands)
+                half = self.conveyor(t, b, a.latency_commands or max(200, int(full["commandsPerSecond"] * 10)),
+                                     rate=full["commandsPerSecond"] / 2)
+                R["conveyor"][f"{t}/batch{b}"] = {"full": full, "halfRate": half}
+            if a.mixed_commands:
+                R["conveyor"][f"{t}/mixed"] = {"full": self.conveyor(t, a.batch_sizes[-1], a.mixed_commands,
+                                                                     mixed=True)}
+        self.ratios()
+        return R
+
+    def ratios(self):
+        R = self.results
+        limit1 = R["pgbench"]["x1"]["commandsPerSecond"]
+        rows = []
+        for key, v in R["conveyor"].items():
+            full = v["full"]
+            t = full["transport"]
+            broker = R["brokerAlone"][t]["perSecond"]
+            v["ratios"] = {"toPgbenchX1": round(full["commandsPerSecond"] / limit1, 2),
+                           "toPgbenchX10": round(full["commandsPerSecond"] / R["pgbench"]["x10"]["commandsPerSecond"], 2),
+                           "toBrokerAlone": round(full["commandsPerSecond"] / broker, 2)}
+            rows.append((key, full, v.get("halfRate"), v["ratios"]))
+        R["targets"] = targets(R)
+        print_table(R, rows)
+
+
+def command(rnd, mixed, products):
+    r = rnd.random() if mixed else 0
+    if r < 0.90:
+        return {"type": "updateStock", "payload": {"productId": product_id(rnd.randint(1, products)),
+                                                   "quantityChange": rnd.choice((-1, 1))}}
+    if r < 0.99:
+        return {"type": "createProduct", "payload": {"name": f"bench {rnd.random()}", "price": "1.50", "stock": 5}}
+    u = uuid.UUID(int=rnd.getrandbits(128), version=4)
+    return {"type": "register", "payload": {"name": "Bench User", "email": f"{u}@bench.example",
+                                            "password": "Bench1234"}}
+
+
+def pct(sorted_values, p):
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))
+    return round(sorted_values[i], 1)
+
+
+def wait_ready(pool, log_path, consumers, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = open(log_path).read()
+        if ("relay active" in text or "standing by" in text) and text.count("consuming queue") >= consumers:
+            return
+        if pool.poll() is not None:
+            raise RuntimeError(f"conveyor-workers exited {pool.returncode}:\n{text}")
+        time.sleep(0.05)
+    raise RuntimeError("the pool did not become ready:\n" + open(log_path).read())
+
+
+class MemorySampler(threading.Thread):
+    """RSS of every process of the pool (its session), sampled every 100 ms, by
+    process name (cv-worker-<queue>, cv-relay, cv-reaper, conveyor-workers);
+    VmHWM (the kernel's peak) read at the end."""
+
+    def __init__(self, sid):
+        super().__init__(daemon=True)
+        self.sid, self.stopped, self.peak = sid, False, {}
+
+    def procs(self):
+        out = {}
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                if os.getsid(int(p)) != self.sid:
+                    continue
+                st = dict(line.split(":", 1) for line in open(f"/proc/{p}/status").read().splitlines() if ":" in line)
+                out[int(p)] = (st["Name"].strip(), int(st["VmRSS"].split()[0]), int(st["VmHWM"].split()[0]))
+            except (OSError, KeyError, ValueError):
+                pass
+        return out
+
+    def run(self):
+        while not self.stopped:
+            for pid, (name, rss, hwm) in self.procs().items():
+                p = self.peak.setdefault(pid, [name, 0, 0])
+                p[1], p[2] = max(p[1], rss), max(p[2], hwm)
+            time.sleep(0.1)
+
+    def current(self):
+        return {pid: (name, rss) for pid, (name, rss, _) in self.procs().items()}
+
+    def stop(self):
+        for pid, (name, rss, hwm) in self.procs().items():
+            p = self.peak.setdefault(pid, [name, 0, 0])
+            p[2] = max(p[2], hwm)
+        self.stopped = True
+        self.join(2)
+
+    def report(self, half, end):
+        by_name = {}
+        for pid, (name, sampled, hwm) in self.peak.items():
+            by_name.setdefault(name, []).append({"pid": pid, "sampledPeakKB": sampled, "vmHWMKB": hwm,
+                                                 "halfwayKB": (half or {}).get(pid, (0, None))[1],
+                                                 "endKB": (end or {}).get(pid, (0, None))[1]})
+        workers = [x for n, xs in by_name.items() if n == "cv-worker-catal" or n.startswith("cv-worker-cat")
+                   for x in xs]
+        return {"byProcess": by_name,
+                "workerEndKB": max((x["endKB"] or 0 for x in workers), default=None),
+                "workerHalfwayKB": max((x["halfwayKB"] or 0 for x in workers), default=None),
+                "workerPeakKB": max((x["vmHWMKB"] for x in workers), default=None)}
+
+
+def targets(R):
+    out = []
+    limit1 = R["pgbench"]["x1"]["commandsPerSecond"]
+    for key, v in R["conveyor"].items():
+        full, half = v["full"], v.get("halfRate")
+        if full["mixed"]:
+            continue
+        want = 0.8 if full["batchSize"] == 1 else 1.5
+        out.append({"what": f"{key}: >= {want} x pgbench x1", "value": v["ratios"]["toPgbenchX1"],
+                    "met": v["ratios"]["toPgbenchX1"] >= want})
+        if half:
+            out.append({"what": f"{key}: p99 at half rate < 50 ms", "value": half["latencyMs"]["p99"],
+                        "met": half["latencyMs"]["p99"] is not None and half["latencyMs"]["p99"] < 50})
+        out.append({"what": f"{key}: worker RSS < 10 MB", "value": full["rss"]["workerEndKB"],
+                    "met": (full["rss"]["workerEndKB"] or 0) < 10 * 1024})
+        grow = (full["rss"]["workerEndKB"] or 0) - (full["rss"]["workerHalfwayKB"] or 0)
+        out.append({"what": f"{key}: worker RSS growth from half-way to end < 512 kB", "value": grow,
+                    "met": grow < 512})
+    return out
+
+
+def print_table(R, rows):
+    p1, p10 = R["pgbench"]["x1"], R["pgbench"]["x10"]
+    print()
+    print(f"machine: {R['machine']['cpus']} CPUs, {R['machine']['memGB']} GB; {R['machine']['kernel']}")
+    print(f"{'what':34} {'cmd/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'RSS kB':>8}   ratios")
+    print(f"{'pgbench 1 cmd/tx (the limit)':34} {p1['commandsPerSecond']:8.0f}")
+    print(f"{'pgbench 10 cmd/tx':34} {p10['commandsPerSecond']:8.0f}")
+    for t, b in R["brokerAlone"].items():
+        print(f"{t + ' alone (confirms + acks)':34} {b['perSecond']:8.0f}")
+    for key, full, half, ratios in rows:
+        l = full["latencyMs"]
+        print(f"{'conveyor ' + key:34} {full['commandsPerSecond']:8.0f} {l['p50']:8} {l['p99']:8} {l['max']:8} "
+              f"{full['rss']['workerEndKB'] or 0:8}   {ratios['toPgbenchX1']:.2f} x pgbench1, "
+              f"{ratios['toPgbenchX10']:.2f} x pgbench10, {ratios['toBrokerAlone']:.2f} x broker")
+        if half:
+            l = half["latencyMs"]
+            print(f"{'  at half rate ' + str(int(half['targetRate'])) + '/s':34} {half['commandsPerSecond']:8.0f} "
+                  f"{l['p50']:8} {l['p99']:8} {l['max']:8}")
+    print()
+    for t in R["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['what']}: {t['value']}")
+    print()
+
+
+def machine():
+    mem = int(open("/proc/meminfo").readline().split()[1]) // (1024 * 1024)
+    return {"cpus": os.cpu_count(), "memGB": mem, "kernel": os.uname().release,
+            "cpuModel": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                              if line.startswith("model name")), "?")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--commands", type=int, default=100000, help="updateStock commands per full-speed run")
+    ap.add_argument("--latency-commands", type=int, default=0,
+                    help="commands of the half-rate run (default: 10 s worth)")
+    ap.add_argument("--mixed-commands", type=int, default=20000,
+                    help="commands of the mixed run, 0 to skip (90%% updateStock, 9%% createProduct, 1%% register)")
+    ap.add_argument("--products", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=4, help="catalog workers; pgbench uses as many connections")
+    ap.add_argument("--batch-sizes", default="1,50", help="comma-separated batch_size values to run")
+    ap.add_argument("--transports", default="rabbitmq,redis")
+    ap.add_argument("--pgbench-seconds", type=int, default=15)
+    ap.add_argument("--broker-messages", type=int, default=100000)
+    ap.add_argument("--smoke", action="store_true", help="tiny figures, to check that the benchmark works")
+    ap.add_argument("--json", default=os.path.join(HERE, "results.json"), help="where the figures go")
+    a = ap.parse_args()
+    try:
+        a.batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
+        a.transports = a.transports.split(",")
+        assert all(t in ("rabbitmq", "redis") for t in a.transports) and all(b >= 1 for b in a.batch_sizes)
+    except (ValueError, AssertionError):
+        ap.error("--batch-sizes takes positive integers, --transports rabbitmq and/or redis")
+    if a.smoke:
+        a.commands, a.latency_commands, a.mixed_commands = 600, 200, 150
+        a.pgbench_seconds, a.broker_messages = 2, 2000
+    try:
+        results = Bench(a).run()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"bench: failed: {e}", file=sys.stderr)
+        return 1
+    with open(a.json, "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"figures written to {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Batching (batch_size): the messages already delivered run in one transaction,
+each command in its own savepoint. A command that is rejected, fails and is
+retried, or is a duplicate, is handled alone; the rest commit together; an idle
+queue does not wait to fill a batch. (Crashes mid-batch: test_chaos runs with
+batching on.)"""
+import json
+import time
+
+from harness import (TRANSPORT, Events, Pool, Publisher, check, drain_dead, envelope, eq, query)
+from test_recovery import FAST_RETRY, chaos_trigger, product, stock
+
+
+def test_batch_commits_together_and_fails_alone():
+    for q in ("catalog",):
+        drain_dead(q)
+    with chaos_trigger():
+        ok1, ok2, flaky, low = product("ok"), product("ok"), product("flaky"), product("low", stock=1)
+        c1 = envelope("updateStock", {"productId": ok1, "quantityChange": 1})
+        c2 = envelope("updateStock", {"productId": flaky, "quantityChange": 5})   # fails twice (40001)
+        c3 = envelope("updateStock", {"productId": low, "quantityChange": -5})    # INSUFFICIENT_STOCK
+        c5 = envelope("updateStock", {"productId": ok2, "quantityChange": 2})
+        c7 = envelope("updateStock", {"productId": ok1, "quantityChange": 1})
+        unknown = envelope("teleportStock", {"productId": ok1})
+        pub, ev = Publisher(), Events()
+        # all waiting before the pool starts, so that one worker takes them as one batch
+        pub.command(c1)
+        pub.command(c2)
+        pub.command(c3)
+        pub.raw("catalog", b"garbage")
+        pub.command(c1)  # the same command again: a duplicate inside the batch
+        pub.command(c5)
+        pub.raw("catalog", json.dumps(unknown).encode())
+        pub.command(c7)
+        with Pool(workers={"catalog": 1}, extra=FAST_RETRY, queue_opts="batch_size = 50;") as pool:
+            for c in (c1, c2, c3, c5, c7):
+                ev.wait_result(c["id"], timeout=30)
+            time.sleep(0.5)
+            ev.poll()
+            eq([e["type"] for e in ev.for_command(c1["id"])], ["stock.updated"], "c1 applied once")
+            eq(ev.for_command(c3["id"])[0]["data"]["code"], "INSUFFICIENT_STOCK", "c3 rejected alone")
+            eq((stock(ok1), stock(ok2), stock(flaky), stock(low)), (12, 12, 15, 1), "stocks")
+            at = dict(query("SELECT id::text, processed_at FROM processed_commands WHERE id = ANY(%s::uuid[])",
+                            [c["id"] for c in (c1, c2, c3, c5, c7)]))
+            eq(len({at[c1["id"]], at[c3["id"]], at[c5["id"]], at[c7["id"]]}), 1,
+               "c1, c3, c5, c7 committed in one transaction")
+            check(at[c2["id"]] > at[c1["id"]], "the failing command was retried alone, later")
+            log = pool.read_log()
+            check(any(c2["id"] in line and "attempt 1 of" in line for line in log.splitlines()),
+                  "c2's failure was logged as retried")
+            dead = drain_dead("catalog")
+            eq(sorted(d["reason"] for d in dead), ["invalid_envelope", "unknown_command"], "dead letters")
+            # idle queue: a lone command does not wait for a batch to fill
+            t0 = time.time()
+            c8 = pub.command(envelope("updateStock", {"productId": ok2, "quantityChange": 1}))
+            ev.wait_result(c8["id"], timeout=10)
+            check(time.time() - t0 < 2, f"a lone command took {time.time() - t0:.2f} s with batch_size 50")
+            pub.close()
+            ev.close()
+            eq(pool.stop(), (0, []), "clean stop")
