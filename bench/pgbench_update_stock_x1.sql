@@ -7,6 +7,6 @@
 BEGIN;
 INSERT INTO processed_commands (id, type, outcome) VALUES (gen_random_uuid(), 'pgbench', 'applied') ON CONFLICT (id) DO NOTHING;
 SELECT stock FROM products WHERE id = ('00000000-0000-4000-8000-' || lpad(:p::text, 12, '0'))::uuid AND deleted_at IS NULL FOR UPDATE;
-UPDATE products SET stock = stock + :q, updated_at = now() WHERE id = ('00000000-0000-4000-8000-' || lpad(:p::text, 12, '0'))::uuid;
-INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) VALUES (gen_random_uuid(), 'product', ('00000000-0000-4000-8000-' || lpad(:p::text, 12, '0'))::uuid, 'pgbench', jsonb_build_object('type', 'stock.updated', 'data', jsonb_build_object('quantityChange', :q)));
+UPDATE products SET stock = stock + :q::int, updated_at = now() WHERE id = ('00000000-0000-4000-8000-' || lpad(:p::text, 12, '0'))::uuid;
+INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) VALUES (gen_random_uuid(), 'product', ('00000000-0000-4000-8000-' || lpad(:p::text, 12, '0'))::uuid, 'pgbench', jsonb_build_object('type', 'stock.updated', 'data', jsonb_build_object('quantityChange', :q::int)));
 COMMIT;

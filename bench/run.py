@@ -97,7 +97,9 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.env = servers_env()
-        self.bin = sh(os.path.join(ROOT, "scripts", "build.sh"), "release").stdout.strip().splitlines()[-1]
+        # CONVEYOR_BIN_DIR: binaries already built (the test suite's); else a Release build
+        self.bin = os.environ.get("CONVEYOR_BIN_DIR") or \
+            sh(os.path.join(ROOT, "scripts", "build.sh"), "release").stdout.strip().splitlines()[-1]
         self.db_url = self.env["CONVEYOR_DATABASE_URL"]
         self.db = psycopg2.connect(self.db_url)
         self.db.autocommit = True
