@@ -166,7 +166,10 @@ PGconn *db_connect(const char *url, char *err, size_t errlen);
 /* Connects, retrying with capped backoff until it succeeds or *stop is set
  * (then NULL). Logs once when the database is lost and once when it is back. */
 PGconn *db_connect_retry(const char *url, volatile int *stop);
-/* Runs a parameterised statement. On success returns 0 and, if out is not
+/* Closes db (PQfinish) and forgets its prepared statements; NULL is fine. */
+void db_close(PGconn *db);
+/* Runs a parameterised statement, prepared on db the first time it runs
+ * there (so each connection parses and plans it once). On success returns 0 and, if out is not
  * NULL, the result (caller PQclear()s it). On failure returns the class of
  * the error (CV_ERETRY for lost connections, serialization failures,
  * deadlocks and timeouts; CV_EFATAL otherwise), with the SQLSTATE in

@@ -1,7 +1,9 @@
 /* db.c - PostgreSQL access through libpq: parameterised statements only. */
 #include "core.h"
 
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -83,9 +85,64 @@ static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, c
     return cls;
 }
 
+/* Prepared statements: each distinct SQL text db_exec runs on a connection is
+ * prepared there once (PQprepare), then only executed, so the server parses
+ * and plans it once per connection. Entries of a connection go with db_close. */
+#define STMT_MAX 128
+static struct stmt {
+    PGconn *db;
+    uint32_t hash;
+    char *sql;
+    char name[16];
+} stmts[STMT_MAX];
+static int nstmts;
+static unsigned stmt_seq;
+
+static uint32_t hash_sql(const char *s) {
+    uint32_t h = 2166136261u;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 16777619u;
+    return h;
+}
+
+/* The prepared statement for sql on db, preparing it if new; NULL when it
+ * cannot be (the table is full, or PQprepare failed: then run unprepared). */
+static const char *prepared(PGconn *db, const char *sql, int nparams) {
+    uint32_t h = hash_sql(sql);
+    for (int i = 0; i < nstmts; i++)
+        if (stmts[i].db == db && stmts[i].hash == h && strcmp(stmts[i].sql, sql) == 0) return stmts[i].name;
+    if (nstmts == STMT_MAX) return NULL;
+    struct stmt *st = &stmts[nstmts];
+    snprintf(st->name, sizeof st->name, "cv%u", ++stmt_seq);
+    PGresult *r = PQprepare(db, st->name, sql, nparams, NULL);
+    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    PQclear(r);
+    if (!ok) return NULL; /* the unprepared run reports the error */
+    st->db = db;
+    st->hash = h;
+    st->sql = strdup(sql);
+    nstmts++;
+    return st->name;
+}
+
+void db_close(PGconn *db) {
+    if (!db) return;
+    for (int i = 0; i < nstmts;) {
+        if (stmts[i].db == db) {
+            free(stmts[i].sql);
+            stmts[i] = stmts[--nstmts];
+        } else {
+            i++;
+        }
+    }
+    PQfinish(db);
+}
+
 int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out,
             char sqlstate[6]) {
-    return db_result(db, PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0), sql, out, sqlstate);
+    const char *name = prepared(db, sql, nparams);
+    PGresult *r = name ? PQexecPrepared(db, name, nparams, params, NULL, NULL, 0)
+                       : PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
+    return db_result(db, r, sql, out, sqlstate);
 }
 
 int db_cmd(PGconn *db, const char *sql) { return db_result(db, PQexec(db, sql), sql, NULL, NULL); }

@@ -233,7 +233,7 @@ static int cmd_take(const struct cfg *cfg, const struct cfg_queue *q, struct sel
     int count = 0;
     int rc = broker_dead_take(b, q, choose, s, retry, &count);
     if (rc < 0) fprintf(stderr, "conveyor-admin: %s stopped: %s\n", retry ? "retry" : "purge", broker_error(b));
-    PQfinish(s->reset_db);
+    db_close(s->reset_db);
     printf("%s %d dead letter%s of %s\n", retry ? "requeued" : "purged", count, count == 1 ? "" : "s", q->name);
     if (rc < 0 || s->failed) return EXIT_UNREACHABLE;
     return count ? 0 : EXIT_NONE;

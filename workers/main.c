@@ -70,7 +70,7 @@ int main(int argc, char **argv) {
     PGconn *db = db_connect_retry(cfg.database_url, &stop_requested);
     if (!db) { cfg_free(&cfg); return 0; }
     int applied = migrate_run(db, err, sizeof err);
-    PQfinish(db);
+    db_close(db);
     if (applied < 0) {
         log_error("%s", err);
         cfg_free(&cfg);

@@ -139,7 +139,7 @@ int relay_run(const struct cfg *cfg) {
             said_standby = true;
             backoff_sleep(1000, &stop_requested);
         }
-        PQfinish(db); /* releases the lock if held */
+        db_close(db); /* releases the lock if held */
     }
     log_info("relay stopped");
     return 0;

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 volatile int stop_requested;
@@ -44,7 +45,7 @@ static const char *outcome_name[] = {"applied", "rejected", "duplicate"};
 static void db_check(struct worker *w) {
     if (w->db && PQstatus(w->db) != CONNECTION_OK) {
         log_warn("database connection lost; reconnecting");
-        PQfinish(w->db);
+        db_close(w->db);
         w->db = NULL;
     }
 }
@@ -108,14 +109,27 @@ static int run_command(struct worker *w, const struct envelope *env, handler_fn 
     } else if (rc < 0) {
         goto out;
     }
-    char *events = cJSON_PrintUnformatted(ctx.events);
-    const char *ep[1] = {events};
-    rc = db_exec(db,
-                 "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
-                 "SELECT (e->>'id')::uuid, e->>'aggregateType', (e->>'aggregateId')::uuid, e->>'type', e "
-                 "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n",
-                 1, ep, NULL, NULL);
-    free(events);
+    if (cJSON_GetArraySize(ctx.events) == 1) {
+        /* the common case, one event: its columns as parameters */
+        const cJSON *e = cJSON_GetArrayItem(ctx.events, 0);
+        char *json = cJSON_PrintUnformatted(e);
+        const char *ep[5] = {cJSON_GetObjectItemCaseSensitive(e, "id")->valuestring,
+                             cJSON_GetObjectItemCaseSensitive(e, "aggregateType")->valuestring,
+                             cJSON_GetObjectItemCaseSensitive(e, "aggregateId")->valuestring,
+                             cJSON_GetObjectItemCaseSensitive(e, "type")->valuestring, json};
+        rc = db_exec(db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
+                         "VALUES ($1::uuid, $2, $3::uuid, $4, $5::jsonb)", 5, ep, NULL, NULL);
+        free(json);
+    } else {
+        char *events = cJSON_PrintUnformatted(ctx.events);
+        const char *ep[1] = {events};
+        rc = db_exec(db,
+                     "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
+                     "SELECT (e->>'id')::uuid, e->>'aggregateType', (e->>'aggregateId')::uuid, e->>'type', e "
+                     "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n",
+                     1, ep, NULL, NULL);
+        free(events);
+    }
     if (rc == 0) rc = outcome;
 out:
     cJSON_Delete(ctx.events);
@@ -135,23 +149,6 @@ static void settle_dead(struct worker *w, const struct delivery *d, const char *
         if (rc != CV_ERETRY) return; /* unacked: RabbitMQ redelivers; Redis keeps it in flight */
         backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
     }
-}
-
-/* Counts one more start of the handler on command id, durably, before it
- * runs. Returns the count (>= 1), or an error class when the database is
- * unreachable. *last_error gets the error of the previous attempt (caller frees). */
-static int attempt_start(struct worker *w, const char *id, char **last_error) {
-    const char *p[1] = {id};
-    PGresult *r;
-    *last_error = NULL;
-    int rc = db_exec(w->db, "INSERT INTO command_attempts (id, attempts) VALUES ($1, 1) "
-                            "ON CONFLICT (id) DO UPDATE SET attempts = command_attempts.attempts + 1, "
-                            "updated_at = now() RETURNING attempts, last_error", 1, p, &r, NULL);
-    if (rc < 0) return rc;
-    int n = atoi(PQgetvalue(r, 0, 0));
-    if (!PQgetisnull(r, 0, 1)) *last_error = strdup(PQgetvalue(r, 0, 1));
-    PQclear(r);
-    return n;
 }
 
 /* After a failed attempt: records why, then retries later or gives up. */
@@ -195,16 +192,14 @@ struct item {
     const char *key;      /* aggregate it touches first (payload.productId), for lock order; or "" */
 };
 
-/* Parses and counts one delivered message; settles at once what cannot run
- * (invalid, unknown type, out of attempts). Returns false when the database
- * is away: the message is then handed back untouched. */
+/* Parses one delivered message and settles at once what cannot run here
+ * (invalid, or a type this worker does not take). Returns true when it can. */
 static bool admit(struct worker *w, struct item *it) {
     char err[256];
-    it->live = false;
     if (envelope_parse(it->d.body, it->d.len, (size_t)w->cfg->max_message_bytes, it->d.message_id, &it->env, err,
                        sizeof err) < 0) {
         settle_dead(w, &it->d, "invalid_envelope", err, 0, NULL);
-        return true;
+        return false;
     }
     /* A type this build has no handler for, or that this queue's `commands` does
      * not list (an older deployment), waits as a dead letter for an upgrade. */
@@ -214,31 +209,51 @@ static bool admit(struct worker *w, struct item *it) {
         else snprintf(err, sizeof err, "queue '%s' does not take command type '%s' (its commands in the config)",
                       w->q->name, it->env.type);
         settle_dead(w, &it->d, "unknown_command", err, 0, it->env.id);
-        return true;
-    }
-    char *last_error = NULL;
-    it->attempts = attempt_start(w, it->env.id, &last_error);
-    if (it->attempts < 0) {
-        /* the database is away: not an attempt; give the message back and reconnect */
-        db_check(w);
-        if (broker_requeue(w->broker, &it->d) < 0)
-            log_msg(LOG_WARN, it->env.id, "requeue failed (%s); the broker returns it when the connection closes",
-                    broker_error(w->broker));
         return false;
     }
-    if (it->attempts > w->q->max_attempts) {
-        /* the handler was started max_attempts times (some of them killed their worker) */
-        char why[700];
-        snprintf(why, sizeof why, "gave up after %d attempts; last error: %s", it->attempts - 1,
-                 last_error ? last_error : "the worker died while handling it");
-        settle_dead(w, &it->d, "retries_exhausted", why, it->attempts - 1, it->env.id);
-    } else {
-        const cJSON *k = cJSON_GetObjectItemCaseSensitive(it->env.payload, "productId");
-        it->key = cJSON_IsString(k) ? k->valuestring : "";
-        it->live = true;
-    }
-    free(last_error);
+    const cJSON *k = cJSON_GetObjectItemCaseSensitive(it->env.payload, "productId");
+    it->key = cJSON_IsString(k) ? k->valuestring : "";
     return true;
+}
+
+/* Counts one more start of the handler for each of the n items, durably,
+ * before any runs (one statement; the session commits asynchronously: the
+ * counts only have to survive this worker). Items out of attempts are
+ * dead-lettered (retries_exhausted); the others are marked live. Returns 0,
+ * or an error class when the database is unreachable (nothing counted). */
+static int count_attempts(struct worker *w, struct item **v, int n) {
+    size_t cap = (size_t)n * (ID_LEN + 1) + 3;
+    char *ids = malloc(cap), *p = ids;
+    *p++ = '{';
+    for (int i = 0; i < n; i++) p += sprintf(p, "%s%s", i ? "," : "", v[i]->env.id);
+    *p++ = '}';
+    *p = '\0';
+    const char *params[1] = {ids};
+    PGresult *r;
+    int rc = db_exec(w->db, "INSERT INTO command_attempts (id, attempts) "
+                            "SELECT DISTINCT x, 1 FROM unnest($1::uuid[]) AS x "
+                            "ON CONFLICT (id) DO UPDATE SET attempts = command_attempts.attempts + 1, "
+                            "updated_at = now() RETURNING id::text, attempts, last_error", 1, params, &r, NULL);
+    free(ids);
+    if (rc < 0) return rc;
+    for (int i = 0; i < n; i++) {
+        struct item *it = v[i];
+        int row = -1;
+        for (int j = 0; j < PQntuples(r) && row < 0; j++)
+            if (strcasecmp(PQgetvalue(r, j, 0), it->env.id) == 0) row = j;
+        it->attempts = row < 0 ? 1 : atoi(PQgetvalue(r, row, 1));
+        if (it->attempts > w->q->max_attempts) {
+            /* the handler was started max_attempts times (some of them killed their worker) */
+            char why[700];
+            snprintf(why, sizeof why, "gave up after %d attempts; last error: %s", it->attempts - 1,
+                     row >= 0 && !PQgetisnull(r, row, 2) ? PQgetvalue(r, row, 2) : "the worker died while handling it");
+            settle_dead(w, &it->d, "retries_exhausted", why, it->attempts - 1, it->env.id);
+        } else {
+            it->live = true;
+        }
+    }
+    PQclear(r);
+    return 0;
 }
 
 /* Stable order by key: every batch takes its rows' locks in the same order,
@@ -285,17 +300,22 @@ static void run_batch(struct worker *w, struct item **v, int n) {
  * (one ack for a batch that went through whole), retries or dead letters. */
 static void process_batch(struct worker *w, struct item *items, int n) {
     struct item **live = malloc((size_t)n * sizeof *live);
-    int nlive = 0, admitted = 0;
-    for (; admitted < n; admitted++) {
-        if (!admit(w, &items[admitted])) break;
-        if (items[admitted].live) live[nlive++] = &items[admitted];
-    }
-    if (admitted < n) {
-        /* the database went away: hand back the rest, and the counted ones too */
-        for (int i = admitted + 1; i < n; i++) broker_requeue(w->broker, &items[i].d);
-        for (int i = 0; i < nlive; i++) broker_requeue(w->broker, &live[i]->d);
+    int nlive = 0;
+    for (int i = 0; i < n; i++)
+        if (admit(w, &items[i])) live[nlive++] = &items[i];
+    if (nlive > 0 && count_attempts(w, live, nlive) < 0) {
+        /* the database is away: not an attempt; hand them back and reconnect */
+        db_check(w);
+        for (int i = 0; i < nlive; i++)
+            if (broker_requeue(w->broker, &live[i]->d) < 0)
+                log_msg(LOG_WARN, live[i]->env.id, "requeue failed (%s); the broker returns it when the connection "
+                        "closes", broker_error(w->broker));
         nlive = 0;
     }
+    int k = 0;
+    for (int i = 0; i < nlive; i++)
+        if (live[i]->live) live[k++] = live[i];
+    nlive = k;
     sort_by_key(live, nlive);
     if (nlive > 0) run_batch(w, live, nlive);
     bool whole = nlive == n;
@@ -332,7 +352,7 @@ static PGconn *worker_db_connect(const struct cfg *cfg) {
     for (;;) {
         PGconn *db = db_connect_retry(cfg->database_url, &stop_requested);
         if (!db || db_cmd(db, "SET synchronous_commit TO off") == 0) return db;
-        PQfinish(db);
+        db_close(db);
     }
 }
 
@@ -404,6 +424,6 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     free(items);
     log_info("worker %s stopped", worker_id);
     broker_close(w.broker);
-    PQfinish(w.db);
+    db_close(w.db);
     return 0;
 }
