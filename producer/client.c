@@ -175,20 +175,20 @@ int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, cha
 
 int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int n, char (*ids)[37],
                            char **errors) {
-    struct prepared *p = calloc((size_t)n, sizeof *p), *by_t[2] = {NULL, NULL};
-    int count[2] = {0, 0}, rc = 0;
+    struct prepared *p = calloc((size_t)n, sizeof *p), *group = calloc((size_t)n, sizeof *group);
+    int rc = 0;
     for (int i = 0; i < n; i++) {
         ids[i][0] = '\0';
         errors[i] = NULL;
         if (prepare(c, envelopes[i], &p[i]) < 0) errors[i] = strdup(c->err);
     }
-    for (int t = 0; t < 2; t++) {
-        by_t[t] = calloc((size_t)n, sizeof *by_t[t]);
+    for (int t = 0; t < 2 && rc == 0; t++) { /* one send per transport */
+        int k = 0;
         for (int i = 0; i < n; i++)
-            if (p[i].body && p[i].q->transport == (enum transport)t) by_t[t][count[t]++] = p[i];
-        if (count[t] && rc == 0) rc = send_prepared(c, (enum transport)t, by_t[t], count[t]);
-        free(by_t[t]);
+            if (p[i].body && p[i].q->transport == (enum transport)t) group[k++] = p[i];
+        if (k) rc = send_prepared(c, (enum transport)t, group, k);
     }
+    free(group);
     for (int i = 0; i < n; i++) {
         if (p[i].body && rc == 0) snprintf(ids[i], 37, "%s", p[i].id);
         free(p[i].body);

@@ -64,14 +64,14 @@ int broker_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_le
     *out = NULL;
     *n = 0;
     b->queue = q;
-    return b->ops->dead_read(b, q, out, n);
+    return b->ops->dead_walk(b, q, NULL, NULL, false, NULL, out, n);
 }
 
 int broker_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
                      bool requeue, int *count) {
     *count = 0;
     b->queue = q;
-    return b->ops->dead_take(b, q, sel, arg, requeue, count);
+    return b->ops->dead_walk(b, q, sel, arg, requeue, count, NULL, NULL);
 }
 
 void dead_letter_clear(struct dead_letter *d) {

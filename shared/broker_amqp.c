@@ -462,8 +462,9 @@ static int header_int(amqp_table_t *h, const char *key) {
 /* Gets every message of the dead queue of q without acking; with sel, acks
  * (after re-publishing, with requeue) the chosen ones. Closing the connection
  * then returns the others to the dead queue, in order. */
-static int amqp_dead_walk(struct amqp_broker *a, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
                           bool requeue, int *count, struct dead_letter **out, int *n) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
     char dead[256], queue[256];
     names_amqp_dead(a->base.cfg, q->name, dead, sizeof dead);
     names_amqp_queue(a->base.cfg, q->name, queue, sizeof queue);
@@ -514,15 +515,6 @@ static int amqp_dead_walk(struct amqp_broker *a, const struct cfg_queue *q, dead
     }
     drop(&a->consume); /* the unacked ones go back to the dead queue */
     return rc;
-}
-
-static int amqp_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n) {
-    return amqp_dead_walk((struct amqp_broker *)b, q, NULL, NULL, false, NULL, out, n);
-}
-
-static int amqp_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
-                          bool requeue, int *count) {
-    return amqp_dead_walk((struct amqp_broker *)b, q, sel, arg, requeue, count, NULL, NULL);
 }
 
 static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
@@ -581,7 +573,7 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
 
 static const struct broker_ops amqp_ops = {
     amqp_close_broker, amqp_declare, amqp_publish_commands, amqp_consume, amqp_next, amqp_ack,
-    amqp_requeue, amqp_dead_letter, amqp_retry, amqp_maintain, amqp_dead_read, amqp_dead_take,
+    amqp_requeue, amqp_dead_letter, amqp_retry, amqp_maintain, amqp_dead_walk,
     amqp_publish_events, amqp_subscribe, amqp_next_event,
 };
 

@@ -17,9 +17,10 @@ struct broker_ops {
                        const char *error, int attempts);
     int (*retry)(struct broker *b, const struct delivery *d, int delay_ms);
     int (*maintain)(struct broker *b);
-    int (*dead_read)(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n);
-    int (*dead_take)(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
-                     bool requeue, int *count);
+    /* Walks the dead letters of q oldest first: with out, collects them all;
+     * with sel, removes (and with requeue re-publishes) the chosen ones. */
+    int (*dead_walk)(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg, bool requeue,
+                     int *count, struct dead_letter **out, int *n);
     int (*publish_events)(struct broker *b, const struct outgoing_event *ev, int n);
     int (*subscribe)(struct broker *b, const char *pattern);
     int (*next_event)(struct broker *b, char **json, int timeout_ms);

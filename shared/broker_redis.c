@@ -384,8 +384,9 @@ static bool parse_dead(const char *entry, struct dead_letter *d) {
 
 /* Walks the dead letters of q oldest first; with sel, removes (and with
  * requeue re-publishes) the chosen ones; with out, collects them all. */
-static int redis_dead_walk(struct redis_broker *r, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+static int redis_dead_walk(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
                            bool requeue, int *count, struct dead_letter **out, int *n) {
+    struct redis_broker *r = (struct redis_broker *)b;
     char dead[256], queue[256];
     names_redis(r->base.cfg, "dead", q->name, dead, sizeof dead);
     names_redis(r->base.cfg, "queue", q->name, queue, sizeof queue);
@@ -411,15 +412,6 @@ static int redis_dead_walk(struct redis_broker *r, const struct cfg_queue *q, de
     }
     freeReplyObject(rep);
     return rc;
-}
-
-static int redis_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n) {
-    return redis_dead_walk((struct redis_broker *)b, q, NULL, NULL, false, NULL, out, n);
-}
-
-static int redis_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
-                           bool requeue, int *count) {
-    return redis_dead_walk((struct redis_broker *)b, q, sel, arg, requeue, count, NULL, NULL);
 }
 
 static int redis_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
@@ -484,7 +476,7 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
 
 static const struct broker_ops redis_ops = {
     redis_close, redis_declare, redis_publish_commands, redis_consume, redis_next, redis_ack,
-    redis_requeue, redis_dead_letter, redis_retry, redis_maintain, redis_dead_read, redis_dead_take,
+    redis_requeue, redis_dead_letter, redis_retry, redis_maintain, redis_dead_walk,
     redis_publish_events, redis_subscribe, redis_next_event,
 };
 

@@ -104,24 +104,29 @@ static uint32_t hash_sql(const char *s) {
     return h;
 }
 
-/* The prepared statement for sql on db, preparing it if new; NULL when it
- * cannot be (the table is full, or PQprepare failed: then run unprepared). */
-static const char *prepared(PGconn *db, const char *sql, int nparams) {
+/* Sets *name to the statement prepared for sql on db, preparing it if new
+ * (NULL when the table is full: then it runs unprepared). Returns NULL, or
+ * the failed PREPARE's result, which is then the statement's error. */
+static PGresult *prepare_once(PGconn *db, const char *sql, int nparams, const char **name) {
+    *name = NULL;
     uint32_t h = hash_sql(sql);
     for (int i = 0; i < nstmts; i++)
-        if (stmts[i].db == db && stmts[i].hash == h && strcmp(stmts[i].sql, sql) == 0) return stmts[i].name;
+        if (stmts[i].db == db && stmts[i].hash == h && strcmp(stmts[i].sql, sql) == 0) {
+            *name = stmts[i].name;
+            return NULL;
+        }
     if (nstmts == STMT_MAX) return NULL;
     struct stmt *st = &stmts[nstmts];
     snprintf(st->name, sizeof st->name, "cv%u", ++stmt_seq);
     PGresult *r = PQprepare(db, st->name, sql, nparams, NULL);
-    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) return r;
     PQclear(r);
-    if (!ok) return NULL; /* the unprepared run reports the error */
     st->db = db;
     st->hash = h;
     st->sql = strdup(sql);
     nstmts++;
-    return st->name;
+    *name = st->name;
+    return NULL;
 }
 
 void db_close(PGconn *db) {
@@ -139,9 +144,11 @@ void db_close(PGconn *db) {
 
 int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out,
             char sqlstate[6]) {
-    const char *name = prepared(db, sql, nparams);
-    PGresult *r = name ? PQexecPrepared(db, name, nparams, params, NULL, NULL, 0)
-                       : PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
+    const char *name;
+    PGresult *r = prepare_once(db, sql, nparams, &name);
+    if (!r)
+        r = name ? PQexecPrepared(db, name, nparams, params, NULL, NULL, 0)
+                 : PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
     return db_result(db, r, sql, out, sqlstate);
 }
 

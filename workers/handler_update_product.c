@@ -8,6 +8,8 @@
 #include <string.h>
 
 static const char *const statuses[] = {"DRAFT", "ACTIVE", "INACTIVE", "ARCHIVED", NULL};
+/* fields an explicit null cannot clear (description and category can) */
+static const char *const not_clearable[] = {"name", "price", "status", NULL};
 
 /* Equal as optional strings (NULL is "no value"). */
 static bool same(const char *a, const char *b) {
@@ -20,7 +22,7 @@ int handle_update_product(struct cmd_ctx *ctx) {
     char product_id[ID_LEN + 1], price[32] = "";
     char *name = NULL, *description = NULL, *category = NULL, *status = NULL;
     v_uuid(&v, p, "productId", true, product_id);
-    for (const char *const *f = (const char *const[]){"name", "price", "status", NULL}; *f; f++)
+    for (const char *const *f = not_clearable; *f; f++)
         if (cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(p, *f)))
             verr_add(&v, *f, "cannot be null (only description and category can be cleared)");
     int has_name = v_string(&v, p, "name", false, true, 1, 255, &name);

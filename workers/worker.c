@@ -1,15 +1,18 @@
-/* worker.c - one worker process: take a message, run its command in one
- * transaction with the dedup row and the outbox rows, commit, then ack.
+/* worker.c - one worker process: take a batch of messages (the first waited
+ * for, up to batch_size more only if already delivered), run their commands in
+ * one transaction with the dedup rows and the outbox rows, commit, then ack.
  *
- *   attempts += 1 (command_attempts, committed before the handler starts)
+ *   attempts += 1 for each (command_attempts, one statement, before any handler)
  *   BEGIN
- *     INSERT processed_commands(id)  -- conflict: duplicate, ROLLBACK, ack
- *     DELETE command_attempts(id)
- *     SAVEPOINT command
- *     handler                        -- rejected: ROLLBACK TO SAVEPOINT, command.rejected
- *     INSERT outbox(events)
+ *     per command, sorted by productId (lock order), in SAVEPOINT item when several:
+ *       INSERT processed_commands(id)  -- conflict: duplicate, nothing more to do
+ *       DELETE command_attempts(id)
+ *       SAVEPOINT command
+ *       handler                        -- rejected: ROLLBACK TO SAVEPOINT command, command.rejected
+ *       INSERT outbox(events)
+ *                                      -- failed: ROLLBACK TO SAVEPOINT item, retried alone
  *   NOTIFY; COMMIT
- *   ack
+ *   ack (one multiple ack / one pipeline when the whole batch went through)
  *
  * A failure of the transaction (connection lost, serialization failure,
  * deadlock, timeout, or an unexpected database error) sends the message to the
@@ -35,6 +38,18 @@ struct worker {
     struct broker *broker;
     char commit_sql[160];  /* NOTIFY "<prefix>_outbox"; COMMIT */
     long jobs;             /* commands handled, for max_jobs */
+};
+
+/* One message of a batch, from delivery to settlement. */
+struct item {
+    struct delivery d;
+    struct envelope env;
+    handler_fn handler;
+    bool live;            /* parsed, known, counted: it takes part in the transaction */
+    int attempts;
+    int rc;               /* its outcome (>= 0) or error class */
+    char *error;          /* with a failure: the database's error text (owned) */
+    const char *key;      /* aggregate it touches first (payload.productId), for lock order; or "" */
 };
 
 enum outcome { APPLIED, REJECTED, DUPLICATE };
@@ -74,6 +89,23 @@ static int check_envelope_rules(struct cmd_ctx *ctx) {
     return 0;
 }
 
+/* Writes each event to the outbox, in order. Returns 0 or an error class. */
+static int outbox_insert(PGconn *db, const cJSON *events) {
+    const cJSON *e;
+    cJSON_ArrayForEach(e, events) {
+        char *json = cJSON_PrintUnformatted(e);
+        const char *p[5] = {cJSON_GetObjectItemCaseSensitive(e, "id")->valuestring,
+                            cJSON_GetObjectItemCaseSensitive(e, "aggregateType")->valuestring,
+                            cJSON_GetObjectItemCaseSensitive(e, "aggregateId")->valuestring,
+                            cJSON_GetObjectItemCaseSensitive(e, "type")->valuestring, json};
+        int rc = db_exec(db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
+                             "VALUES ($1::uuid, $2, $3::uuid, $4, $5::jsonb)", 5, p, NULL, NULL);
+        free(json);
+        if (rc < 0) return rc;
+    }
+    return 0;
+}
+
 /* Runs one command inside the open transaction: the dedup row (which also
  * drops its attempt count), the handler, the outbox rows. Returns an outcome
  * (>= 0), or the error class of a failure: the caller then rolls back (to the
@@ -109,27 +141,7 @@ static int run_command(struct worker *w, const struct envelope *env, handler_fn 
     } else if (rc < 0) {
         goto out;
     }
-    if (cJSON_GetArraySize(ctx.events) == 1) {
-        /* the common case, one event: its columns as parameters */
-        const cJSON *e = cJSON_GetArrayItem(ctx.events, 0);
-        char *json = cJSON_PrintUnformatted(e);
-        const char *ep[5] = {cJSON_GetObjectItemCaseSensitive(e, "id")->valuestring,
-                             cJSON_GetObjectItemCaseSensitive(e, "aggregateType")->valuestring,
-                             cJSON_GetObjectItemCaseSensitive(e, "aggregateId")->valuestring,
-                             cJSON_GetObjectItemCaseSensitive(e, "type")->valuestring, json};
-        rc = db_exec(db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
-                         "VALUES ($1::uuid, $2, $3::uuid, $4, $5::jsonb)", 5, ep, NULL, NULL);
-        free(json);
-    } else {
-        char *events = cJSON_PrintUnformatted(ctx.events);
-        const char *ep[1] = {events};
-        rc = db_exec(db,
-                     "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
-                     "SELECT (e->>'id')::uuid, e->>'aggregateType', (e->>'aggregateId')::uuid, e->>'type', e "
-                     "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n",
-                     1, ep, NULL, NULL);
-        free(events);
-    }
+    rc = outbox_insert(db, ctx.events);
     if (rc == 0) rc = outcome;
 out:
     cJSON_Delete(ctx.events);
@@ -152,10 +164,12 @@ static void settle_dead(struct worker *w, const struct delivery *d, const char *
 }
 
 /* After a failed attempt: records why, then retries later or gives up. */
-static void attempt_failed(struct worker *w, const struct delivery *d, const struct envelope *env, int attempts,
-                           int rc) {
+static void attempt_failed(struct worker *w, const struct item *it) {
+    const struct delivery *d = &it->d;
+    const struct envelope *env = &it->env;
+    int attempts = it->attempts;
     char error[600];
-    snprintf(error, sizeof error, "%s: %s", cv_strerror(rc), db_last_error());
+    snprintf(error, sizeof error, "%s: %s", cv_strerror(it->rc), it->error ? it->error : "");
     db_check(w);
     if (w->db) {
         const char *p[2] = {env->id, error};
@@ -181,16 +195,6 @@ static void attempt_failed(struct worker *w, const struct delivery *d, const str
                 broker_error(w->broker));
 }
 
-/* One message of a batch, from delivery to settlement. */
-struct item {
-    struct delivery d;
-    struct envelope env;
-    handler_fn handler;
-    bool live;            /* parsed, known, counted: it takes part in the transaction */
-    int attempts;
-    int rc;               /* its outcome (>= 0) or error class */
-    const char *key;      /* aggregate it touches first (payload.productId), for lock order; or "" */
-};
 
 /* Parses one delivered message and settles at once what cannot run here
  * (invalid, or a type this worker does not take). Returns true when it can. */
@@ -278,6 +282,7 @@ static void run_batch(struct worker *w, struct item **v, int n) {
     for (int i = 0; i < n && rc == 0; i++) {
         if (several && (rc = db_cmd(db, "SAVEPOINT item")) < 0) break;
         v[i]->rc = run_command(w, &v[i]->env, v[i]->handler);
+        if (v[i]->rc < 0) v[i]->error = strdup(db_last_error());
         if (v[i]->rc >= 0) {
             if (several) rc = db_cmd(db, "RELEASE SAVEPOINT item");
         } else if (!several || PQstatus(db) != CONNECTION_OK) {
@@ -291,7 +296,10 @@ static void run_batch(struct worker *w, struct item **v, int n) {
         /* nothing of the batch was committed */
         if (PQstatus(db) == CONNECTION_OK) PQclear(PQexec(db, "ROLLBACK"));
         for (int i = 0; i < n; i++)
-            if (v[i]->rc >= 0) v[i]->rc = rc;
+            if (v[i]->rc >= 0) {
+                v[i]->rc = rc;
+                v[i]->error = strdup(db_last_error());
+            }
     }
 }
 
@@ -299,51 +307,47 @@ static void run_batch(struct worker *w, struct item **v, int n) {
  * already delivered), runs them, then settles each: acks after the commit
  * (one ack for a batch that went through whole), retries or dead letters. */
 static void process_batch(struct worker *w, struct item *items, int n) {
-    struct item **live = malloc((size_t)n * sizeof *live);
-    int nlive = 0;
+    struct item **v = malloc((size_t)n * sizeof *v);
+    int nv = 0;
     for (int i = 0; i < n; i++)
-        if (admit(w, &items[i])) live[nlive++] = &items[i];
-    if (nlive > 0 && count_attempts(w, live, nlive) < 0) {
+        if (admit(w, &items[i])) v[nv++] = &items[i];
+    if (nv > 0 && count_attempts(w, v, nv) < 0) {
         /* the database is away: not an attempt; hand them back and reconnect */
         db_check(w);
-        for (int i = 0; i < nlive; i++)
-            if (broker_requeue(w->broker, &live[i]->d) < 0)
-                log_msg(LOG_WARN, live[i]->env.id, "requeue failed (%s); the broker returns it when the connection "
+        for (int i = 0; i < nv; i++)
+            if (broker_requeue(w->broker, &v[i]->d) < 0)
+                log_msg(LOG_WARN, v[i]->env.id, "requeue failed (%s); the broker returns it when the connection "
                         "closes", broker_error(w->broker));
-        nlive = 0;
+        nv = 0;
     }
-    int k = 0;
-    for (int i = 0; i < nlive; i++)
-        if (live[i]->live) live[k++] = live[i];
-    nlive = k;
-    sort_by_key(live, nlive);
-    if (nlive > 0) run_batch(w, live, nlive);
-    bool whole = nlive == n;
-    for (int i = 0; i < nlive; i++) {
-        struct item *it = live[i];
-        if (it->rc >= 0) log_msg(LOG_DEBUG, it->env.id, "%s %s", it->env.type, outcome_name[it->rc]);
-        else whole = false;
-    }
+    int nlive = 0;
+    for (int i = 0; i < nv; i++)
+        if (v[i]->live) v[nlive++] = v[i];
+    sort_by_key(v, nlive);
+    if (nlive > 0) run_batch(w, v, nlive);
     /* failures first: a retry acks its own delivery */
-    for (int i = 0; i < nlive; i++)
-        if (live[i]->rc < 0) attempt_failed(w, &live[i]->d, &live[i]->env, live[i]->attempts, live[i]->rc);
+    for (int i = 0; i < nlive; i++) {
+        if (v[i]->rc < 0) attempt_failed(w, v[i]);
+        else log_msg(LOG_DEBUG, v[i]->env.id, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
+    }
     struct delivery *acks = malloc((size_t)n * sizeof *acks);
     int nacks = 0;
     for (int i = 0; i < n; i++) /* in arrival order */
         if (items[i].live && items[i].rc >= 0) acks[nacks++] = items[i].d;
+    /* one ack for a batch that went through whole; else one each */
+    bool whole = nacks == n;
     for (int sent = 0; sent < nacks;) {
         /* Redis: the in-flight entries must go, or they would come back after a restart */
-        int k = whole ? nacks : 1;
         int rc = whole ? broker_ack_batch(w->broker, acks, nacks) : broker_ack(w->broker, &acks[sent]);
         if (rc == CV_ERETRY && !stop_requested) {
             log_warn("ack failed (%s); retrying", broker_error(w->broker));
             backoff_sleep(500, &stop_requested);
             continue;
         }
-        sent += k;
+        sent += whole ? nacks : 1;
     }
     free(acks);
-    free(live);
+    free(v);
 }
 
 /* Connects to the database for a worker: attempt counts commit asynchronously
@@ -416,6 +420,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         for (int i = 0; i < n; i++) {
             delivery_free(&items[i].d);
             envelope_free(&items[i].env);
+            free(items[i].error);
             memset(&items[i], 0, sizeof items[i]);
         }
         w.jobs += n;
