@@ -4,6 +4,7 @@
     bench/run.py                      the whole benchmark (about 10 minutes)
     bench/run.py --smoke              a few seconds of each part (the test suite runs this)
     bench/run.py --commands 200000    twice as long (memory must not grow)
+    bench/run.py --profile 10         also a system-wide perf profile of each full-speed run
 
 Measures, side by side on the project's local servers (scripts/servers.sh) with
 the durability a user gets by default (synchronous_commit on, persistent
@@ -197,6 +198,7 @@ class Bench:
             start_id = self.q("SELECT coalesce(max(id), 0) FROM outbox")[0][0]
             mem = MemorySampler(pool.pid)
             mem.start()
+            prof = Profile(self.args.profile) if self.args.profile and not rate else None
             created, t_first, t_last_write, producer = self.publish(conf, n, mixed, rate)
             # done when every command's result event is marked published
             deadline = time.time() + max(600, n / 50)
@@ -217,6 +219,7 @@ class Bench:
                 raise RuntimeError(f"conveyor-produce exited {producer.returncode}: {producer.stderr.read()}")
             end_rss = mem.current()
             mem.stop()
+            profile = prof.report() if prof else None
             rows = self.q("SELECT payload->>'commandId', extract(epoch FROM published_at), payload->>'type' "
                           "FROM outbox WHERE id > %s AND payload->>'correlationId' = 'bench'", start_id)
         finally:
@@ -236,6 +239,9 @@ class Bench:
                "commandsPerSecond": round(n / secs, 1), "rejected": rejected,
                "latencyMs": {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": round(lat[-1], 1)},
                "rss": mem.report(half_rss, end_rss), "poolLog": pool_log.name}
+        if profile:
+            res["profile"] = profile
+            print_profile(f"{transport} batch {batch_size}", profile)
         log(f"conveyor {transport} batch {batch_size}{' mixed' if mixed else ''}"
             f"{f' at {rate:.0f}/s' if rate else ''}: {res['commandsPerSecond']:.0f} commands/s, "
             f"p50 {res['latencyMs']['p50']} ms, p99 {res['latencyMs']['p99']} ms, max {res['latencyMs']['max']} ms; "
@@ -398,6 +404,49 @@ class MemorySampler(threading.Thread):
                 "workerPeakKB": max((x["vmHWMKB"] for x in workers), default=None)}
 
 
+class Profile:
+    """A system-wide CPU profile (perf record -a, software clock, call graphs)
+    for `seconds` from now: every process on the machine, idle included, so
+    the shares say where the two cores went while Conveyor ran."""
+
+    def __init__(self, seconds):
+        self.data = tempfile.NamedTemporaryFile(prefix="conveyor-bench-", suffix=".perf", delete=False).name
+        self.seconds = seconds
+        self.proc = subprocess.Popen(["perf", "record", "-a", "-e", "cpu-clock", "-F", "499", "-g", "-q",
+                                      "-o", self.data, "--", "sleep", str(seconds)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def report(self):
+        if self.proc.wait(self.seconds + 60) != 0:
+            raise RuntimeError(f"perf record failed: {self.proc.stderr.read()}")
+        def shares(*sort, comm=None):
+            cmd = ["perf", "report", "-i", self.data, "--stdio", "--no-children", "-g", "none",
+                   "--percent-limit", "1", "--sort", ",".join(sort)]
+            if comm:
+                cmd += ["--comms", comm]
+            out = sh(*cmd).stdout
+            rows = []
+            for line in out.splitlines():
+                m = re.match(r"\s*([0-9.]+)%\s+(.*\S)", line)
+                if m:
+                    rows.append([float(m.group(1)), re.sub(r"\s{2,}", "  ", m.group(2))])
+            return rows
+        return {"data": self.data, "seconds": self.seconds,
+                "byProcess": shares("comm"),
+                "postgresBySymbol": shares("dso,sym", comm="postgres")[:15],
+                "byProcessAndDso": shares("comm,dso")[:25]}
+
+
+def print_profile(what, p):
+    print(f"\nprofile of {what} ({p['seconds']} s, perf record -a; {p['data']}):", file=sys.stderr)
+    for title, key in (("share of all CPU time, by process", "byProcess"),
+                       ("by process and library", "byProcessAndDso"),
+                       ("postgres backends, by function (share of postgres' time)", "postgresBySymbol")):
+        print(f"  {title}:", file=sys.stderr)
+        for pct_, name in p[key]:
+            print(f"    {pct_:6.2f}%  {name}", file=sys.stderr)
+
+
 def targets(R):
     out = []
     for key, v in R["conveyor"].items():
@@ -463,6 +512,9 @@ def main():
     ap.add_argument("--transports", default="rabbitmq,redis")
     ap.add_argument("--pgbench-seconds", type=int, default=15)
     ap.add_argument("--broker-messages", type=int, default=100000)
+    ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                    help="record a system-wide perf profile for SECONDS of each full-speed run, print where "
+                         "the CPU went, keep the data for perf report")
     ap.add_argument("--smoke", action="store_true", help="tiny figures, to check that the benchmark works")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"), help="where the figures go")
     a = ap.parse_args()

@@ -68,7 +68,9 @@ static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, c
         return 0;
     }
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
-    snprintf(last_error, sizeof last_error, "%s", PQerrorMessage(db));
+    /* in a pipeline the connection's message may be a later statement's */
+    const char *msg = r && *PQresultErrorMessage(r) ? PQresultErrorMessage(r) : PQerrorMessage(db);
+    snprintf(last_error, sizeof last_error, "%s", msg);
     for (size_t n = strlen(last_error); n && (last_error[n - 1] == '\n' || last_error[n - 1] == ' ');)
         last_error[--n] = '\0';
     if (sqlstate && state) snprintf(sqlstate, 6, "%s", state);
@@ -79,7 +81,7 @@ static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, c
         for (char *p = line; *p; p++) if (*p == '\n') *p = ' ';
         if (!(sqlstate && state && strcmp(state, "23505") == 0))
             log_msg(cls == CV_EFATAL ? LOG_ERROR : LOG_WARN, NULL, "SQL failed (%s): %s [%s]",
-                    state ? state : "no state", PQerrorMessage(db), line);
+                    state ? state : "no state", last_error, line);
     }
     PQclear(r);
     return cls;
@@ -131,6 +133,7 @@ static PGresult *prepare_once(PGconn *db, const char *sql, int nparams, const ch
 
 void db_close(PGconn *db) {
     if (!db) return;
+    db_discard(db);
     for (int i = 0; i < nstmts;) {
         if (stmts[i].db == db) {
             free(stmts[i].sql);
@@ -142,14 +145,124 @@ void db_close(PGconn *db) {
     PQfinish(db);
 }
 
+/* Deferred statements of one connection (a worker has one): sent ahead of
+ * the next statement, in one pipeline. */
+#define DEFER_MAX 16
+static struct deferred {
+    char *sql;       /* the text, for error messages and unprepared sends */
+    const char *name; /* prepared statement, or NULL */
+    int nparams;
+    char **params;   /* copies, owned */
+} deferred[DEFER_MAX];
+static PGconn *deferred_db;
+static int ndeferred;
+
+int db_pending(PGconn *db) { return db == deferred_db ? ndeferred : 0; }
+
+void db_discard(PGconn *db) {
+    if (db != deferred_db) return;
+    for (int i = 0; i < ndeferred; i++) {
+        for (int j = 0; j < deferred[i].nparams; j++) free(deferred[i].params[j]);
+        free(deferred[i].params);
+        free(deferred[i].sql);
+    }
+    ndeferred = 0;
+    deferred_db = NULL;
+}
+
+int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params) {
+    if ((deferred_db && deferred_db != db) || ndeferred == DEFER_MAX) {
+        snprintf(last_error, sizeof last_error, "too many deferred statements (at most %d, one connection)",
+                 DEFER_MAX);
+        log_error("%s", last_error);
+        return CV_EFATAL;
+    }
+    const char *name = NULL;
+    if (nparams > 0) { /* parameterless ones (SAVEPOINT, BEGIN) run unprepared */
+        PGresult *r = prepare_once(db, sql, nparams, &name);
+        if (r) return db_result(db, r, sql, NULL, NULL);
+    }
+    struct deferred *d = &deferred[ndeferred++];
+    deferred_db = db;
+    d->sql = strdup(sql);
+    d->name = name;
+    d->nparams = nparams;
+    d->params = nparams > 0 ? malloc((size_t)nparams * sizeof *d->params) : NULL;
+    for (int j = 0; j < nparams; j++) d->params[j] = params[j] ? strdup(params[j]) : NULL;
+    return 0;
+}
+
+/* Sends one statement into the open pipeline. Returns 1 when sent. */
+static int pipeline_send(PGconn *db, const char *sql, const char *name, int nparams, const char *const *params) {
+    return name ? PQsendQueryPrepared(db, name, nparams, params, NULL, NULL, 0)
+                : PQsendQueryParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
+}
+
+/* Sends the deferred statements and then sql (one statement) in one pipeline,
+ * and reads every result. Returns as db_exec, with the first error among them
+ * (the statements after a failed one do not run). Nothing stays deferred. */
+static int pipeline_run(PGconn *db, const char *sql, const char *name, int nparams, const char *const *params,
+                        PGresult **out, char sqlstate[6]) {
+    PGresult *failed = NULL, *mine = NULL;
+    const char *failed_sql = sql;
+    int n = ndeferred;
+    bool ok = PQenterPipelineMode(db) == 1;
+    for (int i = 0; ok && i < n; i++)
+        ok = pipeline_send(db, deferred[i].sql, deferred[i].name, deferred[i].nparams,
+                           (const char *const *)deferred[i].params) == 1;
+    ok = ok && pipeline_send(db, sql, name, nparams, params) == 1 && PQpipelineSync(db) == 1;
+    /* one result per statement, each followed by NULL, then the sync */
+    for (int i = 0; ok && i <= n; i++) {
+        PGresult *r = PQgetResult(db);
+        if (!r) { ok = false; break; }
+        while (PQgetResult(db)) {}
+        ExecStatusType st = PQresultStatus(r);
+        if (i == n && !failed) {
+            mine = r;
+        } else if (!failed && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+            failed = r;
+            failed_sql = i < n ? deferred[i].sql : sql;
+        } else {
+            PQclear(r);
+        }
+    }
+    for (PGresult *r; ok && (r = PQgetResult(db));) { /* the sync */
+        bool sync = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
+        PQclear(r);
+        if (sync) break;
+    }
+    if (PQpipelineStatus(db) != PQ_PIPELINE_OFF && PQexitPipelineMode(db) != 1) ok = false;
+    char *keep_sql = strdup(failed_sql);
+    db_discard(db);
+    int rc;
+    if (failed) {
+        PQclear(mine);
+        rc = db_result(db, failed, keep_sql, out, sqlstate);
+    } else if (!ok) {
+        PQclear(mine);
+        rc = db_result(db, NULL, keep_sql, out, sqlstate); /* the connection broke */
+    } else {
+        rc = db_result(db, mine, keep_sql, out, sqlstate);
+    }
+    free(keep_sql);
+    return rc;
+}
+
 int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out,
             char sqlstate[6]) {
     const char *name;
     PGresult *r = prepare_once(db, sql, nparams, &name);
-    if (!r)
-        r = name ? PQexecPrepared(db, name, nparams, params, NULL, NULL, 0)
-                 : PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
+    if (r) {
+        db_discard(db);
+        return db_result(db, r, sql, out, sqlstate);
+    }
+    if (db_pending(db)) return pipeline_run(db, sql, name, nparams, params, out, sqlstate);
+    r = name ? PQexecPrepared(db, name, nparams, params, NULL, NULL, 0)
+             : PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
     return db_result(db, r, sql, out, sqlstate);
 }
 
-int db_cmd(PGconn *db, const char *sql) { return db_result(db, PQexec(db, sql), sql, NULL, NULL); }
+int db_cmd(PGconn *db, const char *sql) {
+    if (db_pending(db)) return pipeline_run(db, sql, NULL, 0, NULL, NULL, NULL);
+    return db_result(db, PQexec(db, sql), sql, NULL, NULL);
+}

@@ -1,5 +1,6 @@
 /* handler_update_stock.c - updateStock: change a product's stock, never below zero.
- * The product row is locked (FOR UPDATE) so concurrent changes serialise. */
+ * One conditional UPDATE does the usual case (its row lock serialises
+ * concurrent changes); when it refuses, a locked read says why. */
 #include "workers.h"
 
 #include <stdio.h>
@@ -18,33 +19,51 @@ int handle_update_stock(struct cmd_ctx *ctx) {
     if (verr_any(&v)) return ctx_reject_invalid(ctx, &v);
     if (ctx->validate_only) return 0;
 
-    const char *params[2] = {product_id, NULL};
+    char q_s[24], next_s[24];
+    snprintf(q_s, sizeof q_s, "%lld", q);
+    const char *params[2] = {product_id, q_s};
     PGresult *r;
-    int rc = db_exec(ctx->db, "SELECT stock FROM products WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", 1, params, &r, NULL);
+    long long prev, next;
+    /* the usual case in one statement; only a change it refuses takes the locked read below */
+    int rc = db_exec(ctx->db, "UPDATE products SET stock = stock + $2::bigint, updated_at = now() "
+                              "WHERE id = $1 AND deleted_at IS NULL AND stock + $2::bigint BETWEEN 0 AND 2147483647 "
+                              "RETURNING stock", 2, params, &r, NULL);
     if (rc < 0) return rc;
-    if (PQntuples(r) == 0) {
+    if (PQntuples(r) == 1) {
+        next = atoll(PQgetvalue(r, 0, 0));
+        prev = next - q;
         PQclear(r);
-        return ctx_reject(ctx, "NOT_FOUND", NULL, NULL, "product %s does not exist", product_id);
+    } else {
+        PQclear(r);
+        rc = db_exec(ctx->db, "SELECT stock FROM products WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", 1,
+                     params, &r, NULL);
+        if (rc < 0) return rc;
+        if (PQntuples(r) == 0) {
+            PQclear(r);
+            return ctx_reject(ctx, "NOT_FOUND", NULL, NULL, "product %s does not exist", product_id);
+        }
+        prev = atoll(PQgetvalue(r, 0, 0));
+        next = prev + q;
+        PQclear(r);
+        if (next < 0) {
+            cJSON *details = cJSON_CreateObject();
+            cJSON_AddNumberToObject(details, "available", (double)prev);
+            cJSON_AddNumberToObject(details, "requested", (double)-q);
+            return ctx_reject(ctx, "INSUFFICIENT_STOCK", NULL, details,
+                              "only %lld in stock, %lld requested", prev, -q);
+        }
+        if (next > STOCK_MAX) {
+            cJSON *fields = cJSON_CreateObject();
+            cJSON_AddStringToObject(fields, "quantityChange", "would take the stock above 2147483647");
+            return ctx_reject(ctx, "VALIDATION_FAILED", fields, NULL, "the stock would exceed its maximum");
+        }
+        /* it changed between the two statements and now fits */
+        snprintf(next_s, sizeof next_s, "%lld", next);
+        params[1] = next_s;
+        rc = db_exec(ctx->db, "UPDATE products SET stock = $2, updated_at = now() WHERE id = $1", 2, params, NULL,
+                     NULL);
+        if (rc < 0) return rc;
     }
-    long long prev = atoll(PQgetvalue(r, 0, 0)), next = prev + q;
-    PQclear(r);
-    if (next < 0) {
-        cJSON *details = cJSON_CreateObject();
-        cJSON_AddNumberToObject(details, "available", (double)prev);
-        cJSON_AddNumberToObject(details, "requested", (double)-q);
-        return ctx_reject(ctx, "INSUFFICIENT_STOCK", NULL, details,
-                          "only %lld in stock, %lld requested", prev, -q);
-    }
-    if (next > STOCK_MAX) {
-        cJSON *fields = cJSON_CreateObject();
-        cJSON_AddStringToObject(fields, "quantityChange", "would take the stock above 2147483647");
-        return ctx_reject(ctx, "VALIDATION_FAILED", fields, NULL, "the stock would exceed its maximum");
-    }
-    char next_s[24];
-    snprintf(next_s, sizeof next_s, "%lld", next);
-    params[1] = next_s;
-    rc = db_exec(ctx->db, "UPDATE products SET stock = $2, updated_at = now() WHERE id = $1", 2, params, NULL, NULL);
-    if (rc < 0) return rc;
 
     cJSON *data = cJSON_CreateObject();
     cJSON_AddStringToObject(data, "productId", product_id);

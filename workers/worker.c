@@ -3,15 +3,13 @@
  * one transaction with the dedup rows and the outbox rows, commit, then ack.
  *
  *   attempts += 1 for each (command_attempts, one statement, before any handler)
- *   BEGIN
- *     per command, sorted by productId (lock order), in SAVEPOINT item when several:
- *       INSERT processed_commands(id)  -- conflict: duplicate, nothing more to do
- *       DELETE command_attempts(id)
- *       SAVEPOINT command
- *       handler                        -- rejected: ROLLBACK TO SAVEPOINT command, command.rejected
- *       INSERT outbox(events)
- *                                      -- failed: ROLLBACK TO SAVEPOINT item, retried alone
- *   NOTIFY; COMMIT
+ *   BEGIN; INSERT processed_commands(ids)     -- one round trip; a conflict: duplicate
+ *   per command, sorted by productId (lock order):
+ *     SAVEPOINT item + the handler's statements -- the savepoint rides with the first
+ *                                              -- rejected: ROLLBACK TO SAVEPOINT item, command.rejected
+ *                                              -- failed: ROLLBACK TO SAVEPOINT item, retried alone
+ *   INSERT outbox(events of all); settle the dedup rows; DELETE command_attempts; NOTIFY; COMMIT
+ *                                              -- one round trip (libpq pipeline, db_defer)
  *   ack (one multiple ack / one pipeline when the whole batch went through)
  *
  * A failure of the transaction (connection lost, serialization failure,
@@ -36,7 +34,7 @@ struct worker {
     const char *id;
     PGconn *db;
     struct broker *broker;
-    char commit_sql[160];  /* NOTIFY "<prefix>_outbox"; COMMIT */
+    char notify_sql[160];  /* NOTIFY "<prefix>_outbox" */
     long jobs;             /* commands handled, for max_jobs */
 };
 
@@ -47,7 +45,9 @@ struct item {
     handler_fn handler;
     bool live;            /* parsed, known, counted: it takes part in the transaction */
     int attempts;
+    bool claimed;         /* its dedup row is in this transaction: it runs */
     int rc;               /* its outcome (>= 0) or error class */
+    cJSON *events;        /* what it emitted, for the batch's outbox insert (owned) */
     char *error;          /* with a failure: the database's error text (owned) */
     const char *key;      /* aggregate it touches first (payload.productId), for lock order; or "" */
 };
@@ -89,60 +89,34 @@ static int check_envelope_rules(struct cmd_ctx *ctx) {
     return 0;
 }
 
-/* Writes each event to the outbox, in order. Returns 0 or an error class. */
-static int outbox_insert(PGconn *db, const cJSON *events) {
-    const cJSON *e;
-    cJSON_ArrayForEach(e, events) {
-        char *json = cJSON_PrintUnformatted(e);
-        const char *p[5] = {cJSON_GetObjectItemCaseSensitive(e, "id")->valuestring,
-                            cJSON_GetObjectItemCaseSensitive(e, "aggregateType")->valuestring,
-                            cJSON_GetObjectItemCaseSensitive(e, "aggregateId")->valuestring,
-                            cJSON_GetObjectItemCaseSensitive(e, "type")->valuestring, json};
-        int rc = db_exec(db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
-                             "VALUES ($1::uuid, $2, $3::uuid, $4, $5::jsonb)", 5, p, NULL, NULL);
-        free(json);
-        if (rc < 0) return rc;
-    }
-    return 0;
-}
-
-/* Runs one command inside the open transaction: the dedup row (which also
- * drops its attempt count), the handler, the outbox rows. Returns an outcome
- * (>= 0), or the error class of a failure: the caller then rolls back (to the
- * command's savepoint, or the whole transaction). */
-static int run_command(struct worker *w, const struct envelope *env, handler_fn handler) {
+/* Runs one claimed command inside the open transaction, in its own savepoint
+ * (sent with the handler's first statement): the handler, or its rejection
+ * (rolled back to the savepoint). Its events go to it->events. Returns an
+ * outcome (>= 0), or the error class of a failure: the caller then rolls back
+ * to the savepoint or the whole transaction. */
+static int run_command(struct worker *w, struct item *it) {
     PGconn *db = w->db;
-    const char *p[2] = {env->id, env->type};
-    PGresult *r;
+    const struct envelope *env = &it->env;
     int rc;
-    if ((rc = db_exec(db, "WITH done AS (DELETE FROM command_attempts WHERE id = $1) "
-                          "INSERT INTO processed_commands (id, type, outcome) VALUES ($1, $2, 'applied') "
-                          "ON CONFLICT (id) DO NOTHING", 2, p, &r, NULL)) < 0)
-        return rc;
-    bool duplicate = strcmp(PQcmdTuples(r), "0") == 0;
-    PQclear(r);
-    if (duplicate) return DUPLICATE; /* done before (or earlier in this batch): nothing to do */
-    if ((rc = db_cmd(db, "SAVEPOINT command")) < 0) return rc;
-
+    if ((rc = db_defer(db, "SAVEPOINT item", 0, NULL)) < 0) return rc;
     struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = env};
     rc = check_envelope_rules(&ctx);
-    if (rc == 0) rc = handler(&ctx);
+    if (rc == 0) rc = it->handler(&ctx);
     enum outcome outcome = APPLIED;
     if (rc == CV_EREJECT) {
         outcome = REJECTED;
         cJSON_Delete(ctx.events);
         ctx.events = NULL;
-        if ((rc = db_cmd(db, "ROLLBACK TO SAVEPOINT command")) < 0) goto out;
+        /* undo what it wrote; sent with the next statement */
+        if ((rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL)) < 0) goto out;
         log_msg(LOG_DEBUG, env->id, "%s rejected: %s (%s)", env->type, ctx.rej.code, ctx.rej.message);
         ctx_emit(&ctx, "command.rejected", "command", env->id, rejection_data(&ctx.rej));
-        if ((rc = db_exec(db, "UPDATE processed_commands SET outcome = 'rejected' WHERE id = $1", 1, p, NULL,
-                          NULL)) < 0)
-            goto out;
     } else if (rc < 0) {
         goto out;
     }
-    rc = outbox_insert(db, ctx.events);
-    if (rc == 0) rc = outcome;
+    it->events = ctx.events;
+    ctx.events = NULL;
+    rc = outcome;
 out:
     cJSON_Delete(ctx.events);
     cJSON_Delete(ctx.rej.fields);
@@ -271,36 +245,126 @@ static void sort_by_key(struct item **v, int n) {
     }
 }
 
-/* Runs the live items in one transaction, each in its own savepoint when
- * there are several (a failing command is rolled back alone); commits once.
- * Sets each item's rc. */
-static void run_batch(struct worker *w, struct item **v, int n) {
-    PGconn *db = w->db;
-    bool several = n > 1;
+/* "{id,id,...}" of the items whose outcome pick accepts; caller frees. */
+static char *id_array(struct item **v, int n, bool (*pick)(const struct item *)) {
+    char *s = malloc((size_t)n * (ID_LEN + 1) + 3), *p = s;
+    *p++ = '{';
+    for (int i = 0; i < n; i++)
+        if (pick(v[i])) p += sprintf(p, "%s%s", p - s > 1 ? "," : "", v[i]->env.id);
+    *p++ = '}';
+    *p = '\0';
+    return s;
+}
+
+static bool is_settled(const struct item *it) { return it->rc >= 0; }
+static bool is_rejected(const struct item *it) { return it->rc == REJECTED; }
+static bool is_retried(const struct item *it) { return it->claimed && it->rc < 0; }
+static bool any_item(const struct item *it) { (void)it; return true; }
+
+/* Opens the batch's transaction and inserts the dedup rows of its commands in
+ * one round trip (in id order, so concurrent batches cannot deadlock on them).
+ * Marks each item claimed, or DUPLICATE when its id was processed before (or
+ * is earlier in this batch). Returns 0 or an error class. */
+static int claim_batch(struct worker *w, struct item **v, int n) {
+    char *ids = id_array(v, n, any_item), *types = malloc((size_t)n * sizeof v[0]->env.type + 3), *t = types;
+    *t++ = '{';
+    for (int i = 0; i < n; i++) t += sprintf(t, "%s%s", i ? "," : "", v[i]->env.type); /* handler names */
+    *t++ = '}';
+    *t = '\0';
+    const char *p[2] = {ids, types};
+    PGresult *r = NULL;
     /* the session commits asynchronously (attempt counts); commands commit as the server is configured */
-    int rc = db_cmd(db, "BEGIN; SET LOCAL synchronous_commit TO DEFAULT");
-    for (int i = 0; i < n && rc == 0; i++) {
-        if (several && (rc = db_cmd(db, "SAVEPOINT item")) < 0) break;
-        v[i]->rc = run_command(w, &v[i]->env, v[i]->handler);
-        if (v[i]->rc < 0) v[i]->error = strdup(db_last_error());
-        if (v[i]->rc >= 0) {
-            if (several) rc = db_cmd(db, "RELEASE SAVEPOINT item");
-        } else if (!several || PQstatus(db) != CONNECTION_OK) {
-            rc = v[i]->rc;
-        } else if ((rc = db_cmd(db, "ROLLBACK TO SAVEPOINT item")) == 0) {
-            rc = db_cmd(db, "RELEASE SAVEPOINT item"); /* this one alone is retried */
-        }
+    int rc = db_defer(w->db, "BEGIN", 0, NULL);
+    if (rc == 0) rc = db_defer(w->db, "SET LOCAL synchronous_commit TO DEFAULT", 0, NULL);
+    if (rc == 0)
+        rc = db_exec(w->db, "INSERT INTO processed_commands (id, type, outcome) "
+                            "SELECT DISTINCT ON (id) id, type, 'applied' FROM unnest($1::uuid[], $2::text[]) AS c(id, type) "
+                            "ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id::text", 2, p, &r, NULL);
+    free(ids);
+    free(types);
+    if (rc < 0) return rc;
+    for (int i = 0; i < n; i++) {
+        bool fresh = false;
+        for (int j = 0; j < PQntuples(r) && !fresh; j++)
+            fresh = strcasecmp(PQgetvalue(r, j, 0), v[i]->env.id) == 0;
+        for (int k = 0; k < i && fresh; k++) /* the same id twice: the first one runs */
+            fresh = !(v[k]->claimed && strcasecmp(v[k]->env.id, v[i]->env.id) == 0);
+        v[i]->claimed = fresh;
+        if (!fresh) v[i]->rc = DUPLICATE; /* done before: nothing to do */
     }
-    if (rc == 0) rc = db_cmd(db, w->commit_sql);
-    if (rc < 0) {
+    PQclear(r);
+    return 0;
+}
+
+/* Ends the batch's transaction in one round trip: all its events into the
+ * outbox, its dedup rows settled (a retried command's removed, a rejected
+ * one's marked), the attempt counts of the settled ones dropped, NOTIFY,
+ * COMMIT. Returns 0 or an error class (nothing committed). */
+static int commit_batch(struct worker *w, struct item **v, int n) {
+    cJSON *all = cJSON_CreateArray();
+    for (int i = 0; i < n; i++)
+        while (v[i]->events && v[i]->events->child)
+            cJSON_AddItemToArray(all, cJSON_DetachItemViaPointer(v[i]->events, v[i]->events->child));
+    int rc = 0;
+    if (cJSON_GetArraySize(all) > 0) {
+        char *json = cJSON_PrintUnformatted(all);
+        const char *p[1] = {json};
+        rc = db_defer(w->db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
+                             "SELECT (e->>'id')::uuid, e->>'aggregateType', (e->>'aggregateId')::uuid, e->>'type', e "
+                             "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n", 1, p);
+        free(json);
+        if (rc == 0) rc = db_defer(w->db, w->notify_sql, 0, NULL);
+    }
+    cJSON_Delete(all);
+    char *retried = id_array(v, n, is_retried), *rejected = id_array(v, n, is_rejected),
+         *settled = id_array(v, n, is_settled);
+    const char *p[3] = {retried, rejected, settled};
+    if (rc == 0)
+        rc = db_defer(w->db, "WITH retried AS (DELETE FROM processed_commands WHERE id = ANY($1::uuid[])), "
+                             "rejected AS (UPDATE processed_commands SET outcome = 'rejected' WHERE id = ANY($2::uuid[])) "
+                             "DELETE FROM command_attempts WHERE id = ANY($3::uuid[])", 3, p);
+    free(retried);
+    free(rejected);
+    free(settled);
+    if (rc == 0) rc = db_cmd(w->db, "COMMIT");
+    return rc;
+}
+
+/* Runs the items in one transaction, each in its own savepoint (a failing
+ * command is rolled back alone and retried later); commits once. Sets each
+ * item's rc. Returns 0, or the error class that undid the whole batch. */
+static int run_batch(struct worker *w, struct item **v, int n) {
+    PGconn *db = w->db;
+    int rc = claim_batch(w, v, n);
+    bool any = false; /* something to commit */
+    for (int i = 0; i < n && rc == 0; i++) {
+        if (!v[i]->claimed) {
+            any = true; /* a duplicate: its attempt count goes */
+            continue;
+        }
+        v[i]->rc = run_command(w, v[i]);
+        if (v[i]->rc >= 0) {
+            any = true;
+            continue;
+        }
+        v[i]->error = strdup(db_last_error());
+        if (PQstatus(db) != CONNECTION_OK) rc = v[i]->rc;
+        else rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL); /* this one alone is retried */
+    }
+    if (rc == 0 && any) rc = commit_batch(w, v, n);
+    if (rc < 0 || !any) {
         /* nothing of the batch was committed */
+        db_discard(db);
         if (PQstatus(db) == CONNECTION_OK) PQclear(PQexec(db, "ROLLBACK"));
+    }
+    if (rc < 0)
         for (int i = 0; i < n; i++)
             if (v[i]->rc >= 0) {
                 v[i]->rc = rc;
+                free(v[i]->error);
                 v[i]->error = strdup(db_last_error());
             }
-    }
+    return rc;
 }
 
 /* Takes up to batch_size messages (the first waited for, the rest only if
@@ -324,7 +388,20 @@ static void process_batch(struct worker *w, struct item *items, int n) {
     for (int i = 0; i < nv; i++)
         if (v[i]->live) v[nlive++] = v[i];
     sort_by_key(v, nlive);
-    if (nlive > 0) run_batch(w, v, nlive);
+    if (nlive > 0 && run_batch(w, v, nlive) == CV_EFATAL && nlive > 1) {
+        /* the database refused the batch as a whole (its outbox insert, say):
+         * run each alone, so that only the command at fault fails */
+        log_warn("a batch of %d failed as a whole (%s); running each command alone", nlive, db_last_error());
+        for (int i = 0; i < nlive; i++) {
+            free(v[i]->error);
+            cJSON_Delete(v[i]->events);
+            v[i]->error = NULL;
+            v[i]->events = NULL;
+            v[i]->claimed = false;
+            v[i]->rc = 0;
+            run_batch(w, &v[i], 1);
+        }
+    }
     /* failures first: a retry acks its own delivery */
     for (int i = 0; i < nlive; i++) {
         if (v[i]->rc < 0) attempt_failed(w, v[i]);
@@ -384,7 +461,7 @@ static bool should_recycle(struct worker *w) {
 
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
     struct worker w = {.cfg = cfg, .q = q, .id = worker_id};
-    snprintf(w.commit_sql, sizeof w.commit_sql, "NOTIFY \"%s_outbox\"; COMMIT", cfg->prefix);
+    snprintf(w.notify_sql, sizeof w.notify_sql, "NOTIFY \"%s_outbox\"", cfg->prefix);
     char err[512];
     for (int attempt = 0; !stop_requested && !w.broker; attempt++) {
         w.broker = broker_open(cfg, q->transport, err, sizeof err);
@@ -421,6 +498,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             delivery_free(&items[i].d);
             envelope_free(&items[i].env);
             free(items[i].error);
+            cJSON_Delete(items[i].events);
             memset(&items[i], 0, sizeof items[i]);
         }
         w.jobs += n;
