@@ -45,6 +45,13 @@ int broker_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return b->ops->next(b, d, timeout_ms);
 }
 
+int broker_take(struct broker *b, struct delivery *d, int max) {
+    if (b->ops->take) return max > 0 ? b->ops->take(b, d, max) : 0;
+    int n = 0, rc = 0;
+    while (n < max && (rc = b->ops->next(b, &d[n], 0)) > 0) n++;
+    return n > 0 || rc >= 0 ? n : rc;
+}
+
 int broker_ack(struct broker *b, const struct delivery *d) { return b->ops->ack(b, d, 1); }
 int broker_ack_batch(struct broker *b, const struct delivery *d, int n) { return n > 0 ? b->ops->ack(b, d, n) : 0; }
 int broker_requeue(struct broker *b, const struct delivery *d) { return b->ops->requeue(b, d); }

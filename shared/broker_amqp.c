@@ -572,7 +572,7 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
 }
 
 static const struct broker_ops amqp_ops = {
-    amqp_close_broker, amqp_declare, amqp_publish_commands, amqp_consume, amqp_next, amqp_ack,
+    amqp_close_broker, amqp_declare, amqp_publish_commands, amqp_consume, amqp_next, NULL, amqp_ack,
     amqp_requeue, amqp_dead_letter, amqp_retry, amqp_maintain, amqp_dead_walk,
     amqp_publish_events, amqp_subscribe, amqp_next_event,
 };

@@ -11,6 +11,8 @@ struct broker_ops {
     int (*publish_commands)(struct broker *b, const struct outgoing_command *c, int n);
     int (*consume)(struct broker *b, const struct cfg_queue *q, const char *worker_id);
     int (*next)(struct broker *b, struct delivery *d, int timeout_ms);
+    /* optional: several already-waiting messages at once (else next, timeout 0, in a loop) */
+    int (*take)(struct broker *b, struct delivery *d, int max);
     int (*ack)(struct broker *b, const struct delivery *d, int n);
     int (*requeue)(struct broker *b, const struct delivery *d);
     int (*dead_letter)(struct broker *b, const struct delivery *d, const char *reason,

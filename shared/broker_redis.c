@@ -214,6 +214,39 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return 1;
 }
 
+/* Moves up to ARGV[1] waiting messages to the in-flight list, oldest first,
+ * and returns them: one round trip and one AOF write for a batch. */
+static const char take_script[] =
+    "local m = {} "
+    "for i = 1, tonumber(ARGV[1]) do "
+    "local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') "
+    "if not v then break end "
+    "m[i] = v end "
+    "return m";
+
+static int redis_take(struct broker *b, struct delivery *d, int max) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    int rc = heartbeat(r);
+    if (rc < 0) return rc;
+    if (r->recover && (rc = recover_inflight(r)) < 0) return rc;
+    redisReply *rep = cmd(r, "EVAL %s 2 %s %s %d", take_script, r->queue_key, r->inflight_key, max);
+    if (!rep) return last_error(r);
+    int n = 0;
+    if (rep->type == REDIS_REPLY_ARRAY)
+        for (size_t i = 0; i < rep->elements && n < max; i++) {
+            const redisReply *e = rep->element[i];
+            if (e->type != REDIS_REPLY_STRING) continue;
+            memset(&d[n], 0, sizeof d[n]);
+            d[n].body = malloc(e->len + 1);
+            memcpy(d[n].body, e->str, e->len);
+            d[n].body[e->len] = '\0';
+            d[n].len = e->len;
+            n++;
+        }
+    freeReplyObject(rep);
+    return n;
+}
+
 static int redis_ack(struct broker *b, const struct delivery *d, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
     if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
@@ -475,7 +508,7 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
 }
 
 static const struct broker_ops redis_ops = {
-    redis_close, redis_declare, redis_publish_commands, redis_consume, redis_next, redis_ack,
+    redis_close, redis_declare, redis_publish_commands, redis_consume, redis_next, redis_take, redis_ack,
     redis_requeue, redis_dead_letter, redis_retry, redis_maintain, redis_dead_walk,
     redis_publish_events, redis_subscribe, redis_next_event,
 };

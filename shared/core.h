@@ -249,6 +249,10 @@ int broker_consume(struct broker *b, const struct cfg_queue *q, const char *work
 /* Waits up to timeout_ms for a message. Returns 1 with *d filled (caller
  * delivery_free()s it), 0 on timeout, CV_ERETRY when the connection broke. */
 int broker_next(struct broker *b, struct delivery *d, int timeout_ms);
+/* Takes up to max messages already waiting, without waiting (Redis: in one
+ * round trip). Returns how many it put in d[0..], or CV_ERETRY when the
+ * connection broke and none was taken. */
+int broker_take(struct broker *b, struct delivery *d, int max);
 /* Removes the message for good (after commit). */
 int broker_ack(struct broker *b, const struct delivery *d);
 /* Removes n messages for good at once (RabbitMQ: one multiple ack; Redis: one

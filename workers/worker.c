@@ -8,7 +8,9 @@
  *     SAVEPOINT item + the handler's statements -- the savepoint rides with the first
  *                                              -- rejected: ROLLBACK TO SAVEPOINT item, command.rejected
  *                                              -- failed: ROLLBACK TO SAVEPOINT item, retried alone
- *   INSERT outbox(events of all); settle the dedup rows; DELETE command_attempts; NOTIFY; COMMIT
+ *     (a command alone has no savepoint: its rejection rolls back and redoes
+ *      BEGIN + dedup, its failure rolls back the transaction)
+ *   INSERT outbox(events of all); settle the dedup rows; DELETE command_attempts; COMMIT; NOTIFY
  *                                              -- one round trip (libpq pipeline, db_defer)
  *   ack (one multiple ack / one pipeline when the whole batch went through)
  *
@@ -89,16 +91,17 @@ static int check_envelope_rules(struct cmd_ctx *ctx) {
     return 0;
 }
 
-/* Runs one claimed command inside the open transaction, in its own savepoint
- * (sent with the handler's first statement): the handler, or its rejection
- * (rolled back to the savepoint). Its events go to it->events. Returns an
+/* Runs one claimed command inside the open transaction: the handler, or its
+ * rejection. With savepoint, in its own savepoint (sent with the handler's
+ * first statement), to which a rejection rolls back; without, the caller
+ * undoes a rejected command's writes. Its events go to it->events. Returns an
  * outcome (>= 0), or the error class of a failure: the caller then rolls back
  * to the savepoint or the whole transaction. */
-static int run_command(struct worker *w, struct item *it) {
+static int run_command(struct worker *w, struct item *it, bool savepoint) {
     PGconn *db = w->db;
     const struct envelope *env = &it->env;
     int rc;
-    if ((rc = db_defer(db, "SAVEPOINT item", 0, NULL)) < 0) return rc;
+    if (savepoint && (rc = db_defer(db, "SAVEPOINT item", 0, NULL)) < 0) return rc;
     struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = env};
     rc = check_envelope_rules(&ctx);
     if (rc == 0) rc = it->handler(&ctx);
@@ -108,7 +111,7 @@ static int run_command(struct worker *w, struct item *it) {
         cJSON_Delete(ctx.events);
         ctx.events = NULL;
         /* undo what it wrote; sent with the next statement */
-        if ((rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL)) < 0) goto out;
+        if (savepoint && (rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL)) < 0) goto out;
         log_msg(LOG_DEBUG, env->id, "%s rejected: %s (%s)", env->type, ctx.rej.code, ctx.rej.message);
         ctx_emit(&ctx, "command.rejected", "command", env->id, rejection_data(&ctx.rej));
     } else if (rc < 0) {
@@ -298,8 +301,9 @@ static int claim_batch(struct worker *w, struct item **v, int n) {
 
 /* Ends the batch's transaction in one round trip: all its events into the
  * outbox, its dedup rows settled (a retried command's removed, a rejected
- * one's marked), the attempt counts of the settled ones dropped, NOTIFY,
- * COMMIT. Returns 0 or an error class (nothing committed). */
+ * one's marked), the attempt counts of the settled ones dropped, COMMIT, then
+ * NOTIFY. Returns 0 or an error class (nothing committed, or the connection
+ * broke after the COMMIT was sent: the retry finds the commands done). */
 static int commit_batch(struct worker *w, struct item **v, int n) {
     cJSON *all = cJSON_CreateArray();
     for (int i = 0; i < n; i++)
@@ -313,8 +317,8 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
                              "SELECT (e->>'id')::uuid, e->>'aggregateType', (e->>'aggregateId')::uuid, e->>'type', e "
                              "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n", 1, p);
         free(json);
-        if (rc == 0) rc = db_defer(w->db, w->notify_sql, 0, NULL);
     }
+    bool wake = cJSON_GetArraySize(all) > 0;
     cJSON_Delete(all);
     char *retried = id_array(v, n, is_retried), *rejected = id_array(v, n, is_rejected),
          *settled = id_array(v, n, is_settled);
@@ -326,15 +330,22 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
     free(retried);
     free(rejected);
     free(settled);
-    if (rc == 0) rc = db_cmd(w->db, "COMMIT");
+    /* The relay's wake-up follows the commit in the same round trip, as a
+     * transaction of its own that commits asynchronously like the session: a
+     * NOTIFY inside the commands' transaction would hold PostgreSQL's notify
+     * lock through that commit's flush to disk, one worker at a time. */
+    if (rc == 0 && wake) rc = db_defer(w->db, "COMMIT", 0, NULL);
+    if (rc == 0) rc = db_cmd(w->db, wake ? w->notify_sql : "COMMIT");
     return rc;
 }
 
-/* Runs the items in one transaction, each in its own savepoint (a failing
- * command is rolled back alone and retried later); commits once. Sets each
- * item's rc. Returns 0, or the error class that undid the whole batch. */
+/* Runs the items in one transaction, each in its own savepoint when there
+ * are several (a failing command is rolled back alone and retried later);
+ * commits once. Sets each item's rc. Returns 0, or the error class that undid
+ * the whole batch. */
 static int run_batch(struct worker *w, struct item **v, int n) {
     PGconn *db = w->db;
+    bool savepoints = n > 1;
     int rc = claim_batch(w, v, n);
     bool any = false; /* something to commit */
     for (int i = 0; i < n && rc == 0; i++) {
@@ -342,13 +353,21 @@ static int run_batch(struct worker *w, struct item **v, int n) {
             any = true; /* a duplicate: its attempt count goes */
             continue;
         }
-        v[i]->rc = run_command(w, v[i]);
+        v[i]->rc = run_command(w, v[i], savepoints);
+        if (v[i]->rc == REJECTED && !savepoints) {
+            /* alone, without a savepoint: undo its writes, then record only its rejection */
+            if ((rc = db_defer(db, "ROLLBACK", 0, NULL)) == 0) rc = claim_batch(w, &v[i], 1);
+            if (rc == 0 && !v[i]->claimed) { /* done meanwhile by another worker */
+                cJSON_Delete(v[i]->events);
+                v[i]->events = NULL;
+            }
+        }
         if (v[i]->rc >= 0) {
             any = true;
             continue;
         }
         v[i]->error = strdup(db_last_error());
-        if (PQstatus(db) != CONNECTION_OK) rc = v[i]->rc;
+        if (!savepoints || PQstatus(db) != CONNECTION_OK) rc = v[i]->rc;
         else rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL); /* this one alone is retried */
     }
     if (rc == 0 && any) rc = commit_batch(w, v, n);
@@ -480,12 +499,17 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
 
     int broker_failures = 0;
     struct item *items = calloc((size_t)q->batch_size, sizeof *items);
+    struct delivery *extra = calloc((size_t)q->batch_size, sizeof *extra);
     while (!stop_requested) {
         if (!w.db && !(w.db = worker_db_connect(cfg))) break; /* take nothing while the database is away */
-        int n = 0, rc = 0;
         /* the first message is waited for; the rest of a batch only taken if already delivered */
-        while (n < q->batch_size && (rc = broker_next(w.broker, &items[n].d, n == 0 ? 1000 : 0)) > 0) n++;
-        if (rc < 0 && n == 0) {
+        int n = 0, rc = broker_next(w.broker, &items[0].d, 1000);
+        if (rc > 0) {
+            n = 1;
+            int more = broker_take(w.broker, extra, q->batch_size - 1);
+            for (int i = 0; i < more; i++) items[n++].d = extra[i];
+        }
+        if (rc < 0) {
             if (broker_failures == 0) log_warn("broker lost: %s; reconnecting", broker_error(w.broker));
             backoff_sleep(backoff_ms(broker_failures++, 100, 5000), &stop_requested);
             continue;
@@ -505,6 +529,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         if (should_recycle(&w)) break;
     }
     free(items);
+    free(extra);
     log_info("worker %s stopped", worker_id);
     broker_close(w.broker);
     db_close(w.db);
