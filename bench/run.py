@@ -13,6 +13,8 @@ messages with publisher confirms, Redis AOF appendfsync always):
   1. the limit: pgbench -M prepared running exactly the SQL of one updateStock
      command (dedup insert, stock update, outbox insert, commit), at the pool's
      number of connections; and the same with 10 commands per transaction;
+     and every statement a batch_size = 1 worker sends, Conveyor's bookkeeping
+     included (attempt count, NOTIFY), to show what that costs without a broker;
   2. the brokers alone: conveyor-bench-broker publishes with confirms and
      consumes with acks, no database (RabbitMQ, Redis);
   3. Conveyor end to end, per transport and batch size: N updateStock commands
@@ -141,8 +143,8 @@ class Bench:
 
     # ---- 1. the limit: pgbench ---------------------------------------------------
 
-    def pgbench(self, per_tx):
-        script = os.path.join(HERE, f"pgbench_update_stock_x{per_tx}.sql")
+    def pgbench(self, per_tx, name=None):
+        script = os.path.join(HERE, name or f"pgbench_update_stock_x{per_tx}.sql")
         self.reset_products()
         self.quiesce()
         r = sh(PGBENCH, "-n", "-M", "prepared", "-c", str(self.args.workers), "-j", str(min(self.args.workers, 2)),
@@ -154,7 +156,8 @@ class Bench:
         self.q("DELETE FROM outbox WHERE event_type = 'pgbench'")
         res = {"connections": self.args.workers, "commandsPerTransaction": per_tx, "tps": tps,
                "commandsPerSecond": tps * per_tx, "latencyAvgMs": lat, "script": os.path.relpath(script, ROOT)}
-        log(f"pgbench x{per_tx}: {tps * per_tx:.0f} commands/s ({tps:.0f} tps, {self.args.workers} connections)")
+        log(f"pgbench {os.path.basename(script)}: {tps * per_tx:.0f} commands/s ({tps:.0f} tps, "
+            f"{self.args.workers} connections)")
         return res
 
     # ---- 2. the brokers alone ------------------------------------------------------
@@ -288,7 +291,8 @@ class Bench:
 
     def run(self):
         a, R = self.args, self.results
-        R["pgbench"] = {"x1": self.pgbench(1), "x10": self.pgbench(10)}
+        R["pgbench"] = {"x1": self.pgbench(1), "x10": self.pgbench(10),
+                        "conveyorSqlX1": self.pgbench(1, "pgbench_conveyor_sql_x1.sql")}
         R["brokerAlone"] = {t: self.broker_alone(t) for t in a.transports}
         R["conveyor"] = {}
         for t in a.transports:
@@ -313,7 +317,9 @@ class Bench:
             broker = R["brokerAlone"][t]["perSecond"]
             v["ratios"] = {"toPgbenchX1": round(full["commandsPerSecond"] / limit1, 2),
                            "toPgbenchX10": round(full["commandsPerSecond"] / R["pgbench"]["x10"]["commandsPerSecond"], 2),
-                           "toBrokerAlone": round(full["commandsPerSecond"] / broker, 2)}
+                           "toBrokerAlone": round(full["commandsPerSecond"] / broker, 2),
+                           "toWorkerSqlAlone": round(full["commandsPerSecond"] /
+                                                     R["pgbench"]["conveyorSqlX1"]["commandsPerSecond"], 2)}
             rows.append((key, full, v.get("halfRate"), v["ratios"]))
         R["targets"] = targets(R)
         print_table(R, rows)
@@ -474,13 +480,17 @@ def print_table(R, rows):
     print(f"{'what':34} {'cmd/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'RSS kB':>8}   ratios")
     print(f"{'pgbench 1 cmd/tx (the limit)':34} {p1['commandsPerSecond']:8.0f}")
     print(f"{'pgbench 10 cmd/tx':34} {p10['commandsPerSecond']:8.0f}")
+    pc = R["pgbench"]["conveyorSqlX1"]
+    print(f"{'pgbench, all of a worker' + chr(39) + 's SQL':34} {pc['commandsPerSecond']:8.0f} "
+          f"{'':35}   {pc['commandsPerSecond'] / p1['commandsPerSecond']:.2f} x pgbench1 (batch 1, no broker)")
     for t, b in R["brokerAlone"].items():
         print(f"{t + ' alone (confirms + acks)':34} {b['perSecond']:8.0f}")
     for key, full, half, ratios in rows:
         l = full["latencyMs"]
         print(f"{'conveyor ' + key:34} {full['commandsPerSecond']:8.0f} {l['p50']:8} {l['p99']:8} {l['max']:8} "
               f"{full['rss']['workerEndKB'] or 0:8}   {ratios['toPgbenchX1']:.2f} x pgbench1, "
-              f"{ratios['toPgbenchX10']:.2f} x pgbench10, {ratios['toBrokerAlone']:.2f} x broker")
+              f"{ratios['toPgbenchX10']:.2f} x pgbench10, {ratios['toBrokerAlone']:.2f} x broker, "
+              f"{ratios['toWorkerSqlAlone']:.2f} x worker SQL")
         if half:
             l = half["latencyMs"]
             print(f"{'  at half rate ' + str(int(half['targetRate'])) + '/s':34} {half['commandsPerSecond']:8.0f} "
