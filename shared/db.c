@@ -212,25 +212,30 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
                            (const char *const *)deferred[i].params) == 1;
     ok = ok && pipeline_send(db, sql, name, nparams, params) == 1 && PQpipelineSync(db) == 1;
     /* one result per statement, each followed by NULL, then the sync */
-    for (int i = 0; ok && i <= n; i++) {
+    int i = 0, nulls = 0;
+    while (ok) {
         PGresult *r = PQgetResult(db);
-        if (!r) { ok = false; break; }
-        while (PQgetResult(db)) {}
+        if (!r) {
+            if (++nulls > 1 || PQstatus(db) != CONNECTION_OK) ok = false; /* nothing more will come */
+            continue;
+        }
+        nulls = 0;
         ExecStatusType st = PQresultStatus(r);
+        if (st == PGRES_PIPELINE_SYNC) {
+            PQclear(r);
+            break;
+        }
         if (i == n && !failed) {
             mine = r;
         } else if (!failed && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-            failed = r;
+            failed = r; /* the ones after it come back PGRES_PIPELINE_ABORTED */
             failed_sql = i < n ? deferred[i].sql : sql;
         } else {
             PQclear(r);
         }
+        i++;
     }
-    for (PGresult *r; ok && (r = PQgetResult(db));) { /* the sync */
-        bool sync = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
-        PQclear(r);
-        if (sync) break;
-    }
+    if (i != n + 1) ok = false;
     if (PQpipelineStatus(db) != PQ_PIPELINE_OFF && PQexitPipelineMode(db) != 1) ok = false;
     char *keep_sql = strdup(failed_sql);
     db_discard(db);

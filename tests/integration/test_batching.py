@@ -7,7 +7,7 @@ import json
 import time
 
 from harness import (Events, Pool, Publisher, check, drain_dead, envelope, eq, query)
-from test_recovery import FAST_RETRY, chaos_trigger, product, stock
+from test_recovery import FAST_RETRY, chaos_trigger, product, stock, wait_dead
 
 
 def test_batch_commits_together_and_fails_alone():
@@ -58,3 +58,43 @@ def test_batch_commits_together_and_fails_alone():
             pub.close()
             ev.close()
             eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_batch_refused_whole_runs_each_alone():
+    """When the database refuses a batch as a whole (here: its one outbox insert,
+    through a test trigger that refuses one product's events), each command runs
+    again alone: only the one at fault fails (then is dead-lettered), the others
+    apply once."""
+    drain_dead("catalog")
+    good = [product("ok") for _ in range(5)]
+    bad = product("refused")
+    query("""CREATE OR REPLACE FUNCTION test_outbox_refuses() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.aggregate_id = %s::uuid THEN RAISE EXCEPTION 'the outbox refuses this event'; END IF;
+               RETURN NEW;
+             END $$""", bad)
+    query("CREATE TRIGGER test_outbox_refuses BEFORE INSERT ON outbox FOR EACH ROW "
+          "EXECUTE FUNCTION test_outbox_refuses()")
+    try:
+        cmds = [envelope("updateStock", {"productId": p, "quantityChange": 1}) for p in good]
+        refused = envelope("updateStock", {"productId": bad, "quantityChange": 1})
+        cmds.insert(2, refused)
+        pub, ev = Publisher(), Events()
+        for c in cmds:  # all waiting before the pool starts: one worker takes them as one batch
+            pub.command(c)
+        with Pool(workers={"catalog": 1}, extra=FAST_RETRY, queue_opts="batch_size = 50; max_attempts = 2;") as pool:
+            for c in cmds:
+                if c is not refused:
+                    ev.wait_result(c["id"], timeout=30)
+            dead = wait_dead("catalog")
+            eq([(d["reason"], json.loads(d["body"])["id"]) for d in dead], [("retries_exhausted", refused["id"])],
+               "only the refused command is dead-lettered")
+            ev.poll()
+            eq(ev.for_command(refused["id"]), [], "no event for the refused command")
+            eq([stock(p) for p in good] + [stock(bad)], [11] * 5 + [10], "stocks: each good command applied once")
+            check("running each command alone" in pool.read_log(), "the batch failed whole and was split")
+            pub.close()
+            ev.close()
+            eq(pool.stop(), (0, []), "clean stop")
+    finally:
+        query("DROP TRIGGER IF EXISTS test_outbox_refuses ON outbox")
