@@ -106,29 +106,37 @@ static uint32_t hash_sql(const char *s) {
     return h;
 }
 
+static int pipeline_run(PGconn *db, const char *sql, const char *name, int nparams, const char *const *params,
+                        PGresult **out, char sqlstate[6]);
+
 /* Sets *name to the statement prepared for sql on db, preparing it if new
- * (NULL when the table is full: then it runs unprepared). Returns NULL, or
- * the failed PREPARE's result, which is then the statement's error. */
-static PGresult *prepare_once(PGconn *db, const char *sql, int nparams, const char **name) {
+ * (NULL when the table is full: then it runs unprepared). A new one is
+ * prepared after db's deferred statements have run, since they may be what
+ * makes the transaction usable again (ROLLBACK TO SAVEPOINT). Returns 0, or
+ * the error class of those statements or of the PREPARE, which is then the
+ * statement's error. */
+static int prepare_once(PGconn *db, const char *sql, int nparams, const char **name, char sqlstate[6]) {
     *name = NULL;
     uint32_t h = hash_sql(sql);
     for (int i = 0; i < nstmts; i++)
         if (stmts[i].db == db && stmts[i].hash == h && strcmp(stmts[i].sql, sql) == 0) {
             *name = stmts[i].name;
-            return NULL;
+            return 0;
         }
-    if (nstmts == STMT_MAX) return NULL;
+    if (nstmts == STMT_MAX) return 0;
+    int rc = db_pending(db) ? pipeline_run(db, NULL, NULL, 0, NULL, NULL, sqlstate) : 0;
+    if (rc < 0) return rc;
     struct stmt *st = &stmts[nstmts];
     snprintf(st->name, sizeof st->name, "cv%u", ++stmt_seq);
     PGresult *r = PQprepare(db, st->name, sql, nparams, NULL);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK) return r;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) return db_result(db, r, sql, NULL, sqlstate);
     PQclear(r);
     st->db = db;
     st->hash = h;
     st->sql = strdup(sql);
     nstmts++;
     *name = st->name;
-    return NULL;
+    return 0;
 }
 
 void db_close(PGconn *db) {
@@ -178,10 +186,8 @@ int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params
         return CV_EFATAL;
     }
     const char *name = NULL;
-    if (nparams > 0) { /* parameterless ones (SAVEPOINT, BEGIN) run unprepared */
-        PGresult *r = prepare_once(db, sql, nparams, &name);
-        if (r) return db_result(db, r, sql, NULL, NULL);
-    }
+    int rc = nparams > 0 ? prepare_once(db, sql, nparams, &name, NULL) : 0; /* SAVEPOINT, BEGIN: unprepared */
+    if (rc < 0) return rc;
     struct deferred *d = &deferred[ndeferred++];
     deferred_db = db;
     d->sql = strdup(sql);
@@ -198,19 +204,21 @@ static int pipeline_send(PGconn *db, const char *sql, const char *name, int npar
                 : PQsendQueryParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
 }
 
-/* Sends the deferred statements and then sql (one statement) in one pipeline,
- * and reads every result. Returns as db_exec, with the first error among them
- * (the statements after a failed one do not run). Nothing stays deferred. */
+/* Sends the deferred statements and then sql (one statement; NULL: none) in
+ * one pipeline, and reads every result. Returns as db_exec, with the first
+ * error among them (the statements after a failed one do not run). Nothing
+ * stays deferred. */
 static int pipeline_run(PGconn *db, const char *sql, const char *name, int nparams, const char *const *params,
                         PGresult **out, char sqlstate[6]) {
     PGresult *failed = NULL, *mine = NULL;
-    const char *failed_sql = sql;
-    int n = ndeferred;
+    int n = ndeferred, total = n + (sql != NULL);
+    const char *failed_sql = sql ? sql : n ? deferred[n - 1].sql : "";
     bool ok = PQenterPipelineMode(db) == 1;
     for (int i = 0; ok && i < n; i++)
         ok = pipeline_send(db, deferred[i].sql, deferred[i].name, deferred[i].nparams,
                            (const char *const *)deferred[i].params) == 1;
-    ok = ok && pipeline_send(db, sql, name, nparams, params) == 1 && PQpipelineSync(db) == 1;
+    if (sql) ok = ok && pipeline_send(db, sql, name, nparams, params) == 1;
+    ok = ok && PQpipelineSync(db) == 1;
     /* one result per statement, each followed by NULL, then the sync */
     int i = 0, nulls = 0;
     while (ok) {
@@ -225,7 +233,7 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
             PQclear(r);
             break;
         }
-        if (i == n && !failed) {
+        if (i == n && sql && !failed) {
             mine = r;
         } else if (!failed && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
             failed = r; /* the ones after it come back PGRES_PIPELINE_ABORTED */
@@ -235,7 +243,7 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
         }
         i++;
     }
-    if (i != n + 1) ok = false;
+    if (i != total) ok = false;
     if (PQpipelineStatus(db) != PQ_PIPELINE_OFF && PQexitPipelineMode(db) != 1) ok = false;
     char *keep_sql = strdup(failed_sql);
     db_discard(db);
@@ -247,7 +255,7 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
         PQclear(mine);
         rc = db_result(db, NULL, keep_sql, out, sqlstate); /* the connection broke */
     } else {
-        rc = db_result(db, mine, keep_sql, out, sqlstate);
+        rc = sql ? db_result(db, mine, keep_sql, out, sqlstate) : 0;
     }
     free(keep_sql);
     return rc;
@@ -256,13 +264,14 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
 int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out,
             char sqlstate[6]) {
     const char *name;
-    PGresult *r = prepare_once(db, sql, nparams, &name);
-    if (r) {
+    if (out) *out = NULL;
+    int rc = prepare_once(db, sql, nparams, &name, sqlstate);
+    if (rc < 0) {
         db_discard(db);
-        return db_result(db, r, sql, out, sqlstate);
+        return rc;
     }
     if (db_pending(db)) return pipeline_run(db, sql, name, nparams, params, out, sqlstate);
-    r = name ? PQexecPrepared(db, name, nparams, params, NULL, NULL, 0)
+    PGresult *r = name ? PQexecPrepared(db, name, nparams, params, NULL, NULL, 0)
              : PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
     return db_result(db, r, sql, out, sqlstate);
 }
