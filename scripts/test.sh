@@ -16,6 +16,7 @@ scripts/servers.sh up
 scripts/demo.sh stop >/dev/null 2>&1 || true  # a demo pool would take the tests' commands
 # the Node examples of the docs run in the suite: Node, npm and their packages
 if ! command -v npm >/dev/null; then
+  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
 fi
 (cd examples/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)

@@ -188,12 +188,27 @@ static int heartbeat(struct redis_broker *r) {
     return 0;
 }
 
+/* Before taking messages: the liveness key, and what an earlier process left in flight. */
+static int before_take(struct redis_broker *r) {
+    int rc = heartbeat(r);
+    if (rc == 0 && r->recover) rc = recover_inflight(r);
+    return rc;
+}
+
+/* Fills d with a copy of a taken message. */
+static void delivery_from(struct delivery *d, const redisReply *rep) {
+    memset(d, 0, sizeof *d);
+    d->body = malloc(rep->len + 1);
+    memcpy(d->body, rep->str, rep->len);
+    d->body[rep->len] = '\0';
+    d->len = rep->len;
+}
+
 static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
     memset(d, 0, sizeof *d);
-    int rc = heartbeat(r);
+    int rc = before_take(r);
     if (rc < 0) return rc;
-    if (r->recover && (rc = recover_inflight(r)) < 0) return rc;
     /* never block past the next heartbeat */
     if (timeout_ms > b->cfg->heartbeat_interval_s * 500) timeout_ms = b->cfg->heartbeat_interval_s * 500;
     char tmo[32];
@@ -206,10 +221,7 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
         freeReplyObject(rep);
         return 0;
     }
-    d->body = malloc(rep->len + 1);
-    memcpy(d->body, rep->str, rep->len);
-    d->body[rep->len] = '\0';
-    d->len = rep->len;
+    delivery_from(d, rep);
     freeReplyObject(rep);
     return 1;
 }
@@ -226,23 +238,14 @@ static const char take_script[] =
 
 static int redis_take(struct broker *b, struct delivery *d, int max) {
     struct redis_broker *r = (struct redis_broker *)b;
-    int rc = heartbeat(r);
+    int rc = before_take(r);
     if (rc < 0) return rc;
-    if (r->recover && (rc = recover_inflight(r)) < 0) return rc;
     redisReply *rep = cmd(r, "EVAL %s 2 %s %s %d", take_script, r->queue_key, r->inflight_key, max);
     if (!rep) return last_error(r);
     int n = 0;
     if (rep->type == REDIS_REPLY_ARRAY)
-        for (size_t i = 0; i < rep->elements && n < max; i++) {
-            const redisReply *e = rep->element[i];
-            if (e->type != REDIS_REPLY_STRING) continue;
-            memset(&d[n], 0, sizeof d[n]);
-            d[n].body = malloc(e->len + 1);
-            memcpy(d[n].body, e->str, e->len);
-            d[n].body[e->len] = '\0';
-            d[n].len = e->len;
-            n++;
-        }
+        for (size_t i = 0; i < rep->elements && n < max; i++)
+            if (rep->element[i]->type == REDIS_REPLY_STRING) delivery_from(&d[n++], rep->element[i]);
     freeReplyObject(rep);
     return n;
 }

@@ -178,15 +178,16 @@ int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params,
             PGresult **out, char sqlstate[6]);
 /* The error text of the last statement that failed in this process (static). */
 const char *db_last_error(void);
-/* Runs SQL text without parameters (BEGIN, "NOTIFY x; COMMIT", ...); as db_exec.
+/* Runs SQL text without parameters (BEGIN, "SET x TO y; ...", ...); as db_exec.
  * With statements deferred, sql must be a single statement. */
 int db_cmd(PGconn *db, const char *sql);
 /* Defers a statement whose result the caller does not need at once (BEGIN,
  * SAVEPOINT, an INSERT that only has to succeed): it is sent ahead of the next
  * db_exec or db_cmd on db, in one pipeline (one round trip), and that call
  * returns the first error among them. Copies sql and params. Returns 0, or an
- * error class (nothing deferred) when its PREPARE fails or too many wait. One
- * connection of a process defers at a time. */
+ * error class when too many wait, or when its PREPARE fails (a new statement is
+ * prepared after the ones already deferred have run: then their error, and
+ * nothing stays deferred). One connection of a process defers at a time. */
 int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params);
 /* The number of statements deferred on db and not yet sent. */
 int db_pending(PGconn *db);

@@ -56,6 +56,16 @@ struct item {
 
 enum outcome { APPLIED, REJECTED, DUPLICATE };
 
+/* Frees what running it left (error text, events); it can run again. */
+static void item_forget_outcome(struct item *it) {
+    free(it->error);
+    cJSON_Delete(it->events);
+    it->error = NULL;
+    it->events = NULL;
+    it->claimed = false;
+    it->rc = 0;
+}
+
 static const char *outcome_name[] = {"applied", "rejected", "duplicate"};
 
 /* Drops a broken database connection so the next command reconnects. */
@@ -197,18 +207,29 @@ static bool admit(struct worker *w, struct item *it) {
     return true;
 }
 
+/* "{id,id,...}" of the items whose outcome pick accepts; caller frees. */
+static char *id_array(struct item **v, int n, bool (*pick)(const struct item *)) {
+    char *s = malloc((size_t)n * (ID_LEN + 1) + 3), *p = s;
+    *p++ = '{';
+    for (int i = 0; i < n; i++)
+        if (pick(v[i])) p += sprintf(p, "%s%s", p - s > 1 ? "," : "", v[i]->env.id);
+    *p++ = '}';
+    *p = '\0';
+    return s;
+}
+
+static bool is_settled(const struct item *it) { return it->rc >= 0; }
+static bool is_rejected(const struct item *it) { return it->rc == REJECTED; }
+static bool is_retried(const struct item *it) { return it->claimed && it->rc < 0; }
+static bool any_item(const struct item *it) { (void)it; return true; }
+
 /* Counts one more start of the handler for each of the n items, durably,
  * before any runs (one statement; the session commits asynchronously: the
  * counts only have to survive this worker). Items out of attempts are
  * dead-lettered (retries_exhausted); the others are marked live. Returns 0,
  * or an error class when the database is unreachable (nothing counted). */
 static int count_attempts(struct worker *w, struct item **v, int n) {
-    size_t cap = (size_t)n * (ID_LEN + 1) + 3;
-    char *ids = malloc(cap), *p = ids;
-    *p++ = '{';
-    for (int i = 0; i < n; i++) p += sprintf(p, "%s%s", i ? "," : "", v[i]->env.id);
-    *p++ = '}';
-    *p = '\0';
+    char *ids = id_array(v, n, any_item);
     const char *params[1] = {ids};
     PGresult *r;
     int rc = db_exec(w->db, "INSERT INTO command_attempts (id, attempts) "
@@ -247,22 +268,6 @@ static void sort_by_key(struct item **v, int n) {
         v[j] = x;
     }
 }
-
-/* "{id,id,...}" of the items whose outcome pick accepts; caller frees. */
-static char *id_array(struct item **v, int n, bool (*pick)(const struct item *)) {
-    char *s = malloc((size_t)n * (ID_LEN + 1) + 3), *p = s;
-    *p++ = '{';
-    for (int i = 0; i < n; i++)
-        if (pick(v[i])) p += sprintf(p, "%s%s", p - s > 1 ? "," : "", v[i]->env.id);
-    *p++ = '}';
-    *p = '\0';
-    return s;
-}
-
-static bool is_settled(const struct item *it) { return it->rc >= 0; }
-static bool is_rejected(const struct item *it) { return it->rc == REJECTED; }
-static bool is_retried(const struct item *it) { return it->claimed && it->rc < 0; }
-static bool any_item(const struct item *it) { (void)it; return true; }
 
 /* Opens the batch's transaction and inserts the dedup rows of its commands in
  * one round trip (in id order, so concurrent batches cannot deadlock on them).
@@ -310,7 +315,8 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
         while (v[i]->events && v[i]->events->child)
             cJSON_AddItemToArray(all, cJSON_DetachItemViaPointer(v[i]->events, v[i]->events->child));
     int rc = 0;
-    if (cJSON_GetArraySize(all) > 0) {
+    bool wake = cJSON_GetArraySize(all) > 0; /* events for the relay */
+    if (wake) {
         char *json = cJSON_PrintUnformatted(all);
         const char *p[1] = {json};
         rc = db_defer(w->db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
@@ -318,7 +324,6 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
                              "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n", 1, p);
         free(json);
     }
-    bool wake = cJSON_GetArraySize(all) > 0;
     cJSON_Delete(all);
     char *retried = id_array(v, n, is_retried), *rejected = id_array(v, n, is_rejected),
          *settled = id_array(v, n, is_settled);
@@ -412,12 +417,7 @@ static void process_batch(struct worker *w, struct item *items, int n) {
          * run each alone, so that only the command at fault fails */
         log_warn("a batch of %d failed as a whole (%s); running each command alone", nlive, db_last_error());
         for (int i = 0; i < nlive; i++) {
-            free(v[i]->error);
-            cJSON_Delete(v[i]->events);
-            v[i]->error = NULL;
-            v[i]->events = NULL;
-            v[i]->claimed = false;
-            v[i]->rc = 0;
+            item_forget_outcome(v[i]);
             run_batch(w, &v[i], 1);
         }
     }
@@ -519,10 +519,9 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         if (n == 0) continue;
         process_batch(&w, items, n);
         for (int i = 0; i < n; i++) {
+            item_forget_outcome(&items[i]);
             delivery_free(&items[i].d);
             envelope_free(&items[i].env);
-            free(items[i].error);
-            cJSON_Delete(items[i].events);
             memset(&items[i], 0, sizeof items[i]);
         }
         w.jobs += n;
