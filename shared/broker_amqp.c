@@ -316,6 +316,14 @@ static int read_delivery(struct amqp_broker *a, amqp_envelope_t *env, int timeou
     return CV_ERETRY;
 }
 
+/* The entry named key of a header table (h may be NULL), or NULL. */
+static amqp_table_entry_t *find_header(amqp_table_t *h, const char *key) {
+    for (int i = 0; h && i < h->num_entries; i++)
+        if (h->entries[i].key.len == strlen(key) && memcmp(h->entries[i].key.bytes, key, h->entries[i].key.len) == 0)
+            return &h->entries[i];
+    return NULL;
+}
+
 static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     memset(d, 0, sizeof *d);
@@ -330,6 +338,10 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
         d->message_id = copy_bytes(id);
     }
     d->tag = env.delivery_tag;
+    /* back after a crash or a requeue (redelivered), or from a delay queue
+     * (RabbitMQ's x-death header, added when it dead-letters the message back) */
+    amqp_basic_properties_t *p = &env.message.properties;
+    d->redelivered = env.redelivered || ((p->_flags & AMQP_BASIC_HEADERS_FLAG) && find_header(&p->headers, "x-death"));
     amqp_destroy_envelope(&env);
     return 1;
 }
@@ -429,34 +441,27 @@ static int amqp_retry(struct broker *b, const struct delivery *d, int delay_ms) 
 
 static int amqp_maintain(struct broker *b) { (void)b; return 0; /* RabbitMQ redelivers and expires by itself */ }
 
-/* A header of a dead letter as a string (NULL if absent), or its integer. */
+/* A header of a dead letter as a string (NULL if absent), or its integer (0 if absent). */
 static char *header_str(amqp_table_t *h, const char *key) {
-    for (int i = 0; h && i < h->num_entries; i++) {
-        amqp_table_entry_t *e = &h->entries[i];
-        if (e->key.len == strlen(key) && memcmp(e->key.bytes, key, e->key.len) == 0 &&
-            (e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES))
-            return copy_bytes(e->value.value.bytes);
-    }
+    amqp_table_entry_t *e = find_header(h, key);
+    if (e && (e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES))
+        return copy_bytes(e->value.value.bytes);
     return NULL;
 }
 
 static int header_int(amqp_table_t *h, const char *key) {
-    for (int i = 0; h && i < h->num_entries; i++) {
-        amqp_table_entry_t *e = &h->entries[i];
-        if (e->key.len != strlen(key) || memcmp(e->key.bytes, key, e->key.len) != 0) continue;
-        switch (e->value.kind) {
-        case AMQP_FIELD_KIND_I8: return e->value.value.i8;
-        case AMQP_FIELD_KIND_U8: return e->value.value.u8;
-        case AMQP_FIELD_KIND_I16: return e->value.value.i16;
-        case AMQP_FIELD_KIND_U16: return e->value.value.u16;
-        case AMQP_FIELD_KIND_I32: return e->value.value.i32;
-        case AMQP_FIELD_KIND_U32: return (int)e->value.value.u32;
-        case AMQP_FIELD_KIND_I64: return (int)e->value.value.i64;
-        case AMQP_FIELD_KIND_U64: return (int)e->value.value.u64;
-        default: return 0;
-        }
+    amqp_table_entry_t *e = find_header(h, key);
+    switch (e ? e->value.kind : 0) {
+    case AMQP_FIELD_KIND_I8: return e->value.value.i8;
+    case AMQP_FIELD_KIND_U8: return e->value.value.u8;
+    case AMQP_FIELD_KIND_I16: return e->value.value.i16;
+    case AMQP_FIELD_KIND_U16: return e->value.value.u16;
+    case AMQP_FIELD_KIND_I32: return e->value.value.i32;
+    case AMQP_FIELD_KIND_U32: return (int)e->value.value.u32;
+    case AMQP_FIELD_KIND_I64: return (int)e->value.value.i64;
+    case AMQP_FIELD_KIND_U64: return (int)e->value.value.u64;
+    default: return 0;
     }
-    return 0;
 }
 
 /* Gets every message of the dead queue of q without acking; with sel, acks

@@ -3,6 +3,9 @@
  * Keys (prefix "conveyor"): queue list conveyor:queue:<q> (producers LPUSH, workers
  * BLMOVE RIGHT->LEFT into conveyor:inflight:<q>:<workerId>), dead letters
  * conveyor:dead:<q>, events stream conveyor:events.
+ * A message that goes back to its queue after it was taken (a dead worker's,
+ * a requeued one, a due retry) is also added to the set conveyor:returned:<q>;
+ * whoever takes it next removes it from there and knows it was delivered before.
  * A broken connection is dropped and re-opened by the next call.
  */
 #include "broker_backend.h"
@@ -20,7 +23,7 @@ struct redis_broker {
     char host[256];
     int port, db;
     char password[256];
-    char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], events_key[256];
+    char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], returned_key[256], events_key[256];
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
     bool recover;             /* return the in-flight list before the next BLMOVE */
     int64_t heartbeat_at;     /* monotonic ms of the last refresh */
@@ -150,6 +153,7 @@ static int redis_consume(struct broker *b, const struct cfg_queue *q, const char
     names_redis(b->cfg, "queue", q->name, r->queue_key, sizeof r->queue_key);
     names_redis(b->cfg, "dead", q->name, r->dead_key, sizeof r->dead_key);
     names_redis(b->cfg, "retry", q->name, r->retry_key, sizeof r->retry_key);
+    names_redis(b->cfg, "returned", q->name, r->returned_key, sizeof r->returned_key);
     char base[256];
     names_redis(b->cfg, "inflight", q->name, base, sizeof base);
     snprintf(r->inflight_key, sizeof r->inflight_key, "%s:%s", base, worker_id);
@@ -160,19 +164,28 @@ static int redis_consume(struct broker *b, const struct cfg_queue *q, const char
     return 0;
 }
 
+/* Returns an in-flight list (KEYS[1]) to the consuming end of its queue
+ * (KEYS[2]), oldest first, marking each message returned (KEYS[3]); with
+ * KEYS[4], only if that worker's liveness key has expired. Returns how many. */
+static const char return_script[] =
+    "if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end "
+    "local n = 0 "
+    "while true do "
+    "local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') "
+    "if not v then return n end "
+    "redis.call('SADD', KEYS[3], v) n = n + 1 end";
+
 /* Returns to the consuming end of the queue, oldest last so that it is taken
  * first, what this worker id has in flight: left by an earlier process of the
  * id, or taken by a BLMOVE whose reply was lost with the connection. Only
  * called between messages, when the worker holds none. */
 static int recover_inflight(struct redis_broker *r) {
-    for (;;) {
-        redisReply *rep = cmd(r, "LMOVE %s %s LEFT RIGHT", r->inflight_key, r->queue_key);
-        if (!rep) return last_error(r);
-        bool moved = rep->type == REDIS_REPLY_STRING;
-        freeReplyObject(rep);
-        if (!moved) break;
-        log_warn("returned an in-flight message of %s to %s", r->inflight_key, r->queue_key);
-    }
+    redisReply *rep = cmd(r, "EVAL %s 3 %s %s %s", return_script, r->inflight_key, r->queue_key, r->returned_key);
+    if (!rep) return last_error(r);
+    if (rep->integer > 0)
+        log_warn("returned %lld in-flight message%s of %s to %s", rep->integer, rep->integer == 1 ? "" : "s",
+                 r->inflight_key, r->queue_key);
+    freeReplyObject(rep);
     r->recover = false;
     return 0;
 }
@@ -223,29 +236,40 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     }
     delivery_from(d, rep);
     freeReplyObject(rep);
+    /* taken: was it returned? (if this reply is lost, recover returns it marked again) */
+    if (!(rep = cmd(r, "SREM %s %b", r->returned_key, d->body, d->len))) return 1;
+    d->redelivered = rep->integer == 1;
+    freeReplyObject(rep);
     return 1;
 }
 
 /* Moves up to ARGV[1] waiting messages to the in-flight list, oldest first,
- * and returns them: one round trip and one AOF write for a batch. */
+ * and returns them, each followed by 1 if it had been returned (KEYS[3]) or
+ * 0: one round trip and one AOF write for a batch. */
 static const char take_script[] =
     "local m = {} "
+    "local marked = redis.call('EXISTS', KEYS[3]) == 1 "
     "for i = 1, tonumber(ARGV[1]) do "
     "local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') "
     "if not v then break end "
-    "m[i] = v end "
+    "m[#m + 1] = v "
+    "m[#m + 1] = marked and redis.call('SREM', KEYS[3], v) or 0 end "
     "return m";
 
 static int redis_take(struct broker *b, struct delivery *d, int max) {
     struct redis_broker *r = (struct redis_broker *)b;
     int rc = before_take(r);
     if (rc < 0) return rc;
-    redisReply *rep = cmd(r, "EVAL %s 2 %s %s %d", take_script, r->queue_key, r->inflight_key, max);
+    redisReply *rep = cmd(r, "EVAL %s 3 %s %s %s %d", take_script, r->queue_key, r->inflight_key, r->returned_key,
+                          max);
     if (!rep) return last_error(r);
     int n = 0;
     if (rep->type == REDIS_REPLY_ARRAY)
-        for (size_t i = 0; i < rep->elements && n < max; i++)
-            if (rep->element[i]->type == REDIS_REPLY_STRING) delivery_from(&d[n++], rep->element[i]);
+        for (size_t i = 0; i + 1 < rep->elements && n < max; i += 2)
+            if (rep->element[i]->type == REDIS_REPLY_STRING) {
+                delivery_from(&d[n], rep->element[i]);
+                d[n++].redelivered = rep->element[i + 1]->integer == 1;
+            }
     freeReplyObject(rep);
     return n;
 }
@@ -286,11 +310,11 @@ static int transaction(struct redis_broker *r, const char *what, int n, const ch
 
 static int redis_requeue(struct broker *b, const struct delivery *d) {
     struct redis_broker *r = (struct redis_broker *)b;
-    const char *fmts[2] = {"LPUSH %s %b", "LREM %s 1 %b"};
-    const char *a1[2] = {r->queue_key, r->inflight_key};
-    const char *a2[2] = {d->body, d->body};
-    size_t l2[2] = {d->len, d->len};
-    return transaction(r, "requeue", 2, fmts, a1, a2, l2);
+    const char *fmts[3] = {"LPUSH %s %b", "LREM %s 1 %b", "SADD %s %b"};
+    const char *a1[3] = {r->queue_key, r->inflight_key, r->returned_key};
+    const char *a2[3] = {d->body, d->body, d->body};
+    size_t l2[3] = {d->len, d->len, d->len};
+    return transaction(r, "requeue", 3, fmts, a1, a2, l2);
 }
 
 static int redis_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
@@ -336,21 +360,16 @@ static int redis_retry(struct broker *b, const struct delivery *d, int delay_ms)
     return read_replies(r, 4, "retry");
 }
 
-/* Moves due retries (score <= now) back to the producer end of the queue. */
+/* Moves due retries (score <= now) back to the producer end of the queue, marked returned. */
 static const char due_script[] =
     "local m = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500) "
-    "for _, v in ipairs(m) do redis.call('LPUSH', KEYS[2], v) redis.call('ZREM', KEYS[1], v) end "
+    "for _, v in ipairs(m) do redis.call('LPUSH', KEYS[2], v) redis.call('ZREM', KEYS[1], v) "
+    "redis.call('SADD', KEYS[3], v) end "
     "return #m";
-/* Returns a dead worker's in-flight messages to the consuming end, oldest first. */
-static const char reap_script[] =
-    "if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end "
-    "local n = 0 "
-    "while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end "
-    "return n";
 
 static int redis_maintain(struct broker *b) {
     struct redis_broker *r = (struct redis_broker *)b;
-    char now[32], queue[256], retry[256], pattern[300], worker[256], hb[600];
+    char now[32], queue[256], retry[256], returned[256], pattern[300], worker[256], hb[600];
     snprintf(now, sizeof now, "%lld", (long long)clock_ms());
     names_redis(b->cfg, "worker", NULL, worker, sizeof worker);
     long long moved = 0;
@@ -359,7 +378,8 @@ static int redis_maintain(struct broker *b) {
         if (q->transport != TRANSPORT_REDIS) continue;
         names_redis(b->cfg, "queue", q->name, queue, sizeof queue);
         names_redis(b->cfg, "retry", q->name, retry, sizeof retry);
-        redisReply *rep = cmd(r, "EVAL %s 2 %s %s %s", due_script, retry, queue, now);
+        names_redis(b->cfg, "returned", q->name, returned, sizeof returned);
+        redisReply *rep = cmd(r, "EVAL %s 3 %s %s %s %s", due_script, retry, queue, returned, now);
         if (!rep) return last_error(r);
         moved += rep->integer;
         freeReplyObject(rep);
@@ -375,7 +395,7 @@ static int redis_maintain(struct broker *b) {
             for (size_t k = 0; k < keys->elements; k++) {
                 const char *key = keys->element[k]->str;
                 snprintf(hb, sizeof hb, "%s:%s", worker, key + plen);
-                redisReply *x = cmd(r, "EVAL %s 3 %s %s %s", reap_script, key, queue, hb);
+                redisReply *x = cmd(r, "EVAL %s 4 %s %s %s %s", return_script, key, queue, returned, hb);
                 if (!x) { freeReplyObject(rep); return last_error(r); }
                 if (x->integer > 0)
                     log_warn("worker %s is gone (no heartbeat): returned %lld in-flight message%s to %s",

@@ -210,6 +210,8 @@ struct delivery {
     size_t len;
     char *message_id;      /* RabbitMQ message_id property or NULL; owned */
     uint64_t tag;          /* RabbitMQ delivery tag */
+    bool redelivered;      /* delivered before (returned by a crash, a requeue or a retry): a
+                            * handler may have started on it, so its attempts are counted */
 };
 void delivery_free(struct delivery *d);
 

@@ -1,7 +1,8 @@
 /* relay.c - the outbox relay: publishes unpublished outbox rows in id order,
  * with confirms, then marks them published. One relay is active at a time
- * (a session advisory lock); the others stand by. Woken by NOTIFY on commit,
- * with a slow poll as a safety net.
+ * (a session advisory lock); the others stand by. Woken by the pool's own
+ * workers through relay_wake.c, by NOTIFY from other pools' workers, and by a
+ * slow poll as a safety net.
  */
 #include "workers.h"
 
@@ -67,16 +68,18 @@ static void relay_prune(PGconn *db, long retention_s) {
     }
 }
 
-/* Waits up to ms for a NOTIFY; returns at once if one is already queued. */
+/* Waits up to ms for a NOTIFY or a wake-up from the pool's workers; returns
+ * at once if one is already pending. Consumes what woke it. */
 static void relay_wait(PGconn *db, int ms) {
     PQconsumeInput(db);
     bool woken = false;
     for (PGnotify *n; (n = PQnotifies(db)); PQfreemem(n)) woken = true;
     if (woken) return;
-    struct pollfd pfd = {PQsocket(db), POLLIN, 0};
-    if (poll(&pfd, 1, ms) > 0) {
+    struct pollfd pfd[2] = {{PQsocket(db), POLLIN, 0}, {relay_wake_fd(), POLLIN, 0}};
+    if (poll(pfd, pfd[1].fd >= 0 ? 2 : 1, ms) > 0) {
         PQconsumeInput(db);
         for (PGnotify *n; (n = PQnotifies(db)); PQfreemem(n)) {}
+        relay_wake_clear();
     }
 }
 
@@ -89,6 +92,8 @@ static void relay_active(const struct cfg *cfg, PGconn *db) {
      * database crash only means those events are published again, which
      * at-least-once delivery allows (subscribers dedupe by event id) */
     if (db_cmd(db, "SET synchronous_commit TO off") < 0) return;
+    relay_wake_clear();
+    relay_wake_set_active(true); /* the pool's workers wake this relay directly */
     struct broker *b = NULL;
     char err[512];
     int failures = 0;
@@ -117,6 +122,7 @@ static void relay_active(const struct cfg *cfg, PGconn *db) {
         }
         relay_wait(db, cfg->relay_poll_ms);
     }
+    relay_wake_set_active(false);
     broker_close(b);
 }
 

@@ -152,6 +152,7 @@ static void retire_next(struct pool *p) {
 
 /* Handles the exit of pid. */
 static void reaped(struct pool *p, pid_t pid, int status, bool stopping) {
+    relay_wake_forget(pid);
     if (pid == p->retiring_now) {
         p->retiring_now = 0;
         return;
@@ -195,6 +196,7 @@ int supervisor_run(struct cfg *cfg) {
     sigaddset(&p.mask, SIGINT);
     sigaddset(&p.mask, SIGHUP);
     sigprocmask(SIG_BLOCK, &p.mask, NULL);
+    if (relay_wake_init() < 0) log_warn("no shared wake-up for the relay (%s); workers NOTIFY it", strerror(errno));
     start_generation(&p);
 
     bool stopping = false;

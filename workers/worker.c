@@ -1,8 +1,10 @@
-/* worker.c - one worker process: take a batch of messages (the first waited
- * for, up to batch_size more only if already delivered), run their commands in
- * one transaction with the dedup rows and the outbox rows, commit, then ack.
+/* worker.c - one worker process: take a batch of messages (up to batch_size
+ * of those already delivered; when there are none, the first waited for), run
+ * their commands in one transaction with the dedup rows and the outbox rows,
+ * commit, then ack.
  *
- *   attempts += 1 for each (command_attempts, one statement, before any handler)
+ *   redelivered ones only: attempts += 1 (command_attempts, its own transaction,
+ *                          before any handler; a first delivery is attempt 1)
  *   BEGIN; INSERT processed_commands(ids)     -- one round trip; a conflict: duplicate
  *   per command, sorted by productId (lock order):
  *     SAVEPOINT item + the handler's statements -- the savepoint rides with the first
@@ -10,9 +12,17 @@
  *                                              -- failed: ROLLBACK TO SAVEPOINT item, retried alone
  *     (a command alone has no savepoint: its rejection rolls back and redoes
  *      BEGIN + dedup, its failure rolls back the transaction)
- *   INSERT outbox(events of all); settle the dedup rows; DELETE command_attempts; COMMIT; NOTIFY
+ *   INSERT outbox(events of all); settle the dedup rows and attempt counts if any; COMMIT
  *                                              -- one round trip (libpq pipeline, db_defer)
+ *   wake the relay: the pool's own through relay_wake.c, else NOTIFY (after COMMIT,
+ *                   in the same round trip)
  *   ack (one multiple ack / one pipeline when the whole batch went through)
+ *
+ * Attempts: a message the broker never delivered before cannot have been
+ * started, so its first start is not written down (a transaction saved per
+ * batch). If the handler kills its worker, the broker hands the message out
+ * again marked redelivered (RabbitMQ's flag, or Redis's returned set), and a
+ * redelivered command with no count is taken to have been started once.
  *
  * A failure of the transaction (connection lost, serialization failure,
  * deadlock, timeout, or an unexpected database error) sends the message to the
@@ -45,8 +55,9 @@ struct item {
     struct delivery d;
     struct envelope env;
     handler_fn handler;
-    bool live;            /* parsed, known, counted: it takes part in the transaction */
-    int attempts;
+    bool live;            /* parsed, known, within its attempts: it takes part in the transaction */
+    int attempts;         /* handler starts, this one included */
+    bool counted;         /* its attempts are in command_attempts (it was redelivered) */
     bool claimed;         /* its dedup row is in this transaction: it runs */
     int rc;               /* its outcome (>= 0) or error class */
     cJSON *events;        /* what it emitted, for the batch's outbox insert (owned) */
@@ -159,8 +170,11 @@ static void attempt_failed(struct worker *w, const struct item *it) {
     snprintf(error, sizeof error, "%s: %s", cv_strerror(it->rc), it->error ? it->error : "");
     db_check(w);
     if (w->db) {
-        const char *p[2] = {env->id, error};
-        db_exec(w->db, "UPDATE command_attempts SET last_error = $2 WHERE id = $1", 2, p, NULL, NULL);
+        char n[16];
+        snprintf(n, sizeof n, "%d", attempts);
+        const char *p[3] = {env->id, error, n};
+        db_exec(w->db, "INSERT INTO command_attempts (id, attempts, last_error) VALUES ($1, $3, $2) "
+                       "ON CONFLICT (id) DO UPDATE SET last_error = $2, updated_at = now()", 3, p, NULL, NULL);
     }
     if (attempts >= w->q->max_attempts) {
         settle_dead(w, d, "retries_exhausted", error, attempts, env->id);
@@ -218,40 +232,63 @@ static char *id_array(struct item **v, int n, bool (*pick)(const struct item *))
     return s;
 }
 
-static bool is_settled(const struct item *it) { return it->rc >= 0; }
+static bool is_redelivered(const struct item *it) { return it->d.redelivered; }
+static bool is_counted_settled(const struct item *it) { return it->counted && it->rc >= 0; }
 static bool is_rejected(const struct item *it) { return it->rc == REJECTED; }
 static bool is_retried(const struct item *it) { return it->claimed && it->rc < 0; }
 static bool any_item(const struct item *it) { (void)it; return true; }
 
-/* Counts one more start of the handler for each of the n items, durably,
- * before any runs (one statement; the session commits asynchronously: the
- * counts only have to survive this worker). Items out of attempts are
- * dead-lettered (retries_exhausted); the others are marked live. Returns 0,
- * or an error class when the database is unreachable (nothing counted). */
+/* Counts one more start of the handler for each redelivered item, durably,
+ * before any runs (one transaction that commits asynchronously: the counts
+ * only have to survive this worker, not the database host); a first delivery
+ * is attempt 1, not written. Items out of attempts are dead-lettered
+ * (retries_exhausted); the others are marked live. Returns 0, or an error
+ * class when the database is unreachable (nothing counted). */
 static int count_attempts(struct worker *w, struct item **v, int n) {
-    char *ids = id_array(v, n, any_item);
+    int nredelivered = 0;
+    for (int i = 0; i < n; i++) {
+        v[i]->attempts = 1;
+        nredelivered += v[i]->d.redelivered;
+    }
+    if (nredelivered == 0) {
+        for (int i = 0; i < n; i++) v[i]->live = true;
+        return 0;
+    }
+    char *ids = id_array(v, n, is_redelivered);
     const char *params[1] = {ids};
-    PGresult *r;
-    int rc = db_exec(w->db, "INSERT INTO command_attempts (id, attempts) "
-                            "SELECT DISTINCT x, 1 FROM unnest($1::uuid[]) AS x "
+    PGresult *r = NULL;
+    /* no count yet: the delivery before this one started it (its worker died) */
+    int rc = db_defer(w->db, "BEGIN", 0, NULL);
+    if (rc == 0) rc = db_defer(w->db, "SET LOCAL synchronous_commit TO off", 0, NULL);
+    if (rc == 0)
+        rc = db_exec(w->db, "INSERT INTO command_attempts (id, attempts) "
+                            "SELECT DISTINCT x, 2 FROM unnest($1::uuid[]) AS x "
                             "ON CONFLICT (id) DO UPDATE SET attempts = command_attempts.attempts + 1, "
                             "updated_at = now() RETURNING id::text, attempts, last_error", 1, params, &r, NULL);
+    if (rc == 0) rc = db_cmd(w->db, "COMMIT");
     free(ids);
-    if (rc < 0) return rc;
+    if (rc < 0) {
+        PQclear(r);
+        db_discard(w->db);
+        if (PQstatus(w->db) == CONNECTION_OK) PQclear(PQexec(w->db, "ROLLBACK"));
+        return rc;
+    }
     for (int i = 0; i < n; i++) {
         struct item *it = v[i];
         int row = -1;
-        for (int j = 0; j < PQntuples(r) && row < 0; j++)
+        for (int j = 0; j < PQntuples(r) && row < 0 && it->d.redelivered; j++)
             if (strcasecmp(PQgetvalue(r, j, 0), it->env.id) == 0) row = j;
-        it->attempts = row < 0 ? 1 : atoi(PQgetvalue(r, row, 1));
+        it->live = true;
+        if (row < 0) continue;
+        it->counted = true;
+        it->attempts = atoi(PQgetvalue(r, row, 1));
         if (it->attempts > w->q->max_attempts) {
             /* the handler was started max_attempts times (some of them killed their worker) */
             char why[700];
             snprintf(why, sizeof why, "gave up after %d attempts; last error: %s", it->attempts - 1,
-                     row >= 0 && !PQgetisnull(r, row, 2) ? PQgetvalue(r, row, 2) : "the worker died while handling it");
+                     !PQgetisnull(r, row, 2) ? PQgetvalue(r, row, 2) : "the worker died while handling it");
             settle_dead(w, &it->d, "retries_exhausted", why, it->attempts - 1, it->env.id);
-        } else {
-            it->live = true;
+            it->live = false;
         }
     }
     PQclear(r);
@@ -281,9 +318,7 @@ static int claim_batch(struct worker *w, struct item **v, int n) {
     *t = '\0';
     const char *p[2] = {ids, types};
     PGresult *r = NULL;
-    /* the session commits asynchronously (attempt counts); commands commit as the server is configured */
     int rc = db_defer(w->db, "BEGIN", 0, NULL);
-    if (rc == 0) rc = db_defer(w->db, "SET LOCAL synchronous_commit TO DEFAULT", 0, NULL);
     if (rc == 0)
         rc = db_exec(w->db, "INSERT INTO processed_commands (id, type, outcome) "
                             "SELECT DISTINCT ON (id) id, type, 'applied' FROM unnest($1::uuid[], $2::text[]) AS c(id, type) "
@@ -306,17 +341,18 @@ static int claim_batch(struct worker *w, struct item **v, int n) {
 
 /* Ends the batch's transaction in one round trip: all its events into the
  * outbox, its dedup rows settled (a retried command's removed, a rejected
- * one's marked), the attempt counts of the settled ones dropped, COMMIT, then
- * NOTIFY. Returns 0 or an error class (nothing committed, or the connection
- * broke after the COMMIT was sent: the retry finds the commands done). */
+ * one's marked) and the attempt counts of the settled ones dropped (when
+ * there are such), COMMIT, then the relay's wake-up. Returns 0 or an error
+ * class (nothing committed, or the connection broke after the COMMIT was
+ * sent: the retry finds the commands done). */
 static int commit_batch(struct worker *w, struct item **v, int n) {
     cJSON *all = cJSON_CreateArray();
     for (int i = 0; i < n; i++)
         while (v[i]->events && v[i]->events->child)
             cJSON_AddItemToArray(all, cJSON_DetachItemViaPointer(v[i]->events, v[i]->events->child));
     int rc = 0;
-    bool wake = cJSON_GetArraySize(all) > 0; /* events for the relay */
-    if (wake) {
+    bool events = cJSON_GetArraySize(all) > 0;
+    if (events) {
         char *json = cJSON_PrintUnformatted(all);
         const char *p[1] = {json};
         rc = db_defer(w->db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
@@ -325,22 +361,30 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
         free(json);
     }
     cJSON_Delete(all);
-    char *retried = id_array(v, n, is_retried), *rejected = id_array(v, n, is_rejected),
-         *settled = id_array(v, n, is_settled);
-    const char *p[3] = {retried, rejected, settled};
-    if (rc == 0)
+    bool settle = false;
+    for (int i = 0; i < n; i++) settle |= is_retried(v[i]) || is_rejected(v[i]) || is_counted_settled(v[i]);
+    if (rc == 0 && settle) {
+        char *retried = id_array(v, n, is_retried), *rejected = id_array(v, n, is_rejected),
+             *counted = id_array(v, n, is_counted_settled);
+        const char *p[3] = {retried, rejected, counted};
         rc = db_defer(w->db, "WITH retried AS (DELETE FROM processed_commands WHERE id = ANY($1::uuid[])), "
                              "rejected AS (UPDATE processed_commands SET outcome = 'rejected' WHERE id = ANY($2::uuid[])) "
                              "DELETE FROM command_attempts WHERE id = ANY($3::uuid[])", 3, p);
-    free(retried);
-    free(rejected);
-    free(settled);
-    /* The relay's wake-up follows the commit in the same round trip, as a
-     * transaction of its own that commits asynchronously like the session: a
-     * NOTIFY inside the commands' transaction would hold PostgreSQL's notify
-     * lock through that commit's flush to disk, one worker at a time. */
-    if (rc == 0 && wake) rc = db_defer(w->db, "COMMIT", 0, NULL);
-    if (rc == 0) rc = db_cmd(w->db, wake ? w->notify_sql : "COMMIT");
+        free(retried);
+        free(rejected);
+        free(counted);
+    }
+    /* Another pool's relay is the active one: NOTIFY it after the commit, in
+     * the same round trip, as a transaction of its own that does not wait for
+     * the disk (a NOTIFY inside the commands' transaction would hold
+     * PostgreSQL's notify lock through that commit's flush, one worker at a time). */
+    bool notify = events && !relay_wake_is_local();
+    if (rc == 0 && notify) rc = db_defer(w->db, "COMMIT", 0, NULL);
+    if (rc == 0 && notify) rc = db_defer(w->db, "BEGIN", 0, NULL);
+    if (rc == 0 && notify) rc = db_defer(w->db, "SET LOCAL synchronous_commit TO off", 0, NULL);
+    if (rc == 0 && notify) rc = db_defer(w->db, w->notify_sql, 0, NULL);
+    if (rc == 0) rc = db_cmd(w->db, "COMMIT");
+    if (rc == 0 && events && !notify) relay_wake_signal();
     return rc;
 }
 
@@ -400,7 +444,8 @@ static void process_batch(struct worker *w, struct item *items, int n) {
     for (int i = 0; i < n; i++)
         if (admit(w, &items[i])) v[nv++] = &items[i];
     if (nv > 0 && count_attempts(w, v, nv) < 0) {
-        /* the database is away: not an attempt; hand them back and reconnect */
+        /* the database is away: hand them back and reconnect (they come back
+         * redelivered, and one never started before is then counted as started once) */
         db_check(w);
         for (int i = 0; i < nv; i++)
             if (broker_requeue(w->broker, &v[i]->d) < 0)
@@ -444,16 +489,6 @@ static void process_batch(struct worker *w, struct item *items, int n) {
     }
     free(acks);
     free(v);
-}
-
-/* Connects to the database for a worker: attempt counts commit asynchronously
- * (they only have to survive this worker, not the database host). */
-static PGconn *worker_db_connect(const struct cfg *cfg) {
-    for (;;) {
-        PGconn *db = db_connect_retry(cfg->database_url, &stop_requested);
-        if (!db || db_cmd(db, "SET synchronous_commit TO off") == 0) return db;
-        db_close(db);
-    }
 }
 
 /* True when the worker should exit and be replaced (max_jobs, max_rss_mb). */
@@ -501,14 +536,15 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     struct item *items = calloc((size_t)q->batch_size, sizeof *items);
     struct delivery *extra = calloc((size_t)q->batch_size, sizeof *extra);
     while (!stop_requested) {
-        if (!w.db && !(w.db = worker_db_connect(cfg))) break; /* take nothing while the database is away */
-        /* the first message is waited for; the rest of a batch only taken if already delivered */
-        int n = 0, rc = broker_next(w.broker, &items[0].d, 1000);
-        if (rc > 0) {
-            n = 1;
-            int more = broker_take(w.broker, extra, q->batch_size - 1);
-            for (int i = 0; i < more; i++) items[n++].d = extra[i];
+        if (!w.db && !(w.db = db_connect_retry(cfg->database_url, &stop_requested))) break; /* take nothing while the database is away */
+        /* a batch is what is already delivered; when nothing is, the first one is
+         * waited for, and what came with it taken too */
+        int n = 0, rc = broker_take(w.broker, extra, q->batch_size);
+        if (rc == 0 && (rc = broker_next(w.broker, &extra[0], 1000)) > 0) {
+            int more = broker_take(w.broker, &extra[1], q->batch_size - 1);
+            rc = more < 0 ? 1 : 1 + more;
         }
+        for (int i = 0; i < rc; i++) items[n++].d = extra[i];
         if (rc < 0) {
             if (broker_failures == 0) log_warn("broker lost: %s; reconnecting", broker_error(w.broker));
             backoff_sleep(backoff_ms(broker_failures++, 100, 5000), &stop_requested);

@@ -7,6 +7,8 @@
 
 #include "core.h"
 
+#include <sys/types.h>
+
 /* ---- validate.c: payload rules, collecting every broken one ------------------- */
 struct verr {
     cJSON *fields; /* {field: reason}; NULL while nothing is wrong; owned */
@@ -100,5 +102,20 @@ int reaper_run(const struct cfg *cfg);
 /* Forks and watches the pool until SIGTERM / SIGINT; returns the exit status.
  * SIGHUP reloads cfg->path into *cfg. */
 int supervisor_run(struct cfg *cfg);
+
+/* ---- relay_wake.c: a worker wakes the pool's own relay (a shared page, an eventfd) */
+/* Supervisor, before forking: 0, or -1 when the system refused (workers then NOTIFY). */
+int relay_wake_init(void);
+/* Relay: it holds (true) or gave up (false) the relay lock. */
+void relay_wake_set_active(bool active);
+/* Supervisor: pid exited; if it was the active relay, there is none now. */
+void relay_wake_forget(pid_t pid);
+/* Worker: true when the pool's own relay is the active one (else NOTIFY). */
+bool relay_wake_is_local(void);
+/* Worker, after a commit with events: wakes the pool's relay. */
+void relay_wake_signal(void);
+/* Relay: the descriptor to poll for wake-ups (-1 when none), and drain it. */
+int relay_wake_fd(void);
+void relay_wake_clear(void);
 
 #endif

@@ -212,6 +212,54 @@ def test_killed_worker_command_applied_once():
         eq(pool.stop(), (0, []), "clean stop")
 
 
+ATTEMPT_LOG = """
+CREATE TABLE IF NOT EXISTS test_attempt_log (id uuid, attempts int, at timestamptz DEFAULT clock_timestamp());
+CREATE OR REPLACE FUNCTION test_log_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO test_attempt_log (id, attempts) VALUES (NEW.id, NEW.attempts);
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS test_log_attempt ON command_attempts;
+CREATE TRIGGER test_log_attempt AFTER INSERT OR UPDATE ON command_attempts FOR EACH ROW EXECUTE FUNCTION test_log_attempt();
+"""
+
+
+def test_only_redeliveries_are_counted():
+    """A first delivery writes no attempt count (nothing can have started it before); a
+    command that comes back after its worker died is counted as started twice."""
+    query(ATTEMPT_LOG)
+    try:
+        with chaos_trigger(), Pool(expect_restarts=True) as pool:
+            pub, ev = Publisher(), Events()
+            plain = product("plain", stock=0)
+            cmds = [envelope("updateStock", {"productId": plain, "quantityChange": 1}) for _ in range(20)]
+            for c in cmds:
+                pub.command(c)
+            ids = [c["id"] for c in cmds]
+            ev.wait(lambda s: set(ids) <= {e["commandId"] for e in s.events}, 20, "20 results")
+            eq(stock(plain), 20, "each applied once")
+            eq(query("SELECT count(*) FROM test_attempt_log WHERE id = ANY(%s::uuid[])", ids)[0][0], 0,
+               "no attempt count written for first deliveries")
+            pid = product("slowonce")
+            cmd = envelope("updateStock", {"productId": pid, "quantityChange": -1})
+            pub.command(cmd)
+            kill_sleeping_worker()
+            res = ev.wait_result(cmd["id"], timeout=30)
+            eq(res[0]["type"], "stock.updated", "applied by the next worker")
+            eq(query("SELECT attempts FROM test_attempt_log WHERE id = %s ORDER BY at", cmd["id"]), [(2,)],
+               "the redelivery counted as the second start")
+            eq(query("SELECT count(*) FROM command_attempts WHERE id = %s", cmd["id"])[0][0], 0,
+               "the count dropped once it was applied")
+            if TRANSPORT == "redis":
+                eq(redislib.Redis.from_url(REDIS_URL).scard("conveyor:returned:catalog"), 0,
+                   "the returned mark went with the message")
+            pub.close()
+            ev.close()
+            eq(pool.stop(), (0, []), "clean stop")
+    finally:
+        query("DROP TRIGGER IF EXISTS test_log_attempt ON command_attempts; DROP TABLE IF EXISTS test_attempt_log")
+
+
 def test_lost_consumer_work_comes_back():
     """A consumer that vanishes holding a message does not lose it. Redis: an
     in-flight list whose worker has no heartbeat is returned by the reaper.
