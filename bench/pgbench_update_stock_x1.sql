@@ -1,8 +1,8 @@
 -- The limit: exactly the SQL one updateStock command costs, one command per
 -- transaction (the dedup row, the conditional stock update, the outbox row,
 -- commit), as pgbench -M prepared runs it. Rows are tagged 'pgbench' and deleted
--- afterwards by bench/run.py. Conveyor adds to this its own bookkeeping (the
--- attempt count, a savepoint, NOTIFY): that is part of what the ratio measures.
+-- afterwards by bench/run.py. What Conveyor adds to this (bench/pgbench_conveyor_sql_x1.sql,
+-- and the broker) is part of what the ratio measures.
 \set p random(1, :products)
 \set q random(0, 1) * 2 - 1
 BEGIN;

@@ -13,8 +13,8 @@ messages with publisher confirms, Redis AOF appendfsync always):
   1. the limit: pgbench -M prepared running exactly the SQL of one updateStock
      command (dedup insert, stock update, outbox insert, commit), at the pool's
      number of connections; and the same with 10 commands per transaction;
-     and every statement a batch_size = 1 worker sends, Conveyor's bookkeeping
-     included (attempt count, NOTIFY), to show what that costs without a broker;
+     and every statement a batch_size = 1 worker sends for a first delivery,
+     in the forms it sends them, to show what they cost without a broker;
   2. the brokers alone: conveyor-bench-broker publishes with confirms and
      consumes with acks, no database (RabbitMQ, Redis);
   3. Conveyor end to end, per transport and batch size: N updateStock commands
