@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import re
 import subprocess
 import sys
@@ -147,15 +148,19 @@ class Bench:
         script = os.path.join(HERE, name or f"pgbench_update_stock_x{per_tx}.sql")
         self.reset_products()
         self.quiesce()
+        cpu0, t0 = cpu_seconds(), time.time()
         r = sh(PGBENCH, "-n", "-M", "prepared", "-c", str(self.args.workers), "-j", str(min(self.args.workers, 2)),
                "-T", str(self.args.pgbench_seconds), "-D", f"products={self.args.products}",
                "-f", script, self.db_url)
         tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", r.stdout).group(1))
         lat = float(re.search(r"latency average = ([0-9.]+) ms", r.stdout).group(1))
+        time.sleep(0.3)  # the backends exit and are reaped
+        cpu = cpu_per_command(cpu0, cpu_seconds(), tps * per_tx * self.args.pgbench_seconds, time.time() - t0)
         self.q("DELETE FROM processed_commands WHERE type = 'pgbench'")
         self.q("DELETE FROM outbox WHERE event_type = 'pgbench'")
         res = {"connections": self.args.workers, "commandsPerTransaction": per_tx, "tps": tps,
-               "commandsPerSecond": tps * per_tx, "latencyAvgMs": lat, "script": os.path.relpath(script, ROOT)}
+               "commandsPerSecond": tps * per_tx, "latencyAvgMs": lat, "script": os.path.relpath(script, ROOT),
+               "cpu": cpu}
         log(f"pgbench {os.path.basename(script)}: {tps * per_tx:.0f} commands/s ({tps:.0f} tps, "
             f"{self.args.workers} connections)")
         return res
@@ -199,16 +204,21 @@ class Bench:
         try:
             wait_ready(pool, pool_log.name, self.args.workers + 2)
             start_id = self.q("SELECT coalesce(max(id), 0) FROM outbox")[0][0]
+            seen_until = self.q("SELECT now()")[0][0]
             mem = MemorySampler(pool.pid)
             mem.start()
             prof = Profile(self.args.profile) if self.args.profile and not rate else None
+            cpu0 = cpu_seconds()
             created, t_first, t_last_write, producer = self.publish(conf, n, mixed, rate)
             # done when every command's result event is marked published
             deadline = time.time() + max(600, n / 50)
-            half_rss = None
+            half_rss, done = None, 0
             while True:
-                done = self.q("SELECT count(*) FROM outbox WHERE id > %s AND published_at IS NOT NULL "
-                              "AND payload->>'correlationId' = 'bench'", start_id)[0][0]
+                # only what was marked since the last look: the relay marks in order, one
+                # transaction at a time, so published_at only grows (a cheap poll)
+                k, last = self.q("SELECT count(*) FILTER (WHERE payload->>'correlationId' = 'bench'), "
+                                 "max(published_at) FROM outbox WHERE published_at > %s", seen_until)[0]
+                done, seen_until = done + k, last or seen_until
                 if half_rss is None and done >= n // 2:
                     half_rss = mem.current()
                 if done >= n:
@@ -220,6 +230,7 @@ class Bench:
                 time.sleep(0.2)
             if producer.wait(60) != 0:
                 raise RuntimeError(f"conveyor-produce exited {producer.returncode}: {producer.stderr.read()}")
+            cpu1, t_done = cpu_seconds(), time.time()
             end_rss = mem.current()
             mem.stop()
             profile = prof.report() if prof else None
@@ -241,7 +252,8 @@ class Bench:
                "publishSeconds": round(t_last_write - t_first, 3),
                "commandsPerSecond": round(n / secs, 1), "rejected": rejected,
                "latencyMs": {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": round(lat[-1], 1)},
-               "rss": mem.report(half_rss, end_rss), "poolLog": pool_log.name}
+               "rss": mem.report(half_rss, end_rss), "poolLog": pool_log.name,
+               "cpu": cpu_per_command(cpu0, cpu1, n, t_done - t_first)}
         if profile:
             res["profile"] = profile
             print_profile(f"{transport} batch {batch_size}", profile)
@@ -410,6 +422,53 @@ class MemorySampler(threading.Thread):
                 "workerPeakKB": max((x["vmHWMKB"] for x in workers), default=None)}
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds():
+    """CPU seconds used so far, by component: every process on the machine read
+    from /proc (user + system), with what exited counted through its parent
+    (a server's cutime / cstime holds its reaped children: PostgreSQL's
+    finished backends, the pool's finished workers) and through this process
+    (the producer and pgbench it ran, and its own Python)."""
+    procs = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            text = open(f"/proc/{p}/stat").read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        f = text[text.rindex(")") + 2:].split()
+        procs[int(p)] = (comm, int(f[1]), int(f[11]) + int(f[12]), int(f[13]) + int(f[14]))
+    out = {}
+    for pid, (comm, ppid, own, children) in procs.items():
+        parent = procs.get(ppid, ("",))[0]
+        group = ("postgres" if comm == "postgres" else "rabbitmq" if comm == "beam.smp" or parent == "beam.smp"
+                 else "redis" if comm == "redis-server" else "workers" if comm.startswith("cv-worker")
+                 else "relay" if comm == "cv-relay" else "pool" if comm in ("conveyor-worker", "cv-reaper")
+                 else None)
+        if group is None:
+            continue
+        # a server's own reaped children count once, in the server's group
+        reaped = children if parent != comm and not (comm == "postgres" and parent == "postgres") else 0
+        out[group] = out.get(group, 0) + (own + reaped) / TICK
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["bench"] = me.ru_utime + me.ru_stime
+    out["clients"] = kids.ru_utime + kids.ru_stime  # pgbench, conveyor-produce, once they exited
+    return out
+
+
+def cpu_per_command(before, after, n, seconds):
+    """Microseconds of CPU per command by component between two cpu_seconds(),
+    and the idle share of the machine's CPUs over seconds."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
+    used = sum(d.values())
+    return {"usPerCommand": {k: round(1e6 * v / n, 1) for k, v in sorted(d.items()) if v > 0},
+            "idleShare": round(max(0.0, 1 - used / (seconds * os.cpu_count())), 3)}
+
+
 class Profile:
     """A system-wide CPU profile (perf record -a, software clock, call graphs)
     for `seconds` from now: every process on the machine, idle included, so
@@ -495,6 +554,17 @@ def print_table(R, rows):
             l = half["latencyMs"]
             print(f"{'  at half rate ' + str(int(half['targetRate'])) + '/s':34} {half['commandsPerSecond']:8.0f} "
                   f"{l['p50']:8} {l['p99']:8} {l['max']:8}")
+    print()
+    print("CPU per command, microseconds (all processes of each part; clients: pgbench or conveyor-produce;"
+          " bench: this script)")
+    groups = ("postgres", "rabbitmq", "redis", "workers", "relay", "pool", "clients", "bench")
+    print(f"{'what':34} " + " ".join(f"{g:>8}" for g in groups) + f" {'idle':>6}")
+    parts = [("pgbench 1 cmd/tx", p1), ("pgbench 10 cmd/tx", p10), ("pgbench, all of a worker's SQL", pc)]
+    parts += [("conveyor " + key, full) for key, full, _, _ in rows]
+    for name, part in parts:
+        c = part["cpu"]
+        print(f"{name:34} " + " ".join(f"{c['usPerCommand'].get(g, 0):8.0f}" for g in groups) +
+              f" {100 * c['idleShare']:5.0f}%")
     print()
     for t in R["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['what']}: {t['value']}")

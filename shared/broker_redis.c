@@ -298,23 +298,43 @@ static int read_replies(struct redis_broker *r, int n, const char *what) {
     return rc;
 }
 
-/* Runs MULTI, the queued commands, EXEC: both effects or neither. */
-static int transaction(struct redis_broker *r, const char *what, int n, const char **fmts,
-                       const char **a1, const char **a2, const size_t *l2) {
+/* Runs `<cmd[i]> KEYS[i] [1] ARGV[i]` for each i in order (LREM removes one
+ * occurrence), stopping at the first that Redis refuses, in one script: a
+ * message is copied to where it goes before it is removed from where it was,
+ * so a refusal (a key of the wrong type, out of memory) never loses it. */
+static const char moves_script[] =
+    "for i = 1, #KEYS do "
+    "local c = ARGV[2 * i - 1] "
+    "if c == 'LREM' then redis.call(c, KEYS[i], 1, ARGV[2 * i]) else redis.call(c, KEYS[i], ARGV[2 * i]) end "
+    "end return #KEYS";
+
+static int transaction(struct redis_broker *r, const char *what, int n, const char **cmds, const char **keys,
+                       const char **vals, const size_t *lens) {
     if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
-    redisAppendCommand(r->ctx, "MULTI");
-    for (int i = 0; i < n; i++) redisAppendCommand(r->ctx, fmts[i], a1[i], a2[i], l2[i]);
-    redisAppendCommand(r->ctx, "EXEC");
-    return read_replies(r, n + 2, what);
+    const char *argv[3 + 3 * 3]; /* EVAL, script, numkeys; up to 3 keys, 3 (command, value) pairs */
+    size_t argl[3 + 3 * 3];
+    char nkeys[8];
+    snprintf(nkeys, sizeof nkeys, "%d", n);
+    int k = 0;
+    argv[k] = "EVAL", argl[k++] = 4;
+    argv[k] = moves_script, argl[k++] = sizeof moves_script - 1;
+    argv[k] = nkeys, argl[k++] = strlen(nkeys);
+    for (int i = 0; i < n; i++) argv[k] = keys[i], argl[k++] = strlen(keys[i]);
+    for (int i = 0; i < n; i++) {
+        argv[k] = cmds[i], argl[k++] = strlen(cmds[i]);
+        argv[k] = vals[i], argl[k++] = lens[i];
+    }
+    redisAppendCommandArgv(r->ctx, k, argv, argl);
+    return read_replies(r, 1, what);
 }
 
 static int redis_requeue(struct broker *b, const struct delivery *d) {
     struct redis_broker *r = (struct redis_broker *)b;
-    const char *fmts[3] = {"LPUSH %s %b", "LREM %s 1 %b", "SADD %s %b"};
-    const char *a1[3] = {r->queue_key, r->inflight_key, r->returned_key};
-    const char *a2[3] = {d->body, d->body, d->body};
-    size_t l2[3] = {d->len, d->len, d->len};
-    return transaction(r, "requeue", 3, fmts, a1, a2, l2);
+    const char *cmds[3] = {"LPUSH", "SADD", "LREM"};
+    const char *keys[3] = {r->queue_key, r->returned_key, r->inflight_key};
+    const char *vals[3] = {d->body, d->body, d->body};
+    size_t lens[3] = {d->len, d->len, d->len};
+    return transaction(r, "requeue", 3, cmds, keys, vals, lens);
 }
 
 static int redis_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
@@ -339,25 +359,30 @@ static int redis_dead_letter(struct broker *b, const struct delivery *d, const c
     }
     char *entry = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
-    const char *fmts[2] = {"LPUSH %s %b", "LREM %s 1 %b"};
-    const char *a1[2] = {r->dead_key, r->inflight_key};
-    const char *a2[2] = {entry, d->body};
-    size_t l2[2] = {strlen(entry), d->len};
-    int rc = transaction(r, "dead-letter", 2, fmts, a1, a2, l2);
+    const char *cmds[2] = {"LPUSH", "LREM"};
+    const char *keys[2] = {r->dead_key, r->inflight_key};
+    const char *vals[2] = {entry, d->body};
+    size_t lens[2] = {strlen(entry), d->len};
+    int rc = transaction(r, "dead-letter", 2, cmds, keys, vals, lens);
     free(entry);
     return rc;
 }
+
+/* ZADD KEYS[1] ARGV[1] ARGV[2], then LREM KEYS[2] 1 ARGV[2]. */
+static const char retry_script[] =
+    "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) redis.call('LREM', KEYS[2], 1, ARGV[2]) return 1";
 
 static int redis_retry(struct broker *b, const struct delivery *d, int delay_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
     char due[32];
     snprintf(due, sizeof due, "%lld", (long long)(clock_ms() + delay_ms));
     if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
-    redisAppendCommand(r->ctx, "MULTI");
-    redisAppendCommand(r->ctx, "ZADD %s %s %b", r->retry_key, due, d->body, d->len);
-    redisAppendCommand(r->ctx, "LREM %s 1 %b", r->inflight_key, d->body, d->len);
-    redisAppendCommand(r->ctx, "EXEC");
-    return read_replies(r, 4, "retry");
+    /* into the retry set first, then out of flight: a refusal loses nothing */
+    redisReply *rep = cmd(r, "EVAL %s 2 %s %s %s %b", retry_script, r->retry_key, r->inflight_key, due, d->body,
+                          d->len);
+    if (!rep) return last_error(r);
+    freeReplyObject(rep);
+    return 0;
 }
 
 /* Moves due retries (score <= now) back to the producer end of the queue, marked returned. */
@@ -456,11 +481,13 @@ static int redis_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sel
         if (!parse_dead(e->str, &d)) continue;
         index++;
         if (sel && sel(&d, index, arg)) {
-            const char *fmts[2] = {"LREM %s 1 %b", "LPUSH %s %b"};
-            const char *a1[2] = {dead, queue};
-            const char *a2[2] = {e->str, d.body};
-            size_t l2[2] = {e->len, d.len};
-            rc = transaction(r, requeue ? "dead-letter retry" : "dead-letter purge", requeue ? 2 : 1, fmts, a1, a2, l2);
+            /* retry: onto the queue first, then out of the dead letters */
+            const char *cmds[2] = {requeue ? "LPUSH" : "LREM", "LREM"};
+            const char *keys[2] = {requeue ? queue : dead, dead};
+            const char *vals[2] = {requeue ? d.body : e->str, e->str};
+            size_t lens[2] = {requeue ? d.len : e->len, e->len};
+            rc = transaction(r, requeue ? "dead-letter retry" : "dead-letter purge", requeue ? 2 : 1, cmds, keys,
+                             vals, lens);
             if (rc == 0) (*count)++;
         }
         if (out) (*out)[(*n)++] = d;

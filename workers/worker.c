@@ -148,15 +148,17 @@ out:
     return rc;
 }
 
-/* Moves the message to the dead letters, retrying while the broker is away. */
+/* Moves the message to the dead letters, retrying (with capped backoff) while
+ * the broker is away or refuses (a dead-letter queue deleted, Redis out of
+ * memory): a message is never left half-settled, where a later multiple ack
+ * could take it. On stop it stays unacked: RabbitMQ redelivers it, Redis keeps
+ * it in flight. */
 static void settle_dead(struct worker *w, const struct delivery *d, const char *reason, const char *error,
                         int attempts, const char *command_id) {
     log_msg(LOG_WARN, command_id, "dead-lettered (%s): %s", reason, error);
     for (int attempt = 0; !stop_requested; attempt++) {
-        int rc = broker_dead_letter(w->broker, d, reason, error, attempts);
-        if (rc == 0) return;
+        if (broker_dead_letter(w->broker, d, reason, error, attempts) == 0) return;
         log_warn("cannot dead-letter yet: %s", broker_error(w->broker));
-        if (rc != CV_ERETRY) return; /* unacked: RabbitMQ redelivers; Redis keeps it in flight */
         backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
     }
 }

@@ -1,9 +1,14 @@
 """Invalid messages go to the dead letters with their reason while valid ones
 are still processed; SIGTERM drains the pool and leaves no process behind."""
 import json
+import os
 import time
 
-from harness import (TRANSPORT, Events, Pool, Publisher, check, drain_dead, envelope, eq, new_id, query)
+import pika
+import redis as redislib
+
+from harness import (AMQP_URL, REDIS_URL, ROOT, TRANSPORT, Events, Pool, Publisher, check, drain_dead, envelope,
+                     eq, new_id, query, run_bin)
 
 ID = "5f0c6a8e-8a9b-4f0e-9d3c-1f2e3d4c5b6a"
 
@@ -151,3 +156,55 @@ def test_supervisor_restarts_a_killed_worker():
         pub.close()
         ev.close()
         eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_dead_letters_unreachable_nothing_lost():
+    """When the dead letters refuse a message (the RabbitMQ dead queue deleted, the
+    Redis key of the wrong type), the worker keeps trying with backoff and holds the
+    message; nothing after it, in the same batch or later, acks it by accident.
+    Once the dead letters are back, it lands there and the rest is processed."""
+    drain_dead("catalog")
+    garbage = b"garbage while the dead letters are away " + new_id().encode()
+    r = redislib.Redis.from_url(REDIS_URL)
+
+    def restore():
+        if TRANSPORT == "redis":
+            r.delete("conveyor:dead:catalog")
+        else:
+            eq(run_bin("conveyor-workers", "-c", os.path.join(ROOT, "queues.conf"), "--setup").returncode, 0,
+               "the dead queue declared again")
+
+    try:
+        with Pool(queue_opts="batch_size = 10;") as pool:
+            # after the pool started: it declares its topology
+            if TRANSPORT == "redis":
+                r.set("conveyor:dead:catalog", "not a list")
+            else:
+                c = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+                c.channel().queue_delete("conveyor.catalog.dead")
+                c.close()
+            pub, ev = Publisher(), Events()
+            pub.raw("catalog", garbage)
+            after = [envelope("createProduct", {"name": f"after the garbage {i}", "price": 1}) for i in range(5)]
+            for e in after:
+                pub.command(e)
+            deadline = time.time() + 10
+            while "cannot dead-letter yet" not in pool.read_log() and time.time() < deadline:
+                time.sleep(0.1)
+            check("cannot dead-letter yet" in pool.read_log(), "the refusal is logged")
+            time.sleep(1)  # a few more tries
+            restore()
+            for e in after:
+                eq(ev.wait_result(e["id"], timeout=20)[0]["type"], "product.created", "processed after it")
+            dead = []
+            deadline = time.time() + 10
+            while not dead and time.time() < deadline:
+                dead += drain_dead("catalog")
+                time.sleep(0.1)
+            eq([d["body"] for d in dead], [garbage], "the message is in the dead letters, not lost")
+            eq(dead[0]["reason"], "invalid_envelope", "with its reason")
+            pub.close()
+            ev.close()
+            eq(pool.stop(), (0, []), "clean stop")
+    finally:
+        restore()
