@@ -451,8 +451,8 @@ def cpu_seconds():
                  else None)
         if group is None:
             continue
-        # a server's own reaped children count once, in the server's group
-        reaped = children if parent != comm and not (comm == "postgres" and parent == "postgres") else 0
+        # reaped children count through the top process of a group (the postmaster, not its backends)
+        reaped = children if parent != comm else 0
         out[group] = out.get(group, 0) + (own + reaped) / TICK
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     out["bench"] = me.ru_utime + me.ru_stime

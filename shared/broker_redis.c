@@ -236,10 +236,11 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     }
     delivery_from(d, rep);
     freeReplyObject(rep);
-    /* taken: was it returned? (if this reply is lost, recover returns it marked again) */
-    if (!(rep = cmd(r, "SREM %s %b", r->returned_key, d->body, d->len))) return 1;
-    d->redelivered = rep->integer == 1;
-    freeReplyObject(rep);
+    /* taken: was it returned? Not knowing (the connection broke), count it as
+     * redelivered: that costs a count, never an uncounted start */
+    rep = cmd(r, "SREM %s %b", r->returned_key, d->body, d->len);
+    d->redelivered = !rep || rep->integer == 1;
+    if (rep) freeReplyObject(rep);
     return 1;
 }
 

@@ -189,8 +189,6 @@ int db_cmd(PGconn *db, const char *sql);
  * prepared after the ones already deferred have run: then their error, and
  * nothing stays deferred). One connection of a process defers at a time. */
 int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params);
-/* The number of statements deferred on db and not yet sent. */
-int db_pending(PGconn *db);
 /* Drops db's deferred statements unsent. */
 void db_discard(PGconn *db);
 

@@ -108,6 +108,7 @@ static uint32_t hash_sql(const char *s) {
 
 static int pipeline_run(PGconn *db, const char *sql, const char *name, int nparams, const char *const *params,
                         PGresult **out, char sqlstate[6]);
+static int db_pending(PGconn *db);
 
 /* Sets *name to the statement prepared for sql on db, preparing it if new
  * (NULL when the table is full: then it runs unprepared). A new one is
@@ -165,7 +166,8 @@ static struct deferred {
 static PGconn *deferred_db;
 static int ndeferred;
 
-int db_pending(PGconn *db) { return db == deferred_db ? ndeferred : 0; }
+/* The number of statements deferred on db and not yet sent. */
+static int db_pending(PGconn *db) { return db == deferred_db ? ndeferred : 0; }
 
 void db_discard(PGconn *db) {
     if (db != deferred_db) return;

@@ -76,7 +76,7 @@ static void relay_wait(PGconn *db, int ms) {
     for (PGnotify *n; (n = PQnotifies(db)); PQfreemem(n)) woken = true;
     if (woken) return;
     struct pollfd pfd[2] = {{PQsocket(db), POLLIN, 0}, {relay_wake_fd(), POLLIN, 0}};
-    if (poll(pfd, pfd[1].fd >= 0 ? 2 : 1, ms) > 0) {
+    if (poll(pfd, 2, ms) > 0) { /* a negative fd (no wake-up) is ignored */
         PQconsumeInput(db);
         for (PGnotify *n; (n = PQnotifies(db)); PQfreemem(n)) {}
         relay_wake_clear();

@@ -223,6 +223,19 @@ static bool admit(struct worker *w, struct item *it) {
     return true;
 }
 
+/* Opens a transaction that commits without waiting for the disk (attempt
+ * counts, NOTIFY): deferred, sent with the next statement. Returns 0 or an error class. */
+static int begin_async(PGconn *db) {
+    int rc = db_defer(db, "BEGIN", 0, NULL);
+    return rc == 0 ? db_defer(db, "SET LOCAL synchronous_commit TO off", 0, NULL) : rc;
+}
+
+/* Drops what is deferred and rolls back the open transaction, if the connection still works. */
+static void abandon_transaction(PGconn *db) {
+    db_discard(db);
+    if (PQstatus(db) == CONNECTION_OK) PQclear(PQexec(db, "ROLLBACK"));
+}
+
 /* "{id,id,...}" of the items whose outcome pick accepts; caller frees. */
 static char *id_array(struct item **v, int n, bool (*pick)(const struct item *)) {
     char *s = malloc((size_t)n * (ID_LEN + 1) + 3), *p = s;
@@ -260,8 +273,7 @@ static int count_attempts(struct worker *w, struct item **v, int n) {
     const char *params[1] = {ids};
     PGresult *r = NULL;
     /* no count yet: the delivery before this one started it (its worker died) */
-    int rc = db_defer(w->db, "BEGIN", 0, NULL);
-    if (rc == 0) rc = db_defer(w->db, "SET LOCAL synchronous_commit TO off", 0, NULL);
+    int rc = begin_async(w->db);
     if (rc == 0)
         rc = db_exec(w->db, "INSERT INTO command_attempts (id, attempts) "
                             "SELECT DISTINCT x, 2 FROM unnest($1::uuid[]) AS x "
@@ -271,8 +283,7 @@ static int count_attempts(struct worker *w, struct item **v, int n) {
     free(ids);
     if (rc < 0) {
         PQclear(r);
-        db_discard(w->db);
-        if (PQstatus(w->db) == CONNECTION_OK) PQclear(PQexec(w->db, "ROLLBACK"));
+        abandon_transaction(w->db);
         return rc;
     }
     for (int i = 0; i < n; i++) {
@@ -381,10 +392,11 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
      * the disk (a NOTIFY inside the commands' transaction would hold
      * PostgreSQL's notify lock through that commit's flush, one worker at a time). */
     bool notify = events && !relay_wake_is_local();
-    if (rc == 0 && notify) rc = db_defer(w->db, "COMMIT", 0, NULL);
-    if (rc == 0 && notify) rc = db_defer(w->db, "BEGIN", 0, NULL);
-    if (rc == 0 && notify) rc = db_defer(w->db, "SET LOCAL synchronous_commit TO off", 0, NULL);
-    if (rc == 0 && notify) rc = db_defer(w->db, w->notify_sql, 0, NULL);
+    if (rc == 0 && notify) {
+        rc = db_defer(w->db, "COMMIT", 0, NULL);
+        if (rc == 0) rc = begin_async(w->db);
+        if (rc == 0) rc = db_defer(w->db, w->notify_sql, 0, NULL);
+    }
     if (rc == 0) rc = db_cmd(w->db, "COMMIT");
     if (rc == 0 && events && !notify) relay_wake_signal();
     return rc;
@@ -401,7 +413,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
     bool any = false; /* something to commit */
     for (int i = 0; i < n && rc == 0; i++) {
         if (!v[i]->claimed) {
-            any = true; /* a duplicate: its attempt count goes */
+            any = true; /* a duplicate: its attempt count, if it has one, goes */
             continue;
         }
         v[i]->rc = run_command(w, v[i], savepoints);
@@ -422,11 +434,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
         else rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL); /* this one alone is retried */
     }
     if (rc == 0 && any) rc = commit_batch(w, v, n);
-    if (rc < 0 || !any) {
-        /* nothing of the batch was committed */
-        db_discard(db);
-        if (PQstatus(db) == CONNECTION_OK) PQclear(PQexec(db, "ROLLBACK"));
-    }
+    if (rc < 0 || !any) abandon_transaction(db); /* nothing of the batch was committed */
     if (rc < 0)
         for (int i = 0; i < n; i++)
             if (v[i]->rc >= 0) {
@@ -437,8 +445,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
     return rc;
 }
 
-/* Takes up to batch_size messages (the first waited for, the rest only if
- * already delivered), runs them, then settles each: acks after the commit
+/* Runs the n messages of a batch, then settles each: acks after the commit
  * (one ack for a batch that went through whole), retries or dead letters. */
 static void process_batch(struct worker *w, struct item *items, int n) {
     struct item **v = malloc((size_t)n * sizeof *v);
