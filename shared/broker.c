@@ -52,8 +52,8 @@ int broker_take(struct broker *b, struct delivery *d, int max) {
     return n > 0 || rc >= 0 ? n : rc;
 }
 
-int broker_ack(struct broker *b, const struct delivery *d) { return b->ops->ack(b, d, 1); }
-int broker_ack_batch(struct broker *b, const struct delivery *d, int n) { return n > 0 ? b->ops->ack(b, d, n) : 0; }
+int broker_ack(struct broker *b, const struct delivery *d) { return b->ops->ack(b, d); }
+int broker_ack_batch(struct broker *b, const struct delivery *d, int n) { return n > 0 ? b->ops->ack_batch(b, d, n) : 0; }
 int broker_requeue(struct broker *b, const struct delivery *d) { return b->ops->requeue(b, d); }
 
 int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,

@@ -25,6 +25,8 @@ struct amqp_broker {
     char commands_ex[256], events_ex[256];
     bool consuming;
     int prefetch;
+    uint64_t ack_held;         /* a multiple ack up to this tag, not sent yet (0: none) */
+    int ack_held_n;            /* how many deliveries it covers */
 };
 
 /* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL). */
@@ -40,6 +42,26 @@ static void drop(amqp_connection_state_t *c) {
     amqp_connection_close(*c, AMQP_REPLY_SUCCESS); /* best effort; ignores errors */
     amqp_destroy_connection(*c);
     *c = NULL;
+}
+
+/* Drops the consume connection; its delivery tags, and an ack held for them, go with it. */
+static void drop_consume(struct amqp_broker *a) {
+    drop(&a->consume);
+    a->ack_held = 0;
+    a->ack_held_n = 0;
+}
+
+/* Sends the held multiple ack, if any. On failure the connection is dropped
+ * (the broker redelivers those messages, and the worker finds them done). */
+static void send_held_ack(struct amqp_broker *a) {
+    if (!a->ack_held || !a->consume) return;
+    int rc = amqp_basic_ack(a->consume, CHANNEL, a->ack_held, 1);
+    a->ack_held = 0;
+    a->ack_held_n = 0;
+    if (rc != AMQP_STATUS_OK) {
+        log_warn("rabbitmq ack: %s; the messages will be redelivered and found done", amqp_error_string2(rc));
+        drop_consume(a);
+    }
 }
 
 /* Turns an RPC reply into 0, or a class with the reason in b->err. A refused
@@ -104,7 +126,8 @@ static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool c
 
 static void amqp_close_broker(struct broker *b) {
     struct amqp_broker *a = (struct amqp_broker *)b;
-    drop(&a->consume);
+    send_held_ack(a);
+    drop_consume(a);
     drop(&a->publish);
     free(a->url);
     free(a);
@@ -281,7 +304,7 @@ static int start_consuming(struct amqp_broker *a) {
     if ((rc = rpc_check(a, amqp_get_rpc_reply(a->consume), "basic.consume")) < 0) goto fail;
     return 0;
 fail:
-    drop(&a->consume);
+    drop_consume(a);
     return rc;
 }
 
@@ -304,7 +327,7 @@ static int read_delivery(struct amqp_broker *a, amqp_envelope_t *env, int timeou
                 broker_fail(&a->base, CV_ERETRY, "rabbitmq closed the consumer: %.*s",
                             f.payload.method.id == AMQP_BASIC_CANCEL_METHOD ? 9 : (int)m->reply_text.len,
                             f.payload.method.id == AMQP_BASIC_CANCEL_METHOD ? "cancelled" : (char *)m->reply_text.bytes);
-                drop(&a->consume);
+                drop_consume(a);
                 return CV_ERETRY;
             }
             continue;
@@ -312,7 +335,7 @@ static int read_delivery(struct amqp_broker *a, amqp_envelope_t *env, int timeou
         break;
     }
     broker_fail(&a->base, CV_ERETRY, "rabbitmq: connection lost while consuming");
-    drop(&a->consume);
+    drop_consume(a);
     return CV_ERETRY;
 }
 
@@ -327,6 +350,9 @@ static amqp_table_entry_t *find_header(amqp_table_t *h, const char *key) {
 static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     memset(d, 0, sizeof *d);
+    /* the held ack goes before the consumer waits, or once it covers half the
+     * prefetch (so that the broker keeps delivering) */
+    if (a->ack_held && (timeout_ms > 0 || a->ack_held_n >= (a->prefetch + 1) / 2)) send_held_ack(a);
     int rc = start_consuming(a);
     if (rc < 0) return rc;
     amqp_envelope_t env;
@@ -346,7 +372,7 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return 1;
 }
 
-static int amqp_ack(struct broker *b, const struct delivery *d, int n) {
+static int amqp_ack(struct broker *b, const struct delivery *d) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     if (!a->consume) {
         /* the channel is gone, and with it the delivery: RabbitMQ redelivers the
@@ -354,14 +380,23 @@ static int amqp_ack(struct broker *b, const struct delivery *d, int n) {
         log_warn("rabbitmq: connection lost before ack; the message will be redelivered and found done");
         return 0;
     }
-    /* a batch is every delivery held: one ack with multiple set covers it */
-    uint64_t last = d[0].tag;
-    for (int i = 1; i < n; i++) if (d[i].tag > last) last = d[i].tag;
-    int rc = amqp_basic_ack(a->consume, CHANNEL, last, n > 1);
+    int rc = amqp_basic_ack(a->consume, CHANNEL, d->tag, 0);
     if (rc != AMQP_STATUS_OK) {
-        drop(&a->consume);
+        drop_consume(a);
         log_warn("rabbitmq ack: %s; the message will be redelivered and found done", amqp_error_string2(rc));
     }
+    return 0;
+}
+
+/* Every delivery up to the batch's last is settled: one multiple ack covers
+ * them, held until the consumer next reads (amqp_next), so that consecutive
+ * batches share it. */
+static int amqp_ack_batch(struct broker *b, const struct delivery *d, int n) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    if (!a->consume) return amqp_ack(b, d); /* gone with the channel: redelivered, found done */
+    for (int i = 0; i < n; i++)
+        if (d[i].tag > a->ack_held) a->ack_held = d[i].tag;
+    a->ack_held_n += n;
     return 0;
 }
 
@@ -370,7 +405,7 @@ static int amqp_requeue(struct broker *b, const struct delivery *d) {
     if (!a->consume) return 0; /* unacked on a closed channel: already back on the queue */
     int rc = amqp_basic_nack(a->consume, CHANNEL, d->tag, 0, 1);
     if (rc != AMQP_STATUS_OK) {
-        drop(&a->consume);
+        drop_consume(a);
         return broker_fail(b, CV_ERETRY, "rabbitmq nack: %s", amqp_error_string2(rc));
     }
     return 0;
@@ -397,7 +432,7 @@ static int amqp_dead_letter(struct broker *b, const struct delivery *d, const ch
     struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL, {4, h}, NULL};
     int rc = publish_confirmed(a, &m, 1, true);
     if (rc < 0) return rc;
-    return amqp_ack(b, d, 1);
+    return amqp_ack(b, d);
 }
 
 /* The delay queue for delay_ms: conveyor.<q>.retry.<nominal ms>, one per
@@ -436,7 +471,7 @@ static int amqp_retry(struct broker *b, const struct delivery *d, int delay_ms) 
     struct amqp_msg m = {"", name, d->body, d->len, d->message_id, NULL, amqp_empty_table, NULL};
     m.expiration = expiration;
     if ((rc = publish_confirmed(a, &m, 1, true)) < 0) return rc;
-    return amqp_ack(b, d, 1);
+    return amqp_ack(b, d);
 }
 
 static int amqp_maintain(struct broker *b) { (void)b; return 0; /* RabbitMQ redelivers and expires by itself */ }
@@ -473,7 +508,7 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
     char dead[256], queue[256];
     names_amqp_dead(a->base.cfg, q->name, dead, sizeof dead);
     names_amqp_queue(a->base.cfg, q->name, queue, sizeof queue);
-    drop(&a->consume);
+    drop_consume(a);
     int rc = open_conn(a, &a->consume, false), cap = 0, index = 0;
     if (rc < 0) return rc;
     while (rc == 0) {
@@ -518,7 +553,7 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
             dead_letter_clear(&d);
         }
     }
-    drop(&a->consume); /* the unacked ones go back to the dead queue */
+    drop_consume(a); /* the unacked ones go back to the dead queue */
     return rc;
 }
 
@@ -561,7 +596,7 @@ static int amqp_subscribe(struct broker *b, const char *pattern) {
     if ((rc = rpc_check(a, amqp_get_rpc_reply(a->consume), "basic.consume")) < 0) goto fail;
     return 0;
 fail:
-    drop(&a->consume);
+    drop_consume(a);
     return rc;
 }
 
@@ -577,7 +612,7 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
 }
 
 static const struct broker_ops amqp_ops = {
-    amqp_close_broker, amqp_declare, amqp_publish_commands, amqp_consume, amqp_next, NULL, amqp_ack,
+    amqp_close_broker, amqp_declare, amqp_publish_commands, amqp_consume, amqp_next, NULL, amqp_ack, amqp_ack_batch,
     amqp_requeue, amqp_dead_letter, amqp_retry, amqp_maintain, amqp_dead_walk,
     amqp_publish_events, amqp_subscribe, amqp_next_event,
 };

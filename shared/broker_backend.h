@@ -13,7 +13,9 @@ struct broker_ops {
     int (*next)(struct broker *b, struct delivery *d, int timeout_ms);
     /* optional: several already-waiting messages at once (else next, timeout 0, in a loop) */
     int (*take)(struct broker *b, struct delivery *d, int max);
-    int (*ack)(struct broker *b, const struct delivery *d, int n);
+    int (*ack)(struct broker *b, const struct delivery *d);
+    /* may hold the ack and send it with the next take (broker_ack_batch) */
+    int (*ack_batch)(struct broker *b, const struct delivery *d, int n);
     int (*requeue)(struct broker *b, const struct delivery *d);
     int (*dead_letter)(struct broker *b, const struct delivery *d, const char *reason,
                        const char *error, int attempts);

@@ -27,6 +27,8 @@ struct redis_broker {
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
     bool recover;             /* return the in-flight list before the next BLMOVE */
     int64_t heartbeat_at;     /* monotonic ms of the last refresh */
+    struct held_ack { char *body; size_t len; } *held; /* acked batches not yet removed */
+    int nheld, held_cap;
     /* subscription */
     char *pattern;
     char last_id[64];
@@ -92,9 +94,9 @@ static int connect_now(struct redis_broker *r) {
     return 0;
 }
 
-static redisReply *vcmd(struct redis_broker *r, const char *fmt, va_list ap) {
-    if (!r->ctx && connect_now(r) < 0) return NULL;
-    redisReply *rep = redisvCommand(r->ctx, fmt, ap);
+/* rep, or NULL with the broker error set when there is none (the connection
+ * is dropped) or it is an error (freed). */
+static redisReply *checked(struct redis_broker *r, redisReply *rep) {
     if (!rep) {
         broker_fail(&r->base, CV_ERETRY, "redis: %s", r->ctx->errstr);
         drop(r);
@@ -108,6 +110,11 @@ static redisReply *vcmd(struct redis_broker *r, const char *fmt, va_list ap) {
     return rep;
 }
 
+static redisReply *vcmd(struct redis_broker *r, const char *fmt, va_list ap) {
+    if (!r->ctx && connect_now(r) < 0) return NULL;
+    return checked(r, redisvCommand(r->ctx, fmt, ap));
+}
+
 static redisReply *cmd(struct redis_broker *r, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -116,13 +123,26 @@ static redisReply *cmd(struct redis_broker *r, const char *fmt, ...) {
     return rep;
 }
 
+/* As cmd, with the arguments as an array. */
+static redisReply *argv_cmd(struct redis_broker *r, int argc, const char **argv, const size_t *argl) {
+    if (!r->ctx && connect_now(r) < 0) return NULL;
+    return checked(r, redisCommandArgv(r->ctx, argc, argv, argl));
+}
+
 /* The class of the last failure: lost connection (retry) or a refused command. */
 static int last_error(struct redis_broker *r) { return r->ctx ? CV_EFATAL : CV_ERETRY; }
 
+static int send_held_acks(struct redis_broker *r);
+static void forget_held_acks(struct redis_broker *r);
+
 static void redis_close(struct broker *b) {
     struct redis_broker *r = (struct redis_broker *)b;
+    if (r->nheld) send_held_acks(r);
+    forget_held_acks(r);
+    free(r->held);
     if (r->heartbeat_key[0] && r->ctx) {
-        /* a clean stop: nothing is in flight, so no reaper needs to wait for the expiry */
+        /* a clean stop: nothing unsettled is in flight (or only what is done
+         * already), so no reaper needs to wait for the expiry */
         redisReply *rep = cmd(r, "DEL %s", r->heartbeat_key);
         if (rep) freeReplyObject(rep);
     }
@@ -201,9 +221,27 @@ static int heartbeat(struct redis_broker *r) {
     return 0;
 }
 
-/* Before taking messages: the liveness key, and what an earlier process left in flight. */
+static void forget_held_acks(struct redis_broker *r) {
+    for (int i = 0; i < r->nheld; i++) free(r->held[i].body);
+    r->nheld = 0;
+}
+
+/* Removes the held acks' messages from the in-flight list (one pipeline).
+ * Returns 0, or an error class (they stay held: removing one again is harmless). */
+static int send_held_acks(struct redis_broker *r) {
+    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    for (int i = 0; i < r->nheld; i++)
+        redisAppendCommand(r->ctx, "LREM %s 1 %b", r->inflight_key, r->held[i].body, r->held[i].len);
+    int rc = read_replies(r, r->nheld, "LREM");
+    if (rc == 0) forget_held_acks(r);
+    return rc;
+}
+
+/* Before taking messages: the liveness key, and what an earlier process left
+ * in flight (after the held acks: what is done is not handed out again). */
 static int before_take(struct redis_broker *r) {
     int rc = heartbeat(r);
+    if (rc == 0 && r->recover && r->nheld) rc = send_held_acks(r);
     if (rc == 0 && r->recover) rc = recover_inflight(r);
     return rc;
 }
@@ -221,6 +259,7 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
     memset(d, 0, sizeof *d);
     int rc = before_take(r);
+    if (rc == 0 && r->nheld) rc = send_held_acks(r); /* (a take usually carried them) */
     if (rc < 0) return rc;
     /* never block past the next heartbeat */
     if (timeout_ms > b->cfg->heartbeat_interval_s * 500) timeout_ms = b->cfg->heartbeat_interval_s * 500;
@@ -244,10 +283,12 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return 1;
 }
 
-/* Moves up to ARGV[1] waiting messages to the in-flight list, oldest first,
- * and returns them, each followed by 1 if it had been returned (KEYS[3]) or
- * 0: one round trip and one AOF write for a batch. */
+/* Removes the acked messages ARGV[2..] from the in-flight list, then moves up
+ * to ARGV[1] waiting messages to it, oldest first, and returns them, each
+ * followed by 1 if it had been returned (KEYS[3]) or 0: one round trip and
+ * one AOF write for the ack of a batch and the take of the next. */
 static const char take_script[] =
+    "for i = 2, #ARGV do redis.call('LREM', KEYS[2], 1, ARGV[i]) end "
     "local m = {} "
     "local marked = redis.call('EXISTS', KEYS[3]) == 1 "
     "for i = 1, tonumber(ARGV[1]) do "
@@ -261,9 +302,19 @@ static int redis_take(struct broker *b, struct delivery *d, int max) {
     struct redis_broker *r = (struct redis_broker *)b;
     int rc = before_take(r);
     if (rc < 0) return rc;
-    redisReply *rep = cmd(r, "EVAL %s 3 %s %s %s %d", take_script, r->queue_key, r->inflight_key, r->returned_key,
-                          max);
+    int argc = 7 + r->nheld;
+    const char **argv = malloc((size_t)argc * sizeof *argv);
+    size_t *argl = malloc((size_t)argc * sizeof *argl);
+    char smax[16];
+    snprintf(smax, sizeof smax, "%d", max);
+    const char *fixed[7] = {"EVAL", take_script, "3", r->queue_key, r->inflight_key, r->returned_key, smax};
+    for (int i = 0; i < 7; i++) argv[i] = fixed[i], argl[i] = strlen(fixed[i]);
+    for (int i = 0; i < r->nheld; i++) argv[7 + i] = r->held[i].body, argl[7 + i] = r->held[i].len;
+    redisReply *rep = argv_cmd(r, argc, argv, argl);
+    free(argv);
+    free(argl);
     if (!rep) return last_error(r);
+    forget_held_acks(r);
     int n = 0;
     if (rep->type == REDIS_REPLY_ARRAY)
         for (size_t i = 0; i + 1 < rep->elements && n < max; i += 2)
@@ -275,11 +326,27 @@ static int redis_take(struct broker *b, struct delivery *d, int max) {
     return n;
 }
 
-static int redis_ack(struct broker *b, const struct delivery *d, int n) {
+static int redis_ack(struct broker *b, const struct delivery *d) {
     struct redis_broker *r = (struct redis_broker *)b;
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
-    for (int i = 0; i < n; i++) redisAppendCommand(r->ctx, "LREM %s 1 %b", r->inflight_key, d[i].body, d[i].len);
-    return read_replies(r, n, "LREM");
+    redisReply *rep = cmd(r, "LREM %s 1 %b", r->inflight_key, d->body, d->len);
+    if (!rep) return last_error(r);
+    freeReplyObject(rep);
+    return 0;
+}
+
+/* Held until the next take, whose script removes them before it takes. */
+static int redis_ack_batch(struct broker *b, const struct delivery *d, int n) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    if (r->nheld + n > r->held_cap) {
+        r->held_cap = r->nheld + n > 2 * r->held_cap ? r->nheld + n : 2 * r->held_cap;
+        r->held = realloc(r->held, (size_t)r->held_cap * sizeof *r->held);
+    }
+    for (int i = 0; i < n; i++) {
+        char *copy = malloc(d[i].len ? d[i].len : 1);
+        memcpy(copy, d[i].body, d[i].len);
+        r->held[r->nheld++] = (struct held_ack){copy, d[i].len};
+    }
+    return 0;
 }
 
 /* Reads the replies of n pipelined commands. Returns 0, CV_EFATAL if Redis
@@ -559,7 +626,7 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
 }
 
 static const struct broker_ops redis_ops = {
-    redis_close, redis_declare, redis_publish_commands, redis_consume, redis_next, redis_take, redis_ack,
+    redis_close, redis_declare, redis_publish_commands, redis_consume, redis_next, redis_take, redis_ack, redis_ack_batch,
     redis_requeue, redis_dead_letter, redis_retry, redis_maintain, redis_dead_walk,
     redis_publish_events, redis_subscribe, redis_next_event,
 };

@@ -254,11 +254,16 @@ int broker_next(struct broker *b, struct delivery *d, int timeout_ms);
  * round trip). Returns how many it put in d[0..], or CV_ERETRY when the
  * connection broke and none was taken. */
 int broker_take(struct broker *b, struct delivery *d, int max);
-/* Removes the message for good (after commit). */
+/* Removes the message for good (after commit), now. */
 int broker_ack(struct broker *b, const struct delivery *d);
-/* Removes n messages for good at once (RabbitMQ: one multiple ack; Redis: one
- * pipeline). They must be every message this consumer holds unsettled, in the
- * order they arrived. */
+/* Removes a batch of n messages for good, in the order they arrived; every
+ * message delivered before them must be settled already. The backend may hold
+ * the ack and send it with the next take, in the same round trip (RabbitMQ:
+ * one multiple ack for consecutive batches, sent before the consumer waits or
+ * once it covers half the prefetch; Redis: in the script that takes the next
+ * batch), and sends what it holds on broker_close. Until then a crash hands
+ * the messages out again, and the worker finds them done. Returns 0 or an
+ * error class. */
 int broker_ack_batch(struct broker *b, const struct delivery *d, int n);
 /* Puts the message back on its queue, for a later attempt. */
 int broker_requeue(struct broker *b, const struct delivery *d);

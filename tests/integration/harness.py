@@ -361,6 +361,25 @@ def drain_dead(queue, transport=TRANSPORT):
     return out
 
 
+def unsettled(queue, transport=TRANSPORT):
+    """Messages of queue that the broker would hand out (again) if every consumer
+    died now: RabbitMQ's ready count once it has no consumers (it waits up to
+    10 s for them to go); Redis: the queue and every worker's in-flight list."""
+    if transport == "rabbitmq":
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        deadline = time.time() + 10
+        while True:
+            m = conn.channel().queue_declare(f"conveyor.{queue}", passive=True).method
+            if m.consumer_count == 0 or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        conn.close()
+        check(m.consumer_count == 0, f"conveyor.{queue} still has {m.consumer_count} consumers")
+        return m.message_count
+    r = redislib.Redis.from_url(REDIS_URL)
+    return r.llen(f"conveyor:queue:{queue}") + sum(r.llen(k) for k in r.scan_iter(f"conveyor:inflight:{queue}:*"))
+
+
 def db():
     c = psycopg2.connect(DB_URL)
     c.autocommit = True
