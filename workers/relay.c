@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define PRUNE_EVERY_MS 60000
 
@@ -68,17 +69,23 @@ static void relay_prune(PGconn *db, long retention_s) {
     }
 }
 
-/* Waits up to ms for a NOTIFY or a wake-up from the pool's workers; returns
- * at once if one is already pending. Consumes what woke it. */
+/* Waits up to ms for a NOTIFY or a wake-up from the pool's workers, and
+ * consumes what woke it. One already pending when the relay finished a pass
+ * means commits are coming faster than it publishes: it lingers LINGER_US
+ * first, so that the next pass takes more rows (one claim, one window of
+ * confirms and one mark for several commits instead of for one or two), at
+ * the cost of that much latency under load only; an idle relay is woken at once. */
+#define LINGER_US 2000
 static void relay_wait(PGconn *db, int ms) {
-    PQconsumeInput(db);
-    bool woken = false;
-    for (PGnotify *n; (n = PQnotifies(db)); PQfreemem(n)) woken = true;
-    if (woken) return;
     struct pollfd pfd[2] = {{PQsocket(db), POLLIN, 0}, {relay_wake_fd(), POLLIN, 0}};
-    if (poll(pfd, 2, ms) > 0) { /* a negative fd (no wake-up) is ignored */
+    PQconsumeInput(db);
+    PGnotify *n = PQnotifies(db);
+    bool pending = n || poll(pfd, 2, 0) > 0; /* a negative fd (no wake-up) is ignored */
+    PQfreemem(n);
+    if (pending) usleep(LINGER_US);
+    if (pending || poll(pfd, 2, ms) > 0) {
         PQconsumeInput(db);
-        for (PGnotify *n; (n = PQnotifies(db)); PQfreemem(n)) {}
+        for (PGnotify *m; (m = PQnotifies(db)); PQfreemem(m)) {}
         relay_wake_clear();
     }
 }
