@@ -189,6 +189,12 @@ int db_cmd(PGconn *db, const char *sql);
  * prepared after the ones already deferred have run: then their error, and
  * nothing stays deferred). One connection of a process defers at a time. */
 int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params);
+/* As db_defer, for a statement whose result the caller reads later: when the
+ * pipeline has run and the statement succeeded, *out holds its result (the
+ * caller PQclear()s it); until then, or if it failed, *out is NULL. */
+int db_defer_result(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out);
+/* Runs db's deferred statements now (one round trip). Returns 0 or the first error class. */
+int db_flush(PGconn *db);
 /* Drops db's deferred statements unsent. */
 void db_discard(PGconn *db);
 

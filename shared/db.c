@@ -162,6 +162,7 @@ static struct deferred {
     const char *name; /* prepared statement, or NULL */
     int nparams;
     char **params;   /* copies, owned */
+    PGresult **keep; /* where its result goes, or NULL: cleared */
 } deferred[DEFER_MAX];
 static PGconn *deferred_db;
 static int ndeferred;
@@ -181,6 +182,13 @@ void db_discard(PGconn *db) {
 }
 
 int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params) {
+    return db_defer_result(db, sql, nparams, params, NULL);
+}
+
+int db_flush(PGconn *db) { return db_pending(db) ? pipeline_run(db, NULL, NULL, 0, NULL, NULL, NULL) : 0; }
+
+int db_defer_result(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out) {
+    if (out) *out = NULL;
     if ((deferred_db && deferred_db != db) || ndeferred == DEFER_MAX) {
         snprintf(last_error, sizeof last_error, "too many deferred statements (at most %d, one connection)",
                  DEFER_MAX);
@@ -195,6 +203,7 @@ int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params
     d->sql = strdup(sql);
     d->name = name;
     d->nparams = nparams;
+    d->keep = out;
     d->params = nparams > 0 ? malloc((size_t)nparams * sizeof *d->params) : NULL;
     for (int j = 0; j < nparams; j++) d->params[j] = params[j] ? strdup(params[j]) : NULL;
     return 0;
@@ -240,6 +249,8 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
         } else if (!failed && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
             failed = r; /* the ones after it come back PGRES_PIPELINE_ABORTED */
             failed_sql = i < n ? deferred[i].sql : sql;
+        } else if (i < n && deferred[i].keep && !failed) {
+            *deferred[i].keep = r;
         } else {
             PQclear(r);
         }

@@ -47,6 +47,7 @@ struct worker {
     PGconn *db;
     struct broker *broker;
     char notify_sql[160];  /* NOTIFY "<prefix>_outbox" */
+    PGresult *claim;       /* the dedup rows a batch inserted (claim_send), until claim_read */
     long jobs;             /* commands handled, for max_jobs */
 };
 
@@ -319,36 +320,48 @@ static void sort_by_key(struct item **v, int n) {
     }
 }
 
-/* Opens the batch's transaction and inserts the dedup rows of its commands in
- * one round trip (in id order, so concurrent batches cannot deadlock on them).
- * Marks each item claimed, or DUPLICATE when its id was processed before (or
- * is earlier in this batch). Returns 0 or an error class. */
-static int claim_batch(struct worker *w, struct item **v, int n) {
+/* Opens the batch's transaction and inserts the dedup rows of its commands
+ * (in id order, so concurrent batches cannot deadlock on them), deferred: they
+ * go ahead of the next statement, in the same round trip, and claim_read reads
+ * the result. Returns 0 or an error class. */
+static int claim_send(struct worker *w, struct item **v, int n) {
     char *ids = id_array(v, n, any_item), *types = malloc((size_t)n * sizeof v[0]->env.type + 3), *t = types;
     *t++ = '{';
     for (int i = 0; i < n; i++) t += sprintf(t, "%s%s", i ? "," : "", v[i]->env.type); /* handler names */
     *t++ = '}';
     *t = '\0';
     const char *p[2] = {ids, types};
-    PGresult *r = NULL;
+    PQclear(w->claim);
     int rc = db_defer(w->db, "BEGIN", 0, NULL);
     if (rc == 0)
-        rc = db_exec(w->db, "INSERT INTO processed_commands (id, type, outcome) "
-                            "SELECT DISTINCT ON (id) id, type, 'applied' FROM unnest($1::uuid[], $2::text[]) AS c(id, type) "
-                            "ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id::text", 2, p, &r, NULL);
+        rc = db_defer_result(w->db, "INSERT INTO processed_commands (id, type, outcome) "
+                                    "SELECT DISTINCT ON (id) id, type, 'applied' FROM unnest($1::uuid[], $2::text[]) "
+                                    "AS c(id, type) ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id::text",
+                             2, p, &w->claim);
     free(ids);
     free(types);
+    return rc;
+}
+
+/* Reads what claim_send inserted (sending it first if nothing has since):
+ * marks each item claimed, or DUPLICATE when its id was processed before (or
+ * is earlier in this batch). Returns 0, or the error class that stopped the
+ * insert (earlier_rc when it failed in an earlier round trip). */
+static int claim_read(struct worker *w, struct item **v, int n, int earlier_rc) {
+    int rc = w->claim ? 0 : db_flush(w->db);
     if (rc < 0) return rc;
+    if (!w->claim) return earlier_rc < 0 ? earlier_rc : CV_EFATAL;
     for (int i = 0; i < n; i++) {
         bool fresh = false;
-        for (int j = 0; j < PQntuples(r) && !fresh; j++)
-            fresh = strcasecmp(PQgetvalue(r, j, 0), v[i]->env.id) == 0;
+        for (int j = 0; j < PQntuples(w->claim) && !fresh; j++)
+            fresh = strcasecmp(PQgetvalue(w->claim, j, 0), v[i]->env.id) == 0;
         for (int k = 0; k < i && fresh; k++) /* the same id twice: the first one runs */
             fresh = !(v[k]->claimed && strcasecmp(v[k]->env.id, v[i]->env.id) == 0);
         v[i]->claimed = fresh;
         if (!fresh) v[i]->rc = DUPLICATE; /* done before: nothing to do */
     }
-    PQclear(r);
+    PQclear(w->claim);
+    w->claim = NULL;
     return 0;
 }
 
@@ -404,22 +417,42 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
 
 /* Runs the items in one transaction, each in its own savepoint when there
  * are several (a failing command is rolled back alone and retried later);
- * commits once. Sets each item's rc. Returns 0, or the error class that undid
- * the whole batch. */
+ * commits once. The first command runs before its dedup row is known to be
+ * new (the claim goes in its first round trip): a duplicate, which is rare,
+ * is then undone. Sets each item's rc. Returns 0, or the error class that
+ * undid the whole batch. */
 static int run_batch(struct worker *w, struct item **v, int n) {
     PGconn *db = w->db;
     bool savepoints = n > 1;
-    int rc = claim_batch(w, v, n);
+    int rc = claim_send(w, v, n);
     bool any = false; /* something to commit */
     for (int i = 0; i < n && rc == 0; i++) {
-        if (!v[i]->claimed) {
+        if (i > 0 && !v[i]->claimed) {
             any = true; /* a duplicate: its attempt count, if it has one, goes */
             continue;
         }
         v[i]->rc = run_command(w, v[i], savepoints);
+        if (i == 0) {
+            if ((rc = claim_read(w, v, n, v[0]->rc)) < 0) {
+                v[0]->rc = rc; /* the claim itself failed: the whole batch did */
+                v[0]->error = strdup(db_last_error());
+                break;
+            }
+            if (!v[0]->claimed) { /* done before: undo what it did */
+                free(v[0]->error);
+                cJSON_Delete(v[0]->events);
+                v[0]->error = NULL;
+                v[0]->events = NULL;
+                if (savepoints) rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL);
+                else if ((rc = db_defer(db, "ROLLBACK", 0, NULL)) == 0) rc = db_defer(db, "BEGIN", 0, NULL);
+                any = true;
+                continue;
+            }
+        }
         if (v[i]->rc == REJECTED && !savepoints) {
             /* alone, without a savepoint: undo its writes, then record only its rejection */
-            if ((rc = db_defer(db, "ROLLBACK", 0, NULL)) == 0) rc = claim_batch(w, &v[i], 1);
+            if ((rc = db_defer(db, "ROLLBACK", 0, NULL)) == 0 && (rc = claim_send(w, &v[i], 1)) == 0)
+                rc = claim_read(w, &v[i], 1, 0);
             if (rc == 0 && !v[i]->claimed) { /* done meanwhile by another worker */
                 cJSON_Delete(v[i]->events);
                 v[i]->events = NULL;
@@ -435,6 +468,8 @@ static int run_batch(struct worker *w, struct item **v, int n) {
     }
     if (rc == 0 && any) rc = commit_batch(w, v, n);
     if (rc < 0 || !any) abandon_transaction(db); /* nothing of the batch was committed */
+    PQclear(w->claim);
+    w->claim = NULL;
     if (rc < 0)
         for (int i = 0; i < n; i++)
             if (v[i]->rc >= 0) {
