@@ -5,7 +5,9 @@
  *
  *   redelivered ones only: attempts += 1 (command_attempts, its own transaction,
  *                          before any handler; a first delivery is attempt 1)
- *   BEGIN; INSERT processed_commands(ids)     -- one round trip; a conflict: duplicate
+ *   BEGIN; INSERT processed_commands(ids)     -- sent with the first command's first
+ *                                              -- statement; a conflict: duplicate (the
+ *                                              -- first command, run already, is undone)
  *   per command, sorted by productId (lock order):
  *     SAVEPOINT item + the handler's statements -- the savepoint rides with the first
  *                                              -- rejected: ROLLBACK TO SAVEPOINT item, command.rejected
