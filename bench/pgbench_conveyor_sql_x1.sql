@@ -7,7 +7,7 @@
 -- No attempt count (only a redelivered command has one), no settling (only a
 -- rejected or failed command needs it), no NOTIFY (the pool's own relay is
 -- woken without PostgreSQL).
--- A worker sends these in 3 round trips (libpq pipeline); pgbench sends each
+-- A worker sends these in 2 round trips (libpq pipeline); pgbench sends each
 -- alone. Rows are tagged 'pgbench' and deleted afterwards by bench/run.py.
 \set p random(1, :products)
 \set q random(0, 1) * 2 - 1
