@@ -51,17 +51,25 @@ static void drop_consume(struct amqp_broker *a) {
     a->ack_held_n = 0;
 }
 
-/* Sends the held multiple ack, if any. On failure the connection is dropped
- * (the broker redelivers those messages, and the worker finds them done). */
-static void send_held_ack(struct amqp_broker *a) {
-    if (!a->ack_held || !a->consume) return;
-    int rc = amqp_basic_ack(a->consume, CHANNEL, a->ack_held, 1);
-    a->ack_held = 0;
-    a->ack_held_n = 0;
+/* Acks tag (with multiple, every delivery up to it) on the consume channel.
+ * Without the channel, or when the ack cannot be sent (the connection is then
+ * dropped), RabbitMQ redelivers those messages and the worker finds them done:
+ * said in the log, not an error for the caller. */
+static void send_ack(struct amqp_broker *a, uint64_t tag, bool multiple) {
+    int rc = a->consume ? amqp_basic_ack(a->consume, CHANNEL, tag, multiple) : AMQP_STATUS_CONNECTION_CLOSED;
     if (rc != AMQP_STATUS_OK) {
-        log_warn("rabbitmq ack: %s; the messages will be redelivered and found done", amqp_error_string2(rc));
+        log_warn("rabbitmq ack: %s; the message%s will be redelivered and found done",
+                 a->consume ? amqp_error_string2(rc) : "the connection was lost", multiple ? "s" : "");
         drop_consume(a);
     }
+}
+
+/* Sends the held multiple ack, if any. */
+static void send_held_ack(struct amqp_broker *a) {
+    uint64_t tag = a->ack_held;
+    a->ack_held = 0;
+    a->ack_held_n = 0;
+    if (tag) send_ack(a, tag, true);
 }
 
 /* Turns an RPC reply into 0, or a class with the reason in b->err. A refused
@@ -373,18 +381,7 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
 }
 
 static int amqp_ack(struct broker *b, const struct delivery *d) {
-    struct amqp_broker *a = (struct amqp_broker *)b;
-    if (!a->consume) {
-        /* the channel is gone, and with it the delivery: RabbitMQ redelivers the
-         * message, and the worker finds it done (processed_commands) */
-        log_warn("rabbitmq: connection lost before ack; the message will be redelivered and found done");
-        return 0;
-    }
-    int rc = amqp_basic_ack(a->consume, CHANNEL, d->tag, 0);
-    if (rc != AMQP_STATUS_OK) {
-        drop_consume(a);
-        log_warn("rabbitmq ack: %s; the message will be redelivered and found done", amqp_error_string2(rc));
-    }
+    send_ack((struct amqp_broker *)b, d->tag, false);
     return 0;
 }
 
@@ -393,7 +390,7 @@ static int amqp_ack(struct broker *b, const struct delivery *d) {
  * batches share it. */
 static int amqp_ack_batch(struct broker *b, const struct delivery *d, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
-    if (!a->consume) return amqp_ack(b, d); /* gone with the channel: redelivered, found done */
+    if (!a->consume) return amqp_ack(b, d); /* gone with the channel: logged, redelivered, found done */
     for (int i = 0; i < n; i++)
         if (d[i].tag > a->ack_held) a->ack_held = d[i].tag;
     a->ack_held_n += n;

@@ -137,7 +137,9 @@ static void forget_held_acks(struct redis_broker *r);
 
 static void redis_close(struct broker *b) {
     struct redis_broker *r = (struct redis_broker *)b;
-    if (r->nheld) send_held_acks(r);
+    if (r->nheld && send_held_acks(r) < 0)
+        log_warn("%d acked message%s stay in %s (%s): handed out again, they are found done", r->nheld,
+                 r->nheld == 1 ? "" : "s", r->inflight_key, r->base.err);
     forget_held_acks(r);
     free(r->held);
     if (r->heartbeat_key[0] && r->ctx) {
@@ -237,11 +239,12 @@ static int send_held_acks(struct redis_broker *r) {
     return rc;
 }
 
-/* Before taking messages: the liveness key, and what an earlier process left
- * in flight (after the held acks: what is done is not handed out again). */
-static int before_take(struct redis_broker *r) {
+/* Before taking messages: the liveness key, the held acks (now, unless the
+ * take carries them: acks_in_take), and what an earlier process left in
+ * flight (after the held acks: what is done is not handed out again). */
+static int before_take(struct redis_broker *r, bool acks_in_take) {
     int rc = heartbeat(r);
-    if (rc == 0 && r->recover && r->nheld) rc = send_held_acks(r);
+    if (rc == 0 && r->nheld && (r->recover || !acks_in_take)) rc = send_held_acks(r);
     if (rc == 0 && r->recover) rc = recover_inflight(r);
     return rc;
 }
@@ -258,8 +261,7 @@ static void delivery_from(struct delivery *d, const redisReply *rep) {
 static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
     memset(d, 0, sizeof *d);
-    int rc = before_take(r);
-    if (rc == 0 && r->nheld) rc = send_held_acks(r); /* (a take usually carried them) */
+    int rc = before_take(r, false); /* BLMOVE cannot carry them (a take usually did) */
     if (rc < 0) return rc;
     /* never block past the next heartbeat */
     if (timeout_ms > b->cfg->heartbeat_interval_s * 500) timeout_ms = b->cfg->heartbeat_interval_s * 500;
@@ -300,7 +302,7 @@ static const char take_script[] =
 
 static int redis_take(struct broker *b, struct delivery *d, int max) {
     struct redis_broker *r = (struct redis_broker *)b;
-    int rc = before_take(r);
+    int rc = before_take(r, true);
     if (rc < 0) return rc;
     int argc = 7 + r->nheld;
     const char **argv = malloc((size_t)argc * sizeof *argv);

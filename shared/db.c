@@ -110,6 +110,11 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
                         PGresult **out, char sqlstate[6]);
 static int db_pending(PGconn *db);
 
+/* Runs db's deferred statements, if any (one round trip). Returns 0 or the first error class. */
+static int flush(PGconn *db, char sqlstate[6]) {
+    return db_pending(db) ? pipeline_run(db, NULL, NULL, 0, NULL, NULL, sqlstate) : 0;
+}
+
 /* Sets *name to the statement prepared for sql on db, preparing it if new
  * (NULL when the table is full: then it runs unprepared). A new one is
  * prepared after db's deferred statements have run, since they may be what
@@ -125,7 +130,7 @@ static int prepare_once(PGconn *db, const char *sql, int nparams, const char **n
             return 0;
         }
     if (nstmts == STMT_MAX) return 0;
-    int rc = db_pending(db) ? pipeline_run(db, NULL, NULL, 0, NULL, NULL, sqlstate) : 0;
+    int rc = flush(db, sqlstate);
     if (rc < 0) return rc;
     struct stmt *st = &stmts[nstmts];
     snprintf(st->name, sizeof st->name, "cv%u", ++stmt_seq);
@@ -185,7 +190,7 @@ int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params
     return db_defer_result(db, sql, nparams, params, NULL);
 }
 
-int db_flush(PGconn *db) { return db_pending(db) ? pipeline_run(db, NULL, NULL, 0, NULL, NULL, NULL) : 0; }
+int db_flush(PGconn *db) { return flush(db, NULL); }
 
 int db_defer_result(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out) {
     if (out) *out = NULL;

@@ -441,10 +441,8 @@ static int run_batch(struct worker *w, struct item **v, int n) {
                 break;
             }
             if (!v[0]->claimed) { /* done before: undo what it did */
-                free(v[0]->error);
-                cJSON_Delete(v[0]->events);
-                v[0]->error = NULL;
-                v[0]->events = NULL;
+                item_forget_outcome(v[0]);
+                v[0]->rc = DUPLICATE;
                 if (savepoints) rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL);
                 else if ((rc = db_defer(db, "ROLLBACK", 0, NULL)) == 0) rc = db_defer(db, "BEGIN", 0, NULL);
                 any = true;
