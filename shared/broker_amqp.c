@@ -358,9 +358,9 @@ static amqp_table_entry_t *find_header(amqp_table_t *h, const char *key) {
 static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     memset(d, 0, sizeof *d);
-    /* the held ack goes before the consumer waits, or once it covers half the
-     * prefetch (so that the broker keeps delivering) */
-    if (a->ack_held && (timeout_ms > 0 || a->ack_held_n >= (a->prefetch + 1) / 2)) send_held_ack(a);
+    /* the held ack goes before the consumer waits (amqp_ack_batch sends it
+     * sooner once it covers half the prefetch) */
+    if (a->ack_held && timeout_ms > 0) send_held_ack(a);
     int rc = start_consuming(a);
     if (rc < 0) return rc;
     amqp_envelope_t env;
@@ -394,6 +394,8 @@ static int amqp_ack_batch(struct broker *b, const struct delivery *d, int n) {
     for (int i = 0; i < n; i++)
         if (d[i].tag > a->ack_held) a->ack_held = d[i].tag;
     a->ack_held_n += n;
+    /* half the prefetch: the broker would soon stop delivering */
+    if (a->ack_held_n >= (a->prefetch + 1) / 2) send_held_ack(a);
     return 0;
 }
 

@@ -161,7 +161,7 @@ void db_close(PGconn *db) {
 
 /* Deferred statements of one connection (a worker has one): sent ahead of
  * the next statement, in one pipeline. */
-#define DEFER_MAX 16
+#define DEFER_MAX 160 /* worker.c's AHEAD_MAX commands, two statements each, and a few more */
 static struct deferred {
     char *sql;       /* the text, for error messages and unprepared sends */
     const char *name; /* prepared statement, or NULL */

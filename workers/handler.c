@@ -9,21 +9,46 @@
 static const struct {
     const char *type;
     handler_fn fn;
+    bool runs_ahead; /* see handler_runs_ahead */
 } handlers[] = {
-    {"register", handle_register},
-    {"changePassword", handle_change_password},
-    {"createProduct", handle_create_product},
-    {"updateProduct", handle_update_product},
-    {"updateStock", handle_update_stock},
-    {"deleteProduct", handle_delete_product},
-    {"placeOrder", handle_place_order},
-    {"cancelOrder", handle_cancel_order},
+    {"register", handle_register, false},             /* hashes first */
+    {"changePassword", handle_change_password, false}, /* hashes first */
+    {"createProduct", handle_create_product, false},   /* makes a new id when none is given */
+    {"updateProduct", handle_update_product, false},
+    {"updateStock", handle_update_stock, true},
+    {"deleteProduct", handle_delete_product, true},
+    {"placeOrder", handle_place_order, false},
+    {"cancelOrder", handle_cancel_order, false},
 };
 
 handler_fn handler_find(const char *type) {
     for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
         if (strcmp(handlers[i].type, type) == 0) return handlers[i].fn;
     return NULL;
+}
+
+bool handler_runs_ahead(handler_fn fn) {
+    for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
+        if (handlers[i].fn == fn) return handlers[i].runs_ahead;
+    return false;
+}
+
+int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out,
+             char sqlstate[6]) {
+    int nth = ctx->statements++;
+    if (ctx->ahead == AHEAD_OFF) return db_exec(ctx->db, sql, nparams, params, out, sqlstate);
+    if (out) *out = NULL;
+    if (sqlstate) sqlstate[0] = '\0';
+    if (nth > 0) return CV_EAHEAD;
+    if (ctx->ahead == AHEAD_SEND) {
+        int rc = db_defer_result(ctx->db, sql, nparams, params, ctx->first);
+        return rc < 0 ? rc : CV_EAHEAD;
+    }
+    if (!*ctx->first) return CV_EAHEAD; /* it failed: the command runs again to meet the error */
+    if (out) *out = *ctx->first;
+    else PQclear(*ctx->first);
+    *ctx->first = NULL;
+    return 0;
 }
 
 void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,

@@ -13,7 +13,7 @@ int handle_cancel_order(struct cmd_ctx *ctx) {
     if (ctx->validate_only) return 0;
     const char *params[1] = {order_id};
     PGresult *r;
-    int rc = db_exec(ctx->db, "SELECT status FROM orders WHERE id = $1 FOR UPDATE", 1, params, &r, NULL);
+    int rc = ctx_exec(ctx, "SELECT status FROM orders WHERE id = $1 FOR UPDATE", 1, params, &r, NULL);
     if (rc < 0) return rc;
     if (PQntuples(r) == 0) {
         PQclear(r);
@@ -22,16 +22,16 @@ int handle_cancel_order(struct cmd_ctx *ctx) {
     bool placed = strcmp(PQgetvalue(r, 0, 0), "PLACED") == 0;
     PQclear(r);
     if (!placed) return ctx_reject(ctx, "CONFLICT", NULL, NULL, "order %s is already cancelled", order_id);
-    if ((rc = db_exec(ctx->db, "SELECT p.id FROM products p JOIN order_items i ON i.product_id = p.id "
-                               "WHERE i.order_id = $1 AND p.deleted_at IS NULL ORDER BY p.id FOR UPDATE OF p",
-                      1, params, NULL, NULL)) < 0)
+    if ((rc = ctx_exec(ctx, "SELECT p.id FROM products p JOIN order_items i ON i.product_id = p.id "
+                            "WHERE i.order_id = $1 AND p.deleted_at IS NULL ORDER BY p.id FOR UPDATE OF p",
+                       1, params, NULL, NULL)) < 0)
         return rc;
-    if ((rc = db_exec(ctx->db, "UPDATE products p SET stock = p.stock + i.quantity, updated_at = now() "
-                               "FROM order_items i WHERE i.order_id = $1 AND p.id = i.product_id "
-                               "AND p.deleted_at IS NULL", 1, params, NULL, NULL)) < 0)
+    if ((rc = ctx_exec(ctx, "UPDATE products p SET stock = p.stock + i.quantity, updated_at = now() "
+                            "FROM order_items i WHERE i.order_id = $1 AND p.id = i.product_id "
+                            "AND p.deleted_at IS NULL", 1, params, NULL, NULL)) < 0)
         return rc;
-    if ((rc = db_exec(ctx->db, "UPDATE orders SET status = 'CANCELLED', cancelled_at = now() WHERE id = $1", 1,
-                      params, NULL, NULL)) < 0)
+    if ((rc = ctx_exec(ctx, "UPDATE orders SET status = 'CANCELLED', cancelled_at = now() WHERE id = $1", 1,
+                       params, NULL, NULL)) < 0)
         return rc;
     cJSON *data = cJSON_CreateObject();
     cJSON_AddStringToObject(data, "orderId", order_id);

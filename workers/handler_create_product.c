@@ -24,11 +24,11 @@ int handle_create_product(struct cmd_ctx *ctx) {
     snprintf(stock_s, sizeof stock_s, "%lld", stock);
     const char *params[6] = {product_id, name, description, price, stock_s, category};
     PGresult *r;
-    rc = db_exec(ctx->db,
-                 "INSERT INTO products (id, name, description, price, stock, category) "
-                 "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING "
-                 "RETURNING price::text, " SQL_RFC3339("created_at"),
-                 6, params, &r, NULL);
+    rc = ctx_exec(ctx,
+                  "INSERT INTO products (id, name, description, price, stock, category) "
+                  "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING "
+                  "RETURNING price::text, " SQL_RFC3339("created_at"),
+                  6, params, &r, NULL);
     if (rc < 0) goto out;
     if (PQntuples(r) == 0) {
         PQclear(r);

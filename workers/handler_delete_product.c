@@ -10,8 +10,8 @@ int handle_delete_product(struct cmd_ctx *ctx) {
     if (ctx->validate_only) return 0;
     const char *params[1] = {product_id};
     PGresult *r;
-    int rc = db_exec(ctx->db, "UPDATE products SET deleted_at = now(), updated_at = now() "
-                              "WHERE id = $1 AND deleted_at IS NULL RETURNING id", 1, params, &r, NULL);
+    int rc = ctx_exec(ctx, "UPDATE products SET deleted_at = now(), updated_at = now() "
+                           "WHERE id = $1 AND deleted_at IS NULL RETURNING id", 1, params, &r, NULL);
     if (rc < 0) return rc;
     int n = PQntuples(r);
     PQclear(r);

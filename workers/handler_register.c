@@ -24,15 +24,15 @@ int handle_register(struct cmd_ctx *ctx) {
     if ((rc = password_hash(ctx, password, hash)) < 0) goto out;
     const char *params[4] = {user_id, name, email, hash};
     PGresult *r;
-    rc = db_exec(ctx->db,
-                 "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, $4) "
-                 "ON CONFLICT DO NOTHING RETURNING " SQL_RFC3339("created_at"),
-                 4, params, &r, NULL);
+    rc = ctx_exec(ctx,
+                  "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, $4) "
+                  "ON CONFLICT DO NOTHING RETURNING " SQL_RFC3339("created_at"),
+                  4, params, &r, NULL);
     sodium_memzero(hash, sizeof hash);
     if (rc < 0) goto out;
     if (PQntuples(r) == 0) {
         PQclear(r);
-        rc = db_exec(ctx->db, "SELECT 1 FROM users WHERE id = $1", 1, params, &r, NULL);
+        rc = ctx_exec(ctx, "SELECT 1 FROM users WHERE id = $1", 1, params, &r, NULL);
         if (rc < 0) goto out;
         bool id_taken = PQntuples(r) > 0;
         PQclear(r);

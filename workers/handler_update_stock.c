@@ -25,9 +25,9 @@ int handle_update_stock(struct cmd_ctx *ctx) {
     PGresult *r;
     long long prev, next;
     /* the usual case in one statement; only a change it refuses takes the locked read below */
-    int rc = db_exec(ctx->db, "UPDATE products SET stock = stock + $2::bigint, updated_at = now() "
-                              "WHERE id = $1 AND deleted_at IS NULL AND stock + $2::bigint BETWEEN 0 AND 2147483647 "
-                              "RETURNING stock", 2, params, &r, NULL);
+    int rc = ctx_exec(ctx, "UPDATE products SET stock = stock + $2::bigint, updated_at = now() "
+                           "WHERE id = $1 AND deleted_at IS NULL AND stock + $2::bigint BETWEEN 0 AND 2147483647 "
+                           "RETURNING stock", 2, params, &r, NULL);
     if (rc < 0) return rc;
     if (PQntuples(r) == 1) {
         next = atoll(PQgetvalue(r, 0, 0));
@@ -35,8 +35,8 @@ int handle_update_stock(struct cmd_ctx *ctx) {
         PQclear(r);
     } else {
         PQclear(r);
-        rc = db_exec(ctx->db, "SELECT stock FROM products WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", 1,
-                     params, &r, NULL);
+        rc = ctx_exec(ctx, "SELECT stock FROM products WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", 1,
+                      params, &r, NULL);
         if (rc < 0) return rc;
         if (PQntuples(r) == 0) {
             PQclear(r);
@@ -60,8 +60,8 @@ int handle_update_stock(struct cmd_ctx *ctx) {
         /* it changed between the two statements and now fits */
         snprintf(next_s, sizeof next_s, "%lld", next);
         params[1] = next_s;
-        rc = db_exec(ctx->db, "UPDATE products SET stock = $2, updated_at = now() WHERE id = $1", 2, params, NULL,
-                     NULL);
+        rc = ctx_exec(ctx, "UPDATE products SET stock = $2, updated_at = now() WHERE id = $1", 2, params, NULL,
+                      NULL);
         if (rc < 0) return rc;
     }
 

@@ -1,7 +1,7 @@
-/* worker.c - one worker process: take a batch of messages (up to batch_size
- * of those already delivered; when there are none, the first waited for), run
- * their commands in one transaction with the dedup rows and the outbox rows,
- * commit, then ack.
+/* worker.c - one worker process: take messages (up to prefetch of those
+ * already delivered or waiting, in one round trip; when there are none, the
+ * first waited for), run their commands batch_size per transaction with the
+ * dedup rows and the outbox rows, commit, then ack.
  *
  *   redelivered ones only: attempts += 1 (command_attempts, its own transaction,
  *                          before any handler; a first delivery is attempt 1)
@@ -9,9 +9,13 @@
  *                                              -- statement; a conflict: duplicate (the
  *                                              -- first command, run already, is undone)
  *   per command, sorted by productId (lock order):
- *     SAVEPOINT item + the handler's statements -- the savepoint rides with the first
- *                                              -- rejected: ROLLBACK TO SAVEPOINT item, command.rejected
- *                                              -- failed: ROLLBACK TO SAVEPOINT item, retried alone
+ *     SAVEPOINT c<i> + the handler's statements -- the savepoint rides with the first
+ *                                              -- rejected: ROLLBACK TO SAVEPOINT c<i>, command.rejected
+ *                                              -- failed: ROLLBACK TO SAVEPOINT c<i>, retried alone
+ *     commands whose handlers run ahead (updateStock, deleteProduct): up to 64
+ *     savepoints and first statements in one round trip, then each handler
+ *     finishes with its result; one that wants more is rolled back to its
+ *     savepoint (with those after it) and runs alone (run_ahead)
  *     (a command alone has no savepoint: its rejection rolls back and redoes
  *      BEGIN + dedup, its failure rolls back the transaction)
  *   INSERT outbox(events of all); settle the dedup rows and attempt counts if any; COMMIT
@@ -64,6 +68,8 @@ struct item {
     bool claimed;         /* its dedup row is in this transaction: it runs */
     int rc;               /* its outcome (>= 0) or error class */
     cJSON *events;        /* what it emitted, for the batch's outbox insert (owned) */
+    PGresult *first;      /* run ahead: its first statement's result, until its handler takes it (owned) */
+    bool alone;           /* its statement failed when run ahead: it runs alone (and meets the error once more) */
     char *error;          /* with a failure: the database's error text (owned) */
     const char *key;      /* aggregate it touches first (payload.productId), for lock order; or "" */
 };
@@ -74,8 +80,10 @@ enum outcome { APPLIED, REJECTED, DUPLICATE };
 static void item_forget_outcome(struct item *it) {
     free(it->error);
     cJSON_Delete(it->events);
+    PQclear(it->first);
     it->error = NULL;
     it->events = NULL;
+    it->first = NULL;
     it->claimed = false;
     it->rc = 0;
 }
@@ -115,17 +123,31 @@ static int check_envelope_rules(struct cmd_ctx *ctx) {
     return 0;
 }
 
+/* Defers "<verb> c<i>": the savepoint of the batch's i-th command. */
+static int defer_savepoint(PGconn *db, const char *verb, int i) {
+    char sql[48];
+    snprintf(sql, sizeof sql, "%s c%d", verb, i);
+    return db_defer(db, sql, 0, NULL);
+}
+
+/* Frees what a handler's context holds besides the events it hands over. */
+static void ctx_release(struct cmd_ctx *ctx) {
+    cJSON_Delete(ctx->events);
+    cJSON_Delete(ctx->rej.fields);
+    cJSON_Delete(ctx->rej.details);
+}
+
 /* Runs one claimed command inside the open transaction: the handler, or its
- * rejection. With savepoint, in its own savepoint (sent with the handler's
- * first statement), to which a rejection rolls back; without, the caller
- * undoes a rejected command's writes. Its events go to it->events. Returns an
- * outcome (>= 0), or the error class of a failure: the caller then rolls back
- * to the savepoint or the whole transaction. */
-static int run_command(struct worker *w, struct item *it, bool savepoint) {
+ * rejection. With a savepoint (sp >= 0: savepoint c<sp>, sent with the
+ * handler's first statement), a rejection rolls back to it; without (sp < 0),
+ * the caller undoes a rejected command's writes. Its events go to it->events.
+ * Returns an outcome (>= 0), or the error class of a failure: the caller then
+ * rolls back to the savepoint or the whole transaction. */
+static int run_command(struct worker *w, struct item *it, int sp) {
     PGconn *db = w->db;
     const struct envelope *env = &it->env;
     int rc;
-    if (savepoint && (rc = db_defer(db, "SAVEPOINT item", 0, NULL)) < 0) return rc;
+    if (sp >= 0 && (rc = defer_savepoint(db, "SAVEPOINT", sp)) < 0) return rc;
     struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = env};
     rc = check_envelope_rules(&ctx);
     if (rc == 0) rc = it->handler(&ctx);
@@ -135,7 +157,7 @@ static int run_command(struct worker *w, struct item *it, bool savepoint) {
         cJSON_Delete(ctx.events);
         ctx.events = NULL;
         /* undo what it wrote; sent with the next statement */
-        if (savepoint && (rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL)) < 0) goto out;
+        if (sp >= 0 && (rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", sp)) < 0) goto out;
         log_msg(LOG_DEBUG, env->id, "%s rejected: %s (%s)", env->type, ctx.rej.code, ctx.rej.message);
         ctx_emit(&ctx, "command.rejected", "command", env->id, rejection_data(&ctx.rej));
     } else if (rc < 0) {
@@ -145,9 +167,7 @@ static int run_command(struct worker *w, struct item *it, bool savepoint) {
     ctx.events = NULL;
     rc = outcome;
 out:
-    cJSON_Delete(ctx.events);
-    cJSON_Delete(ctx.rej.fields);
-    cJSON_Delete(ctx.rej.details);
+    ctx_release(&ctx);
     return rc;
 }
 
@@ -417,33 +437,117 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
     return rc;
 }
 
+/* The most commands one window of run_ahead sends (two statements each:
+ * db.c defers at most DEFER_MAX). */
+#define AHEAD_MAX 64
+
+/* Runs items i.. ahead, as many as run ahead (handler_runs_ahead): each one's
+ * savepoint and its handler's first statement are sent together, in one round
+ * trip (with what is deferred: in the batch's first window, BEGIN and the
+ * claim), then each handler finishes in order with its result. The first
+ * that does not finish that way (a duplicate, a statement that failed, a
+ * handler that wants a second statement or rejects after its first) is rolled
+ * back to its savepoint, which undoes those sent after it too. Returns the
+ * index of the first item not settled (it then runs alone, not ahead), or an
+ * error class that undid the batch. */
+static int run_ahead(struct worker *w, struct item **v, int i, int n, bool *claim_pending) {
+    PGconn *db = w->db;
+    int end = i, rc = 0;
+    for (; end < n && end - i < AHEAD_MAX && handler_runs_ahead(v[end]->handler) && !v[end]->alone; end++) {
+        if (!*claim_pending && !v[end]->claimed) break; /* a known duplicate */
+        struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = &v[end]->env, .ahead = AHEAD_SEND,
+                              .first = &v[end]->first};
+        int hrc = check_envelope_rules(&ctx);
+        if (hrc == 0 && (rc = defer_savepoint(db, "SAVEPOINT", end)) == 0) hrc = v[end]->handler(&ctx);
+        ctx_release(&ctx);
+        if (rc < 0) return rc;
+        if (hrc != CV_EAHEAD) { /* rejected before any statement (it runs alone), or deferring failed */
+            if (hrc < 0 && hrc != CV_EREJECT) return hrc;
+            break;
+        }
+    }
+    if (end == i) return i;
+    rc = db_flush(db); /* a failed statement leaves its result, and those after it, NULL */
+    if (PQstatus(db) != CONNECTION_OK) return rc < 0 ? rc : CV_ERETRY;
+    for (int j = i; j < end && rc < 0; j++)
+        if (!v[j]->first) { /* the one that failed: not ahead again, whatever stops the window */
+            v[j]->alone = true;
+            break;
+        }
+    if (*claim_pending) {
+        *claim_pending = false;
+        int crc = claim_read(w, v, n, rc);
+        if (crc < 0) return crc; /* the claim itself failed: the whole batch did */
+    }
+    int stop = end;
+    for (int j = i; j < end && stop == end; j++) {
+        struct item *it = v[j];
+        if (!it->claimed || !it->first) {
+            stop = j;
+            continue;
+        }
+        struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = &it->env, .ahead = AHEAD_RESUME, .first = &it->first};
+        if (it->handler(&ctx) == 0 && !it->first) {
+            it->events = ctx.events;
+            ctx.events = NULL;
+            it->rc = APPLIED;
+        } else {
+            stop = j;
+        }
+        ctx_release(&ctx);
+    }
+    if (stop == end) return end;
+    for (int j = stop; j < end; j++) { /* undone: they run again */
+        bool claimed = v[j]->claimed;
+        item_forget_outcome(v[j]);
+        v[j]->claimed = claimed;
+        if (!claimed) v[j]->rc = DUPLICATE;
+    }
+    rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", stop);
+    return rc < 0 ? rc : stop;
+}
+
 /* Runs the items in one transaction, each in its own savepoint when there
  * are several (a failing command is rolled back alone and retried later);
- * commits once. The first command runs before its dedup row is known to be
- * new (the claim goes in its first round trip): a duplicate, which is rare,
- * is then undone. Sets each item's rc. Returns 0, or the error class that
- * undid the whole batch. */
+ * commits once. Commands whose handlers run ahead go in windows of one round
+ * trip (run_ahead); any other runs alone, a round trip per statement. The
+ * first command runs before the batch's dedup rows are known to be new (the
+ * claim goes in its first round trip): a duplicate, which is rare, is then
+ * undone. Sets each item's rc. Returns 0, or the error class that undid the
+ * whole batch. */
 static int run_batch(struct worker *w, struct item **v, int n) {
     PGconn *db = w->db;
     bool savepoints = n > 1;
     int rc = claim_send(w, v, n);
+    bool claim_pending = rc == 0; /* its result not read yet */
     bool any = false; /* something to commit */
     for (int i = 0; i < n && rc == 0; i++) {
-        if (i > 0 && !v[i]->claimed) {
-            any = true; /* a duplicate: its attempt count, if it has one, goes */
-            continue;
-        }
-        v[i]->rc = run_command(w, v[i], savepoints);
-        if (i == 0) {
-            if ((rc = claim_read(w, v, n, v[0]->rc)) < 0) {
-                v[0]->rc = rc; /* the claim itself failed: the whole batch did */
-                v[0]->error = strdup(db_last_error());
+        if (savepoints) {
+            int next = run_ahead(w, v, i, n, &claim_pending);
+            if (next < 0) {
+                rc = next;
                 break;
             }
-            if (!v[0]->claimed) { /* done before: undo what it did */
-                item_forget_outcome(v[0]);
-                v[0]->rc = DUPLICATE;
-                if (savepoints) rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL);
+            any |= next > i;
+            if ((i = next) == n) break;
+        }
+        if (!claim_pending && !v[i]->claimed) {
+            any = true; /* a duplicate: its attempt count, if it has one, goes */
+            v[i]->rc = DUPLICATE;
+            continue;
+        }
+        v[i]->rc = run_command(w, v[i], savepoints ? i : -1);
+        if (claim_pending) {
+            claim_pending = false;
+            if ((rc = claim_read(w, v, n, v[i]->rc)) < 0) {
+                v[i]->rc = rc; /* the claim itself failed: the whole batch did */
+                v[i]->error = strdup(db_last_error());
+                break;
+            }
+            if (!v[i]->claimed) { /* done before: undo what it did */
+                item_forget_outcome(v[i]);
+                v[i]->rc = DUPLICATE;
+                if (savepoints) rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", i);
                 else if ((rc = db_defer(db, "ROLLBACK", 0, NULL)) == 0) rc = db_defer(db, "BEGIN", 0, NULL);
                 any = true;
                 continue;
@@ -464,7 +568,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
         }
         v[i]->error = strdup(db_last_error());
         if (!savepoints || PQstatus(db) != CONNECTION_OK) rc = v[i]->rc;
-        else rc = db_defer(db, "ROLLBACK TO SAVEPOINT item", 0, NULL); /* this one alone is retried */
+        else rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", i); /* this one alone is retried */
     }
     if (rc == 0 && any) rc = commit_batch(w, v, n);
     if (rc < 0 || !any) abandon_transaction(db); /* nothing of the batch was committed */
@@ -577,15 +681,21 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     log_info("worker %s consuming queue %s (%s)", worker_id, q->name, transport_name(q->transport));
 
     int broker_failures = 0;
-    struct item *items = calloc((size_t)q->batch_size, sizeof *items);
-    struct delivery *extra = calloc((size_t)q->batch_size, sizeof *extra);
+    /* one take hands over up to the prefetch (what is already delivered or
+     * waiting: one Redis round trip and AOF sync for several transactions) */
+    int take_max = q->prefetch > q->batch_size ? q->prefetch : q->batch_size;
+    struct item *items = calloc((size_t)take_max, sizeof *items);
+    struct delivery *extra = calloc((size_t)take_max, sizeof *extra);
     while (!stop_requested) {
         if (!w.db && !(w.db = db_connect_retry(cfg->database_url, &stop_requested))) break; /* take nothing while the database is away */
         /* a batch is what is already delivered; when nothing is, the first one is
          * waited for, and what came with it taken too */
-        int n = 0, rc = broker_take(w.broker, extra, q->batch_size);
+        int want = take_max; /* and no more than max_jobs lets it run before it is recycled */
+        if (cfg->max_jobs > 0 && cfg->max_jobs - w.jobs < want) want = (int)(cfg->max_jobs - w.jobs);
+        if (want < 1) want = 1;
+        int n = 0, rc = broker_take(w.broker, extra, want);
         if (rc == 0 && (rc = broker_next(w.broker, &extra[0], 1000)) > 0) {
-            int more = broker_take(w.broker, &extra[1], q->batch_size - 1);
+            int more = broker_take(w.broker, &extra[1], want - 1);
             rc = more < 0 ? 1 : 1 + more;
         }
         for (int i = 0; i < rc; i++) items[n++].d = extra[i];
@@ -597,7 +707,11 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         if (broker_failures) log_info("broker is back");
         broker_failures = 0;
         if (n == 0) continue;
-        process_batch(&w, items, n);
+        log_msg(LOG_DEBUG, NULL, "took %d message%s", n, n == 1 ? "" : "s");
+        /* in transactions of batch_size, in arrival order; all of them, even
+         * on stop (they are in hand) */
+        for (int off = 0; off < n; off += q->batch_size)
+            process_batch(&w, &items[off], n - off < q->batch_size ? n - off : q->batch_size);
         for (int i = 0; i < n; i++) {
             item_forget_outcome(&items[i]);
             delivery_free(&items[i].d);

@@ -47,6 +47,16 @@ struct rejection {
     cJSON *details;        /* owned, may be NULL */
 };
 
+/* Running ahead (worker.c): a batch's handlers send their first statements
+ * together, in one round trip, then finish in order with their results. */
+enum ahead_stage {
+    AHEAD_OFF,    /* every statement runs now (db_exec) */
+    AHEAD_SEND,   /* the first statement is deferred; ctx_exec returns CV_EAHEAD */
+    AHEAD_RESUME, /* the first statement's result is *first; a second returns CV_EAHEAD */
+};
+/* What ctx_exec returns when the handler must stop and be run again later. */
+enum { CV_EAHEAD = -10 };
+
 struct cmd_ctx {
     PGconn *db;
     const struct cfg *cfg;
@@ -54,6 +64,9 @@ struct cmd_ctx {
     cJSON *events;         /* array of event envelopes to write to the outbox; owned */
     bool validate_only;    /* return 0 once the payload passed validation (tests, fuzzing) */
     struct rejection rej;
+    enum ahead_stage ahead;
+    PGresult **first;      /* running ahead: where the first statement's result goes (not owned) */
+    int statements;        /* ctx_exec calls so far */
 };
 
 /* A handler validates cmd->payload and applies it inside the open transaction.
@@ -64,6 +77,16 @@ typedef int (*handler_fn)(struct cmd_ctx *ctx);
 
 /* The handler of TYPE, or NULL when this build does not know it. */
 handler_fn handler_find(const char *type);
+/* True when fn can run ahead: it does the same until its first statement
+ * each time it runs (no clock, no random id, no password hash before it). */
+bool handler_runs_ahead(handler_fn fn);
+/* A handler's statement: db_exec on ctx->db, except when running ahead: in
+ * AHEAD_SEND the first statement is deferred and CV_EAHEAD returned; in
+ * AHEAD_RESUME the first returns its result (*out, owned by the caller) and
+ * a second returns CV_EAHEAD (the command then runs again, not ahead). The
+ * handler returns CV_EAHEAD as it returns any error. */
+int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out,
+             char sqlstate[6]);
 /* Appends an event (takes data) to ctx->events. */
 void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
               const char *aggregate_id, cJSON *data);

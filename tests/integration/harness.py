@@ -288,7 +288,9 @@ class Events:
                 check(method.routing_key == ev["type"], "routing key is the event type")
                 self._add(ev)
         else:
-            res = self.r.xread({"conveyor:events": self.last}, count=1000, block=int(timeout * 1000))
+            # block=0 would wait for ever: timeout 0 takes only what is there
+            res = self.r.xread({"conveyor:events": self.last}, count=1000,
+                               block=int(timeout * 1000) if timeout > 0 else None)
             for _, entries in res:
                 for eid, fields in entries:
                     self.last = eid
@@ -315,11 +317,12 @@ class Events:
     def wait(self, pred, timeout=15, what="events"):
         deadline = time.time() + timeout
         while True:
-            self.poll()
+            self.poll(timeout=0)  # what has arrived, without waiting
             if pred(self):
                 return
             if time.time() > deadline:
                 raise Failure(f"timed out waiting for {what}; have {len(self.events)} events")
+            self.poll()
 
     def wait_result(self, cid, timeout=15, count=1):
         self.wait(lambda s: len(s.for_command(cid)) >= count, timeout, f"the events of command {cid}")

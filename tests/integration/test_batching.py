@@ -4,6 +4,7 @@ retried, or is a duplicate, is handled alone; the rest commit together; an idle
 queue does not wait to fill a batch. (Crashes mid-batch: test_chaos runs with
 batching on.)"""
 import json
+import re
 import os
 import signal
 import time
@@ -46,7 +47,7 @@ def test_batch_commits_together_and_fails_alone():
             # one), so the deliveries may be split; some of them share a transaction
             together = {at[c1["id"]], at[c3["id"]], at[c5["id"]], at[c7["id"]]}
             check(len(together) < 4, f"c1, c3, c5, c7 committed in {len(together)} transactions, not batched")
-            check(at[c2["id"]] > at[c1["id"]], "the failing command was retried alone, later")
+            check(at[c2["id"]] > at[c1["id"]], f"the failing command was retried alone, later: {at}")
             log = pool.read_log()
             check(any(c2["id"] in line and "attempt 1 of" in line for line in log.splitlines()),
                   "c2's failure was logged as retried")
@@ -91,6 +92,39 @@ def test_duplicate_first_in_a_batch_is_undone():
     ev.close()
 
 
+def test_a_batch_runs_ahead_in_arrival_order():
+    """updateStock commands of a batch send their statements together and finish
+    in order with the results. One that is refused (it needs a second, locked
+    read) is rolled back to its savepoint with the ones sent after it, runs
+    alone, and they run again: the commands on one product apply in the order
+    they arrived, and a duplicate in the middle is undone."""
+    p = product("ahead", stock=5)
+    others = sorted(product("ahead") for _ in range(3))
+    seq = [envelope("updateStock", {"productId": p, "quantityChange": q}) for q in (-3, -4, 10, -4)]
+    rest = [envelope("updateStock", {"productId": o, "quantityChange": 1}) for o in others]
+    pub, ev = Publisher(), Events()
+    for c in seq + rest[:2] + [rest[0]] + rest[2:]:  # all waiting before the pool starts; rest[0] twice
+        pub.command(c)
+    with Pool(workers={"catalog": 1}, queue_opts="batch_size = 50;") as pool:
+        for c in seq + rest:
+            ev.wait_result(c["id"], timeout=30)
+        time.sleep(0.3)
+        ev.poll()
+        chain = [(e["type"], e["data"].get("previousStock"), e["data"].get("stock"), e["data"].get("code"))
+                 for c in seq for e in ev.for_command(c["id"]) if e["type"] in ("stock.updated", "command.rejected")]
+        eq(chain, [("stock.updated", 5, 2, None), ("command.rejected", None, None, "INSUFFICIENT_STOCK"),
+                   ("stock.updated", 2, 12, None), ("stock.updated", 12, 8, None)], "one product's commands, in order")
+        eq(stock(p), 8, "the product's stock")
+        eq([stock(o) for o in others], [11, 11, 11], "the others applied once each (the duplicate undone)")
+        eq(len(ev.for_command(rest[0]["id"])), 1, "one event for the duplicated command")
+        xids = query("SELECT count(DISTINCT xmin::text) FROM processed_commands WHERE id = ANY(%s::uuid[])",
+                     [c["id"] for c in seq + rest])[0][0]
+        check(xids < len(seq + rest), f"{len(seq + rest)} commands in {xids} transactions: not batched")
+        eq(pool.stop(), (0, []), "clean stop")
+    pub.close()
+    ev.close()
+
+
 def test_held_acks_go_before_the_worker_waits():
     """The acks of one-command batches are held and sent together (RabbitMQ: one
     multiple ack for several; Redis: in the script that takes the next), but
@@ -113,6 +147,29 @@ def test_held_acks_go_before_the_worker_waits():
         pool.proc.wait()
         os.unlink(pool.config)
     eq(unsettled("catalog"), 0, "messages handed out again after the idle pool was killed (acks still held)")
+    pub.close()
+    ev.close()
+
+
+def test_a_take_holds_up_to_prefetch_one_transaction_each():
+    """A worker takes up to `prefetch` waiting messages at once (Redis: one take
+    script, one AOF sync), and still runs each in a transaction of its own at
+    batch_size 1: every dedup row has its own transaction id."""
+    p = product("take", stock=0)
+    cmds = [envelope("updateStock", {"productId": p, "quantityChange": 1}) for _ in range(40)]
+    pub, ev = Publisher(), Events()
+    for c in cmds:  # all waiting before the pool starts
+        pub.command(c)
+    with Pool(workers={"catalog": 1}, env={"CONVEYOR_LOG_LEVEL": "debug"}) as pool:  # prefetch = 8
+        for c in cmds:
+            ev.wait_result(c["id"], timeout=30)
+        takes = [int(m) for m in re.findall(r'"took (\d+) messages?"', pool.read_log())]
+    eq(stock(p), 40, "every command applied once")
+    check(takes and max(takes) <= 8, f"no take above the prefetch: {takes}")
+    check(max(takes) > 1, f"takes of one message each (the prefetch unused): {takes}")
+    xids = query("SELECT count(DISTINCT xmin::text) FROM processed_commands WHERE id = ANY(%s::uuid[])",
+                 [c["id"] for c in cmds])[0][0]
+    eq(xids, 40, "transactions for 40 commands at batch_size 1")
     pub.close()
     ev.close()
 
