@@ -140,6 +140,12 @@ class Bench:
                PRODUCT_PREFIX, START_STOCK, n)
         self.q("VACUUM ANALYZE products")
 
+    def checkpoints(self):
+        """Checkpoints PostgreSQL has started so far (timed and requested): one
+        during a run writes the dirty pages and makes the next writes of each page
+        log it whole, which shows as a burst of slower commits."""
+        return self.q("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")[0][0]
+
     def quiesce(self):
         """Dirty pages written and dead rows vacuumed: each part starts alike."""
         self.q("CHECKPOINT")
@@ -212,6 +218,7 @@ class Bench:
             mem = MemorySampler(pool.pid)
             mem.start()
             prof = Profile(self.args.profile) if self.args.profile and not rate else None
+            ckpt0 = self.checkpoints()
             cpu0 = cpu_seconds()
             created, t_first, t_last_write, producer = self.publish(conf, n, mixed, rate)
             # done when every command's result event is marked published
@@ -235,6 +242,7 @@ class Bench:
             if producer.wait(60) != 0:
                 raise RuntimeError(f"conveyor-produce exited {producer.returncode}: {producer.stderr.read()}")
             cpu1, t_done = cpu_seconds(), time.time()
+            ckpts = self.checkpoints() - ckpt0
             end_rss = mem.current()
             mem.stop()
             profile = prof.report() if prof else None
@@ -257,14 +265,15 @@ class Bench:
                "commandsPerSecond": round(n / secs, 1), "rejected": rejected,
                "latencyMs": {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": round(lat[-1], 1)},
                "rss": mem.report(half_rss, end_rss), "poolLog": pool_log.name,
-               "cpu": cpu_per_command(cpu0, cpu1, n, t_done - t_first)}
+               "cpu": cpu_per_command(cpu0, cpu1, n, t_done - t_first), "checkpoints": ckpts}
         if profile:
             res["profile"] = profile
             print_profile(f"{transport} batch {batch_size}", profile)
         log(f"conveyor {transport} batch {batch_size}{' mixed' if mixed else ''}"
             f"{f' at {rate:.0f}/s' if rate else ''}: {res['commandsPerSecond']:.0f} commands/s, "
             f"p50 {res['latencyMs']['p50']} ms, p99 {res['latencyMs']['p99']} ms, max {res['latencyMs']['max']} ms; "
-            f"worker RSS end {res['rss']['workerEndKB']} kB, peak {res['rss']['workerPeakKB']} kB")
+            f"worker RSS end {res['rss']['workerEndKB']} kB, peak {res['rss']['workerPeakKB']} kB; "
+            f"{ckpts} PostgreSQL checkpoint{'s' if ckpts != 1 else ''} during the run")
         if rejected and not mixed:
             raise RuntimeError(f"{rejected} commands rejected; see {pool_log.name}")
         return res
