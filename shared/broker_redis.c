@@ -285,15 +285,18 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return 1;
 }
 
-/* Removes the acked messages ARGV[2..] from the in-flight list, then moves up
- * to ARGV[1] waiting messages to it, oldest first, and returns them, each
+/* Removes the acked messages ARGV[3..] from the in-flight list, then moves up
+ * to ARGV[1] waiting messages to it, but no more than a fair share of those
+ * waiting (their number divided by ARGV[2], the queue's workers, rounded up:
+ * a backlog spreads over the workers), oldest first, and returns them, each
  * followed by 1 if it had been returned (KEYS[3]) or 0: one round trip and
  * one AOF write for the ack of a batch and the take of the next. */
 static const char take_script[] =
-    "for i = 2, #ARGV do redis.call('LREM', KEYS[2], 1, ARGV[i]) end "
+    "for i = 3, #ARGV do redis.call('LREM', KEYS[2], 1, ARGV[i]) end "
     "local m = {} "
     "local marked = redis.call('EXISTS', KEYS[3]) == 1 "
-    "for i = 1, tonumber(ARGV[1]) do "
+    "local want = math.min(tonumber(ARGV[1]), math.ceil(redis.call('LLEN', KEYS[1]) / tonumber(ARGV[2]))) "
+    "for i = 1, want do "
     "local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') "
     "if not v then break end "
     "m[#m + 1] = v "
@@ -304,14 +307,15 @@ static int redis_take(struct broker *b, struct delivery *d, int max) {
     struct redis_broker *r = (struct redis_broker *)b;
     int rc = before_take(r, true);
     if (rc < 0) return rc;
-    int argc = 7 + r->nheld;
+    int argc = 8 + r->nheld;
     const char **argv = malloc((size_t)argc * sizeof *argv);
     size_t *argl = malloc((size_t)argc * sizeof *argl);
-    char smax[16];
+    char smax[16], sharers[16];
     snprintf(smax, sizeof smax, "%d", max);
-    const char *fixed[7] = {"EVAL", take_script, "3", r->queue_key, r->inflight_key, r->returned_key, smax};
-    for (int i = 0; i < 7; i++) argv[i] = fixed[i], argl[i] = strlen(fixed[i]);
-    for (int i = 0; i < r->nheld; i++) argv[7 + i] = r->held[i].body, argl[7 + i] = r->held[i].len;
+    snprintf(sharers, sizeof sharers, "%d", b->queue && b->queue->workers > 1 ? b->queue->workers : 1);
+    const char *fixed[8] = {"EVAL", take_script, "3", r->queue_key, r->inflight_key, r->returned_key, smax, sharers};
+    for (int i = 0; i < 8; i++) argv[i] = fixed[i], argl[i] = strlen(fixed[i]);
+    for (int i = 0; i < r->nheld; i++) argv[8 + i] = r->held[i].body, argl[8 + i] = r->held[i].len;
     redisReply *rep = argv_cmd(r, argc, argv, argl);
     free(argv);
     free(argl);

@@ -257,7 +257,8 @@ int broker_consume(struct broker *b, const struct cfg_queue *q, const char *work
  * delivery_free()s it), 0 on timeout, CV_ERETRY when the connection broke. */
 int broker_next(struct broker *b, struct delivery *d, int timeout_ms);
 /* Takes up to max messages already waiting, without waiting (Redis: in one
- * round trip). Returns how many it put in d[0..], or CV_ERETRY when the
+ * round trip, and no more than the queue's waiting messages divided by its
+ * workers, rounded up, so that a backlog spreads over them). Returns how many it put in d[0..], or CV_ERETRY when the
  * connection broke and none was taken. */
 int broker_take(struct broker *b, struct delivery *d, int max);
 /* Removes the message for good (after commit), now. */
