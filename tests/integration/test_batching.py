@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from harness import (Events, Pool, Publisher, check, drain_dead, envelope, eq, query, unsettled)
+from harness import (Events, Pool, Publisher, check, drain_dead, envelope, eq, new_id, query, unsettled)
 from test_recovery import FAST_RETRY, chaos_trigger, product, stock, wait_dead
 
 
@@ -120,6 +120,31 @@ def test_a_batch_runs_ahead_in_arrival_order():
         xids = query("SELECT count(DISTINCT xmin::text) FROM processed_commands WHERE id = ANY(%s::uuid[])",
                      [c["id"] for c in seq + rest])[0][0]
         check(xids < len(seq + rest), f"{len(seq + rest)} commands in {xids} transactions: not batched")
+        eq(pool.stop(), (0, []), "clean stop")
+    pub.close()
+    ev.close()
+
+
+def test_delete_product_runs_ahead_and_a_missing_one_is_rejected_alone():
+    """deleteProduct runs ahead too: in one batch, a product deleted, one that
+    does not exist (rejected NOT_FOUND after its statement: rolled back to its
+    savepoint and run alone) and stock changes after them all settle right."""
+    doomed = product("del")
+    missing = new_id()
+    kept = sorted(product("kept") for _ in range(2))
+    cmds = [envelope("deleteProduct", {"productId": doomed}), envelope("deleteProduct", {"productId": missing})]
+    cmds += [envelope("updateStock", {"productId": k, "quantityChange": 4}) for k in kept]
+    pub, ev = Publisher(), Events()
+    for c in cmds:  # all waiting before the pool starts: one batch
+        pub.command(c)
+    with Pool(workers={"catalog": 1}, queue_opts="batch_size = 50;") as pool:
+        for c in cmds:
+            ev.wait_result(c["id"], timeout=30)
+        eq([ev.for_command(c["id"])[0]["type"] for c in cmds],
+           ["product.deleted", "command.rejected", "stock.updated", "stock.updated"], "result events")
+        eq(ev.for_command(cmds[1]["id"])[0]["data"]["code"], "NOT_FOUND", "the missing product")
+        eq(query("SELECT deleted_at IS NOT NULL FROM products WHERE id = %s", doomed)[0][0], True, "deleted")
+        eq([stock(k) for k in kept], [14, 14], "the stock changes after them applied once")
         eq(pool.stop(), (0, []), "clean stop")
     pub.close()
     ev.close()
