@@ -386,8 +386,8 @@ static int amqp_ack(struct broker *b, const struct delivery *d) {
 }
 
 /* Every delivery up to the batch's last is settled: one multiple ack covers
- * them, held until the consumer next reads (amqp_next), so that consecutive
- * batches share it. */
+ * them, held so that consecutive batches share it, until it covers half the
+ * prefetch or the consumer is about to wait (amqp_next). */
 static int amqp_ack_batch(struct broker *b, const struct delivery *d, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     if (!a->consume) return amqp_ack(b, d); /* gone with the channel: logged, redelivered, found done */

@@ -258,8 +258,8 @@ int broker_consume(struct broker *b, const struct cfg_queue *q, const char *work
 int broker_next(struct broker *b, struct delivery *d, int timeout_ms);
 /* Takes up to max messages already waiting, without waiting (Redis: in one
  * round trip, and no more than the queue's waiting messages divided by its
- * workers, rounded up, so that a backlog spreads over them). Returns how many it put in d[0..], or CV_ERETRY when the
- * connection broke and none was taken. */
+ * workers, rounded up, so that a backlog spreads over them). Returns how many
+ * it put in d[0..], or CV_ERETRY when the connection broke and none was taken. */
 int broker_take(struct broker *b, struct delivery *d, int max);
 /* Removes the message for good (after commit), now. */
 int broker_ack(struct broker *b, const struct delivery *d);

@@ -6,31 +6,21 @@
 #include <string.h>
 #include <sodium.h>
 
-static const struct {
-    const char *type;
-    handler_fn fn;
-    bool runs_ahead; /* see handler_runs_ahead */
-} handlers[] = {
+static const struct handler handlers[] = {
     {"register", handle_register, false},             /* hashes first */
     {"changePassword", handle_change_password, false}, /* hashes first */
     {"createProduct", handle_create_product, false},   /* makes a new id when none is given */
-    {"updateProduct", handle_update_product, false},
+    {"updateProduct", handle_update_product, false},   /* a locked read, then the update */
     {"updateStock", handle_update_stock, true},
     {"deleteProduct", handle_delete_product, true},
-    {"placeOrder", handle_place_order, false},
-    {"cancelOrder", handle_cancel_order, false},
+    {"placeOrder", handle_place_order, false},         /* several statements */
+    {"cancelOrder", handle_cancel_order, false},       /* several statements */
 };
 
-handler_fn handler_find(const char *type) {
+const struct handler *handler_find(const char *type) {
     for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
-        if (strcmp(handlers[i].type, type) == 0) return handlers[i].fn;
+        if (strcmp(handlers[i].type, type) == 0) return &handlers[i];
     return NULL;
-}
-
-bool handler_runs_ahead(handler_fn fn) {
-    for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
-        if (handlers[i].fn == fn) return handlers[i].runs_ahead;
-    return false;
 }
 
 int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out,

@@ -61,7 +61,7 @@ struct worker {
 struct item {
     struct delivery d;
     struct envelope env;
-    handler_fn handler;
+    const struct handler *handler;
     bool live;            /* parsed, known, within its attempts: it takes part in the transaction */
     int attempts;         /* handler starts, this one included */
     bool counted;         /* its attempts are in command_attempts (it was redelivered) */
@@ -150,7 +150,7 @@ static int run_command(struct worker *w, struct item *it, int sp) {
     if (sp >= 0 && (rc = defer_savepoint(db, "SAVEPOINT", sp)) < 0) return rc;
     struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = env};
     rc = check_envelope_rules(&ctx);
-    if (rc == 0) rc = it->handler(&ctx);
+    if (rc == 0) rc = it->handler->run(&ctx);
     enum outcome outcome = APPLIED;
     if (rc == CV_EREJECT) {
         outcome = REJECTED;
@@ -441,7 +441,7 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
  * db.c defers at most DEFER_MAX). */
 #define AHEAD_MAX 64
 
-/* Runs items i.. ahead, as many as run ahead (handler_runs_ahead): each one's
+/* Runs items i.. ahead, as many as run ahead (handler->runs_ahead): each one's
  * savepoint and its handler's first statement are sent together, in one round
  * trip (with what is deferred: in the batch's first window, BEGIN and the
  * claim), then each handler finishes in order with its result. The first
@@ -453,12 +453,12 @@ static int commit_batch(struct worker *w, struct item **v, int n) {
 static int run_ahead(struct worker *w, struct item **v, int i, int n, bool *claim_pending) {
     PGconn *db = w->db;
     int end = i, rc = 0;
-    for (; end < n && end - i < AHEAD_MAX && handler_runs_ahead(v[end]->handler) && !v[end]->alone; end++) {
+    for (; end < n && end - i < AHEAD_MAX && v[end]->handler->runs_ahead && !v[end]->alone; end++) {
         if (!*claim_pending && !v[end]->claimed) break; /* a known duplicate */
         struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = &v[end]->env, .ahead = AHEAD_SEND,
                               .first = &v[end]->first};
         int hrc = check_envelope_rules(&ctx);
-        if (hrc == 0 && (rc = defer_savepoint(db, "SAVEPOINT", end)) == 0) hrc = v[end]->handler(&ctx);
+        if (hrc == 0 && (rc = defer_savepoint(db, "SAVEPOINT", end)) == 0) hrc = v[end]->handler->run(&ctx);
         ctx_release(&ctx);
         if (rc < 0) return rc;
         if (hrc != CV_EAHEAD) { /* rejected before any statement (it runs alone), or deferring failed */
@@ -487,7 +487,7 @@ static int run_ahead(struct worker *w, struct item **v, int i, int n, bool *clai
             continue;
         }
         struct cmd_ctx ctx = {.db = db, .cfg = w->cfg, .cmd = &it->env, .ahead = AHEAD_RESUME, .first = &it->first};
-        if (it->handler(&ctx) == 0 && !it->first) {
+        if (it->handler->run(&ctx) == 0 && !it->first) {
             it->events = ctx.events;
             ctx.events = NULL;
             it->rc = APPLIED;
@@ -532,8 +532,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
             if ((i = next) == n) break;
         }
         if (!claim_pending && !v[i]->claimed) {
-            any = true; /* a duplicate: its attempt count, if it has one, goes */
-            v[i]->rc = DUPLICATE;
+            any = true; /* a duplicate (its rc says so): its attempt count, if it has one, goes */
             continue;
         }
         v[i]->rc = run_command(w, v[i], savepoints ? i : -1);

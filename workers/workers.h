@@ -75,11 +75,17 @@ struct cmd_ctx {
  * CV_ERETRY / CV_EFATAL from the database. */
 typedef int (*handler_fn)(struct cmd_ctx *ctx);
 
+/* A command type's handler. */
+struct handler {
+    const char *type;
+    handler_fn run;
+    /* it can run ahead (worker.c): it does the same until its first statement
+     * each time it runs (no clock, no random id, no password hash before it),
+     * and usually needs no other */
+    bool runs_ahead;
+};
 /* The handler of TYPE, or NULL when this build does not know it. */
-handler_fn handler_find(const char *type);
-/* True when fn can run ahead: it does the same until its first statement
- * each time it runs (no clock, no random id, no password hash before it). */
-bool handler_runs_ahead(handler_fn fn);
+const struct handler *handler_find(const char *type);
 /* A handler's statement: db_exec on ctx->db, except when running ahead: in
  * AHEAD_SEND the first statement is deferred and CV_EAHEAD returned; in
  * AHEAD_RESUME the first returns its result (*out, owned by the caller) and

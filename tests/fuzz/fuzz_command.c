@@ -11,13 +11,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char err[256];
     if (envelope_parse((const char *)data, size, 65536, NULL, &e, err, sizeof err) != 0) return 0;
     if (!id_parse(e.id, NULL) || !cJSON_IsObject(e.payload) || !e.type[0]) abort();
-    handler_fn h = handler_find(e.type);
+    const struct handler *h = handler_find(e.type);
     if (h) {
         struct cfg cfg;
         memset(&cfg, 0, sizeof cfg);
         cfg.stock_low_threshold = 10;
         struct cmd_ctx ctx = {.db = NULL, .cfg = &cfg, .cmd = &e, .validate_only = true};
-        int rc = h(&ctx);
+        int rc = h->run(&ctx);
         if (rc != 0 && rc != CV_EREJECT) abort();
         if (rc == CV_EREJECT && (!ctx.rej.code || !ctx.rej.fields)) abort();
         cJSON_Delete(ctx.rej.fields);
