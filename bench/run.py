@@ -85,9 +85,9 @@ def servers_env():
     return env
 
 
-def write_config(transport, workers, batch_size):
+def write_config(transport, workers, batch_size, prefetch=0):
     """A queues.conf for one run: the catalog pool is the one measured."""
-    prefetch = max(16, 2 * batch_size)
+    prefetch = max(prefetch or 16, 2 * batch_size)
     batch = f"batch_size = {batch_size};" if batch_size != 1 else ""
     text = f"""prefix = "conveyor";
 transport = "{transport}";
@@ -202,7 +202,7 @@ class Bench:
     def conveyor(self, transport, batch_size, n, mixed=False, rate=None):
         """One end-to-end run: n commands into conveyor-produce at full speed (or
         `rate` per second), the pool running. Returns the figures."""
-        conf = write_config(transport, self.args.workers, batch_size)
+        conf = write_config(transport, self.args.workers, batch_size, self.args.prefetch)
         self.reset_products()
         self.quiesce()
         for q in ("users", "catalog", "orders"):
@@ -246,8 +246,11 @@ class Bench:
             end_rss = mem.current()
             mem.stop()
             profile = prof.report() if prof else None
-            rows = self.q("SELECT payload->>'commandId', extract(epoch FROM published_at), payload->>'type' "
-                          "FROM outbox WHERE id > %s AND payload->>'correlationId' = 'bench'", start_id)
+            rows = self.q("SELECT payload->>'commandId', extract(epoch FROM published_at), payload->>'type', "
+                          "extract(epoch FROM created_at) FROM outbox WHERE id > %s AND payload->>'correlationId' = 'bench'", start_id)
+            # every run starts from the same tables: the run's own rows go (VACUUM follows)
+            self.q("DELETE FROM outbox WHERE id > %s AND payload->>'correlationId' = 'bench'", start_id)
+            self.q("DELETE FROM processed_commands WHERE id = ANY(%s::uuid[])", list(created))
         finally:
             pool.terminate()
             try:
@@ -256,14 +259,22 @@ class Bench:
                 pool.kill()
             os.unlink(conf)
         rejected = sum(1 for r in rows if r[2] == "command.rejected")
-        lat = sorted(1000 * (float(p) - created[c]) for c, p, _ in rows if c in created)
-        t_end = max(float(p) for _, p, _ in rows)
+        lat = sorted(1000 * (float(p) - created[c]) for c, p, _, _ in rows if c in created)
+        # where the time went: outbox.created_at is the command's transaction's start
+        # (now()), so a latency splits into before the transaction (the producer's
+        # confirms, the broker, waiting in the worker) and after (the transaction,
+        # its commit, the relay's claim, publish and mark)
+        before_tx = sorted(1000 * (float(s) - created[c]) for c, _, _, s in rows if c in created)
+        after_tx = sorted(1000 * (float(p) - float(s)) for c, p, _, s in rows if c in created)
+        t_end = max(float(p) for _, p, _, _ in rows)
         secs = t_end - t_first
         res = {"transport": transport, "batchSize": batch_size, "workers": self.args.workers, "commands": n,
                "mixed": mixed, "targetRate": rate, "seconds": round(secs, 3),
                "publishSeconds": round(t_last_write - t_first, 3),
                "commandsPerSecond": round(n / secs, 1), "rejected": rejected,
                "latencyMs": {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": round(lat[-1], 1)},
+               "latencyStagesMs": {"beforeTransaction": {"p50": pct(before_tx, 50), "p99": pct(before_tx, 99)},
+                                   "transactionToPublished": {"p50": pct(after_tx, 50), "p99": pct(after_tx, 99)}},
                "rss": mem.report(half_rss, end_rss), "poolLog": pool_log.name,
                "cpu": cpu_per_command(cpu0, cpu1, n, t_done - t_first), "checkpoints": ckpts}
         if profile:
@@ -271,7 +282,9 @@ class Bench:
             print_profile(f"{transport} batch {batch_size}", profile)
         log(f"conveyor {transport} batch {batch_size}{' mixed' if mixed else ''}"
             f"{f' at {rate:.0f}/s' if rate else ''}: {res['commandsPerSecond']:.0f} commands/s, "
-            f"p50 {res['latencyMs']['p50']} ms, p99 {res['latencyMs']['p99']} ms, max {res['latencyMs']['max']} ms; "
+            f"p50 {res['latencyMs']['p50']} ms, p99 {res['latencyMs']['p99']} ms, max {res['latencyMs']['max']} ms "
+            f"(before the transaction p50/p99 {before_tx and pct(before_tx, 50)}/{before_tx and pct(before_tx, 99)}, "
+            f"from its start to published {after_tx and pct(after_tx, 50)}/{after_tx and pct(after_tx, 99)}); "
             f"worker RSS end {res['rss']['workerEndKB']} kB, peak {res['rss']['workerPeakKB']} kB; "
             f"{ckpts} PostgreSQL checkpoint{'s' if ckpts != 1 else ''} during the run")
         if rejected and not mixed:
@@ -480,6 +493,8 @@ def cpu_seconds():
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     out["bench"] = me.ru_utime + me.ru_stime
     out["clients"] = kids.ru_utime + kids.ru_stime  # pgbench, conveyor-produce, once they exited
+    # the hypervisor's share: time this VM's CPUs were ready but ran another guest
+    out["steal"] = int(open("/proc/stat").readline().split()[8]) / TICK
     return out
 
 
@@ -487,9 +502,11 @@ def cpu_per_command(before, after, n, seconds):
     """Microseconds of CPU per command by component between two cpu_seconds(),
     and the idle share of the machine's CPUs over seconds."""
     d = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
+    steal = d.pop("steal", 0)
     used = sum(d.values())
     return {"usPerCommand": {k: round(1e6 * v / n, 1) for k, v in sorted(d.items()) if v > 0},
-            "idleShare": round(max(0.0, 1 - used / (seconds * os.cpu_count())), 3)}
+            "idleShare": round(max(0.0, 1 - used / (seconds * os.cpu_count())), 3),
+            "stealShare": round(steal / (seconds * os.cpu_count()), 3)}
 
 
 class Profile:
@@ -582,15 +599,15 @@ def print_table(R, rows):
                   f"{l['p50']:8} {l['p99']:8} {l['max']:8}")
     print()
     print("CPU per command, microseconds (all processes of each part; clients: pgbench or conveyor-produce;"
-          " bench: this script)")
+          " bench: this script;\n steal: the share of the machine's CPU time the hypervisor gave another guest)")
     groups = ("postgres", "rabbitmq", "redis", "workers", "relay", "pool", "clients", "bench")
-    print(f"{'what':34} " + " ".join(f"{g:>8}" for g in groups) + f" {'idle':>6}")
+    print(f"{'what':34} " + " ".join(f"{g:>8}" for g in groups) + f" {'idle':>6} {'steal':>6}")
     parts = [("pgbench 1 cmd/tx", p1), ("pgbench 10 cmd/tx", p10), ("pgbench, all of a worker's SQL", pc)]
     parts += [("conveyor " + key, full) for key, full, _, _ in rows]
     for name, part in parts:
         c = part["cpu"]
         print(f"{name:34} " + " ".join(f"{c['usPerCommand'].get(g, 0):8.0f}" for g in groups) +
-              f" {100 * c['idleShare']:5.0f}%")
+              f" {100 * c['idleShare']:5.0f}% {100 * c.get('stealShare', 0):5.0f}%")
     print()
     for t in R["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['what']}: {t['value']}")
@@ -614,6 +631,8 @@ def main():
                     help="commands of the mixed run, 0 to skip (90%% updateStock, 9%% createProduct, 1%% register)")
     ap.add_argument("--products", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=4, help="catalog workers; pgbench uses as many connections")
+    ap.add_argument("--prefetch", type=int, default=16,
+                    help="the pool's prefetch (raised to 2 x batch_size when that is more)")
     ap.add_argument("--batch-sizes", default="1,50", help="comma-separated batch_size values to run")
     ap.add_argument("--transports", default="rabbitmq,redis")
     ap.add_argument("--pgbench-seconds", type=int, default=15)

@@ -1,11 +1,15 @@
 """How the outbox relay is woken: the pool's own workers wake its relay without
 PostgreSQL; the workers of a pool whose relay stands by (another pool's is the
 active one) NOTIFY it. The relay's poll is set to a minute here, so an event
-that arrives within seconds was delivered by a wake-up."""
+that arrives within seconds was delivered by a wake-up. And where it claims
+from: above a floor that trails what it published, with a claim from the
+lowest id every second for a row committed late below that floor."""
+import json
 import select
 import time
+import uuid
 
-from harness import Events, Pool, Publisher, check, db, envelope, eq
+from harness import Events, Pool, Publisher, check, db, envelope, eq, query
 
 SLOW_POLL = "relay: { poll_interval_ms = 60000; };"
 NO_WORKERS = {"users": 0, "catalog": 0, "orders": 0}
@@ -70,3 +74,39 @@ def test_standby_pool_notifies_the_active_relay():
         for p in (standby, active):
             if p and p.proc.poll() is None:
                 eq(p.stop(), (0, []), "clean stop")
+
+
+def test_a_row_committed_late_below_the_claims_floor_is_published():
+    """A transaction takes its outbox id, then stalls for seconds before its
+    commit, while later rows are published past it: the relay's claims start
+    above what it published half a second to a second ago, so only its claim
+    from the lowest id (every second) finds the late row."""
+    with Pool(extra="relay: { poll_interval_ms = 200; };") as pool:
+        pub, ev = Publisher(), Events()
+        create(pub, ev, "template")
+        late = dict(ev.events[-1], id=str(uuid.uuid4()))  # a real event, a new id
+        stalled = db()
+        stalled.autocommit = False
+        with stalled.cursor() as cur:
+            cur.execute("INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
+                        "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                        (late["id"], late["aggregateType"], late["aggregateId"], late["type"], json.dumps(late)))
+            late_row = cur.fetchone()[0]
+        # later rows are published past it for twice the floor's longest lag
+        until = time.time() + 2.5
+        while time.time() < until:
+            create(pub, ev, "published past the stalled row")
+            time.sleep(0.05)
+        check(query("SELECT count(*) FROM outbox WHERE id > %s AND published_at IS NOT NULL", late_row)[0][0] >= 10,
+              "rows after the stalled one were published meanwhile")
+        check(late["id"] not in ev.arrived, "nothing publishes a row before its commit")
+        stalled.commit()
+        stalled.close()
+        ev.wait(lambda s: late["id"] in s.arrived, timeout=10, what="the row committed late")
+        deadline = time.time() + 5
+        while query("SELECT published_at IS NULL FROM outbox WHERE id = %s", late_row)[0][0]:
+            check(time.time() < deadline, "the late row is marked published")
+            time.sleep(0.1)
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
