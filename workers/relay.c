@@ -139,6 +139,13 @@ static void relay_active(const struct cfg *cfg, PGconn *db) {
      * database crash only means those events are published again, which
      * at-least-once delivery allows (subscribers dedupe by event id) */
     if (db_cmd(db, "SET synchronous_commit TO off") < 0) return;
+    /* The claim, the mark and the prune each have their index, and must use
+     * it however small the outbox's statistics say it is: a plan made while
+     * the outbox was empty (a new database, one just vacuumed empty) is a
+     * sequential scan, and the connection keeps that plan until autovacuum
+     * next analyzes the outbox (up to a minute), while every claim and mark
+     * reads the whole table. */
+    if (db_cmd(db, "SET enable_seqscan TO off") < 0) return;
     relay_wake_clear();
     relay_wake_set_active(true); /* the pool's workers wake this relay directly */
     struct broker *b = NULL;

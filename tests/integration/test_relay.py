@@ -110,3 +110,24 @@ def test_a_row_committed_late_below_the_claims_floor_is_published():
         pub.close()
         ev.close()
         eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_the_relay_uses_its_indexes_on_an_outbox_vacuumed_empty():
+    """A plan made while the outbox's statistics say it is empty (a new
+    database, or one vacuumed empty) would read the whole table on every claim
+    and mark for as long as the connection keeps that plan: the relay's
+    claims, marks and prunes must not scan the outbox sequentially."""
+    query("DELETE FROM outbox WHERE published_at IS NOT NULL")
+    query("VACUUM outbox")
+    eq(query("SELECT count(*) FROM outbox")[0][0], 0, "the outbox is empty (nothing was left unpublished)")
+    seq0 = query("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'outbox'")[0][0]
+    with Pool(extra="relay: { poll_interval_ms = 100; };") as pool:
+        pub, ev = Publisher(), Events()
+        for i in range(30):
+            create(pub, ev, f"indexed {i}")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+    time.sleep(0.5)  # the backends' statistics reach the shared counters as they exit
+    seq1 = query("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'outbox'")[0][0]
+    eq(seq1 - seq0, 0, "sequential scans of the outbox while the relay published 30 events")
