@@ -85,9 +85,9 @@ def servers_env():
     return env
 
 
-def write_config(transport, workers, batch_size, prefetch=0):
+def write_config(transport, workers, batch_size, prefetch=16):
     """A queues.conf for one run: the catalog pool is the one measured."""
-    prefetch = max(prefetch or 16, 2 * batch_size)
+    prefetch = max(prefetch, 2 * batch_size)
     batch = f"batch_size = {batch_size};" if batch_size != 1 else ""
     text = f"""prefix = "conveyor";
 transport = "{transport}";
@@ -277,14 +277,16 @@ class Bench:
                                    "transactionToPublished": {"p50": pct(after_tx, 50), "p99": pct(after_tx, 99)}},
                "rss": mem.report(half_rss, end_rss), "poolLog": pool_log.name,
                "cpu": cpu_per_command(cpu0, cpu1, n, t_done - t_first), "checkpoints": ckpts}
+        stages = res["latencyStagesMs"]
         if profile:
             res["profile"] = profile
             print_profile(f"{transport} batch {batch_size}", profile)
         log(f"conveyor {transport} batch {batch_size}{' mixed' if mixed else ''}"
             f"{f' at {rate:.0f}/s' if rate else ''}: {res['commandsPerSecond']:.0f} commands/s, "
             f"p50 {res['latencyMs']['p50']} ms, p99 {res['latencyMs']['p99']} ms, max {res['latencyMs']['max']} ms "
-            f"(before the transaction p50/p99 {before_tx and pct(before_tx, 50)}/{before_tx and pct(before_tx, 99)}, "
-            f"from its start to published {after_tx and pct(after_tx, 50)}/{after_tx and pct(after_tx, 99)}); "
+            f"(before the transaction p50/p99 {stages['beforeTransaction']['p50']}/{stages['beforeTransaction']['p99']}, "
+            f"from its start to published {stages['transactionToPublished']['p50']}/"
+            f"{stages['transactionToPublished']['p99']}); "
             f"worker RSS end {res['rss']['workerEndKB']} kB, peak {res['rss']['workerPeakKB']} kB; "
             f"{ckpts} PostgreSQL checkpoint{'s' if ckpts != 1 else ''} during the run")
         if rejected and not mixed:

@@ -28,7 +28,7 @@
 struct claim_floor {
     int64_t floor;       /* claims start above this id */
     int64_t candidate;   /* the highest id published when the lag began */
-    int64_t highest;     /* the highest id published so far */
+    int64_t highest;     /* the highest id published and marked so far */
     int64_t lag_from_ms; /* when candidate was taken */
     int64_t full_at_ms;  /* when the next claim from the lowest id is due */
 };
@@ -82,18 +82,17 @@ static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_flo
     /* {id,id,...}: a bigint[] literal built from the ids the database gave us */
     char *ids = malloc(idlen), *w = ids;
     *w++ = '{';
-    for (int i = 0; i < n; i++) {
-        w += sprintf(w, "%s%s", i ? "," : "", PQgetvalue(r, i, 0));
-        int64_t id = strtoll(PQgetvalue(r, i, 0), NULL, 10);
-        if (id > f->highest) f->highest = id;
-    }
+    for (int i = 0; i < n; i++) w += sprintf(w, "%s%s", i ? "," : "", PQgetvalue(r, i, 0));
     *w++ = '}';
     *w = '\0';
+    int64_t last = strtoll(PQgetvalue(r, n - 1, 0), NULL, 10); /* the highest: rows come in id order */
     PQclear(r);
     const char *mp[1] = {ids};
     rc = db_exec(db, "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", 1, mp, NULL, NULL);
     free(ids);
-    return rc < 0 ? rc : n;
+    if (rc < 0) return rc; /* unmarked: found again by a later claim (a full one at the latest) */
+    if (last > f->highest) f->highest = last;
+    return n;
 }
 
 /* Deletes rows published longer ago than the retention. */
