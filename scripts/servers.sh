@@ -18,6 +18,8 @@ PG_PORT=${CONVEYOR_PG_PORT:-55432}
 REDIS_PORT=${CONVEYOR_REDIS_PORT:-56379}
 AMQP_PORT=${CONVEYOR_AMQP_PORT:-55672}
 AMQP_DIST_PORT=${CONVEYOR_AMQP_DIST_PORT:-55673}
+# a second set of servers (another clone, a helper's worktree) sets all four ports,
+# CONVEYOR_AMQP_NODENAME (say conveyor2@localhost) and CONVEYOR_STATE_DIR or its own clone
 PG_BIN=/usr/lib/postgresql/15/bin
 
 PACKAGES="build-essential cmake pkg-config git
@@ -72,7 +74,7 @@ pg_running()    { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null
 redis_running() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
 rabbit_env() {
   local st=$1
-  export RABBITMQ_NODENAME=conveyor@localhost
+  export RABBITMQ_NODENAME=${CONVEYOR_AMQP_NODENAME:-conveyor@localhost}
   export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
   export RABBITMQ_NODE_PORT=$AMQP_PORT
   export RABBITMQ_DIST_PORT=$AMQP_DIST_PORT
