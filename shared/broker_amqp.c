@@ -370,6 +370,9 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     if (env.message.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) {
         amqp_bytes_t id = env.message.properties.message_id;
         d->message_id = copy_bytes(id);
+        /* a NUL byte would cut it into another id: make it unusable instead */
+        for (size_t i = 0; i < id.len; i++)
+            if (!d->message_id[i]) d->message_id[i] = '?';
     }
     d->tag = env.delivery_tag;
     /* back after a crash or a requeue (redelivered), or from a delay queue

@@ -16,15 +16,37 @@
 #include <cjson/cJSON.h>
 #include <libpq-fe.h>
 
-/* ---- error classes ------------------------------------------------------ */
+/* ---- error classes ------------------------------------------------------
+ * Every function that can fail returns one of these; callers decide from the
+ * class alone, never from message text. What the worker does with a command
+ * whose processing ended in each (tests/integration/test_failures.py tests
+ * every row):
+ *
+ *   class        meaning                                   worker
+ *   CV_ERETRY    transient: connection lost, serialization  broker delay, backoff 1 s doubling to
+ *                failure, deadlock, lock or statement        5 min; after max_attempts dead letter
+ *                timeout, server shutting down              retries_exhausted
+ *   CV_EREJECT   the command breaks a rule                  command.rejected event, ack
+ *   CV_EDEAD     the message cannot be processed at all     dead letter invalid_envelope or
+ *                (not an envelope, unknown type)            unknown_command, at once
+ *   CV_EREFUSED  the server refused the request and would   dead letter handler_error at once, with
+ *                refuse it again: a constraint violation,   the SQLSTATE and the constraint (retry it
+ *                any database error the handler did not     with conveyor-admin after the fix); the
+ *                anticipate, an unroutable message          batch's other commands go on
+ *   CV_ECONFIG   a setting is wrong: unparsable URL,        the process stops, exit 2 (never retried)
+ *                unknown scheme, credentials refused
+ *   CV_ETIMEOUT  nothing arrived in time (not a failure)    -
+ */
 enum {
     CV_OK = 0,
-    CV_ERETRY = -1,   /* transient: connection lost, serialization, deadlock, timeout */
-    CV_EREJECT = -2,  /* the command breaks a rule: command.rejected, ack */
-    CV_EDEAD = -3,    /* the message cannot be processed: dead-letter */
-    CV_EFATAL = -4,   /* configuration or programming error: stop */
-    CV_ETIMEOUT = -5, /* nothing arrived in time */
+    CV_ERETRY = -1,
+    CV_EREJECT = -2,
+    CV_EDEAD = -3,
+    CV_EREFUSED = -4,
+    CV_ETIMEOUT = -5,
+    CV_ECONFIG = -6,
 };
+#define CV_EFATAL CV_EREFUSED /* the old name, until every user is renamed */
 const char *cv_strerror(int code); /* static string, never NULL */
 
 /* ---- log.c: one JSON object per line on stderr ----------------------------- */
@@ -146,6 +168,10 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes,
                    const char *fallback_id, struct envelope *out,
                    char *err, size_t errlen);
 void envelope_free(struct envelope *e);
+/* Replaces the value of every password field of a command's payload
+ * (password, currentPassword, newPassword) with "***", for display: the
+ * command itself is never changed on its way. Returns how many it replaced. */
+int envelope_mask_secrets(cJSON *command);
 /* Builds the JSON text of a command; id and created_at are made when NULL.
  * Takes nothing; returns a malloc'd string the caller frees, NULL on error. */
 char *envelope_build(const char *id, const char *type, const cJSON *payload,
@@ -197,6 +223,12 @@ int db_defer_result(PGconn *db, const char *sql, int nparams, const char *const 
 int db_flush(PGconn *db);
 /* Drops db's deferred statements unsent. */
 void db_discard(PGconn *db);
+
+/* The PostgreSQL array literal of n strings ({"a","b"}: each quoted and
+ * escaped, so any text is safe), for a parameter such as $1::uuid[]; NULL
+ * items are left out. Returns a malloc'd string the caller frees, or NULL
+ * when out of memory. */
+char *db_array(const char *const *items, int n);
 
 /* ---- migrate.c --------------------------------------------------------------------------- */
 struct migration { const char *name; const char *sql; };

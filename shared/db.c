@@ -41,21 +41,51 @@ PGconn *db_connect_retry(const char *url, volatile int *stop) {
     return NULL;
 }
 
-/* The class of a failed statement, from its SQLSTATE and the connection. */
+/* The class of a failed statement, from its SQLSTATE and the connection:
+ * CV_ERETRY for what passes (no connection, or SQLSTATE class 08 connection,
+ * 40001 serialization failure, 40P01 deadlock, 40003 completion unknown, 53
+ * out of resources, 55P03 lock timeout, 55006 object in use, 57 operator
+ * intervention (statement timeout, shutdown), 58 system error, 25006 a read-only
+ * server: a standby after a failover); CV_EREFUSED for every other error, which
+ * the same statement would meet again (a constraint violation, bad data, a
+ * missing object, a bug). */
 static int classify(PGconn *db, const char *state) {
     if (PQstatus(db) != CONNECTION_OK) return CV_ERETRY;
     if (!state) return CV_ERETRY; /* no SQLSTATE: the connection broke mid-statement */
-    if (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0 || /* serialization, deadlock */
-        strcmp(state, "57014") == 0 || strcmp(state, "55P03") == 0 || /* timeout, lock not available */
-        strncmp(state, "08", 2) == 0 || strcmp(state, "57P01") == 0 || /* connection, admin shutdown */
-        strcmp(state, "57P02") == 0 || strcmp(state, "57P03") == 0 || strcmp(state, "53300") == 0)
-        return CV_ERETRY;
-    return CV_EFATAL;
+    static const char *const transient[] = {"08", "40001", "40P01", "40003", "53", "55P03", "55006",
+                                            "57", "58", "25006"};
+    for (size_t i = 0; i < sizeof transient / sizeof transient[0]; i++)
+        if (strncmp(state, transient[i], strlen(transient[i])) == 0) return CV_ERETRY;
+    return CV_EREFUSED;
 }
 
 static char last_error[512];
 
 const char *db_last_error(void) { return last_error; }
+
+/* Writes what went wrong in r into out, safe to log and to store: the primary
+ * message, the SQLSTATE and the constraint, table and column when the server
+ * names them. Never DETAIL, HINT or CONTEXT: they may carry row contents (a
+ * failing row holds a password hash, a duplicate key an email). Without a
+ * result (the connection broke) the connection's message. */
+static void error_text(PGconn *db, const PGresult *r, char *out, size_t n) {
+    const char *primary = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    if (!primary) {
+        snprintf(out, n, "%s", PQerrorMessage(db)); /* libpq's own text: no row data */
+        for (size_t len = strlen(out); len && (out[len - 1] == '\n' || out[len - 1] == ' ');) out[--len] = '\0';
+        if (!*out) snprintf(out, n, "the connection to the database broke");
+        return;
+    }
+    static const struct { int field; const char *name; } named[] = {
+        {PG_DIAG_SQLSTATE, "SQLSTATE"}, {PG_DIAG_CONSTRAINT_NAME, "constraint"},
+        {PG_DIAG_TABLE_NAME, "table"}, {PG_DIAG_COLUMN_NAME, "column"}};
+    size_t len = (size_t)snprintf(out, n, "%s", primary);
+    for (size_t i = 0; i < sizeof named / sizeof named[0] && len < n; i++) {
+        const char *v = PQresultErrorField(r, named[i].field);
+        if (v) len += (size_t)snprintf(out + len, n - len, "%s%s %s", i ? ", " : " (", named[i].name, v);
+    }
+    if (len < n) snprintf(out + len, n - len, ")");
+}
 
 /* Hands a result to the caller or classes its error (see db_exec). */
 static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, char sqlstate[6]) {
@@ -68,20 +98,15 @@ static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, c
         return 0;
     }
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
-    /* in a pipeline the connection's message may be a later statement's */
-    const char *msg = r && *PQresultErrorMessage(r) ? PQresultErrorMessage(r) : PQerrorMessage(db);
-    snprintf(last_error, sizeof last_error, "%s", msg);
-    for (size_t n = strlen(last_error); n && (last_error[n - 1] == '\n' || last_error[n - 1] == ' ');)
-        last_error[--n] = '\0';
+    error_text(db, r, last_error, sizeof last_error);
     if (sqlstate && state) snprintf(sqlstate, 6, "%s", state);
     int cls = classify(db, state);
-    if (cls == CV_EFATAL || !sqlstate) {
+    if (cls == CV_EREFUSED || !sqlstate) {
         char line[160];
         snprintf(line, sizeof line, "%s", sql);
         for (char *p = line; *p; p++) if (*p == '\n') *p = ' ';
         if (!(sqlstate && state && strcmp(state, "23505") == 0))
-            log_msg(cls == CV_EFATAL ? LOG_ERROR : LOG_WARN, NULL, "SQL failed (%s): %s [%s]",
-                    state ? state : "no state", last_error, line);
+            log_msg(cls == CV_EREFUSED ? LOG_ERROR : LOG_WARN, NULL, "SQL failed: %s [%s]", last_error, line);
     }
     PQclear(r);
     return cls;
@@ -198,7 +223,7 @@ int db_defer_result(PGconn *db, const char *sql, int nparams, const char *const 
         snprintf(last_error, sizeof last_error, "too many deferred statements (at most %d, one connection)",
                  DEFER_MAX);
         log_error("%s", last_error);
-        return CV_EFATAL;
+        return CV_EREFUSED;
     }
     const char *name = NULL;
     int rc = nparams > 0 ? prepare_once(db, sql, nparams, &name, NULL) : 0; /* SAVEPOINT, BEGIN: unprepared */
@@ -297,4 +322,26 @@ int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params,
 int db_cmd(PGconn *db, const char *sql) {
     if (db_pending(db)) return pipeline_run(db, sql, NULL, 0, NULL, NULL, NULL);
     return db_result(db, PQexec(db, sql), sql, NULL, NULL);
+}
+
+char *db_array(const char *const *items, int n) {
+    size_t len = 3;
+    for (int i = 0; i < n; i++)
+        if (items[i]) len += 2 * strlen(items[i]) + 3; /* quotes, a comma, every character escaped at most */
+    char *out = malloc(len), *p = out;
+    if (!out) return NULL;
+    *p++ = '{';
+    for (int i = 0; i < n; i++) {
+        if (!items[i]) continue;
+        if (p > out + 1) *p++ = ',';
+        *p++ = '"';
+        for (const char *c = items[i]; *c; c++) {
+            if (*c == '"' || *c == '\\') *p++ = '\\';
+            *p++ = *c;
+        }
+        *p++ = '"';
+    }
+    *p++ = '}';
+    *p = '\0';
+    return out;
 }

@@ -15,6 +15,30 @@ static bool has_escaped_nul(const char *s, size_t len) {
     return false;
 }
 
+/* True when the string member `name` of the top-level object in text holds
+ * \u0000. cJSON hands strings back cut at that character, so a string of
+ * text with every \u0000 escape turned into \u0001 is parsed again: the
+ * member differs there exactly when it, or a key cut into its name, held
+ * one. Only called when text holds the escape somewhere (has_escaped_nul). */
+static bool member_has_nul(const char *text, size_t len, const cJSON *root, const char *name) {
+    const cJSON *cut = cJSON_GetObjectItemCaseSensitive(root, name);
+    if (!cJSON_IsString(cut)) return false;
+    char *copy = malloc(len);
+    if (!copy) return true; /* cannot tell: take it as unusable */
+    memcpy(copy, text, len);
+    for (size_t i = 0; i + 5 < len; i++) {
+        if (copy[i] != '\\') continue;
+        if (copy[i + 1] == 'u' && memcmp(copy + i + 2, "0000", 4) == 0) copy[i + 5] = '1';
+        i++; /* skip the escaped character */
+    }
+    cJSON *whole = cJSON_ParseWithLength(copy, len);
+    const cJSON *full = cJSON_GetObjectItemCaseSensitive(whole, name);
+    bool nul = !cJSON_IsString(full) || strcmp(full->valuestring, cut->valuestring) != 0;
+    cJSON_Delete(whole);
+    free(copy);
+    return nul;
+}
+
 static int dead(char *err, size_t errlen, const char *fmt, const char *arg) {
     snprintf(err, errlen, fmt, arg);
     return CV_EDEAD;
@@ -46,6 +70,12 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
         return dead(err, errlen, "%s", "message is not a JSON object");
     }
     e->has_nul = has_escaped_nul(body, len);
+    /* an id or type cut at a \u0000 would name another command (its id would
+     * then be taken, and the real command dropped as a duplicate) */
+    if (e->has_nul && (member_has_nul(body, len, e->root, "id") || member_has_nul(body, len, e->root, "type"))) {
+        envelope_free(e);
+        return dead(err, errlen, "%s", "'id' or 'type' holds a NUL character (\\u0000)");
+    }
 
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(e->root, "id");
     if (id && !cJSON_IsNull(id)) {
@@ -111,4 +141,16 @@ char *envelope_build(const char *id, const char *type, const cJSON *payload,
     char *s = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
     return s;
+}
+
+int envelope_mask_secrets(cJSON *command) {
+    static const char *const secret[] = {"password", "currentPassword", "newPassword"};
+    cJSON *payload = cJSON_GetObjectItemCaseSensitive(command, "payload");
+    int n = 0;
+    for (size_t i = 0; cJSON_IsObject(payload) && i < sizeof secret / sizeof secret[0]; i++)
+        if (cJSON_GetObjectItemCaseSensitive(payload, secret[i])) {
+            cJSON_ReplaceItemInObjectCaseSensitive(payload, secret[i], cJSON_CreateString("***"));
+            n++;
+        }
+    return n;
 }

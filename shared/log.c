@@ -55,8 +55,9 @@ const char *cv_strerror(int code) {
     case CV_ERETRY: return "transient failure";
     case CV_EREJECT: return "rejected";
     case CV_EDEAD: return "not processable";
-    case CV_EFATAL: return "fatal error";
+    case CV_EREFUSED: return "refused";
     case CV_ETIMEOUT: return "timed out";
+    case CV_ECONFIG: return "configuration error";
     default: return "unknown error";
     }
 }

@@ -20,7 +20,8 @@ static const char usage[] =
     "conveyor:dead:<queue>). SELECTOR is a command id, or #N for the N-th dead letter\n"
     "of the queue as 'dead list' numbers them (oldest first). 'retry' publishes the\n"
     "original message again, untouched, to the queue it came from, with a fresh\n"
-    "attempt count; 'purge' deletes.\n"
+    "attempt count; 'purge' deletes. 'show' prints a message's password fields as\n"
+    "\"***\" (the dead letter keeps them, untouched, for the retry).\n"
     "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
     "      --json         one JSON object per line\n"
@@ -102,8 +103,14 @@ static cJSON *dead_json(const struct cfg_queue *q, const struct dead_letter *d, 
     cJSON_AddStringToObject(o, "failedAt", d->failed_at ? d->failed_at : "");
     cJSON_AddNumberToObject(o, "ageSeconds", (double)age_seconds(d->failed_at));
     if (body) {
-        if (utf8_valid(d->body, d->len) && !memchr(d->body, '\0', d->len)) cJSON_AddStringToObject(o, "message", d->body);
-        else cJSON_AddStringToObject(o, "message", "(not UTF-8: use the broker's own tools to read the bytes)");
+        cJSON *m = utf8_valid(d->body, d->len) ? cJSON_ParseWithLength(d->body, d->len) : NULL;
+        if (m && envelope_mask_secrets(m) > 0) { /* shown masked; kept and retried untouched */
+            char *masked = cJSON_PrintUnformatted(m);
+            cJSON_AddStringToObject(o, "message", masked);
+            free(masked);
+        } else if (utf8_valid(d->body, d->len) && !memchr(d->body, '\0', d->len)) {
+            cJSON_AddStringToObject(o, "message", d->body);
+        } else cJSON_AddStringToObject(o, "message", "(not UTF-8: use the broker's own tools to read the bytes)");
     }
     free(type);
     return o;

@@ -7,20 +7,62 @@
 #include <sodium.h>
 
 static const struct handler handlers[] = {
-    {"register", handle_register, false},             /* hashes first */
-    {"changePassword", handle_change_password, false}, /* hashes first */
-    {"createProduct", handle_create_product, false},   /* makes a new id when none is given */
-    {"updateProduct", handle_update_product, false},   /* a locked read, then the update */
-    {"updateStock", handle_update_stock, true},
-    {"deleteProduct", handle_delete_product, true},
-    {"placeOrder", handle_place_order, false},         /* several statements */
-    {"cancelOrder", handle_cancel_order, false},       /* several statements */
+    {.type = "register", .run = handle_register, .locks = LOCKS_USER},          /* hashes first */
+    {.type = "changePassword", .run = handle_change_password, .locks = LOCKS_USER}, /* hashes first */
+    {.type = "createProduct", .run = handle_create_product, .locks = LOCKS_PRODUCT}, /* makes an id when none is given */
+    {.type = "updateProduct", .run = handle_update_product, .locks = LOCKS_PRODUCT}, /* a locked read, then the update */
+    {.type = "updateStock", .run = handle_update_stock, .locks = LOCKS_PRODUCT, .runs_ahead = true},
+    {.type = "deleteProduct", .run = handle_delete_product, .locks = LOCKS_PRODUCT, .runs_ahead = true},
+    {.type = "placeOrder", .run = handle_place_order, .locks = LOCKS_ITEM_PRODUCTS},   /* several statements */
+    {.type = "cancelOrder", .run = handle_cancel_order, .locks = LOCKS_ORDER_PRODUCTS}, /* several statements */
 };
 
 const struct handler *handler_find(const char *type) {
     for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
         if (strcmp(handlers[i].type, type) == 0) return &handlers[i];
     return NULL;
+}
+
+/* The UUID in obj[field], lower-cased into out; false when there is none. */
+static bool uuid_member(const cJSON *obj, const char *field, char out[ID_LEN + 1]) {
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(obj, field);
+    return cJSON_IsString(m) && id_parse(m->valuestring, out);
+}
+
+void handler_lock_key(const struct handler *h, const cJSON *payload, char out[ID_LEN + 3]) {
+    char id[ID_LEN + 1], least[ID_LEN + 1] = "";
+    out[0] = '\0';
+    switch (h->locks) {
+    case LOCKS_PRODUCT:
+        if (uuid_member(payload, "productId", id)) snprintf(out, ID_LEN + 3, "p:%s", id);
+        break;
+    case LOCKS_USER:
+        if (uuid_member(payload, "userId", id)) snprintf(out, ID_LEN + 3, "u:%s", id);
+        break;
+    case LOCKS_ITEM_PRODUCTS: {
+        const cJSON *items = cJSON_GetObjectItemCaseSensitive(payload, "items"), *it;
+        cJSON_ArrayForEach(it, (cJSON_IsArray(items) ? items : NULL))
+            if (uuid_member(it, "productId", id) && (!least[0] || strcmp(id, least) < 0)) memcpy(least, id, sizeof id);
+        if (least[0]) snprintf(out, ID_LEN + 3, "p:%s", least);
+        break;
+    }
+    case LOCKS_ORDER_PRODUCTS: /* its products are known from the database only: the batch locks them first */
+    case LOCKS_NONE:
+        break;
+    }
+}
+
+void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *products, cJSON *orders) {
+    char id[ID_LEN + 1];
+    if (h->locks == LOCKS_PRODUCT && uuid_member(payload, "productId", id))
+        cJSON_AddItemToArray(products, cJSON_CreateString(id));
+    if (h->locks == LOCKS_ORDER_PRODUCTS && uuid_member(payload, "orderId", id))
+        cJSON_AddItemToArray(orders, cJSON_CreateString(id));
+    if (h->locks == LOCKS_ITEM_PRODUCTS) {
+        const cJSON *items = cJSON_GetObjectItemCaseSensitive(payload, "items"), *it;
+        cJSON_ArrayForEach(it, (cJSON_IsArray(items) ? items : NULL))
+            if (uuid_member(it, "productId", id)) cJSON_AddItemToArray(products, cJSON_CreateString(id));
+    }
 }
 
 int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out,

@@ -1,4 +1,5 @@
-/* handler_register.c - register: a new user with an argon2id password hash. */
+/* handler_register.c - register: a new user with an argon2id password hash,
+ * its email stored lower-cased by PostgreSQL's lower(). */
 #include "workers.h"
 
 #include <sodium.h>
@@ -25,8 +26,11 @@ int handle_register(struct cmd_ctx *ctx) {
     const char *params[4] = {user_id, name, email, hash};
     PGresult *r;
     rc = ctx_exec(ctx,
-                  "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, $4) "
-                  "ON CONFLICT DO NOTHING RETURNING " SQL_RFC3339("created_at"),
+                  /* lower() here, not in C: the users_email_check constraint
+                   * (email = lower(email)) uses the same mapping, so they
+                   * cannot disagree, whatever the letters (É -> é) */
+                  "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, lower($3), $4) "
+                  "ON CONFLICT DO NOTHING RETURNING " SQL_RFC3339("created_at") ", email",
                   4, params, &r, NULL);
     sodium_memzero(hash, sizeof hash);
     if (rc < 0) goto out;
@@ -43,7 +47,7 @@ int handle_register(struct cmd_ctx *ctx) {
     cJSON *data = cJSON_CreateObject();
     cJSON_AddStringToObject(data, "userId", user_id);
     cJSON_AddStringToObject(data, "name", name);
-    cJSON_AddStringToObject(data, "email", email);
+    cJSON_AddStringToObject(data, "email", PQgetvalue(r, 0, 1)); /* as stored */
     cJSON_AddStringToObject(data, "createdAt", PQgetvalue(r, 0, 0));
     PQclear(r);
     ctx_emit(ctx, "user.registered", "user", user_id, data);

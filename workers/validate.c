@@ -159,8 +159,7 @@ int v_email(struct verr *v, const cJSON *obj, const char *field, bool required, 
         *out = NULL;
         return -1;
     }
-    for (char *p = s; *p; p++) *p = (char)tolower((unsigned char)*p);
-    return 1;
+    return 1; /* lower-cased where it is stored (handler_register.c), with the database's mapping */
 }
 
 int v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out) {

@@ -71,7 +71,7 @@ struct item {
     PGresult *first;      /* run ahead: its first statement's result, until its handler takes it (owned) */
     bool alone;           /* its statement failed when run ahead: it runs alone (and meets the error once more) */
     char *error;          /* with a failure: the database's error text (owned) */
-    const char *key;      /* aggregate it touches first (payload.productId), for lock order; or "" */
+    char key[ID_LEN + 3]; /* the row it locks first ("p:<id>", "u:<id>"; handler_lock_key), for lock order; or "" */
 };
 
 enum outcome { APPLIED, REJECTED, DUPLICATE };
@@ -186,13 +186,21 @@ static void settle_dead(struct worker *w, const struct delivery *d, const char *
     }
 }
 
-/* After a failed attempt: records why, then retries later or gives up. */
+/* After a failed attempt: a refusal (CV_EREFUSED: a constraint violation or
+ * another database error the handler did not anticipate, which the same
+ * command would meet again) is dead-lettered at once as handler_error; a
+ * transient failure is recorded, then retried later or, after max_attempts,
+ * dead-lettered as retries_exhausted. */
 static void attempt_failed(struct worker *w, const struct item *it) {
     const struct delivery *d = &it->d;
     const struct envelope *env = &it->env;
     int attempts = it->attempts;
     char error[600];
     snprintf(error, sizeof error, "%s: %s", cv_strerror(it->rc), it->error ? it->error : "");
+    if (it->rc != CV_ERETRY) {
+        settle_dead(w, d, "handler_error", error, attempts, env->id);
+        return;
+    }
     db_check(w);
     if (w->db) {
         char n[16];
@@ -241,8 +249,7 @@ static bool admit(struct worker *w, struct item *it) {
         settle_dead(w, &it->d, "unknown_command", err, 0, it->env.id);
         return false;
     }
-    const cJSON *k = cJSON_GetObjectItemCaseSensitive(it->env.payload, "productId");
-    it->key = cJSON_IsString(k) ? k->valuestring : "";
+    handler_lock_key(it->handler, it->env.payload, it->key);
     return true;
 }
 
@@ -259,14 +266,25 @@ static void abandon_transaction(PGconn *db) {
     if (PQstatus(db) == CONNECTION_OK) PQclear(PQexec(db, "ROLLBACK"));
 }
 
-/* "{id,id,...}" of the items whose outcome pick accepts; caller frees. */
+/* The array literal of the ids of the items pick accepts (db_array); caller frees. */
 static char *id_array(struct item **v, int n, bool (*pick)(const struct item *)) {
-    char *s = malloc((size_t)n * (ID_LEN + 1) + 3), *p = s;
-    *p++ = '{';
-    for (int i = 0; i < n; i++)
-        if (pick(v[i])) p += sprintf(p, "%s%s", p - s > 1 ? "," : "", v[i]->env.id);
-    *p++ = '}';
-    *p = '\0';
+    const char **ids = malloc((size_t)n * sizeof *ids);
+    if (!ids) return NULL;
+    for (int i = 0; i < n; i++) ids[i] = pick(v[i]) ? v[i]->env.id : NULL;
+    char *s = db_array(ids, n);
+    free(ids);
+    return s;
+}
+
+/* The array literal of a cJSON array of strings (db_array); caller frees. */
+static char *json_array_literal(const cJSON *a) {
+    int n = cJSON_GetArraySize(a), i = 0;
+    const char **items = malloc((size_t)(n ? n : 1) * sizeof *items);
+    if (!items) return NULL;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, a) items[i++] = e->valuestring;
+    char *s = db_array(items, n);
+    free(items);
     return s;
 }
 
@@ -331,8 +349,10 @@ static int count_attempts(struct worker *w, struct item **v, int n) {
     return 0;
 }
 
-/* Stable order by key: every batch takes its rows' locks in the same order,
- * so concurrent batches do not deadlock; commands on one aggregate keep theirs. */
+/* Stable order by key (the row each locks first): every batch takes its rows'
+ * locks in the same order, so concurrent batches do not deadlock; commands on
+ * one aggregate keep their order. Commands that lock several rows are locked
+ * for first (lock_batch). */
 static void sort_by_key(struct item **v, int n) {
     for (int i = 1; i < n; i++) {
         struct item *x = v[i];
@@ -347,11 +367,16 @@ static void sort_by_key(struct item **v, int n) {
  * go ahead of the next statement, in the same round trip, and claim_read reads
  * the result. Returns 0 or an error class. */
 static int claim_send(struct worker *w, struct item **v, int n) {
-    char *ids = id_array(v, n, any_item), *types = malloc((size_t)n * sizeof v[0]->env.type + 3), *t = types;
-    *t++ = '{';
-    for (int i = 0; i < n; i++) t += sprintf(t, "%s%s", i ? "," : "", v[i]->env.type); /* handler names */
-    *t++ = '}';
-    *t = '\0';
+    const char **type_list = malloc((size_t)n * sizeof *type_list);
+    if (!type_list) return CV_ERETRY;
+    for (int i = 0; i < n; i++) type_list[i] = v[i]->env.type;
+    char *ids = id_array(v, n, any_item), *types = db_array(type_list, n);
+    free(type_list);
+    if (!ids || !types) {
+        free(ids);
+        free(types);
+        return CV_ERETRY;
+    }
     const char *p[2] = {ids, types};
     PQclear(w->claim);
     int rc = db_defer(w->db, "BEGIN", 0, NULL);
@@ -365,6 +390,30 @@ static int claim_send(struct worker *w, struct item **v, int n) {
     return rc;
 }
 
+/* A batch with a command that locks several products (placeOrder, cancelOrder)
+ * cannot be ordered so that every lock comes in one order: it locks every
+ * product its commands will lock first, in id order, in one statement (the
+ * BEGIN and the claim ride with it), and the commands then find them held.
+ * Returns 0 (also when there is nothing to do) or the statement's error class. */
+static int lock_batch(struct worker *w, struct item **v, int n) {
+    bool several = false;
+    for (int i = 0; i < n && !several; i++)
+        several = v[i]->handler->locks == LOCKS_ITEM_PRODUCTS || v[i]->handler->locks == LOCKS_ORDER_PRODUCTS;
+    if (!several || n < 2) return 0;
+    cJSON *products = cJSON_CreateArray(), *orders = cJSON_CreateArray();
+    for (int i = 0; i < n; i++) handler_lock_rows(v[i]->handler, v[i]->env.payload, products, orders);
+    char *pa = json_array_literal(products), *oa = json_array_literal(orders);
+    const char *p[2] = {pa, oa};
+    int rc = db_exec(w->db, "SELECT 1 FROM products WHERE id = ANY($1::uuid[]) OR id IN "
+                            "(SELECT product_id FROM order_items WHERE order_id = ANY($2::uuid[])) "
+                            "ORDER BY id FOR UPDATE", 2, p, NULL, NULL);
+    free(pa);
+    free(oa);
+    cJSON_Delete(products);
+    cJSON_Delete(orders);
+    return rc;
+}
+
 /* Reads what claim_send inserted (sending it first if nothing has since):
  * marks each item claimed, or DUPLICATE when its id was processed before (or
  * is earlier in this batch). Returns 0, or the error class that stopped the
@@ -372,7 +421,7 @@ static int claim_send(struct worker *w, struct item **v, int n) {
 static int claim_read(struct worker *w, struct item **v, int n, int earlier_rc) {
     int rc = w->claim ? 0 : db_flush(w->db);
     if (rc < 0) return rc;
-    if (!w->claim) return earlier_rc < 0 ? earlier_rc : CV_EFATAL;
+    if (!w->claim) return earlier_rc < 0 ? earlier_rc : CV_EREFUSED;
     for (int i = 0; i < n; i++) {
         bool fresh = false;
         for (int j = 0; j < PQntuples(w->claim) && !fresh; j++)
@@ -519,6 +568,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
     PGconn *db = w->db;
     bool savepoints = n > 1;
     int rc = claim_send(w, v, n);
+    if (rc == 0) rc = lock_batch(w, v, n);
     bool claim_pending = rc == 0; /* its result not read yet */
     bool any = false; /* something to commit */
     for (int i = 0; i < n && rc == 0; i++) {
@@ -604,7 +654,7 @@ static void process_batch(struct worker *w, struct item *items, int n) {
     for (int i = 0; i < nv; i++)
         if (v[i]->live) v[nlive++] = v[i];
     sort_by_key(v, nlive);
-    if (nlive > 0 && run_batch(w, v, nlive) == CV_EFATAL && nlive > 1) {
+    if (nlive > 0 && run_batch(w, v, nlive) == CV_EREFUSED && nlive > 1) {
         /* the database refused the batch as a whole (its outbox insert, say):
          * run each alone, so that only the command at fault fails */
         log_warn("a batch of %d failed as a whole (%s); running each command alone", nlive, db_last_error());

@@ -31,7 +31,8 @@ int v_int(struct verr *v, const cJSON *obj, const char *field, bool required, lo
 /* A price: a number or decimal string, 0..99999999.99, at most 2 decimals;
  * written as "123.40". */
 int v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]);
-/* An email per DESIGN.md, trimmed and lower-cased. */
+/* An email per docs/contract.md, trimmed (the handler stores it lower-cased:
+ * PostgreSQL's lower(), the mapping of the users_email_check constraint). */
 int v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out);
 /* A password per DESIGN.md: 8-128 bytes, an upper-case letter, a lower-case letter, a digit. */
 int v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out);
@@ -72,13 +73,24 @@ struct cmd_ctx {
 /* A handler validates cmd->payload and applies it inside the open transaction.
  * Returns 0 after emitting its events, CV_EREJECT with ctx->rej filled (the
  * caller rolls back the domain changes and emits command.rejected), or
- * CV_ERETRY / CV_EFATAL from the database. */
+ * CV_ERETRY / CV_EREFUSED from the database. */
 typedef int (*handler_fn)(struct cmd_ctx *ctx);
+
+/* The rows a command will lock, stated before it runs, so that a batch takes
+ * its locks in one order (worker.c) and concurrent batches never deadlock. */
+enum lock_keys {
+    LOCKS_NONE,           /* no row that another command waits for (a new row of a new id) */
+    LOCKS_PRODUCT,        /* the product payload.productId */
+    LOCKS_USER,           /* the user payload.userId */
+    LOCKS_ITEM_PRODUCTS,  /* the products payload.items[].productId */
+    LOCKS_ORDER_PRODUCTS, /* the products of the items of order payload.orderId, then that order */
+};
 
 /* A command type's handler. */
 struct handler {
     const char *type;
     handler_fn run;
+    enum lock_keys locks;
     /* it can run ahead (worker.c): it does the same until its first statement
      * each time it runs (no clock, no random id, no password hash before it),
      * and usually needs no other */
@@ -86,6 +98,14 @@ struct handler {
 };
 /* The handler of TYPE, or NULL when this build does not know it. */
 const struct handler *handler_find(const char *type);
+/* The key that orders a command among those of its batch: "p:<productId>" or
+ * "u:<userId>" for a command that locks one row, the first of several
+ * products, or "" (nothing, or not a usable id). Written to out. */
+void handler_lock_key(const struct handler *h, const cJSON *payload, char out[ID_LEN + 3]);
+/* Appends to products (a cJSON array of strings) the ids of the products the
+ * command locks that its payload names, and to orders the order whose items'
+ * products it locks. Ids that are not UUIDs are left out (the handler rejects them). */
+void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *products, cJSON *orders);
 /* A handler's statement: db_exec on ctx->db, except when running ahead: in
  * AHEAD_SEND the first statement is deferred and CV_EAHEAD returned; in
  * AHEAD_RESUME the first returns its result (*out, owned by the caller) and

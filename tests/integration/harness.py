@@ -26,6 +26,36 @@ DB_URL = os.environ.get("CONVEYOR_DATABASE_URL", "postgresql://conveyor@127.0.0.
 AMQP_URL = os.environ.get("CONVEYOR_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:55672")
 REDIS_URL = os.environ.get("CONVEYOR_REDIS_URL", "redis://127.0.0.1:56379/0")
 
+# Every pool log and tool output of the suite goes here, and every password the
+# tests publish is noted in its ledger, so that secrets_scan.py can look for
+# them in everything the suite produced (CTest sets it; a bare run uses /tmp).
+LOG_DIR = os.environ.get("CONVEYOR_TEST_LOG_DIR") or tempfile.gettempdir()
+LEDGER = os.path.join(LOG_DIR, "secrets.ledger")
+SECRET_KEY = ("password", "currentPassword", "newPassword")
+
+
+def note_secrets(body):
+    """Adds the passwords in a command (a dict, or JSON bytes/str) to the ledger."""
+    try:
+        env = json.loads(body) if isinstance(body, (bytes, str)) else body
+    except (ValueError, UnicodeDecodeError, RecursionError):  # not a command: nothing to note
+        return
+    p = env.get("payload") if isinstance(env, dict) else None
+    if not isinstance(p, dict):
+        return
+    found = [p[k] for k in SECRET_KEY if isinstance(p.get(k), str) and len(p[k]) >= 8]
+    if found:
+        with open(LEDGER, "a") as f:
+            for v in found:
+                f.write(json.dumps(v) + "\n")
+
+
+def log_file(prefix):
+    """A new file in LOG_DIR for a process's output (kept for secrets_scan.py)."""
+    os.makedirs(LOG_DIR, exist_ok=True)
+    return tempfile.NamedTemporaryFile(prefix=prefix, suffix=".log", dir=LOG_DIR, delete=False)
+
+
 ROUTING = {
     "users": ["register", "changePassword"],
     "catalog": ["createProduct", "updateProduct", "updateStock", "deleteProduct"],
@@ -104,7 +134,7 @@ class Pool:
     def __init__(self, workers=None, extra="", env=None, expect_restarts=False, queue_opts="", routing=None):
         self.expect_restarts = expect_restarts
         self.config = write_config(workers, extra, queue_opts, routing)
-        self.log = tempfile.NamedTemporaryFile(prefix="conveyor-pool-", suffix=".log", delete=False)
+        self.log = log_file("conveyor-pool-")
         e = dict(os.environ)
         e.update(env or {})
         self.proc = subprocess.Popen([os.path.join(BIN, "conveyor-workers"), "-c", self.config],
@@ -227,6 +257,7 @@ class Publisher:
         the contract (PUBLISHED)."""
         if isinstance(env.get("id"), str):
             PUBLISHED[env["id"]] = (env, contract.command_errors(env))
+        note_secrets(env)
         body = json.dumps(env).encode()
         if self.transport == "rabbitmq":
             self.ch.basic_publish("conveyor.commands", env["type"], body,
@@ -238,6 +269,7 @@ class Publisher:
 
     def raw(self, queue, body, message_id=None):
         """Publishes bytes straight to a queue (default exchange / the list)."""
+        note_secrets(body)
         if self.transport == "rabbitmq":
             props = pika.BasicProperties(delivery_mode=2, message_id=message_id)
             self.ch.basic_publish("", f"conveyor.{queue}", body, props, mandatory=True)
@@ -400,7 +432,14 @@ def query(sql, *args):
 
 
 def run_bin(name, *args, env=None, input_=None, timeout=60):
+    """Runs one of the binaries; its output is returned, and kept in LOG_DIR."""
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([os.path.join(BIN, name), *args], input=input_, capture_output=True, text=True,
-                          env=e, timeout=timeout, cwd=ROOT)
+    if input_:
+        for line in (input_ if isinstance(input_, str) else input_.decode(errors="replace")).splitlines():
+            note_secrets(line)
+    r = subprocess.run([os.path.join(BIN, name), *args], input=input_, capture_output=True, text=True,
+                       env=e, timeout=timeout, cwd=ROOT)
+    with log_file(f"{name}-") as f:
+        f.write(f"$ {name} {' '.join(args)}\n{r.stdout}\n{r.stderr}".encode(errors="replace"))
+    return r

@@ -226,8 +226,9 @@ def test_batch_refused_whole_runs_each_alone():
                 if c is not refused:
                     ev.wait_result(c["id"], timeout=30)
             dead = wait_dead("catalog")
-            eq([(d["reason"], json.loads(d["body"])["id"]) for d in dead], [("retries_exhausted", refused["id"])],
-               "only the refused command is dead-lettered")
+            eq([(d["reason"], json.loads(d["body"])["id"]) for d in dead], [("handler_error", refused["id"])],
+               "only the refused command is dead-lettered, at once (an error nobody anticipated)")
+            check("the outbox refuses this event" in dead[0]["error"], f"the error: {dead[0]['error']}")
             ev.poll()
             eq(ev.for_command(refused["id"]), [], "no event for the refused command")
             eq([stock(p) for p in good] + [stock(bad)], [11] * 5 + [10], "stocks: each good command applied once")

@@ -106,6 +106,29 @@ def test_register(env):
 
 
 @scenario()
+def test_register_upper_case_non_ascii_emails(env):
+    """Emails are lower-cased with full Unicode semantics (PostgreSQL's lower(),
+    the mapping of the users_email_check constraint): an upper-case non-ASCII
+    email is a valid registration, stored and announced lower-cased, and the
+    same address in another case is EMAIL_TAKEN."""
+    tag = new_id()[:8]
+    for email, want in [(f"ÉLODIE.{tag}@example.com", f"élodie.{tag}@example.com"),
+                        (f"ÅSA.ØRN.{tag}@EXAMPLE.SE", f"åsa.ørn.{tag}@example.se"),
+                        (f"ΣΩΚΡΆΤΗΣ.{tag}@example.gr", f"σωκράτησ.{tag}@example.gr"),
+                        (f"ÐÖRÛ-ÇÃ.{tag}@Exämple.COM", f"ðörû-çã.{tag}@exämple.com")]:
+        uid = new_id()
+        res = env.run(envelope("register", {"name": "Elodie", "email": email, "password": "Analytical1",
+                                            "userId": uid}))
+        eq([e["type"] for e in res], ["user.registered"], f"register {email}")
+        eq(res[0]["data"]["email"], want, "the email in the event")
+        eq(query("SELECT email FROM users WHERE id = %s", uid)[0][0], want, "the email stored")
+        d = rejection(env, envelope("register", {"name": "Elodie", "email": want.upper(), "password": "Analytical1"}))
+        eq(d["code"], "EMAIL_TAKEN", f"the same address in upper case: {want.upper()}")
+    check("Analytical1" not in env.pool.read_log(), "password never logged")
+    check("$argon2id$" not in env.pool.read_log(), "no hash logged")
+
+
+@scenario()
 def test_register_rejections(env):
     uid = new_id()
     email = f"bob.{uid[:8]}@example.com"

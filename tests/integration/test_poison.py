@@ -111,3 +111,40 @@ def test_poison_corpus():
         pub.close()
         ev.close()
         eq(pool.stop(), (0, []), "clean stop, no worker restarted")
+
+
+def test_a_later_command_with_the_clean_id_is_applied():
+    """An id or type holding \\u0000 is not a usable id or type: such a message is
+    dead-lettered as invalid_envelope, and nothing is recorded under the id it
+    would be cut to, so the real command with that id, published afterwards by
+    another producer, is applied (before, it was dropped as a duplicate)."""
+    drain_dead("catalog")
+    pid = new_id()
+    query("INSERT INTO products (id, name, price, stock) VALUES (%s, 'nul target', 1, 0)", pid)
+    with Pool(workers={"catalog": 1}) as pool:
+        pub, ev = Publisher(), Events()
+        poisoned = []
+        for e in corpus.load():
+            if "\\u0000" in e["name"] and e["expect"] == "dead:invalid_envelope" and "text" in e:
+                cid = new_id()
+                body = e["text"].replace("$ID", cid).replace("$PID", pid).encode()
+                pub.raw("catalog", body)
+                poisoned.append((e["name"], cid, body))
+        check(len(poisoned) >= 4, f"the corpus holds the \\u0000 id and type messages: {len(poisoned)}")
+        dead = []
+        deadline = time.time() + 30
+        while len(dead) < len(poisoned) and time.time() < deadline:
+            dead += drain_dead("catalog")
+            time.sleep(0.1)
+        eq(sorted(d["body"] for d in dead), sorted(b for _, _, b in poisoned), "each dead-lettered, untouched")
+        check(all(d["reason"] == "invalid_envelope" for d in dead), f"reasons: {[d['reason'] for d in dead]}")
+        for name, cid, _ in poisoned:
+            eq(query("SELECT count(*) FROM processed_commands WHERE id = %s", cid)[0][0], 0,
+               f"{name}: nothing recorded under the cut id")
+            clean = pub.command(envelope("updateStock", {"productId": pid, "quantityChange": 1}, id_=cid))
+            eq([x["type"] for x in ev.wait_result(clean["id"], timeout=20)], ["stock.updated"],
+               f"{name}: the command with the clean id is applied")
+        eq(query("SELECT stock FROM products WHERE id = %s", pid)[0][0], len(poisoned), "each applied once")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")

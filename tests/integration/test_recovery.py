@@ -144,6 +144,57 @@ def test_retries_exhausted_then_admin_retry():
         eq(pool.stop(), (0, []), "clean stop")
 
 
+def test_unanticipated_database_error_is_dead_lettered_at_once():
+    """A database error the handler did not anticipate (here a check constraint
+    the test adds) is a bug, not bad luck: the command is dead-lettered at once
+    as handler_error naming the constraint, after one attempt, with no retry;
+    in a batch the other commands apply. After the fix, conveyor-admin's retry
+    applies it. The error text never holds the failing row (PostgreSQL's DETAIL)."""
+    drain_dead("catalog")
+    query("ALTER TABLE products DROP CONSTRAINT IF EXISTS test_no_forbidden_names")
+    query("ALTER TABLE products ADD CONSTRAINT test_no_forbidden_names CHECK (name NOT LIKE 'forbidden-%') NOT VALID")
+    try:
+        tag = new_id()[:8]
+        good = [envelope("createProduct", {"name": f"allowed-{tag}-{i}", "price": 1}) for i in range(4)]
+        bad = envelope("createProduct", {"name": f"forbidden-{tag}-secretive", "price": 1, "stock": 5})
+        batch = good[:2] + [bad] + good[2:]
+        pub, ev = Publisher(), Events()
+        for c in batch:  # waiting before the pool starts: one worker takes them as one batch
+            pub.command(c)
+        with Pool(workers={"catalog": 1}, extra=FAST_RETRY, queue_opts="batch_size = 50;") as pool:
+            for c in good:
+                eq(ev.wait_result(c["id"], timeout=30)[0]["type"], "product.created", "the others apply")
+            # and alone (a batch of one, without savepoints)
+            alone = envelope("createProduct", {"name": f"forbidden-{tag}-alone", "price": 1})
+            pub.command(alone)
+            dead = wait_dead("catalog", n=2)
+            eq(sorted((d["reason"], json.loads(d["body"])["id"]) for d in dead),
+               sorted([("handler_error", bad["id"]), ("handler_error", alone["id"])]), "dead-lettered at once")
+            for d in dead:
+                check("test_no_forbidden_names" in d["error"], f"the error names the constraint: {d['error']}")
+                check("secretive" not in d["error"] and "Failing row" not in d["error"],
+                      f"no row contents in the error: {d['error']}")
+                eq(int(d["attempts"]), 1, "one attempt")
+            ev.poll(0.5)
+            eq(ev.for_command(bad["id"]) + ev.for_command(alone["id"]), [], "no event for them")
+            log = pool.read_log()
+            check("retrying in" not in log, "never retried")
+            check("secretive" not in log and "Failing row" not in log, "no row contents in the log")
+            eq(query("SELECT count(*) FROM processed_commands WHERE id = ANY(%s::uuid[])",
+                     [bad["id"], alone["id"]])[0][0], 0, "not recorded as processed")
+            # the fix, then the admin's retry
+            query("ALTER TABLE products DROP CONSTRAINT test_no_forbidden_names")
+            for d in dead:
+                pub.raw("catalog", d["body"])
+            for c in (bad, alone):
+                eq(ev.wait_result(c["id"], timeout=30)[0]["type"], "product.created", "applied after the fix")
+            pub.close()
+            ev.close()
+            eq(pool.stop(), (0, []), "clean stop")
+    finally:
+        query("ALTER TABLE products DROP CONSTRAINT IF EXISTS test_no_forbidden_names")
+
+
 def test_admin_purge_and_list_both_kinds():
     drain_dead("users")
     with Pool() as pool:

@@ -134,6 +134,17 @@ def entries():
         p = dict(VALID[type_])
         p[field] = "a\u0000b"
         add(f"{type_}.{field} with \\u0000", "rejected:VALIDATION_FAILED:payload", env(type_, p))
+    # \u0000 in the id or the type: cut there, they would name another command (the
+    # real one would then be dropped as a duplicate, or the wrong handler run)
+    add("id with \\u0000 and more", dead, json.dumps({"id": "$ID\u0000junk", "type": "createProduct",
+                                                      "payload": VALID["createProduct"]}))
+    add("id that ends in \\u0000", dead, json.dumps({"id": "$ID\u0000", "type": "updateStock",
+                                                     "payload": VALID["updateStock"]}))
+    add("type with \\u0000 and more", dead, json.dumps({"id": "$ID", "type": "createProduct\u0000x",
+                                                        "payload": VALID["createProduct"]}))
+    add("key 'id' with \\u0000 beside the id", dead,
+        '{"id\\u0000x": "' + UID + '", "id": "$ID", "type": "createProduct", "payload": '
+        + json.dumps(VALID["createProduct"]) + '}')
     # numbers out of range
     for field, v in [("price", -0.01), ("price", 100000000), ("price", 1e308), ("price", "1e3"), ("price", 0.001),
                      ("stock", -1), ("stock", 2147483648), ("stock", 1e20), ("stock", 0.5)]:

@@ -132,6 +132,22 @@ TEST(escaped_nul_is_flagged_not_dead) {
     envelope_free(&e);
 }
 
+TEST(escaped_nul_in_id_or_type_is_dead) {
+    /* cut at the NUL, each would name another command or another type */
+    dead("{\"id\":\"" ID "\\u0000junk\",\"type\":\"t\",\"payload\":{}}", "NUL character");
+    dead("{\"id\":\"" ID "\\u0000\",\"type\":\"t\",\"payload\":{}}", "NUL character");
+    dead("{\"id\":\"" ID "\",\"type\":\"createProduct\\u0000x\",\"payload\":{}}", "NUL character");
+    dead("{\"id\\u0000x\":\"7e9cf0a8-3b1d-4c5e-8f2a-9d0b1c2e3f40\",\"id\":\"" ID
+         "\",\"type\":\"t\",\"payload\":{}}", "NUL character");
+    /* one elsewhere leaves id and type usable: the command is rejected under its own id */
+    struct envelope e;
+    CHECK(parse("{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{\"n\":\"\\u0000\"}}", &e) == 0);
+    CHECK(e.has_nul);
+    CHECK_STR(e.id, ID);
+    CHECK_STR(e.type, "t");
+    envelope_free(&e);
+}
+
 TEST(correlation_id_limits) {
     struct envelope e;
     char s[1024], corr[300];
