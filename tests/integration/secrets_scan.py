@@ -64,7 +64,7 @@ def passwords():
 def texts(conn):
     """(where, text) of everything the suite produced."""
     for path in sorted(glob.glob(os.path.join(LOG_DIR, "*"))):
-        if os.path.basename(path).startswith("secrets."):
+        if os.path.basename(path).startswith("secrets.") or not os.path.isfile(path):
             continue
         with open(path, errors="replace") as f:
             yield path, f.read()
