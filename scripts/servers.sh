@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Local PostgreSQL, Redis and RabbitMQ for the demo and the tests, from Debian's
-# packages, under a git-ignored state folder, on the ports of DESIGN.md.
+# packages, under a git-ignored state folder, on the ports the README names.
 #
 #   scripts/servers.sh install   apt-get the servers (and build deps) if missing
 #   scripts/servers.sh up        install if needed, start whatever is not running

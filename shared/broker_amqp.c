@@ -3,7 +3,7 @@
  * Two connections, each opened on first use and dropped on any error (the next
  * call re-opens it): "consume" carries basic.consume deliveries and acks;
  * "publish" is in confirm mode and only publishes, so confirms never interleave
- * with deliveries. Topology: DESIGN.md, "RabbitMQ".
+ * with deliveries. Topology: docs/contract.md, "RabbitMQ".
  */
 #include "broker_backend.h"
 

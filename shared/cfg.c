@@ -275,7 +275,7 @@ static void set_str(char **dst, const char *v) {
     *dst = strdup(v);
 }
 
-/* The environment wins over the file (DESIGN.md, "Local servers and URLs"). */
+/* The environment wins over the file (README.md, "Configuration"). */
 static int apply_env(struct loader *l, struct cfg *c) {
     const char *v;
     if ((v = getenv("CONVEYOR_DATABASE_URL")) && *v) set_str(&c->database_url, v);

@@ -1,7 +1,7 @@
 /*
  * core.h - the one internal header of Conveyor's shared library.
  *
- * Conventions (see DESIGN.md): functions return 0 or a negative CV_E* code;
+ * Conventions (docs/architecture.md): functions return 0 or a negative CV_E* code;
  * pointer returns are NULL on failure; x_free(NULL) is a no-op; every
  * prototype says who owns what it returns. Errors carry a class (retry,
  * reject, dead, fatal) so callers decide ack / retry / dead-letter from the
@@ -162,7 +162,7 @@ struct envelope {
 };
 /* Parses and checks a command. fallback_id (RabbitMQ message_id) is used when
  * the body has no id. Returns 0, or CV_EDEAD with the reason in err when the
- * message is not a usable envelope (DESIGN.md: invalid_envelope). A bad
+ * message is not a usable envelope (docs/contract.md: invalid_envelope). A bad
  * correlationId or createdAt is not dead: it is listed in field_errors. */
 int envelope_parse(const char *body, size_t len, size_t max_bytes,
                    const char *fallback_id, struct envelope *out,

@@ -1,4 +1,4 @@
-/* envelope.c - the command envelope: parse and check (DESIGN.md, "Command envelope"). */
+/* envelope.c - the command envelope: parse and check (docs/contract.md, "The command envelope"). */
 #include "core.h"
 
 #include <stdio.h>

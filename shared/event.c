@@ -1,4 +1,4 @@
-/* event.c - the event envelope (DESIGN.md, "Event envelope"). */
+/* event.c - the event envelope (docs/contract.md, "The event envelope"). */
 #include "core.h"
 
 cJSON *event_new(const char *type, const struct envelope *cmd, const char *aggregate_type,

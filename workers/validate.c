@@ -1,4 +1,4 @@
-/* validate.c - payload rules (DESIGN.md, "Commands"), collecting every broken one. */
+/* validate.c - payload rules (docs/contract.md, "Commands"), collecting every broken one. */
 #include "workers.h"
 
 #include <ctype.h>

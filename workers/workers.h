@@ -31,10 +31,10 @@ int v_int(struct verr *v, const cJSON *obj, const char *field, bool required, lo
 /* A price: a number or decimal string, 0..99999999.99, at most 2 decimals;
  * written as "123.40". */
 int v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]);
-/* An email per docs/contract.md, trimmed (the handler stores it lower-cased:
+/* An email per docs/contract.md ("register"), trimmed (the handler stores it lower-cased:
  * PostgreSQL's lower(), the mapping of the users_email_check constraint). */
 int v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out);
-/* A password per DESIGN.md: 8-128 bytes, an upper-case letter, a lower-case letter, a digit. */
+/* A password per docs/contract.md ("register"): 8-128 bytes, an upper-case letter, a lower-case letter, a digit. */
 int v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out);
 
 /* SQL that formats a timestamptz column as RFC 3339 UTC with milliseconds. */

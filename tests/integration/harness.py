@@ -1,7 +1,7 @@
 """Integration-test harness: real PostgreSQL, Redis and RabbitMQ, the real binaries.
 
 Publishes and subscribes the way another system would (pika, redis-py), written
-from DESIGN.md alone; reads the database with psycopg2. A missing server is a
+from docs/contract.md alone; reads the database with psycopg2. A missing server is a
 failure, never a skip.
 """
 import base64

@@ -1,4 +1,4 @@
-"""Each command's result event exactly as DESIGN.md says, the rows behind it,
+"""Each command's result event exactly as docs/contract.md says, the rows behind it,
 rejections, duplicates, and the concurrency rule of updateStock."""
 import re
 import time

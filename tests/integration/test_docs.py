@@ -1,7 +1,8 @@
 """The reference page (docs/reference.md) cannot drift from the contract: every
 JSON block in it keeps the schemas, every command and event type is shown, each
 command's example events answer that command, and its rejection codes are the
-ones the README's command table lists."""
+ones the README's command table lists; and every link of the README and docs/
+resolves inside the repository."""
 import json
 import os
 import re
@@ -63,3 +64,25 @@ def test_reference_matches_the_readme():
         for ev in msgs:
             if "payload" not in ev:
                 eq((ev["commandId"], ev["commandType"]), (cmd[0]["id"], type_), f"{type_}'s events answer it")
+
+
+def test_links_resolve():
+    """Every relative link of the README and docs/ names a file or folder of the
+    repository, and none points outside it (a reader has only the repository)."""
+    pages = [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
+    problems = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", open(page).read(), flags=re.S)
+        name = os.path.relpath(page, ROOT)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target.split("#")[0]))
+            if not path.startswith(ROOT + os.sep):
+                problems.append(f"{name}: {target} is outside the repository")
+            elif not os.path.exists(path):
+                problems.append(f"{name}: {target} does not exist")
+        if "DESIGN.md" in text:
+            problems.append(f"{name}: refers to DESIGN.md, which a reader of the repository does not have")
+    check(not problems, "\n".join(problems))

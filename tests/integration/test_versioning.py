@@ -5,7 +5,7 @@
 3. an event's data may grow: the published schemas allow new fields, and never
    lose one (every field a schema lists is required, so a worker that dropped
    one would fail every test that receives the event; the optional fields of
-   DESIGN.md, command.rejected's fields and details, are the exception)."""
+   docs/contract.md, command.rejected's fields and details, are the exception)."""
 import json
 import os
 import time
@@ -92,7 +92,7 @@ def test_unknown_command_waits_for_an_upgrade():
 
 def test_event_data_may_grow():
     folder = os.path.join(contract.SCHEMAS, "events")
-    optional = {"command.rejected.schema.json": {"fields", "details"}}  # DESIGN.md: fields?, details?
+    optional = {"command.rejected.schema.json": {"fields", "details"}}  # docs/contract.md: fields?, details?
     problems = []
     for name in sorted(os.listdir(folder)):
         schema = json.load(open(os.path.join(folder, name)))

@@ -27,10 +27,16 @@ VALID = {
     "cancelOrder": {"orderId": UID},
     "changePassword": {"userId": UID, "currentPassword": "Secret123", "newPassword": "Secret456"},
 }
-REQUIRED = {"register": ["name", "email", "password"], "createProduct": ["name", "price"],
-            "updateStock": ["productId", "quantityChange"], "updateProduct": ["productId"],
-            "deleteProduct": ["productId"], "placeOrder": ["userId", "items"], "cancelOrder": ["orderId"],
-            "changePassword": ["userId", "currentPassword", "newPassword"]}
+SCHEMAS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "schemas", "commands")
+
+
+def _required(type_):
+    with open(os.path.join(SCHEMAS, f"{type_}.schema.json")) as f:
+        return json.load(f).get("required", [])
+
+
+# the required fields of each payload, as its schema says
+REQUIRED = {type_: _required(type_) for type_ in VALID}
 # fields for which any string is the right type (a bad string is tested on its own)
 STRING_FIELDS = ("name", "description", "category", "email", "password", "currentPassword")
 
