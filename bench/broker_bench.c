@@ -21,7 +21,7 @@
 
 #define WINDOW 500
 
-volatile int stop_requested;
+volatile sig_atomic_t stop_requested;
 
 /* The consumer: takes n messages, acks each; writes its finish time (monotonic ms) to fd. */
 static int consume(const struct cfg *cfg, const struct cfg_queue *q, long n, int fd) {

@@ -12,6 +12,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <signal.h> /* sig_atomic_t */
 #include <stdint.h>
 #include <cjson/cJSON.h>
 #include <libpq-fe.h>
@@ -113,7 +114,7 @@ size_t utf8_chars(const char *s);                  /* code points in a valid str
 
 /* ---- signals.c ------------------------------------------------------------------ */
 /* From now on SIGTERM and SIGINT set *flag to 1 (no SA_RESTART needed: loops poll it). */
-void signals_stop_sets(volatile int *flag);
+void signals_stop_sets(volatile sig_atomic_t *flag);
 
 /* ---- json_check.c ----------------------------------------------------------------- */
 #define JSON_MAX_DEPTH 512
@@ -125,7 +126,7 @@ bool json_check(const char *text, size_t len, int max_depth, const char **why);
 /* Capped exponential backoff with full jitter: delay for attempt n (0-based). */
 int backoff_ms(int attempt, int base_ms, int cap_ms);
 /* Sleeps ms, waking early when *stop becomes true. */
-void backoff_sleep(int ms, volatile int *stop);
+void backoff_sleep(int ms, volatile sig_atomic_t *stop);
 
 /* ---- envelope.c: the command envelope ------------------------------------------- */
 struct envelope {
@@ -165,7 +166,7 @@ bool topic_match(const char *pattern, const char *type);
 PGconn *db_connect(const char *url, char *err, size_t errlen);
 /* Connects, retrying with capped backoff until it succeeds or *stop is set
  * (then NULL). Logs once when the database is lost and once when it is back. */
-PGconn *db_connect_retry(const char *url, volatile int *stop);
+PGconn *db_connect_retry(const char *url, volatile sig_atomic_t *stop);
 /* Closes db (PQfinish) and forgets its prepared statements; NULL is fine. */
 void db_close(PGconn *db);
 /* Runs a parameterised statement, prepared on db the first time it runs

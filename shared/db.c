@@ -27,7 +27,7 @@ PGconn *db_connect(const char *url, char *err, size_t errlen) {
     return db;
 }
 
-PGconn *db_connect_retry(const char *url, volatile int *stop) {
+PGconn *db_connect_retry(const char *url, volatile sig_atomic_t *stop) {
     char err[512];
     for (int attempt = 0; !(stop && *stop); attempt++) {
         PGconn *db = db_connect(url, err, sizeof err);

@@ -44,7 +44,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-volatile int stop_requested;
+volatile sig_atomic_t stop_requested;
 
 struct worker {
     const struct cfg *cfg;
