@@ -104,7 +104,7 @@ int main(int argc, char **argv) {
     sleep(1); /* the consumer is connected before the clock starts */
 
     /* bodies shaped like a real command, ids fresh per message */
-    char (*bodies)[256] = malloc(WINDOW * sizeof *bodies), (*ids)[ID_LEN + 1] = malloc(WINDOW * sizeof *ids);
+    char (*bodies)[256] = xmalloc(WINDOW * sizeof *bodies), (*ids)[ID_LEN + 1] = xmalloc(WINDOW * sizeof *ids);
     struct outgoing_command oc[WINDOW];
     int64_t t0 = clock_mono_ms();
     int rc = 0;

@@ -43,6 +43,21 @@ void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
 #define log_error(...) log_msg(LOG_ERROR, NULL, __VA_ARGS__)
 #define log_debug(...) log_msg(LOG_DEBUG, NULL, __VA_ARGS__)
 
+/* ---- alloc.c: allocations that do not fail ----------------------------------- */
+/* As malloc, calloc, realloc, strdup and strndup, for small allocations on
+ * paths that have no error to return (a configuration string, a batch's
+ * bookkeeping, a message's copy): when the memory cannot be had they log
+ * "out of memory" (if that line can still be written) and abort(), so they
+ * never return NULL. A worker that aborts holds no acked message: the
+ * supervisor starts another and the broker hands its messages out again. A
+ * function that can return an error class uses malloc and returns it
+ * instead. The caller frees the result. */
+void *xmalloc(size_t size);
+void *xcalloc(size_t n, size_t size);
+void *xrealloc(void *p, size_t size); /* like realloc: p may move; never NULL */
+char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
+
 /* ---- cfg.c: queues.conf ---------------------------------------------------- */
 enum transport { TRANSPORT_RABBITMQ, TRANSPORT_REDIS };
 const char *transport_name(enum transport t);
@@ -188,7 +203,8 @@ int db_cmd(PGconn *db, const char *sql);
  * returns the first error among them. Copies sql and params. Returns 0, or an
  * error class when too many wait, or when its PREPARE fails (a new statement is
  * prepared after the ones already deferred have run: then their error, and
- * nothing stays deferred). One connection of a process defers at a time. */
+ * nothing stays deferred), or CV_ERETRY when there is no memory to copy it
+ * (nothing stays deferred either). One connection of a process defers at a time. */
 int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params);
 /* As db_defer, for a statement whose result the caller reads later: when the
  * pipeline has run and the statement succeeded, *out holds its result (the

@@ -87,7 +87,7 @@ static void start_generation(struct pool *p) {
         redis_queues |= cfg->queues[i].transport == TRANSPORT_REDIS;
     }
     n += redis_queues;
-    p->kids = calloc((size_t)n, sizeof *p->kids);
+    p->kids = xcalloc((size_t)n, sizeof *p->kids);
     p->nkids = n;
     p->generation++;
     char host[64];
@@ -134,7 +134,13 @@ static void reload(struct pool *p) {
         }
     }
     log_info("SIGHUP: %s reloaded; replacing the pool's children one by one", p->cfg->path);
-    p->retiring = realloc(p->retiring, (size_t)(p->nretiring + p->nkids) * sizeof *p->retiring);
+    pid_t *retiring = realloc(p->retiring, (size_t)(p->nretiring + p->nkids) * sizeof *p->retiring);
+    if (!retiring) {
+        log_error("SIGHUP: out of memory; keeping the running configuration");
+        cfg_free(&next);
+        return;
+    }
+    p->retiring = retiring;
     for (int i = 0; i < p->nkids; i++)
         if (p->kids[i].pid) p->retiring[p->nretiring++] = p->kids[i].pid;
     free(p->kids);

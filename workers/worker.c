@@ -261,7 +261,7 @@ static void abandon_transaction(PGconn *db) {
 
 /* "{id,id,...}" of the items whose outcome pick accepts; caller frees. */
 static char *id_array(struct item **v, int n, bool (*pick)(const struct item *)) {
-    char *s = malloc((size_t)n * (ID_LEN + 1) + 3), *p = s;
+    char *s = xmalloc((size_t)n * (ID_LEN + 1) + 3), *p = s;
     *p++ = '{';
     for (int i = 0; i < n; i++)
         if (pick(v[i])) p += sprintf(p, "%s%s", p - s > 1 ? "," : "", v[i]->env.id);
@@ -347,7 +347,7 @@ static void sort_by_key(struct item **v, int n) {
  * go ahead of the next statement, in the same round trip, and claim_read reads
  * the result. Returns 0 or an error class. */
 static int claim_send(struct worker *w, struct item **v, int n) {
-    char *ids = id_array(v, n, any_item), *types = malloc((size_t)n * sizeof v[0]->env.type + 3), *t = types;
+    char *ids = id_array(v, n, any_item), *types = xmalloc((size_t)n * sizeof v[0]->env.type + 3), *t = types;
     *t++ = '{';
     for (int i = 0; i < n; i++) t += sprintf(t, "%s%s", i ? "," : "", v[i]->env.type); /* handler names */
     *t++ = '}';
@@ -540,7 +540,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
             claim_pending = false;
             if ((rc = claim_read(w, v, n, v[i]->rc)) < 0) {
                 v[i]->rc = rc; /* the claim itself failed: the whole batch did */
-                v[i]->error = strdup(db_last_error());
+                v[i]->error = xstrdup(db_last_error());
                 break;
             }
             if (!v[i]->claimed) { /* done before: undo what it did */
@@ -565,7 +565,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
             any = true;
             continue;
         }
-        v[i]->error = strdup(db_last_error());
+        v[i]->error = xstrdup(db_last_error());
         if (!savepoints || PQstatus(db) != CONNECTION_OK) rc = v[i]->rc;
         else rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", i); /* this one alone is retried */
     }
@@ -578,7 +578,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
             if (v[i]->rc >= 0) {
                 v[i]->rc = rc;
                 free(v[i]->error);
-                v[i]->error = strdup(db_last_error());
+                v[i]->error = xstrdup(db_last_error());
             }
     return rc;
 }
@@ -586,7 +586,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
 /* Runs the n messages of a batch, then settles each: acks after the commit
  * (one ack for a batch that went through whole), retries or dead letters. */
 static void process_batch(struct worker *w, struct item *items, int n) {
-    struct item **v = malloc((size_t)n * sizeof *v);
+    struct item **v = xmalloc((size_t)n * sizeof *v);
     int nv = 0;
     for (int i = 0; i < n; i++)
         if (admit(w, &items[i])) v[nv++] = &items[i];
@@ -618,7 +618,7 @@ static void process_batch(struct worker *w, struct item *items, int n) {
         if (v[i]->rc < 0) attempt_failed(w, v[i]);
         else log_msg(LOG_DEBUG, v[i]->env.id, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
     }
-    struct delivery *acks = malloc((size_t)n * sizeof *acks);
+    struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;
     for (int i = 0; i < n; i++) /* in arrival order */
         if (items[i].live && items[i].rc >= 0) acks[nacks++] = items[i].d;
@@ -683,8 +683,8 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     /* one take hands over up to the prefetch (what is already delivered or
      * waiting: one Redis round trip and AOF sync for several transactions) */
     int take_max = q->prefetch > q->batch_size ? q->prefetch : q->batch_size;
-    struct item *items = calloc((size_t)take_max, sizeof *items);
-    struct delivery *extra = calloc((size_t)take_max, sizeof *extra);
+    struct item *items = xcalloc((size_t)take_max, sizeof *items);
+    struct delivery *extra = xcalloc((size_t)take_max, sizeof *extra);
     while (!stop_requested) {
         if (!w.db && !(w.db = db_connect_retry(cfg->database_url, &stop_requested))) break; /* take nothing while the database is away */
         /* a batch is what is already delivered; when nothing is, the first one is
