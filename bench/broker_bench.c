@@ -96,6 +96,7 @@ int main(int argc, char **argv) {
     int fds[2];
     if (pipe(fds) < 0) return 1;
     pid_t pid = fork();
+    if (pid < 0) return 1; /* else kill(-1) and waitpid(-1) below would reach every process */
     if (pid == 0) {
         close(fds[0]);
         _exit(consume(&cfg, q, n, fds[1]));
@@ -126,8 +127,7 @@ int main(int argc, char **argv) {
     int status = 1;
     if (rc == 0 && read(fds[0], &end, sizeof end) == sizeof end) status = 0;
     if (rc < 0) kill(pid, SIGTERM);
-    int ws;
-    waitpid(pid, &ws, 0);
+    (void)waitpid(pid, NULL, 0); /* reaps the consumer; its result came through the pipe */
     if (status == 0)
         printf("{\"transport\": \"%s\", \"messages\": %ld, \"publishSeconds\": %.3f, \"seconds\": %.3f, "
                "\"perSecond\": %.0f}\n",

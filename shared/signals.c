@@ -16,6 +16,6 @@ void signals_stop_sets(volatile sig_atomic_t *flag) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_stop;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    (void)sigaction(SIGTERM, &sa, NULL); /* fails only for an invalid signal */
+    (void)sigaction(SIGINT, &sa, NULL);
 }

@@ -52,7 +52,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     signal(SIGHUP, SIG_IGN);
     signal(SIGCHLD, SIG_DFL);
     sigprocmask(SIG_UNBLOCK, mask, NULL);
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    (void)prctl(PR_SET_PDEATHSIG, SIGTERM); /* fails only for an invalid signal */
     /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper */
     char comm[16];
     snprintf(comm, sizeof comm, "cv-%s%s%s", kind_name[c->kind], c->kind == CHILD_WORKER ? "-" : "",
@@ -91,7 +91,7 @@ static void start_generation(struct pool *p) {
     p->nkids = n;
     p->generation++;
     char host[64];
-    gethostname(host, sizeof host);
+    if (gethostname(host, sizeof host) != 0) snprintf(host, sizeof host, "localhost");
     host[sizeof host - 1] = '\0';
     int k = 0;
     for (int i = 0; i < cfg->nqueues; i++)
