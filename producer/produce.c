@@ -149,7 +149,8 @@ int main(int argc, char **argv) {
      * already waiting are sent together (up to BATCH_MAX, one wait for the
      * broker); a line typed alone is sent at once. */
     struct line_reader lr = {0};
-    char *batch[BATCH_MAX], (*bids)[37] = xmalloc(BATCH_MAX * sizeof *bids), *errors[BATCH_MAX];
+    char *batch[BATCH_MAX], *errors[BATCH_MAX];
+    char (*bids)[37] = xmalloc(BATCH_MAX * sizeof *bids);
     long lines[BATCH_MAX], lineno = 0;
     char (*ids)[37] = NULL;
     size_t nids = 0, idcap = 0;

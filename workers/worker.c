@@ -49,7 +49,6 @@ volatile sig_atomic_t stop_requested;
 struct worker {
     const struct cfg *cfg;
     const struct cfg_queue *q;
-    const char *id;
     PGconn *db;
     struct broker *broker;
     char notify_sql[160];  /* NOTIFY "<prefix>_outbox" */
@@ -661,7 +660,7 @@ static bool should_recycle(struct worker *w) {
 }
 
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
-    struct worker w = {.cfg = cfg, .q = q, .id = worker_id};
+    struct worker w = {.cfg = cfg, .q = q};
     snprintf(w.notify_sql, sizeof w.notify_sql, "NOTIFY \"%s_outbox\"", cfg->prefix);
     char err[512];
     for (int attempt = 0; !stop_requested && !w.broker; attempt++) {
