@@ -21,7 +21,7 @@
 
 #define WINDOW 500
 
-volatile int stop_requested;
+volatile sig_atomic_t stop_requested;
 
 /* The consumer: takes n messages, acks each; writes its finish time (monotonic ms) to fd. */
 static int consume(const struct cfg *cfg, const struct cfg_queue *q, long n, int fd) {
@@ -96,6 +96,7 @@ int main(int argc, char **argv) {
     int fds[2];
     if (pipe(fds) < 0) return 1;
     pid_t pid = fork();
+    if (pid < 0) return 1; /* else kill(-1) and waitpid(-1) below would reach every process */
     if (pid == 0) {
         close(fds[0]);
         _exit(consume(&cfg, q, n, fds[1]));
@@ -104,7 +105,7 @@ int main(int argc, char **argv) {
     sleep(1); /* the consumer is connected before the clock starts */
 
     /* bodies shaped like a real command, ids fresh per message */
-    char (*bodies)[256] = malloc(WINDOW * sizeof *bodies), (*ids)[ID_LEN + 1] = malloc(WINDOW * sizeof *ids);
+    char (*bodies)[256] = xmalloc(WINDOW * sizeof *bodies), (*ids)[ID_LEN + 1] = xmalloc(WINDOW * sizeof *ids);
     struct outgoing_command oc[WINDOW];
     int64_t t0 = clock_mono_ms();
     int rc = 0;
@@ -126,8 +127,7 @@ int main(int argc, char **argv) {
     int status = 1;
     if (rc == 0 && read(fds[0], &end, sizeof end) == sizeof end) status = 0;
     if (rc < 0) kill(pid, SIGTERM);
-    int ws;
-    waitpid(pid, &ws, 0);
+    (void)waitpid(pid, NULL, 0); /* reaps the consumer; its result came through the pipe */
     if (status == 0)
         printf("{\"transport\": \"%s\", \"messages\": %ld, \"publishSeconds\": %.3f, \"seconds\": %.3f, "
                "\"perSecond\": %.0f}\n",

@@ -30,6 +30,10 @@ static int fail(conveyor_client *c, int code, const char *fmt, const char *arg) 
 conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen, int *code) {
     conveyor_client *c = calloc(1, sizeof *c);
     if (code) *code = CONVEYOR_EINVALID;
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
     if (cfg_load(config_path, &c->cfg, err, errlen) < 0) {
         free(c);
         return NULL;
@@ -77,15 +81,20 @@ static struct broker *broker_for(conveyor_client *c, enum transport t) {
     return c->brokers[t];
 }
 
-static void remember(conveyor_client *c, const char *id) {
-    if (!c->events) return;
+/* Keeps id for conveyor_wait (with CONVEYOR_WAIT). Returns 0, or -1 when out of memory. */
+static int remember(conveyor_client *c, const char *id) {
+    if (!c->events) return 0;
     if (c->npending == c->cap) {
-        c->cap = c->cap ? c->cap * 2 : 16;
-        c->pending = realloc(c->pending, c->cap * sizeof *c->pending);
+        size_t cap = c->cap ? c->cap * 2 : 16;
+        struct pending *pending = realloc(c->pending, cap * sizeof *pending);
+        if (!pending) return -1;
+        c->pending = pending;
+        c->cap = cap;
     }
     struct pending *p = &c->pending[c->npending++];
     memset(p, 0, sizeof *p);
     snprintf(p->id, sizeof p->id, "%s", id);
+    return 0;
 }
 
 /* A command checked and ready to send. */
@@ -120,6 +129,7 @@ static int prepare(conveyor_client *c, const char *envelope_json, struct prepare
     }
     char *body = cJSON_PrintUnformatted(in);
     cJSON_Delete(in);
+    if (!body) return fail(c, CONVEYOR_EINVALID, "%s", "out of memory");
 
     struct envelope env;
     char err[512];
@@ -129,8 +139,9 @@ static int prepare(conveyor_client *c, const char *envelope_json, struct prepare
         return fail(c, CONVEYOR_EINVALID, "invalid command: %s", err);
     }
     if (env.field_errors || env.has_nul) {
-        char *f = env.field_errors ? cJSON_PrintUnformatted(env.field_errors) : strdup("a string holds \\u0000");
-        snprintf(c->err, sizeof c->err, "invalid command: %s", f);
+        char *f = env.field_errors ? cJSON_PrintUnformatted(env.field_errors) : NULL;
+        snprintf(c->err, sizeof c->err, "invalid command: %s",
+                 f ? f : env.has_nul ? "a string holds \\u0000" : "a field is invalid");
         free(f);
     } else if (!(p->q = cfg_queue_for(&c->cfg, env.type))) {
         snprintf(c->err, sizeof c->err, "no queue in %s routes command type '%s'", c->cfg.path, env.type);
@@ -152,6 +163,7 @@ static int send_prepared(conveyor_client *c, enum transport t, const struct prep
     struct broker *b = broker_for(c, t);
     if (!b) return CONVEYOR_EBROKER;
     struct outgoing_command *oc = calloc((size_t)n, sizeof *oc);
+    if (!oc) return fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
     for (int i = 0; i < n; i++) oc[i] = (struct outgoing_command){p[i].q, p[i].type, p[i].body, strlen(p[i].body), p[i].id};
     int rc = broker_publish_commands(b, oc, n);
     free(oc);
@@ -161,7 +173,8 @@ static int send_prepared(conveyor_client *c, enum transport t, const struct prep
         c->brokers[t] = NULL;
         return CONVEYOR_EBROKER;
     }
-    for (int i = 0; i < n; i++) remember(c, p[i].id);
+    for (int i = 0; i < n; i++) /* sent, but conveyor_wait could not find it: publish it again */
+        if (remember(c, p[i].id) < 0) return fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
     return 0;
 }
 
@@ -176,12 +189,13 @@ int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, cha
 int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int n, char (*ids)[37],
                            char **errors) {
     struct prepared *p = calloc((size_t)n, sizeof *p), *group = calloc((size_t)n, sizeof *group);
-    int rc = 0;
+    int rc = p && group ? 0 : fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
     for (int i = 0; i < n; i++) {
         ids[i][0] = '\0';
         errors[i] = NULL;
-        if (prepare(c, envelopes[i], &p[i]) < 0) errors[i] = strdup(c->err);
     }
+    for (int i = 0; rc == 0 && i < n; i++)
+        if (prepare(c, envelopes[i], &p[i]) < 0) errors[i] = strdup(c->err);
     for (int t = 0; t < 2 && rc == 0; t++) { /* one send per transport */
         int k = 0;
         for (int i = 0; i < n; i++)
@@ -189,7 +203,7 @@ int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int
         if (k) rc = send_prepared(c, (enum transport)t, group, k);
     }
     free(group);
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; p && i < n; i++) {
         if (p[i].body && rc == 0) snprintf(ids[i], 37, "%s", p[i].id);
         free(p[i].body);
     }

@@ -1,5 +1,6 @@
 /* produce.c - conveyor-produce: publish commands from the command line or stdin. */
 #include "conveyor.h"
+#include "core.h" /* xstrndup, xmalloc, xrealloc */
 
 #include <errno.h>
 #include <getopt.h>
@@ -59,7 +60,7 @@ static char *next_line(struct line_reader *r, bool block, bool *eof) {
         char *nl = r->len ? memchr(r->buf, '\n', r->len) : NULL;
         if (nl || (*eof && r->len)) {
             size_t n = nl ? (size_t)(nl - r->buf) : r->len;
-            char *line = strndup(r->buf, n);
+            char *line = xstrndup(r->buf, n);
             size_t used = nl ? n + 1 : n;
             memmove(r->buf, r->buf + used, r->len - used);
             r->len -= used;
@@ -71,7 +72,7 @@ static char *next_line(struct line_reader *r, bool block, bool *eof) {
             struct pollfd pfd = {0, POLLIN, 0};
             if (poll(&pfd, 1, 0) <= 0) return NULL;
         }
-        if (r->cap - r->len < 65536) r->buf = realloc(r->buf, r->cap = r->cap * 2 + 65536);
+        if (r->cap - r->len < 65536) r->buf = xrealloc(r->buf, r->cap = r->cap * 2 + 65536);
         ssize_t got = read(0, r->buf + r->len, r->cap - r->len);
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) *eof = true;
@@ -148,7 +149,8 @@ int main(int argc, char **argv) {
      * already waiting are sent together (up to BATCH_MAX, one wait for the
      * broker); a line typed alone is sent at once. */
     struct line_reader lr = {0};
-    char *batch[BATCH_MAX], (*bids)[37] = malloc(BATCH_MAX * sizeof *bids), *errors[BATCH_MAX];
+    char *batch[BATCH_MAX], *errors[BATCH_MAX];
+    char (*bids)[37] = xmalloc(BATCH_MAX * sizeof *bids);
     long lines[BATCH_MAX], lineno = 0;
     char (*ids)[37] = NULL;
     size_t nids = 0, idcap = 0;
@@ -174,7 +176,7 @@ int main(int argc, char **argv) {
             } else if (bids[i][0]) {
                 printf("%s\n", bids[i]);
                 if (wait) {
-                    if (nids == idcap) ids = realloc(ids, (idcap = idcap ? idcap * 2 : 64) * sizeof *ids);
+                    if (nids == idcap) ids = xrealloc(ids, (idcap = idcap ? idcap * 2 : 64) * sizeof *ids);
                     memcpy(ids[nids++], bids[i], 37);
                 }
             }

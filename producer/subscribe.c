@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static volatile int stop;
+static volatile sig_atomic_t stop;
 
 static const char usage[] =
     "usage: conveyor-subscribe [-c FILE] [--transport rabbitmq|redis] [-n COUNT] [--timeout SECONDS] [PATTERN]\n"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine (as root): installs what is
-# missing, starts the local servers, builds twice (Release, and ASan+UBSan) and
+# missing, starts the local servers, runs the static analysis (scripts/analyze.sh:
+# a finding fails the suite), builds twice (Release, and ASan+UBSan) and
 # runs every unit and integration test against real PostgreSQL, Redis and
 # RabbitMQ on both transports, with each build. Safe to run again.
 #
@@ -23,6 +24,8 @@ fi
 eval "$(scripts/servers.sh env)"
 unset CONVEYOR_TRANSPORT CONVEYOR_EVENTS_TRANSPORT
 status=0
+echo "=== static analysis"
+scripts/analyze.sh || status=1
 for variant in release asan; do
   echo "=== build: $variant"
   dir=$(scripts/build.sh "$([ $variant = asan ] && echo asan || echo release)")

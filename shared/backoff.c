@@ -13,7 +13,7 @@ int backoff_ms(int attempt, int base_ms, int cap_ms) {
     return (int)(d / 2 + randombytes_uniform((uint32_t)(d / 2 + 1)));
 }
 
-void backoff_sleep(int ms, volatile int *stop) {
+void backoff_sleep(int ms, volatile sig_atomic_t *stop) {
     while (ms > 0 && !(stop && *stop)) {
         int step = ms < 100 ? ms : 100;
         struct timespec ts = {0, (long)step * 1000000L};

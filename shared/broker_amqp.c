@@ -29,9 +29,10 @@ struct amqp_broker {
     int ack_held_n;            /* how many deliveries it covers */
 };
 
-/* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL). */
+/* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL);
+ * aborts when out of memory (xmalloc): a delivery has no error to return. */
 static char *copy_bytes(amqp_bytes_t b) {
-    char *s = malloc(b.len + 1);
+    char *s = xmalloc(b.len + 1);
     if (b.len) memcpy(s, b.bytes, b.len);
     s[b.len] = '\0';
     return s;
@@ -155,6 +156,7 @@ struct amqp_msg {
  * CV_EFATAL when one was refused (nack or unroutable), CV_ERETRY when the
  * connection failed (the publish connection is then dropped). */
 static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory) {
+    if (n <= 0) return 0; /* nothing to confirm; and gcc then sees a sane size for calloc below */
     int rc = open_conn(a, &a->publish, true);
     if (rc < 0) return rc;
     amqp_connection_state_t c = a->publish;
@@ -179,6 +181,10 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
         a->publish_tag++;
     }
     bool *done = calloc((size_t)n, sizeof *done);
+    if (!done) {
+        drop(&a->publish); /* its confirms would answer the next publish */
+        return broker_fail(&a->base, CV_ERETRY, "rabbitmq: no memory to wait for confirms");
+    }
     int left = n;
     const char *returned = NULL;
     char returned_key[256] = "";
@@ -283,6 +289,7 @@ out:
 static int amqp_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     struct amqp_msg *m = calloc((size_t)n, sizeof *m);
+    if (!m) return broker_fail(b, CV_ERETRY, "rabbitmq: out of memory");
     for (int i = 0; i < n; i++)
         m[i] = (struct amqp_msg){a->commands_ex, c[i].type, c[i].body, c[i].len, c[i].message_id, c[i].type,
                                  amqp_empty_table, NULL};
@@ -549,7 +556,7 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
             (*count)++;
         }
         if (out) {
-            if (*n == cap) *out = realloc(*out, (size_t)(cap = cap ? cap * 2 : 16) * sizeof **out);
+            if (*n == cap) *out = xrealloc(*out, (size_t)(cap = cap ? cap * 2 : 16) * sizeof **out);
             (*out)[(*n)++] = d;
         } else {
             dead_letter_clear(&d);
@@ -562,6 +569,7 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
 static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     struct amqp_msg *m = calloc((size_t)n, sizeof *m);
+    if (!m) return broker_fail(b, CV_ERETRY, "rabbitmq: out of memory");
     for (int i = 0; i < n; i++) {
         m[i].exchange = a->events_ex;
         m[i].routing_key = ev[i].type;
@@ -621,11 +629,15 @@ static const struct broker_ops amqp_ops = {
 
 struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen) {
     struct amqp_broker *a = calloc(1, sizeof *a);
+    if (!a) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
     a->base.ops = &amqp_ops;
     a->base.cfg = cfg;
     snprintf(a->commands_ex, sizeof a->commands_ex, "%s.commands", cfg->prefix);
     snprintf(a->events_ex, sizeof a->events_ex, "%s.events", cfg->prefix);
-    a->url = strdup(cfg->rabbitmq_url);
+    a->url = xstrdup(cfg->rabbitmq_url);
     amqp_default_connection_info(&a->info);
     if (amqp_parse_url(a->url, &a->info) != AMQP_STATUS_OK) {
         snprintf(err, errlen, "bad RabbitMQ URL '%s' (want amqp://user:password@host:port/vhost)", cfg->rabbitmq_url);

@@ -249,10 +249,10 @@ static int before_take(struct redis_broker *r, bool acks_in_take) {
     return rc;
 }
 
-/* Fills d with a copy of a taken message. */
+/* Fills d with a copy of a taken message (xmalloc: the message is taken). */
 static void delivery_from(struct delivery *d, const redisReply *rep) {
     memset(d, 0, sizeof *d);
-    d->body = malloc(rep->len + 1);
+    d->body = xmalloc(rep->len + 1);
     memcpy(d->body, rep->str, rep->len);
     d->body[rep->len] = '\0';
     d->len = rep->len;
@@ -310,6 +310,11 @@ static int redis_take(struct broker *b, struct delivery *d, int max) {
     int argc = 8 + r->nheld;
     const char **argv = malloc((size_t)argc * sizeof *argv);
     size_t *argl = malloc((size_t)argc * sizeof *argl);
+    if (!argv || !argl) {
+        free(argv);
+        free(argl);
+        return broker_fail(b, CV_ERETRY, "redis: out of memory");
+    }
     char smax[16], sharers[16];
     snprintf(smax, sizeof smax, "%d", max);
     snprintf(sharers, sizeof sharers, "%d", b->queue && b->queue->workers > 1 ? b->queue->workers : 1);
@@ -344,11 +349,15 @@ static int redis_ack(struct broker *b, const struct delivery *d) {
 static int redis_ack_batch(struct broker *b, const struct delivery *d, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
     if (r->nheld + n > r->held_cap) {
-        r->held_cap = r->nheld + n > 2 * r->held_cap ? r->nheld + n : 2 * r->held_cap;
-        r->held = realloc(r->held, (size_t)r->held_cap * sizeof *r->held);
+        int cap = r->nheld + n > 2 * r->held_cap ? r->nheld + n : 2 * r->held_cap;
+        struct held_ack *held = realloc(r->held, (size_t)cap * sizeof *held);
+        if (!held) return broker_fail(b, CV_ERETRY, "redis: out of memory holding acks");
+        r->held = held;
+        r->held_cap = cap;
     }
     for (int i = 0; i < n; i++) {
         char *copy = malloc(d[i].len ? d[i].len : 1);
+        if (!copy) return broker_fail(b, CV_ERETRY, "redis: out of memory holding acks");
         memcpy(copy, d[i].body, d[i].len);
         r->held[r->nheld++] = (struct held_ack){copy, d[i].len};
     }
@@ -426,13 +435,14 @@ static int redis_dead_letter(struct broker *b, const struct delivery *d, const c
         cJSON_AddStringToObject(o, "message", d->body);
     } else {
         size_t n = sodium_base64_encoded_len(d->len, sodium_base64_VARIANT_ORIGINAL);
-        char *b64 = malloc(n);
+        char *b64 = xmalloc(n);
         sodium_bin2base64(b64, n, (const unsigned char *)d->body, d->len, sodium_base64_VARIANT_ORIGINAL);
         cJSON_AddStringToObject(o, "messageBase64", b64);
         free(b64);
     }
     char *entry = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
+    if (!entry) return broker_fail(b, CV_ERETRY, "redis: out of memory");
     const char *cmds[2] = {"LPUSH", "LREM"};
     const char *keys[2] = {r->dead_key, r->inflight_key};
     const char *vals[2] = {entry, d->body};
@@ -516,10 +526,10 @@ static bool parse_dead(const char *entry, struct dead_letter *d) {
     const cJSON *m64 = cJSON_GetObjectItemCaseSensitive(o, "messageBase64");
     if (cJSON_IsString(m)) {
         d->len = strlen(m->valuestring);
-        d->body = strdup(m->valuestring);
+        d->body = xstrdup(m->valuestring);
     } else if (cJSON_IsString(m64)) {
         size_t cap = strlen(m64->valuestring);
-        d->body = malloc(cap + 1);
+        d->body = xmalloc(cap + 1);
         if (sodium_base642bin((unsigned char *)d->body, cap, m64->valuestring, cap, NULL, &d->len, NULL,
                               sodium_base64_VARIANT_ORIGINAL) != 0)
             d->len = 0;
@@ -529,9 +539,9 @@ static bool parse_dead(const char *entry, struct dead_letter *d) {
         return false;
     }
     const cJSON *f;
-    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "reason"))) d->reason = strdup(f->valuestring);
-    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "error"))) d->error = strdup(f->valuestring);
-    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "failedAt"))) d->failed_at = strdup(f->valuestring);
+    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "reason"))) d->reason = xstrdup(f->valuestring);
+    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "error"))) d->error = xstrdup(f->valuestring);
+    if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(o, "failedAt"))) d->failed_at = xstrdup(f->valuestring);
     if (cJSON_IsNumber(f = cJSON_GetObjectItemCaseSensitive(o, "attempts"))) d->attempts = f->valueint;
     cJSON_Delete(o);
     return true;
@@ -547,7 +557,7 @@ static int redis_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sel
     names_redis(r->base.cfg, "queue", q->name, queue, sizeof queue);
     redisReply *rep = cmd(r, "LRANGE %s 0 -1", dead);
     if (!rep) return last_error(r);
-    if (out) *out = calloc(rep->elements ? rep->elements : 1, sizeof **out);
+    if (out) *out = xcalloc(rep->elements ? rep->elements : 1, sizeof **out);
     int rc = 0, index = 0;
     for (size_t i = rep->elements; i-- > 0 && rc == 0;) {  /* LPUSHed: the oldest is last */
         redisReply *e = rep->element[i];
@@ -585,7 +595,7 @@ static int redis_publish_events(struct broker *b, const struct outgoing_event *e
 static int redis_subscribe(struct broker *b, const char *pattern) {
     struct redis_broker *r = (struct redis_broker *)b;
     free(r->pattern);
-    r->pattern = strdup(pattern ? pattern : "#");
+    r->pattern = xstrdup(pattern ? pattern : "#");
     redisReply *rep = cmd(r, "XREVRANGE %s + - COUNT 1", r->events_key);
     if (!rep) return last_error(r);
     snprintf(r->last_id, sizeof r->last_id, "0-0");
@@ -617,14 +627,14 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
         if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 1) {
             redisReply *entries = rep->element[0]->element[1];
             free(r->pending);
-            r->pending = calloc(entries->elements ? entries->elements : 1, sizeof *r->pending);
+            r->pending = xcalloc(entries->elements ? entries->elements : 1, sizeof *r->pending);
             for (size_t i = 0; i < entries->elements; i++) {
                 redisReply *en = entries->element[i];
                 snprintf(r->last_id, sizeof r->last_id, "%s", en->element[0]->str);
                 redisReply *fields = en->element[1];
                 for (size_t f = 0; f + 1 < fields->elements; f += 2)
                     if (strcmp(fields->element[f]->str, "event") == 0)
-                        r->pending[r->npending++] = strdup(fields->element[f + 1]->str);
+                        r->pending[r->npending++] = xstrdup(fields->element[f + 1]->str);
             }
         }
         freeReplyObject(rep);
@@ -639,6 +649,10 @@ static const struct broker_ops redis_ops = {
 
 struct broker *broker_redis_open(const struct cfg *cfg, char *err, size_t errlen) {
     struct redis_broker *r = calloc(1, sizeof *r);
+    if (!r) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
     r->base.ops = &redis_ops;
     r->base.cfg = cfg;
     names_redis(cfg, "events", NULL, r->events_key, sizeof r->events_key);

@@ -78,7 +78,7 @@ static int get_string(struct loader *l, const config_setting_t *g, const char *n
     const char *v = config_setting_get_string(s);
     if (!*v) return fail(l, s, "'%s' must not be empty", p);
     free(*out);
-    *out = strdup(v);
+    *out = xstrdup(v);
     return 0;
 }
 
@@ -170,7 +170,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
         return fail(l, cmds ? cmds : qs, "'%s.commands' is required: a list of command types", p);
     int n = config_setting_length(cmds);
     if (n == 0) return fail(l, cmds, "'%s.commands' must name at least one command type", p);
-    q->commands = calloc((size_t)n, sizeof *q->commands);
+    q->commands = xcalloc((size_t)n, sizeof *q->commands);
     for (int i = 0; i < n; i++) {
         config_setting_t *e = config_setting_get_elem(cmds, (unsigned)i);
         if (config_setting_type(e) != CONFIG_TYPE_STRING || !*config_setting_get_string(e))
@@ -180,7 +180,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
         if (other) return fail(l, e, "command '%s' is routed twice (queues '%s' and '%s')", t, other->name, q->name);
         for (int j = 0; j < q->ncommands; j++)
             if (strcmp(q->commands[j], t) == 0) return fail(l, e, "command '%s' is listed twice in '%s'", t, q->name);
-        q->commands[q->ncommands++] = strdup(t);
+        q->commands[q->ncommands++] = xstrdup(t);
     }
     return 0;
 }
@@ -257,7 +257,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
         return fail(l, qs, "'queues' must be a list ( { ... }, { ... } )");
     int n = config_setting_length(qs);
     if (n == 0) return fail(l, qs, "'queues' must hold at least one queue");
-    c->queues = calloc((size_t)n, sizeof *c->queues);
+    c->queues = xcalloc((size_t)n, sizeof *c->queues);
     for (int i = 0; i < n; i++) {
         struct cfg_queue *q = &c->queues[i];
         int rc = load_queue(l, c, config_setting_get_elem(qs, (unsigned)i), deflt, q);
@@ -272,7 +272,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
 
 static void set_str(char **dst, const char *v) {
     free(*dst);
-    *dst = strdup(v);
+    *dst = xstrdup(v);
 }
 
 /* The environment wins over the file (README.md, "Configuration"). */
@@ -297,11 +297,11 @@ static int apply_env(struct loader *l, struct cfg *c) {
 
 int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     memset(c, 0, sizeof *c);
-    c->path = strdup(path);
-    c->prefix = strdup("conveyor");
-    c->database_url = strdup("postgresql://conveyor@127.0.0.1:55432/conveyor");
-    c->rabbitmq_url = strdup("amqp://guest:guest@127.0.0.1:55672");
-    c->redis_url = strdup("redis://127.0.0.1:56379/0");
+    c->path = xstrdup(path);
+    c->prefix = xstrdup("conveyor");
+    c->database_url = xstrdup("postgresql://conveyor@127.0.0.1:55432/conveyor");
+    c->rabbitmq_url = xstrdup("amqp://guest:guest@127.0.0.1:55672");
+    c->redis_url = xstrdup("redis://127.0.0.1:56379/0");
     c->events_maxlen = 1000000;
     c->max_message_bytes = 65536;
     c->stock_low_threshold = 10;

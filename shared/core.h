@@ -12,6 +12,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <signal.h> /* sig_atomic_t */
 #include <stdint.h>
 #include <cjson/cJSON.h>
 #include <libpq-fe.h>
@@ -63,6 +64,21 @@ void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
 #define log_warn(...) log_msg(LOG_WARN, NULL, __VA_ARGS__)
 #define log_error(...) log_msg(LOG_ERROR, NULL, __VA_ARGS__)
 #define log_debug(...) log_msg(LOG_DEBUG, NULL, __VA_ARGS__)
+
+/* ---- alloc.c: allocations that do not fail ----------------------------------- */
+/* As malloc, calloc, realloc, strdup and strndup, for small allocations on
+ * paths that have no error to return (a configuration string, a batch's
+ * bookkeeping, a message's copy): when the memory cannot be had they log
+ * "out of memory" (if that line can still be written) and abort(), so they
+ * never return NULL. A worker that aborts holds no acked message: the
+ * supervisor starts another and the broker hands its messages out again. A
+ * function that can return an error class uses malloc and returns it
+ * instead. The caller frees the result. */
+void *xmalloc(size_t size);
+void *xcalloc(size_t n, size_t size);
+void *xrealloc(void *p, size_t size); /* like realloc: p may move; never NULL */
+char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
 
 /* ---- cfg.c: queues.conf ---------------------------------------------------- */
 enum transport { TRANSPORT_RABBITMQ, TRANSPORT_REDIS };
@@ -135,7 +151,7 @@ size_t utf8_chars(const char *s);                  /* code points in a valid str
 
 /* ---- signals.c ------------------------------------------------------------------ */
 /* From now on SIGTERM and SIGINT set *flag to 1 (no SA_RESTART needed: loops poll it). */
-void signals_stop_sets(volatile int *flag);
+void signals_stop_sets(volatile sig_atomic_t *flag);
 
 /* ---- json_check.c ----------------------------------------------------------------- */
 #define JSON_MAX_DEPTH 512
@@ -147,7 +163,7 @@ bool json_check(const char *text, size_t len, int max_depth, const char **why);
 /* Capped exponential backoff with full jitter: delay for attempt n (0-based). */
 int backoff_ms(int attempt, int base_ms, int cap_ms);
 /* Sleeps ms, waking early when *stop becomes true. */
-void backoff_sleep(int ms, volatile int *stop);
+void backoff_sleep(int ms, volatile sig_atomic_t *stop);
 
 /* ---- envelope.c: the command envelope ------------------------------------------- */
 struct envelope {
@@ -191,7 +207,7 @@ bool topic_match(const char *pattern, const char *type);
 PGconn *db_connect(const char *url, char *err, size_t errlen);
 /* Connects, retrying with capped backoff until it succeeds or *stop is set
  * (then NULL). Logs once when the database is lost and once when it is back. */
-PGconn *db_connect_retry(const char *url, volatile int *stop);
+PGconn *db_connect_retry(const char *url, volatile sig_atomic_t *stop);
 /* Closes db (PQfinish) and forgets its prepared statements; NULL is fine. */
 void db_close(PGconn *db);
 /* Runs a parameterised statement, prepared on db the first time it runs
@@ -213,7 +229,8 @@ int db_cmd(PGconn *db, const char *sql);
  * returns the first error among them. Copies sql and params. Returns 0, or an
  * error class when too many wait, or when its PREPARE fails (a new statement is
  * prepared after the ones already deferred have run: then their error, and
- * nothing stays deferred). One connection of a process defers at a time. */
+ * nothing stays deferred), or CV_ERETRY when there is no memory to copy it
+ * (nothing stays deferred either). One connection of a process defers at a time. */
 int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params);
 /* As db_defer, for a statement whose result the caller reads later: when the
  * pipeline has run and the statement succeeded, *out holds its result (the
@@ -226,8 +243,8 @@ void db_discard(PGconn *db);
 
 /* The PostgreSQL array literal of n strings ({"a","b"}: each quoted and
  * escaped, so any text is safe), for a parameter such as $1::uuid[]; NULL
- * items are left out. Returns a malloc'd string the caller frees, or NULL
- * when out of memory. */
+ * items are left out. Returns a malloc'd string the caller frees (never
+ * NULL: xmalloc). */
 char *db_array(const char *const *items, int n);
 
 /* ---- migrate.c --------------------------------------------------------------------------- */

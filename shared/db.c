@@ -27,7 +27,7 @@ PGconn *db_connect(const char *url, char *err, size_t errlen) {
     return db;
 }
 
-PGconn *db_connect_retry(const char *url, volatile int *stop) {
+PGconn *db_connect_retry(const char *url, volatile sig_atomic_t *stop) {
     char err[512];
     for (int attempt = 0; !(stop && *stop); attempt++) {
         PGconn *db = db_connect(url, err, sizeof err);
@@ -164,7 +164,7 @@ static int prepare_once(PGconn *db, const char *sql, int nparams, const char **n
     PQclear(r);
     st->db = db;
     st->hash = h;
-    st->sql = strdup(sql);
+    if (!(st->sql = strdup(sql))) return 0; /* no memory to remember it: it runs unprepared */
     nstmts++;
     *name = st->name;
     return 0;
@@ -232,10 +232,18 @@ int db_defer_result(PGconn *db, const char *sql, int nparams, const char *const 
     deferred_db = db;
     d->sql = strdup(sql);
     d->name = name;
-    d->nparams = nparams;
     d->keep = out;
-    d->params = nparams > 0 ? malloc((size_t)nparams * sizeof *d->params) : NULL;
-    for (int j = 0; j < nparams; j++) d->params[j] = params[j] ? strdup(params[j]) : NULL;
+    d->params = nparams > 0 ? calloc((size_t)nparams, sizeof *d->params) : NULL;
+    d->nparams = d->params ? nparams : 0;
+    bool copied = d->sql && d->nparams == nparams;
+    for (int j = 0; copied && j < nparams; j++)
+        if (params[j] && !(d->params[j] = strdup(params[j]))) copied = false;
+    if (!copied) {
+        db_discard(db); /* frees what was copied; nothing stays deferred */
+        snprintf(last_error, sizeof last_error, "out of memory deferring a statement");
+        log_error("%s", last_error);
+        return CV_ERETRY;
+    }
     return 0;
 }
 
@@ -288,7 +296,8 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
     }
     if (i != total) ok = false;
     if (PQpipelineStatus(db) != PQ_PIPELINE_OFF && PQexitPipelineMode(db) != 1) ok = false;
-    char *keep_sql = strdup(failed_sql);
+    char keep_sql[160]; /* db_result shows this much of it */
+    snprintf(keep_sql, sizeof keep_sql, "%s", failed_sql);
     db_discard(db);
     int rc;
     if (failed) {
@@ -300,7 +309,6 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
     } else {
         rc = sql ? db_result(db, mine, keep_sql, out, sqlstate) : 0;
     }
-    free(keep_sql);
     return rc;
 }
 
@@ -328,8 +336,7 @@ char *db_array(const char *const *items, int n) {
     size_t len = 3;
     for (int i = 0; i < n; i++)
         if (items[i]) len += 2 * strlen(items[i]) + 3; /* quotes, a comma, every character escaped at most */
-    char *out = malloc(len), *p = out;
-    if (!out) return NULL;
+    char *out = xmalloc(len), *p = out;
     *p++ = '{';
     for (int i = 0; i < n; i++) {
         if (!items[i]) continue;

@@ -44,7 +44,7 @@ void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
         size_t n = strlen(line);
         line[n] = '\n';
         ssize_t w = write(STDERR_FILENO, line, n + 1);
-        (void)w;
+        (void)w; /* a log line that cannot be written has nowhere else to go */
         free(line);
     }
 }

@@ -4,18 +4,18 @@
 #include <signal.h>
 #include <string.h>
 
-static volatile int *stop_flag;
+static volatile sig_atomic_t *stop_flag;
 
 static void on_stop(int sig) {
     (void)sig;
     if (stop_flag) *stop_flag = 1;
 }
 
-void signals_stop_sets(volatile int *flag) {
+void signals_stop_sets(volatile sig_atomic_t *flag) {
     stop_flag = flag;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_stop;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    (void)sigaction(SIGTERM, &sa, NULL); /* fails only for an invalid signal */
+    (void)sigaction(SIGINT, &sa, NULL);
 }

@@ -50,7 +50,7 @@ static void command_id_of(const struct dead_letter *d, char out[ID_LEN + 1]) {
 static char *type_of(const struct dead_letter *d) {
     cJSON *o = cJSON_ParseWithLength(d->body, d->len);
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
-    char *s = cJSON_IsString(t) ? strdup(t->valuestring) : strdup("-");
+    char *s = xstrdup(cJSON_IsString(t) ? t->valuestring : "-");
     cJSON_Delete(o);
     return s;
 }

@@ -17,7 +17,7 @@ int handle_change_password(struct cmd_ctx *ctx) {
     else if (strlen(cur->valuestring) > 128) verr_add(&v, "currentPassword", "must be at most 128 bytes");
     else current = cur->valuestring;
     v_password(&v, p, "newPassword", true, &next);
-    if (verr_any(&v)) return ctx_reject_invalid(ctx, &v);
+    if (verr_any(&v) || !current || !next) return ctx_reject_invalid(ctx, &v); /* both set when nothing is wrong */
     if (ctx->validate_only) return 0;
 
     const char *params[2] = {user_id, NULL};

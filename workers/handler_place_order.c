@@ -70,6 +70,10 @@ int handle_place_order(struct cmd_ctx *ctx) {
     /* lock every product row, in id order */
     size_t cap = (size_t)n * (ID_LEN + 1) + 3;
     char *ids = calloc(1, cap), *qtys = calloc(1, (size_t)n * 12 + 3);
+    if (!ids || !qtys) {
+        rc = CV_ERETRY; /* out of memory: the command is tried again later */
+        goto out;
+    }
     strcpy(ids, "{");
     strcpy(qtys, "{");
     for (int i = 0; i < n; i++) {

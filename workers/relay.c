@@ -65,6 +65,7 @@ static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_flo
         return 0;
     }
     struct outgoing_event *ev = calloc((size_t)n, sizeof *ev);
+    if (!ev) { PQclear(r); return CV_ERETRY; } /* out of memory: the rows wait for a later claim */
     size_t idlen = 3;
     for (int i = 0; i < n; i++) {
         ev[i].id = PQgetvalue(r, i, 1);
@@ -81,6 +82,7 @@ static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_flo
     }
     /* {id,id,...}: a bigint[] literal built from the ids the database gave us */
     char *ids = malloc(idlen), *w = ids;
+    if (!ids) { PQclear(r); return CV_ERETRY; } /* published, unmarked: found again by a later claim */
     *w++ = '{';
     for (int i = 0; i < n; i++) w += sprintf(w, "%s%s", i ? "," : "", PQgetvalue(r, i, 0));
     *w++ = '}';

@@ -52,7 +52,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     signal(SIGHUP, SIG_IGN);
     signal(SIGCHLD, SIG_DFL);
     sigprocmask(SIG_UNBLOCK, mask, NULL);
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    (void)prctl(PR_SET_PDEATHSIG, SIGTERM); /* fails only for an invalid signal */
     /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper */
     char comm[16];
     snprintf(comm, sizeof comm, "cv-%s%s%s", kind_name[c->kind], c->kind == CHILD_WORKER ? "-" : "",
@@ -87,11 +87,11 @@ static void start_generation(struct pool *p) {
         redis_queues |= cfg->queues[i].transport == TRANSPORT_REDIS;
     }
     n += redis_queues;
-    p->kids = calloc((size_t)n, sizeof *p->kids);
+    p->kids = xcalloc((size_t)n, sizeof *p->kids);
     p->nkids = n;
     p->generation++;
     char host[64];
-    gethostname(host, sizeof host);
+    if (gethostname(host, sizeof host) != 0) snprintf(host, sizeof host, "localhost");
     host[sizeof host - 1] = '\0';
     int k = 0;
     for (int i = 0; i < cfg->nqueues; i++)
@@ -134,7 +134,13 @@ static void reload(struct pool *p) {
         }
     }
     log_info("SIGHUP: %s reloaded; replacing the pool's children one by one", p->cfg->path);
-    p->retiring = realloc(p->retiring, (size_t)(p->nretiring + p->nkids) * sizeof *p->retiring);
+    pid_t *retiring = realloc(p->retiring, (size_t)(p->nretiring + p->nkids) * sizeof *p->retiring);
+    if (!retiring) {
+        log_error("SIGHUP: out of memory; keeping the running configuration");
+        cfg_free(&next);
+        return;
+    }
+    p->retiring = retiring;
     for (int i = 0; i < p->nkids; i++)
         if (p->kids[i].pid) p->retiring[p->nretiring++] = p->kids[i].pid;
     free(p->kids);

@@ -40,7 +40,7 @@ int v_string(struct verr *v, const cJSON *obj, const char *field, bool required,
         while (s < e && isspace((unsigned char)*s)) s++;
         while (e > s && isspace((unsigned char)e[-1])) e--;
     }
-    char *copy = strndup(s, (size_t)(e - s));
+    char *copy = xstrndup(s, (size_t)(e - s));
     size_t n = utf8_chars(copy);
     if (n < min_chars || n > max_chars) {
         char reason[96];

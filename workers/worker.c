@@ -44,12 +44,11 @@
 #include <strings.h>
 #include <unistd.h>
 
-volatile int stop_requested;
+volatile sig_atomic_t stop_requested;
 
 struct worker {
     const struct cfg *cfg;
     const struct cfg_queue *q;
-    const char *id;
     PGconn *db;
     struct broker *broker;
     char notify_sql[160];  /* NOTIFY "<prefix>_outbox" */
@@ -266,21 +265,19 @@ static void abandon_transaction(PGconn *db) {
     if (PQstatus(db) == CONNECTION_OK) PQclear(PQexec(db, "ROLLBACK"));
 }
 
-/* The array literal of the ids of the items pick accepts (db_array); caller frees. */
+/* The array literal of the ids of the items pick accepts (db_array); caller frees; never NULL. */
 static char *id_array(struct item **v, int n, bool (*pick)(const struct item *)) {
-    const char **ids = malloc((size_t)n * sizeof *ids);
-    if (!ids) return NULL;
+    const char **ids = xmalloc((size_t)(n ? n : 1) * sizeof *ids);
     for (int i = 0; i < n; i++) ids[i] = pick(v[i]) ? v[i]->env.id : NULL;
     char *s = db_array(ids, n);
     free(ids);
     return s;
 }
 
-/* The array literal of a cJSON array of strings (db_array); caller frees. */
+/* The array literal of a cJSON array of strings (db_array); caller frees; never NULL. */
 static char *json_array_literal(const cJSON *a) {
     int n = cJSON_GetArraySize(a), i = 0;
-    const char **items = malloc((size_t)(n ? n : 1) * sizeof *items);
-    if (!items) return NULL;
+    const char **items = xmalloc((size_t)(n ? n : 1) * sizeof *items);
     const cJSON *e;
     cJSON_ArrayForEach(e, a) items[i++] = e->valuestring;
     char *s = db_array(items, n);
@@ -367,16 +364,10 @@ static void sort_by_key(struct item **v, int n) {
  * go ahead of the next statement, in the same round trip, and claim_read reads
  * the result. Returns 0 or an error class. */
 static int claim_send(struct worker *w, struct item **v, int n) {
-    const char **type_list = malloc((size_t)n * sizeof *type_list);
-    if (!type_list) return CV_ERETRY;
+    const char **type_list = xmalloc((size_t)n * sizeof *type_list);
     for (int i = 0; i < n; i++) type_list[i] = v[i]->env.type;
     char *ids = id_array(v, n, any_item), *types = db_array(type_list, n);
     free(type_list);
-    if (!ids || !types) {
-        free(ids);
-        free(types);
-        return CV_ERETRY;
-    }
     const char *p[2] = {ids, types};
     PQclear(w->claim);
     int rc = db_defer(w->db, "BEGIN", 0, NULL);
@@ -590,7 +581,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
             claim_pending = false;
             if ((rc = claim_read(w, v, n, v[i]->rc)) < 0) {
                 v[i]->rc = rc; /* the claim itself failed: the whole batch did */
-                v[i]->error = strdup(db_last_error());
+                v[i]->error = xstrdup(db_last_error());
                 break;
             }
             if (!v[i]->claimed) { /* done before: undo what it did */
@@ -615,7 +606,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
             any = true;
             continue;
         }
-        v[i]->error = strdup(db_last_error());
+        v[i]->error = xstrdup(db_last_error());
         if (!savepoints || PQstatus(db) != CONNECTION_OK) rc = v[i]->rc;
         else rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", i); /* this one alone is retried */
     }
@@ -628,7 +619,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
             if (v[i]->rc >= 0) {
                 v[i]->rc = rc;
                 free(v[i]->error);
-                v[i]->error = strdup(db_last_error());
+                v[i]->error = xstrdup(db_last_error());
             }
     return rc;
 }
@@ -636,7 +627,7 @@ static int run_batch(struct worker *w, struct item **v, int n) {
 /* Runs the n messages of a batch, then settles each: acks after the commit
  * (one ack for a batch that went through whole), retries or dead letters. */
 static void process_batch(struct worker *w, struct item *items, int n) {
-    struct item **v = malloc((size_t)n * sizeof *v);
+    struct item **v = xmalloc((size_t)n * sizeof *v);
     int nv = 0;
     for (int i = 0; i < n; i++)
         if (admit(w, &items[i])) v[nv++] = &items[i];
@@ -668,7 +659,7 @@ static void process_batch(struct worker *w, struct item *items, int n) {
         if (v[i]->rc < 0) attempt_failed(w, v[i]);
         else log_msg(LOG_DEBUG, v[i]->env.id, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
     }
-    struct delivery *acks = malloc((size_t)n * sizeof *acks);
+    struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;
     for (int i = 0; i < n; i++) /* in arrival order */
         if (items[i].live && items[i].rc >= 0) acks[nacks++] = items[i].d;
@@ -711,7 +702,7 @@ static bool should_recycle(struct worker *w) {
 }
 
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
-    struct worker w = {.cfg = cfg, .q = q, .id = worker_id};
+    struct worker w = {.cfg = cfg, .q = q};
     snprintf(w.notify_sql, sizeof w.notify_sql, "NOTIFY \"%s_outbox\"", cfg->prefix);
     char err[512];
     for (int attempt = 0; !stop_requested && !w.broker; attempt++) {
@@ -733,8 +724,8 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     /* one take hands over up to the prefetch (what is already delivered or
      * waiting: one Redis round trip and AOF sync for several transactions) */
     int take_max = q->prefetch > q->batch_size ? q->prefetch : q->batch_size;
-    struct item *items = calloc((size_t)take_max, sizeof *items);
-    struct delivery *extra = calloc((size_t)take_max, sizeof *extra);
+    struct item *items = xcalloc((size_t)take_max, sizeof *items);
+    struct delivery *extra = xcalloc((size_t)take_max, sizeof *extra);
     while (!stop_requested) {
         if (!w.db && !(w.db = db_connect_retry(cfg->database_url, &stop_requested))) break; /* take nothing while the database is away */
         /* a batch is what is already delivered; when nothing is, the first one is

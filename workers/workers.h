@@ -140,7 +140,7 @@ void emit_stock_notifications(struct cmd_ctx *ctx, const char *product_id, long 
 int password_hash(const struct cmd_ctx *ctx, const char *password, char out[128]);
 
 /* ---- worker.c / relay.c / supervisor.c ------------------------------------------ */
-extern volatile int stop_requested; /* set by SIGTERM / SIGINT in a child */
+extern volatile sig_atomic_t stop_requested; /* set by SIGTERM / SIGINT in a child */
 
 /* Consumes queue q until stop_requested; returns the process exit status. */
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id);

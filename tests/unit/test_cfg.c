@@ -11,8 +11,10 @@ static char err[1024];
 static int load_text(const char *text, struct cfg *c) {
     snprintf(path, sizeof path, "/tmp/conveyor-test-%d.conf", (int)getpid());
     FILE *f = fopen(path, "w");
-    fputs(text, f);
-    fclose(f);
+    if (!f || fputs(text, f) == EOF || fclose(f) != 0) {
+        perror(path);
+        exit(1);
+    }
     err[0] = '\0';
     int rc = cfg_load(path, c, err, sizeof err);
     unlink(path);

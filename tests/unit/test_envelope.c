@@ -86,7 +86,7 @@ TEST(not_exactly_one_json_object_is_dead) {
 
 TEST(deep_nesting_is_dead) {
     size_t depth = 10000;
-    char *s = malloc(depth * 2 + 128);
+    char *s = xmalloc(depth * 2 + 128);
     strcpy(s, "{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":");
     size_t n = strlen(s);
     for (size_t i = 0; i < depth; i++) s[n++] = '[';
@@ -98,7 +98,7 @@ TEST(deep_nesting_is_dead) {
 
 TEST(size_limit_both_sides) {
     struct envelope e;
-    char *s = malloc(MAX + 2);
+    char *s = xmalloc(MAX + 2);
     const char *head = "{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{\"a\":\"";
     size_t n = strlen(head);
     memcpy(s, head, n);

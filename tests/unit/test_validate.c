@@ -7,7 +7,7 @@
 /* A string of n copies of the UTF-8 character c. */
 static char *rep(const char *c, size_t n) {
     size_t l = strlen(c);
-    char *s = malloc(l * n + 1);
+    char *s = xmalloc(l * n + 1);
     for (size_t i = 0; i < n; i++) memcpy(s + i * l, c, l);
     s[l * n] = '\0';
     return s;
