@@ -3,17 +3,21 @@
  * Two connections, each opened on first use and dropped on any error (the next
  * call re-opens it): "consume" carries basic.consume deliveries and acks;
  * "publish" is in confirm mode and only publishes, so confirms never interleave
- * with deliveries. Topology: docs/contract.md, "RabbitMQ".
+ * with deliveries. Topology: docs/contract.md, "RabbitMQ". An amqps:// URL opens
+ * both over TLS (new_socket: the one place a RabbitMQ socket is made).
  */
 #include "broker_backend.h"
 
 #include <amqp.h>
+#include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define CHANNEL 1
+/* amqps:// without rabbitmq.ca_file: the system's trust store (Debian's ca-certificates) */
+#define SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
 
 struct amqp_broker {
     struct broker base;
@@ -98,21 +102,97 @@ static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what
     return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s: unknown reply", what);
 }
 
+/* Makes the socket of connection c (which owns it) in *out: plain TCP for
+ * amqp://; for amqps:// TLS that verifies the broker's certificate chain
+ * (against rabbitmq.ca_file, else the system's trust store) and that it names
+ * the URL's host, and presents the client certificate of rabbitmq.cert_file and
+ * key_file if set. Returns 0, or a class with the reason in a->base.err
+ * (CV_EFATAL when a certificate file cannot be used). */
+static int new_socket(struct amqp_broker *a, amqp_connection_state_t c, amqp_socket_t **out) {
+    const struct cfg *cfg = a->base.cfg;
+    amqp_socket_t *s = a->info.ssl ? amqp_ssl_socket_new(c) : amqp_tcp_socket_new(c);
+    if (!s) return broker_fail(&a->base, CV_ERETRY, "rabbitmq: cannot make a %s socket", a->info.ssl ? "TLS" : "TCP");
+    if (a->info.ssl) {
+        amqp_ssl_socket_set_verify_peer(s, 1);
+        amqp_ssl_socket_set_verify_hostname(s, 1);
+        const char *ca = cfg->rabbitmq_ca_file ? cfg->rabbitmq_ca_file : SYSTEM_CA_FILE;
+        if (amqp_ssl_socket_set_cacert(s, ca) != AMQP_STATUS_OK)
+            return broker_fail(&a->base, CV_EFATAL, "rabbitmq: cannot read the CA certificates in '%s' (%s)", ca,
+                               cfg->rabbitmq_ca_file ? "rabbitmq.ca_file" : "the system's; set rabbitmq.ca_file");
+        if (cfg->rabbitmq_cert_file &&
+            amqp_ssl_socket_set_key(s, cfg->rabbitmq_cert_file, cfg->rabbitmq_key_file) != AMQP_STATUS_OK)
+            return broker_fail(&a->base, CV_EFATAL,
+                               "rabbitmq: cannot use the client certificate '%s' with the key '%s' (rabbitmq.cert_file "
+                               "and key_file: PEM, the key unencrypted and that certificate's)",
+                               cfg->rabbitmq_cert_file, cfg->rabbitmq_key_file);
+    }
+    *out = s;
+    return 0;
+}
+
+/* Why a socket did not open, in a->base.err: a certificate TLS refused is
+ * CV_EFATAL (configuration: it will not pass on its own), anything else CV_ERETRY. */
+static int open_failed(struct amqp_broker *a, int status) {
+    const char *where = a->base.cfg->rabbitmq_ca_file ? "rabbitmq.ca_file" : "the system's trust store";
+    switch (status) {
+    case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED:
+        return broker_fail(&a->base, CV_EFATAL,
+                           "rabbitmq %s:%d: TLS: the server's certificate is not for host '%s' (the RabbitMQ URL "
+                           "must name the host as its certificate does)", a->info.host, a->info.port, a->info.host);
+    case AMQP_STATUS_SSL_PEER_VERIFY_FAILED:
+        return broker_fail(&a->base, CV_EFATAL,
+                           "rabbitmq %s:%d: TLS: the server's certificate is not trusted (not signed by a CA of "
+                           "%s, or expired)", a->info.host, a->info.port, where);
+    case AMQP_STATUS_SSL_CONNECTION_FAILED:
+        return broker_fail(&a->base, CV_ERETRY,
+                           "rabbitmq %s:%d: TLS handshake failed (is the port TLS? does the server want a client "
+                           "certificate, rabbitmq.cert_file?)", a->info.host, a->info.port);
+    default:
+        return broker_fail(&a->base, CV_ERETRY, "rabbitmq %s:%d: %s", a->info.host, a->info.port,
+                           amqp_error_string2(status));
+    }
+}
+
+/* Logs in on the open connection c. Returns 0, or a class with the reason
+ * in a->base.err, naming the broker, with a hint when the connection broke at
+ * once: plain AMQP spoken to a TLS port, or a TLS server that wants a client
+ * certificate (TLS 1.3 refuses it after the handshake, on the first read). */
+static int login(struct amqp_broker *a, amqp_connection_state_t c) {
+    const char *vhost = a->info.vhost && *a->info.vhost ? a->info.vhost : "/";
+    amqp_rpc_reply_t r = amqp_login(c, vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, a->info.user, a->info.password);
+    char what[300];
+    snprintf(what, sizeof what, "%s:%d login", a->info.host, a->info.port);
+    int rc = rpc_check(a, r, what);
+    const char *hint = NULL;
+    if (rc < 0 && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
+        if (a->info.ssl && r.library_error == AMQP_STATUS_SSL_ERROR)
+            hint = " (TLS: the server refused the client certificate or wants one: rabbitmq.cert_file and key_file)";
+        else if (!a->info.ssl && r.library_error == AMQP_STATUS_SOCKET_ERROR)
+            hint = " (is the port TLS? then the URL is amqps://)";
+    }
+    if (hint) {
+        size_t n = strlen(a->base.err);
+        snprintf(a->base.err + n, sizeof a->base.err - n, "%s", hint);
+    }
+    return rc;
+}
+
 /* Opens a connection with channel 1 (in confirm mode when confirms). */
 static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
     if (*out) return 0;
     amqp_connection_state_t c = amqp_new_connection();
-    amqp_socket_t *s = amqp_tcp_socket_new(c);
-    struct timeval tv = {5, 0};
-    int rc = s ? amqp_socket_open_noblock(s, a->info.host, a->info.port, &tv) : AMQP_STATUS_NO_MEMORY;
-    if (rc != AMQP_STATUS_OK) {
+    amqp_socket_t *s = NULL;
+    int rc = new_socket(a, c, &s);
+    if (rc < 0) {
         amqp_destroy_connection(c);
-        return broker_fail(&a->base, CV_ERETRY, "rabbitmq %s:%d: %s", a->info.host, a->info.port,
-                           amqp_error_string2(rc));
+        return rc;
     }
-    const char *vhost = a->info.vhost && *a->info.vhost ? a->info.vhost : "/";
-    if ((rc = rpc_check(a, amqp_login(c, vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, a->info.user,
-                                      a->info.password), "login")) < 0) {
+    struct timeval tv = {5, 0};
+    if ((rc = amqp_socket_open_noblock(s, a->info.host, a->info.port, &tv)) != AMQP_STATUS_OK) {
+        amqp_destroy_connection(c);
+        return open_failed(a, rc);
+    }
+    if ((rc = login(a, c)) < 0) {
         amqp_destroy_connection(c);
         return rc;
     }

@@ -189,6 +189,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
                                       "limits", "domain", "relay", "supervisor", "retry", "queues", NULL};
     static const char *const k_url[] = {"url", NULL};
+    static const char *const k_rabbitmq[] = {"url", "ca_file", "cert_file", "key_file", NULL};
     static const char *const k_redis[] = {"url", "heartbeat_interval", "heartbeat_ttl", NULL};
     static const char *const k_retry[] = {"base_delay_ms", "max_delay_ms", NULL};
     static const char *const k_events[] = {"transport", "stream_maxlen", NULL};
@@ -213,7 +214,11 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     free(tr);
 
     if (get_group(l, root, "database", k_url, &g) < 0 || get_string(l, g, "url", &c->database_url) < 0) return -1;
-    if (get_group(l, root, "rabbitmq", k_url, &g) < 0 || get_string(l, g, "url", &c->rabbitmq_url) < 0) return -1;
+    if (get_group(l, root, "rabbitmq", k_rabbitmq, &g) < 0 || get_string(l, g, "url", &c->rabbitmq_url) < 0 ||
+        get_string(l, g, "ca_file", &c->rabbitmq_ca_file) < 0 || get_string(l, g, "cert_file", &c->rabbitmq_cert_file) < 0 ||
+        get_string(l, g, "key_file", &c->rabbitmq_key_file) < 0) return -1;
+    if (!c->rabbitmq_cert_file != !c->rabbitmq_key_file)
+        return fail(l, g, "'rabbitmq.cert_file' and 'rabbitmq.key_file' go together: set both or neither");
     if (get_group(l, root, "redis", k_redis, &g) < 0 || get_string(l, g, "url", &c->redis_url) < 0 ||
         get_int(l, g, "heartbeat_interval", 1, 3600, &c->heartbeat_interval_s) < 0 ||
         get_int(l, g, "heartbeat_ttl", 2, 86400, &c->heartbeat_ttl_s) < 0) return -1;
@@ -288,6 +293,8 @@ static int apply_env(struct loader *l, struct cfg *c) {
         for (int i = 0; i < c->nqueues; i++) c->queues[i].transport = t;
         c->events_transport = t;
     }
+    if ((c->rabbitmq_ca_file || c->rabbitmq_cert_file) && strncmp(c->rabbitmq_url, "amqps://", 8) != 0)
+        return fail(l, NULL, "'rabbitmq.ca_file' and 'rabbitmq.cert_file' are for TLS: the RabbitMQ URL must then be amqps://");
     if ((v = getenv("CONVEYOR_EVENTS_TRANSPORT")) && *v) {
         if (transport_parse(v, &c->events_transport) < 0)
             return fail(l, NULL, "CONVEYOR_EVENTS_TRANSPORT must be \"rabbitmq\" or \"redis\" (got \"%s\")", v);
@@ -352,6 +359,9 @@ void cfg_free(struct cfg *c) {
     free(c->prefix);
     free(c->database_url);
     free(c->rabbitmq_url);
+    free(c->rabbitmq_ca_file);
+    free(c->rabbitmq_cert_file);
+    free(c->rabbitmq_key_file);
     free(c->redis_url);
     memset(c, 0, sizeof *c);
 }

@@ -104,6 +104,9 @@ struct cfg {
     char *prefix;             /* "conveyor": exchange, queue and key names */
     char *database_url;
     char *rabbitmq_url;
+    char *rabbitmq_ca_file;   /* amqps: CA certificates (PEM) that verify the broker; NULL: the system's */
+    char *rabbitmq_cert_file; /* amqps: client certificate (PEM), with rabbitmq_key_file; NULL: none */
+    char *rabbitmq_key_file;
     char *redis_url;
     enum transport events_transport;
     long events_maxlen;       /* Redis stream MAXLEN ~ */

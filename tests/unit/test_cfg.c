@@ -171,6 +171,41 @@ TEST(environment_overrides_file) {
     clear_env();
 }
 
+TEST(rabbitmq_tls_keys) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(!c.rabbitmq_ca_file && !c.rabbitmq_cert_file && !c.rabbitmq_key_file);
+    cfg_free(&c);
+    CHECK(load_text("rabbitmq: { url = \"amqps://u:p@h:5671\"; ca_file = \"/ca.pem\";\n"
+                    "            cert_file = \"/c.pem\"; key_file = \"/c.key\"; };\n" MINIMAL, &c) == 0);
+    CHECK_STR(c.rabbitmq_ca_file, "/ca.pem");
+    CHECK_STR(c.rabbitmq_cert_file, "/c.pem");
+    CHECK_STR(c.rabbitmq_key_file, "/c.key");
+    cfg_free(&c);
+    /* a certificate without its key, or the other way round */
+    CHECK(load_text("rabbitmq: { url = \"amqps://h\";\n cert_file = \"/c.pem\"; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "'rabbitmq.cert_file' and 'rabbitmq.key_file' go together") != NULL);
+    CHECK(strstr(err, ":1:") != NULL);
+    CHECK(load_text("rabbitmq: { url = \"amqps://h\"; key_file = \"/c.key\"; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "go together") != NULL);
+    CHECK(load_text("rabbitmq: { ca_file = \"\"; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "'rabbitmq.ca_file' must not be empty") != NULL);
+    CHECK(load_text("rabbitmq: { tls = true; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "unknown setting 'rabbitmq.tls'") != NULL);
+    /* TLS files with a plain URL: refused, also when the URL comes from the environment */
+    CHECK(load_text("rabbitmq: { url = \"amqp://h\"; ca_file = \"/ca.pem\"; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "must then be amqps://") != NULL);
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://u:p@h:1/", 1);
+    CHECK(load_text("rabbitmq: { url = \"amqps://h\"; ca_file = \"/ca.pem\"; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "must then be amqps://") != NULL && strstr(err, "u:p") == NULL);
+    setenv("CONVEYOR_RABBITMQ_URL", "amqps://u:p@h:1/", 1);
+    CHECK(load_text("rabbitmq: { ca_file = \"/ca.pem\"; };\n" MINIMAL, &c) == 0);
+    CHECK_STR(c.rabbitmq_ca_file, "/ca.pem");
+    cfg_free(&c);
+    clear_env();
+}
+
 TEST(events_transport_follows_default_unless_set) {
     clear_env();
     struct cfg c;

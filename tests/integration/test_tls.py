@@ -1,0 +1,319 @@
+"""TLS end to end: a PostgreSQL that accepts only hostssl connections and (on the
+rabbitmq transport) a RabbitMQ node with only a TLS listener that wants a client
+certificate, both started here with a CA and certificates made with openssl.
+Commands go over them through the real binaries; a certificate that does not name
+the host, one from an unknown CA, a missing client certificate and a plain
+connection are each refused with a readable error.
+
+The servers live under /var/tmp/conveyor-tls-<transport> (reachable by the
+postgres and rabbitmq users) on 127.0.0.1 and 127.0.0.2: connecting to
+127.0.0.2, a name the server's certificate does not bear, is the wrong-host case.
+Ports: CONVEYOR_TLS_PORT_BASE (57000) + 0/1/2, + 10 on the redis transport, so
+both transports can run at once."""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import psycopg2
+
+from harness import BIN, TRANSPORT, Failure, Pool, check, eq, run_bin, write_config
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+BASE = int(os.environ.get("CONVEYOR_TLS_PORT_BASE", "57000")) + (10 if TRANSPORT == "redis" else 0)
+PG_PORT, AMQP_PORT, DIST_PORT = BASE, BASE + 1, BASE + 2
+NODE = "conveyortls@localhost" if TRANSPORT == "rabbitmq" else "conveyortls-redis@localhost"
+STATE = f"/var/tmp/conveyor-tls-{TRANSPORT}"
+CERTS = os.path.join(STATE, "certs")
+
+
+def sh(*cmd, check_=True, timeout=120, env=None, user=None):
+    if user:  # as the server's own user, like scripts/servers.sh
+        cmd = ("su", user, "-s", "/bin/sh", "-c", " ".join(f"'{c}'" for c in cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check_ and r.returncode != 0:
+        raise Failure(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr}{r.stdout}")
+    return r
+
+
+# ---- certificates ------------------------------------------------------------------
+
+def make_certs():
+    """A CA; a server certificate for localhost and 127.0.0.1 (not 127.0.0.2); a
+    client certificate; and a second CA that signed none of them. The address is
+    a DNS name of the server certificate too: librabbitmq-c 0.11 compares only
+    those (libpq takes the IP entry)."""
+    os.makedirs(CERTS)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args):
+        sh("openssl", *args)
+
+    def path(name):
+        return os.path.join(CERTS, name)
+
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", *ec, "-keyout", path(f"{ca}.key"), "-out", path(f"{ca}.pem"), "-days", "2",
+                "-subj", f"/CN=Conveyor test {ca}")
+    for name, cn, ext in (("server", "localhost",
+                           "subjectAltName=DNS:localhost,DNS:127.0.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                          ("client", "conveyor", "extendedKeyUsage=clientAuth")):
+        with open(path(f"{name}.ext"), "w") as f:
+            f.write(ext + "\n")
+        openssl("req", *ec, "-keyout", path(f"{name}.key"), "-out", path(f"{name}.csr"), "-subj", f"/CN={cn}")
+        openssl("x509", "-req", "-in", path(f"{name}.csr"), "-CA", path("ca.pem"), "-CAkey", path("ca.key"),
+                "-CAcreateserial", "-days", "2", "-extfile", path(f"{name}.ext"), "-out", path(f"{name}.pem"))
+    for f in os.listdir(CERTS):
+        os.chmod(path(f), 0o600 if f.endswith(".key") else 0o644)
+
+
+def server_copy(dest, owner):
+    """The server's certificate, key and CA, copied into dest for owner (0600 key)."""
+    os.makedirs(dest, exist_ok=True)
+    for f in ("server.pem", "server.key", "ca.pem"):
+        shutil.copy(os.path.join(CERTS, f), dest)
+    os.chmod(os.path.join(dest, "server.key"), 0o600)
+    sh("chown", "-R", f"{owner}:{owner}", dest)
+
+
+# ---- the servers ---------------------------------------------------------------------
+
+def pg_url(host="127.0.0.1", db="conveyor", ca="ca.pem", mode="verify-full"):
+    return (f"postgresql://conveyor@{host}:{PG_PORT}/{db}?sslmode={mode}"
+            f"&sslrootcert={os.path.join(CERTS, ca)}&connect_timeout=5")
+
+
+def pg_start():
+    d = os.path.join(STATE, "pg")
+    server_copy(os.path.join(STATE, "pg-tls"), "postgres")
+    os.makedirs(d)
+    sh("chown", "postgres:postgres", d)
+    os.chmod(d, 0o700)
+    sh(f"{PG_BIN}/initdb", "-D", d, "-U", "conveyor", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8",
+       user="postgres")
+    tls = os.path.join(STATE, "pg-tls")
+    with open(os.path.join(d, "postgresql.conf"), "a") as f:
+        f.write(f"listen_addresses = '127.0.0.1,127.0.0.2'\nport = {PG_PORT}\nunix_socket_directories = '{d}'\n"
+                f"ssl = on\nssl_cert_file = '{tls}/server.pem'\nssl_key_file = '{tls}/server.key'\n"
+                "fsync = off\n")
+    with open(os.path.join(d, "pg_hba.conf"), "w") as f:
+        f.write("hostssl all all 127.0.0.0/8 trust\n")  # TLS only: no host, no local lines
+    sh(f"{PG_BIN}/pg_ctl", "-w", "-t", "60", "-D", d, "-l", os.path.join(d, "server.log"), "start", user="postgres")
+    c = psycopg2.connect(pg_url(db="postgres"))
+    c.autocommit = True
+    c.cursor().execute("CREATE DATABASE conveyor")
+    c.close()
+
+
+def pg_stop():
+    d = os.path.join(STATE, "pg")
+    if os.path.exists(os.path.join(d, "postmaster.pid")):
+        sh(f"{PG_BIN}/pg_ctl", "-w", "-D", d, "-m", "immediate", "stop", user="postgres", check_=False)
+
+
+def rabbit_env():
+    r = os.path.join(STATE, "rabbitmq")
+    return dict(os.environ, RABBITMQ_NODENAME=NODE, RABBITMQ_DIST_PORT=str(DIST_PORT),
+                RABBITMQ_MNESIA_BASE=f"{r}/mnesia", RABBITMQ_LOG_BASE=f"{r}/log",
+                RABBITMQ_PID_FILE=f"{r}/rabbitmq.pid", RABBITMQ_ENABLED_PLUGINS_FILE=f"{r}/enabled_plugins",
+                RABBITMQ_CONFIG_FILE=f"{r}/rabbitmq")
+
+
+def rabbit_start():
+    r = os.path.join(STATE, "rabbitmq")
+    os.makedirs(f"{r}/mnesia")
+    os.makedirs(f"{r}/log")
+    server_copy(f"{r}/tls", "rabbitmq")
+    with open(f"{r}/enabled_plugins", "w") as f:
+        f.write("[].\n")
+    with open(f"{r}/rabbitmq.conf", "w") as f:
+        f.write(f"""loopback_users.guest = true
+listeners.tcp = none
+listeners.ssl.1 = 127.0.0.1:{AMQP_PORT}
+listeners.ssl.2 = 127.0.0.2:{AMQP_PORT}
+ssl_options.cacertfile = {r}/tls/ca.pem
+ssl_options.certfile = {r}/tls/server.pem
+ssl_options.keyfile = {r}/tls/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+""")
+    sh("chown", "-R", "rabbitmq:rabbitmq", r)
+    env = rabbit_env()
+    with open(f"{r}/log/console.log", "w") as log:
+        subprocess.Popen(["rabbitmq-server"], env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + 60
+    while not os.path.exists(env["RABBITMQ_PID_FILE"]):
+        if time.time() > deadline:
+            raise Failure(f"the TLS RabbitMQ did not start: {open(f'{r}/log/console.log').read()[-2000:]}")
+        time.sleep(0.2)
+    r2 = sh("rabbitmqctl", "-q", "-n", NODE, "wait", env["RABBITMQ_PID_FILE"], env=env, check_=False, timeout=120)
+    if r2.returncode != 0:
+        raise Failure(f"the TLS RabbitMQ did not start: {r2.stderr}\n{open(f'{r}/log/console.log').read()[-2000:]}")
+
+
+def rabbit_stop():
+    env = rabbit_env()
+    pid_file = env["RABBITMQ_PID_FILE"]
+    if not os.path.exists(pid_file):
+        return
+    pid = open(pid_file).read().strip()
+    sh("rabbitmqctl", "-q", "-n", NODE, "stop", pid_file, env=env, check_=False, timeout=60)
+    if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+        os.kill(int(pid), 9)
+
+
+def teardown():
+    """Stops what an earlier (possibly killed) run or this one started, and deletes it."""
+    if os.path.exists(STATE):
+        try:
+            pg_stop()
+            rabbit_stop()
+        finally:
+            shutil.rmtree(STATE)
+
+
+# ---- running the binaries --------------------------------------------------------------
+
+def tls_config(ca="ca.pem", client_cert=True):
+    """Lines of queues.conf for the TLS RabbitMQ."""
+    keys = f'ca_file = "{os.path.join(CERTS, ca)}";'
+    if client_cert:
+        keys += f' cert_file = "{os.path.join(CERTS, "client.pem")}"; key_file = "{os.path.join(CERTS, "client.key")}";'
+    return f"rabbitmq: {{ {keys} }};"
+
+
+def amqps_url(host="127.0.0.1"):
+    return f"amqps://guest:guest@{host}:{AMQP_PORT}"
+
+
+def conf(extra):
+    """A queues.conf with extra, under STATE (deleted with it)."""
+    path = os.path.join(STATE, f"conveyor-{len(os.listdir(STATE))}.conf")
+    shutil.move(write_config(extra=extra), path)
+    return path
+
+
+def produce(config, env, *args):
+    return run_bin("conveyor-produce", "-c", config, "--timeout", "30", *args, env=env, timeout=60)
+
+
+def one_line(r, what):
+    """A refusal: a non-zero exit and one readable line on stderr (no password)."""
+    lines = r.stderr.strip().splitlines()
+    print(f"refused, {what}: {r.stderr.strip()}")
+    eq(len(lines), 1, f"{what}: one line on stderr (got {r.stderr!r})")
+    check("guest:guest" not in r.stderr and ":guest@" not in r.stderr, f"{what}: no password in {r.stderr!r}")
+    return lines[0]
+
+
+def setup_waits(config, env, want, timeout=15):
+    """conveyor-workers --setup that cannot connect: it logs why once, with
+    want, keeps retrying (as for any outage) and declares nothing; returns the log."""
+    path = os.path.join(STATE, "setup.log")
+    with open(path, "w") as log:
+        p = subprocess.Popen([os.path.join(BIN, "conveyor-workers"), "-c", config, "--setup"], stdout=log,
+                             stderr=log, start_new_session=True, env=dict(os.environ, **env))
+    try:
+        deadline = time.time() + timeout
+        while True:
+            text = open(path).read()
+            if want in text or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        check(want in text, f"--setup logs why it cannot connect ({want!r}):\n{text[-3000:]}")
+        eq(p.poll(), None, "--setup still waiting")
+        check(":guest@" not in text, "no password in the log")
+        return text
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+# ---- the test --------------------------------------------------------------------------
+
+def test_commands_over_tls_and_refusals():
+    teardown()
+    try:
+        os.makedirs(STATE)
+        os.chmod(STATE, 0o755)
+        make_certs()
+        pg_start()
+        if TRANSPORT == "rabbitmq":
+            rabbit_start()
+        check_postgres_refusals()
+        if TRANSPORT == "rabbitmq":
+            env = {"CONVEYOR_DATABASE_URL": pg_url(), "CONVEYOR_RABBITMQ_URL": amqps_url()}
+            extra = tls_config()
+            check_rabbitmq_refusals(env)
+        else:  # commands over Redis (no TLS in hiredis: see the README), the database over TLS
+            env = {"CONVEYOR_DATABASE_URL": pg_url()}
+            extra = ""
+        check_commands(conf(extra), extra, env)
+    finally:
+        teardown()
+
+
+def check_postgres_refusals():
+    # the server takes TLS only: a plain connection is refused by pg_hba.conf
+    try:
+        psycopg2.connect(pg_url(mode="disable")).close()
+        raise Failure("a plain connection to the TLS-only PostgreSQL was accepted")
+    except psycopg2.OperationalError as e:
+        check("no encryption" in str(e), f"plain connection refused by pg_hba: {e}")
+    # the binaries, with a certificate that does not name the host / from an unknown CA
+    for host, ca, want in (("127.0.0.2", "ca.pem", "does not match host name"),
+                           ("127.0.0.1", "other-ca.pem", "certificate verify failed")):
+        url = pg_url(host=host, ca=ca)
+        r = run_bin("conveyor-admin", "-c", conf(""), "dead", "retry", "users", "--all",
+                    env={"CONVEYOR_DATABASE_URL": url}, timeout=60)
+        eq(r.returncode, 3, f"conveyor-admin against PostgreSQL with {url} (stderr: {r.stderr})")
+        line = one_line(r, "conveyor-admin")
+        check(want in line and f'"{host}", port {PG_PORT}' in line,
+              f"the refusal names the server and says why ({want!r}): {line!r}")
+        text = setup_waits(conf(""), {"CONVEYOR_DATABASE_URL": url}, want)
+        check("database unreachable" in text, f"the log line: {text}")
+
+
+def check_rabbitmq_refusals(env):
+    create = ("createProduct", '{"name":"refused","price":1}')
+    cases = (
+        ("the wrong host", tls_config(), amqps_url("127.0.0.2"), "certificate is not for host '127.0.0.2'"),
+        ("an unknown CA", tls_config(ca="other-ca.pem"), amqps_url(), "certificate is not trusted"),
+        ("no client certificate", tls_config(client_cert=False), amqps_url(), "wants one: rabbitmq.cert_file"),
+        ("plain AMQP", "", f"amqp://guest:guest@127.0.0.1:{AMQP_PORT}", "is the port TLS?"),
+        ("a missing CA file", tls_config(ca="nonexistent.pem"), amqps_url(), "cannot read the CA certificates"),
+    )
+    for what, extra, url, want in cases:
+        r = produce(conf(extra), dict(env, CONVEYOR_RABBITMQ_URL=url), *create)
+        eq(r.returncode, 3, f"conveyor-produce with {what}: exit status (stderr: {r.stderr})")
+        line = one_line(r, what)
+        server = url.split("@")[1] if "CA file" not in what else "rabbitmq.ca_file"  # this one is before connecting
+        check(want in line and server in line, f"{what}: the refusal names {server} and says why ({want!r}): {line!r}")
+    text = setup_waits(conf(tls_config()), dict(env, CONVEYOR_RABBITMQ_URL=amqps_url("127.0.0.2")),
+                       "certificate is not for host '127.0.0.2'")
+    check("RabbitMQ unreachable" in text, f"the log line: {text}")
+
+
+def check_commands(config, extra, env):
+    r = run_bin("conveyor-workers", "-c", config, "--setup", env=env, timeout=120)
+    eq(r.returncode, 0, f"--setup over TLS (stderr: {r.stderr})")
+    with Pool(extra=extra, env=env) as pool:
+        r = produce(config, env, "--wait", "createProduct", '{"name":"Over TLS","price":"4.20","stock":3}')
+        eq(r.returncode, 0, f"conveyor-produce --wait over TLS (stderr: {r.stderr})")
+        ev = json.loads(r.stdout.strip().splitlines()[1])
+        eq(ev["type"], "product.created", "result event")
+        pid = ev["data"]["productId"]
+        r = produce(config, env, "--wait", "updateStock", json.dumps({"productId": pid, "quantityChange": -5}))
+        eq(r.returncode, 1, f"a rejection comes back over TLS too (stderr: {r.stderr})")
+        eq(json.loads(r.stdout.strip().splitlines()[1])["data"]["code"], "INSUFFICIENT_STOCK", "rejection")
+        c = psycopg2.connect(pg_url())
+        cur = c.cursor()
+        cur.execute("SELECT name, stock FROM products WHERE id = %s", (pid,))
+        eq(cur.fetchall(), [("Over TLS", 3)], "the product, in the TLS PostgreSQL")
+        cur.execute("SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a"
+                    " USING (pid) WHERE a.application_name LIKE 'conveyor-%%'")
+        n, tls = cur.fetchone()
+        check(n >= 2 and tls == n, f"the pool's connections (workers, relay) use TLS: {tls} of {n}")
+        c.close()
+        eq(pool.stop(), (0, []), "clean stop")
