@@ -14,64 +14,99 @@
 
 #define PRUNE_EVERY_MS 60000
 
-/* Where a claim starts. Published rows leave dead entries at the low end of
- * the outbox_unpublished index until VACUUM; a claim that always began at the
- * lowest id would walk all of them (0.2 ms at 20,000, more with every command
- * published). So a claim starts above a floor: an id published at least
- * FLOOR_LAG_MS ago (between one and two lags ago). A row below the floor can
- * still appear: its transaction took its id before the floor's row was
- * published and committed more than a lag later (a commit stalled that long):
- * a claim from the lowest id every FULL_CLAIM_MS publishes such rows, a second
- * or two late and out of id order, which at-least-once delivery allows. */
-#define FLOOR_LAG_MS 500
-#define FULL_CLAIM_MS 1000
+/* Where a claim starts, and why events of one aggregate go out in commit order.
+ *
+ * Order. Two commands on one aggregate are serialised by its row lock: the
+ * later transaction takes its outbox ids after the earlier one committed, so
+ * its ids are higher, and any snapshot that sees it committed sees the
+ * earlier one too. A claim that takes the unpublished rows in id order from
+ * below every unpublished row therefore never publishes the later events
+ * before the earlier ones, however long the earlier commit took.
+ *
+ * The floor. Published rows leave dead entries at the low end of the
+ * outbox_unpublished index until VACUUM; a claim from the lowest id would
+ * walk all of them. So a claim starts above a floor, and the floor may be any
+ * id F such that every row with an id at or below F that will ever be
+ * committed is already marked published. A transaction can hold an id for as
+ * long as it likes before it commits, so the floor cannot follow what was
+ * published; it follows what can no longer appear:
+ *   - a claim reads L, the last id the outbox sequence handed out;
+ *   - the mark that follows has a transaction id S, assigned after L was read.
+ *     Every transaction holding an id <= L had its transaction id before it
+ *     took that id (sql/0004: the id's default assigns it first), so before
+ *     L was read: below S;
+ *   - once a claim's snapshot has xmin >= S, none of those is in progress:
+ *     that claim sees every row <= L that will ever exist. When it also
+ *     reaches L (fewer rows than the batch, or its last id >= L) and its mark
+ *     succeeds, every row <= L is marked: the floor becomes L.
+ * (L, S) is the pending candidate; the next is taken by the mark after it was
+ * promoted. A stalled commit only holds the floor where it is (claims walk
+ * more dead entries until it ends); it delays no other row. Snapshot xmax is
+ * no substitute for S: it is one past the newest *completed* transaction, and
+ * a transaction in progress can already hold it. */
 struct claim_floor {
-    int64_t floor;       /* claims start above this id */
-    int64_t candidate;   /* the highest id published when the lag began */
-    int64_t highest;     /* the highest id published and marked so far */
-    int64_t lag_from_ms; /* when candidate was taken */
-    int64_t full_at_ms;  /* when the next claim from the lowest id is due */
+    int64_t floor;        /* claims start above this id */
+    int64_t pending_id;   /* the candidate's L (0: no candidate) */
+    uint64_t pending_xid; /* the candidate's S */
 };
 
-/* The id the next claim starts above: 0 when a full claim is due. */
-static int64_t claim_start(struct claim_floor *f) {
-    int64_t now = clock_mono_ms();
-    if (now >= f->lag_from_ms + FLOOR_LAG_MS) {
-        f->floor = f->candidate;
-        f->candidate = f->highest;
-        f->lag_from_ms = now;
+/* What a claim read besides its rows: the sequence's last id and the xmin of
+ * the claim's own snapshot. */
+struct claim_horizon {
+    int64_t last_id;
+    uint64_t xmin;
+};
+
+/* Called after a claim from f->floor whose rows (n, the last of them last)
+ * are all marked published: promotes the candidate if that claim covered it,
+ * then takes a new candidate (h.last_id, mark_xid) if there is none (mark_xid
+ * 0: no mark, no new candidate). */
+static void floor_advance(struct claim_floor *f, struct claim_horizon h, int n, int batch, int64_t last,
+                          uint64_t mark_xid) {
+    if (f->pending_id && h.xmin >= f->pending_xid && (n < batch || last >= f->pending_id)) {
+        if (f->pending_id > f->floor) f->floor = f->pending_id;
+        f->pending_id = 0;
     }
-    if (now >= f->full_at_ms) {
-        f->full_at_ms = now + FULL_CLAIM_MS;
-        return 0;
+    if (!f->pending_id && mark_xid) {
+        f->pending_id = h.last_id;
+        f->pending_xid = mark_xid;
     }
-    return f->floor;
 }
 
 /* Publishes up to batch unpublished rows above the floor, in id order, then
- * marks them. Returns the number published, or an error class. */
+ * marks them, and moves the floor (floor_advance). Returns the number
+ * published, or an error class (the floor is left as it was). */
 static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_floor *f) {
     char limit[16], after[24];
     snprintf(limit, sizeof limit, "%d", batch);
-    snprintf(after, sizeof after, "%lld", (long long)claim_start(f));
+    snprintf(after, sizeof after, "%lld", (long long)f->floor);
     const char *p[2] = {after, limit};
     PGresult *r;
-    int rc = db_exec(db, "SELECT id, event_id::text, event_type, payload::text FROM outbox "
-                         "WHERE published_at IS NULL AND id > $1::bigint ORDER BY id LIMIT $2", 2, p, &r, NULL);
+    /* one row with NULL event columns when there is nothing to publish */
+    int rc = db_exec(db, "SELECT CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END, "
+                         "pg_snapshot_xmin(pg_current_snapshot())::text, "
+                         "o.id, o.event_id::text, o.event_type, o.payload::text "
+                         "FROM outbox_id_seq s LEFT JOIN LATERAL ("
+                         "SELECT id, event_id, event_type, payload FROM outbox "
+                         "WHERE published_at IS NULL AND id > $1::bigint ORDER BY id LIMIT $2) o ON true "
+                         "ORDER BY o.id",
+                     2, p, &r, NULL);
     if (rc < 0) return rc;
-    int n = PQntuples(r);
+    struct claim_horizon h = {strtoll(PQgetvalue(r, 0, 0), NULL, 10), strtoull(PQgetvalue(r, 0, 1), NULL, 10)};
+    int n = PQgetisnull(r, 0, 2) ? 0 : PQntuples(r);
     if (n == 0) {
         PQclear(r);
+        floor_advance(f, h, 0, batch, 0, 0);
         return 0;
     }
     struct outgoing_event *ev = calloc((size_t)n, sizeof *ev);
     if (!ev) { PQclear(r); return CV_ERETRY; } /* out of memory: the rows wait for a later claim */
     size_t idlen = 3;
     for (int i = 0; i < n; i++) {
-        ev[i].id = PQgetvalue(r, i, 1);
-        ev[i].type = PQgetvalue(r, i, 2);
-        ev[i].json = PQgetvalue(r, i, 3);
-        idlen += strlen(PQgetvalue(r, i, 0)) + 1;
+        ev[i].id = PQgetvalue(r, i, 3);
+        ev[i].type = PQgetvalue(r, i, 4);
+        ev[i].json = PQgetvalue(r, i, 5);
+        idlen += strlen(PQgetvalue(r, i, 2)) + 1;
     }
     rc = broker_publish_events(b, ev, n);
     free(ev);
@@ -84,16 +119,19 @@ static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_flo
     char *ids = malloc(idlen), *w = ids;
     if (!ids) { PQclear(r); return CV_ERETRY; } /* published, unmarked: found again by a later claim */
     *w++ = '{';
-    for (int i = 0; i < n; i++) w += sprintf(w, "%s%s", i ? "," : "", PQgetvalue(r, i, 0));
+    for (int i = 0; i < n; i++) w += sprintf(w, "%s%s", i ? "," : "", PQgetvalue(r, i, 2));
     *w++ = '}';
     *w = '\0';
-    int64_t last = strtoll(PQgetvalue(r, n - 1, 0), NULL, 10); /* the highest: rows come in id order */
+    int64_t last = strtoll(PQgetvalue(r, n - 1, 2), NULL, 10); /* the highest: rows come in id order */
     PQclear(r);
     const char *mp[1] = {ids};
-    rc = db_exec(db, "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", 1, mp, NULL, NULL);
+    rc = db_exec(db, "WITH marked AS (UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])) "
+                     "SELECT pg_current_xact_id()::text",
+                 1, mp, &r, NULL);
     free(ids);
-    if (rc < 0) return rc; /* unmarked: found again by a later claim (a full one at the latest) */
-    if (last > f->highest) f->highest = last;
+    if (rc < 0) return rc; /* unmarked: above the floor, which waits for them, so found again */
+    floor_advance(f, h, n, batch, last, strtoull(PQgetvalue(r, 0, 0), NULL, 10));
+    PQclear(r);
     return n;
 }
 
@@ -147,6 +185,10 @@ static void relay_active(const struct cfg *cfg, PGconn *db) {
      * next analyzes the outbox (up to a minute), while every claim and mark
      * reads the whole table. */
     if (db_cmd(db, "SET enable_seqscan TO off") < 0) return;
+    /* ... and the claim reads the outbox sequence, which only a sequential
+     * scan can read: the penalty enable_seqscan adds to it puts the claim far
+     * above jit_above_cost, and each claim would spend about 90 ms compiling */
+    if (db_cmd(db, "SET jit TO off") < 0) return;
     relay_wake_clear();
     relay_wake_set_active(true); /* the pool's workers wake this relay directly */
     struct broker *b = NULL;

@@ -2,8 +2,10 @@
 PostgreSQL; the workers of a pool whose relay stands by (another pool's is the
 active one) NOTIFY it. The relay's poll is set to a minute here, so an event
 that arrives within seconds was delivered by a wake-up. And where it claims
-from: above a floor that trails what it published, with a claim from the
-lowest id every second for a row committed late below that floor."""
+from: above a floor that moves past an id only once no transaction that could
+still commit a row at or below it is in progress, so a commit that stalls
+for seconds neither loses its rows nor lets a later event of its aggregate
+overtake them."""
 import json
 import select
 import time
@@ -77,10 +79,9 @@ def test_standby_pool_notifies_the_active_relay():
 
 
 def test_a_row_committed_late_below_the_claims_floor_is_published():
-    """A transaction takes its outbox id, then stalls for seconds before its
-    commit, while later rows are published past it: the relay's claims start
-    above what it published half a second to a second ago, so only its claim
-    from the lowest id (every second) finds the late row."""
+    """A transaction takes its outbox id (by hand, not through a worker), then
+    stalls for seconds before its commit, while later rows are published past
+    it: the relay's floor must wait below the stalled row until it commits."""
     with Pool(extra="relay: { poll_interval_ms = 200; };") as pool:
         pub, ev = Publisher(), Events()
         create(pub, ev, "template")
@@ -131,3 +132,100 @@ def test_the_relay_uses_its_indexes_on_an_outbox_vacuumed_empty():
     time.sleep(0.5)  # the backends' statistics reach the shared counters as they exit
     seq1 = query("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'outbox'")[0][0]
     eq(seq1 - seq0, 0, "sequential scans of the outbox while the relay published 30 events")
+
+
+STALL_S = 3.0
+
+
+def stall_commit_of(cid):
+    """Installs a deferred constraint trigger on the outbox that sleeps STALL_S
+    at the COMMIT of the transaction that wrote the events of command cid:
+    its outbox rows (and their ids) are written, its commit waits."""
+    query("CREATE FUNCTION test_stall_commit() RETURNS trigger LANGUAGE plpgsql AS $f$ "
+          "BEGIN IF NEW.payload->>'commandId' = '%s' THEN PERFORM pg_sleep(%s); END IF; RETURN NULL; END $f$"
+          % (cid, STALL_S))
+    query("CREATE CONSTRAINT TRIGGER test_stall_commit AFTER INSERT ON outbox "
+          "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_stall_commit()")
+
+
+def unstall():
+    query("DROP TRIGGER IF EXISTS test_stall_commit ON outbox")
+    query("DROP FUNCTION IF EXISTS test_stall_commit()")
+
+
+def percentile(values, p):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
+
+
+def test_a_stalled_commit_keeps_its_aggregates_order():
+    """updateStock on product P takes its outbox ids, then its COMMIT stalls
+    for 3 s; other products' commands flow meanwhile (their events are
+    published past P's rows), then a second updateStock on P waits for the
+    first's row lock and commits just after it. The subscriber must see P's
+    two stock.updated in commit order, and the other products' events must not
+    wait for the stalled commit."""
+    unstall()
+    with Pool(workers={"catalog": 4}, extra="relay: { poll_interval_ms = 1000; };") as pool:
+        pub, ev = Publisher(), Events()
+        products = []
+        for i in range(7):
+            cmd = envelope("createProduct", {"name": f"stall {i}", "price": "1.00", "stock": 100})
+            pub.command(cmd)
+            products.append(ev.wait_result(cmd["id"])[0]["data"]["productId"])
+        p, others = products[0], products[1:]
+
+        def flow(seconds, sent):
+            """updateStock +1 on the other products, one every 20 ms, for seconds."""
+            until = time.time() + seconds
+            k = 0
+            while time.time() < until:
+                cmd = envelope("updateStock", {"productId": others[k % len(others)], "quantityChange": 1})
+                k += 1
+                pub.command(cmd)
+                sent[cmd["id"]] = time.time()
+                until_next = time.time() + 0.02
+                while time.time() < until_next:  # arrivals noted within a millisecond
+                    ev.poll(timeout=0)
+                    time.sleep(0.001)
+
+        def latencies(sent):
+            ev.wait(lambda s: all(s.for_command(c) for c in sent), timeout=20, what="the other products' events")
+            return [ev.arrived[ev.for_command(c)[0]["id"]] - t for c, t in sent.items()]
+
+        calm = {}
+        flow(1.5, calm)
+        first = envelope("updateStock", {"productId": p, "quantityChange": 5})
+        second = envelope("updateStock", {"productId": p, "quantityChange": 7})
+        stalled = {}
+        try:
+            stall_commit_of(first["id"])
+            t0 = time.time()
+            pub.command(first)
+            flow(STALL_S - 0.6, stalled)  # the others' events are published past the stalled rows
+            check(not ev.for_command(first["id"]), "nothing publishes a row before its commit")
+            pub.command(second)  # waits for the first's row lock, commits just after it
+            flow(1.2, stalled)  # and on through both commits
+            ev.wait(lambda s: s.for_command(first["id"]) and s.for_command(second["id"]), timeout=20,
+                    what="both events of P")
+            took = ev.arrived[ev.for_command(first["id"])[0]["id"]] - t0
+        finally:
+            unstall()
+        a, b = ev.for_command(first["id"])[0], ev.for_command(second["id"])[0]
+        eq((a["type"], a["data"]["previousStock"], a["data"]["stock"]), ("stock.updated", 100, 105), "the first")
+        eq((b["type"], b["data"]["previousStock"], b["data"]["stock"]), ("stock.updated", 105, 112), "the second")
+        check(took >= STALL_S - 0.2, f"the first command's commit was held ({took:.2f} s)")
+        order = [e["id"] for e in ev.events]
+        check(order.index(a["id"]) < order.index(b["id"]),
+              "P's events arrive in commit order: stock 100->105 before 105->112 "
+              f"(arrived {ev.arrived[a['id']] - t0:.3f} s and {ev.arrived[b['id']] - t0:.3f} s after the first was sent)")
+        # the other products' events, before and during the stall
+        calm_l, stalled_l = latencies(calm), latencies(stalled)
+        before_first = [c for c in stalled if ev.arrived[ev.for_command(c)[0]["id"]] < ev.arrived[a["id"]]]
+        check(len(before_first) >= 20, f"other products' events were published during the stall ({len(before_first)})")
+        print(f"other products' latency, ms: calm median {1000 * percentile(calm_l, 0.5):.0f} "
+              f"p90 {1000 * percentile(calm_l, 0.9):.0f} ({len(calm_l)}); during the stall median "
+              f"{1000 * percentile(stalled_l, 0.5):.0f} p90 {1000 * percentile(stalled_l, 0.9):.0f} ({len(stalled_l)})")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
