@@ -100,28 +100,28 @@ static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_flo
         return 0;
     }
     struct outgoing_event *ev = calloc((size_t)n, sizeof *ev);
-    if (!ev) { PQclear(r); return CV_ERETRY; } /* out of memory: the rows wait for a later claim */
-    size_t idlen = 3;
+    const char **row_ids = calloc((size_t)n, sizeof *row_ids);
+    if (!ev || !row_ids) { /* out of memory: the rows wait for a later claim */
+        free(ev);
+        free(row_ids);
+        PQclear(r);
+        return CV_ERETRY;
+    }
     for (int i = 0; i < n; i++) {
         ev[i].id = PQgetvalue(r, i, 3);
         ev[i].type = PQgetvalue(r, i, 4);
         ev[i].json = PQgetvalue(r, i, 5);
-        idlen += strlen(PQgetvalue(r, i, 2)) + 1;
+        row_ids[i] = PQgetvalue(r, i, 2);
     }
     rc = broker_publish_events(b, ev, n);
     free(ev);
+    char *ids = rc < 0 ? NULL : db_array(row_ids, n); /* a bigint[] literal of the ids the database gave us */
+    free(row_ids);
     if (rc < 0) {
         PQclear(r);
         log_warn("publishing events failed: %s", broker_error(b));
         return rc;
     }
-    /* {id,id,...}: a bigint[] literal built from the ids the database gave us */
-    char *ids = malloc(idlen), *w = ids;
-    if (!ids) { PQclear(r); return CV_ERETRY; } /* published, unmarked: found again by a later claim */
-    *w++ = '{';
-    for (int i = 0; i < n; i++) w += sprintf(w, "%s%s", i ? "," : "", PQgetvalue(r, i, 2));
-    *w++ = '}';
-    *w = '\0';
     int64_t last = strtoll(PQgetvalue(r, n - 1, 2), NULL, 10); /* the highest: rows come in id order */
     PQclear(r);
     const char *mp[1] = {ids};

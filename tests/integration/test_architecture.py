@@ -34,7 +34,13 @@ def handler_table():
     """[(type, function, runs_ahead)] of workers/handler.c's table."""
     block = re.search(r"handlers\[\]\s*=\s*\{(.*?)\n\};", read("workers", "handler.c"), re.S)
     check(block, "workers/handler.c: no `handlers[] = {...};` table")
-    rows = re.findall(r'\{\s*"(\w+)",\s*(\w+),\s*(true|false)\s*\}', block.group(1))
+    rows = []
+    for entry in re.findall(r"\{([^{}]*)\}", block.group(1)):  # designated initialisers
+        type_ = re.search(r'\.type\s*=\s*"(\w+)"', entry)
+        fn = re.search(r"\.run\s*=\s*(\w+)", entry)
+        check(type_ and fn, f"workers/handler.c: a row without .type or .run: {entry.strip()}")
+        ahead = re.search(r"\.runs_ahead\s*=\s*(true|false)", entry)
+        rows.append((type_.group(1), fn.group(1), ahead.group(1) if ahead else "false"))
     check(rows, "workers/handler.c: the table has no rows")
     return rows
 
