@@ -7,9 +7,10 @@ import os
 import signal
 import time
 
+import psycopg2
 import redis as redislib
 
-from harness import (REDIS_URL, TRANSPORT, Events, Pool, Publisher, check, db, envelope, eq, new_id, query,
+from harness import (DB_URL, REDIS_URL, TRANSPORT, Events, Pool, Publisher, check, db, envelope, eq, new_id, query,
                      session_pids)
 
 TTL = 2
@@ -224,4 +225,64 @@ def test_lock_wait_over_lock_timeout_is_retried():
             ev.close()
             eq(pool.stop(), (0, []), "clean stop")
     finally:
+        holder.close()
+
+
+def test_worker_without_progress_is_no_longer_vouched_for():
+    """A worker that makes no progress (here: waiting for a database that refuses
+    connections) stops refreshing its heartbeat once it has gone longer without a
+    database result or a broker reply than a working worker can, and starts again
+    when it makes progress. (Redis: about 35 s; RabbitMQ has no heartbeat: the
+    command is applied once the database is back.)"""
+    dbname = query("SELECT current_database()")[0][0]
+    holder = psycopg2.connect(DB_URL, dbname="postgres")  # the test's own, kept while new ones are refused
+    holder.autocommit = True
+    refused = False
+    try:
+        # the limit: the longest of these two and a Redis command's 30 s, plus heartbeat_ttl
+        with Pool(extra=SHORT_HEARTBEAT + FAST_RETRY,
+                  queue_opts="statement_timeout_ms = 1000; idle_in_transaction_timeout_ms = 1000;") as pool:
+            pub, ev = Publisher(), Events()
+            first = envelope("createProduct", {"name": "liveness-before", "price": 1})
+            pub.command(first)
+            ev.wait_result(first["id"])  # the catalog worker has a database connection
+            with holder.cursor() as cur:
+                cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+                refused = True
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ANY(%s)",
+                            ([f"conveyor-worker-{p}" for p in session_pids(pool.proc.pid)],))
+            second = envelope("createProduct", {"name": "liveness-after", "price": 1})
+            pub.command(second)
+            if TRANSPORT == "redis":
+                r = redislib.Redis.from_url(REDIS_URL)
+                key = next(iter(r.scan_iter(f"conveyor:worker:*-{pool.proc.pid}-catalog-0")), None)
+                check(key is not None, "the catalog worker's heartbeat key exists")
+                t0 = time.time()
+                while "no progress for" not in pool.read_log() and time.time() < t0 + 60:
+                    check(r.exists(key), "vouched for while within the limit")
+                    time.sleep(0.2)
+                check("no progress for" in pool.read_log(), f"the worker stops vouching:\n{pool.read_log()[-3000:]}")
+                check(time.time() - t0 > 30, f"not before the limit ({time.time() - t0:.1f} s)")
+                deadline = time.time() + TTL + 2
+                while r.exists(key) and time.time() < deadline:
+                    time.sleep(0.1)
+                eq(r.exists(key), 0, "its heartbeat key expired while the worker lives")
+            with holder.cursor() as cur:
+                cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+            refused = False
+            res = ev.wait_result(second["id"], timeout=30)
+            eq([e["type"] for e in res], ["product.created"], "applied once the database is back")
+            if TRANSPORT == "redis":
+                deadline = time.time() + 5
+                while not (r.exists(key) and "progress again" in pool.read_log()) and time.time() < deadline:
+                    time.sleep(0.1)
+                eq(r.exists(key), 1, "vouched for again")
+                check("progress again" in pool.read_log(), "the thread vouches again, and says so")
+            pub.close()
+            ev.close()
+            eq(pool.stop(), (0, []), "clean stop")
+    finally:
+        if refused:
+            with holder.cursor() as cur:
+                cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
         holder.close()
