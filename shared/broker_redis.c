@@ -56,7 +56,7 @@ struct redis_broker {
     char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], returned_key[256], events_key[256];
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
     bool recover;             /* return the in-flight list before the next BLMOVE */
-    _Atomic int64_t heartbeat_at; /* monotonic ms of the last refresh (this thread's or vouch_main's) */
+    _Atomic int64_t heartbeat_at; /* monotonic ms of the last refresh (by the worker or vouch_main) */
     struct vouch *vouch;      /* the heartbeat thread while consuming, or NULL */
     struct held_ack { char *body; size_t len; } *held; /* acked batches not yet removed */
     int nheld, held_cap;

@@ -12,6 +12,7 @@ import redis as redislib
 
 from harness import (DB_URL, REDIS_URL, TRANSPORT, Events, Pool, Publisher, check, db, envelope, eq, new_id, query,
                      session_pids)
+from test_recovery import ATTEMPT_LOG
 
 TTL = 2
 SHORT_HEARTBEAT = f"redis: {{ heartbeat_interval = 1; heartbeat_ttl = {TTL}; }};"
@@ -20,8 +21,8 @@ SLOW_S = 3 * TTL  # how long the slow command's INSERT sleeps
 
 # Test-only triggers. products, by the name the test gives: 'liveness-slow-' sleeps
 # SLOW_S every time, 'liveness-once-' sleeps the first time only; each entry is
-# counted in a sequence per product (nextval survives a rollback). command_attempts:
-# every count written, kept in a log table.
+# counted in a sequence per product (nextval survives a rollback). With them
+# test_recovery's ATTEMPT_LOG: every count written to command_attempts, in test_attempt_log.
 TRIGGERS = f"""
 CREATE OR REPLACE FUNCTION test_liveness() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE entries bigint;
@@ -36,27 +37,17 @@ BEGIN
 END $$;
 DROP TRIGGER IF EXISTS test_liveness ON products;
 CREATE TRIGGER test_liveness BEFORE INSERT ON products FOR EACH ROW EXECUTE FUNCTION test_liveness();
-CREATE TABLE IF NOT EXISTS test_liveness_attempts (id uuid, attempts int);
-CREATE OR REPLACE FUNCTION test_liveness_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  INSERT INTO test_liveness_attempts (id, attempts) VALUES (NEW.id, NEW.attempts);
-  RETURN NEW;
-END $$;
-DROP TRIGGER IF EXISTS test_liveness_attempt ON command_attempts;
-CREATE TRIGGER test_liveness_attempt AFTER INSERT OR UPDATE ON command_attempts
-  FOR EACH ROW EXECUTE FUNCTION test_liveness_attempt();
 """
 
 
 class triggers:
     def __enter__(self):
-        query(TRIGGERS)
+        query(TRIGGERS + ATTEMPT_LOG)
         return self
 
     def __exit__(self, *exc):
         query("DROP TRIGGER IF EXISTS test_liveness ON products; "
-              "DROP TRIGGER IF EXISTS test_liveness_attempt ON command_attempts; "
-              "DROP TABLE IF EXISTS test_liveness_attempts")
+              "DROP TRIGGER IF EXISTS test_log_attempt ON command_attempts; DROP TABLE IF EXISTS test_attempt_log")
 
 
 def create_product(kind):
@@ -77,7 +68,7 @@ def product_rows(pid):
 
 
 def counts_written(cid):
-    return query("SELECT attempts FROM test_liveness_attempts WHERE id = %s", cid)
+    return query("SELECT attempts FROM test_attempt_log WHERE id = %s", cid)
 
 
 def watch_until_result(ev, cmd, timeout):
