@@ -7,11 +7,41 @@
  * a requeued one, a due retry) is also added to the set conveyor:returned:<q>;
  * whoever takes it next removes it from there and knows it was delivered before.
  * A broken connection is dropped and re-opened by the next call.
+ *
+ * Liveness. A consuming worker keeps conveyor:worker:<workerId> (its pid, EX
+ * heartbeat_ttl); the reaper returns the in-flight list of a worker whose key has
+ * expired. The key is refreshed every heartbeat_interval by a thread of the worker
+ * (vouch_main), with a Redis connection of its own, not between takes: a batch
+ * that runs longer than heartbeat_ttl (a slow lock, many password hashes) keeps
+ * its messages. Why a thread in the worker and not the supervisor vouching for its
+ * live children: the thread dies with its process (kill -9, OOM: the key expires
+ * as before), and it goes on vouching while its worker drains after the
+ * supervisor was killed -9 (children get SIGTERM from PR_SET_PDEATHSIG and finish
+ * the batch in hand; a supervisor that vouched would stop, and another pool's
+ * reaper would hand that batch out while it still ran). It blocks nothing: the
+ * worker never waits for it, and the supervisor's loop needs no Redis.
+ * A worker stuck for ever must not be vouched for for ever: the thread refreshes
+ * only while the worker makes progress, that is, had a reply from its broker or a
+ * result from PostgreSQL (liveness_watch_db: every result, an error too) within
+ * the longest a working worker can go without one: a statement
+ * (statement_timeout_ms), a pause inside a transaction (idle_in_transaction_
+ * timeout_ms: PostgreSQL then ends the session), a Redis command (its 30 s read
+ * timeout), whichever is longest, plus heartbeat_ttl. Past that it stops, logs
+ * it, and the key expires: a worker stuck outside the database (or waiting for a
+ * database that is away, when it holds nothing unsettled) loses its in-flight
+ * messages to the reaper, and its transaction, if one is open, is ended by
+ * PostgreSQL, so a copy handed out is not applied twice. The worker's own
+ * refresh before each take stays, for the first take and for a thread that
+ * cannot refresh.
  */
 #include "broker_backend.h"
 
 #include <hiredis/hiredis.h>
+#include <libpq-events.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sodium.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +56,8 @@ struct redis_broker {
     char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], returned_key[256], events_key[256];
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
     bool recover;             /* return the in-flight list before the next BLMOVE */
-    int64_t heartbeat_at;     /* monotonic ms of the last refresh */
+    _Atomic int64_t heartbeat_at; /* monotonic ms of the last refresh (by the worker or vouch_main) */
+    struct vouch *vouch;      /* the heartbeat thread while consuming, or NULL */
     struct held_ack { char *body; size_t len; } *held; /* acked batches not yet removed */
     int nheld, held_cap;
     /* subscription */
@@ -135,8 +166,11 @@ static int last_error(struct redis_broker *r) { return r->ctx ? CV_EFATAL : CV_E
 static int send_held_acks(struct redis_broker *r);
 static void forget_held_acks(struct redis_broker *r);
 
+static void vouch_stop(struct redis_broker *r);
+
 static void redis_close(struct broker *b) {
     struct redis_broker *r = (struct redis_broker *)b;
+    vouch_stop(r); /* before the DEL: it would set the key again */
     if (r->nheld && send_held_acks(r) < 0)
         log_warn("%d acked message%s stay in %s (%s): handed out again, they are found done", r->nheld,
                  r->nheld == 1 ? "" : "s", r->inflight_key, r->base.err);
@@ -170,6 +204,143 @@ static int redis_publish_commands(struct broker *b, const struct outgoing_comman
     return read_replies(r, n, "LPUSH");
 }
 
+/* ---- liveness: the heartbeat thread (see the header comment) ---------------------------- */
+
+#define REDIS_REPLY_WAIT_MS 30000 /* the read timeout connect_now gives a connection */
+
+static _Atomic int64_t progress_at_ms; /* monotonic ms of the worker's last progress (one per process) */
+
+/* The worker made progress: a broker call, or a database result. */
+static void progress(void) { atomic_store(&progress_at_ms, clock_mono_ms()); }
+
+/* libpq event procedure: every result created on the watched connection is progress. */
+static int on_db_event(PGEventId id, void *info, void *pass) {
+    (void)info;
+    (void)pass;
+    if (id == PGEVT_RESULTCREATE) progress();
+    return 1;
+}
+
+void liveness_watch_db(PGconn *db) {
+    if (db && !PQregisterEventProc(db, on_db_event, "conveyor-liveness", NULL))
+        log_warn("cannot watch the database connection for progress: its statements do not count as progress");
+}
+
+struct vouch {
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;       /* signalled by vouch_stop */
+    bool stop;                 /* under lock */
+    struct redis_broker *owner; /* its key and config; heartbeat_at is written by both threads */
+    int64_t stall_limit_ms;    /* no progress for longer than this: stop refreshing */
+};
+
+/* Sets the owner's heartbeat key over *conn (opened here when NULL; on failure
+ * it stays closed or is re-opened by the next command). Returns 0 or -1 with
+ * why in err. */
+static int vouch_refresh(struct vouch *v, struct broker **conn, char *err, size_t errlen) {
+    const struct cfg *cfg = v->owner->base.cfg;
+    if (!*conn && !(*conn = broker_redis_open(cfg, err, errlen))) return -1;
+    redisReply *rep = cmd((struct redis_broker *)*conn, "SET %s %d EX %d", v->owner->heartbeat_key, (int)getpid(),
+                          cfg->heartbeat_ttl_s);
+    if (!rep) {
+        snprintf(err, errlen, "%s", (*conn)->err);
+        return -1;
+    }
+    freeReplyObject(rep);
+    atomic_store(&v->owner->heartbeat_at, clock_mono_ms());
+    return 0;
+}
+
+/* The thread: every heartbeat_interval, refreshes the key while the worker makes
+ * progress; logs once when it stops (no progress) and once when it cannot. */
+static void *vouch_main(void *arg) {
+    struct vouch *v = arg;
+    const struct cfg *cfg = v->owner->base.cfg;
+    struct broker *conn = NULL;
+    bool stalled = false, failing = false;
+    char err[512];
+    pthread_mutex_lock(&v->lock);
+    while (!v->stop) {
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += cfg->heartbeat_interval_s;
+        while (!v->stop && pthread_cond_timedwait(&v->wake, &v->lock, &until) == 0) {}
+        if (v->stop) break;
+        pthread_mutex_unlock(&v->lock);
+        int64_t idle = clock_mono_ms() - atomic_load(&progress_at_ms);
+        if (idle > v->stall_limit_ms) {
+            if (!stalled)
+                log_warn("no progress for %lld s (no broker reply, no database result): no longer refreshing %s; "
+                         "what it holds in flight goes back to the queue when the key expires",
+                         (long long)idle / 1000, v->owner->heartbeat_key);
+            stalled = true;
+        } else {
+            if (stalled) log_info("progress again: refreshing %s", v->owner->heartbeat_key);
+            stalled = false;
+            if (vouch_refresh(v, &conn, err, sizeof err) < 0) {
+                if (!failing) log_warn("cannot refresh %s: %s; retrying", v->owner->heartbeat_key, err);
+                failing = true;
+            } else if (failing) {
+                log_info("refreshing %s again", v->owner->heartbeat_key);
+                failing = false;
+            }
+        }
+        pthread_mutex_lock(&v->lock);
+    }
+    pthread_mutex_unlock(&v->lock);
+    broker_close(conn);
+    return NULL;
+}
+
+/* Starts the heartbeat thread of a consuming worker (with every signal blocked:
+ * they go to the worker's own thread). On failure the worker refreshes the key
+ * only between takes, as it always does when one is due, and says so. */
+static void vouch_start(struct redis_broker *r, const struct cfg_queue *q) {
+    if (r->vouch) return;
+    struct vouch *v = calloc(1, sizeof *v);
+    v->owner = r;
+    int64_t longest = REDIS_REPLY_WAIT_MS;
+    if (q->statement_timeout_ms > longest) longest = q->statement_timeout_ms;
+    if (q->idle_in_transaction_timeout_ms > longest) longest = q->idle_in_transaction_timeout_ms;
+    v->stall_limit_ms = longest + r->base.cfg->heartbeat_ttl_s * 1000L;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&v->wake, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&v->lock, NULL);
+    progress();
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&v->thread, NULL, vouch_main, v);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        log_warn("no heartbeat thread (%s): the heartbeat is refreshed between takes only", strerror(rc));
+        pthread_cond_destroy(&v->wake);
+        pthread_mutex_destroy(&v->lock);
+        free(v);
+        return;
+    }
+    r->vouch = v;
+}
+
+/* Stops and joins the heartbeat thread, if any (it ends within one Redis command). */
+static void vouch_stop(struct redis_broker *r) {
+    struct vouch *v = r->vouch;
+    if (!v) return;
+    pthread_mutex_lock(&v->lock);
+    v->stop = true;
+    pthread_cond_signal(&v->wake);
+    pthread_mutex_unlock(&v->lock);
+    pthread_join(v->thread, NULL);
+    pthread_cond_destroy(&v->wake);
+    pthread_mutex_destroy(&v->lock);
+    free(v);
+    r->vouch = NULL;
+}
+
 static int redis_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
     struct redis_broker *r = (struct redis_broker *)b;
     names_redis(b->cfg, "queue", q->name, r->queue_key, sizeof r->queue_key);
@@ -183,6 +354,7 @@ static int redis_consume(struct broker *b, const struct cfg_queue *q, const char
     snprintf(r->heartbeat_key, sizeof r->heartbeat_key, "%s:%s", base, worker_id);
     r->heartbeat_at = 0;
     r->recover = true;
+    vouch_start(r, q);
     return 0;
 }
 
@@ -212,9 +384,10 @@ static int recover_inflight(struct redis_broker *r) {
     return 0;
 }
 
-/* Refreshes the worker's liveness key when it is due. */
+/* Refreshes the worker's liveness key when it is due (vouch_main usually has). */
 static int heartbeat(struct redis_broker *r) {
     int64_t now = clock_mono_ms();
+    progress();
     if (r->heartbeat_at && now - r->heartbeat_at < r->base.cfg->heartbeat_interval_s * 1000L) return 0;
     redisReply *rep = cmd(r, "SET %s %d EX %d", r->heartbeat_key, (int)getpid(), r->base.cfg->heartbeat_ttl_s);
     if (!rep) return last_error(r);
@@ -339,6 +512,7 @@ static int redis_take(struct broker *b, struct delivery *d, int max) {
 
 static int redis_ack(struct broker *b, const struct delivery *d) {
     struct redis_broker *r = (struct redis_broker *)b;
+    progress();
     redisReply *rep = cmd(r, "LREM %s 1 %b", r->inflight_key, d->body, d->len);
     if (!rep) return last_error(r);
     freeReplyObject(rep);
@@ -348,6 +522,7 @@ static int redis_ack(struct broker *b, const struct delivery *d) {
 /* Held until the next take, whose script removes them before it takes. */
 static int redis_ack_batch(struct broker *b, const struct delivery *d, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
+    progress();
     if (r->nheld + n > r->held_cap) {
         int cap = r->nheld + n > 2 * r->held_cap ? r->nheld + n : 2 * r->held_cap;
         struct held_ack *held = realloc(r->held, (size_t)cap * sizeof *held);
@@ -393,6 +568,7 @@ static const char moves_script[] =
 
 static int transaction(struct redis_broker *r, const char *what, int n, const char **cmds, const char **keys,
                        const char **vals, const size_t *lens) {
+    progress();
     if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
     const char *argv[3 + 3 * 3]; /* EVAL, script, numkeys; up to 3 keys, 3 (command, value) pairs */
     size_t argl[3 + 3 * 3];
@@ -458,6 +634,7 @@ static const char retry_script[] =
 
 static int redis_retry(struct broker *b, const struct delivery *d, int delay_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
+    progress();
     char due[32];
     snprintf(due, sizeof due, "%lld", (long long)(clock_ms() + delay_ms));
     if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;

@@ -125,7 +125,8 @@ static bool valid_name(const char *s) {
 static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enum transport deflt,
                       struct cfg_queue *q) {
     static const char *const keys[] = {"name", "commands", "workers", "prefetch", "transport",
-                                       "queue_type", "max_attempts", "batch_size", NULL};
+                                       "queue_type", "max_attempts", "batch_size", "statement_timeout_ms",
+                                       "lock_timeout_ms", "idle_in_transaction_timeout_ms", NULL};
     char p[256];
     setting_path(qs, p, sizeof p);
     if (config_setting_type(qs) != CONFIG_TYPE_GROUP)
@@ -143,6 +144,9 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     q->quorum = true;
     q->max_attempts = 10;
     q->batch_size = 1;
+    q->statement_timeout_ms = 30000;
+    q->lock_timeout_ms = 10000;
+    q->idle_in_transaction_timeout_ms = 60000; /* room for a batch's password hashes (0.1 s each) */
     char *tr = NULL, *qt = NULL;
     if (get_string(l, qs, "transport", &tr) < 0) return -1;
     if (tr && transport_parse(tr, &q->transport) < 0) {
@@ -163,6 +167,17 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     if (get_int(l, qs, "prefetch", 1, 65535, &q->prefetch) < 0) return -1;
     if (get_int(l, qs, "max_attempts", 1, 1000, &q->max_attempts) < 0) return -1;
     if (get_int(l, qs, "batch_size", 1, 1000, &q->batch_size) < 0) return -1;
+    if (get_int(l, qs, "statement_timeout_ms", 100, 86400000, &q->statement_timeout_ms) < 0 ||
+        get_int(l, qs, "lock_timeout_ms", 0, 86400000, &q->lock_timeout_ms) < 0 ||
+        get_int(l, qs, "idle_in_transaction_timeout_ms", 1000, 86400000, &q->idle_in_transaction_timeout_ms) < 0)
+        return -1;
+    if (q->lock_timeout_ms > q->statement_timeout_ms) { /* a lock is waited for inside a statement */
+        config_setting_t *lock = config_setting_get_member(qs, "lock_timeout_ms");
+        if (lock)
+            return fail(l, lock, "'%s.lock_timeout_ms' must not be above its statement_timeout_ms (%d)", p,
+                        q->statement_timeout_ms);
+        q->lock_timeout_ms = q->statement_timeout_ms; /* the default, under a shorter statement_timeout_ms */
+    }
 
     config_setting_t *cmds = config_setting_get_member(qs, "commands");
     if (!cmds || (config_setting_type(cmds) != CONFIG_TYPE_ARRAY &&

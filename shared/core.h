@@ -95,6 +95,12 @@ struct cfg_queue {
     int max_attempts;    /* handler starts before a message is dead-lettered (retries_exhausted) */
     int batch_size;      /* messages already delivered that a worker runs in one transaction */
     bool quorum;         /* RabbitMQ queue type: quorum (default) or classic */
+    /* PostgreSQL limits of the worker's session, so no transaction holds its
+     * messages for ever: a longer statement, lock wait or pause inside a
+     * transaction fails (a transient failure, retried) */
+    int statement_timeout_ms;           /* statement_timeout */
+    int lock_timeout_ms;                /* lock_timeout (0: only statement_timeout bounds a lock wait) */
+    int idle_in_transaction_timeout_ms; /* idle_in_transaction_session_timeout (the session is ended) */
     char **commands;     /* command types routed here, owned by the cfg */
     int ncommands;
 };
@@ -333,6 +339,11 @@ int broker_dead_letter(struct broker *b, const struct delivery *d, const char *r
  * back on its queue (RabbitMQ: a delay queue whose TTL dead-letters back;
  * Redis: the retry sorted set, moved back by broker_maintain). */
 int broker_retry(struct broker *b, const struct delivery *d, int delay_ms);
+/* Redis liveness (broker_redis.c): a consuming worker's heartbeat is refreshed by
+ * a thread of its own while the worker makes progress, that is, gets a reply from
+ * its broker or a result from the database connection given here (every result,
+ * an error too, counts). Call once per connection, right after it is opened. */
+void liveness_watch_db(PGconn *db);
 /* Redis housekeeping, run by the reaper: moves due retries back to their queues
  * and returns the in-flight messages of workers whose heartbeat expired.
  * Returns the number of messages moved. RabbitMQ: nothing to do, returns 0. */

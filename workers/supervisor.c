@@ -7,6 +7,10 @@
  * then a new generation of children starts, and the old children are asked to
  * drain and exit one at a time. Old and new have different worker ids, so no
  * message in flight is taken from a worker that is still finishing it.
+ *
+ * Children die with the supervisor: PR_SET_PDEATHSIG sends them SIGTERM when it
+ * dies, even of kill -9, and they drain (a Redis worker goes on refreshing its own
+ * heartbeat meanwhile: broker_redis.c), so no orphan goes on taking messages.
  */
 #include "workers.h"
 
@@ -46,13 +50,14 @@ struct pool {
 };
 
 /* In the child: default signal mask, SIGTERM/SIGINT request a drain, and the
- * child dies with its supervisor. Never returns. */
-static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *mask) {
+ * child dies with its supervisor (parent: its pid before the fork). Never returns. */
+static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *mask, pid_t parent) {
     signals_stop_sets(&stop_requested);
     signal(SIGHUP, SIG_IGN);
     signal(SIGCHLD, SIG_DFL);
     sigprocmask(SIG_UNBLOCK, mask, NULL);
     (void)prctl(PR_SET_PDEATHSIG, SIGTERM); /* fails only for an invalid signal */
+    if (getppid() != parent) stop_requested = 1; /* it died before the prctl: no signal will come */
     /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper */
     char comm[16];
     snprintf(comm, sizeof comm, "cv-%s%s%s", kind_name[c->kind], c->kind == CHILD_WORKER ? "-" : "",
@@ -66,13 +71,14 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
 }
 
 static void spawn(struct pool *p, struct child *c) {
+    pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0) {
         log_error("fork failed: %s", strerror(errno));
         c->restart_at_ms = clock_mono_ms() + 1000;
         return;
     }
-    if (pid == 0) child_main(p->cfg, c, &p->mask);
+    if (pid == 0) child_main(p->cfg, c, &p->mask, parent);
     c->pid = pid;
     c->started_ms = clock_mono_ms();
 }

@@ -727,7 +727,21 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     struct item *items = xcalloc((size_t)take_max, sizeof *items);
     struct delivery *extra = xcalloc((size_t)take_max, sizeof *extra);
     while (!stop_requested) {
-        if (!w.db && !(w.db = db_connect_retry(cfg->database_url, &stop_requested))) break; /* take nothing while the database is away */
+        if (!w.db) { /* take nothing while the database is away */
+            if (!(w.db = db_connect_retry(cfg->database_url, &stop_requested))) break;
+            /* its results are progress (the Redis heartbeat), its transactions bounded */
+            liveness_watch_db(w.db);
+            char limits[192];
+            snprintf(limits, sizeof limits, "SET statement_timeout TO %d; SET lock_timeout TO %d; "
+                     "SET idle_in_transaction_session_timeout TO %d", q->statement_timeout_ms, q->lock_timeout_ms,
+                     q->idle_in_transaction_timeout_ms);
+            if (db_cmd(w.db, limits) < 0) { /* logged by db_cmd */
+                db_close(w.db);
+                w.db = NULL;
+                backoff_sleep(500, &stop_requested);
+                continue;
+            }
+        }
         /* a batch is what is already delivered; when nothing is, the first one is
          * waited for, and what came with it taken too */
         int want = take_max; /* and no more than max_jobs lets it run before it is recycled */

@@ -218,3 +218,54 @@ TEST(events_transport_follows_default_unless_set) {
 }
 
 TEST_MAIN()
+
+TEST(transaction_limits_have_defaults) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(c.queues[0].statement_timeout_ms == 30000);
+    CHECK(c.queues[0].lock_timeout_ms == 10000);
+    CHECK(c.queues[0].idle_in_transaction_timeout_ms == 60000);
+    cfg_free(&c);
+    CHECK(cfg_load("../queues.conf", &c, err, sizeof err) == 0);
+    for (int i = 0; i < c.nqueues; i++)
+        CHECK(c.queues[i].statement_timeout_ms > 0 && c.queues[i].idle_in_transaction_timeout_ms > 0);
+    cfg_free(&c);
+}
+
+TEST(transaction_limits_per_queue) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text("queues = ( { name = \"a\"; commands = [\"register\"]; statement_timeout_ms = 5000; "
+                    "lock_timeout_ms = 0; idle_in_transaction_timeout_ms = 120000; },\n"
+                    "           { name = \"b\"; commands = [\"placeOrder\"]; } );\n", &c) == 0);
+    CHECK(c.queues[0].statement_timeout_ms == 5000);
+    CHECK(c.queues[0].lock_timeout_ms == 0);
+    CHECK(c.queues[0].idle_in_transaction_timeout_ms == 120000);
+    CHECK(c.queues[1].statement_timeout_ms == 30000 && c.queues[1].lock_timeout_ms == 10000);
+    cfg_free(&c);
+    /* a statement_timeout_ms under the default lock_timeout_ms takes the lock wait down with it */
+    CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; statement_timeout_ms = 500; } );\n", &c) == 0);
+    CHECK(c.queues[0].lock_timeout_ms == 500);
+    cfg_free(&c);
+}
+
+TEST(transaction_limits_out_of_range_refused) {
+    struct cfg c;
+    CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; statement_timeout_ms = 0; } );\n", &c) < 0);
+    CHECK(strstr(err, "statement_timeout_ms' must be between 100 and 86400000 (got 0)") != NULL);
+    CHECK(strstr(err, ":1:") != NULL);
+    CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; statement_timeout_ms = 86400001; } );\n", &c) < 0);
+    CHECK(strstr(err, "statement_timeout_ms") != NULL);
+    CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; lock_timeout_ms = -1; } );\n", &c) < 0);
+    CHECK(strstr(err, "lock_timeout_ms' must be between 0 and 86400000") != NULL);
+    CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; idle_in_transaction_timeout_ms = 999; } );\n",
+                    &c) < 0);
+    CHECK(strstr(err, "idle_in_transaction_timeout_ms' must be between 1000 and 86400000") != NULL);
+    CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; statement_timeout_ms = \"30s\"; } );\n", &c) < 0);
+    CHECK(strstr(err, "statement_timeout_ms' must be an integer") != NULL);
+    CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; statement_timeout_ms = 1000;\n"
+                    "             lock_timeout_ms = 2000; } );\n", &c) < 0);
+    CHECK(strstr(err, "lock_timeout_ms' must not be above its statement_timeout_ms (1000)") != NULL);
+    CHECK(strstr(err, ":2:") != NULL);
+}
