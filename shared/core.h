@@ -211,45 +211,68 @@ cJSON *event_new(const char *type, const struct envelope *cmd,
 /* AMQP topic matching: words split by '.', '*' one word, '#' zero or more. */
 bool topic_match(const char *pattern, const char *type);
 
-/* ---- db.c: PostgreSQL --------------------------------------------------------------- */
-/* Connects, or returns NULL with libpq's message in err. */
-PGconn *db_connect(const char *url, char *err, size_t errlen);
+/* ---- db.c: a PostgreSQL connection as a context ------------------------------------------
+ * struct db carries the connection, the statements prepared on it, the
+ * statements deferred to its next round trip (and the results kept for their
+ * handles), and the last error: db_err (its class), db_errstr (its text: the
+ * server's primary message, SQLSTATE, constraint, table and column, never a
+ * row's contents, so safe to log and store) and db_sqlstate. Every failed
+ * statement is also logged (an error for CV_EREFUSED, a warning for CV_ERETRY).
+ * One context per connection and process; nothing in db.c is global. */
+struct db;
+/* Connects. Returns the context (the caller db_close()s it), or NULL with
+ * libpq's message in err. */
+struct db *db_connect(const char *url, char *err, size_t errlen);
 /* Connects, retrying with capped backoff until it succeeds or *stop is set
  * (then NULL). Logs once when the database is lost and once when it is back. */
-PGconn *db_connect_retry(const char *url, volatile sig_atomic_t *stop);
-/* Closes db (PQfinish) and forgets its prepared statements; NULL is fine. */
-void db_close(PGconn *db);
-/* Runs a parameterised statement, prepared on db the first time it runs
- * there (so each connection parses and plans it once). On success returns 0 and, if out is not
- * NULL, the result (caller PQclear()s it). On failure returns the class of
- * the error (CV_ERETRY for lost connections, serialization failures,
- * deadlocks and timeouts; CV_EFATAL otherwise), with the SQLSTATE in
- * sqlstate[6] if not NULL. */
-int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params,
-            PGresult **out, char sqlstate[6]);
-/* The error text of the last statement that failed in this process (static). */
-const char *db_last_error(void);
-/* Runs SQL text without parameters (BEGIN, "SET x TO y; ...", ...); as db_exec.
+struct db *db_connect_retry(const char *url, volatile sig_atomic_t *stop);
+/* Closes the connection and frees db and all it holds (deferred statements,
+ * kept results); NULL is fine. */
+void db_close(struct db *db);
+/* The libpq connection, for what the context does not wrap (its socket,
+ * notifications, event hooks). Owned by db. */
+PGconn *db_conn(const struct db *db);
+/* True when db is not NULL and its connection works. */
+bool db_ok(const struct db *db);
+/* The last error: its class (0 before any), its text, its SQLSTATE ("" when
+ * none). The strings live in db until the next error. */
+int db_err(const struct db *db);
+const char *db_errstr(const struct db *db);
+const char *db_sqlstate(const struct db *db);
+/* Runs a parameterised statement (after what is deferred, in one round trip),
+ * prepared on db the first time it runs there. On success returns 0 and, if
+ * out is not NULL, the result (the caller PQclear()s it). On failure returns
+ * the error's class: CV_ERETRY for a lost connection, serialization failure,
+ * deadlock, timeout, a server out of resources or read-only; CV_EREFUSED for
+ * any other error (a constraint violation, bad data, a bug); the first error
+ * among the deferred statements is the statement's. */
+int db_exec(struct db *db, const char *sql, int nparams, const char *const *params, PGresult **out);
+/* Runs SQL text without parameters (BEGIN, "SET x TO y; ..."); as db_exec.
  * With statements deferred, sql must be a single statement. */
-int db_cmd(PGconn *db, const char *sql);
-/* Defers a statement whose result the caller does not need at once (BEGIN,
+int db_cmd(struct db *db, const char *sql);
+/* Defers a statement whose result the caller does not need (BEGIN,
  * SAVEPOINT, an INSERT that only has to succeed): it is sent ahead of the next
- * db_exec or db_cmd on db, in one pipeline (one round trip), and that call
- * returns the first error among them. Copies sql and params. Returns 0, or an
- * error class when too many wait, or when its PREPARE fails (a new statement is
- * prepared after the ones already deferred have run: then their error, and
- * nothing stays deferred), or CV_ERETRY when there is no memory to copy it
- * (nothing stays deferred either). One connection of a process defers at a time. */
-int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params);
-/* As db_defer, for a statement whose result the caller reads later: when the
- * pipeline has run and the statement succeeded, *out holds its result (the
- * caller PQclear()s it); until then, or if it failed, *out is NULL. */
-int db_defer_result(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out);
-/* Runs db's deferred statements now (one round trip). Returns 0 or the first error class. */
-int db_flush(PGconn *db);
-/* Drops db's deferred statements unsent. */
-void db_discard(PGconn *db);
-
+ * statement in one pipeline (one round trip), and that call returns the first
+ * error among them. Copies sql and params. Returns 0, or the error class of
+ * the deferred statements that had to run first when sql is new on db (it is
+ * prepared after them: then nothing stays deferred). */
+int db_defer(struct db *db, const char *sql, int nparams, const char *const *params);
+/* As db_defer, for a statement whose result the caller reads later: returns
+ * a handle (>= 0) for db_take_result, or an error class. */
+int db_defer_result(struct db *db, const char *sql, int nparams, const char *const *params);
+/* The result of a deferred statement, running what is deferred first if it
+ * has not run yet: *out holds it (the caller PQclear()s it), or NULL when it
+ * failed or did not run (an earlier statement failed, or it was discarded).
+ * The handle is free again. Returns 0, or the error class of that run. */
+int db_take_result(struct db *db, int handle, PGresult **out);
+/* Frees every result kept for a handle and not taken (at the end of a transaction). */
+void db_release_results(struct db *db);
+/* The number of statements deferred and not yet sent. */
+int db_pending(const struct db *db);
+/* Runs the deferred statements now (one round trip). Returns 0 or the first error class. */
+int db_flush(struct db *db);
+/* Drops the deferred statements unsent (their results never come). */
+void db_discard(struct db *db);
 /* The PostgreSQL array literal of n strings ({"a","b"}: each quoted and
  * escaped, so any text is safe), for a parameter such as $1::uuid[]; NULL
  * items are left out. Returns a malloc'd string the caller frees (never
@@ -262,7 +285,7 @@ extern const struct migration migrations[]; /* sql/ in name order, NULL-terminat
 /* Applies the pending migrations under an advisory lock (a second pool waits,
  * then finds nothing to do). Returns the number applied, or a negative code
  * with a message in err. */
-int migrate_run(PGconn *db, char *err, size_t errlen);
+int migrate_run(struct db *db, char *err, size_t errlen);
 
 /* ---- broker.c: one interface, two backends ---------------------------------------------- */
 struct broker;

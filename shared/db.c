@@ -1,6 +1,12 @@
-/* db.c - PostgreSQL access through libpq: parameterised statements only. */
+/* db.c - a PostgreSQL connection as a context, in the manner of hiredis'
+ * redisContext: struct db carries the libpq connection, the statements
+ * prepared on it, the statements deferred to its next round trip with the
+ * results kept for their handles, and the last error (err: its class, errstr:
+ * its text, safe to log and to store). Parameterised statements only. One
+ * context per process and connection; nothing here is global. */
 #include "core.h"
 
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,28 +15,69 @@
 
 static void quiet_notice(void *arg, const char *msg) { (void)arg; (void)msg; }
 
-PGconn *db_connect(const char *url, char *err, size_t errlen) {
+/* A prepared statement: each distinct SQL text run with parameters on a
+ * connection is prepared there once (PQprepare), then only executed, so the
+ * server parses and plans it once per connection. */
+struct db_stmt {
+    uint32_t hash;
+    char *sql;
+    char name[16];
+};
+
+/* A statement deferred to the next round trip (db_defer). */
+struct db_deferred {
+    char *sql;        /* the text, for error messages and unprepared sends */
+    const char *name; /* prepared statement, or NULL */
+    int nparams;
+    char **params;    /* copies, owned */
+    int handle;       /* where its result goes (db_defer_result), or -1: cleared */
+};
+
+/* A result kept for its handle until db_take_result or db_release_results. */
+struct db_slot {
+    bool used;
+    bool ran;       /* its statement has been sent and its result read */
+    PGresult *r;    /* NULL until it ran, and when it failed */
+};
+
+struct db {
+    PGconn *conn;
+    int err;
+    char errstr[512];
+    char sqlstate[6];
+    struct db_stmt *stmts;
+    int nstmts, capstmts;
+    unsigned stmt_seq;
+    struct db_deferred *deferred;
+    int ndeferred, capdeferred;
+    struct db_slot *slots;
+    int nslots;
+};
+
+struct db *db_connect(const char *url, char *err, size_t errlen) {
     /* application_name shows in pg_stat_activity which process holds a connection */
     char app[64];
     snprintf(app, sizeof app, "conveyor-%s-%d", log_component(), (int)getpid());
     const char *keys[] = {"dbname", "application_name", NULL};
     const char *vals[] = {url, app, NULL};
-    PGconn *db = PQconnectdbParams(keys, vals, 1);
-    if (PQstatus(db) != CONNECTION_OK) {
-        snprintf(err, errlen, "%s", PQerrorMessage(db));
+    PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    if (PQstatus(conn) != CONNECTION_OK) {
+        snprintf(err, errlen, "%s", PQerrorMessage(conn));
         size_t n = strlen(err);
         while (n && (err[n - 1] == '\n' || err[n - 1] == ' ')) err[--n] = '\0';
-        PQfinish(db);
+        PQfinish(conn);
         return NULL;
     }
-    PQsetNoticeProcessor(db, quiet_notice, NULL); /* NOTICEs are not errors; keep stderr JSON-only */
+    PQsetNoticeProcessor(conn, quiet_notice, NULL); /* NOTICEs are not errors; keep stderr JSON-only */
+    struct db *db = xcalloc(1, sizeof *db);
+    db->conn = conn;
     return db;
 }
 
-PGconn *db_connect_retry(const char *url, volatile sig_atomic_t *stop) {
+struct db *db_connect_retry(const char *url, volatile sig_atomic_t *stop) {
     char err[512];
     for (int attempt = 0; !(stop && *stop); attempt++) {
-        PGconn *db = db_connect(url, err, sizeof err);
+        struct db *db = db_connect(url, err, sizeof err);
         if (db) {
             if (attempt > 0) log_info("database is back");
             return db;
@@ -49,8 +96,8 @@ PGconn *db_connect_retry(const char *url, volatile sig_atomic_t *stop) {
  * server: a standby after a failover); CV_EREFUSED for every other error, which
  * the same statement would meet again (a constraint violation, bad data, a
  * missing object, a bug). */
-static int classify(PGconn *db, const char *state) {
-    if (PQstatus(db) != CONNECTION_OK) return CV_ERETRY;
+static int classify(PGconn *conn, const char *state) {
+    if (PQstatus(conn) != CONNECTION_OK) return CV_ERETRY;
     if (!state) return CV_ERETRY; /* no SQLSTATE: the connection broke mid-statement */
     static const char *const transient[] = {"08", "40001", "40P01", "40003", "53", "55P03", "55006",
                                             "57", "58", "25006"};
@@ -59,19 +106,32 @@ static int classify(PGconn *db, const char *state) {
     return CV_EREFUSED;
 }
 
-static char last_error[512];
+PGconn *db_conn(const struct db *db) { return db->conn; }
+bool db_ok(const struct db *db) { return db && PQstatus(db->conn) == CONNECTION_OK; }
+int db_err(const struct db *db) { return db->err; }
+const char *db_errstr(const struct db *db) { return db->errstr; }
+const char *db_sqlstate(const struct db *db) { return db->sqlstate; }
 
-const char *db_last_error(void) { return last_error; }
+/* Sets db's error: its class and text (printf-style). Returns the class. */
+static int set_error(struct db *db, int cls, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int set_error(struct db *db, int cls, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(db->errstr, sizeof db->errstr, fmt, ap);
+    va_end(ap);
+    db->sqlstate[0] = '\0';
+    return db->err = cls;
+}
 
 /* Writes what went wrong in r into out, safe to log and to store: the primary
  * message, the SQLSTATE and the constraint, table and column when the server
  * names them. Never DETAIL, HINT or CONTEXT: they may carry row contents (a
  * failing row holds a password hash, a duplicate key an email). Without a
  * result (the connection broke) the connection's message. */
-static void error_text(PGconn *db, const PGresult *r, char *out, size_t n) {
+static void error_text(PGconn *conn, const PGresult *r, char *out, size_t n) {
     const char *primary = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
     if (!primary) {
-        snprintf(out, n, "%s", PQerrorMessage(db)); /* libpq's own text: no row data */
+        snprintf(out, n, "%s", PQerrorMessage(conn)); /* libpq's own text: no row data */
         for (size_t len = strlen(out); len && (out[len - 1] == '\n' || out[len - 1] == ' ');) out[--len] = '\0';
         if (!*out) snprintf(out, n, "the connection to the database broke");
         return;
@@ -87,10 +147,11 @@ static void error_text(PGconn *db, const PGresult *r, char *out, size_t n) {
     if (len < n) snprintf(out + len, n - len, ")");
 }
 
-/* Hands a result to the caller or classes its error (see db_exec). */
-static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, char sqlstate[6]) {
+/* Hands a statement's result r (taken) to the caller, or records its error in
+ * db (class, text, SQLSTATE), logs it with the first 150 bytes of sql, and
+ * returns the class (see db_exec). */
+static int db_result(struct db *db, PGresult *r, const char *sql, PGresult **out) {
     if (out) *out = NULL;
-    if (sqlstate) sqlstate[0] = '\0';
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
         if (out) *out = r;
@@ -98,32 +159,16 @@ static int db_result(PGconn *db, PGresult *r, const char *sql, PGresult **out, c
         return 0;
     }
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
-    error_text(db, r, last_error, sizeof last_error);
-    if (sqlstate && state) snprintf(sqlstate, 6, "%s", state);
-    int cls = classify(db, state);
-    if (cls == CV_EREFUSED || !sqlstate) {
-        char line[160];
-        snprintf(line, sizeof line, "%s", sql);
-        for (char *p = line; *p; p++) if (*p == '\n') *p = ' ';
-        if (!(sqlstate && state && strcmp(state, "23505") == 0))
-            log_msg(cls == CV_EREFUSED ? LOG_ERROR : LOG_WARN, NULL, "SQL failed: %s [%s]", last_error, line);
-    }
+    error_text(db->conn, r, db->errstr, sizeof db->errstr);
+    snprintf(db->sqlstate, sizeof db->sqlstate, "%s", state ? state : "");
+    db->err = classify(db->conn, state);
+    char line[160];
+    snprintf(line, sizeof line, "%s", sql);
+    for (char *p = line; *p; p++) if (*p == '\n') *p = ' ';
+    log_msg(db->err == CV_EREFUSED ? LOG_ERROR : LOG_WARN, NULL, "SQL failed: %s [%s]", db->errstr, line);
     PQclear(r);
-    return cls;
+    return db->err;
 }
-
-/* Prepared statements: each distinct SQL text db_exec runs on a connection is
- * prepared there once (PQprepare), then only executed, so the server parses
- * and plans it once per connection. Entries of a connection go with db_close. */
-#define STMT_MAX 128
-static struct stmt {
-    PGconn *db;
-    uint32_t hash;
-    char *sql;
-    char name[16];
-} stmts[STMT_MAX];
-static int nstmts;
-static unsigned stmt_seq;
 
 static uint32_t hash_sql(const char *s) {
     uint32_t h = 2166136261u;
@@ -131,149 +176,154 @@ static uint32_t hash_sql(const char *s) {
     return h;
 }
 
-static int pipeline_run(PGconn *db, const char *sql, const char *name, int nparams, const char *const *params,
-                        PGresult **out, char sqlstate[6]);
-static int db_pending(PGconn *db);
+static int pipeline_run(struct db *db, const char *sql, const char *name, int nparams,
+                        const char *const *params, PGresult **out);
 
-/* Runs db's deferred statements, if any (one round trip). Returns 0 or the first error class. */
-static int flush(PGconn *db, char sqlstate[6]) {
-    return db_pending(db) ? pipeline_run(db, NULL, NULL, 0, NULL, NULL, sqlstate) : 0;
-}
+int db_pending(const struct db *db) { return db->ndeferred; }
+
+int db_flush(struct db *db) { return db->ndeferred ? pipeline_run(db, NULL, NULL, 0, NULL, NULL) : 0; }
 
 /* Sets *name to the statement prepared for sql on db, preparing it if new
- * (NULL when the table is full: then it runs unprepared). A new one is
+ * (NULL when it cannot be remembered: then it runs unprepared). A new one is
  * prepared after db's deferred statements have run, since they may be what
  * makes the transaction usable again (ROLLBACK TO SAVEPOINT). Returns 0, or
  * the error class of those statements or of the PREPARE, which is then the
  * statement's error. */
-static int prepare_once(PGconn *db, const char *sql, int nparams, const char **name, char sqlstate[6]) {
+static int prepare_once(struct db *db, const char *sql, int nparams, const char **name) {
     *name = NULL;
     uint32_t h = hash_sql(sql);
-    for (int i = 0; i < nstmts; i++)
-        if (stmts[i].db == db && stmts[i].hash == h && strcmp(stmts[i].sql, sql) == 0) {
-            *name = stmts[i].name;
+    for (int i = 0; i < db->nstmts; i++)
+        if (db->stmts[i].hash == h && strcmp(db->stmts[i].sql, sql) == 0) {
+            *name = db->stmts[i].name;
             return 0;
         }
-    if (nstmts == STMT_MAX) return 0;
-    int rc = flush(db, sqlstate);
+    int rc = db_flush(db);
     if (rc < 0) return rc;
-    struct stmt *st = &stmts[nstmts];
-    snprintf(st->name, sizeof st->name, "cv%u", ++stmt_seq);
-    PGresult *r = PQprepare(db, st->name, sql, nparams, NULL);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK) return db_result(db, r, sql, NULL, sqlstate);
+    if (db->nstmts == db->capstmts) {
+        db->capstmts = db->capstmts ? 2 * db->capstmts : 32;
+        db->stmts = xrealloc(db->stmts, (size_t)db->capstmts * sizeof *db->stmts);
+    }
+    struct db_stmt *st = &db->stmts[db->nstmts];
+    snprintf(st->name, sizeof st->name, "cv%u", ++db->stmt_seq);
+    PGresult *r = PQprepare(db->conn, st->name, sql, nparams, NULL);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) return db_result(db, r, sql, NULL);
     PQclear(r);
-    st->db = db;
     st->hash = h;
-    if (!(st->sql = strdup(sql))) return 0; /* no memory to remember it: it runs unprepared */
-    nstmts++;
+    st->sql = xstrdup(sql);
+    db->nstmts++;
     *name = st->name;
     return 0;
 }
 
-void db_close(PGconn *db) {
+void db_release_results(struct db *db) {
+    for (int i = 0; i < db->nslots; i++) {
+        PQclear(db->slots[i].r);
+        db->slots[i] = (struct db_slot){0};
+    }
+}
+
+void db_close(struct db *db) {
     if (!db) return;
     db_discard(db);
-    for (int i = 0; i < nstmts;) {
-        if (stmts[i].db == db) {
-            free(stmts[i].sql);
-            stmts[i] = stmts[--nstmts];
-        } else {
-            i++;
-        }
-    }
-    PQfinish(db);
+    db_release_results(db);
+    for (int i = 0; i < db->nstmts; i++) free(db->stmts[i].sql);
+    free(db->stmts);
+    free(db->deferred);
+    free(db->slots);
+    PQfinish(db->conn);
+    free(db);
 }
 
-/* Deferred statements of one connection (a worker has one): sent ahead of
- * the next statement, in one pipeline. */
-#define DEFER_MAX 160 /* worker.c's AHEAD_MAX commands, two statements each, and a few more */
-static struct deferred {
-    char *sql;       /* the text, for error messages and unprepared sends */
-    const char *name; /* prepared statement, or NULL */
-    int nparams;
-    char **params;   /* copies, owned */
-    PGresult **keep; /* where its result goes, or NULL: cleared */
-} deferred[DEFER_MAX];
-static PGconn *deferred_db;
-static int ndeferred;
-
-/* The number of statements deferred on db and not yet sent. */
-static int db_pending(PGconn *db) { return db == deferred_db ? ndeferred : 0; }
-
-void db_discard(PGconn *db) {
-    if (db != deferred_db) return;
-    for (int i = 0; i < ndeferred; i++) {
-        for (int j = 0; j < deferred[i].nparams; j++) free(deferred[i].params[j]);
-        free(deferred[i].params);
-        free(deferred[i].sql);
+void db_discard(struct db *db) {
+    for (int i = 0; i < db->ndeferred; i++) {
+        struct db_deferred *d = &db->deferred[i];
+        for (int j = 0; j < d->nparams; j++) free(d->params[j]);
+        free(d->params);
+        free(d->sql);
+        if (d->handle >= 0) db->slots[d->handle].ran = true; /* never will: nothing to wait for */
     }
-    ndeferred = 0;
-    deferred_db = NULL;
+    db->ndeferred = 0;
 }
 
-int db_defer(PGconn *db, const char *sql, int nparams, const char *const *params) {
-    return db_defer_result(db, sql, nparams, params, NULL);
-}
-
-int db_flush(PGconn *db) { return flush(db, NULL); }
-
-int db_defer_result(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out) {
-    if (out) *out = NULL;
-    if ((deferred_db && deferred_db != db) || ndeferred == DEFER_MAX) {
-        snprintf(last_error, sizeof last_error, "too many deferred statements (at most %d, one connection)",
-                 DEFER_MAX);
-        log_error("%s", last_error);
-        return CV_EREFUSED;
-    }
+/* Defers sql; with keep, its result is kept for the handle returned. Returns
+ * the handle (0 without keep), or the error class of the statements that had
+ * to run first to prepare it (then nothing stays deferred). */
+static int defer(struct db *db, const char *sql, int nparams, const char *const *params, bool keep) {
     const char *name = NULL;
-    int rc = nparams > 0 ? prepare_once(db, sql, nparams, &name, NULL) : 0; /* SAVEPOINT, BEGIN: unprepared */
+    int rc = nparams > 0 ? prepare_once(db, sql, nparams, &name) : 0; /* SAVEPOINT, BEGIN: unprepared */
     if (rc < 0) return rc;
-    struct deferred *d = &deferred[ndeferred++];
-    deferred_db = db;
-    d->sql = strdup(sql);
-    d->name = name;
-    d->keep = out;
-    d->params = nparams > 0 ? calloc((size_t)nparams, sizeof *d->params) : NULL;
-    d->nparams = d->params ? nparams : 0;
-    bool copied = d->sql && d->nparams == nparams;
-    for (int j = 0; copied && j < nparams; j++)
-        if (params[j] && !(d->params[j] = strdup(params[j]))) copied = false;
-    if (!copied) {
-        db_discard(db); /* frees what was copied; nothing stays deferred */
-        snprintf(last_error, sizeof last_error, "out of memory deferring a statement");
-        log_error("%s", last_error);
-        return CV_ERETRY;
+    int h = -1;
+    if (keep) {
+        for (h = 0; h < db->nslots && db->slots[h].used;) h++;
+        if (h == db->nslots) {
+            db->nslots = db->nslots ? 2 * db->nslots : 16;
+            db->slots = xrealloc(db->slots, (size_t)db->nslots * sizeof *db->slots);
+            for (int i = h; i < db->nslots; i++) db->slots[i] = (struct db_slot){0};
+        }
+        db->slots[h] = (struct db_slot){.used = true};
     }
-    return 0;
+    if (db->ndeferred == db->capdeferred) {
+        db->capdeferred = db->capdeferred ? 2 * db->capdeferred : 32;
+        db->deferred = xrealloc(db->deferred, (size_t)db->capdeferred * sizeof *db->deferred);
+    }
+    struct db_deferred *d = &db->deferred[db->ndeferred++];
+    d->sql = xstrdup(sql);
+    d->name = name;
+    d->handle = h;
+    d->nparams = nparams;
+    d->params = nparams > 0 ? xcalloc((size_t)nparams, sizeof *d->params) : NULL;
+    for (int j = 0; j < nparams; j++) d->params[j] = params[j] ? xstrdup(params[j]) : NULL;
+    return keep ? h : 0;
+}
+
+int db_defer(struct db *db, const char *sql, int nparams, const char *const *params) {
+    return defer(db, sql, nparams, params, false);
+}
+
+int db_defer_result(struct db *db, const char *sql, int nparams, const char *const *params) {
+    return defer(db, sql, nparams, params, true);
+}
+
+int db_take_result(struct db *db, int handle, PGresult **out) {
+    *out = NULL;
+    if (handle < 0 || handle >= db->nslots || !db->slots[handle].used)
+        return set_error(db, CV_EREFUSED, "no deferred result %d (a bug)", handle);
+    int rc = db->slots[handle].ran ? 0 : db_flush(db);
+    *out = db->slots[handle].r;
+    db->slots[handle] = (struct db_slot){0};
+    return rc;
 }
 
 /* Sends one statement into the open pipeline. Returns 1 when sent. */
-static int pipeline_send(PGconn *db, const char *sql, const char *name, int nparams, const char *const *params) {
-    return name ? PQsendQueryPrepared(db, name, nparams, params, NULL, NULL, 0)
-                : PQsendQueryParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
+static int pipeline_send(PGconn *conn, const char *sql, const char *name, int nparams, const char *const *params) {
+    return name ? PQsendQueryPrepared(conn, name, nparams, params, NULL, NULL, 0)
+                : PQsendQueryParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
 }
 
 /* Sends the deferred statements and then sql (one statement; NULL: none) in
- * one pipeline, and reads every result. Returns as db_exec, with the first
- * error among them (the statements after a failed one do not run). Nothing
- * stays deferred. */
-static int pipeline_run(PGconn *db, const char *sql, const char *name, int nparams, const char *const *params,
-                        PGresult **out, char sqlstate[6]) {
+ * one pipeline, and reads every result: each deferred one's goes to its slot,
+ * sql's to *out. Returns as db_exec, with the first error among them (the
+ * statements after a failed one do not run, and their slots stay NULL).
+ * Nothing stays deferred. */
+static int pipeline_run(struct db *db, const char *sql, const char *name, int nparams,
+                        const char *const *params, PGresult **out) {
+    PGconn *conn = db->conn;
     PGresult *failed = NULL, *mine = NULL;
-    int n = ndeferred, total = n + (sql != NULL);
+    int n = db->ndeferred, total = n + (sql != NULL);
+    struct db_deferred *deferred = db->deferred;
     const char *failed_sql = sql ? sql : n ? deferred[n - 1].sql : "";
-    bool ok = PQenterPipelineMode(db) == 1;
+    bool ok = PQenterPipelineMode(conn) == 1;
     for (int i = 0; ok && i < n; i++)
-        ok = pipeline_send(db, deferred[i].sql, deferred[i].name, deferred[i].nparams,
+        ok = pipeline_send(conn, deferred[i].sql, deferred[i].name, deferred[i].nparams,
                            (const char *const *)deferred[i].params) == 1;
-    if (sql) ok = ok && pipeline_send(db, sql, name, nparams, params) == 1;
-    ok = ok && PQpipelineSync(db) == 1;
+    if (sql) ok = ok && pipeline_send(conn, sql, name, nparams, params) == 1;
+    ok = ok && PQpipelineSync(conn) == 1;
     /* one result per statement, each followed by NULL, then the sync */
     int i = 0, nulls = 0;
     while (ok) {
-        PGresult *r = PQgetResult(db);
+        PGresult *r = PQgetResult(conn);
         if (!r) {
-            if (++nulls > 1 || PQstatus(db) != CONNECTION_OK) ok = false; /* nothing more will come */
+            if (++nulls > 1 || PQstatus(conn) != CONNECTION_OK) ok = false; /* nothing more will come */
             continue;
         }
         nulls = 0;
@@ -287,49 +337,46 @@ static int pipeline_run(PGconn *db, const char *sql, const char *name, int npara
         } else if (!failed && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
             failed = r; /* the ones after it come back PGRES_PIPELINE_ABORTED */
             failed_sql = i < n ? deferred[i].sql : sql;
-        } else if (i < n && deferred[i].keep && !failed) {
-            *deferred[i].keep = r;
+        } else if (i < n && deferred[i].handle >= 0 && !failed) {
+            db->slots[deferred[i].handle].r = r;
         } else {
             PQclear(r);
         }
         i++;
     }
     if (i != total) ok = false;
-    if (PQpipelineStatus(db) != PQ_PIPELINE_OFF && PQexitPipelineMode(db) != 1) ok = false;
+    if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF && PQexitPipelineMode(conn) != 1) ok = false;
     char keep_sql[160]; /* db_result shows this much of it */
     snprintf(keep_sql, sizeof keep_sql, "%s", failed_sql);
-    db_discard(db);
-    int rc;
+    db_discard(db); /* their slots are marked ran */
     if (failed) {
         PQclear(mine);
-        rc = db_result(db, failed, keep_sql, out, sqlstate);
-    } else if (!ok) {
-        PQclear(mine);
-        rc = db_result(db, NULL, keep_sql, out, sqlstate); /* the connection broke */
-    } else {
-        rc = sql ? db_result(db, mine, keep_sql, out, sqlstate) : 0;
+        return db_result(db, failed, keep_sql, out);
     }
-    return rc;
+    if (!ok) {
+        PQclear(mine);
+        return db_result(db, NULL, keep_sql, out); /* the connection broke */
+    }
+    return sql ? db_result(db, mine, keep_sql, out) : 0;
 }
 
-int db_exec(PGconn *db, const char *sql, int nparams, const char *const *params, PGresult **out,
-            char sqlstate[6]) {
+int db_exec(struct db *db, const char *sql, int nparams, const char *const *params, PGresult **out) {
     const char *name;
     if (out) *out = NULL;
-    int rc = prepare_once(db, sql, nparams, &name, sqlstate);
+    int rc = prepare_once(db, sql, nparams, &name);
     if (rc < 0) {
         db_discard(db);
         return rc;
     }
-    if (db_pending(db)) return pipeline_run(db, sql, name, nparams, params, out, sqlstate);
-    PGresult *r = name ? PQexecPrepared(db, name, nparams, params, NULL, NULL, 0)
-             : PQexecParams(db, sql, nparams, NULL, params, NULL, NULL, 0);
-    return db_result(db, r, sql, out, sqlstate);
+    if (db->ndeferred) return pipeline_run(db, sql, name, nparams, params, out);
+    PGresult *r = name ? PQexecPrepared(db->conn, name, nparams, params, NULL, NULL, 0)
+                       : PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    return db_result(db, r, sql, out);
 }
 
-int db_cmd(PGconn *db, const char *sql) {
-    if (db_pending(db)) return pipeline_run(db, sql, NULL, 0, NULL, NULL, NULL);
-    return db_result(db, PQexec(db, sql), sql, NULL, NULL);
+int db_cmd(struct db *db, const char *sql) {
+    if (db->ndeferred) return pipeline_run(db, sql, NULL, 0, NULL, NULL);
+    return db_result(db, PQexec(db->conn, sql), sql, NULL);
 }
 
 char *db_array(const char *const *items, int n) {

@@ -34,7 +34,7 @@ struct selector {
     const char *id;        /* a command id, or NULL */
     int index;             /* #N, or 0 */
     bool all;
-    PGconn *reset_db;      /* retry: reset the attempt count of each chosen command here, first */
+    struct db *reset_db;      /* retry: reset the attempt count of each chosen command here, first */
     int failed;            /* chosen, but the reset failed: left in the dead letters */
 };
 
@@ -63,8 +63,8 @@ static bool choose(const struct dead_letter *d, int index, void *arg) {
     if (yes && s->reset_db && id[0]) {
         /* before the message is back on its queue, or a worker could count on the old attempts */
         const char *p[1] = {id};
-        if (db_exec(s->reset_db, "DELETE FROM command_attempts WHERE id = $1", 1, p, NULL, NULL) < 0) {
-            fprintf(stderr, "conveyor-admin: %s left dead: cannot reset its attempt count: %s\n", id, db_last_error());
+        if (db_exec(s->reset_db, "DELETE FROM command_attempts WHERE id = $1", 1, p, NULL) < 0) {
+            fprintf(stderr, "conveyor-admin: %s left dead: cannot reset its attempt count: %s\n", id, db_errstr(s->reset_db));
             s->failed++;
             return false;
         }

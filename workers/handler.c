@@ -65,16 +65,16 @@ void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *pro
     }
 }
 
-int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out,
-             char sqlstate[6]) {
+int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out) {
     int nth = ctx->statements++;
-    if (ctx->ahead == AHEAD_OFF) return db_exec(ctx->db, sql, nparams, params, out, sqlstate);
+    if (ctx->ahead == AHEAD_OFF) return db_exec(ctx->db, sql, nparams, params, out);
     if (out) *out = NULL;
-    if (sqlstate) sqlstate[0] = '\0';
     if (nth > 0) return CV_EAHEAD;
     if (ctx->ahead == AHEAD_SEND) {
-        int rc = db_defer_result(ctx->db, sql, nparams, params, ctx->first);
-        return rc < 0 ? rc : CV_EAHEAD;
+        int h = db_defer_result(ctx->db, sql, nparams, params);
+        if (h < 0) return h;
+        *ctx->handle = h;
+        return CV_EAHEAD;
     }
     if (!*ctx->first) return CV_EAHEAD; /* it failed: the command runs again to meet the error */
     if (out) *out = *ctx->first;

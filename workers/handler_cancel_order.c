@@ -18,9 +18,9 @@ int handle_cancel_order(struct cmd_ctx *ctx) {
      * worker.c), so none waits for an order row while holding what another needs */
     int rc = ctx_exec(ctx, "SELECT p.id FROM products p JOIN order_items i ON i.product_id = p.id "
                            "WHERE i.order_id = $1 AND p.deleted_at IS NULL ORDER BY p.id FOR UPDATE OF p",
-                      1, params, NULL, NULL);
+                      1, params, NULL);
     if (rc < 0) return rc;
-    if ((rc = ctx_exec(ctx, "SELECT status FROM orders WHERE id = $1 FOR UPDATE", 1, params, &r, NULL)) < 0)
+    if ((rc = ctx_exec(ctx, "SELECT status FROM orders WHERE id = $1 FOR UPDATE", 1, params, &r)) < 0)
         return rc;
     if (PQntuples(r) == 0) {
         PQclear(r);
@@ -31,10 +31,10 @@ int handle_cancel_order(struct cmd_ctx *ctx) {
     if (!placed) return ctx_reject(ctx, "CONFLICT", NULL, NULL, "order %s is already cancelled", order_id);
     if ((rc = ctx_exec(ctx, "UPDATE products p SET stock = p.stock + i.quantity, updated_at = now() "
                             "FROM order_items i WHERE i.order_id = $1 AND p.id = i.product_id "
-                            "AND p.deleted_at IS NULL", 1, params, NULL, NULL)) < 0)
+                            "AND p.deleted_at IS NULL", 1, params, NULL)) < 0)
         return rc;
     if ((rc = ctx_exec(ctx, "UPDATE orders SET status = 'CANCELLED', cancelled_at = now() WHERE id = $1", 1,
-                       params, NULL, NULL)) < 0)
+                       params, NULL)) < 0)
         return rc;
     cJSON *data = cJSON_CreateObject();
     cJSON_AddStringToObject(data, "orderId", order_id);

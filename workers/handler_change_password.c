@@ -22,7 +22,7 @@ int handle_change_password(struct cmd_ctx *ctx) {
 
     const char *params[2] = {user_id, NULL};
     PGresult *r;
-    int rc = ctx_exec(ctx, "SELECT password_hash FROM users WHERE id = $1 FOR UPDATE", 1, params, &r, NULL);
+    int rc = ctx_exec(ctx, "SELECT password_hash FROM users WHERE id = $1 FOR UPDATE", 1, params, &r);
     if (rc < 0) return rc;
     if (PQntuples(r) == 0) {
         PQclear(r);
@@ -34,7 +34,7 @@ int handle_change_password(struct cmd_ctx *ctx) {
     char hash[128];
     if ((rc = password_hash(ctx, next, hash)) < 0) return rc;
     params[1] = hash;
-    rc = ctx_exec(ctx, "UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1", 2, params, NULL, NULL);
+    rc = ctx_exec(ctx, "UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1", 2, params, NULL);
     sodium_memzero(hash, sizeof hash);
     if (rc < 0) return rc;
     cJSON *data = cJSON_CreateObject();

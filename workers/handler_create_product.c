@@ -28,7 +28,7 @@ int handle_create_product(struct cmd_ctx *ctx) {
                   "INSERT INTO products (id, name, description, price, stock, category) "
                   "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING "
                   "RETURNING price::text, " SQL_RFC3339("created_at"),
-                  6, params, &r, NULL);
+                  6, params, &r);
     if (rc < 0) goto out;
     if (PQntuples(r) == 0) {
         PQclear(r);

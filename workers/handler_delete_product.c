@@ -11,7 +11,7 @@ int handle_delete_product(struct cmd_ctx *ctx) {
     const char *params[1] = {product_id};
     PGresult *r;
     int rc = ctx_exec(ctx, "UPDATE products SET deleted_at = now(), updated_at = now() "
-                           "WHERE id = $1 AND deleted_at IS NULL RETURNING id", 1, params, &r, NULL);
+                           "WHERE id = $1 AND deleted_at IS NULL RETURNING id", 1, params, &r);
     if (rc < 0) return rc;
     int n = PQntuples(r);
     PQclear(r);

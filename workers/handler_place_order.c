@@ -61,7 +61,7 @@ int handle_place_order(struct cmd_ctx *ctx) {
 
     PGresult *r;
     const char *up[1] = {user_id};
-    int rc = ctx_exec(ctx, "SELECT 1 FROM users WHERE id = $1", 1, up, &r, NULL);
+    int rc = ctx_exec(ctx, "SELECT 1 FROM users WHERE id = $1", 1, up, &r);
     if (rc < 0) return rc;
     int users = PQntuples(r);
     PQclear(r);
@@ -86,7 +86,7 @@ int handle_place_order(struct cmd_ctx *ctx) {
     strcat(qtys, "}");
     const char *lp[1] = {ids};
     rc = ctx_exec(ctx, "SELECT id::text, stock, price::text, status FROM products "
-                       "WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL ORDER BY id FOR UPDATE", 1, lp, &r, NULL);
+                       "WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL ORDER BY id FOR UPDATE", 1, lp, &r);
     if (rc < 0) goto out;
     for (int row = 0; row < PQntuples(r); row++)
         for (int i = 0; i < n; i++)
@@ -130,12 +130,12 @@ int handle_place_order(struct cmd_ctx *ctx) {
     const char *op[4] = {order_id, user_id, ids, qtys};
     if ((rc = ctx_exec(ctx, "UPDATE products p SET stock = p.stock - x.q, updated_at = now() "
                             "FROM unnest($1::uuid[], $2::int[]) AS x(id, q) WHERE p.id = x.id",
-                       2, op + 2, NULL, NULL)) < 0)
+                       2, op + 2, NULL)) < 0)
         goto out;
     if ((rc = ctx_exec(ctx, "INSERT INTO orders (id, user_id, status, total) "
                             "SELECT $1, $2, 'PLACED', coalesce(sum(p.price * x.q), 0) "
                             "FROM unnest($3::uuid[], $4::int[]) AS x(id, q) JOIN products p ON p.id = x.id "
-                            "RETURNING total::text", 4, op, &r, NULL)) < 0)
+                            "RETURNING total::text", 4, op, &r)) < 0)
         goto out;
     char total[48];
     snprintf(total, sizeof total, "%s", PQgetvalue(r, 0, 0));
@@ -143,7 +143,7 @@ int handle_place_order(struct cmd_ctx *ctx) {
     if ((rc = ctx_exec(ctx, "INSERT INTO order_items (order_id, position, product_id, quantity, unit_price) "
                             "SELECT $1, x.n - 1, x.id, x.q, p.price "
                             "FROM unnest($2::uuid[], $3::int[]) WITH ORDINALITY AS x(id, q, n) "
-                            "JOIN products p ON p.id = x.id", 3, (const char *[]){order_id, ids, qtys}, NULL, NULL)) < 0)
+                            "JOIN products p ON p.id = x.id", 3, (const char *[]){order_id, ids, qtys}, NULL)) < 0)
         goto out;
 
     cJSON *data = cJSON_CreateObject(), *arr = cJSON_CreateArray();

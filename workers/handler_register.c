@@ -31,12 +31,12 @@ int handle_register(struct cmd_ctx *ctx) {
                    * cannot disagree, whatever the letters (É -> é) */
                   "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, lower($3), $4) "
                   "ON CONFLICT DO NOTHING RETURNING " SQL_RFC3339("created_at") ", email",
-                  4, params, &r, NULL);
+                  4, params, &r);
     sodium_memzero(hash, sizeof hash);
     if (rc < 0) goto out;
     if (PQntuples(r) == 0) {
         PQclear(r);
-        rc = ctx_exec(ctx, "SELECT 1 FROM users WHERE id = $1", 1, params, &r, NULL);
+        rc = ctx_exec(ctx, "SELECT 1 FROM users WHERE id = $1", 1, params, &r);
         if (rc < 0) goto out;
         bool id_taken = PQntuples(r) > 0;
         PQclear(r);

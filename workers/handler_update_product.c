@@ -49,7 +49,7 @@ int handle_update_product(struct cmd_ctx *ctx) {
     const char *params[6] = {product_id};
     PGresult *r;
     rc = ctx_exec(ctx, "SELECT name, description, price::text, category, status FROM products "
-                       "WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", 1, params, &r, NULL);
+                       "WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", 1, params, &r);
     if (rc < 0) goto out;
     if (PQntuples(r) == 0) {
         PQclear(r);
@@ -78,7 +78,7 @@ int handle_update_product(struct cmd_ctx *ctx) {
     if (cJSON_GetArraySize(changed) > 0) {
         const char *up[6] = {product_id, new_name, new_desc, new_price, new_cat, new_status};
         rc = ctx_exec(ctx, "UPDATE products SET name = $2, description = $3, price = $4, category = $5, "
-                           "status = $6, updated_at = now() WHERE id = $1", 6, up, NULL, NULL);
+                           "status = $6, updated_at = now() WHERE id = $1", 6, up, NULL);
     }
     PQclear(r);
     if (rc < 0) {

@@ -27,7 +27,7 @@ int handle_update_stock(struct cmd_ctx *ctx) {
     /* the usual case in one statement; only a change it refuses takes the locked read below */
     int rc = ctx_exec(ctx, "UPDATE products SET stock = stock + $2::bigint, updated_at = now() "
                            "WHERE id = $1 AND deleted_at IS NULL AND stock + $2::bigint BETWEEN 0 AND 2147483647 "
-                           "RETURNING stock", 2, params, &r, NULL);
+                           "RETURNING stock", 2, params, &r);
     if (rc < 0) return rc;
     if (PQntuples(r) == 1) {
         next = atoll(PQgetvalue(r, 0, 0));
@@ -36,7 +36,7 @@ int handle_update_stock(struct cmd_ctx *ctx) {
     } else {
         PQclear(r);
         rc = ctx_exec(ctx, "SELECT stock FROM products WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", 1,
-                      params, &r, NULL);
+                      params, &r);
         if (rc < 0) return rc;
         if (PQntuples(r) == 0) {
             PQclear(r);
@@ -60,8 +60,7 @@ int handle_update_stock(struct cmd_ctx *ctx) {
         /* it changed between the two statements and now fits */
         snprintf(next_s, sizeof next_s, "%lld", next);
         params[1] = next_s;
-        rc = ctx_exec(ctx, "UPDATE products SET stock = $2, updated_at = now() WHERE id = $1", 2, params, NULL,
-                      NULL);
+        rc = ctx_exec(ctx, "UPDATE products SET stock = $2, updated_at = now() WHERE id = $1", 2, params, NULL);
         if (rc < 0) return rc;
     }
 

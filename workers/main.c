@@ -67,7 +67,7 @@ int main(int argc, char **argv) {
     }
     signals_stop_sets(&stop_requested);
 
-    PGconn *db = db_connect_retry(cfg.database_url, &stop_requested);
+    struct db *db = db_connect_retry(cfg.database_url, &stop_requested);
     if (!db) { cfg_free(&cfg); return 0; }
     int applied = migrate_run(db, err, sizeof err);
     db_close(db);

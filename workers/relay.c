@@ -76,7 +76,7 @@ static void floor_advance(struct claim_floor *f, struct claim_horizon h, int n, 
 /* Publishes up to batch unpublished rows above the floor, in id order, then
  * marks them, and moves the floor (floor_advance). Returns the number
  * published, or an error class (the floor is left as it was). */
-static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_floor *f) {
+static int relay_drain(struct db *db, struct broker *b, int batch, struct claim_floor *f) {
     char limit[16], after[24];
     snprintf(limit, sizeof limit, "%d", batch);
     snprintf(after, sizeof after, "%lld", (long long)f->floor);
@@ -90,7 +90,7 @@ static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_flo
                          "SELECT id, event_id, event_type, payload FROM outbox "
                          "WHERE published_at IS NULL AND id > $1::bigint ORDER BY id LIMIT $2) o ON true "
                          "ORDER BY o.id",
-                     2, p, &r, NULL);
+                     2, p, &r);
     if (rc < 0) return rc;
     struct claim_horizon h = {strtoll(PQgetvalue(r, 0, 0), NULL, 10), strtoull(PQgetvalue(r, 0, 1), NULL, 10)};
     int n = PQgetisnull(r, 0, 2) ? 0 : PQntuples(r);
@@ -127,7 +127,7 @@ static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_flo
     const char *mp[1] = {ids};
     rc = db_exec(db, "WITH marked AS (UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])) "
                      "SELECT pg_current_xact_id()::text",
-                 1, mp, &r, NULL);
+                 1, mp, &r);
     free(ids);
     if (rc < 0) return rc; /* unmarked: above the floor, which waits for them, so found again */
     floor_advance(f, h, n, batch, last, strtoull(PQgetvalue(r, 0, 0), NULL, 10));
@@ -136,13 +136,13 @@ static int relay_drain(PGconn *db, struct broker *b, int batch, struct claim_flo
 }
 
 /* Deletes rows published longer ago than the retention. */
-static void relay_prune(PGconn *db, long retention_s) {
+static void relay_prune(struct db *db, long retention_s) {
     char secs[24];
     snprintf(secs, sizeof secs, "%ld", retention_s);
     const char *p[1] = {secs};
     PGresult *r;
     if (db_exec(db, "DELETE FROM outbox WHERE published_at IS NOT NULL "
-                    "AND published_at < now() - make_interval(secs => $1::bigint)", 1, p, &r, NULL) == 0) {
+                    "AND published_at < now() - make_interval(secs => $1::bigint)", 1, p, &r) == 0) {
         if (strcmp(PQcmdTuples(r), "0") != 0) log_info("pruned %s published outbox rows", PQcmdTuples(r));
         PQclear(r);
     }
@@ -155,22 +155,23 @@ static void relay_prune(PGconn *db, long retention_s) {
  * confirms and one mark for several commits instead of for one or two), at
  * the cost of that much latency under load only; an idle relay is woken at once. */
 #define LINGER_US 2000
-static void relay_wait(PGconn *db, int ms) {
-    struct pollfd pfd[2] = {{PQsocket(db), POLLIN, 0}, {relay_wake_fd(), POLLIN, 0}};
-    PQconsumeInput(db);
-    PGnotify *n = PQnotifies(db);
+static void relay_wait(struct db *db, int ms) {
+    PGconn *conn = db_conn(db);
+    struct pollfd pfd[2] = {{PQsocket(conn), POLLIN, 0}, {relay_wake_fd(), POLLIN, 0}};
+    PQconsumeInput(conn);
+    PGnotify *n = PQnotifies(conn);
     bool pending = n || poll(pfd, 2, 0) > 0; /* a negative fd (no wake-up) is ignored */
     PQfreemem(n);
     if (pending) usleep(LINGER_US);
     if (pending || poll(pfd, 2, ms) > 0) {
-        PQconsumeInput(db);
-        for (PGnotify *m; (m = PQnotifies(db)); PQfreemem(m)) {}
+        PQconsumeInput(conn);
+        for (PGnotify *m; (m = PQnotifies(conn)); PQfreemem(m)) {}
         relay_wake_clear();
     }
 }
 
 /* Holds the relay lock on db and publishes until stop or a lost connection. */
-static void relay_active(const struct cfg *cfg, PGconn *db) {
+static void relay_active(const struct cfg *cfg, struct db *db) {
     char sql[128];
     snprintf(sql, sizeof sql, "LISTEN \"%s_outbox\"", cfg->prefix);
     if (db_cmd(db, sql) < 0) return;
@@ -196,7 +197,7 @@ static void relay_active(const struct cfg *cfg, PGconn *db) {
     int failures = 0;
     int64_t next_prune = clock_mono_ms();
     struct claim_floor floor = {0};
-    while (!stop_requested && PQstatus(db) == CONNECTION_OK) {
+    while (!stop_requested && db_ok(db)) {
         if (!b && !(b = broker_open(cfg, cfg->events_transport, err, sizeof err))) {
             if (failures == 0) log_warn("events broker unreachable, retrying: %s", err);
             backoff_sleep(backoff_ms(failures++, 100, 5000), &stop_requested);
@@ -204,7 +205,7 @@ static void relay_active(const struct cfg *cfg, PGconn *db) {
         }
         int n = relay_drain(db, b, cfg->relay_batch, &floor);
         if (n < 0) {
-            if (n == CV_ERETRY && PQstatus(db) == CONNECTION_OK) {
+            if (n == CV_ERETRY && db_ok(db)) {
                 broker_close(b); /* the broker failed: reconnect it */
                 b = NULL;
             }
@@ -230,11 +231,11 @@ int relay_run(const struct cfg *cfg) {
     const char *p[1] = {lock_name};
     bool said_standby = false;
     while (!stop_requested) {
-        PGconn *db = db_connect_retry(cfg->database_url, &stop_requested);
+        struct db *db = db_connect_retry(cfg->database_url, &stop_requested);
         if (!db) break;
-        while (!stop_requested && PQstatus(db) == CONNECTION_OK) {
+        while (!stop_requested && db_ok(db)) {
             PGresult *r;
-            if (db_exec(db, "SELECT pg_try_advisory_lock(hashtext($1))", 1, p, &r, NULL) < 0) break;
+            if (db_exec(db, "SELECT pg_try_advisory_lock(hashtext($1))", 1, p, &r) < 0) break;
             bool got = PQgetvalue(r, 0, 0)[0] == 't';
             PQclear(r);
             if (got) {

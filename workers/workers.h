@@ -59,14 +59,15 @@ enum ahead_stage {
 enum { CV_EAHEAD = -10 };
 
 struct cmd_ctx {
-    PGconn *db;
+    struct db *db;
     const struct cfg *cfg;
     const struct envelope *cmd;
     cJSON *events;         /* array of event envelopes to write to the outbox; owned */
     bool validate_only;    /* return 0 once the payload passed validation (tests, fuzzing) */
     struct rejection rej;
     enum ahead_stage ahead;
-    PGresult **first;      /* running ahead: where the first statement's result goes (not owned) */
+    int *handle;           /* AHEAD_SEND: where the first statement's result handle goes (db_defer_result) */
+    PGresult **first;      /* AHEAD_RESUME: the first statement's result, taken by ctx_exec (not owned) */
     int statements;        /* ctx_exec calls so far */
 };
 
@@ -107,12 +108,12 @@ void handler_lock_key(const struct handler *h, const cJSON *payload, char out[ID
  * products it locks. Ids that are not UUIDs are left out (the handler rejects them). */
 void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *products, cJSON *orders);
 /* A handler's statement: db_exec on ctx->db, except when running ahead: in
- * AHEAD_SEND the first statement is deferred and CV_EAHEAD returned; in
- * AHEAD_RESUME the first returns its result (*out, owned by the caller) and
- * a second returns CV_EAHEAD (the command then runs again, not ahead). The
- * handler returns CV_EAHEAD as it returns any error. */
-int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out,
-             char sqlstate[6]);
+ * AHEAD_SEND the first statement is deferred (its handle in *ctx->handle) and
+ * CV_EAHEAD returned; in AHEAD_RESUME the first returns its result (*out,
+ * owned by the caller) and a second returns CV_EAHEAD (the command then runs
+ * again, not ahead). The handler returns CV_EAHEAD as it returns any error.
+ * Otherwise as db_exec. */
+int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out);
 /* Appends an event (takes data) to ctx->events. */
 void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
               const char *aggregate_id, cJSON *data);
@@ -138,6 +139,59 @@ void emit_stock_notifications(struct cmd_ctx *ctx, const char *product_id, long 
 /* Hashes a password with argon2id at the configured cost into out. Returns 0,
  * or CV_ERETRY when the memory for it could not be had. */
 int password_hash(const struct cmd_ctx *ctx, const char *password, char out[128]);
+
+/* ---- batch.c: the transaction of a batch --------------------------------------- */
+enum outcome { OUTCOME_APPLIED, OUTCOME_REJECTED, OUTCOME_DUPLICATE };
+
+/* One message of a batch, from delivery to settlement (worker.c owns it). */
+struct batch_item {
+    struct delivery d;
+    struct envelope env;
+    const struct handler *handler;
+    bool live;            /* parsed, known, within its attempts: it takes part in the transaction */
+    bool exhausted;       /* out of attempts (batch_count_attempts): dead-letter it, error says why */
+    int attempts;         /* handler starts, this one included */
+    bool counted;         /* its attempts are in command_attempts (it was redelivered) */
+    bool claimed;         /* its dedup row is in this transaction: it runs */
+    int rc;               /* its outcome (enum outcome) or error class */
+    cJSON *events;        /* what it emitted, for the batch's outbox insert (owned) */
+    int handle;           /* run ahead: the handle of its first statement's result (db_defer_result), or -1 */
+    PGresult *first;      /* run ahead: that result, until its handler takes it (owned) */
+    bool alone;           /* its statement failed when run ahead: it runs alone (and meets the error once more) */
+    char *error;          /* with a failure: the database's error text (owned) */
+    char key[ID_LEN + 3]; /* the row it locks first (handler_lock_key), for lock order; or "" */
+};
+
+/* A worker's transactions: its connection and what a batch needs to know. */
+struct batch {
+    struct db *db;               /* the worker's connection (not owned; set before each call) */
+    const struct cfg *cfg;
+    const struct cfg_queue *q;
+    char notify_sql[160];        /* NOTIFY "<prefix>_outbox" */
+    int claim;                   /* the handle of the dedup insert's result while it is pending, or -1 */
+};
+/* Fills b for the queue q of cfg (b->db is set by the caller). */
+void batch_init(struct batch *b, const struct cfg *cfg, const struct cfg_queue *q);
+/* Counts one more start of the handler for each redelivered item, durably,
+ * before any runs (one transaction that commits asynchronously: the counts
+ * only have to survive this worker, not the database host); a first delivery
+ * is attempt 1, not written. Sets each item's attempts; an item out of
+ * attempts is marked exhausted (its error says why), the others live.
+ * Returns 0, or an error class when the database is unreachable (nothing
+ * counted, nothing marked). */
+int batch_count_attempts(struct batch *b, struct batch_item **v, int n);
+/* Orders v stably by key (the row each command locks first): every batch
+ * takes its rows' locks in one order, so concurrent batches do not deadlock;
+ * commands on one aggregate keep their order. */
+void batch_order(struct batch_item **v, int n);
+/* Runs the items in one transaction, each in its own savepoint when there are
+ * several (a failing command is rolled back alone and settled on its own),
+ * and commits once. Sets each item's rc (an outcome, or the error class of
+ * its failure, with error). Returns 0, or the error class that undid the
+ * whole batch (then every item carries it). */
+int batch_run(struct batch *b, struct batch_item **v, int n);
+/* Frees what running an item left (error text, events, a first result); it can run again. */
+void batch_item_forget(struct batch_item *it);
 
 /* ---- worker.c / relay.c / supervisor.c ------------------------------------------ */
 extern volatile sig_atomic_t stop_requested; /* set by SIGTERM / SIGINT in a child */
