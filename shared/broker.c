@@ -7,7 +7,15 @@
 #include <string.h>
 
 struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen) {
-    return t == TRANSPORT_REDIS ? broker_redis_open(cfg, err, errlen) : broker_amqp_open(cfg, err, errlen);
+    return broker_open_class(cfg, t, NULL, err, errlen);
+}
+
+struct broker *broker_open_class(const struct cfg *cfg, enum transport t, int *cls, char *err, size_t errlen) {
+    int c = CV_ERETRY;
+    struct broker *b = t == TRANSPORT_REDIS ? broker_redis_open(cfg, &c, err, errlen)
+                                            : broker_amqp_open(cfg, &c, err, errlen);
+    if (cls) *cls = b ? 0 : c;
+    return b;
 }
 
 void broker_close(struct broker *b) {

@@ -97,6 +97,19 @@ static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what
     return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s: unknown reply", what);
 }
 
+/* As rpc_check, for amqp_login: a login the server refused (ACCESS_REFUSED:
+ * user or password; NOT_ALLOWED: the vhost does not exist or the user may not
+ * use it) is CV_ECONFIG, the user and vhost named. */
+static int login_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *vhost) {
+    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+        amqp_connection_close_t *m = r.reply.decoded;
+        if (m->reply_code == AMQP_ACCESS_REFUSED || m->reply_code == AMQP_NOT_ALLOWED)
+            return broker_fail(&a->base, CV_ECONFIG, "login refused for user '%s' on vhost '%s': %.*s", a->info.user,
+                               vhost, (int)m->reply_text.len, (char *)m->reply_text.bytes);
+    }
+    return rpc_check(a, r, "login");
+}
+
 /* Opens a connection with channel 1 (in confirm mode when confirms). */
 static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
     if (*out) return 0;
@@ -110,8 +123,8 @@ static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool c
                            amqp_error_string2(rc));
     }
     const char *vhost = a->info.vhost && *a->info.vhost ? a->info.vhost : "/";
-    if ((rc = rpc_check(a, amqp_login(c, vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, a->info.user,
-                                      a->info.password), "login")) < 0) {
+    if ((rc = login_check(a, amqp_login(c, vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, a->info.user,
+                                        a->info.password), vhost)) < 0) {
         amqp_destroy_connection(c);
         return rc;
     }
@@ -616,7 +629,7 @@ static const struct broker_ops amqp_ops = {
     amqp_publish_events, amqp_subscribe, amqp_next_event,
 };
 
-struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen) {
+struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size_t errlen) {
     struct amqp_broker *a = calloc(1, sizeof *a);
     a->base.ops = &amqp_ops;
     a->base.cfg = cfg;
@@ -624,12 +637,14 @@ struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen)
     snprintf(a->events_ex, sizeof a->events_ex, "%s.events", cfg->prefix);
     a->url = strdup(cfg->rabbitmq_url);
     amqp_default_connection_info(&a->info);
-    if (amqp_parse_url(a->url, &a->info) != AMQP_STATUS_OK) {
-        snprintf(err, errlen, "bad RabbitMQ URL '%s' (want amqp://user:password@host:port/vhost)", cfg->rabbitmq_url);
+    char why[512];
+    if (url_check(URL_AMQP, cfg->rabbitmq_url, why, sizeof why) < 0 || amqp_parse_url(a->url, &a->info) != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "bad RabbitMQ URL: %s", why);
+        *cls = CV_ECONFIG;
         amqp_close_broker(&a->base);
         return NULL;
     }
-    if (open_conn(a, &a->publish, true) < 0) {
+    if ((*cls = open_conn(a, &a->publish, true)) < 0) {
         snprintf(err, errlen, "%s", a->base.err);
         amqp_close_broker(&a->base);
         return NULL;

@@ -1,6 +1,8 @@
 /* db.c - PostgreSQL access through libpq: parameterised statements only. */
 #include "core.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,36 +11,103 @@
 
 static void quiet_notice(void *arg, const char *msg) { (void)arg; (void)msg; }
 
-PGconn *db_connect(const char *url, char *err, size_t errlen) {
+/* A failed connection's message as one line: libpq's verbose text without its
+ * LOCATION lines and SQLSTATEs (its SQLSTATE, the first one, goes to state),
+ * and with no password of url in it. */
+static void connect_message(const char *msg, const char *url, char state[6], char *err, size_t errlen) {
+    char out[1024] = "", piece[512];
+    state[0] = '\0';
+    for (const char *p = msg; *p;) {
+        size_t len = strcspn(p, "\n");
+        snprintf(piece, sizeof piece, "%.*s", (int)len, p);
+        p += len + (p[len] != '\0');
+        if (!piece[0] || strncmp(piece, "LOCATION:", 9) == 0) continue;
+        /* "... FATAL:  28P01: password authentication failed ...": the code goes */
+        char *sev = strstr(piece, ":  ");
+        if (sev && strspn(sev + 3, "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") == 5 && strncmp(sev + 8, ": ", 2) == 0) {
+            if (!state[0]) snprintf(state, 6, "%.5s", sev + 3);
+            memmove(sev + 3, sev + 10, strlen(sev + 10) + 1);
+        }
+        size_t at = strlen(out);
+        snprintf(out + at, sizeof out - at, "%s%s", at ? "; " : "", piece);
+    }
+    url_scrub(out, url, err, errlen);
+}
+
+/* True when a login failed because of what the URL says (see db_connect_class). */
+static bool refused_login(PGconn *db, const char *state) {
+    return PQconnectionNeedsPassword(db) || strncmp(state, "28", 2) == 0 || strcmp(state, "3D000") == 0;
+}
+
+PGconn *db_connect_class(const char *url, int *cls, char *err, size_t errlen) {
+    if (cls) *cls = CV_ERETRY;
+    char why[512];
+    if (url_check(URL_POSTGRES, url, why, sizeof why) < 0) {
+        snprintf(err, errlen, "%s", why);
+        if (cls) *cls = CV_ECONFIG;
+        return NULL;
+    }
     /* application_name shows in pg_stat_activity which process holds a connection */
     char app[64];
     snprintf(app, sizeof app, "conveyor-%s-%d", log_component(), (int)getpid());
     const char *keys[] = {"dbname", "application_name", NULL};
     const char *vals[] = {url, app, NULL};
-    PGconn *db = PQconnectdbParams(keys, vals, 1);
+    /* started without blocking so that, before the server answers, the error
+     * verbosity can be set: the SQLSTATE of a refused login is then in its message */
+    PGconn *db = PQconnectStartParams(keys, vals, 1);
+    if (!db) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    PQsetErrorVerbosity(db, PQERRORS_VERBOSE);
+    PostgresPollingStatusType st = PQstatus(db) == CONNECTION_BAD ? PGRES_POLLING_FAILED : PGRES_POLLING_WRITING;
+    while (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
+        struct pollfd p = {PQsocket(db), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, 0};
+        if (poll(&p, 1, -1) < 0 && errno != EINTR) break;
+        st = PQconnectPoll(db);
+    }
     if (PQstatus(db) != CONNECTION_OK) {
-        snprintf(err, errlen, "%s", PQerrorMessage(db));
-        size_t n = strlen(err);
-        while (n && (err[n - 1] == '\n' || err[n - 1] == ' ')) err[--n] = '\0';
+        char state[6];
+        connect_message(PQerrorMessage(db), url, state, err, errlen);
+        if (cls && refused_login(db, state)) *cls = CV_ECONFIG;
         PQfinish(db);
         return NULL;
     }
+    PQsetErrorVerbosity(db, PQERRORS_DEFAULT);
     PQsetNoticeProcessor(db, quiet_notice, NULL); /* NOTICEs are not errors; keep stderr JSON-only */
     return db;
 }
 
-PGconn *db_connect_retry(const char *url, volatile int *stop) {
-    char err[512];
+PGconn *db_connect(const char *url, char *err, size_t errlen) { return db_connect_class(url, NULL, err, errlen); }
+
+PGconn *db_connect_wait(const char *url, volatile int *stop, char *err, size_t errlen) {
+    char why[512];
+    err[0] = '\0';
     for (int attempt = 0; !(stop && *stop); attempt++) {
-        PGconn *db = db_connect(url, err, sizeof err);
+        int cls;
+        PGconn *db = db_connect_class(url, &cls, why, sizeof why);
         if (db) {
             if (attempt > 0) log_info("database is back");
             return db;
         }
-        if (attempt == 0) log_warn("database unreachable, retrying: %s", err);
+        if (cls == CV_ECONFIG) {
+            snprintf(err, errlen, "%s", why);
+            return NULL;
+        }
+        if (attempt == 0) log_warn("database unreachable, retrying: %s", why);
         backoff_sleep(backoff_ms(attempt, 100, 5000), stop);
     }
     return NULL;
+}
+
+PGconn *db_connect_retry(const char *url, volatile int *stop) {
+    char err[512], shown[512];
+    PGconn *db = db_connect_wait(url, stop, err, sizeof err);
+    if (!db && err[0]) {
+        url_redact(url, shown, sizeof shown);
+        log_error("database (%s): %s; stopping (a configuration error is not retried)", shown, err);
+    }
+    return db;
 }
 
 /* The class of a failed statement, from its SQLSTATE and the connection. */

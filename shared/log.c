@@ -57,6 +57,7 @@ const char *cv_strerror(int code) {
     case CV_EDEAD: return "not processable";
     case CV_EFATAL: return "fatal error";
     case CV_ETIMEOUT: return "timed out";
+    case CV_ECONFIG: return "configuration error";
     default: return "unknown error";
     }
 }

@@ -13,7 +13,12 @@ int reaper_run(const struct cfg *cfg) {
     int failures = 0;
     log_info("reaper started: heartbeat expiry %d s", cfg->heartbeat_ttl_s);
     while (!stop_requested) {
-        if (!b && !(b = broker_open(cfg, TRANSPORT_REDIS, err, sizeof err))) {
+        int cls;
+        if (!b && !(b = broker_open_class(cfg, TRANSPORT_REDIS, &cls, err, sizeof err))) {
+            if (cls == CV_ECONFIG) {
+                log_error("redis refused the configuration: %s; stopping", err);
+                return CV_EXIT_CONFIG;
+            }
             if (failures == 0) log_warn("redis unreachable, retrying: %s", err);
             backoff_sleep(backoff_ms(failures++, 100, 5000), &stop_requested);
             continue;

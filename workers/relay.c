@@ -130,6 +130,8 @@ static void relay_wait(PGconn *db, int ms) {
 }
 
 /* Holds the relay lock on db and publishes until stop or a lost connection. */
+static bool config_refused; /* a server refused what the configuration says: the relay stops */
+
 static void relay_active(const struct cfg *cfg, PGconn *db) {
     char sql[128];
     snprintf(sql, sizeof sql, "LISTEN \"%s_outbox\"", cfg->prefix);
@@ -153,7 +155,13 @@ static void relay_active(const struct cfg *cfg, PGconn *db) {
     int64_t next_prune = clock_mono_ms();
     struct claim_floor floor = {0};
     while (!stop_requested && PQstatus(db) == CONNECTION_OK) {
-        if (!b && !(b = broker_open(cfg, cfg->events_transport, err, sizeof err))) {
+        int cls;
+        if (!b && !(b = broker_open_class(cfg, cfg->events_transport, &cls, err, sizeof err))) {
+            if (cls == CV_ECONFIG) {
+                log_error("events broker refused the configuration: %s; stopping", err);
+                config_refused = true;
+                break;
+            }
             if (failures == 0) log_warn("events broker unreachable, retrying: %s", err);
             backoff_sleep(backoff_ms(failures++, 100, 5000), &stop_requested);
             continue;
@@ -187,7 +195,10 @@ int relay_run(const struct cfg *cfg) {
     bool said_standby = false;
     while (!stop_requested) {
         PGconn *db = db_connect_retry(cfg->database_url, &stop_requested);
-        if (!db) break;
+        if (!db) {
+            config_refused = !stop_requested; /* said by db_connect_retry */
+            break;
+        }
         while (!stop_requested && PQstatus(db) == CONNECTION_OK) {
             PGresult *r;
             if (db_exec(db, "SELECT pg_try_advisory_lock(hashtext($1))", 1, p, &r, NULL) < 0) break;
@@ -204,7 +215,8 @@ int relay_run(const struct cfg *cfg) {
             backoff_sleep(1000, &stop_requested);
         }
         db_close(db); /* releases the lock if held */
+        if (config_refused) break;
     }
     log_info("relay stopped");
-    return 0;
+    return config_refused ? CV_EXIT_CONFIG : 0;
 }

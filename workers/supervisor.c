@@ -175,12 +175,18 @@ static void reaped(struct pool *p, pid_t pid, int status, bool stopping) {
             c->restart_at_ms = now;
             return;
         }
-        c->crashes = now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
+        /* a child stopped by a configuration error (a password changed while running) backs off
+         * however long it ran: it fails again until the setting is fixed */
+        bool refused = WIFEXITED(status) && WEXITSTATUS(status) == CV_EXIT_CONFIG;
+        c->crashes = refused || now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
         int delay = c->crashes ? backoff_ms(c->crashes - 1, RESTART_BASE_MS, RESTART_CAP_MS) : 0;
         c->restart_at_ms = now + delay;
         if (WIFSIGNALED(status))
             log_error("%s %s died of signal %d; restarting in %d ms%s", kind_name[c->kind], c->worker_id,
                       WTERMSIG(status), delay, c->crashes > 3 ? " (crash loop)" : "");
+        else if (refused)
+            log_error("%s %s stopped on a configuration error; restarting in %d ms", kind_name[c->kind],
+                      c->worker_id, delay);
         else
             log_error("%s %s exited with status %d; restarting in %d ms%s", kind_name[c->kind], c->worker_id,
                       WEXITSTATUS(status), delay, c->crashes > 3 ? " (crash loop)" : "");

@@ -664,8 +664,12 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     struct worker w = {.cfg = cfg, .q = q, .id = worker_id};
     snprintf(w.notify_sql, sizeof w.notify_sql, "NOTIFY \"%s_outbox\"", cfg->prefix);
     char err[512];
-    for (int attempt = 0; !stop_requested && !w.broker; attempt++) {
-        w.broker = broker_open(cfg, q->transport, err, sizeof err);
+    for (int attempt = 0, cls; !stop_requested && !w.broker; attempt++) {
+        w.broker = broker_open_class(cfg, q->transport, &cls, err, sizeof err);
+        if (!w.broker && cls == CV_ECONFIG) {
+            log_error("broker refused the configuration: %s; stopping", err);
+            return CV_EXIT_CONFIG;
+        }
         if (!w.broker) {
             if (attempt == 0) log_warn("broker unreachable, retrying: %s", err);
             backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
@@ -685,8 +689,12 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     int take_max = q->prefetch > q->batch_size ? q->prefetch : q->batch_size;
     struct item *items = calloc((size_t)take_max, sizeof *items);
     struct delivery *extra = calloc((size_t)take_max, sizeof *extra);
+    int status = 0;
     while (!stop_requested) {
-        if (!w.db && !(w.db = db_connect_retry(cfg->database_url, &stop_requested))) break; /* take nothing while the database is away */
+        if (!w.db && !(w.db = db_connect_retry(cfg->database_url, &stop_requested))) { /* take nothing while the database is away */
+            if (!stop_requested) status = CV_EXIT_CONFIG; /* refused: said by db_connect_retry */
+            break;
+        }
         /* a batch is what is already delivered; when nothing is, the first one is
          * waited for, and what came with it taken too */
         int want = take_max; /* and no more than max_jobs lets it run before it is recycled */
@@ -698,6 +706,11 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             rc = more < 0 ? 1 : 1 + more;
         }
         for (int i = 0; i < rc; i++) items[n++].d = extra[i];
+        if (rc == CV_ECONFIG) {
+            log_error("broker refused the configuration: %s; stopping", broker_error(w.broker));
+            status = CV_EXIT_CONFIG;
+            break;
+        }
         if (rc < 0) {
             if (broker_failures == 0) log_warn("broker lost: %s; reconnecting", broker_error(w.broker));
             backoff_sleep(backoff_ms(broker_failures++, 100, 5000), &stop_requested);
@@ -725,5 +738,5 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     log_info("worker %s stopped", worker_id);
     broker_close(w.broker);
     db_close(w.db);
-    return 0;
+    return status;
 }
