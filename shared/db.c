@@ -1,6 +1,7 @@
 /* db.c - PostgreSQL access through libpq: parameterised statements only. */
 #include "core.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdint.h>
@@ -19,8 +20,10 @@ static void connect_message(const char *msg, const char *url, char state[6], cha
     state[0] = '\0';
     for (const char *p = msg; *p;) {
         size_t len = strcspn(p, "\n");
-        snprintf(piece, sizeof piece, "%.*s", (int)len, p);
-        p += len + (p[len] != '\0');
+        const char *from = p;
+        while (len && isspace((unsigned char)*from)) from++, len--;
+        snprintf(piece, sizeof piece, "%.*s", (int)len, from);
+        p = from + len + (from[len] != '\0');
         if (!piece[0] || strncmp(piece, "LOCATION:", 9) == 0) continue;
         /* "... FATAL:  28P01: password authentication failed ...": the code goes */
         char *sev = strstr(piece, ":  ");
