@@ -3,6 +3,7 @@ unknown scheme or credentials a server refuses stop conveyor-workers at start
 with exit status 2 and one line naming the setting (the password masked); a
 server that is merely unreachable is waited for, said once, and SIGTERM still
 stops the wait."""
+import contextlib
 import os
 import re
 import signal
@@ -16,7 +17,8 @@ import urllib.parse
 import psycopg2
 import redis as redislib
 
-from harness import AMQP_URL, BIN, DB_URL, REDIS_URL, TRANSPORT, Failure, check, db, eq, run_bin, write_config
+from harness import (AMQP_URL, BIN, DB_URL, REDIS_URL, TRANSPORT, Failure, Pool, check, db, eq, query, run_bin,
+                     session_pids, write_config)
 
 SECRET = "Sup3r-s3cret-pw"  # a password that must appear in no output
 
@@ -314,3 +316,61 @@ def test_unreachable_server_is_waited_for():
         eq(len(waits), 1, f"one line for the whole wait, not one per attempt:\n{text}")
         eq(sum(1 for line in start if back in line), 1, f"'{back}' said once in:\n{text}")
         check(secret not in text, f"the password appears in the log:\n{text}")
+
+
+def kill_a_worker(pool, queue="users"):
+    """SIGKILLs one worker of queue in the pool (found by its process name)."""
+    for pid in session_pids(pool.proc.pid):
+        try:
+            comm = open(f"/proc/{pid}/comm").read().strip()
+        except OSError:
+            continue
+        if comm == f"cv-worker-{queue}":
+            os.kill(pid, signal.SIGKILL)
+            return
+    raise Failure(f"no worker of {queue} in the pool")
+
+
+def test_a_child_refused_later_backs_off():
+    """Credentials refused after the pool started (the password changed): the
+    restarted worker says so and exits 2, the supervisor restarts it with growing
+    backoff (not in a tight loop), and once the password is right again it is back."""
+    right = f"right-{SECRET}"
+    with contextlib.ExitStack() as stack:
+        if TRANSPORT == "rabbitmq":  # the database's password changes
+            stack.enter_context(PasswordRole())
+            query("GRANT conveyor TO conveyor_pw")
+            env = {"CONVEYOR_DATABASE_URL": with_password(DB_URL, "conveyor_pw", right)}
+            change = lambda: query(f"ALTER ROLE conveyor_pw PASSWORD 'other-{SECRET}'")
+            restore = lambda: query(f"ALTER ROLE conveyor_pw PASSWORD '{right}'")
+            said = "password authentication failed"
+        else:  # Redis starts asking for a password the URL does not have
+            r = redislib.Redis.from_url(REDIS_URL)
+            change = lambda: r.config_set("requirepass", right)
+            restore = lambda: redislib.Redis.from_url(with_password(REDIS_URL, "", right)).config_set("requirepass", "")
+            env, said = {}, "NOAUTH"
+        with Pool(workers={"users": 1, "catalog": 1, "orders": 1}, env=env, expect_restarts=True) as pool:
+            try:
+                change()
+                kill_a_worker(pool)
+                time.sleep(8)
+            finally:
+                restore()
+            log = pool.read_log()
+            refused = [line for line in log.splitlines() if "stopped on a configuration error" in line]
+            check(1 <= len(refused) <= 6, f"restarted with backoff, not in a tight loop ({len(refused)} in 8 s):\n{log}")
+            check(any(said in line and '"worker"' in line for line in log.splitlines()),
+                  f"the worker says why ({said}):\n{log}")
+            check(pool.proc.poll() is None, "the pool keeps running")
+            deadline = time.time() + 20
+            before = log.count("consuming queue users")
+            while pool.read_log().count("consuming queue users") <= before and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1)  # the restarted worker gets its database connection
+            rc, left = pool.stop()
+            eq(rc, 0, "SIGTERM exit status")
+            eq(left, [], "processes left")
+            log = pool.read_log()
+            check(SECRET not in log, f"the password appears in the log:\n{log}")
+            after = log.split("stopped on a configuration error")[-1]
+            check("consuming queue users" in after, f"the worker is back once the password is right:\n{log}")
