@@ -86,6 +86,7 @@ static int login_step(struct redis_broker *r, redisReply *rep, const char *what)
 static int connect_now(struct redis_broker *r) {
     if (r->ctx && !r->ctx->err) return 0;
     drop(r);
+    r->refused = false;
     struct timeval tv = {3, 0};
     r->ctx = redisConnectWithTimeout(r->host, r->port, tv);
     if (!r->ctx || r->ctx->err) {

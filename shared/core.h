@@ -95,8 +95,8 @@ struct cfg {
 };
 
 /* Reads and checks FILE, then applies the CONVEYOR_* environment overrides.
- * Returns 0, or -1 with a message naming the file, line and key in err. */
-/* The error is CV_ECONFIG (negative, as -1 was). The environment may give a URL in a
+ * Returns 0, or CV_ECONFIG with a message naming the file, line and key in err.
+ * The environment may give a URL in a
  * file: CONVEYOR_DATABASE_URL_FILE, CONVEYOR_RABBITMQ_URL_FILE, CONVEYOR_REDIS_URL_FILE
  * (its content, trailing newlines stripped; the variable and its _FILE both set, or an
  * unreadable file, is an error naming the variable and the path). The URLs the
