@@ -63,15 +63,31 @@ PGconn *db_connect_class(const char *url, int *cls, char *err, size_t errlen) {
         return NULL;
     }
     PQsetErrorVerbosity(db, PQERRORS_VERBOSE);
+    /* the URL's connect_timeout, which only the blocking connect applies by itself */
+    int64_t deadline = 0;
+    PQconninfoOption *opts = PQconninfo(db);
+    for (PQconninfoOption *o = opts; o && o->keyword; o++)
+        if (strcmp(o->keyword, "connect_timeout") == 0 && o->val && atoi(o->val) > 0)
+            deadline = clock_mono_ms() + 1000LL * (atoi(o->val) < 2 ? 2 : atoi(o->val)); /* libpq's minimum */
+    PQconninfoFree(opts);
     PostgresPollingStatusType st = PQstatus(db) == CONNECTION_BAD ? PGRES_POLLING_FAILED : PGRES_POLLING_WRITING;
+    bool timed_out = false;
     while (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
         struct pollfd p = {PQsocket(db), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, 0};
-        if (poll(&p, 1, -1) < 0 && errno != EINTR) break;
+        int wait = deadline ? (int)(deadline - clock_mono_ms()) : -1;
+        int n = deadline && wait <= 0 ? 0 : poll(&p, 1, wait);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) break;
+        if (n == 0) {
+            timed_out = true;
+            break;
+        }
         st = PQconnectPoll(db);
     }
-    if (PQstatus(db) != CONNECTION_OK) {
-        char state[6];
-        connect_message(PQerrorMessage(db), url, state, err, errlen);
+    if (PQstatus(db) != CONNECTION_OK || timed_out) {
+        char state[6] = "";
+        if (timed_out) snprintf(err, errlen, "timeout expired (connect_timeout)");
+        else connect_message(PQerrorMessage(db), url, state, err, errlen);
         if (cls && refused_login(db, state)) *cls = CV_ECONFIG;
         PQfinish(db);
         return NULL;
