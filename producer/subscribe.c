@@ -64,12 +64,13 @@ int main(int argc, char **argv) {
     signals_stop_sets(&stop);
     signal(SIGPIPE, SIG_IGN);
 
-    struct broker *b = broker_open(&cfg, t, err, sizeof err);
+    int cls;
+    struct broker *b = broker_open_class(&cfg, t, &cls, err, sizeof err);
     if (!b || broker_subscribe(b, pattern) < 0) {
         fprintf(stderr, "conveyor-subscribe: %s\n", b ? broker_error(b) : err);
         broker_close(b);
         cfg_free(&cfg);
-        return 3;
+        return !b && cls == CV_ECONFIG ? 2 : 3;
     }
     int status = 0;
     int64_t idle_since = clock_mono_ms();

@@ -1,6 +1,8 @@
-/* backoff.c - capped exponential backoff with full jitter. */
+/* backoff.c - capped exponential backoff with full jitter, and the one loop
+ * that waits for a server to answer. */
 #include "core.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #include <sodium.h>
@@ -20,4 +22,25 @@ void backoff_sleep(int ms, volatile sig_atomic_t *stop) {
         nanosleep(&ts, NULL);
         ms -= step;
     }
+}
+
+void *backoff_open(backoff_open_fn open, const void *arg, const char *what, volatile sig_atomic_t *stop, char *err,
+                   size_t errlen) {
+    char why[1024];
+    err[0] = '\0';
+    for (int attempt = 0; !(stop && *stop); attempt++) {
+        int cls = CV_ERETRY;
+        void *conn = open(arg, &cls, why, sizeof why);
+        if (conn) {
+            if (attempt > 0) log_info("%s is back", what);
+            return conn;
+        }
+        if (cls != CV_ERETRY) {
+            snprintf(err, errlen, "%s", why);
+            return NULL;
+        }
+        if (attempt == 0) log_warn("%s unreachable, waiting for it: %s", what, why);
+        backoff_sleep(backoff_ms(attempt, 100, 5000), stop);
+    }
+    return NULL;
 }

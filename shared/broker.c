@@ -7,7 +7,41 @@
 #include <string.h>
 
 struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen) {
-    return t == TRANSPORT_REDIS ? broker_redis_open(cfg, err, errlen) : broker_amqp_open(cfg, err, errlen);
+    return broker_open_class(cfg, t, NULL, err, errlen);
+}
+
+struct broker *broker_open_class(const struct cfg *cfg, enum transport t, int *cls, char *err, size_t errlen) {
+    int c = CV_ERETRY;
+    struct broker *b = t == TRANSPORT_REDIS ? broker_redis_open(cfg, &c, err, errlen)
+                                            : broker_amqp_open(cfg, &c, err, errlen);
+    if (cls) *cls = b ? 0 : c;
+    return b;
+}
+
+/* What broker_open_wait waits on: a transport of a configuration. */
+struct open_args {
+    const struct cfg *cfg;
+    enum transport t;
+};
+
+static void *open_transport(const void *arg, int *cls, char *err, size_t errlen) {
+    const struct open_args *a = arg;
+    return broker_open_class(a->cfg, a->t, cls, err, errlen);
+}
+
+struct broker *broker_open_wait(const struct cfg *cfg, enum transport t, volatile sig_atomic_t *stop, char *err,
+                                size_t errlen) {
+    struct open_args a = {cfg, t};
+    return backoff_open(open_transport, &a, t == TRANSPORT_REDIS ? "Redis" : "RabbitMQ", stop, err, errlen);
+}
+
+int broker_declare_topology(const struct cfg *cfg, char *err, size_t errlen) {
+    if (!cfg_uses(cfg, TRANSPORT_RABBITMQ)) return 0;
+    int rc;
+    struct broker *b = broker_open_class(cfg, TRANSPORT_RABBITMQ, &rc, err, errlen);
+    if (b && (rc = broker_declare(b)) < 0) snprintf(err, errlen, "%s", broker_error(b));
+    broker_close(b);
+    return rc;
 }
 
 void broker_close(struct broker *b) {

@@ -78,7 +78,7 @@ static void send_held_ack(struct amqp_broker *a) {
 }
 
 /* Turns an RPC reply into 0, or a class with the reason in b->err. A refused
- * request (channel or connection closed by the server) is CV_EFATAL; a lost
+ * request (channel or connection closed by the server) is CV_EREFUSED; a lost
  * connection CV_ERETRY. Either way the caller drops the connection. */
 static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what) {
     switch (r.reply_type) {
@@ -89,17 +89,17 @@ static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what
     case AMQP_RESPONSE_SERVER_EXCEPTION:
         if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
             amqp_channel_close_t *m = r.reply.decoded;
-            return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s: %.*s", what, (int)m->reply_text.len,
+            return broker_fail(&a->base, CV_EREFUSED, "rabbitmq %s: %.*s", what, (int)m->reply_text.len,
                                (char *)m->reply_text.bytes);
         }
         if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
             amqp_connection_close_t *m = r.reply.decoded;
-            return broker_fail(&a->base, m->reply_code == AMQP_CONNECTION_FORCED ? CV_ERETRY : CV_EFATAL,
+            return broker_fail(&a->base, m->reply_code == AMQP_CONNECTION_FORCED ? CV_ERETRY : CV_EREFUSED,
                                "rabbitmq %s: %.*s", what, (int)m->reply_text.len, (char *)m->reply_text.bytes);
         }
-        return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s: server error 0x%08x", what, r.reply.id);
+        return broker_fail(&a->base, CV_EREFUSED, "rabbitmq %s: server error 0x%08x", what, r.reply.id);
     }
-    return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s: unknown reply", what);
+    return broker_fail(&a->base, CV_EREFUSED, "rabbitmq %s: unknown reply", what);
 }
 
 /* Makes the socket of connection c (which owns it) in *out: plain TCP for
@@ -107,7 +107,7 @@ static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what
  * (against rabbitmq.ca_file, else the system's trust store) and that it names
  * the URL's host, and presents the client certificate of rabbitmq.cert_file and
  * key_file if set. Returns 0, or a class with the reason in a->base.err
- * (CV_EFATAL when a certificate file cannot be used). */
+ * (CV_ECONFIG when a certificate file cannot be used). */
 static int new_socket(struct amqp_broker *a, amqp_connection_state_t c, amqp_socket_t **out) {
     const struct cfg *cfg = a->base.cfg;
     amqp_socket_t *s = a->info.ssl ? amqp_ssl_socket_new(c) : amqp_tcp_socket_new(c);
@@ -117,11 +117,11 @@ static int new_socket(struct amqp_broker *a, amqp_connection_state_t c, amqp_soc
         amqp_ssl_socket_set_verify_hostname(s, 1);
         const char *ca = cfg->rabbitmq_ca_file ? cfg->rabbitmq_ca_file : SYSTEM_CA_FILE;
         if (amqp_ssl_socket_set_cacert(s, ca) != AMQP_STATUS_OK)
-            return broker_fail(&a->base, CV_EFATAL, "rabbitmq: cannot read the CA certificates in '%s' (%s)", ca,
+            return broker_fail(&a->base, CV_ECONFIG, "rabbitmq: cannot read the CA certificates in '%s' (%s)", ca,
                                cfg->rabbitmq_ca_file ? "rabbitmq.ca_file" : "the system's; set rabbitmq.ca_file");
         if (cfg->rabbitmq_cert_file &&
             amqp_ssl_socket_set_key(s, cfg->rabbitmq_cert_file, cfg->rabbitmq_key_file) != AMQP_STATUS_OK)
-            return broker_fail(&a->base, CV_EFATAL,
+            return broker_fail(&a->base, CV_ECONFIG,
                                "rabbitmq: cannot use the client certificate '%s' with the key '%s' (rabbitmq.cert_file "
                                "and key_file: PEM, the key unencrypted and that certificate's)",
                                cfg->rabbitmq_cert_file, cfg->rabbitmq_key_file);
@@ -131,16 +131,16 @@ static int new_socket(struct amqp_broker *a, amqp_connection_state_t c, amqp_soc
 }
 
 /* Why a socket did not open, in a->base.err: a certificate TLS refused is
- * CV_EFATAL (configuration: it will not pass on its own), anything else CV_ERETRY. */
+ * CV_ECONFIG (configuration: it will not pass on its own), anything else CV_ERETRY. */
 static int open_failed(struct amqp_broker *a, int status) {
     const char *where = a->base.cfg->rabbitmq_ca_file ? "rabbitmq.ca_file" : "the system's trust store";
     switch (status) {
     case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED:
-        return broker_fail(&a->base, CV_EFATAL,
+        return broker_fail(&a->base, CV_ECONFIG,
                            "rabbitmq %s:%d: TLS: the server's certificate is not for host '%s' (the RabbitMQ URL "
                            "must name the host as its certificate does)", a->info.host, a->info.port, a->info.host);
     case AMQP_STATUS_SSL_PEER_VERIFY_FAILED:
-        return broker_fail(&a->base, CV_EFATAL,
+        return broker_fail(&a->base, CV_ECONFIG,
                            "rabbitmq %s:%d: TLS: the server's certificate is not trusted (not signed by a CA of "
                            "%s, or expired)", a->info.host, a->info.port, where);
     case AMQP_STATUS_SSL_CONNECTION_FAILED:
@@ -153,6 +153,19 @@ static int open_failed(struct amqp_broker *a, int status) {
     }
 }
 
+/* A login the server refused (ACCESS_REFUSED: user or password; NOT_ALLOWED:
+ * the vhost does not exist or the user may not use it): CV_ECONFIG, the user
+ * and vhost named in a->base.err. Returns 0 when r is not such a refusal. */
+static int login_refused(struct amqp_broker *a, amqp_rpc_reply_t r, const char *vhost) {
+    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+        amqp_connection_close_t *m = r.reply.decoded;
+        if (m->reply_code == AMQP_ACCESS_REFUSED || m->reply_code == AMQP_NOT_ALLOWED)
+            return broker_fail(&a->base, CV_ECONFIG, "login refused for user '%s' on vhost '%s': %.*s", a->info.user,
+                               vhost, (int)m->reply_text.len, (char *)m->reply_text.bytes);
+    }
+    return 0;
+}
+
 /* Logs in on the open connection c. Returns 0, or a class with the reason
  * in a->base.err, naming the broker, with a hint when the connection broke at
  * once: plain AMQP spoken to a TLS port, or a TLS server that wants a client
@@ -162,7 +175,8 @@ static int login(struct amqp_broker *a, amqp_connection_state_t c) {
     amqp_rpc_reply_t r = amqp_login(c, vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, a->info.user, a->info.password);
     char what[300];
     snprintf(what, sizeof what, "%s:%d login", a->info.host, a->info.port);
-    int rc = rpc_check(a, r, what);
+    int rc = login_refused(a, r, vhost);
+    if (rc == 0) rc = rpc_check(a, r, what);
     const char *hint = NULL;
     if (rc < 0 && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
         if (a->info.ssl && r.library_error == AMQP_STATUS_SSL_ERROR)
@@ -233,7 +247,7 @@ struct amqp_msg {
 };
 
 /* Publishes msgs and waits for the broker to confirm every one. Returns 0,
- * CV_EFATAL when one was refused (nack or unroutable), CV_ERETRY when the
+ * CV_EREFUSED when one was refused (nack or unroutable), CV_ERETRY when the
  * connection failed (the publish connection is then dropped). */
 static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory) {
     if (n <= 0) return 0; /* nothing to confirm; and gcc then sees a sane size for calloc below */
@@ -308,7 +322,7 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
             amqp_destroy_message(&msg);
         } else if (id == AMQP_CHANNEL_CLOSE_METHOD || id == AMQP_CONNECTION_CLOSE_METHOD) {
             amqp_channel_close_t *m2 = f.payload.method.decoded; /* same layout for both */
-            rc = broker_fail(&a->base, id == AMQP_CHANNEL_CLOSE_METHOD ? CV_EFATAL : CV_ERETRY,
+            rc = broker_fail(&a->base, id == AMQP_CHANNEL_CLOSE_METHOD ? CV_EREFUSED : CV_ERETRY,
                              "rabbitmq closed the channel: %.*s", (int)m2->reply_text.len,
                              (char *)m2->reply_text.bytes);
             break;
@@ -321,9 +335,9 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
     }
     if (returned) {
         if (returned_key[0])
-            return broker_fail(&a->base, CV_EFATAL, "rabbitmq returned the message: no queue is bound for '%s'",
+            return broker_fail(&a->base, CV_EREFUSED, "rabbitmq returned the message: no queue is bound for '%s'",
                                returned_key);
-        return broker_fail(&a->base, CV_EFATAL, "rabbitmq %s the message", returned);
+        return broker_fail(&a->base, CV_EREFUSED, "rabbitmq %s the message", returned);
     }
     return 0;
 }
@@ -701,13 +715,25 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
     return 1;
 }
 
-static const struct broker_ops amqp_ops = {
-    amqp_close_broker, amqp_declare, amqp_publish_commands, amqp_consume, amqp_next, NULL, amqp_ack, amqp_ack_batch,
-    amqp_requeue, amqp_dead_letter, amqp_retry, amqp_maintain, amqp_dead_walk,
-    amqp_publish_events, amqp_subscribe, amqp_next_event,
+static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with next, timeout 0 */
+    .close = amqp_close_broker,
+    .declare = amqp_declare,
+    .publish_commands = amqp_publish_commands,
+    .consume = amqp_consume,
+    .next = amqp_next,
+    .ack = amqp_ack,
+    .ack_batch = amqp_ack_batch,
+    .requeue = amqp_requeue,
+    .dead_letter = amqp_dead_letter,
+    .retry = amqp_retry,
+    .maintain = amqp_maintain,
+    .dead_walk = amqp_dead_walk,
+    .publish_events = amqp_publish_events,
+    .subscribe = amqp_subscribe,
+    .next_event = amqp_next_event,
 };
 
-struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen) {
+struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size_t errlen) {
     struct amqp_broker *a = calloc(1, sizeof *a);
     if (!a) {
         snprintf(err, errlen, "out of memory");
@@ -719,12 +745,14 @@ struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen)
     snprintf(a->events_ex, sizeof a->events_ex, "%s.events", cfg->prefix);
     a->url = xstrdup(cfg->rabbitmq_url);
     amqp_default_connection_info(&a->info);
-    if (amqp_parse_url(a->url, &a->info) != AMQP_STATUS_OK) {
-        snprintf(err, errlen, "bad RabbitMQ URL '%s' (want amqp://user:password@host:port/vhost)", cfg->rabbitmq_url);
+    char why[512];
+    if (url_check(URL_AMQP, cfg->rabbitmq_url, why, sizeof why) < 0 || amqp_parse_url(a->url, &a->info) != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "bad RabbitMQ URL: %s", why);
+        *cls = CV_ECONFIG;
         amqp_close_broker(&a->base);
         return NULL;
     }
-    if (open_conn(a, &a->publish, true) < 0) {
+    if ((*cls = open_conn(a, &a->publish, true)) < 0) {
         snprintf(err, errlen, "%s", a->base.err);
         amqp_close_broker(&a->base);
         return NULL;

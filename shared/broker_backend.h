@@ -38,8 +38,9 @@ struct broker {
     char err[512];
 };
 
-struct broker *broker_amqp_open(const struct cfg *cfg, char *err, size_t errlen);
-struct broker *broker_redis_open(const struct cfg *cfg, char *err, size_t errlen);
+/* Open a connection: NULL with a message in err and the class of the failure in *cls (broker_open_class). */
+struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size_t errlen);
+struct broker *broker_redis_open(const struct cfg *cfg, int *cls, char *err, size_t errlen);
 
 /* Frees the fields of one dead letter (not d itself). */
 void dead_letter_clear(struct dead_letter *d);

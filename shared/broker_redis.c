@@ -52,7 +52,8 @@ struct redis_broker {
     redisContext *ctx;
     char host[256];
     int port, db;
-    char password[256];
+    char user[128], password[256];
+    bool refused;             /* the last connection failed on what the URL says (CV_ECONFIG) */
     char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], returned_key[256], events_key[256];
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
     bool recover;             /* return the in-flight list before the next BLMOVE */
@@ -67,27 +68,16 @@ struct redis_broker {
     int npending, ipending;
 };
 
-/* redis://[[user]:password@]host[:port][/db] */
-static int parse_url(struct redis_broker *r, const char *url) {
-    const char *p = url;
-    if (strncmp(p, "redis://", 8) != 0) return -1;
-    p += 8;
-    const char *at = strrchr(p, '@');
-    if (at) {
-        const char *colon = memchr(p, ':', (size_t)(at - p));
-        const char *pw = colon ? colon + 1 : p;
-        snprintf(r->password, sizeof r->password, "%.*s", (int)(at - pw), pw);
-        p = at + 1;
-    }
-    const char *slash = strchr(p, '/');
-    const char *colon = strchr(p, ':');
-    if (colon && slash && colon > slash) colon = NULL;
-    const char *hend = colon ? colon : slash ? slash : p + strlen(p);
-    snprintf(r->host, sizeof r->host, "%.*s", (int)(hend - p), p);
-    if (!r->host[0]) snprintf(r->host, sizeof r->host, "127.0.0.1");
-    r->port = colon ? atoi(colon + 1) : 6379;
-    r->db = slash && slash[1] ? atoi(slash + 1) : 0;
-    return r->port > 0 ? 0 : -1;
+/* redis://[[user]:password@]host[:port][/db] (url_parse_redis) into r. */
+static int parse_url(struct redis_broker *r, const char *url, char *why, size_t n) {
+    struct redis_url u;
+    if (url_parse_redis(url, &u, why, n) < 0) return -1;
+    snprintf(r->host, sizeof r->host, "%s", u.host);
+    snprintf(r->user, sizeof r->user, "%s", u.user);
+    snprintf(r->password, sizeof r->password, "%s", u.password);
+    r->port = u.port;
+    r->db = u.db;
+    return 0;
 }
 
 static void drop(struct redis_broker *r) {
@@ -99,9 +89,35 @@ static void drop(struct redis_broker *r) {
 /* A reply, or NULL with the broker error set (the connection is dropped). */
 static redisReply *cmd(struct redis_broker *r, const char *fmt, ...);
 
+/* True when a Redis error refuses what the URL says (the password, the user,
+ * the database number) rather than a passing state (LOADING, too many clients). */
+static bool refused_reply(const char *e) {
+    static const char *const refusals[] = {"WRONGPASS", "NOAUTH", "NOPERM", "ERR AUTH", "ERR invalid password",
+                                           "ERR Client sent AUTH", "ERR DB index", "ERR invalid DB index", NULL};
+    for (const char *const *p = refusals; *p; p++)
+        if (strncmp(e, *p, strlen(*p)) == 0) return true;
+    return false;
+}
+
+/* The reply of one step of the login (AUTH, SELECT, PING): 0, or the connection
+ * dropped and CV_ECONFIG (refused, see refused_reply) or CV_ERETRY. */
+static int login_step(struct redis_broker *r, redisReply *rep, const char *what) {
+    int rc = 0;
+    if (!rep) rc = broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
+    else if (rep->type == REDIS_REPLY_ERROR && refused_reply(rep->str))
+        rc = broker_fail(&r->base, CV_ECONFIG, "redis %s refused: %s", what, rep->str);
+    else if (rep->type == REDIS_REPLY_ERROR)
+        rc = broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, rep->str);
+    if (rep) freeReplyObject(rep);
+    r->refused = rc == CV_ECONFIG;
+    if (rc < 0) drop(r);
+    return rc;
+}
+
 static int connect_now(struct redis_broker *r) {
     if (r->ctx && !r->ctx->err) return 0;
     drop(r);
+    r->refused = false;
     struct timeval tv = {3, 0};
     r->ctx = redisConnectWithTimeout(r->host, r->port, tv);
     if (!r->ctx || r->ctx->err) {
@@ -113,16 +129,15 @@ static int connect_now(struct redis_broker *r) {
     struct timeval rw = {30, 0};
     redisSetTimeout(r->ctx, rw);
     redisEnableKeepAlive(r->ctx);
-    redisReply *rep;
-    if (r->password[0]) {
-        if (!(rep = cmd(r, "AUTH %s", r->password))) return CV_ERETRY;
-        freeReplyObject(rep);
-    }
-    if (r->db) {
-        if (!(rep = cmd(r, "SELECT %d", r->db))) return CV_ERETRY;
-        freeReplyObject(rep);
-    }
-    return 0;
+    int rc = 0;
+    /* one command at least, so that a server that wants a password says so now (NOAUTH) */
+    if (r->password[0] && r->user[0])
+        rc = login_step(r, redisCommand(r->ctx, "AUTH %s %s", r->user, r->password), "AUTH");
+    else if (r->password[0])
+        rc = login_step(r, redisCommand(r->ctx, "AUTH %s", r->password), "AUTH");
+    if (rc == 0 && r->db) rc = login_step(r, redisCommand(r->ctx, "SELECT %d", r->db), "SELECT");
+    else if (rc == 0 && !r->password[0]) rc = login_step(r, redisCommand(r->ctx, "PING"), "PING");
+    return rc;
 }
 
 /* rep, or NULL with the broker error set when there is none (the connection
@@ -134,7 +149,7 @@ static redisReply *checked(struct redis_broker *r, redisReply *rep) {
         return NULL;
     }
     if (rep->type == REDIS_REPLY_ERROR) {
-        broker_fail(&r->base, CV_EFATAL, "redis: %s", rep->str);
+        broker_fail(&r->base, CV_EREFUSED, "redis: %s", rep->str);
         freeReplyObject(rep);
         return NULL;
     }
@@ -161,7 +176,7 @@ static redisReply *argv_cmd(struct redis_broker *r, int argc, const char **argv,
 }
 
 /* The class of the last failure: lost connection (retry) or a refused command. */
-static int last_error(struct redis_broker *r) { return r->ctx ? CV_EFATAL : CV_ERETRY; }
+static int last_error(struct redis_broker *r) { return r->ctx ? CV_EREFUSED : r->refused ? CV_ECONFIG : CV_ERETRY; }
 
 static int send_held_acks(struct redis_broker *r);
 static void forget_held_acks(struct redis_broker *r);
@@ -240,7 +255,8 @@ struct vouch {
  * why in err. */
 static int vouch_refresh(struct vouch *v, struct broker **conn, char *err, size_t errlen) {
     const struct cfg *cfg = v->owner->base.cfg;
-    if (!*conn && !(*conn = broker_redis_open(cfg, err, errlen))) return -1;
+    int cls; /* a refusal ends the worker through its own connection; here it is one more failed refresh */
+    if (!*conn && !(*conn = broker_redis_open(cfg, &cls, err, errlen))) return -1;
     redisReply *rep = cmd((struct redis_broker *)*conn, "SET %s %d EX %d", v->owner->heartbeat_key, (int)getpid(),
                           cfg->heartbeat_ttl_s);
     if (!rep) {
@@ -539,7 +555,7 @@ static int redis_ack_batch(struct broker *b, const struct delivery *d, int n) {
     return 0;
 }
 
-/* Reads the replies of n pipelined commands. Returns 0, CV_EFATAL if Redis
+/* Reads the replies of n pipelined commands. Returns 0, CV_EREFUSED if Redis
  * refused one, or CV_ERETRY when the connection broke (it is then dropped). */
 static int read_replies(struct redis_broker *r, int n, const char *what) {
     int rc = 0;
@@ -550,7 +566,7 @@ static int read_replies(struct redis_broker *r, int n, const char *what) {
             drop(r);
             return CV_ERETRY;
         }
-        if (rep->type == REDIS_REPLY_ERROR) rc = broker_fail(&r->base, CV_EFATAL, "redis %s: %s", what, rep->str);
+        if (rep->type == REDIS_REPLY_ERROR) rc = broker_fail(&r->base, CV_EREFUSED, "redis %s: %s", what, rep->str);
         freeReplyObject(rep);
     }
     return rc;
@@ -819,12 +835,25 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
 }
 
 static const struct broker_ops redis_ops = {
-    redis_close, redis_declare, redis_publish_commands, redis_consume, redis_next, redis_take, redis_ack, redis_ack_batch,
-    redis_requeue, redis_dead_letter, redis_retry, redis_maintain, redis_dead_walk,
-    redis_publish_events, redis_subscribe, redis_next_event,
+    .close = redis_close,
+    .declare = redis_declare,
+    .publish_commands = redis_publish_commands,
+    .consume = redis_consume,
+    .next = redis_next,
+    .take = redis_take,
+    .ack = redis_ack,
+    .ack_batch = redis_ack_batch,
+    .requeue = redis_requeue,
+    .dead_letter = redis_dead_letter,
+    .retry = redis_retry,
+    .maintain = redis_maintain,
+    .dead_walk = redis_dead_walk,
+    .publish_events = redis_publish_events,
+    .subscribe = redis_subscribe,
+    .next_event = redis_next_event,
 };
 
-struct broker *broker_redis_open(const struct cfg *cfg, char *err, size_t errlen) {
+struct broker *broker_redis_open(const struct cfg *cfg, int *cls, char *err, size_t errlen) {
     struct redis_broker *r = calloc(1, sizeof *r);
     if (!r) {
         snprintf(err, errlen, "out of memory");
@@ -833,12 +862,14 @@ struct broker *broker_redis_open(const struct cfg *cfg, char *err, size_t errlen
     r->base.ops = &redis_ops;
     r->base.cfg = cfg;
     names_redis(cfg, "events", NULL, r->events_key, sizeof r->events_key);
-    if (parse_url(r, cfg->redis_url) < 0) {
-        snprintf(err, errlen, "bad Redis URL '%s' (want redis://[:password@]host[:port][/db])", cfg->redis_url);
+    char why[512];
+    if (parse_url(r, cfg->redis_url, why, sizeof why) < 0) {
+        snprintf(err, errlen, "bad Redis URL: %s", why);
+        *cls = CV_ECONFIG;
         free(r);
         return NULL;
     }
-    if (connect_now(r) < 0) {
+    if ((*cls = connect_now(r)) < 0) {
         snprintf(err, errlen, "%s", r->base.err);
         redis_close(&r->base);
         return NULL;

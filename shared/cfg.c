@@ -2,6 +2,7 @@
 #include "core.h"
 
 #include <ctype.h>
+#include <errno.h>
 #include <libconfig.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -295,12 +296,60 @@ static void set_str(char **dst, const char *v) {
     *dst = xstrdup(v);
 }
 
+#define URL_FILE_MAX 65536 /* a URL in a file longer than this is refused */
+
+/* A URL from the environment: VAR, or the content of the file VAR_FILE names
+ * (container secrets), trailing newlines stripped. Sets *dst and *setting (the
+ * variable's name) when one is set; both set, or a file that cannot be read or
+ * is empty, is an error naming the variable and the path, never the content. */
+static int env_url(struct loader *l, const char *var, const char *file_var, char **dst, const char **setting) {
+    const char *v = getenv(var), *path = getenv(file_var);
+    bool has_v = v && *v, has_file = path && *path;
+    if (has_v && has_file) return fail(l, NULL, "%s and %s are both set; set one of them", var, file_var);
+    if (has_v) {
+        set_str(dst, v);
+        *setting = var;
+        return 0;
+    }
+    if (!has_file) return 0;
+    FILE *f = fopen(path, "r");
+    if (!f) return fail(l, NULL, "%s: cannot read '%s': %s", file_var, path, strerror(errno));
+    char *text = xmalloc(URL_FILE_MAX + 1);
+    size_t n = fread(text, 1, URL_FILE_MAX + 1, f);
+    bool bad = ferror(f);
+    fclose(f);
+    if (bad || n > URL_FILE_MAX) {
+        free(text);
+        return fail(l, NULL, "%s: cannot read '%s': %s", file_var, path,
+                    bad ? "read error" : "longer than 64 KiB");
+    }
+    text[n] = '\0';
+    while (n && (text[n - 1] == '\n' || text[n - 1] == '\r')) text[--n] = '\0';
+    if (n == 0 || strlen(text) != n) {
+        free(text);
+        return fail(l, NULL, "%s: '%s' %s", file_var, path, n ? "holds a NUL byte" : "is empty");
+    }
+    free(*dst);
+    *dst = text;
+    *setting = file_var;
+    return 0;
+}
+
+/* Checks the syntax of the URL that setting gave (url_check). */
+static int check_url(struct loader *l, enum url_kind kind, const char *setting, const char *url) {
+    char why[512], shown[512];
+    if (url_check(kind, url, why, sizeof why) == 0) return 0;
+    url_redact(url, shown, sizeof shown);
+    return fail(l, NULL, "%s (%s): %s", setting, shown, why);
+}
+
 /* The environment wins over the file (README.md, "Configuration"). */
 static int apply_env(struct loader *l, struct cfg *c) {
     const char *v;
-    if ((v = getenv("CONVEYOR_DATABASE_URL")) && *v) set_str(&c->database_url, v);
-    if ((v = getenv("CONVEYOR_RABBITMQ_URL")) && *v) set_str(&c->rabbitmq_url, v);
-    if ((v = getenv("CONVEYOR_REDIS_URL")) && *v) set_str(&c->redis_url, v);
+    if (env_url(l, "CONVEYOR_DATABASE_URL", "CONVEYOR_DATABASE_URL_FILE", &c->database_url, &c->database_url_setting) < 0 ||
+        env_url(l, "CONVEYOR_RABBITMQ_URL", "CONVEYOR_RABBITMQ_URL_FILE", &c->rabbitmq_url, &c->rabbitmq_url_setting) < 0 ||
+        env_url(l, "CONVEYOR_REDIS_URL", "CONVEYOR_REDIS_URL_FILE", &c->redis_url, &c->redis_url_setting) < 0)
+        return -1;
     if ((v = getenv("CONVEYOR_TRANSPORT")) && *v) {
         enum transport t;
         if (transport_parse(v, &t) < 0)
@@ -337,6 +386,9 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     c->heartbeat_ttl_s = 10;
     c->password_opslimit = 2;      /* crypto_pwhash_OPSLIMIT_INTERACTIVE */
     c->password_memlimit_mb = 64;  /* crypto_pwhash_MEMLIMIT_INTERACTIVE */
+    c->database_url_setting = "database.url";
+    c->rabbitmq_url_setting = "rabbitmq.url";
+    c->redis_url_setting = "redis.url";
 
     struct loader l = {path, err, errlen};
     config_t lc;
@@ -346,7 +398,7 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
         snprintf(err, errlen, "%s: cannot open: %m", path);
         config_destroy(&lc);
         cfg_free(c);
-        return -1;
+        return CV_ECONFIG;
     }
     int ok = config_read(&lc, f);
     fclose(f);
@@ -354,13 +406,16 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
         snprintf(err, errlen, "%s:%d: syntax error: %s", path, config_error_line(&lc), config_error_text(&lc));
         config_destroy(&lc);
         cfg_free(c);
-        return -1;
+        return CV_ECONFIG;
     }
     int rc = load(&l, &lc, c);
     config_destroy(&lc);
     if (rc == 0) rc = apply_env(&l, c);
+    if (rc == 0) rc = check_url(&l, URL_POSTGRES, c->database_url_setting, c->database_url);
+    if (rc == 0 && cfg_uses(c, TRANSPORT_RABBITMQ)) rc = check_url(&l, URL_AMQP, c->rabbitmq_url_setting, c->rabbitmq_url);
+    if (rc == 0 && cfg_uses(c, TRANSPORT_REDIS)) rc = check_url(&l, URL_REDIS, c->redis_url_setting, c->redis_url);
     if (rc < 0) cfg_free(c);
-    return rc;
+    return rc < 0 ? CV_ECONFIG : 0;
 }
 
 void cfg_free(struct cfg *c) {

@@ -47,8 +47,9 @@ enum {
     CV_ETIMEOUT = -5,
     CV_ECONFIG = -6,
 };
-#define CV_EFATAL CV_EREFUSED /* the old name, until every user is renamed */
 const char *cv_strerror(int code); /* static string, never NULL */
+/* The exit status of a process stopped by CV_ECONFIG (conveyor-workers at start, or one of its children). */
+#define CV_EXIT_CONFIG 2
 
 /* ---- log.c: one JSON object per line on stderr ----------------------------- */
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
@@ -130,12 +131,22 @@ struct cfg {
     int heartbeat_ttl_s;      /* Redis heartbeat expiry: then the reaper requeues in-flight work */
     int password_opslimit;    /* argon2id cost (crypto_pwhash_str) */
     int password_memlimit_mb;
+    /* where each URL came from, for messages: "database.url", "CONVEYOR_DATABASE_URL" or
+     * "CONVEYOR_DATABASE_URL_FILE" (and the same for rabbitmq and redis); static strings */
+    const char *database_url_setting, *rabbitmq_url_setting, *redis_url_setting;
     struct cfg_queue *queues;
     int nqueues;
 };
 
 /* Reads and checks FILE, then applies the CONVEYOR_* environment overrides.
- * Returns 0, or -1 with a message naming the file, line and key in err. */
+ * Returns 0, or CV_ECONFIG with a message naming the file, line and key in err.
+ * The environment may give a URL in a
+ * file: CONVEYOR_DATABASE_URL_FILE, CONVEYOR_RABBITMQ_URL_FILE, CONVEYOR_REDIS_URL_FILE
+ * (its content, trailing newlines stripped; the variable and its _FILE both set, or an
+ * unreadable file, is an error naming the variable and the path). The URLs the
+ * configuration uses (the database's always, a broker's when some queue or the events
+ * use it) are checked (url_check: syntax only, no connection); err names the setting,
+ * shows the URL redacted and never holds a password. */
 int cfg_load(const char *path, struct cfg *out, char *err, size_t errlen);
 /* Frees what cfg_load allocated; safe on a zeroed struct. */
 void cfg_free(struct cfg *c);
@@ -145,6 +156,29 @@ const struct cfg_queue *cfg_queue_for(const struct cfg *c, const char *type);
 const struct cfg_queue *cfg_queue_named(const struct cfg *c, const char *name);
 /* True when some queue, or the events, use transport T. */
 bool cfg_uses(const struct cfg *c, enum transport t);
+
+/* ---- url.c: connection URLs ------------------------------------------------------ */
+/* url with its password replaced by ***: scheme://user:***@host..., libpq's
+ * password=... key in a key=value string, a password= query parameter. At most n-1
+ * bytes (truncated), always NUL-terminated; NULL url gives "". */
+void url_redact(const char *url, char *out, size_t n);
+/* text (an error message that may echo url, e.g. libpq's) with every password that url
+ * holds, as written and percent-decoded, replaced by ***; into out (n bytes). */
+void url_scrub(const char *text, const char *url, char *out, size_t n);
+enum url_kind { URL_POSTGRES, URL_AMQP, URL_REDIS };
+/* Checks url's syntax for its kind (no connection): PostgreSQL: postgresql:// or
+ * postgres:// or a libpq key=value string (PQconninfoParse); RabbitMQ: amqp://
+ * (amqp_parse_url); Redis: redis://; and a port of 1-65535. Returns 0, or CV_ECONFIG
+ * with the reason in why (which never holds the password). */
+int url_check(enum url_kind kind, const char *url, char *why, size_t n);
+/* redis://[[user]:password@]host[:port][/db], parsed */
+struct redis_url {
+    char user[128], password[256], host[256];
+    int port, db;
+};
+/* Parses url into *out (host 127.0.0.1, port 6379 and db 0 when absent). Returns 0, or
+ * CV_ECONFIG with the reason in why. */
+int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n);
 
 /* ---- id.c / clock.c / utf8.c ------------------------------------------------ */
 #define ID_LEN 36
@@ -173,6 +207,19 @@ bool json_check(const char *text, size_t len, int max_depth, const char **why);
 int backoff_ms(int attempt, int base_ms, int cap_ms);
 /* Sleeps ms, waking early when *stop becomes true. */
 void backoff_sleep(int ms, volatile sig_atomic_t *stop);
+/* Opens a connection to a server: the connection, or NULL with the class of the
+ * failure in *cls and why in err. */
+typedef void *(*backoff_open_fn)(const void *arg, int *cls, char *err, size_t errlen);
+/* The one loop that waits for a server: calls open(arg, ...) until it returns a
+ * connection, sleeping with capped backoff (100 ms doubling to 5 s, jittered)
+ * after each transient failure (CV_ERETRY); logs once when the wait starts
+ * ("<what> unreachable, waiting for it: <why>") and once when it is over
+ * ("<what> is back"), never once per attempt. Returns the connection (the
+ * caller owns it), or NULL: when *stop is set (err ""), or when open failed with
+ * another class, a configuration error (err says why; the password of a URL is
+ * never in it). */
+void *backoff_open(backoff_open_fn open, const void *arg, const char *what, volatile sig_atomic_t *stop, char *err,
+                   size_t errlen);
 
 /* ---- envelope.c: the command envelope ------------------------------------------- */
 struct envelope {
@@ -226,6 +273,19 @@ struct db *db_connect(const char *url, char *err, size_t errlen);
 /* Connects, retrying with capped backoff until it succeeds or *stop is set
  * (then NULL). Logs once when the database is lost and once when it is back. */
 struct db *db_connect_retry(const char *url, volatile sig_atomic_t *stop);
+/* (db_connect_retry also stops, NULL, at a configuration error (see db_connect_class),
+ * which it logs as an error: a caller tells it from a stop by *stop.) */
+/* As db_connect, and *cls (if not NULL) gets the class of a failure: CV_ECONFIG when
+ * the URL does not parse or the server refused the login (SQLSTATE class 28: wrong
+ * password, no such role, no pg_hba.conf entry; 3D000: no such database; or a password
+ * is needed and the URL has none), or TLS refused the server's certificate
+ * (sslmode=verify-full: not for the host, or not signed by sslrootcert); CV_ERETRY otherwise (unreachable, starting up, too
+ * many connections). err never holds the URL's password. */
+struct db *db_connect_class(const char *url, int *cls, char *err, size_t errlen);
+/* As db_connect_retry (logs once when it starts waiting, once when the database is
+ * back), but a configuration error ends it: NULL with the reason in err. Stopped by
+ * *stop: NULL with err "". */
+struct db *db_connect_wait(const char *url, volatile sig_atomic_t *stop, char *err, size_t errlen);
 /* Closes the connection and frees db and all it holds (deferred statements,
  * kept results); NULL is fine. */
 void db_close(struct db *db);
@@ -308,6 +368,21 @@ struct outgoing_event {   /* one event to publish */
 
 /* Opens a connection for transport t. Returns NULL with a message in err. */
 struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen);
+/* As broker_open, and *cls (if not NULL) gets the class of a failure: CV_ECONFIG when
+ * the URL is bad or the broker refused the login (RabbitMQ ACCESS_REFUSED, a vhost
+ * that does not exist; Redis AUTH refused, NOAUTH, a bad database number), CV_ERETRY
+ * when it cannot be reached. err never holds the URL's password. */
+struct broker *broker_open_class(const struct cfg *cfg, enum transport t, int *cls, char *err, size_t errlen);
+/* As broker_open_class, waiting while the broker cannot be reached (backoff_open):
+ * the broker, or NULL when *stop is set (err "") or at a configuration error (err). */
+struct broker *broker_open_wait(const struct cfg *cfg, enum transport t, volatile sig_atomic_t *stop, char *err,
+                                size_t errlen);
+/* RabbitMQ, when cfg uses it: opens a connection, declares the exchanges, every
+ * queue, its bindings, delay and dead-letter queues, and closes it. Returns 0
+ * (also when cfg does not use RabbitMQ), or the class of the failure with why
+ * in err (CV_ERETRY: unreachable; CV_ECONFIG; CV_EREFUSED: RabbitMQ refused a
+ * declaration, a queue of another type, say). */
+int broker_declare_topology(const struct cfg *cfg, char *err, size_t errlen);
 void broker_close(struct broker *b);
 const char *broker_error(const struct broker *b); /* last error text; never NULL */
 /* RabbitMQ: declares exchanges, every queue, its bindings and dead-letter queue.
@@ -315,7 +390,7 @@ const char *broker_error(const struct broker *b); /* last error text; never NULL
 int broker_declare(struct broker *b);
 /* Publishes one command to QUEUE (Redis) or to the commands exchange with
  * routing key TYPE (RabbitMQ) and returns once the broker has it (confirm /
- * reply). CV_EFATAL when the broker refused it (unroutable), CV_ERETRY when
+ * reply). CV_EREFUSED when the broker refused it (unroutable), CV_ERETRY when
  * the connection failed. */
 int broker_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
                            const char *body, size_t len, const char *message_id);

@@ -6,6 +6,9 @@
  * context per process and connection; nothing here is global. */
 #include "core.h"
 
+#include <ctype.h>
+#include <errno.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -54,38 +57,117 @@ struct db {
     int nslots;
 };
 
-struct db *db_connect(const char *url, char *err, size_t errlen) {
+/* A failed connection's message as one line: libpq's verbose text without its
+ * LOCATION lines and SQLSTATEs (its SQLSTATE, the first one, goes to state),
+ * and with no password of url in it. */
+static void connect_message(const char *msg, const char *url, char state[6], char *err, size_t errlen) {
+    char out[1024] = "", piece[512];
+    state[0] = '\0';
+    for (const char *p = msg; *p;) {
+        size_t len = strcspn(p, "\n");
+        const char *from = p;
+        while (len && isspace((unsigned char)*from)) from++, len--;
+        snprintf(piece, sizeof piece, "%.*s", (int)len, from);
+        p = from + len + (from[len] != '\0');
+        if (!piece[0] || strncmp(piece, "LOCATION:", 9) == 0) continue;
+        /* "... FATAL:  28P01: password authentication failed ...": the code goes */
+        char *sev = strstr(piece, ":  ");
+        if (sev && strspn(sev + 3, "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") == 5 && strncmp(sev + 8, ": ", 2) == 0) {
+            if (!state[0]) snprintf(state, 6, "%.5s", sev + 3);
+            memmove(sev + 3, sev + 10, strlen(sev + 10) + 1);
+        }
+        size_t at = strlen(out);
+        snprintf(out + at, sizeof out - at, "%s%s", at ? "; " : "", piece);
+    }
+    url_scrub(out, url, err, errlen);
+}
+
+/* True when a connection failed because of what the URL says (see
+ * db_connect_class): a refused login, or a server certificate that TLS
+ * verification refused (libpq gives no code for it: its message names the
+ * certificate, as "server certificate for ... does not match host name" and
+ * "certificate verify failed" do). */
+static bool refused_login(PGconn *db, const char *state) {
+    return PQconnectionNeedsPassword(db) || strncmp(state, "28", 2) == 0 || strcmp(state, "3D000") == 0 ||
+           strstr(PQerrorMessage(db), "certificate") != NULL;
+}
+
+struct db *db_connect_class(const char *url, int *cls, char *err, size_t errlen) {
+    if (cls) *cls = CV_ERETRY;
+    char why[512];
+    if (url_check(URL_POSTGRES, url, why, sizeof why) < 0) {
+        snprintf(err, errlen, "%s", why);
+        if (cls) *cls = CV_ECONFIG;
+        return NULL;
+    }
     /* application_name shows in pg_stat_activity which process holds a connection */
     char app[64];
     snprintf(app, sizeof app, "conveyor-%s-%d", log_component(), (int)getpid());
     const char *keys[] = {"dbname", "application_name", NULL};
     const char *vals[] = {url, app, NULL};
-    PGconn *conn = PQconnectdbParams(keys, vals, 1);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        snprintf(err, errlen, "%s", PQerrorMessage(conn));
-        size_t n = strlen(err);
-        while (n && (err[n - 1] == '\n' || err[n - 1] == ' ')) err[--n] = '\0';
-        PQfinish(conn);
+    /* started without blocking so that, before the server answers, the error
+     * verbosity can be set: the SQLSTATE of a refused login is then in its message */
+    PGconn *db = PQconnectStartParams(keys, vals, 1);
+    if (!db) {
+        snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    PQsetNoticeProcessor(conn, quiet_notice, NULL); /* NOTICEs are not errors; keep stderr JSON-only */
-    struct db *db = xcalloc(1, sizeof *db);
-    db->conn = conn;
-    return db;
+    PQsetErrorVerbosity(db, PQERRORS_VERBOSE);
+    /* the URL's connect_timeout, which only the blocking connect applies by itself */
+    int64_t deadline = 0;
+    PQconninfoOption *opts = PQconninfo(db);
+    for (PQconninfoOption *o = opts; o && o->keyword; o++)
+        if (strcmp(o->keyword, "connect_timeout") == 0 && o->val && atoi(o->val) > 0)
+            deadline = clock_mono_ms() + 1000LL * (atoi(o->val) < 2 ? 2 : atoi(o->val)); /* libpq's minimum */
+    PQconninfoFree(opts);
+    PostgresPollingStatusType st = PQstatus(db) == CONNECTION_BAD ? PGRES_POLLING_FAILED : PGRES_POLLING_WRITING;
+    bool timed_out = false;
+    while (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
+        struct pollfd p = {PQsocket(db), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, 0};
+        int wait = deadline ? (int)(deadline - clock_mono_ms()) : -1;
+        int n = deadline && wait <= 0 ? 0 : poll(&p, 1, wait);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) break;
+        if (n == 0) {
+            timed_out = true;
+            break;
+        }
+        st = PQconnectPoll(db);
+    }
+    if (PQstatus(db) != CONNECTION_OK || timed_out) {
+        char state[6] = "";
+        if (timed_out) snprintf(err, errlen, "timeout expired (connect_timeout)");
+        else connect_message(PQerrorMessage(db), url, state, err, errlen);
+        if (cls && refused_login(db, state)) *cls = CV_ECONFIG;
+        PQfinish(db);
+        return NULL;
+    }
+    PQsetErrorVerbosity(db, PQERRORS_DEFAULT);
+    PQsetNoticeProcessor(db, quiet_notice, NULL); /* NOTICEs are not errors; keep stderr JSON-only */
+    struct db *ctx = xcalloc(1, sizeof *ctx);
+    ctx->conn = db;
+    return ctx;
+}
+
+struct db *db_connect(const char *url, char *err, size_t errlen) { return db_connect_class(url, NULL, err, errlen); }
+
+/* backoff_open's view of db_connect_class. */
+static void *open_db(const void *url, int *cls, char *err, size_t errlen) {
+    return db_connect_class(url, cls, err, errlen);
+}
+
+struct db *db_connect_wait(const char *url, volatile sig_atomic_t *stop, char *err, size_t errlen) {
+    return backoff_open(open_db, url, "database", stop, err, errlen);
 }
 
 struct db *db_connect_retry(const char *url, volatile sig_atomic_t *stop) {
-    char err[512];
-    for (int attempt = 0; !(stop && *stop); attempt++) {
-        struct db *db = db_connect(url, err, sizeof err);
-        if (db) {
-            if (attempt > 0) log_info("database is back");
-            return db;
-        }
-        if (attempt == 0) log_warn("database unreachable, retrying: %s", err);
-        backoff_sleep(backoff_ms(attempt, 100, 5000), stop);
+    char err[512], shown[512];
+    struct db *db = db_connect_wait(url, stop, err, sizeof err);
+    if (!db && err[0]) {
+        url_redact(url, shown, sizeof shown);
+        log_error("database (%s): %s; stopping (a configuration error is not retried)", shown, err);
     }
-    return NULL;
+    return db;
 }
 
 /* The class of a failed statement, from its SQLSTATE and the connection:

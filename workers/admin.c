@@ -28,7 +28,8 @@ static const char usage[] =
     "  -h, --help         this help\n"
     "\n"
     "Exit status: 0 done, 1 nothing matched the selector, 2 usage or configuration\n"
-    "error, 3 a broker or the database could not be reached.\n";
+    "error (a bad URL, credentials a server refused), 3 a broker or the database\n"
+    "could not be reached.\n";
 
 struct selector {
     const char *id;        /* a command id, or NULL */
@@ -127,9 +128,10 @@ static void print_json(cJSON *o, bool pretty) {
 static struct broker *brokers[2];
 static struct broker *broker_of(const struct cfg *cfg, const struct cfg_queue *q) {
     char err[512];
-    if (!brokers[q->transport] && !(brokers[q->transport] = broker_open(cfg, q->transport, err, sizeof err))) {
+    int cls;
+    if (!brokers[q->transport] && !(brokers[q->transport] = broker_open_class(cfg, q->transport, &cls, err, sizeof err))) {
         fprintf(stderr, "conveyor-admin: %s\n", err);
-        exit(EXIT_UNREACHABLE);
+        exit(cls == CV_ECONFIG ? EXIT_USAGE : EXIT_UNREACHABLE);
     }
     return brokers[q->transport];
 }
@@ -233,9 +235,10 @@ static int cmd_show(const struct cfg *cfg, const struct cfg_queue *q, struct sel
 static int cmd_take(const struct cfg *cfg, const struct cfg_queue *q, struct selector *s, bool retry) {
     struct broker *b = broker_of(cfg, q);
     char err[512];
-    if (retry && !(s->reset_db = db_connect(cfg->database_url, err, sizeof err))) {
+    int cls;
+    if (retry && !(s->reset_db = db_connect_class(cfg->database_url, &cls, err, sizeof err))) {
         fprintf(stderr, "conveyor-admin: retrying needs the database (attempt counts): %s\n", err);
-        return EXIT_UNREACHABLE;
+        return cls == CV_ECONFIG ? EXIT_USAGE : EXIT_UNREACHABLE;
     }
     int count = 0;
     int rc = broker_dead_take(b, q, choose, s, retry, &count);

@@ -14,18 +14,69 @@ static const char usage[] =
     "plus one outbox relay. Applies pending database migrations first.\n"
     "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
-    "      --check        check the configuration and exit\n"
+    "      --check        check the configuration and the syntax of its URLs (no\n"
+    "                     connection), print them with passwords masked, and exit\n"
     "      --setup        apply the migrations, declare the RabbitMQ topology, and exit\n"
     "  -h, --help         this help\n"
     "  -V, --version      print the version\n"
     "\n"
-    "Environment: CONVEYOR_DATABASE_URL, CONVEYOR_RABBITMQ_URL, CONVEYOR_REDIS_URL,\n"
-    "CONVEYOR_TRANSPORT (rabbitmq|redis), CONVEYOR_EVENTS_TRANSPORT, CONVEYOR_LOG_LEVEL.\n"
+    "Environment: CONVEYOR_DATABASE_URL, CONVEYOR_RABBITMQ_URL, CONVEYOR_REDIS_URL (or\n"
+    "CONVEYOR_DATABASE_URL_FILE, ..._FILE: a file holding the URL, e.g. a container\n"
+    "secret; not both), CONVEYOR_TRANSPORT (rabbitmq|redis), CONVEYOR_EVENTS_TRANSPORT,\n"
+    "CONVEYOR_LOG_LEVEL.\n"
+    "\n"
+    "At start it connects to the database, then to RabbitMQ and Redis if the queues or\n"
+    "the events use them. A server that cannot be reached is waited for (logged once\n"
+    "when the wait starts and once when it is back); a misconfiguration is not: an\n"
+    "unparsable URL, an unknown scheme, or credentials (or a database, vhost, Redis\n"
+    "database) the server refuses stop it at once with exit status 2 and one line\n"
+    "naming the setting, the URL with its password masked, and the reason.\n"
     "SIGTERM or SIGINT drains the pool and exits 0; SIGHUP reloads FILE and replaces\n"
     "the workers one by one.\n"
     "\n"
-    "Exit status: 0 stopped cleanly, 2 usage or configuration error,\n"
-    "3 the database schema could not be migrated.\n";
+    "Exit status: 0 stopped cleanly, 2 usage or configuration error (including\n"
+    "credentials a server refused), 3 the database schema could not be migrated.\n";
+
+/* Says on stderr, in one line, that the URL of setting is wrong, and why. */
+static void url_refused(const char *setting, const char *url, const char *why) {
+    char shown[512], reason[1024];
+    url_redact(url, shown, sizeof shown);
+    url_scrub(why, url, reason, sizeof reason);
+    fprintf(stderr, "conveyor-workers: %s (%s): %s\n", setting, shown, reason);
+}
+
+/* Waits until transport t's broker answers (and, for RabbitMQ, takes the
+ * topology), logging once when the wait starts and once when it is over.
+ * Returns 0, 1 when stopped first, or the exit status after saying why on
+ * stderr (a configuration error, a topology RabbitMQ refuses). */
+static int broker_wait(const struct cfg *cfg, enum transport t) {
+    const char *name = t == TRANSPORT_REDIS ? "Redis" : "RabbitMQ";
+    const char *setting = t == TRANSPORT_REDIS ? cfg->redis_url_setting : cfg->rabbitmq_url_setting;
+    const char *url = t == TRANSPORT_REDIS ? cfg->redis_url : cfg->rabbitmq_url;
+    char err[1024];
+    while (!stop_requested) {
+        struct broker *b = broker_open_wait(cfg, t, &stop_requested, err, sizeof err);
+        if (!b && err[0]) {
+            url_refused(setting, url, err);
+            return CV_EXIT_CONFIG;
+        }
+        broker_close(b);
+        if (!b) break;
+        int rc = t == TRANSPORT_RABBITMQ ? broker_declare_topology(cfg, err, sizeof err) : 0;
+        if (rc == 0) return 0;
+        if (rc == CV_ECONFIG) {
+            url_refused(setting, url, err);
+            return CV_EXIT_CONFIG;
+        }
+        if (rc != CV_ERETRY) {
+            log_error("cannot declare the RabbitMQ topology: %s", err);
+            return 2;
+        }
+        log_warn("%s went away while its topology was declared (%s); waiting for it", name, err);
+        backoff_sleep(1000, &stop_requested);
+    }
+    return 1;
+}
 
 int main(int argc, char **argv) {
     const char *path = "queues.conf";
@@ -57,7 +108,13 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (check) {
-        printf("%s: ok (%d queues)\n", path, cfg.nqueues);
+        char db[512], amqp[512], redis[512];
+        url_redact(cfg.database_url, db, sizeof db);
+        url_redact(cfg.rabbitmq_url, amqp, sizeof amqp);
+        url_redact(cfg.redis_url, redis, sizeof redis);
+        printf("%s: ok (%d queues)\n%s %s\n", path, cfg.nqueues, cfg.database_url_setting, db);
+        if (cfg_uses(&cfg, TRANSPORT_RABBITMQ)) printf("%s %s\n", cfg.rabbitmq_url_setting, amqp);
+        if (cfg_uses(&cfg, TRANSPORT_REDIS)) printf("%s %s\n", cfg.redis_url_setting, redis);
         cfg_free(&cfg);
         return 0;
     }
@@ -67,8 +124,12 @@ int main(int argc, char **argv) {
     }
     signals_stop_sets(&stop_requested);
 
-    struct db *db = db_connect_retry(cfg.database_url, &stop_requested);
-    if (!db) { cfg_free(&cfg); return 0; }
+    struct db *db = db_connect_wait(cfg.database_url, &stop_requested, err, sizeof err);
+    if (!db) {
+        if (err[0]) url_refused(cfg.database_url_setting, cfg.database_url, err);
+        cfg_free(&cfg);
+        return err[0] ? CV_EXIT_CONFIG : 0;
+    }
     int applied = migrate_run(db, err, sizeof err);
     db_close(db);
     if (applied < 0) {
@@ -76,20 +137,11 @@ int main(int argc, char **argv) {
         cfg_free(&cfg);
         return 3;
     }
-    if (cfg_uses(&cfg, TRANSPORT_RABBITMQ)) {
-        for (int attempt = 0; !stop_requested; attempt++) {
-            struct broker *b = broker_open(&cfg, TRANSPORT_RABBITMQ, err, sizeof err);
-            int rc = b ? broker_declare(b) : CV_ERETRY;
-            if (b && rc < 0) snprintf(err, sizeof err, "%s", broker_error(b));
-            broker_close(b);
-            if (rc == 0) break;
-            if (rc != CV_ERETRY) {
-                log_error("cannot declare the RabbitMQ topology: %s", err);
-                cfg_free(&cfg);
-                return 2;
-            }
-            if (attempt == 0) log_warn("RabbitMQ unreachable, retrying: %s", err);
-            backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
+    for (enum transport t = TRANSPORT_RABBITMQ; t <= TRANSPORT_REDIS; t++) {
+        int status = cfg_uses(&cfg, t) ? broker_wait(&cfg, t) : 0;
+        if (status > 1) {
+            cfg_free(&cfg);
+            return status;
         }
     }
     int rc = stop_requested || setup_only ? 0 : supervisor_run(&cfg);

@@ -13,10 +13,10 @@ int reaper_run(const struct cfg *cfg) {
     int failures = 0;
     log_info("reaper started: heartbeat expiry %d s", cfg->heartbeat_ttl_s);
     while (!stop_requested) {
-        if (!b && !(b = broker_open(cfg, TRANSPORT_REDIS, err, sizeof err))) {
-            if (failures == 0) log_warn("redis unreachable, retrying: %s", err);
-            backoff_sleep(backoff_ms(failures++, 100, 5000), &stop_requested);
-            continue;
+        if (!b && !(b = broker_open_wait(cfg, TRANSPORT_REDIS, &stop_requested, err, sizeof err))) {
+            if (!err[0]) break; /* stopped */
+            log_error("redis refused the configuration: %s; stopping", err);
+            return CV_EXIT_CONFIG;
         }
         int moved = broker_maintain(b);
         if (moved < 0) {

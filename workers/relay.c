@@ -171,6 +171,8 @@ static void relay_wait(struct db *db, int ms) {
 }
 
 /* Holds the relay lock on db and publishes until stop or a lost connection. */
+static bool config_refused; /* a server refused what the configuration says: the relay stops */
+
 static void relay_active(const struct cfg *cfg, struct db *db) {
     char sql[128];
     snprintf(sql, sizeof sql, "LISTEN \"%s_outbox\"", cfg->prefix);
@@ -198,10 +200,11 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
     int64_t next_prune = clock_mono_ms();
     struct claim_floor floor = {0};
     while (!stop_requested && db_ok(db)) {
-        if (!b && !(b = broker_open(cfg, cfg->events_transport, err, sizeof err))) {
-            if (failures == 0) log_warn("events broker unreachable, retrying: %s", err);
-            backoff_sleep(backoff_ms(failures++, 100, 5000), &stop_requested);
-            continue;
+        if (!b && !(b = broker_open_wait(cfg, cfg->events_transport, &stop_requested, err, sizeof err))) {
+            if (!err[0]) break; /* stopped */
+            log_error("events broker refused the configuration: %s; stopping", err);
+            config_refused = true;
+            break;
         }
         int n = relay_drain(db, b, cfg->relay_batch, &floor);
         if (n < 0) {
@@ -232,7 +235,10 @@ int relay_run(const struct cfg *cfg) {
     bool said_standby = false;
     while (!stop_requested) {
         struct db *db = db_connect_retry(cfg->database_url, &stop_requested);
-        if (!db) break;
+        if (!db) {
+            config_refused = !stop_requested; /* said by db_connect_retry */
+            break;
+        }
         while (!stop_requested && db_ok(db)) {
             PGresult *r;
             if (db_exec(db, "SELECT pg_try_advisory_lock(hashtext($1))", 1, p, &r) < 0) break;
@@ -249,7 +255,8 @@ int relay_run(const struct cfg *cfg) {
             backoff_sleep(1000, &stop_requested);
         }
         db_close(db); /* releases the lock if held */
+        if (config_refused) break;
     }
     log_info("relay stopped");
-    return 0;
+    return config_refused ? CV_EXIT_CONFIG : 0;
 }

@@ -128,16 +128,10 @@ static void reload(struct pool *p) {
         log_error("SIGHUP: %s; keeping the running configuration", err);
         return;
     }
-    if (cfg_uses(&next, TRANSPORT_RABBITMQ)) {
-        struct broker *b = broker_open(&next, TRANSPORT_RABBITMQ, err, sizeof err);
-        int rc = b ? broker_declare(b) : CV_ERETRY;
-        if (b && rc < 0) snprintf(err, sizeof err, "%s", broker_error(b));
-        broker_close(b);
-        if (rc < 0) {
-            log_error("SIGHUP: cannot declare the new RabbitMQ topology (%s); keeping the running configuration", err);
-            cfg_free(&next);
-            return;
-        }
+    if (broker_declare_topology(&next, err, sizeof err) < 0) {
+        log_error("SIGHUP: cannot declare the new RabbitMQ topology (%s); keeping the running configuration", err);
+        cfg_free(&next);
+        return;
     }
     log_info("SIGHUP: %s reloaded; replacing the pool's children one by one", p->cfg->path);
     pid_t *retiring = realloc(p->retiring, (size_t)(p->nretiring + p->nkids) * sizeof *p->retiring);
@@ -187,12 +181,18 @@ static void reaped(struct pool *p, pid_t pid, int status, bool stopping) {
             c->restart_at_ms = now;
             return;
         }
-        c->crashes = now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
+        /* a child stopped by a configuration error (a password changed while running) backs off
+         * however long it ran: it fails again until the setting is fixed */
+        bool refused = WIFEXITED(status) && WEXITSTATUS(status) == CV_EXIT_CONFIG;
+        c->crashes = refused || now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
         int delay = c->crashes ? backoff_ms(c->crashes - 1, RESTART_BASE_MS, RESTART_CAP_MS) : 0;
         c->restart_at_ms = now + delay;
         if (WIFSIGNALED(status))
             log_error("%s %s died of signal %d; restarting in %d ms%s", kind_name[c->kind], c->worker_id,
                       WTERMSIG(status), delay, c->crashes > 3 ? " (crash loop)" : "");
+        else if (refused)
+            log_error("%s %s stopped on a configuration error; restarting in %d ms", kind_name[c->kind],
+                      c->worker_id, delay);
         else
             log_error("%s %s exited with status %d; restarting in %d ms%s", kind_name[c->kind], c->worker_id,
                       WEXITSTATUS(status), delay, c->crashes > 3 ? " (crash loop)" : "");

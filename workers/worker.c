@@ -207,14 +207,11 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     struct worker w = {.cfg = cfg, .q = q};
     batch_init(&w.batch, cfg, q);
     char err[512];
-    for (int attempt = 0; !stop_requested && !w.broker; attempt++) {
-        w.broker = broker_open(cfg, q->transport, err, sizeof err);
-        if (!w.broker) {
-            if (attempt == 0) log_warn("broker unreachable, retrying: %s", err);
-            backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
-        }
+    if (!(w.broker = broker_open_wait(cfg, q->transport, &stop_requested, err, sizeof err))) {
+        if (!err[0]) return 0; /* stopped */
+        log_error("broker refused the configuration: %s; stopping", err);
+        return CV_EXIT_CONFIG;
     }
-    if (!w.broker) return 0;
     if (broker_consume(w.broker, q, worker_id) < 0) {
         log_error("cannot consume %s: %s", q->name, broker_error(w.broker));
         broker_close(w.broker);
@@ -228,9 +225,13 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     int take_max = q->prefetch > q->batch_size ? q->prefetch : q->batch_size;
     struct batch_item *items = xcalloc((size_t)take_max, sizeof *items);
     struct delivery *extra = xcalloc((size_t)take_max, sizeof *extra);
+    int status = 0;
     while (!stop_requested) {
         if (!w.db) { /* take nothing while the database is away */
-            if (!(w.db = db_connect_retry(cfg->database_url, &stop_requested))) break;
+            if (!(w.db = db_connect_retry(cfg->database_url, &stop_requested))) {
+                if (!stop_requested) status = CV_EXIT_CONFIG; /* refused: said by db_connect_retry */
+                break;
+            }
             /* its results are progress (the Redis heartbeat), its transactions bounded */
             liveness_watch_db(db_conn(w.db));
             char limits[192];
@@ -255,6 +256,11 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             rc = more < 0 ? 1 : 1 + more;
         }
         for (int i = 0; i < rc; i++) items[n++].d = extra[i];
+        if (rc == CV_ECONFIG) {
+            log_error("broker refused the configuration: %s; stopping", broker_error(w.broker));
+            status = CV_EXIT_CONFIG;
+            break;
+        }
         if (rc < 0) {
             if (broker_failures == 0) log_warn("broker lost: %s; reconnecting", broker_error(w.broker));
             backoff_sleep(backoff_ms(broker_failures++, 100, 5000), &stop_requested);
@@ -282,5 +288,5 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     log_info("worker %s stopped", worker_id);
     broker_close(w.broker);
     db_close(w.db);
-    return 0;
+    return status;
 }

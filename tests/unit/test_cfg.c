@@ -29,6 +29,9 @@ static void clear_env(void) {
     unsetenv("CONVEYOR_DATABASE_URL");
     unsetenv("CONVEYOR_RABBITMQ_URL");
     unsetenv("CONVEYOR_REDIS_URL");
+    unsetenv("CONVEYOR_DATABASE_URL_FILE");
+    unsetenv("CONVEYOR_RABBITMQ_URL_FILE");
+    unsetenv("CONVEYOR_REDIS_URL_FILE");
 }
 
 TEST(repository_file_loads) {
@@ -215,6 +218,155 @@ TEST(events_transport_follows_default_unless_set) {
     CHECK(load_text("transport = \"redis\";\nevents: { transport = \"rabbitmq\"; };\n" MINIMAL, &c) == 0);
     CHECK(c.events_transport == TRANSPORT_RABBITMQ && c.queues[0].transport == TRANSPORT_REDIS);
     cfg_free(&c);
+}
+
+/* url_redact of url is want. */
+static void check_redact(const char *url, const char *want) {
+    char out[256];
+    url_redact(url, out, sizeof out);
+    CHECK_STR(out, want);
+}
+
+TEST(url_redact_masks_passwords) {
+    check_redact("amqp://guest:guest@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1:5672/");
+    check_redact("postgresql://conveyor@127.0.0.1:5432/conveyor", "postgresql://conveyor@127.0.0.1:5432/conveyor");
+    check_redact("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0");
+    check_redact("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0");
+    check_redact("host=db port=5432 password=s3cret user=u", "host=db port=5432 password=*** user=u");
+    check_redact("host=db password = 'a b\\' c' user=u", "host=db password = *** user=u");
+    check_redact("postgresql://u@h/db?sslmode=require&password=s3cret&x=1",
+                 "postgresql://u@h/db?sslmode=require&password=***&x=1");
+    check_redact("postgresql://u:p@h/db?password=q", "postgresql://u:***@h/db?password=***");
+    /* a password holding '@', ':' or '/' is masked whole */
+    check_redact("amqp://u:p@ss:w/rd@host:5672/vh", "amqp://u:***@host:5672/vh");
+    check_redact("postgresql://u:a:b@h/db", "postgresql://u:***@h/db");
+    /* not a password: a key that only ends in "password", a user without one */
+    check_redact("host=h oldpassword=x", "host=h oldpassword=x");
+    check_redact("amqp://guest@h", "amqp://guest@h");
+    char small[12];
+    url_redact("amqp://guest:secret@host", small, sizeof small);
+    CHECK(strlen(small) == 11 && strstr(small, "secret") == NULL);
+}
+
+TEST(url_scrub_masks_an_echoed_password) {
+    char out[256];
+    url_scrub("bad token near \"s3cr%t\" and s3cr%t", "postgresql://u:s3cr%25t@h/db", out, sizeof out);
+    CHECK(strstr(out, "s3cr") == NULL);
+    url_scrub("missing \"=\" after \"pa ss\"", "host=h password='pa ss'", out, sizeof out);
+    CHECK_STR(out, "missing \"=\" after \"***\"");
+    url_scrub("connection refused", "redis://127.0.0.1:1/0", out, sizeof out);
+    CHECK_STR(out, "connection refused");
+}
+
+TEST(url_check_takes_good_urls) {
+    char why[256];
+    CHECK(url_check(URL_POSTGRES, "postgresql://u:p@127.0.0.1:5432/db", why, sizeof why) == 0);
+    CHECK(url_check(URL_POSTGRES, "postgres://h/db", why, sizeof why) == 0);
+    CHECK(url_check(URL_POSTGRES, "host=h port=5432 dbname=db password=x", why, sizeof why) == 0);
+    CHECK(url_check(URL_POSTGRES, "postgresql://h1:5432,h2:5433/db", why, sizeof why) == 0);
+    CHECK(url_check(URL_AMQP, "amqp://guest:guest@127.0.0.1:5672/", why, sizeof why) == 0);
+    CHECK(url_check(URL_AMQP, "amqp://h", why, sizeof why) == 0);
+    CHECK(url_check(URL_REDIS, "redis://:pw@127.0.0.1:6379/2", why, sizeof why) == 0);
+    struct redis_url r;
+    CHECK(url_parse_redis("redis://app:p@ss@h:7000/3", &r, why, sizeof why) == 0);
+    CHECK_STR(r.user, "app");
+    CHECK_STR(r.password, "p@ss");
+    CHECK_STR(r.host, "h");
+    CHECK(r.port == 7000 && r.db == 3);
+}
+
+TEST(url_check_refuses_bad_urls) {
+    char why[256];
+    CHECK(url_check(URL_POSTGRES, "http://u:secret@h/db", why, sizeof why) == CV_ECONFIG);
+    CHECK(strstr(why, "unknown scheme 'http'") != NULL);
+    CHECK(url_check(URL_POSTGRES, "postgresql://u:secret@h:54x2/db", why, sizeof why) == CV_ECONFIG);
+    CHECK(strstr(why, "port") != NULL && strstr(why, "secret") == NULL);
+    CHECK(url_check(URL_POSTGRES, "host=h port=0", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_POSTGRES, "just-a-word", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_POSTGRES, "host=h password=secret bogus", why, sizeof why) == CV_ECONFIG);
+    CHECK(strstr(why, "secret") == NULL);
+    CHECK(url_check(URL_AMQP, "http://guest:secret@h", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_AMQP, "amqp://guest:secret@h:70000/", why, sizeof why) == CV_ECONFIG);
+    CHECK(strstr(why, "port") != NULL && strstr(why, "secret") == NULL);
+    CHECK(url_check(URL_AMQP, "amqp://guest:secret@h:12ab/", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_AMQP, "amqps://guest:secret@h/", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_REDIS, "rediss://h", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_REDIS, "redis://:secret@h:port/0", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_REDIS, "redis://h:6379/zero", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_REDIS, "", why, sizeof why) == CV_ECONFIG);
+}
+
+TEST(cfg_load_refuses_bad_urls_naming_the_setting) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text("database: { url = \"http://u:secret@h/db\"; };\n" MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "database.url (http://u:***@h/db): unknown scheme 'http'") != NULL);
+    CHECK(strstr(err, "secret") == NULL);
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://guest:secret@h:99999/", 1);
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "CONVEYOR_RABBITMQ_URL (amqp://guest:***@h:99999/)") != NULL);
+    CHECK(strstr(err, "port") != NULL && strstr(err, "secret") == NULL);
+    /* only the URLs of transports in use are checked: no queue is on Redis here */
+    clear_env();
+    setenv("CONVEYOR_REDIS_URL", "http://nope", 1);
+    CHECK(load_text(MINIMAL, &c) == 0);
+    cfg_free(&c);
+    setenv("CONVEYOR_TRANSPORT", "redis", 1);
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "CONVEYOR_REDIS_URL") != NULL);
+    clear_env();
+}
+
+/* Writes text to a file named for this test; returns its path (static). */
+static const char *secret_file(const char *text) {
+    static char p[64];
+    snprintf(p, sizeof p, "/tmp/conveyor-test-secret-%d", (int)getpid());
+    FILE *f = fopen(p, "w");
+    fputs(text, f);
+    fclose(f);
+    return p;
+}
+
+TEST(url_files_are_read_and_checked) {
+    clear_env();
+    struct cfg c;
+    const char *p = secret_file("postgresql://u:fil3secret@h:5432/db\n");
+    setenv("CONVEYOR_DATABASE_URL_FILE", p, 1);
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK_STR(c.database_url, "postgresql://u:fil3secret@h:5432/db"); /* trailing newline stripped */
+    CHECK_STR(c.database_url_setting, "CONVEYOR_DATABASE_URL_FILE");
+    cfg_free(&c);
+    /* both set */
+    setenv("CONVEYOR_DATABASE_URL", "postgresql://h/db", 1);
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "CONVEYOR_DATABASE_URL and CONVEYOR_DATABASE_URL_FILE are both set") != NULL);
+    unsetenv("CONVEYOR_DATABASE_URL");
+    /* a bad URL in the file: named by the variable, the secret masked */
+    secret_file("http://u:fil3secret@h/db\r\n");
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "CONVEYOR_DATABASE_URL_FILE (http://u:***@h/db)") != NULL);
+    CHECK(strstr(err, "fil3secret") == NULL);
+    /* empty, unreadable */
+    secret_file("\n");
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "CONVEYOR_DATABASE_URL_FILE") != NULL && strstr(err, "empty") != NULL);
+    unlink(p);
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "CONVEYOR_DATABASE_URL_FILE: cannot read") != NULL && strstr(err, p) != NULL);
+    /* the other two variables */
+    clear_env();
+    p = secret_file("amqp://guest:fil3secret@h:5672/");
+    setenv("CONVEYOR_RABBITMQ_URL_FILE", p, 1);
+    setenv("CONVEYOR_REDIS_URL_FILE", p, 1);
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK_STR(c.rabbitmq_url, "amqp://guest:fil3secret@h:5672/");
+    cfg_free(&c);
+    setenv("CONVEYOR_TRANSPORT", "redis", 1); /* now the Redis URL is used, and it is an amqp:// one */
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "CONVEYOR_REDIS_URL_FILE (amqp://guest:***@h:5672/): unknown scheme 'amqp'") != NULL);
+    CHECK(strstr(err, "fil3secret") == NULL);
+    unlink(p);
+    clear_env();
 }
 
 TEST_MAIN()
