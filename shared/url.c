@@ -251,20 +251,18 @@ static int check_postgres(const char *url, char *why, size_t n) {
     return rc;
 }
 
-/* librabbitmq: amqp://user:password@host:port/vhost. */
+/* librabbitmq: amqp://user:password@host:port/vhost, or amqps:// (TLS). */
 static int check_amqp(const char *url, char *why, size_t n) {
-    if (strncmp(url, "amqps://", 8) == 0) {
-        snprintf(why, n, "amqps:// (TLS) is not supported by this build (want amqp://)");
-        return CV_ECONFIG;
-    }
-    if (strncmp(url, "amqp://", 7) != 0) {
+    size_t scheme = strncmp(url, "amqps://", 8) == 0 ? 8 : strncmp(url, "amqp://", 7) == 0 ? 7 : 0;
+    if (!scheme) {
         const char *e = strstr(url, "://");
-        if (e) snprintf(why, n, "unknown scheme '%.*s' (want amqp://)", (int)(e - url) > 32 ? 32 : (int)(e - url), url);
+        if (e) snprintf(why, n, "unknown scheme '%.*s' (want amqp:// or amqps://)",
+                        (int)(e - url) > 32 ? 32 : (int)(e - url), url);
         else snprintf(why, n, "not a URL (want amqp://user:password@host:port/vhost)");
         return CV_ECONFIG;
     }
     /* a port librabbitmq would take (it reads digits, then stops) is still checked whole */
-    const char *auth = url + 7, *at = userinfo_end(auth), *host = at ? at + 1 : auth;
+    const char *auth = url + scheme, *at = userinfo_end(auth), *host = at ? at + 1 : auth;
     const char *slash = strchr(host, '/'), *colon = strchr(host, ':');
     if (colon && (!slash || colon < slash) && host[0] != '[') {
         const char *pend = slash ? slash : colon + strlen(colon);
@@ -273,7 +271,7 @@ static int check_amqp(const char *url, char *why, size_t n) {
             return CV_ECONFIG;
         }
     }
-    char *copy = strdup(url);
+    char *copy = xstrdup(url);
     struct amqp_connection_info info;
     amqp_default_connection_info(&info);
     int st = amqp_parse_url(copy, &info);

@@ -289,7 +289,8 @@ TEST(url_check_refuses_bad_urls) {
     CHECK(url_check(URL_AMQP, "amqp://guest:secret@h:70000/", why, sizeof why) == CV_ECONFIG);
     CHECK(strstr(why, "port") != NULL && strstr(why, "secret") == NULL);
     CHECK(url_check(URL_AMQP, "amqp://guest:secret@h:12ab/", why, sizeof why) == CV_ECONFIG);
-    CHECK(url_check(URL_AMQP, "amqps://guest:secret@h/", why, sizeof why) == CV_ECONFIG);
+    CHECK(url_check(URL_AMQP, "amqps://guest:secret@h/", why, sizeof why) == 0); /* TLS: README, "TLS" */
+    CHECK(url_check(URL_AMQP, "amqps://guest:secret@h:0/", why, sizeof why) == CV_ECONFIG);
     CHECK(url_check(URL_REDIS, "rediss://h", why, sizeof why) == CV_ECONFIG);
     CHECK(url_check(URL_REDIS, "redis://:secret@h:port/0", why, sizeof why) == CV_ECONFIG);
     CHECK(url_check(URL_REDIS, "redis://h:6379/zero", why, sizeof why) == CV_ECONFIG);
