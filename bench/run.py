@@ -6,6 +6,10 @@
     bench/run.py --commands 200000    twice as long (memory must not grow)
     bench/run.py --profile 10         also a system-wide perf profile of each full-speed run
 
+    BENCH_DATABASE_URL=postgresql://.../other  runs against another database of the same
+    server (two builds compared in one session, each on a database of its own);
+    CONVEYOR_BIN_DIR=DIR  the binaries to measure (default: a Release build of this clone)
+
 Measures, side by side on the project's local servers (scripts/servers.sh) with
 the durability a user gets by default (synchronous_commit on, persistent
 messages with publisher confirms, Redis AOF appendfsync always):
@@ -82,6 +86,8 @@ def servers_env():
         env[m.group(1)] = m.group(2).strip("'\"")
     for k in ("CONVEYOR_TRANSPORT", "CONVEYOR_EVENTS_TRANSPORT"):
         env.pop(k, None)
+    if os.environ.get("BENCH_DATABASE_URL"):  # another database of the same server (a before/after run)
+        env["CONVEYOR_DATABASE_URL"] = os.environ["BENCH_DATABASE_URL"]
     return env
 
 
