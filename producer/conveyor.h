@@ -35,33 +35,51 @@ enum {
  * of a command published after it. */
 #define CONVEYOR_WAIT 1
 
-/* Reads the configuration (and the CONVEYOR_* environment) and connects.
- * Returns NULL on failure, with a message in err and, if code is not NULL,
- * CONVEYOR_EINVALID (configuration) or CONVEYOR_EBROKER (broker) in *code. */
+/* Reads the configuration (and the CONVEYOR_* environment). With CONVEYOR_WAIT
+ * it connects to the events broker and subscribes; the brokers of commands are
+ * connected by the first publish that needs them. Returns the client (the caller
+ * conveyor_close()s it), or NULL on failure, with a message in err and, if code
+ * is not NULL, CONVEYOR_EINVALID (configuration, or out of memory) or
+ * CONVEYOR_EBROKER (broker) in *code. */
 conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen, int *code);
+/* Closes the connections and frees c, with any result not waited for; NULL is fine. */
 void conveyor_close(conveyor_client *c);
+/* The text of the last error, kept in c until the next one (a success does not
+ * clear it); "no client" for NULL. Never NULL. */
 const char *conveyor_error(const conveyor_client *c);
 
 /* Publishes one command and returns once the broker has confirmed it.
  * payload_json must be a JSON object; correlation_id may be NULL. Writes the
- * new command id to id_out (37 bytes). */
+ * new command id to id_out (37 bytes) on success only. Returns 0,
+ * CONVEYOR_EINVALID (the payload is not a JSON object, the envelope breaks a
+ * rule, no queue routes type), or CONVEYOR_EBROKER (the broker could not be
+ * reached or refused it, RabbitMQ's topology could not be declared, or out of
+ * memory); after a broker failure the connection is closed, and opened again by
+ * the next publish. */
 int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
                      const char *correlation_id, char id_out[37]);
 /* Publishes a whole envelope ({"type", "payload"} at least; id and createdAt
- * are added when missing). Writes the command id to id_out. */
+ * are added when missing, and replace an id or createdAt that is not a string;
+ * a string that is not a UUID / RFC 3339 date-time is CONVEYOR_EINVALID).
+ * Writes the command id to id_out on success. Returns as conveyor_publish. */
 int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]);
 /* Publishes n envelopes (as conveyor_publish_envelope) with one wait for the
  * broker's confirms, the fast way to send many. For each i: ids[i] gets the
  * command id once confirmed, or "" when it was not sent; errors[i] gets a
  * malloc'd reason when envelope i was invalid (the caller frees it), else NULL.
- * Returns 0 when every valid envelope was confirmed, or CONVEYOR_EBROKER (then
- * none is reported sent, though some may have been: publish them again, the
- * ids make that safe). */
+ * Returns 0 when every valid envelope was confirmed (also when some or all were
+ * invalid), or CONVEYOR_EBROKER (then none is reported sent, though some may
+ * have been: publish them again, the ids make that safe; also out of memory). */
 int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int n, char (*ids)[37],
                            char **errors);
-/* Waits for the result event of command id (needs CONVEYOR_WAIT). Returns 0
- * for a success event, CONVEYOR_REJECTED for command.rejected (either way the
- * event JSON is in *event_json), or CONVEYOR_ETIMEOUT. */
+/* Waits for the result event of command id (needs CONVEYOR_WAIT): the first
+ * event of that command. Returns 0 for a success event, CONVEYOR_REJECTED for
+ * command.rejected (either way the event JSON is in *event_json, malloc'd: the
+ * caller frees it; NULL otherwise), CONVEYOR_ETIMEOUT, or CONVEYOR_EINVALID when
+ * the client was opened without CONVEYOR_WAIT or did not publish id. A result
+ * is handed out once: waiting again for the same id times out. A lost
+ * subscription is made again, not returned: events published meanwhile are
+ * missed (their commands then time out). */
 int conveyor_wait(conveyor_client *c, const char *id, int timeout_ms, char **event_json);
 
 #ifdef __cplusplus

@@ -1,4 +1,4 @@
-/* backoff.c - capped exponential backoff with full jitter, and the one loop
+/* backoff.c - capped exponential backoff with jitter (in [d/2, d]), and the one loop
  * that waits for a server to answer. */
 #include "core.h"
 

@@ -314,7 +314,7 @@ static void *vouch_main(void *arg) {
  * only between takes, as it always does when one is due, and says so. */
 static void vouch_start(struct redis_broker *r, const struct cfg_queue *q) {
     if (r->vouch) return;
-    struct vouch *v = calloc(1, sizeof *v);
+    struct vouch *v = xcalloc(1, sizeof *v);
     v->owner = r;
     int64_t longest = REDIS_REPLY_WAIT_MS;
     if (q->statement_timeout_ms > longest) longest = q->statement_timeout_ms;

@@ -20,8 +20,12 @@
 /* ---- error classes ------------------------------------------------------
  * Every function that can fail returns one of these; callers decide from the
  * class alone, never from message text. What the worker does with a command
- * whose processing ended in each (tests/integration/test_failures.py tests
- * every row):
+ * whose processing ended in each; the test of each row, on both transports:
+ * CV_ERETRY test_recovery.test_transient_failure_is_retried and
+ * test_retries_exhausted_then_admin_retry; CV_EREJECT test_commands (every
+ * rejection); CV_EDEAD test_failures.test_invalid_messages_are_dead_lettered;
+ * CV_EREFUSED test_recovery.test_unanticipated_database_error_is_dead_lettered_at_once;
+ * CV_ECONFIG test_config (all of it):
  *
  *   class        meaning                                   worker
  *   CV_ERETRY    transient: connection lost, serialization  broker delay, backoff 1 s doubling to
@@ -53,12 +57,14 @@ const char *cv_strerror(int code); /* static string, never NULL */
 
 /* ---- log.c: one JSON object per line on stderr ----------------------------- */
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
-/* Names the process in every line ("supervisor", "worker", ...). Reads the
- * level from CONVEYOR_LOG_LEVEL (debug|info|warn|error; default info). */
+/* Names the process in every line ("supervisor", "worker", ...): component is
+ * kept, not copied (a static string). Reads the level from CONVEYOR_LOG_LEVEL
+ * (debug|info|warn|error; default info; any other value is ignored). */
 void log_init(const char *component);
 /* The name given to log_init ("conveyor" before). */
 const char *log_component(void);
-/* command_id may be NULL. Never pass a password, a hash or a payload. */
+/* command_id may be NULL. Never pass a password, a hash or a payload. The
+ * message is cut at 2047 bytes; a line that cannot be built or written is lost. */
 void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 #define log_info(...) log_msg(LOG_INFO, NULL, __VA_ARGS__)
@@ -83,6 +89,7 @@ char *xstrndup(const char *s, size_t n);
 
 /* ---- cfg.c: queues.conf ---------------------------------------------------- */
 enum transport { TRANSPORT_RABBITMQ, TRANSPORT_REDIS };
+/* A static string: "redis" for TRANSPORT_REDIS, else "rabbitmq". */
 const char *transport_name(enum transport t);
 /* "rabbitmq" or "redis" into *t; returns 0, or -1 for anything else. */
 int transport_parse(const char *s, enum transport *t);
@@ -140,6 +147,8 @@ struct cfg {
 
 /* Reads and checks FILE, then applies the CONVEYOR_* environment overrides.
  * Returns 0, or CV_ECONFIG with a message naming the file, line and key in err.
+ * *out is overwritten (not freed first); on success the caller cfg_free()s it,
+ * on error it is freed and zeroed already.
  * The environment may give a URL in a
  * file: CONVEYOR_DATABASE_URL_FILE, CONVEYOR_RABBITMQ_URL_FILE, CONVEYOR_REDIS_URL_FILE
  * (its content, trailing newlines stripped; the variable and its _FILE both set, or an
@@ -163,7 +172,8 @@ bool cfg_uses(const struct cfg *c, enum transport t);
  * bytes (truncated), always NUL-terminated; NULL url gives "". */
 void url_redact(const char *url, char *out, size_t n);
 /* text (an error message that may echo url, e.g. libpq's) with every password that url
- * holds, as written and percent-decoded, replaced by ***; into out (n bytes). */
+ * holds, as written and percent-decoded, replaced by ***; into out (n bytes, always
+ * NUL-terminated). text is cut at 1023 bytes; NULL text gives "". */
 void url_scrub(const char *text, const char *url, char *out, size_t n);
 enum url_kind { URL_POSTGRES, URL_AMQP, URL_REDIS };
 /* Checks url's syntax for its kind (no connection): PostgreSQL: postgresql:// or
@@ -177,7 +187,7 @@ struct redis_url {
     int port, db;
 };
 /* Parses url into *out (host 127.0.0.1, port 6379 and db 0 when absent). Returns 0, or
- * CV_ECONFIG with the reason in why. */
+ * CV_ECONFIG with the reason in why (*out then holds what was parsed before it). */
 int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n);
 
 /* ---- id.c / clock.c / utf8.c ------------------------------------------------ */
@@ -199,16 +209,18 @@ void signals_stop_sets(volatile sig_atomic_t *flag);
 /* ---- json_check.c ----------------------------------------------------------------- */
 #define JSON_MAX_DEPTH 512
 /* True when text is exactly one JSON value (RFC 8259, strictly), nested at most
- * max_depth deep; otherwise false with a static reason in *why. */
+ * max_depth deep; otherwise false with a static reason in *why (why may be NULL;
+ * *why is NULL on success). Allocates nothing. */
 bool json_check(const char *text, size_t len, int max_depth, const char **why);
 
 /* ---- backoff.c ------------------------------------------------------------------ */
-/* Capped exponential backoff with full jitter: delay for attempt n (0-based). */
+/* Capped exponential backoff for attempt n (0-based): d = base_ms doubled n times,
+ * at most cap_ms; returns a random delay in [d/2, d] (jittered, with a floor). */
 int backoff_ms(int attempt, int base_ms, int cap_ms);
-/* Sleeps ms, waking early when *stop becomes true. */
+/* Sleeps ms (in steps of 100 ms), waking early when *stop becomes true; stop may be NULL. */
 void backoff_sleep(int ms, volatile sig_atomic_t *stop);
 /* Opens a connection to a server: the connection, or NULL with the class of the
- * failure in *cls and why in err. */
+ * failure in *cls (CV_ERETRY on entry) and why in err. */
 typedef void *(*backoff_open_fn)(const void *arg, int *cls, char *err, size_t errlen);
 /* The one loop that waits for a server: calls open(arg, ...) until it returns a
  * connection, sleeping with capped backoff (100 ms doubling to 5 s, jittered)
@@ -235,10 +247,13 @@ struct envelope {
 /* Parses and checks a command. fallback_id (RabbitMQ message_id) is used when
  * the body has no id. Returns 0, or CV_EDEAD with the reason in err when the
  * message is not a usable envelope (docs/contract.md: invalid_envelope). A bad
- * correlationId or createdAt is not dead: it is listed in field_errors. */
+ * correlationId or createdAt is not dead: it is listed in field_errors. body is
+ * not kept (root is a parsed copy). On success the caller envelope_free()s *out;
+ * on error *out is zeroed, nothing to free. */
 int envelope_parse(const char *body, size_t len, size_t max_bytes,
                    const char *fallback_id, struct envelope *out,
                    char *err, size_t errlen);
+/* Frees root and field_errors and zeroes e; NULL and a zeroed e are fine. */
 void envelope_free(struct envelope *e);
 /* Replaces the value of every password field of a command's payload
  * (password, currentPassword, newPassword) with "***", for display: the
@@ -250,12 +265,14 @@ char *envelope_build(const char *id, const char *type, const cJSON *payload,
                      const char *correlation_id, const char *created_at);
 
 /* ---- event.c: the event envelope ---------------------------------------------- */
-/* A new event for command cmd; takes ownership of data. Caller owns the result. */
+/* A new event for command cmd; takes ownership of data (NULL gives {}); cmd is
+ * copied from. Caller owns the result (cJSON_Delete). */
 cJSON *event_new(const char *type, const struct envelope *cmd,
                  const char *aggregate_type, const char *aggregate_id, cJSON *data);
 
 /* ---- topic.c --------------------------------------------------------------------- */
-/* AMQP topic matching: words split by '.', '*' one word, '#' zero or more. */
+/* AMQP topic matching: words split by '.', '*' one word, '#' zero or more. A NULL or
+ * empty pattern matches every type. */
 bool topic_match(const char *pattern, const char *type);
 
 /* ---- db.c: a PostgreSQL connection as a context ------------------------------------------
@@ -305,7 +322,9 @@ const char *db_sqlstate(const struct db *db);
  * the error's class: CV_ERETRY for a lost connection, serialization failure,
  * deadlock, timeout, a server out of resources or read-only; CV_EREFUSED for
  * any other error (a constraint violation, bad data, a bug); the first error
- * among the deferred statements is the statement's. */
+ * among the deferred statements is the statement's. On failure *out is NULL and
+ * the error is in db_err / db_errstr / db_sqlstate (and logged). Either way
+ * nothing stays deferred. */
 int db_exec(struct db *db, const char *sql, int nparams, const char *const *params, PGresult **out);
 /* Runs SQL text without parameters (BEGIN, "SET x TO y; ..."); as db_exec.
  * With statements deferred, sql must be a single statement. */
@@ -315,7 +334,8 @@ int db_cmd(struct db *db, const char *sql);
  * statement in one pipeline (one round trip), and that call returns the first
  * error among them. Copies sql and params. Returns 0, or the error class of
  * the deferred statements that had to run first when sql is new on db (it is
- * prepared after them: then nothing stays deferred). */
+ * prepared after them: then nothing stays deferred), or of its PREPARE; on an
+ * error sql is not deferred. */
 int db_defer(struct db *db, const char *sql, int nparams, const char *const *params);
 /* As db_defer, for a statement whose result the caller reads later: returns
  * a handle (>= 0) for db_take_result, or an error class. */
@@ -323,9 +343,13 @@ int db_defer_result(struct db *db, const char *sql, int nparams, const char *con
 /* The result of a deferred statement, running what is deferred first if it
  * has not run yet: *out holds it (the caller PQclear()s it), or NULL when it
  * failed or did not run (an earlier statement failed, or it was discarded).
- * The handle is free again. Returns 0, or the error class of that run. */
+ * The handle is free again. Returns 0, or the error class of the run it makes
+ * now. A statement that ran earlier (another call flushed it) and failed gives
+ * 0 with *out NULL: check *out. An unknown handle gives CV_EREFUSED (a bug;
+ * set in db_err, not logged). */
 int db_take_result(struct db *db, int handle, PGresult **out);
-/* Frees every result kept for a handle and not taken (at the end of a transaction). */
+/* Frees every result kept for a handle and not taken, and frees the handles (at
+ * the end of a transaction, with nothing deferred). */
 void db_release_results(struct db *db);
 /* The number of statements deferred and not yet sent. */
 int db_pending(const struct db *db);
@@ -343,11 +367,22 @@ char *db_array(const char *const *items, int n);
 struct migration { const char *name; const char *sql; };
 extern const struct migration migrations[]; /* sql/ in name order, NULL-terminated */
 /* Applies the pending migrations under an advisory lock (a second pool waits,
- * then finds nothing to do). Returns the number applied, or a negative code
- * with a message in err. */
+ * then finds nothing to do), each file in a transaction of its own. Returns the
+ * number applied, or the error class of the failed statement (CV_ERETRY,
+ * CV_EREFUSED) with a message in err: that migration is rolled back, those
+ * before it stay applied, and the lock is released. */
 int migrate_run(struct db *db, char *err, size_t errlen);
 
 /* ---- broker.c: one interface, two backends ---------------------------------------------- */
+/* Unless its comment says otherwise, a broker_* function that returns int returns
+ * 0 (or a count), or a negative class with the reason in broker_error(b):
+ * CV_ERETRY when the connection broke (it is dropped, and re-opened by the next
+ * call), CV_EREFUSED when the broker refused the request, CV_ECONFIG when it
+ * refused the login while re-opening (Redis publishes and moves say CV_ERETRY
+ * then). b keeps cfg, and the queue given to broker_consume, broker_dead_read
+ * or broker_dead_take: they must outlive it; other pointer arguments are
+ * borrowed for the call. A message whose settling (ack, requeue, dead letter,
+ * retry) fails stays in flight. */
 struct broker;
 
 struct delivery {
@@ -358,6 +393,7 @@ struct delivery {
     bool redelivered;      /* delivered before (returned by a crash, a requeue or a retry): a
                             * handler may have started on it, so its attempts are counted */
 };
+/* Frees body and message_id (not d itself); NULL is fine. */
 void delivery_free(struct delivery *d);
 
 struct outgoing_event {   /* one event to publish */
@@ -366,7 +402,9 @@ struct outgoing_event {   /* one event to publish */
     const char *json;
 };
 
-/* Opens a connection for transport t. Returns NULL with a message in err. */
+/* Opens a connection for transport t. Returns the broker (the caller
+ * broker_close()s it; cfg is borrowed and must outlive it), or NULL with a
+ * message in err. */
 struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen);
 /* As broker_open, and *cls (if not NULL) gets the class of a failure: CV_ECONFIG when
  * the URL is bad or the broker refused the login (RabbitMQ ACCESS_REFUSED, a vhost
@@ -378,15 +416,19 @@ struct broker *broker_open_class(const struct cfg *cfg, enum transport t, int *c
 struct broker *broker_open_wait(const struct cfg *cfg, enum transport t, volatile sig_atomic_t *stop, char *err,
                                 size_t errlen);
 /* RabbitMQ, when cfg uses it: opens a connection, declares the exchanges, every
- * queue, its bindings, delay and dead-letter queues, and closes it. Returns 0
+ * queue, its bindings and dead-letter queue (delay queues are declared by the
+ * first broker_retry that needs one), and closes it. Returns 0
  * (also when cfg does not use RabbitMQ), or the class of the failure with why
  * in err (CV_ERETRY: unreachable; CV_ECONFIG; CV_EREFUSED: RabbitMQ refused a
  * declaration, a queue of another type, say). */
 int broker_declare_topology(const struct cfg *cfg, char *err, size_t errlen);
+/* Sends the acks it holds (broker_ack_batch; a failure is logged), closes and frees
+ * b (Redis: stops the heartbeat thread, deletes the heartbeat key); NULL is fine. */
 void broker_close(struct broker *b);
 const char *broker_error(const struct broker *b); /* last error text; never NULL */
-/* RabbitMQ: declares exchanges, every queue, its bindings and dead-letter queue.
- * Redis: nothing to do. */
+/* RabbitMQ: declares exchanges, every queue, its bindings and dead-letter queue;
+ * returns 0 or an error class (CV_EREFUSED: a declaration refused). Redis:
+ * nothing to do, returns 0. */
 int broker_declare(struct broker *b);
 /* Publishes one command to QUEUE (Redis) or to the commands exchange with
  * routing key TYPE (RabbitMQ) and returns once the broker has it (confirm /
@@ -406,18 +448,26 @@ struct outgoing_command {
  * one pipeline), as broker_publish_command does one. On an error none of them
  * may be taken as published (some may have been). */
 int broker_publish_commands(struct broker *b, const struct outgoing_command *c, int n);
-/* Starts consuming QUEUE as worker WORKER_ID. Redis: first returns to the queue
- * whatever an earlier process with this worker id left in flight. */
+/* Starts consuming QUEUE as worker WORKER_ID (q is kept: it must outlive b).
+ * Returns 0: nothing is sent yet. RabbitMQ's basic.consume goes with the first
+ * broker_next or broker_take; Redis starts the heartbeat thread, and the first
+ * take returns to the queue whatever an earlier process with this worker id
+ * left in flight. */
 int broker_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id);
-/* Waits up to timeout_ms for a message. Returns 1 with *d filled (caller
- * delivery_free()s it), 0 on timeout, CV_ERETRY when the connection broke. */
+/* Waits up to timeout_ms for a message (Redis: at most half the heartbeat
+ * interval). Returns 1 with *d filled (caller delivery_free()s it), 0 on
+ * timeout, or an error class (CV_ERETRY when the connection broke); *d is
+ * emptied first and holds nothing unless 1. */
 int broker_next(struct broker *b, struct delivery *d, int timeout_ms);
 /* Takes up to max messages already waiting, without waiting (Redis: in one
  * round trip, and no more than the queue's waiting messages divided by its
  * workers, rounded up, so that a backlog spreads over them). Returns how many
- * it put in d[0..], or CV_ERETRY when the connection broke and none was taken. */
+ * it put in d[0..] (each the caller delivery_free()s), or an error class
+ * (CV_ERETRY when the connection broke) when none was taken. RabbitMQ takes one
+ * at a time: a failure after the first returns those already taken. */
 int broker_take(struct broker *b, struct delivery *d, int max);
-/* Removes the message for good (after commit), now. */
+/* Removes the message for good (after commit), now. RabbitMQ: always 0 (an ack
+ * that cannot be sent is logged; the message is redelivered and found done). */
 int broker_ack(struct broker *b, const struct delivery *d);
 /* Removes a batch of n messages for good, in the order they arrived; every
  * message delivered before them must be settled already. The backend may hold
@@ -426,11 +476,14 @@ int broker_ack(struct broker *b, const struct delivery *d);
  * once it covers half the prefetch; Redis: in the script that takes the next
  * batch), and sends what it holds on broker_close. Until then a crash hands
  * the messages out again, and the worker finds them done. Returns 0 or an
- * error class. */
+ * error class (RabbitMQ: always 0, as broker_ack; Redis: CV_ERETRY when out of
+ * memory holding them). */
 int broker_ack_batch(struct broker *b, const struct delivery *d, int n);
-/* Puts the message back on its queue, for a later attempt. */
+/* Puts the message back on its queue, for a later attempt (Redis: marked
+ * returned). RabbitMQ: 0 when the channel is gone (it is back already). */
 int broker_requeue(struct broker *b, const struct delivery *d);
-/* Moves the message, untouched, to the queue's dead letters with why. */
+/* Moves the message, untouched, to the queue's dead letters with why (reason,
+ * error and attempts are copied into it). */
 int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
                        const char *error, int attempts);
 /* Moves the message, untouched, out of the way for delay_ms, after which it is
@@ -440,11 +493,13 @@ int broker_retry(struct broker *b, const struct delivery *d, int delay_ms);
 /* Redis liveness (broker_redis.c): a consuming worker's heartbeat is refreshed by
  * a thread of its own while the worker makes progress, that is, gets a reply from
  * its broker or a result from the database connection given here (every result,
- * an error too, counts). Call once per connection, right after it is opened. */
+ * an error too, counts). Call once per connection, right after it is opened.
+ * NULL is ignored; a connection that cannot be watched is logged (a warning). */
 void liveness_watch_db(PGconn *db);
 /* Redis housekeeping, run by the reaper: moves due retries back to their queues
  * and returns the in-flight messages of workers whose heartbeat expired.
- * Returns the number of messages moved. RabbitMQ: nothing to do, returns 0. */
+ * Returns the number of messages moved, or an error class (what moved before it
+ * stays moved). RabbitMQ: nothing to do, returns 0. */
 int broker_maintain(struct broker *b);
 
 /* A dead letter as the admin command sees it; every string owned. */
@@ -455,22 +510,31 @@ struct dead_letter {
     char *reason, *error, *failed_at;
     int attempts;
 };
+/* Frees the n dead letters and the array d; NULL is fine. */
 void dead_letters_free(struct dead_letter *d, int n);
-/* Chooses dead letters: index counts from 1 in list order (oldest first). */
+/* Chooses dead letters: true for d, which is borrowed for the call; index
+ * counts from 1 in list order (oldest first). */
 typedef bool (*dead_select_fn)(const struct dead_letter *d, int index, void *arg);
 /* Reads the dead letters of q without removing them: *out (caller frees with
- * dead_letters_free) and *n. */
+ * dead_letters_free(*out, *n), after an error too: it holds those read before)
+ * and *n. Returns 0 or an error class. */
 int broker_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n);
 /* Removes the dead letters of q that sel chooses; with requeue, each is first
- * published again, untouched, to q. *count is how many. */
+ * published again, untouched, to q. *count is how many. Returns 0, or an error
+ * class: the walk stops there, and *count says how many went before it. */
 int broker_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
                      bool requeue, int *count);
-/* Publishes events in order and returns once the broker has all of them. */
+/* Publishes events in order and returns once the broker has all of them: 0, or
+ * an error class (some may have been published). RabbitMQ: an event no queue is
+ * bound for is not an error. */
 int broker_publish_events(struct broker *b, const struct outgoing_event *ev, int n);
-/* Starts receiving events whose type matches PATTERN (topic syntax), from now on. */
+/* Starts receiving events whose type matches PATTERN (topic syntax; NULL or ""
+ * for all), from now on; again after an error, to resume (events meanwhile are
+ * missed). Returns 0 or an error class. */
 int broker_subscribe(struct broker *b, const char *pattern);
-/* Waits up to timeout_ms for the next event: 1 with *json (caller frees),
- * 0 on timeout, negative on error. */
+/* Waits up to timeout_ms for the next event: 1 with *json (malloc'd, caller
+ * frees), 0 on timeout, or an error class (*json untouched): RabbitMQ's
+ * subscription is then lost (broker_subscribe again). */
 int broker_next_event(struct broker *b, char **json, int timeout_ms);
 
 /* Names of things, from the prefix (buffers of at least 256 bytes). */

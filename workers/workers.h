@@ -14,14 +14,18 @@ struct verr {
     cJSON *fields; /* {field: reason}; NULL while nothing is wrong; owned */
     const char *prefix; /* prepended to field names in errors ("items[2]."), or NULL */
 };
+/* Records reason for prefix+field (a field keeps its first reason); copies both. */
 void verr_add(struct verr *v, const char *field, const char *reason);
+/* True once an error is recorded. */
 bool verr_any(const struct verr *v);
+/* Frees the recorded errors (fields NULL again, v reusable); nothing recorded is fine. */
 void verr_free(struct verr *v);
 
 /* Each v_* reads obj[field]. absent: a missing or null field; returns 1 when
  * the field is present and valid (and writes *out), 0 when absent (an error
  * is recorded if required), -1 when invalid (an error is recorded). Strings
- * written to *out are malloc'd; the caller frees them. */
+ * written to *out are malloc'd; the caller frees them (v_password's points into
+ * obj instead). Unless 1, *out is NULL or "" (v_int leaves *out untouched). */
 int v_string(struct verr *v, const cJSON *obj, const char *field, bool required, bool trim,
              size_t min_chars, size_t max_chars, char **out);
 int v_uuid(struct verr *v, const cJSON *obj, const char *field, bool required, char out[ID_LEN + 1]);
@@ -74,7 +78,8 @@ struct cmd_ctx {
 /* A handler validates cmd->payload and applies it inside the open transaction.
  * Returns 0 after emitting its events, CV_EREJECT with ctx->rej filled (the
  * caller rolls back the domain changes and emits command.rejected), or
- * CV_ERETRY / CV_EREFUSED from the database. */
+ * CV_ERETRY / CV_EREFUSED from the database, or CV_EAHEAD from ctx_exec (run it
+ * again). With validate_only, 0 once the payload passed, before any statement. */
 typedef int (*handler_fn)(struct cmd_ctx *ctx);
 
 /* The rows a command will lock, stated before it runs, so that a batch takes
@@ -100,7 +105,7 @@ struct handler {
 /* The handler of TYPE, or NULL when this build does not know it. */
 const struct handler *handler_find(const char *type);
 /* The key that orders a command among those of its batch: "p:<productId>" or
- * "u:<userId>" for a command that locks one row, the first of several
+ * "u:<userId>" for a command that locks one row, the least id of several
  * products, or "" (nothing, or not a usable id). Written to out. */
 void handler_lock_key(const struct handler *h, const cJSON *payload, char out[ID_LEN + 3]);
 /* Appends to products (a cJSON array of strings) the ids of the products the
@@ -111,20 +116,25 @@ void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *pro
  * AHEAD_SEND the first statement is deferred (its handle in *ctx->handle) and
  * CV_EAHEAD returned; in AHEAD_RESUME the first returns its result (*out,
  * owned by the caller) and a second returns CV_EAHEAD (the command then runs
- * again, not ahead). The handler returns CV_EAHEAD as it returns any error.
- * Otherwise as db_exec. */
+ * again, not ahead; so does a first statement that failed: *ctx->first NULL).
+ * The handler returns CV_EAHEAD as it returns any error. With CV_EAHEAD *out is
+ * NULL; a deferral that fails returns its error class. Otherwise as db_exec. */
 int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out);
-/* Appends an event (takes data) to ctx->events. */
+/* Appends an event (event_new: takes data, NULL gives {}) to ctx->events, made
+ * on first use and owned by ctx. */
 void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
               const char *aggregate_id, cJSON *data);
 /* Adds key: value to o, or key: null when value is NULL. */
 void json_add_optional(cJSON *o, const char *key, const char *value);
-/* Fills ctx->rej; takes fields and details. Returns CV_EREJECT. */
+/* Fills ctx->rej; takes fields and details (freeing those of an earlier
+ * rejection); code is kept, not copied (a static string). Returns CV_EREJECT. */
 int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,
                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-/* Rejects with VALIDATION_FAILED and the fields of v (taken). */
+/* Rejects with VALIDATION_FAILED and the fields of v (taken: v->fields is NULL
+ * after). Returns CV_EREJECT. */
 int ctx_reject_invalid(struct cmd_ctx *ctx, struct verr *v);
 
+/* The handlers of the command table: each a handler_fn (see above). */
 int handle_register(struct cmd_ctx *ctx);
 int handle_change_password(struct cmd_ctx *ctx);
 int handle_create_product(struct cmd_ctx *ctx);
@@ -136,8 +146,9 @@ int handle_cancel_order(struct cmd_ctx *ctx);
 
 /* stock.low / stock.depleted for a product whose stock went from prev to next. */
 void emit_stock_notifications(struct cmd_ctx *ctx, const char *product_id, long long prev, long long next);
-/* Hashes a password with argon2id at the configured cost into out. Returns 0,
- * or CV_ERETRY when the memory for it could not be had. */
+/* Hashes a password with argon2id at the configured cost into out (a
+ * crypto_pwhash_str string). Returns 0, or CV_ERETRY when the memory for it
+ * could not be had (logged as an error with the command id). */
 int password_hash(const struct cmd_ctx *ctx, const char *password, char out[128]);
 
 /* ---- batch.c: the transaction of a batch --------------------------------------- */
@@ -170,15 +181,17 @@ struct batch {
     char notify_sql[160];        /* NOTIFY "<prefix>_outbox" */
     int claim;                   /* the handle of the dedup insert's result while it is pending, or -1 */
 };
-/* Fills b for the queue q of cfg (b->db is set by the caller). */
+/* Fills b for the queue q of cfg (both kept: they must outlive b; b->db is set
+ * by the caller). */
 void batch_init(struct batch *b, const struct cfg *cfg, const struct cfg_queue *q);
 /* Counts one more start of the handler for each redelivered item, durably,
  * before any runs (one transaction that commits asynchronously: the counts
  * only have to survive this worker, not the database host); a first delivery
  * is attempt 1, not written. Sets each item's attempts; an item out of
  * attempts is marked exhausted (its error says why), the others live.
- * Returns 0, or an error class when the database is unreachable (nothing
- * counted, nothing marked). */
+ * Returns 0, or the error class of a failed statement (CV_ERETRY, CV_EREFUSED):
+ * then the transaction is rolled back, nothing is counted and no item is marked
+ * live or exhausted (each has attempts 1). */
 int batch_count_attempts(struct batch *b, struct batch_item **v, int n);
 /* Orders v stably by key (the row each command locks first): every batch
  * takes its rows' locks in one order, so concurrent batches do not deadlock;
@@ -187,23 +200,37 @@ void batch_order(struct batch_item **v, int n);
 /* Runs the items in one transaction, each in its own savepoint when there are
  * several (a failing command is rolled back alone and settled on its own),
  * and commits once. Sets each item's rc (an outcome, or the error class of
- * its failure, with error). Returns 0, or the error class that undid the
- * whole batch (then every item carries it). */
+ * its failure, with error), and moves the items' events into the outbox.
+ * Returns 0, or the error class that undid the whole batch: then every item
+ * that had not failed on its own carries it, with error, and the transaction
+ * is rolled back (if the connection broke after the COMMIT was sent, it may
+ * have committed: the retry finds the commands done). */
 int batch_run(struct batch *b, struct batch_item **v, int n);
-/* Frees what running an item left (error text, events, a first result); it can run again. */
+/* Frees what running an item left (error text, events, a first result; not its
+ * delivery or envelope) and clears claimed and rc; it can run again. */
 void batch_item_forget(struct batch_item *it);
 
 /* ---- worker.c / relay.c / supervisor.c ------------------------------------------ */
 extern volatile sig_atomic_t stop_requested; /* set by SIGTERM / SIGINT in a child */
 
-/* Consumes queue q until stop_requested; returns the process exit status. */
+/* Consumes queue q until stop_requested; returns the process exit status: 0
+ * when stopped or recycled (max_jobs, max_rss_mb), CV_EXIT_CONFIG when the broker
+ * or the database refuses the configuration (logged), 1 when broker_consume
+ * fails. A broker or database that is away is waited for, not an exit. */
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id);
-/* Publishes the outbox while it holds the relay lock; returns the exit status. */
+/* Publishes the outbox while it holds the relay lock; returns the exit status:
+ * 0 when stopped, CV_EXIT_CONFIG when the database or the events broker refuses
+ * the configuration (logged). Other failures are retried with backoff. */
 int relay_run(const struct cfg *cfg);
-/* Redis: moves due retries back and requeues the work of dead workers; returns the exit status. */
+/* Redis: moves due retries back and requeues the work of dead workers; returns the
+ * exit status: 0 when stopped, CV_EXIT_CONFIG when Redis refuses the configuration
+ * (logged). A failed round is logged once and retried with backoff. */
 int reaper_run(const struct cfg *cfg);
-/* Forks and watches the pool until SIGTERM / SIGINT; returns the exit status.
- * SIGHUP reloads cfg->path into *cfg. */
+/* Forks and watches the pool until SIGTERM / SIGINT; returns the exit status: 0
+ * once every child has exited (those still running shutdown_timeout_s later are
+ * killed). SIGHUP reloads cfg->path into *cfg: a file that does not load, or a
+ * RabbitMQ topology that cannot be declared, is logged and changes nothing;
+ * otherwise the old *cfg is cfg_free()d and replaced (pointers into it go stale). */
 int supervisor_run(struct cfg *cfg);
 
 /* ---- relay_wake.c: a worker wakes the pool's own relay (a shared page, an eventfd) */
