@@ -21,7 +21,8 @@
  * reaper would hand that batch out while it still ran). It blocks nothing: the
  * worker never waits for it, and the supervisor's loop needs no Redis.
  * A worker stuck for ever must not be vouched for for ever: the thread refreshes
- * only while the worker makes progress, that is, had a reply from its broker or a
+ * only while the worker makes progress, that is, made a call to its broker (noted
+ * as the call starts: a Redis command is bounded by its 30 s read timeout) or had a
  * result from PostgreSQL (liveness_watch_db: every result, an error too) within
  * the longest a working worker can go without one: a statement
  * (statement_timeout_ms), a pause inside a transaction (idle_in_transaction_

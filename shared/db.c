@@ -373,6 +373,10 @@ int db_take_result(struct db *db, int handle, PGresult **out) {
     int rc = db->slots[handle].ran ? 0 : db_flush(db);
     *out = db->slots[handle].r;
     db->slots[handle] = (struct db_slot){0};
+    if (rc < 0) { /* a later statement of that run failed: its result is no use to the caller */
+        PQclear(*out);
+        *out = NULL;
+    }
     return rc;
 }
 

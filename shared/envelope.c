@@ -23,8 +23,7 @@ static bool has_escaped_nul(const char *s, size_t len) {
 static bool member_has_nul(const char *text, size_t len, const cJSON *root, const char *name) {
     const cJSON *cut = cJSON_GetObjectItemCaseSensitive(root, name);
     if (!cJSON_IsString(cut)) return false;
-    char *copy = malloc(len);
-    if (!copy) return true; /* cannot tell: take it as unusable */
+    char *copy = xmalloc(len);
     memcpy(copy, text, len);
     for (size_t i = 0; i + 5 < len; i++) {
         if (copy[i] != '\\') continue;

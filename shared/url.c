@@ -27,12 +27,17 @@ static const char *userinfo_end(const char *authority) {
     return strrchr(authority, '@');
 }
 
-/* True at the start of a "password" key in a libpq key=value string or a
- * URL query: *value then points at its value. */
+/* True for a redis:// URL, whose userinfo without ':' is a password (AUTH), not a user. */
+static bool is_redis(const char *url) { return strncmp(url, "redis://", 8) == 0; }
+
+/* True at the start of a "password" (or libpq's "sslpassword", the client
+ * key's passphrase) key in a libpq key=value string or a URL query: *value
+ * then points at its value. */
 static bool password_key(const char *p, const char *start, bool query, const char **value) {
-    if (strncasecmp(p, "password", 8) != 0) return false;
+    size_t len = strncasecmp(p, "password", 8) == 0 ? 8 : strncasecmp(p, "sslpassword", 11) == 0 ? 11 : 0;
+    if (!len) return false;
     if (p > start && (query ? (p[-1] != '?' && p[-1] != '&') : !isspace((unsigned char)p[-1]))) return false;
-    const char *q = p + 8;
+    const char *q = p + len;
     if (!query) while (isspace((unsigned char)*q)) q++;
     if (*q != '=') return false;
     q++;
@@ -64,6 +69,7 @@ void url_redact(const char *url, char *out, size_t n) {
     if (scheme_end) {
         const char *auth = scheme_end + 3, *end = userinfo_end(auth);
         const char *colon = end ? memchr(auth, ':', (size_t)(end - auth)) : NULL;
+        if (!colon && end && is_redis(url)) colon = auth - 1; /* redis://secret@host: all of it is the password */
         if (colon) {
             put(out, n, &at, url, (size_t)(colon + 1 - url));
             put(out, n, &at, MASK, strlen(MASK));
@@ -130,6 +136,7 @@ void url_scrub(const char *text, const char *url, char *out, size_t n) {
     if (scheme_end) {
         const char *auth = scheme_end + 3, *end = userinfo_end(auth);
         const char *colon = end ? memchr(auth, ':', (size_t)(end - auth)) : NULL;
+        if (!colon && end && is_redis(url)) colon = auth - 1; /* redis://secret@host */
         if (colon) secrets[k][0] = colon + 1, secrets[k++][1] = end;
     }
     const char *start = !url ? NULL : scheme_end ? strchr(scheme_end, '?') : url;

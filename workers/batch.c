@@ -217,7 +217,15 @@ int batch_count_attempts(struct batch *b, struct batch_item **v, int n) {
     return 0;
 }
 
+/* True when some item locks several products (lock_batch applies). */
+static bool locks_several(struct batch_item **v, int n) {
+    for (int i = 0; i < n; i++)
+        if (v[i]->handler->locks == LOCKS_ITEM_PRODUCTS || v[i]->handler->locks == LOCKS_ORDER_PRODUCTS) return true;
+    return false;
+}
+
 void batch_order(struct batch_item **v, int n) {
+    if (locks_several(v, n)) return; /* lock_batch takes every product first: arrival order is kept */
     for (int i = 1; i < n; i++) {
         struct batch_item *x = v[i];
         int j = i;
@@ -255,10 +263,7 @@ static int claim_send(struct batch *b, struct batch_item **v, int n) {
  * BEGIN and the claim ride with it), and the commands then find them held.
  * Returns 0 (also when there is nothing to do) or the statement's error class. */
 static int lock_batch(struct batch *b, struct batch_item **v, int n) {
-    bool several = false;
-    for (int i = 0; i < n && !several; i++)
-        several = v[i]->handler->locks == LOCKS_ITEM_PRODUCTS || v[i]->handler->locks == LOCKS_ORDER_PRODUCTS;
-    if (!several || n < 2) return 0;
+    if (n < 2 || !locks_several(v, n)) return 0;
     cJSON *products = cJSON_CreateArray(), *orders = cJSON_CreateArray();
     for (int i = 0; i < n; i++) handler_lock_rows(v[i]->handler, v[i]->env.payload, products, orders);
     char *pa = json_array_literal(products), *oa = json_array_literal(orders);
@@ -311,6 +316,10 @@ static int commit_batch(struct batch *b, struct batch_item **v, int n) {
     bool events = cJSON_GetArraySize(all) > 0;
     if (events) {
         char *json = cJSON_PrintUnformatted(all);
+        if (!json) { /* out of memory: without its events the batch must not commit */
+            cJSON_Delete(all);
+            return CV_ERETRY;
+        }
         const char *p[1] = {json};
         rc = db_defer(b->db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
                              "SELECT (e->>'id')::uuid, e->>'aggregateType', (e->>'aggregateId')::uuid, e->>'type', e "
@@ -336,18 +345,26 @@ static int commit_batch(struct batch *b, struct batch_item **v, int n) {
      * the disk (a NOTIFY inside the commands' transaction would hold
      * PostgreSQL's notify lock through that commit's flush, one worker at a time). */
     bool notify = events && !relay_wake_is_local();
-    if (rc == 0 && notify) {
-        rc = db_defer(b->db, "COMMIT", 0, NULL);
-        if (rc == 0) rc = begin_async(b->db);
+    int committed = -1; /* with the NOTIFY: the handle of the batch's COMMIT */
+    if (rc == 0 && notify && (committed = rc = db_defer_result(b->db, "COMMIT", 0, NULL)) >= 0) {
+        rc = begin_async(b->db);
         if (rc == 0) rc = db_defer(b->db, b->notify_sql, 0, NULL);
     }
     if (rc == 0) rc = db_cmd(b->db, "COMMIT");
+    PGresult *done = NULL;
+    if (rc < 0 && committed >= 0 && db_take_result(b->db, committed, &done) == 0 && done) {
+        /* the batch committed; only the NOTIFY's own transaction failed: the
+         * relay finds the events at its next poll */
+        PQclear(done);
+        log_warn("the relay's wake-up (NOTIFY) failed after the commit: %s", db_errstr(b->db));
+        if (db_ok(b->db)) (void)db_cmd(b->db, "ROLLBACK"); /* the NOTIFY's transaction */
+        rc = 0;
+    }
     if (rc == 0 && events && !notify) relay_wake_signal();
     return rc;
 }
 
-/* The most commands one window of run_ahead sends (two statements each:
- * db.c defers at most DEFER_MAX). */
+/* The most commands one window of run_ahead sends (two statements each, in one pipeline). */
 #define AHEAD_MAX 64
 
 /* Runs items i.. ahead, as many as run ahead (handler->runs_ahead): each one's

@@ -15,7 +15,7 @@ int handle_cancel_order(struct cmd_ctx *ctx) {
     PGresult *r;
     /* products first, then the order: every transaction locks products in id
      * order before any order row (a batch takes all its products at once,
-     * worker.c), so none waits for an order row while holding what another needs */
+     * batch.c), so none waits for an order row while holding what another needs */
     int rc = ctx_exec(ctx, "SELECT p.id FROM products p JOIN order_items i ON i.product_id = p.id "
                            "WHERE i.order_id = $1 AND p.deleted_at IS NULL ORDER BY p.id FOR UPDATE OF p",
                       1, params, NULL);

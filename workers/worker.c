@@ -42,8 +42,7 @@ static void db_check(struct worker *w) {
 /* Moves the message to the dead letters, retrying (with capped backoff) while
  * the broker is away or refuses (a dead-letter queue deleted, Redis out of
  * memory): a message is never left half-settled, where a later multiple ack
- * could take it. On stop it stays unacked: RabbitMQ redelivers it, Redis keeps
- * it in flight. */
+ * could take it. On stop it is handed back to its queue (broker_requeue). */
 static void settle_dead(struct worker *w, const struct delivery *d, const char *reason, const char *error,
                         int attempts, const char *command_id) {
     log_msg(LOG_WARN, command_id, "dead-lettered (%s): %s", reason, error);
@@ -52,6 +51,11 @@ static void settle_dead(struct worker *w, const struct delivery *d, const char *
         log_warn("cannot dead-letter yet: %s", broker_error(w->broker));
         backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
     }
+    /* stopping: hand it back (settled, so that the held multiple ack of a
+     * later batch cannot take it); it comes back redelivered */
+    if (broker_requeue(w->broker, d) < 0)
+        log_msg(LOG_WARN, command_id, "requeue on stop failed (%s); the broker returns it when the connection closes",
+                broker_error(w->broker));
 }
 
 /* After a failed attempt: a refusal (CV_EREFUSED: a constraint violation or
@@ -130,7 +134,9 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
     for (int i = 0; i < n; i++)
         if (admit(w, &items[i])) v[nv++] = &items[i];
     w->batch.db = w->db;
-    if (nv > 0 && batch_count_attempts(&w->batch, v, nv) < 0) {
+    /* no database (lost with an earlier batch of this take): hand them back, as
+     * when the count fails; the next take reconnects first */
+    if (nv > 0 && (!w->db || batch_count_attempts(&w->batch, v, nv) < 0)) {
         /* the database is away: hand them back and reconnect (they come back
          * redelivered, and one never started before is then counted as started once) */
         db_check(w);

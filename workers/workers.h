@@ -52,7 +52,7 @@ struct rejection {
     cJSON *details;        /* owned, may be NULL */
 };
 
-/* Running ahead (worker.c): a batch's handlers send their first statements
+/* Running ahead (batch.c): a batch's handlers send their first statements
  * together, in one round trip, then finish in order with their results. */
 enum ahead_stage {
     AHEAD_OFF,    /* every statement runs now (db_exec) */
@@ -83,7 +83,7 @@ struct cmd_ctx {
 typedef int (*handler_fn)(struct cmd_ctx *ctx);
 
 /* The rows a command will lock, stated before it runs, so that a batch takes
- * its locks in one order (worker.c) and concurrent batches never deadlock. */
+ * its locks in one order (batch.c) and concurrent batches never deadlock. */
 enum lock_keys {
     LOCKS_NONE,           /* no row that another command waits for (a new row of a new id) */
     LOCKS_PRODUCT,        /* the product payload.productId */
@@ -97,7 +97,7 @@ struct handler {
     const char *type;
     handler_fn run;
     enum lock_keys locks;
-    /* it can run ahead (worker.c): it does the same until its first statement
+    /* it can run ahead (batch.c): it does the same until its first statement
      * each time it runs (no clock, no random id, no password hash before it),
      * and usually needs no other */
     bool runs_ahead;

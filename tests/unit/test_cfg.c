@@ -243,6 +243,13 @@ TEST(url_redact_masks_passwords) {
     /* not a password: a key that only ends in "password", a user without one */
     check_redact("host=h oldpassword=x", "host=h oldpassword=x");
     check_redact("amqp://guest@h", "amqp://guest@h");
+    /* a Redis userinfo without ':' is the password (AUTH s3cret), and libpq's sslpassword */
+    check_redact("redis://s3cret@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0");
+    check_redact("postgresql://u@h/db?sslmode=verify-full&sslpassword=k3y", "postgresql://u@h/db?sslmode=verify-full&sslpassword=***");
+    check_redact("host=h sslpassword=k3y", "host=h sslpassword=***");
+    char scrubbed[128];
+    url_scrub("WRONGPASS s3cret", "redis://s3cret@h:6379/0", scrubbed, sizeof scrubbed);
+    CHECK(strstr(scrubbed, "s3cret") == NULL);
     char small[12];
     url_redact("amqp://guest:secret@host", small, sizeof small);
     CHECK(strlen(small) == 11 && strstr(small, "secret") == NULL);
