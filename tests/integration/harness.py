@@ -441,5 +441,6 @@ def run_bin(name, *args, env=None, input_=None, timeout=60):
     r = subprocess.run([os.path.join(BIN, name), *args], input=input_, capture_output=True, text=True,
                        env=e, timeout=timeout, cwd=ROOT)
     with log_file(f"{name}-") as f:
-        f.write(f"$ {name} {' '.join(args)}\n{r.stdout}\n{r.stderr}".encode(errors="replace"))
+        # its output only: the arguments are the test's own input (a payload with a password)
+        f.write(f"$ {name}\n{r.stdout}\n{r.stderr}".encode(errors="replace"))
     return r

@@ -195,6 +195,35 @@ def test_unanticipated_database_error_is_dead_lettered_at_once():
         query("ALTER TABLE products DROP CONSTRAINT IF EXISTS test_no_forbidden_names")
 
 
+def test_database_lost_mid_take_hands_the_rest_back():
+    """A worker that loses its database while it holds a take of several
+    messages (prefetch 8, batch_size 1: several transactions per take) retries the
+    one that failed, hands the rest back and reconnects: no crash (before, the
+    next transaction of the take ran on no connection), each command applied once."""
+    pub, ev = Publisher(), Events()
+    slow = product("slowonce")
+    others = [product("ok") for _ in range(6)]
+    cmds = [envelope("updateStock", {"productId": p, "quantityChange": 1}) for p in [slow] + others]
+    for c in cmds:  # all waiting before the pool starts: one take holds them all
+        pub.command(c)
+    with chaos_trigger(), Pool(workers={"catalog": 1}, extra=FAST_RETRY) as pool:
+        deadline = time.time() + 30
+        backend = None
+        while backend is None and time.time() < deadline:
+            rows = query("SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'conveyor-worker-%' "
+                         "AND wait_event = 'PgSleep'")
+            backend = rows[0][0] if rows else None
+            time.sleep(0.05)
+        check(backend is not None, "the worker sleeps in the first command's trigger")
+        query("SELECT pg_terminate_backend(%s)", backend)  # its connection is gone, the take in hand
+        for c in cmds:
+            eq(ev.wait_result(c["id"], timeout=30)[0]["type"], "stock.updated", "applied")
+        eq([stock(p) for p in [slow] + others], [11] * 7, "each applied once")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop, no worker crashed")
+
+
 def test_admin_purge_and_list_both_kinds():
     drain_dead("users")
     with Pool() as pool:
