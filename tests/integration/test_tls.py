@@ -213,9 +213,11 @@ def setup_refuses(config, env, want, timeout=30):
     password; returns the line."""
     r = run_bin("conveyor-workers", "-c", config, "--setup", env=env, timeout=timeout)
     eq(r.returncode, 2, f"--setup with a refused certificate: exit status (stderr: {r.stderr})")
-    line = one_line(r, "--setup")
-    check(want in line, f"--setup says why it cannot connect ({want!r}): {line!r}")
-    return line
+    said = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("{")]  # besides the JSON log
+    eq(len(said), 1, f"--setup: one line says why (stderr: {r.stderr!r})")
+    check(want in said[0], f"--setup says why it cannot connect ({want!r}): {said[0]!r}")
+    check(":guest@" not in r.stderr, "no password")
+    return said[0]
 
 
 # ---- the test --------------------------------------------------------------------------
