@@ -330,8 +330,10 @@ static const char *secret_file(const char *text) {
     static char p[64];
     snprintf(p, sizeof p, "/tmp/conveyor-test-secret-%d", (int)getpid());
     FILE *f = fopen(p, "w");
-    fputs(text, f);
-    fclose(f);
+    CHECK(f != NULL);
+    if (!f) return p;
+    CHECK(fputs(text, f) >= 0);
+    CHECK(fclose(f) == 0);
     return p;
 }
 
