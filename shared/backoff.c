@@ -33,6 +33,7 @@ void *backoff_open(backoff_open_fn open, const void *arg, const char *what, vola
         void *conn = open(arg, &cls, why, sizeof why);
         if (conn) {
             if (attempt > 0) log_info("%s is back", what);
+            // cppcheck-suppress returnDanglingLifetime ; conn is what open made, not &cls (cppcheck cannot tell)
             return conn;
         }
         if (cls != CV_ERETRY) {

@@ -208,9 +208,9 @@ int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n)
         out->port = atoi(colon + 1);
     }
     if (slash && slash[1]) {
-        char *end;
-        long db = strtol(slash + 1, &end, 10);
-        if (!isdigit((unsigned char)slash[1]) || *end || db > 100000) {
+        size_t digits = strspn(slash + 1, "0123456789");
+        long db = digits <= 6 ? strtol(slash + 1, NULL, 10) : 100001;
+        if (slash[1 + digits] || db > 100000) { /* digits only, no sign or space */
             snprintf(why, n, "the database must be a number (redis://host:port/0)");
             return CV_ECONFIG;
         }

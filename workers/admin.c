@@ -107,11 +107,12 @@ static cJSON *dead_json(const struct cfg_queue *q, const struct dead_letter *d, 
         cJSON *m = utf8_valid(d->body, d->len) ? cJSON_ParseWithLength(d->body, d->len) : NULL;
         if (m && envelope_mask_secrets(m) > 0) { /* shown masked; kept and retried untouched */
             char *masked = cJSON_PrintUnformatted(m);
-            cJSON_AddStringToObject(o, "message", masked);
+            cJSON_AddStringToObject(o, "message", masked ? masked : "(out of memory)");
             free(masked);
         } else if (utf8_valid(d->body, d->len) && !memchr(d->body, '\0', d->len)) {
             cJSON_AddStringToObject(o, "message", d->body);
         } else cJSON_AddStringToObject(o, "message", "(not UTF-8: use the broker's own tools to read the bytes)");
+        cJSON_Delete(m);
     }
     free(type);
     return o;
