@@ -143,7 +143,8 @@ void delivery_free(struct delivery *d) {
     if (!d) return;
     free(d->body);
     free(d->message_id);
-    d->body = d->message_id = NULL;
+    free(d->traceparent);
+    d->body = d->message_id = d->traceparent = NULL;
 }
 
 void names_amqp_queue(const struct cfg *c, const char *queue, char *out, size_t n) {

@@ -456,6 +456,14 @@ static amqp_table_entry_t *find_header(amqp_table_t *h, const char *key) {
     return NULL;
 }
 
+/* A header as a string (NULL if absent or not a string; the caller frees it); h may be NULL. */
+static char *header_str(amqp_table_t *h, const char *key) {
+    amqp_table_entry_t *e = find_header(h, key);
+    if (e && (e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES))
+        return copy_bytes(e->value.value.bytes);
+    return NULL;
+}
+
 static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     memset(d, 0, sizeof *d);
@@ -480,6 +488,7 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
      * (RabbitMQ's x-death header, added when it dead-letters the message back) */
     amqp_basic_properties_t *p = &env.message.properties;
     d->redelivered = env.redelivered || ((p->_flags & AMQP_BASIC_HEADERS_FLAG) && find_header(&p->headers, "x-death"));
+    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) d->traceparent = header_str(&p->headers, "traceparent");
     amqp_destroy_envelope(&env);
     return 1;
 }
@@ -514,12 +523,21 @@ static int amqp_requeue(struct broker *b, const struct delivery *d) {
     return 0;
 }
 
+/* Sets *e to the header traceparent = value; returns 1, or 0 when value is NULL. */
+static int traceparent_header(amqp_table_entry_t *e, const char *value) {
+    if (!value) return 0;
+    e->key = amqp_cstring_bytes("traceparent");
+    e->value.kind = AMQP_FIELD_KIND_UTF8;
+    e->value.value.bytes = amqp_cstring_bytes(value);
+    return 1;
+}
+
 static int amqp_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
                             const char *error, int attempts) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     char ts[32];
     clock_rfc3339(clock_ms(), ts);
-    amqp_table_entry_t h[4];
+    amqp_table_entry_t h[5];
     h[0].key = amqp_cstring_bytes("x-conveyor-reason");
     h[0].value.kind = AMQP_FIELD_KIND_UTF8;
     h[0].value.value.bytes = amqp_cstring_bytes(reason);
@@ -532,7 +550,9 @@ static int amqp_dead_letter(struct broker *b, const struct delivery *d, const ch
     h[3].key = amqp_cstring_bytes("x-conveyor-failed-at");
     h[3].value.kind = AMQP_FIELD_KIND_UTF8;
     h[3].value.value.bytes = amqp_cstring_bytes(ts);
-    struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL, {4, h}, NULL};
+    /* the message's own traceparent header goes with it (a retry from the dead letters keeps its trace) */
+    struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL,
+                         {4 + traceparent_header(&h[4], d->traceparent), h}, NULL};
     int rc = publish_confirmed(a, &m, 1, true);
     if (rc < 0) return rc;
     return amqp_ack(b, d);
@@ -571,7 +591,9 @@ static int amqp_retry(struct broker *b, const struct delivery *d, int delay_ms) 
     int rc = retry_queue(a, delay_ms, name, sizeof name);
     if (rc < 0) return rc;
     snprintf(expiration, sizeof expiration, "%d", delay_ms);
-    struct amqp_msg m = {"", name, d->body, d->len, d->message_id, NULL, amqp_empty_table, NULL};
+    amqp_table_entry_t h[1];
+    struct amqp_msg m = {"", name, d->body, d->len, d->message_id, NULL,
+                         {traceparent_header(&h[0], d->traceparent), h}, NULL};
     m.expiration = expiration;
     if ((rc = publish_confirmed(a, &m, 1, true)) < 0) return rc;
     return amqp_ack(b, d);
@@ -579,14 +601,7 @@ static int amqp_retry(struct broker *b, const struct delivery *d, int delay_ms) 
 
 static int amqp_maintain(struct broker *b) { (void)b; return 0; /* RabbitMQ redelivers and expires by itself */ }
 
-/* A header of a dead letter as a string (NULL if absent), or its integer (0 if absent). */
-static char *header_str(amqp_table_t *h, const char *key) {
-    amqp_table_entry_t *e = find_header(h, key);
-    if (e && (e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES))
-        return copy_bytes(e->value.value.bytes);
-    return NULL;
-}
-
+/* A header of a dead letter as its integer (0 if absent). */
 static int header_int(amqp_table_t *h, const char *key) {
     amqp_table_entry_t *e = find_header(h, key);
     switch (e ? e->value.kind : 0) {
@@ -632,23 +647,29 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
         d.error = header_str(h, "x-conveyor-error");
         d.failed_at = header_str(h, "x-conveyor-failed-at");
         d.attempts = header_int(h, "x-conveyor-attempts");
+        char *traceparent = header_str(h, "traceparent");
         amqp_destroy_message(&msg);
         index++;
         if (sel && sel(&d, index, arg)) {
             if (requeue) {
-                struct amqp_msg m = {"", queue, d.body, d.len, d.message_id, NULL, amqp_empty_table, NULL};
+                amqp_table_entry_t th[1];
+                struct amqp_msg m = {"", queue, d.body, d.len, d.message_id, NULL,
+                                     {traceparent_header(&th[0], traceparent), th}, NULL};
                 if ((rc = publish_confirmed(a, &m, 1, true)) < 0) {
+                    free(traceparent);
                     dead_letter_clear(&d);
                     break;
                 }
             }
             if (amqp_basic_ack(a->consume, CHANNEL, tag, 0) != AMQP_STATUS_OK) {
+                free(traceparent);
                 rc = broker_fail(&a->base, CV_ERETRY, "rabbitmq: ack of a dead letter failed");
                 dead_letter_clear(&d);
                 break;
             }
             (*count)++;
         }
+        free(traceparent);
         if (out) {
             if (*n == cap) *out = xrealloc(*out, (size_t)(cap = cap ? cap * 2 : 16) * sizeof **out);
             (*out)[(*n)++] = d;
@@ -663,7 +684,12 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
 static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     struct amqp_msg *m = calloc((size_t)n, sizeof *m);
-    if (!m) return broker_fail(b, CV_ERETRY, "rabbitmq: out of memory");
+    amqp_table_entry_t *h = calloc((size_t)n, sizeof *h); /* each event's traceparent header */
+    if (!m || !h) {
+        free(m);
+        free(h);
+        return broker_fail(b, CV_ERETRY, "rabbitmq: out of memory");
+    }
     for (int i = 0; i < n; i++) {
         m[i].exchange = a->events_ex;
         m[i].routing_key = ev[i].type;
@@ -671,10 +697,12 @@ static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev
         m[i].len = strlen(ev[i].json);
         m[i].message_id = ev[i].id;
         m[i].type = ev[i].type;
-        m[i].headers = amqp_empty_table;
+        /* an event of a traced command carries its traceparent as a header too */
+        m[i].headers = (amqp_table_t){traceparent_header(&h[i], ev[i].traceparent), &h[i]};
     }
     /* not mandatory: an event nobody subscribes to is not an error */
     int rc = publish_confirmed(a, m, n, false);
+    free(h);
     free(m);
     return rc;
 }

@@ -67,6 +67,11 @@ const char *log_component(void);
  * message is cut at 2047 bytes; a line that cannot be built or written is lost. */
 void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+struct envelope;
+/* As log_msg, about command cmd (may be NULL: then no command fields): the line
+ * carries its commandId, and its traceId when the command has a trace context. */
+void log_cmd(enum log_level level, const struct envelope *cmd, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 #define log_info(...) log_msg(LOG_INFO, NULL, __VA_ARGS__)
 #define log_warn(...) log_msg(LOG_WARN, NULL, __VA_ARGS__)
 #define log_error(...) log_msg(LOG_ERROR, NULL, __VA_ARGS__)
@@ -233,6 +238,27 @@ typedef void *(*backoff_open_fn)(const void *arg, int *cls, char *err, size_t er
 void *backoff_open(backoff_open_fn open, const void *arg, const char *what, volatile sig_atomic_t *stop, char *err,
                    size_t errlen);
 
+/* ---- trace.c: W3C Trace Context -------------------------------------------------- */
+#define TRACE_ID_LEN 32     /* hex digits of a trace-id */
+#define TRACE_SPAN_LEN 16   /* hex digits of a parent-id (span id) */
+#define TRACEPARENT_LEN 55  /* "00-<trace-id>-<parent-id>-<flags>" */
+struct trace {
+    char trace_id[TRACE_ID_LEN + 1];   /* "" when there is no trace context */
+    char parent_id[TRACE_SPAN_LEN + 1];
+    char flags[3];
+};
+/* Parses a traceparent value (W3C Trace Context, strictly): version 00 is
+ * exactly 55 characters; a later version (not ff) is read as version 00 when
+ * its first 55 characters are, and what follows starts with '-'; hex is lower
+ * case; trace-id and parent-id are not all zero. Returns true with *out
+ * filled, or false with *out emptied and a static reason in *why (why may be
+ * NULL); s NULL is false ("absent"). */
+bool trace_parse(const char *s, struct trace *out, const char **why);
+/* The traceparent of a new span in trace t: version 00, t's trace-id, a new
+ * random parent-id (not all zero, not t's), t's flags; into out. Returns true,
+ * or false with out "" when t has no trace context (t NULL or trace_id ""). */
+bool trace_child(const struct trace *t, char out[TRACEPARENT_LEN + 1]);
+
 /* ---- envelope.c: the command envelope ------------------------------------------- */
 struct envelope {
     char id[ID_LEN + 1];     /* lower-cased */
@@ -240,6 +266,7 @@ struct envelope {
     const cJSON *payload;    /* points into root */
     const char *correlation_id; /* NULL when absent; points into root */
     const char *created_at;  /* NULL when absent; points into root */
+    struct trace trace;      /* from traceparent (the field, else envelope_set_trace); trace_id "" when none */
     bool has_nul;            /* a string somewhere holds \u0000 */
     cJSON *field_errors;     /* envelope fields that break a rule ({field: reason}), or NULL */
     cJSON *root;             /* owned */
@@ -255,6 +282,11 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes,
                    char *err, size_t errlen);
 /* Frees root and field_errors and zeroes e; NULL and a zeroed e are fine. */
 void envelope_free(struct envelope *e);
+/* Gives e the trace context of traceparent (the RabbitMQ header of that name)
+ * when e has none yet (the envelope's own valid traceparent field wins).
+ * Tracing is best effort: a NULL traceparent is nothing, an invalid one is
+ * logged at debug and ignored, never an error. */
+void envelope_set_trace(struct envelope *e, const char *traceparent);
 /* Replaces the value of every password field of a command's payload
  * (password, currentPassword, newPassword) with "***", for display: the
  * command itself is never changed on its way. Returns how many it replaced. */
@@ -266,7 +298,8 @@ char *envelope_build(const char *id, const char *type, const cJSON *payload,
 
 /* ---- event.c: the event envelope ---------------------------------------------- */
 /* A new event for command cmd; takes ownership of data (NULL gives {}); cmd is
- * copied from. Caller owns the result (cJSON_Delete). */
+ * copied from: when it has a trace context the event carries traceparent, a new
+ * span of the same trace (trace_child). Caller owns the result (cJSON_Delete). */
 cJSON *event_new(const char *type, const struct envelope *cmd,
                  const char *aggregate_type, const char *aggregate_id, cJSON *data);
 
@@ -389,17 +422,19 @@ struct delivery {
     char *body;            /* owned; NUL-terminated for convenience, may hold NULs */
     size_t len;
     char *message_id;      /* RabbitMQ message_id property or NULL; owned */
+    char *traceparent;     /* RabbitMQ header traceparent (a string) or NULL; owned */
     uint64_t tag;          /* RabbitMQ delivery tag */
     bool redelivered;      /* delivered before (returned by a crash, a requeue or a retry): a
                             * handler may have started on it, so its attempts are counted */
 };
-/* Frees body and message_id (not d itself); NULL is fine. */
+/* Frees body, message_id and traceparent (not d itself); NULL is fine. */
 void delivery_free(struct delivery *d);
 
 struct outgoing_event {   /* one event to publish */
     const char *id;
     const char *type;
     const char *json;
+    const char *traceparent; /* the event's traceparent field, or NULL: RabbitMQ sends it as a header too */
 };
 
 /* Opens a connection for transport t. Returns the broker (the caller

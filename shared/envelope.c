@@ -116,7 +116,17 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
             field_error(e, "createdAt", "must be an RFC 3339 date-time");
         else e->created_at = created->valuestring;
     }
+    /* best effort: a traceparent that is not a valid one is ignored (a header may give one) */
+    const cJSON *traceparent = cJSON_GetObjectItemCaseSensitive(e->root, "traceparent");
+    if (cJSON_IsString(traceparent)) envelope_set_trace(e, traceparent->valuestring);
+    else if (traceparent && !cJSON_IsNull(traceparent)) log_cmd(LOG_DEBUG, e, "traceparent ignored: not a string");
     return 0;
+}
+
+void envelope_set_trace(struct envelope *e, const char *traceparent) {
+    if (e->trace.trace_id[0] || !traceparent) return;
+    const char *why;
+    if (!trace_parse(traceparent, &e->trace, &why)) log_cmd(LOG_DEBUG, e, "traceparent ignored: %s", why);
 }
 
 void envelope_free(struct envelope *e) {

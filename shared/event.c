@@ -14,6 +14,8 @@ cJSON *event_new(const char *type, const struct envelope *cmd, const char *aggre
     cJSON_AddStringToObject(e, "commandType", cmd->type);
     if (cmd->correlation_id) cJSON_AddStringToObject(e, "correlationId", cmd->correlation_id);
     else cJSON_AddNullToObject(e, "correlationId");
+    char traceparent[TRACEPARENT_LEN + 1];
+    if (trace_child(&cmd->trace, traceparent)) cJSON_AddStringToObject(e, "traceparent", traceparent);
     cJSON_AddStringToObject(e, "aggregateType", aggregate_type);
     cJSON_AddStringToObject(e, "aggregateId", aggregate_id);
     cJSON_AddItemToObject(e, "data", data ? data : cJSON_CreateObject());

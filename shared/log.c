@@ -21,13 +21,11 @@ void log_init(const char *name) {
 
 const char *log_component(void) { return component; }
 
-void log_msg(enum log_level level, const char *command_id, const char *fmt, ...) {
-    if (level < min_level) return;
+/* Writes one line; command_id and trace_id may be NULL (not written). */
+__attribute__((format(printf, 4, 0))) static void log_line(enum log_level level, const char *command_id,
+                                                          const char *trace_id, const char *fmt, va_list ap) {
     char msg[2048], ts[32];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     clock_rfc3339(clock_ms(), ts);
 
     cJSON *o = cJSON_CreateObject();
@@ -36,6 +34,7 @@ void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
     cJSON_AddStringToObject(o, "component", component);
     cJSON_AddNumberToObject(o, "pid", (double)getpid());
     if (command_id) cJSON_AddStringToObject(o, "commandId", command_id);
+    if (trace_id) cJSON_AddStringToObject(o, "traceId", trace_id);
     cJSON_AddStringToObject(o, "msg", msg);
     char *line = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
@@ -47,6 +46,22 @@ void log_msg(enum log_level level, const char *command_id, const char *fmt, ...)
         (void)w; /* a log line that cannot be written has nowhere else to go */
         free(line);
     }
+}
+
+void log_msg(enum log_level level, const char *command_id, const char *fmt, ...) {
+    if (level < min_level) return;
+    va_list ap;
+    va_start(ap, fmt);
+    log_line(level, command_id, NULL, fmt, ap);
+    va_end(ap);
+}
+
+void log_cmd(enum log_level level, const struct envelope *cmd, const char *fmt, ...) {
+    if (level < min_level) return;
+    va_list ap;
+    va_start(ap, fmt);
+    log_line(level, cmd ? cmd->id : NULL, cmd && cmd->trace.trace_id[0] ? cmd->trace.trace_id : NULL, fmt, ap);
+    va_end(ap);
 }
 
 const char *cv_strerror(int code) {

@@ -113,7 +113,7 @@ static int run_command(struct batch *b, struct batch_item *it, int sp) {
         ctx.events = NULL;
         /* undo what it wrote; sent with the next statement */
         if (sp >= 0 && (rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", sp)) < 0) goto out;
-        log_msg(LOG_DEBUG, env->id, "%s rejected: %s (%s)", env->type, ctx.rej.code, ctx.rej.message);
+        log_cmd(LOG_DEBUG, env, "%s rejected: %s (%s)", env->type, ctx.rej.code, ctx.rej.message);
         ctx_emit(&ctx, "command.rejected", "command", env->id, rejection_data(&ctx.rej));
     } else if (rc < 0) {
         goto out;

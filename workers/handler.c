@@ -127,7 +127,7 @@ void emit_stock_notifications(struct cmd_ctx *ctx, const char *product_id, long 
 int password_hash(const struct cmd_ctx *ctx, const char *password, char out[128]) {
     if (crypto_pwhash_str(out, password, strlen(password), (unsigned long long)ctx->cfg->password_opslimit,
                           (size_t)ctx->cfg->password_memlimit_mb * 1024 * 1024) != 0) {
-        log_msg(LOG_ERROR, ctx->cmd->id, "password hashing ran out of memory");
+        log_cmd(LOG_ERROR, ctx->cmd, "password hashing ran out of memory");
         return CV_ERETRY;
     }
     return 0;

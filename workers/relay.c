@@ -85,7 +85,7 @@ static int relay_drain(struct db *db, struct broker *b, int batch, struct claim_
     /* one row with NULL event columns when there is nothing to publish */
     int rc = db_exec(db, "SELECT CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END, "
                          "pg_snapshot_xmin(pg_current_snapshot())::text, "
-                         "o.id, o.event_id::text, o.event_type, o.payload::text "
+                         "o.id, o.event_id::text, o.event_type, o.payload::text, o.payload->>'traceparent' "
                          "FROM outbox_id_seq s LEFT JOIN LATERAL ("
                          "SELECT id, event_id, event_type, payload FROM outbox "
                          "WHERE published_at IS NULL AND id > $1::bigint ORDER BY id LIMIT $2) o ON true "
@@ -111,6 +111,7 @@ static int relay_drain(struct db *db, struct broker *b, int batch, struct claim_
         ev[i].id = PQgetvalue(r, i, 3);
         ev[i].type = PQgetvalue(r, i, 4);
         ev[i].json = PQgetvalue(r, i, 5);
+        ev[i].traceparent = PQgetisnull(r, i, 6) ? NULL : PQgetvalue(r, i, 6);
         row_ids[i] = PQgetvalue(r, i, 2);
     }
     rc = broker_publish_events(b, ev, n);

@@ -44,8 +44,8 @@ static void db_check(struct worker *w) {
  * memory): a message is never left half-settled, where a later multiple ack
  * could take it. On stop it is handed back to its queue (broker_requeue). */
 static void settle_dead(struct worker *w, const struct delivery *d, const char *reason, const char *error,
-                        int attempts, const char *command_id) {
-    log_msg(LOG_WARN, command_id, "dead-lettered (%s): %s", reason, error);
+                        int attempts, const struct envelope *cmd) {
+    log_cmd(LOG_WARN, cmd, "dead-lettered (%s): %s", reason, error);
     for (int attempt = 0; !stop_requested; attempt++) {
         if (broker_dead_letter(w->broker, d, reason, error, attempts) == 0) return;
         log_warn("cannot dead-letter yet: %s", broker_error(w->broker));
@@ -54,7 +54,7 @@ static void settle_dead(struct worker *w, const struct delivery *d, const char *
     /* stopping: hand it back (settled, so that the held multiple ack of a
      * later batch cannot take it); it comes back redelivered */
     if (broker_requeue(w->broker, d) < 0)
-        log_msg(LOG_WARN, command_id, "requeue on stop failed (%s); the broker returns it when the connection closes",
+        log_cmd(LOG_WARN, cmd, "requeue on stop failed (%s); the broker returns it when the connection closes",
                 broker_error(w->broker));
 }
 
@@ -70,7 +70,7 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
     char error[600];
     snprintf(error, sizeof error, "%s: %s", cv_strerror(it->rc), it->error ? it->error : "");
     if (it->rc != CV_ERETRY) {
-        settle_dead(w, d, "handler_error", error, attempts, env->id);
+        settle_dead(w, d, "handler_error", error, attempts, env);
         return;
     }
     db_check(w);
@@ -83,11 +83,11 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
         /* a failure is logged; the count it would have kept is the broker's redelivery then */
     }
     if (attempts >= w->q->max_attempts) {
-        settle_dead(w, d, "retries_exhausted", error, attempts, env->id);
+        settle_dead(w, d, "retries_exhausted", error, attempts, env);
         return;
     }
     int delay = backoff_ms(attempts - 1, w->cfg->retry_base_ms, w->cfg->retry_max_ms);
-    log_msg(LOG_WARN, env->id, "%s attempt %d of %d failed (%s); retrying in %d ms", env->type, attempts,
+    log_cmd(LOG_WARN, env, "%s attempt %d of %d failed (%s); retrying in %d ms", env->type, attempts,
             w->q->max_attempts, error, delay);
     for (int i = 0; !stop_requested; i++) {
         int brc = broker_retry(w->broker, d, delay);
@@ -98,7 +98,7 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
     }
     /* could not park it: hand it back now */
     if (broker_requeue(w->broker, d) < 0)
-        log_msg(LOG_WARN, env->id, "requeue failed too (%s); the broker returns it when the connection closes",
+        log_cmd(LOG_WARN, env, "requeue failed too (%s); the broker returns it when the connection closes",
                 broker_error(w->broker));
 }
 
@@ -112,6 +112,7 @@ static bool admit(struct worker *w, struct batch_item *it) {
         settle_dead(w, &it->d, "invalid_envelope", err, 0, NULL);
         return false;
     }
+    envelope_set_trace(&it->env, it->d.traceparent); /* the RabbitMQ header, when the body has none */
     /* A type this build has no handler for, or that this queue's `commands` does
      * not list (an older deployment), waits as a dead letter for an upgrade. */
     it->handler = handler_find(it->env.type);
@@ -119,7 +120,7 @@ static bool admit(struct worker *w, struct batch_item *it) {
         if (!it->handler) snprintf(err, sizeof err, "no handler for command type '%s'", it->env.type);
         else snprintf(err, sizeof err, "queue '%s' does not take command type '%s' (its commands in the config)",
                       w->q->name, it->env.type);
-        settle_dead(w, &it->d, "unknown_command", err, 0, it->env.id);
+        settle_dead(w, &it->d, "unknown_command", err, 0, &it->env);
         return false;
     }
     handler_lock_key(it->handler, it->env.payload, it->key);
@@ -142,7 +143,7 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
         db_check(w);
         for (int i = 0; i < nv; i++)
             if (broker_requeue(w->broker, &v[i]->d) < 0)
-                log_msg(LOG_WARN, v[i]->env.id, "requeue failed (%s); the broker returns it when the connection "
+                log_cmd(LOG_WARN, &v[i]->env, "requeue failed (%s); the broker returns it when the connection "
                         "closes", broker_error(w->broker));
         nv = 0;
     }
@@ -150,7 +151,7 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
     for (int i = 0; i < nv; i++) {
         if (v[i]->live) v[nlive++] = v[i];
         else if (v[i]->exhausted) /* started max_attempts times (some of them killed their worker) */
-            settle_dead(w, &v[i]->d, "retries_exhausted", v[i]->error, v[i]->attempts, v[i]->env.id);
+            settle_dead(w, &v[i]->d, "retries_exhausted", v[i]->error, v[i]->attempts, &v[i]->env);
     }
     batch_order(v, nlive);
     if (nlive > 0 && batch_run(&w->batch, v, nlive) == CV_EREFUSED && nlive > 1) {
@@ -165,7 +166,7 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
     /* failures first: a retry acks its own delivery */
     for (int i = 0; i < nlive; i++) {
         if (v[i]->rc < 0) attempt_failed(w, v[i]);
-        else log_msg(LOG_DEBUG, v[i]->env.id, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
+        else log_cmd(LOG_DEBUG, &v[i]->env, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
     }
     struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;

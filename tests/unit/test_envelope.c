@@ -242,4 +242,109 @@ TEST(topic_patterns) {
     CHECK(topic_match("stock.low", "stock.low"));
 }
 
+#define TRACE "0af7651916cd43dd8448eb211c80319c"
+#define SPAN "b7ad6b7169203331"
+#define TP "00-" TRACE "-" SPAN "-01"
+
+/* Expects trace_parse to refuse s, with a reason. */
+static void trace_invalid(const char *s) {
+    struct trace t;
+    const char *why = NULL;
+    memset(&t, 'x', sizeof t);
+    if (trace_parse(s, &t, &why) || !why || t.trace_id[0]) {
+        fprintf(stderr, "  traceparent \"%s\" was accepted\n", s ? s : "(null)");
+        test_failures++;
+    }
+}
+
+TEST(traceparent_parses) {
+    struct trace t;
+    const char *why = "unset";
+    CHECK(trace_parse(TP, &t, &why));
+    CHECK(why == NULL);
+    CHECK_STR(t.trace_id, TRACE);
+    CHECK_STR(t.parent_id, SPAN);
+    CHECK_STR(t.flags, "01");
+    CHECK(trace_parse("00-" TRACE "-" SPAN "-00", &t, NULL));
+    CHECK_STR(t.flags, "00");
+    /* a later version is read as 00: its first 55 characters, then '-' and more */
+    CHECK(trace_parse("01-" TRACE "-" SPAN "-01", &t, NULL));
+    CHECK(trace_parse("cc-" TRACE "-" SPAN "-01-what-the-future-holds", &t, NULL));
+    CHECK_STR(t.trace_id, TRACE);
+    CHECK_STR(t.flags, "01");
+}
+
+TEST(traceparent_invalid_is_refused) {
+    trace_invalid(NULL);
+    trace_invalid("");
+    trace_invalid("00-" TRACE "-" SPAN);                              /* no flags */
+    trace_invalid("00-" TRACE "-" SPAN "-01-");                       /* version 00 is exactly 55 */
+    trace_invalid("00-" TRACE "-" SPAN "-010");
+    trace_invalid("cc-" TRACE "-" SPAN "-01x");                       /* more, not after '-' */
+    trace_invalid("ff-" TRACE "-" SPAN "-01");                        /* version ff */
+    trace_invalid("0g-" TRACE "-" SPAN "-01");
+    trace_invalid("00-0AF7651916CD43DD8448EB211C80319C-" SPAN "-01"); /* upper case */
+    trace_invalid("00-" TRACE "-B7AD6B7169203331-01");
+    trace_invalid("00-" TRACE "-" SPAN "-0A");
+    trace_invalid("00-00000000000000000000000000000000-" SPAN "-01"); /* all zero */
+    trace_invalid("00-" TRACE "-0000000000000000-01");
+    trace_invalid("00_" TRACE "-" SPAN "-01");                        /* separators */
+    trace_invalid("00-" TRACE "_" SPAN "-01");
+    trace_invalid("00-" TRACE "-" SPAN "_01");
+    trace_invalid("00-0af7651916cd43dd8448eb211c80319-" SPAN "x-01"); /* fields shifted */
+}
+
+TEST(traceparent_child_is_a_new_span_of_the_trace) {
+    struct trace t, c1, c2;
+    char a[TRACEPARENT_LEN + 1], b[TRACEPARENT_LEN + 1];
+    CHECK(trace_parse("00-" TRACE "-" SPAN "-03", &t, NULL));
+    CHECK(trace_child(&t, a) && trace_child(&t, b));
+    CHECK(strlen(a) == TRACEPARENT_LEN && strncmp(a, "00-" TRACE "-", 36) == 0);
+    CHECK(trace_parse(a, &c1, NULL) && trace_parse(b, &c2, NULL));
+    CHECK_STR(c1.trace_id, TRACE);
+    CHECK_STR(c1.flags, "03");
+    CHECK(strcmp(c1.parent_id, SPAN) != 0 && strcmp(c1.parent_id, c2.parent_id) != 0);
+    /* a later version's child is version 00 */
+    CHECK(trace_parse("7f-" TRACE "-" SPAN "-01-x", &t, NULL) && trace_child(&t, a));
+    CHECK(strncmp(a, "00-", 3) == 0 && strlen(a) == TRACEPARENT_LEN);
+    memset(&t, 0, sizeof t);
+    CHECK(!trace_child(&t, a) && a[0] == '\0');
+    CHECK(!trace_child(NULL, a));
+}
+
+TEST(envelope_traceparent) {
+    struct envelope e;
+    /* the field gives the trace context, and each event a new span of it */
+    CHECK(parse("{\"id\":\"" ID "\",\"type\":\"updateStock\",\"payload\":{},\"traceparent\":\"" TP "\"}", &e) == 0);
+    CHECK_STR(e.trace.trace_id, TRACE);
+    CHECK(e.field_errors == NULL);
+    envelope_set_trace(&e, "00-11111111111111111111111111111111-" SPAN "-01"); /* the field wins over a header */
+    CHECK_STR(e.trace.trace_id, TRACE);
+    cJSON *ev = event_new("stock.updated", &e, "product", "agg", NULL);
+    const cJSON *tp = cJSON_GetObjectItem(ev, "traceparent");
+    struct trace t;
+    CHECK(cJSON_IsString(tp) && trace_parse(tp->valuestring, &t, NULL));
+    CHECK_STR(t.trace_id, TRACE);
+    CHECK_STR(t.flags, "01");
+    CHECK(strcmp(t.parent_id, SPAN) != 0);
+    cJSON_Delete(ev);
+    envelope_free(&e);
+    /* invalid or not a string: ignored, never an error; a header may then give it */
+    const char *ignored[] = {"\"00-" TRACE "-" SPAN "-1\"", "\"FF-" TRACE "-" SPAN "-01\"", "42", "null", "{}"};
+    for (size_t i = 0; i < sizeof ignored / sizeof ignored[0]; i++) {
+        char s[256];
+        snprintf(s, sizeof s, "{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{},\"traceparent\":%s}", ignored[i]);
+        CHECK(parse(s, &e) == 0);
+        CHECK(e.trace.trace_id[0] == '\0' && e.field_errors == NULL);
+        ev = event_new("x.y", &e, "a", "b", NULL);
+        CHECK(cJSON_GetObjectItem(ev, "traceparent") == NULL);
+        cJSON_Delete(ev);
+        envelope_set_trace(&e, "bad");
+        CHECK(e.trace.trace_id[0] == '\0');
+        envelope_set_trace(&e, TP);
+        CHECK_STR(e.trace.trace_id, TRACE);
+        envelope_free(&e);
+    }
+}
+
 TEST_MAIN()
