@@ -266,7 +266,8 @@ struct envelope {
     const cJSON *payload;    /* points into root */
     const char *correlation_id; /* NULL when absent; points into root */
     const char *created_at;  /* NULL when absent; points into root */
-    struct trace trace;      /* from traceparent (the field, else envelope_set_trace); trace_id "" when none */
+    struct trace trace;      /* from the traceparent field, else envelope_trace_header; trace_id "" when none */
+    const char *trace_ignored; /* why the traceparent field was ignored (static), or NULL */
     bool has_nul;            /* a string somewhere holds \u0000 */
     cJSON *field_errors;     /* envelope fields that break a rule ({field: reason}), or NULL */
     cJSON *root;             /* owned */
@@ -282,11 +283,12 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes,
                    char *err, size_t errlen);
 /* Frees root and field_errors and zeroes e; NULL and a zeroed e are fine. */
 void envelope_free(struct envelope *e);
-/* Gives e the trace context of traceparent (the RabbitMQ header of that name)
- * when e has none yet (the envelope's own valid traceparent field wins).
- * Tracing is best effort: a NULL traceparent is nothing, an invalid one is
- * logged at debug and ignored, never an error. */
-void envelope_set_trace(struct envelope *e, const char *traceparent);
+/* Completes the trace context of a parsed command (a worker calls it once, after
+ * envelope_parse): e takes traceparent (the RabbitMQ header of that name; NULL
+ * when none) when its own traceparent field gave no valid one (a valid field
+ * wins). Tracing is best effort: an invalid field or header is ignored, never
+ * an error, and logged at debug here (with the traceId, if the other gave one). */
+void envelope_trace_header(struct envelope *e, const char *traceparent);
 /* Replaces the value of every password field of a command's payload
  * (password, currentPassword, newPassword) with "***", for display: the
  * command itself is never changed on its way. Returns how many it replaced. */

@@ -118,15 +118,18 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
     }
     /* best effort: a traceparent that is not a valid one is ignored (a header may give one) */
     const cJSON *traceparent = cJSON_GetObjectItemCaseSensitive(e->root, "traceparent");
-    if (cJSON_IsString(traceparent)) envelope_set_trace(e, traceparent->valuestring);
-    else if (traceparent && !cJSON_IsNull(traceparent)) log_cmd(LOG_DEBUG, e, "traceparent ignored: not a string");
+    if (cJSON_IsString(traceparent)) trace_parse(traceparent->valuestring, &e->trace, &e->trace_ignored);
+    else if (traceparent && !cJSON_IsNull(traceparent)) e->trace_ignored = "not a string";
     return 0;
 }
 
-void envelope_set_trace(struct envelope *e, const char *traceparent) {
-    if (e->trace.trace_id[0] || !traceparent) return;
-    const char *why;
-    if (!trace_parse(traceparent, &e->trace, &why)) log_cmd(LOG_DEBUG, e, "traceparent ignored: %s", why);
+void envelope_trace_header(struct envelope *e, const char *traceparent) {
+    const char *why = NULL;
+    if (!e->trace.trace_id[0] && traceparent) trace_parse(traceparent, &e->trace, &why);
+    /* logged now, so that the line carries the traceId the header may have given */
+    if (e->trace_ignored) log_cmd(LOG_DEBUG, e, "traceparent ignored (envelope field): %s", e->trace_ignored);
+    if (why) log_cmd(LOG_DEBUG, e, "traceparent ignored (header): %s", why);
+    e->trace_ignored = NULL;
 }
 
 void envelope_free(struct envelope *e) {

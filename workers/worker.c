@@ -112,7 +112,7 @@ static bool admit(struct worker *w, struct batch_item *it) {
         settle_dead(w, &it->d, "invalid_envelope", err, 0, NULL);
         return false;
     }
-    envelope_set_trace(&it->env, it->d.traceparent); /* the RabbitMQ header, when the body has none */
+    envelope_trace_header(&it->env, it->d.traceparent); /* the RabbitMQ header, when the body has none */
     /* A type this build has no handler for, or that this queue's `commands` does
      * not list (an older deployment), waits as a dead letter for an upgrade. */
     it->handler = handler_find(it->env.type);

@@ -318,7 +318,7 @@ TEST(envelope_traceparent) {
     CHECK(parse("{\"id\":\"" ID "\",\"type\":\"updateStock\",\"payload\":{},\"traceparent\":\"" TP "\"}", &e) == 0);
     CHECK_STR(e.trace.trace_id, TRACE);
     CHECK(e.field_errors == NULL);
-    envelope_set_trace(&e, "00-11111111111111111111111111111111-" SPAN "-01"); /* the field wins over a header */
+    envelope_trace_header(&e, "00-11111111111111111111111111111111-" SPAN "-01"); /* the field wins over a header */
     CHECK_STR(e.trace.trace_id, TRACE);
     cJSON *ev = event_new("stock.updated", &e, "product", "agg", NULL);
     const cJSON *tp = cJSON_GetObjectItem(ev, "traceparent");
@@ -336,12 +336,13 @@ TEST(envelope_traceparent) {
         snprintf(s, sizeof s, "{\"id\":\"" ID "\",\"type\":\"t\",\"payload\":{},\"traceparent\":%s}", ignored[i]);
         CHECK(parse(s, &e) == 0);
         CHECK(e.trace.trace_id[0] == '\0' && e.field_errors == NULL);
+        CHECK((e.trace_ignored != NULL) == (strcmp(ignored[i], "null") != 0));
         ev = event_new("x.y", &e, "a", "b", NULL);
         CHECK(cJSON_GetObjectItem(ev, "traceparent") == NULL);
         cJSON_Delete(ev);
-        envelope_set_trace(&e, "bad");
-        CHECK(e.trace.trace_id[0] == '\0');
-        envelope_set_trace(&e, TP);
+        envelope_trace_header(&e, "bad");
+        CHECK(e.trace.trace_id[0] == '\0' && e.trace_ignored == NULL);
+        envelope_trace_header(&e, TP);
         CHECK_STR(e.trace.trace_id, TRACE);
         envelope_free(&e);
     }
