@@ -1,5 +1,5 @@
 /* trace.c - W3C Trace Context: the traceparent of a command, and the child
- * span of each of its events (docs/contract.md, "Tracing"). */
+ * span of each of its events (docs/contract.md §1, "Tracing"). */
 #include "core.h"
 
 #include <string.h>

@@ -1,4 +1,4 @@
-"""Tracing across systems (docs/contract.md, "Tracing"): a command that carries a
+"""Tracing across systems (docs/contract.md §1, "Tracing"): a command that carries a
 W3C traceparent (the envelope field, or on RabbitMQ the AMQP header of that name)
 gives every event it causes the same trace-id and trace-flags with a new span id
 (on RabbitMQ also as the event's AMQP header), and every pool log line about it
