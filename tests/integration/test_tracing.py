@@ -12,6 +12,7 @@ import pika
 import contract
 from harness import (AMQP_URL, PUBLISHED, QUEUE_OF, TRANSPORT, Events, Pool, Publisher, check, envelope, eq, new_id,
                      query)
+from test_recovery import FAST_RETRY, chaos_trigger, product
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
@@ -224,6 +225,32 @@ def test_invalid_or_absent_traceparent_is_ignored():
             res = ev.wait_result(cmd["id"])
             eq(res[0]["type"], "product.created", "applied despite the header")
             check_untraced(res, pool, hdrs.of([e["id"] for e in res]))
+            hdrs.close()
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_retried_command_keeps_its_trace():
+    """A command that fails transiently twice keeps its trace through the delay
+    (on RabbitMQ given by the header alone, which must go along with the message):
+    its retry log lines and its event carry it."""
+    with chaos_trigger(), Pool(extra=FAST_RETRY, env={"CONVEYOR_LOG_LEVEL": "debug"}) as pool:
+        pub, ev = Publisher(), Events()
+        hdrs = EventHeaders() if TRANSPORT == "rabbitmq" else None
+        pid = product("flaky")
+        cmd = envelope("updateStock", {"productId": pid, "quantityChange": -1})
+        if hdrs:
+            publish(pub, cmd, header=f"00-{TRACE}-{PARENT}-01")
+        else:
+            cmd["traceparent"] = f"00-{TRACE}-{PARENT}-01"
+            publish(pub, cmd)
+        res = ev.wait_result(cmd["id"], timeout=20)
+        eq(res[0]["type"], "stock.updated", "applied on the third attempt")
+        retries = [line for line in log_lines(pool, cmd["id"]) if "failed" in line["msg"]]
+        eq(len(retries), 2, "two failed attempts logged")
+        check_traced(res, TRACE, PARENT, "01", pool, hdrs.of([e["id"] for e in res]) if hdrs else None)
+        if hdrs:
             hdrs.close()
         pub.close()
         ev.close()
