@@ -14,7 +14,8 @@
 enum { EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXIT_INVALID = 5 };
 
 static const char usage[] =
-    "usage: conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--correlation-id ID] TYPE PAYLOAD_JSON\n"
+    "usage: conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--correlation-id ID]\n"
+    "                        [--traceparent VALUE] TYPE PAYLOAD_JSON\n"
     "       conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] < commands.ndjson\n"
     "\n"
     "Publishes a command (TYPE and its payload object), or one command per line of\n"
@@ -25,6 +26,8 @@ static const char usage[] =
     "  -w, --wait              wait for each command's result event and print it\n"
     "  -t, --timeout SECONDS   how long --wait waits (default 30)\n"
     "      --correlation-id ID set the command's correlationId\n"
+    "      --traceparent VALUE set the command's W3C traceparent (00-<trace-id>-<parent-id>-<flags>);\n"
+    "                          on stdin, an envelope carries its own \"traceparent\"\n"
     "  -h, --help              this help\n"
     "\n"
     "Exit status: 0 published (with --wait: every result was a success event),\n"
@@ -94,14 +97,41 @@ static int wait_result(conveyor_client *c, const char *id, int timeout_ms) {
     return code_for(rc);
 }
 
+/* As conveyor_publish, with the envelope field traceparent (checked by the
+ * caller): builds {type, payload, correlationId?, traceparent} and publishes it
+ * whole. Returns as conveyor_publish (CONVEYOR_EINVALID: the payload is not a
+ * JSON object, with the reason in conveyor_error). */
+static int publish_traced(conveyor_client *c, const char *type, const char *payload_json, const char *corr,
+                          const char *traceparent, char id[37]) {
+    cJSON *payload = cJSON_Parse(payload_json);
+    if (!cJSON_IsObject(payload)) { /* as conveyor_publish says it */
+        cJSON_Delete(payload);
+        return conveyor_publish(c, type, payload_json, corr, id);
+    }
+    cJSON *env = cJSON_CreateObject();
+    cJSON_AddStringToObject(env, "type", type);
+    cJSON_AddItemToObject(env, "payload", payload);
+    if (corr) cJSON_AddStringToObject(env, "correlationId", corr);
+    cJSON_AddStringToObject(env, "traceparent", traceparent);
+    char *json = cJSON_PrintUnformatted(env);
+    cJSON_Delete(env);
+    if (!json) { /* as alloc.c does when memory cannot be had */
+        log_error("out of memory");
+        abort();
+    }
+    int rc = conveyor_publish_envelope(c, json, id);
+    free(json);
+    return rc;
+}
+
 int main(int argc, char **argv) {
-    const char *path = "queues.conf", *corr = NULL;
+    const char *path = "queues.conf", *corr = NULL, *traceparent = NULL;
     bool wait = false;
     double timeout_s = 30;
     static const struct option opts[] = {
         {"config", required_argument, 0, 'c'}, {"wait", no_argument, 0, 'w'},
         {"timeout", required_argument, 0, 't'}, {"correlation-id", required_argument, 0, 'r'},
-        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+        {"traceparent", required_argument, 0, 'p'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "c:wt:h", opts, NULL)) != -1) {
         switch (o) {
@@ -109,6 +139,7 @@ int main(int argc, char **argv) {
         case 'w': wait = true; break;
         case 't': timeout_s = atof(optarg); break;
         case 'r': corr = optarg; break;
+        case 'p': traceparent = optarg; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return EXIT_USAGE;
         }
@@ -116,6 +147,13 @@ int main(int argc, char **argv) {
     int nargs = argc - optind;
     if (nargs != 0 && nargs != 2) {
         fprintf(stderr, "conveyor-produce: give TYPE and PAYLOAD_JSON, or commands on stdin\n%s", usage);
+        return EXIT_USAGE;
+    }
+    struct trace trace;
+    const char *why;
+    if (traceparent && (nargs != 2 || !trace_parse(traceparent, &trace, &why))) {
+        fprintf(stderr, "conveyor-produce: --traceparent %s\n",
+                nargs != 2 ? "goes with TYPE and PAYLOAD_JSON (on stdin, put it in the envelope)" : why);
         return EXIT_USAGE;
     }
     if (timeout_s <= 0) {
@@ -132,7 +170,8 @@ int main(int argc, char **argv) {
     int timeout_ms = (int)(timeout_s * 1000);
     int status = 0;
     if (nargs == 2) {
-        int rc = conveyor_publish(c, argv[optind], argv[optind + 1], corr, id);
+        int rc = traceparent ? publish_traced(c, argv[optind], argv[optind + 1], corr, traceparent, id)
+                             : conveyor_publish(c, argv[optind], argv[optind + 1], corr, id);
         if (rc < 0) {
             fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
             status = code_for(rc);

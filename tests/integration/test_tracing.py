@@ -11,7 +11,7 @@ import pika
 
 import contract
 from harness import (AMQP_URL, PUBLISHED, QUEUE_OF, TRANSPORT, Events, Pool, Publisher, check, envelope, eq, new_id,
-                     query)
+                     query, run_bin)
 from test_recovery import FAST_RETRY, chaos_trigger, product
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -254,4 +254,23 @@ def test_retried_command_keeps_its_trace():
             hdrs.close()
         pub.close()
         ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_conveyor_produce_sets_the_traceparent():
+    with Pool(workers={"catalog": 1}) as pool:
+        tp = f"00-{TRACE}-{PARENT}-01"
+        payload = json.dumps({"name": "Produced", "price": 1, "stock": 40})
+        r = run_bin("conveyor-produce", "-c", pool.config, "--wait", "--traceparent", tp, "--correlation-id", "c-7",
+                    "createProduct", payload)
+        eq(r.returncode, 0, f"published and applied (stderr: {r.stderr})")
+        ev = json.loads(r.stdout.splitlines()[-1])
+        eq((ev["type"], ev["correlationId"]), ("product.created", "c-7"), "the result event")
+        m = W3C.match(ev.get("traceparent", ""))
+        check(m and m.group(1) == TRACE and m.group(2) != PARENT and m.group(3) == "01",
+              f"the event is a new span of the trace: {ev.get('traceparent')}")
+        r = run_bin("conveyor-produce", "-c", pool.config, "--traceparent", tp.upper(), "createProduct", payload)
+        eq(r.returncode, 2, "an invalid --traceparent is a usage error")
+        check("--traceparent" in r.stderr and "hex" in r.stderr, f"it says why: {r.stderr}")
+        eq(r.stdout, "", "nothing sent")
         eq(pool.stop(), (0, []), "clean stop")
