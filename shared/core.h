@@ -129,6 +129,9 @@ struct cfg {
     int relay_poll_ms;        /* safety-net poll when no NOTIFY arrives */
     int relay_batch;          /* outbox rows claimed at once */
     long outbox_retention_s;  /* published rows older than this are pruned */
+    int dedup_retention_days; /* processed_commands rows older than this are pruned (0: never); a replay
+                               * of a pruned command id is applied again */
+    int dedup_prune_batch;    /* rows deleted per statement while pruning */
     int shutdown_timeout_s;   /* SIGTERM: time given to in-flight work */
     int max_jobs;             /* a worker is recycled after this many commands (0: never) */
     int max_rss_mb;           /* ... or above this resident size (0: never) */
