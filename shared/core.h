@@ -527,6 +527,21 @@ int broker_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_le
  * class: the walk stops there, and *count says how many went before it. */
 int broker_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
                      bool requeue, int *count);
+/* What a queue holds, as its broker tells it (conveyor-admin stats; the metrics). */
+struct queue_counts {
+    long waiting;   /* ready to be taken */
+    long in_flight; /* taken by a worker and not settled yet (Redis: the in-flight lists); -1 on RabbitMQ,
+                     * which tells its unacked messages only through its management plugin */
+    long retrying;  /* waiting out a retry delay (RabbitMQ: the delay queues of the current retry
+                     * settings; Redis: the retry set) */
+    long dead;      /* dead letters */
+    long consumers; /* RabbitMQ: consumers of the queue (0 while every pool has it paused); -1 on Redis */
+};
+/* Counts what q holds into *out. Returns 0, or an error class (*out is then
+ * partly filled). RabbitMQ reads them with passive declares: a queue not
+ * declared yet counts 0. */
+int broker_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out);
+
 /* Publishes events in order and returns once the broker has all of them: 0, or
  * an error class (some may have been published). RabbitMQ: an event no queue is
  * bound for is not an error. */
