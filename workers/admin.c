@@ -279,7 +279,9 @@ static struct db *db_or_exit(const struct cfg *cfg, const char *why) {
 
 /* Who runs this, for queue_state and the log: user@host. */
 static void who_am_i(char *out, size_t n) {
-    const struct passwd *pw = getpwuid(geteuid());
+    struct passwd entry, *pw = NULL;
+    char buf[1024];
+    if (getpwuid_r(geteuid(), &entry, buf, sizeof buf, &pw) != 0) pw = NULL;
     const char *user = getenv("SUDO_USER") ? getenv("SUDO_USER") : pw ? pw->pw_name : getenv("USER");
     char host[64];
     if (gethostname(host, sizeof host) != 0) snprintf(host, sizeof host, "localhost");

@@ -299,10 +299,10 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
                 continue;
             }
         }
-        int opened;
-        if (paused_now(&w, worker_id, &opened)) continue;
-        if (opened) { /* stopped, or the broker refused the configuration */
-            status = opened < 0 ? 0 : opened;
+        int reopened;
+        if (paused_now(&w, worker_id, &reopened)) continue;
+        if (reopened) { /* stopped, or the broker refused the configuration */
+            status = reopened < 0 ? 0 : reopened;
             break;
         }
         /* a batch is what is already delivered; when nothing is, the first one is
