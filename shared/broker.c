@@ -129,6 +129,11 @@ void dead_letters_free(struct dead_letter *d, int n) {
     free(d);
 }
 
+int broker_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out) {
+    *out = (struct queue_counts){0, -1, 0, 0, -1};
+    return b->ops->queue_counts(b, q, out);
+}
+
 int broker_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     return n > 0 ? b->ops->publish_events(b, ev, n) : 0;
 }

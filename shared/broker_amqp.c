@@ -681,6 +681,56 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
     return rc;
 }
 
+/* The messages (and consumers, if not NULL) of queue name, by a passive
+ * declare on the publish connection. Returns 0, or a class; a queue that does
+ * not exist counts 0 (RabbitMQ closes the channel: the connection is dropped
+ * and the next call opens another). */
+static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers) {
+    int rc = open_conn(a, &a->publish, true);
+    if (rc < 0) return rc;
+    amqp_queue_declare_ok_t *ok =
+        amqp_queue_declare(a->publish, CHANNEL, amqp_cstring_bytes(name), 1, 0, 0, 0, amqp_empty_table);
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(a->publish);
+    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD &&
+        ((amqp_channel_close_t *)r.reply.decoded)->reply_code == AMQP_NOT_FOUND) {
+        drop(&a->publish);
+        *messages = 0;
+        if (consumers) *consumers = 0;
+        return 0;
+    }
+    char what[300];
+    snprintf(what, sizeof what, "reading queue %s", name);
+    if ((rc = rpc_check(a, r, what)) < 0) {
+        drop(&a->publish);
+        return rc;
+    }
+    *messages = ok->message_count;
+    if (consumers) *consumers = ok->consumer_count;
+    return 0;
+}
+
+/* Ready messages of the queue, its consumers, its dead letters, and the
+ * messages of each delay queue the current retry settings use (retry_queue's
+ * nominal delays: the base doubled while below the cap, and the cap). */
+static int amqp_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    const struct cfg *c = b->cfg;
+    char name[256], other[300];
+    names_amqp_queue(c, q->name, name, sizeof name);
+    int rc = passive_count(a, name, &out->waiting, &out->consumers);
+    names_amqp_dead(c, q->name, other, sizeof other);
+    if (rc == 0) rc = passive_count(a, other, &out->dead, NULL);
+    for (long nominal = c->retry_base_ms; rc == 0; nominal *= 2) {
+        if (nominal > c->retry_max_ms) nominal = c->retry_max_ms;
+        long n;
+        snprintf(other, sizeof other, "%s.retry.%ld", name, nominal);
+        if ((rc = passive_count(a, other, &n, NULL)) == 0) out->retrying += n;
+        if (nominal >= c->retry_max_ms) break;
+    }
+    out->in_flight = -1; /* unacked messages: only the management plugin tells them */
+    return rc;
+}
+
 static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     struct amqp_msg *m = calloc((size_t)n, sizeof *m);
@@ -756,6 +806,7 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .retry = amqp_retry,
     .maintain = amqp_maintain,
     .dead_walk = amqp_dead_walk,
+    .queue_counts = amqp_queue_counts,
     .publish_events = amqp_publish_events,
     .subscribe = amqp_subscribe,
     .next_event = amqp_next_event,

@@ -25,6 +25,7 @@ struct broker_ops {
      * with sel, removes (and with requeue re-publishes) the chosen ones. */
     int (*dead_walk)(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg, bool requeue,
                      int *count, struct dead_letter **out, int *n);
+    int (*queue_counts)(struct broker *b, const struct cfg_queue *q, struct queue_counts *out);
     int (*publish_events)(struct broker *b, const struct outgoing_event *ev, int n);
     int (*subscribe)(struct broker *b, const char *pattern);
     int (*next_event)(struct broker *b, char **json, int timeout_ms);

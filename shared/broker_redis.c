@@ -775,6 +775,45 @@ static int redis_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sel
     return rc;
 }
 
+/* The integer reply of a command on key (LLEN, ZCARD) into *n. Returns 0 or a class. */
+static int key_count(struct redis_broker *r, const char *command, const char *key, long *n) {
+    redisReply *rep = cmd(r, "%s %s", command, key);
+    if (!rep) return last_error(r);
+    *n = (long)rep->integer;
+    freeReplyObject(rep);
+    return 0;
+}
+
+/* LLEN of the queue and of its dead letters, ZCARD of its retry set, and the
+ * LLEN of every worker's in-flight list of it (found with SCAN). */
+static int redis_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    char key[256], pattern[300];
+    names_redis(b->cfg, "queue", q->name, key, sizeof key);
+    int rc = key_count(r, "LLEN", key, &out->waiting);
+    names_redis(b->cfg, "dead", q->name, key, sizeof key);
+    if (rc == 0) rc = key_count(r, "LLEN", key, &out->dead);
+    names_redis(b->cfg, "retry", q->name, key, sizeof key);
+    if (rc == 0) rc = key_count(r, "ZCARD", key, &out->retrying);
+    if (rc < 0) return rc;
+    out->in_flight = 0;
+    names_redis(b->cfg, "inflight", q->name, pattern, sizeof pattern);
+    strcat(pattern, ":*");
+    char cursor[32] = "0";
+    do {
+        redisReply *rep = cmd(r, "SCAN %s MATCH %s COUNT 500", cursor, pattern);
+        if (!rep) return last_error(r);
+        snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
+        redisReply *keys = rep->element[1];
+        for (size_t k = 0; k < keys->elements && rc == 0; k++) {
+            long n = 0;
+            if ((rc = key_count(r, "LLEN", keys->element[k]->str, &n)) == 0) out->in_flight += n;
+        }
+        freeReplyObject(rep);
+    } while (rc == 0 && strcmp(cursor, "0") != 0);
+    return rc;
+}
+
 static int redis_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
     if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
@@ -849,6 +888,7 @@ static const struct broker_ops redis_ops = {
     .retry = redis_retry,
     .maintain = redis_maintain,
     .dead_walk = redis_dead_walk,
+    .queue_counts = redis_queue_counts,
     .publish_events = redis_publish_events,
     .subscribe = redis_subscribe,
     .next_event = redis_next_event,

@@ -203,7 +203,8 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
 
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
-                                      "limits", "domain", "relay", "supervisor", "retry", "queues", NULL};
+                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "queues",
+                                      NULL};
     static const char *const k_url[] = {"url", NULL};
     static const char *const k_rabbitmq[] = {"url", "ca_file", "cert_file", "key_file", NULL};
     static const char *const k_redis[] = {"url", "heartbeat_interval", "heartbeat_ttl", NULL};
@@ -214,6 +215,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
                                            "password_hash_memlimit_mb", NULL};
     static const char *const k_relay[] = {"poll_interval_ms", "batch_size", "retention_seconds", NULL};
     static const char *const k_sup[] = {"shutdown_timeout", "max_jobs", "max_rss_mb", NULL};
+    static const char *const k_dedup[] = {"retention_days", "prune_batch", NULL};
     config_setting_t *root = config_root_setting(lc), *g;
     if (only_known(l, root, top) < 0) return -1;
 
@@ -271,6 +273,9 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
         get_int(l, g, "shutdown_timeout", 1, 3600, &c->shutdown_timeout_s) < 0 ||
         get_int(l, g, "max_jobs", 0, 2147483647L, &c->max_jobs) < 0 ||
         get_int(l, g, "max_rss_mb", 0, 1048576, &c->max_rss_mb) < 0) return -1;
+    if (get_group(l, root, "dedup", k_dedup, &g) < 0 ||
+        get_int(l, g, "retention_days", 0, 36500, &c->dedup_retention_days) < 0 ||
+        get_int(l, g, "prune_batch", 1, 100000, &c->dedup_prune_batch) < 0) return -1;
 
     config_setting_t *qs = config_setting_get_member(root, "queues");
     if (!qs) return fail(l, NULL, "'queues' is required: a list of ( { name = ...; commands = [...]; }, ... )");
@@ -379,6 +384,8 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     c->relay_poll_ms = 1000;
     c->relay_batch = 500;
     c->outbox_retention_s = 7L * 86400;
+    c->dedup_retention_days = 30;
+    c->dedup_prune_batch = 1000;
     c->shutdown_timeout_s = 30;
     c->retry_base_ms = 1000;
     c->retry_max_ms = 300000;

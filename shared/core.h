@@ -134,6 +134,9 @@ struct cfg {
     int relay_poll_ms;        /* safety-net poll when no NOTIFY arrives */
     int relay_batch;          /* outbox rows claimed at once */
     long outbox_retention_s;  /* published rows older than this are pruned */
+    int dedup_retention_days; /* processed_commands rows older than this are pruned (0: never); a replay
+                               * of a pruned command id is applied again */
+    int dedup_prune_batch;    /* rows deleted per statement while pruning */
     int shutdown_timeout_s;   /* SIGTERM: time given to in-flight work */
     int max_jobs;             /* a worker is recycled after this many commands (0: never) */
     int max_rss_mb;           /* ... or above this resident size (0: never) */
@@ -561,6 +564,21 @@ int broker_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_le
  * class: the walk stops there, and *count says how many went before it. */
 int broker_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
                      bool requeue, int *count);
+/* What a queue holds, as its broker tells it (conveyor-admin stats; the metrics). */
+struct queue_counts {
+    long waiting;   /* ready to be taken */
+    long in_flight; /* taken by a worker and not settled yet (Redis: the in-flight lists); -1 on RabbitMQ,
+                     * which tells its unacked messages only through its management plugin */
+    long retrying;  /* waiting out a retry delay (RabbitMQ: the delay queues of the current retry
+                     * settings; Redis: the retry set) */
+    long dead;      /* dead letters */
+    long consumers; /* RabbitMQ: consumers of the queue (0 while every pool has it paused); -1 on Redis */
+};
+/* Counts what q holds into *out. Returns 0, or an error class (*out is then
+ * partly filled). RabbitMQ reads them with passive declares: a queue not
+ * declared yet counts 0. */
+int broker_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out);
+
 /* Publishes events in order and returns once the broker has all of them: 0, or
  * an error class (some may have been published). RabbitMQ: an event no queue is
  * bound for is not an error. */

@@ -1,11 +1,15 @@
-/* admin.c - conveyor-admin: see, retry and purge dead letters, on both transports. */
+/* admin.c - conveyor-admin: see, retry and purge dead letters, on both
+ * transports; see what every queue holds and how fast it goes (stats); pause
+ * and resume a queue for every pool (queue). */
 #include "workers.h"
 
 #include <getopt.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
 
@@ -15,6 +19,9 @@ static const char usage[] =
     "       conveyor-admin [-c FILE] dead show QUEUE SELECTOR\n"
     "       conveyor-admin [-c FILE] dead retry QUEUE SELECTOR|--all\n"
     "       conveyor-admin [-c FILE] dead purge QUEUE SELECTOR|--all\n"
+    "       conveyor-admin [-c FILE] [--json] stats [QUEUE]\n"
+    "       conveyor-admin [-c FILE] queue pause QUEUE [NOTE]\n"
+    "       conveyor-admin [-c FILE] queue resume QUEUE\n"
     "\n"
     "Dead letters of every queue in FILE (RabbitMQ conveyor.<queue>.dead, Redis\n"
     "conveyor:dead:<queue>). SELECTOR is a command id, or #N for the N-th dead letter\n"
@@ -23,13 +30,21 @@ static const char usage[] =
     "attempt count; 'purge' deletes. 'show' prints a message's password fields as\n"
     "\"***\" (the dead letter keeps them, untouched, for the retry).\n"
     "\n"
+    "'stats' prints per queue its state (running or paused), the messages waiting,\n"
+    "in flight (Redis only), waiting out a retry delay, and dead; its consumers\n"
+    "(RabbitMQ); the commands applied or rejected in the last minute and the last\n"
+    "5 minutes (per second); and the outbox: events not yet published, and the age\n"
+    "of the oldest. 'queue pause' makes every pool stop taking from QUEUE within a\n"
+    "second (what is already taken finishes) until 'queue resume'; the state is kept\n"
+    "in PostgreSQL (table queue_state), with who changed it, when, and NOTE.\n"
+    "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
     "      --json         one JSON object per line\n"
     "  -h, --help         this help\n"
     "\n"
     "Exit status: 0 done, 1 nothing matched the selector, 2 usage or configuration\n"
-    "error (a bad URL, credentials a server refused), 3 a broker or the database\n"
-    "could not be reached.\n";
+    "error (an unknown queue, a bad URL, credentials a server refused), 3 a broker or\n"
+    "the database could not be reached.\n";
 
 struct selector {
     const char *id;        /* a command id, or NULL */
@@ -250,6 +265,187 @@ static int cmd_take(const struct cfg *cfg, const struct cfg_queue *q, struct sel
     return count ? 0 : EXIT_NONE;
 }
 
+/* The database, or exit: 2 when it refused the configuration, 3 when it cannot be reached. */
+static struct db *db_or_exit(const struct cfg *cfg, const char *why) {
+    char err[512];
+    int cls;
+    struct db *db = db_connect_class(cfg->database_url, &cls, err, sizeof err);
+    if (!db) {
+        fprintf(stderr, "conveyor-admin: %s needs the database: %s\n", why, err);
+        exit(cls == CV_ECONFIG ? EXIT_USAGE : EXIT_UNREACHABLE);
+    }
+    return db;
+}
+
+/* Who runs this, for queue_state and the log: user@host. */
+static void who_am_i(char *out, size_t n) {
+    struct passwd entry, *pw = NULL;
+    char buf[1024];
+    if (getpwuid_r(geteuid(), &entry, buf, sizeof buf, &pw) != 0) pw = NULL;
+    const char *user = getenv("SUDO_USER") ? getenv("SUDO_USER") : pw ? pw->pw_name : getenv("USER");
+    char host[64];
+    if (gethostname(host, sizeof host) != 0) snprintf(host, sizeof host, "localhost");
+    host[sizeof host - 1] = '\0';
+    snprintf(out, n, "%s@%s", user ? user : "?", host);
+}
+
+/* queue pause|resume: writes queue_state, logs who did it, says what it did. */
+static int cmd_queue(const struct cfg *cfg, const struct cfg_queue *q, bool pause, const char *note) {
+    struct db *db = db_or_exit(cfg, pause ? "pausing a queue" : "resuming a queue");
+    char who[160];
+    who_am_i(who, sizeof who);
+    int rc = queue_pause_set(db, q->name, pause, who, note);
+    if (rc < 0) {
+        fprintf(stderr, "conveyor-admin: cannot %s %s: %s%s\n", pause ? "pause" : "resume", q->name, db_errstr(db),
+                strcmp(db_sqlstate(db), "42P01") == 0 ? " (the schema is older: run conveyor-workers --setup)" : "");
+        db_close(db);
+        return rc == CV_ERETRY ? EXIT_UNREACHABLE : EXIT_USAGE;
+    }
+    db_close(db);
+    log_info("queue %s %s by %s%s%s", q->name, pause ? "paused" : "resumed", who, note ? ": " : "", note ? note : "");
+    if (pause) printf("paused %s: every pool stops taking from it within a second (what is taken finishes)\n", q->name);
+    else printf("resumed %s: every pool takes from it again within a second\n", q->name);
+    return 0;
+}
+
+/* What stats reads from the database for one queue. */
+struct queue_db_stats {
+    bool paused;
+    char since[32], by[160], note[256];
+    long processed_1m, processed_5m;
+};
+
+/* Reads the paused state and the recent processed counts of every queue of
+ * cfg into st (nqueues entries, zeroed first), and the outbox backlog. Returns
+ * 0, or exits 3 (unreachable) / 2 (the schema is older). */
+static int read_db_stats(struct db *db, const struct cfg *cfg, struct queue_db_stats *st, long *backlog,
+                         double *oldest_s) {
+    PGresult *r;
+    int rc = db_exec(db, "SELECT queue, paused, " SQL_RFC3339("updated_at") ", updated_by, coalesce(note, '') "
+                         "FROM queue_state", 0, NULL, &r);
+    if (rc == 0) {
+        for (int i = 0; i < PQntuples(r); i++) {
+            const struct cfg_queue *q = cfg_queue_named(cfg, PQgetvalue(r, i, 0));
+            if (!q) continue; /* a queue the configuration no longer has */
+            struct queue_db_stats *s = &st[q - cfg->queues];
+            s->paused = PQgetvalue(r, i, 1)[0] == 't';
+            snprintf(s->since, sizeof s->since, "%s", PQgetvalue(r, i, 2));
+            snprintf(s->by, sizeof s->by, "%s", PQgetvalue(r, i, 3));
+            snprintf(s->note, sizeof s->note, "%s", PQgetvalue(r, i, 4));
+        }
+        PQclear(r);
+        /* by the processed_at index (sql/0005): the rows of the last 5 minutes only */
+        rc = db_exec(db, "SELECT type, count(*) FILTER (WHERE processed_at > now() - interval '1 minute'), count(*) "
+                         "FROM processed_commands WHERE processed_at > now() - interval '5 minutes' GROUP BY type",
+                     0, NULL, &r);
+    }
+    if (rc == 0) {
+        for (int i = 0; i < PQntuples(r); i++) {
+            const struct cfg_queue *q = cfg_queue_for(cfg, PQgetvalue(r, i, 0));
+            if (!q) continue;
+            st[q - cfg->queues].processed_1m += atol(PQgetvalue(r, i, 1));
+            st[q - cfg->queues].processed_5m += atol(PQgetvalue(r, i, 2));
+        }
+        PQclear(r);
+        rc = db_exec(db, "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), -1) FROM outbox "
+                         "WHERE published_at IS NULL", 0, NULL, &r);
+    }
+    if (rc < 0) {
+        fprintf(stderr, "conveyor-admin: cannot read the statistics: %s%s\n", db_errstr(db),
+                strcmp(db_sqlstate(db), "42P01") == 0 ? " (the schema is older: run conveyor-workers --setup)" : "");
+        return rc == CV_ERETRY ? EXIT_UNREACHABLE : EXIT_USAGE;
+    }
+    *backlog = atol(PQgetvalue(r, 0, 0));
+    *oldest_s = atof(PQgetvalue(r, 0, 1));
+    PQclear(r);
+    return 0;
+}
+
+/* A count as JSON: a number, or null when the broker cannot tell (-1). */
+static void add_count(cJSON *o, const char *key, long n) {
+    if (n < 0) cJSON_AddNullToObject(o, key);
+    else cJSON_AddNumberToObject(o, key, (double)n);
+}
+
+static void print_count(long n, int width) {
+    if (n < 0) printf(" %*s", width, "n/a");
+    else printf(" %*ld", width, n);
+}
+
+/* stats [QUEUE]: per queue what its broker holds, its state and its recent
+ * rate; then the outbox. */
+static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool json) {
+    struct db *db = db_or_exit(cfg, "stats");
+    struct queue_db_stats *st = xcalloc((size_t)cfg->nqueues, sizeof *st);
+    long backlog = 0;
+    double oldest = -1;
+    int rc = read_db_stats(db, cfg, st, &backlog, &oldest);
+    db_close(db);
+    if (!rc && !json)
+        printf("%-12s %-9s %-7s %8s %9s %6s %6s %9s %9s %9s\n", "QUEUE", "TRANSPORT", "STATE", "WAITING", "IN-FLIGHT",
+               "RETRY", "DEAD", "CONSUMERS", "RATE/S 1M", "RATE/S 5M");
+    for (int i = 0; !rc && i < cfg->nqueues; i++) {
+        const struct cfg_queue *q = &cfg->queues[i];
+        if (only && q != only) continue;
+        struct broker *b = broker_of(cfg, q);
+        struct queue_counts n;
+        if (broker_queue_counts(b, q, &n) < 0) {
+            fprintf(stderr, "conveyor-admin: cannot count the messages of %s: %s\n", q->name, broker_error(b));
+            rc = EXIT_UNREACHABLE;
+            break;
+        }
+        const struct queue_db_stats *s = &st[i];
+        double rate_1m = s->processed_1m / 60.0, rate_5m = s->processed_5m / 300.0;
+        if (json) {
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "kind", "queue");
+            cJSON_AddStringToObject(o, "queue", q->name);
+            cJSON_AddStringToObject(o, "transport", transport_name(q->transport));
+            cJSON_AddBoolToObject(o, "paused", s->paused);
+            json_add_optional(o, "stateChangedAt", s->since[0] ? s->since : NULL);
+            json_add_optional(o, "stateChangedBy", s->by[0] ? s->by : NULL);
+            json_add_optional(o, "note", s->note[0] ? s->note : NULL);
+            add_count(o, "waiting", n.waiting);
+            add_count(o, "inFlight", n.in_flight);
+            add_count(o, "retrying", n.retrying);
+            add_count(o, "dead", n.dead);
+            add_count(o, "consumers", n.consumers);
+            cJSON_AddNumberToObject(o, "processed1m", (double)s->processed_1m);
+            cJSON_AddNumberToObject(o, "processed5m", (double)s->processed_5m);
+            cJSON_AddNumberToObject(o, "ratePerSecond1m", rate_1m);
+            cJSON_AddNumberToObject(o, "ratePerSecond5m", rate_5m);
+            print_json(o, false);
+            continue;
+        }
+        printf("%-12s %-9s %-7s", q->name, transport_name(q->transport), s->paused ? "paused" : "running");
+        print_count(n.waiting, 8);
+        print_count(n.in_flight, 9);
+        print_count(n.retrying, 6);
+        print_count(n.dead, 6);
+        print_count(n.consumers, 9);
+        printf(" %9.2f %9.2f\n", rate_1m, rate_5m);
+    }
+    for (int i = 0; !rc && !json && i < cfg->nqueues; i++)
+        if (st[i].paused && (!only || only == &cfg->queues[i]))
+            printf("%s paused since %s by %s%s%s\n", cfg->queues[i].name, st[i].since, st[i].by,
+                   st[i].note[0] ? ": " : "", st[i].note);
+    if (!rc && json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "kind", "outbox");
+        cJSON_AddNumberToObject(o, "unpublished", (double)backlog);
+        if (oldest < 0) cJSON_AddNullToObject(o, "oldestSeconds");
+        else cJSON_AddNumberToObject(o, "oldestSeconds", oldest);
+        print_json(o, false);
+    } else if (!rc) {
+        char age[16] = "";
+        if (oldest >= 0) print_age((long)oldest, age, sizeof age);
+        printf("outbox: %ld event%s not yet published%s%s%s\n", backlog, backlog == 1 ? "" : "s",
+               age[0] ? ", the oldest " : "", age, age[0] ? " old" : "");
+    }
+    free(st);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     const char *path = "queues.conf";
     bool json = false;
@@ -266,7 +462,9 @@ int main(int argc, char **argv) {
     }
     char **a = argv + optind;
     int n = argc - optind;
-    if (n < 2 || strcmp(a[0], "dead") != 0) {
+    bool dead = n >= 2 && strcmp(a[0], "dead") == 0, stats = n >= 1 && strcmp(a[0], "stats") == 0,
+         queue = n >= 3 && strcmp(a[0], "queue") == 0;
+    if (!dead && !stats && !queue) {
         fputs(usage, stderr);
         return EXIT_USAGE;
     }
@@ -278,10 +476,19 @@ int main(int argc, char **argv) {
         return EXIT_USAGE;
     }
     int rc = EXIT_USAGE;
-    const char *verb = a[1];
+    const char *verb = stats ? "stats" : a[1];
     const struct cfg_queue *q = n >= 3 ? cfg_queue_named(&cfg, a[2]) : NULL;
     struct selector s;
-    if (strcmp(verb, "counts") == 0 && n == 2) {
+    if (stats && n <= 2) {
+        const struct cfg_queue *only = n == 2 ? cfg_queue_named(&cfg, a[1]) : NULL;
+        if (n == 2 && !only) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[1], path);
+        else rc = cmd_stats(&cfg, only, json);
+    } else if (queue && (strcmp(verb, "pause") == 0 ? n <= 4 : strcmp(verb, "resume") == 0 && n == 3)) {
+        if (!q) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], path);
+        else rc = cmd_queue(&cfg, q, strcmp(verb, "pause") == 0, n == 4 ? a[3] : NULL);
+    } else if (stats || queue) {
+        fputs(usage, stderr);
+    } else if (strcmp(verb, "counts") == 0 && n == 2) {
         rc = cmd_counts(&cfg, json);
     } else if (strcmp(verb, "list") == 0 && n <= 3) {
         if (n == 3 && !q) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], path);

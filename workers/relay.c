@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #define PRUNE_EVERY_MS 60000
+#define DEDUP_PRUNE_BUDGET_MS 1000 /* per pass: the relay goes back to publishing after that */
 
 /* Where a claim starts, and why events of one aggregate go out in commit order.
  *
@@ -221,6 +222,7 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
         if (n == cfg->relay_batch) continue;
         if (clock_mono_ms() >= next_prune) {
             relay_prune(db, cfg->outbox_retention_s);
+            (void)dedup_prune(db, cfg, DEDUP_PRUNE_BUDGET_MS); /* a failure is logged; the next pass tries again */
             next_prune = clock_mono_ms() + PRUNE_EVERY_MS;
         }
         relay_wait(db, cfg->relay_poll_ms);

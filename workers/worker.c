@@ -210,21 +210,69 @@ static bool should_recycle(struct worker *w) {
     return false;
 }
 
-int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
-    struct worker w = {.cfg = cfg, .q = q};
-    batch_init(&w.batch, cfg, q);
+/* Opens the broker (waiting while it is away) and starts consuming the queue.
+ * Returns 0, -1 when stopped first, or worker_run's exit status:
+ * CV_EXIT_CONFIG when the broker refused the configuration, 1 when consuming
+ * failed (both logged). */
+static int consume_open(struct worker *w, const char *worker_id) {
     char err[512];
-    if (!(w.broker = broker_open_wait(cfg, q->transport, &stop_requested, err, sizeof err))) {
-        if (!err[0]) return 0; /* stopped */
+    if (!(w->broker = broker_open_wait(w->cfg, w->q->transport, &stop_requested, err, sizeof err))) {
+        if (!err[0]) return -1; /* stopped */
         log_error("broker refused the configuration: %s; stopping", err);
         return CV_EXIT_CONFIG;
     }
-    if (broker_consume(w.broker, q, worker_id) < 0) {
-        log_error("cannot consume %s: %s", q->name, broker_error(w.broker));
-        broker_close(w.broker);
+    if (broker_consume(w->broker, w->q, worker_id) < 0) {
+        log_error("cannot consume %s: %s", w->q->name, broker_error(w->broker));
+        broker_close(w->broker);
+        w->broker = NULL;
         return 1;
     }
-    log_info("worker %s consuming queue %s (%s)", worker_id, q->name, transport_name(q->transport));
+    log_info("worker %s consuming queue %s (%s)", worker_id, w->q->name, transport_name(w->q->transport));
+    return 0;
+}
+
+/* A paused queue (conveyor-admin queue pause; queue_pause.c): the worker
+ * settles what it holds, then closes its broker connection and takes nothing
+ * until the queue is resumed, when it opens a new one. Closing is how a
+ * RabbitMQ consumer stops for certain: basic.qos cannot stop one, and a
+ * consumer left open would keep what RabbitMQ delivered ahead of it (up to
+ * prefetch) unacked for as long as the pause lasts. Closed, RabbitMQ puts those
+ * back on the queue at once (they come back marked redelivered, so each is
+ * counted as one handler start when it is taken again) and delivers nothing
+ * more. On Redis the connection's heartbeat thread stops and its key is
+ * deleted; its in-flight list is empty (what it took is settled, and held acks
+ * are sent on close). Returns true while the queue is paused (having waited
+ * 100 ms), or when the database was lost reading it (w->db is then NULL);
+ * false once it is running, with w->broker open
+ * (*status then tells whether opening it failed: worker_run's exit status, or
+ * -1 when stopped). */
+static bool paused_now(struct worker *w, const char *worker_id, int *status) {
+    *status = 0;
+    if (queue_pause_refresh(w->db) < 0) { /* logged; the state last read stays */
+        db_check(w);
+        if (!w->db) return true; /* lost: the loop reconnects before anything is taken */
+    }
+    if (queue_paused(w->q)) {
+        if (w->broker) {
+            log_info("queue %s is paused: worker %s takes nothing until it is resumed", w->q->name, worker_id);
+            broker_close(w->broker);
+            w->broker = NULL;
+        }
+        backoff_sleep(100, &stop_requested);
+        return true;
+    }
+    if (!w->broker) {
+        log_info("queue %s is resumed: worker %s takes from it again", w->q->name, worker_id);
+        *status = consume_open(w, worker_id);
+    }
+    return false;
+}
+
+int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
+    struct worker w = {.cfg = cfg, .q = q};
+    batch_init(&w.batch, cfg, q);
+    int opened = consume_open(&w, worker_id);
+    if (opened) return opened < 0 ? 0 : opened;
 
     int broker_failures = 0;
     /* one take hands over up to the prefetch (what is already delivered or
@@ -252,13 +300,20 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
                 continue;
             }
         }
+        int reopened;
+        if (paused_now(&w, worker_id, &reopened)) continue;
+        if (reopened) { /* stopped, or the broker refused the configuration */
+            status = reopened < 0 ? 0 : reopened;
+            break;
+        }
         /* a batch is what is already delivered; when nothing is, the first one is
-         * waited for, and what came with it taken too */
+         * waited for (at most 500 ms, so that a pause is seen within a second),
+         * and what came with it taken too */
         int want = take_max; /* and no more than max_jobs lets it run before it is recycled */
         if (cfg->max_jobs > 0 && cfg->max_jobs - w.jobs < want) want = (int)(cfg->max_jobs - w.jobs);
         if (want < 1) want = 1;
         int n = 0, rc = broker_take(w.broker, extra, want);
-        if (rc == 0 && (rc = broker_next(w.broker, &extra[0], 1000)) > 0) {
+        if (rc == 0 && (rc = broker_next(w.broker, &extra[0], 500)) > 0) {
             int more = broker_take(w.broker, &extra[1], want - 1);
             rc = more < 0 ? 1 : 1 + more;
         }

@@ -248,4 +248,30 @@ void relay_wake_signal(void);
 int relay_wake_fd(void);
 void relay_wake_clear(void);
 
+/* ---- queue_pause.c: queues paused from the terminal (table queue_state) -------- */
+/* Supervisor, before forking: maps the page through which every process of the
+ * pool sees the paused set. 0, or -1 when the system refused (each process then
+ * reads the table for itself). */
+int queue_pause_init(void);
+/* Reads the paused set from db into the page when the page is older than
+ * 400 ms and no other process of the pool is reading it. Returns 0, or the
+ * error class of the query (logged; the set last read stays). */
+int queue_pause_refresh(struct db *db);
+/* True when q is paused, as last read (false before the first read). For the
+ * metrics: conveyor_queue_paused{queue} is 1 when true. Reads the page only. */
+bool queue_paused(const struct cfg_queue *q);
+/* True once the pool has read the paused set (the metrics may say "unknown" before). */
+bool queue_pause_known(void);
+/* Pauses (paused true) or resumes queue in queue_state, saying who did it (by)
+ * and why (note, may be NULL). Returns 0 or the error class (db_exec). */
+int queue_pause_set(struct db *db, const char *queue, bool paused, const char *by, const char *note);
+
+/* ---- dedup_prune.c: the dedup table's window ------------------------------------ */
+/* Deletes processed_commands rows older than cfg->dedup_retention_days (0:
+ * keeps them all) in batches of cfg->dedup_prune_batch, each its own
+ * statement, until one deletes fewer than a batch or budget_ms have passed.
+ * Returns the rows deleted, or the error class of a failed batch (logged; the
+ * batches before it stay deleted). */
+long dedup_prune(struct db *db, const struct cfg *cfg, int budget_ms);
+
 #endif

@@ -379,6 +379,33 @@ TEST(url_files_are_read_and_checked) {
     clear_env();
 }
 
+TEST(dedup_window_has_defaults_and_bounds) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(c.dedup_retention_days == 30);
+    CHECK(c.dedup_prune_batch == 1000);
+    cfg_free(&c);
+    CHECK(cfg_load("../queues.conf", &c, err, sizeof err) == 0);
+    CHECK(c.dedup_retention_days == 30 && c.dedup_prune_batch == 1000);
+    cfg_free(&c);
+    CHECK(load_text("dedup: { retention_days = 7; prune_batch = 50; };\n" MINIMAL, &c) == 0);
+    CHECK(c.dedup_retention_days == 7 && c.dedup_prune_batch == 50);
+    cfg_free(&c);
+    CHECK(load_text("dedup: { retention_days = 0; };\n" MINIMAL, &c) == 0); /* 0: kept for ever */
+    CHECK(c.dedup_retention_days == 0 && c.dedup_prune_batch == 1000);
+    cfg_free(&c);
+    CHECK(load_text("dedup: { retention_days = -1; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "'dedup.retention_days' must be between 0 and 36500 (got -1)") != NULL);
+    CHECK(strstr(err, ":1:") != NULL);
+    CHECK(load_text("dedup: { prune_batch = 0; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "'dedup.prune_batch' must be between 1 and 100000 (got 0)") != NULL);
+    CHECK(load_text("dedup: { retention_days = \"30d\"; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "'dedup.retention_days' must be an integer") != NULL);
+    CHECK(load_text("dedup: { window = 30; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "unknown setting 'dedup.window'") != NULL);
+}
+
 TEST_MAIN()
 
 TEST(transaction_limits_have_defaults) {
