@@ -101,6 +101,13 @@ int broker_retry(struct broker *b, const struct delivery *d, int delay_ms) {
 
 int broker_maintain(struct broker *b) { return b->ops->maintain(b); }
 
+int broker_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out) {
+    *out = (struct queue_counts){0};
+    int rc = b->ops->queue_counts(b, q, out);
+    if (rc < 0) *out = (struct queue_counts){0};
+    return rc;
+}
+
 int broker_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_letter **out, int *n) {
     *out = NULL;
     *n = 0;

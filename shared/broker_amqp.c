@@ -31,6 +31,7 @@ struct amqp_broker {
     int prefetch;
     uint64_t ack_held;         /* a multiple ack up to this tag, not sent yet (0: none) */
     int ack_held_n;            /* how many deliveries it covers */
+    amqp_connection_state_t count_conn; /* the connection COUNT_CHANNEL is open on (amqp_queue_counts) */
 };
 
 /* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL);
@@ -715,6 +716,65 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
     return 1;
 }
 
+/* The channel of the passive declares that count messages (amqp_queue_counts):
+ * RabbitMQ closes a channel whose passive declare names no queue, and the
+ * publish channel must not go with it. */
+#define COUNT_CHANNEL 2
+
+/* The messages of queue name in *count (0 when RabbitMQ has no such queue:
+ * the counting channel is then opened again). Returns 0 or an error class. */
+static int count_queue(struct amqp_broker *a, const char *name, long *count) {
+    amqp_connection_state_t c = a->publish;
+    amqp_queue_declare_ok_t *ok = amqp_queue_declare(c, COUNT_CHANNEL, amqp_cstring_bytes(name), 1, 0, 0, 0,
+                                                     amqp_empty_table);
+    if (ok) {
+        *count = (long)ok->message_count;
+        return 0;
+    }
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(c);
+    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD &&
+        ((amqp_channel_close_t *)r.reply.decoded)->reply_code == AMQP_NOT_FOUND) {
+        amqp_channel_close_ok_t close_ok = {0};
+        *count = 0;
+        if (amqp_send_method(c, COUNT_CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &close_ok) == AMQP_STATUS_OK) {
+            amqp_channel_open(c, COUNT_CHANNEL);
+            return rpc_check(a, amqp_get_rpc_reply(c), "channel.open");
+        }
+    }
+    return rpc_check(a, r, "counting a queue");
+}
+
+static int amqp_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    const struct cfg *cfg = b->cfg;
+    int rc = open_conn(a, &a->publish, true);
+    if (rc < 0) return rc;
+    if (a->count_conn != a->publish) {
+        amqp_channel_open(a->publish, COUNT_CHANNEL);
+        if ((rc = rpc_check(a, amqp_get_rpc_reply(a->publish), "channel.open")) < 0) goto fail;
+        a->count_conn = a->publish;
+    }
+    char name[300], base[256];
+    long n;
+    names_amqp_queue(cfg, q->name, base, sizeof base);
+    if ((rc = count_queue(a, base, &out->waiting)) < 0) goto fail;
+    names_amqp_dead(cfg, q->name, name, sizeof name);
+    if ((rc = count_queue(a, name, &out->dead)) < 0) goto fail;
+    /* the delay queues retry_queue names: one per doubling of the base delay, up to the cap */
+    for (long nominal = cfg->retry_base_ms;; nominal *= 2) {
+        if (nominal > cfg->retry_max_ms) nominal = cfg->retry_max_ms;
+        snprintf(name, sizeof name, "%s.retry.%ld", base, nominal);
+        if ((rc = count_queue(a, name, &n)) < 0) goto fail;
+        out->retrying += n;
+        if (nominal >= cfg->retry_max_ms) break;
+    }
+    return 0;
+fail:
+    drop(&a->publish);
+    a->count_conn = NULL;
+    return rc;
+}
+
 static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with next, timeout 0 */
     .close = amqp_close_broker,
     .declare = amqp_declare,
@@ -731,6 +791,7 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .publish_events = amqp_publish_events,
     .subscribe = amqp_subscribe,
     .next_event = amqp_next_event,
+    .queue_counts = amqp_queue_counts,
 };
 
 struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size_t errlen) {

@@ -28,6 +28,7 @@ struct broker_ops {
     int (*publish_events)(struct broker *b, const struct outgoing_event *ev, int n);
     int (*subscribe)(struct broker *b, const char *pattern);
     int (*next_event)(struct broker *b, char **json, int timeout_ms);
+    int (*queue_counts)(struct broker *b, const struct cfg_queue *q, struct queue_counts *out);
 };
 
 /* Every backend's state starts with this header. */

@@ -835,6 +835,27 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
     }
 }
 
+static int redis_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    char queue[256], retry[256], dead[256];
+    names_redis(b->cfg, "queue", q->name, queue, sizeof queue);
+    names_redis(b->cfg, "retry", q->name, retry, sizeof retry);
+    names_redis(b->cfg, "dead", q->name, dead, sizeof dead);
+    redisReply *rep = cmd(r, "EVAL %s 3 %s %s %s", "return {redis.call('LLEN', KEYS[1]), "
+                          "redis.call('ZCARD', KEYS[2]), redis.call('LLEN', KEYS[3])}", queue, retry, dead);
+    if (!rep) return last_error(r);
+    int rc = 0;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 3) {
+        out->waiting = (long)rep->element[0]->integer;
+        out->retrying = (long)rep->element[1]->integer;
+        out->dead = (long)rep->element[2]->integer;
+    } else {
+        rc = broker_fail(b, CV_EREFUSED, "redis: unexpected reply counting %s", queue);
+    }
+    freeReplyObject(rep);
+    return rc;
+}
+
 static const struct broker_ops redis_ops = {
     .close = redis_close,
     .declare = redis_declare,
@@ -852,6 +873,7 @@ static const struct broker_ops redis_ops = {
     .publish_events = redis_publish_events,
     .subscribe = redis_subscribe,
     .next_event = redis_next_event,
+    .queue_counts = redis_queue_counts,
 };
 
 struct broker *broker_redis_open(const struct cfg *cfg, int *cls, char *err, size_t errlen) {

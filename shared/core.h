@@ -141,6 +141,10 @@ struct cfg {
     /* where each URL came from, for messages: "database.url", "CONVEYOR_DATABASE_URL" or
      * "CONVEYOR_DATABASE_URL_FILE" (and the same for rabbitmq and redis); static strings */
     const char *database_url_setting, *rabbitmq_url_setting, *redis_url_setting;
+    /* http.listen: the address of the pool's HTTP listener (/livez, /readyz,
+     * /metrics), "127.0.0.1:9464" or "[::1]:9464" (an IP address, not a name);
+     * NULL: no listener. Checked by cfg_load (cfg_http_address). */
+    char *http_listen;
     struct cfg_queue *queues;
     int nqueues;
 };
@@ -165,6 +169,10 @@ const struct cfg_queue *cfg_queue_for(const struct cfg *c, const char *type);
 const struct cfg_queue *cfg_queue_named(const struct cfg *c, const char *name);
 /* True when some queue, or the events, use transport T. */
 bool cfg_uses(const struct cfg *c, enum transport t);
+/* Splits an http.listen value, "IPv4:PORT" or "[IPv6]:PORT", into host (the
+ * address without brackets, at most n-1 bytes) and *port (1-65535); *v6 says
+ * which family. Returns 0, or -1 when it is not of that form. */
+int cfg_http_address(const char *listen, char *host, size_t n, int *port, bool *v6);
 
 /* ---- url.c: connection URLs ------------------------------------------------------ */
 /* url with its password replaced by ***: scheme://user:***@host..., libpq's
@@ -199,6 +207,8 @@ int64_t clock_ms(void);                            /* wall clock, ms since epoch
 int64_t clock_mono_ms(void);                       /* monotonic ms */
 void clock_rfc3339(int64_t ms, char out[32]);      /* 2026-11-20T10:00:00.123Z */
 bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any offset */
+/* An RFC 3339 date-time (any offset) as ms since the epoch (fraction cut to ms), or -1 when not valid. */
+int64_t clock_rfc3339_ms(const char *s);
 bool utf8_valid(const char *s, size_t len);        /* well-formed, no overlongs or surrogates */
 size_t utf8_chars(const char *s);                  /* code points in a valid string */
 
@@ -490,6 +500,17 @@ int broker_dead_letter(struct broker *b, const struct delivery *d, const char *r
  * back on its queue (RabbitMQ: a delay queue whose TTL dead-letters back;
  * Redis: the retry sorted set, moved back by broker_maintain). */
 int broker_retry(struct broker *b, const struct delivery *d, int delay_ms);
+/* The messages of queue q the broker holds: waiting to be taken, scheduled
+ * for a retry, dead letters (what a metrics sampler reads). */
+struct queue_counts {
+    long waiting, retrying, dead;
+};
+/* Fills *out for q: RabbitMQ, passive queue.declare of the queue, of every
+ * delay queue a retry can use (one not declared yet counts 0) and of the dead
+ * letters, on a channel of its own; Redis, LLEN of the queue, ZCARD of the
+ * retry set and LLEN of the dead letters, in one round trip. Returns 0 or an
+ * error class (*out then zeroed). */
+int broker_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out);
 /* Redis liveness (broker_redis.c): a consuming worker's heartbeat is refreshed by
  * a thread of its own while the worker makes progress, that is, gets a reply from
  * its broker or a result from the database connection given here (every result,

@@ -42,12 +42,16 @@ static void db_check(struct worker *w) {
 /* Moves the message to the dead letters, retrying (with capped backoff) while
  * the broker is away or refuses (a dead-letter queue deleted, Redis out of
  * memory): a message is never left half-settled, where a later multiple ack
- * could take it. On stop it is handed back to its queue (broker_requeue). */
+ * could take it. On stop it is handed back to its queue (broker_requeue).
+ * A dead letter is counted (scoreboard) under type (NULL: not known). */
 static void settle_dead(struct worker *w, const struct delivery *d, const char *reason, const char *error,
-                        int attempts, const char *command_id) {
+                        int attempts, const char *command_id, const char *type) {
     log_msg(LOG_WARN, command_id, "dead-lettered (%s): %s", reason, error);
     for (int attempt = 0; !stop_requested; attempt++) {
-        if (broker_dead_letter(w->broker, d, reason, error, attempts) == 0) return;
+        if (broker_dead_letter(w->broker, d, reason, error, attempts) == 0) {
+            scoreboard_outcome(type, SB_DEAD);
+            return;
+        }
         log_warn("cannot dead-letter yet: %s", broker_error(w->broker));
         backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
     }
@@ -70,7 +74,7 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
     char error[600];
     snprintf(error, sizeof error, "%s: %s", cv_strerror(it->rc), it->error ? it->error : "");
     if (it->rc != CV_ERETRY) {
-        settle_dead(w, d, "handler_error", error, attempts, env->id);
+        settle_dead(w, d, "handler_error", error, attempts, env->id, env->type);
         return;
     }
     db_check(w);
@@ -83,7 +87,7 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
         /* a failure is logged; the count it would have kept is the broker's redelivery then */
     }
     if (attempts >= w->q->max_attempts) {
-        settle_dead(w, d, "retries_exhausted", error, attempts, env->id);
+        settle_dead(w, d, "retries_exhausted", error, attempts, env->id, env->type);
         return;
     }
     int delay = backoff_ms(attempts - 1, w->cfg->retry_base_ms, w->cfg->retry_max_ms);
@@ -91,7 +95,10 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
             w->q->max_attempts, error, delay);
     for (int i = 0; !stop_requested; i++) {
         int brc = broker_retry(w->broker, d, delay);
-        if (brc == 0) return;
+        if (brc == 0) {
+            scoreboard_outcome(env->type, SB_RETRIED);
+            return;
+        }
         log_warn("cannot schedule the retry yet: %s", broker_error(w->broker));
         if (brc != CV_ERETRY) break;
         backoff_sleep(backoff_ms(i, 100, 5000), &stop_requested);
@@ -109,7 +116,7 @@ static bool admit(struct worker *w, struct batch_item *it) {
     char err[256];
     if (envelope_parse(it->d.body, it->d.len, (size_t)w->cfg->max_message_bytes, it->d.message_id, &it->env, err,
                        sizeof err) < 0) {
-        settle_dead(w, &it->d, "invalid_envelope", err, 0, NULL);
+        settle_dead(w, &it->d, "invalid_envelope", err, 0, NULL, NULL);
         return false;
     }
     /* A type this build has no handler for, or that this queue's `commands` does
@@ -119,7 +126,7 @@ static bool admit(struct worker *w, struct batch_item *it) {
         if (!it->handler) snprintf(err, sizeof err, "no handler for command type '%s'", it->env.type);
         else snprintf(err, sizeof err, "queue '%s' does not take command type '%s' (its commands in the config)",
                       w->q->name, it->env.type);
-        settle_dead(w, &it->d, "unknown_command", err, 0, it->env.id);
+        settle_dead(w, &it->d, "unknown_command", err, 0, it->env.id, it->env.type);
         return false;
     }
     handler_lock_key(it->handler, it->env.payload, it->key);
@@ -150,7 +157,8 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
     for (int i = 0; i < nv; i++) {
         if (v[i]->live) v[nlive++] = v[i];
         else if (v[i]->exhausted) /* started max_attempts times (some of them killed their worker) */
-            settle_dead(w, &v[i]->d, "retries_exhausted", v[i]->error, v[i]->attempts, v[i]->env.id);
+            settle_dead(w, &v[i]->d, "retries_exhausted", v[i]->error, v[i]->attempts, v[i]->env.id,
+                        v[i]->env.type);
     }
     batch_order(v, nlive);
     if (nlive > 0 && batch_run(&w->batch, v, nlive) == CV_EREFUSED && nlive > 1) {
@@ -163,9 +171,16 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
         }
     }
     /* failures first: a retry acks its own delivery */
+    int64_t commit_us = scoreboard_now_us(), commit_ms = clock_ms();
     for (int i = 0; i < nlive; i++) {
-        if (v[i]->rc < 0) attempt_failed(w, v[i]);
-        else log_msg(LOG_DEBUG, v[i]->env.id, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
+        if (v[i]->rc < 0) {
+            attempt_failed(w, v[i]);
+            continue;
+        }
+        log_msg(LOG_DEBUG, v[i]->env.id, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
+        /* enum outcome and enum sb_outcome agree on applied, rejected, duplicate */
+        scoreboard_committed(v[i]->env.type, (enum sb_outcome)v[i]->rc, v[i]->started_us, commit_us,
+                             v[i]->env.created_at, commit_ms);
     }
     struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;
@@ -224,6 +239,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         return 1;
     }
     log_info("worker %s consuming queue %s (%s)", worker_id, q->name, transport_name(q->transport));
+    scoreboard_state(SB_IDLE, 0);
 
     int broker_failures = 0;
     /* one take hands over up to the prefetch (what is already delivered or
@@ -276,6 +292,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         broker_failures = 0;
         if (n == 0) continue;
         log_msg(LOG_DEBUG, NULL, "took %d message%s", n, n == 1 ? "" : "s");
+        scoreboard_state(SB_BUSY, n);
         /* in transactions of batch_size, in arrival order; all of them, even
          * on stop (they are in hand) */
         for (int off = 0; off < n; off += q->batch_size)
@@ -287,6 +304,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             memset(&items[i], 0, sizeof items[i]);
         }
         w.jobs += n;
+        scoreboard_state(SB_IDLE, 0);
         if (should_recycle(&w)) break;
     }
     free(items);
