@@ -1,5 +1,6 @@
-/* supervisor.c - forks the pool (the workers of every queue, one relay, and a
- * reaper when a queue is on Redis), restarts a child that dies (backing off
+/* supervisor.c - forks the pool (the workers of every queue, one relay, a
+ * reaper when a queue is on Redis, and the HTTP listener when http.listen is
+ * set: http.c), restarts a child that dies (backing off
  * when it crash-loops), reloads queues.conf on SIGHUP, and on SIGTERM / SIGINT
  * stops the children, waits for them, and exits 0.
  *
@@ -7,6 +8,11 @@
  * then a new generation of children starts, and the old children are asked to
  * drain and exit one at a time. Old and new have different worker ids, so no
  * message in flight is taken from a worker that is still finishing it.
+ *
+ * Metrics: the scoreboard (scoreboard.c) is mapped before the first fork;
+ * each child position has a slot that its restarts keep, and the supervisor
+ * writes each slot's pid, state and restart counts. On SIGTERM the HTTP
+ * listener is stopped last, so /readyz says "draining" while the rest drains.
  *
  * Children die with the supervisor: PR_SET_PDEATHSIG sends them SIGTERM when it
  * dies, even of kill -9, and they drain (a Redis worker goes on refreshing its own
