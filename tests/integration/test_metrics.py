@@ -42,14 +42,15 @@ def get(pool, path, method="GET"):
         c.close()
 
 
-def wait_http(pool, path, status, timeout=20):
-    """The response to path once it has status (the listener starts beside the workers)."""
+def wait_http(pool, path, status, timeout=20, pred=lambda body: True):
+    """The response to path once it has status and pred(body) holds (the listener
+    starts beside the workers, and samples the servers once it runs)."""
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
         try:
             last = get(pool, path)
-            if last[0] == status:
+            if last[0] == status and pred(last[2]):
                 return last
         except OSError as e:
             last = e
@@ -259,7 +260,8 @@ def test_counters_move_by_exactly_what_was_published_across_a_kill():
 
 def test_readyz_names_a_queue_without_workers():
     with http_pool(workers={"orders": 0}) as pool:
-        status, _, body = wait_http(pool, "/readyz", 503)
+        status, _, body = wait_http(pool, "/readyz", 503,
+                                    pred=lambda b: json.loads(b)["checks"]["database"] != "not sampled yet")
         checks = json.loads(body)["checks"]
         eq(checks["workers.orders"], "no live worker", "the queue without workers")
         eq(checks["workers.catalog"], "ok", "a queue with a worker")
