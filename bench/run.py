@@ -380,18 +380,26 @@ class Bench:
         R["httpCost"] = {}
         for t in a.transports:
             for b in a.batch_sizes:
-                runs = {"off": [], "on": []}
+                runs, http_us = {"off": [], "on": []}, []
                 for r in range(a.http_rounds):
                     for on in ((False, True) if r % 2 == 0 else (True, False)):
                         res = self.conveyor(t, b, a.commands, http=on)
                         runs["on" if on else "off"].append(res["commandsPerSecond"])
+                        if on:
+                            http_us.append(res["cpu"]["usPerCommand"].get("http", 0.0))
                 off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+                # the listener's own CPU per command, beside what the whole pipeline spends
                 R["httpCost"][f"{t}/batch{b}"] = {"off": runs["off"], "on": runs["on"], "medianOff": off,
-                                                  "medianOn": on, "costPercent": round(100 * (off - on) / off, 1)}
+                                                  "medianOn": on, "costPercent": round(100 * (off - on) / off, 1),
+                                                  "listenerCpuUsPerCommand": statistics.median(http_us),
+                                                  "listenerCpuShareOfMachine": round(
+                                                      statistics.median(http_us) * on / 1e6 / os.cpu_count(), 4)}
         print()
-        print(f"{'HTTP listener on vs off':24} {'median off':>11} {'median on':>10} {'cost':>7}   runs (cmd/s)")
+        print(f"{'HTTP listener on vs off':24} {'median off':>11} {'median on':>10} {'cost':>7} {'cv-http us/cmd':>15}"
+              f" {'of the CPUs':>12}   runs (cmd/s)")
         for key, v in R["httpCost"].items():
-            print(f"{key:24} {v['medianOff']:11.0f} {v['medianOn']:10.0f} {v['costPercent']:6.1f}%   off "
+            print(f"{key:24} {v['medianOff']:11.0f} {v['medianOn']:10.0f} {v['costPercent']:6.1f}% "
+                  f"{v['listenerCpuUsPerCommand']:15.2f} {100 * v['listenerCpuShareOfMachine']:11.2f}%   off "
                   + ", ".join(f"{x:.0f}" for x in v["off"]) + "; on " + ", ".join(f"{x:.0f}" for x in v["on"]))
         print()
         return R
@@ -567,6 +575,7 @@ def cpu_seconds():
         group = ("postgres" if comm == "postgres" else "rabbitmq" if comm == "beam.smp" or parent == "beam.smp"
                  else "redis" if comm == "redis-server" else "workers" if comm.startswith("cv-worker")
                  else "relay" if comm == "cv-relay" else "pool" if comm in ("conveyor-worker", "cv-reaper")
+                 else "http" if comm == "cv-http"
                  else None)
         if group is None:
             continue
