@@ -32,7 +32,8 @@
 #include <unistd.h>
 
 #define SAMPLE_MS 2000
-#define LIVE_WITHIN_MS 5000 /* the supervisor's last tick: older, /livez says 503 */
+#define LIVE_WITHIN_MS 5000
+#define BIND_WAIT_MS 10000 /* the supervisor's last tick: older, /livez says 503 */
 
 struct http {
     const struct cfg *cfg;
@@ -207,7 +208,7 @@ static void sample_brokers(struct http *h, struct http_sample *s) {
     }
 }
 
-/* Binds the listener; NULL when it cannot (logged). */
+/* Binds the listener; NULL when it cannot (quiet: the caller retries, then logs). */
 static struct MHD_Daemon *listen_on(struct http *h) {
     char host[64];
     int port;
@@ -218,14 +219,10 @@ static struct MHD_Daemon *listen_on(struct http *h) {
     if (v6) inet_pton(AF_INET6, host, &a6.sin6_addr);
     else inet_pton(AF_INET, host, &a4.sin_addr);
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | (v6 ? MHD_USE_IPv6 : 0);
-    /* address reuse: during a reload the next listener starts while this one drains */
-    struct MHD_Daemon *d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
-                                            v6 ? (struct sockaddr *)&a6 : (struct sockaddr *)&a4,
-                                            MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
-                                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
-                                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_END);
-    if (!d) log_error("cannot listen on %s (http.listen): address in use or not this host's", h->cfg->http_listen);
-    return d;
+    /* no SO_REUSEPORT: a second pool given the same address must fail, not share it */
+    return MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
+                            v6 ? (struct sockaddr *)&a6 : (struct sockaddr *)&a4, MHD_OPTION_CONNECTION_LIMIT,
+                            (unsigned)64, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_END);
 }
 
 int http_run(const struct cfg *cfg) {
@@ -236,11 +233,20 @@ int http_run(const struct cfg *cfg) {
     pthread_mutex_init(&h.lock, NULL);
     h.sample.nqueues = cfg->nqueues;
     h.sample.queues = xcalloc((size_t)cfg->nqueues, sizeof *h.sample.queues);
+    /* after a reload the listener of the old generation is still closing (it is
+     * retired first): the address is tried again for BIND_WAIT_MS */
     struct MHD_Daemon *d = listen_on(&h);
+    for (int64_t until = clock_mono_ms() + BIND_WAIT_MS; !d && !stop_requested && clock_mono_ms() < until;) {
+        backoff_sleep(200, &stop_requested);
+        d = listen_on(&h);
+    }
     if (!d) {
+        if (!stop_requested)
+            log_error("cannot listen on %s (http.listen): the address is in use or not this host's",
+                      cfg->http_listen);
         free(h.sample.queues);
         pthread_mutex_destroy(&h.lock);
-        return 1;
+        return stop_requested ? 0 : 1;
     }
     log_info("listening on http://%s (/livez, /readyz, /metrics)", cfg->http_listen);
     while (!stop_requested) {
