@@ -293,3 +293,70 @@ def test_readyz_says_draining_while_the_pool_stops():
         eq(rc, 0, "exit status after the drain")
         pub.close()
         ev.close()
+
+
+def test_retried_and_dead_are_counted_and_the_retry_gauge_shows_them():
+    """A serialization failure twice then success, and a deadlock every time
+    (max_attempts 3): four retries, one applied, one dead; while they wait,
+    conveyor_retry_scheduled shows them (the broker's delay queues / retry set)."""
+    from test_recovery import chaos_trigger, product
+    drain_dead("catalog")
+    port = free_port()
+    extra = (f'http: {{ listen = "127.0.0.1:{port}"; }};\n'
+             'retry: { base_delay_ms = 2500; max_delay_ms = 2500; };')
+    with chaos_trigger(), Pool(extra=extra, queue_opts="max_attempts = 3;") as pool:
+        pool.port = port
+        wait_http(pool, "/readyz", 200)
+        before, _ = scrape(pool)
+
+        def delta(s, outcome):
+            return (commands(s, "catalog", "updateStock", outcome) -
+                    commands(before, "catalog", "updateStock", outcome))
+
+        pub, ev = Publisher(), Events()
+        flaky = pub.command(envelope("updateStock", {"productId": product("flaky"), "quantityChange": -1}))
+        pub.command(envelope("updateStock", {"productId": product("doomed"), "quantityChange": 1}))
+        wait_metric(pool, lambda s: value(s, "conveyor_retry_scheduled", queue="catalog") >= 1,
+                    "a retry waiting, in the sampled gauge")
+        ev.wait_result(flaky["id"], timeout=30)
+        s = wait_metric(pool, lambda s: (delta(s, "retried"), delta(s, "applied"), delta(s, "dead")) == (4, 1, 1),
+                        "four retries, one applied, one dead", timeout=30)
+        eq(delta(s, "rejected"), 0.0, "none rejected")
+        wait_metric(pool, lambda s: value(s, "conveyor_retry_scheduled", queue="catalog") == 0 and
+                    value(s, "conveyor_dead_letters", queue="catalog") == 1, "no retry left, one dead letter")
+        eq(len(drain_dead("catalog")), 1, "the dead letter")
+        pub.close()
+        ev.close()
+
+
+def test_counts_go_on_across_a_reload():
+    """SIGHUP: a new generation of children in fresh slots, a new listener on the
+    same address; the counts of the old generation stay in the sums."""
+    with http_pool(workers={"catalog": 1}) as pool:
+        pub, ev = Publisher(), Events()
+        wait_http(pool, "/readyz", 200)
+        before, _ = scrape(pool)
+
+        def applied(s):
+            return (commands(s, "catalog", "createProduct", "applied") -
+                    commands(before, "catalog", "createProduct", "applied"))
+
+        publish_round(pub, ev, 3, 0, 0)
+        wait_metric(pool, lambda s: applied(s) == 3, "three applied")
+        pool.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 20
+        while pool.read_log().count("listening on http://") < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        check(pool.read_log().count("listening on http://") == 2, "a second listener after the reload")
+        wait_http(pool, "/readyz", 200)
+        publish_round(pub, ev, 2, 0, 0)
+        wait_metric(pool, lambda s: applied(s) == 5, "five applied over both generations")
+        # once the old generation is gone (retired one by one), its slots are not counted as workers
+        wait_metric(pool, lambda s: value(s, "conveyor_workers", queue="catalog", state="idle") +
+                    value(s, "conveyor_workers", queue="catalog", state="busy") == 1.0, "one live catalog worker")
+        time.sleep(0.5)
+        s, _ = scrape(pool)
+        eq(applied(s), 5.0, "five applied, still")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
