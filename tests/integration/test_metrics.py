@@ -13,16 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import (ROUTING, TRANSPORT, Events, Failure, Pool, Publisher, check, contract, drain_dead, envelope,
                      eq, new_id, session_pids)
+from test_config import closed_port as free_port  # a local port nothing listens on
 
 OUTCOMES = ("applied", "rejected", "duplicate", "retried", "dead")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def http_pool(**kw):
