@@ -5,6 +5,8 @@
     bench/run.py --smoke              a few seconds of each part (the test suite runs this)
     bench/run.py --commands 200000    twice as long (memory must not grow)
     bench/run.py --profile 10         also a system-wide perf profile of each full-speed run
+    bench/run.py --http               only the cost of the HTTP listener: full-speed runs with
+                                      http.listen off and on, alternating, /metrics scraped every second
 
     BENCH_DATABASE_URL=postgresql://.../other  runs against another database of the same
     server (two builds compared in one session, each on a database of its own);
@@ -47,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 
 import pika
@@ -91,12 +94,15 @@ def servers_env():
     return env
 
 
-def write_config(transport, workers, batch_size, prefetch=16):
-    """A queues.conf for one run: the catalog pool is the one measured."""
+def write_config(transport, workers, batch_size, prefetch=16, http_port=None):
+    """A queues.conf for one run: the catalog pool is the one measured (with the
+    HTTP listener on http_port when given)."""
     prefetch = max(prefetch, 2 * batch_size)
     batch = f"batch_size = {batch_size};" if batch_size != 1 else ""
+    http = f'http: {{ listen = "127.0.0.1:{http_port}"; }};' if http_port else ""
     text = f"""prefix = "conveyor";
 transport = "{transport}";
+{http}
 queues = (
   {{ name = "users";   commands = ["register", "changePassword"]; workers = 1; prefetch = {prefetch}; {batch} }},
   {{ name = "catalog"; commands = ["createProduct", "updateProduct", "updateStock", "deleteProduct"];
@@ -205,10 +211,12 @@ class Bench:
 
     # ---- 3. Conveyor end to end ---------------------------------------------------
 
-    def conveyor(self, transport, batch_size, n, mixed=False, rate=None):
+    def conveyor(self, transport, batch_size, n, mixed=False, rate=None, http=False):
         """One end-to-end run: n commands into conveyor-produce at full speed (or
-        `rate` per second), the pool running. Returns the figures."""
-        conf = write_config(transport, self.args.workers, batch_size, self.args.prefetch)
+        `rate` per second), the pool running (with http, its HTTP listener on and
+        scraped every second). Returns the figures."""
+        http_port = free_port() if http else None
+        conf = write_config(transport, self.args.workers, batch_size, self.args.prefetch, http_port)
         self.reset_products()
         self.quiesce()
         for q in ("users", "catalog", "orders"):
@@ -226,6 +234,7 @@ class Bench:
             prof = Profile(self.args.profile) if self.args.profile and not rate else None
             ckpt0 = self.checkpoints()
             cpu0 = cpu_seconds()
+            scraper = Scraper(http_port) if http else None
             created, t_first, t_last_write, producer = self.publish(conf, n, mixed, rate)
             # done when every command's result event is marked published
             deadline = time.time() + max(600, n / 50)
@@ -248,6 +257,7 @@ class Bench:
             if producer.wait(60) != 0:
                 raise RuntimeError(f"conveyor-produce exited {producer.returncode}: {producer.stderr.read()}")
             cpu1, t_done = cpu_seconds(), time.time()
+            scrapes = scraper.stop() if scraper else None
             ckpts = self.checkpoints() - ckpt0
             end_rss = mem.current()
             mem.stop()
@@ -283,6 +293,10 @@ class Bench:
                                    "transactionToPublished": {"p50": pct(after_tx, 50), "p99": pct(after_tx, 99)}},
                "rss": mem.report(half_rss, end_rss), "poolLog": pool_log.name,
                "cpu": cpu_per_command(cpu0, cpu1, n, t_done - t_first), "checkpoints": ckpts}
+        if scrapes:
+            res["scrapes"] = scrapes
+            if scrapes["failed"] or not scrapes["ok"]:
+                raise RuntimeError(f"/metrics scrapes: {scrapes}; see {pool_log.name}")
         stages = res["latencyStagesMs"]
         if profile:
             res["profile"] = profile
@@ -358,6 +372,38 @@ class Bench:
         self.ratios()
         return R
 
+    def http_cost(self):
+        """The HTTP listener's cost: per transport and batch size, full-speed runs
+        with it off and on, alternating (off-on, then on-off, ...: the machine
+        drifts within minutes), /metrics scraped every second while on."""
+        a, R = self.args, self.results
+        R["httpCost"] = {}
+        for t in a.transports:
+            for b in a.batch_sizes:
+                runs, http_us = {"off": [], "on": []}, []
+                for r in range(a.http_rounds):
+                    for on in ((False, True) if r % 2 == 0 else (True, False)):
+                        res = self.conveyor(t, b, a.commands, http=on)
+                        runs["on" if on else "off"].append(res["commandsPerSecond"])
+                        if on:
+                            http_us.append(res["cpu"]["usPerCommand"].get("http", 0.0))
+                off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+                # the listener's own CPU per command, beside what the whole pipeline spends
+                R["httpCost"][f"{t}/batch{b}"] = {"off": runs["off"], "on": runs["on"], "medianOff": off,
+                                                  "medianOn": on, "costPercent": round(100 * (off - on) / off, 1),
+                                                  "listenerCpuUsPerCommand": statistics.median(http_us),
+                                                  "listenerCpuShareOfMachine": round(
+                                                      statistics.median(http_us) * on / 1e6 / os.cpu_count(), 4)}
+        print()
+        print(f"{'HTTP listener on vs off':24} {'median off':>11} {'median on':>10} {'cost':>7} {'cv-http us/cmd':>15}"
+              f" {'of the CPUs':>12}   runs (cmd/s)")
+        for key, v in R["httpCost"].items():
+            print(f"{key:24} {v['medianOff']:11.0f} {v['medianOn']:10.0f} {v['costPercent']:6.1f}% "
+                  f"{v['listenerCpuUsPerCommand']:15.2f} {100 * v['listenerCpuShareOfMachine']:11.2f}%   off "
+                  + ", ".join(f"{x:.0f}" for x in v["off"]) + "; on " + ", ".join(f"{x:.0f}" for x in v["on"]))
+        print()
+        return R
+
     def ratios(self):
         R = self.results
         runs = [R["pgbench"]["x1"]["commandsPerSecond"]] + [x["commandsPerSecond"] for x in R["pgbench"].get("x1Again", [])]
@@ -398,6 +444,43 @@ def pct(sorted_values, p):
         return None
     i = min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))
     return round(sorted_values[i], 1)
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Scraper(threading.Thread):
+    """GET /metrics every second (a Prometheus scrapes every 15 s or so: this is
+    the heavy case), counting the answers."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.ok = self.failed = 0
+        self.halt = threading.Event()
+        self.start()
+
+    def run(self):
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    r.read()
+                    self.ok += 1
+            except OSError:
+                self.failed += 1
+            if self.halt.wait(1.0):
+                return
+
+    def stop(self):
+        self.halt.set()
+        self.join()
+        return {"ok": self.ok, "failed": self.failed}
 
 
 def wait_ready(pool, log_path, consumers, timeout=30):
@@ -492,6 +575,7 @@ def cpu_seconds():
         group = ("postgres" if comm == "postgres" else "rabbitmq" if comm == "beam.smp" or parent == "beam.smp"
                  else "redis" if comm == "redis-server" else "workers" if comm.startswith("cv-worker")
                  else "relay" if comm == "cv-relay" else "pool" if comm in ("conveyor-worker", "cv-reaper")
+                 else "http" if comm == "cv-http"
                  else None)
         if group is None:
             continue
@@ -649,6 +733,9 @@ def main():
                     help="record a system-wide perf profile for SECONDS of each full-speed run, print where "
                          "the CPU went, keep the data for perf report")
     ap.add_argument("--smoke", action="store_true", help="tiny figures, to check that the benchmark works")
+    ap.add_argument("--http", action="store_true",
+                    help="only the HTTP listener's cost: --http-rounds pairs of full-speed runs, off and on")
+    ap.add_argument("--http-rounds", type=int, default=3)
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"), help="where the figures go")
     a = ap.parse_args()
     try:
@@ -661,7 +748,7 @@ def main():
         a.commands, a.latency_commands, a.mixed_commands = 600, 200, 150
         a.pgbench_seconds, a.broker_messages = 2, 2000
     try:
-        results = Bench(a).run()
+        results = Bench(a).http_cost() if a.http else Bench(a).run()
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"bench: failed: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <arpa/inet.h>
 #include <libconfig.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -203,7 +204,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
 
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
-                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "queues",
+                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "queues",
                                       NULL};
     static const char *const k_url[] = {"url", NULL};
     static const char *const k_rabbitmq[] = {"url", "ca_file", "cert_file", "key_file", NULL};
@@ -216,6 +217,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const k_relay[] = {"poll_interval_ms", "batch_size", "retention_seconds", NULL};
     static const char *const k_sup[] = {"shutdown_timeout", "max_jobs", "max_rss_mb", NULL};
     static const char *const k_dedup[] = {"retention_days", "prune_batch", NULL};
+    static const char *const k_http[] = {"listen", NULL};
     config_setting_t *root = config_root_setting(lc), *g;
     if (only_known(l, root, top) < 0) return -1;
 
@@ -276,6 +278,14 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     if (get_group(l, root, "dedup", k_dedup, &g) < 0 ||
         get_int(l, g, "retention_days", 0, 36500, &c->dedup_retention_days) < 0 ||
         get_int(l, g, "prune_batch", 1, 100000, &c->dedup_prune_batch) < 0) return -1;
+
+    if (get_group(l, root, "http", k_http, &g) < 0 || get_string(l, g, "listen", &c->http_listen) < 0) return -1;
+    char host[64];
+    int port;
+    bool v6;
+    if (c->http_listen && cfg_http_address(c->http_listen, host, sizeof host, &port, &v6) < 0)
+        return fail(l, config_setting_get_member(g, "listen"),
+                    "'http.listen' must be \"IPv4:PORT\" or \"[IPv6]:PORT\" (say \"127.0.0.1:9464\"), port 1-65535");
 
     config_setting_t *qs = config_setting_get_member(root, "queues");
     if (!qs) return fail(l, NULL, "'queues' is required: a list of ( { name = ...; commands = [...]; }, ... )");
@@ -440,6 +450,7 @@ void cfg_free(struct cfg *c) {
     free(c->rabbitmq_cert_file);
     free(c->rabbitmq_key_file);
     free(c->redis_url);
+    free(c->http_listen);
     memset(c, 0, sizeof *c);
 }
 
@@ -461,4 +472,27 @@ bool cfg_uses(const struct cfg *c, enum transport t) {
     for (int i = 0; i < c->nqueues; i++)
         if (c->queues[i].transport == t) return true;
     return false;
+}
+
+int cfg_http_address(const char *listen, char *host, size_t n, int *port, bool *v6) {
+    const char *colon = strrchr(listen, ':');
+    if (!colon || colon == listen) return -1;
+    const char *h = listen;
+    size_t len = (size_t)(colon - listen);
+    *v6 = h[0] == '[';
+    if (*v6) {
+        if (len < 3 || h[len - 1] != ']') return -1;
+        h++;
+        len -= 2;
+    }
+    if (len >= n) return -1;
+    memcpy(host, h, len);
+    host[len] = '\0';
+    unsigned char addr[sizeof(struct in6_addr)];
+    if (inet_pton(*v6 ? AF_INET6 : AF_INET, host, addr) != 1) return -1;
+    char *end;
+    long p = strtol(colon + 1, &end, 10);
+    if (!isdigit((unsigned char)colon[1]) || *end || p < 1 || p > 65535) return -1;
+    *port = (int)p;
+    return 0;
 }

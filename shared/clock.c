@@ -2,6 +2,7 @@
 #include "core.h"
 
 #include <ctype.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -53,4 +54,26 @@ bool clock_rfc3339_valid(const char *s) {
     if ((*p == '+' || *p == '-') && digits(p + 1, 2) && p[3] == ':' && digits(p + 4, 2) && p[6] == '\0')
         return true;
     return false;
+}
+
+int64_t clock_rfc3339_ms(const char *s) {
+    if (!clock_rfc3339_valid(s)) return -1;
+    struct tm tm = {0};
+    tm.tm_year = atoi(s) - 1900;
+    tm.tm_mon = atoi(s + 5) - 1;
+    tm.tm_mday = atoi(s + 8);
+    tm.tm_hour = atoi(s + 11);
+    tm.tm_min = atoi(s + 14);
+    tm.tm_sec = atoi(s + 17);
+    int64_t ms = (int64_t)timegm(&tm) * 1000;
+    const char *p = s + 19;
+    if (*p == '.') { /* milliseconds: the first three digits of the fraction */
+        int scale = 100;
+        for (p++; isdigit((unsigned char)*p); p++, scale /= 10) ms += scale * (*p - '0');
+    }
+    if (*p == '+' || *p == '-') {
+        int64_t off = ((int64_t)atoi(p + 1) * 60 + atoi(p + 4)) * 60000;
+        ms += *p == '+' ? -off : off;
+    }
+    return ms;
 }

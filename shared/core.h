@@ -149,6 +149,10 @@ struct cfg {
     /* where each URL came from, for messages: "database.url", "CONVEYOR_DATABASE_URL" or
      * "CONVEYOR_DATABASE_URL_FILE" (and the same for rabbitmq and redis); static strings */
     const char *database_url_setting, *rabbitmq_url_setting, *redis_url_setting;
+    /* http.listen: the address of the pool's HTTP listener (/livez, /readyz,
+     * /metrics), "127.0.0.1:9464" or "[::1]:9464" (an IP address, not a name);
+     * NULL: no listener. Checked by cfg_load (cfg_http_address). */
+    char *http_listen;
     struct cfg_queue *queues;
     int nqueues;
 };
@@ -173,6 +177,10 @@ const struct cfg_queue *cfg_queue_for(const struct cfg *c, const char *type);
 const struct cfg_queue *cfg_queue_named(const struct cfg *c, const char *name);
 /* True when some queue, or the events, use transport T. */
 bool cfg_uses(const struct cfg *c, enum transport t);
+/* Splits an http.listen value, "IPv4:PORT" or "[IPv6]:PORT", into host (the
+ * address without brackets, at most n-1 bytes) and *port (1-65535); *v6 says
+ * which family. Returns 0, or -1 when it is not of that form. */
+int cfg_http_address(const char *listen, char *host, size_t n, int *port, bool *v6);
 
 /* ---- url.c: connection URLs ------------------------------------------------------ */
 /* url with its password replaced by ***: scheme://user:***@host..., libpq's
@@ -207,6 +215,8 @@ int64_t clock_ms(void);                            /* wall clock, ms since epoch
 int64_t clock_mono_ms(void);                       /* monotonic ms */
 void clock_rfc3339(int64_t ms, char out[32]);      /* 2026-11-20T10:00:00.123Z */
 bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any offset */
+/* An RFC 3339 date-time (any offset) as ms since the epoch (fraction cut to ms), or -1 when not valid. */
+int64_t clock_rfc3339_ms(const char *s);
 bool utf8_valid(const char *s, size_t len);        /* well-formed, no overlongs or surrogates */
 size_t utf8_chars(const char *s);                  /* code points in a valid string */
 

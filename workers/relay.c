@@ -116,6 +116,7 @@ static int relay_drain(struct db *db, struct broker *b, int batch, struct claim_
         row_ids[i] = PQgetvalue(r, i, 2);
     }
     rc = broker_publish_events(b, ev, n);
+    for (int i = 0; i < n && rc == 0; i++) scoreboard_event_published(ev[i].type);
     free(ev);
     char *ids = rc < 0 ? NULL : db_array(row_ids, n); /* a bigint[] literal of the ids the database gave us */
     free(row_ids);

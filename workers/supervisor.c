@@ -1,5 +1,6 @@
-/* supervisor.c - forks the pool (the workers of every queue, one relay, and a
- * reaper when a queue is on Redis), restarts a child that dies (backing off
+/* supervisor.c - forks the pool (the workers of every queue, one relay, a
+ * reaper when a queue is on Redis, and the HTTP listener when http.listen is
+ * set: http.c), restarts a child that dies (backing off
  * when it crash-loops), reloads queues.conf on SIGHUP, and on SIGTERM / SIGINT
  * stops the children, waits for them, and exits 0.
  *
@@ -7,6 +8,11 @@
  * then a new generation of children starts, and the old children are asked to
  * drain and exit one at a time. Old and new have different worker ids, so no
  * message in flight is taken from a worker that is still finishing it.
+ *
+ * Metrics: the scoreboard (scoreboard.c) is mapped before the first fork;
+ * each child position has a slot that its restarts keep, and the supervisor
+ * writes each slot's pid, state and restart counts. On SIGTERM the HTTP
+ * listener is stopped last, so /readyz says "draining" while the rest drains.
  *
  * Children die with the supervisor: PR_SET_PDEATHSIG sends them SIGTERM when it
  * dies, even of kill -9, and they drain (a Redis worker goes on refreshing its own
@@ -27,8 +33,8 @@
 #define RESTART_BASE_MS 250   /* backoff of a crash-looping child: 250 ms, doubling ... */
 #define RESTART_CAP_MS 10000  /* ... up to 10 s */
 
-enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER };
-static const char *kind_name[] = {"worker", "relay", "reaper"};
+enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER, CHILD_HTTP };
+static const char *kind_name[] = {"worker", "relay", "reaper", "http"};
 
 struct child {
     pid_t pid;                     /* 0 while not running */
@@ -37,6 +43,7 @@ struct child {
     char worker_id[160];
     int64_t started_ms, restart_at_ms;
     int crashes;                   /* consecutive quick deaths */
+    int slot;                      /* its scoreboard slot, or -1 */
 };
 
 struct pool {
@@ -64,14 +71,17 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
              c->kind == CHILD_WORKER ? c->queue->name : "");
     prctl(PR_SET_NAME, comm);
     log_init(kind_name[c->kind]);
+    scoreboard_attach(c->slot);
     int rc = c->kind == CHILD_WORKER ? worker_run(cfg, c->queue, c->worker_id)
            : c->kind == CHILD_RELAY  ? relay_run(cfg)
+           : c->kind == CHILD_HTTP   ? http_run(cfg)
                                      : reaper_run(cfg);
     exit(rc); /* exit, not _exit: flushes stdio, and LeakSanitizer checks the child */
 }
 
 static void spawn(struct pool *p, struct child *c) {
     pid_t parent = getpid();
+    scoreboard_spawning(c->slot);
     pid_t pid = fork();
     if (pid < 0) {
         log_error("fork failed: %s", strerror(errno));
@@ -81,6 +91,7 @@ static void spawn(struct pool *p, struct child *c) {
     if (pid == 0) child_main(p->cfg, c, &p->mask, parent);
     c->pid = pid;
     c->started_ms = clock_mono_ms();
+    scoreboard_started(c->slot, pid);
 }
 
 /* The children p->cfg asks for, started. */
@@ -93,6 +104,7 @@ static void start_generation(struct pool *p) {
         redis_queues |= cfg->queues[i].transport == TRANSPORT_REDIS;
     }
     n += redis_queues;
+    n += cfg->http_listen != NULL;
     p->kids = xcalloc((size_t)n, sizeof *p->kids);
     p->nkids = n;
     p->generation++;
@@ -103,6 +115,7 @@ static void start_generation(struct pool *p) {
     for (int i = 0; i < cfg->nqueues; i++)
         for (int j = 0; j < cfg->queues[i].workers; j++, k++) {
             p->kids[k].queue = &cfg->queues[i];
+            p->kids[k].slot = scoreboard_assign(SB_WORKER, &cfg->queues[i], j);
             /* stable across restarts, so a restarted worker finds what its predecessor left in
              * flight; a new generation (reload) gets new ids */
             char gen[16] = "";
@@ -111,13 +124,21 @@ static void start_generation(struct pool *p) {
                      cfg->queues[i].name, j);
         }
     p->kids[k].kind = CHILD_RELAY;
+    p->kids[k].slot = scoreboard_assign(SB_RELAY, NULL, 0);
     snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "relay");
     if (redis_queues) {
         p->kids[k].kind = CHILD_REAPER;
+        p->kids[k].slot = scoreboard_assign(SB_REAPER, NULL, 0);
         snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "reaper");
     }
+    if (cfg->http_listen) { /* last: on SIGTERM it stops after the others (supervisor_run) */
+        p->kids[k].kind = CHILD_HTTP;
+        p->kids[k].slot = -1;
+        snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "http");
+    }
     for (int i = 0; i < n; i++) spawn(p, &p->kids[i]);
-    log_info("pool started: %d workers, a relay%s", n - 1 - redis_queues, redis_queues ? " and a reaper" : "");
+    log_info("pool started: %d workers, a relay%s%s", n - 1 - redis_queues - (cfg->http_listen != NULL),
+             redis_queues ? ", a reaper" : "", cfg->http_listen ? " and an HTTP listener" : "");
 }
 
 /* SIGHUP: a checked new configuration, a new generation, the old one retired. */
@@ -143,6 +164,7 @@ static void reload(struct pool *p) {
     p->retiring = retiring;
     for (int i = 0; i < p->nkids; i++)
         if (p->kids[i].pid) p->retiring[p->nretiring++] = p->kids[i].pid;
+        else scoreboard_release(p->kids[i].slot); /* waiting for a restart: nothing runs in it */
     free(p->kids);
     cfg_free(p->cfg);
     *p->cfg = next;
@@ -161,17 +183,25 @@ static void reaped(struct pool *p, pid_t pid, int status, bool stopping) {
     relay_wake_forget(pid);
     if (pid == p->retiring_now) {
         p->retiring_now = 0;
+        scoreboard_exited(pid, -1, true);
         return;
     }
     for (int i = 0; i < p->nretiring; i++)
         if (p->retiring[i] == pid) {
             p->retiring[i] = p->retiring[--p->nretiring];
+            scoreboard_exited(pid, -1, true);
             return;
         }
     for (int i = 0; i < p->nkids; i++) {
         struct child *c = &p->kids[i];
         if (c->pid != pid) continue;
         c->pid = 0;
+        bool refused = WIFEXITED(status) && WEXITSTATUS(status) == CV_EXIT_CONFIG;
+        scoreboard_exited(pid, stopping ? -1
+                               : WIFSIGNALED(status) ? SB_RESTART_SIGNAL
+                               : refused ? SB_RESTART_CONFIG
+                               : WIFEXITED(status) && WEXITSTATUS(status) == 0 ? SB_RESTART_RECYCLED
+                                                                                : SB_RESTART_EXIT, false);
         if (stopping) return;
         int64_t now = clock_mono_ms();
         if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
@@ -183,7 +213,6 @@ static void reaped(struct pool *p, pid_t pid, int status, bool stopping) {
         }
         /* a child stopped by a configuration error (a password changed while running) backs off
          * however long it ran: it fails again until the setting is fixed */
-        bool refused = WIFEXITED(status) && WEXITSTATUS(status) == CV_EXIT_CONFIG;
         c->crashes = refused || now - c->started_ms < STABLE_MS ? c->crashes + 1 : 0;
         int delay = c->crashes ? backoff_ms(c->crashes - 1, RESTART_BASE_MS, RESTART_CAP_MS) : 0;
         c->restart_at_ms = now + delay;
@@ -209,6 +238,7 @@ int supervisor_run(struct cfg *cfg) {
     sigaddset(&p.mask, SIGHUP);
     sigprocmask(SIG_BLOCK, &p.mask, NULL);
     if (relay_wake_init() < 0) log_warn("no shared wake-up for the relay (%s); workers NOTIFY it", strerror(errno));
+    if (scoreboard_init(cfg) < 0) log_warn("no scoreboard (%s): the pool's commands are not counted", strerror(errno));
     start_generation(&p);
 
     bool stopping = false;
@@ -216,14 +246,17 @@ int supervisor_run(struct cfg *cfg) {
     for (;;) {
         struct timespec tick = {0, 200 * 1000000L};
         siginfo_t si;
+        scoreboard_tick();
         int sig = sigtimedwait(&p.mask, &si, &tick);
         if ((sig == SIGTERM || sig == SIGINT) && !stopping) {
             stopping = true;
             deadline = clock_mono_ms() + p.cfg->shutdown_timeout_s * 1000L;
             log_info("%s: draining the pool (up to %d s)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                      p.cfg->shutdown_timeout_s);
+            scoreboard_set_flags(true);
+            /* the HTTP listener stays, saying /readyz 503, until the rest is gone */
             for (int i = 0; i < p.nkids; i++)
-                if (p.kids[i].pid) kill(p.kids[i].pid, SIGTERM);
+                if (p.kids[i].pid && p.kids[i].kind != CHILD_HTTP) kill(p.kids[i].pid, SIGTERM);
             for (int i = 0; i < p.nretiring; i++) kill(p.retiring[i], SIGTERM);
         } else if (sig == SIGHUP && !stopping) {
             reload(&p);
@@ -232,12 +265,16 @@ int supervisor_run(struct cfg *cfg) {
         int status;
         while ((pid = waitpid(-1, &status, WNOHANG)) > 0) reaped(&p, pid, status, stopping);
         if (!stopping) retire_next(&p);
-        int running = p.nretiring + (p.retiring_now != 0);
+        int running = p.nretiring + (p.retiring_now != 0), listeners = 0;
         for (int i = 0; i < p.nkids; i++) {
             struct child *c = &p.kids[i];
             if (!c->pid && !stopping && clock_mono_ms() >= c->restart_at_ms) spawn(&p, c);
             running += c->pid != 0;
+            listeners += c->pid != 0 && c->kind == CHILD_HTTP;
         }
+        if (stopping && running > 0 && running == listeners)
+            for (int i = 0; i < p.nkids; i++)
+                if (p.kids[i].pid) kill(p.kids[i].pid, SIGTERM); /* SIGTERM again is harmless */
         if (stopping && running == 0) break;
         if (stopping && clock_mono_ms() > deadline) {
             log_warn("shutdown timeout: killing %d children (their messages return to the queue)", running);

@@ -42,12 +42,16 @@ static void db_check(struct worker *w) {
 /* Moves the message to the dead letters, retrying (with capped backoff) while
  * the broker is away or refuses (a dead-letter queue deleted, Redis out of
  * memory): a message is never left half-settled, where a later multiple ack
- * could take it. On stop it is handed back to its queue (broker_requeue). */
+ * could take it. On stop it is handed back to its queue (broker_requeue).
+ * A dead letter is counted (scoreboard) under cmd's type (cmd NULL: not known). */
 static void settle_dead(struct worker *w, const struct delivery *d, const char *reason, const char *error,
                         int attempts, const struct envelope *cmd) {
     log_cmd(LOG_WARN, cmd, "dead-lettered (%s): %s", reason, error);
     for (int attempt = 0; !stop_requested; attempt++) {
-        if (broker_dead_letter(w->broker, d, reason, error, attempts) == 0) return;
+        if (broker_dead_letter(w->broker, d, reason, error, attempts) == 0) {
+            scoreboard_outcome(cmd ? cmd->type : NULL, SB_DEAD);
+            return;
+        }
         log_warn("cannot dead-letter yet: %s", broker_error(w->broker));
         backoff_sleep(backoff_ms(attempt, 100, 5000), &stop_requested);
     }
@@ -91,7 +95,10 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
             w->q->max_attempts, error, delay);
     for (int i = 0; !stop_requested; i++) {
         int brc = broker_retry(w->broker, d, delay);
-        if (brc == 0) return;
+        if (brc == 0) {
+            scoreboard_outcome(env->type, SB_RETRIED);
+            return;
+        }
         log_warn("cannot schedule the retry yet: %s", broker_error(w->broker));
         if (brc != CV_ERETRY) break;
         backoff_sleep(backoff_ms(i, 100, 5000), &stop_requested);
@@ -164,9 +171,16 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
         }
     }
     /* failures first: a retry acks its own delivery */
+    int64_t commit_us = scoreboard_now_us(), commit_ms = clock_ms();
     for (int i = 0; i < nlive; i++) {
-        if (v[i]->rc < 0) attempt_failed(w, v[i]);
-        else log_cmd(LOG_DEBUG, &v[i]->env, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
+        if (v[i]->rc < 0) {
+            attempt_failed(w, v[i]);
+            continue;
+        }
+        log_cmd(LOG_DEBUG, &v[i]->env, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
+        /* enum outcome and enum sb_outcome agree on applied, rejected, duplicate */
+        scoreboard_committed(v[i]->env.type, (enum sb_outcome)v[i]->rc, v[i]->started_us, commit_us,
+                             v[i]->env.created_at, commit_ms);
     }
     struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;
@@ -273,6 +287,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     batch_init(&w.batch, cfg, q);
     int opened = consume_open(&w, worker_id);
     if (opened) return opened < 0 ? 0 : opened;
+    scoreboard_state(SB_IDLE, 0);
 
     int broker_failures = 0;
     /* one take hands over up to the prefetch (what is already delivered or
@@ -332,6 +347,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         broker_failures = 0;
         if (n == 0) continue;
         log_msg(LOG_DEBUG, NULL, "took %d message%s", n, n == 1 ? "" : "s");
+        scoreboard_state(SB_BUSY, n);
         /* in transactions of batch_size, in arrival order; all of them, even
          * on stop (they are in hand) */
         for (int off = 0; off < n; off += q->batch_size)
@@ -343,6 +359,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             memset(&items[i], 0, sizeof items[i]);
         }
         w.jobs += n;
+        scoreboard_state(SB_IDLE, 0);
         if (should_recycle(&w)) break;
     }
     free(items);

@@ -152,7 +152,7 @@ void emit_stock_notifications(struct cmd_ctx *ctx, const char *product_id, long 
 int password_hash(const struct cmd_ctx *ctx, const char *password, char out[128]);
 
 /* ---- batch.c: the transaction of a batch --------------------------------------- */
-enum outcome { OUTCOME_APPLIED, OUTCOME_REJECTED, OUTCOME_DUPLICATE };
+enum outcome { OUTCOME_APPLIED, OUTCOME_REJECTED, OUTCOME_DUPLICATE }; /* as enum sb_outcome's first three */
 
 /* One message of a batch, from delivery to settlement (worker.c owns it). */
 struct batch_item {
@@ -171,6 +171,7 @@ struct batch_item {
     bool alone;           /* its statement failed when run ahead: it runs alone (and meets the error once more) */
     char *error;          /* with a failure: the database's error text (owned) */
     char key[ID_LEN + 3]; /* the row it locks first (handler_lock_key), for lock order; or "" */
+    int64_t started_us;   /* when its handler first started (scoreboard_now_us), or 0 */
 };
 
 /* A worker's transactions: its connection and what a batch needs to know. */
@@ -232,6 +233,112 @@ int reaper_run(const struct cfg *cfg);
  * RabbitMQ topology that cannot be declared, is logged and changes nothing;
  * otherwise the old *cfg is cfg_free()d and replaced (pointers into it go stale). */
 int supervisor_run(struct cfg *cfg);
+
+/* ---- scoreboard.c: the pool's counters, in memory shared by its processes ------
+ * One slot per worker position, the relay and the reaper; each written by its
+ * own process (relaxed stores, no lock) and by the supervisor (pid, state,
+ * restarts). Read by the HTTP child (metrics.c). Every function does nothing
+ * before scoreboard_init, and a process with no slot counts nothing. */
+enum sb_kind { SB_WORKER, SB_RELAY, SB_REAPER };
+enum sb_state { SB_DOWN, SB_STARTING, SB_IDLE, SB_BUSY, SB_RETIRED, SB_NSTATES };
+enum sb_outcome { SB_APPLIED, SB_REJECTED, SB_DUPLICATE, SB_RETRIED, SB_DEAD, SB_NOUTCOMES };
+/* why the supervisor restarted a child: killed by a signal, a non-zero exit, a
+ * configuration refused (exit 2), recycled (max_jobs, max_rss_mb) */
+enum sb_restart { SB_RESTART_SIGNAL, SB_RESTART_EXIT, SB_RESTART_CONFIG, SB_RESTART_RECYCLED, SB_NRESTARTS };
+#define SB_TYPES 16             /* a queue's command types counted apart (the 16th and later: "unknown") */
+#define SB_DURATION_BUCKETS 14
+#define SB_LATENCY_BUCKETS 18
+#define SB_EVENT_TYPES 11
+extern const double sb_duration_bounds[SB_DURATION_BUCKETS]; /* seconds, upper bounds */
+extern const double sb_latency_bounds[SB_LATENCY_BUCKETS];   /* seconds: 5 ms to one hour */
+extern const char *const sb_event_types[SB_EVENT_TYPES];     /* events counted apart; the rest "other" */
+extern const char *const sb_state_names[SB_NSTATES];
+extern const char *const sb_outcome_names[SB_NOUTCOMES];
+extern const char *const sb_restart_names[SB_NRESTARTS];
+
+struct sb_type_counts {
+    uint64_t outcomes[SB_NOUTCOMES];
+    uint64_t duration[SB_DURATION_BUCKETS + 1]; /* not cumulative; the last is above every bound */
+    uint64_t duration_sum_us;
+};
+struct sb_slot {
+    /* set by the supervisor when the slot is first assigned, then fixed */
+    int32_t used, kind, position, ntypes;
+    char queue[CFG_NAME_MAX];
+    char types[SB_TYPES][CFG_NAME_MAX];      /* the queue's command types, then "unknown" */
+    int32_t taken;                            /* the supervisor's: a child of the pool owns it */
+    /* written by the supervisor */
+    pid_t pid;                                /* 0 while no process runs in it */
+    uint64_t restarts[SB_NRESTARTS];
+    /* written by the supervisor (down, starting, retired) and by its process (idle, busy) */
+    int32_t state;
+    /* written by its process */
+    int32_t in_hand;                          /* messages the worker holds */
+    struct sb_type_counts counts[SB_TYPES];
+    uint64_t latency[SB_LATENCY_BUCKETS + 1]; /* createdAt to commit; not cumulative */
+    uint64_t latency_sum_ms;
+    uint64_t events[SB_EVENT_TYPES + 1];      /* relay: published, by type; the last "other" */
+};
+struct scoreboard {
+    int32_t nslots;
+    int32_t draining;                         /* the supervisor is stopping the pool */
+    int64_t supervisor_tick_ms;               /* clock_mono_ms of the supervisor's last loop */
+    struct sb_slot slot[];
+};
+/* Supervisor, before forking: maps the region for cfg (see the file's comment
+ * for its size). Returns 0, or -1 with errno (then nothing is counted). */
+int scoreboard_init(const struct cfg *cfg);
+/* The region (read-only use), or NULL before scoreboard_init. */
+const struct scoreboard *scoreboard_get(void);
+/* Supervisor: a slot for a child of kind (q and position: the worker's queue
+ * and index in it; q NULL otherwise): the one an exited child of that position
+ * left, else a fresh one; -1 when none is left (logged). */
+int scoreboard_assign(enum sb_kind kind, const struct cfg_queue *q, int position);
+/* Supervisor: the slot's position is no longer the pool's (a reload): retired, reusable. */
+void scoreboard_release(int slot);
+/* Supervisor: the slot's child is being started (state starting), and has pid. */
+void scoreboard_spawning(int slot);
+void scoreboard_started(int slot, pid_t pid);
+/* Supervisor: pid exited; restart_reason (enum sb_restart) is counted unless
+ * negative; a retired one's slot is free for a later reload. */
+void scoreboard_exited(pid_t pid, int restart_reason, bool retired);
+/* Supervisor: its loop ran now; and whether the pool is draining. */
+void scoreboard_tick(void);
+void scoreboard_set_flags(bool draining);
+/* Child: from now on it writes slot (-1: none). */
+void scoreboard_attach(int slot);
+/* Worker: its state (idle, busy) and how many messages it holds. */
+void scoreboard_state(enum sb_state state, int in_hand);
+/* A monotonic clock in microseconds (command durations). */
+int64_t scoreboard_now_us(void);
+/* Worker: one command of type ended with outcome (retried, dead: no commit). */
+void scoreboard_outcome(const char *type, enum sb_outcome outcome);
+/* Worker: one command of type committed with outcome; its handler started at
+ * started_us (0: did not run) and the commit ended at commit_us
+ * (scoreboard_now_us), commit_wall_ms on the wall clock; created_at (its
+ * createdAt, NULL when absent) gives its latency. */
+void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t started_us, int64_t commit_us,
+                          const char *created_at, int64_t commit_wall_ms);
+/* Relay: one event of type published. */
+void scoreboard_event_published(const char *type);
+
+/* ---- http.c / metrics.c: the pool's HTTP listener ----------------------------------- */
+/* What the HTTP child samples every few seconds (never per request). */
+struct http_sample {
+    bool sampled;                  /* a sample was taken */
+    bool db_up, migrations_ok;
+    bool broker_used[2], broker_up[2]; /* by enum transport */
+    long outbox_pending;
+    double outbox_oldest_s;
+    int nqueues;
+    struct queue_counts *queues;   /* by cfg queue index (counts of a broker that is down: 0) */
+};
+/* The child that serves http.listen (cfg->http_listen): /livez, /readyz, /metrics.
+ * Returns the exit status: 0 when stopped, 1 when it cannot listen (logged). */
+int http_run(const struct cfg *cfg);
+/* Appends the Prometheus text exposition (0.0.4) of the scoreboard and sample s
+ * to *buf (malloc'd, *len bytes, NUL-terminated; the caller frees it). */
+void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **buf, size_t *len);
 
 /* ---- relay_wake.c: a worker wakes the pool's own relay (a shared page, an eventfd) */
 /* Supervisor, before forking: 0, or -1 when the system refused (workers then NOTIFY). */

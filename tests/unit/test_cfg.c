@@ -458,3 +458,33 @@ TEST(transaction_limits_out_of_range_refused) {
     CHECK(strstr(err, "lock_timeout_ms' must not be above its statement_timeout_ms (1000)") != NULL);
     CHECK(strstr(err, ":2:") != NULL);
 }
+
+TEST(http_listen_is_off_unless_set_and_checked) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(c.http_listen == NULL);
+    cfg_free(&c);
+    CHECK(load_text("http: { listen = \"127.0.0.1:9464\"; };\n" MINIMAL, &c) == 0);
+    CHECK_STR(c.http_listen, "127.0.0.1:9464");
+    cfg_free(&c);
+    CHECK(load_text("http: { listen = \"[::1]:9464\"; };\n" MINIMAL, &c) == 0);
+    char host[64];
+    int port;
+    bool v6;
+    CHECK(cfg_http_address(c.http_listen, host, sizeof host, &port, &v6) == 0);
+    CHECK_STR(host, "::1");
+    CHECK(port == 9464 && v6);
+    cfg_free(&c);
+    const char *bad[] = {"localhost:9464", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:94x",
+                         "::1:9464", "[::1]9464", ":9464", "999.0.0.1:80"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char text[256];
+        snprintf(text, sizeof text, "http: { listen = \"%s\"; };\n%s", bad[i], MINIMAL);
+        CHECK(load_text(text, &c) < 0);
+        CHECK(strstr(err, "'http.listen' must be") != NULL);
+        CHECK(strstr(err, ":1:") != NULL);
+    }
+    CHECK(load_text("http: { port = 9464; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "unknown setting 'http.port'") != NULL);
+}

@@ -1,0 +1,271 @@
+/* http.c - the pool's HTTP listener (http.listen), a child of its own that
+ * never handles commands: workers do not wait for it, and it runs at a lower
+ * CPU priority (nice 10).
+ *
+ *   GET /livez    200 while the supervisor runs its loop (it ticks the
+ *                 scoreboard every 200 ms; none for 5 s: 503). No dependency
+ *                 is checked: a failing liveness probe restarts the pod.
+ *   GET /readyz   200 when the database answers, each broker the pool uses is
+ *                 connected, the migrations are applied, every queue has a live
+ *                 worker and the pool is not draining; else 503. Either way a
+ *                 JSON object names each check and its state.
+ *   GET /metrics  the Prometheus text exposition (metrics.c).
+ *
+ * Requests are served by libmicrohttpd's own thread (one thread, select); the
+ * main thread samples the database (outbox, migrations) and the brokers (queue
+ * counts) every SAMPLE_MS on connections of its own, so a request never runs a
+ * query. Any other path is 404, any other method 405; a request libmicrohttpd
+ * cannot parse gets its 400. Every response has Content-Security-Policy
+ * default-src 'none', nosniff and no-store.
+ */
+#include "workers.h"
+
+#include <arpa/inet.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#define SAMPLE_MS 2000
+#define LIVE_WITHIN_MS 5000
+#define BIND_WAIT_MS 10000 /* the supervisor's last tick: older, /livez says 503 */
+
+struct http {
+    const struct cfg *cfg;
+    pthread_mutex_t lock;       /* guards sample */
+    struct http_sample sample;  /* the last one (its queues owned) */
+    struct db *db;              /* the sampler's connections (main thread only) */
+    struct broker *broker[2];
+};
+
+/* Queues response (body copied) with the headers every response carries. */
+static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
+                             size_t len, bool must_free) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body,
+                                                             must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_MUST_COPY);
+    if (!r) {
+        if (must_free) free((void *)body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    MHD_add_response_header(r, "Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'");
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    if (status == MHD_HTTP_METHOD_NOT_ALLOWED) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
+    enum MHD_Result rc = MHD_queue_response(conn, status, r);
+    MHD_destroy_response(r);
+    return rc;
+}
+
+static enum MHD_Result text(struct MHD_Connection *conn, unsigned status, const char *body) {
+    return reply(conn, status, "text/plain; charset=utf-8", body, strlen(body), false);
+}
+
+/* True while the supervisor's loop ticks. */
+static bool supervisor_live(void) {
+    const struct scoreboard *sb = scoreboard_get();
+    if (!sb) return true; /* nothing to tell from: the process is up */
+    return clock_mono_ms() - __atomic_load_n(&sb->supervisor_tick_ms, __ATOMIC_RELAXED) < LIVE_WITHIN_MS;
+}
+
+/* True when some worker of q is consuming (idle or busy). */
+static bool queue_live(const struct cfg_queue *q) {
+    const struct scoreboard *sb = scoreboard_get();
+    for (int k = 0; sb && k < sb->nslots; k++) {
+        const struct sb_slot *s = &sb->slot[k];
+        if (!__atomic_load_n(&s->used, __ATOMIC_ACQUIRE) || s->kind != SB_WORKER || strcmp(s->queue, q->name) != 0)
+            continue;
+        int st = __atomic_load_n(&s->state, __ATOMIC_RELAXED);
+        if (st == SB_IDLE || st == SB_BUSY) return true;
+    }
+    return false;
+}
+
+/* /readyz: every check, named, in a JSON object; 200 when all are "ok". */
+static enum MHD_Result readyz(struct http *h, struct MHD_Connection *conn) {
+    cJSON *o = cJSON_CreateObject(), *checks = cJSON_CreateObject();
+    bool ready = true;
+    pthread_mutex_lock(&h->lock);
+    struct http_sample s = h->sample;
+    pthread_mutex_unlock(&h->lock);
+#define CHECK(name, ok, why)                                                    \
+    do {                                                                        \
+        bool ok_ = (ok);                                                        \
+        ready &= ok_;                                                           \
+        cJSON_AddStringToObject(checks, (name), ok_ ? "ok" : (why));           \
+    } while (0)
+    CHECK("database", s.db_up, s.sampled ? "unreachable" : "not sampled yet");
+    CHECK("migrations", s.migrations_ok, s.db_up ? "pending" : "unknown (no database)");
+    for (int t = TRANSPORT_RABBITMQ; t <= TRANSPORT_REDIS; t++)
+        if (s.broker_used[t]) CHECK(transport_name((enum transport)t), s.broker_up[t], "not connected");
+    for (int i = 0; i < h->cfg->nqueues; i++) {
+        char name[CFG_NAME_MAX + 16];
+        snprintf(name, sizeof name, "workers.%s", h->cfg->queues[i].name);
+        CHECK(name, queue_live(&h->cfg->queues[i]), "no live worker");
+    }
+    const struct scoreboard *sb = scoreboard_get();
+    CHECK("draining", !(sb && __atomic_load_n(&sb->draining, __ATOMIC_RELAXED)), "draining");
+#undef CHECK
+    cJSON_AddStringToObject(o, "status", ready ? "ready" : "not ready");
+    cJSON_AddItemToObject(o, "checks", checks);
+    char *json = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!json) return text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory\n");
+    size_t len = strlen(json);
+    json = xrealloc(json, len + 2);
+    memcpy(json + len, "\n", 2);
+    return reply(conn, ready ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", json, len + 1, true);
+}
+
+static enum MHD_Result metrics(struct http *h, struct MHD_Connection *conn) {
+    char *buf;
+    size_t len;
+    pthread_mutex_lock(&h->lock); /* the sample's queue counts are read in place */
+    metrics_render(h->cfg, &h->sample, &buf, &len);
+    pthread_mutex_unlock(&h->lock);
+    return reply(conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", buf, len, true);
+}
+
+static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                              const char *version, const char *upload_data, size_t *upload_data_size, void **state) {
+    (void)version;
+    (void)upload_data;
+    struct http *h = cls;
+    if (*upload_data_size) { /* a body we do not read: dropped (the 405 is queued already) */
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (*state && *state == (void *)h) return MHD_YES;
+    *state = h;
+    bool known = strcmp(url, "/livez") == 0 || strcmp(url, "/readyz") == 0 || strcmp(url, "/metrics") == 0;
+    if (!known) return text(conn, MHD_HTTP_NOT_FOUND, "not found: the paths are /livez, /readyz and /metrics\n");
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
+        return text(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed: use GET\n");
+    if (strcmp(url, "/livez") == 0)
+        return supervisor_live() ? text(conn, MHD_HTTP_OK, "ok\n")
+                                 : text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "the supervisor's loop stopped\n");
+    if (strcmp(url, "/readyz") == 0) return readyz(h, conn);
+    return metrics(h, conn);
+}
+
+/* One sample of the database: up, migrations applied, outbox. */
+static void sample_db(struct http *h, struct http_sample *s) {
+    if (!h->db) {
+        char err[512];
+        int cls;
+        h->db = db_connect_class(h->cfg->database_url, &cls, err, sizeof err);
+        if (!h->db) return;
+        (void)db_cmd(h->db, "SET statement_timeout TO 2000");
+    }
+    int nmig = 0;
+    while (migrations[nmig].name) nmig++;
+    const char **names = xmalloc((size_t)(nmig ? nmig : 1) * sizeof *names);
+    for (int i = 0; i < nmig; i++) names[i] = migrations[i].name;
+    char *arr = db_array(names, nmig);
+    free(names);
+    const char *p[1] = {arr};
+    PGresult *r = NULL;
+    /* the count walks the outbox_unpublished partial index */
+    int rc = db_exec(h->db, "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8, "
+                            "(SELECT count(*) FROM schema_migrations WHERE version = ANY($1::text[])) "
+                            "FROM outbox WHERE published_at IS NULL", 1, p, &r);
+    free(arr);
+    if (rc < 0) {
+        db_close(h->db);
+        h->db = NULL;
+        return;
+    }
+    s->db_up = true;
+    s->outbox_pending = atol(PQgetvalue(r, 0, 0));
+    s->outbox_oldest_s = atof(PQgetvalue(r, 0, 1));
+    s->migrations_ok = atoi(PQgetvalue(r, 0, 2)) == nmig;
+    PQclear(r);
+}
+
+/* One sample of the brokers the pool uses: connected, and each queue's counts. */
+static void sample_brokers(struct http *h, struct http_sample *s) {
+    for (int t = TRANSPORT_RABBITMQ; t <= TRANSPORT_REDIS; t++) {
+        if (!(s->broker_used[t] = cfg_uses(h->cfg, (enum transport)t))) continue;
+        char err[512];
+        int cls;
+        if (!h->broker[t] && !(h->broker[t] = broker_open_class(h->cfg, (enum transport)t, &cls, err, sizeof err)))
+            continue;
+        bool ok = true;
+        for (int i = 0; i < h->cfg->nqueues && ok; i++)
+            if (h->cfg->queues[i].transport == (enum transport)t)
+                ok = broker_queue_counts(h->broker[t], &h->cfg->queues[i], &s->queues[i]) == 0;
+        if (!ok) {
+            broker_close(h->broker[t]);
+            h->broker[t] = NULL;
+            continue;
+        }
+        s->broker_up[t] = true;
+    }
+}
+
+/* Binds the listener; NULL when it cannot (quiet: the caller retries, then logs). */
+static struct MHD_Daemon *listen_on(struct http *h) {
+    char host[64];
+    int port;
+    bool v6;
+    if (cfg_http_address(h->cfg->http_listen, host, sizeof host, &port, &v6) < 0) return NULL; /* checked by cfg_load */
+    struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port)};
+    if (v6) inet_pton(AF_INET6, host, &a6.sin6_addr);
+    else inet_pton(AF_INET, host, &a4.sin_addr);
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | (v6 ? MHD_USE_IPv6 : 0);
+    /* no SO_REUSEPORT: a second pool given the same address must fail, not share it */
+    return MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
+                            v6 ? (struct sockaddr *)&a6 : (struct sockaddr *)&a4, MHD_OPTION_CONNECTION_LIMIT,
+                            (unsigned)64, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_END);
+}
+
+int http_run(const struct cfg *cfg) {
+    signal(SIGPIPE, SIG_IGN);
+    if (setpriority(PRIO_PROCESS, 0, 10) < 0) { /* behind the workers for the CPU; not needed */
+    }
+    struct http h = {.cfg = cfg};
+    pthread_mutex_init(&h.lock, NULL);
+    h.sample.nqueues = cfg->nqueues;
+    h.sample.queues = xcalloc((size_t)cfg->nqueues, sizeof *h.sample.queues);
+    /* after a reload the listener of the old generation is still closing (it is
+     * retired first): the address is tried again for BIND_WAIT_MS */
+    struct MHD_Daemon *d = listen_on(&h);
+    for (int64_t until = clock_mono_ms() + BIND_WAIT_MS; !d && !stop_requested && clock_mono_ms() < until;) {
+        backoff_sleep(200, &stop_requested);
+        d = listen_on(&h);
+    }
+    if (!d) {
+        if (!stop_requested)
+            log_error("cannot listen on %s (http.listen): the address is in use or not this host's",
+                      cfg->http_listen);
+        free(h.sample.queues);
+        pthread_mutex_destroy(&h.lock);
+        return stop_requested ? 0 : 1;
+    }
+    log_info("listening on http://%s (/livez, /readyz, /metrics)", cfg->http_listen);
+    while (!stop_requested) {
+        struct http_sample s = {.sampled = true, .nqueues = cfg->nqueues};
+        s.queues = xcalloc((size_t)cfg->nqueues, sizeof *s.queues);
+        sample_db(&h, &s);
+        sample_brokers(&h, &s);
+        pthread_mutex_lock(&h.lock);
+        struct queue_counts *old = h.sample.queues;
+        h.sample = s;
+        pthread_mutex_unlock(&h.lock);
+        free(old);
+        backoff_sleep(SAMPLE_MS, &stop_requested);
+    }
+    MHD_stop_daemon(d);
+    db_close(h.db);
+    for (int t = 0; t < 2; t++) broker_close(h.broker[t]);
+    free(h.sample.queues);
+    pthread_mutex_destroy(&h.lock);
+    log_info("http listener stopped");
+    return 0;
+}

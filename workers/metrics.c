@@ -1,0 +1,246 @@
+/* metrics.c - the Prometheus text exposition (format 0.0.4) of the pool: the
+ * scoreboard's counters summed over every slot of a queue (so over every
+ * process that ever ran there, those that died included), and the gauges the
+ * HTTP child sampled. Every label set of the configuration is written from the
+ * start, at 0. Names: README, "Metrics and health".
+ */
+#include "workers.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef CONVEYOR_VERSION
+#define CONVEYOR_VERSION "unknown"
+#endif
+
+struct out {
+    char *buf;
+    size_t len, cap;
+};
+
+/* Appends printf-style text to o (grows it; xrealloc never fails). */
+static void put(struct out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void put(struct out *o, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(o->buf + o->len, o->cap - o->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) return;
+        if ((size_t)n < o->cap - o->len) {
+            o->len += (size_t)n;
+            return;
+        }
+        o->cap = o->cap * 2 + (size_t)n + 1;
+        o->buf = xrealloc(o->buf, o->cap);
+    }
+}
+
+/* s as a label value (backslash, double quote and newline escaped) in out. */
+static const char *label(const char *s, char out[2 * CFG_NAME_MAX + 1]) {
+    size_t k = 0;
+    for (; *s && k < 2 * CFG_NAME_MAX - 1; s++) {
+        if (*s == '\\' || *s == '"' || *s == '\n') out[k++] = '\\';
+        out[k++] = *s == '\n' ? 'n' : *s;
+    }
+    out[k] = '\0';
+    return out;
+}
+
+static void header(struct out *o, const char *name, const char *type, const char *help) {
+    put(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static uint64_t load(const uint64_t *c) { return __atomic_load_n(c, __ATOMIC_RELAXED); }
+
+/* True when slot s is a worker slot of queue q. */
+static bool of_queue(const struct sb_slot *s, const struct cfg_queue *q) {
+    return __atomic_load_n(&s->used, __ATOMIC_ACQUIRE) && s->kind == SB_WORKER && strcmp(s->queue, q->name) == 0;
+}
+
+/* The counts of type in slot s, or NULL when s does not count it. */
+static const struct sb_type_counts *counts_of(const struct sb_slot *s, const char *type) {
+    for (int t = 0; t <= s->ntypes; t++)
+        if (strcmp(s->types[t], type) == 0) return &s->counts[t];
+    return NULL;
+}
+
+/* The types of q written apart: its commands (at most SB_TYPES - 1), then "unknown". */
+static int ntypes_of(const struct cfg_queue *q) { return q->ncommands < SB_TYPES - 1 ? q->ncommands : SB_TYPES - 1; }
+
+/* A histogram's samples: name{labels,le=...} cumulative, _sum (sum_scale: per second), _count. */
+static void histogram(struct out *o, const char *name, const char *labels, const double *bounds, int nbounds,
+                      const uint64_t *buckets, double sum_s) {
+    uint64_t cum = 0;
+    for (int b = 0; b < nbounds; b++) {
+        cum += buckets[b];
+        put(o, "%s_bucket{%s,le=\"%g\"} %llu\n", name, labels, bounds[b], (unsigned long long)cum);
+    }
+    cum += buckets[nbounds];
+    put(o, "%s_bucket{%s,le=\"+Inf\"} %llu\n%s_sum{%s} %.6f\n%s_count{%s} %llu\n", name, labels,
+        (unsigned long long)cum, name, labels, sum_s, name, labels, (unsigned long long)cum);
+}
+
+static void commands(struct out *o, const struct cfg *cfg, const struct scoreboard *sb) {
+    char ql[2 * CFG_NAME_MAX + 1], tl[2 * CFG_NAME_MAX + 1];
+    header(o, "conveyor_commands_total", "counter", "Commands settled, by queue, type and outcome.");
+    for (int i = 0; i < cfg->nqueues; i++) {
+        const struct cfg_queue *q = &cfg->queues[i];
+        for (int t = 0; t <= ntypes_of(q); t++) {
+            const char *type = t < ntypes_of(q) ? q->commands[t] : "unknown";
+            for (int oc = 0; oc < SB_NOUTCOMES; oc++) {
+                if (t == ntypes_of(q) && oc != SB_DEAD) continue; /* an unknown type can only be dead */
+                uint64_t n = 0;
+                for (int k = 0; sb && k < sb->nslots; k++) {
+                    const struct sb_type_counts *c = of_queue(&sb->slot[k], q) ? counts_of(&sb->slot[k], type) : NULL;
+                    if (c) n += load(&c->outcomes[oc]);
+                }
+                put(o, "conveyor_commands_total{queue=\"%s\",type=\"%s\",outcome=\"%s\"} %llu\n", label(q->name, ql),
+                    label(type, tl), sb_outcome_names[oc], (unsigned long long)n);
+            }
+        }
+    }
+    header(o, "conveyor_command_duration_seconds", "histogram",
+           "Handler start to commit, per command (a batch's commit counts for each of its commands).");
+    for (int i = 0; i < cfg->nqueues; i++) {
+        const struct cfg_queue *q = &cfg->queues[i];
+        for (int t = 0; t < ntypes_of(q); t++) {
+            uint64_t buckets[SB_DURATION_BUCKETS + 1] = {0}, sum_us = 0;
+            for (int k = 0; sb && k < sb->nslots; k++) {
+                const struct sb_type_counts *c =
+                    of_queue(&sb->slot[k], q) ? counts_of(&sb->slot[k], q->commands[t]) : NULL;
+                if (!c) continue;
+                for (int b = 0; b <= SB_DURATION_BUCKETS; b++) buckets[b] += load(&c->duration[b]);
+                sum_us += load(&c->duration_sum_us);
+            }
+            char labels[5 * CFG_NAME_MAX + 32];
+            snprintf(labels, sizeof labels, "queue=\"%s\",type=\"%s\"", label(q->name, ql), label(q->commands[t], tl));
+            histogram(o, "conveyor_command_duration_seconds", labels, sb_duration_bounds, SB_DURATION_BUCKETS,
+                      buckets, (double)sum_us / 1e6);
+        }
+    }
+    header(o, "conveyor_command_latency_seconds", "histogram",
+           "A command's createdAt to its commit (commands without createdAt are left out).");
+    for (int i = 0; i < cfg->nqueues; i++) {
+        const struct cfg_queue *q = &cfg->queues[i];
+        uint64_t buckets[SB_LATENCY_BUCKETS + 1] = {0}, sum_ms = 0;
+        for (int k = 0; sb && k < sb->nslots; k++) {
+            if (!of_queue(&sb->slot[k], q)) continue;
+            for (int b = 0; b <= SB_LATENCY_BUCKETS; b++) buckets[b] += load(&sb->slot[k].latency[b]);
+            sum_ms += load(&sb->slot[k].latency_sum_ms);
+        }
+        char labels[2 * CFG_NAME_MAX + 16];
+        snprintf(labels, sizeof labels, "queue=\"%s\"", label(q->name, ql));
+        histogram(o, "conveyor_command_latency_seconds", labels, sb_latency_bounds, SB_LATENCY_BUCKETS, buckets,
+                  (double)sum_ms / 1e3);
+    }
+}
+
+/* The resident size of pid in bytes (/proc), or -1 when it cannot be read. */
+static long long resident_bytes(pid_t pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/statm", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    long pages = 0, rss = 0;
+    int got = fscanf(f, "%ld %ld", &pages, &rss);
+    fclose(f);
+    return got == 2 ? (long long)rss * sysconf(_SC_PAGESIZE) : -1;
+}
+
+static void workers(struct out *o, const struct cfg *cfg, const struct scoreboard *sb) {
+    char ql[2 * CFG_NAME_MAX + 1];
+    header(o, "conveyor_workers", "gauge", "Worker positions of the pool, by queue and state.");
+    for (int i = 0; i < cfg->nqueues; i++) {
+        int n[SB_NSTATES] = {0};
+        for (int k = 0; sb && k < sb->nslots; k++)
+            if (of_queue(&sb->slot[k], &cfg->queues[i])) {
+                int st = __atomic_load_n(&sb->slot[k].state, __ATOMIC_RELAXED);
+                if (st >= 0 && st < SB_NSTATES) n[st]++;
+            }
+        for (int st = 0; st < SB_NSTATES; st++)
+            if (st != SB_RETIRED)
+                put(o, "conveyor_workers{queue=\"%s\",state=\"%s\"} %d\n", label(cfg->queues[i].name, ql),
+                    sb_state_names[st], n[st]);
+    }
+    header(o, "conveyor_worker_restarts_total", "counter",
+           "Workers the supervisor restarted, by queue and why (signal, exit, config, recycled).");
+    for (int i = 0; i < cfg->nqueues; i++)
+        for (int r = 0; r < SB_NRESTARTS; r++) {
+            uint64_t n = 0;
+            for (int k = 0; sb && k < sb->nslots; k++)
+                if (of_queue(&sb->slot[k], &cfg->queues[i])) n += load(&sb->slot[k].restarts[r]);
+            put(o, "conveyor_worker_restarts_total{queue=\"%s\",reason=\"%s\"} %llu\n", label(cfg->queues[i].name, ql),
+                sb_restart_names[r], (unsigned long long)n);
+        }
+    header(o, "conveyor_worker_resident_bytes", "gauge", "Resident memory of each running worker, by queue and slot.");
+    for (int k = 0; sb && k < sb->nslots; k++) {
+        const struct sb_slot *s = &sb->slot[k];
+        pid_t pid = __atomic_load_n(&s->pid, __ATOMIC_RELAXED);
+        if (!__atomic_load_n(&s->used, __ATOMIC_ACQUIRE) || s->kind != SB_WORKER || !pid) continue;
+        long long rss = resident_bytes(pid);
+        if (rss >= 0) put(o, "conveyor_worker_resident_bytes{queue=\"%s\",slot=\"%d\"} %lld\n", label(s->queue, ql), k, rss);
+    }
+}
+
+static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard *sb, const struct http_sample *s) {
+    char ql[2 * CFG_NAME_MAX + 1];
+    static const char *const names[4][2] = {
+        {"conveyor_queue_depth", "Messages waiting in the queue (sampled)."},
+        {"conveyor_queue_inflight", "Messages the pool's workers hold now."},
+        {"conveyor_retry_scheduled", "Messages waiting for a retry (sampled)."},
+        {"conveyor_dead_letters", "Dead letters of the queue (sampled)."}};
+    for (int g = 0; g < 4; g++) {
+        header(o, names[g][0], "gauge", names[g][1]);
+        for (int i = 0; i < cfg->nqueues; i++) {
+            long v = 0;
+            if (g == 1) {
+                for (int k = 0; sb && k < sb->nslots; k++)
+                    if (of_queue(&sb->slot[k], &cfg->queues[i])) v += __atomic_load_n(&sb->slot[k].in_hand, __ATOMIC_RELAXED);
+            } else if (i < s->nqueues && s->queues) {
+                v = g == 0 ? s->queues[i].waiting : g == 2 ? s->queues[i].retrying : s->queues[i].dead;
+            }
+            put(o, "%s{queue=\"%s\"} %ld\n", names[g][0], label(cfg->queues[i].name, ql), v);
+        }
+    }
+    header(o, "conveyor_queue_paused", "gauge", "1 while the queue is paused for every pool (conveyor-admin queue pause).");
+    for (int i = 0; i < cfg->nqueues; i++)
+        put(o, "conveyor_queue_paused{queue=\"%s\"} %d\n", label(cfg->queues[i].name, ql), queue_paused(&cfg->queues[i]) ? 1 : 0);
+    header(o, "conveyor_outbox_pending", "gauge", "Outbox rows not published yet (sampled).");
+    put(o, "conveyor_outbox_pending %ld\n", s->outbox_pending);
+    header(o, "conveyor_outbox_oldest_age_seconds", "gauge", "Age of the oldest unpublished outbox row (sampled).");
+    put(o, "conveyor_outbox_oldest_age_seconds %.3f\n", s->outbox_oldest_s);
+    header(o, "conveyor_events_published_total", "counter", "Events the pool's relay published, by type.");
+    for (int t = 0; t <= SB_EVENT_TYPES; t++) {
+        uint64_t n = 0;
+        for (int k = 0; sb && k < sb->nslots; k++)
+            if (__atomic_load_n(&sb->slot[k].used, __ATOMIC_ACQUIRE) && sb->slot[k].kind == SB_RELAY)
+                n += load(&sb->slot[k].events[t]);
+        put(o, "conveyor_events_published_total{type=\"%s\"} %llu\n", t < SB_EVENT_TYPES ? sb_event_types[t] : "other",
+            (unsigned long long)n);
+    }
+    header(o, "conveyor_relay_active", "gauge", "1 while this pool's relay holds the relay lock.");
+    put(o, "conveyor_relay_active %d\n", relay_wake_is_local() ? 1 : 0);
+    header(o, "conveyor_dependency_up", "gauge", "1 when the last sample reached the server (those the pool uses).");
+    put(o, "conveyor_dependency_up{dependency=\"postgresql\"} %d\n", s->db_up);
+    if (s->broker_used[TRANSPORT_RABBITMQ])
+        put(o, "conveyor_dependency_up{dependency=\"rabbitmq\"} %d\n", s->broker_up[TRANSPORT_RABBITMQ]);
+    if (s->broker_used[TRANSPORT_REDIS])
+        put(o, "conveyor_dependency_up{dependency=\"redis\"} %d\n", s->broker_up[TRANSPORT_REDIS]);
+    header(o, "conveyor_build_info", "gauge", "The running version, as a label.");
+    put(o, "conveyor_build_info{version=\"%s\"} 1\n", CONVEYOR_VERSION);
+}
+
+void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **buf, size_t *len) {
+    struct out o = {xmalloc(16384), 0, 16384};
+    o.buf[0] = '\0';
+    const struct scoreboard *sb = scoreboard_get();
+    commands(&o, cfg, sb);
+    workers(&o, cfg, sb);
+    gauges(&o, cfg, sb, s);
+    *buf = o.buf;
+    *len = o.len;
+}

@@ -1,0 +1,203 @@
+/* scoreboard.c - the pool's counters, in memory shared by all its processes.
+ *
+ * The supervisor maps one region (MAP_SHARED | MAP_ANONYMOUS) before it forks
+ * anything; every child inherits it. It holds one slot per worker position,
+ * one for the relay and one for the reaper. A child writes only its own slot
+ * (single writer: plain relaxed loads and stores, no lock, no atomic
+ * read-modify-write); the supervisor writes a slot's pid, state and restart
+ * counts, fields the child never writes. A restarted child takes the slot of
+ * the position it replaces and goes on adding to it, so the counts of a child
+ * that died (kill -9 included) stay. Readers (the HTTP child) read each 64-bit
+ * counter with a relaxed load: a scrape may see one counter of a command moved
+ * and another not yet, never a torn value.
+ *
+ * Size. The region is sized once, at start: twice the slots the configuration
+ * needs, plus a few, so that a SIGHUP reload (whose new children run beside
+ * the old ones while those drain) finds fresh slots. A new child takes a slot
+ * that an exited child of the same queue, position and command types left
+ * (its counts carry on), else an unused one; when none is left (a reload that
+ * added many workers) it runs without one: its commands are not counted, and
+ * this is logged (restart the pool to resize the scoreboard).
+ */
+#include "workers.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+const double sb_duration_bounds[SB_DURATION_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                        0.1,    0.25,  0.5,    1,     2.5,  5,     10};
+const double sb_latency_bounds[SB_LATENCY_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,    2.5,
+                                                      5,     10,   30,    60,   120, 300, 900, 1800, 3600};
+/* The event types the handlers emit (ctx_emit) and command.rejected; any other counts as "other". */
+const char *const sb_event_types[SB_EVENT_TYPES] = {
+    "command.rejected", "user.registered", "user.passwordChanged", "product.created", "product.updated",
+    "product.deleted",  "stock.updated",   "stock.low",            "stock.depleted",  "order.placed",
+    "order.cancelled"};
+const char *const sb_state_names[SB_NSTATES] = {"down", "starting", "idle", "busy", "retired"};
+const char *const sb_outcome_names[SB_NOUTCOMES] = {"applied", "rejected", "duplicate", "retried", "dead"};
+const char *const sb_restart_names[SB_NRESTARTS] = {"signal", "exit", "config", "recycled"};
+
+static struct scoreboard *board; /* NULL until scoreboard_init: nothing is counted */
+static struct sb_slot *mine;     /* this process's slot, or NULL */
+
+/* Adds n to a counter of the caller's own slot (single writer: no read-modify-write atomics). */
+static inline void add(uint64_t *c, uint64_t n) {
+    __atomic_store_n(c, __atomic_load_n(c, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+
+int scoreboard_init(const struct cfg *cfg) {
+    int n = 2;
+    for (int i = 0; i < cfg->nqueues; i++) n += cfg->queues[i].workers;
+    n = 2 * n + 4;
+    size_t size = sizeof(struct scoreboard) + (size_t)n * sizeof(struct sb_slot);
+    // cppcheck-suppress invalidFunctionArg ; fd -1 is what MAP_ANONYMOUS asks for (Linux ignores it)
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return -1;
+    board = p; /* zero-filled by mmap */
+    board->nslots = n;
+    return 0;
+}
+
+const struct scoreboard *scoreboard_get(void) { return board; }
+
+/* True when slot s was made for the same position as (kind, q, position) would be. */
+static bool same_position(const struct sb_slot *s, enum sb_kind kind, const struct cfg_queue *q, int position) {
+    if (s->kind != (int32_t)kind || s->position != position) return false;
+    if (kind != SB_WORKER) return true;
+    if (strcmp(s->queue, q->name) != 0) return false;
+    int ntypes = q->ncommands < SB_TYPES - 1 ? q->ncommands : SB_TYPES - 1;
+    if (s->ntypes != ntypes) return false;
+    for (int t = 0; t < ntypes; t++)
+        if (strcmp(s->types[t], q->commands[t]) != 0) return false;
+    return true;
+}
+
+int scoreboard_assign(enum sb_kind kind, const struct cfg_queue *q, int position) {
+    if (!board) return -1;
+    int fresh = -1;
+    for (int i = 0; i < board->nslots; i++) {
+        struct sb_slot *s = &board->slot[i];
+        if (!s->used) {
+            if (fresh < 0) fresh = i;
+            continue;
+        }
+        if (__atomic_load_n(&s->pid, __ATOMIC_RELAXED) == 0 && !s->taken && same_position(s, kind, q, position)) {
+            s->taken = 1;
+            return i;
+        }
+    }
+    if (fresh < 0) {
+        log_warn("scoreboard full (%d slots): a %s starts without one and is not counted; restart the pool to "
+                 "resize it", board->nslots, kind == SB_WORKER ? "worker" : "process");
+        return -1;
+    }
+    struct sb_slot *s = &board->slot[fresh];
+    s->kind = kind;
+    s->position = position;
+    if (kind == SB_WORKER) {
+        snprintf(s->queue, sizeof s->queue, "%s", q->name);
+        s->ntypes = q->ncommands < SB_TYPES - 1 ? q->ncommands : SB_TYPES - 1;
+        for (int t = 0; t < s->ntypes; t++) snprintf(s->types[t], sizeof s->types[t], "%s", q->commands[t]);
+    }
+    snprintf(s->types[s->ntypes], sizeof s->types[0], "unknown");
+    s->taken = 1;
+    __atomic_store_n(&s->used, 1, __ATOMIC_RELEASE); /* the names above are complete before a reader looks */
+    return fresh;
+}
+
+void scoreboard_release(int slot) {
+    if (!board || slot < 0) return;
+    board->slot[slot].taken = 0;
+    __atomic_store_n(&board->slot[slot].state, SB_RETIRED, __ATOMIC_RELAXED);
+}
+
+void scoreboard_spawning(int slot) {
+    if (board && slot >= 0) __atomic_store_n(&board->slot[slot].state, SB_STARTING, __ATOMIC_RELAXED);
+}
+
+void scoreboard_started(int slot, pid_t pid) {
+    if (board && slot >= 0) __atomic_store_n(&board->slot[slot].pid, pid, __ATOMIC_RELAXED);
+}
+
+void scoreboard_exited(pid_t pid, int restart_reason, bool retired) {
+    if (!board) return;
+    for (int i = 0; i < board->nslots; i++) {
+        struct sb_slot *s = &board->slot[i];
+        if (!s->used || __atomic_load_n(&s->pid, __ATOMIC_RELAXED) != pid) continue;
+        __atomic_store_n(&s->pid, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->in_hand, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->state, retired ? SB_RETIRED : SB_DOWN, __ATOMIC_RELAXED);
+        if (retired) s->taken = 0;
+        if (restart_reason >= 0 && restart_reason < SB_NRESTARTS) add(&s->restarts[restart_reason], 1);
+        return;
+    }
+}
+
+void scoreboard_set_flags(bool draining) {
+    if (!board) return;
+    __atomic_store_n(&board->draining, draining ? 1 : 0, __ATOMIC_RELAXED);
+}
+
+void scoreboard_tick(void) {
+    if (board) __atomic_store_n(&board->supervisor_tick_ms, clock_mono_ms(), __ATOMIC_RELAXED);
+}
+
+void scoreboard_attach(int slot) { mine = board && slot >= 0 ? &board->slot[slot] : NULL; }
+
+void scoreboard_state(enum sb_state state, int in_hand) {
+    if (!mine) return;
+    __atomic_store_n(&mine->in_hand, in_hand, __ATOMIC_RELAXED);
+    __atomic_store_n(&mine->state, state, __ATOMIC_RELAXED);
+}
+
+int64_t scoreboard_now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* The index of type among the slot's types, or that of "unknown". */
+static int type_index(const struct sb_slot *s, const char *type) {
+    for (int t = 0; type && t < s->ntypes; t++)
+        if (strcmp(s->types[t], type) == 0) return t;
+    return s->ntypes;
+}
+
+/* The bucket of value v among n upper bounds (n: above all of them). */
+static int bucket(const double *bounds, int n, double v) {
+    int b = 0;
+    while (b < n && v > bounds[b]) b++;
+    return b;
+}
+
+void scoreboard_outcome(const char *type, enum sb_outcome outcome) {
+    if (!mine) return;
+    add(&mine->counts[type_index(mine, type)].outcomes[outcome], 1);
+}
+
+void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t started_us, int64_t commit_us,
+                          const char *created_at, int64_t commit_wall_ms) {
+    if (!mine) return;
+    struct sb_type_counts *c = &mine->counts[type_index(mine, type)];
+    add(&c->outcomes[outcome], 1);
+    if (outcome != SB_DUPLICATE && started_us > 0 && commit_us >= started_us) { /* a duplicate did not run */
+        int64_t us = commit_us - started_us;
+        add(&c->duration[bucket(sb_duration_bounds, SB_DURATION_BUCKETS, (double)us / 1e6)], 1);
+        add(&c->duration_sum_us, (uint64_t)us);
+    }
+    int64_t created = created_at ? clock_rfc3339_ms(created_at) : -1;
+    if (created >= 0) {
+        int64_t ms = commit_wall_ms > created ? commit_wall_ms - created : 0; /* a clock ahead of ours: 0 */
+        add(&mine->latency[bucket(sb_latency_bounds, SB_LATENCY_BUCKETS, (double)ms / 1e3)], 1);
+        add(&mine->latency_sum_ms, (uint64_t)ms);
+    }
+}
+
+void scoreboard_event_published(const char *type) {
+    if (!mine) return;
+    int t = 0;
+    while (t < SB_EVENT_TYPES && strcmp(sb_event_types[t], type) != 0) t++;
+    add(&mine->events[t], 1);
+}
