@@ -25,7 +25,8 @@ PG_BIN=/usr/lib/postgresql/15/bin
 PACKAGES="build-essential cmake pkg-config git
   librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev libmicrohttpd-dev
   postgresql redis-server redis-tools rabbitmq-server amqp-tools
-  python3-pika python3-redis python3-psycopg2 python3-jsonschema python3-prometheus-client procps clang libclang-rt-14-dev"
+  python3-pika python3-redis python3-psycopg2 python3-jsonschema python3-prometheus-client procps clang libclang-rt-14-dev
+  curl"
 
 log() { printf 'servers: %s\n' "$*" >&2; }
 die() { printf 'servers: error: %s\n' "$*" >&2; exit 1; }
