@@ -53,7 +53,7 @@ need_install() {
   for b in "$PG_BIN/postgres" /usr/bin/redis-server /usr/sbin/rabbitmq-server /usr/bin/amqp-publish \
            /usr/include/amqp.h /usr/include/hiredis/hiredis.h /usr/include/cjson/cJSON.h \
            /usr/include/libconfig.h /usr/include/sodium.h /usr/include/microhttpd.h /usr/include/uuid/uuid.h /usr/bin/cmake \
-           /usr/bin/clang; do
+           /usr/bin/clang /usr/bin/curl; do
     [ -e "$b" ] || return 0
   done
   /usr/bin/python3 -c 'import pika, redis, psycopg2, jsonschema, prometheus_client' 2>/dev/null || return 0
