@@ -1,6 +1,6 @@
 /* produce.c - conveyor-produce: publish commands from the command line or stdin. */
 #include "conveyor.h"
-#include "core.h" /* xstrndup, xmalloc, xrealloc */
+#include "core.h" /* xstrndup, xmalloc, xrealloc, clock_mono_ms */
 
 #include <errno.h>
 #include <getopt.h>
@@ -20,7 +20,8 @@ static const char usage[] =
     "\n"
     "Publishes a command (TYPE and its payload object), or one command per line of\n"
     "standard input (a whole envelope, or {\"type\": ..., \"payload\": {...}}), routed by\n"
-    "FILE, and prints each command id once the broker has confirmed it.\n"
+    "FILE, and prints each command id once the broker has confirmed it. Reading\n"
+    "stdin with stderr on a terminal, it shows a progress line (count, rate).\n"
     "\n"
     "  -c, --config FILE       configuration (default ./queues.conf)\n"
     "  -w, --wait              wait for each command's result event and print it\n"
@@ -194,6 +195,10 @@ int main(int argc, char **argv) {
     char (*ids)[37] = NULL;
     size_t nids = 0, idcap = 0;
     bool eof = false;
+    /* on a terminal, a progress line on stderr (count and rate), twice a second */
+    bool progress = isatty(STDERR_FILENO);
+    long published = 0;
+    int64_t started = clock_mono_ms(), shown = started;
     while (status != EXIT_BROKER) {
         int n = 0;
         char *l;
@@ -214,6 +219,7 @@ int main(int argc, char **argv) {
                 status = EXIT_INVALID;
             } else if (bids[i][0]) {
                 printf("%s\n", bids[i]);
+                published++;
                 if (wait) {
                     if (nids == idcap) ids = xrealloc(ids, (idcap = idcap ? idcap * 2 : 64) * sizeof *ids);
                     memcpy(ids[nids++], bids[i], 37);
@@ -228,7 +234,16 @@ int main(int argc, char **argv) {
             status = EXIT_BROKER;
         }
         fflush(stdout);
+        int64_t now = clock_mono_ms();
+        if (progress && now - shown >= 500) {
+            fprintf(stderr, "\rconveyor-produce: %ld published, %.0f/s ", published,
+                    (double)published * 1000.0 / (double)(now - started + 1));
+            shown = now;
+        }
     }
+    if (progress && shown != started) /* the final count, and the line ends */
+        fprintf(stderr, "\rconveyor-produce: %ld published in %.1f s\n", published,
+                (double)(clock_mono_ms() - started) / 1000.0);
     free(bids);
     free(lr.buf);
     fflush(stdout);

@@ -32,8 +32,12 @@ mkdir -p "$RUN"
 stop_pool
 export PATH="$BUILD:$PATH"
 
+# the pool's configuration: queues.conf with the HTTP listener on (health, metrics)
+HTTP=127.0.0.1:9464
+{ cat queues.conf; echo "http: { listen = \"$HTTP\"; };"; } > "$RUN/queues.conf"
+
 start_pool() {  # transport
-  CONVEYOR_TRANSPORT=$1 setsid conveyor-workers -c queues.conf >>"$RUN/workers-$1.log" 2>&1 &
+  CONVEYOR_TRANSPORT=$1 setsid conveyor-workers -c "$RUN/queues.conf" >>"$RUN/workers-$1.log" 2>&1 &
   echo $! > "$RUN/workers.pid"
   for _ in $(seq 100); do
     grep -q '"relay active' "$RUN/workers-$1.log" 2>/dev/null && return
@@ -75,10 +79,13 @@ demo rabbitmq
 cat <<MSG
 
 The pool is still running on RabbitMQ (pid $(cat "$RUN/workers.pid"), log $RUN/workers-rabbitmq.log).
+Its health and metrics: http://$HTTP/readyz, http://$HTTP/livez, http://$HTTP/metrics
+(readyz now: $(curl -s --max-time 3 "http://$HTTP/readyz" || echo "not answering"))
 Try it by hand:
   eval "\$(scripts/servers.sh env)"; export PATH="$BUILD:\$PATH"
   conveyor-subscribe 'stock.*' &
   conveyor-produce --wait createProduct '{"name":"Mug","price":3,"stock":11}'
+  curl -s http://$HTTP/metrics | grep '^conveyor_commands_total' 
   amqp-publish --url="\$CONVEYOR_RABBITMQ_URL" -e conveyor.commands -r createProduct -p \\
     -b '{"id":"'\$(cat /proc/sys/kernel/random/uuid)'","type":"createProduct","payload":{"name":"Bowl","price":"2.00"}}'
 Stop it with: scripts/demo.sh stop

@@ -346,6 +346,18 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         if (broker_failures) log_info("broker is back");
         broker_failures = 0;
         if (n == 0) continue;
+        /* paused while it waited: what it just took goes back untouched (it comes
+         * back redelivered), so nothing is taken later than the pause's refresh */
+        if (queue_pause_refresh(w.db) == 0 && queue_paused(q)) {
+            for (int i = 0; i < n; i++) {
+                if (broker_requeue(w.broker, &items[i].d) < 0)
+                    log_warn("requeue on pause failed (%s); the broker returns it when the connection closes",
+                             broker_error(w.broker));
+                delivery_free(&items[i].d);
+                memset(&items[i], 0, sizeof items[i]);
+            }
+            continue;
+        }
         log_msg(LOG_DEBUG, NULL, "took %d message%s", n, n == 1 ? "" : "s");
         scoreboard_state(SB_BUSY, n);
         /* in transactions of batch_size, in arrival order; all of them, even
