@@ -279,6 +279,7 @@ struct envelope {
     const cJSON *payload;    /* points into root */
     const char *correlation_id; /* NULL when absent; points into root */
     const char *created_at;  /* NULL when absent; points into root */
+    int64_t created_ms;      /* created_at in ms since the epoch (parsed once, here); -1 when absent or invalid */
     struct trace trace;      /* from the traceparent field, else envelope_trace_header; trace_id "" when none */
     const char *trace_ignored; /* why the traceparent field was ignored (static), or NULL */
     bool has_nul;            /* a string somewhere holds \u0000 */
@@ -399,8 +400,6 @@ int db_take_result(struct db *db, int handle, PGresult **out);
 /* Frees every result kept for a handle and not taken, and frees the handles (at
  * the end of a transaction, with nothing deferred). */
 void db_release_results(struct db *db);
-/* The number of statements deferred and not yet sent. */
-int db_pending(const struct db *db);
 /* Runs the deferred statements now (one round trip). Returns 0 or the first error class. */
 int db_flush(struct db *db);
 /* Drops the deferred statements unsent (their results never come). */

@@ -261,8 +261,6 @@ static uint32_t hash_sql(const char *s) {
 static int pipeline_run(struct db *db, const char *sql, const char *name, int nparams,
                         const char *const *params, PGresult **out);
 
-int db_pending(const struct db *db) { return db->ndeferred; }
-
 int db_flush(struct db *db) { return db->ndeferred ? pipeline_run(db, NULL, NULL, 0, NULL, NULL) : 0; }
 
 /* Sets *name to the statement prepared for sql on db, preparing it if new

@@ -51,6 +51,7 @@ static void field_error(struct envelope *e, const char *field, const char *reaso
 int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *fallback_id,
                    struct envelope *e, char *err, size_t errlen) {
     memset(e, 0, sizeof *e);
+    e->created_ms = -1;
     if (len > max_bytes) {
         snprintf(err, errlen, "message is %zu bytes, over the limit of %zu", len, max_bytes);
         return CV_EDEAD;
@@ -112,8 +113,8 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
     }
     const cJSON *created = cJSON_GetObjectItemCaseSensitive(e->root, "createdAt");
     if (created && !cJSON_IsNull(created)) {
-        if (!cJSON_IsString(created) || !clock_rfc3339_valid(created->valuestring))
-            field_error(e, "createdAt", "must be an RFC 3339 date-time");
+        e->created_ms = cJSON_IsString(created) ? clock_rfc3339_ms(created->valuestring) : -1;
+        if (e->created_ms < 0) field_error(e, "createdAt", "must be an RFC 3339 date-time");
         else e->created_at = created->valuestring;
     }
     /* best effort: a traceparent that is not a valid one is ignored (a header may give one) */

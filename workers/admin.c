@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+
 #include <unistd.h>
 
 enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
@@ -88,11 +88,10 @@ static bool choose(const struct dead_letter *d, int index, void *arg) {
     return yes;
 }
 
+/* Seconds since failed_at (RFC 3339, any offset), or -1 when it is not one. */
 static long age_seconds(const char *failed_at) {
-    struct tm tm;
-    memset(&tm, 0, sizeof tm);
-    if (!failed_at || !strptime(failed_at, "%Y-%m-%dT%H:%M:%S", &tm)) return -1;
-    return (long)(time(NULL) - timegm(&tm));
+    int64_t at = failed_at ? clock_rfc3339_ms(failed_at) : -1;
+    return at < 0 ? -1 : (long)((clock_ms() - at) / 1000);
 }
 
 static void print_age(long s, char *out, size_t n) {

@@ -17,14 +17,15 @@ long dedup_prune(struct db *db, const struct cfg *cfg, int budget_ms) {
     const char *p[2] = {days, batch};
     int64_t deadline = clock_mono_ms() + budget_ms;
     long total = 0;
+    int rc = 0;
     for (;;) {
         PGresult *r;
         /* the oldest rows first, by the processed_at index (sql/0005) */
-        int rc = db_exec(db, "DELETE FROM processed_commands WHERE id IN (SELECT id FROM processed_commands "
+        rc = db_exec(db, "DELETE FROM processed_commands WHERE id IN (SELECT id FROM processed_commands "
                              "WHERE processed_at < now() - make_interval(days => $1::int) "
                              "ORDER BY processed_at LIMIT $2::int)",
                          2, p, &r);
-        if (rc < 0) return rc;
+        if (rc < 0) break; /* logged by db_exec; what earlier batches pruned is said below */
         long n = strtol(PQcmdTuples(r), NULL, 10);
         PQclear(r);
         total += n;
@@ -33,5 +34,5 @@ long dedup_prune(struct db *db, const struct cfg *cfg, int budget_ms) {
     if (total > 0)
         log_info("pruned %ld processed_commands row%s older than %d days (dedup.retention_days)", total,
                  total == 1 ? "" : "s", cfg->dedup_retention_days);
-    return total;
+    return rc < 0 && total == 0 ? rc : total;
 }

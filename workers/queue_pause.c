@@ -32,7 +32,6 @@ struct pause_page {
     int64_t writer;                /* monotonic ms a writer took the page, or 0 */
     uint32_t seq;                  /* odd while written */
     int32_t n;                     /* paused queues in names */
-    bool known;                    /* the table has been read once */
     char names[PAUSED_MAX][CFG_NAME_MAX];
 };
 
@@ -79,7 +78,6 @@ static void write_page(PGresult *r, int n) {
     page->n = 0;
     for (int i = 0; i < n && page->n < PAUSED_MAX; i++)
         snprintf(page->names[page->n++], CFG_NAME_MAX, "%s", PQgetvalue(r, i, 0));
-    page->known = true;
     __atomic_store_n(&page->seq, s + 2, __ATOMIC_RELEASE);
     __atomic_store_n(&page->writer, 0, __ATOMIC_RELEASE);
 }
@@ -111,7 +109,6 @@ bool queue_paused(const struct cfg_queue *q) {
     return false;
 }
 
-bool queue_pause_known(void) { return __atomic_load_n(&page->known, __ATOMIC_ACQUIRE); }
 
 int queue_pause_set(struct db *db, const char *queue, bool paused, const char *by, const char *note) {
     const char *p[4] = {queue, paused ? "true" : "false", by, note};

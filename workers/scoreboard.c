@@ -178,7 +178,7 @@ void scoreboard_outcome(const char *type, enum sb_outcome outcome) {
 }
 
 void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t started_us, int64_t commit_us,
-                          const char *created_at, int64_t commit_wall_ms) {
+                          int64_t created_ms, int64_t commit_wall_ms) {
     if (!mine) return;
     struct sb_type_counts *c = &mine->counts[type_index(mine, type)];
     add(&c->outcomes[outcome], 1);
@@ -187,7 +187,7 @@ void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t sta
         add(&c->duration[bucket(sb_duration_bounds, SB_DURATION_BUCKETS, (double)us / 1e6)], 1);
         add(&c->duration_sum_us, (uint64_t)us);
     }
-    int64_t created = created_at ? clock_rfc3339_ms(created_at) : -1;
+    int64_t created = created_ms;
     if (created >= 0) {
         int64_t ms = commit_wall_ms > created ? commit_wall_ms - created : 0; /* a clock ahead of ours: 0 */
         add(&mine->latency[bucket(sb_latency_bounds, SB_LATENCY_BUCKETS, (double)ms / 1e3)], 1);

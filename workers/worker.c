@@ -180,7 +180,7 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
         log_cmd(LOG_DEBUG, &v[i]->env, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
         /* enum outcome and enum sb_outcome agree on applied, rejected, duplicate */
         scoreboard_committed(v[i]->env.type, (enum sb_outcome)v[i]->rc, v[i]->started_us, commit_us,
-                             v[i]->env.created_at, commit_ms);
+                             v[i]->env.created_ms, commit_ms);
     }
     struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;

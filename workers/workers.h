@@ -315,10 +315,10 @@ int64_t scoreboard_now_us(void);
 void scoreboard_outcome(const char *type, enum sb_outcome outcome);
 /* Worker: one command of type committed with outcome; its handler started at
  * started_us (0: did not run) and the commit ended at commit_us
- * (scoreboard_now_us), commit_wall_ms on the wall clock; created_at (its
- * createdAt, NULL when absent) gives its latency. */
+ * (scoreboard_now_us), commit_wall_ms on the wall clock; created_ms (its
+ * createdAt, envelope.created_ms; -1 when absent) gives its latency. */
 void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t started_us, int64_t commit_us,
-                          const char *created_at, int64_t commit_wall_ms);
+                          int64_t created_ms, int64_t commit_wall_ms);
 /* Relay: one event of type published. */
 void scoreboard_event_published(const char *type);
 
@@ -367,8 +367,6 @@ int queue_pause_refresh(struct db *db);
 /* True when q is paused, as last read (false before the first read). For the
  * metrics: conveyor_queue_paused{queue} is 1 when true. Reads the page only. */
 bool queue_paused(const struct cfg_queue *q);
-/* True once the pool has read the paused set (the metrics may say "unknown" before). */
-bool queue_pause_known(void);
 /* Pauses (paused true) or resumes queue in queue_state, saying who did it (by)
  * and why (note, may be NULL). Returns 0 or the error class (db_exec). */
 int queue_pause_set(struct db *db, const char *queue, bool paused, const char *by, const char *note);
@@ -377,8 +375,9 @@ int queue_pause_set(struct db *db, const char *queue, bool paused, const char *b
 /* Deletes processed_commands rows older than cfg->dedup_retention_days (0:
  * keeps them all) in batches of cfg->dedup_prune_batch, each its own
  * statement, until one deletes fewer than a batch or budget_ms have passed.
- * Returns the rows deleted, or the error class of a failed batch (logged; the
- * batches before it stay deleted). */
+ * Returns the rows deleted (a failed batch, logged, ends the pass: the rows of
+ * the batches before it are counted and said), or the error class when the
+ * first batch failed. */
 long dedup_prune(struct db *db, const struct cfg *cfg, int budget_ms);
 
 #endif
