@@ -213,6 +213,7 @@ void id_new(char out[ID_LEN + 1]);                 /* random UUID, lower case */
 bool id_parse(const char *s, char out[ID_LEN + 1]);
 int64_t clock_ms(void);                            /* wall clock, ms since epoch */
 int64_t clock_mono_ms(void);                       /* monotonic ms */
+int64_t clock_mono_us(void);                       /* monotonic microseconds (durations) */
 void clock_rfc3339(int64_t ms, char out[32]);      /* 2026-11-20T10:00:00.123Z */
 bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any offset */
 /* An RFC 3339 date-time (any offset) as ms since the epoch (fraction cut to ms), or -1 when not valid. */

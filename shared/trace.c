@@ -3,7 +3,7 @@
 #include "core.h"
 
 #include <string.h>
-#include <uuid/uuid.h>
+#include <sodium.h>
 
 /* True when s[0..n) is lower-case hex. */
 static bool lower_hex(const char *s, size_t n) {
@@ -54,19 +54,11 @@ bool trace_parse(const char *s, struct trace *out, const char **why) {
 bool trace_child(const struct trace *t, char out[TRACEPARENT_LEN + 1]) {
     out[0] = '\0';
     if (!t || !t->trace_id[0]) return false;
-    static const char hex[] = "0123456789abcdef";
     char span[TRACE_SPAN_LEN + 1];
-    do {
-        /* a random UUID (libuuid reads the kernel's random source): 8 of its
-         * bytes that are wholly random (not the version or variant bits) */
-        static const int random_byte[TRACE_SPAN_LEN / 2] = {0, 1, 2, 3, 4, 5, 7, 9};
-        uuid_t u;
-        uuid_generate_random(u);
-        for (int i = 0; i < TRACE_SPAN_LEN / 2; i++) {
-            span[2 * i] = hex[u[random_byte[i]] >> 4];
-            span[2 * i + 1] = hex[u[random_byte[i]] & 15];
-        }
-        span[TRACE_SPAN_LEN] = '\0';
+    do { /* libsodium's random source, as backoff.c's jitter */
+        unsigned char b[TRACE_SPAN_LEN / 2];
+        randombytes_buf(b, sizeof b);
+        sodium_bin2hex(span, sizeof span, b, sizeof b);
     } while (all_zero(span, TRACE_SPAN_LEN) || strcmp(span, t->parent_id) == 0);
     memcpy(out, "00-", 3);
     memcpy(out + 3, t->trace_id, TRACE_ID_LEN);

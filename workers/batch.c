@@ -104,7 +104,7 @@ static int run_command(struct batch *b, struct batch_item *it, int sp) {
     int rc;
     if (sp >= 0 && (rc = defer_savepoint(db, "SAVEPOINT", sp)) < 0) return rc;
     struct cmd_ctx ctx = {.db = db, .cfg = b->cfg, .cmd = env};
-    if (!it->started_us) it->started_us = scoreboard_now_us(); /* the command's duration starts here */
+    if (!it->started_us) it->started_us = clock_mono_us(); /* the command's duration starts here */
     rc = check_envelope_rules(&ctx);
     if (rc == 0) rc = it->handler->run(&ctx);
     enum outcome outcome = OUTCOME_APPLIED;
@@ -383,7 +383,7 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
     for (; end < n && end - i < AHEAD_MAX && v[end]->handler->runs_ahead && !v[end]->alone; end++) {
         if (!*claim_pending && !v[end]->claimed) break; /* a known duplicate */
         v[end]->handle = -1;
-        if (!v[end]->started_us) v[end]->started_us = scoreboard_now_us();
+        if (!v[end]->started_us) v[end]->started_us = clock_mono_us();
         struct cmd_ctx ctx = {.db = db, .cfg = b->cfg, .cmd = &v[end]->env, .ahead = AHEAD_SEND,
                               .handle = &v[end]->handle};
         int hrc = check_envelope_rules(&ctx);

@@ -47,19 +47,22 @@ int queue_pause_init(void) {
     return 0;
 }
 
-/* Copies the page consistently into *out: again while a writer is copying
- * in its names (nanoseconds); after many tries (a writer killed mid-copy, until
- * the next one repairs seq) as it is. */
-static void read_page(struct pause_page *out) {
+/* True when name is in the page's paused set, read consistently: again while
+ * a writer is copying in its names (nanoseconds); after many tries (a writer
+ * killed mid-copy, until the next one repairs seq) as it is. Copies nothing:
+ * each take asks, so it reads only the names it compares. */
+static bool in_page(const char *name) {
     for (int tries = 0;; tries++) {
         uint32_t s = __atomic_load_n(&page->seq, __ATOMIC_ACQUIRE);
         if ((s & 1) && tries < 10000) {
             sched_yield();
             continue;
         }
-        memcpy(out, page, sizeof *out);
+        bool found = false;
+        int n = page->n < PAUSED_MAX ? page->n : PAUSED_MAX;
+        for (int i = 0; i < n && !found; i++) found = strncmp(page->names[i], name, CFG_NAME_MAX) == 0;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (__atomic_load_n(&page->seq, __ATOMIC_RELAXED) == s || tries >= 10000) return;
+        if (__atomic_load_n(&page->seq, __ATOMIC_RELAXED) == s || tries >= 10000) return found;
     }
 }
 
@@ -101,13 +104,7 @@ int queue_pause_refresh(struct db *db) {
     return 0;
 }
 
-bool queue_paused(const struct cfg_queue *q) {
-    struct pause_page copy;
-    read_page(&copy);
-    for (int i = 0; i < copy.n; i++)
-        if (strcmp(copy.names[i], q->name) == 0) return true;
-    return false;
-}
+bool queue_paused(const struct cfg_queue *q) { return in_page(q->name); }
 
 
 int queue_pause_set(struct db *db, const char *queue, bool paused, const char *by, const char *note) {

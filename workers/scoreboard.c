@@ -152,12 +152,6 @@ void scoreboard_state(enum sb_state state, int in_hand) {
     __atomic_store_n(&mine->state, state, __ATOMIC_RELAXED);
 }
 
-int64_t scoreboard_now_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
 /* The index of type among the slot's types, or that of "unknown". */
 static int type_index(const struct sb_slot *s, const char *type) {
     for (int t = 0; type && t < s->ntypes; t++)

@@ -171,7 +171,7 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
         }
     }
     /* failures first: a retry acks its own delivery */
-    int64_t commit_us = scoreboard_now_us(), commit_ms = clock_ms();
+    int64_t commit_us = clock_mono_us(), commit_ms = clock_ms();
     for (int i = 0; i < nlive; i++) {
         if (v[i]->rc < 0) {
             attempt_failed(w, v[i]);

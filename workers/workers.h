@@ -171,7 +171,7 @@ struct batch_item {
     bool alone;           /* its statement failed when run ahead: it runs alone (and meets the error once more) */
     char *error;          /* with a failure: the database's error text (owned) */
     char key[ID_LEN + 3]; /* the row it locks first (handler_lock_key), for lock order; or "" */
-    int64_t started_us;   /* when its handler first started (scoreboard_now_us), or 0 */
+    int64_t started_us;   /* when its handler first started (clock_mono_us), or 0 */
 };
 
 /* A worker's transactions: its connection and what a batch needs to know. */
@@ -309,13 +309,11 @@ void scoreboard_set_flags(bool draining);
 void scoreboard_attach(int slot);
 /* Worker: its state (idle, busy) and how many messages it holds. */
 void scoreboard_state(enum sb_state state, int in_hand);
-/* A monotonic clock in microseconds (command durations). */
-int64_t scoreboard_now_us(void);
 /* Worker: one command of type ended with outcome (retried, dead: no commit). */
 void scoreboard_outcome(const char *type, enum sb_outcome outcome);
 /* Worker: one command of type committed with outcome; its handler started at
  * started_us (0: did not run) and the commit ended at commit_us
- * (scoreboard_now_us), commit_wall_ms on the wall clock; created_ms (its
+ * (clock_mono_us), commit_wall_ms on the wall clock; created_ms (its
  * createdAt, envelope.created_ms; -1 when absent) gives its latency. */
 void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t started_us, int64_t commit_us,
                           int64_t created_ms, int64_t commit_wall_ms);
