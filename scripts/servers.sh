@@ -144,9 +144,26 @@ rabbit_up() {
     die "RabbitMQ did not start; see $st/rabbitmq/log"
 }
 
+# The servers' ports lie in Linux's ephemeral range (32768-60999): a client
+# socket may take one as its local port while a server is down (a chaos restart,
+# the TLS test's own servers) and the server then cannot listen on it. Reserving
+# them keeps the kernel from handing them out; where /proc/sys is read-only it
+# is said and skipped.
+TLS_TEST_PORTS=${CONVEYOR_TLS_PORT_BASE:-57000}
+reserve_ports() {
+  local f=/proc/sys/net/ipv4/ip_local_reserved_ports
+  local want="$PG_PORT,$REDIS_PORT,$AMQP_PORT,$AMQP_DIST_PORT,$TLS_TEST_PORTS-$((TLS_TEST_PORTS + 19))"
+  local have; have=$(cat "$f" 2>/dev/null) || return 0
+  local merged=${have:+$have,}$want
+  if ! echo "$merged" > "$f" 2>/dev/null; then
+    log "cannot reserve ports $want in $f (read-only): a client socket may take one while its server restarts"
+  fi
+}
+
 cmd_up() {
   cmd_install
   local st; st=$(state_dir)
+  reserve_ports
   pg_up "$st"; redis_up "$st"; rabbit_up "$st"
   log "all up (state in $st)"
 }

@@ -9,10 +9,13 @@ The servers live under /var/tmp/conveyor-tls-<transport> (reachable by the
 postgres and rabbitmq users) on 127.0.0.1 and 127.0.0.2: connecting to
 127.0.0.2, a name the server's certificate does not bear, is the wrong-host case.
 Ports: CONVEYOR_TLS_PORT_BASE (57000) + 0/1/2, + 10 on the redis transport, so
-both transports can run at once."""
+both transports can run at once. scripts/servers.sh reserves them against
+the kernel's ephemeral ports (a client socket that took one as its local port
+made PostgreSQL start without its 127.0.0.1 listener once)."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 
@@ -82,6 +85,20 @@ def server_copy(dest, owner):
 def pg_url(host="127.0.0.1", db="conveyor", ca="ca.pem", mode="verify-full"):
     return (f"postgresql://conveyor@{host}:{PG_PORT}/{db}?sslmode={mode}"
             f"&sslrootcert={os.path.join(CERTS, ca)}&connect_timeout=5")
+
+
+def ports_free():
+    """Fails, naming the holder, when a port of this test is taken on 127.0.0.1."""
+    for port in (PG_PORT, AMQP_PORT, DIST_PORT):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no hold
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            held = sh("ss", "-tanp", f"( sport = :{port} )", check_=False).stdout
+            raise Failure(f"port {port} of the TLS test is taken ({e}):\n{held}")
+        finally:
+            s.close()
 
 
 def pg_start():
@@ -228,6 +245,7 @@ def test_commands_over_tls_and_refusals():
         os.makedirs(STATE)
         os.chmod(STATE, 0o755)
         make_certs()
+        ports_free()
         pg_start()
         if TRANSPORT == "rabbitmq":
             rabbit_start()
