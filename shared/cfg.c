@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <libconfig.h>
 #include <stdarg.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,6 +203,34 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     return 0;
 }
 
+#define SECRET_FILE_MAX 65536 /* a secret in a file longer than this is refused */
+
+/* The content of the file at path (what: the setting that named it, for
+ * messages) into *dst, trailing newlines stripped. A file that cannot be read,
+ * is empty, too long or holds a NUL byte is an error naming the setting and
+ * the path, never the content. */
+static int read_secret_file(struct loader *l, const char *what, const char *path, char **dst) {
+    FILE *f = fopen(path, "r");
+    if (!f) return fail(l, NULL, "%s: cannot read '%s': %s", what, path, strerror(errno));
+    char *text = xmalloc(SECRET_FILE_MAX + 1);
+    size_t n = fread(text, 1, SECRET_FILE_MAX + 1, f);
+    bool bad = ferror(f);
+    fclose(f);
+    if (bad || n > SECRET_FILE_MAX) {
+        free(text);
+        return fail(l, NULL, "%s: cannot read '%s': %s", what, path, bad ? "read error" : "longer than 64 KiB");
+    }
+    text[n] = '\0';
+    while (n && (text[n - 1] == '\n' || text[n - 1] == '\r')) text[--n] = '\0';
+    if (n == 0 || strlen(text) != n) {
+        free(text);
+        return fail(l, NULL, "%s: '%s' %s", what, path, n ? "holds a NUL byte" : "is empty");
+    }
+    free(*dst);
+    *dst = text;
+    return 0;
+}
+
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
                                       "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "queues",
@@ -217,7 +246,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const k_relay[] = {"poll_interval_ms", "batch_size", "retention_seconds", NULL};
     static const char *const k_sup[] = {"shutdown_timeout", "max_jobs", "max_rss_mb", NULL};
     static const char *const k_dedup[] = {"retention_days", "prune_batch", NULL};
-    static const char *const k_http[] = {"listen", NULL};
+    static const char *const k_http[] = {"listen", "token", "token_file", NULL};
     config_setting_t *root = config_root_setting(lc), *g;
     if (only_known(l, root, top) < 0) return -1;
 
@@ -279,7 +308,22 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
         get_int(l, g, "retention_days", 0, 36500, &c->dedup_retention_days) < 0 ||
         get_int(l, g, "prune_batch", 1, 100000, &c->dedup_prune_batch) < 0) return -1;
 
-    if (get_group(l, root, "http", k_http, &g) < 0 || get_string(l, g, "listen", &c->http_listen) < 0) return -1;
+    char *token_file = NULL;
+    if (get_group(l, root, "http", k_http, &g) < 0 || get_string(l, g, "listen", &c->http_listen) < 0 ||
+        get_string(l, g, "token", &c->http_token) < 0 || get_string(l, g, "token_file", &token_file) < 0) {
+        free(token_file);
+        return -1;
+    }
+    if (token_file) {
+        int rc = c->http_token ? fail(l, config_setting_get_member(g, "token_file"),
+                                      "'http.token' and 'http.token_file' are both set; set one of them")
+                               : read_secret_file(l, "http.token_file", token_file, &c->http_token);
+        free(token_file);
+        if (rc < 0) return -1;
+    }
+    if (c->http_token && strlen(c->http_token) < HTTP_TOKEN_MIN)
+        return fail(l, NULL, "the http token (http.token or http.token_file) must be at least %d characters "
+                             "(say: openssl rand -hex 24)", HTTP_TOKEN_MIN);
     char host[64];
     int port;
     bool v6;
@@ -311,8 +355,6 @@ static void set_str(char **dst, const char *v) {
     *dst = xstrdup(v);
 }
 
-#define URL_FILE_MAX 65536 /* a URL in a file longer than this is refused */
-
 /* A URL from the environment: VAR, or the content of the file VAR_FILE names
  * (container secrets), trailing newlines stripped. Sets *dst and *setting (the
  * variable's name) when one is set; both set, or a file that cannot be read or
@@ -327,25 +369,7 @@ static int env_url(struct loader *l, const char *var, const char *file_var, char
         return 0;
     }
     if (!has_file) return 0;
-    FILE *f = fopen(path, "r");
-    if (!f) return fail(l, NULL, "%s: cannot read '%s': %s", file_var, path, strerror(errno));
-    char *text = xmalloc(URL_FILE_MAX + 1);
-    size_t n = fread(text, 1, URL_FILE_MAX + 1, f);
-    bool bad = ferror(f);
-    fclose(f);
-    if (bad || n > URL_FILE_MAX) {
-        free(text);
-        return fail(l, NULL, "%s: cannot read '%s': %s", file_var, path,
-                    bad ? "read error" : "longer than 64 KiB");
-    }
-    text[n] = '\0';
-    while (n && (text[n - 1] == '\n' || text[n - 1] == '\r')) text[--n] = '\0';
-    if (n == 0 || strlen(text) != n) {
-        free(text);
-        return fail(l, NULL, "%s: '%s' %s", file_var, path, n ? "holds a NUL byte" : "is empty");
-    }
-    free(*dst);
-    *dst = text;
+    if (read_secret_file(l, file_var, path, dst) < 0) return -1;
     *setting = file_var;
     return 0;
 }
@@ -451,6 +475,8 @@ void cfg_free(struct cfg *c) {
     free(c->rabbitmq_key_file);
     free(c->redis_url);
     free(c->http_listen);
+    if (c->http_token) sodium_memzero(c->http_token, strlen(c->http_token));
+    free(c->http_token);
     memset(c, 0, sizeof *c);
 }
 

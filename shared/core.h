@@ -153,6 +153,10 @@ struct cfg {
      * /metrics), "127.0.0.1:9464" or "[::1]:9464" (an IP address, not a name);
      * NULL: no listener. Checked by cfg_load (cfg_http_address). */
     char *http_listen;
+    /* http.token, or the content of http.token_file: what the dashboard's actions
+     * (retry, purge, pause) need; NULL: actions are off. At least HTTP_TOKEN_MIN
+     * characters. Never printed. */
+    char *http_token;
     struct cfg_queue *queues;
     int nqueues;
 };
@@ -177,6 +181,7 @@ const struct cfg_queue *cfg_queue_for(const struct cfg *c, const char *type);
 const struct cfg_queue *cfg_queue_named(const struct cfg *c, const char *name);
 /* True when some queue, or the events, use transport T. */
 bool cfg_uses(const struct cfg *c, enum transport t);
+#define HTTP_TOKEN_MIN 16
 /* Splits an http.listen value, "IPv4:PORT" or "[IPv6]:PORT", into host (the
  * address without brackets, at most n-1 bytes) and *port (1-65535); *v6 says
  * which family. Returns 0, or -1 when it is not of that form. */

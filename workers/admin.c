@@ -54,32 +54,14 @@ struct selector {
     int failed;            /* chosen, but the reset failed: left in the dead letters */
 };
 
-/* The command id of a dead letter: the body's "id", else the AMQP message_id; "" if none. */
-static void command_id_of(const struct dead_letter *d, char out[ID_LEN + 1]) {
-    out[0] = '\0';
-    cJSON *o = cJSON_ParseWithLength(d->body, d->len);
-    const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
-    if (!(cJSON_IsString(id) && id_parse(id->valuestring, out)) && d->message_id) id_parse(d->message_id, out);
-    cJSON_Delete(o);
-}
-
-static char *type_of(const struct dead_letter *d) {
-    cJSON *o = cJSON_ParseWithLength(d->body, d->len);
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
-    char *s = xstrdup(cJSON_IsString(t) ? t->valuestring : "-");
-    cJSON_Delete(o);
-    return s;
-}
-
 static bool choose(const struct dead_letter *d, int index, void *arg) {
     struct selector *s = arg;
     char id[ID_LEN + 1];
-    command_id_of(d, id);
+    dead_letter_command_id(d, id);
     bool yes = s->all || (s->index && s->index == index) || (s->id && strcmp(s->id, id) == 0);
-    if (yes && s->reset_db && id[0]) {
+    if (yes && s->reset_db) {
         /* before the message is back on its queue, or a worker could count on the old attempts */
-        const char *p[1] = {id};
-        if (db_exec(s->reset_db, "DELETE FROM command_attempts WHERE id = $1", 1, p, NULL) < 0) {
+        if (dead_letter_reset_attempts(s->reset_db, d) < 0) {
             fprintf(stderr, "conveyor-admin: %s left dead: cannot reset its attempt count: %s\n", id, db_errstr(s->reset_db));
             s->failed++;
             return false;
@@ -88,48 +70,12 @@ static bool choose(const struct dead_letter *d, int index, void *arg) {
     return yes;
 }
 
-/* Seconds since failed_at (RFC 3339, any offset), or -1 when it is not one. */
-static long age_seconds(const char *failed_at) {
-    int64_t at = failed_at ? clock_rfc3339_ms(failed_at) : -1;
-    return at < 0 ? -1 : (long)((clock_ms() - at) / 1000);
-}
-
 static void print_age(long s, char *out, size_t n) {
     if (s < 0) snprintf(out, n, "?");
     else if (s < 120) snprintf(out, n, "%lds", s);
     else if (s < 7200) snprintf(out, n, "%ldm", s / 60);
     else if (s < 172800) snprintf(out, n, "%ldh", s / 3600);
     else snprintf(out, n, "%ldd", s / 86400);
-}
-
-static cJSON *dead_json(const struct cfg_queue *q, const struct dead_letter *d, int index, bool body) {
-    char id[ID_LEN + 1];
-    command_id_of(d, id);
-    char *type = type_of(d);
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "queue", q->name);
-    cJSON_AddNumberToObject(o, "index", index);
-    if (id[0]) cJSON_AddStringToObject(o, "commandId", id);
-    else cJSON_AddNullToObject(o, "commandId");
-    cJSON_AddStringToObject(o, "type", type);
-    cJSON_AddStringToObject(o, "reason", d->reason ? d->reason : "");
-    cJSON_AddStringToObject(o, "error", d->error ? d->error : "");
-    cJSON_AddNumberToObject(o, "attempts", d->attempts);
-    cJSON_AddStringToObject(o, "failedAt", d->failed_at ? d->failed_at : "");
-    cJSON_AddNumberToObject(o, "ageSeconds", (double)age_seconds(d->failed_at));
-    if (body) {
-        cJSON *m = utf8_valid(d->body, d->len) ? cJSON_ParseWithLength(d->body, d->len) : NULL;
-        if (m && envelope_mask_secrets(m) > 0) { /* shown masked; kept and retried untouched */
-            char *masked = cJSON_PrintUnformatted(m);
-            cJSON_AddStringToObject(o, "message", masked ? masked : "(out of memory)");
-            free(masked);
-        } else if (utf8_valid(d->body, d->len) && !memchr(d->body, '\0', d->len)) {
-            cJSON_AddStringToObject(o, "message", d->body);
-        } else cJSON_AddStringToObject(o, "message", "(not UTF-8: use the broker's own tools to read the bytes)");
-        cJSON_Delete(m);
-    }
-    free(type);
-    return o;
 }
 
 static void print_json(cJSON *o, bool pretty) {
@@ -202,13 +148,13 @@ static int cmd_list(const struct cfg *cfg, const char *queue, bool json) {
         int n, rc = read_queue(cfg, q, &d, &n);
         if (rc) return rc;
         for (int j = 0; j < n; j++) {
-            cJSON *o = dead_json(q, &d[j], j + 1, false);
+            cJSON *o = dead_letter_json(q, &d[j], j + 1, false);
             if (json) {
                 print_json(o, false);
                 continue;
             }
             char age[16];
-            print_age(age_seconds(d[j].failed_at), age, sizeof age);
+            print_age(dead_letter_age_s(&d[j]), age, sizeof age);
             const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "commandId");
             printf("%-10s %4d %-36s %-14.14s %-18s %4d %5s  %.80s\n", q->name, j + 1,
                    cJSON_IsString(id) ? id->valuestring : "-", cJSON_GetObjectItem(o, "type")->valuestring,
@@ -239,7 +185,7 @@ static int cmd_show(const struct cfg *cfg, const struct cfg_queue *q, struct sel
     if (rc) return rc;
     for (int j = 0; j < n; j++)
         if (choose(&d[j], j + 1, s)) {
-            print_json(dead_json(q, &d[j], j + 1, true), true);
+            print_json(dead_letter_json(q, &d[j], j + 1, true), true);
             found++;
         }
     dead_letters_free(d, n);

@@ -10,42 +10,39 @@
  *                 worker and the pool is not draining; else 503. Either way a
  *                 JSON object names each check and its state.
  *   GET /metrics  the Prometheus text exposition (metrics.c).
+ *   GET /, /api/... the dashboard (dashboard.c); POST /api/... its actions
+ *                 (http_action.c).
  *
  * Requests are served by libmicrohttpd's own thread (one thread, select); the
- * main thread samples the database (outbox, migrations) and the brokers (queue
- * counts) every SAMPLE_MS on connections of its own, so a request never runs a
- * query. Any other path is 404, any other method 405; a request libmicrohttpd
- * cannot parse gets its 400. Every response has Content-Security-Policy
- * default-src 'none', nosniff and no-store.
+ * main thread, every SAMPLE_MS, samples the database (outbox, migrations, the
+ * recent commands) and the brokers (queue counts) on connections of its own,
+ * so /metrics and /readyz never run a query, and ticks the dashboard's rollups
+ * (rollup.c). Any other path is 404, any other method 405; a request
+ * libmicrohttpd cannot parse gets its 400. Every response has a strict
+ * Content-Security-Policy (the page's own script and style only), nosniff and
+ * no-store.
  */
-#include "workers.h"
+#include "http.h"
 
 #include <arpa/inet.h>
-#include <microhttpd.h>
 #include <netinet/in.h>
-#include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
-#define SAMPLE_MS 2000
+#define SAMPLE_MS 1000
 #define LIVE_WITHIN_MS 5000
 #define BIND_WAIT_MS 10000 /* the supervisor's last tick: older, /livez says 503 */
 
-struct http {
-    const struct cfg *cfg;
-    pthread_mutex_t lock;       /* guards sample */
-    struct http_sample sample;  /* the last one (its queues owned) */
-    struct db *db;              /* the sampler's connections (main thread only) */
-    struct broker *broker[2];
-};
+static const char csp[] = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                          "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/* Queues response (body copied) with the headers every response carries. */
-static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
-                             size_t len, bool must_free) {
+enum MHD_Result http_reply(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
+                           size_t len, bool must_free) {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body,
                                                              must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_MUST_COPY);
     if (!r) {
@@ -53,17 +50,71 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const
         return MHD_NO;
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
-    MHD_add_response_header(r, "Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'");
+    MHD_add_response_header(r, "Content-Security-Policy", csp);
+    MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
     MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
     MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
-    if (status == MHD_HTTP_METHOD_NOT_ALLOWED) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
+    if (status == MHD_HTTP_METHOD_NOT_ALLOWED) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD, POST");
     enum MHD_Result rc = MHD_queue_response(conn, status, r);
     MHD_destroy_response(r);
     return rc;
 }
 
 static enum MHD_Result text(struct MHD_Connection *conn, unsigned status, const char *body) {
-    return reply(conn, status, "text/plain; charset=utf-8", body, strlen(body), false);
+    return http_reply(conn, status, "text/plain; charset=utf-8", body, strlen(body), false);
+}
+
+enum MHD_Result http_json(struct MHD_Connection *conn, unsigned status, cJSON *o) {
+    char *json = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!json) return text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory\n");
+    size_t len = strlen(json);
+    json = xrealloc(json, len + 2);
+    memcpy(json + len, "\n", 2);
+    return http_reply(conn, status, "application/json", json, len + 1, true);
+}
+
+enum MHD_Result http_error(struct MHD_Connection *conn, unsigned status, const char *fmt, ...) {
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "error", msg);
+    return http_json(conn, status, o);
+}
+
+struct db *http_req_db(struct http *h, char *err, size_t errlen) {
+    if (h->req_db) return h->req_db;
+    int cls;
+    char why[512];
+    h->req_db = db_connect_class(h->cfg->database_url, &cls, why, sizeof why);
+    if (!h->req_db) {
+        snprintf(err, errlen, "the database is unreachable: %s", why);
+        return NULL;
+    }
+    (void)db_cmd(h->req_db, "SET statement_timeout TO 5000");
+    return h->req_db;
+}
+
+void http_req_db_lost(struct http *h) {
+    db_close(h->req_db);
+    h->req_db = NULL;
+}
+
+struct broker *http_req_broker(struct http *h, enum transport t, char *err, size_t errlen) {
+    if (h->req_broker[t]) return h->req_broker[t];
+    int cls;
+    char why[512];
+    h->req_broker[t] = broker_open_class(h->cfg, t, &cls, why, sizeof why);
+    if (!h->req_broker[t]) snprintf(err, errlen, "%s is unreachable: %s", transport_name(t), why);
+    return h->req_broker[t];
+}
+
+void http_req_broker_lost(struct http *h, enum transport t) {
+    broker_close(h->req_broker[t]);
+    h->req_broker[t] = NULL;
 }
 
 /* True while the supervisor's loop ticks. */
@@ -113,13 +164,7 @@ static enum MHD_Result readyz(struct http *h, struct MHD_Connection *conn) {
 #undef CHECK
     cJSON_AddStringToObject(o, "status", ready ? "ready" : "not ready");
     cJSON_AddItemToObject(o, "checks", checks);
-    char *json = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
-    if (!json) return text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory\n");
-    size_t len = strlen(json);
-    json = xrealloc(json, len + 2);
-    memcpy(json + len, "\n", 2);
-    return reply(conn, ready ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", json, len + 1, true);
+    return http_json(conn, ready ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE, o);
 }
 
 static enum MHD_Result metrics(struct http *h, struct MHD_Connection *conn) {
@@ -128,29 +173,59 @@ static enum MHD_Result metrics(struct http *h, struct MHD_Connection *conn) {
     pthread_mutex_lock(&h->lock); /* the sample's queue counts are read in place */
     metrics_render(h->cfg, &h->sample, &buf, &len);
     pthread_mutex_unlock(&h->lock);
-    return reply(conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", buf, len, true);
+    return http_reply(conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", buf, len, true);
+}
+
+/* One request's state across libmicrohttpd's calls: a POST's body so far. */
+struct request {
+    char *body;
+    size_t len;
+    bool too_big;
+};
+
+static void request_done(void *cls, struct MHD_Connection *conn, void **state, enum MHD_RequestTerminationCode why) {
+    (void)cls;
+    (void)conn;
+    (void)why;
+    struct request *r = *state;
+    if (r) free(r->body);
+    free(r);
+    *state = NULL;
 }
 
 static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                               const char *version, const char *upload_data, size_t *upload_data_size, void **state) {
     (void)version;
-    (void)upload_data;
     struct http *h = cls;
-    if (*upload_data_size) { /* a body we do not read: dropped (the 405 is queued already) */
+    bool post = strcmp(method, "POST") == 0;
+    struct request *r = *state;
+    if (!r) { /* the headers: the first call */
+        *state = xcalloc(1, sizeof *r);
+        return MHD_YES;
+    }
+    if (*upload_data_size) { /* a body: kept for a POST up to HTTP_BODY_MAX, else dropped */
+        if (post && !r->too_big && r->len + *upload_data_size <= HTTP_BODY_MAX) {
+            r->body = xrealloc(r->body, r->len + *upload_data_size + 1);
+            memcpy(r->body + r->len, upload_data, *upload_data_size);
+            r->len += *upload_data_size;
+        } else r->too_big = post;
         *upload_data_size = 0;
         return MHD_YES;
     }
-    if (*state && *state == (void *)h) return MHD_YES;
-    *state = h;
-    bool known = strcmp(url, "/livez") == 0 || strcmp(url, "/readyz") == 0 || strcmp(url, "/metrics") == 0;
-    if (!known) return text(conn, MHD_HTTP_NOT_FOUND, "not found: the paths are /livez, /readyz and /metrics\n");
+    bool probe = strcmp(url, "/livez") == 0 || strcmp(url, "/readyz") == 0 || strcmp(url, "/metrics") == 0;
+    bool api = strncmp(url, "/api/", 5) == 0;
+    if (!probe && !api && !dashboard_is_asset(url))
+        return text(conn, MHD_HTTP_NOT_FOUND, "not found: the paths are /, /api/..., /livez, /readyz and /metrics\n");
+    if (post && api) return http_action(h, conn, url, r->body, r->len, r->too_big);
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
-        return text(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed: use GET\n");
+        return text(conn, MHD_HTTP_METHOD_NOT_ALLOWED,
+                    api ? "method not allowed: GET reads, POST acts\n" : "method not allowed: use GET\n");
     if (strcmp(url, "/livez") == 0)
         return supervisor_live() ? text(conn, MHD_HTTP_OK, "ok\n")
                                  : text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "the supervisor's loop stopped\n");
     if (strcmp(url, "/readyz") == 0) return readyz(h, conn);
-    return metrics(h, conn);
+    if (strcmp(url, "/metrics") == 0) return metrics(h, conn);
+    return dashboard_get(h, conn, url);
 }
 
 /* One sample of the database: up, migrations applied, outbox. */
@@ -185,6 +260,14 @@ static void sample_db(struct http *h, struct http_sample *s) {
     s->outbox_oldest_s = atof(PQgetvalue(r, 0, 1));
     s->migrations_ok = atoi(PQgetvalue(r, 0, 2)) == nmig;
     PQclear(r);
+    (void)queue_pause_refresh(h->db); /* the dashboard's paused column */
+    /* the dashboard's recent commands, by the processed_at index (sql/0005) */
+    if (db_exec(h->db, "SELECT coalesce(json_agg(json_build_object('id', id, 'type', type, 'outcome', outcome, "
+                       "'processedAt', " SQL_RFC3339("processed_at") "))::text, '[]') FROM (SELECT * FROM "
+                       "processed_commands ORDER BY processed_at DESC LIMIT 20) c", 0, NULL, &r) == 0) {
+        s->recent = xstrdup(PQgetvalue(r, 0, 0));
+        PQclear(r);
+    }
 }
 
 /* One sample of the brokers the pool uses: connected, and each queue's counts. */
@@ -218,18 +301,20 @@ static struct MHD_Daemon *listen_on(struct http *h) {
     struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port)};
     if (v6) inet_pton(AF_INET6, host, &a6.sin6_addr);
     else inet_pton(AF_INET, host, &a4.sin_addr);
+    h->loopback = v6 ? IN6_IS_ADDR_LOOPBACK(&a6.sin6_addr) : (ntohl(a4.sin_addr.s_addr) >> 24) == 127;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | (v6 ? MHD_USE_IPv6 : 0);
     /* no SO_REUSEPORT: a second pool given the same address must fail, not share it */
     return MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
                             v6 ? (struct sockaddr *)&a6 : (struct sockaddr *)&a4, MHD_OPTION_CONNECTION_LIMIT,
-                            (unsigned)64, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_END);
+                            (unsigned)64, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_NOTIFY_COMPLETED,
+                            request_done, NULL, MHD_OPTION_END);
 }
 
 int http_run(const struct cfg *cfg) {
     signal(SIGPIPE, SIG_IGN);
     if (setpriority(PRIO_PROCESS, 0, 10) < 0) { /* behind the workers for the CPU; not needed */
     }
-    struct http h = {.cfg = cfg};
+    struct http h = {.cfg = cfg, .rollup = rollup_new(cfg)};
     pthread_mutex_init(&h.lock, NULL);
     h.sample.nqueues = cfg->nqueues;
     h.sample.queues = xcalloc((size_t)cfg->nqueues, sizeof *h.sample.queues);
@@ -245,23 +330,32 @@ int http_run(const struct cfg *cfg) {
             log_error("cannot listen on %s (http.listen): the address is in use or not this host's",
                       cfg->http_listen);
         free(h.sample.queues);
+        rollup_free(h.rollup);
         pthread_mutex_destroy(&h.lock);
         return stop_requested ? 0 : 1;
     }
-    log_info("listening on http://%s (/livez, /readyz, /metrics)", cfg->http_listen);
+    log_info("listening on http://%s (the dashboard at /; /livez, /readyz, /metrics; actions %s)", cfg->http_listen,
+             cfg->http_token ? "need the token" : "off: no http.token");
     while (!stop_requested) {
         struct http_sample s = {.sampled = true, .nqueues = cfg->nqueues};
         s.queues = xcalloc((size_t)cfg->nqueues, sizeof *s.queues);
         sample_db(&h, &s);
         sample_brokers(&h, &s);
         pthread_mutex_lock(&h.lock);
-        struct queue_counts *old = h.sample.queues;
+        struct http_sample old = h.sample;
         h.sample = s;
         pthread_mutex_unlock(&h.lock);
-        free(old);
+        free(old.queues);
+        free(old.recent);
+        rollup_tick(h.rollup, h.db);
         backoff_sleep(SAMPLE_MS, &stop_requested);
     }
     MHD_stop_daemon(d);
+    rollup_flush(h.rollup, h.db);
+    rollup_free(h.rollup);
+    db_close(h.req_db);
+    for (int t = 0; t < 2; t++) broker_close(h.req_broker[t]);
+    free(h.sample.recent);
     db_close(h.db);
     for (int t = 0; t < 2; t++) broker_close(h.broker[t]);
     free(h.sample.queues);

@@ -56,11 +56,6 @@ static void header(struct out *o, const char *name, const char *type, const char
 
 static uint64_t load(const uint64_t *c) { return __atomic_load_n(c, __ATOMIC_RELAXED); }
 
-/* True when slot s is a worker slot of queue q. */
-static bool of_queue(const struct sb_slot *s, const struct cfg_queue *q) {
-    return __atomic_load_n(&s->used, __ATOMIC_ACQUIRE) && s->kind == SB_WORKER && strcmp(s->queue, q->name) == 0;
-}
-
 /* The counts of type in slot s, or NULL when s does not count it. */
 static const struct sb_type_counts *counts_of(const struct sb_slot *s, const char *type) {
     for (int t = 0; t <= s->ntypes; t++)
@@ -95,7 +90,7 @@ static void commands(struct out *o, const struct cfg *cfg, const struct scoreboa
                 if (t == ntypes_of(q) && oc != SB_DEAD) continue; /* an unknown type can only be dead */
                 uint64_t n = 0;
                 for (int k = 0; sb && k < sb->nslots; k++) {
-                    const struct sb_type_counts *c = of_queue(&sb->slot[k], q) ? counts_of(&sb->slot[k], type) : NULL;
+                    const struct sb_type_counts *c = sb_is_worker_of(&sb->slot[k], q) ? counts_of(&sb->slot[k], type) : NULL;
                     if (c) n += load(&c->outcomes[oc]);
                 }
                 put(o, "conveyor_commands_total{queue=\"%s\",type=\"%s\",outcome=\"%s\"} %llu\n", label(q->name, ql),
@@ -111,7 +106,7 @@ static void commands(struct out *o, const struct cfg *cfg, const struct scoreboa
             uint64_t buckets[SB_DURATION_BUCKETS + 1] = {0}, sum_us = 0;
             for (int k = 0; sb && k < sb->nslots; k++) {
                 const struct sb_type_counts *c =
-                    of_queue(&sb->slot[k], q) ? counts_of(&sb->slot[k], q->commands[t]) : NULL;
+                    sb_is_worker_of(&sb->slot[k], q) ? counts_of(&sb->slot[k], q->commands[t]) : NULL;
                 if (!c) continue;
                 for (int b = 0; b <= SB_DURATION_BUCKETS; b++) buckets[b] += load(&c->duration[b]);
                 sum_us += load(&c->duration_sum_us);
@@ -126,29 +121,13 @@ static void commands(struct out *o, const struct cfg *cfg, const struct scoreboa
            "A command's createdAt to its commit (commands without createdAt are left out).");
     for (int i = 0; i < cfg->nqueues; i++) {
         const struct cfg_queue *q = &cfg->queues[i];
-        uint64_t buckets[SB_LATENCY_BUCKETS + 1] = {0}, sum_ms = 0;
-        for (int k = 0; sb && k < sb->nslots; k++) {
-            if (!of_queue(&sb->slot[k], q)) continue;
-            for (int b = 0; b <= SB_LATENCY_BUCKETS; b++) buckets[b] += load(&sb->slot[k].latency[b]);
-            sum_ms += load(&sb->slot[k].latency_sum_ms);
-        }
+        struct sb_queue_totals t;
+        sb_queue_totals(q, &t);
         char labels[2 * CFG_NAME_MAX + 16];
         snprintf(labels, sizeof labels, "queue=\"%s\"", label(q->name, ql));
-        histogram(o, "conveyor_command_latency_seconds", labels, sb_latency_bounds, SB_LATENCY_BUCKETS, buckets,
-                  (double)sum_ms / 1e3);
+        histogram(o, "conveyor_command_latency_seconds", labels, sb_latency_bounds, SB_LATENCY_BUCKETS, t.latency,
+                  (double)t.latency_sum_ms / 1e3);
     }
-}
-
-/* The resident size of pid in bytes (/proc), or -1 when it cannot be read. */
-static long long resident_bytes(pid_t pid) {
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/statm", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f) return -1;
-    long pages = 0, rss = 0;
-    int got = fscanf(f, "%ld %ld", &pages, &rss);
-    fclose(f);
-    return got == 2 ? (long long)rss * sysconf(_SC_PAGESIZE) : -1;
 }
 
 static void workers(struct out *o, const struct cfg *cfg, const struct scoreboard *sb) {
@@ -157,7 +136,7 @@ static void workers(struct out *o, const struct cfg *cfg, const struct scoreboar
     for (int i = 0; i < cfg->nqueues; i++) {
         int n[SB_NSTATES] = {0};
         for (int k = 0; sb && k < sb->nslots; k++)
-            if (of_queue(&sb->slot[k], &cfg->queues[i])) {
+            if (sb_is_worker_of(&sb->slot[k], &cfg->queues[i])) {
                 int st = __atomic_load_n(&sb->slot[k].state, __ATOMIC_RELAXED);
                 if (st >= 0 && st < SB_NSTATES) n[st]++;
             }
@@ -172,7 +151,7 @@ static void workers(struct out *o, const struct cfg *cfg, const struct scoreboar
         for (int r = 0; r < SB_NRESTARTS; r++) {
             uint64_t n = 0;
             for (int k = 0; sb && k < sb->nslots; k++)
-                if (of_queue(&sb->slot[k], &cfg->queues[i])) n += load(&sb->slot[k].restarts[r]);
+                if (sb_is_worker_of(&sb->slot[k], &cfg->queues[i])) n += load(&sb->slot[k].restarts[r]);
             put(o, "conveyor_worker_restarts_total{queue=\"%s\",reason=\"%s\"} %llu\n", label(cfg->queues[i].name, ql),
                 sb_restart_names[r], (unsigned long long)n);
         }
@@ -181,7 +160,7 @@ static void workers(struct out *o, const struct cfg *cfg, const struct scoreboar
         const struct sb_slot *s = &sb->slot[k];
         pid_t pid = __atomic_load_n(&s->pid, __ATOMIC_RELAXED);
         if (!__atomic_load_n(&s->used, __ATOMIC_ACQUIRE) || s->kind != SB_WORKER || !pid) continue;
-        long long rss = resident_bytes(pid);
+        long long rss = sb_resident_bytes(pid);
         if (rss >= 0) put(o, "conveyor_worker_resident_bytes{queue=\"%s\",slot=\"%d\"} %lld\n", label(s->queue, ql), k, rss);
     }
 }
@@ -199,7 +178,7 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
             long v = 0;
             if (g == 1) {
                 for (int k = 0; sb && k < sb->nslots; k++)
-                    if (of_queue(&sb->slot[k], &cfg->queues[i])) v += __atomic_load_n(&sb->slot[k].in_hand, __ATOMIC_RELAXED);
+                    if (sb_is_worker_of(&sb->slot[k], &cfg->queues[i])) v += __atomic_load_n(&sb->slot[k].in_hand, __ATOMIC_RELAXED);
             } else if (i < s->nqueues && s->queues) {
                 v = g == 0 ? s->queues[i].waiting : g == 2 ? s->queues[i].retrying : s->queues[i].dead;
             }

@@ -22,9 +22,11 @@
 #include "workers.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 const double sb_duration_bounds[SB_DURATION_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                         0.1,    0.25,  0.5,    1,     2.5,  5,     10};
@@ -194,4 +196,60 @@ void scoreboard_event_published(const char *type) {
     int t = 0;
     while (t < SB_EVENT_TYPES && strcmp(sb_event_types[t], type) != 0) t++;
     add(&mine->events[t], 1);
+}
+
+void scoreboard_current(const char *id, const char *type) {
+    if (!mine) return;
+    uint32_t seq = __atomic_load_n(&mine->current_seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&mine->current_seq, seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    snprintf(mine->current_id, sizeof mine->current_id, "%s", id ? id : "");
+    snprintf(mine->current_type, sizeof mine->current_type, "%s", type ? type : "");
+    __atomic_store_n(&mine->current_seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+bool sb_current_read(const struct sb_slot *s, char id[ID_LEN + 1], char type[CFG_NAME_MAX]) {
+    for (int tries = 0; tries < 3; tries++) {
+        uint32_t before = __atomic_load_n(&s->current_seq, __ATOMIC_ACQUIRE);
+        if (before & 1) continue;
+        memcpy(id, s->current_id, ID_LEN + 1);
+        memcpy(type, s->current_type, CFG_NAME_MAX);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&s->current_seq, __ATOMIC_RELAXED) != before) continue;
+        id[ID_LEN] = '\0';
+        type[CFG_NAME_MAX - 1] = '\0';
+        return id[0] != '\0';
+    }
+    id[0] = type[0] = '\0';
+    return false;
+}
+
+bool sb_is_worker_of(const struct sb_slot *s, const struct cfg_queue *q) {
+    return __atomic_load_n(&s->used, __ATOMIC_ACQUIRE) && s->kind == SB_WORKER && strcmp(s->queue, q->name) == 0;
+}
+
+void sb_queue_totals(const struct cfg_queue *q, struct sb_queue_totals *out) {
+    memset(out, 0, sizeof *out);
+    const struct scoreboard *sb = scoreboard_get();
+    for (int k = 0; sb && k < sb->nslots; k++) {
+        const struct sb_slot *s = &sb->slot[k];
+        if (!sb_is_worker_of(s, q)) continue;
+        for (int t = 0; t <= s->ntypes && t < SB_TYPES; t++)
+            for (int o = 0; o < SB_NOUTCOMES; o++)
+                out->outcomes[o] += __atomic_load_n(&s->counts[t].outcomes[o], __ATOMIC_RELAXED);
+        for (int b = 0; b <= SB_LATENCY_BUCKETS; b++) out->latency[b] += __atomic_load_n(&s->latency[b], __ATOMIC_RELAXED);
+        out->latency_sum_ms += __atomic_load_n(&s->latency_sum_ms, __ATOMIC_RELAXED);
+        out->in_hand += __atomic_load_n(&s->in_hand, __ATOMIC_RELAXED);
+    }
+}
+
+long long sb_resident_bytes(pid_t pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/statm", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    long pages = 0, rss = 0;
+    int got = fscanf(f, "%ld %ld", &pages, &rss);
+    fclose(f);
+    return got == 2 ? (long long)rss * sysconf(_SC_PAGESIZE) : -1;
 }

@@ -161,6 +161,7 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
             settle_dead(w, &v[i]->d, "retries_exhausted", v[i]->error, v[i]->attempts, &v[i]->env);
     }
     batch_order(v, nlive);
+    if (nlive > 0) scoreboard_current(v[0]->env.id, v[0]->env.type);
     if (nlive > 0 && batch_run(&w->batch, v, nlive) == CV_EREFUSED && nlive > 1) {
         /* the database refused the batch as a whole (its outbox insert, say):
          * run each alone, so that only the command at fault fails */
@@ -371,6 +372,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             memset(&items[i], 0, sizeof items[i]);
         }
         w.jobs += n;
+        scoreboard_current(NULL, NULL);
         scoreboard_state(SB_IDLE, 0);
         if (should_recycle(&w)) break;
     }

@@ -278,6 +278,11 @@ struct sb_slot {
     uint64_t latency[SB_LATENCY_BUCKETS + 1]; /* createdAt to commit; not cumulative */
     uint64_t latency_sum_ms;
     uint64_t events[SB_EVENT_TYPES + 1];      /* relay: published, by type; the last "other" */
+    /* the command the worker runs (its batch's first), under a sequence lock:
+     * odd while written (scoreboard_current, sb_current_read) */
+    uint32_t current_seq;
+    char current_id[ID_LEN + 1];
+    char current_type[CFG_NAME_MAX];
 };
 struct scoreboard {
     int32_t nslots;
@@ -319,6 +324,24 @@ void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t sta
                           int64_t created_ms, int64_t commit_wall_ms);
 /* Relay: one event of type published. */
 void scoreboard_event_published(const char *type);
+/* Reader: true when s is a worker slot of queue q. */
+bool sb_is_worker_of(const struct sb_slot *s, const struct cfg_queue *q);
+/* What every process that ever ran a worker of a queue counted, summed. */
+struct sb_queue_totals {
+    uint64_t outcomes[SB_NOUTCOMES];
+    uint64_t latency[SB_LATENCY_BUCKETS + 1]; /* not cumulative */
+    uint64_t latency_sum_ms;
+    long in_hand;
+};
+/* Reader: the totals of q's worker slots into *out (zeroed first; all 0 before scoreboard_init). */
+void sb_queue_totals(const struct cfg_queue *q, struct sb_queue_totals *out);
+/* The resident size of process pid in bytes (/proc), or -1 when it cannot be read. */
+long long sb_resident_bytes(pid_t pid);
+/* Worker: it runs command id of type now (NULL: none). */
+void scoreboard_current(const char *id, const char *type);
+/* Reader: the command slot s runs into id and type ("" when none). Returns
+ * false when none (or a torn read three times over). */
+bool sb_current_read(const struct sb_slot *s, char id[ID_LEN + 1], char type[CFG_NAME_MAX]);
 
 /* ---- http.c / metrics.c: the pool's HTTP listener ----------------------------------- */
 /* What the HTTP child samples every few seconds (never per request). */
@@ -330,13 +353,46 @@ struct http_sample {
     double outbox_oldest_s;
     int nqueues;
     struct queue_counts *queues;   /* by cfg queue index (counts of a broker that is down: 0) */
+    char *recent;                  /* the last 20 processed commands, a JSON array (NULL: not read) */
 };
 /* The child that serves http.listen (cfg->http_listen): /livez, /readyz, /metrics.
  * Returns the exit status: 0 when stopped, 1 when it cannot listen (logged). */
 int http_run(const struct cfg *cfg);
+/* An embedded file of the dashboard (cmake/embed_assets.cmake): path "/" or
+ * "/app.js"..., its content type and bytes. The array ends with a NULL path. */
+struct asset {
+    const char *path, *type;
+    const unsigned char *data;
+    size_t len;
+};
+extern const struct asset dashboard_assets[];
 /* Appends the Prometheus text exposition (0.0.4) of the scoreboard and sample s
  * to *buf (malloc'd, *len bytes, NUL-terminated; the caller frees it). */
 void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **buf, size_t *len);
+
+/* ---- rollup.c: the dashboard's numbers over time (the HTTP child) --------------- */
+struct rollup;
+/* A queue now: commands ended since the pool started, per second over the last
+ * 10 s, and the latency percentiles of the last minute (seconds; NAN: none). */
+struct rollup_live {
+    uint64_t done;
+    double rate, p50, p99;
+};
+/* The rollups of cfg's queues, counting from now; rollup_free frees. */
+struct rollup *rollup_new(const struct cfg *cfg);
+void rollup_free(struct rollup *r);
+/* Main thread, every second: a snapshot of the scoreboard; at a new minute the
+ * last one's counts are added into metrics_minute through db (NULL or a
+ * failure: tried again next tick); hourly, rows older than 7 days deleted. */
+void rollup_tick(struct rollup *r, struct db *db);
+/* Main thread, on stop: the minute so far written (a failure: logged, lost). */
+void rollup_flush(struct rollup *r, struct db *db);
+/* Any thread: queue qi (cfg index) now, into *out. */
+void rollup_live(struct rollup *r, int qi, struct rollup_live *out);
+/* Any thread: the last hour (60 one-minute steps) or day (288 five-minute
+ * steps) as /api/history's JSON (caller frees), read through db, the running
+ * minute added from memory; NULL with err when the database fails. */
+cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size_t errlen);
 
 /* ---- relay_wake.c: a worker wakes the pool's own relay (a shared page, an eventfd) */
 /* Supervisor, before forking: 0, or -1 when the system refused (workers then NOTIFY). */
@@ -368,6 +424,23 @@ bool queue_paused(const struct cfg_queue *q);
 /* Pauses (paused true) or resumes queue in queue_state, saying who did it (by)
  * and why (note, may be NULL). Returns 0 or the error class (db_exec). */
 int queue_pause_set(struct db *db, const char *queue, bool paused, const char *by, const char *note);
+
+/* ---- dead_view.c: a dead letter as an operator sees it ------------------------ */
+#define DEAD_KEY_LEN 36 /* a command id, or "body-" and 16 hex digits of the body's hash */
+/* The command id of d: the body's "id", else the AMQP message_id; "" if none. */
+void dead_letter_command_id(const struct dead_letter *d, char out[ID_LEN + 1]);
+/* The key that names d while it waits (the dashboard's actions take keys): its
+ * command id, or for a message without one a hash of its body. */
+void dead_letter_key(const struct dead_letter *d, char out[DEAD_KEY_LEN + 1]);
+/* Seconds since d failed, or -1 when its failed_at is not RFC 3339. */
+long dead_letter_age_s(const struct dead_letter *d);
+/* d of queue q (index: its place in the list, from 1) as JSON (caller frees):
+ * queue, index, key, commandId, type, reason, error, attempts, failedAt,
+ * ageSeconds, and with message the message, its password fields "***". */
+cJSON *dead_letter_json(const struct cfg_queue *q, const struct dead_letter *d, int index, bool message);
+/* Before d is retried: forgets its command's attempts (a fresh count). 0, or
+ * the error class of the statement (db_errstr says why). */
+int dead_letter_reset_attempts(struct db *db, const struct dead_letter *d);
 
 /* ---- dedup_prune.c: the dedup table's window ------------------------------------ */
 /* Deletes processed_commands rows older than cfg->dedup_retention_days (0:

@@ -1,0 +1,337 @@
+/* dashboard.c - the pool's dashboard: its page (embedded assets) and the
+ * reading half of its API, served by the HTTP child (README, "Dashboard").
+ *
+ *   GET /, /app.js, /app.css, /favicon.svg   the page (workers/dashboard/)
+ *   GET /api/overview         queues, workers, relay, outbox, recent commands
+ *   GET /api/history?range=hour|day           throughput and latency (rollup.c)
+ *   GET /api/dead             dead letters by queue and reason (200 per queue shown)
+ *   GET /api/dead/letter?queue=Q&key=K        one, its message's secrets masked
+ *   GET /api/command?id=UUID  one command: processed, attempts, events, dead letters
+ *
+ * The overview reads only the scoreboard and the last sample (no query); the
+ * others query through the request thread's own connections. Reading needs
+ * the token when http.listen is not a loopback address.
+ */
+#include "http.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef CONVEYOR_VERSION
+#define CONVEYOR_VERSION "unknown"
+#endif
+
+#define DEAD_SHOWN_MAX 200
+
+static const struct asset *asset_of(const char *url) {
+    for (const struct asset *a = dashboard_assets; a->path; a++)
+        if (strcmp(a->path, url) == 0) return a;
+    return NULL;
+}
+
+bool dashboard_is_asset(const char *url) { return asset_of(url) != NULL; }
+
+static void add_number_or_null(cJSON *o, const char *key, double v) {
+    if (isnan(v) || v < 0) cJSON_AddNullToObject(o, key);
+    else cJSON_AddNumberToObject(o, key, v);
+}
+
+static cJSON *overview_workers(const struct scoreboard *sb) {
+    cJSON *a = cJSON_CreateArray();
+    for (int k = 0; sb && k < sb->nslots; k++) {
+        const struct sb_slot *s = &sb->slot[k];
+        if (!__atomic_load_n(&s->used, __ATOMIC_ACQUIRE) || s->kind != SB_WORKER) continue;
+        int st = __atomic_load_n(&s->state, __ATOMIC_RELAXED);
+        if (st == SB_RETIRED) continue;
+        pid_t pid = __atomic_load_n(&s->pid, __ATOMIC_RELAXED);
+        cJSON *w = cJSON_CreateObject();
+        cJSON_AddNumberToObject(w, "slot", k);
+        cJSON_AddNumberToObject(w, "pid", pid);
+        cJSON_AddStringToObject(w, "queue", s->queue);
+        cJSON_AddStringToObject(w, "state", st >= 0 && st < SB_NSTATES ? sb_state_names[st] : "?");
+        char id[ID_LEN + 1], type[CFG_NAME_MAX];
+        if (st == SB_BUSY && sb_current_read(s, id, type)) {
+            cJSON *c = cJSON_AddObjectToObject(w, "current");
+            cJSON_AddStringToObject(c, "id", id);
+            cJSON_AddStringToObject(c, "type", type);
+        } else cJSON_AddNullToObject(w, "current");
+        uint64_t done = 0;
+        for (int t = 0; t <= s->ntypes && t < SB_TYPES; t++)
+            for (int o = 0; o < SB_NOUTCOMES; o++)
+                if (o != SB_RETRIED) done += __atomic_load_n(&s->counts[t].outcomes[o], __ATOMIC_RELAXED);
+        cJSON_AddNumberToObject(w, "done", (double)done);
+        add_number_or_null(w, "residentBytes", pid ? (double)sb_resident_bytes(pid) : -1);
+        cJSON_AddItemToArray(a, w);
+    }
+    return a;
+}
+
+static cJSON *overview_relay(const struct scoreboard *sb) {
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddBoolToObject(r, "active", relay_wake_is_local());
+    pid_t pid = 0;
+    uint64_t published = 0;
+    for (int k = 0; sb && k < sb->nslots; k++) {
+        const struct sb_slot *s = &sb->slot[k];
+        if (!__atomic_load_n(&s->used, __ATOMIC_ACQUIRE) || s->kind != SB_RELAY) continue;
+        if (!pid) pid = __atomic_load_n(&s->pid, __ATOMIC_RELAXED);
+        for (int t = 0; t <= SB_EVENT_TYPES; t++) published += __atomic_load_n(&s->events[t], __ATOMIC_RELAXED);
+    }
+    cJSON_AddNumberToObject(r, "pid", pid);
+    cJSON_AddNumberToObject(r, "published", (double)published);
+    return r;
+}
+
+static enum MHD_Result overview(struct http *h, struct MHD_Connection *conn) {
+    const struct cfg *cfg = h->cfg;
+    const struct scoreboard *sb = scoreboard_get();
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "version", CONVEYOR_VERSION);
+    char now[32];
+    clock_rfc3339(clock_ms(), now);
+    cJSON_AddStringToObject(o, "now", now);
+    cJSON *pool = cJSON_AddObjectToObject(o, "pool");
+    cJSON_AddNumberToObject(pool, "pid", getppid());
+    cJSON_AddBoolToObject(pool, "draining", sb && __atomic_load_n(&sb->draining, __ATOMIC_RELAXED));
+    cJSON_AddBoolToObject(cJSON_AddObjectToObject(o, "actions"), "enabled", cfg->http_token != NULL);
+
+    pthread_mutex_lock(&h->lock);
+    const struct http_sample *s = &h->sample;
+    cJSON *deps = cJSON_AddObjectToObject(o, "dependencies");
+    if (s->sampled) cJSON_AddBoolToObject(deps, "postgresql", s->db_up);
+    else cJSON_AddNullToObject(deps, "postgresql");
+    for (int t = TRANSPORT_RABBITMQ; t <= TRANSPORT_REDIS; t++) {
+        if (s->broker_used[t]) cJSON_AddBoolToObject(deps, transport_name((enum transport)t), s->broker_up[t]);
+        else cJSON_AddNullToObject(deps, transport_name((enum transport)t));
+    }
+    cJSON *queues = cJSON_AddArrayToObject(o, "queues");
+    for (int i = 0; i < cfg->nqueues; i++) {
+        const struct cfg_queue *q = &cfg->queues[i];
+        const struct queue_counts *c = i < s->nqueues && s->queues ? &s->queues[i] : NULL;
+        struct sb_queue_totals t;
+        sb_queue_totals(q, &t);
+        struct rollup_live live;
+        rollup_live(h->rollup, i, &live);
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "name", q->name);
+        cJSON_AddStringToObject(j, "transport", transport_name(q->transport));
+        cJSON_AddNumberToObject(j, "depth", c ? (double)c->waiting : 0);
+        /* the pool's own workers' hands, as the metrics count them; RabbitMQ tells no more */
+        cJSON_AddNumberToObject(j, "inFlight", (double)(c && c->in_flight > t.in_hand ? c->in_flight : t.in_hand));
+        cJSON_AddNumberToObject(j, "retrying", c ? (double)c->retrying : 0);
+        cJSON_AddNumberToObject(j, "dead", c ? (double)c->dead : 0);
+        cJSON_AddBoolToObject(j, "paused", queue_paused(q));
+        cJSON_AddNumberToObject(j, "ratePerSecond", live.rate);
+        add_number_or_null(j, "latencyP50Seconds", live.p50);
+        add_number_or_null(j, "latencyP99Seconds", live.p99);
+        cJSON_AddNumberToObject(j, "done", (double)live.done);
+        cJSON_AddItemToArray(queues, j);
+    }
+    cJSON *outbox = cJSON_AddObjectToObject(o, "outbox");
+    cJSON_AddNumberToObject(outbox, "pending", (double)s->outbox_pending);
+    cJSON_AddNumberToObject(outbox, "oldestAgeSeconds", s->outbox_oldest_s);
+    cJSON *recent = s->recent ? cJSON_Parse(s->recent) : NULL;
+    pthread_mutex_unlock(&h->lock);
+    cJSON_AddItemToObject(o, "recent", recent ? recent : cJSON_CreateArray());
+    cJSON_AddItemToObject(o, "workers", overview_workers(sb));
+    cJSON_AddItemToObject(o, "relay", overview_relay(sb));
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
+static enum MHD_Result history(struct http *h, struct MHD_Connection *conn) {
+    const char *range = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "range");
+    if (range && strcmp(range, "hour") != 0 && strcmp(range, "day") != 0)
+        return http_error(conn, MHD_HTTP_BAD_REQUEST, "range must be hour or day");
+    char err[512];
+    struct db *db = http_req_db(h, err, sizeof err);
+    if (!db) return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    cJSON *o = rollup_history(h->rollup, db, range && strcmp(range, "day") == 0, err, sizeof err);
+    if (!o) {
+        http_req_db_lost(h);
+        return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    }
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
+/* The dead letters of q into *d, *n through the request thread's broker; 0, or
+ * -1 with err (the broker is then closed: the next request reconnects). */
+static int read_dead(struct http *h, const struct cfg_queue *q, struct dead_letter **d, int *n, char *err,
+                     size_t errlen) {
+    *d = NULL;
+    *n = 0;
+    struct broker *b = http_req_broker(h, q->transport, err, errlen);
+    if (!b) return -1;
+    if (broker_dead_read(b, q, d, n) < 0) {
+        snprintf(err, errlen, "cannot read the dead letters of %s: %s", q->name, broker_error(b));
+        dead_letters_free(*d, *n);
+        *d = NULL;
+        *n = 0;
+        http_req_broker_lost(h, q->transport);
+        return -1;
+    }
+    return 0;
+}
+
+static enum MHD_Result dead(struct http *h, struct MHD_Connection *conn) {
+    cJSON *o = cJSON_CreateObject(), *queues = cJSON_AddArrayToObject(o, "queues");
+    for (int i = 0; i < h->cfg->nqueues; i++) {
+        const struct cfg_queue *q = &h->cfg->queues[i];
+        struct dead_letter *d;
+        int n;
+        char err[512];
+        if (read_dead(h, q, &d, &n, err, sizeof err) < 0) {
+            cJSON_Delete(o);
+            return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+        }
+        cJSON *j = cJSON_CreateObject(), *groups = cJSON_CreateArray();
+        cJSON_AddStringToObject(j, "queue", q->name);
+        cJSON_AddStringToObject(j, "transport", transport_name(q->transport));
+        cJSON_AddNumberToObject(j, "total", n);
+        cJSON_AddNumberToObject(j, "shown", n < DEAD_SHOWN_MAX ? n : DEAD_SHOWN_MAX);
+        for (int k = 0; k < n && k < DEAD_SHOWN_MAX; k++) {
+            const char *reason = d[k].reason ? d[k].reason : "?";
+            cJSON *g = NULL;
+            for (cJSON *x = groups->child; x && !g; x = x->next)
+                if (strcmp(cJSON_GetObjectItem(x, "reason")->valuestring, reason) == 0) g = x;
+            if (!g) {
+                g = cJSON_CreateObject();
+                cJSON_AddStringToObject(g, "reason", reason);
+                cJSON_AddNumberToObject(g, "count", 0);
+                cJSON_AddArrayToObject(g, "letters");
+                cJSON_AddItemToArray(groups, g);
+            }
+            cJSON *count = cJSON_GetObjectItem(g, "count");
+            cJSON_SetNumberValue(count, count->valuedouble + 1);
+            cJSON *letter = dead_letter_json(q, &d[k], k + 1, false);
+            cJSON_DeleteItemFromObject(letter, "queue");
+            cJSON_DeleteItemFromObject(letter, "reason");
+            cJSON_AddItemToArray(cJSON_GetObjectItem(g, "letters"), letter);
+        }
+        cJSON_AddItemToObject(j, "groups", groups);
+        cJSON_AddItemToArray(queues, j);
+        dead_letters_free(d, n);
+    }
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
+static enum MHD_Result dead_letter(struct http *h, struct MHD_Connection *conn) {
+    const char *name = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "queue");
+    const char *key = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "key");
+    const struct cfg_queue *q = name ? cfg_queue_named(h->cfg, name) : NULL;
+    if (!q) return http_error(conn, MHD_HTTP_NOT_FOUND, "no such queue: give queue=NAME of this pool's configuration");
+    if (!key || !*key) return http_error(conn, MHD_HTTP_BAD_REQUEST, "give key=KEY (a dead letter's key)");
+    struct dead_letter *d;
+    int n;
+    char err[512];
+    if (read_dead(h, q, &d, &n, err, sizeof err) < 0) return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    cJSON *found = NULL;
+    for (int k = 0; k < n && !found; k++) {
+        char kk[DEAD_KEY_LEN + 1];
+        dead_letter_key(&d[k], kk);
+        if (strcmp(kk, key) == 0) found = dead_letter_json(q, &d[k], k + 1, true);
+    }
+    dead_letters_free(d, n);
+    if (!found) return http_error(conn, MHD_HTTP_NOT_FOUND, "no dead letter with that key in %s (retried or purged?)", q->name);
+    return http_json(conn, MHD_HTTP_OK, found);
+}
+
+/* Adds column c of row 0 of r to o as key: a string, or null when NULL. */
+static void add_text(cJSON *o, const char *key, const PGresult *r, int row, int c) {
+    if (PQgetisnull(r, row, c)) cJSON_AddNullToObject(o, key);
+    else cJSON_AddStringToObject(o, key, PQgetvalue(r, row, c));
+}
+
+static enum MHD_Result command(struct http *h, struct MHD_Connection *conn) {
+    const char *arg = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "id");
+    char id[ID_LEN + 1];
+    if (!arg || !id_parse(arg, id)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "id must be a command id (a UUID)");
+    char err[512];
+    struct db *db = http_req_db(h, err, sizeof err);
+    if (!db) return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", id);
+    const char *p[1] = {id};
+    PGresult *r = NULL;
+    int rc = db_exec(db, "SELECT type, outcome, " SQL_RFC3339("processed_at") " FROM processed_commands WHERE id = $1",
+                     1, p, &r);
+    if (rc == 0) {
+        if (PQntuples(r)) {
+            cJSON *pr = cJSON_AddObjectToObject(o, "processed");
+            add_text(pr, "type", r, 0, 0);
+            add_text(pr, "outcome", r, 0, 1);
+            add_text(pr, "processedAt", r, 0, 2);
+        } else cJSON_AddNullToObject(o, "processed");
+        PQclear(r);
+        rc = db_exec(db, "SELECT attempts, last_error, " SQL_RFC3339("updated_at") " FROM command_attempts WHERE id = $1",
+                     1, p, &r);
+    }
+    if (rc == 0) {
+        if (PQntuples(r)) {
+            cJSON *a = cJSON_AddObjectToObject(o, "attempts");
+            cJSON_AddNumberToObject(a, "count", atoi(PQgetvalue(r, 0, 0)));
+            add_text(a, "lastError", r, 0, 1);
+            add_text(a, "updatedAt", r, 0, 2);
+        } else cJSON_AddNullToObject(o, "attempts");
+        PQclear(r);
+        /* by the outbox_command_id index (sql/0006) */
+        rc = db_exec(db, "SELECT event_id, event_type, payload->>'occurredAt', " SQL_RFC3339("published_at") ", payload::text "
+                         "FROM outbox WHERE payload->>'commandId' = $1 ORDER BY id", 1, p, &r);
+    }
+    if (rc < 0) {
+        snprintf(err, sizeof err, "cannot read the command: %s", db_errstr(db));
+        http_req_db_lost(h);
+        cJSON_Delete(o);
+        return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    }
+    cJSON *events = cJSON_AddArrayToObject(o, "events");
+    for (int i = 0; i < PQntuples(r); i++) {
+        cJSON *e = cJSON_CreateObject();
+        add_text(e, "id", r, i, 0);
+        add_text(e, "type", r, i, 1);
+        add_text(e, "occurredAt", r, i, 2);
+        add_text(e, "publishedAt", r, i, 3);
+        cJSON *payload = cJSON_Parse(PQgetvalue(r, i, 4));
+        cJSON_AddItemToObject(e, "payload", payload ? payload : cJSON_CreateNull());
+        cJSON_AddItemToArray(events, e);
+    }
+    PQclear(r);
+    cJSON *deads = cJSON_AddArrayToObject(o, "deadLetters");
+    for (int i = 0; i < h->cfg->nqueues; i++) {
+        const struct cfg_queue *q = &h->cfg->queues[i];
+        struct dead_letter *d;
+        int n;
+        if (read_dead(h, q, &d, &n, err, sizeof err) < 0) {
+            cJSON_Delete(o);
+            return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+        }
+        for (int k = 0; k < n; k++) {
+            char cid[ID_LEN + 1];
+            dead_letter_command_id(&d[k], cid);
+            if (strcmp(cid, id) == 0) cJSON_AddItemToArray(deads, dead_letter_json(q, &d[k], k + 1, true));
+        }
+        dead_letters_free(d, n);
+    }
+    cJSON_AddStringToObject(o, "envelopeNote",
+                            "The envelope of an applied or rejected command is not kept; its events show what it did. "
+                            "A dead letter keeps its message (shown here with password fields masked).");
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
+enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const char *url) {
+    const struct asset *a = asset_of(url);
+    if (a) return http_reply(conn, MHD_HTTP_OK, a->type, (const char *)a->data, a->len, false);
+    if (!h->loopback && !http_has_token(h, conn))
+        return http_error(conn, h->cfg->http_token ? MHD_HTTP_UNAUTHORIZED : MHD_HTTP_FORBIDDEN,
+                          h->cfg->http_token ? "reading the API on a non-loopback address needs the token "
+                                               "(Authorization: Bearer)"
+                                             : "the API on a non-loopback address needs http.token or http.token_file");
+    if (strcmp(url, "/api/overview") == 0) return overview(h, conn);
+    if (strcmp(url, "/api/history") == 0) return history(h, conn);
+    if (strcmp(url, "/api/dead") == 0) return dead(h, conn);
+    if (strcmp(url, "/api/dead/letter") == 0) return dead_letter(h, conn);
+    if (strcmp(url, "/api/command") == 0) return command(h, conn);
+    return http_error(conn, MHD_HTTP_NOT_FOUND, "not found: see the README, \"Dashboard\", for the API's paths");
+}

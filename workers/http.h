@@ -1,0 +1,57 @@
+/* http.h - inside the pool's HTTP child: what http.c (the listener, probes,
+ * metrics), dashboard.c (the page and its reading API) and http_action.c (its
+ * actions) share. Everything here runs in that child only. */
+#ifndef CONVEYOR_HTTP_H
+#define CONVEYOR_HTTP_H
+
+#include "workers.h"
+
+#include <microhttpd.h>
+#include <pthread.h>
+
+#define HTTP_BODY_MAX 65536 /* a POST body longer than this is refused (413) */
+
+struct http {
+    const struct cfg *cfg;
+    bool loopback;              /* http.listen is a loopback address: reading needs no token */
+    pthread_mutex_t lock;       /* guards sample */
+    struct http_sample sample;  /* the last one (its queues and recent owned) */
+    struct rollup *rollup;
+    /* the sampler's connections (main thread only) */
+    struct db *db;
+    struct broker *broker[2];
+    /* the request thread's connections (libmicrohttpd's one thread), opened on first use */
+    struct db *req_db;
+    struct broker *req_broker[2];
+};
+
+/* Queues a response (body: copied, or with must_free taken and freed) with the
+ * headers every response carries (CSP, nosniff, no-store). */
+enum MHD_Result http_reply(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
+                           size_t len, bool must_free);
+/* A JSON response of o, which it frees. */
+enum MHD_Result http_json(struct MHD_Connection *conn, unsigned status, cJSON *o);
+/* A JSON error {"error": message}. */
+enum MHD_Result http_error(struct MHD_Connection *conn, unsigned status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* The request thread's database (statement_timeout 5 s) or broker of transport
+ * t, connected on first use and after a failure; NULL with err when it cannot. */
+struct db *http_req_db(struct http *h, char *err, size_t errlen);
+struct broker *http_req_broker(struct http *h, enum transport t, char *err, size_t errlen);
+/* After a request failed on it: closes the request thread's database / broker of t. */
+void http_req_db_lost(struct http *h);
+void http_req_broker_lost(struct http *h, enum transport t);
+/* True when the request carries the token (Authorization: Bearer, compared in
+ * constant time); false when it does not or no token is configured. */
+bool http_has_token(const struct http *h, struct MHD_Connection *conn);
+
+/* dashboard.c: true when url is one of the page's embedded assets. */
+bool dashboard_is_asset(const char *url);
+/* dashboard.c: GET of an asset or /api/...: the response queued. */
+enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const char *url);
+/* http_action.c: a POST to /api/... with its body (len bytes, not NUL-terminated,
+ * or too_big): checked (origin, token, type, body) and done; the response queued. */
+enum MHD_Result http_action(struct http *h, struct MHD_Connection *conn, const char *url, const char *body, size_t len,
+                            bool too_big);
+
+#endif
