@@ -457,23 +457,31 @@ def free_port():
 
 class Scraper(threading.Thread):
     """GET /metrics every second (a Prometheus scrapes every 15 s or so: this is
-    the heavy case), counting the answers."""
+    the heavy case), and what an open dashboard reads (its overview every
+    second, the hour's history every 2 s, the dead letters every 3 s), counting
+    the answers."""
 
     def __init__(self, port):
         super().__init__(daemon=True)
-        self.url = f"http://127.0.0.1:{port}/metrics"
+        base = f"http://127.0.0.1:{port}"
+        self.urls = [[f"{base}/metrics", f"{base}/api/overview"], [f"{base}/api/history?range=hour"],
+                     [f"{base}/api/dead"]]
         self.ok = self.failed = 0
         self.halt = threading.Event()
         self.start()
 
     def run(self):
+        tick = 0
         while True:
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as r:
-                    r.read()
-                    self.ok += 1
-            except OSError:
-                self.failed += 1
+            urls = self.urls[0] + (self.urls[1] if tick % 2 == 0 else []) + (self.urls[2] if tick % 3 == 0 else [])
+            for url in urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        r.read()
+                        self.ok += 1
+                except OSError:
+                    self.failed += 1
+            tick += 1
             if self.halt.wait(1.0):
                 return
 

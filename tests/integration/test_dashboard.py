@@ -10,10 +10,11 @@ import os
 import random
 import socket
 import subprocess
+import tempfile
 import time
 
 from harness import (ROOT, TRANSPORT, Events, Failure, Pool, Publisher, check, drain_dead, envelope, eq,
-                     new_id, query)
+                     new_id, query, run_bin, write_config)
 from test_config import closed_port as free_port
 from test_recovery import FAST_RETRY, chaos_trigger, product, stock
 
@@ -217,6 +218,29 @@ def test_actions_need_token_origin_and_json():
         eq(status, 403, f"actions off: {resp}")
         check("http.token" in resp["error"], f"says how to turn them on: {resp}")
         eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_the_token_setting_is_checked_and_never_printed():
+    secret = "tok-" + new_id()
+    with tempfile.NamedTemporaryFile("w", suffix=".token", delete=False) as f:
+        f.write(secret + "\n")
+    cases = (
+        ('token = "short";', 2, "at least 16 characters"),
+        (f'token = "{secret}"; token_file = "{f.name}";', 2, "both set"),
+        ('token_file = "/nonexistent/conveyor.token";', 2, "cannot read '/nonexistent/conveyor.token'"),
+        (f'token_file = "{f.name}";', 0, ""),
+        (f'token = "{secret}";', 0, ""),
+    )
+    try:
+        for setting, want, says in cases:
+            config = write_config(extra=f'http: {{ listen = "127.0.0.1:9464"; {setting} }};')
+            r = run_bin("conveyor-workers", "-c", config, "--check")
+            os.unlink(config)
+            eq(r.returncode, want, f"--check with http {{ {setting.replace(secret, '...')} }}: {r.stderr}")
+            check(says in r.stderr, f"says why ({says!r}): {r.stderr}")
+            check(secret not in r.stdout + r.stderr, "the token is never printed")
+    finally:
+        os.unlink(f.name)
 
 
 def dead_letters(pool, queue):
