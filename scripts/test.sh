@@ -15,12 +15,14 @@ if [ "$(id -u)" = 0 ] && ! command -v apt-get >/dev/null; then
 fi
 scripts/servers.sh up
 scripts/demo.sh stop >/dev/null 2>&1 || true  # a demo pool would take the tests' commands
-# the Node examples of the docs run in the suite: Node, npm and their packages
-if ! command -v npm >/dev/null; then
+# the Node examples of the docs run in the suite, and the dashboard's browser test
+# drives Debian's chromium with playwright-core: Node, npm, chromium, their packages
+if ! command -v npm >/dev/null || [ ! -x /usr/bin/chromium ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm chromium >/dev/null
 fi
 (cd examples/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 eval "$(scripts/servers.sh env)"
 unset CONVEYOR_TRANSPORT CONVEYOR_EVENTS_TRANSPORT
 status=0

@@ -363,3 +363,94 @@ def test_fuzzed_requests_get_4xx_and_never_crash_the_listener():
             eq(act(pool, "/api/queue/pause", {"queue": q, "paused": False})[0], 200, f"resume {q}")
         eq(query("SELECT count(*) FROM queue_state WHERE paused"), [(0,)], "nothing left paused")
         eq(pool.stop(), (0, []), "clean stop")
+
+
+# ---- the page in a browser --------------------------------------------------------------------
+
+class Browser:
+    """tests/browser/dashboard.mjs in Debian's chromium, spoken to in JSON lines."""
+
+    def __init__(self, pool, screenshot):
+        script = os.path.join(ROOT, "tests", "browser", "dashboard.mjs")
+        for need, how in ((os.path.join(ROOT, "tests", "browser", "node_modules", "playwright-core"),
+                           "run scripts/test.sh (it runs npm ci in tests/browser)"),
+                          ("/usr/bin/chromium", "apt-get install chromium (scripts/test.sh does)")):
+            if not os.path.exists(need):
+                raise Failure(f"the browser test needs {need}: {how}")
+        env = dict(os.environ, DASHBOARD_URL=pool.origin, DASHBOARD_TOKEN=TOKEN, SCREENSHOT=screenshot)
+        self.p = subprocess.Popen(["node", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                  cwd=os.path.dirname(script))
+
+    def said(self, step, timeout=30):
+        """The driver's next line, which must be step."""
+        import select
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            ready, _, _ = select.select([self.p.stdout], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                break
+            line = self.p.stdout.readline()
+            if not line:
+                raise Failure(f"the browser driver ended (exit {self.p.wait()}) waiting for {step}")
+            msg = json.loads(line)
+            print(f"browser: {msg}")
+            if msg.get("step") == "crashed":
+                raise Failure(f"the browser driver crashed: {msg.get('error')}")
+            eq(msg.get("step"), step, f"the browser driver's answer ({msg})")
+            return msg
+        raise Failure(f"the browser driver said nothing for {timeout} s (waiting for {step})")
+
+    def ask(self, msg, step, timeout=30):
+        self.p.stdin.write(json.dumps(msg) + "\n")
+        self.p.stdin.flush()
+        return self.said(step, timeout)
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+
+
+def test_the_page_in_a_browser():
+    drain_dead("catalog")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shot = os.path.join(ARTIFACTS, f"dashboard-{TRANSPORT}.png")
+    if os.path.exists(shot):
+        os.unlink(shot)
+    with chaos_trigger(), dash_pool(extra=FAST_RETRY, queue_opts="max_attempts = 2;") as pool:
+        wait_ready(pool)
+        pub, ev = Publisher(), Events()
+        browser = Browser(pool, shot)
+        try:
+            browser.said("loaded", timeout=60)
+            # a command published now shows on the page within 2 s of its commit
+            cmd = envelope("createProduct", {"name": "Seen in the browser", "price": "2.50", "stock": 1})
+            pub.command(cmd)
+            ev.wait_result(cmd["id"])
+            seen = browser.ask({"expect_command": cmd["id"]}, "seen", timeout=15)
+            check(seen["ms"] <= 2000, f"on the page {seen['ms']} ms after its result event (want <= 2000)")
+            # a dead letter, fixed, then retried from the page: applied
+            pid = product("doomed")
+            doomed = envelope("updateStock", {"productId": pid, "quantityChange": 4})
+            pub.command(doomed)
+            wait_for("the dead letter", lambda: any(d["commandId"] == doomed["id"] for d in dead_letters(pool, "catalog")))
+            query("DROP TRIGGER IF EXISTS test_chaos ON products")
+            retried = browser.ask({"retry_dead": doomed["id"]}, "retried", timeout=30)
+            check("requeued 1" in retried["status"], f"the page says what it did: {retried}")
+            eq(ev.wait_result(doomed["id"], timeout=20)[0]["type"], "stock.updated", "applied after the page's retry")
+            eq(stock(pid), 14, "applied once")
+            # refusals: no token from the page, another origin, a cross-site fetch, not JSON
+            refused = browser.ask({"refusals": True}, "refused", timeout=30)
+            eq(refused["statuses"], [401, 403, 403, 415], "refused POSTs")
+            done = browser.ask({"finish": True}, "done", timeout=60)
+            eq(done["errors"], [], "no console error, no failed request, no CSP violation")
+        finally:
+            browser.close()
+        check(os.path.getsize(shot) > 10000, f"the screenshot {shot}")
+        print(f"screenshot: {shot}")
+        log = pool.read_log()
+        check("requeued 1 dead letter of catalog" in log, "the page's retry is logged")
+        eq(query("SELECT count(*) FROM queue_state WHERE paused"), [(0,)], "the refused pause paused nothing")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
