@@ -217,12 +217,14 @@ static int read_secret_file(struct loader *l, const char *what, const char *path
     bool bad = ferror(f);
     fclose(f);
     if (bad || n > SECRET_FILE_MAX) {
+        sodium_memzero(text, SECRET_FILE_MAX + 1);
         free(text);
         return fail(l, NULL, "%s: cannot read '%s': %s", what, path, bad ? "read error" : "longer than 64 KiB");
     }
     text[n] = '\0';
     while (n && (text[n - 1] == '\n' || text[n - 1] == '\r')) text[--n] = '\0';
     if (n == 0 || strlen(text) != n) {
+        sodium_memzero(text, SECRET_FILE_MAX + 1);
         free(text);
         return fail(l, NULL, "%s: '%s' %s", what, path, n ? "holds a NUL byte" : "is empty");
     }

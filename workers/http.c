@@ -13,7 +13,11 @@
  *   GET /, /api/... the dashboard (dashboard.c); POST /api/... its actions
  *                 (http_action.c).
  *
- * Requests are served by libmicrohttpd's own thread (one thread, select); the
+ * Requests are served by a pool of HTTP_THREADS libmicrohttpd threads; what
+ * needs a connection (the dashboard's history, dead letters, command page and
+ * actions) takes req_lock, so a probe never waits behind it. On a loopback
+ * listener the page and its API answer only requests whose Host is this
+ * listener (421 else): a DNS-rebound name cannot read them. The
  * main thread, every SAMPLE_MS, samples the database (outbox, migrations, the
  * recent commands) and the brokers (queue counts) on connections of its own,
  * so /metrics and /readyz never run a query, and ticks the dashboard's rollups
@@ -31,18 +35,25 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #define SAMPLE_MS 1000
+#define HTTP_THREADS 4
 #define LIVE_WITHIN_MS 5000
 #define BIND_WAIT_MS 10000 /* the supervisor's last tick: older, /livez says 503 */
 
-static const char csp[] = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-                          "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+/* The page may load its own script, style and icon and call its own API; every
+ * other response (JSON, text, the assets themselves) may load nothing. */
+static const char csp_page[] = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+static const char csp_none[] = "default-src 'none'; frame-ancestors 'none'";
 
-enum MHD_Result http_reply(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
-                           size_t len, bool must_free) {
+/* Queues a response with the headers every response carries, and allow's
+ * Allow header when not NULL (a 405). */
+static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
+                               size_t len, bool must_free, const char *allow) {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body,
                                                              must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_MUST_COPY);
     if (!r) {
@@ -50,14 +61,19 @@ enum MHD_Result http_reply(struct MHD_Connection *conn, unsigned status, const c
         return MHD_NO;
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
-    MHD_add_response_header(r, "Content-Security-Policy", csp);
+    MHD_add_response_header(r, "Content-Security-Policy", strncmp(type, "text/html", 9) == 0 ? csp_page : csp_none);
     MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
     MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
     MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
-    if (status == MHD_HTTP_METHOD_NOT_ALLOWED) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD, POST");
+    if (allow) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, allow);
     enum MHD_Result rc = MHD_queue_response(conn, status, r);
     MHD_destroy_response(r);
     return rc;
+}
+
+enum MHD_Result http_reply(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
+                           size_t len, bool must_free) {
+    return respond(conn, status, type, body, len, must_free, NULL);
 }
 
 static enum MHD_Result text(struct MHD_Connection *conn, unsigned status, const char *body) {
@@ -176,6 +192,23 @@ static enum MHD_Result metrics(struct http *h, struct MHD_Connection *conn) {
     return http_reply(conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", buf, len, true);
 }
 
+/* True when the request's Host names this listener: 127.0.0.1, localhost,
+ * [::1] or the listen address, with its port (only on a loopback listener:
+ * elsewhere the API needs the token anyway). */
+static bool host_is_ours(const struct http *h, struct MHD_Connection *conn) {
+    if (!h->loopback) return true;
+    const char *host = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST);
+    if (!host) return false;
+    if (strcmp(host, h->cfg->http_listen) == 0) return true;
+    static const char *const names[] = {"127.0.0.1", "localhost", "[::1]"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char want[64];
+        snprintf(want, sizeof want, "%s:%d", names[i], h->port);
+        if (strcasecmp(host, want) == 0) return true;
+    }
+    return false;
+}
+
 /* One request's state across libmicrohttpd's calls: a POST's body so far. */
 struct request {
     char *body;
@@ -216,16 +249,29 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
     bool api = strncmp(url, "/api/", 5) == 0;
     if (!probe && !api && !dashboard_is_asset(url))
         return text(conn, MHD_HTTP_NOT_FOUND, "not found: the paths are /, /api/..., /livez, /readyz and /metrics\n");
-    if (post && api) return http_action(h, conn, url, r->body, r->len, r->too_big);
-    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
-        return text(conn, MHD_HTTP_METHOD_NOT_ALLOWED,
-                    api ? "method not allowed: GET reads, POST acts\n" : "method not allowed: use GET\n");
+    if (!probe && !host_is_ours(h, conn))
+        return text(conn, 421, "misdirected request: the Host header does not name this listener\n");
+    if (post && api) {
+        pthread_mutex_lock(&h->req_lock);
+        enum MHD_Result rc = http_action(h, conn, url, r->body, r->len, r->too_big);
+        pthread_mutex_unlock(&h->req_lock);
+        return rc;
+    }
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+        const char *why = api ? "method not allowed: GET reads, POST acts\n" : "method not allowed: use GET\n";
+        return respond(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", why, strlen(why), false,
+                       api ? "GET, HEAD, POST" : "GET, HEAD");
+    }
     if (strcmp(url, "/livez") == 0)
         return supervisor_live() ? text(conn, MHD_HTTP_OK, "ok\n")
                                  : text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "the supervisor's loop stopped\n");
     if (strcmp(url, "/readyz") == 0) return readyz(h, conn);
     if (strcmp(url, "/metrics") == 0) return metrics(h, conn);
-    return dashboard_get(h, conn, url);
+    if (!api || strcmp(url, "/api/overview") == 0) return dashboard_get(h, conn, url); /* no connection */
+    pthread_mutex_lock(&h->req_lock);
+    enum MHD_Result rc = dashboard_get(h, conn, url);
+    pthread_mutex_unlock(&h->req_lock);
+    return rc;
 }
 
 /* One sample of the database: up, migrations applied, outbox. */
@@ -302,12 +348,13 @@ static struct MHD_Daemon *listen_on(struct http *h) {
     if (v6) inet_pton(AF_INET6, host, &a6.sin6_addr);
     else inet_pton(AF_INET, host, &a4.sin_addr);
     h->loopback = v6 ? IN6_IS_ADDR_LOOPBACK(&a6.sin6_addr) : (ntohl(a4.sin_addr.s_addr) >> 24) == 127;
+    h->port = port;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | (v6 ? MHD_USE_IPv6 : 0);
     /* no SO_REUSEPORT: a second pool given the same address must fail, not share it */
     return MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
                             v6 ? (struct sockaddr *)&a6 : (struct sockaddr *)&a4, MHD_OPTION_CONNECTION_LIMIT,
                             (unsigned)64, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_NOTIFY_COMPLETED,
-                            request_done, NULL, MHD_OPTION_END);
+                            request_done, NULL, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)HTTP_THREADS, MHD_OPTION_END);
 }
 
 int http_run(const struct cfg *cfg) {
@@ -316,6 +363,7 @@ int http_run(const struct cfg *cfg) {
     }
     struct http h = {.cfg = cfg, .rollup = rollup_new(cfg)};
     pthread_mutex_init(&h.lock, NULL);
+    pthread_mutex_init(&h.req_lock, NULL);
     h.sample.nqueues = cfg->nqueues;
     h.sample.queues = xcalloc((size_t)cfg->nqueues, sizeof *h.sample.queues);
     /* after a reload the listener of the old generation is still closing (it is
@@ -332,6 +380,7 @@ int http_run(const struct cfg *cfg) {
         free(h.sample.queues);
         rollup_free(h.rollup);
         pthread_mutex_destroy(&h.lock);
+        pthread_mutex_destroy(&h.req_lock);
         return stop_requested ? 0 : 1;
     }
     log_info("listening on http://%s (the dashboard at /; /livez, /readyz, /metrics; actions %s)", cfg->http_listen,
@@ -356,6 +405,7 @@ int http_run(const struct cfg *cfg) {
     db_close(h.req_db);
     for (int t = 0; t < 2; t++) broker_close(h.req_broker[t]);
     free(h.sample.recent);
+    pthread_mutex_destroy(&h.req_lock);
     db_close(h.db);
     for (int t = 0; t < 2; t++) broker_close(h.broker[t]);
     free(h.sample.queues);

@@ -20,9 +20,13 @@ struct http {
     /* the sampler's connections (main thread only) */
     struct db *db;
     struct broker *broker[2];
-    /* the request thread's connections (libmicrohttpd's one thread), opened on first use */
+    /* the request threads' connections, opened on first use; held by one
+     * request at a time (req_lock), so the probes and the overview, which
+     * take no connection, never wait behind a slow query or broker */
+    pthread_mutex_t req_lock;
     struct db *req_db;
     struct broker *req_broker[2];
+    int port;                   /* of http.listen, for the Host check */
 };
 
 /* Queues a response (body: copied, or with must_free taken and freed) with the
@@ -34,8 +38,9 @@ enum MHD_Result http_json(struct MHD_Connection *conn, unsigned status, cJSON *o
 /* A JSON error {"error": message}. */
 enum MHD_Result http_error(struct MHD_Connection *conn, unsigned status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-/* The request thread's database (statement_timeout 5 s) or broker of transport
- * t, connected on first use and after a failure; NULL with err when it cannot. */
+/* The request threads' database (statement_timeout 5 s) or broker of transport
+ * t, connected on first use and after a failure; NULL with err when it cannot.
+ * The caller holds req_lock. */
 struct db *http_req_db(struct http *h, char *err, size_t errlen);
 struct broker *http_req_broker(struct http *h, enum transport t, char *err, size_t errlen);
 /* After a request failed on it: closes the request thread's database / broker of t. */

@@ -111,6 +111,7 @@ static enum MHD_Result dead_action(struct http *h, struct MHD_Connection *conn, 
         int count = 0, brc = broker_dead_take(b, q, choose_keys, &ks, retry, &count);
         int missing = 0;
         for (int i = 0; i < n; i++) missing += !ks.seen[i];
+        if (ks.failed) http_req_db_lost(h); /* a reset failed: the next request reconnects */
         char peer[64];
         peer_of(conn, peer, sizeof peer);
         log_info("dashboard (%s): %s %d dead letter%s of %s (%d asked%s)", peer, retry ? "requeued" : "purged", count,

@@ -9,7 +9,10 @@
  * 7 days are deleted once an hour. /api/history reads those rows and
  * adds the minute still running from memory, so the last point moves.
  *
- * The main thread ticks; the request thread reads: one mutex guards the ring.
+ * The main thread ticks; request threads read. lock guards the ring, base and
+ * minute_ms; write_lock is held from a minute's write until base moves past
+ * it, and by a history read from its query to its use of base, so a history
+ * never counts a minute both from its row and from memory, nor from neither.
  */
 #include "workers.h"
 
@@ -30,7 +33,7 @@ struct snapshot {
 
 struct rollup {
     const struct cfg *cfg;
-    pthread_mutex_t lock;
+    pthread_mutex_t lock, write_lock;
     struct snapshot ring[ROLLUP_RING];
     int head;                    /* the newest */
     struct sb_queue_totals *base; /* the totals when minute_ms began */
@@ -53,6 +56,7 @@ struct rollup *rollup_new(const struct cfg *cfg) {
     struct rollup *r = xcalloc(1, sizeof *r);
     r->cfg = cfg;
     pthread_mutex_init(&r->lock, NULL);
+    pthread_mutex_init(&r->write_lock, NULL);
     size_t n = (size_t)(cfg->nqueues ? cfg->nqueues : 1);
     for (int k = 0; k < ROLLUP_RING; k++) r->ring[k].q = xcalloc(n, sizeof *r->ring[k].q);
     r->base = xcalloc(n, sizeof *r->base);
@@ -66,6 +70,7 @@ void rollup_free(struct rollup *r) {
     for (int k = 0; k < ROLLUP_RING; k++) free(r->ring[k].q);
     free(r->base);
     pthread_mutex_destroy(&r->lock);
+    pthread_mutex_destroy(&r->write_lock);
     free(r);
 }
 
@@ -100,7 +105,7 @@ static int write_minute(struct rollup *r, struct db *db, const struct sb_queue_t
                      "applied = m.applied + excluded.applied, rejected = m.rejected + excluded.rejected, "
                      "retried = m.retried + excluded.retried, dead = m.dead + excluded.dead, "
                      "latency = ARRAY(SELECT coalesce(x, 0) + coalesce(y, 0) "
-                     "FROM unnest(m.latency, excluded.latency) AS u(x, y))",
+                     "FROM unnest(m.latency, excluded.latency) WITH ORDINALITY AS u(x, y, i) ORDER BY i)",
                      7, p, NULL);
     }
     if (rc == 0) rc = db_cmd(db, "COMMIT");
@@ -121,11 +126,15 @@ void rollup_tick(struct rollup *r, struct db *db) {
     r->head = (r->head + 1) % ROLLUP_RING;
     pthread_mutex_unlock(&r->lock);
     int64_t minute = minute_of(clock_ms());
-    if (minute != r->minute_ms && write_minute(r, db, now) == 0) {
-        pthread_mutex_lock(&r->lock);
-        memcpy(r->base, now, (size_t)r->cfg->nqueues * sizeof *now);
-        r->minute_ms = minute;
-        pthread_mutex_unlock(&r->lock);
+    if (minute != r->minute_ms) {
+        pthread_mutex_lock(&r->write_lock);
+        if (write_minute(r, db, now) == 0) {
+            pthread_mutex_lock(&r->lock);
+            memcpy(r->base, now, (size_t)r->cfg->nqueues * sizeof *now);
+            r->minute_ms = minute;
+            pthread_mutex_unlock(&r->lock);
+        }
+        pthread_mutex_unlock(&r->write_lock);
     }
     if (db && (r->pruned_ms == 0 || clock_mono_ms() - r->pruned_ms > PRUNE_EVERY_MS)) {
         r->pruned_ms = clock_mono_ms();
@@ -138,7 +147,13 @@ void rollup_tick(struct rollup *r, struct db *db) {
 void rollup_flush(struct rollup *r, struct db *db) {
     struct sb_queue_totals *now = xcalloc((size_t)(r->cfg->nqueues ? r->cfg->nqueues : 1), sizeof *now);
     read_totals(r->cfg, now);
-    if (write_minute(r, db, now) == 0) memcpy(r->base, now, (size_t)r->cfg->nqueues * sizeof *now);
+    pthread_mutex_lock(&r->write_lock);
+    if (write_minute(r, db, now) == 0) {
+        pthread_mutex_lock(&r->lock);
+        memcpy(r->base, now, (size_t)r->cfg->nqueues * sizeof *now);
+        pthread_mutex_unlock(&r->lock);
+    }
+    pthread_mutex_unlock(&r->write_lock);
     free(now);
 }
 
@@ -214,9 +229,11 @@ cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size
     clock_rfc3339(first, from);
     const char *p[1] = {from};
     PGresult *res = NULL;
+    pthread_mutex_lock(&r->write_lock); /* until the running minute is added: see the file's comment */
     if (!db || db_exec(db, "SELECT (extract(epoch FROM minute) * 1000)::bigint, applied, rejected, dead, latency::text "
                            "FROM metrics_minute WHERE minute >= $1", 1, p, &res) < 0) {
         snprintf(err, errlen, "cannot read the history: %s", db ? db_errstr(db) : "no database");
+        pthread_mutex_unlock(&r->write_lock);
         free(st);
         return NULL;
     }
@@ -250,6 +267,7 @@ cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size
             for (int j = 0; j <= SB_LATENCY_BUCKETS; j++) st[k].latency[j] += b->latency[j] - a->latency[j];
         }
     pthread_mutex_unlock(&r->lock);
+    pthread_mutex_unlock(&r->write_lock);
     cJSON *o = cJSON_CreateObject(), *points = cJSON_CreateArray();
     cJSON_AddStringToObject(o, "range", day ? "day" : "hour");
     cJSON_AddNumberToObject(o, "stepSeconds", step_s);

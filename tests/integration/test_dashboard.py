@@ -135,9 +135,15 @@ def test_reading_api_counts_what_was_published():
             status, headers, _ = request(pool, "GET", path)
             eq(status, 200, f"GET {path}")
             check(headers["Content-Type"].startswith(ctype), f"{path}: {headers['Content-Type']}")
-            check("script-src 'self'" in headers["Content-Security-Policy"] and
-                  "default-src 'none'" in headers["Content-Security-Policy"], f"CSP of {path}")
+            csp = headers["Content-Security-Policy"]
+            check(csp.startswith("default-src 'none';") and "frame-ancestors 'none'" in csp and
+                  ("script-src 'self'" in csp) == (path == "/") and "unsafe" not in csp, f"CSP of {path}: {csp}")
         eq(request(pool, "GET", "/api/nothing")[0], 404, "an unknown API path")
+        # a DNS-rebound name (a hostile page's own host resolving to 127.0.0.1) reads nothing
+        for path in ("/", "/api/overview", "/api/dead"):
+            eq(request(pool, "GET", path, headers={"Host": f"rebound.example:{pool.port}"})[0], 421, f"{path}, foreign Host")
+        eq(request(pool, "GET", "/api/overview", headers={"Host": f"localhost:{pool.port}"})[0], 200, "localhost")
+        eq(request(pool, "GET", "/livez", headers={"Host": "probe.internal"})[0], 200, "probes answer any Host")
         eq(request(pool, "DELETE", "/api/dead")[0], 405, "an unknown method")
         pub.close()
         ev.close()

@@ -145,6 +145,11 @@
   /* Never rejects: {ok, status, data} or {ok:false, status (0: no answer), error}. */
   async function api(path, opts) {
     let res, text;
+    /* reading needs the token too when the listener is not on loopback: sent when typed */
+    const tk = token();
+    if (tk && /^[\x21-\x7e]+$/.test(tk) && !(opts && opts.headers)) {
+      opts = Object.assign({}, opts, { headers: { Authorization: 'Bearer ' + tk } });
+    }
     try {
       res = await fetch(path, Object.assign({ cache: 'no-store', credentials: 'same-origin' }, opts));
       text = await res.text();
@@ -167,7 +172,8 @@
 
   const problems = new Map(); /* poll source -> message */
   function note(source, r) {
-    if (r.ok || (r.status >= 400 && r.status < 500)) problems.delete(source);
+    if (r.ok || (r.status >= 400 && r.status < 500 && r.status !== 401 && r.status !== 403)) problems.delete(source);
+    else if (r.status === 401 || r.status === 403) problems.set(source, r.error + ' (enter the token above)');
     else problems.set(source, r.status === 0 ? 'disconnected — retrying' : 'server error: ' + r.error + ' — retrying');
     const banner = $('banner');
     banner.hidden = problems.size === 0;
@@ -297,6 +303,7 @@
   /* ---------- overview ---------- */
 
   function renderOverview(o) {
+    deadSig = Array.isArray(o.queues) ? o.queues.map((q) => q.name + ':' + q.dead).join(',') : '';
     if (parseTime(o.now)) serverNow = parseTime(o.now).getTime();
     const pool = o.pool || {};
     setText($('pid'), num(pool.pid) ? pool.pid : '—');
@@ -527,6 +534,7 @@
     let msg = r.queue + ': ' + (verb === 'retry' ? 'requeued ' : 'purged ') + done + ' of ' + r.asked;
     if (r.missing) msg += ' (' + r.missing + ' no longer there)';
     status(msg);
+    deadDirty = true;
     polls.dead.kick();
     polls.overview.kick();
   }
@@ -896,11 +904,16 @@
       window.scrollTo(0, 0);
     } else {
       problems.delete('command');
-      polls.dead.kick();
+      deadDirty = true;
+    polls.dead.kick();
       polls.history.kick();
     }
   }
 
+  let deadSig = '',
+    deadSigRead = null,
+    deadDirty = true,
+    deadReadAt = 0;
   const polls = {
     overview: poller(async () => {
       const r = await api('/api/overview');
@@ -909,13 +922,19 @@
     }, () => 1000),
     dead: poller(async () => {
       if (route.name !== 'overview') return;
+      /* reading dead letters walks them on the broker: only when the sampled
+         counts changed, after an action, or every 30 s */
+      if (deadSig === deadSigRead && !deadDirty && Date.now() - deadReadAt < 30000) return;
+      deadSigRead = deadSig;
+      deadDirty = false;
+      deadReadAt = Date.now();
       const r = await api('/api/dead');
       note('dead', r);
       if (r.ok) renderDead(r.data);
       else if (r.status) setText($('dead-summary'), 'Could not load dead letters: ' + r.error);
-    }, () => 3000),
+    }, () => 1000),
     history: poller(pollHistory, () => 500),
-    command: poller(pollCommand, () => 3000),
+    command: poller(pollCommand, () => 10000),
   };
 
   function start() {
