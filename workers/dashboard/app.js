@@ -919,7 +919,7 @@
       const r = await api('/api/overview');
       note('overview', r);
       if (r.ok) renderOverview(r.data);
-    }, () => 1000),
+    }, () => 500),
     dead: poller(async () => {
       if (route.name !== 'overview') return;
       /* reading dead letters walks them on the broker: only when the sampled
