@@ -32,9 +32,14 @@ mkdir -p "$RUN"
 stop_pool
 export PATH="$BUILD:$PATH"
 
-# the pool's configuration: queues.conf with the HTTP listener on (health, metrics)
+# the pool's configuration: queues.conf with the HTTP listener on (health,
+# metrics, the dashboard) and a token for the dashboard's actions, kept 0600
 HTTP=127.0.0.1:9464
-{ cat queues.conf; echo "http: { listen = \"$HTTP\"; };"; } > "$RUN/queues.conf"
+TOKEN_FILE=$RUN/http-token
+if [ ! -s "$TOKEN_FILE" ]; then
+  (umask 077; openssl rand -hex 24 > "$TOKEN_FILE")
+fi
+{ cat queues.conf; echo "http: { listen = \"$HTTP\"; token_file = \"$TOKEN_FILE\"; };"; } > "$RUN/queues.conf"
 
 start_pool() {  # transport
   CONVEYOR_TRANSPORT=$1 setsid conveyor-workers -c "$RUN/queues.conf" >>"$RUN/workers-$1.log" 2>&1 &
@@ -76,9 +81,16 @@ demo redis
 stop_pool
 demo rabbitmq
 
+echo "--- 2,000 more commands from stdin, for the dashboard's throughput chart"
+for i in $(seq 2000); do
+  printf '{"type":"createProduct","payload":{"name":"Demo item %d","price":"1.00","stock":5}}\n' "$i"
+done | CONVEYOR_TRANSPORT=rabbitmq conveyor-produce -c queues.conf >/dev/null
+echo "published 2,000 createProduct"
+
 cat <<MSG
 
 The pool is still running on RabbitMQ (pid $(cat "$RUN/workers.pid"), log $RUN/workers-rabbitmq.log).
+The dashboard: http://$HTTP/  (its action token: $TOKEN_FILE)
 Its health and metrics: http://$HTTP/readyz, http://$HTTP/livez, http://$HTTP/metrics
 (readyz now: $(curl -s --max-time 3 "http://$HTTP/readyz" || echo "not answering"))
 Try it by hand:
