@@ -18,10 +18,12 @@
  * actions) takes req_lock, so a probe never waits behind it. On a loopback
  * listener the page and its API answer only requests whose Host is this
  * listener (421 else): a DNS-rebound name cannot read them. The
- * main thread, every SAMPLE_MS, samples the database (outbox, migrations, the
- * recent commands) and the brokers (queue counts) on connections of its own,
- * so /metrics and /readyz never run a query, and ticks the dashboard's rollups
- * (rollup.c). Any other path is 404, any other method 405; a request
+ * main thread samples the database (outbox, migrations) every SAMPLE_MS, the
+ * recent commands every RECENT_MS and the brokers (queue counts: on RabbitMQ a
+ * dozen passive declares per queue, which cost the broker measurably when done
+ * every second) every BROKER_SAMPLE_MS, on connections of its own, so
+ * /metrics and /readyz never run a query; and it ticks the dashboard's
+ * rollups (rollup.c) every SAMPLE_MS. Any other path is 404, any other method 405; a request
  * libmicrohttpd cannot parse gets its 400. Every response has a strict
  * Content-Security-Policy (the page's own script and style only), nosniff and
  * no-store.
@@ -40,6 +42,7 @@
 #include <unistd.h>
 
 #define SAMPLE_MS 1000
+#define BROKER_SAMPLE_MS 5000
 #define RECENT_MS 250
 #define HTTP_THREADS 4
 #define LIVE_WITHIN_MS 5000
@@ -394,16 +397,25 @@ int http_run(const struct cfg *cfg) {
     }
     log_info("listening on http://%s (the dashboard at /; /livez, /readyz, /metrics; actions %s)", cfg->http_listen,
              cfg->http_token ? "need the token" : "off: no http.token");
-    for (int64_t next_sample = 0; !stop_requested;) {
-        if (clock_mono_ms() >= next_sample) { /* every SAMPLE_MS: the servers, the rollups */
+    for (int64_t next_sample = 0, next_brokers = 0; !stop_requested;) {
+        if (clock_mono_ms() >= next_sample) { /* every SAMPLE_MS: the database, the rollups */
             next_sample = clock_mono_ms() + SAMPLE_MS;
             struct http_sample s = {.sampled = true, .nqueues = cfg->nqueues};
             s.queues = xcalloc((size_t)cfg->nqueues, sizeof *s.queues);
             sample_db(&h, &s);
-            sample_brokers(&h, &s);
+            bool brokers = clock_mono_ms() >= next_brokers;
+            if (brokers) {
+                next_brokers = clock_mono_ms() + BROKER_SAMPLE_MS;
+                sample_brokers(&h, &s);
+            }
             pthread_mutex_lock(&h.lock);
             struct http_sample old = h.sample;
             s.recent = old.recent;
+            if (!brokers) { /* the brokers' part of the last sample stands */
+                memcpy(s.broker_used, old.broker_used, sizeof s.broker_used);
+                memcpy(s.broker_up, old.broker_up, sizeof s.broker_up);
+                if (old.queues) memcpy(s.queues, old.queues, (size_t)cfg->nqueues * sizeof *s.queues);
+            }
             h.sample = s;
             pthread_mutex_unlock(&h.lock);
             free(old.queues);
