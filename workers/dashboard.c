@@ -276,9 +276,12 @@ static enum MHD_Result command(struct http *h, struct MHD_Connection *conn) {
             add_text(a, "updatedAt", r, 0, 2);
         } else cJSON_AddNullToObject(o, "attempts");
         PQclear(r);
-        /* by the outbox_command_id index (sql/0006) */
-        rc = db_exec(db, "SELECT event_id, event_type, payload->>'occurredAt', " SQL_RFC3339("published_at") ", payload::text "
-                         "FROM outbox WHERE payload->>'commandId' = $1 ORDER BY id", 1, p, &r);
+        /* its events share its transaction's now(): created_at = processed_at, by
+         * the BRIN index of sql/0006 (none when it was never processed) */
+        rc = db_exec(db, "SELECT o.event_id, o.event_type, o.payload->>'occurredAt', "
+                         SQL_RFC3339("o.published_at") ", o.payload::text FROM processed_commands p "
+                         "JOIN outbox o ON o.created_at = p.processed_at AND o.payload->>'commandId' = p.id::text "
+                         "WHERE p.id = $1 ORDER BY o.id", 1, p, &r);
     }
     if (rc < 0) {
         snprintf(err, sizeof err, "cannot read the command: %s", db_errstr(db));

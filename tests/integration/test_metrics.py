@@ -296,7 +296,8 @@ def test_retried_and_dead_are_counted_and_the_retry_gauge_shows_them():
     drain_dead("catalog")
     port = free_port()
     extra = (f'http: {{ listen = "127.0.0.1:{port}"; }};\n'
-             'retry: { base_delay_ms = 2500; max_delay_ms = 2500; };')
+             # longer than the broker gauges' sampling period (5 s), so a sample sees them wait
+             'retry: { base_delay_ms = 6000; max_delay_ms = 6000; };')
     with chaos_trigger(), Pool(extra=extra, queue_opts="max_attempts = 3;") as pool:
         pool.port = port
         wait_http(pool, "/readyz", 200)
