@@ -113,9 +113,9 @@ async function expectCommand(id) {
 async function retryDead(id) {
   const row = page.locator(`[data-test="dead-row"][data-command-id=${q(id)}]`).first();
   try {
-    await row.waitFor({ state: 'visible', timeout: 10000 });
+    await row.waitFor({ state: 'visible', timeout: 20000 });
   } catch (e) {
-    if (e && e.name === 'TimeoutError') throw new Error(`no dead letter row for command ${id} within 10 s`);
+    if (e && e.name === 'TimeoutError') throw new Error(`no dead letter row for command ${id} within 20 s (the page reads dead letters when the sampled counts change: every 5 s)`);
     throw e;
   }
   const key = await row.getAttribute('data-key');
