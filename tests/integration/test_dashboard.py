@@ -441,7 +441,7 @@ def test_the_page_in_a_browser():
             pub.command(doomed)
             wait_for("the dead letter", lambda: any(d["commandId"] == doomed["id"] for d in dead_letters(pool, "catalog")))
             query("DROP TRIGGER IF EXISTS test_chaos ON products")
-            retried = browser.ask({"retry_dead": doomed["id"]}, "retried", timeout=30)
+            retried = browser.ask({"retry_dead": doomed["id"]}, "retried", timeout=45)
             check("requeued 1" in retried["status"], f"the page says what it did: {retried}")
             eq(ev.wait_result(doomed["id"], timeout=20)[0]["type"], "stock.updated", "applied after the page's retry")
             eq(stock(pid), 14, "applied once")
