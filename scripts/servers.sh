@@ -149,10 +149,10 @@ rabbit_up() {
 # the TLS test's own servers) and the server then cannot listen on it. Reserving
 # them keeps the kernel from handing them out; where /proc/sys is read-only it
 # is said and skipped.
-TLS_TEST_PORTS=${CONVEYOR_TLS_PORT_BASE:-57000}
+TLS_TEST_PORTS=${CONVEYOR_TLS_PORT_BASE:-57000}  # and the failover test's (57030-57041)
 reserve_ports() {
   local f=/proc/sys/net/ipv4/ip_local_reserved_ports
-  local want="$PG_PORT,$REDIS_PORT,$AMQP_PORT,$AMQP_DIST_PORT,$TLS_TEST_PORTS-$((TLS_TEST_PORTS + 19))"
+  local want="$PG_PORT,$REDIS_PORT,$AMQP_PORT,$AMQP_DIST_PORT,$TLS_TEST_PORTS-$((TLS_TEST_PORTS + 49))"
   local have; have=$(cat "$f" 2>/dev/null) || return 0
   local merged=${have:+$have,}$want
   if ! echo "$merged" > "$f" 2>/dev/null; then
