@@ -23,6 +23,7 @@ struct amqp_broker {
     struct broker base;
     amqp_connection_state_t consume, publish;
     uint64_t publish_tag;      /* last delivery tag used on the publish channel */
+    bool probe_open;           /* PROBE_CHANNEL is open on the publish connection (passive_count) */
     char *url;                 /* amqp_parse_url writes into this copy */
     struct amqp_connection_info info;
     char queue[256], dead[256];
@@ -222,6 +223,7 @@ static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool c
             return rc;
         }
         a->publish_tag = 0;
+        a->probe_open = false;
     }
     *out = c;
     return 0;
@@ -681,19 +683,33 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
     return rc;
 }
 
+#define PROBE_CHANNEL 2 /* passive declares: a 404 closes this channel, not the publish one */
+
 /* The messages (and consumers, if not NULL) of queue name, by a passive
- * declare on the publish connection. Returns 0, or a class; a queue that does
- * not exist counts 0 (RabbitMQ closes the channel: the connection is dropped
- * and the next call opens another). */
+ * declare on a channel of its own of the publish connection. Returns 0, or a
+ * class; a queue that does not exist counts 0 (RabbitMQ closes that channel:
+ * it is acknowledged and opened again next time; a delay queue is declared only
+ * at its first retry, so most of them do not exist). */
 static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers) {
     int rc = open_conn(a, &a->publish, true);
     if (rc < 0) return rc;
+    if (!a->probe_open) {
+        amqp_channel_open(a->publish, PROBE_CHANNEL);
+        if ((rc = rpc_check(a, amqp_get_rpc_reply(a->publish), "channel.open")) < 0) {
+            drop(&a->publish);
+            return rc;
+        }
+        a->probe_open = true;
+    }
     amqp_queue_declare_ok_t *ok =
-        amqp_queue_declare(a->publish, CHANNEL, amqp_cstring_bytes(name), 1, 0, 0, 0, amqp_empty_table);
+        amqp_queue_declare(a->publish, PROBE_CHANNEL, amqp_cstring_bytes(name), 1, 0, 0, 0, amqp_empty_table);
     amqp_rpc_reply_t r = amqp_get_rpc_reply(a->publish);
     if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD &&
         ((amqp_channel_close_t *)r.reply.decoded)->reply_code == AMQP_NOT_FOUND) {
-        drop(&a->publish);
+        amqp_channel_close_ok_t close_ok = {0};
+        a->probe_open = false;
+        if (amqp_send_method(a->publish, PROBE_CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &close_ok) != AMQP_STATUS_OK)
+            drop(&a->publish); /* the connection is broken: the next call opens another */
         *messages = 0;
         if (consumers) *consumers = 0;
         return 0;

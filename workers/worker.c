@@ -29,6 +29,9 @@ struct worker {
 };
 
 static const char *outcome_name[] = {"applied", "rejected", "duplicate"};
+/* an outcome is counted as the scoreboard's outcome of the same number */
+_Static_assert(OUTCOME_APPLIED == (int)SB_APPLIED && OUTCOME_REJECTED == (int)SB_REJECTED &&
+                   OUTCOME_DUPLICATE == (int)SB_DUPLICATE, "enum outcome and enum sb_outcome disagree");
 
 /* Drops a broken database connection so that the next batch reconnects. */
 static void db_check(struct worker *w) {
@@ -347,18 +350,8 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         if (broker_failures) log_info("broker is back");
         broker_failures = 0;
         if (n == 0) continue;
-        /* paused while it waited: what it just took goes back untouched (it comes
-         * back redelivered), so nothing is taken later than the pause's refresh */
-        if (queue_pause_refresh(w.db) == 0 && queue_paused(q)) {
-            for (int i = 0; i < n; i++) {
-                if (broker_requeue(w.broker, &items[i].d) < 0)
-                    log_warn("requeue on pause failed (%s); the broker returns it when the connection closes",
-                             broker_error(w.broker));
-                delivery_free(&items[i].d);
-                memset(&items[i], 0, sizeof items[i]);
-            }
-            continue;
-        }
+        /* a pause that came while it waited is seen before the next take: what
+         * it holds now runs (handing it back would spend an attempt of each) */
         log_msg(LOG_DEBUG, NULL, "took %d message%s", n, n == 1 ? "" : "s");
         scoreboard_state(SB_BUSY, n);
         /* in transactions of batch_size, in arrival order; all of them, even
@@ -372,8 +365,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             memset(&items[i], 0, sizeof items[i]);
         }
         w.jobs += n;
-        scoreboard_current(NULL, NULL);
-        scoreboard_state(SB_IDLE, 0);
+        scoreboard_state(SB_IDLE, 0); /* idle: its current command is no longer read */
         if (should_recycle(&w)) break;
     }
     free(items);
