@@ -39,9 +39,13 @@ PGB
 psql -q "$DB" -c "INSERT INTO products (id, name, price, stock)
   SELECT ('00000000-0000-4000-8000-' || lpad(g::text, 12, '0'))::uuid, 'bench ' || g, 1, 1000000
   FROM generate_series(1, $PRODUCTS) g ON CONFLICT (id) DO NOTHING"
-run() {
-  pgbench -n -M prepared -c 4 -j 2 -T "$SECONDS_EACH" -D products=$PRODUCTS -f "$SQL" "$DB" 2>/dev/null |
-    sed -n 's/^tps = \([0-9.]*\) (without.*/\1/p'
+run() {  # one run's tps; a failed pgbench stops the script with its own words
+  local out tps
+  out=$(pgbench -n -M prepared -c 4 -j 2 -T "$SECONDS_EACH" -D products=$PRODUCTS -f "$SQL" "$DB" 2>&1) ||
+    { echo "outbox_index_cost: pgbench failed: $out" >&2; exit 1; }
+  tps=$(sed -n 's/^tps = \([0-9.]*\) (without.*/\1/p' <<<"$out")
+  [ -n "$tps" ] || { echo "outbox_index_cost: no tps in pgbench's output: $out" >&2; exit 1; }
+  echo "$tps"
 }
 declare -A tps=([none]="" [btree]="" [brin]="")
 modes=(none btree brin)

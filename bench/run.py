@@ -479,7 +479,7 @@ class Scraper(threading.Thread):
                     with urllib.request.urlopen(url, timeout=5) as r:
                         r.read()
                         self.ok += 1
-                except OSError:
+                except Exception:  # any failure is counted (the run then reports it), never ends the thread
                     self.failed += 1
             tick += 1
             if self.halt.wait(1.0):

@@ -17,12 +17,17 @@ scripts/servers.sh up
 scripts/demo.sh stop >/dev/null 2>&1 || true  # a demo pool would take the tests' commands
 # the Node examples of the docs run in the suite, and the dashboard's browser test
 # drives Debian's chromium with playwright-core: Node, npm, chromium, their packages
-if ! command -v npm >/dev/null || [ ! -x /usr/bin/chromium ]; then
+missing=""
+command -v node >/dev/null || missing="$missing nodejs"
+command -v npm >/dev/null || missing="$missing npm"
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+if [ -n "$missing" ]; then  # only what is missing: a Node.js from elsewhere may conflict with Debian's npm
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm chromium >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 (cd examples/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=warn >/dev/null)  # playwright-core 1.60: Node >= 18
 eval "$(scripts/servers.sh env)"
 unset CONVEYOR_TRANSPORT CONVEYOR_EVENTS_TRANSPORT
 status=0

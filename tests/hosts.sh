@@ -102,8 +102,8 @@ case "${1:-}" in
       ip netns exec "$h" tc qdisc del dev eth0 root 2>/dev/null || true
     else
       # shellcheck disable=SC2068
-      tc qdisc replace dev "$dev" root netem $@ 2>/dev/null ||
-        die "tc netem failed on $dev: this kernel may have no netem (sch_netem): $(tc qdisc replace dev "$dev" root netem $@ 2>&1)"
+      out=$(tc qdisc replace dev "$dev" root netem $@ 2>&1) ||
+        die "tc netem failed on $dev: $out (this kernel may have no netem, sch_netem)"
       # shellcheck disable=SC2068
       ip netns exec "$h" tc qdisc replace dev eth0 root netem $@
     fi ;;

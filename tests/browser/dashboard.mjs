@@ -154,7 +154,8 @@ async function retryDead(id) {
 async function refusals() {
   const first = page.locator('[data-test="queue-row"]').first();
   const queue = await first.getAttribute('data-queue');
-  const paused = (await first.getAttribute('data-paused')) === 'true'; // (b)-(d) would be a no-op if obeyed
+  // (b)-(d) ask for the opposite of the queue's state: one obeyed would change it (the Python side checks)
+  const paused = (await first.getAttribute('data-paused')) === 'true';
   // (a) from the page, no Authorization: 401, provoked on purpose.
   provoked.response++;
   provoked.console++;
@@ -169,7 +170,7 @@ async function refusals() {
   }, queue);
   // (b)-(d) from Node, not the page.
   const origin = new URL(BASE).origin;
-  const body = JSON.stringify({ queue, paused });
+  const body = JSON.stringify({ queue, paused: !paused });
   const post = async (headers) => {
     const r = await fetch(BASE + '/api/queue/pause', { method: 'POST', headers, body });
     await r.arrayBuffer();

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -189,6 +190,27 @@ class Pool:
             self.stop()
         elif os.path.exists(self.config):
             os.unlink(self.config)
+
+
+def free_port():
+    """A local TCP port nothing listens on now."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def http_pool(token=None, extra="", **kw):
+    """A Pool with its HTTP listener on a free loopback port (pool.port,
+    pool.origin), the dashboard's action token when given, and extra
+    configuration lines."""
+    port = free_port()
+    lines = f'listen = "127.0.0.1:{port}";' + (f' token = "{token}";' if token else "")
+    pool = Pool(extra=f"http: {{ {lines} }};\n{extra}", **kw)
+    pool.port = port
+    pool.origin = f"http://127.0.0.1:{port}"
+    return pool
 
 
 _setup_done = False

@@ -17,8 +17,8 @@ import urllib.parse
 import psycopg2
 import redis as redislib
 
-from harness import (AMQP_URL, BIN, DB_URL, REDIS_URL, TRANSPORT, Failure, Pool, check, db, eq, query, run_bin,
-                     session_pids, write_config)
+from harness import (AMQP_URL, BIN, DB_URL, REDIS_URL, TRANSPORT, Failure, Pool, check, db, eq, free_port,
+                     query, run_bin, session_pids, write_config)
 
 SECRET = "Sup3r-s3cret-pw"  # a password that must appear in no output
 
@@ -32,15 +32,6 @@ def with_password(url, user, password):
 
 def port_of(url):
     return urllib.parse.urlsplit(url).port
-
-
-def closed_port():
-    """A local TCP port nothing listens on."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def run_workers(env, timeout=20):
@@ -276,7 +267,7 @@ def test_unreachable_server_is_waited_for():
     else:
         cases = [("CONVEYOR_REDIS_URL", REDIS_URL, "Redis unreachable", "Redis is back")]
     for var, real, said, back in cases:
-        port = closed_port()
+        port = free_port()
         u = urllib.parse.urlsplit(real)
         # the real server's credentials, behind the proxy (PostgreSQL trusts the test user: any password will do)
         secret = f":{u.password}@"
