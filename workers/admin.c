@@ -306,12 +306,6 @@ static int read_db_stats(struct db *db, const struct cfg *cfg, struct queue_db_s
     return 0;
 }
 
-/* A count as JSON: a number, or null when the broker cannot tell (-1). */
-static void add_count(cJSON *o, const char *key, long n) {
-    if (n < 0) cJSON_AddNullToObject(o, key);
-    else cJSON_AddNumberToObject(o, key, (double)n);
-}
-
 static void print_count(long n, int width) {
     if (n < 0) printf(" %*s", width, "n/a");
     else printf(" %*ld", width, n);
@@ -350,11 +344,11 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
             json_add_optional(o, "stateChangedAt", s->since[0] ? s->since : NULL);
             json_add_optional(o, "stateChangedBy", s->by[0] ? s->by : NULL);
             json_add_optional(o, "note", s->note[0] ? s->note : NULL);
-            add_count(o, "waiting", n.waiting);
-            add_count(o, "inFlight", n.in_flight);
-            add_count(o, "retrying", n.retrying);
-            add_count(o, "dead", n.dead);
-            add_count(o, "consumers", n.consumers);
+            json_add_number_or_null(o, "waiting", (double)n.waiting); /* -1: the broker cannot tell */
+            json_add_number_or_null(o, "inFlight", (double)n.in_flight);
+            json_add_number_or_null(o, "retrying", (double)n.retrying);
+            json_add_number_or_null(o, "dead", (double)n.dead);
+            json_add_number_or_null(o, "consumers", (double)n.consumers);
             cJSON_AddNumberToObject(o, "processed1m", (double)s->processed_1m);
             cJSON_AddNumberToObject(o, "processed5m", (double)s->processed_5m);
             cJSON_AddNumberToObject(o, "ratePerSecond1m", rate_1m);

@@ -34,11 +34,6 @@ static const struct asset *asset_of(const char *url) {
 
 bool dashboard_is_asset(const char *url) { return asset_of(url) != NULL; }
 
-static void add_number_or_null(cJSON *o, const char *key, double v) {
-    if (isnan(v) || v < 0) cJSON_AddNullToObject(o, key);
-    else cJSON_AddNumberToObject(o, key, v);
-}
-
 static cJSON *overview_workers(const struct scoreboard *sb) {
     cJSON *a = cJSON_CreateArray();
     for (int k = 0; sb && k < sb->nslots; k++) {
@@ -63,7 +58,7 @@ static cJSON *overview_workers(const struct scoreboard *sb) {
             for (int o = 0; o < SB_NOUTCOMES; o++)
                 if (o != SB_RETRIED) done += __atomic_load_n(&s->counts[t].outcomes[o], __ATOMIC_RELAXED);
         cJSON_AddNumberToObject(w, "done", (double)done);
-        add_number_or_null(w, "residentBytes", pid ? (double)sb_resident_bytes(pid) : -1);
+        json_add_number_or_null(w, "residentBytes", pid ? (double)sb_resident_bytes(pid) : -1);
         cJSON_AddItemToArray(a, w);
     }
     return a;
@@ -125,8 +120,8 @@ static enum MHD_Result overview(struct http *h, struct MHD_Connection *conn) {
         cJSON_AddNumberToObject(j, "dead", c ? (double)c->dead : 0);
         cJSON_AddBoolToObject(j, "paused", queue_paused(q));
         cJSON_AddNumberToObject(j, "ratePerSecond", live.rate);
-        add_number_or_null(j, "latencyP50Seconds", live.p50);
-        add_number_or_null(j, "latencyP99Seconds", live.p99);
+        json_add_number_or_null(j, "latencyP50Seconds", live.p50);
+        json_add_number_or_null(j, "latencyP99Seconds", live.p99);
         cJSON_AddNumberToObject(j, "done", (double)live.done);
         cJSON_AddItemToArray(queues, j);
     }

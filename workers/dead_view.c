@@ -10,21 +10,38 @@
 #include <stdlib.h>
 #include <string.h>
 
-void dead_letter_command_id(const struct dead_letter *d, char out[ID_LEN + 1]) {
+/* d's body as JSON, or NULL when it is not (caller frees). */
+static cJSON *parse(const struct dead_letter *d) { return cJSON_ParseWithLength(d->body, d->len); }
+
+/* The command id of d, whose body parsed as o (NULL: not JSON). */
+static void id_of(const cJSON *o, const struct dead_letter *d, char out[ID_LEN + 1]) {
     out[0] = '\0';
-    cJSON *o = cJSON_ParseWithLength(d->body, d->len);
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
     if (!(cJSON_IsString(id) && id_parse(id->valuestring, out)) && d->message_id) id_parse(d->message_id, out);
-    cJSON_Delete(o);
 }
 
-void dead_letter_key(const struct dead_letter *d, char out[DEAD_KEY_LEN + 1]) {
-    dead_letter_command_id(d, out);
-    if (out[0]) return;
+/* d's key from its command id (id, "" when none). */
+static void key_of(const char *id, const struct dead_letter *d, char out[DEAD_KEY_LEN + 1]) {
+    if (id[0]) {
+        snprintf(out, DEAD_KEY_LEN + 1, "%s", id);
+        return;
+    }
     unsigned char h[8];
     crypto_generichash(h, sizeof h, (const unsigned char *)d->body, d->len, NULL, 0);
     memcpy(out, "body-", 5);
     sodium_bin2hex(out + 5, DEAD_KEY_LEN + 1 - 5, h, sizeof h);
+}
+
+void dead_letter_command_id(const struct dead_letter *d, char out[ID_LEN + 1]) {
+    cJSON *o = parse(d);
+    id_of(o, d, out);
+    cJSON_Delete(o);
+}
+
+void dead_letter_key(const struct dead_letter *d, char out[DEAD_KEY_LEN + 1]) {
+    char id[ID_LEN + 1];
+    dead_letter_command_id(d, id);
+    key_of(id, d, out);
 }
 
 long dead_letter_age_s(const struct dead_letter *d) {
@@ -32,44 +49,34 @@ long dead_letter_age_s(const struct dead_letter *d) {
     return at < 0 ? -1 : (long)((clock_ms() - at) / 1000);
 }
 
-/* The message's "type", or "-" (owned by the caller). */
-static char *type_of(const struct dead_letter *d) {
-    cJSON *o = cJSON_ParseWithLength(d->body, d->len);
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
-    char *s = xstrdup(cJSON_IsString(t) ? t->valuestring : "-");
-    cJSON_Delete(o);
-    return s;
-}
-
 cJSON *dead_letter_json(const struct cfg_queue *q, const struct dead_letter *d, int index, bool message) {
+    cJSON *m = parse(d); /* once: its id, its type, and the message masked */
     char id[ID_LEN + 1], key[DEAD_KEY_LEN + 1];
-    dead_letter_command_id(d, id);
-    dead_letter_key(d, key);
-    char *type = type_of(d);
+    id_of(m, d, id);
+    key_of(id, d, key);
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(m, "type");
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "queue", q->name);
     cJSON_AddNumberToObject(o, "index", index);
     cJSON_AddStringToObject(o, "key", key);
-    if (id[0]) cJSON_AddStringToObject(o, "commandId", id);
-    else cJSON_AddNullToObject(o, "commandId");
-    cJSON_AddStringToObject(o, "type", type);
+    json_add_optional(o, "commandId", id[0] ? id : NULL);
+    cJSON_AddStringToObject(o, "type", cJSON_IsString(type) ? type->valuestring : "-");
     cJSON_AddStringToObject(o, "reason", d->reason ? d->reason : "");
     cJSON_AddStringToObject(o, "error", d->error ? d->error : "");
     cJSON_AddNumberToObject(o, "attempts", d->attempts);
     cJSON_AddStringToObject(o, "failedAt", d->failed_at ? d->failed_at : "");
     cJSON_AddNumberToObject(o, "ageSeconds", (double)dead_letter_age_s(d));
     if (message) {
-        cJSON *m = utf8_valid(d->body, d->len) ? cJSON_ParseWithLength(d->body, d->len) : NULL;
-        if (m && envelope_mask_secrets(m) > 0) { /* shown masked; kept and retried untouched */
+        bool utf8 = utf8_valid(d->body, d->len), text = utf8 && !memchr(d->body, '\0', d->len);
+        if (utf8 && m && envelope_mask_secrets(m) > 0) { /* shown masked; kept and retried untouched */
             char *masked = cJSON_PrintUnformatted(m);
             cJSON_AddStringToObject(o, "message", masked ? masked : "(out of memory)");
             free(masked);
-        } else if (utf8_valid(d->body, d->len) && !memchr(d->body, '\0', d->len)) {
+        } else if (text) {
             cJSON_AddStringToObject(o, "message", d->body);
         } else cJSON_AddStringToObject(o, "message", "(not UTF-8: use the broker's own tools to read the bytes)");
-        cJSON_Delete(m);
     }
-    free(type);
+    cJSON_Delete(m);
     return o;
 }
 

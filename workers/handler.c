@@ -1,6 +1,8 @@
 /* handler.c - the command table, and what handlers use to emit and reject. */
 #include "workers.h"
 
+#include <math.h>
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -92,6 +94,11 @@ void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
 void json_add_optional(cJSON *o, const char *key, const char *value) {
     if (value) cJSON_AddStringToObject(o, key, value);
     else cJSON_AddNullToObject(o, key);
+}
+
+void json_add_number_or_null(cJSON *o, const char *key, double v) {
+    if (isnan(v) || v < 0) cJSON_AddNullToObject(o, key);
+    else cJSON_AddNumberToObject(o, key, v);
 }
 
 int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,

@@ -45,8 +45,8 @@
 #define BROKER_SAMPLE_MS 5000
 #define RECENT_MS 250
 #define HTTP_THREADS 4
-#define LIVE_WITHIN_MS 5000
-#define BIND_WAIT_MS 10000 /* the supervisor's last tick: older, /livez says 503 */
+#define LIVE_WITHIN_MS 5000 /* the supervisor's last tick: older, /livez says 503 */
+#define BIND_WAIT_MS 10000  /* after a reload, how long the address is tried again */
 
 /* The page may load its own script, style and icon and call its own API; every
  * other response (JSON, text, the assets themselves) may load nothing. */
@@ -149,8 +149,7 @@ static bool queue_live(const struct cfg_queue *q) {
     const struct scoreboard *sb = scoreboard_get();
     for (int k = 0; sb && k < sb->nslots; k++) {
         const struct sb_slot *s = &sb->slot[k];
-        if (!__atomic_load_n(&s->used, __ATOMIC_ACQUIRE) || s->kind != SB_WORKER || strcmp(s->queue, q->name) != 0)
-            continue;
+        if (!sb_is_worker_of(s, q)) continue;
         int st = __atomic_load_n(&s->state, __ATOMIC_RELAXED);
         if (st == SB_IDLE || st == SB_BUSY) return true;
     }
@@ -371,8 +370,7 @@ static struct MHD_Daemon *listen_on(struct http *h) {
 
 int http_run(const struct cfg *cfg) {
     signal(SIGPIPE, SIG_IGN);
-    if (setpriority(PRIO_PROCESS, 0, 10) < 0) { /* behind the workers for the CPU; not needed */
-    }
+    (void)setpriority(PRIO_PROCESS, 0, 10); /* behind the workers for the CPU; not needed */
     struct http h = {.cfg = cfg, .rollup = rollup_new(cfg)};
     pthread_mutex_init(&h.lock, NULL);
     pthread_mutex_init(&h.req_lock, NULL);

@@ -76,6 +76,8 @@ static bool choose_keys(const struct dead_letter *d, int index, void *arg) {
     for (int i = 0; i < ks->n; i++) {
         if (strcmp(ks->key[i], key) != 0) continue;
         if (ks->reset_db && dead_letter_reset_attempts(ks->reset_db, d) < 0) {
+            log_warn("dashboard: dead letter %s left dead: cannot reset its attempt count: %s", key,
+                     db_errstr(ks->reset_db));
             ks->failed++;
             return false;
         }
@@ -114,8 +116,9 @@ static enum MHD_Result dead_action(struct http *h, struct MHD_Connection *conn, 
         if (ks.failed) http_req_db_lost(h); /* a reset failed: the next request reconnects */
         char peer[64];
         peer_of(conn, peer, sizeof peer);
-        log_info("dashboard (%s): %s %d dead letter%s of %s (%d asked%s)", peer, retry ? "requeued" : "purged", count,
-                 count == 1 ? "" : "s", q->name, n, brc < 0 ? ", stopped by a broker error" : "");
+        log_info("dashboard (%s): %s %d dead letter%s of %s (%d asked%s%s)", peer, retry ? "requeued" : "purged", count,
+                 count == 1 ? "" : "s", q->name, n, brc < 0 ? ", stopped by a broker error" : "",
+                 ks.failed ? ", some left dead: their attempt counts could not be reset" : "");
         if (brc < 0) {
             snprintf(err, sizeof err, "%s stopped after %d: %s", retry ? "retry" : "purge", count, broker_error(b));
             http_req_broker_lost(h, q->transport);
@@ -150,7 +153,6 @@ static enum MHD_Result pause_action(struct http *h, struct MHD_Connection *conn,
         http_req_db_lost(h);
         return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
     }
-    (void)queue_pause_refresh(db);
     log_info("dashboard (%s): %s %s", peer, on ? "paused" : "resumed", q->name);
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "queue", q->name);

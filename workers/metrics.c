@@ -177,8 +177,9 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
         for (int i = 0; i < cfg->nqueues; i++) {
             long v = 0;
             if (g == 1) {
-                for (int k = 0; sb && k < sb->nslots; k++)
-                    if (sb_is_worker_of(&sb->slot[k], &cfg->queues[i])) v += __atomic_load_n(&sb->slot[k].in_hand, __ATOMIC_RELAXED);
+                struct sb_queue_totals t;
+                sb_queue_totals(&cfg->queues[i], &t);
+                v = t.in_hand;
             } else if (i < s->nqueues && s->queues) {
                 v = g == 0 ? s->queues[i].waiting : g == 2 ? s->queues[i].retrying : s->queues[i].dead;
             }

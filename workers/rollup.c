@@ -74,6 +74,22 @@ void rollup_free(struct rollup *r) {
     free(r);
 }
 
+/* What a queue's workers ended in a span: a minute's row, a step of the history. */
+struct step {
+    uint64_t applied, retried, rejected, dead; /* applied counts duplicates: found done */
+    uint64_t latency[SB_LATENCY_BUCKETS + 1];
+};
+
+/* Adds to *s what happened between totals a and the later b. */
+static void add_delta(struct step *s, const struct sb_queue_totals *a, const struct sb_queue_totals *b) {
+    s->applied += b->outcomes[SB_APPLIED] + b->outcomes[SB_DUPLICATE] - a->outcomes[SB_APPLIED] -
+                  a->outcomes[SB_DUPLICATE];
+    s->retried += b->outcomes[SB_RETRIED] - a->outcomes[SB_RETRIED];
+    s->rejected += b->outcomes[SB_REJECTED] - a->outcomes[SB_REJECTED];
+    s->dead += b->outcomes[SB_DEAD] - a->outcomes[SB_DEAD];
+    for (int j = 0; j <= SB_LATENCY_BUCKETS; j++) s->latency[j] += b->latency[j] - a->latency[j];
+}
+
 /* Adds now - base of every queue into the row of r->minute_ms. Returns 0 or the
  * error class (the base then stays: the next try adds the same counts). */
 static int write_minute(struct rollup *r, struct db *db, const struct sb_queue_totals *now) {
@@ -82,20 +98,18 @@ static int write_minute(struct rollup *r, struct db *db, const struct sb_queue_t
     clock_rfc3339(r->minute_ms, minute);
     int rc = db_cmd(db, "BEGIN");
     for (int i = 0; i < r->cfg->nqueues && rc == 0; i++) {
-        const struct sb_queue_totals *a = &r->base[i], *b = &now[i];
-        if (ended(b) == ended(a) && b->outcomes[SB_RETRIED] == a->outcomes[SB_RETRIED]) continue;
+        struct step d = {0};
+        add_delta(&d, &r->base[i], &now[i]);
+        if (d.applied + d.retried + d.rejected + d.dead == 0) continue;
         char applied[24], rejected[24], retried[24], dead[24], lat[(SB_LATENCY_BUCKETS + 1) * 22 + 4];
-        snprintf(applied, sizeof applied, "%llu",
-                 (unsigned long long)(b->outcomes[SB_APPLIED] + b->outcomes[SB_DUPLICATE] - a->outcomes[SB_APPLIED] -
-                                      a->outcomes[SB_DUPLICATE]));
-        snprintf(rejected, sizeof rejected, "%llu", (unsigned long long)(b->outcomes[SB_REJECTED] - a->outcomes[SB_REJECTED]));
-        snprintf(retried, sizeof retried, "%llu", (unsigned long long)(b->outcomes[SB_RETRIED] - a->outcomes[SB_RETRIED]));
-        snprintf(dead, sizeof dead, "%llu", (unsigned long long)(b->outcomes[SB_DEAD] - a->outcomes[SB_DEAD]));
+        snprintf(applied, sizeof applied, "%llu", (unsigned long long)d.applied);
+        snprintf(rejected, sizeof rejected, "%llu", (unsigned long long)d.rejected);
+        snprintf(retried, sizeof retried, "%llu", (unsigned long long)d.retried);
+        snprintf(dead, sizeof dead, "%llu", (unsigned long long)d.dead);
         size_t k = 0;
         lat[k++] = '{';
         for (int j = 0; j <= SB_LATENCY_BUCKETS; j++)
-            k += (size_t)snprintf(lat + k, sizeof lat - k, "%s%llu", j ? "," : "",
-                                  (unsigned long long)(b->latency[j] - a->latency[j]));
+            k += (size_t)snprintf(lat + k, sizeof lat - k, "%s%llu", j ? "," : "", (unsigned long long)d.latency[j]);
         snprintf(lat + k, sizeof lat - k, "}");
         const char *p[7] = {minute, r->cfg->queues[i].name, applied, rejected, retried, dead, lat};
         /* several pools add into one row: each adds its own counts */
@@ -148,7 +162,8 @@ void rollup_flush(struct rollup *r, struct db *db) {
     struct sb_queue_totals *now = xcalloc((size_t)(r->cfg->nqueues ? r->cfg->nqueues : 1), sizeof *now);
     read_totals(r->cfg, now);
     pthread_mutex_lock(&r->write_lock);
-    if (write_minute(r, db, now) == 0) {
+    if (!db) log_warn("the dashboard's running minute is not written: no database");
+    if (write_minute(r, db, now) == 0) { /* a failure is logged by write_minute */
         pthread_mutex_lock(&r->lock);
         memcpy(r->base, now, (size_t)r->cfg->nqueues * sizeof *now);
         pthread_mutex_unlock(&r->lock);
@@ -209,16 +224,6 @@ void rollup_live(struct rollup *r, int qi, struct rollup_live *out) {
     pthread_mutex_unlock(&r->lock);
 }
 
-/* One step of the history being summed. */
-struct step {
-    uint64_t applied, rejected, dead;
-    uint64_t latency[SB_LATENCY_BUCKETS + 1];
-};
-
-static void add_json_number_or_null(cJSON *o, const char *key, double v) {
-    if (isnan(v)) cJSON_AddNullToObject(o, key);
-    else cJSON_AddNumberToObject(o, key, v);
-}
 
 cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size_t errlen) {
     int step_s = day ? 300 : 60, nsteps = day ? 288 : 60;
@@ -259,12 +264,7 @@ cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size
     int k = (int)((r->minute_ms - first) / ((int64_t)step_s * 1000));
     if (newest->mono_ms && k >= 0 && k < nsteps)
         for (int i = 0; i < r->cfg->nqueues; i++) {
-            const struct sb_queue_totals *a = &r->base[i], *b = &newest->q[i];
-            st[k].applied += b->outcomes[SB_APPLIED] + b->outcomes[SB_DUPLICATE] - a->outcomes[SB_APPLIED] -
-                             a->outcomes[SB_DUPLICATE];
-            st[k].rejected += b->outcomes[SB_REJECTED] - a->outcomes[SB_REJECTED];
-            st[k].dead += b->outcomes[SB_DEAD] - a->outcomes[SB_DEAD];
-            for (int j = 0; j <= SB_LATENCY_BUCKETS; j++) st[k].latency[j] += b->latency[j] - a->latency[j];
+            add_delta(&st[k], &r->base[i], &newest->q[i]);
         }
     pthread_mutex_unlock(&r->lock);
     pthread_mutex_unlock(&r->write_lock);
@@ -278,8 +278,8 @@ cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size
         cJSON_AddNumberToObject(pt, "applied", (double)st[i].applied);
         cJSON_AddNumberToObject(pt, "rejected", (double)st[i].rejected);
         cJSON_AddNumberToObject(pt, "dead", (double)st[i].dead);
-        add_json_number_or_null(pt, "p50", quantile(st[i].latency, 0.5));
-        add_json_number_or_null(pt, "p99", quantile(st[i].latency, 0.99));
+        json_add_number_or_null(pt, "p50", quantile(st[i].latency, 0.5));
+        json_add_number_or_null(pt, "p99", quantile(st[i].latency, 0.99));
         cJSON_AddItemToArray(points, pt);
     }
     cJSON_AddItemToObject(o, "points", points);

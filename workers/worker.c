@@ -213,13 +213,8 @@ static bool should_recycle(struct worker *w) {
         return true;
     }
     if (w->cfg->max_rss_mb > 0) {
-        long pages = 0, rss = 0;
-        FILE *f = fopen("/proc/self/statm", "r");
-        if (f) {
-            if (fscanf(f, "%ld %ld", &pages, &rss) != 2) rss = 0;
-            fclose(f);
-        }
-        long mb = rss * (sysconf(_SC_PAGESIZE) / 1024) / 1024;
+        long long bytes = sb_resident_bytes(getpid());
+        long mb = bytes < 0 ? 0 : (long)(bytes >> 20);
         if (mb > w->cfg->max_rss_mb) {
             log_info("recycling at %ld MB resident (max_rss_mb %d)", mb, w->cfg->max_rss_mb);
             return true;

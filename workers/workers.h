@@ -126,6 +126,8 @@ void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
               const char *aggregate_id, cJSON *data);
 /* Adds key: value to o, or key: null when value is NULL. */
 void json_add_optional(cJSON *o, const char *key, const char *value);
+/* Adds v to o as key, or null when v is NaN or negative (not known). */
+void json_add_number_or_null(cJSON *o, const char *key, double v);
 /* Fills ctx->rej; takes fields and details (freeing those of an earlier
  * rejection); code is kept, not copied (a static string). Returns CV_EREJECT. */
 int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,
