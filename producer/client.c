@@ -15,6 +15,8 @@ struct pending {            /* a command published by this client */
 struct conveyor_client {
     struct cfg cfg;
     struct broker *brokers[2];  /* per transport, opened on first use */
+    bool reached[2];            /* per transport: a broker was reached once (a loss is then waited for) */
+    int open_class;             /* the class of the last failed broker open (CV_ECONFIG: not retried) */
     bool declared;              /* RabbitMQ topology declared */
     struct broker *events;      /* subscription, with CONVEYOR_WAIT */
     struct pending *pending;
@@ -65,8 +67,9 @@ const char *conveyor_error(const conveyor_client *c) { return c ? c->err : "no c
 
 static struct broker *broker_for(conveyor_client *c, enum transport t) {
     if (!c->brokers[t]) {
-        c->brokers[t] = broker_open(&c->cfg, t, c->err, sizeof c->err);
+        c->brokers[t] = broker_open_class(&c->cfg, t, &c->open_class, c->err, sizeof c->err);
         if (!c->brokers[t]) return NULL;
+        c->reached[t] = true;
     }
     if (t == TRANSPORT_RABBITMQ && !c->declared) {
         /* so that a command published before any worker started is kept */
@@ -159,7 +162,7 @@ static int prepare(conveyor_client *c, const char *envelope_json, struct prepare
 
 /* Sends the n prepared commands of transport t with one wait for the broker.
  * Returns 0, or CONVEYOR_EBROKER with the reason in c->err. */
-static int send_prepared(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
+static int send_once(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
     struct broker *b = broker_for(c, t);
     if (!b) return CONVEYOR_EBROKER;
     struct outgoing_command *oc = calloc((size_t)n, sizeof *oc);
@@ -172,6 +175,31 @@ static int send_prepared(conveyor_client *c, enum transport t, const struct prep
         broker_close(b); /* re-opened on the next publish */
         c->brokers[t] = NULL;
         return CONVEYOR_EBROKER;
+    }
+    return 0;
+}
+
+/* send_once, and when the broker was reached before and is lost now (a node or
+ * a primary gone: its replacement is reached through the URL list or Sentinel),
+ * the same bodies, with the same ids, again with backoff for up to
+ * producer.publish_retry_ms: a message sent twice is applied once (the ids).
+ * A broker never reached, or a configuration error, fails at once. Returns 0,
+ * or CONVEYOR_EBROKER with the reason in c->err. */
+static int send_prepared(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
+    int64_t deadline = 0;
+    int rc, delay = 100;
+    while ((rc = send_once(c, t, p, n)) < 0) {
+        if (!c->reached[t] || c->cfg.publish_retry_ms <= 0 || (!c->brokers[t] && c->open_class == CV_ECONFIG)) return rc;
+        int64_t now = clock_mono_ms();
+        if (!deadline) deadline = now + c->cfg.publish_retry_ms;
+        if (now >= deadline) {
+            size_t len = strlen(c->err);
+            snprintf(c->err + len, sizeof c->err - len, " (sent again for %d ms: producer.publish_retry_ms)",
+                     c->cfg.publish_retry_ms);
+            return rc;
+        }
+        backoff_sleep(delay, NULL);
+        delay = delay * 2 > 1000 ? 1000 : delay * 2;
     }
     for (int i = 0; i < n; i++) /* sent, but conveyor_wait could not find it: publish it again */
         if (remember(c, p[i].id) < 0) return fail(c, CONVEYOR_EBROKER, "%s", "out of memory");

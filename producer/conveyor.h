@@ -54,8 +54,12 @@ const char *conveyor_error(const conveyor_client *c);
  * CONVEYOR_EINVALID (the payload is not a JSON object, the envelope breaks a
  * rule, no queue routes type), or CONVEYOR_EBROKER (the broker could not be
  * reached or refused it, RabbitMQ's topology could not be declared, or out of
- * memory); after a broker failure the connection is closed, and opened again by
- * the next publish. */
+ * memory). A broker reached before and lost now (a RabbitMQ node, a Redis
+ * primary gone) is reached again, through the next node of the URL list or
+ * Sentinel, and the command sent again with the same id for up to
+ * producer.publish_retry_ms (default 30 s) before CONVEYOR_EBROKER; a broker never
+ * reached fails at once. After a broker failure the connection is closed, and
+ * opened again by the next publish. */
 int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
                      const char *correlation_id, char id_out[37]);
 /* Publishes a whole envelope ({"type", "payload"} at least; id and createdAt

@@ -5,6 +5,12 @@
  * "publish" is in confirm mode and only publishes, so confirms never interleave
  * with deliveries. Topology: docs/contract.md, "RabbitMQ". An amqps:// URL opens
  * both over TLS (new_socket: the one place a RabbitMQ socket is made).
+ *
+ * rabbitmq.url may list the nodes of one cluster: a connection opens to the node
+ * that last worked in this process (at first one chosen by the process id, which
+ * spreads pools over the nodes); when it cannot, it moves to the next node, and so
+ * on once round the list (open_conn). Command queues are quorum queues (their
+ * queue_type), so every node serves them; docs/scaling.md.
  */
 #include "broker_backend.h"
 
@@ -14,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define CHANNEL 1
 /* amqps:// without rabbitmq.ca_file: the system's trust store (Debian's ca-certificates) */
@@ -24,8 +31,9 @@ struct amqp_broker {
     amqp_connection_state_t consume, publish;
     uint64_t publish_tag;      /* last delivery tag used on the publish channel */
     bool probe_open;           /* PROBE_CHANNEL is open on the publish connection (passive_count) */
-    char *url;                 /* amqp_parse_url writes into this copy */
+    char *url;                 /* the node's URL in use; amqp_parse_url writes into this copy */
     struct amqp_connection_info info;
+    int nurls, url_at;         /* rabbitmq.url lists nurls nodes; info is of node url_at */
     char queue[256], dead[256];
     char commands_ex[256], events_ex[256];
     bool consuming;
@@ -192,9 +200,50 @@ static int login(struct amqp_broker *a, amqp_connection_state_t c) {
     return rc;
 }
 
-/* Opens a connection with channel 1 (in confirm mode when confirms). */
+/* The node of rabbitmq.url this process reached last: where the next connection
+ * starts (-1: none yet). */
+static int node_last_good = -1;
+
+/* Makes node i of rabbitmq.url the one a->info describes. Returns 0, or
+ * CV_ECONFIG with the reason in a->base.err (cfg_load checked the list already). */
+static int select_node(struct amqp_broker *a, int i) {
+    char item[1024];
+    free(a->url);
+    a->url = NULL;
+    amqp_default_connection_info(&a->info);
+    if (url_list_item(a->base.cfg->rabbitmq_url, i, item, sizeof item) < 0)
+        return broker_fail(&a->base, CV_ECONFIG, "bad RabbitMQ URL: no node %d in the list", i + 1);
+    a->url = xstrdup(item);
+    char why[512];
+    if (url_check(URL_AMQP, item, why, sizeof why) < 0 || amqp_parse_url(a->url, &a->info) != AMQP_STATUS_OK)
+        return broker_fail(&a->base, CV_ECONFIG, "bad RabbitMQ URL%s: %s", a->nurls > 1 ? " in the list" : "", why);
+    a->url_at = i;
+    return 0;
+}
+
+static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms);
+
+/* Opens a connection with channel 1 (in confirm mode when confirms): to the
+ * current node, else to the next ones of the list in turn (a node that refuses
+ * the login or the certificate refuses them for all: CV_ECONFIG at once).
+ * Returns 0, or the class of the last failure with its reason in a->base.err. */
 static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
     if (*out) return 0;
+    int rc = open_node(a, out, confirms);
+    for (int k = 1; rc < 0 && rc != CV_ECONFIG && k < a->nurls; k++) {
+        char why[sizeof a->base.err];
+        snprintf(why, sizeof why, "%s", a->base.err);
+        int next = (a->url_at + 1) % a->nurls;
+        if ((rc = select_node(a, next)) < 0) break;
+        log_warn("rabbitmq: %s; trying node %d of %d (%s:%d)", why, next + 1, a->nurls, a->info.host, a->info.port);
+        rc = open_node(a, out, confirms);
+    }
+    if (rc == 0) node_last_good = a->url_at;
+    return rc;
+}
+
+/* open_conn on the current node only. */
+static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
     amqp_connection_state_t c = amqp_new_connection();
     amqp_socket_t *s = NULL;
     int rc = new_socket(a, c, &s);
@@ -838,16 +887,9 @@ struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size
     a->base.cfg = cfg;
     snprintf(a->commands_ex, sizeof a->commands_ex, "%s.commands", cfg->prefix);
     snprintf(a->events_ex, sizeof a->events_ex, "%s.events", cfg->prefix);
-    a->url = xstrdup(cfg->rabbitmq_url);
-    amqp_default_connection_info(&a->info);
-    char why[512];
-    if (url_check(URL_AMQP, cfg->rabbitmq_url, why, sizeof why) < 0 || amqp_parse_url(a->url, &a->info) != AMQP_STATUS_OK) {
-        snprintf(err, errlen, "bad RabbitMQ URL: %s", why);
-        *cls = CV_ECONFIG;
-        amqp_close_broker(&a->base);
-        return NULL;
-    }
-    if ((*cls = open_conn(a, &a->publish, true)) < 0) {
+    a->nurls = url_list_count(cfg->rabbitmq_url);
+    if (node_last_good < 0) node_last_good = (int)(getpid() % a->nurls);
+    if ((*cls = select_node(a, node_last_good % a->nurls)) < 0 || (*cls = open_conn(a, &a->publish, true)) < 0) {
         snprintf(err, errlen, "%s", a->base.err);
         amqp_close_broker(&a->base);
         return NULL;

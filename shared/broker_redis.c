@@ -54,6 +54,8 @@ struct redis_broker {
     char host[256];
     int port, db;
     char user[128], password[256];
+    struct redis_url url;     /* as parsed; with Sentinels, host and port are the primary they named */
+    int sentinel_at;          /* the Sentinel asked first (the one that answered last) */
     bool refused;             /* the last connection failed on what the URL says (CV_ECONFIG) */
     char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], returned_key[256], events_key[256];
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
@@ -69,16 +71,70 @@ struct redis_broker {
     int npending, ipending;
 };
 
-/* redis://[[user]:password@]host[:port][/db] (url_parse_redis) into r. */
+/* redis://[[user]:password@]host[:port][/db] or redis-sentinel://...
+ * (url_parse_redis) into r. */
 static int parse_url(struct redis_broker *r, const char *url, char *why, size_t n) {
-    struct redis_url u;
-    if (url_parse_redis(url, &u, why, n) < 0) return -1;
-    snprintf(r->host, sizeof r->host, "%s", u.host);
-    snprintf(r->user, sizeof r->user, "%s", u.user);
-    snprintf(r->password, sizeof r->password, "%s", u.password);
-    r->port = u.port;
-    r->db = u.db;
+    struct redis_url *u = &r->url;
+    if (url_parse_redis(url, u, why, n) < 0) return -1;
+    snprintf(r->host, sizeof r->host, "%s", u->host);
+    snprintf(r->user, sizeof r->user, "%s", u->user);
+    snprintf(r->password, sizeof r->password, "%s", u->password);
+    r->port = u->port;
+    r->db = u->db;
     return 0;
+}
+
+/* With Sentinels: asks them in turn (from the one that answered last) for the
+ * address of the primary of the URL's master name, into r->host and r->port.
+ * Returns 0, or CV_ERETRY with the reason in r->base.err (no Sentinel reached
+ * or none knows the master: a failover may be under way). */
+static int ask_sentinels(struct redis_broker *r) {
+    const struct redis_url *u = &r->url;
+    char why[sizeof r->base.err] = "";
+    for (int k = 0; k < u->nsentinels; k++) {
+        int i = (r->sentinel_at + k) % u->nsentinels;
+        const struct redis_sentinel *s = &u->sentinels[i];
+        struct timeval tv = {1, 0};
+        redisContext *c = redisConnectWithTimeout(s->host, s->port, tv);
+        redisReply *rep = NULL;
+        if (c && !c->err) {
+            redisSetTimeout(c, tv);
+            rep = redisCommand(c, "SENTINEL get-master-addr-by-name %s", u->master);
+        }
+        if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 && rep->element[0]->type == REDIS_REPLY_STRING &&
+            rep->element[1]->type == REDIS_REPLY_STRING && atoi(rep->element[1]->str) > 0) {
+            snprintf(r->host, sizeof r->host, "%s", rep->element[0]->str);
+            r->port = atoi(rep->element[1]->str);
+            r->sentinel_at = i;
+            freeReplyObject(rep);
+            redisFree(c);
+            return 0;
+        }
+        snprintf(why, sizeof why, "Sentinel %s:%d: %s", s->host, s->port,
+                 !c ? "out of memory" : c->err ? c->errstr : !rep ? "no reply"
+                 : rep->type == REDIS_REPLY_ERROR ? rep->str : "does not know the master");
+        if (rep) freeReplyObject(rep);
+        if (c) redisFree(c);
+    }
+    return broker_fail(&r->base, CV_ERETRY, "redis: no Sentinel named the primary of '%s' (%d asked; last: %s)",
+                       u->master, u->nsentinels, why);
+}
+
+static void drop(struct redis_broker *r);
+
+/* With Sentinels: the server reached must be a primary (ROLE), else the failover
+ * is not over yet (or the Sentinel's answer is old). Returns 0, or CV_ERETRY with
+ * the connection dropped. */
+static int check_primary(struct redis_broker *r) {
+    redisReply *rep = redisCommand(r->ctx, "ROLE");
+    bool primary = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements > 0 &&
+                   rep->element[0]->type == REDIS_REPLY_STRING && strcmp(rep->element[0]->str, "master") == 0;
+    if (rep) freeReplyObject(rep);
+    if (primary) return 0;
+    broker_fail(&r->base, CV_ERETRY, "redis %s:%d: named the primary of '%s' by Sentinel, but it is not one (yet)",
+                r->host, r->port, r->url.master);
+    drop(r);
+    return CV_ERETRY;
 }
 
 static void drop(struct redis_broker *r) {
@@ -119,6 +175,7 @@ static int connect_now(struct redis_broker *r) {
     if (r->ctx && !r->ctx->err) return 0;
     drop(r);
     r->refused = false;
+    if (r->url.nsentinels && ask_sentinels(r) < 0) return CV_ERETRY;
     struct timeval tv = {3, 0};
     r->ctx = redisConnectWithTimeout(r->host, r->port, tv);
     if (!r->ctx || r->ctx->err) {
@@ -138,7 +195,21 @@ static int connect_now(struct redis_broker *r) {
         rc = login_step(r, redisCommand(r->ctx, "AUTH %s", r->password), "AUTH");
     if (rc == 0 && r->db) rc = login_step(r, redisCommand(r->ctx, "SELECT %d", r->db), "SELECT");
     else if (rc == 0 && !r->password[0]) rc = login_step(r, redisCommand(r->ctx, "PING"), "PING");
+    if (rc == 0 && r->url.nsentinels) rc = check_primary(r);
     return rc;
+}
+
+/* The class of an error reply, with the reason in r->base.err: a server that
+ * is no longer the primary (READONLY: demoted by a failover) ends the connection
+ * (dropped: the next command reconnects, through Sentinel) and is CV_ERETRY;
+ * any other error is a refusal, CV_EREFUSED. */
+static int reply_error(struct redis_broker *r, const redisReply *rep, const char *what) {
+    if (strstr(rep->str, "READONLY")) {
+        broker_fail(&r->base, CV_ERETRY, "redis %s: %s (a failover: reconnecting to the primary)", what, rep->str);
+        drop(r);
+        return CV_ERETRY;
+    }
+    return broker_fail(&r->base, CV_EREFUSED, "redis %s: %s", what, rep->str);
 }
 
 /* rep, or NULL with the broker error set when there is none (the connection
@@ -150,7 +221,7 @@ static redisReply *checked(struct redis_broker *r, redisReply *rep) {
         return NULL;
     }
     if (rep->type == REDIS_REPLY_ERROR) {
-        broker_fail(&r->base, CV_EREFUSED, "redis: %s", rep->str);
+        reply_error(r, rep, "command");
         freeReplyObject(rep);
         return NULL;
     }
@@ -208,6 +279,7 @@ static void redis_close(struct broker *b) {
 static int redis_declare(struct broker *b) { (void)b; return 0; }
 
 static int read_replies(struct redis_broker *r, int n, const char *what);
+static int wait_replicas(struct redis_broker *r, const char *what);
 
 static int redis_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
@@ -217,7 +289,8 @@ static int redis_publish_commands(struct broker *b, const struct outgoing_comman
         names_redis(b->cfg, "queue", c[i].q->name, key, sizeof key);
         redisAppendCommand(r->ctx, "LPUSH %s %b", key, c[i].body, c[i].len);
     }
-    return read_replies(r, n, "LPUSH");
+    int rc = read_replies(r, n, "LPUSH");
+    return rc < 0 ? rc : wait_replicas(r, "LPUSH");
 }
 
 /* ---- liveness: the heartbeat thread (see the header comment) ---------------------------- */
@@ -567,10 +640,29 @@ static int read_replies(struct redis_broker *r, int n, const char *what) {
             drop(r);
             return CV_ERETRY;
         }
-        if (rep->type == REDIS_REPLY_ERROR) rc = broker_fail(&r->base, CV_EREFUSED, "redis %s: %s", what, rep->str);
+        if (rep->type == REDIS_REPLY_ERROR && rc == 0) rc = reply_error(r, rep, what);
         freeReplyObject(rep);
+        if (!r->ctx) return CV_ERETRY; /* dropped by reply_error: the other replies went with it */
     }
     return rc;
+}
+
+/* With redis.wait_replicas: waits (WAIT) until that many replicas have what this
+ * connection wrote, for at most redis.wait_timeout_ms. Returns 0, or CV_ERETRY
+ * when fewer had it in time (not confirmed: the caller sends it again) or the
+ * connection was lost, with the reason in r->base.err. */
+static int wait_replicas(struct redis_broker *r, const char *what) {
+    const struct cfg *cfg = r->base.cfg;
+    if (cfg->redis_wait_replicas <= 0) return 0;
+    redisReply *rep = cmd(r, "WAIT %d %d", cfg->redis_wait_replicas, cfg->redis_wait_timeout_ms);
+    if (!rep) return r->ctx ? CV_ERETRY : last_error(r);
+    long long got = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
+    freeReplyObject(rep);
+    if (got >= cfg->redis_wait_replicas) return 0;
+    return broker_fail(&r->base, CV_ERETRY,
+                       "redis %s: %lld of the %d replica%s redis.wait_replicas asks for had it within %d ms: not "
+                       "confirmed", what, got, cfg->redis_wait_replicas, cfg->redis_wait_replicas == 1 ? "" : "s",
+                       cfg->redis_wait_timeout_ms);
 }
 
 /* Runs `<cmd[i]> KEYS[i] [1] ARGV[i]` for each i in order (LREM removes one
@@ -822,7 +914,8 @@ static int redis_publish_events(struct broker *b, const struct outgoing_event *e
     for (int i = 0; i < n; i++)
         redisAppendCommand(r->ctx, "XADD %s MAXLEN ~ %s * type %s event %s", r->events_key, maxlen,
                            ev[i].type, ev[i].json);
-    return read_replies(r, n, "XADD");
+    int rc = read_replies(r, n, "XADD");
+    return rc < 0 ? rc : wait_replicas(r, "XADD");
 }
 
 static int redis_subscribe(struct broker *b, const char *pattern) {

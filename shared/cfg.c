@@ -85,6 +85,33 @@ static int get_string(struct loader *l, const config_setting_t *g, const char *n
     return 0;
 }
 
+/* Reads an optional member that is a string or a list of strings (the nodes of
+ * one RabbitMQ cluster), the list joined by commas; keeps *out when absent. */
+static int get_string_or_list(struct loader *l, const config_setting_t *g, const char *name, char **out) {
+    config_setting_t *s = g ? config_setting_get_member(g, name) : NULL;
+    if (!s || config_setting_type(s) == CONFIG_TYPE_STRING) return get_string(l, g, name, out);
+    char p[256];
+    setting_path(s, p, sizeof p);
+    int t = config_setting_type(s), n = config_setting_length(s);
+    if ((t != CONFIG_TYPE_LIST && t != CONFIG_TYPE_ARRAY) || n < 1)
+        return fail(l, s, "'%s' must be a string or a list of strings", p);
+    size_t len = 0;
+    for (int i = 0; i < n; i++) {
+        const char *v = config_setting_get_string_elem(s, i);
+        if (!v || !*v || strchr(v, ',')) return fail(l, s, "'%s': item %d must be a non-empty string without ','", p, i + 1);
+        len += strlen(v) + 1;
+    }
+    char *joined = xmalloc(len);
+    joined[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        if (i) strcat(joined, ",");
+        strcat(joined, config_setting_get_string_elem(s, i));
+    }
+    free(*out);
+    *out = joined;
+    return 0;
+}
+
 /* Reads an optional integer member in [min, max]; keeps *out when absent. */
 static int get_long(struct loader *l, const config_setting_t *g, const char *name, long min,
                     long max, long *out) {
@@ -235,11 +262,13 @@ static int read_secret_file(struct loader *l, const char *what, const char *path
 
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
-                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "queues",
+                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "queues",
                                       NULL};
     static const char *const k_url[] = {"url", NULL};
     static const char *const k_rabbitmq[] = {"url", "ca_file", "cert_file", "key_file", NULL};
-    static const char *const k_redis[] = {"url", "heartbeat_interval", "heartbeat_ttl", NULL};
+    static const char *const k_redis[] = {"url", "heartbeat_interval", "heartbeat_ttl", "wait_replicas",
+                                          "wait_timeout_ms", NULL};
+    static const char *const k_producer[] = {"publish_retry_ms", NULL};
     static const char *const k_retry[] = {"base_delay_ms", "max_delay_ms", NULL};
     static const char *const k_events[] = {"transport", "stream_maxlen", NULL};
     static const char *const k_limits[] = {"max_message_bytes", NULL};
@@ -265,17 +294,21 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     free(tr);
 
     if (get_group(l, root, "database", k_url, &g) < 0 || get_string(l, g, "url", &c->database_url) < 0) return -1;
-    if (get_group(l, root, "rabbitmq", k_rabbitmq, &g) < 0 || get_string(l, g, "url", &c->rabbitmq_url) < 0 ||
+    if (get_group(l, root, "rabbitmq", k_rabbitmq, &g) < 0 || get_string_or_list(l, g, "url", &c->rabbitmq_url) < 0 ||
         get_string(l, g, "ca_file", &c->rabbitmq_ca_file) < 0 || get_string(l, g, "cert_file", &c->rabbitmq_cert_file) < 0 ||
         get_string(l, g, "key_file", &c->rabbitmq_key_file) < 0) return -1;
     if (!c->rabbitmq_cert_file != !c->rabbitmq_key_file)
         return fail(l, g, "'rabbitmq.cert_file' and 'rabbitmq.key_file' go together: set both or neither");
     if (get_group(l, root, "redis", k_redis, &g) < 0 || get_string(l, g, "url", &c->redis_url) < 0 ||
         get_int(l, g, "heartbeat_interval", 1, 3600, &c->heartbeat_interval_s) < 0 ||
-        get_int(l, g, "heartbeat_ttl", 2, 86400, &c->heartbeat_ttl_s) < 0) return -1;
+        get_int(l, g, "heartbeat_ttl", 2, 86400, &c->heartbeat_ttl_s) < 0 ||
+        get_int(l, g, "wait_replicas", 0, 64, &c->redis_wait_replicas) < 0 ||
+        get_int(l, g, "wait_timeout_ms", 1, 600000, &c->redis_wait_timeout_ms) < 0) return -1;
     if (c->heartbeat_ttl_s <= c->heartbeat_interval_s)
         return fail(l, config_setting_get_member(g, "heartbeat_ttl"),
                     "'redis.heartbeat_ttl' must be longer than 'redis.heartbeat_interval'");
+    if (get_group(l, root, "producer", k_producer, &g) < 0 ||
+        get_int(l, g, "publish_retry_ms", 0, 3600000, &c->publish_retry_ms) < 0) return -1;
     if (get_group(l, root, "retry", k_retry, &g) < 0 ||
         get_int(l, g, "base_delay_ms", 1, 3600000, &c->retry_base_ms) < 0 ||
         get_int(l, g, "max_delay_ms", 1, 86400000, &c->retry_max_ms) < 0) return -1;
@@ -427,6 +460,8 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     c->retry_max_ms = 300000;
     c->heartbeat_interval_s = 2;
     c->heartbeat_ttl_s = 10;
+    c->redis_wait_timeout_ms = 1000;
+    c->publish_retry_ms = 30000;
     c->password_opslimit = 2;      /* crypto_pwhash_OPSLIMIT_INTERACTIVE */
     c->password_memlimit_mb = 64;  /* crypto_pwhash_MEMLIMIT_INTERACTIVE */
     c->database_url_setting = "database.url";

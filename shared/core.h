@@ -144,6 +144,9 @@ struct cfg {
     int retry_max_ms;         /* cap of the backoff */
     int heartbeat_interval_s; /* Redis worker heartbeat refresh */
     int heartbeat_ttl_s;      /* Redis heartbeat expiry: then the reaper requeues in-flight work */
+    int redis_wait_replicas;  /* Redis: a publish is confirmed once this many replicas have it (WAIT); 0: at once */
+    int redis_wait_timeout_ms; /* ... within this long, else it is not confirmed (sent again by the client) */
+    int publish_retry_ms;     /* the C client: how long a publish the broker did not confirm is sent again */
     int password_opslimit;    /* argon2id cost (crypto_pwhash_str) */
     int password_memlimit_mb;
     /* where each URL came from, for messages: "database.url", "CONVEYOR_DATABASE_URL" or
@@ -199,17 +202,35 @@ void url_scrub(const char *text, const char *url, char *out, size_t n);
 enum url_kind { URL_POSTGRES, URL_AMQP, URL_REDIS };
 /* Checks url's syntax for its kind (no connection): PostgreSQL: postgresql:// or
  * postgres:// or a libpq key=value string (PQconninfoParse); RabbitMQ: amqp://
- * (amqp_parse_url); Redis: redis://; and a port of 1-65535. Returns 0, or CV_ECONFIG
+ * (amqp_parse_url), or a list of them separated by commas (url_list_item); Redis:
+ * redis:// or redis-sentinel://; and a port of 1-65535. Returns 0, or CV_ECONFIG
  * with the reason in why (which never holds the password). */
 int url_check(enum url_kind kind, const char *url, char *why, size_t n);
-/* redis://[[user]:password@]host[:port][/db], parsed */
+/* redis://[[user]:password@]host[:port][/db], or
+ * redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db]
+ * (the Sentinels to ask for the primary of master; the password is the primary's), parsed */
+#define SENTINEL_SCHEME "redis-sentinel://"
+#define REDIS_SENTINELS_MAX 8
+struct redis_sentinel {
+    char host[256];
+    int port; /* 26379 when absent */
+};
 struct redis_url {
-    char user[128], password[256], host[256];
+    char user[128], password[256], host[256]; /* host and port: redis:// only */
     int port, db;
+    int nsentinels;                           /* redis-sentinel:// only: 1 or more */
+    struct redis_sentinel sentinels[REDIS_SENTINELS_MAX];
+    char master[128];
 };
 /* Parses url into *out (host 127.0.0.1, port 6379 and db 0 when absent). Returns 0, or
  * CV_ECONFIG with the reason in why (*out then holds what was parsed before it). */
 int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n);
+/* A RabbitMQ URL setting may list the nodes of one cluster: "amqp://a,amqp://b".
+ * url_list_count returns how many URLs list holds (1 or more); url_list_item copies
+ * URL i (from 0, spaces around it cut) into out and returns 0, or -1 when there is
+ * no URL i or it does not fit in n bytes. */
+int url_list_count(const char *list);
+int url_list_item(const char *list, int i, char *out, size_t n);
 
 /* ---- id.c / clock.c / utf8.c ------------------------------------------------ */
 #define ID_LEN 36

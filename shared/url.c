@@ -27,8 +27,38 @@ static const char *userinfo_end(const char *authority) {
     return strrchr(authority, '@');
 }
 
-/* True for a redis:// URL, whose userinfo without ':' is a password (AUTH), not a user. */
-static bool is_redis(const char *url) { return strncmp(url, "redis://", 8) == 0; }
+/* True for a redis:// or redis-sentinel:// URL, whose userinfo without ':' is a
+ * password (AUTH), not a user. */
+static bool is_redis(const char *url) {
+    return strncmp(url, "redis://", 8) == 0 || strncmp(url, SENTINEL_SCHEME, strlen(SENTINEL_SCHEME)) == 0;
+}
+
+/* True when url is a list of RabbitMQ URLs (url_list_count > 1). */
+static bool is_amqp_list(const char *url) {
+    return url && strncmp(url, "amqp", 4) == 0 && strchr(url, ',') != NULL;
+}
+
+int url_list_count(const char *list) {
+    int n = 1;
+    for (const char *p = list; *p; p++) n += *p == ',';
+    return n;
+}
+
+int url_list_item(const char *list, int i, char *out, size_t n) {
+    const char *p = list;
+    for (int k = 0; k < i; k++) {
+        p = strchr(p, ',');
+        if (!p) return -1;
+        p++;
+    }
+    while (*p == ' ' || *p == '\t') p++;
+    size_t len = strcspn(p, ",");
+    while (len && (p[len - 1] == ' ' || p[len - 1] == '\t')) len--;
+    if (len + 1 > n) return -1;
+    memcpy(out, p, len);
+    out[len] = '\0';
+    return 0;
+}
 
 /* True at the start of a "password" (or libpq's "sslpassword", the client
  * key's passphrase) key in a libpq key=value string or a URL query: *value
@@ -64,6 +94,16 @@ void url_redact(const char *url, char *out, size_t n) {
     out[0] = '\0';
     if (!url) return;
     size_t at = 0;
+    if (is_amqp_list(url)) { /* each URL of the list on its own, joined by ", " */
+        char item[1024], shown[1024];
+        for (int i = 0, k = url_list_count(url); i < k; i++) {
+            if (url_list_item(url, i, item, sizeof item) < 0) snprintf(item, sizeof item, "amqp://***");
+            url_redact(item, shown, sizeof shown);
+            if (i) put(out, n, &at, ", ", 2);
+            put(out, n, &at, shown, strlen(shown));
+        }
+        return;
+    }
     const char *p = url, *scheme_end = strstr(url, "://");
     bool query = scheme_end != NULL;
     if (scheme_end) {
@@ -126,6 +166,18 @@ static void mask_in(const char *text, const char *secret, char *out, size_t n) {
 
 void url_scrub(const char *text, const char *url, char *out, size_t n) {
     if (!n) return;
+    if (is_amqp_list(url)) { /* the secrets of each URL of the list, one after the other */
+        char item[1024], work[2][1024];
+        int cur = 0;
+        snprintf(work[0], sizeof work[0], "%s", text ? text : "");
+        for (int i = 0, k = url_list_count(url); i < k; i++) {
+            if (url_list_item(url, i, item, sizeof item) < 0) continue;
+            url_scrub(work[cur], item, work[!cur], sizeof work[0]);
+            cur = !cur;
+        }
+        snprintf(out, n, "%s", work[cur]);
+        return;
+    }
     char work[2][1024];
     snprintf(work[0], sizeof work[0], "%s", text ? text : "");
     int cur = 0;
@@ -172,15 +224,52 @@ static bool valid_port(const char *s, size_t len) {
     return v >= 1 && v <= 65535;
 }
 
+/* Parses "host[:port]" of len bytes at p into host (n bytes) and *port (deflt when
+ * absent). Returns 0, or CV_ECONFIG with the reason in why. */
+static int parse_host_port(const char *p, size_t len, int deflt, char *host, size_t hn, int *port, char *why,
+                           size_t n) {
+    const char *colon = memchr(p, ':', len);
+    size_t hlen = colon ? (size_t)(colon - p) : len;
+    if (hlen >= hn) {
+        snprintf(why, n, "a host name is too long");
+        return CV_ECONFIG;
+    }
+    snprintf(host, hn, "%.*s", (int)hlen, p);
+    *port = deflt;
+    if (colon) {
+        size_t plen = len - hlen - 1;
+        if (!valid_port(colon + 1, plen)) {
+            snprintf(why, n, "the port must be a number from 1 to 65535");
+            return CV_ECONFIG;
+        }
+        *port = atoi(colon + 1);
+    }
+    return 0;
+}
+
+/* "/db" (digits only) at p, into *db. Returns 0, or CV_ECONFIG. */
+static int parse_db(const char *p, int *db, char *why, size_t n) {
+    size_t digits = strspn(p, "0123456789");
+    long v = digits <= 6 ? strtol(p, NULL, 10) : 100001;
+    if (!digits || p[digits] || v > 100000) { /* digits only, no sign or space */
+        snprintf(why, n, "the database must be a number (redis://host:port/0)");
+        return CV_ECONFIG;
+    }
+    *db = (int)v;
+    return 0;
+}
+
 int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n) {
     memset(out, 0, sizeof *out);
-    if (strncmp(url, "redis://", 8) != 0) {
+    bool sentinel = strncmp(url, SENTINEL_SCHEME, strlen(SENTINEL_SCHEME)) == 0;
+    if (!sentinel && strncmp(url, "redis://", 8) != 0) {
         const char *e = strstr(url, "://");
-        if (e) snprintf(why, n, "unknown scheme '%.*s' (want redis://)", (int)(e - url) > 32 ? 32 : (int)(e - url), url);
+        if (e) snprintf(why, n, "unknown scheme '%.*s' (want redis:// or " SENTINEL_SCHEME ")",
+                        (int)(e - url) > 32 ? 32 : (int)(e - url), url);
         else snprintf(why, n, "not a URL (want redis://[[user]:password@]host[:port][/db])");
         return CV_ECONFIG;
     }
-    const char *p = url + 8, *at = userinfo_end(p);
+    const char *p = url + (sentinel ? strlen(SENTINEL_SCHEME) : 8), *at = userinfo_end(p);
     if (at) {
         const char *colon = memchr(p, ':', (size_t)(at - p));
         if (colon) snprintf(out->user, sizeof out->user, "%.*s", (int)(colon - p), p);
@@ -193,30 +282,41 @@ int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n)
         p = at + 1;
     }
     const char *slash = strchr(p, '/');
-    const char *colon = strchr(p, ':');
-    if (colon && slash && colon > slash) colon = NULL;
-    const char *hend = colon ? colon : slash ? slash : p + strlen(p);
-    snprintf(out->host, sizeof out->host, "%.*s", (int)(hend - p), p);
-    if (!out->host[0]) snprintf(out->host, sizeof out->host, "127.0.0.1");
-    out->port = 6379;
-    if (colon) {
-        const char *pend = slash ? slash : colon + strlen(colon);
-        if (!valid_port(colon + 1, (size_t)(pend - colon - 1))) {
-            snprintf(why, n, "the port must be a number from 1 to 65535");
+    const char *hend = slash ? slash : p + strlen(p);
+    if (!sentinel) {
+        if (parse_host_port(p, (size_t)(hend - p), 6379, out->host, sizeof out->host, &out->port, why, n) < 0)
+            return CV_ECONFIG;
+        if (!out->host[0]) snprintf(out->host, sizeof out->host, "127.0.0.1");
+        return slash && slash[1] ? parse_db(slash + 1, &out->db, why, n) : 0;
+    }
+    /* redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db] */
+    for (const char *h = p; h < hend;) {
+        const char *e = memchr(h, ',', (size_t)(hend - h));
+        if (!e) e = hend;
+        if (out->nsentinels == REDIS_SENTINELS_MAX) {
+            snprintf(why, n, "more than %d Sentinels", REDIS_SENTINELS_MAX);
             return CV_ECONFIG;
         }
-        out->port = atoi(colon + 1);
-    }
-    if (slash && slash[1]) {
-        size_t digits = strspn(slash + 1, "0123456789");
-        long db = digits <= 6 ? strtol(slash + 1, NULL, 10) : 100001;
-        if (slash[1 + digits] || db > 100000) { /* digits only, no sign or space */
-            snprintf(why, n, "the database must be a number (redis://host:port/0)");
+        struct redis_sentinel *s = &out->sentinels[out->nsentinels++];
+        if (parse_host_port(h, (size_t)(e - h), 26379, s->host, sizeof s->host, &s->port, why, n) < 0)
+            return CV_ECONFIG;
+        if (!s->host[0]) {
+            snprintf(why, n, "a Sentinel's host is empty");
             return CV_ECONFIG;
         }
-        out->db = (int)db;
+        h = e + 1;
     }
-    return 0;
+    const char *m = slash ? slash + 1 : "", *mend = m + strcspn(m, "/");
+    if (!out->nsentinels || mend == m) {
+        snprintf(why, n, "want " SENTINEL_SCHEME "[:password@]host[:port][,host[:port]...]/master[/db]");
+        return CV_ECONFIG;
+    }
+    if ((size_t)(mend - m) >= sizeof out->master) {
+        snprintf(why, n, "the master name is too long");
+        return CV_ECONFIG;
+    }
+    snprintf(out->master, sizeof out->master, "%.*s", (int)(mend - m), m);
+    return *mend && mend[1] ? parse_db(mend + 1, &out->db, why, n) : 0;
 }
 
 /* libpq: a postgresql:// or postgres:// URL, or a key=value string. */
@@ -259,7 +359,7 @@ static int check_postgres(const char *url, char *why, size_t n) {
 }
 
 /* librabbitmq: amqp://user:password@host:port/vhost, or amqps:// (TLS). */
-static int check_amqp(const char *url, char *why, size_t n) {
+static int check_amqp_one(const char *url, char *why, size_t n) {
     size_t scheme = strncmp(url, "amqps://", 8) == 0 ? 8 : strncmp(url, "amqp://", 7) == 0 ? 7 : 0;
     if (!scheme) {
         const char *e = strstr(url, "://");
@@ -286,6 +386,29 @@ static int check_amqp(const char *url, char *why, size_t n) {
     if (st != AMQP_STATUS_OK) {
         snprintf(why, n, "not a valid URL (want amqp://user:password@host:port/vhost)");
         return CV_ECONFIG;
+    }
+    return 0;
+}
+
+/* One URL, or a list of them separated by commas (nodes of one cluster). */
+static int check_amqp(const char *url, char *why, size_t n) {
+    int k = url_list_count(url);
+    if (k == 1) return check_amqp_one(url, why, n);
+    bool tls = strncmp(url, "amqps://", 8) == 0;
+    for (int i = 0; i < k; i++) {
+        char item[1024], inner[512];
+        if (url_list_item(url, i, item, sizeof item) < 0 || !item[0]) {
+            snprintf(why, n, "URL %d of the list is %s", i + 1, item[0] ? "too long" : "empty");
+            return CV_ECONFIG;
+        }
+        if (check_amqp_one(item, inner, sizeof inner) < 0) {
+            snprintf(why, n, "URL %d of the list: %s", i + 1, inner);
+            return CV_ECONFIG;
+        }
+        if ((strncmp(item, "amqps://", 8) == 0) != tls) {
+            snprintf(why, n, "URL %d of the list: every URL is amqp://, or every one amqps://", i + 1);
+            return CV_ECONFIG;
+        }
     }
     return 0;
 }

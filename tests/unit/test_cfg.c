@@ -488,3 +488,79 @@ TEST(http_listen_is_off_unless_set_and_checked) {
     CHECK(load_text("http: { port = 9464; };\n" MINIMAL, &c) < 0);
     CHECK(strstr(err, "unknown setting 'http.port'") != NULL);
 }
+
+TEST(rabbitmq_url_lists_the_nodes_of_a_cluster) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text("rabbitmq: { url = [\"amqp://u:s3cret@n1:5672\", \"amqp://u:s3cret@n2:5672\", "
+                    "\"amqp://u:s3cret@n3\"]; };\n" MINIMAL, &c) == 0);
+    CHECK_STR(c.rabbitmq_url, "amqp://u:s3cret@n1:5672,amqp://u:s3cret@n2:5672,amqp://u:s3cret@n3");
+    CHECK(url_list_count(c.rabbitmq_url) == 3);
+    char item[256], shown[512];
+    CHECK(url_list_item(c.rabbitmq_url, 1, item, sizeof item) == 0);
+    CHECK_STR(item, "amqp://u:s3cret@n2:5672");
+    CHECK(url_list_item(c.rabbitmq_url, 3, item, sizeof item) == -1);
+    CHECK(url_list_item(c.rabbitmq_url, 0, item, 8) == -1); /* does not fit */
+    url_redact(c.rabbitmq_url, shown, sizeof shown);
+    CHECK_STR(shown, "amqp://u:***@n1:5672, amqp://u:***@n2:5672, amqp://u:***@n3");
+    char scrubbed[256];
+    url_scrub("login failed for s3cret at n2", c.rabbitmq_url, scrubbed, sizeof scrubbed);
+    CHECK(strstr(scrubbed, "s3cret") == NULL);
+    cfg_free(&c);
+    /* the environment: commas, spaces around them cut */
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://a:1, amqp://b:2", 1);
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(url_list_count(c.rabbitmq_url) == 2);
+    CHECK(url_list_item(c.rabbitmq_url, 1, item, sizeof item) == 0);
+    CHECK_STR(item, "amqp://b:2");
+    cfg_free(&c);
+    /* a bad node is named by its place; mixed TLS refused; an empty item refused */
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://u:s3cret@a:1,amqp://u:s3cret@b:99999", 1);
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "URL 2 of the list") != NULL && strstr(err, "s3cret") == NULL);
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://a:1,amqps://b:2", 1);
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "every URL is amqp://") != NULL);
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://a:1,,amqp://b:2", 1);
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "URL 2 of the list is empty") != NULL);
+    clear_env();
+    CHECK(load_text("rabbitmq: { url = [\"amqp://a\", 3]; };\n" MINIMAL, &c) < 0);
+    CHECK(load_text("rabbitmq: { url = []; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "'rabbitmq.url' must be a string or a list of strings") != NULL);
+}
+
+TEST(redis_sentinel_urls) {
+    char why[256];
+    struct redis_url r;
+    CHECK(url_parse_redis("redis-sentinel://:pw@s1:26380,s2,s3:5000/mymaster/2", &r, why, sizeof why) == 0);
+    CHECK(r.nsentinels == 3);
+    CHECK_STR(r.sentinels[0].host, "s1");
+    CHECK(r.sentinels[0].port == 26380 && r.sentinels[1].port == 26379 && r.sentinels[2].port == 5000);
+    CHECK_STR(r.sentinels[2].host, "s3");
+    CHECK_STR(r.master, "mymaster");
+    CHECK_STR(r.password, "pw");
+    CHECK(r.db == 2);
+    CHECK(url_parse_redis("redis-sentinel://s1/m", &r, why, sizeof why) == 0);
+    CHECK(r.nsentinels == 1 && r.db == 0 && !r.password[0]);
+    CHECK_STR(r.master, "m");
+    CHECK(url_parse_redis("redis-sentinel://s1,s2", &r, why, sizeof why) == CV_ECONFIG); /* no master */
+    CHECK(strstr(why, "/master") != NULL);
+    CHECK(url_parse_redis("redis-sentinel://s1:0/m", &r, why, sizeof why) == CV_ECONFIG);
+    CHECK(url_parse_redis("redis-sentinel://s1,,s2/m", &r, why, sizeof why) == CV_ECONFIG);
+    CHECK(url_parse_redis("redis-sentinel://s1/m/x", &r, why, sizeof why) == CV_ECONFIG);
+    char shown[256];
+    url_redact("redis-sentinel://secret@s1,s2/m", shown, sizeof shown);
+    CHECK_STR(shown, "redis-sentinel://***@s1,s2/m");
+    struct cfg c;
+    clear_env();
+    CHECK(load_text("redis: { url = \"redis-sentinel://:pw@s1,s2/m\"; wait_replicas = 1; wait_timeout_ms = 500; };\n"
+                    "transport = \"redis\";\n" MINIMAL, &c) == 0);
+    CHECK(c.redis_wait_replicas == 1 && c.redis_wait_timeout_ms == 500);
+    CHECK(c.publish_retry_ms == 30000);
+    cfg_free(&c);
+    CHECK(load_text("redis: { wait_replicas = -1; };\n" MINIMAL, &c) < 0);
+    CHECK(load_text("producer: { publish_retry_ms = 0; };\n" MINIMAL, &c) == 0);
+    CHECK(c.publish_retry_ms == 0 && c.redis_wait_replicas == 0);
+    cfg_free(&c);
+}
