@@ -7,9 +7,9 @@
  * both over TLS (new_socket: the one place a RabbitMQ socket is made).
  *
  * rabbitmq.url may list the nodes of one cluster: a connection opens to the node
- * that last worked in this process (at first one chosen by the process id, which
- * spreads pools over the nodes); when it cannot, it moves to the next node, and so
- * on once round the list (open_conn). Command queues are quorum queues (their
+ * that last worked in this process (at first the first of the list; list them in
+ * another order on each host to spread the connections); when it cannot, it moves
+ * to the next node, and so on once round the list (open_conn). Command queues are quorum queues (their
  * queue_type), so every node serves them; docs/scaling.md.
  */
 #include "broker_backend.h"
@@ -20,7 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #define CHANNEL 1
 /* amqps:// without rabbitmq.ca_file: the system's trust store (Debian's ca-certificates) */
@@ -888,7 +887,7 @@ struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size
     snprintf(a->commands_ex, sizeof a->commands_ex, "%s.commands", cfg->prefix);
     snprintf(a->events_ex, sizeof a->events_ex, "%s.events", cfg->prefix);
     a->nurls = url_list_count(cfg->rabbitmq_url);
-    if (node_last_good < 0) node_last_good = (int)(getpid() % a->nurls);
+    if (node_last_good < 0) node_last_good = 0;
     if ((*cls = select_node(a, node_last_good % a->nurls)) < 0 || (*cls = open_conn(a, &a->publish, true)) < 0) {
         snprintf(err, errlen, "%s", a->base.err);
         amqp_close_broker(&a->base);

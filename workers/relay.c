@@ -13,6 +13,12 @@
 #include <unistd.h>
 
 #define PRUNE_EVERY_MS 60000
+/* The server drops the relay's session (and its lock) when its host stops
+ * answering: keepalive probes after 2 s idle, 1 s apart, 2 unanswered; data
+ * unacknowledged for 4 s. */
+#define RELAY_SESSION_LIVENESS                                                                            \
+    "SELECT set_config('tcp_keepalives_idle', '2', false), set_config('tcp_keepalives_interval', '1', false), " \
+    "set_config('tcp_keepalives_count', '2', false), set_config('tcp_user_timeout', '4000', false)"
 #define DEDUP_PRUNE_BUDGET_MS 1000 /* per pass: the relay goes back to publishing after that */
 
 /* Where a claim starts, and why events of one aggregate go out in commit order.
@@ -260,6 +266,10 @@ int relay_run(const struct cfg *cfg) {
             config_refused = !stop_requested; /* said by db_connect_retry */
             break;
         }
+        /* The lock goes with the session: when this host is cut off, PostgreSQL
+         * must end the session soon, so another pool's relay takes over (the
+         * server's keepalive probes and unacknowledged data, ~4 s; docs/scaling.md). */
+        if (db_cmd(db, RELAY_SESSION_LIVENESS) < 0) log_warn("relay: keepalive settings not taken: %s", db_errstr(db));
         while (!stop_requested && db_ok(db)) {
             PGresult *r;
             if (db_exec(db, "SELECT pg_try_advisory_lock(hashtext($1))", 1, p, &r) < 0) break;

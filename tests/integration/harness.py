@@ -132,13 +132,15 @@ def session_pids(sid):
 class Pool:
     """conveyor-workers in its own session, logging to a file."""
 
-    def __init__(self, workers=None, extra="", env=None, expect_restarts=False, queue_opts="", routing=None):
+    def __init__(self, workers=None, extra="", env=None, expect_restarts=False, queue_opts="", routing=None,
+                 wrap=()):
+        """wrap: a command the pool runs under, e.g. (hosts.sh, "exec", "cvh4"): on a test host."""
         self.expect_restarts = expect_restarts
         self.config = write_config(workers, extra, queue_opts, routing)
         self.log = log_file("conveyor-pool-")
         e = dict(os.environ)
         e.update(env or {})
-        self.proc = subprocess.Popen([os.path.join(BIN, "conveyor-workers"), "-c", self.config],
+        self.proc = subprocess.Popen([*wrap, os.path.join(BIN, "conveyor-workers"), "-c", self.config],
                                      stdout=self.log, stderr=self.log, env=e, start_new_session=True)
         self.wait_ready()
 
@@ -308,19 +310,19 @@ class Publisher:
 class Events:
     """Every event published from now on, from the events transport."""
 
-    def __init__(self, transport=TRANSPORT):
+    def __init__(self, transport=TRANSPORT, url=None):
         self.transport = transport
         self.events = []
         self.arrived = {}  # event id -> arrival time
         if transport == "rabbitmq":
-            self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+            self.conn = pika.BlockingConnection(pika.URLParameters(url or AMQP_URL))
             self.ch = self.conn.channel()
             self.ch.exchange_declare("conveyor.events", "topic", durable=True)
             q = self.ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
             self.ch.queue_bind(q, "conveyor.events", "#")
             self.queue = q
         else:
-            self.r = redislib.Redis.from_url(REDIS_URL)
+            self.r = redislib.Redis.from_url(url or REDIS_URL)
             last = self.r.xrevrange("conveyor:events", count=1)
             self.last = last[0][0] if last else b"0-0"
 
