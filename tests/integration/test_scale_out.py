@@ -313,7 +313,7 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         pids = seed_products(pg, config, env, phase)
 
         updates = commands(pids, 5000, seed=17)
-        prod = Producer(config, env, updates)
+        prod = Producer(config, env, updates, rate=250)  # 20 s of commands
         wait_for("1,500 confirmed", lambda: len(prod.confirmed) >= 1500, timeout=120, every=0.02)
         rs.kill("cvh1")
         t_kill = time.time()
@@ -325,11 +325,9 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         rs.procs["cvh1"] = cluster.spawn("cvh1", "redis-server", "--bind", addr("cvh1"), "--port", "6379",
                                          "--protected-mode", "no", "--dir", d, "--appendonly", "yes",
                                          "--appendfsync", "everysec", name="redis-cvh1-again")
-        code, err = prod.wait(300)
-        eq(code, 0, f"the producer got every command confirmed across the failover ({err[-2000:]})")
-        eq(len(set(prod.confirmed)), len(updates), "every id printed once")
-        phase("5,000 published and confirmed")
-
+        wait_for("a replica again", lambda: rs.info("cvh2", "replication").get("connected_slaves", 0) >= 1, timeout=60)
+        phase(f"cvh1 is cvh2's replica {time.time() - t_kill:.1f} s after the kill")
+        wait_for("3,500 confirmed", lambda: len(prod.confirmed) >= 3500, timeout=120, every=0.02)
         done = lambda: pg.query("SELECT count(*) FROM processed_commands")[0][0] - PRODUCTS
         holder = wait_for("an active relay", lambda: relay_host(pools), timeout=30)
         other = [h for h in POOL_HOSTS if h != holder][0]
@@ -342,7 +340,13 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         wait_for(f"the relay on {other} to take over",
                  lambda: "relay active" in pools[other].read_log(), timeout=30, every=0.05)
         takeover = time.time() - t_kill
-        phase(f"relay on {other} active {takeover:.1f} s after the kill")
+        wait_for("events from the new relay", lambda: len(events.events) > before + 50, timeout=30, every=0.05)
+        first_after = next(t for t in events.times[before:] if t > t_kill) - t_kill
+        phase(f"relay on {other} active {takeover:.1f} s after the kill; events again {first_after:.1f} s after")
+        code, err = prod.wait(300)
+        eq(code, 0, f"the producer got every command confirmed across the failover ({err[-2000:]})")
+        eq(len(set(prod.confirmed)), len(updates), "every id printed once")
+        phase("5,000 published and confirmed")
         pools[holder].expect_restarts = True
         wait_for("every command applied", lambda: done() >= len(updates), timeout=300, every=0.5)
         phase("every command applied")
@@ -350,7 +354,6 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         wait_for("every result event",
                  lambda: ids <= {e["commandId"] for e in list(events.events) if e["type"] == "stock.updated"},
                  timeout=120, every=0.5)
-        check(len(events.events) > before, "events after the kill")
         took = {holder: took_before, other: metric(other, HTTP_PORT, "conveyor_commands_total", queue="catalog")}
         phase(f"commands settled per pool: {took}")
         for h, n in took.items():
@@ -361,7 +364,7 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         eq((code, left), (0, []), f"the pool on {other} stops cleanly")
         pools = {}
         print(f"FIGURES redis-sentinel: failover named in {failover:.1f} s; relay takeover {takeover:.1f} s after a "
-              f"pool kill; {dups} duplicate deliveries; per pool {took}")
+              f"pool kill, events again {first_after:.1f} s after; {dups} duplicate deliveries; per pool {took}")
     finally:
         for p in pools.values():
             try:
