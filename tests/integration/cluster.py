@@ -94,8 +94,10 @@ class Postgres:
     def __init__(self, host, primary=None):
         self.host, self.dir = host, os.path.join(STATE, f"pg-{host}")
         self.url = f"postgresql://conveyor@{addr(host)}:5432/conveyor"
+        sock = self.dir + ".sock"  # not in the data folder: pg_basebackup would copy its lock file
         os.makedirs(self.dir, mode=0o700)
-        subprocess.run(["chown", "postgres:postgres", self.dir], check=True)
+        os.makedirs(sock)
+        subprocess.run(["chown", "postgres:postgres", self.dir, sock], check=True)
         if primary is None:
             as_postgres(f"{PG_BIN}/initdb", "-D", self.dir, "-U", "conveyor", "--auth=trust", "-E", "UTF8",
                         "--locale=C.UTF-8")
@@ -108,7 +110,7 @@ class Postgres:
             with open(os.path.join(self.dir, "postgresql.auto.conf"), "a") as f:
                 f.write(f"primary_conninfo = 'host={addr(primary.host)} user=conveyor application_name={host}'\n")
         with open(os.path.join(self.dir, "postgresql.conf"), "a") as f:
-            f.write(f"listen_addresses = '{addr(host)}'\nport = 5432\nunix_socket_directories = '{self.dir}'\n"
+            f.write(f"listen_addresses = '{addr(host)}'\nport = 5432\nunix_socket_directories = '{sock}'\n"
                     "wal_level = replica\nmax_wal_senders = 4\nfsync = off\nmax_connections = 200\n")
         self.pg_ctl("start")
         if primary is None:
