@@ -25,8 +25,8 @@ PG_BIN=/usr/lib/postgresql/15/bin
 PACKAGES="build-essential cmake pkg-config git
   librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev libmicrohttpd-dev
   postgresql redis-server redis-tools rabbitmq-server amqp-tools
-  python3-pika python3-redis python3-psycopg2 python3-jsonschema python3-prometheus-client procps clang libclang-rt-14-dev
-  curl openssl iproute2"
+  python3-pika python3-redis python3-psycopg2 python3-jsonschema python3-prometheus-client python3-yaml procps clang libclang-rt-14-dev
+  curl openssl iproute2 docker-compose"
 
 log() { printf 'servers: %s\n' "$*" >&2; }
 die() { printf 'servers: error: %s\n' "$*" >&2; exit 1; }
@@ -53,10 +53,10 @@ need_install() {
   for b in "$PG_BIN/postgres" /usr/bin/redis-server /usr/sbin/rabbitmq-server /usr/bin/amqp-publish \
            /usr/include/amqp.h /usr/include/hiredis/hiredis.h /usr/include/cjson/cJSON.h \
            /usr/include/libconfig.h /usr/include/sodium.h /usr/include/microhttpd.h /usr/include/uuid/uuid.h /usr/bin/cmake \
-           /usr/bin/clang /usr/bin/curl /usr/bin/openssl /usr/bin/ip /usr/sbin/tc; do
+           /usr/bin/clang /usr/bin/curl /usr/bin/openssl /usr/bin/ip /usr/sbin/tc /usr/bin/docker-compose; do
     [ -e "$b" ] || return 0
   done
-  /usr/bin/python3 -c 'import pika, redis, psycopg2, jsonschema, prometheus_client' 2>/dev/null || return 0
+  /usr/bin/python3 -c 'import pika, redis, psycopg2, jsonschema, prometheus_client, yaml' 2>/dev/null || return 0
   return 1
 }
 

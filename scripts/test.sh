@@ -42,7 +42,7 @@ for variant in release asan; do
   if [ $variant = asan ]; then export CONVEYOR_CHAOS_COMMANDS=5000; else unset CONVEYOR_CHAOS_COMMANDS; fi
   ctest --test-dir "$dir" --output-on-failure --timeout 900 "$@" || status=1
   echo "=== figures: $variant"
-  grep -hE '^(chaos \(|[0-9]+ poison messages|worst commit-to-event|standby relay published)' \
+  grep -hE '^(FIGURES|chaos \(|[0-9]+ poison messages|worst commit-to-event|standby relay published)' \
     "$dir/Testing/Temporary/LastTest.log" || true
 done
 exit $status

@@ -86,3 +86,37 @@ def test_links_resolve():
         if "DESIGN.md" in text:
             problems.append(f"{name}: refers to DESIGN.md, which a reader of the repository does not have")
     check(not problems, "\n".join(problems))
+
+
+def test_compose_file_describes_the_scaled_out_topology():
+    """docker/compose.yaml is valid (docker-compose config: no container engine
+    runs here), holds the topology of docs/scaling.md, and its pools' queues.conf
+    and environment pass conveyor-workers --check."""
+    import subprocess
+    compose = os.path.join(ROOT, "docker", "compose.yaml")
+    r = subprocess.run(["docker-compose", "-f", compose, "config"], capture_output=True, text=True, timeout=60)
+    eq(r.returncode, 0, f"docker-compose config: {r.stderr}")
+    r = subprocess.run(["docker-compose", "-f", compose, "config", "--services"], capture_output=True, text=True,
+                       timeout=60)
+    services = set(r.stdout.split())
+    want = {"postgres-primary", "postgres-standby", "rabbitmq-1", "rabbitmq-2", "rabbitmq-3", "redis-primary",
+            "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3", "workers-a", "workers-b"}
+    eq(services, want, "the services of the scaled-out topology")
+    import yaml
+    doc = yaml.safe_load(open(compose))
+    for pool in ("workers-a", "workers-b"):
+        env = doc["services"][pool]["environment"]
+        nodes = env["CONVEYOR_RABBITMQ_URL"].split(",")
+        eq(len(nodes), 3, f"{pool} lists the three RabbitMQ nodes")
+        check("postgres-primary" in env["CONVEYOR_DATABASE_URL"] and "postgres-standby" in env["CONVEYOR_DATABASE_URL"]
+              and "target_session_attrs=read-write" in env["CONVEYOR_DATABASE_URL"], f"{pool}: the multi-host URL")
+        check(env["CONVEYOR_REDIS_URL"].startswith("redis-sentinel://"), f"{pool}: Redis through Sentinel")
+        for transport in ("rabbitmq", "redis"):
+            e = dict(os.environ, CONVEYOR_DATABASE_URL=env["CONVEYOR_DATABASE_URL"],
+                     CONVEYOR_RABBITMQ_URL=env["CONVEYOR_RABBITMQ_URL"], CONVEYOR_REDIS_URL=env["CONVEYOR_REDIS_URL"],
+                     CONVEYOR_TRANSPORT=transport)
+            r = subprocess.run([os.path.join(os.environ.get("CONVEYOR_BIN_DIR", os.path.join(ROOT, "build")),
+                                             "conveyor-workers"), "-c", os.path.join(ROOT, "docker", "queues.cluster.conf"),
+                                "--check"], capture_output=True, text=True, env=e, timeout=30)
+            eq(r.returncode, 0, f"{pool} on {transport}: --check ({r.stderr})")
+            check("conveyor:***@rabbitmq-1" in r.stdout or transport == "redis", f"URLs shown masked: {r.stdout}")
