@@ -102,6 +102,13 @@ def commands(pids, n, seed):
              "id": str(__import__("uuid").uuid4())} for _ in range(n)]
 
 
+def largest_gap(times, t, window=15.0):
+    """The longest time without an event arriving in [t, t + window] (what a
+    fault at t cost the events' flow)."""
+    ts = [t] + [x for x in times if t < x <= t + window]
+    return max((b - a for a, b in zip(ts, ts[1:])), default=window)
+
+
 def check_outcome(pg, updates, events, pids):
     """Every command applied once, stocks exact, a result for each, and each
     product's stock.updated events, in the order they first arrived, in commit
@@ -282,7 +289,9 @@ def test_cluster_node_loss_and_a_partitioned_pool_rabbitmq():
             eq((code, left), (0, []), f"the pool on {h} stops cleanly")
         pools = {}
         check("trying node 2 of 3" in err, f"the producer moved to the next node: {err[-2000:]}")
-        print(f"FIGURES rabbitmq-cluster: node loss at {t_kill:.0f}; relay takeover {takeover:.1f} s, "
+        node_gap = largest_gap(events.times, t_kill)
+        print(f"FIGURES rabbitmq-cluster: the leader node's loss stopped the events for {node_gap:.1f} s at most; "
+              f"relay takeover {takeover:.1f} s, "
               f"events again {first_after:.1f} s after the partition; {dups} duplicate deliveries; per pool {took}")
     finally:
         for p in pools.values():
@@ -316,7 +325,7 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         prod = Producer(config, env, updates, rate=250)  # 20 s of commands
         wait_for("1,500 confirmed", lambda: len(prod.confirmed) >= 1500, timeout=120, every=0.02)
         rs.kill("cvh1")
-        t_kill = time.time()
+        t_kill = t_primary_kill = time.time()
         phase(f"killed the primary (cvh1) with {len(prod.confirmed)} confirmed")
         wait_for("the Sentinels to name the replica", lambda: rs.primary() == (addr("cvh2"), 6379), timeout=60)
         failover = time.time() - t_kill
@@ -363,7 +372,8 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         code, left = pools[other].stop()
         eq((code, left), (0, []), f"the pool on {other} stops cleanly")
         pools = {}
-        print(f"FIGURES redis-sentinel: failover named in {failover:.1f} s; relay takeover {takeover:.1f} s after a "
+        print(f"FIGURES redis-sentinel: failover named in {failover:.1f} s, the events stopped for "
+              f"{largest_gap(events.times, t_primary_kill, 30):.1f} s at most; relay takeover {takeover:.1f} s after a "
               f"pool kill, events again {first_after:.1f} s after; {dups} duplicate deliveries; per pool {took}")
     finally:
         for p in pools.values():
