@@ -4,8 +4,8 @@
  * Conventions (docs/architecture.md): functions return 0 or a negative CV_E* code;
  * pointer returns are NULL on failure; x_free(NULL) is a no-op; every
  * prototype says who owns what it returns. Errors carry a class (retry,
- * reject, dead, fatal) so callers decide ack / retry / dead-letter from the
- * code, never from message text.
+ * reject, dead, refused, config: the table below) so callers decide ack /
+ * retry / dead-letter / stop from the code, never from message text.
  */
 #ifndef CONVEYOR_CORE_H
 #define CONVEYOR_CORE_H
