@@ -2,6 +2,7 @@
 field by field, rows, every rejection code; and the stock invariants under
 concurrent orders, cancellations and stock changes."""
 import random
+import re
 import time
 from collections import defaultdict
 
@@ -260,9 +261,12 @@ def test_batched_orders_never_deadlock():
     for i, c in enumerate(cancels):
         cmds.insert(i * 10 + 5, c)
     deadlocks_before = query("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
-    with Pool(workers={"users": 1, "catalog": 1, "orders": 4}, queue_opts="batch_size = 8;") as pool:
-        pub, ev = Publisher(), Events()
-        for c in cmds:
+    pub, ev = Publisher(), Events()
+    for c in cmds[:400]:  # a backlog before the pool starts, so that batches form at once
+        pub.command(c)
+    with Pool(workers={"users": 1, "catalog": 1, "orders": 4}, queue_opts="batch_size = 8;",
+              env={"CONVEYOR_LOG_LEVEL": "debug"}) as pool:
+        for c in cmds[400:]:
             pub.command(c)
         ids = {c["id"] for c in cmds}
         ev.wait(lambda s: ids <= {e["commandId"] for e in s.events}, timeout=240, what="every result")
@@ -272,6 +276,8 @@ def test_batched_orders_never_deadlock():
                 results.setdefault(e["commandId"], []).append(e["type"])
         bad = {k: v for k, v in results.items() if v not in (["order.placed"], ["order.cancelled"])}
         check(not bad, f"each command applied once: {list(bad.items())[:5]}")
+        takes = [int(m) for m in re.findall(r'"took (\d+) messages?"', pool.read_log())]
+        check(sum(1 for n in takes if n >= 4) >= 20, f"batches of several orders formed: {takes[:40]}")
         time.sleep(1.5)  # PostgreSQL's statistics are flushed about once a second
         deadlocks = query("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
         eq(deadlocks - deadlocks_before, 0, "deadlocks reported by PostgreSQL")
