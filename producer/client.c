@@ -73,7 +73,9 @@ static struct broker *broker_for(conveyor_client *c, enum transport t) {
     }
     if (t == TRANSPORT_RABBITMQ && !c->declared) {
         /* so that a command published before any worker started is kept */
-        if (broker_declare(c->brokers[t]) < 0) {
+        int rc = broker_declare(c->brokers[t]);
+        if (rc < 0) {
+            c->open_class = rc;
             snprintf(c->err, sizeof c->err, "%s", broker_error(c->brokers[t]));
             broker_close(c->brokers[t]);
             c->brokers[t] = NULL;
@@ -161,12 +163,13 @@ static int prepare(conveyor_client *c, const char *envelope_json, struct prepare
 }
 
 /* Sends the n prepared commands of transport t with one wait for the broker.
- * Returns 0, or CONVEYOR_EBROKER with the reason in c->err. */
+ * Returns 0, or the broker's class of the failure (CV_ERETRY: lost or not
+ * taken now; CV_EREFUSED, CV_ECONFIG: it would fail again) with the reason in c->err. */
 static int send_once(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
     struct broker *b = broker_for(c, t);
-    if (!b) return CONVEYOR_EBROKER;
+    if (!b) return c->open_class < 0 ? c->open_class : CV_ERETRY;
     struct outgoing_command *oc = calloc((size_t)n, sizeof *oc);
-    if (!oc) return fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
+    if (!oc) return fail(c, CV_EREFUSED, "%s", "out of memory");
     for (int i = 0; i < n; i++) oc[i] = (struct outgoing_command){p[i].q, p[i].type, p[i].body, strlen(p[i].body), p[i].id};
     int rc = broker_publish_commands(b, oc, n);
     free(oc);
@@ -174,29 +177,31 @@ static int send_once(conveyor_client *c, enum transport t, const struct prepared
         snprintf(c->err, sizeof c->err, "%s", broker_error(b));
         broker_close(b); /* re-opened on the next publish */
         c->brokers[t] = NULL;
-        return CONVEYOR_EBROKER;
+        return rc;
     }
     return 0;
 }
 
-/* send_once, and when the broker was reached before and is lost now (a node or
- * a primary gone: its replacement is reached through the URL list or Sentinel),
- * the same bodies, with the same ids, again with backoff for up to
- * producer.publish_retry_ms: a message sent twice is applied once (the ids).
- * A broker never reached, or a configuration error, fails at once. Returns 0,
- * or CONVEYOR_EBROKER with the reason in c->err. */
+/* send_once, and when the broker was reached before and the failure may pass
+ * (CV_ERETRY: a node or a primary lost, whose replacement is reached through the
+ * URL list or Sentinel; a nack; replicas that did not confirm in time), the same
+ * bodies, with the same ids, again with backoff while producer.publish_retry_ms
+ * has not passed (checked before each attempt; one attempt is bounded by the
+ * connect and confirm timeouts): a message sent twice is applied once (the ids).
+ * A broker never reached, or a refusal, fails at once. Returns 0, or
+ * CONVEYOR_EBROKER with the reason in c->err. */
 static int send_prepared(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
     int64_t deadline = 0;
     int rc, delay = 100;
     while ((rc = send_once(c, t, p, n)) < 0) {
-        if (!c->reached[t] || c->cfg.publish_retry_ms <= 0 || (!c->brokers[t] && c->open_class == CV_ECONFIG)) return rc;
+        if (!c->reached[t] || c->cfg.publish_retry_ms <= 0 || rc != CV_ERETRY) return CONVEYOR_EBROKER;
         int64_t now = clock_mono_ms();
         if (!deadline) deadline = now + c->cfg.publish_retry_ms;
         if (now >= deadline) {
             size_t len = strlen(c->err);
             snprintf(c->err + len, sizeof c->err - len, " (sent again for %d ms: producer.publish_retry_ms)",
                      c->cfg.publish_retry_ms);
-            return rc;
+            return CONVEYOR_EBROKER;
         }
         backoff_sleep(delay, NULL);
         delay = delay * 2 > 1000 ? 1000 : delay * 2;
@@ -209,7 +214,10 @@ static int send_prepared(conveyor_client *c, enum transport t, const struct prep
 int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]) {
     struct prepared p;
     int rc = prepare(c, envelope_json, &p);
-    if (rc == 0 && (rc = send_prepared(c, p.q->transport, &p, 1)) == 0) snprintf(id_out, ID_LEN + 1, "%s", p.id);
+    if (rc == 0) {
+        rc = send_prepared(c, p.q->transport, &p, 1);
+        snprintf(id_out, ID_LEN + 1, "%s", p.id); /* also on CONVEYOR_EBROKER: it may be queued (conveyor.h) */
+    }
     free(p.body);
     return rc;
 }

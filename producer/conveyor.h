@@ -50,16 +50,19 @@ const char *conveyor_error(const conveyor_client *c);
 
 /* Publishes one command and returns once the broker has confirmed it.
  * payload_json must be a JSON object; correlation_id may be NULL. Writes the
- * new command id to id_out (37 bytes) on success only. Returns 0,
+ * new command id to id_out (37 bytes) on success (and see CONVEYOR_EBROKER). Returns 0,
  * CONVEYOR_EINVALID (the payload is not a JSON object, the envelope breaks a
  * rule, no queue routes type), or CONVEYOR_EBROKER (the broker could not be
  * reached or refused it, RabbitMQ's topology could not be declared, or out of
  * memory). A broker reached before and lost now (a RabbitMQ node, a Redis
- * primary gone) is reached again, through the next node of the URL list or
- * Sentinel, and the command sent again with the same id for up to
- * producer.publish_retry_ms (default 30 s) before CONVEYOR_EBROKER; a broker never
- * reached fails at once. After a broker failure the connection is closed, and
- * opened again by the next publish. */
+ * primary gone; a nack; replicas that did not confirm in time) is reached
+ * again, through the next node of the URL list or Sentinel, and the command
+ * sent again with the same id while producer.publish_retry_ms (default 30 s)
+ * has not passed; a broker never reached, or one that refuses the command,
+ * fails at once. On CONVEYOR_EBROKER id_out holds the command's id too: the
+ * command may have been queued, so publish it again with that id
+ * (conveyor_publish_envelope), never as a new one. After a broker failure the
+ * connection is closed, and opened again by the next publish. */
 int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
                      const char *correlation_id, char id_out[37]);
 /* Publishes a whole envelope ({"type", "payload"} at least; id and createdAt

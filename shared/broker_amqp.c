@@ -297,8 +297,10 @@ struct amqp_msg {
 };
 
 /* Publishes msgs and waits for the broker to confirm every one. Returns 0,
- * CV_EREFUSED when one was refused (nack or unroutable), CV_ERETRY when the
- * connection failed (the publish connection is then dropped). */
+ * CV_EREFUSED when one was unroutable (no queue bound: it would be again),
+ * CV_ERETRY when one was nacked (the broker could not take it now, e.g. a
+ * quorum queue without a leader: send it again) or the connection failed (the
+ * publish connection is then dropped). */
 static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory) {
     if (n <= 0) return 0; /* nothing to confirm; and gcc then sees a sane size for calloc below */
     int rc = open_conn(a, &a->publish, true);
@@ -387,7 +389,7 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
         if (returned_key[0])
             return broker_fail(&a->base, CV_EREFUSED, "rabbitmq returned the message: no queue is bound for '%s'",
                                returned_key);
-        return broker_fail(&a->base, CV_EREFUSED, "rabbitmq %s the message", returned);
+        return broker_fail(&a->base, CV_ERETRY, "rabbitmq %s the message: not taken now", returned);
     }
     return 0;
 }

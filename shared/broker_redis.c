@@ -84,6 +84,8 @@ static int parse_url(struct redis_broker *r, const char *url, char *why, size_t 
     return 0;
 }
 
+static bool refused_reply(const char *e);
+
 /* With Sentinels: asks them in turn (from the one that answered last) for the
  * address of the primary of the URL's master name, into r->host and r->port.
  * Returns 0, or CV_ERETRY with the reason in r->base.err (no Sentinel reached
@@ -91,6 +93,7 @@ static int parse_url(struct redis_broker *r, const char *url, char *why, size_t 
 static int ask_sentinels(struct redis_broker *r) {
     const struct redis_url *u = &r->url;
     char why[sizeof r->base.err] = "";
+    int answered_no = 0; /* Sentinels that answered, and did not know the master or refused us */
     for (int k = 0; k < u->nsentinels; k++) {
         int i = (r->sentinel_at + k) % u->nsentinels;
         const struct redis_sentinel *s = &u->sentinels[i];
@@ -110,11 +113,18 @@ static int ask_sentinels(struct redis_broker *r) {
             redisFree(c);
             return 0;
         }
+        if (rep && (rep->type == REDIS_REPLY_NIL || (rep->type == REDIS_REPLY_ERROR && refused_reply(rep->str))))
+            answered_no++;
         snprintf(why, sizeof why, "Sentinel %s:%d: %s", s->host, s->port,
                  !c ? "out of memory" : c->err ? c->errstr : !rep ? "no reply"
                  : rep->type == REDIS_REPLY_ERROR ? rep->str : "does not know the master");
         if (rep) freeReplyObject(rep);
         if (c) redisFree(c);
+    }
+    if (answered_no == u->nsentinels) { /* a wrong master name, or Sentinels that want a password */
+        r->refused = true;
+        return broker_fail(&r->base, CV_ECONFIG, "redis: every Sentinel answered, and none names a primary of '%s' "
+                           "(the master name in the URL? last: %s)", u->master, why);
     }
     return broker_fail(&r->base, CV_ERETRY, "redis: no Sentinel named the primary of '%s' (%d asked; last: %s)",
                        u->master, u->nsentinels, why);
@@ -175,7 +185,8 @@ static int connect_now(struct redis_broker *r) {
     if (r->ctx && !r->ctx->err) return 0;
     drop(r);
     r->refused = false;
-    if (r->url.nsentinels && ask_sentinels(r) < 0) return CV_ERETRY;
+    int asked = r->url.nsentinels ? ask_sentinels(r) : 0;
+    if (asked < 0) return asked;
     struct timeval tv = {3, 0};
     r->ctx = redisConnectWithTimeout(r->host, r->port, tv);
     if (!r->ctx || r->ctx->err) {
@@ -200,11 +211,12 @@ static int connect_now(struct redis_broker *r) {
 }
 
 /* The class of an error reply, with the reason in r->base.err: a server that
- * is no longer the primary (READONLY: demoted by a failover) ends the connection
- * (dropped: the next command reconnects, through Sentinel) and is CV_ERETRY;
- * any other error is a refusal, CV_EREFUSED. */
+ * is no longer the primary (READONLY: demoted by a failover), with Sentinels,
+ * ends the connection (dropped: the next command reconnects, through them) and
+ * is CV_ERETRY; any other error (and READONLY from a redis:// URL, which would
+ * reach the same replica again) is a refusal, CV_EREFUSED. */
 static int reply_error(struct redis_broker *r, const redisReply *rep, const char *what) {
-    if (strstr(rep->str, "READONLY")) {
+    if (r->url.nsentinels && strstr(rep->str, "READONLY")) {
         broker_fail(&r->base, CV_ERETRY, "redis %s: %s (a failover: reconnecting to the primary)", what, rep->str);
         drop(r);
         return CV_ERETRY;
@@ -655,7 +667,7 @@ static int wait_replicas(struct redis_broker *r, const char *what) {
     const struct cfg *cfg = r->base.cfg;
     if (cfg->redis_wait_replicas <= 0) return 0;
     redisReply *rep = cmd(r, "WAIT %d %d", cfg->redis_wait_replicas, cfg->redis_wait_timeout_ms);
-    if (!rep) return r->ctx ? CV_ERETRY : last_error(r);
+    if (!rep) return last_error(r); /* lost: CV_ERETRY; an error reply (no WAIT here): CV_EREFUSED */
     long long got = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
     freeReplyObject(rep);
     if (got >= cfg->redis_wait_replicas) return 0;

@@ -33,26 +33,39 @@ static bool is_redis(const char *url) {
     return strncmp(url, "redis://", 8) == 0 || strncmp(url, SENTINEL_SCHEME, strlen(SENTINEL_SCHEME)) == 0;
 }
 
+/* The separator of a list of RabbitMQ URLs at p: a comma followed by optional
+ * spaces and "amqp://" or "amqps://" (a comma elsewhere, in a password say, is
+ * part of its URL). Returns the length of the separator (up to the scheme), or 0. */
+static size_t list_separator(const char *p) {
+    if (*p != ',') return 0;
+    size_t k = 1;
+    while (p[k] == ' ' || p[k] == '\t') k++;
+    return strncmp(p + k, "amqp://", 7) == 0 || strncmp(p + k, "amqps://", 8) == 0 ? k : 0;
+}
+
 /* True when url is a list of RabbitMQ URLs (url_list_count > 1). */
 static bool is_amqp_list(const char *url) {
-    return url && strncmp(url, "amqp", 4) == 0 && strchr(url, ',') != NULL;
+    return url && strncmp(url, "amqp", 4) == 0 && url_list_count(url) > 1;
 }
 
 int url_list_count(const char *list) {
     int n = 1;
-    for (const char *p = list; *p; p++) n += *p == ',';
+    for (const char *p = list; *p; p++) n += list_separator(p) > 0;
     return n;
 }
 
 int url_list_item(const char *list, int i, char *out, size_t n) {
+    if (n) out[0] = '\0';
     const char *p = list;
     for (int k = 0; k < i; k++) {
-        p = strchr(p, ',');
-        if (!p) return -1;
-        p++;
+        size_t sep = 0;
+        while (*p && !(sep = list_separator(p))) p++;
+        if (!*p) return -1;
+        p += sep;
     }
     while (*p == ' ' || *p == '\t') p++;
-    size_t len = strcspn(p, ",");
+    size_t len = 0;
+    while (p[len] && !list_separator(p + len)) len++;
     while (len && (p[len - 1] == ' ' || p[len - 1] == '\t')) len--;
     if (len + 1 > n) return -1;
     memcpy(out, p, len);
@@ -229,6 +242,28 @@ static bool valid_port(const char *s, size_t len) {
 static int parse_host_port(const char *p, size_t len, int deflt, char *host, size_t hn, int *port, char *why,
                            size_t n) {
     const char *colon = memchr(p, ':', len);
+    if (len && p[0] == '[') { /* [IPv6 address][:port] */
+        const char *close = memchr(p, ']', len);
+        if (!close || (close + 1 < p + len && close[1] != ':')) {
+            snprintf(why, n, "an IPv6 address is written [address]:port");
+            return CV_ECONFIG;
+        }
+        p++;
+        len--;
+        colon = close + 1 < p + len ? close + 1 : NULL;
+        if ((size_t)(close - p) >= hn) {
+            snprintf(why, n, "a host name is too long");
+            return CV_ECONFIG;
+        }
+        snprintf(host, hn, "%.*s", (int)(close - p), p);
+        *port = deflt;
+        if (colon && !valid_port(colon + 1, (size_t)(p + len - colon - 1))) {
+            snprintf(why, n, "the port must be a number from 1 to 65535");
+            return CV_ECONFIG;
+        }
+        if (colon) *port = atoi(colon + 1);
+        return 0;
+    }
     size_t hlen = colon ? (size_t)(colon - p) : len;
     if (hlen >= hn) {
         snprintf(why, n, "a host name is too long");
@@ -290,7 +325,7 @@ int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n)
         return slash && slash[1] ? parse_db(slash + 1, &out->db, why, n) : 0;
     }
     /* redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db] */
-    for (const char *h = p; h < hend;) {
+    for (const char *h = p;;) { /* each host[:port] up to a ',', or the '/' */
         const char *e = memchr(h, ',', (size_t)(hend - h));
         if (!e) e = hend;
         if (out->nsentinels == REDIS_SENTINELS_MAX) {
@@ -304,6 +339,7 @@ int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n)
             snprintf(why, n, "a Sentinel's host is empty");
             return CV_ECONFIG;
         }
+        if (e == hend) break;
         h = e + 1;
     }
     const char *m = slash ? slash + 1 : "", *mend = m + strcspn(m, "/");
@@ -397,8 +433,8 @@ static int check_amqp(const char *url, char *why, size_t n) {
     bool tls = strncmp(url, "amqps://", 8) == 0;
     for (int i = 0; i < k; i++) {
         char item[1024], inner[512];
-        if (url_list_item(url, i, item, sizeof item) < 0 || !item[0]) {
-            snprintf(why, n, "URL %d of the list is %s", i + 1, item[0] ? "too long" : "empty");
+        if (url_list_item(url, i, item, sizeof item) < 0) {
+            snprintf(why, n, "URL %d of the list is too long", i + 1);
             return CV_ECONFIG;
         }
         if (check_amqp_one(item, inner, sizeof inner) < 0) {

@@ -9,7 +9,9 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   mkdir -p "$PGDATA" && chown postgres:postgres "$PGDATA" && chmod 700 "$PGDATA"
   gosu postgres env PGPASSWORD="$POSTGRES_PASSWORD" pg_basebackup -h postgres-primary -U "$POSTGRES_USER" \
     -D "$PGDATA" -X stream -R -c fast
-  echo "primary_conninfo = 'host=postgres-primary user=$POSTGRES_USER password=$POSTGRES_PASSWORD application_name=standby'" \
-    >> "$PGDATA/postgresql.auto.conf"
+  # streams as "standby"; waits for no standby of its own once promoted (the
+  # primary's synchronous_standby_names came along with the copy)
+  printf "%s\n" "primary_conninfo = 'host=postgres-primary user=$POSTGRES_USER password=$POSTGRES_PASSWORD application_name=standby'" \
+    "synchronous_standby_names = ''" >> "$PGDATA/postgresql.auto.conf"
 fi
 exec gosu postgres postgres

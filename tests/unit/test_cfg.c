@@ -521,9 +521,19 @@ TEST(rabbitmq_url_lists_the_nodes_of_a_cluster) {
     setenv("CONVEYOR_RABBITMQ_URL", "amqp://a:1,amqps://b:2", 1);
     CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
     CHECK(strstr(err, "every URL is amqp://") != NULL);
-    setenv("CONVEYOR_RABBITMQ_URL", "amqp://a:1,,amqp://b:2", 1);
+    /* a comma in a password is part of its URL: only ", amqp(s)://" starts the next one */
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://u:se,cret@a:1", 1);
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(url_list_count(c.rabbitmq_url) == 1);
+    url_redact(c.rabbitmq_url, shown, sizeof shown);
+    CHECK_STR(shown, "amqp://u:***@a:1");
+    cfg_free(&c);
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://u:se,cret@a:99999", 1);
     CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
-    CHECK(strstr(err, "URL 2 of the list is empty") != NULL);
+    CHECK(strstr(err, "se,cret") == NULL && strstr(err, "cret") == NULL);
+    setenv("CONVEYOR_RABBITMQ_URL", "amqp://u:p,q@a:1,amqps://u:p@b:2", 1);
+    CHECK(load_text(MINIMAL, &c) == CV_ECONFIG);
+    CHECK(strstr(err, "every URL is amqp://") != NULL);
     clear_env();
     CHECK(load_text("rabbitmq: { url = [\"amqp://a\", 3]; };\n" MINIMAL, &c) < 0);
     CHECK(load_text("rabbitmq: { url = []; };\n" MINIMAL, &c) < 0);
@@ -548,6 +558,14 @@ TEST(redis_sentinel_urls) {
     CHECK(strstr(why, "/master") != NULL);
     CHECK(url_parse_redis("redis-sentinel://s1:0/m", &r, why, sizeof why) == CV_ECONFIG);
     CHECK(url_parse_redis("redis-sentinel://s1,,s2/m", &r, why, sizeof why) == CV_ECONFIG);
+    CHECK(url_parse_redis("redis-sentinel://s1,/m", &r, why, sizeof why) == CV_ECONFIG); /* a trailing comma */
+    CHECK(strstr(why, "empty") != NULL);
+    CHECK(url_parse_redis("redis-sentinel:///m", &r, why, sizeof why) == CV_ECONFIG);
+    CHECK(url_parse_redis("redis-sentinel://[::1]:26380,[fe80::1]/m", &r, why, sizeof why) == 0);
+    CHECK_STR(r.sentinels[0].host, "::1");
+    CHECK(r.sentinels[0].port == 26380 && r.sentinels[1].port == 26379);
+    CHECK_STR(r.sentinels[1].host, "fe80::1");
+    CHECK(url_parse_redis("redis-sentinel://[::1/m", &r, why, sizeof why) == CV_ECONFIG);
     CHECK(url_parse_redis("redis-sentinel://s1/m/x", &r, why, sizeof why) == CV_ECONFIG);
     char shown[256];
     url_redact("redis-sentinel://secret@s1,s2/m", shown, sizeof shown);
