@@ -303,7 +303,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
         get_int(l, g, "heartbeat_interval", 1, 3600, &c->heartbeat_interval_s) < 0 ||
         get_int(l, g, "heartbeat_ttl", 2, 86400, &c->heartbeat_ttl_s) < 0 ||
         get_int(l, g, "wait_replicas", 0, 64, &c->redis_wait_replicas) < 0 ||
-        get_int(l, g, "wait_timeout_ms", 1, 600000, &c->redis_wait_timeout_ms) < 0) return -1;
+        get_int(l, g, "wait_timeout_ms", 1, 25000, &c->redis_wait_timeout_ms) < 0) return -1;
     if (c->heartbeat_ttl_s <= c->heartbeat_interval_s)
         return fail(l, config_setting_get_member(g, "heartbeat_ttl"),
                     "'redis.heartbeat_ttl' must be longer than 'redis.heartbeat_interval'");

@@ -145,7 +145,8 @@ struct cfg {
     int heartbeat_interval_s; /* Redis worker heartbeat refresh */
     int heartbeat_ttl_s;      /* Redis heartbeat expiry: then the reaper requeues in-flight work */
     int redis_wait_replicas;  /* Redis: a publish is confirmed once this many replicas have it (WAIT); 0: at once */
-    int redis_wait_timeout_ms; /* ... within this long, else it is not confirmed (sent again by the client) */
+    int redis_wait_timeout_ms; /* ... within this long (at most 25 s: below a Redis reply's 30 s read
+                                * timeout), else it is not confirmed (sent again: a copy) */
     int publish_retry_ms;     /* the C client: how long a publish the broker did not confirm is sent again */
     int password_opslimit;    /* argon2id cost (crypto_pwhash_str) */
     int password_memlimit_mb;

@@ -314,7 +314,7 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         rs = RedisSentinel("cvh1", "cvh2", ("cvh3", "cvh4", "cvh5"))
         phase("PostgreSQL, a Redis primary, its replica and three Sentinels up")
         env = {"CONVEYOR_DATABASE_URL": pg.url, "CONVEYOR_REDIS_URL": rs.url(), "CONVEYOR_TRANSPORT": "redis"}
-        wait = "redis: { wait_replicas = 1; wait_timeout_ms = 1000; };"
+        wait = "redis: { wait_replicas = 1; wait_timeout_ms = 15000; };"
         config = write_config({"catalog": 2}, extra=wait, queue_opts=QUEUE_OPTS)
         r = run_bin("conveyor-workers", "-c", config, "--setup", env=env, timeout=120)
         eq(r.returncode, 0, f"--setup ({r.stderr})")
