@@ -15,6 +15,10 @@
 #   tests/hosts.sh netem HOST ARGS   tc netem on HOST's link, both ways, e.g. "delay 100ms loss 1%"
 #                                    (a delay D makes a round trip to HOST 2 D longer)
 #   tests/hosts.sh netem HOST off    removes it
+#   tests/hosts.sh throttle HOST RATE  a slow link both ways (tc tbf, e.g. "2mbit"): what waits more than
+#                                    20 ms in its queue is dropped, so a busy link adds delay and loss
+#                                    (where the kernel has no netem; this machine's has tbf)
+#   tests/hosts.sh throttle HOST off removes it
 #
 # Needs root and iproute2. Exit status: 0 done, 1 failed (said why), 2 usage.
 set -euo pipefail
@@ -24,7 +28,7 @@ NET=10.77.0
 MAX_HOSTS=20
 
 die() { printf 'hosts: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 addr_of() { # host name -> address
   local n=${1#cvh}
@@ -106,6 +110,18 @@ case "${1:-}" in
         die "tc netem failed on $dev: $out (this kernel may have no netem, sch_netem)"
       # shellcheck disable=SC2068
       ip netns exec "$h" tc qdisc replace dev eth0 root netem $@
+    fi ;;
+  throttle)
+    [ $# = 3 ] || usage
+    dev=$(link_of "$2"); h=${dev%-a}; rate=$3
+    if [ "$rate" = off ]; then
+      tc qdisc del dev "$dev" root 2>/dev/null || true
+      ip netns exec "$h" tc qdisc del dev eth0 root 2>/dev/null || true
+    else
+      [[ $rate =~ ^[0-9]+(kbit|mbit)$ ]] || die "throttle: RATE is like 512kbit or 2mbit (got '$rate')"
+      out=$(tc qdisc replace dev "$dev" root tbf rate "$rate" burst 16kb latency 20ms 2>&1) ||
+        die "tc tbf failed on $dev: $out"
+      ip netns exec "$h" tc qdisc replace dev eth0 root tbf rate "$rate" burst 16kb latency 20ms
     fi ;;
   -h|--help|"") usage ;;
   *) usage ;;

@@ -21,6 +21,29 @@ CLIENT = ("import socket,sys\n"
           "    print('unreachable', e); sys.exit(3)\n")
 
 
+BULK = ("import socket\n"  # sends 512 KiB to each caller
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 7002)); s.listen()\n"
+        "print('listening', flush=True)\n"
+        "while True:\n"
+        "    c,_=s.accept(); c.sendall(b'x' * 524288); c.close()\n")
+FETCH = ("import socket,sys,time\n"  # prints the seconds 512 KiB took
+         "t=time.time(); c=socket.create_connection((sys.argv[1], 7002), timeout=30); n=0\n"
+         "while True:\n"
+         "    b=c.recv(65536)\n"
+         "    if not b: break\n"
+         "    n+=len(b)\n"
+         "print(n, time.time()-t)\n")
+
+
+def fetch(host, target):
+    r = subprocess.run([HOSTS, "exec", host, "/usr/bin/python3", "-c", FETCH, target], capture_output=True, text=True,
+                       timeout=60)
+    eq(r.returncode, 0, f"fetch from {target}: {r.stderr}")
+    n, secs = r.stdout.split()
+    eq(int(n), 524288, "every byte arrived")
+    return float(secs)
+
+
 def hosts(*args, check_=True):
     r = subprocess.run([HOSTS, *args], capture_output=True, text=True, timeout=60)
     if check_ and r.returncode != 0:
@@ -61,6 +84,22 @@ def test_hosts_reach_each_other_and_partitions_cut_them():
         hosts("heal", "cvh2")
         r = call("cvh1", "cvh2")
         eq((r.returncode, r.stdout.strip()), (0, "10.77.0.12 hello"), "healed")
+        # a slow, lossy link (tc tbf: 2 Mbit/s, what waits over 20 ms dropped): 512 KiB cannot pass in
+        # under 2.1 s (a floor set by the rate, not a timing of this machine), and "off" lifts it
+        bulk = subprocess.Popen([HOSTS, "exec", "cvh2", "/usr/bin/python3", "-c", BULK], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            eq(bulk.stdout.readline().strip(), "listening", "a bulk server inside cvh2")
+            hosts("throttle", "cvh2", "2mbit")
+            slow = fetch("cvh1", "cvh2")
+            check(slow >= 1.8, f"512 KiB through a 2 Mbit/s link took {slow:.2f} s")
+            hosts("throttle", "cvh2", "off")
+            fast = fetch("cvh1", "cvh2")
+            check(fast < slow / 2, f"unthrottled: {fast:.2f} s against {slow:.2f} s")
+            eq(hosts("throttle", "cvh2", "fast", check_=False).returncode, 1, "a rate that is not one")
+        finally:
+            bulk.kill()
+            bulk.wait()
         r = hosts("partition", "cvh9", check_=False)
         eq(r.returncode, 1, "an unknown host")
         check("cvh9 is not up" in r.stderr, f"says so: {r.stderr}")

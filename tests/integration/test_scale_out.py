@@ -4,7 +4,8 @@ cluster.py), with faults between machines.
 
   cvh1 cvh2 cvh3   the broker: three RabbitMQ nodes (quorum queues), or a Redis
                    primary (cvh1), its replica (cvh2) and Sentinels (cvh3-5)
-  cvh4 cvh5        a pool each (HTTP listener on the host's address)
+  cvh4 cvh5        a pool each (HTTP listener on the host's address); on RabbitMQ
+                   cvh5's link is slow and lossy (tests/hosts.sh throttle)
   cvh6             the producer (conveyor-produce, the nodes' URL list / Sentinel)
   cvh7             PostgreSQL
 
@@ -241,6 +242,8 @@ def test_cluster_node_loss_and_a_partitioned_pool_rabbitmq():
         phase(f"pools on {', '.join(POOL_HOSTS)}; the queue's leader is on {leader}")
         pids = seed_products(pg, config, env, phase)
 
+        # pool B's host on a slow, lossy link all along (tc tbf: 4 Mbit/s, a queue of 20 ms, the rest dropped)
+        cluster.hosts("throttle", "cvh5", "4mbit")
         updates = commands(pids, 20000, seed=16)
         prod = Producer(config, env, updates, rate=1000)  # 20 s of commands
         wait_for("5,000 confirmed", lambda: len(prod.confirmed) >= 5000, timeout=120, every=0.02)
@@ -284,6 +287,10 @@ def test_cluster_node_loss_and_a_partitioned_pool_rabbitmq():
             check(n > 0, f"the pool on {h} took part ({took})")
         events.close()
         dups = check_outcome(pg, updates, events.events, pids)
+        stats = cluster.run_on("cvh5", "tc", "-s", "qdisc", "show", "dev", "eth0").stdout
+        dropped = int(stats.split("dropped ")[1].split(",")[0]) if "dropped " in stats else -1
+        phase(f"cvh5's throttled link dropped {dropped} packets")
+        check(dropped > 0, f"the throttled link dropped packets: {stats}")
         for h, p in pools.items():
             check("trying node 2 of 3" in p.read_log(), f"the pool on {h} moved to the next node")
             code, left = p.stop()
