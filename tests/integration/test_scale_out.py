@@ -205,6 +205,43 @@ class StreamEvents:
         self.thread.join(5)
 
 
+def await_takeover(pools, other, t, events, before, phase, what):
+    """Waits for the relay of the pool on `other` to become active after a fault at
+    t, and for an event it published; returns the seconds the takeover took."""
+    wait_for(f"the relay on {other} to take over",
+             lambda: "relay active" in pools[other].read_log(), timeout=30, every=0.05)
+    takeover = time.time() - t
+    # the relay it replaces can publish nothing more: later events are the new relay's
+    wait_for("events from the new relay", lambda: any(x > t + takeover for x in events.times[before:]),
+             timeout=30, every=0.05)
+    phase(f"relay on {other} active {takeover:.1f} s after {what}")
+    return takeover
+
+
+def await_every_result(pg, prod, updates, events, phase):
+    """The producer done with every command confirmed once, every command
+    applied, and a result event for each. Returns the producer's stderr."""
+    code, err = prod.wait(300)
+    eq(code, 0, f"the producer got every command confirmed across the faults ({err[-2000:]})")
+    eq(len(set(prod.confirmed)), len(updates), "every id printed once")
+    phase(f"{len(updates):,} published and confirmed")
+    wait_for("every command applied",
+             lambda: pg.query("SELECT count(*) FROM processed_commands")[0][0] - PRODUCTS >= len(updates),
+             timeout=300, every=0.5)
+    ids = {u["id"] for u in updates}
+    wait_for("every result event",
+             lambda: ids <= {e["commandId"] for e in list(events.events) if e["type"] == "stock.updated"},
+             timeout=120, every=0.5)
+    phase("every command applied, every result received")
+    return err
+
+
+def check_took_part(took, phase):
+    phase(f"commands settled per pool: {took}")
+    for h, n in took.items():
+        check(n > 0, f"the pool on {h} took part ({took})")
+
+
 def seed_products(pg, config, env, phase):
     creates = [{"type": "createProduct", "payload": {"name": f"Host {i}", "price": "1.00", "stock": STOCK}}
                for i in range(PRODUCTS)]
@@ -260,31 +297,13 @@ def test_cluster_node_loss_and_a_partitioned_pool_rabbitmq():
         cluster.hosts("partition", holder)
         t_part = time.time()
         phase(f"partitioned {holder} (its pool's relay is active) with {done()} applied")
-        wait_for(f"the relay on {other} to take over",
-                 lambda: "relay active" in pools[other].read_log(), timeout=30, every=0.05)
-        takeover = time.time() - t_part
-        # the cut-off relay can publish nothing more: later events are the new relay's
-        wait_for("events from the new relay", lambda: any(t > t_part + takeover for t in events.times[before:]),
-                 timeout=30, every=0.05)
-        phase(f"relay on {other} active {takeover:.1f} s after the partition")
+        takeover = await_takeover(pools, other, t_part, events, before, phase, "the partition")
         time.sleep(max(0.0, 20 - (time.time() - t_part)))
         cluster.hosts("heal", holder)
         phase(f"healed {holder} after {time.time() - t_part:.1f} s")
-        code, err = prod.wait(300)
-        eq(code, 0, f"the producer got every command confirmed across the node loss ({err[-2000:]})")
-        eq(len(set(prod.confirmed)), len(updates), "every id printed once")
-        phase("20,000 published and confirmed")
-
-        wait_for("every command applied", lambda: done() >= len(updates), timeout=300, every=0.5)
-        phase("every command applied")
-        ids = {u["id"] for u in updates}
-        wait_for("every result event",
-                 lambda: ids <= {e["commandId"] for e in list(events.events) if e["type"] == "stock.updated"},
-                 timeout=120, every=0.5)
+        err = await_every_result(pg, prod, updates, events, phase)
         took = {h: metric(h, HTTP_PORT, "conveyor_commands_total", queue="catalog") for h in POOL_HOSTS}
-        phase(f"commands settled per pool: {took}")
-        for h, n in took.items():
-            check(n > 0, f"the pool on {h} took part ({took})")
+        check_took_part(took, phase)
         events.close()
         dups = check_outcome(pg, updates, events.events, pids)
         stats = cluster.run_on("cvh5", "tc", "-s", "qdisc", "show", "dev", "eth0").stdout
@@ -355,27 +374,11 @@ def test_sentinel_failover_and_a_killed_pool_redis():
         os.killpg(pools[holder].proc.pid, 9)
         t_kill = time.time()
         phase(f"killed the pool on {holder} (its relay active, {took_before:.0f} commands settled) with {done()} applied")
-        wait_for(f"the relay on {other} to take over",
-                 lambda: "relay active" in pools[other].read_log(), timeout=30, every=0.05)
-        takeover = time.time() - t_kill
-        wait_for("events from the new relay", lambda: any(t > t_kill + takeover for t in events.times[before:]),
-                 timeout=30, every=0.05)
-        phase(f"relay on {other} active {takeover:.1f} s after the kill")
-        code, err = prod.wait(300)
-        eq(code, 0, f"the producer got every command confirmed across the failover ({err[-2000:]})")
-        eq(len(set(prod.confirmed)), len(updates), "every id printed once")
-        phase("5,000 published and confirmed")
+        takeover = await_takeover(pools, other, t_kill, events, before, phase, "the kill")
         pools[holder].expect_restarts = True
-        wait_for("every command applied", lambda: done() >= len(updates), timeout=300, every=0.5)
-        phase("every command applied")
-        ids = {u["id"] for u in updates}
-        wait_for("every result event",
-                 lambda: ids <= {e["commandId"] for e in list(events.events) if e["type"] == "stock.updated"},
-                 timeout=120, every=0.5)
+        await_every_result(pg, prod, updates, events, phase)
         took = {holder: took_before, other: metric(other, HTTP_PORT, "conveyor_commands_total", queue="catalog")}
-        phase(f"commands settled per pool: {took}")
-        for h, n in took.items():
-            check(n > 0, f"the pool on {h} took part ({took})")
+        check_took_part(took, phase)
         events.close()
         dups = check_outcome(pg, updates, events.events, pids)
         code, left = pools[other].stop()
