@@ -234,8 +234,13 @@ static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool c
         snprintf(why, sizeof why, "%s", a->base.err);
         int next = (a->url_at + 1) % a->nurls;
         if ((rc = select_node(a, next)) < 0) break;
-        log_warn("rabbitmq: %s; trying node %d of %d (%s:%d)", why, next + 1, a->nurls, a->info.host, a->info.port);
+        log_warn("%s; trying node %d of %d (%s:%d)", why, next + 1, a->nurls, a->info.host, a->info.port);
         rc = open_node(a, out, confirms);
+    }
+    if (rc < 0 && rc != CV_ECONFIG && a->nurls > 1) { /* say that every node was tried */
+        char why[sizeof a->base.err];
+        snprintf(why, sizeof why, "%s", a->base.err);
+        broker_fail(&a->base, rc, "no RabbitMQ node of the %d listed could be reached (the last: %s)", a->nurls, why);
     }
     if (rc == 0) node_last_good = a->url_at;
     return rc;

@@ -113,8 +113,9 @@ static int ask_sentinels(struct redis_broker *r) {
             redisFree(c);
             return 0;
         }
-        if (rep && (rep->type == REDIS_REPLY_NIL || (rep->type == REDIS_REPLY_ERROR && refused_reply(rep->str))))
-            answered_no++;
+        if (rep && (rep->type == REDIS_REPLY_NIL ||
+                    (rep->type == REDIS_REPLY_ERROR && (refused_reply(rep->str) || strncmp(rep->str, "ERR unknown command", 19) == 0))))
+            answered_no++; /* no such master; a password wanted; not a Sentinel at all */
         snprintf(why, sizeof why, "Sentinel %s:%d: %s", s->host, s->port,
                  !c ? "out of memory" : c->err ? c->errstr : !rep ? "no reply"
                  : rep->type == REDIS_REPLY_ERROR ? rep->str : "does not know the master");
@@ -124,7 +125,7 @@ static int ask_sentinels(struct redis_broker *r) {
     if (answered_no == u->nsentinels) { /* a wrong master name, or Sentinels that want a password */
         r->refused = true;
         return broker_fail(&r->base, CV_ECONFIG, "redis: every Sentinel answered, and none names a primary of '%s' "
-                           "(the master name in the URL? last: %s)", u->master, why);
+                           "(the master name in the URL? Sentinels' addresses? last: %s)", u->master, why);
     }
     return broker_fail(&r->base, CV_ERETRY, "redis: no Sentinel named the primary of '%s' (%d asked; last: %s)",
                        u->master, u->nsentinels, why);

@@ -142,6 +142,10 @@ def test_wrong_broker_password_stops_at_start():
         expect_refused({"CONVEYOR_REDIS_URL": REDIS_URL}, "CONVEYOR_REDIS_URL", "NOAUTH", secret=right)
     finally:
         redislib.Redis.from_url(with_password(REDIS_URL, "", right)).config_set("requirepass", "")
+    # Sentinels that all answer and none names the master (here: not a Sentinel at all) are a misconfiguration
+    url = f"redis-sentinel://:{SECRET}@127.0.0.1:{port_of(REDIS_URL)}/no-such-master"
+    line = expect_refused({"CONVEYOR_REDIS_URL": url}, "CONVEYOR_REDIS_URL", "none names a primary of 'no-such-master'")
+    check("redis-sentinel://:***@" in line, f"the line shows the URL masked: {line}")
 
 
 def test_bad_urls_stop_at_start():
