@@ -9,6 +9,8 @@ twice (stocks exact, one result per command).
 
 The pool runs on this machine (the test hosts reach it through the bridge, and
 it reaches them), against the suite's brokers."""
+import datetime
+import json
 import os
 import random
 import threading
@@ -50,12 +52,15 @@ def test_commands_survive_a_failover_to_the_synchronous_standby():
             rnd = random.Random(16)
             updates = [envelope("updateStock", {"productId": rnd.choice(pids), "quantityChange": -1}) for _ in range(600)]
             failed_over = threading.Event()
+            crashed, promoted = [], []
 
             def failover():
                 # the primary crashes mid-stream; the standby is promoted
                 time.sleep(0.8)
                 primary.pg_ctl("-m", "immediate", "stop")
+                crashed.append(time.time())
                 standby.pg_ctl("promote")
+                promoted.append(time.time())
                 failed_over.set()
 
             t = threading.Thread(target=failover)
@@ -83,6 +88,12 @@ def test_commands_survive_a_failover_to_the_synchronous_standby():
             log = pool.read_log()
             check("database connection lost" in log and "database is back" in log,
                   "the pool lost the primary while it worked, and found the promoted standby")
+            # how long the pool's workers were without a database: the first loss to the last return
+            ts = lambda word: [datetime.datetime.fromisoformat(json.loads(l)["ts"].replace("Z", "+00:00")).timestamp()
+                               for l in log.splitlines() if word in l and l.startswith("{")]
+            lost, back = min(ts("database connection lost")), max(ts("database is back"))
+            print(f"FIGURES pg-failover: the pool's workers were without a database for {back - lost:.1f} s "
+                  f"(the crash, the promotion {promoted[0] - crashed[0]:.1f} s later, the reconnection)")
             pub.close()
             ev.close()
             rc, left = pool.stop()
