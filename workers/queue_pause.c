@@ -23,7 +23,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
-#define REFRESH_MS 400
+#define REFRESH_MS 300
 #define PAUSED_MAX 64      /* paused queues a pool knows of; more are read as not paused (logged) */
 #define WRITER_STALE_MS 1000
 

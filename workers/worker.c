@@ -244,6 +244,10 @@ static int consume_open(struct worker *w, const char *worker_id) {
     return 0;
 }
 
+/* How long a worker with nothing in hand waits for a message before it looks
+ * at the pause page again (queue_pause.c: at most 300 ms old). */
+#define TAKE_WAIT_MS 300
+
 /* A paused queue (conveyor-admin queue pause; queue_pause.c): the worker
  * settles what it holds, then closes its broker connection and takes nothing
  * until the queue is resumed, when it opens a new one. Closing is how a
@@ -321,13 +325,14 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             break;
         }
         /* a batch is what is already delivered; when nothing is, the first one is
-         * waited for (at most 500 ms, so that a pause is seen within a second),
+         * waited for (at most TAKE_WAIT_MS, so that a pause is seen within a
+         * second: the pause page's age, this wait, and the broker's own timer),
          * and what came with it taken too */
         int want = take_max; /* and no more than max_jobs lets it run before it is recycled */
         if (cfg->max_jobs > 0 && cfg->max_jobs - w.jobs < want) want = (int)(cfg->max_jobs - w.jobs);
         if (want < 1) want = 1;
         int n = 0, rc = broker_take(w.broker, extra, want);
-        if (rc == 0 && (rc = broker_next(w.broker, &extra[0], 500)) > 0) {
+        if (rc == 0 && (rc = broker_next(w.broker, &extra[0], TAKE_WAIT_MS)) > 0) {
             int more = broker_take(w.broker, &extra[1], want - 1);
             rc = more < 0 ? 1 : 1 + more;
         }
