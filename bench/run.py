@@ -58,6 +58,8 @@ import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "bench")
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+from harness import free_port  # noqa: E402  (the suite's: a local TCP port nothing listens on)
 PRODUCT_PREFIX = "00000000-0000-4000-8000-"  # product n is PRODUCT_PREFIX + n as 12 digits
 # pgbench of the server scripts/servers.sh runs (Debian's postgresql-15 ships it)
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench" if os.path.exists("/usr/lib/postgresql/15/bin/pgbench") else "pgbench"
@@ -444,15 +446,6 @@ def pct(sorted_values, p):
         return None
     i = min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))
     return round(sorted_values[i], 1)
-
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Scraper(threading.Thread):

@@ -9,8 +9,8 @@
  * rabbitmq.url may list the nodes of one cluster: a connection opens to the node
  * that last worked in this process (at first the first of the list; list them in
  * another order on each host to spread the connections); when it cannot, it moves
- * to the next node, and so on once round the list (open_conn). Command queues are quorum queues (their
- * queue_type), so every node serves them; docs/scaling.md.
+ * to the next node, and so on once round the list (open_conn). Command queues
+ * are quorum queues (their queue_type), so every node serves them; docs/scaling.md.
  */
 #include "broker_backend.h"
 
@@ -200,8 +200,8 @@ static int login(struct amqp_broker *a, amqp_connection_state_t c) {
 }
 
 /* The node of rabbitmq.url this process reached last: where the next connection
- * starts (-1: none yet). */
-static int node_last_good = -1;
+ * starts (at first the first). */
+static int node_last_good;
 
 /* Makes node i of rabbitmq.url the one a->info describes. Returns 0, or
  * CV_ECONFIG with the reason in a->base.err (cfg_load checked the list already). */
@@ -894,7 +894,6 @@ struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size
     snprintf(a->commands_ex, sizeof a->commands_ex, "%s.commands", cfg->prefix);
     snprintf(a->events_ex, sizeof a->events_ex, "%s.events", cfg->prefix);
     a->nurls = url_list_count(cfg->rabbitmq_url);
-    if (node_last_good < 0) node_last_good = 0;
     if ((*cls = select_node(a, node_last_good % a->nurls)) < 0 || (*cls = open_conn(a, &a->publish, true)) < 0) {
         snprintf(err, errlen, "%s", a->base.err);
         amqp_close_broker(&a->base);

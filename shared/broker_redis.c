@@ -51,10 +51,9 @@
 struct redis_broker {
     struct broker base;
     redisContext *ctx;
-    char host[256];
-    int port, db;
-    char user[128], password[256];
-    struct redis_url url;     /* as parsed; with Sentinels, host and port are the primary they named */
+    char host[256];           /* the server: the URL's, or with Sentinels the primary they named */
+    int port;
+    struct redis_url url;     /* as parsed: user, password, db, Sentinels */
     int sentinel_at;          /* the Sentinel asked first (the one that answered last) */
     bool refused;             /* the last connection failed on what the URL says (CV_ECONFIG) */
     char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], returned_key[256], events_key[256];
@@ -77,10 +76,7 @@ static int parse_url(struct redis_broker *r, const char *url, char *why, size_t 
     struct redis_url *u = &r->url;
     if (url_parse_redis(url, u, why, n) < 0) return -1;
     snprintf(r->host, sizeof r->host, "%s", u->host);
-    snprintf(r->user, sizeof r->user, "%s", u->user);
-    snprintf(r->password, sizeof r->password, "%s", u->password);
     r->port = u->port;
-    r->db = u->db;
     return 0;
 }
 
@@ -201,12 +197,13 @@ static int connect_now(struct redis_broker *r) {
     redisEnableKeepAlive(r->ctx);
     int rc = 0;
     /* one command at least, so that a server that wants a password says so now (NOAUTH) */
-    if (r->password[0] && r->user[0])
-        rc = login_step(r, redisCommand(r->ctx, "AUTH %s %s", r->user, r->password), "AUTH");
-    else if (r->password[0])
-        rc = login_step(r, redisCommand(r->ctx, "AUTH %s", r->password), "AUTH");
-    if (rc == 0 && r->db) rc = login_step(r, redisCommand(r->ctx, "SELECT %d", r->db), "SELECT");
-    else if (rc == 0 && !r->password[0]) rc = login_step(r, redisCommand(r->ctx, "PING"), "PING");
+    const struct redis_url *u = &r->url;
+    if (u->password[0] && u->user[0])
+        rc = login_step(r, redisCommand(r->ctx, "AUTH %s %s", u->user, u->password), "AUTH");
+    else if (u->password[0])
+        rc = login_step(r, redisCommand(r->ctx, "AUTH %s", u->password), "AUTH");
+    if (rc == 0 && u->db) rc = login_step(r, redisCommand(r->ctx, "SELECT %d", u->db), "SELECT");
+    else if (rc == 0 && !u->password[0]) rc = login_step(r, redisCommand(r->ctx, "PING"), "PING");
     if (rc == 0 && r->url.nsentinels) rc = check_primary(r);
     return rc;
 }

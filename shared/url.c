@@ -184,7 +184,10 @@ void url_scrub(const char *text, const char *url, char *out, size_t n) {
         int cur = 0;
         snprintf(work[0], sizeof work[0], "%s", text ? text : "");
         for (int i = 0, k = url_list_count(url); i < k; i++) {
-            if (url_list_item(url, i, item, sizeof item) < 0) continue;
+            if (url_list_item(url, i, item, sizeof item) < 0) { /* cannot be scrubbed: not shown at all */
+                snprintf(out, n, "(the error text is hidden: URL %d of the list is too long to mask)", i + 1);
+                return;
+            }
             url_scrub(work[cur], item, work[!cur], sizeof work[0]);
             cur = !cur;
         }

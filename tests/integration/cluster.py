@@ -61,7 +61,9 @@ def setup(n):
 
 
 def teardown():
-    subprocess.run([HOSTS, "down"], capture_output=True, timeout=120)  # kills what runs inside
+    r = subprocess.run([HOSTS, "down"], capture_output=True, text=True, timeout=120)  # kills what runs inside
+    if r.returncode != 0:  # said, not raised: teardown runs in finally blocks, after the real failure
+        print(f"hosts.sh down exited {r.returncode}: {r.stderr}", flush=True)
     shutil.rmtree(STATE, ignore_errors=True)
 
 
