@@ -388,6 +388,12 @@ void db_close(struct db *db);
 PGconn *db_conn(const struct db *db);
 /* True when db is not NULL and its connection works. */
 bool db_ok(const struct db *db);
+/* For a connection between requests: false when the server has closed it
+ * since (it said so, a restart's "terminating connection", or the socket
+ * ended); true when nothing says it is gone (a silent peer is found only by
+ * the next statement). Reads and drops what the server sent meanwhile
+ * (notifications). Never waits. */
+bool db_idle_alive(struct db *db);
 /* The last error: its class (0 before any), its text, its SQLSTATE ("" when
  * none). The strings live in db until the next error. */
 int db_err(const struct db *db);

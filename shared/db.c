@@ -190,6 +190,16 @@ static int classify(PGconn *conn, const char *state) {
 
 PGconn *db_conn(const struct db *db) { return db->conn; }
 bool db_ok(const struct db *db) { return db && PQstatus(db->conn) == CONNECTION_OK; }
+bool db_idle_alive(struct db *db) {
+    if (!db_ok(db)) return false;
+    struct pollfd p = {.fd = PQsocket(db->conn), .events = POLLIN};
+    if (poll(&p, 1, 0) <= 0) return true; /* the server said nothing: alive as far as can be told */
+    if (!PQconsumeInput(db->conn)) return false;
+    PGnotify *n;
+    while ((n = PQnotifies(db->conn))) PQfreemem(n);
+    return PQstatus(db->conn) == CONNECTION_OK;
+}
+
 int db_err(const struct db *db) { return db->err; }
 const char *db_errstr(const struct db *db) { return db->errstr; }
 const char *db_sqlstate(const struct db *db) { return db->sqlstate; }

@@ -249,7 +249,8 @@ static int claim_send(struct batch *b, struct batch_item **v, int n) {
     if (rc == 0)
         rc = db_defer_result(b->db, "INSERT INTO processed_commands (id, type, outcome) "
                                     "SELECT DISTINCT ON (id) id, type, 'applied' FROM unnest($1::uuid[], $2::text[]) "
-                                    "AS c(id, type) ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id::text",
+                                    "AS c(id, type) ORDER BY id ON CONFLICT (id) DO NOTHING "
+                                    "RETURNING id::text, pg_current_xact_id()::text",
                              2, p);
     free(ids);
     free(types);
@@ -289,6 +290,8 @@ static int claim_read(struct batch *b, struct batch_item **v, int n, int earlier
     b->claim = -1;
     if (rc < 0) return rc;
     if (!claim) return earlier_rc < 0 ? earlier_rc : CV_EREFUSED;
+    /* the transaction's id, for the counts of its commit (a row inserted: it has one) */
+    b->xid = PQntuples(claim) > 0 ? strtoull(PQgetvalue(claim, 0, 1), NULL, 10) : 0;
     for (int i = 0; i < n; i++) {
         bool fresh = false;
         for (int j = 0; j < PQntuples(claim) && !fresh; j++)
@@ -309,6 +312,12 @@ static int claim_read(struct batch *b, struct batch_item **v, int n, int earlier
  * class (nothing committed, or the connection broke after the COMMIT was
  * sent: the retry finds the commands done). */
 static int commit_batch(struct batch *b, struct batch_item **v, int n) {
+    /* what this commit counts, noted before it can happen: a worker killed
+     * between the COMMIT and its counting leaves it to its slot's next process */
+    scoreboard_pending_begin();
+    for (int i = 0; i < n; i++)
+        if (v[i]->rc >= 0) scoreboard_pending_add(v[i]->env.type, (enum sb_outcome)v[i]->rc);
+    scoreboard_pending_arm(b->xid);
     cJSON *all = cJSON_CreateArray();
     for (int i = 0; i < n; i++)
         while (v[i]->events && v[i]->events->child)
@@ -445,6 +454,7 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
 int batch_run(struct batch *b, struct batch_item **v, int n) {
     struct db *db = b->db;
     b->claim = -1;
+    b->xid = 0;
     bool savepoints = n > 1;
     int rc = claim_send(b, v, n);
     if (rc == 0) rc = lock_batch(b, v, n);

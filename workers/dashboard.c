@@ -56,7 +56,8 @@ static cJSON *overview_workers(const struct scoreboard *sb) {
         uint64_t done = 0;
         for (int t = 0; t <= s->ntypes && t < SB_TYPES; t++)
             for (int o = 0; o < SB_NOUTCOMES; o++)
-                if (o != SB_RETRIED) done += __atomic_load_n(&s->counts[t].outcomes[o], __ATOMIC_RELAXED);
+                if (o != SB_RETRIED && o != SB_DUPLICATE) /* ended here, by its work */
+                    done += __atomic_load_n(&s->counts[t].outcomes[o], __ATOMIC_RELAXED);
         cJSON_AddNumberToObject(w, "done", (double)done);
         json_add_number_or_null(w, "residentBytes", pid ? (double)sb_resident_bytes(pid) : -1);
         cJSON_AddItemToArray(a, w);
@@ -141,13 +142,16 @@ static enum MHD_Result history(struct http *h, struct MHD_Connection *conn) {
     if (range && strcmp(range, "hour") != 0 && strcmp(range, "day") != 0)
         return http_error(conn, MHD_HTTP_BAD_REQUEST, "range must be hour or day");
     char err[512];
-    struct db *db = http_req_db(h, err, sizeof err);
-    if (!db) return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
-    cJSON *o = rollup_history(h->rollup, db, range && strcmp(range, "day") == 0, err, sizeof err);
-    if (!o) {
-        http_req_db_lost(h);
-        return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    cJSON *o = NULL;
+    for (int tries = 0; tries < 2 && !o; tries++) { /* a connection found broken: once more on a new one */
+        struct db *db = http_req_db(h, err, sizeof err);
+        if (!db) return http_unavailable(conn, "the database is unreachable", err);
+        o = rollup_history(h->rollup, db, range && strcmp(range, "day") == 0, err, sizeof err);
+        bool broken = !o && !db_ok(db);
+        if (!o) http_req_db_lost(h);
+        if (!broken) break;
     }
+    if (!o) return http_unavailable(conn, "cannot read the history", err);
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
@@ -179,7 +183,7 @@ static enum MHD_Result dead(struct http *h, struct MHD_Connection *conn) {
         char err[512];
         if (read_dead(h, q, &d, &n, err, sizeof err) < 0) {
             cJSON_Delete(o);
-            return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+            return http_unavailable(conn, "cannot read the dead letters", err);
         }
         cJSON *j = cJSON_CreateObject(), *groups = cJSON_CreateArray();
         cJSON_AddStringToObject(j, "queue", q->name);
@@ -221,7 +225,7 @@ static enum MHD_Result dead_letter(struct http *h, struct MHD_Connection *conn) 
     struct dead_letter *d;
     int n;
     char err[512];
-    if (read_dead(h, q, &d, &n, err, sizeof err) < 0) return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    if (read_dead(h, q, &d, &n, err, sizeof err) < 0) return http_unavailable(conn, "cannot read the dead letters", err);
     cJSON *found = NULL;
     for (int k = 0; k < n && !found; k++) {
         char kk[DEAD_KEY_LEN + 1];
@@ -245,7 +249,7 @@ static enum MHD_Result command(struct http *h, struct MHD_Connection *conn) {
     if (!arg || !id_parse(arg, id)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "id must be a command id (a UUID)");
     char err[512];
     struct db *db = http_req_db(h, err, sizeof err);
-    if (!db) return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    if (!db) return http_unavailable(conn, "the database is unreachable", err);
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "id", id);
     const char *p[1] = {id};
@@ -282,7 +286,7 @@ static enum MHD_Result command(struct http *h, struct MHD_Connection *conn) {
         snprintf(err, sizeof err, "cannot read the command: %s", db_errstr(db));
         http_req_db_lost(h);
         cJSON_Delete(o);
-        return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+        return http_unavailable(conn, "cannot read the command", err);
     }
     cJSON *events = cJSON_AddArrayToObject(o, "events");
     for (int i = 0; i < PQntuples(r); i++) {
@@ -303,7 +307,7 @@ static enum MHD_Result command(struct http *h, struct MHD_Connection *conn) {
         int n;
         if (read_dead(h, q, &d, &n, err, sizeof err) < 0) {
             cJSON_Delete(o);
-            return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+            return http_unavailable(conn, "cannot read the dead letters", err);
         }
         for (int k = 0; k < n; k++) {
             char cid[ID_LEN + 1];

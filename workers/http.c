@@ -30,6 +30,8 @@
  */
 #include "http.h"
 
+#include <sodium.h>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -105,7 +107,25 @@ enum MHD_Result http_error(struct MHD_Connection *conn, unsigned status, const c
     return http_json(conn, status, o);
 }
 
+enum MHD_Result http_unavailable(struct MHD_Connection *conn, const char *what, const char *detail) {
+    unsigned char raw[4];
+    char id[2 * sizeof raw + 1];
+    randombytes_buf(raw, sizeof raw);
+    sodium_bin2hex(id, sizeof id, raw, sizeof raw);
+    log_warn("HTTP 503, error %s: %s: %s", id, what, detail && *detail ? detail : "(no detail)");
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s (error %s in the pool's log)", what, id);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "error", msg);
+    cJSON_AddStringToObject(o, "errorId", id);
+    return http_json(conn, MHD_HTTP_SERVICE_UNAVAILABLE, o);
+}
+
 struct db *http_req_db(struct http *h, char *err, size_t errlen) {
+    if (h->req_db && !db_idle_alive(h->req_db)) {
+        log_info("the HTTP listener's database connection was closed by the server; reconnecting");
+        http_req_db_lost(h);
+    }
     if (h->req_db) return h->req_db;
     int cls;
     char why[512];

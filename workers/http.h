@@ -38,9 +38,15 @@ enum MHD_Result http_json(struct MHD_Connection *conn, unsigned status, cJSON *o
 /* A JSON error {"error": message}. */
 enum MHD_Result http_error(struct MHD_Connection *conn, unsigned status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* A 503 for a dependency that failed: logs what (the operator's words) and
+ * detail (a server's own text, never sent to the client) under a fresh error
+ * id, and answers {"error": "<what> (error <id> in the pool's log)",
+ * "errorId": "<id>"}. */
+enum MHD_Result http_unavailable(struct MHD_Connection *conn, const char *what, const char *detail);
 /* The request threads' database (statement_timeout 5 s) or broker of transport
- * t, connected on first use and after a failure; NULL with err when it cannot.
- * The caller holds req_lock. */
+ * t, connected on first use, after a failure, and when the server closed the
+ * database connection while it was idle (a restart: db_idle_alive); NULL with
+ * err when it cannot. The caller holds req_lock. */
 struct db *http_req_db(struct http *h, char *err, size_t errlen);
 struct broker *http_req_broker(struct http *h, enum transport t, char *err, size_t errlen);
 /* After a request failed on it: closes the request thread's database / broker of t. */

@@ -108,7 +108,7 @@ static enum MHD_Result dead_action(struct http *h, struct MHD_Connection *conn, 
     struct broker *b = http_req_broker(h, q->transport, err, sizeof err);
     if (retry && b) ks.reset_db = http_req_db(h, err, sizeof err);
     if (!b || (retry && !ks.reset_db)) {
-        rc = http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+        rc = http_unavailable(conn, "the broker or the database is unreachable", err);
     } else {
         int count = 0, brc = broker_dead_take(b, q, choose_keys, &ks, retry, &count);
         int missing = 0;
@@ -122,7 +122,7 @@ static enum MHD_Result dead_action(struct http *h, struct MHD_Connection *conn, 
         if (brc < 0) {
             snprintf(err, sizeof err, "%s stopped after %d: %s", retry ? "retry" : "purge", count, broker_error(b));
             http_req_broker_lost(h, q->transport);
-            rc = http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+            rc = http_unavailable(conn, "the action failed", err);
         } else {
             cJSON *o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "queue", q->name);
@@ -144,14 +144,14 @@ static enum MHD_Result pause_action(struct http *h, struct MHD_Connection *conn,
     if (!cJSON_IsBool(paused)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "paused must be true or false");
     char err[512], peer[64], by[96];
     struct db *db = http_req_db(h, err, sizeof err);
-    if (!db) return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+    if (!db) return http_unavailable(conn, "the database is unreachable", err);
     peer_of(conn, peer, sizeof peer);
     snprintf(by, sizeof by, "dashboard@%s", peer);
     bool on = cJSON_IsTrue(paused);
     if (queue_pause_set(db, q->name, on, by, NULL) < 0) {
         snprintf(err, sizeof err, "cannot %s %s: %s", on ? "pause" : "resume", q->name, db_errstr(db));
         http_req_db_lost(h);
-        return http_error(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "%s", err);
+        return http_unavailable(conn, "cannot change the pause", err);
     }
     log_info("dashboard (%s): %s %s", peer, on ? "paused" : "resumed", q->name);
     cJSON *o = cJSON_CreateObject();

@@ -108,12 +108,12 @@ static void commands(struct out *o, const struct cfg *cfg, const struct scoreboa
                 const struct sb_type_counts *c =
                     sb_is_worker_of(&sb->slot[k], q) ? counts_of(&sb->slot[k], q->commands[t]) : NULL;
                 if (!c) continue;
-                for (int b = 0; b <= SB_DURATION_BUCKETS; b++) buckets[b] += load(&c->duration[b]);
+                for (int b = 0; b <= sb_duration_nbounds; b++) buckets[b] += load(&c->duration[b]);
                 sum_us += load(&c->duration_sum_us);
             }
             char labels[5 * CFG_NAME_MAX + 32];
             snprintf(labels, sizeof labels, "queue=\"%s\",type=\"%s\"", label(q->name, ql), label(q->commands[t], tl));
-            histogram(o, "conveyor_command_duration_seconds", labels, sb_duration_bounds, SB_DURATION_BUCKETS,
+            histogram(o, "conveyor_command_duration_seconds", labels, sb_duration_bounds, sb_duration_nbounds,
                       buckets, (double)sum_us / 1e6);
         }
     }

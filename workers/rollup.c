@@ -43,9 +43,10 @@ struct rollup {
 
 static int64_t minute_of(int64_t wall_ms) { return wall_ms - wall_ms % 60000; }
 
-/* Ended commands in t: applied, rejected, duplicate and dead (a retry has not ended). */
+/* Ended commands in t: applied, rejected and dead (a retry has not ended; a
+ * duplicate ended before, and did no work now). */
 static uint64_t ended(const struct sb_queue_totals *t) {
-    return t->outcomes[SB_APPLIED] + t->outcomes[SB_REJECTED] + t->outcomes[SB_DUPLICATE] + t->outcomes[SB_DEAD];
+    return t->outcomes[SB_APPLIED] + t->outcomes[SB_REJECTED] + t->outcomes[SB_DEAD];
 }
 
 static void read_totals(const struct cfg *cfg, struct sb_queue_totals *out) {
@@ -76,14 +77,14 @@ void rollup_free(struct rollup *r) {
 
 /* What a queue's workers ended in a span: a minute's row, a step of the history. */
 struct step {
-    uint64_t applied, retried, rejected, dead; /* applied counts duplicates: found done */
+    uint64_t applied, retried, rejected, dead, duplicate; /* duplicate: absorbed by its dedup row, no work */
     uint64_t latency[SB_LATENCY_BUCKETS + 1];
 };
 
 /* Adds to *s what happened between totals a and the later b. */
 static void add_delta(struct step *s, const struct sb_queue_totals *a, const struct sb_queue_totals *b) {
-    s->applied += b->outcomes[SB_APPLIED] + b->outcomes[SB_DUPLICATE] - a->outcomes[SB_APPLIED] -
-                  a->outcomes[SB_DUPLICATE];
+    s->applied += b->outcomes[SB_APPLIED] - a->outcomes[SB_APPLIED];
+    s->duplicate += b->outcomes[SB_DUPLICATE] - a->outcomes[SB_DUPLICATE];
     s->retried += b->outcomes[SB_RETRIED] - a->outcomes[SB_RETRIED];
     s->rejected += b->outcomes[SB_REJECTED] - a->outcomes[SB_REJECTED];
     s->dead += b->outcomes[SB_DEAD] - a->outcomes[SB_DEAD];
@@ -100,27 +101,29 @@ static int write_minute(struct rollup *r, struct db *db, const struct sb_queue_t
     for (int i = 0; i < r->cfg->nqueues && rc == 0; i++) {
         struct step d = {0};
         add_delta(&d, &r->base[i], &now[i]);
-        if (d.applied + d.retried + d.rejected + d.dead == 0) continue;
-        char applied[24], rejected[24], retried[24], dead[24], lat[(SB_LATENCY_BUCKETS + 1) * 22 + 4];
+        if (d.applied + d.retried + d.rejected + d.dead + d.duplicate == 0) continue;
+        char applied[24], rejected[24], retried[24], dead[24], duplicate[24], lat[(SB_LATENCY_BUCKETS + 1) * 22 + 4];
         snprintf(applied, sizeof applied, "%llu", (unsigned long long)d.applied);
         snprintf(rejected, sizeof rejected, "%llu", (unsigned long long)d.rejected);
         snprintf(retried, sizeof retried, "%llu", (unsigned long long)d.retried);
         snprintf(dead, sizeof dead, "%llu", (unsigned long long)d.dead);
+        snprintf(duplicate, sizeof duplicate, "%llu", (unsigned long long)d.duplicate);
         size_t k = 0;
         lat[k++] = '{';
         for (int j = 0; j <= SB_LATENCY_BUCKETS; j++)
             k += (size_t)snprintf(lat + k, sizeof lat - k, "%s%llu", j ? "," : "", (unsigned long long)d.latency[j]);
         snprintf(lat + k, sizeof lat - k, "}");
-        const char *p[7] = {minute, r->cfg->queues[i].name, applied, rejected, retried, dead, lat};
+        const char *p[8] = {minute, r->cfg->queues[i].name, applied, rejected, retried, dead, lat, duplicate};
         /* several pools add into one row: each adds its own counts */
         rc = db_exec(db,
-                     "INSERT INTO metrics_minute AS m (minute, queue, applied, rejected, retried, dead, latency) "
-                     "VALUES ($1, $2, $3, $4, $5, $6, $7::bigint[]) ON CONFLICT (minute, queue) DO UPDATE SET "
-                     "applied = m.applied + excluded.applied, rejected = m.rejected + excluded.rejected, "
+                     "INSERT INTO metrics_minute AS m (minute, queue, applied, rejected, retried, dead, latency, "
+                     "duplicate) VALUES ($1, $2, $3, $4, $5, $6, $7::bigint[], $8) ON CONFLICT (minute, queue) DO "
+                     "UPDATE SET applied = m.applied + excluded.applied, rejected = m.rejected + excluded.rejected, "
                      "retried = m.retried + excluded.retried, dead = m.dead + excluded.dead, "
+                     "duplicate = m.duplicate + excluded.duplicate, "
                      "latency = ARRAY(SELECT coalesce(x, 0) + coalesce(y, 0) "
                      "FROM unnest(m.latency, excluded.latency) WITH ORDINALITY AS u(x, y, i) ORDER BY i)",
-                     7, p, NULL);
+                     8, p, NULL);
     }
     if (rc == 0) rc = db_cmd(db, "COMMIT");
     if (rc < 0) {
@@ -235,7 +238,8 @@ cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size
     const char *p[1] = {from};
     PGresult *res = NULL;
     pthread_mutex_lock(&r->write_lock); /* until the running minute is added: see the file's comment */
-    if (!db || db_exec(db, "SELECT (extract(epoch FROM minute) * 1000)::bigint, applied, rejected, dead, latency::text "
+    if (!db || db_exec(db, "SELECT (extract(epoch FROM minute) * 1000)::bigint, applied, rejected, dead, latency::text, "
+                           "duplicate "
                            "FROM metrics_minute WHERE minute >= $1", 1, p, &res) < 0) {
         snprintf(err, errlen, "cannot read the history: %s", db ? db_errstr(db) : "no database");
         pthread_mutex_unlock(&r->write_lock);
@@ -249,6 +253,7 @@ cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size
         st[k].applied += strtoull(PQgetvalue(res, i, 1), NULL, 10);
         st[k].rejected += strtoull(PQgetvalue(res, i, 2), NULL, 10);
         st[k].dead += strtoull(PQgetvalue(res, i, 3), NULL, 10);
+        st[k].duplicate += strtoull(PQgetvalue(res, i, 5), NULL, 10);
         const char *a = PQgetvalue(res, i, 4); /* {n,n,...} */
         for (int b = 0; b <= SB_LATENCY_BUCKETS && *a; b++) {
             while (*a == '{' || *a == ',') a++;
@@ -278,6 +283,7 @@ cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size
         cJSON_AddNumberToObject(pt, "applied", (double)st[i].applied);
         cJSON_AddNumberToObject(pt, "rejected", (double)st[i].rejected);
         cJSON_AddNumberToObject(pt, "dead", (double)st[i].dead);
+        cJSON_AddNumberToObject(pt, "duplicate", (double)st[i].duplicate); /* not in commands: no work */
         json_add_number_or_null(pt, "p50", quantile(st[i].latency, 0.5));
         json_add_number_or_null(pt, "p99", quantile(st[i].latency, 0.99));
         cJSON_AddItemToArray(points, pt);

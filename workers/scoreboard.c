@@ -28,8 +28,28 @@
 #include <time.h>
 #include <unistd.h>
 
-const double sb_duration_bounds[SB_DURATION_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                                        0.1,    0.25,  0.5,    1,     2.5,  5,     10};
+double sb_duration_bounds[SB_DURATION_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                  0.1,    0.25,  0.5,    1,     2.5,  5,     10};
+int sb_duration_nbounds = 14;
+/* Above 10 s: the bounds added until the longest a command can take is covered. */
+static const double duration_ladder[] = {30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800};
+
+/* Extends sb_duration_bounds past 10 s up to the longest time a command can
+ * take under cfg's timeouts: a batch whose every statement runs near its
+ * queue's statement_timeout_ms (batch_size x statement_timeout_ms, the slowest
+ * queue's). Above the ladder, the last bound is that time itself. */
+static void duration_bounds_for(const struct cfg *cfg) {
+    double longest = 0;
+    for (int i = 0; i < cfg->nqueues; i++) {
+        double s = (double)cfg->queues[i].batch_size * cfg->queues[i].statement_timeout_ms / 1000.0;
+        if (s > longest) longest = s;
+    }
+    int n = 14;
+    for (size_t k = 0; k < sizeof duration_ladder / sizeof *duration_ladder && sb_duration_bounds[n - 1] < longest; k++)
+        sb_duration_bounds[n++] = duration_ladder[k];
+    if (sb_duration_bounds[n - 1] < longest) sb_duration_bounds[n - 1] = longest;
+    sb_duration_nbounds = n;
+}
 const double sb_latency_bounds[SB_LATENCY_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,    2.5,
                                                       5,     10,   30,    60,   120, 300, 900, 1800, 3600};
 /* The event types the handlers emit (ctx_emit) and command.rejected; any other counts as "other". */
@@ -58,6 +78,7 @@ int scoreboard_init(const struct cfg *cfg) {
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return -1;
     board = p; /* zero-filled by mmap */
+    duration_bounds_for(cfg); /* before any fork: every child sees the same bounds */
     board->nslots = n;
     return 0;
 }
@@ -180,15 +201,43 @@ void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t sta
     add(&c->outcomes[outcome], 1);
     if (outcome != SB_DUPLICATE && started_us > 0 && commit_us >= started_us) { /* a duplicate did not run */
         int64_t us = commit_us - started_us;
-        add(&c->duration[bucket(sb_duration_bounds, SB_DURATION_BUCKETS, (double)us / 1e6)], 1);
+        add(&c->duration[bucket(sb_duration_bounds, sb_duration_nbounds, (double)us / 1e6)], 1);
         add(&c->duration_sum_us, (uint64_t)us);
     }
     int64_t created = created_ms;
-    if (created >= 0) {
+    if (created >= 0 && outcome != SB_DUPLICATE) { /* latency: of the commands whose work committed */
         int64_t ms = commit_wall_ms > created ? commit_wall_ms - created : 0; /* a clock ahead of ours: 0 */
         add(&mine->latency[bucket(sb_latency_bounds, SB_LATENCY_BUCKETS, (double)ms / 1e3)], 1);
         add(&mine->latency_sum_ms, (uint64_t)ms);
     }
+}
+
+void scoreboard_pending_begin(void) {
+    if (!mine) return;
+    __atomic_store_n(&mine->pending_xid, 0, __ATOMIC_RELAXED);
+    memset(mine->pending, 0, sizeof mine->pending);
+}
+
+void scoreboard_pending_add(const char *type, enum sb_outcome outcome) {
+    if (mine && (outcome == SB_APPLIED || outcome == SB_REJECTED)) mine->pending[type_index(mine, type)][outcome]++;
+}
+
+void scoreboard_pending_arm(uint64_t xid) {
+    if (mine) __atomic_store_n(&mine->pending_xid, xid, __ATOMIC_RELEASE); /* the counts above are complete */
+}
+
+uint64_t scoreboard_pending_xid(void) { return mine ? __atomic_load_n(&mine->pending_xid, __ATOMIC_ACQUIRE) : 0; }
+
+void scoreboard_pending_drop(void) {
+    if (mine) __atomic_store_n(&mine->pending_xid, 0, __ATOMIC_RELAXED);
+}
+
+void scoreboard_pending_fold(void) {
+    if (!mine || !scoreboard_pending_xid()) return;
+    for (int t = 0; t < SB_TYPES; t++)
+        for (int o = 0; o < 2; o++)
+            if (mine->pending[t][o]) add(&mine->counts[t].outcomes[o], mine->pending[t][o]);
+    scoreboard_pending_drop();
 }
 
 void scoreboard_event_published(const char *type) {

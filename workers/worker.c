@@ -113,6 +113,69 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
 }
 
 
+/* After batch_run returned rc for the n items v: counts the outcomes it
+ * committed (rc 0), with their duration and latency, then forgets the pending
+ * copy batch_run armed; after an error on a connection that still works
+ * (nothing committed) only forgets it; after a broken connection leaves it
+ * pending, for count_reconcile once reconnected (the COMMIT may have been applied). */
+static void count_commit(struct worker *w, struct batch_item **v, int n, int rc) {
+    if (rc < 0) {
+        if (w->db && db_ok(w->db)) scoreboard_pending_drop();
+        return;
+    }
+    int64_t commit_us = clock_mono_us(), commit_ms = clock_ms();
+    for (int i = 0; i < n; i++) {
+        if (v[i]->rc < 0) continue; /* failed alone: settled by attempt_failed */
+        log_cmd(LOG_DEBUG, &v[i]->env, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
+        /* enum outcome and enum sb_outcome agree on applied, rejected, duplicate */
+        scoreboard_committed(v[i]->env.type, (enum sb_outcome)v[i]->rc, v[i]->started_us, commit_us,
+                             v[i]->env.created_ms, commit_ms);
+    }
+    scoreboard_pending_drop();
+}
+
+/* Settles the outcomes pending in this worker's slot (left by a predecessor
+ * killed between a COMMIT and its counting, or by a connection lost during a
+ * COMMIT): asks the database whether their transaction committed, and folds
+ * them into the counts or drops them. A transaction still in progress (its
+ * backend has not yet seen its client die) is asked again every 100 ms, for at
+ * most the queue's statement and idle-in-transaction timeouts and 10 s; then,
+ * or when the database no longer knows the transaction, they are dropped with
+ * a warning. Returns 0 when nothing is pending any more, or -1 when the
+ * connection failed (they stay pending; the caller reconnects). */
+static int count_reconcile(struct worker *w) {
+    uint64_t xid = scoreboard_pending_xid();
+    if (!xid) return 0;
+    char x[24];
+    snprintf(x, sizeof x, "%llu", (unsigned long long)xid);
+    const char *p[1] = {x};
+    int64_t deadline =
+        clock_mono_ms() + w->q->statement_timeout_ms + w->q->idle_in_transaction_timeout_ms + 10000;
+    while (!stop_requested) {
+        PGresult *r = NULL;
+        if (db_exec(w->db, "SELECT pg_xact_status($1::xid8)", 1, p, &r) < 0) {
+            if (!db_ok(w->db)) return -1;
+            log_warn("the outcomes of transaction %s are not counted: the database does not know it (%s)", x,
+                     db_errstr(w->db));
+            scoreboard_pending_drop();
+            return 0;
+        }
+        const char *status = PQgetisnull(r, 0, 0) ? "unknown" : PQgetvalue(r, 0, 0);
+        if (strcmp(status, "committed") == 0) {
+            log_info("counted the outcomes of transaction %s, committed by a worker that did not count them", x);
+            scoreboard_pending_fold();
+        } else if (strcmp(status, "in progress") != 0 || clock_mono_ms() > deadline) {
+            if (strcmp(status, "aborted") != 0)
+                log_warn("the outcomes of transaction %s are not counted: its status is %s", x, status);
+            scoreboard_pending_drop();
+        }
+        PQclear(r);
+        if (!scoreboard_pending_xid()) return 0;
+        backoff_sleep(100, &stop_requested);
+    }
+    return 0;
+}
+
 /* Parses one delivered message and settles at once what cannot run here
  * (invalid, or a type this worker does not take). Returns true when it can. */
 static bool admit(struct worker *w, struct batch_item *it) {
@@ -165,27 +228,20 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
     }
     batch_order(v, nlive);
     if (nlive > 0) scoreboard_current(v[0]->env.id, v[0]->env.type);
-    if (nlive > 0 && batch_run(&w->batch, v, nlive) == CV_EREFUSED && nlive > 1) {
+    int brc = nlive > 0 ? batch_run(&w->batch, v, nlive) : 0;
+    count_commit(w, v, nlive, brc);
+    if (brc == CV_EREFUSED && nlive > 1) {
         /* the database refused the batch as a whole (its outbox insert, say):
          * run each alone, so that only the command at fault fails */
         log_warn("a batch of %d failed as a whole (%s); running each command alone", nlive, db_errstr(w->db));
         for (int i = 0; i < nlive; i++) {
             batch_item_forget(v[i]);
-            batch_run(&w->batch, &v[i], 1);
+            count_commit(w, &v[i], 1, batch_run(&w->batch, &v[i], 1));
         }
     }
     /* failures first: a retry acks its own delivery */
-    int64_t commit_us = clock_mono_us(), commit_ms = clock_ms();
-    for (int i = 0; i < nlive; i++) {
-        if (v[i]->rc < 0) {
-            attempt_failed(w, v[i]);
-            continue;
-        }
-        log_cmd(LOG_DEBUG, &v[i]->env, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
-        /* enum outcome and enum sb_outcome agree on applied, rejected, duplicate */
-        scoreboard_committed(v[i]->env.type, (enum sb_outcome)v[i]->rc, v[i]->started_us, commit_us,
-                             v[i]->env.created_ms, commit_ms);
-    }
+    for (int i = 0; i < nlive; i++)
+        if (v[i]->rc < 0) attempt_failed(w, v[i]);
     struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;
     for (int i = 0; i < n; i++) /* in arrival order */
@@ -311,7 +367,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
             snprintf(limits, sizeof limits, "SET statement_timeout TO %d; SET lock_timeout TO %d; "
                      "SET idle_in_transaction_session_timeout TO %d", q->statement_timeout_ms, q->lock_timeout_ms,
                      q->idle_in_transaction_timeout_ms);
-            if (db_cmd(w.db, limits) < 0) { /* logged by db_cmd */
+            if (db_cmd(w.db, limits) < 0 || count_reconcile(&w) < 0) { /* logged */
                 db_close(w.db);
                 w.db = NULL;
                 backoff_sleep(500, &stop_requested);

@@ -183,6 +183,7 @@ struct batch {
     const struct cfg_queue *q;
     char notify_sql[160];        /* NOTIFY "<prefix>_outbox" */
     int claim;                   /* the handle of the dedup insert's result while it is pending, or -1 */
+    uint64_t xid;                /* the open transaction's id once a dedup row is in it (claim_read), else 0 */
 };
 /* Fills b for the queue q of cfg (both kept: they must outlive b; b->db is set
  * by the caller). */
@@ -202,7 +203,11 @@ int batch_count_attempts(struct batch *b, struct batch_item **v, int n);
 void batch_order(struct batch_item **v, int n);
 /* Runs the items in one transaction, each in its own savepoint when there are
  * several (a failing command is rolled back alone and settled on its own),
- * and commits once. Sets each item's rc (an outcome, or the error class of
+ * and commits once. Before the COMMIT is sent, the outcomes it commits are
+ * armed in the scoreboard with the transaction's id (scoreboard_pending_*):
+ * the caller counts them and drops them after a 0, drops them after an error
+ * on a connection that still works (nothing committed), and leaves them for
+ * reconciliation when the connection broke (the COMMIT may have been applied). Sets each item's rc (an outcome, or the error class of
  * its failure, with error), and moves the items' events into the outbox.
  * Returns 0, or the error class that undid the whole batch: then every item
  * that had not failed on its own carries it, with error, and the transaction
@@ -248,10 +253,13 @@ enum sb_outcome { SB_APPLIED, SB_REJECTED, SB_DUPLICATE, SB_RETRIED, SB_DEAD, SB
  * configuration refused (exit 2), recycled (max_jobs, max_rss_mb) */
 enum sb_restart { SB_RESTART_SIGNAL, SB_RESTART_EXIT, SB_RESTART_CONFIG, SB_RESTART_RECYCLED, SB_NRESTARTS };
 #define SB_TYPES 16             /* a queue's command types counted apart (the 16th and later: "unknown") */
-#define SB_DURATION_BUCKETS 14
+#define SB_DURATION_BUCKETS 24     /* at most; sb_duration_nbounds are used */
 #define SB_LATENCY_BUCKETS 18
 #define SB_EVENT_TYPES 11
-extern const double sb_duration_bounds[SB_DURATION_BUCKETS]; /* seconds, upper bounds */
+/* seconds, upper bounds: 0.5 ms to 10 s, then a ladder up to at least the
+ * slowest queue's batch_size x statement_timeout_ms (set by scoreboard_init, fixed then) */
+extern double sb_duration_bounds[SB_DURATION_BUCKETS];
+extern int sb_duration_nbounds;
 extern const double sb_latency_bounds[SB_LATENCY_BUCKETS];   /* seconds: 5 ms to one hour */
 extern const char *const sb_event_types[SB_EVENT_TYPES];     /* events counted apart; the rest "other" */
 extern const char *const sb_state_names[SB_NSTATES];
@@ -260,7 +268,7 @@ extern const char *const sb_restart_names[SB_NRESTARTS];
 
 struct sb_type_counts {
     uint64_t outcomes[SB_NOUTCOMES];
-    uint64_t duration[SB_DURATION_BUCKETS + 1]; /* not cumulative; the last is above every bound */
+    uint64_t duration[SB_DURATION_BUCKETS + 1]; /* not cumulative; [sb_duration_nbounds]: above every bound */
     uint64_t duration_sum_us;
 };
 struct sb_slot {
@@ -285,6 +293,12 @@ struct sb_slot {
     uint32_t current_seq;
     char current_id[ID_LEN + 1];
     char current_type[CFG_NAME_MAX];
+    /* the outcomes of the batch whose COMMIT may be in flight, and its
+     * transaction (pg_current_xact_id; 0: none): counted once the commit is
+     * known, by the worker or, after a kill, by the next process of the slot
+     * (scoreboard_pending_*) */
+    uint64_t pending_xid;
+    uint32_t pending[SB_TYPES][2];            /* by type index: applied, rejected */
 };
 struct scoreboard {
     int32_t nslots;
@@ -326,6 +340,24 @@ void scoreboard_committed(const char *type, enum sb_outcome outcome, int64_t sta
                           int64_t created_ms, int64_t commit_wall_ms);
 /* Relay: one event of type published. */
 void scoreboard_event_published(const char *type);
+/* Worker, before a batch's COMMIT is sent: scoreboard_pending_begin, one
+ * scoreboard_pending_add per command it applied or rejected (outcome
+ * SB_APPLIED or SB_REJECTED; others are ignored), then scoreboard_pending_arm
+ * with the transaction's id. Until scoreboard_pending_drop or _fold, the
+ * slot holds them: a worker killed before it counts a commit leaves them to
+ * the next process of its slot, which asks the database whether that
+ * transaction committed (worker.c, count_reconcile) and folds them in or
+ * drops them. */
+void scoreboard_pending_begin(void);
+void scoreboard_pending_add(const char *type, enum sb_outcome outcome);
+void scoreboard_pending_arm(uint64_t xid);
+/* The transaction of the slot's pending outcomes, or 0 when none. */
+uint64_t scoreboard_pending_xid(void);
+/* Forgets the pending outcomes (counted already with scoreboard_committed, or not committed). */
+void scoreboard_pending_drop(void);
+/* Adds the pending outcomes to the slot's counts (their transaction
+ * committed; no histogram observation: their times died with the worker), then forgets them. */
+void scoreboard_pending_fold(void);
 /* Reader: true when s is a worker slot of queue q. */
 bool sb_is_worker_of(const struct sb_slot *s, const struct cfg_queue *q);
 /* What every process that ever ran a worker of a queue counted, summed. */
