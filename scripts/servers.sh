@@ -206,6 +206,9 @@ case "${1:-}" in
   pg-restart)  # a crash and restart of PostgreSQL (tests): immediate stop, then start
     st=$(state_dir)
     su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -w -t 60 -D '$st/pg' -m immediate -l '$st/pg/server.log' restart" >/dev/null ;;
+  pg-stop)  # a clean stop of PostgreSQL (tests: "terminating connection due to administrator command"); `up` starts it
+    st=$(state_dir)
+    su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -w -t 60 -D '$st/pg' -m fast stop" >/dev/null ;;
   rabbit-env) st=$(state_dir); rabbit_env "$st"; env | grep '^RABBITMQ_' ;;
   reset) cmd_down; st=$(state_dir); rm -rf "${st:?}"/*; log "state removed" ;;
   -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
