@@ -35,7 +35,8 @@ static const char usage[] =
     "from their index in PostgreSQL, rebuilt from the queue when the two disagree).\n"
     "\n"
     "'stats' prints per queue its state (running or paused), the messages waiting,\n"
-    "in flight (Redis only), waiting out a retry delay, and dead; its consumers\n"
+    "in flight (RabbitMQ: what the running pools' workers hold, as each reports it\n"
+    "every second), waiting out a retry delay, and dead; its consumers\n"
     "(RabbitMQ); the commands applied or rejected in the last minute and the last\n"
     "5 minutes (per second); and the outbox: events not yet published, and the age\n"
     "of the oldest. 'queue pause' makes every pool stop taking from QUEUE within a\n"
@@ -354,6 +355,9 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     long backlog = 0;
     double oldest = -1;
     int rc = read_db_stats(db, cfg, st, &backlog, &oldest);
+    /* RabbitMQ's in flight: what the pools' workers hold, as each pool reports it (pool_load.c) */
+    long *held = xcalloc((size_t)cfg->nqueues, sizeof *held);
+    bool held_known = !rc && pool_load_read(db, cfg, held) == 0;
     db_close(db);
     if (!rc && !json)
         printf("%-12s %-9s %-7s %8s %9s %6s %6s %9s %9s %9s\n", "QUEUE", "TRANSPORT", "STATE", "WAITING", "IN-FLIGHT",
@@ -368,6 +372,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
             rc = EXIT_UNREACHABLE;
             break;
         }
+        if (q->transport == TRANSPORT_RABBITMQ) n.in_flight = held_known ? held[i] : -1;
         const struct queue_db_stats *s = &st[i];
         double rate_1m = s->processed_1m / 60.0, rate_5m = s->processed_5m / 300.0;
         if (json) {
@@ -417,6 +422,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
                age[0] ? ", the oldest " : "", age, age[0] ? " old" : "");
     }
     free(st);
+    free(held);
     return rc;
 }
 

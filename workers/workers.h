@@ -444,6 +444,19 @@ cJSON *dead_letter_json(const struct cfg_queue *q, const struct dead_letter *d, 
  * the error class of the statement (db_errstr says why). */
 int dead_letter_reset_attempts(struct db *db, const struct dead_letter *d);
 
+/* ---- pool_load.c: the pool's in-flight counts in PostgreSQL (sql/0008) ------ */
+#define POOL_LOAD_FRESH_S_TEXT "5" /* a pool's rows older than this many seconds are not counted */
+/* Relay (active or standing by), as often as it likes: at most once a second
+ * writes what this pool's workers hold per queue (the scoreboard's in_hand)
+ * into pool_in_flight. A failure is logged at debug (the rows go stale). */
+void pool_load_report(struct db *db, const struct cfg *cfg);
+/* At a clean stop: deletes this pool's rows (best effort). */
+void pool_load_forget(struct db *db);
+/* conveyor-admin stats: in_flight[i] (cfg->nqueues entries) is the sum over
+ * the pools with fresh rows of what their workers hold of queue i. Returns 0
+ * or the error class (42P01: the schema is older). */
+int pool_load_read(struct db *db, const struct cfg *cfg, long *in_flight);
+
 /* ---- dead_index.c: RabbitMQ's dead letters indexed in PostgreSQL (sql/0007) ---- */
 /* After the broker confirmed the dead letter of d (dead_id its
  * x-conveyor-dead-id header): its row in the index of q. 0, or the error
