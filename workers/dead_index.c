@@ -20,8 +20,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define REBUILD_FLUSH 256 /* rows sent per round trip while rebuilding */
+#define SETTLE_MS 200     /* a difference between the queue and the index that lasts this long is a drift */
 
 /* The bytea literal of len bytes (\x and hex digits); the caller frees it. */
 static char *bytea_hex(const char *body, size_t len) {
@@ -152,18 +154,29 @@ static int rebuild(struct db *db, struct broker *b, const struct cfg_queue *q, l
 
 int dead_index_sync(struct db *db, struct broker *b, const struct cfg_queue *q, long *total, char *err,
                     size_t errlen) {
-    long indexed = 0;
-    int rc = broker_dead_count(b, q, total);
-    if (rc < 0) {
-        snprintf(err, errlen, "cannot count the dead letters of %s: %s", q->name, broker_error(b));
-        return rc;
+    long indexed = 0, seen_total = -1, seen_indexed = -1;
+    for (int look = 0;; look++) {
+        int rc = broker_dead_count(b, q, total);
+        if (rc < 0) {
+            snprintf(err, errlen, "cannot count the dead letters of %s: %s", q->name, broker_error(b));
+            return rc;
+        }
+        if ((rc = index_count(db, q, &indexed)) < 0) {
+            snprintf(err, errlen, "cannot read the dead-letter index of %s: %s%s", q->name, db_errstr(db),
+                     strcmp(db_sqlstate(db), "42P01") == 0 ? " (the schema is older: run conveyor-workers --setup)" : "");
+            return rc;
+        }
+        if (indexed == *total) return 0;
+        /* A worker writes its row just after the broker has the letter: a difference
+         * that moves is letters coming in (read the index as it is); one that stays
+         * the same over SETTLE_MS is a drift (rebuild). */
+        if (look > 0 && (*total != seen_total || indexed != seen_indexed)) return 0;
+        if (look > 0) return rebuild(db, b, q, total, err, errlen);
+        seen_total = *total;
+        seen_indexed = indexed;
+        struct timespec ts = {0, SETTLE_MS * 1000000L};
+        nanosleep(&ts, NULL);
     }
-    if ((rc = index_count(db, q, &indexed)) < 0) {
-        snprintf(err, errlen, "cannot read the dead-letter index of %s: %s%s", q->name, db_errstr(db),
-                 strcmp(db_sqlstate(db), "42P01") == 0 ? " (the schema is older: run conveyor-workers --setup)" : "");
-        return rc;
-    }
-    return indexed == *total ? 0 : rebuild(db, b, q, total, err, errlen);
 }
 
 /* Row i of r (columns id, dead_id, message_id, reason, error, attempts,

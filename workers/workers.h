@@ -469,10 +469,11 @@ int dead_index_add(struct db *db, const struct cfg_queue *q, const char *dead_id
  * class (a row left behind is found by the next reader's check). */
 int dead_index_forget(struct db *db, const struct cfg_queue *q, const struct dead_letter *d);
 /* Before reading q's index: the queue's dead letters into *total (one passive
- * declare) against the index's row count (one row); when they differ, rebuilds
- * q's rows from the queue (a walk that takes nothing) in one transaction under
- * a lock per queue. Returns 0 (they agreed), 1 (rebuilt), or an error class
- * with err set. */
+ * declare) against the index's row count (one row). When they differ, looks
+ * again 200 ms later: a difference that moved is letters coming in (the index
+ * is read as it is); one that stayed is a drift, and q's rows are rebuilt from
+ * the queue (a walk that takes nothing) in one transaction under a lock per
+ * queue. Returns 0 (read the index), 1 (rebuilt), or an error class with err. */
 int dead_index_sync(struct db *db, struct broker *b, const struct cfg_queue *q, long *total, char *err,
                     size_t errlen);
 /* Up to limit rows of q with id > after_id, skipping offset of them, in id
