@@ -91,8 +91,8 @@ int broker_ack_batch(struct broker *b, const struct delivery *d, int n) { return
 int broker_requeue(struct broker *b, const struct delivery *d) { return b->ops->requeue(b, d); }
 
 int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
-                       const char *error, int attempts) {
-    return b->ops->dead_letter(b, d, reason, error, attempts);
+                       const char *error, int attempts, const char *dead_id) {
+    return b->ops->dead_letter(b, d, reason, error, attempts, dead_id);
 }
 
 int broker_retry(struct broker *b, const struct delivery *d, int delay_ms) {
@@ -115,12 +115,27 @@ int broker_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn
     return b->ops->dead_walk(b, q, sel, arg, requeue, count, NULL, NULL);
 }
 
+int broker_dead_page(struct broker *b, const struct cfg_queue *q, long offset, int limit, struct dead_letter **out,
+                     int *n) {
+    *out = NULL;
+    *n = 0;
+    if (!b->ops->dead_page) return broker_fail(b, CV_EREFUSED, "this broker cannot read dead letters without taking them");
+    if (offset < 0 || limit < 1) return broker_fail(b, CV_EREFUSED, "a page needs an offset >= 0 and a limit >= 1");
+    return b->ops->dead_page(b, q, offset, limit, out, n);
+}
+
+int broker_dead_count(struct broker *b, const struct cfg_queue *q, long *n) {
+    *n = 0;
+    return b->ops->dead_count(b, q, n);
+}
+
 void dead_letter_clear(struct dead_letter *d) {
     free(d->body);
     free(d->message_id);
     free(d->reason);
     free(d->error);
     free(d->failed_at);
+    free(d->dead_id);
     memset(d, 0, sizeof *d);
 }
 

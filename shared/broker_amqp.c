@@ -590,11 +590,11 @@ static int traceparent_header(amqp_table_entry_t *e, const char *value) {
 }
 
 static int amqp_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
-                            const char *error, int attempts) {
+                            const char *error, int attempts, const char *dead_id) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     char ts[32];
     clock_rfc3339(clock_ms(), ts);
-    amqp_table_entry_t h[5];
+    amqp_table_entry_t h[6];
     h[0].key = amqp_cstring_bytes("x-conveyor-reason");
     h[0].value.kind = AMQP_FIELD_KIND_UTF8;
     h[0].value.value.bytes = amqp_cstring_bytes(reason);
@@ -608,8 +608,13 @@ static int amqp_dead_letter(struct broker *b, const struct delivery *d, const ch
     h[3].value.kind = AMQP_FIELD_KIND_UTF8;
     h[3].value.value.bytes = amqp_cstring_bytes(ts);
     /* the message's own traceparent header goes with it (a retry from the dead letters keeps its trace) */
-    struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL,
-                         {4 + traceparent_header(&h[4], d->traceparent), h}, NULL};
+    int nh = 4 + traceparent_header(&h[4], d->traceparent);
+    if (dead_id) { /* its row in the dead-letter index (workers/dead_index.c) */
+        h[nh].key = amqp_cstring_bytes("x-conveyor-dead-id");
+        h[nh].value.kind = AMQP_FIELD_KIND_UTF8;
+        h[nh++].value.value.bytes = amqp_cstring_bytes(dead_id);
+    }
+    struct amqp_msg m = {"", a->dead, d->body, d->len, d->message_id, NULL, {nh, h}, NULL};
     int rc = publish_confirmed(a, &m, 1, true);
     if (rc < 0) return rc;
     return amqp_ack(b, d);
@@ -704,6 +709,7 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
         d.error = header_str(h, "x-conveyor-error");
         d.failed_at = header_str(h, "x-conveyor-failed-at");
         d.attempts = header_int(h, "x-conveyor-attempts");
+        d.dead_id = header_str(h, "x-conveyor-dead-id");
         char *traceparent = header_str(h, "traceparent");
         amqp_destroy_message(&msg);
         index++;
@@ -778,6 +784,13 @@ static int passive_count(struct amqp_broker *a, const char *name, long *messages
     *messages = ok->message_count;
     if (consumers) *consumers = ok->consumer_count;
     return 0;
+}
+
+/* The dead letters of q: the message count of a passive declare (no message moves). */
+static int amqp_dead_count(struct broker *b, const struct cfg_queue *q, long *n) {
+    char dead[256];
+    names_amqp_dead(b->cfg, q->name, dead, sizeof dead);
+    return passive_count((struct amqp_broker *)b, dead, n, NULL);
 }
 
 /* Ready messages of the queue, its consumers, its dead letters, and the
@@ -877,6 +890,7 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .retry = amqp_retry,
     .maintain = amqp_maintain,
     .dead_walk = amqp_dead_walk,
+    .dead_count = amqp_dead_count,
     .queue_counts = amqp_queue_counts,
     .publish_events = amqp_publish_events,
     .subscribe = amqp_subscribe,

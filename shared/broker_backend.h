@@ -18,13 +18,17 @@ struct broker_ops {
     int (*ack_batch)(struct broker *b, const struct delivery *d, int n);
     int (*requeue)(struct broker *b, const struct delivery *d);
     int (*dead_letter)(struct broker *b, const struct delivery *d, const char *reason,
-                       const char *error, int attempts);
+                       const char *error, int attempts, const char *dead_id);
     int (*retry)(struct broker *b, const struct delivery *d, int delay_ms);
     int (*maintain)(struct broker *b);
     /* Walks the dead letters of q oldest first: with out, collects them all;
      * with sel, removes (and with requeue re-publishes) the chosen ones. */
     int (*dead_walk)(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg, bool requeue,
                      int *count, struct dead_letter **out, int *n);
+    /* optional: a page of the dead letters without taking them (else CV_EREFUSED) */
+    int (*dead_page)(struct broker *b, const struct cfg_queue *q, long offset, int limit, struct dead_letter **out,
+                     int *n);
+    int (*dead_count)(struct broker *b, const struct cfg_queue *q, long *n);
     int (*queue_counts)(struct broker *b, const struct cfg_queue *q, struct queue_counts *out);
     int (*publish_events)(struct broker *b, const struct outgoing_event *ev, int n);
     int (*subscribe)(struct broker *b, const char *pattern);

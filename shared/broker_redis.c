@@ -716,7 +716,8 @@ static int redis_requeue(struct broker *b, const struct delivery *d) {
 }
 
 static int redis_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
-                             const char *error, int attempts) {
+                             const char *error, int attempts, const char *dead_id) {
+    (void)dead_id; /* the list is read in pages as it is: no index */
     struct redis_broker *r = (struct redis_broker *)b;
     char ts[32];
     clock_rfc3339(clock_ms(), ts);
@@ -877,6 +878,24 @@ static int redis_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sel
     return rc;
 }
 
+/* Up to limit dead letters of q after the offset oldest, oldest first: one
+ * LRANGE counted from the list's old end (the right: entries are LPUSHed), so
+ * its cost is the page's, whatever the list's length; nothing moves. An entry
+ * that is not a dead letter's JSON is left out of *out. */
+static int redis_dead_page(struct broker *b, const struct cfg_queue *q, long offset, int limit,
+                           struct dead_letter **out, int *n) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    char dead[256];
+    names_redis(r->base.cfg, "dead", q->name, dead, sizeof dead);
+    redisReply *rep = cmd(r, "LRANGE %s %ld %ld", dead, -(offset + limit), -(offset + 1));
+    if (!rep) return last_error(r);
+    *out = xcalloc(rep->elements ? rep->elements : 1, sizeof **out);
+    for (size_t i = rep->elements; i-- > 0;) /* the range comes newest first */
+        if (parse_dead(rep->element[i]->str, &(*out)[*n])) (*n)++;
+    freeReplyObject(rep);
+    return 0;
+}
+
 /* The integer reply of a command on key (LLEN, ZCARD) into *n. Returns 0 or a class. */
 static int key_count(struct redis_broker *r, const char *command, const char *key, long *n) {
     redisReply *rep = cmd(r, "%s %s", command, key);
@@ -884,6 +903,13 @@ static int key_count(struct redis_broker *r, const char *command, const char *ke
     *n = (long)rep->integer;
     freeReplyObject(rep);
     return 0;
+}
+
+/* LLEN of the dead letters of q. */
+static int redis_dead_count(struct broker *b, const struct cfg_queue *q, long *n) {
+    char key[256];
+    names_redis(b->cfg, "dead", q->name, key, sizeof key);
+    return key_count((struct redis_broker *)b, "LLEN", key, n);
 }
 
 /* LLEN of the queue and of its dead letters, ZCARD of its retry set, and the
@@ -991,6 +1017,8 @@ static const struct broker_ops redis_ops = {
     .retry = redis_retry,
     .maintain = redis_maintain,
     .dead_walk = redis_dead_walk,
+    .dead_page = redis_dead_page,
+    .dead_count = redis_dead_count,
     .queue_counts = redis_queue_counts,
     .publish_events = redis_publish_events,
     .subscribe = redis_subscribe,

@@ -566,9 +566,11 @@ int broker_ack_batch(struct broker *b, const struct delivery *d, int n);
  * returned). RabbitMQ: 0 when the channel is gone (it is back already). */
 int broker_requeue(struct broker *b, const struct delivery *d);
 /* Moves the message, untouched, to the queue's dead letters with why (reason,
- * error and attempts are copied into it). */
+ * error and attempts are copied into it). dead_id (may be NULL) names this
+ * dead-lettering for the dead-letter index (RabbitMQ: the header
+ * x-conveyor-dead-id; Redis ignores it: its list is read in pages as it is). */
 int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
-                       const char *error, int attempts);
+                       const char *error, int attempts, const char *dead_id);
 /* Moves the message, untouched, out of the way for delay_ms, after which it is
  * back on its queue (RabbitMQ: a delay queue whose TTL dead-letters back;
  * Redis: the retry sorted set, moved back by broker_maintain). */
@@ -591,6 +593,7 @@ struct dead_letter {
     size_t len;
     char *message_id;      /* RabbitMQ property, or NULL */
     char *reason, *error, *failed_at;
+    char *dead_id;         /* RabbitMQ header x-conveyor-dead-id (its row in the index), or NULL */
     int attempts;
 };
 /* Frees the n dead letters and the array d; NULL is fine. */
@@ -607,6 +610,16 @@ int broker_dead_read(struct broker *b, const struct cfg_queue *q, struct dead_le
  * class: the walk stops there, and *count says how many went before it. */
 int broker_dead_take(struct broker *b, const struct cfg_queue *q, dead_select_fn sel, void *arg,
                      bool requeue, int *count);
+/* Reads up to limit dead letters of q without removing them or marking them
+ * redelivered, skipping the offset oldest (oldest first): *out (caller frees
+ * with dead_letters_free(*out, *n), after an error too) and *n. Redis: LRANGE
+ * from the list's old end. RabbitMQ cannot read a queue without taking from
+ * it: CV_EREFUSED (its pages come from the index in PostgreSQL, dead_index.c). */
+int broker_dead_page(struct broker *b, const struct cfg_queue *q, long offset, int limit, struct dead_letter **out,
+                     int *n);
+/* The number of dead letters of q into *n (RabbitMQ: a passive declare; Redis:
+ * LLEN): one round trip whatever their number. Returns 0 or an error class. */
+int broker_dead_count(struct broker *b, const struct cfg_queue *q, long *n);
 /* What a queue holds, as its broker tells it (conveyor-admin stats; the metrics). */
 struct queue_counts {
     long waiting;   /* ready to be taken */

@@ -15,7 +15,7 @@ enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
 
 static const char usage[] =
     "usage: conveyor-admin [-c FILE] [--json] dead counts\n"
-    "       conveyor-admin [-c FILE] [--json] dead list [QUEUE]\n"
+    "       conveyor-admin [-c FILE] [--json] dead list [QUEUE] [--limit N] [--cursor CURSOR]\n"
     "       conveyor-admin [-c FILE] dead show QUEUE SELECTOR\n"
     "       conveyor-admin [-c FILE] dead retry QUEUE SELECTOR|--all\n"
     "       conveyor-admin [-c FILE] dead purge QUEUE SELECTOR|--all\n"
@@ -29,9 +29,14 @@ static const char usage[] =
     "original message again, untouched, to the queue it came from, with a fresh\n"
     "attempt count; 'purge' deletes. 'show' prints a message's password fields as\n"
     "\"***\" (the dead letter keeps them, untouched, for the retry).\n"
+    "'list' prints a page per queue, at most N letters (default 100, at most 1000);\n"
+    "when there are more it says, on stderr, the --cursor of the next page (with\n"
+    "QUEUE). No letter is taken off its queue to be read (RabbitMQ: they are read\n"
+    "from their index in PostgreSQL, rebuilt from the queue when the two disagree).\n"
     "\n"
     "'stats' prints per queue its state (running or paused), the messages waiting,\n"
-    "in flight (Redis only), waiting out a retry delay, and dead; its consumers\n"
+    "in flight (RabbitMQ: what the running pools' workers hold, as each reports it\n"
+    "every second), waiting out a retry delay, and dead; its consumers\n"
     "(RabbitMQ); the commands applied or rejected in the last minute and the last\n"
     "5 minutes (per second); and the outbox: events not yet published, and the age\n"
     "of the oldest. 'queue pause' makes every pool stop taking from QUEUE within a\n"
@@ -97,11 +102,23 @@ static struct broker *broker_of(const struct cfg *cfg, const struct cfg_queue *q
     return brokers[q->transport];
 }
 
-static int read_queue(const struct cfg *cfg, const struct cfg_queue *q, struct dead_letter **d, int *n) {
-    struct broker *b = broker_of(cfg, q);
-    if (broker_dead_read(b, q, d, n) < 0) {
-        fprintf(stderr, "conveyor-admin: cannot read the dead letters of %s: %s\n", q->name, broker_error(b));
-        return EXIT_UNREACHABLE;
+/* The database (for RabbitMQ's dead-letter index), opened once, or exit 2 / 3. */
+static struct db *index_db;
+static struct db *db_or_exit(const struct cfg *cfg, const char *why);
+static struct db *index_db_of(const struct cfg *cfg, const struct cfg_queue *q) {
+    if (q->transport != TRANSPORT_RABBITMQ) return NULL;
+    if (!index_db) index_db = db_or_exit(cfg, "reading RabbitMQ's dead letters (their index)");
+    return index_db;
+}
+
+/* A page of q's dead letters (cursor, limit) into *p; 0, or an exit status (said on stderr). */
+static int read_page(const struct cfg *cfg, const struct cfg_queue *q, const char *cursor, int limit,
+                     struct dead_page *p) {
+    char err[600];
+    int rc = dead_page_read(broker_of(cfg, q), index_db_of(cfg, q), q, cursor, limit, p, err, sizeof err);
+    if (rc < 0) {
+        fprintf(stderr, "conveyor-admin: %s\n", err);
+        return rc == CV_EREJECT ? EXIT_USAGE : EXIT_UNREACHABLE;
     }
     return 0;
 }
@@ -110,21 +127,31 @@ static int cmd_counts(const struct cfg *cfg, bool json) {
     if (!json) printf("%-16s %-10s %-20s %s\n", "QUEUE", "TRANSPORT", "REASON", "COUNT");
     for (int i = 0; i < cfg->nqueues; i++) {
         const struct cfg_queue *q = &cfg->queues[i];
-        struct dead_letter *d;
-        int n, rc = read_queue(cfg, q, &d, &n);
-        if (rc) return rc;
         cJSON *counts = cJSON_CreateObject();
-        for (int j = 0; j < n; j++) {
-            const char *r = d[j].reason ? d[j].reason : "?";
-            cJSON *c = cJSON_GetObjectItemCaseSensitive(counts, r);
-            if (c) cJSON_SetNumberValue(c, c->valuedouble + 1);
-            else cJSON_AddNumberToObject(counts, r, 1);
-        }
+        char cursor[48] = "";
+        long n = 0;
+        do { /* every letter, a page at a time, none taken */
+            struct dead_page p;
+            int rc = read_page(cfg, q, cursor, DEAD_PAGE_MAX, &p);
+            if (rc) {
+                cJSON_Delete(counts);
+                return rc;
+            }
+            for (int j = 0; j < p.n; j++) {
+                const char *r = p.d[j].reason ? p.d[j].reason : "?";
+                cJSON *c = cJSON_GetObjectItemCaseSensitive(counts, r);
+                if (c) cJSON_SetNumberValue(c, c->valuedouble + 1);
+                else cJSON_AddNumberToObject(counts, r, 1);
+            }
+            n += p.n;
+            snprintf(cursor, sizeof cursor, "%s", p.next);
+            dead_page_free(&p);
+        } while (cursor[0]);
         if (json) {
             cJSON *o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "queue", q->name);
             cJSON_AddStringToObject(o, "transport", transport_name(q->transport));
-            cJSON_AddNumberToObject(o, "total", n);
+            cJSON_AddNumberToObject(o, "total", (double)n);
             cJSON_AddItemToObject(o, "byReason", counts);
             print_json(o, false);
         } else {
@@ -133,35 +160,41 @@ static int cmd_counts(const struct cfg *cfg, bool json) {
                 printf("%-16s %-10s %-20s %d\n", q->name, transport_name(q->transport), c->string, (int)c->valuedouble);
             cJSON_Delete(counts);
         }
-        dead_letters_free(d, n);
     }
     return 0;
 }
 
-static int cmd_list(const struct cfg *cfg, const char *queue, bool json) {
+static int cmd_list(const struct cfg *cfg, const char *queue, bool json, const char *cursor, int limit) {
     if (!json) printf("%-10s %4s %-36s %-14s %-18s %4s %5s  %s\n", "QUEUE", "#", "COMMAND ID", "TYPE", "REASON", "TRY", "AGE",
                       "ERROR");
     for (int i = 0; i < cfg->nqueues; i++) {
         const struct cfg_queue *q = &cfg->queues[i];
         if (queue && strcmp(queue, q->name) != 0) continue;
-        struct dead_letter *d;
-        int n, rc = read_queue(cfg, q, &d, &n);
+        struct dead_page p;
+        int rc = read_page(cfg, q, cursor, limit, &p);
         if (rc) return rc;
-        for (int j = 0; j < n; j++) {
-            cJSON *o = dead_letter_json(q, &d[j], j + 1, false);
+        struct dead_letter *d = p.d;
+        for (int j = 0; j < p.n; j++) {
+            cJSON *o = dead_letter_json(q, &d[j], (int)p.number[j], false);
             if (json) {
+                if (p.next[0] && j == p.n - 1) cJSON_AddStringToObject(o, "nextCursor", p.next);
+                cJSON_AddNumberToObject(o, "total", (double)p.total);
                 print_json(o, false);
                 continue;
             }
             char age[16];
             print_age(dead_letter_age_s(&d[j]), age, sizeof age);
             const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "commandId");
-            printf("%-10s %4d %-36s %-14.14s %-18s %4d %5s  %.80s\n", q->name, j + 1,
+            printf("%-10s %4ld %-36s %-14.14s %-18s %4d %5s  %.80s\n", q->name, p.number[j],
                    cJSON_IsString(id) ? id->valuestring : "-", cJSON_GetObjectItem(o, "type")->valuestring,
                    d[j].reason ? d[j].reason : "?", d[j].attempts, age, d[j].error ? d[j].error : "");
             cJSON_Delete(o);
         }
-        dead_letters_free(d, n);
+        if (p.next[0])
+            fprintf(stderr, "conveyor-admin: %s: %ld to %ld of %ld shown; next page: dead list %s --cursor %s%s\n",
+                    q->name, p.offset + 1, p.offset + p.n, p.total, q->name, p.next,
+                    limit != DEAD_PAGE_DEFAULT ? " --limit N" : "");
+        dead_page_free(&p);
     }
     return 0;
 }
@@ -180,15 +213,18 @@ static int parse_selector(const char *arg, struct selector *s) {
 }
 
 static int cmd_show(const struct cfg *cfg, const struct cfg_queue *q, struct selector *s) {
-    struct dead_letter *d;
-    int n, rc = read_queue(cfg, q, &d, &n), found = 0;
-    if (rc) return rc;
-    for (int j = 0; j < n; j++)
-        if (choose(&d[j], j + 1, s)) {
-            print_json(dead_letter_json(q, &d[j], j + 1, true), true);
-            found++;
-        }
-    dead_letters_free(d, n);
+    struct dead_page p;
+    char err[600];
+    int rc = dead_page_find(broker_of(cfg, q), index_db_of(cfg, q), q, s->id, s->index, &p, err, sizeof err), found = 0;
+    if (rc < 0) {
+        fprintf(stderr, "conveyor-admin: %s\n", err);
+        return EXIT_UNREACHABLE;
+    }
+    for (int j = 0; j < p.n; j++) {
+        print_json(dead_letter_json(q, &p.d[j], (int)p.number[j], true), true);
+        found++;
+    }
+    dead_page_free(&p);
     if (!found) fprintf(stderr, "conveyor-admin: no such dead letter in %s\n", q->name);
     return found ? 0 : EXIT_NONE;
 }
@@ -202,7 +238,7 @@ static int cmd_take(const struct cfg *cfg, const struct cfg_queue *q, struct sel
         return cls == CV_ECONFIG ? EXIT_USAGE : EXIT_UNREACHABLE;
     }
     int count = 0;
-    int rc = broker_dead_take(b, q, choose, s, retry, &count);
+    int rc = dead_index_take(b, retry ? s->reset_db : index_db_of(cfg, q), q, choose, s, retry, &count);
     if (rc < 0) fprintf(stderr, "conveyor-admin: %s stopped: %s\n", retry ? "retry" : "purge", broker_error(b));
     db_close(s->reset_db);
     printf("%s %d dead letter%s of %s\n", retry ? "requeued" : "purged", count, count == 1 ? "" : "s", q->name);
@@ -319,6 +355,9 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     long backlog = 0;
     double oldest = -1;
     int rc = read_db_stats(db, cfg, st, &backlog, &oldest);
+    /* RabbitMQ's in flight: what the pools' workers hold, as each pool reports it (pool_load.c) */
+    long *held = xcalloc((size_t)cfg->nqueues, sizeof *held);
+    bool held_known = !rc && pool_load_read(db, cfg, held) == 0;
     db_close(db);
     if (!rc && !json)
         printf("%-12s %-9s %-7s %8s %9s %6s %6s %9s %9s %9s\n", "QUEUE", "TRANSPORT", "STATE", "WAITING", "IN-FLIGHT",
@@ -333,6 +372,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
             rc = EXIT_UNREACHABLE;
             break;
         }
+        if (q->transport == TRANSPORT_RABBITMQ) n.in_flight = held_known ? held[i] : -1;
         const struct queue_db_stats *s = &st[i];
         double rate_1m = s->processed_1m / 60.0, rate_5m = s->processed_5m / 300.0;
         if (json) {
@@ -382,6 +422,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
                age[0] ? ", the oldest " : "", age, age[0] ? " old" : "");
     }
     free(st);
+    free(held);
     return rc;
 }
 
@@ -429,9 +470,25 @@ int main(int argc, char **argv) {
         fputs(usage, stderr);
     } else if (strcmp(verb, "counts") == 0 && n == 2) {
         rc = cmd_counts(&cfg, json);
-    } else if (strcmp(verb, "list") == 0 && n <= 3) {
-        if (n == 3 && !q) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], path);
-        else rc = cmd_list(&cfg, n == 3 ? a[2] : NULL, json);
+    } else if (strcmp(verb, "list") == 0) {
+        const char *queue_name = NULL, *cursor = NULL;
+        int limit = DEAD_PAGE_DEFAULT;
+        bool ok = true;
+        for (int k = 2; ok && k < n; k++) {
+            if (strcmp(a[k], "--limit") == 0 && k + 1 < n) {
+                char *end;
+                long v = strtol(a[++k], &end, 10);
+                ok = *end == '\0' && v >= 1 && v <= DEAD_PAGE_MAX;
+                limit = (int)v;
+            } else if (strcmp(a[k], "--cursor") == 0 && k + 1 < n) cursor = a[++k];
+            else if (a[k][0] != '-' && !queue_name) queue_name = a[k];
+            else ok = false;
+        }
+        const struct cfg_queue *lq = queue_name ? cfg_queue_named(&cfg, queue_name) : NULL;
+        if (!ok) fprintf(stderr, "conveyor-admin: dead list [QUEUE] [--limit 1-%d] [--cursor CURSOR]\n", DEAD_PAGE_MAX);
+        else if (queue_name && !lq) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", queue_name, path);
+        else if (cursor && !lq) fprintf(stderr, "conveyor-admin: --cursor needs the QUEUE it came from\n");
+        else rc = cmd_list(&cfg, queue_name, json, cursor, limit);
     } else if ((strcmp(verb, "show") == 0 || strcmp(verb, "retry") == 0 || strcmp(verb, "purge") == 0) && n == 4) {
         if (!q) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], path);
         else if (parse_selector(a[3], &s) == 0) {
@@ -444,6 +501,7 @@ int main(int argc, char **argv) {
     }
     broker_close(brokers[0]);
     broker_close(brokers[1]);
+    db_close(index_db);
     cfg_free(&cfg);
     return rc;
 }

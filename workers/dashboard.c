@@ -4,7 +4,8 @@
  *   GET /, /app.js, /app.css, /favicon.svg   the page (workers/dashboard/)
  *   GET /api/overview         queues, workers, relay, outbox, recent commands
  *   GET /api/history?range=hour|day           throughput and latency (rollup.c)
- *   GET /api/dead             dead letters by queue and reason (200 per queue shown)
+ *   GET /api/dead             dead letters by queue and reason, a page per queue (none taken off
+ *                             its queue): [queue=Q] [limit=N, default 200, at most 1000] [cursor=C, with queue]
  *   GET /api/dead/letter?queue=Q&key=K        one, its message's secrets masked
  *   GET /api/command?id=UUID  one command: processed, attempts, events, dead letters
  *
@@ -155,43 +156,72 @@ static enum MHD_Result history(struct http *h, struct MHD_Connection *conn) {
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
-/* The dead letters of q into *d, *n through the request thread's broker; 0, or
- * -1 with err (the broker is then closed: the next request reconnects). */
-static int read_dead(struct http *h, const struct cfg_queue *q, struct dead_letter **d, int *n, char *err,
-                     size_t errlen) {
-    *d = NULL;
-    *n = 0;
+/* The database for q's dead letters (RabbitMQ: their index), or NULL for Redis;
+ * *ok false (with err) when RabbitMQ's cannot be had. */
+static struct db *dead_db(struct http *h, const struct cfg_queue *q, bool *ok, char *err, size_t errlen) {
+    *ok = true;
+    if (q->transport != TRANSPORT_RABBITMQ) return NULL;
+    struct db *db = http_req_db(h, err, errlen);
+    *ok = db != NULL;
+    return db;
+}
+
+/* A page of q's dead letters (or, with key or number, the letters that match)
+ * into *p through the request thread's connections; 0, or an error class with
+ * err (the connections are then closed: the next request reconnects). */
+static int read_dead(struct http *h, const struct cfg_queue *q, const char *cursor, int limit, const char *key,
+                     struct dead_page *p, char *err, size_t errlen) {
+    memset(p, 0, sizeof *p);
+    bool ok;
     struct broker *b = http_req_broker(h, q->transport, err, errlen);
-    if (!b) return -1;
-    if (broker_dead_read(b, q, d, n) < 0) {
-        snprintf(err, errlen, "cannot read the dead letters of %s: %s", q->name, broker_error(b));
-        dead_letters_free(*d, *n);
-        *d = NULL;
-        *n = 0;
+    struct db *db = b ? dead_db(h, q, &ok, err, errlen) : NULL;
+    if (!b || !ok) return CV_ERETRY;
+    int rc = key ? dead_page_find(b, db, q, key, 0, p, err, errlen) : dead_page_read(b, db, q, cursor, limit, p, err, errlen);
+    if (rc < 0 && rc != CV_EREJECT) {
         http_req_broker_lost(h, q->transport);
-        return -1;
+        if (db) http_req_db_lost(h);
     }
-    return 0;
+    return rc;
 }
 
 static enum MHD_Result dead(struct http *h, struct MHD_Connection *conn) {
+    const char *only = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "queue");
+    const char *cursor = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "cursor");
+    const char *lim = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "limit");
+    const struct cfg_queue *oq = only ? cfg_queue_named(h->cfg, only) : NULL;
+    if (only && !oq) return http_error(conn, MHD_HTTP_NOT_FOUND, "no such queue: give queue=NAME of this pool's configuration");
+    if (cursor && !oq) return http_error(conn, MHD_HTTP_BAD_REQUEST, "cursor=C needs the queue=Q it came from");
+    int limit = DEAD_SHOWN_MAX;
+    if (lim) {
+        char *end;
+        long v = strtol(lim, &end, 10);
+        if (*end || v < 1 || v > DEAD_PAGE_MAX)
+            return http_error(conn, MHD_HTTP_BAD_REQUEST, "limit must be 1 to %d", DEAD_PAGE_MAX);
+        limit = (int)v;
+    }
     cJSON *o = cJSON_CreateObject(), *queues = cJSON_AddArrayToObject(o, "queues");
     for (int i = 0; i < h->cfg->nqueues; i++) {
         const struct cfg_queue *q = &h->cfg->queues[i];
-        struct dead_letter *d;
-        int n;
-        char err[512];
-        if (read_dead(h, q, &d, &n, err, sizeof err) < 0) {
+        if (oq && q != oq) continue;
+        struct dead_page p;
+        char err[600];
+        int rc = read_dead(h, q, cursor, limit, NULL, &p, err, sizeof err);
+        if (rc < 0) {
             cJSON_Delete(o);
+            if (rc == CV_EREJECT) return http_error(conn, MHD_HTTP_BAD_REQUEST, "%s", err);
             return http_unavailable(conn, "cannot read the dead letters", err);
         }
         cJSON *j = cJSON_CreateObject(), *groups = cJSON_CreateArray();
         cJSON_AddStringToObject(j, "queue", q->name);
         cJSON_AddStringToObject(j, "transport", transport_name(q->transport));
-        cJSON_AddNumberToObject(j, "total", n);
-        cJSON_AddNumberToObject(j, "shown", n < DEAD_SHOWN_MAX ? n : DEAD_SHOWN_MAX);
-        for (int k = 0; k < n && k < DEAD_SHOWN_MAX; k++) {
-            const char *reason = d[k].reason ? d[k].reason : "?";
+        cJSON_AddNumberToObject(j, "total", (double)p.total);
+        cJSON_AddNumberToObject(j, "shown", p.n);
+        cJSON_AddNumberToObject(j, "offset", (double)p.offset);
+        cJSON_AddNumberToObject(j, "limit", limit);
+        if (p.next[0]) cJSON_AddStringToObject(j, "nextCursor", p.next);
+        else cJSON_AddNullToObject(j, "nextCursor");
+        for (int k = 0; k < p.n; k++) {
+            const char *reason = p.d[k].reason ? p.d[k].reason : "?";
             cJSON *g = NULL;
             for (cJSON *x = groups->child; x && !g; x = x->next)
                 if (strcmp(cJSON_GetObjectItem(x, "reason")->valuestring, reason) == 0) g = x;
@@ -204,14 +234,14 @@ static enum MHD_Result dead(struct http *h, struct MHD_Connection *conn) {
             }
             cJSON *count = cJSON_GetObjectItem(g, "count");
             cJSON_SetNumberValue(count, count->valuedouble + 1);
-            cJSON *letter = dead_letter_json(q, &d[k], k + 1, false);
+            cJSON *letter = dead_letter_json(q, &p.d[k], (int)p.number[k], false);
             cJSON_DeleteItemFromObject(letter, "queue");
             cJSON_DeleteItemFromObject(letter, "reason");
             cJSON_AddItemToArray(cJSON_GetObjectItem(g, "letters"), letter);
         }
         cJSON_AddItemToObject(j, "groups", groups);
         cJSON_AddItemToArray(queues, j);
-        dead_letters_free(d, n);
+        dead_page_free(&p);
     }
     return http_json(conn, MHD_HTTP_OK, o);
 }
@@ -222,17 +252,16 @@ static enum MHD_Result dead_letter(struct http *h, struct MHD_Connection *conn) 
     const struct cfg_queue *q = name ? cfg_queue_named(h->cfg, name) : NULL;
     if (!q) return http_error(conn, MHD_HTTP_NOT_FOUND, "no such queue: give queue=NAME of this pool's configuration");
     if (!key || !*key) return http_error(conn, MHD_HTTP_BAD_REQUEST, "give key=KEY (a dead letter's key)");
-    struct dead_letter *d;
-    int n;
-    char err[512];
-    if (read_dead(h, q, &d, &n, err, sizeof err) < 0) return http_unavailable(conn, "cannot read the dead letters", err);
+    struct dead_page p;
+    char err[600];
+    if (read_dead(h, q, NULL, 0, key, &p, err, sizeof err) < 0) return http_unavailable(conn, "cannot read the dead letters", err);
     cJSON *found = NULL;
-    for (int k = 0; k < n && !found; k++) {
+    for (int k = 0; k < p.n && !found; k++) {
         char kk[DEAD_KEY_LEN + 1];
-        dead_letter_key(&d[k], kk);
-        if (strcmp(kk, key) == 0) found = dead_letter_json(q, &d[k], k + 1, true);
+        dead_letter_key(&p.d[k], kk);
+        if (strcmp(kk, key) == 0) found = dead_letter_json(q, &p.d[k], (int)p.number[k], true);
     }
-    dead_letters_free(d, n);
+    dead_page_free(&p);
     if (!found) return http_error(conn, MHD_HTTP_NOT_FOUND, "no dead letter with that key in %s (retried or purged?)", q->name);
     return http_json(conn, MHD_HTTP_OK, found);
 }
@@ -303,18 +332,18 @@ static enum MHD_Result command(struct http *h, struct MHD_Connection *conn) {
     cJSON *deads = cJSON_AddArrayToObject(o, "deadLetters");
     for (int i = 0; i < h->cfg->nqueues; i++) {
         const struct cfg_queue *q = &h->cfg->queues[i];
-        struct dead_letter *d;
-        int n;
-        if (read_dead(h, q, &d, &n, err, sizeof err) < 0) {
+        struct dead_page p; /* its key is its id: found by key, none taken off its queue */
+        char derr[600];
+        if (read_dead(h, q, NULL, 0, id, &p, derr, sizeof derr) < 0) {
             cJSON_Delete(o);
-            return http_unavailable(conn, "cannot read the dead letters", err);
+            return http_unavailable(conn, "cannot read the dead letters", derr);
         }
-        for (int k = 0; k < n; k++) {
+        for (int k = 0; k < p.n; k++) {
             char cid[ID_LEN + 1];
-            dead_letter_command_id(&d[k], cid);
-            if (strcmp(cid, id) == 0) cJSON_AddItemToArray(deads, dead_letter_json(q, &d[k], k + 1, true));
+            dead_letter_command_id(&p.d[k], cid);
+            if (strcmp(cid, id) == 0) cJSON_AddItemToArray(deads, dead_letter_json(q, &p.d[k], (int)p.number[k], true));
         }
-        dead_letters_free(d, n);
+        dead_page_free(&p);
     }
     cJSON_AddStringToObject(o, "envelopeNote",
                             "The envelope of an applied or rejected command is not kept; its events show what it did. "

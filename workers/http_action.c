@@ -106,11 +106,14 @@ static enum MHD_Result dead_action(struct http *h, struct MHD_Connection *conn, 
     char err[512];
     enum MHD_Result rc;
     struct broker *b = http_req_broker(h, q->transport, err, sizeof err);
-    if (retry && b) ks.reset_db = http_req_db(h, err, sizeof err);
-    if (!b || (retry && !ks.reset_db)) {
+    /* retry: the attempt counts; RabbitMQ: the dead-letter index, whose rows of the taken letters go */
+    bool indexed = q->transport == TRANSPORT_RABBITMQ;
+    struct db *db = b && (retry || indexed) ? http_req_db(h, err, sizeof err) : NULL;
+    if (retry) ks.reset_db = db;
+    if (!b || ((retry || indexed) && !db)) {
         rc = http_unavailable(conn, "the broker or the database is unreachable", err);
     } else {
-        int count = 0, brc = broker_dead_take(b, q, choose_keys, &ks, retry, &count);
+        int count = 0, brc = dead_index_take(b, indexed ? db : NULL, q, choose_keys, &ks, retry, &count);
         int missing = 0;
         for (int i = 0; i < n; i++) missing += !ks.seen[i];
         if (ks.failed) http_req_db_lost(h); /* a reset failed: the next request reconnects */

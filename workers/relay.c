@@ -226,6 +226,7 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
     int64_t next_prune = clock_mono_ms();
     struct claim_floor floor = {0};
     while (!stop_requested && db_ok(db)) {
+        pool_load_report(db, cfg); /* at most once a second: conveyor-admin stats' in flight */
         if (!b && !(b = broker_open_wait(cfg, cfg->events_transport, &stop_requested, err, sizeof err))) {
             if (!err[0]) break; /* stopped */
             log_error("events broker refused the configuration: %s; stopping", err);
@@ -283,8 +284,10 @@ int relay_run(const struct cfg *cfg) {
             }
             if (!said_standby) log_info("another relay is active; standing by");
             said_standby = true;
+            pool_load_report(db, cfg);
             backoff_sleep(1000, &stop_requested);
         }
+        if (stop_requested && db_ok(db)) pool_load_forget(db);
         db_close(db); /* releases the lock if held */
         if (config_refused) break;
     }

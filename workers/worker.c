@@ -50,9 +50,18 @@ static void db_check(struct worker *w) {
 static void settle_dead(struct worker *w, const struct delivery *d, const char *reason, const char *error,
                         int attempts, const struct envelope *cmd) {
     log_cmd(LOG_WARN, cmd, "dead-lettered (%s): %s", reason, error);
+    char dead_id[ID_LEN + 1];
+    id_new(dead_id); /* RabbitMQ: the letter's row in the dead-letter index */
+    bool indexed = w->q->transport == TRANSPORT_RABBITMQ;
     for (int attempt = 0; !stop_requested; attempt++) {
-        if (broker_dead_letter(w->broker, d, reason, error, attempts) == 0) {
+        if (broker_dead_letter(w->broker, d, reason, error, attempts, indexed ? dead_id : NULL) == 0) {
             scoreboard_outcome(cmd ? cmd->type : NULL, SB_DEAD);
+            /* after the broker has it: an index row never names a letter that is not there
+             * (a failure leaves the index one short; its next reader sees it and rebuilds) */
+            db_check(w);
+            if (indexed && w->db && dead_index_add(w->db, w->q, dead_id, d, reason, error, attempts) < 0)
+                log_cmd(LOG_WARN, cmd, "dead letter not indexed (%s); the next reader of the index rebuilds it",
+                        db_errstr(w->db));
             return;
         }
         log_warn("cannot dead-letter yet: %s", broker_error(w->broker));

@@ -476,6 +476,81 @@ cJSON *dead_letter_json(const struct cfg_queue *q, const struct dead_letter *d, 
  * the error class of the statement (db_errstr says why). */
 int dead_letter_reset_attempts(struct db *db, const struct dead_letter *d);
 
+/* ---- pool_load.c: the pool's in-flight counts in PostgreSQL (sql/0008) ------ */
+#define POOL_LOAD_FRESH_S_TEXT "5" /* a pool's rows older than this many seconds are not counted */
+/* Relay (active or standing by), as often as it likes: at most once a second
+ * writes what this pool's workers hold per queue (the scoreboard's in_hand)
+ * into pool_in_flight. A failure is logged at debug (the rows go stale). */
+void pool_load_report(struct db *db, const struct cfg *cfg);
+/* At a clean stop: deletes this pool's rows (best effort). */
+void pool_load_forget(struct db *db);
+/* conveyor-admin stats: in_flight[i] (cfg->nqueues entries) is the sum over
+ * the pools with fresh rows of what their workers hold of queue i. Returns 0
+ * or the error class (42P01: the schema is older). */
+int pool_load_read(struct db *db, const struct cfg *cfg, long *in_flight);
+
+/* ---- dead_index.c: RabbitMQ's dead letters indexed in PostgreSQL (sql/0007) ---- */
+/* After the broker confirmed the dead letter of d (dead_id its
+ * x-conveyor-dead-id header): its row in the index of q. 0, or the error
+ * class of the insert (db_errstr says why; the index is then one short, and
+ * its next reader rebuilds it). */
+int dead_index_add(struct db *db, const struct cfg_queue *q, const char *dead_id, const struct delivery *d,
+                   const char *reason, const char *error, int attempts);
+/* After d was taken off q's dead-letter queue (retry, purge): deletes its row
+ * (by its dead_id, else one row with its key and no dead_id). 0 or the error
+ * class (a row left behind is found by the next reader's check). */
+int dead_index_forget(struct db *db, const struct cfg_queue *q, const struct dead_letter *d);
+/* Before reading q's index: the queue's dead letters into *total (one passive
+ * declare) against the index's row count (one row). When they differ, looks
+ * again 200 ms later: a difference that moved is letters coming in (the index
+ * is read as it is); one that stayed is a drift, and q's rows are rebuilt from
+ * the queue (a walk that takes nothing) in one transaction under a lock per
+ * queue. Returns 0 (read the index), 1 (rebuilt), or an error class with err. */
+int dead_index_sync(struct db *db, struct broker *b, const struct cfg_queue *q, long *total, char *err,
+                    size_t errlen);
+/* Up to limit rows of q with id > after_id, skipping offset of them, in id
+ * order: *out (dead_letters_free(*out, *n)) and their ids in *ids (free()),
+ * both set (maybe empty) on success. 0 or the error class. */
+int dead_index_page(struct db *db, const struct cfg_queue *q, long long after_id, long offset, int limit,
+                    struct dead_letter **out, long long **ids, int *n);
+/* The rows of q whose key is key, in id order, and each one's number in the
+ * list (from 1) in *numbers (free()). 0 or the error class. */
+int dead_index_find(struct db *db, const struct cfg_queue *q, const char *key, struct dead_letter **out,
+                    long **numbers, int *n);
+
+/* broker_dead_take of the letters of q that sel chooses (remove, with requeue
+ * publish again first); then, for RabbitMQ with db, deletes the rows of the
+ * letters sel chose (a failure is logged: the next reader's check repairs
+ * it). Returns as broker_dead_take. */
+int dead_index_take(struct broker *b, struct db *db, const struct cfg_queue *q, dead_select_fn sel, void *arg,
+                    bool requeue, int *count);
+
+/* ---- dead_page.c: a page of dead letters, on either transport, none taken ----- */
+#define DEAD_PAGE_MAX 1000     /* the largest page */
+#define DEAD_PAGE_DEFAULT 100  /* conveyor-admin dead list without --limit */
+struct dead_page {
+    struct dead_letter *d; /* n letters, oldest first */
+    long *number;          /* each one's place in the list, from 1 */
+    int n;
+    long total;            /* the queue's dead letters, as its broker counts them (the truth) */
+    long offset;           /* letters before this page */
+    char next[48];         /* the cursor of the next page, "" when this is the last */
+    bool rebuilt;          /* RabbitMQ: the index disagreed with the queue and was rebuilt first */
+};
+/* Frees what a page holds and zeroes it; NULL is fine. */
+void dead_page_free(struct dead_page *p);
+/* The page of q's dead letters that cursor (NULL or "": the first) starts,
+ * at most limit (1..DEAD_PAGE_MAX) letters, into *out (dead_page_free it).
+ * b is q's transport's broker; db the database (RabbitMQ's index: needed
+ * there, may be NULL for Redis). Returns 0, or an error class with err set:
+ * CV_EREJECT for a bad limit or cursor, else the broker's or the database's. */
+int dead_page_read(struct broker *b, struct db *db, const struct cfg_queue *q, const char *cursor, int limit,
+                   struct dead_page *out, char *err, size_t errlen);
+/* The dead letters of q whose key is key (number 0), or the number-th of the
+ * list (number > 0), into *out, as dead_page_read. No match: 0 with out->n 0. */
+int dead_page_find(struct broker *b, struct db *db, const struct cfg_queue *q, const char *key, long number,
+                   struct dead_page *out, char *err, size_t errlen);
+
 /* ---- dedup_prune.c: the dedup table's window ------------------------------------ */
 /* Deletes processed_commands rows older than cfg->dedup_retention_days (0:
  * keeps them all) in batches of cfg->dedup_prune_batch, each its own
