@@ -17,6 +17,8 @@
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,10 +140,56 @@ static int new_socket(struct amqp_broker *a, amqp_connection_state_t c, amqp_soc
     return 0;
 }
 
-/* Why a socket did not open, in a->base.err: a certificate TLS refused is
- * CV_ECONFIG (configuration: it will not pass on its own), anything else CV_ERETRY. */
+/* The reason of this thread's last TLS error when it is the server refusing
+ * our client certificate, or the lack of one: an alert (unknown CA, bad,
+ * unsupported, revoked, expired or unknown certificate; certificate required;
+ * access denied), as OpenSSL words it ("tlsv1 alert unknown ca", a static
+ * string); else NULL. librabbitmq-c leaves OpenSSL's error queue as a failed
+ * handshake or read left it, so call this before the connection is destroyed. */
+static const char *client_cert_refusal(void) {
+    unsigned long e = ERR_peek_last_error();
+    if (!e || ERR_GET_LIB(e) != ERR_LIB_SSL) return NULL;
+    switch (ERR_GET_REASON(e)) {
+    case SSL_R_TLSV1_ALERT_UNKNOWN_CA:
+    case SSL_R_SSLV3_ALERT_BAD_CERTIFICATE:
+    case SSL_R_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_UNKNOWN:
+    case SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED:
+    case SSL_R_TLSV1_ALERT_ACCESS_DENIED: {
+        const char *why = ERR_reason_error_string(e);
+        return why ? why : "a TLS alert";
+    }
+    default: return NULL;
+    }
+}
+
+/* If the last TLS error is the server refusing our client certificate
+ * (client_cert_refusal): CV_ECONFIG with the reason in a->base.err, naming the
+ * server and the setting (rabbitmq.cert_file; never the key); else 0. */
+static int cert_refused(struct amqp_broker *a) {
+    const char *why = client_cert_refusal();
+    if (!why) return 0;
+    const char *cert = a->base.cfg->rabbitmq_cert_file;
+    if (!cert)
+        return broker_fail(&a->base, CV_ECONFIG,
+                           "rabbitmq %s:%d: TLS: the server wants a client certificate and none is set (%s): set "
+                           "rabbitmq.cert_file and key_file", a->info.host, a->info.port, why);
+    return broker_fail(&a->base, CV_ECONFIG,
+                       "rabbitmq %s:%d: TLS: the server refused the client certificate of rabbitmq.cert_file '%s' "
+                       "(%s: not signed by a CA it trusts, or expired, or not for client use)",
+                       a->info.host, a->info.port, cert, why);
+}
+
+/* Why a socket did not open, in a->base.err: a certificate TLS refused, the
+ * server's or (cert_refused) ours, is CV_ECONFIG (configuration: it will not
+ * pass on its own), anything else CV_ERETRY. Call it before the connection is
+ * destroyed (cert_refused reads the TLS error left by the handshake). */
 static int open_failed(struct amqp_broker *a, int status) {
     const char *where = a->base.cfg->rabbitmq_ca_file ? "rabbitmq.ca_file" : "the system's trust store";
+    int refused = a->info.ssl ? cert_refused(a) : 0;
+    if (refused) return refused;
     switch (status) {
     case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED:
         return broker_fail(&a->base, CV_ECONFIG,
@@ -184,7 +232,12 @@ static int login(struct amqp_broker *a, amqp_connection_state_t c) {
     char what[300];
     snprintf(what, sizeof what, "%s:%d login", a->info.host, a->info.port);
     int rc = login_refused(a, r, vhost);
-    if (rc == 0) rc = rpc_check(a, r, what);
+    /* TLS 1.3: the server checks our certificate after the handshake; its alert comes on the first read */
+    if (rc == 0 && a->info.ssl && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+        r.library_error == AMQP_STATUS_SSL_ERROR)
+        rc = cert_refused(a);
+    if (rc < 0) return rc;
+    rc = rpc_check(a, r, what);
     const char *hint = NULL;
     if (rc < 0 && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
         if (a->info.ssl && r.library_error == AMQP_STATUS_SSL_ERROR)
@@ -257,8 +310,9 @@ static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool c
     }
     struct timeval tv = {5, 0};
     if ((rc = amqp_socket_open_noblock(s, a->info.host, a->info.port, &tv)) != AMQP_STATUS_OK) {
+        rc = open_failed(a, rc); /* before the destroy: it reads the handshake's TLS error */
         amqp_destroy_connection(c);
-        return open_failed(a, rc);
+        return rc;
     }
     if ((rc = login(a, c)) < 0) {
         amqp_destroy_connection(c);
