@@ -17,6 +17,8 @@
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#include <errno.h>
+#include <poll.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <stdio.h>
@@ -41,6 +43,7 @@ struct amqp_broker {
     int prefetch;
     uint64_t ack_held;         /* a multiple ack up to this tag, not sent yet (0: none) */
     int ack_held_n;            /* how many deliveries it covers */
+    bool tls_unclear;          /* the last login broke on a TLS error that named no reason (login) */
 };
 
 /* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL);
@@ -112,6 +115,17 @@ static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what
     return broker_fail(&a->base, CV_EREFUSED, "rabbitmq %s: unknown reply", what);
 }
 
+/* The TLS session of this thread's last completed handshake (tls_info), for a
+ * look at what the server said before we write (open_node_once); it lives as
+ * long as its connection. */
+static _Thread_local SSL *handshake_ssl;
+
+/* OpenSSL's info callback of every RabbitMQ TLS context: notes the session whose handshake is done. */
+static void tls_info(const SSL *ssl, int where, int ret) {
+    (void)ret;
+    if (where & SSL_CB_HANDSHAKE_DONE) handshake_ssl = (SSL *)ssl;
+}
+
 /* Makes the socket of connection c (which owns it) in *out: plain TCP for
  * amqp://; for amqps:// TLS that verifies the broker's certificate chain
  * (against rabbitmq.ca_file, else the system's trust store) and that it names
@@ -123,6 +137,7 @@ static int new_socket(struct amqp_broker *a, amqp_connection_state_t c, amqp_soc
     amqp_socket_t *s = a->info.ssl ? amqp_ssl_socket_new(c) : amqp_tcp_socket_new(c);
     if (!s) return broker_fail(&a->base, CV_ERETRY, "rabbitmq: cannot make a %s socket", a->info.ssl ? "TLS" : "TCP");
     if (a->info.ssl) {
+        SSL_CTX_set_info_callback(amqp_ssl_socket_get_context(s), tls_info);
         amqp_ssl_socket_set_verify_peer(s, 1);
         amqp_ssl_socket_set_verify_hostname(s, 1);
         const char *ca = cfg->rabbitmq_ca_file ? cfg->rabbitmq_ca_file : SYSTEM_CA_FILE;
@@ -233,10 +248,11 @@ static int login(struct amqp_broker *a, amqp_connection_state_t c) {
     snprintf(what, sizeof what, "%s:%d login", a->info.host, a->info.port);
     int rc = login_refused(a, r, vhost);
     /* TLS 1.3: the server checks our certificate after the handshake; its alert comes on the first read */
-    if (rc == 0 && a->info.ssl && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
-        r.library_error == AMQP_STATUS_SSL_ERROR)
-        rc = cert_refused(a);
+    bool tls_error = a->info.ssl && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+                     r.library_error == AMQP_STATUS_SSL_ERROR;
+    if (rc == 0 && tls_error) rc = cert_refused(a);
     if (rc < 0) return rc;
+    a->tls_unclear = tls_error; /* a reset that overtook the server's alert, say: open_node tries again */
     rc = rpc_check(a, r, what);
     const char *hint = NULL;
     if (rc < 0 && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
@@ -274,6 +290,7 @@ static int select_node(struct amqp_broker *a, int i) {
 }
 
 static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms);
+static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms, bool listen_first);
 
 /* Opens a connection with channel 1 (in confirm mode when confirms): to the
  * current node, else to the next ones of the list in turn (a node that refuses
@@ -301,6 +318,44 @@ static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool c
 
 /* open_conn on the current node only. */
 static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
+    /* A server that refuses our certificate after a TLS 1.3 handshake sends its
+     * alert and closes; the protocol header we write at once may meet the reset
+     * that follows, and the write fails without the alert's reason. Then once
+     * more, listening first: the alert is read before we write (a configuration
+     * error, not an outage). */
+    int rc = open_node_once(a, out, confirms, false);
+    if (rc < 0 && a->tls_unclear) {
+        log_debug("%s; trying once more, listening for a TLS alert first", a->base.err);
+        rc = open_node_once(a, out, confirms, true);
+    }
+    return rc;
+}
+
+/* The longest open_node_once waits, listening first, for an alert of a server
+ * that refuses our certificate (a server that takes it says nothing until the
+ * protocol header comes). */
+#define LISTEN_FIRST_MS 1000
+
+/* After the TLS handshake of socket s and before anything is written: if the
+ * server has spoken (within wait_ms; AMQP servers speak only after our header,
+ * so it is an alert or a close), reads it, and returns cert_refused's answer
+ * (CV_ECONFIG with the reason in a->base.err when it refused our certificate);
+ * else 0. */
+static int heard_alert(struct amqp_broker *a, amqp_socket_t *s, int wait_ms) {
+    struct pollfd p = {amqp_socket_get_sockfd(s), POLLIN, 0};
+    int n;
+    while ((n = poll(&p, 1, wait_ms)) < 0 && errno == EINTR) {}
+    if (n <= 0 || !handshake_ssl) return 0;
+    char ch;
+    ERR_clear_error();
+    if (SSL_peek(handshake_ssl, &ch, 1) > 0) return 0;
+    return cert_refused(a);
+}
+
+/* open_node, one try; after a TLS handshake, a look for an alert already there,
+ * and with listen_first a wait of up to LISTEN_FIRST_MS for one, before it logs in. */
+static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms, bool listen_first) {
+    a->tls_unclear = false;
     amqp_connection_state_t c = amqp_new_connection();
     amqp_socket_t *s = NULL;
     int rc = new_socket(a, c, &s);
@@ -309,8 +364,13 @@ static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool c
         return rc;
     }
     struct timeval tv = {5, 0};
+    handshake_ssl = NULL;
     if ((rc = amqp_socket_open_noblock(s, a->info.host, a->info.port, &tv)) != AMQP_STATUS_OK) {
         rc = open_failed(a, rc); /* before the destroy: it reads the handshake's TLS error */
+        amqp_destroy_connection(c);
+        return rc;
+    }
+    if (a->info.ssl && (rc = heard_alert(a, s, listen_first ? LISTEN_FIRST_MS : 0)) < 0) {
         amqp_destroy_connection(c);
         return rc;
     }
