@@ -17,6 +17,7 @@ struct conveyor_client {
     struct broker *brokers[2];  /* per transport, opened on first use */
     bool reached[2];            /* per transport: a broker was reached once (a loss is then waited for) */
     int open_class;             /* the class of the last failed broker open (CV_ECONFIG: not retried) */
+    bool config_error;          /* the last CONVEYOR_EBROKER was a refused configuration (CV_ECONFIG) */
     bool declared;              /* RabbitMQ topology declared */
     struct broker *events;      /* subscription, with CONVEYOR_WAIT */
     struct pending *pending;
@@ -42,7 +43,9 @@ conveyor_client *conveyor_open(const char *config_path, int flags, char *err, si
     }
     if (code) *code = CONVEYOR_EBROKER;
     if (flags & CONVEYOR_WAIT) {
-        c->events = broker_open(&c->cfg, c->cfg.events_transport, err, errlen);
+        int cls = CV_ERETRY;
+        c->events = broker_open_class(&c->cfg, c->cfg.events_transport, &cls, err, errlen);
+        if (!c->events && cls == CV_ECONFIG && code) *code = CONVEYOR_EINVALID; /* a refused configuration */
         if (!c->events || broker_subscribe(c->events, "#") < 0) {
             if (c->events) snprintf(err, errlen, "cannot subscribe to events: %s", broker_error(c->events));
             conveyor_close(c);
@@ -64,6 +67,8 @@ void conveyor_close(conveyor_client *c) {
 }
 
 const char *conveyor_error(const conveyor_client *c) { return c ? c->err : "no client"; }
+
+int conveyor_config_error(const conveyor_client *c) { return c && c->config_error; }
 
 static struct broker *broker_for(conveyor_client *c, enum transport t) {
     if (!c->brokers[t]) {
@@ -193,7 +198,9 @@ static int send_once(conveyor_client *c, enum transport t, const struct prepared
 static int send_prepared(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
     int64_t deadline = 0;
     int rc, delay = 100;
+    c->config_error = false;
     while ((rc = send_once(c, t, p, n)) < 0) {
+        c->config_error = rc == CV_ECONFIG;
         if (!c->reached[t] || c->cfg.publish_retry_ms <= 0 || rc != CV_ERETRY) return CONVEYOR_EBROKER;
         int64_t now = clock_mono_ms();
         if (!deadline) deadline = now + c->cfg.publish_retry_ms;

@@ -39,14 +39,22 @@ enum {
  * it connects to the events broker and subscribes; the brokers of commands are
  * connected by the first publish that needs them. Returns the client (the caller
  * conveyor_close()s it), or NULL on failure, with a message in err and, if code
- * is not NULL, CONVEYOR_EINVALID (configuration, or out of memory) or
- * CONVEYOR_EBROKER (broker) in *code. */
+ * is not NULL, CONVEYOR_EINVALID (configuration, including a broker that
+ * refused it: credentials, a certificate; or out of memory) or
+ * CONVEYOR_EBROKER (the broker could not be reached) in *code. */
 conveyor_client *conveyor_open(const char *config_path, int flags, char *err, size_t errlen, int *code);
 /* Closes the connections and frees c, with any result not waited for; NULL is fine. */
 void conveyor_close(conveyor_client *c);
 /* The text of the last error, kept in c until the next one (a success does not
  * clear it); "no client" for NULL. Never NULL. */
 const char *conveyor_error(const conveyor_client *c);
+/* 1 when the last CONVEYOR_EBROKER of c was the broker refusing the
+ * configuration, which will not pass by itself: a bad URL, credentials, a
+ * vhost, a client certificate the server refused, a server certificate that is
+ * not trusted or not for the host (conveyor-produce exits 2 then, not 3); 0
+ * otherwise (the broker could not be reached, or refused the message), and for
+ * NULL. */
+int conveyor_config_error(const conveyor_client *c);
 
 /* Publishes one command and returns once the broker has confirmed it.
  * payload_json must be a JSON object; correlation_id may be NULL. Writes the

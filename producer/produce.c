@@ -21,7 +21,9 @@ static const char usage[] =
     "Publishes a command (TYPE and its payload object), or one command per line of\n"
     "standard input (a whole envelope, or {\"type\": ..., \"payload\": {...}}), routed by\n"
     "FILE, and prints each command id once the broker has confirmed it. Reading\n"
-    "stdin with stderr on a terminal, it shows a progress line (count, rate).\n"
+    "stdin with stderr on a terminal, it shows a progress line on stderr (count,\n"
+    "rate, twice a second) and ends with a summary line, however short the run:\n"
+    "'conveyor-produce: N published in S s'. Options may follow TYPE and PAYLOAD_JSON.\n"
     "\n"
     "  -c, --config FILE       configuration (default ./queues.conf)\n"
     "  -w, --wait              wait for each command's result event and print it\n"
@@ -32,9 +34,11 @@ static const char usage[] =
     "  -h, --help              this help\n"
     "\n"
     "Exit status: 0 published (with --wait: every result was a success event),\n"
-    "1 a command was rejected (command.rejected), 2 usage or configuration error,\n"
-    "3 the broker could not be reached or refused a message, 4 --wait timed out,\n"
-    "5 a command was invalid and was not sent.\n";
+    "1 a command was rejected (command.rejected), 2 usage or configuration error\n"
+    "(a bad URL, credentials or a TLS certificate a server refused, a server\n"
+    "certificate that is not trusted or not for the host), 3 the broker could not\n"
+    "be reached or refused a message, 4 --wait timed out, 5 a command was invalid\n"
+    "and was not sent.\n";
 
 static int code_for(int rc) {
     switch (rc) {
@@ -175,7 +179,7 @@ int main(int argc, char **argv) {
                              : conveyor_publish(c, argv[optind], argv[optind + 1], corr, id);
         if (rc < 0) {
             fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
-            status = code_for(rc);
+            status = rc == CONVEYOR_EBROKER && conveyor_config_error(c) ? EXIT_USAGE : code_for(rc);
         } else {
             printf("%s\n", id);
             fflush(stdout);
@@ -232,6 +236,10 @@ int main(int argc, char **argv) {
             fprintf(stderr, "conveyor-produce: stdin lines %ld-%ld not sent: %s\n", lines[0], lines[n - 1],
                     conveyor_error(c));
             status = EXIT_BROKER;
+            if (conveyor_config_error(c)) { /* it would be refused again: stop as for any configuration error */
+                status = EXIT_USAGE;
+                break;
+            }
         }
         fflush(stdout);
         int64_t now = clock_mono_ms();
@@ -241,7 +249,7 @@ int main(int argc, char **argv) {
             shown = now;
         }
     }
-    if (progress && shown != started) /* the final count, and the line ends */
+    if (progress) /* the summary, however short the run: the final count, and the line ends */
         fprintf(stderr, "\rconveyor-produce: %ld published in %.1f s\n", published,
                 (double)(clock_mono_ms() - started) / 1000.0);
     free(bids);

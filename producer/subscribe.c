@@ -22,8 +22,12 @@ static const char usage[] =
     "  -t, --timeout SECONDS exit after SECONDS with no event (exit status 4)\n"
     "  -h, --help            this help\n"
     "\n"
+    "Options may come after PATTERN too.\n"
+    "\n"
     "Exit status: 0 stopped by a signal or after COUNT events, 2 usage or configuration\n"
-    "error, 3 the broker could not be reached, 4 the timeout passed.\n";
+    "error (a bad URL, credentials or a TLS certificate a server refused, a server\n"
+    "certificate that is not trusted or not for the host), 3 the broker could not be\n"
+    "reached, 4 the timeout passed.\n";
 
 int main(int argc, char **argv) {
     const char *path = "queues.conf", *transport = NULL;

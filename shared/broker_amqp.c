@@ -17,6 +17,10 @@
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#include <errno.h>
+#include <poll.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +43,7 @@ struct amqp_broker {
     int prefetch;
     uint64_t ack_held;         /* a multiple ack up to this tag, not sent yet (0: none) */
     int ack_held_n;            /* how many deliveries it covers */
+    bool tls_unclear;          /* the last login broke on a TLS error that named no reason (login) */
 };
 
 /* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL);
@@ -110,6 +115,17 @@ static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what
     return broker_fail(&a->base, CV_EREFUSED, "rabbitmq %s: unknown reply", what);
 }
 
+/* The TLS session of this thread's last completed handshake (tls_info), for a
+ * look at what the server said before we write (open_node_once); it lives as
+ * long as its connection. */
+static _Thread_local SSL *handshake_ssl;
+
+/* OpenSSL's info callback of every RabbitMQ TLS context: notes the session whose handshake is done. */
+static void tls_info(const SSL *ssl, int where, int ret) {
+    (void)ret;
+    if (where & SSL_CB_HANDSHAKE_DONE) handshake_ssl = (SSL *)ssl;
+}
+
 /* Makes the socket of connection c (which owns it) in *out: plain TCP for
  * amqp://; for amqps:// TLS that verifies the broker's certificate chain
  * (against rabbitmq.ca_file, else the system's trust store) and that it names
@@ -121,6 +137,7 @@ static int new_socket(struct amqp_broker *a, amqp_connection_state_t c, amqp_soc
     amqp_socket_t *s = a->info.ssl ? amqp_ssl_socket_new(c) : amqp_tcp_socket_new(c);
     if (!s) return broker_fail(&a->base, CV_ERETRY, "rabbitmq: cannot make a %s socket", a->info.ssl ? "TLS" : "TCP");
     if (a->info.ssl) {
+        SSL_CTX_set_info_callback(amqp_ssl_socket_get_context(s), tls_info);
         amqp_ssl_socket_set_verify_peer(s, 1);
         amqp_ssl_socket_set_verify_hostname(s, 1);
         const char *ca = cfg->rabbitmq_ca_file ? cfg->rabbitmq_ca_file : SYSTEM_CA_FILE;
@@ -138,10 +155,56 @@ static int new_socket(struct amqp_broker *a, amqp_connection_state_t c, amqp_soc
     return 0;
 }
 
-/* Why a socket did not open, in a->base.err: a certificate TLS refused is
- * CV_ECONFIG (configuration: it will not pass on its own), anything else CV_ERETRY. */
+/* The reason of this thread's last TLS error when it is the server refusing
+ * our client certificate, or the lack of one: an alert (unknown CA, bad,
+ * unsupported, revoked, expired or unknown certificate; certificate required;
+ * access denied), as OpenSSL words it ("tlsv1 alert unknown ca", a static
+ * string); else NULL. librabbitmq-c leaves OpenSSL's error queue as a failed
+ * handshake or read left it, so call this before the connection is destroyed. */
+static const char *client_cert_refusal(void) {
+    unsigned long e = ERR_peek_last_error();
+    if (!e || ERR_GET_LIB(e) != ERR_LIB_SSL) return NULL;
+    switch (ERR_GET_REASON(e)) {
+    case SSL_R_TLSV1_ALERT_UNKNOWN_CA:
+    case SSL_R_SSLV3_ALERT_BAD_CERTIFICATE:
+    case SSL_R_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_UNKNOWN:
+    case SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED:
+    case SSL_R_TLSV1_ALERT_ACCESS_DENIED: {
+        const char *why = ERR_reason_error_string(e);
+        return why ? why : "a TLS alert";
+    }
+    default: return NULL;
+    }
+}
+
+/* If the last TLS error is the server refusing our client certificate
+ * (client_cert_refusal): CV_ECONFIG with the reason in a->base.err, naming the
+ * server and the setting (rabbitmq.cert_file; never the key); else 0. */
+static int cert_refused(struct amqp_broker *a) {
+    const char *why = client_cert_refusal();
+    if (!why) return 0;
+    const char *cert = a->base.cfg->rabbitmq_cert_file;
+    if (!cert)
+        return broker_fail(&a->base, CV_ECONFIG,
+                           "rabbitmq %s:%d: TLS: the server wants a client certificate and none is set (%s): set "
+                           "rabbitmq.cert_file and key_file", a->info.host, a->info.port, why);
+    return broker_fail(&a->base, CV_ECONFIG,
+                       "rabbitmq %s:%d: TLS: the server refused the client certificate of rabbitmq.cert_file '%s' "
+                       "(%s: not signed by a CA it trusts, or expired, or not for client use)",
+                       a->info.host, a->info.port, cert, why);
+}
+
+/* Why a socket did not open, in a->base.err: a certificate TLS refused, the
+ * server's or (cert_refused) ours, is CV_ECONFIG (configuration: it will not
+ * pass on its own), anything else CV_ERETRY. Call it before the connection is
+ * destroyed (cert_refused reads the TLS error left by the handshake). */
 static int open_failed(struct amqp_broker *a, int status) {
     const char *where = a->base.cfg->rabbitmq_ca_file ? "rabbitmq.ca_file" : "the system's trust store";
+    int refused = a->info.ssl ? cert_refused(a) : 0;
+    if (refused) return refused;
     switch (status) {
     case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED:
         return broker_fail(&a->base, CV_ECONFIG,
@@ -184,7 +247,13 @@ static int login(struct amqp_broker *a, amqp_connection_state_t c) {
     char what[300];
     snprintf(what, sizeof what, "%s:%d login", a->info.host, a->info.port);
     int rc = login_refused(a, r, vhost);
-    if (rc == 0) rc = rpc_check(a, r, what);
+    /* TLS 1.3: the server checks our certificate after the handshake; its alert comes on the first read */
+    bool tls_error = a->info.ssl && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+                     r.library_error == AMQP_STATUS_SSL_ERROR;
+    if (rc == 0 && tls_error) rc = cert_refused(a);
+    if (rc < 0) return rc;
+    a->tls_unclear = tls_error; /* a reset that overtook the server's alert, say: open_node tries again */
+    rc = rpc_check(a, r, what);
     const char *hint = NULL;
     if (rc < 0 && r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
         if (a->info.ssl && r.library_error == AMQP_STATUS_SSL_ERROR)
@@ -221,6 +290,7 @@ static int select_node(struct amqp_broker *a, int i) {
 }
 
 static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms);
+static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms, bool listen_first);
 
 /* Opens a connection with channel 1 (in confirm mode when confirms): to the
  * current node, else to the next ones of the list in turn (a node that refuses
@@ -248,6 +318,44 @@ static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool c
 
 /* open_conn on the current node only. */
 static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
+    /* A server that refuses our certificate after a TLS 1.3 handshake sends its
+     * alert and closes; the protocol header we write at once may meet the reset
+     * that follows, and the write fails without the alert's reason. Then once
+     * more, listening first: the alert is read before we write (a configuration
+     * error, not an outage). */
+    int rc = open_node_once(a, out, confirms, false);
+    if (rc < 0 && a->tls_unclear) {
+        log_debug("%s; trying once more, listening for a TLS alert first", a->base.err);
+        rc = open_node_once(a, out, confirms, true);
+    }
+    return rc;
+}
+
+/* The longest open_node_once waits, listening first, for an alert of a server
+ * that refuses our certificate (a server that takes it says nothing until the
+ * protocol header comes). */
+#define LISTEN_FIRST_MS 1000
+
+/* After the TLS handshake of socket s and before anything is written: if the
+ * server has spoken (within wait_ms; AMQP servers speak only after our header,
+ * so it is an alert or a close), reads it, and returns cert_refused's answer
+ * (CV_ECONFIG with the reason in a->base.err when it refused our certificate);
+ * else 0. */
+static int heard_alert(struct amqp_broker *a, amqp_socket_t *s, int wait_ms) {
+    struct pollfd p = {amqp_socket_get_sockfd(s), POLLIN, 0};
+    int n;
+    while ((n = poll(&p, 1, wait_ms)) < 0 && errno == EINTR) {}
+    if (n <= 0 || !handshake_ssl) return 0;
+    char ch;
+    ERR_clear_error();
+    if (SSL_peek(handshake_ssl, &ch, 1) > 0) return 0;
+    return cert_refused(a);
+}
+
+/* open_node, one try; after a TLS handshake, a look for an alert already there,
+ * and with listen_first a wait of up to LISTEN_FIRST_MS for one, before it logs in. */
+static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms, bool listen_first) {
+    a->tls_unclear = false;
     amqp_connection_state_t c = amqp_new_connection();
     amqp_socket_t *s = NULL;
     int rc = new_socket(a, c, &s);
@@ -256,9 +364,15 @@ static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool c
         return rc;
     }
     struct timeval tv = {5, 0};
+    handshake_ssl = NULL;
     if ((rc = amqp_socket_open_noblock(s, a->info.host, a->info.port, &tv)) != AMQP_STATUS_OK) {
+        rc = open_failed(a, rc); /* before the destroy: it reads the handshake's TLS error */
         amqp_destroy_connection(c);
-        return open_failed(a, rc);
+        return rc;
+    }
+    if (a->info.ssl && (rc = heard_alert(a, s, listen_first ? LISTEN_FIRST_MS : 0)) < 0) {
+        amqp_destroy_connection(c);
+        return rc;
     }
     if ((rc = login(a, c)) < 0) {
         amqp_destroy_connection(c);

@@ -373,7 +373,10 @@ struct db *db_connect_retry(const char *url, volatile sig_atomic_t *stop);
  * the URL does not parse or the server refused the login (SQLSTATE class 28: wrong
  * password, no such role, no pg_hba.conf entry; 3D000: no such database; or a password
  * is needed and the URL has none), or TLS refused the server's certificate
- * (sslmode=verify-full: not for the host, or not signed by sslrootcert); CV_ERETRY otherwise (unreachable, starting up, too
+ * (sslmode=verify-full: not for the host, or not signed by sslrootcert), or the server
+ * refused the client certificate of sslcert / sslkey (a TLS alert: unknown CA, bad or
+ * expired certificate; err then says so), or libpq cannot use that certificate or key;
+ * CV_ERETRY otherwise (unreachable, starting up, too
  * many connections). err never holds the URL's password. */
 struct db *db_connect_class(const char *url, int *cls, char *err, size_t errlen);
 /* As db_connect_retry (logs once when it starts waiting, once when the database is

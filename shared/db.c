@@ -82,14 +82,27 @@ static void connect_message(const char *msg, const char *url, char state[6], cha
     url_scrub(out, url, err, errlen);
 }
 
+/* True when msg (libpq's) is the server refusing the client certificate of
+ * sslcert / sslkey during the TLS handshake: an alert from the server, "SSL
+ * error: tlsv1 alert unknown ca" (not signed by a CA it trusts), "sslv3 alert
+ * bad certificate", "... certificate unknown / expired / revoked / required". */
+static bool client_cert_refused(const char *msg) {
+    return strstr(msg, "alert unknown ca") || strstr(msg, "alert bad certificate") ||
+           strstr(msg, "alert certificate") || strstr(msg, "alert unsupported certificate") ||
+           strstr(msg, "alert access denied");
+}
+
 /* True when a connection failed because of what the URL says (see
- * db_connect_class): a refused login, or a server certificate that TLS
+ * db_connect_class): a refused login, a server certificate that TLS
  * verification refused (libpq gives no code for it: its message names the
  * certificate, as "server certificate for ... does not match host name" and
- * "certificate verify failed" do). */
+ * "certificate verify failed" do), a client certificate the server refused
+ * (client_cert_refused), or a client certificate or key libpq cannot use
+ * ("could not load private key file"). */
 static bool refused_login(PGconn *db, const char *state) {
+    const char *msg = PQerrorMessage(db);
     return PQconnectionNeedsPassword(db) || strncmp(state, "28", 2) == 0 || strcmp(state, "3D000") == 0 ||
-           strstr(PQerrorMessage(db), "certificate") != NULL;
+           strstr(msg, "certificate") != NULL || strstr(msg, "private key") != NULL || client_cert_refused(msg);
 }
 
 struct db *db_connect_class(const char *url, int *cls, char *err, size_t errlen) {
@@ -138,6 +151,11 @@ struct db *db_connect_class(const char *url, int *cls, char *err, size_t errlen)
         char state[6] = "";
         if (timed_out) snprintf(err, errlen, "timeout expired (connect_timeout)");
         else connect_message(PQerrorMessage(db), url, state, err, errlen);
+        if (!timed_out && client_cert_refused(PQerrorMessage(db))) { /* say which setting: the URL's */
+            size_t len = strlen(err);
+            snprintf(err + len, errlen - len, " (TLS: the server refused the client certificate: the URL's "
+                                              "sslcert and sslkey)");
+        }
         if (cls && refused_login(db, state)) *cls = CV_ECONFIG;
         PQfinish(db);
         return NULL;

@@ -14,14 +14,18 @@
 enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
 
 static const char usage[] =
-    "usage: conveyor-admin [-c FILE] [--json] dead counts\n"
-    "       conveyor-admin [-c FILE] [--json] dead list [QUEUE] [--limit N] [--cursor CURSOR]\n"
-    "       conveyor-admin [-c FILE] dead show QUEUE SELECTOR\n"
-    "       conveyor-admin [-c FILE] dead retry QUEUE SELECTOR|--all\n"
-    "       conveyor-admin [-c FILE] dead purge QUEUE SELECTOR|--all\n"
-    "       conveyor-admin [-c FILE] [--json] stats [QUEUE]\n"
-    "       conveyor-admin [-c FILE] queue pause QUEUE [NOTE]\n"
-    "       conveyor-admin [-c FILE] queue resume QUEUE\n"
+    "usage: conveyor-admin [OPTIONS] dead counts\n"
+    "       conveyor-admin [OPTIONS] dead list [QUEUE] [--limit N] [--cursor CURSOR]\n"
+    "       conveyor-admin [OPTIONS] dead show QUEUE SELECTOR\n"
+    "       conveyor-admin [OPTIONS] dead retry QUEUE SELECTOR|--all\n"
+    "       conveyor-admin [OPTIONS] dead purge QUEUE SELECTOR|--all\n"
+    "       conveyor-admin [OPTIONS] stats [QUEUE]\n"
+    "       conveyor-admin [OPTIONS] queue pause QUEUE [NOTE]\n"
+    "       conveyor-admin [OPTIONS] queue resume QUEUE\n"
+    "\n"
+    "OPTIONS may come before or after the subcommand and its arguments\n"
+    "('stats --json' is '--json stats'); after '--' every word is an argument\n"
+    "(a NOTE that starts with '-').\n"
     "\n"
     "Dead letters of every queue in FILE (RabbitMQ conveyor.<queue>.dead, Redis\n"
     "conveyor:dead:<queue>). SELECTOR is a command id, or #N for the N-th dead letter\n"
@@ -44,12 +48,15 @@ static const char usage[] =
     "in PostgreSQL (table queue_state), with who changed it, when, and NOTE.\n"
     "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
-    "      --json         one JSON object per line\n"
+    "      --json         one JSON object per line (dead counts, dead list, stats)\n"
+    "      --all          every dead letter of QUEUE: the SELECTOR of retry and purge\n"
     "  -h, --help         this help\n"
     "\n"
     "Exit status: 0 done, 1 nothing matched the selector, 2 usage or configuration\n"
-    "error (an unknown queue, a bad URL, credentials a server refused), 3 a broker or\n"
-    "the database could not be reached.\n";
+    "error (an unknown queue, a bad URL, credentials or a TLS certificate a server\n"
+    "refused, a server certificate that is not trusted or not for the host), 3 a\n"
+    "broker or the database could not be reached. Nothing is printed on stdout\n"
+    "before an error of either kind at start.\n";
 
 struct selector {
     const char *id;        /* a command id, or NULL */
@@ -102,6 +109,15 @@ static struct broker *broker_of(const struct cfg *cfg, const struct cfg_queue *q
     return brokers[q->transport];
 }
 
+/* Opens the broker of every queue of cfg (only the one named only, when not
+ * NULL) before anything is printed, so that a table never starts with its
+ * header and then stops on a configuration or connection error; exits as
+ * broker_of does. */
+static void open_brokers(const struct cfg *cfg, const char *only) {
+    for (int i = 0; i < cfg->nqueues; i++)
+        if (!only || strcmp(only, cfg->queues[i].name) == 0) broker_of(cfg, &cfg->queues[i]);
+}
+
 /* The database (for RabbitMQ's dead-letter index), opened once, or exit 2 / 3. */
 static struct db *index_db;
 static struct db *db_or_exit(const struct cfg *cfg, const char *why);
@@ -124,6 +140,7 @@ static int read_page(const struct cfg *cfg, const struct cfg_queue *q, const cha
 }
 
 static int cmd_counts(const struct cfg *cfg, bool json) {
+    open_brokers(cfg, NULL);
     if (!json) printf("%-16s %-10s %-20s %s\n", "QUEUE", "TRANSPORT", "REASON", "COUNT");
     for (int i = 0; i < cfg->nqueues; i++) {
         const struct cfg_queue *q = &cfg->queues[i];
@@ -165,6 +182,7 @@ static int cmd_counts(const struct cfg *cfg, bool json) {
 }
 
 static int cmd_list(const struct cfg *cfg, const char *queue, bool json, const char *cursor, int limit) {
+    open_brokers(cfg, queue);
     if (!json) printf("%-10s %4s %-36s %-14s %-18s %4s %5s  %s\n", "QUEUE", "#", "COMMAND ID", "TYPE", "REASON", "TRY", "AGE",
                       "ERROR");
     for (int i = 0; i < cfg->nqueues; i++) {
@@ -359,6 +377,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     long *held = xcalloc((size_t)cfg->nqueues, sizeof *held);
     bool held_known = !rc && pool_load_read(db, cfg, held) == 0;
     db_close(db);
+    if (!rc) open_brokers(cfg, only ? only->name : NULL);
     if (!rc && !json)
         printf("%-12s %-9s %-7s %8s %9s %6s %6s %9s %9s %9s\n", "QUEUE", "TRANSPORT", "STATE", "WAITING", "IN-FLIGHT",
                "RETRY", "DEAD", "CONSUMERS", "RATE/S 1M", "RATE/S 5M");
@@ -428,24 +447,37 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
 
 int main(int argc, char **argv) {
     const char *path = "queues.conf";
-    bool json = false;
+    bool json = false, all = false;
+    const char *limit_arg = NULL, *cursor = NULL; /* dead list's page */
     static const struct option opts[] = {{"config", required_argument, 0, 'c'}, {"json", no_argument, 0, 'j'},
-                                         {"help", no_argument, 0, 'h'},         {0, 0, 0, 0}};
+                                         {"all", no_argument, 0, 'a'},          {"help", no_argument, 0, 'h'},
+                                         {"limit", required_argument, 0, 'l'},  {"cursor", required_argument, 0, 'u'},
+                                         {0, 0, 0, 0}};
     int o;
-    while ((o = getopt_long(argc, argv, "+c:h", opts, NULL)) != -1) {
+    /* options anywhere: getopt_long permutes them ahead of the words ("stats --json") */
+    while ((o = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
         switch (o) {
         case 'c': path = optarg; break;
         case 'j': json = true; break;
+        case 'a': all = true; break;
+        case 'l': limit_arg = optarg; break;
+        case 'u': cursor = optarg; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return EXIT_USAGE;
         }
     }
-    char **a = argv + optind;
+    /* the words, with --all back where a SELECTOR goes (after them) */
     int n = argc - optind;
+    char **a = xcalloc((size_t)n + 2, sizeof *a);
+    memcpy(a, argv + optind, (size_t)n * sizeof *a);
+    static char all_word[] = "--all";
+    if (all) a[n++] = all_word;
     bool dead = n >= 2 && strcmp(a[0], "dead") == 0, stats = n >= 1 && strcmp(a[0], "stats") == 0,
          queue = n >= 3 && strcmp(a[0], "queue") == 0;
-    if (!dead && !stats && !queue) {
+    bool paged = dead && strcmp(a[1], "list") == 0; /* the one subcommand that takes --limit and --cursor */
+    if ((!dead && !stats && !queue) || ((limit_arg || cursor) && !paged)) {
         fputs(usage, stderr);
+        free(a);
         return EXIT_USAGE;
     }
     log_init("admin");
@@ -453,6 +485,7 @@ int main(int argc, char **argv) {
     char err[1024];
     if (cfg_load(path, &cfg, err, sizeof err) < 0) {
         fprintf(stderr, "conveyor-admin: %s\n", err);
+        free(a);
         return EXIT_USAGE;
     }
     int rc = EXIT_USAGE;
@@ -471,18 +504,14 @@ int main(int argc, char **argv) {
     } else if (strcmp(verb, "counts") == 0 && n == 2) {
         rc = cmd_counts(&cfg, json);
     } else if (strcmp(verb, "list") == 0) {
-        const char *queue_name = NULL, *cursor = NULL;
+        const char *queue_name = n >= 3 ? a[2] : NULL;
         int limit = DEAD_PAGE_DEFAULT;
-        bool ok = true;
-        for (int k = 2; ok && k < n; k++) {
-            if (strcmp(a[k], "--limit") == 0 && k + 1 < n) {
-                char *end;
-                long v = strtol(a[++k], &end, 10);
-                ok = *end == '\0' && v >= 1 && v <= DEAD_PAGE_MAX;
-                limit = (int)v;
-            } else if (strcmp(a[k], "--cursor") == 0 && k + 1 < n) cursor = a[++k];
-            else if (a[k][0] != '-' && !queue_name) queue_name = a[k];
-            else ok = false;
+        bool ok = n <= 3 && !all;
+        if (limit_arg) {
+            char *end;
+            long v = strtol(limit_arg, &end, 10);
+            ok = ok && *limit_arg && *end == '\0' && v >= 1 && v <= DEAD_PAGE_MAX;
+            limit = (int)v;
         }
         const struct cfg_queue *lq = queue_name ? cfg_queue_named(&cfg, queue_name) : NULL;
         if (!ok) fprintf(stderr, "conveyor-admin: dead list [QUEUE] [--limit 1-%d] [--cursor CURSOR]\n", DEAD_PAGE_MAX);
@@ -503,5 +532,6 @@ int main(int argc, char **argv) {
     broker_close(brokers[1]);
     db_close(index_db);
     cfg_free(&cfg);
+    free(a);
     return rc;
 }

@@ -28,14 +28,17 @@ static const char usage[] =
     "At start it connects to the database, then to RabbitMQ and Redis if the queues or\n"
     "the events use them. A server that cannot be reached is waited for (logged once\n"
     "when the wait starts and once when it is back); a misconfiguration is not: an\n"
-    "unparsable URL, an unknown scheme, or credentials (or a database, vhost, Redis\n"
-    "database) the server refuses stop it at once with exit status 2 and one line\n"
-    "naming the setting, the URL with its password masked, and the reason.\n"
+    "unparsable URL, an unknown scheme, credentials (or a database, vhost, Redis\n"
+    "database) the server refuses, or a TLS certificate refused either way (the\n"
+    "server's not trusted or not for the host; a client certificate the server\n"
+    "refuses, or none where it wants one) stop it at once with exit status 2 and\n"
+    "one line naming the setting, the URL with its password masked, and the reason.\n"
     "SIGTERM or SIGINT drains the pool and exits 0; SIGHUP reloads FILE and replaces\n"
     "the workers one by one.\n"
     "\n"
     "Exit status: 0 stopped cleanly, 2 usage or configuration error (including\n"
-    "credentials a server refused), 3 the database schema could not be migrated.\n";
+    "credentials or a TLS certificate a server refused, a server certificate that is\n"
+    "not trusted or not for the host), 3 the database schema could not be migrated.\n";
 
 /* Says on stderr, in one line, that the URL of setting is wrong, and why. */
 static void url_refused(const char *setting, const char *url, const char *why) {

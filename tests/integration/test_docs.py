@@ -6,9 +6,10 @@ resolves inside the repository."""
 import json
 import os
 import re
+import tempfile
 
 import contract
-from harness import QUEUE_OF, ROOT, check, eq
+from harness import BIN, QUEUE_OF, ROOT, check, eq
 
 REFERENCE = os.path.join(ROOT, "docs", "reference.md")
 
@@ -120,3 +121,74 @@ def test_compose_file_describes_the_scaled_out_topology():
                                 "--check"], capture_output=True, text=True, env=e, timeout=30)
             eq(r.returncode, 0, f"{pool} on {transport}: --check ({r.stderr})")
             check("conveyor:***@rabbitmq-1" in r.stdout or transport == "redis", f"URLs shown masked: {r.stdout}")
+
+
+def test_dockerfile_build_stage_builds_rabbitmq():
+    """The container image's build stage, run without a Docker engine: exactly
+    what its COPY lines copy, in a clean folder, then its cmake configure and
+    build of the same targets (scripts/docker_build_check.py). It failed while
+    CMakeLists.txt needed bench/, which the stage does not copy. Once (it does
+    not depend on the transport)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "docker_build_check.py")],
+                       capture_output=True, text=True, timeout=900)
+    print(r.stdout[-2000:])
+    eq(r.returncode, 0, f"the Dockerfile's build stage fails:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    check("conveyor-workers" in r.stdout and "bench" not in r.stdout.split("copied:")[-1],
+          f"the stage built its targets from what it copies (no bench/): {r.stdout[-500:]}")
+
+
+def readme_section(text, heading):
+    """The text of the README section whose heading line is heading (to the next heading)."""
+    m = re.search(r"^#+ " + re.escape(heading) + r"\n(.*?)(?=^#+ |\Z)", text, flags=re.M | re.S)
+    check(m, f"no section '{heading}' in the README")
+    return m.group(1)
+
+
+def test_docs_agree_with_each_other_and_the_tools_rabbitmq():
+    """The dedup window, the 421 of a foreign Host, the produce progress line and
+    the exit-status rule are stated, and the same, in docs/contract.md, the
+    README and the tools' --help; the configuration takes the smallest window the
+    docs state and refuses less. Once (no transport in it)."""
+    import subprocess
+    contract_md = open(os.path.join(ROOT, "docs", "contract.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    # the dedup window: pruned after the window, the smallest stated in both, and enforced
+    check("none is pruned" not in contract_md, "contract.md still says no command id is pruned")
+    for name, text in (("contract.md", contract_md), ("README", readme)):
+        check(re.search(r"at least 1 day", text), f"{name} states the smallest dedup window (at least 1 day)")
+        check("applied again" in text, f"{name} says a replay after the window is applied again")
+    for days, status in ((1, 0), (0, 0), (-1, 2), (36501, 2)):
+        fd, path = tempfile.mkstemp(suffix=".conf")
+        with os.fdopen(fd, "w") as f:
+            f.write(open(os.path.join(ROOT, "queues.conf")).read().replace("retention_days = 30;",
+                                                                           f"retention_days = {days};"))
+        try:
+            r = subprocess.run([os.path.join(BIN, "conveyor-workers"), "-c", path, "--check"], capture_output=True,
+                               text=True, timeout=60)
+        finally:
+            os.unlink(path)
+        eq(r.returncode, status, f"dedup.retention_days = {days}: --check exit status ({r.stderr})")
+    # HTTP: the 421 where the README describes the listener
+    http = readme_section(readme, "Metrics and health")
+    check("421" in http and "Host" in http, "the README's HTTP section states the 421 for a foreign Host")
+    # conveyor-produce's progress line and summary: in --help and in the README
+    helptext = subprocess.run([os.path.join(BIN, "conveyor-produce"), "--help"], capture_output=True,
+                              text=True).stdout
+    check("progress line" in helptext and "summary" in helptext, "produce --help: progress line and summary")
+    check("progress line" in readme and "published in" in readme, "the README describes produce's progress line")
+    # one exit-status rule, in the README, and every --help agrees with it
+    rule = readme_section(readme, "Exit status")
+    check("**2 is configuration**" in rule and "**3 is unreachable**" in rule, "the README states the rule")
+    tls = readme_section(readme, "TLS")
+    check("exit 3" not in tls and "exits 2" in tls, "the TLS section follows the rule (a certificate: 2)")
+    for b in ("conveyor-workers", "conveyor-produce", "conveyor-admin", "conveyor-subscribe"):
+        h = subprocess.run([os.path.join(BIN, b), "--help"], capture_output=True, text=True).stdout
+        flat = " ".join(h.split())
+        check("2 usage or configuration error" in flat and "TLS certificate a server refused" in flat,
+              f"{b} --help: 2 is configuration, a refused TLS certificate included:\n{h}")
+        if b != "conveyor-workers":
+            check("3 the broker" in flat or "3 a broker" in flat, f"{b} --help: 3 is unreachable:\n{h}")
+    admin_help = subprocess.run([os.path.join(BIN, "conveyor-admin"), "--help"], capture_output=True, text=True).stdout
+    check("before or after the subcommand" in admin_help, "conveyor-admin --help: options anywhere")

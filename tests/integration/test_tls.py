@@ -3,7 +3,10 @@ rabbitmq transport) a RabbitMQ node with only a TLS listener that wants a client
 certificate, both started here with a CA and certificates made with openssl.
 Commands go over them through the real binaries; a certificate that does not name
 the host, one from an unknown CA, a missing client certificate and a plain
-connection are each refused with a readable error.
+connection are each refused with a readable error. A client certificate the
+server does not trust (signed by another CA: a `hostssl ... cert` rule on
+PostgreSQL, `cert_file` on RabbitMQ) is a configuration error too: every binary
+exits 2 at once, naming the setting, with no key in its output.
 
 The servers live under /var/tmp/conveyor-tls-<transport> (reachable by the
 postgres and rabbitmq users) on 127.0.0.1 and 127.0.0.2: connecting to
@@ -44,9 +47,10 @@ def sh(*cmd, check_=True, timeout=120, env=None, user=None):
 
 def make_certs():
     """A CA; a server certificate for localhost and 127.0.0.1 (not 127.0.0.2); a
-    client certificate; and a second CA that signed none of them. The address is
-    a DNS name of the server certificate too: librabbitmq-c 0.11 compares only
-    those (libpq takes the IP entry)."""
+    client certificate; a second CA that signed none of them, and a client
+    certificate it signed (client-other: for user conveyor too, but no server
+    trusts it). The address is a DNS name of the server certificate too:
+    librabbitmq-c 0.11 compares only those (libpq takes the IP entry)."""
     os.makedirs(CERTS)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
@@ -59,13 +63,15 @@ def make_certs():
     for ca in ("ca", "other-ca"):
         openssl("req", "-x509", *ec, "-keyout", path(f"{ca}.key"), "-out", path(f"{ca}.pem"), "-days", "2",
                 "-subj", f"/CN=Conveyor test {ca}")
-    for name, cn, ext in (("server", "localhost",
-                           "subjectAltName=DNS:localhost,DNS:127.0.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
-                          ("client", "conveyor", "extendedKeyUsage=clientAuth")):
+    for name, cn, ext, ca in (("server", "localhost",
+                               "subjectAltName=DNS:localhost,DNS:127.0.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+                               "ca"),
+                              ("client", "conveyor", "extendedKeyUsage=clientAuth", "ca"),
+                              ("client-other", "conveyor", "extendedKeyUsage=clientAuth", "other-ca")):
         with open(path(f"{name}.ext"), "w") as f:
             f.write(ext + "\n")
         openssl("req", *ec, "-keyout", path(f"{name}.key"), "-out", path(f"{name}.csr"), "-subj", f"/CN={cn}")
-        openssl("x509", "-req", "-in", path(f"{name}.csr"), "-CA", path("ca.pem"), "-CAkey", path("ca.key"),
+        openssl("x509", "-req", "-in", path(f"{name}.csr"), "-CA", path(f"{ca}.pem"), "-CAkey", path(f"{ca}.key"),
                 "-CAcreateserial", "-days", "2", "-extfile", path(f"{name}.ext"), "-out", path(f"{name}.pem"))
     for f in os.listdir(CERTS):
         os.chmod(path(f), 0o600 if f.endswith(".key") else 0o644)
@@ -82,9 +88,13 @@ def server_copy(dest, owner):
 
 # ---- the servers ---------------------------------------------------------------------
 
-def pg_url(host="127.0.0.1", db="conveyor", ca="ca.pem", mode="verify-full"):
-    return (f"postgresql://conveyor@{host}:{PG_PORT}/{db}?sslmode={mode}"
-            f"&sslrootcert={os.path.join(CERTS, ca)}&connect_timeout=5")
+def pg_url(host="127.0.0.1", db="conveyor", ca="ca.pem", mode="verify-full", client=None):
+    """client: "client" or "client-other", the client certificate and key to present."""
+    url = (f"postgresql://conveyor@{host}:{PG_PORT}/{db}?sslmode={mode}"
+           f"&sslrootcert={os.path.join(CERTS, ca)}&connect_timeout=5")
+    if client:
+        url += f"&sslcert={os.path.join(CERTS, client + '.pem')}&sslkey={os.path.join(CERTS, client + '.key')}"
+    return url
 
 
 def ports_free():
@@ -113,13 +123,15 @@ def pg_start():
     with open(os.path.join(d, "postgresql.conf"), "a") as f:
         f.write(f"listen_addresses = '127.0.0.1,127.0.0.2'\nport = {PG_PORT}\nunix_socket_directories = '{d}'\n"
                 f"ssl = on\nssl_cert_file = '{tls}/server.pem'\nssl_key_file = '{tls}/server.key'\n"
-                "fsync = off\n")
+                f"ssl_ca_file = '{tls}/ca.pem'\nfsync = off\n")
     with open(os.path.join(d, "pg_hba.conf"), "w") as f:
-        f.write("hostssl all all 127.0.0.0/8 trust\n")  # TLS only: no host, no local lines
+        # TLS only: no host, no local lines; database certdb wants a client certificate of the CA
+        f.write("hostssl certdb all 127.0.0.0/8 cert\nhostssl all all 127.0.0.0/8 trust\n")
     sh(f"{PG_BIN}/pg_ctl", "-w", "-t", "60", "-D", d, "-l", os.path.join(d, "server.log"), "start", user="postgres")
     c = psycopg2.connect(pg_url(db="postgres"))
     c.autocommit = True
     c.cursor().execute("CREATE DATABASE conveyor")
+    c.cursor().execute("CREATE DATABASE certdb")
     c.close()
 
 
@@ -192,11 +204,11 @@ def teardown():
 
 # ---- running the binaries --------------------------------------------------------------
 
-def tls_config(ca="ca.pem", client_cert=True):
-    """Lines of queues.conf for the TLS RabbitMQ."""
+def tls_config(ca="ca.pem", client_cert=True, client="client"):
+    """Lines of queues.conf for the TLS RabbitMQ (client: the certificate and key presented)."""
     keys = f'ca_file = "{os.path.join(CERTS, ca)}";'
     if client_cert:
-        keys += f' cert_file = "{os.path.join(CERTS, "client.pem")}"; key_file = "{os.path.join(CERTS, "client.key")}";'
+        keys += f' cert_file = "{os.path.join(CERTS, client + ".pem")}"; key_file = "{os.path.join(CERTS, client + ".key")}";'
     return f"rabbitmq: {{ {keys} }};"
 
 
@@ -222,6 +234,37 @@ def one_line(r, what):
     eq(len(lines), 1, f"{what}: one line on stderr (got {r.stderr!r})")
     check("guest:guest" not in r.stderr and ":guest@" not in r.stderr, f"{what}: no password in {r.stderr!r}")
     return lines[0]
+
+
+def no_key(text, what):
+    """No line of any private key of the test in text."""
+    for f in os.listdir(CERTS):
+        if f.endswith(".key"):
+            body = [x for x in open(os.path.join(CERTS, f)).read().splitlines() if x and not x.startswith("-----")]
+            check(not any(x in text for x in body) and "PRIVATE KEY" not in text, f"{what}: the key {f} is shown")
+
+
+def pool_refuses(env, extra, setting, want, limit=10):
+    """conveyor-workers itself (not --setup) with a certificate TLS refuses:
+    exit 2 within limit seconds (not a wait for a server that will never take
+    it), one line naming setting and saying why (want), no password or key."""
+    config = conf(extra)
+    started = time.time()
+    try:
+        r = run_bin("conveyor-workers", "-c", config, env=env, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise Failure(f"conveyor-workers with {want!r} still runs after {limit} s: it waits for a server that refuses it")
+    took = time.time() - started
+    print(f"conveyor-workers refused at start in {took:.2f} s: {r.stderr.strip()[-400:]}")
+    eq(r.returncode, 2, f"conveyor-workers with a refused client certificate: exit status (stderr: {r.stderr})")
+    said = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("{")]
+    eq(len(said), 1, f"conveyor-workers: one line says why (stderr: {r.stderr!r})")
+    check(said[0].startswith(f"conveyor-workers: {setting} ") and want in said[0],
+          f"the line names {setting} and says why ({want!r}): {said[0]!r}")
+    check(":guest@" not in r.stderr, "no password")
+    check("unreachable" not in r.stderr and "waiting for it" not in r.stderr, f"not taken for an outage: {r.stderr}")
+    no_key(r.stdout + r.stderr, "conveyor-workers")
+    return said[0]
 
 
 def setup_refuses(config, env, want, timeout=30):
@@ -281,26 +324,73 @@ def check_postgres_refusals():
               f"the refusal names the server and says why ({want!r}): {line!r}")
         line = setup_refuses(conf(""), {"CONVEYOR_DATABASE_URL": url}, want)
         check("CONVEYOR_DATABASE_URL" in line, f"the line names the setting: {line}")
+    check_postgres_client_certificate()
+
+
+def check_postgres_client_certificate():
+    """A `hostssl certdb all ... cert` rule: the CA's client certificate gets in;
+    one from another CA is refused in the handshake ("unknown ca"), and every
+    binary takes that for a configuration error: exit 2 at once, the setting
+    named, no key shown."""
+    c = psycopg2.connect(pg_url(db="certdb", client="client"))
+    c.close()
+    try:
+        psycopg2.connect(pg_url(db="certdb")).close()
+        raise Failure("the cert rule let a connection without a client certificate in")
+    except psycopg2.OperationalError:
+        pass
+    env = {"CONVEYOR_DATABASE_URL": pg_url(db="certdb", client="client-other")}
+    want = "refused the client certificate"
+    line = pool_refuses(env, "", "CONVEYOR_DATABASE_URL", want)
+    check("unknown ca" in line and "sslcert" in line, f"the line says why, and which part of the URL: {line}")
+    setup_refuses(conf(""), env, want)
+    for tool, args in (("conveyor-admin", ("stats",)), ("conveyor-admin", ("--json", "stats")),
+                       ("conveyor-admin", ("queue", "pause", "users"))):
+        r = run_bin(tool, "-c", conf(""), *args, env=env, timeout=30)
+        eq(r.returncode, 2, f"{tool} {' '.join(args)} with a refused client certificate (stderr: {r.stderr})")
+        eq(r.stdout, "", f"{tool} {' '.join(args)}: nothing on stdout before the error")
+        check(want in one_line(r, f"{tool} {' '.join(args)}"), f"{tool} says why: {r.stderr}")
+        no_key(r.stderr, tool)
 
 
 def check_rabbitmq_refusals(env):
     create = ("createProduct", '{"name":"refused","price":1}')
-    cases = (
-        ("the wrong host", tls_config(), amqps_url("127.0.0.2"), "certificate is not for host '127.0.0.2'"),
-        ("an unknown CA", tls_config(ca="other-ca.pem"), amqps_url(), "certificate is not trusted"),
-        ("no client certificate", tls_config(client_cert=False), amqps_url(), "wants one: rabbitmq.cert_file"),
-        ("plain AMQP", "", f"amqp://guest:guest@127.0.0.1:{AMQP_PORT}", "is the port TLS?"),
-        ("a missing CA file", tls_config(ca="nonexistent.pem"), amqps_url(), "cannot read the CA certificates"),
+    cases = (  # a certificate refused either way is configuration (2); a plain port mismatch looks like an outage (3)
+        ("the wrong host", tls_config(), amqps_url("127.0.0.2"), "certificate is not for host '127.0.0.2'", 2),
+        ("an unknown CA", tls_config(ca="other-ca.pem"), amqps_url(), "certificate is not trusted", 2),
+        ("no client certificate", tls_config(client_cert=False), amqps_url(),
+         "wants a client certificate and none is set", 2),
+        ("a client certificate of another CA", tls_config(client="client-other"), amqps_url(),
+         "refused the client certificate of rabbitmq.cert_file", 2),
+        ("plain AMQP", "", f"amqp://guest:guest@127.0.0.1:{AMQP_PORT}", "is the port TLS?", 3),
+        ("a missing CA file", tls_config(ca="nonexistent.pem"), amqps_url(), "cannot read the CA certificates", 2),
     )
-    for what, extra, url, want in cases:
+    for what, extra, url, want, status in cases:
         r = produce(conf(extra), dict(env, CONVEYOR_RABBITMQ_URL=url), *create)
-        eq(r.returncode, 3, f"conveyor-produce with {what}: exit status (stderr: {r.stderr})")
+        eq(r.returncode, status, f"conveyor-produce with {what}: exit status (stderr: {r.stderr})")
         line = one_line(r, what)
         server = url.split("@")[1] if "CA file" not in what else "rabbitmq.ca_file"  # this one is before connecting
         check(want in line and server in line, f"{what}: the refusal names {server} and says why ({want!r}): {line!r}")
+        no_key(r.stderr, what)
     line = setup_refuses(conf(tls_config()), dict(env, CONVEYOR_RABBITMQ_URL=amqps_url("127.0.0.2")),
                          "certificate is not for host '127.0.0.2'")
     check("CONVEYOR_RABBITMQ_URL" in line, f"the line names the setting: {line}")
+    # a client certificate the broker does not trust: the pool stops at start (it waited for ever)
+    other = tls_config(client="client-other")
+    line = pool_refuses(env, other, "CONVEYOR_RABBITMQ_URL", "refused the client certificate of rabbitmq.cert_file")
+    check("unknown ca" in line, f"the line says why: {line}")
+    pool_refuses(env, tls_config(client_cert=False), "CONVEYOR_RABBITMQ_URL", "wants a client certificate")
+    # conveyor-admin and conveyor-subscribe: exit 2 too, nothing on stdout before the error (no table header)
+    for what, extra, url in (("a client certificate of another CA", other, amqps_url()),
+                             ("the wrong host", tls_config(), amqps_url("127.0.0.2"))):
+        for tool, args in (("conveyor-admin", ("dead", "counts")), ("conveyor-admin", ("dead", "list", "catalog")),
+                           ("conveyor-admin", ("stats",)), ("conveyor-admin", ("stats", "--json")),
+                           ("conveyor-subscribe", ("-n", "1", "#"))):
+            r = run_bin(tool, "-c", conf(extra), *args, env=dict(env, CONVEYOR_RABBITMQ_URL=url), timeout=30)
+            eq(r.returncode, 2, f"{tool} {' '.join(args)} with {what}: exit status (stderr: {r.stderr})")
+            eq(r.stdout, "", f"{tool} {' '.join(args)} with {what}: nothing on stdout before the error")
+            one_line(r, f"{tool} {' '.join(args)} with {what}")
+            no_key(r.stderr, tool)
 
 
 def check_commands(config, extra, env):

@@ -118,7 +118,7 @@ def test_migrations_once_under_two_pools():
 
 def test_shell_clients_publish():
     """The README's hand-publishing examples: amqp-publish and redis-cli."""
-    from harness import TRANSPORT, AMQP_URL
+    from harness import TRANSPORT, AMQP_URL, REDIS_URL
     with Pool() as pool:
         ev = Events()
         cid = new_id()
@@ -127,10 +127,106 @@ def test_shell_clients_publish():
             r = subprocess.run(["amqp-publish", f"--url={AMQP_URL}", "-e", "conveyor.commands", "-r", "createProduct",
                                 "-p", "-b", body], capture_output=True, text=True, timeout=30)
         else:
-            r = subprocess.run(["redis-cli", "-p", "56379", "LPUSH", "conveyor:queue:catalog", body],
+            # the port of the servers in use (a second set of servers has its own), 56379 in the README
+            port = REDIS_URL.rsplit(":", 1)[1].split("/")[0]
+            r = subprocess.run(["redis-cli", "-p", port, "LPUSH", "conveyor:queue:catalog", body],
                                capture_output=True, text=True, timeout=30)
         eq(r.returncode, 0, f"shell client exit status ({r.stderr})")
         res = ev.wait_result(cid)
         eq((res[0]["type"], res[0]["data"]["price"]), ("product.created", "3.50"), "result event")
         ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
+def admin(*args, env=None):
+    return run_bin("conveyor-admin", *args, env=env)
+
+
+def test_options_come_before_or_after_the_subcommand():
+    """Every option of every tool may follow the subcommand and its arguments, as
+    a CLI user expects: `conveyor-admin stats --json` is `--json stats`."""
+    conf = os.path.join(ROOT, "queues.conf")
+    subprocess.run([os.path.join(BIN, "conveyor-workers"), "-c", conf, "--setup"], capture_output=True, timeout=120,
+                   cwd=ROOT, check=True)
+    for before, after in ((("--json", "stats"), ("stats", "--json")),
+                          (("--json", "stats", "catalog"), ("stats", "catalog", "--json")),
+                          (("-c", conf, "--json", "dead", "counts"), ("dead", "counts", "--json", "-c", conf)),
+                          (("--json", "dead", "list", "catalog"), ("dead", "list", "catalog", "--json")),
+                          (("--config", conf, "dead", "list"), ("dead", "list", f"--config={conf}"))):
+        a, b = admin(*before), admin(*after)
+        eq(b.returncode, 0, f"conveyor-admin {' '.join(after)} (stderr: {b.stderr})")
+        eq(a.returncode, 0, f"conveyor-admin {' '.join(before)} (stderr: {a.stderr})")
+        if "--json" in after:
+            rows = [json.loads(x) for x in b.stdout.splitlines()]
+            eq([sorted(r) for r in rows], [sorted(r) for r in map(json.loads, a.stdout.splitlines())],
+               f"{' '.join(after)} prints what {' '.join(before)} prints")
+            check(rows or "dead" in after, f"{' '.join(after)}: JSON lines")
+        else:
+            eq(b.stdout.splitlines()[0], a.stdout.splitlines()[0], "the same table")
+    # --all anywhere is the selector; an option after -- is a word (a NOTE)
+    for args in (("dead", "purge", "orders", "--all"), ("--all", "dead", "purge", "orders"),
+                 ("dead", "purge", "--all", "orders")):
+        r = admin(*args)
+        check(r.returncode in (0, 1) and "purged" in r.stdout, f"conveyor-admin {' '.join(args)}: {r.stderr}")
+    r = admin("queue", "pause", "orders", "--", "--not-an-option")
+    eq(r.returncode, 0, f"a NOTE after -- (stderr: {r.stderr})")
+    r = admin("stats", "orders", "--json")
+    row = json.loads(r.stdout.splitlines()[0])
+    eq((row["paused"], row["note"]), (True, "--not-an-option"), "the note, as given")
+    eq(admin("queue", "resume", "orders").returncode, 0, "resume")
+    r = admin("stats", "--no-such-option")
+    eq(r.returncode, 2, "an unknown option is a usage error")
+    eq(r.stdout, "", "nothing on stdout")
+    r = admin("stats", "no-such-queue", "--json")
+    eq(r.returncode, 2, "an unknown queue")
+    check("no queue 'no-such-queue'" in r.stderr, r.stderr)
+    # conveyor-produce, conveyor-subscribe, conveyor-workers: options after the words too
+    with Pool() as pool:
+        r = produce("createProduct", '{"name":"options after","price":1}', "--wait", "--timeout", "20")
+        eq(r.returncode, 0, f"conveyor-produce TYPE PAYLOAD --wait (stderr: {r.stderr})")
+        eq(json.loads(r.stdout.splitlines()[1])["type"], "product.created", "the result, waited for")
+        eq(pool.stop(), (0, []), "clean stop")
+    r = run_bin("conveyor-subscribe", "no.such.event", "--timeout", "0.3", "-c", conf)
+    eq(r.returncode, 4, f"conveyor-subscribe PATTERN --timeout (stderr: {r.stderr})")
+    r = run_bin("conveyor-workers", "--check", "-c", conf)
+    eq(r.returncode, 0, f"conveyor-workers --check -c FILE (stderr: {r.stderr})")
+
+
+def test_produce_prints_its_summary_however_short_the_run():
+    """On a terminal, conveyor-produce reading stdin ends with a summary line,
+    also when the run is shorter than its progress interval (0.5 s)."""
+    import pty
+    with Pool() as pool:
+        lines = "".join(json.dumps({"type": "createProduct", "payload": {"name": f"s{i}", "price": 1}}) + "\n"
+                        for i in range(3))
+        master, slave = pty.openpty()
+        try:
+            started = time.time()
+            p = subprocess.run([os.path.join(BIN, "conveyor-produce"), "-c", os.path.join(ROOT, "queues.conf")],
+                               input=lines.encode(), stdout=subprocess.PIPE, stderr=slave, timeout=60, cwd=ROOT)
+            took = time.time() - started
+            os.close(slave)
+            slave = None
+            said = b""
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the terminal's other end is closed and drained
+                    break
+                if not chunk:
+                    break
+                said += chunk
+        finally:
+            if slave is not None:
+                os.close(slave)
+            os.close(master)
+        text = said.decode(errors="replace")
+        print(f"run of {took:.2f} s; stderr on the terminal: {text!r}")
+        eq(p.returncode, 0, f"exit status (stderr: {text})")
+        eq(len(p.stdout.decode().split()), 3, "three ids on stdout")
+        check("conveyor-produce: 3 published in " in text and text.rstrip().endswith(" s"),
+              f"the summary line on the terminal: {text!r}")
+        # not a terminal: no progress, no summary (stderr stays for errors)
+        r = produce(input_=lines)
+        eq((r.returncode, r.stderr), (0, ""), "no summary when stderr is not a terminal")
         eq(pool.stop(), (0, []), "clean stop")

@@ -379,6 +379,22 @@ TEST(url_files_are_read_and_checked) {
     clear_env();
 }
 
+/* The smallest dedup window the contract states (docs/contract.md §7, README:
+ * "at least 1 day") is the smallest the loader takes: 1; 0 is "for ever". */
+TEST(dedup_window_is_at_least_one_day) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text("dedup: { retention_days = 1; };\n" MINIMAL, &c) == 0);
+    CHECK(c.dedup_retention_days == 1);
+    cfg_free(&c);
+    CHECK(load_text("dedup: { retention_days = 36500; };\n" MINIMAL, &c) == 0);
+    CHECK(c.dedup_retention_days == 36500);
+    cfg_free(&c);
+    CHECK(load_text("dedup: { retention_days = 36501; };\n" MINIMAL, &c) < 0);
+    CHECK(load_text("dedup: { retention_days = 0.5; };\n" MINIMAL, &c) < 0); /* no fraction of a day */
+    CHECK(strstr(err, "'dedup.retention_days' must be an integer") != NULL);
+}
+
 TEST(dedup_window_has_defaults_and_bounds) {
     clear_env();
     struct cfg c;
