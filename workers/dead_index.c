@@ -167,10 +167,11 @@ int dead_index_sync(struct db *db, struct broker *b, const struct cfg_queue *q, 
             return rc;
         }
         if (indexed == *total) return 0;
-        /* A worker writes its row just after the broker has the letter: a difference
-         * that moves is letters coming in (read the index as it is); one that stays
-         * the same over SETTLE_MS is a drift (rebuild). */
-        if (look > 0 && (*total != seen_total || indexed != seen_indexed)) return 0;
+        /* A worker writes its row just after the broker has the letter: fewer rows
+         * than letters, and moving, is letters coming in (read the index as it
+         * is); a difference that stays the same over SETTLE_MS, or rows for
+         * letters the queue no longer has, is a drift (rebuild). */
+        if (look > 0 && indexed < *total && (*total != seen_total || indexed != seen_indexed)) return 0;
         if (look > 0) return rebuild(db, b, q, total, err, errlen);
         seen_total = *total;
         seen_indexed = indexed;

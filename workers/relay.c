@@ -196,6 +196,27 @@ static void relay_wait(struct db *db, int ms) {
     }
 }
 
+/* The longest a stopping relay goes on publishing what is left in the outbox. */
+#define STOP_DRAIN_MS 10000
+
+/* On stop (the pool's workers have exited: supervisor.c): publishes every
+ * unpublished row through the open broker b, from the outbox's start (rows
+ * below the floor included), until none is left, a publish fails, or
+ * STOP_DRAIN_MS have passed. What is left then (a broker away, a bound hit)
+ * waits for the next active relay; it is logged. */
+static void relay_stop_drain(const struct cfg *cfg, struct db *db, struct broker *b, struct claim_floor *f) {
+    int64_t deadline = clock_mono_ms() + STOP_DRAIN_MS;
+    f->full_at_ms = 0; /* the first pass reads from the start */
+    long total = 0;
+    int n = 0;
+    while (clock_mono_ms() < deadline && (n = relay_drain(db, b, cfg->relay_batch, f)) > 0) total += n;
+    if (n < 0 || clock_mono_ms() >= deadline)
+        log_warn("relay stopping with events left in the outbox (%s): the next active relay publishes them",
+                 n < 0 ? "publishing failed" : "its drain's 10 s bound");
+    else if (total > 0)
+        log_info("relay published %ld event%s left in the outbox before stopping", total, total == 1 ? "" : "s");
+}
+
 /* Holds the relay lock on db and publishes until stop or a lost connection. */
 static bool config_refused; /* a server refused what the configuration says: the relay stops */
 
@@ -252,6 +273,7 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
         }
         relay_wait(db, cfg->relay_poll_ms);
     }
+    if (stop_requested && b && db_ok(db)) relay_stop_drain(cfg, db, b, &floor);
     relay_wake_set_active(false);
     broker_close(b);
 }

@@ -2,7 +2,9 @@
  * reaper when a queue is on Redis, and the HTTP listener when http.listen is
  * set: http.c), restarts a child that dies (backing off
  * when it crash-loops), reloads queues.conf on SIGHUP, and on SIGTERM / SIGINT
- * stops the children, waits for them, and exits 0.
+ * stops the children (the workers first, then the relay, which publishes
+ * what they committed while draining, then the HTTP listener), waits for
+ * them, and exits 0.
  *
  * Reload: the new configuration is checked first (a bad file changes nothing);
  * then a new generation of children starts, and the old children are asked to
@@ -241,7 +243,7 @@ int supervisor_run(struct cfg *cfg) {
     if (scoreboard_init(cfg) < 0) log_warn("no scoreboard (%s): the pool's commands are not counted", strerror(errno));
     start_generation(&p);
 
-    bool stopping = false;
+    bool stopping = false, relay_told = false;
     int64_t deadline = 0;
     for (;;) {
         struct timespec tick = {0, 200 * 1000000L};
@@ -254,9 +256,12 @@ int supervisor_run(struct cfg *cfg) {
             log_info("%s: draining the pool (up to %d s)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                      p.cfg->shutdown_timeout_s);
             scoreboard_set_flags(true);
-            /* the HTTP listener stays, saying /readyz 503, until the rest is gone */
+            /* the relay stays until the workers are gone, so that it publishes
+             * what they commit while they drain; the HTTP listener stays,
+             * saying /readyz 503, until the rest is gone */
             for (int i = 0; i < p.nkids; i++)
-                if (p.kids[i].pid && p.kids[i].kind != CHILD_HTTP) kill(p.kids[i].pid, SIGTERM);
+                if (p.kids[i].pid && p.kids[i].kind != CHILD_HTTP && p.kids[i].kind != CHILD_RELAY)
+                    kill(p.kids[i].pid, SIGTERM);
             for (int i = 0; i < p.nretiring; i++) kill(p.retiring[i], SIGTERM);
         } else if (sig == SIGHUP && !stopping) {
             reload(&p);
@@ -265,12 +270,18 @@ int supervisor_run(struct cfg *cfg) {
         int status;
         while ((pid = waitpid(-1, &status, WNOHANG)) > 0) reaped(&p, pid, status, stopping);
         if (!stopping) retire_next(&p);
-        int running = p.nretiring + (p.retiring_now != 0), listeners = 0;
+        int running = p.nretiring + (p.retiring_now != 0), listeners = 0, relays = 0;
         for (int i = 0; i < p.nkids; i++) {
             struct child *c = &p.kids[i];
             if (!c->pid && !stopping && clock_mono_ms() >= c->restart_at_ms) spawn(&p, c);
             running += c->pid != 0;
             listeners += c->pid != 0 && c->kind == CHILD_HTTP;
+            relays += c->pid != 0 && c->kind == CHILD_RELAY;
+        }
+        if (stopping && !relay_told && running == listeners + relays) { /* the workers are gone */
+            relay_told = true; /* it publishes what is left (bounded: relay.c), then exits */
+            for (int i = 0; i < p.nkids; i++)
+                if (p.kids[i].pid && p.kids[i].kind == CHILD_RELAY) kill(p.kids[i].pid, SIGTERM);
         }
         if (stopping && running > 0 && running == listeners)
             for (int i = 0; i < p.nkids; i++)

@@ -229,3 +229,35 @@ def test_a_stalled_commit_keeps_its_aggregates_order():
         pub.close()
         ev.close()
         eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_a_pool_stopped_under_load_leaves_nothing_unpublished():
+    """SIGTERM while the workers drain a backlog, three times: the relay stops
+    after them and publishes what they committed meanwhile, so the outbox is
+    empty when the pool has exited (a broker being up to take it)."""
+    pub = Publisher()
+    ids = []
+    try:
+        for round_ in range(3):
+            for i in range(1500):
+                ids.append(pub.command(envelope("createProduct", {"name": f"Drained {round_}.{i}", "price": "1.00",
+                                                                  "stock": 1}))["id"])
+            before = query("SELECT count(*) FROM processed_commands WHERE id = ANY(%s::uuid[])", ids)[0][0]
+            pool = Pool(workers={"catalog": 2}, queue_opts="batch_size = 8;")
+            deadline = time.time() + 30
+            while query("SELECT count(*) FROM processed_commands WHERE id = ANY(%s::uuid[])", ids)[0][0] < before + 200:
+                check(time.time() < deadline, "the pool applies the backlog")
+                time.sleep(0.05)
+            rc, left = pool.stop()  # under load: the backlog is not done
+            eq((rc, left), (0, []), "a clean stop")
+            done = query("SELECT count(*) FROM processed_commands WHERE id = ANY(%s::uuid[])", ids)[0][0]
+            check(done < len(ids), f"round {round_}: stopped while commands were waiting ({done} of {len(ids)} done)")
+            eq(query("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0], 0,
+               f"round {round_}: unpublished outbox rows after the pool stopped")
+        with Pool(workers={"catalog": 2}, queue_opts="batch_size = 8;") as pool:  # the rest
+            deadline = time.time() + 60
+            while query("SELECT count(*) FROM processed_commands WHERE id = ANY(%s::uuid[])", ids)[0][0] < len(ids):
+                check(time.time() < deadline, "the rest of the backlog is applied")
+                time.sleep(0.1)
+    finally:
+        pub.close()
