@@ -7,7 +7,9 @@
  * read-modify-write); the supervisor writes a slot's pid, state and restart
  * counts, fields the child never writes. A restarted child takes the slot of
  * the position it replaces and goes on adding to it, so the counts of a child
- * that died (kill -9 included) stay. Readers (the HTTP child) read each 64-bit
+ * that died (kill -9 included) stay; so do the outcomes of a batch it committed
+ * but had not counted (pending_xid: the next process of the slot asks the
+ * database whether that transaction committed; worker.c). Readers (the HTTP child) read each 64-bit
  * counter with a relaxed load: a scrape may see one counter of a command moved
  * and another not yet, never a torn value.
  *
