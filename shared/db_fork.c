@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,9 +42,29 @@ struct host_id {
 
 /* The process's memory: the newest timeline of system seen_sysid it has had a
  * writable connection on. A host of that system on an earlier timeline has
- * forked from it, whatever the other hosts say (they may be unreachable). */
+ * forked from it, whatever the other hosts say (they may be unreachable).
+ * Under seen_lock: the HTTP listener connects from two threads. */
+static pthread_mutex_t seen_lock = PTHREAD_MUTEX_INITIALIZER;
 static char seen_sysid[24];
 static unsigned long seen_tli;
+
+/* The timeline this process has written on for system sysid (0: none). */
+static unsigned long seen_timeline(const char *sysid) {
+    pthread_mutex_lock(&seen_lock);
+    unsigned long tli = strcmp(seen_sysid, sysid) == 0 ? seen_tli : 0;
+    pthread_mutex_unlock(&seen_lock);
+    return tli;
+}
+
+/* Remembers that this process has a writable connection on timeline tli of system sysid. */
+static void seen_remember(const char *sysid, unsigned long tli) {
+    pthread_mutex_lock(&seen_lock);
+    if (strcmp(seen_sysid, sysid) != 0 || tli > seen_tli) {
+        snprintf(seen_sysid, sizeof seen_sysid, "%s", sysid);
+        seen_tli = tli;
+    }
+    pthread_mutex_unlock(&seen_lock);
+}
 
 /* Reads id from r (IDENTIFY_SQL's result); id->known false when r is not one. */
 static void identify_result(PGresult *r, struct host_id *id) {
@@ -243,11 +264,13 @@ int db_fork_guard(PGconn **conn, const char *url, const char *app, char *err, si
     struct host_id ours;
     PGresult *r = PQexec(*conn, IDENTIFY_SQL);
     identify_result(r, &ours);
-    PQclear(r);
     if (!ours.known) { /* not told: the connection is used as libpq chose it, as before this check */
-        log_warn("database: cannot tell whether the host has forked (%s); using it", PQerrorMessage(*conn));
+        const char *why = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+        log_warn("database: cannot tell whether the host has forked (%s); using it", why ? why : "no answer");
+        PQclear(r);
         return 0;
     }
+    PQclear(r);
     if (!ours.writable) return 0; /* nothing is written through it: nothing to fork */
     PQconninfoOption *opts = PQconninfoParse(url, NULL);
     if (!opts) return 0; /* parsed before libpq connected: only out of memory */
@@ -288,10 +311,11 @@ int db_fork_guard(PGconn **conn, const char *url, const char *app, char *err, si
                      to.name, why, me.name);
             rc = CV_ERETRY;
         }
-    } else if (seen_sysid[0] && strcmp(seen_sysid, ours.sysid) == 0 && ours.tli < seen_tli) {
+    } else if (ours.tli < seen_timeline(ours.sysid)) {
         snprintf(err, errlen, "host %s has forked: it takes writes on timeline %lu of system %s, and this process "
                  "wrote on timeline %lu of it (a promoted standby, not reachable now); not writing to %s. "
-                 "Fence %s (docs/scaling.md)", me.name, ours.tli, ours.sysid, seen_tli, me.name, me.name);
+                 "Fence %s (docs/scaling.md)", me.name, ours.tli, ours.sysid, seen_timeline(ours.sysid), me.name,
+                 me.name);
         rc = CV_ERETRY;
     }
     if (rc == 0) {
@@ -304,10 +328,7 @@ int db_fork_guard(PGconn **conn, const char *url, const char *app, char *err, si
                          "timeline %lu; not writing to it. Fence it (docs/scaling.md)",
                          old.name, ids[i].tli, ours.sysid, ours.tli);
             }
-        if (strcmp(seen_sysid, ours.sysid) != 0 || ours.tli > seen_tli) {
-            snprintf(seen_sysid, sizeof seen_sysid, "%s", ours.sysid);
-            seen_tli = ours.tli;
-        }
+        seen_remember(ours.sysid, ours.tli);
     } else {
         PQfinish(*conn);
         *conn = NULL;
