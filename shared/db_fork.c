@@ -290,7 +290,8 @@ int db_fork_guard(PGconn **conn, const char *url, const char *app, char *err, si
             best = i;
     struct host_params me;
     if (mine >= 0) host_params(opts, mine, "any", app, &me);
-    else snprintf(me.name, sizeof me.name, "%s:%s", PQhost(*conn), PQport(*conn));
+    else snprintf(me.name, sizeof me.name, "%s:%s", PQhost(*conn) ? PQhost(*conn) : "?",
+                  PQport(*conn) ? PQport(*conn) : "?");
     int rc = 0;
     if (best >= 0) {
         struct host_params to;

@@ -5,8 +5,9 @@ stopped and B promoted (a failover): the pool goes on with B. Then A is started
 again, unfenced: it takes writes on the old timeline, while B is on the new one,
 so A has forked; libpq alone would choose A (the first writable host of the
 list). Neither the running pool (made to reconnect) nor a fresh pool on the same
-URL writes anything to A: every command lands on B, A's tables gain no row,
-and the logs say which host was skipped and why. Last, B goes away for a while:
+URL (nor --setup, with A listed first or last) writes anything to A: every
+command lands on B, A's tables gain no row, and the logs say which host was
+skipped and why. Last, B goes away for a while:
 a pool that wrote on B's timeline waits for it rather than write to A.
 
 The transport does not matter (the check is in the database connection): the
@@ -115,6 +116,19 @@ def test_a_returning_old_primary_is_never_written_to_rabbitmq():
             check(f"skipped host 127.0.0.1:{a.port}, which has forked" in log,
                   f"the fresh pool says why it skipped A:\n{log[-3000:]}")
             phase("a fresh pool wrote to B only")
+
+            # --setup (migrations: writes) on the URL, A first and A last: B is used, A named
+            b_first = (f"postgresql://conveyor@127.0.0.1:{b.port},127.0.0.1:{a.port}/conveyor"
+                       f"?target_session_attrs=read-write&connect_timeout=2")
+            for u, said in ((url, f"skipped host 127.0.0.1:{a.port}, which has forked"),
+                            (b_first, f"host 127.0.0.1:{a.port} has forked")):
+                config = write_config()
+                r = run_bin("conveyor-workers", "-c", config, "--setup", env={"CONVEYOR_DATABASE_URL": u},
+                            timeout=120)
+                os.unlink(config)
+                eq(r.returncode, 0, f"--setup on {u} ({r.stderr})")
+                check(said in r.stderr, f"--setup on {u} says A has forked: {r.stderr}")
+            eq(rows(a), on_a, "--setup wrote nothing to A")
 
             # B goes away for a while: the pool, which wrote on timeline 2, waits rather than write to A
             b.pg_ctl("-m", "fast", "stop")
