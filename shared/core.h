@@ -379,6 +379,8 @@ struct db *db_connect_retry(const char *url, volatile sig_atomic_t *stop);
  * CV_ERETRY otherwise (unreachable, starting up, too
  * many connections). err never holds the URL's password. */
 struct db *db_connect_class(const char *url, int *cls, char *err, size_t errlen);
+/* (db_connect_class, through a URL that lists several hosts, also never returns a
+ * connection to a host that has forked: see db_fork_guard. Then *cls is CV_ERETRY.) */
 /* As db_connect_retry (logs once when it starts waiting, once when the database is
  * back), but a configuration error ends it: NULL with the reason in err. Stopped by
  * *stop: NULL with err "". */
@@ -446,6 +448,30 @@ void db_discard(struct db *db);
  * items are left out. Returns a malloc'd string the caller frees (never
  * NULL: xmalloc). */
 char *db_array(const char *const *items, int n);
+
+/* ---- db_fork.c: a forked primary among the hosts of a multi-host URL ---------------------
+ * After a failover the promoted standby writes on a new timeline; an old primary that
+ * comes back writable stays on the old one, and libpq, which keeps the first writable
+ * host of the URL's list, may choose it. */
+/* The number of hosts url lists (host, or hostaddr, items; 1 when it names none;
+ * 0 when it does not parse). */
+int db_url_hosts(const char *url);
+/* After libpq connected *conn through url (several hosts; app: the application_name
+ * to give other connections): when *conn's host takes writes, asks every other host
+ * of url, each on its own and all at once (target_session_attrs=any, answers within
+ * 1 s, a host that does not answer is not counted), for its system identifier,
+ * whether it takes writes and its timeline. When another host of the same system
+ * takes writes on a later timeline, *conn's host has forked: *conn is closed and
+ * replaced by a connection to the host of the latest timeline, with a warning that
+ * names both (0). When no host says so but this process has had a writable
+ * connection on a later timeline of that system (its memory, kept across
+ * connections: the promoted host may be unreachable for a while), *conn is closed,
+ * *conn NULL, and CV_ERETRY with the reason in err (never a password); so too when
+ * the later host cannot be opened. A forked host later in the list, which libpq did
+ * not choose, is logged as a warning. Returns 0 with *conn the connection to use
+ * (owned by the caller, as before); a host whose identity cannot be read (an error,
+ * not an answer) is used as libpq chose it, with a warning. */
+int db_fork_guard(PGconn **conn, const char *url, const char *app, char *err, size_t errlen);
 
 /* ---- migrate.c --------------------------------------------------------------------------- */
 struct migration { const char *name; const char *sql; };

@@ -160,6 +160,8 @@ struct db *db_connect_class(const char *url, int *cls, char *err, size_t errlen)
         PQfinish(db);
         return NULL;
     }
+    /* a URL of several hosts: never a host that has forked from the others (db_fork.c) */
+    if (db_url_hosts(url) > 1 && db_fork_guard(&db, url, app, err, errlen) < 0) return NULL; /* CV_ERETRY */
     PQsetErrorVerbosity(db, PQERRORS_DEFAULT);
     PQsetNoticeProcessor(db, quiet_notice, NULL); /* NOTICEs are not errors; keep stderr JSON-only */
     struct db *ctx = xcalloc(1, sizeof *ctx);

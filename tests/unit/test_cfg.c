@@ -598,3 +598,16 @@ TEST(redis_sentinel_urls) {
     CHECK(c.publish_retry_ms == 0 && c.redis_wait_replicas == 0);
     cfg_free(&c);
 }
+
+/* db_url_hosts: a URL of several hosts is checked for a forked primary at each
+ * connection (db_fork.c), a single host is not. */
+TEST(database_url_hosts_are_counted) {
+    CHECK(db_url_hosts("postgresql://conveyor@db-a:5432,db-b:5433/conveyor?target_session_attrs=read-write") == 2);
+    CHECK(db_url_hosts("postgresql://db-a,db-b,db-c/conveyor") == 3);
+    CHECK(db_url_hosts("host=a,b port=5432 dbname=conveyor") == 2);
+    CHECK(db_url_hosts("hostaddr=127.0.0.1,127.0.0.2 port=1,2") == 2);
+    CHECK(db_url_hosts("postgresql://conveyor@127.0.0.1:55432/conveyor") == 1);
+    CHECK(db_url_hosts("postgresql:///conveyor") == 1);
+    CHECK(db_url_hosts("postgresql://[::1]:5432,[::2]:5432/conveyor") == 2);
+    CHECK(db_url_hosts("not a url at all = = =") == 0);
+}
