@@ -11,9 +11,9 @@ mkdir -p "$OUT/corpus"
 clang -g -O1 -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I "$ROOT/shared" -I "$ROOT/workers" \
   "$ROOT/tests/fuzz/fuzz_command.c" \
-  "$ROOT"/shared/{envelope,json_check,event,id,clock,utf8,log,db,backoff,alloc,url,trace}.c \
+  "$ROOT"/shared/{envelope,json_check,event,id,clock,utf8,log,db,db_fork,backoff,alloc,url,trace}.c \
   "$ROOT"/workers/validate.c "$ROOT"/workers/handler*.c \
-  $(pkg-config --cflags --libs libcjson libpq uuid libsodium librabbitmq) -lm -o "$OUT/fuzz_command"
+  $(pkg-config --cflags --libs libcjson libpq uuid libsodium librabbitmq) -lm -lpthread -o "$OUT/fuzz_command"
 # seeds: one valid command of each type, and every message of the poison corpus
 /usr/bin/python3 "$ROOT/tests/poison/corpus.py" --write-seeds "$OUT/corpus"
 cp "$ROOT"/tests/fuzz/seeds/* "$OUT/corpus/" 2>/dev/null || true
