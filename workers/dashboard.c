@@ -332,18 +332,18 @@ static enum MHD_Result command(struct http *h, struct MHD_Connection *conn) {
     cJSON *deads = cJSON_AddArrayToObject(o, "deadLetters");
     for (int i = 0; i < h->cfg->nqueues; i++) {
         const struct cfg_queue *q = &h->cfg->queues[i];
-        struct dead_page p; /* its key is its id: found by key, none taken off its queue */
+        struct dead_page page; /* its key is its id: found by key, none taken off its queue */
         char derr[600];
-        if (read_dead(h, q, NULL, 0, id, &p, derr, sizeof derr) < 0) {
+        if (read_dead(h, q, NULL, 0, id, &page, derr, sizeof derr) < 0) {
             cJSON_Delete(o);
             return http_unavailable(conn, "cannot read the dead letters", derr);
         }
-        for (int k = 0; k < p.n; k++) {
+        for (int k = 0; k < page.n; k++) {
             char cid[ID_LEN + 1];
-            dead_letter_command_id(&p.d[k], cid);
-            if (strcmp(cid, id) == 0) cJSON_AddItemToArray(deads, dead_letter_json(q, &p.d[k], (int)p.number[k], true));
+            dead_letter_command_id(&page.d[k], cid);
+            if (strcmp(cid, id) == 0) cJSON_AddItemToArray(deads, dead_letter_json(q, &page.d[k], (int)page.number[k], true));
         }
-        dead_page_free(&p);
+        dead_page_free(&page);
     }
     cJSON_AddStringToObject(o, "envelopeNote",
                             "The envelope of an applied or rejected command is not kept; its events show what it did. "
