@@ -22,11 +22,11 @@
  * worker never waits for it, and the supervisor's loop needs no Redis.
  * A worker stuck for ever must not be vouched for for ever: the thread refreshes
  * only while the worker makes progress, that is, made a call to its broker (noted
- * as the call starts: a Redis command is bounded by its 30 s read timeout) or had a
+ * as the call starts: a Redis command is bounded by its reply timeout, broker.reply_timeout_ms plus its block time) or had a
  * result from PostgreSQL (liveness_watch_db: every result, an error too) within
  * the longest a working worker can go without one: a statement
  * (statement_timeout_ms), a pause inside a transaction (idle_in_transaction_
- * timeout_ms: PostgreSQL then ends the session), a Redis command (its 30 s read
+ * timeout_ms: PostgreSQL then ends the session), a Redis command (its reply timeout
  * timeout), whichever is longest, plus heartbeat_ttl. Past that it stops, logs
  * it, and the key expires: a worker stuck outside the database (or waiting for a
  * database that is away, when it holds nothing unsettled) loses its in-flight
@@ -34,6 +34,14 @@
  * PostgreSQL, so a copy handed out is not applied twice. The worker's own
  * refresh before each take stays, for the first take and for a thread that
  * cannot refresh.
+ *
+ * A silent server (a primary or Sentinel frozen with its connections open) is
+ * found by socket timeouts on every read and write: broker.reply_timeout_ms (T)
+ * for a command, T plus its block time for a blocking one (BLMOVE, WAIT, XREAD
+ * BLOCK: set_io_timeout), 1 s for a Sentinel's answer. One that fires says so
+ * (broker_note BROKER_SILENT) and drops the connection; the next command asks
+ * the Sentinels again, who name the new primary once they failed over
+ * (down-after-milliseconds, docs/scaling.md).
  */
 #include "broker_backend.h"
 
@@ -59,6 +67,8 @@ struct redis_broker {
     char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], returned_key[256], events_key[256];
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
     bool recover;             /* return the in-flight list before the next BLMOVE */
+    int io_timeout_ms;        /* the socket timeout set on ctx now (set_io_timeout) */
+    int block_ms;             /* the block time of the next command (block_next), 0 when it does not block */
     _Atomic int64_t heartbeat_at; /* monotonic ms of the last refresh (by the worker or vouch_main) */
     struct vouch *vouch;      /* the heartbeat thread while consuming, or NULL */
     struct held_ack { char *body; size_t len; } *held; /* acked batches not yet removed */
@@ -129,6 +139,43 @@ static int ask_sentinels(struct redis_broker *r) {
 
 static void drop(struct redis_broker *r);
 
+/* Sets the socket timeout of every read and write on r->ctx to
+ * broker.reply_timeout_ms plus block_ms (the server may rightly keep a blocking
+ * command's reply that long), unless it is set so already. */
+static void set_io_timeout(struct redis_broker *r, int block_ms) {
+    int ms = r->base.cfg->broker_reply_timeout_ms + (block_ms > 0 ? block_ms : 0);
+    if (!r->ctx || r->io_timeout_ms == ms) return;
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    if (redisSetTimeout(r->ctx, tv) == REDIS_OK) r->io_timeout_ms = ms;
+}
+
+/* The next command (cmd, argv_cmd) blocks up to ms on the server: its reply may take that much longer. */
+static void block_next(struct redis_broker *r, int ms) { r->block_ms = ms; }
+
+/* A command is sent: its socket timeout set (set_io_timeout, with the block
+ * time block_next gave, which it consumes), and the wait noted (broker_note). */
+static void before_command(struct redis_broker *r) {
+    int block = r->block_ms;
+    r->block_ms = 0;
+    set_io_timeout(r, block);
+    broker_note(BROKER_WAITING, block);
+}
+
+/* After a command that got no reply (hiredis's error on r->ctx): when it was
+ * a socket timeout (the server is silent), says so (broker_note) and in the
+ * message. */
+static void no_reply(struct redis_broker *r, const char *what) {
+    bool timed_out = r->ctx->err == REDIS_ERR_IO && strstr(r->ctx->errstr, "temporarily unavailable");
+    if (timed_out) {
+        broker_note(BROKER_SILENT, 0);
+        broker_fail(&r->base, CV_ERETRY, "redis %s:%d %s: no reply within %d ms (the server is silent)", r->host, r->port,
+                    what, r->io_timeout_ms);
+        log_warn("%s", r->base.err);
+    } else {
+        broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
+    }
+}
+
 /* With Sentinels: the server reached must be a primary (ROLE), else the failover
  * is not over yet (or the Sentinel's answer is old). Returns 0, or CV_ERETRY with
  * the connection dropped. */
@@ -147,6 +194,7 @@ static int check_primary(struct redis_broker *r) {
 static void drop(struct redis_broker *r) {
     if (r->ctx) redisFree(r->ctx);
     r->ctx = NULL;
+    r->io_timeout_ms = 0;
     r->recover = r->inflight_key[0] != '\0'; /* a BLMOVE's reply may have been lost */
 }
 
@@ -192,8 +240,7 @@ static int connect_now(struct redis_broker *r) {
         drop(r);
         return CV_ERETRY;
     }
-    struct timeval rw = {30, 0};
-    redisSetTimeout(r->ctx, rw);
+    set_io_timeout(r, 0);
     redisEnableKeepAlive(r->ctx);
     int rc = 0;
     /* one command at least, so that a server that wants a password says so now (NOAUTH) */
@@ -226,10 +273,11 @@ static int reply_error(struct redis_broker *r, const redisReply *rep, const char
  * is dropped) or it is an error (freed). */
 static redisReply *checked(struct redis_broker *r, redisReply *rep) {
     if (!rep) {
-        broker_fail(&r->base, CV_ERETRY, "redis: %s", r->ctx->errstr);
+        no_reply(r, "command");
         drop(r);
         return NULL;
     }
+    broker_note(BROKER_ANSWERED, 0);
     if (rep->type == REDIS_REPLY_ERROR) {
         reply_error(r, rep, "command");
         freeReplyObject(rep);
@@ -239,7 +287,11 @@ static redisReply *checked(struct redis_broker *r, redisReply *rep) {
 }
 
 static redisReply *vcmd(struct redis_broker *r, const char *fmt, va_list ap) {
-    if (!r->ctx && connect_now(r) < 0) return NULL;
+    if (!r->ctx && connect_now(r) < 0) {
+        r->block_ms = 0;
+        return NULL;
+    }
+    before_command(r);
     return checked(r, redisvCommand(r->ctx, fmt, ap));
 }
 
@@ -253,7 +305,11 @@ static redisReply *cmd(struct redis_broker *r, const char *fmt, ...) {
 
 /* As cmd, with the arguments as an array. */
 static redisReply *argv_cmd(struct redis_broker *r, int argc, const char **argv, const size_t *argl) {
-    if (!r->ctx && connect_now(r) < 0) return NULL;
+    if (!r->ctx && connect_now(r) < 0) {
+        r->block_ms = 0;
+        return NULL;
+    }
+    before_command(r);
     return checked(r, redisCommandArgv(r->ctx, argc, argv, argl));
 }
 
@@ -267,6 +323,7 @@ static void vouch_stop(struct redis_broker *r);
 
 static void redis_close(struct broker *b) {
     struct redis_broker *r = (struct redis_broker *)b;
+    broker_note(BROKER_IDLE, 0);
     vouch_stop(r); /* before the DEL: it would set the key again */
     if (r->nheld && send_held_acks(r) < 0)
         log_warn("%d acked message%s stay in %s (%s): handed out again, they are found done", r->nheld,
@@ -305,7 +362,6 @@ static int redis_publish_commands(struct broker *b, const struct outgoing_comman
 
 /* ---- liveness: the heartbeat thread (see the header comment) ---------------------------- */
 
-#define REDIS_REPLY_WAIT_MS 30000 /* the read timeout connect_now gives a connection */
 
 static _Atomic int64_t progress_at_ms; /* monotonic ms of the worker's last progress (one per process) */
 
@@ -400,7 +456,11 @@ static void vouch_start(struct redis_broker *r, const struct cfg_queue *q) {
     if (r->vouch) return;
     struct vouch *v = xcalloc(1, sizeof *v);
     v->owner = r;
-    int64_t longest = REDIS_REPLY_WAIT_MS;
+    /* a Redis command: the reply timeout, plus the longest block (WAIT, BLMOVE) */
+    const struct cfg *cfg = r->base.cfg;
+    int64_t block = cfg->redis_wait_timeout_ms > cfg->heartbeat_interval_s * 500 ? cfg->redis_wait_timeout_ms
+                                                                                 : cfg->heartbeat_interval_s * 500;
+    int64_t longest = cfg->broker_reply_timeout_ms + block;
     if (q->statement_timeout_ms > longest) longest = q->statement_timeout_ms;
     if (q->idle_in_transaction_timeout_ms > longest) longest = q->idle_in_transaction_timeout_ms;
     v->stall_limit_ms = longest + r->base.cfg->heartbeat_ttl_s * 1000L;
@@ -541,6 +601,7 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     char tmo[32];
     snprintf(tmo, sizeof tmo, "%.3f", timeout_ms / 1000.0);
     /* timeout 0: only a message already waiting (BLMOVE would block for ever) */
+    block_next(r, timeout_ms);
     redisReply *rep = timeout_ms <= 0 ? cmd(r, "LMOVE %s %s RIGHT LEFT", r->queue_key, r->inflight_key)
                                       : cmd(r, "BLMOVE %s %s RIGHT LEFT %s", r->queue_key, r->inflight_key, tmo);
     if (!rep) return last_error(r);
@@ -645,11 +706,13 @@ static int read_replies(struct redis_broker *r, int n, const char *what) {
     int rc = 0;
     for (int i = 0; i < n; i++) {
         redisReply *rep = NULL;
+        if (i == 0) before_command(r);
         if (redisGetReply(r->ctx, (void **)&rep) != REDIS_OK) {
-            broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
+            no_reply(r, what);
             drop(r);
             return CV_ERETRY;
         }
+        broker_note(BROKER_ANSWERED, 0);
         if (rep->type == REDIS_REPLY_ERROR && rc == 0) rc = reply_error(r, rep, what);
         freeReplyObject(rep);
         if (!r->ctx) return CV_ERETRY; /* dropped by reply_error: the other replies went with it */
@@ -664,6 +727,7 @@ static int read_replies(struct redis_broker *r, int n, const char *what) {
 static int wait_replicas(struct redis_broker *r, const char *what) {
     const struct cfg *cfg = r->base.cfg;
     if (cfg->redis_wait_replicas <= 0) return 0;
+    block_next(r, cfg->redis_wait_timeout_ms);
     redisReply *rep = cmd(r, "WAIT %d %d", cfg->redis_wait_replicas, cfg->redis_wait_timeout_ms);
     if (!rep) return last_error(r); /* lost: CV_ERETRY; an error reply (no WAIT here): CV_EREFUSED */
     long long got = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
@@ -983,6 +1047,7 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
         r->npending = r->ipending = 0;
         int64_t left = deadline - clock_mono_ms();
         if (left <= 0) return 0;
+        block_next(r, (int)left);
         redisReply *rep = cmd(r, "XREAD COUNT 256 BLOCK %lld STREAMS %s %s", (long long)left,
                               r->events_key, r->last_id);
         if (!rep) return last_error(r);
