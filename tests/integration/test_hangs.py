@@ -37,6 +37,10 @@ FREEZE_S = 60
 HANG_BOUND_S = 15.0  # docs/scaling.md: events flow again within 15 s of a node freezing (default settings)
 
 
+def secs(t):
+    return "never" if t is None else f"{t:.1f} s"
+
+
 def readyz(h):
     """The pool's /readyz: (status code, its checks)."""
     try:
@@ -144,7 +148,7 @@ def test_frozen_node_rabbitmq():
             eq((code, left), (0, []), f"the pool on {h} stops cleanly")
         pools = {}
         print(f"FIGURES rabbitmq-frozen-node: the events stopped for {gap:.1f} s at most after node {frozen} froze "
-              f"for {FREEZE_S} s; conveyor_broker_stalled at {seen_metric} s, /readyz at {seen_ready} s; relay on "
+              f"for {FREEZE_S} s; conveyor_broker_stalled at {secs(seen_metric)}, /readyz at {secs(seen_ready)}; relay on "
               f"{holder} then {after}; {dups} duplicate deliveries", flush=True)
         check_hang(gap, seen_metric, seen_ready, "a RabbitMQ node")
     finally:
@@ -180,7 +184,6 @@ def test_frozen_primary_redis():
         prod = Producer(config, env, updates, rate=150)  # 80 s of commands
         holder = wait_for("an active relay", lambda: relay_host(pools), timeout=30)
         proc = rs.procs["cvh1"]
-        t_named = []
 
         def freeze():
             proc.send_signal(signal.SIGSTOP)
@@ -202,8 +205,8 @@ def test_frozen_primary_redis():
             eq((code, left), (0, []), f"the pool on {h} stops cleanly")
         pools = {}
         print(f"FIGURES redis-frozen-primary: the events stopped for {gap:.1f} s at most after the primary froze "
-              f"for {FREEZE_S} s; conveyor_broker_stalled at {seen_metric} s, /readyz at {seen_ready} s; relay on "
-              f"{holder} then {after}; {dups} duplicate deliveries{t_named and ''}", flush=True)
+              f"for {FREEZE_S} s; conveyor_broker_stalled at {secs(seen_metric)}, /readyz at {secs(seen_ready)}; relay on "
+              f"{holder} then {after}; {dups} duplicate deliveries", flush=True)
         check_hang(gap, seen_metric, seen_ready, "the Redis primary")
     finally:
         if rs and rs.procs.get("cvh1") and rs.procs["cvh1"].poll() is None:
