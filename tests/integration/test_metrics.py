@@ -87,7 +87,7 @@ def test_endpoints_and_every_label_set_from_the_start():
         status, headers, body = wait_http(pool, "/readyz", 200)
         ready = json.loads(body)
         eq(ready["status"], "ready", "/readyz status")
-        want = {"database", "migrations", "draining", TRANSPORT} | {f"workers.{q}" for q in ROUTING}
+        want = {"database", "migrations", "draining", "broker_stall", TRANSPORT} | {f"workers.{q}" for q in ROUTING}
         eq(set(ready["checks"]), want, "/readyz checks")
         check(all(v == "ok" for v in ready["checks"].values()), f"every check ok: {ready}")
         eq(headers.get("Content-Type"), "application/json", "/readyz content type")
