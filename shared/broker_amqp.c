@@ -44,6 +44,7 @@ struct amqp_broker {
     struct broker base;
     amqp_connection_state_t consume, publish;
     uint64_t publish_tag;      /* last delivery tag used on the publish channel */
+    int64_t publish_heard_ms;  /* monotonic ms the publish connection last answered (probe_idle) */
     bool probe_open;           /* PROBE_CHANNEL is open on the publish connection (passive_count) */
     char *url;                 /* the node's URL in use; amqp_parse_url writes into this copy */
     struct amqp_connection_info info;
@@ -453,6 +454,7 @@ static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, b
         }
         a->publish_tag = 0;
         a->probe_open = false;
+        a->publish_heard_ms = clock_mono_ms();
     }
     *out = c;
     return 0;
@@ -478,6 +480,47 @@ struct amqp_msg {
     const char *expiration;    /* per-message TTL in ms, or NULL */
 };
 
+/* A publish connection idle for longer than this is probed before it is used (probe_idle). */
+#define PROBE_IDLE_MS 2000
+/* ... and dropped when its node does not answer the probe within this (at most broker.reply_timeout_ms). */
+#define PROBE_TIMEOUT_MS 2000
+
+/* Before a publish: when the publish connection has not heard from its node
+ * for over PROBE_IDLE_MS (the node may have gone silent meanwhile, unseen: a
+ * relay idle while the workers moved on; librabbitmq reads heartbeats only
+ * inside its calls), asks it something (a passive declare of amq.direct) with
+ * a timeout of PROBE_TIMEOUT_MS; a node that does not answer is silent
+ * (silent_node: the connection is dropped and the next node is the one
+ * open_conn tries). Returns 0 (the connection answered, or is gone: open_conn
+ * opens another), or a class when the node refused the probe (the connection
+ * is dropped). */
+static int probe_idle(struct amqp_broker *a) {
+    if (!a->publish || clock_mono_ms() - a->publish_heard_ms <= PROBE_IDLE_MS) return 0;
+    int t_ms = a->base.cfg->broker_reply_timeout_ms < PROBE_TIMEOUT_MS ? a->base.cfg->broker_reply_timeout_ms
+                                                                       : PROBE_TIMEOUT_MS;
+    struct timeval probe = {t_ms / 1000, (t_ms % 1000) * 1000};
+    struct timeval reply = {a->base.cfg->broker_reply_timeout_ms / 1000, (a->base.cfg->broker_reply_timeout_ms % 1000) * 1000};
+    amqp_set_rpc_timeout(a->publish, &probe);
+    amqp_exchange_declare(a->publish, CHANNEL, amqp_cstring_bytes("amq.direct"), amqp_cstring_bytes("direct"), 1, 0,
+                          0, 0, amqp_empty_table);
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(a->publish);
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+        (r.library_error == AMQP_STATUS_TIMEOUT || r.library_error == AMQP_STATUS_HEARTBEAT_TIMEOUT)) {
+        silent_node(a, "rabbitmq %s:%d: an idle connection did not answer within %d ms", a->info.host, a->info.port,
+                    t_ms);
+        drop_silent(&a->publish);
+        return 0;
+    }
+    int rc = rpc_check(a, r, "probing an idle connection");
+    if (rc < 0) {
+        drop(&a->publish); /* broken or refused: open_conn opens another, or says why */
+        return rc == CV_ERETRY ? 0 : rc;
+    }
+    amqp_set_rpc_timeout(a->publish, &reply);
+    a->publish_heard_ms = clock_mono_ms();
+    return 0;
+}
+
 /* Publishes msgs and waits for the broker to confirm every one. Returns 0,
  * CV_EREFUSED when one was unroutable (no queue bound: it would be again),
  * CV_ERETRY when one was nacked (the broker could not take it now, e.g. a
@@ -485,7 +528,8 @@ struct amqp_msg {
  * publish connection is then dropped). */
 static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory) {
     if (n <= 0) return 0; /* nothing to confirm; and gcc then sees a sane size for calloc below */
-    int rc = open_conn(a, &a->publish, true);
+    int rc = probe_idle(a);
+    if (rc == 0) rc = open_conn(a, &a->publish, true);
     if (rc < 0) return rc;
     amqp_connection_state_t c = a->publish;
     uint64_t first = a->publish_tag + 1;
@@ -586,6 +630,7 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
         return rc < 0 ? rc : CV_ERETRY;
     }
     broker_note(BROKER_ANSWERED, 0);
+    a->publish_heard_ms = clock_mono_ms();
     if (returned) {
         if (returned_key[0])
             return broker_fail(&a->base, CV_EREFUSED, "rabbitmq returned the message: no queue is bound for '%s'",

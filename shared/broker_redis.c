@@ -68,6 +68,7 @@ struct redis_broker {
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
     bool recover;             /* return the in-flight list before the next BLMOVE */
     int io_timeout_ms;        /* the socket timeout set on ctx now (set_io_timeout) */
+    int64_t replied_ms;       /* monotonic ms of the last reply on ctx (ready probes a connection idle since long) */
     int block_ms;             /* the block time of the next command (block_next), 0 when it does not block */
     _Atomic int64_t heartbeat_at; /* monotonic ms of the last refresh (by the worker or vouch_main) */
     struct vouch *vouch;      /* the heartbeat thread while consuming, or NULL */
@@ -176,6 +177,38 @@ static void no_reply(struct redis_broker *r, const char *what) {
     }
 }
 
+static int connect_now(struct redis_broker *r);
+
+/* A connection idle for longer than this is probed before it is used (ready). */
+#define PROBE_IDLE_MS 2000
+/* ... and dropped when its server does not answer the probe within this (at most broker.reply_timeout_ms). */
+#define PROBE_TIMEOUT_MS 2000
+
+/* Makes r->ctx usable: connects when there is none; when it has been idle for
+ * over PROBE_IDLE_MS (its server may have gone silent meanwhile, unseen: a
+ * relay idle while the workers moved on), PINGs it first, and a server that
+ * does not answer within PROBE_TIMEOUT_MS is silent (noted, the connection
+ * dropped, another opened: through the Sentinels). Returns 0, or the class of
+ * the failure with the reason in r->base.err. */
+static int ready(struct redis_broker *r) {
+    if (r->ctx && clock_mono_ms() - r->replied_ms > PROBE_IDLE_MS) {
+        int t = r->base.cfg->broker_reply_timeout_ms < PROBE_TIMEOUT_MS ? r->base.cfg->broker_reply_timeout_ms
+                                                                        : PROBE_TIMEOUT_MS;
+        struct timeval tv = {t / 1000, (t % 1000) * 1000};
+        redisReply *rep = redisSetTimeout(r->ctx, tv) == REDIS_OK ? redisCommand(r->ctx, "PING") : NULL;
+        r->io_timeout_ms = t;
+        if (rep) {
+            freeReplyObject(rep); /* an error reply (NOAUTH after a restart, LOADING) is an answer too */
+            r->replied_ms = clock_mono_ms();
+        } else {
+            no_reply(r, "PING (idle connection)");
+            drop(r);
+        }
+    }
+    if (!r->ctx) return connect_now(r);
+    return 0;
+}
+
 /* With Sentinels: the server reached must be a primary (ROLE), else the failover
  * is not over yet (or the Sentinel's answer is old). Returns 0, or CV_ERETRY with
  * the connection dropped. */
@@ -241,6 +274,7 @@ static int connect_now(struct redis_broker *r) {
         return CV_ERETRY;
     }
     set_io_timeout(r, 0);
+    r->replied_ms = clock_mono_ms();
     redisEnableKeepAlive(r->ctx);
     int rc = 0;
     /* one command at least, so that a server that wants a password says so now (NOAUTH) */
@@ -278,6 +312,7 @@ static redisReply *checked(struct redis_broker *r, redisReply *rep) {
         return NULL;
     }
     broker_note(BROKER_ANSWERED, 0);
+    r->replied_ms = clock_mono_ms();
     if (rep->type == REDIS_REPLY_ERROR) {
         reply_error(r, rep, "command");
         freeReplyObject(rep);
@@ -287,7 +322,7 @@ static redisReply *checked(struct redis_broker *r, redisReply *rep) {
 }
 
 static redisReply *vcmd(struct redis_broker *r, const char *fmt, va_list ap) {
-    if (!r->ctx && connect_now(r) < 0) {
+    if (ready(r) < 0) {
         r->block_ms = 0;
         return NULL;
     }
@@ -305,7 +340,7 @@ static redisReply *cmd(struct redis_broker *r, const char *fmt, ...) {
 
 /* As cmd, with the arguments as an array. */
 static redisReply *argv_cmd(struct redis_broker *r, int argc, const char **argv, const size_t *argl) {
-    if (!r->ctx && connect_now(r) < 0) {
+    if (ready(r) < 0) {
         r->block_ms = 0;
         return NULL;
     }
@@ -350,7 +385,7 @@ static int wait_replicas(struct redis_broker *r, const char *what);
 
 static int redis_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    if (ready(r) < 0) return CV_ERETRY;
     char key[256];
     for (int i = 0; i < n; i++) {
         names_redis(b->cfg, "queue", c[i].q->name, key, sizeof key);
@@ -564,7 +599,7 @@ static void forget_held_acks(struct redis_broker *r) {
 /* Removes the held acks' messages from the in-flight list (one pipeline).
  * Returns 0, or an error class (they stay held: removing one again is harmless). */
 static int send_held_acks(struct redis_broker *r) {
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    if (ready(r) < 0) return CV_ERETRY;
     for (int i = 0; i < r->nheld; i++)
         redisAppendCommand(r->ctx, "LREM %s 1 %b", r->inflight_key, r->held[i].body, r->held[i].len);
     int rc = read_replies(r, r->nheld, "LREM");
@@ -713,6 +748,7 @@ static int read_replies(struct redis_broker *r, int n, const char *what) {
             return CV_ERETRY;
         }
         broker_note(BROKER_ANSWERED, 0);
+    r->replied_ms = clock_mono_ms();
         if (rep->type == REDIS_REPLY_ERROR && rc == 0) rc = reply_error(r, rep, what);
         freeReplyObject(rep);
         if (!r->ctx) return CV_ERETRY; /* dropped by reply_error: the other replies went with it */
@@ -752,7 +788,7 @@ static const char moves_script[] =
 static int transaction(struct redis_broker *r, const char *what, int n, const char **cmds, const char **keys,
                        const char **vals, const size_t *lens) {
     progress();
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    if (ready(r) < 0) return CV_ERETRY;
     const char *argv[3 + 3 * 3]; /* EVAL, script, numkeys; up to 3 keys, 3 (command, value) pairs */
     size_t argl[3 + 3 * 3];
     char nkeys[8];
@@ -1008,7 +1044,7 @@ static int redis_queue_counts(struct broker *b, const struct cfg_queue *q, struc
 
 static int redis_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    if (ready(r) < 0) return CV_ERETRY;
     char maxlen[32];
     snprintf(maxlen, sizeof maxlen, "%ld", b->cfg->events_maxlen);
     for (int i = 0; i < n; i++)
