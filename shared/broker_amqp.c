@@ -351,11 +351,18 @@ static int select_node(struct amqp_broker *a, int i) {
 static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms);
 static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms, bool listen_first);
 
-/* Opens a connection with channel 1 (in confirm mode when confirms): to the
- * current node, else to the next ones of the list in turn (a node that refuses
+/* Opens a connection with channel 1 (in confirm mode when confirms), unless
+ * *out is open already (the publish connection, idle for long, is probed
+ * first: probe_idle): to the current node, else to the next ones of the list in turn (a node that refuses
  * the login or the certificate refuses them for all: CV_ECONFIG at once).
  * Returns 0, or the class of the last failure with its reason in a->base.err. */
+static int probe_idle(struct amqp_broker *a);
+
 static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
+    if (*out == a->publish && *out) { /* idle since long: does its node still answer? (probe_idle) */
+        int rc = probe_idle(a);
+        if (rc < 0) return rc;
+    }
     if (*out) return 0;
     int rc = open_node(a, out, confirms);
     for (int k = 1; rc < 0 && rc != CV_ECONFIG && k < a->nurls; k++) {
@@ -528,8 +535,7 @@ static int probe_idle(struct amqp_broker *a) {
  * publish connection is then dropped). */
 static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory) {
     if (n <= 0) return 0; /* nothing to confirm; and gcc then sees a sane size for calloc below */
-    int rc = probe_idle(a);
-    if (rc == 0) rc = open_conn(a, &a->publish, true);
+    int rc = open_conn(a, &a->publish, true);
     if (rc < 0) return rc;
     amqp_connection_state_t c = a->publish;
     uint64_t first = a->publish_tag + 1;
