@@ -26,6 +26,7 @@ static void on_note(enum broker_note note, int budget_ms) {
     case BROKER_SILENT:
         __atomic_store_n(&my_slot->broker_wait_until_ms, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&my_slot->broker_silent_ms, now, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&my_slot->broker_silences, 1, __ATOMIC_RELAXED);
         break;
     case BROKER_IDLE: /* a closed connection owes nothing; a silence stays shown until it ages out */
         __atomic_store_n(&my_slot->broker_wait_until_ms, 0, __ATOMIC_RELAXED);
@@ -76,9 +77,23 @@ int broker_stalled_count(const struct cfg *cfg, enum transport t, char *who, siz
         int64_t silent = __atomic_load_n(&s->broker_silent_ms, __ATOMIC_RELAXED);
         int64_t answer = __atomic_load_n(&s->broker_answer_ms, __ATOMIC_RELAXED);
         bool overdue = until && now > until;
-        bool was_silent = silent && silent >= answer && now - silent < 2L * cfg->broker_reply_timeout_ms;
+        bool was_silent = silent && (now - silent < STALL_SHOW_MS ||
+                                     (silent >= answer && now - silent < 2L * cfg->broker_reply_timeout_ms));
         if (!overdue && !was_silent) continue;
         if (count++ == 0 && who && n) snprintf(who, n, "%s", name);
     }
     return count;
+}
+
+uint64_t broker_silences_total(const struct cfg *cfg, enum transport t) {
+    const struct scoreboard *sb = scoreboard_get();
+    uint64_t total = 0;
+    for (int k = 0; sb && k < sb->nslots; k++) {
+        const struct sb_slot *s = &sb->slot[k];
+        enum transport st;
+        char name[CFG_NAME_MAX + 16];
+        if (__atomic_load_n(&s->used, __ATOMIC_ACQUIRE) && slot_transport(cfg, s, &st, name, sizeof name) && st == t)
+            total += __atomic_load_n(&s->broker_silences, __ATOMIC_RELAXED);
+    }
+    return total;
 }

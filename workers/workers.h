@@ -303,6 +303,7 @@ struct sb_slot {
     int64_t broker_wait_until_ms;             /* a reply owed is overdue after this */
     int64_t broker_silent_ms;                 /* a bound last fired on a silent broker */
     int64_t broker_answer_ms;                 /* the broker last answered */
+    uint64_t broker_silences;                 /* bounds that fired on a silent broker (a counter) */
 };
 struct scoreboard {
     int32_t nslots;
@@ -382,12 +383,17 @@ struct sb_slot;
 void broker_stall_attach(struct sb_slot *slot);
 /* Reader: how many of the pool's processes (workers, the relay, the reaper)
  * using transport t are stalled on their broker now: a reply owed for longer
- * than its budget plus STALL_GRACE_MS, or a bound that fired on a silent
- * broker (broker.reply_timeout_ms) less than twice that timeout ago with no
- * answer since. who (n bytes, may be NULL) names the first such process
- * ("relay", "worker of catalog"), "" when none. */
+ * than its budget plus STALL_GRACE_MS; or a bound that fired on a silent
+ * broker (broker.reply_timeout_ms) less than STALL_SHOW_MS ago (shown that
+ * long even when the process moved on at once), or less than twice that
+ * timeout ago with no answer since. who (n bytes, may be NULL) names the first
+ * such process ("relay", "worker of catalog"), "" when none. */
 #define STALL_GRACE_MS 2000
+#define STALL_SHOW_MS 5000
 int broker_stalled_count(const struct cfg *cfg, enum transport t, char *who, size_t n);
+/* Reader: the bounds that fired on a silent broker of transport t, summed
+ * over the pool's slots (every process that ran in them). */
+uint64_t broker_silences_total(const struct cfg *cfg, enum transport t);
 
 /* Worker: it runs command id of type now (NULL: none). */
 void scoreboard_current(const char *id, const char *type);
