@@ -248,8 +248,10 @@ static bool refused_reply(const char *e) {
  * dropped and CV_ECONFIG (refused, see refused_reply) or CV_ERETRY. */
 static int login_step(struct redis_broker *r, redisReply *rep, const char *what) {
     int rc = 0;
-    if (!rep) rc = broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
-    else if (rep->type == REDIS_REPLY_ERROR && refused_reply(rep->str))
+    if (!rep) {
+        no_reply(r, what); /* a silent server is said so (broker_note) */
+        rc = CV_ERETRY;
+    } else if (rep->type == REDIS_REPLY_ERROR && refused_reply(rep->str))
         rc = broker_fail(&r->base, CV_ECONFIG, "redis %s refused: %s", what, rep->str);
     else if (rep->type == REDIS_REPLY_ERROR)
         rc = broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, rep->str);
