@@ -465,8 +465,9 @@ int migrate_run(struct db *db, char *err, size_t errlen);
 /* ---- broker.c: one interface, two backends ---------------------------------------------- */
 /* Unless its comment says otherwise, a broker_* function that returns int returns
  * 0 (or a count), or a negative class with the reason in broker_error(b):
- * CV_ERETRY when the connection broke (it is dropped, and re-opened by the next
- * call), CV_EREFUSED when the broker refused the request, CV_ECONFIG when it
+ * CV_ERETRY when the connection broke, or its server was silent past
+ * broker.reply_timeout_ms (it is dropped, and re-opened by the next call: on
+ * RabbitMQ, after a silence, to the next node of the list), CV_EREFUSED when the broker refused the request, CV_ECONFIG when it
  * refused the login while re-opening (Redis publishes and moves say CV_ERETRY
  * then). b keeps cfg, and the queue given to broker_consume, broker_dead_read
  * or broker_dead_take: they must outlive it; other pointer arguments are
