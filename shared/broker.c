@@ -180,3 +180,12 @@ void names_redis(const struct cfg *c, const char *kind, const char *queue, char 
     if (queue) snprintf(out, n, "%s:%s:%s", c->prefix, kind, queue);
     else snprintf(out, n, "%s:%s", c->prefix, kind);
 }
+
+/* The process's stall listener (broker_stall_hook); NULL: none. */
+static broker_stall_fn stall_hook;
+
+void broker_stall_hook(broker_stall_fn fn) { stall_hook = fn; }
+
+void broker_note(enum broker_note note, int budget_ms) {
+    if (stall_hook) stall_hook(note, budget_ms);
+}

@@ -11,6 +11,16 @@
  * another order on each host to spread the connections); when it cannot, it moves
  * to the next node, and so on once round the list (open_conn). Command queues
  * are quorum queues (their queue_type), so every node serves them; docs/scaling.md.
+ *
+ * A silent node (frozen, its host cut off with the connections open) is found
+ * by bounds, all from broker.reply_timeout_ms (T): heartbeats negotiated at T/2
+ * (librabbitmq gives up a read or a write after two missed ones, so within T of
+ * the node's last frame), every RPC and the login bounded by T
+ * (amqp_set_rpc_timeout, amqp_set_handshake_timeout), a publish's confirms by
+ * T. A bound that fires says so (broker_note BROKER_SILENT), drops the
+ * connection without the close handshake, and moves this process to the next
+ * node of the list (silent_node), so the next open does not wait for the same
+ * node again.
  */
 #include "broker_backend.h"
 
@@ -19,6 +29,7 @@
 #include <amqp_tcp_socket.h>
 #include <errno.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <stdio.h>
@@ -33,6 +44,7 @@ struct amqp_broker {
     struct broker base;
     amqp_connection_state_t consume, publish;
     uint64_t publish_tag;      /* last delivery tag used on the publish channel */
+    int64_t publish_heard_ms;  /* monotonic ms the publish connection last answered (probe_idle) */
     bool probe_open;           /* PROBE_CHANNEL is open on the publish connection (passive_count) */
     char *url;                 /* the node's URL in use; amqp_parse_url writes into this copy */
     struct amqp_connection_info info;
@@ -55,9 +67,21 @@ static char *copy_bytes(amqp_bytes_t b) {
     return s;
 }
 
+/* How long the close handshake of drop may wait for the server's close-ok. */
+#define CLOSE_WAIT_MS 1000
+
 static void drop(amqp_connection_state_t *c) {
     if (!*c) return;
+    struct timeval tv = {CLOSE_WAIT_MS / 1000, (CLOSE_WAIT_MS % 1000) * 1000};
+    amqp_set_rpc_timeout(*c, &tv); /* a silent server does not hold the close */
     amqp_connection_close(*c, AMQP_REPLY_SUCCESS); /* best effort; ignores errors */
+    amqp_destroy_connection(*c);
+    *c = NULL;
+}
+
+/* Drops c without the close handshake (its server is silent: nothing would answer). */
+static void drop_silent(amqp_connection_state_t *c) {
+    if (!*c) return;
     amqp_destroy_connection(*c);
     *c = NULL;
 }
@@ -90,6 +114,36 @@ static void send_held_ack(struct amqp_broker *a) {
     if (tag) send_ack(a, tag, true);
 }
 
+static int select_node(struct amqp_broker *a, int i);
+static int node_last_good;
+
+/* A bound fired on a silent node (see the header): says so (broker_note), sets
+ * the reason in a->base.err (fmt, with " (moving to node i of n)" when the list
+ * has another), and makes the next node of the list the one the next open of
+ * this process tries first. Returns CV_ERETRY. The caller drops the connection
+ * (drop_silent: no close handshake). */
+static int silent_node(struct amqp_broker *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int silent_node(struct amqp_broker *a, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(a->base.err, sizeof a->base.err, fmt, ap);
+    va_end(ap);
+    broker_note(BROKER_SILENT, 0);
+    if (a->nurls > 1) {
+        int next = (a->url_at + 1) % a->nurls;
+        size_t n = strlen(a->base.err);
+        char host[256];
+        snprintf(host, sizeof host, "%s:%d", a->info.host, a->info.port);
+        if (select_node(a, next) == 0) {
+            node_last_good = next;
+            snprintf(a->base.err + n, sizeof a->base.err - n, " (%s is silent: moving to node %d of %d, %s:%d)", host,
+                     next + 1, a->nurls, a->info.host, a->info.port);
+        }
+    }
+    log_warn("%s", a->base.err);
+    return CV_ERETRY;
+}
+
 /* Turns an RPC reply into 0, or a class with the reason in b->err. A refused
  * request (channel or connection closed by the server) is CV_EREFUSED; a lost
  * connection CV_ERETRY. Either way the caller drops the connection. */
@@ -98,6 +152,9 @@ static int rpc_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what
     case AMQP_RESPONSE_NORMAL: return 0;
     case AMQP_RESPONSE_NONE: return broker_fail(&a->base, CV_ERETRY, "rabbitmq %s: missing reply", what);
     case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+        if (r.library_error == AMQP_STATUS_TIMEOUT || r.library_error == AMQP_STATUS_HEARTBEAT_TIMEOUT)
+            return silent_node(a, "rabbitmq %s: no reply within %d ms (%s)", what, a->base.cfg->broker_reply_timeout_ms,
+                               amqp_error_string2(r.library_error));
         return broker_fail(&a->base, CV_ERETRY, "rabbitmq %s: %s", what, amqp_error_string2(r.library_error));
     case AMQP_RESPONSE_SERVER_EXCEPTION:
         if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
@@ -243,7 +300,10 @@ static int login_refused(struct amqp_broker *a, amqp_rpc_reply_t r, const char *
  * certificate (TLS 1.3 refuses it after the handshake, on the first read). */
 static int login(struct amqp_broker *a, amqp_connection_state_t c) {
     const char *vhost = a->info.vhost && *a->info.vhost ? a->info.vhost : "/";
-    amqp_rpc_reply_t r = amqp_login(c, vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, a->info.user, a->info.password);
+    /* heartbeats at half the reply timeout: librabbitmq gives up after two missed ones */
+    int heartbeat_s = (a->base.cfg->broker_reply_timeout_ms + 1999) / 2000;
+    amqp_rpc_reply_t r = amqp_login(c, vhost, 0, 131072, heartbeat_s, AMQP_SASL_METHOD_PLAIN, a->info.user,
+                                    a->info.password);
     char what[300];
     snprintf(what, sizeof what, "%s:%d login", a->info.host, a->info.port);
     int rc = login_refused(a, r, vhost);
@@ -269,8 +329,7 @@ static int login(struct amqp_broker *a, amqp_connection_state_t c) {
 }
 
 /* The node of rabbitmq.url this process reached last: where the next connection
- * starts (at first the first). */
-static int node_last_good;
+ * starts (at first the first; silent_node moves it on). Declared above. */
 
 /* Makes node i of rabbitmq.url the one a->info describes. Returns 0, or
  * CV_ECONFIG with the reason in a->base.err (cfg_load checked the list already). */
@@ -292,11 +351,18 @@ static int select_node(struct amqp_broker *a, int i) {
 static int open_node(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms);
 static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms, bool listen_first);
 
-/* Opens a connection with channel 1 (in confirm mode when confirms): to the
- * current node, else to the next ones of the list in turn (a node that refuses
+/* Opens a connection with channel 1 (in confirm mode when confirms), unless
+ * *out is open already (the publish connection, idle for long, is probed
+ * first: probe_idle): to the current node, else to the next ones of the list in turn (a node that refuses
  * the login or the certificate refuses them for all: CV_ECONFIG at once).
  * Returns 0, or the class of the last failure with its reason in a->base.err. */
+static int probe_idle(struct amqp_broker *a);
+
 static int open_conn(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms) {
+    if (*out == a->publish && *out) { /* idle since long: does its node still answer? (probe_idle) */
+        int rc = probe_idle(a);
+        if (rc < 0) return rc;
+    }
     if (*out) return 0;
     int rc = open_node(a, out, confirms);
     for (int k = 1; rc < 0 && rc != CV_ECONFIG && k < a->nurls; k++) {
@@ -363,7 +429,11 @@ static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, b
         amqp_destroy_connection(c);
         return rc;
     }
-    struct timeval tv = {5, 0};
+    int t_ms = a->base.cfg->broker_reply_timeout_ms;
+    struct timeval reply = {t_ms / 1000, (t_ms % 1000) * 1000};
+    amqp_set_handshake_timeout(c, &reply); /* the login; then every RPC (the connection is closed when one fires) */
+    amqp_set_rpc_timeout(c, &reply);
+    struct timeval tv = {t_ms < 5000 ? t_ms / 1000 : 5, t_ms < 5000 ? (t_ms % 1000) * 1000 : 0};
     handshake_ssl = NULL;
     if ((rc = amqp_socket_open_noblock(s, a->info.host, a->info.port, &tv)) != AMQP_STATUS_OK) {
         rc = open_failed(a, rc); /* before the destroy: it reads the handshake's TLS error */
@@ -391,6 +461,7 @@ static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, b
         }
         a->publish_tag = 0;
         a->probe_open = false;
+        a->publish_heard_ms = clock_mono_ms();
     }
     *out = c;
     return 0;
@@ -398,6 +469,7 @@ static int open_node_once(struct amqp_broker *a, amqp_connection_state_t *out, b
 
 static void amqp_close_broker(struct broker *b) {
     struct amqp_broker *a = (struct amqp_broker *)b;
+    broker_note(BROKER_IDLE, 0);
     send_held_ack(a);
     drop_consume(a);
     drop(&a->publish);
@@ -414,6 +486,47 @@ struct amqp_msg {
     amqp_table_t headers;
     const char *expiration;    /* per-message TTL in ms, or NULL */
 };
+
+/* A publish connection idle for longer than this is probed before it is used (probe_idle). */
+#define PROBE_IDLE_MS 2000
+/* ... and dropped when its node does not answer the probe within this (at most broker.reply_timeout_ms). */
+#define PROBE_TIMEOUT_MS 2000
+
+/* Before a publish: when the publish connection has not heard from its node
+ * for over PROBE_IDLE_MS (the node may have gone silent meanwhile, unseen: a
+ * relay idle while the workers moved on; librabbitmq reads heartbeats only
+ * inside its calls), asks it something (a passive declare of amq.direct) with
+ * a timeout of PROBE_TIMEOUT_MS; a node that does not answer is silent
+ * (silent_node: the connection is dropped and the next node is the one
+ * open_conn tries). Returns 0 (the connection answered, or is gone: open_conn
+ * opens another), or a class when the node refused the probe (the connection
+ * is dropped). */
+static int probe_idle(struct amqp_broker *a) {
+    if (!a->publish || clock_mono_ms() - a->publish_heard_ms <= PROBE_IDLE_MS) return 0;
+    int t_ms = a->base.cfg->broker_reply_timeout_ms < PROBE_TIMEOUT_MS ? a->base.cfg->broker_reply_timeout_ms
+                                                                       : PROBE_TIMEOUT_MS;
+    struct timeval probe = {t_ms / 1000, (t_ms % 1000) * 1000};
+    struct timeval reply = {a->base.cfg->broker_reply_timeout_ms / 1000, (a->base.cfg->broker_reply_timeout_ms % 1000) * 1000};
+    amqp_set_rpc_timeout(a->publish, &probe);
+    amqp_exchange_declare(a->publish, CHANNEL, amqp_cstring_bytes("amq.direct"), amqp_cstring_bytes("direct"), 1, 0,
+                          0, 0, amqp_empty_table);
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(a->publish);
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+        (r.library_error == AMQP_STATUS_TIMEOUT || r.library_error == AMQP_STATUS_HEARTBEAT_TIMEOUT)) {
+        silent_node(a, "rabbitmq %s:%d: an idle connection did not answer within %d ms", a->info.host, a->info.port,
+                    t_ms);
+        drop_silent(&a->publish);
+        return 0;
+    }
+    int rc = rpc_check(a, r, "probing an idle connection");
+    if (rc < 0) {
+        drop(&a->publish); /* broken or refused: open_conn opens another, or says why */
+        return rc == CV_ERETRY ? 0 : rc;
+    }
+    amqp_set_rpc_timeout(a->publish, &reply);
+    a->publish_heard_ms = clock_mono_ms();
+    return 0;
+}
 
 /* Publishes msgs and waits for the broker to confirm every one. Returns 0,
  * CV_EREFUSED when one was unroutable (no queue bound: it would be again),
@@ -439,6 +552,11 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
         amqp_bytes_t body = {m[i].len, (void *)m[i].body};
         rc = amqp_basic_publish(c, CHANNEL, amqp_cstring_bytes(m[i].exchange), amqp_cstring_bytes(m[i].routing_key),
                                 mandatory, 0, &p, body);
+        if (rc == AMQP_STATUS_HEARTBEAT_TIMEOUT || rc == AMQP_STATUS_TIMEOUT) {
+            rc = silent_node(a, "rabbitmq publish: %s", amqp_error_string2(rc));
+            drop_silent(&a->publish);
+            return rc;
+        }
         if (rc != AMQP_STATUS_OK) {
             drop(&a->publish);
             return broker_fail(&a->base, CV_ERETRY, "rabbitmq publish: %s", amqp_error_string2(rc));
@@ -453,11 +571,23 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
     int left = n;
     const char *returned = NULL;
     char returned_key[256] = "";
+    /* the confirm deadline: every confirm within broker.reply_timeout_ms of the last publish */
+    int64_t deadline = clock_mono_ms() + a->base.cfg->broker_reply_timeout_ms;
+    bool silent = false;
+    broker_note(BROKER_WAITING, 0);
     while (left > 0) {
         amqp_frame_t f;
-        struct timeval tv = {30, 0};
+        int64_t wait_ms = deadline - clock_mono_ms();
+        if (wait_ms < 0) wait_ms = 0;
+        struct timeval tv = {wait_ms / 1000, (wait_ms % 1000) * 1000};
         amqp_maybe_release_buffers(c);
         rc = amqp_simple_wait_frame_noblock(c, &f, &tv);
+        if (rc == AMQP_STATUS_TIMEOUT || rc == AMQP_STATUS_HEARTBEAT_TIMEOUT) {
+            rc = silent_node(a, "rabbitmq %s:%d: %d of %d confirms not in %d ms (%s)", a->info.host, a->info.port, left,
+                             n, a->base.cfg->broker_reply_timeout_ms, amqp_error_string2(rc));
+            silent = true;
+            break;
+        }
         if (rc != AMQP_STATUS_OK) {
             rc = broker_fail(&a->base, CV_ERETRY, "rabbitmq waiting for confirms: %s", amqp_error_string2(rc));
             break;
@@ -501,9 +631,12 @@ static int publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, in
     }
     free(done);
     if (left > 0) {
-        drop(&a->publish);
+        if (silent) drop_silent(&a->publish);
+        else drop(&a->publish);
         return rc < 0 ? rc : CV_ERETRY;
     }
+    broker_note(BROKER_ANSWERED, 0);
+    a->publish_heard_ms = clock_mono_ms();
     if (returned) {
         if (returned_key[0])
             return broker_fail(&a->base, CV_EREFUSED, "rabbitmq returned the message: no queue is bound for '%s'",
@@ -594,8 +727,19 @@ static int read_delivery(struct amqp_broker *a, amqp_envelope_t *env, int timeou
     for (;;) {
         amqp_maybe_release_buffers(a->consume);
         amqp_rpc_reply_t r = amqp_consume_message(a->consume, env, &tv, 0);
-        if (r.reply_type == AMQP_RESPONSE_NORMAL) return 1;
+        if (r.reply_type == AMQP_RESPONSE_NORMAL) {
+            broker_note(BROKER_ANSWERED, 0);
+            return 1;
+        }
         if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_TIMEOUT) return 0;
+        if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_HEARTBEAT_TIMEOUT) {
+            silent_node(a, "rabbitmq %s:%d: no heartbeat while consuming (%s)", a->info.host, a->info.port,
+                        amqp_error_string2(r.library_error));
+            drop(&a->consume); /* librabbitmq closed the socket already: no handshake is tried */
+            a->ack_held = 0;
+            a->ack_held_n = 0;
+            return CV_ERETRY;
+        }
         if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
             amqp_frame_t f;
             if (amqp_simple_wait_frame(a->consume, &f) != AMQP_STATUS_OK) break;

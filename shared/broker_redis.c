@@ -22,11 +22,11 @@
  * worker never waits for it, and the supervisor's loop needs no Redis.
  * A worker stuck for ever must not be vouched for for ever: the thread refreshes
  * only while the worker makes progress, that is, made a call to its broker (noted
- * as the call starts: a Redis command is bounded by its 30 s read timeout) or had a
+ * as the call starts: a Redis command is bounded by its reply timeout, broker.reply_timeout_ms plus its block time) or had a
  * result from PostgreSQL (liveness_watch_db: every result, an error too) within
  * the longest a working worker can go without one: a statement
  * (statement_timeout_ms), a pause inside a transaction (idle_in_transaction_
- * timeout_ms: PostgreSQL then ends the session), a Redis command (its 30 s read
+ * timeout_ms: PostgreSQL then ends the session), a Redis command (its reply timeout
  * timeout), whichever is longest, plus heartbeat_ttl. Past that it stops, logs
  * it, and the key expires: a worker stuck outside the database (or waiting for a
  * database that is away, when it holds nothing unsettled) loses its in-flight
@@ -34,6 +34,14 @@
  * PostgreSQL, so a copy handed out is not applied twice. The worker's own
  * refresh before each take stays, for the first take and for a thread that
  * cannot refresh.
+ *
+ * A silent server (a primary or Sentinel frozen with its connections open) is
+ * found by socket timeouts on every read and write: broker.reply_timeout_ms (T)
+ * for a command, T plus its block time for a blocking one (BLMOVE, WAIT, XREAD
+ * BLOCK: set_io_timeout), 1 s for a Sentinel's answer. One that fires says so
+ * (broker_note BROKER_SILENT) and drops the connection; the next command asks
+ * the Sentinels again, who name the new primary once they failed over
+ * (down-after-milliseconds, docs/scaling.md).
  */
 #include "broker_backend.h"
 
@@ -59,6 +67,9 @@ struct redis_broker {
     char queue_key[256], inflight_key[512], dead_key[256], retry_key[256], returned_key[256], events_key[256];
     char heartbeat_key[512];  /* conveyor:worker:<workerId>, set while consuming */
     bool recover;             /* return the in-flight list before the next BLMOVE */
+    int io_timeout_ms;        /* the socket timeout set on ctx now (set_io_timeout) */
+    int64_t replied_ms;       /* monotonic ms of the last reply on ctx (ready probes a connection idle since long) */
+    int block_ms;             /* the block time of the next command (block_next), 0 when it does not block */
     _Atomic int64_t heartbeat_at; /* monotonic ms of the last refresh (by the worker or vouch_main) */
     struct vouch *vouch;      /* the heartbeat thread while consuming, or NULL */
     struct held_ack { char *body; size_t len; } *held; /* acked batches not yet removed */
@@ -129,6 +140,75 @@ static int ask_sentinels(struct redis_broker *r) {
 
 static void drop(struct redis_broker *r);
 
+/* Sets the socket timeout of every read and write on r->ctx to
+ * broker.reply_timeout_ms plus block_ms (the server may rightly keep a blocking
+ * command's reply that long), unless it is set so already. */
+static void set_io_timeout(struct redis_broker *r, int block_ms) {
+    int ms = r->base.cfg->broker_reply_timeout_ms + (block_ms > 0 ? block_ms : 0);
+    if (!r->ctx || r->io_timeout_ms == ms) return;
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    if (redisSetTimeout(r->ctx, tv) == REDIS_OK) r->io_timeout_ms = ms;
+}
+
+/* The next command (cmd, argv_cmd) blocks up to ms on the server: its reply may take that much longer. */
+static void block_next(struct redis_broker *r, int ms) { r->block_ms = ms; }
+
+/* A command is sent: its socket timeout set (set_io_timeout, with the block
+ * time block_next gave, which it consumes), and the wait noted (broker_note). */
+static void before_command(struct redis_broker *r) {
+    int block = r->block_ms;
+    r->block_ms = 0;
+    set_io_timeout(r, block);
+    broker_note(BROKER_WAITING, block);
+}
+
+/* After a command that got no reply (hiredis's error on r->ctx): when it was
+ * a socket timeout (the server is silent), says so (broker_note) and in the
+ * message. */
+static void no_reply(struct redis_broker *r, const char *what) {
+    bool timed_out = r->ctx->err == REDIS_ERR_IO && strstr(r->ctx->errstr, "temporarily unavailable");
+    if (timed_out) {
+        broker_note(BROKER_SILENT, 0);
+        broker_fail(&r->base, CV_ERETRY, "redis %s:%d %s: no reply within %d ms (the server is silent)", r->host, r->port,
+                    what, r->io_timeout_ms);
+        log_warn("%s", r->base.err);
+    } else {
+        broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
+    }
+}
+
+static int connect_now(struct redis_broker *r);
+
+/* A connection idle for longer than this is probed before it is used (ready). */
+#define PROBE_IDLE_MS 2000
+/* ... and dropped when its server does not answer the probe within this (at most broker.reply_timeout_ms). */
+#define PROBE_TIMEOUT_MS 2000
+
+/* Makes r->ctx usable: connects when there is none; when it has been idle for
+ * over PROBE_IDLE_MS (its server may have gone silent meanwhile, unseen: a
+ * relay idle while the workers moved on), PINGs it first, and a server that
+ * does not answer within PROBE_TIMEOUT_MS is silent (noted, the connection
+ * dropped, another opened: through the Sentinels). Returns 0, or the class of
+ * the failure with the reason in r->base.err. */
+static int ready(struct redis_broker *r) {
+    if (r->ctx && clock_mono_ms() - r->replied_ms > PROBE_IDLE_MS) {
+        int t = r->base.cfg->broker_reply_timeout_ms < PROBE_TIMEOUT_MS ? r->base.cfg->broker_reply_timeout_ms
+                                                                        : PROBE_TIMEOUT_MS;
+        struct timeval tv = {t / 1000, (t % 1000) * 1000};
+        redisReply *rep = redisSetTimeout(r->ctx, tv) == REDIS_OK ? redisCommand(r->ctx, "PING") : NULL;
+        r->io_timeout_ms = t;
+        if (rep) {
+            freeReplyObject(rep); /* an error reply (NOAUTH after a restart, LOADING) is an answer too */
+            r->replied_ms = clock_mono_ms();
+        } else {
+            no_reply(r, "PING (idle connection)");
+            drop(r);
+        }
+    }
+    if (!r->ctx) return connect_now(r);
+    return 0;
+}
+
 /* With Sentinels: the server reached must be a primary (ROLE), else the failover
  * is not over yet (or the Sentinel's answer is old). Returns 0, or CV_ERETRY with
  * the connection dropped. */
@@ -147,6 +227,7 @@ static int check_primary(struct redis_broker *r) {
 static void drop(struct redis_broker *r) {
     if (r->ctx) redisFree(r->ctx);
     r->ctx = NULL;
+    r->io_timeout_ms = 0;
     r->recover = r->inflight_key[0] != '\0'; /* a BLMOVE's reply may have been lost */
 }
 
@@ -167,8 +248,10 @@ static bool refused_reply(const char *e) {
  * dropped and CV_ECONFIG (refused, see refused_reply) or CV_ERETRY. */
 static int login_step(struct redis_broker *r, redisReply *rep, const char *what) {
     int rc = 0;
-    if (!rep) rc = broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
-    else if (rep->type == REDIS_REPLY_ERROR && refused_reply(rep->str))
+    if (!rep) {
+        no_reply(r, what); /* a silent server is said so (broker_note) */
+        rc = CV_ERETRY;
+    } else if (rep->type == REDIS_REPLY_ERROR && refused_reply(rep->str))
         rc = broker_fail(&r->base, CV_ECONFIG, "redis %s refused: %s", what, rep->str);
     else if (rep->type == REDIS_REPLY_ERROR)
         rc = broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, rep->str);
@@ -192,8 +275,8 @@ static int connect_now(struct redis_broker *r) {
         drop(r);
         return CV_ERETRY;
     }
-    struct timeval rw = {30, 0};
-    redisSetTimeout(r->ctx, rw);
+    set_io_timeout(r, 0);
+    r->replied_ms = clock_mono_ms();
     redisEnableKeepAlive(r->ctx);
     int rc = 0;
     /* one command at least, so that a server that wants a password says so now (NOAUTH) */
@@ -226,10 +309,12 @@ static int reply_error(struct redis_broker *r, const redisReply *rep, const char
  * is dropped) or it is an error (freed). */
 static redisReply *checked(struct redis_broker *r, redisReply *rep) {
     if (!rep) {
-        broker_fail(&r->base, CV_ERETRY, "redis: %s", r->ctx->errstr);
+        no_reply(r, "command");
         drop(r);
         return NULL;
     }
+    broker_note(BROKER_ANSWERED, 0);
+    r->replied_ms = clock_mono_ms();
     if (rep->type == REDIS_REPLY_ERROR) {
         reply_error(r, rep, "command");
         freeReplyObject(rep);
@@ -239,7 +324,11 @@ static redisReply *checked(struct redis_broker *r, redisReply *rep) {
 }
 
 static redisReply *vcmd(struct redis_broker *r, const char *fmt, va_list ap) {
-    if (!r->ctx && connect_now(r) < 0) return NULL;
+    if (ready(r) < 0) {
+        r->block_ms = 0;
+        return NULL;
+    }
+    before_command(r);
     return checked(r, redisvCommand(r->ctx, fmt, ap));
 }
 
@@ -253,7 +342,11 @@ static redisReply *cmd(struct redis_broker *r, const char *fmt, ...) {
 
 /* As cmd, with the arguments as an array. */
 static redisReply *argv_cmd(struct redis_broker *r, int argc, const char **argv, const size_t *argl) {
-    if (!r->ctx && connect_now(r) < 0) return NULL;
+    if (ready(r) < 0) {
+        r->block_ms = 0;
+        return NULL;
+    }
+    before_command(r);
     return checked(r, redisCommandArgv(r->ctx, argc, argv, argl));
 }
 
@@ -267,6 +360,7 @@ static void vouch_stop(struct redis_broker *r);
 
 static void redis_close(struct broker *b) {
     struct redis_broker *r = (struct redis_broker *)b;
+    broker_note(BROKER_IDLE, 0);
     vouch_stop(r); /* before the DEL: it would set the key again */
     if (r->nheld && send_held_acks(r) < 0)
         log_warn("%d acked message%s stay in %s (%s): handed out again, they are found done", r->nheld,
@@ -293,7 +387,7 @@ static int wait_replicas(struct redis_broker *r, const char *what);
 
 static int redis_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    if (ready(r) < 0) return CV_ERETRY;
     char key[256];
     for (int i = 0; i < n; i++) {
         names_redis(b->cfg, "queue", c[i].q->name, key, sizeof key);
@@ -305,7 +399,6 @@ static int redis_publish_commands(struct broker *b, const struct outgoing_comman
 
 /* ---- liveness: the heartbeat thread (see the header comment) ---------------------------- */
 
-#define REDIS_REPLY_WAIT_MS 30000 /* the read timeout connect_now gives a connection */
 
 static _Atomic int64_t progress_at_ms; /* monotonic ms of the worker's last progress (one per process) */
 
@@ -400,7 +493,11 @@ static void vouch_start(struct redis_broker *r, const struct cfg_queue *q) {
     if (r->vouch) return;
     struct vouch *v = xcalloc(1, sizeof *v);
     v->owner = r;
-    int64_t longest = REDIS_REPLY_WAIT_MS;
+    /* a Redis command: the reply timeout, plus the longest block (WAIT, BLMOVE) */
+    const struct cfg *cfg = r->base.cfg;
+    int64_t block = cfg->redis_wait_timeout_ms > cfg->heartbeat_interval_s * 500 ? cfg->redis_wait_timeout_ms
+                                                                                 : cfg->heartbeat_interval_s * 500;
+    int64_t longest = cfg->broker_reply_timeout_ms + block;
     if (q->statement_timeout_ms > longest) longest = q->statement_timeout_ms;
     if (q->idle_in_transaction_timeout_ms > longest) longest = q->idle_in_transaction_timeout_ms;
     v->stall_limit_ms = longest + r->base.cfg->heartbeat_ttl_s * 1000L;
@@ -504,7 +601,7 @@ static void forget_held_acks(struct redis_broker *r) {
 /* Removes the held acks' messages from the in-flight list (one pipeline).
  * Returns 0, or an error class (they stay held: removing one again is harmless). */
 static int send_held_acks(struct redis_broker *r) {
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    if (ready(r) < 0) return CV_ERETRY;
     for (int i = 0; i < r->nheld; i++)
         redisAppendCommand(r->ctx, "LREM %s 1 %b", r->inflight_key, r->held[i].body, r->held[i].len);
     int rc = read_replies(r, r->nheld, "LREM");
@@ -541,6 +638,7 @@ static int redis_next(struct broker *b, struct delivery *d, int timeout_ms) {
     char tmo[32];
     snprintf(tmo, sizeof tmo, "%.3f", timeout_ms / 1000.0);
     /* timeout 0: only a message already waiting (BLMOVE would block for ever) */
+    block_next(r, timeout_ms);
     redisReply *rep = timeout_ms <= 0 ? cmd(r, "LMOVE %s %s RIGHT LEFT", r->queue_key, r->inflight_key)
                                       : cmd(r, "BLMOVE %s %s RIGHT LEFT %s", r->queue_key, r->inflight_key, tmo);
     if (!rep) return last_error(r);
@@ -645,11 +743,14 @@ static int read_replies(struct redis_broker *r, int n, const char *what) {
     int rc = 0;
     for (int i = 0; i < n; i++) {
         redisReply *rep = NULL;
+        if (i == 0) before_command(r);
         if (redisGetReply(r->ctx, (void **)&rep) != REDIS_OK) {
-            broker_fail(&r->base, CV_ERETRY, "redis %s: %s", what, r->ctx->errstr);
+            no_reply(r, what);
             drop(r);
             return CV_ERETRY;
         }
+        broker_note(BROKER_ANSWERED, 0);
+    r->replied_ms = clock_mono_ms();
         if (rep->type == REDIS_REPLY_ERROR && rc == 0) rc = reply_error(r, rep, what);
         freeReplyObject(rep);
         if (!r->ctx) return CV_ERETRY; /* dropped by reply_error: the other replies went with it */
@@ -664,6 +765,7 @@ static int read_replies(struct redis_broker *r, int n, const char *what) {
 static int wait_replicas(struct redis_broker *r, const char *what) {
     const struct cfg *cfg = r->base.cfg;
     if (cfg->redis_wait_replicas <= 0) return 0;
+    block_next(r, cfg->redis_wait_timeout_ms);
     redisReply *rep = cmd(r, "WAIT %d %d", cfg->redis_wait_replicas, cfg->redis_wait_timeout_ms);
     if (!rep) return last_error(r); /* lost: CV_ERETRY; an error reply (no WAIT here): CV_EREFUSED */
     long long got = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
@@ -688,7 +790,7 @@ static const char moves_script[] =
 static int transaction(struct redis_broker *r, const char *what, int n, const char **cmds, const char **keys,
                        const char **vals, const size_t *lens) {
     progress();
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    if (ready(r) < 0) return CV_ERETRY;
     const char *argv[3 + 3 * 3]; /* EVAL, script, numkeys; up to 3 keys, 3 (command, value) pairs */
     size_t argl[3 + 3 * 3];
     char nkeys[8];
@@ -944,7 +1046,7 @@ static int redis_queue_counts(struct broker *b, const struct cfg_queue *q, struc
 
 static int redis_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
-    if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
+    if (ready(r) < 0) return CV_ERETRY;
     char maxlen[32];
     snprintf(maxlen, sizeof maxlen, "%ld", b->cfg->events_maxlen);
     for (int i = 0; i < n; i++)
@@ -983,6 +1085,7 @@ static int redis_next_event(struct broker *b, char **json, int timeout_ms) {
         r->npending = r->ipending = 0;
         int64_t left = deadline - clock_mono_ms();
         if (left <= 0) return 0;
+        block_next(r, (int)left);
         redisReply *rep = cmd(r, "XREAD COUNT 256 BLOCK %lld STREAMS %s %s", (long long)left,
                               r->events_key, r->last_id);
         if (!rep) return last_error(r);

@@ -262,13 +262,14 @@ static int read_secret_file(struct loader *l, const char *what, const char *path
 
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
-                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "queues",
+                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "broker", "queues",
                                       NULL};
     static const char *const k_url[] = {"url", NULL};
     static const char *const k_rabbitmq[] = {"url", "ca_file", "cert_file", "key_file", NULL};
     static const char *const k_redis[] = {"url", "heartbeat_interval", "heartbeat_ttl", "wait_replicas",
                                           "wait_timeout_ms", NULL};
     static const char *const k_producer[] = {"publish_retry_ms", NULL};
+    static const char *const k_broker[] = {"reply_timeout_ms", NULL};
     static const char *const k_retry[] = {"base_delay_ms", "max_delay_ms", NULL};
     static const char *const k_events[] = {"transport", "stream_maxlen", NULL};
     static const char *const k_limits[] = {"max_message_bytes", NULL};
@@ -309,6 +310,8 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
                     "'redis.heartbeat_ttl' must be longer than 'redis.heartbeat_interval'");
     if (get_group(l, root, "producer", k_producer, &g) < 0 ||
         get_int(l, g, "publish_retry_ms", 0, 3600000, &c->publish_retry_ms) < 0) return -1;
+    if (get_group(l, root, "broker", k_broker, &g) < 0 ||
+        get_int(l, g, "reply_timeout_ms", 1000, 120000, &c->broker_reply_timeout_ms) < 0) return -1;
     if (get_group(l, root, "retry", k_retry, &g) < 0 ||
         get_int(l, g, "base_delay_ms", 1, 3600000, &c->retry_base_ms) < 0 ||
         get_int(l, g, "max_delay_ms", 1, 86400000, &c->retry_max_ms) < 0) return -1;
@@ -462,6 +465,7 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     c->heartbeat_ttl_s = 10;
     c->redis_wait_timeout_ms = 1000;
     c->publish_retry_ms = 30000;
+    c->broker_reply_timeout_ms = 10000;
     c->password_opslimit = 2;      /* crypto_pwhash_OPSLIMIT_INTERACTIVE */
     c->password_memlimit_mb = 64;  /* crypto_pwhash_MEMLIMIT_INTERACTIVE */
     c->database_url_setting = "database.url";

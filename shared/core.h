@@ -148,6 +148,11 @@ struct cfg {
     int redis_wait_timeout_ms; /* ... within this long (at most 25 s: below a Redis reply's 30 s read
                                 * timeout), else it is not confirmed (sent again: a copy) */
     int publish_retry_ms;     /* the C client: how long a publish the broker did not confirm is sent again */
+    int broker_reply_timeout_ms; /* broker.reply_timeout_ms: the longest any broker operation waits on a silent
+                                  * server (a confirm, an RPC reply, a Redis reply beyond its block time, a
+                                  * login); RabbitMQ heartbeats are negotiated at half of it (seconds, rounded
+                                  * up). Then the connection is dropped and the process moves on (the next
+                                  * node; the primary the Sentinels name). docs/scaling.md, "What a hang costs" */
     int password_opslimit;    /* argon2id cost (crypto_pwhash_str) */
     int password_memlimit_mb;
     /* where each URL came from, for messages: "database.url", "CONVEYOR_DATABASE_URL" or
@@ -486,8 +491,9 @@ int migrate_run(struct db *db, char *err, size_t errlen);
 /* ---- broker.c: one interface, two backends ---------------------------------------------- */
 /* Unless its comment says otherwise, a broker_* function that returns int returns
  * 0 (or a count), or a negative class with the reason in broker_error(b):
- * CV_ERETRY when the connection broke (it is dropped, and re-opened by the next
- * call), CV_EREFUSED when the broker refused the request, CV_ECONFIG when it
+ * CV_ERETRY when the connection broke, or its server was silent past
+ * broker.reply_timeout_ms (it is dropped, and re-opened by the next call: on
+ * RabbitMQ, after a silence, to the next node of the list), CV_EREFUSED when the broker refused the request, CV_ECONFIG when it
  * refused the login while re-opening (Redis publishes and moves say CV_ERETRY
  * then). b keeps cfg, and the queue given to broker_consume, broker_dead_read
  * or broker_dead_take: they must outlive it; other pointer arguments are
@@ -513,6 +519,19 @@ struct outgoing_event {   /* one event to publish */
     const char *json;
     const char *traceparent; /* the event's traceparent field, or NULL: RabbitMQ sends it as a header too */
 };
+
+/* Stall reporting. A backend says when it starts waiting for a reply it is
+ * owed (budget_ms: how long the wait may rightly take beyond a reply's
+ * round trip, e.g. a blocking take's block time), when a reply came, and when
+ * a bound fired on a silent peer (broker.reply_timeout_ms, a missed AMQP
+ * heartbeat). broker_stall_hook sets the process's one listener (NULL: none;
+ * the workers' scoreboard); it is called on the caller's thread, and must not
+ * block. */
+enum broker_note { BROKER_WAITING, BROKER_ANSWERED, BROKER_SILENT, BROKER_IDLE };
+typedef void (*broker_stall_fn)(enum broker_note note, int budget_ms);
+void broker_stall_hook(broker_stall_fn fn);
+/* What the backends call: forwards to the hook, if any. */
+void broker_note(enum broker_note note, int budget_ms);
 
 /* Opens a connection for transport t. Returns the broker (the caller
  * broker_close()s it; cfg is borrowed and must outlive it), or NULL with a

@@ -198,6 +198,16 @@ static enum MHD_Result readyz(struct http *h, struct MHD_Connection *conn) {
         snprintf(name, sizeof name, "workers.%s", h->cfg->queues[i].name);
         CHECK(name, queue_live(&h->cfg->queues[i]), "no live worker");
     }
+    /* a broker that does not answer one of the pool's processes (broker_stall.c) */
+    char stall[256] = "";
+    for (int t = TRANSPORT_RABBITMQ; t <= TRANSPORT_REDIS; t++) {
+        char who[CFG_NAME_MAX + 16];
+        int n = s.broker_used[t] ? broker_stalled_count(h->cfg, (enum transport)t, who, sizeof who) : 0;
+        if (n && !stall[0])
+            snprintf(stall, sizeof stall, "stalled: %s does not answer %d process%s (the first: the %s)",
+                     transport_name((enum transport)t), n, n == 1 ? "" : "es", who);
+    }
+    CHECK("broker_stall", !stall[0], stall);
     const struct scoreboard *sb = scoreboard_get();
     CHECK("draining", !(sb && __atomic_load_n(&sb->draining, __ATOMIC_RELAXED)), "draining");
 #undef CHECK

@@ -210,6 +210,20 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
         put(o, "conveyor_dependency_up{dependency=\"rabbitmq\"} %d\n", s->broker_up[TRANSPORT_RABBITMQ]);
     if (s->broker_used[TRANSPORT_REDIS])
         put(o, "conveyor_dependency_up{dependency=\"redis\"} %d\n", s->broker_up[TRANSPORT_REDIS]);
+    header(o, "conveyor_broker_stalled", "gauge",
+           "The pool's processes stalled on a broker that does not answer (a reply overdue, or a bound "
+           "fired on a silent server within twice broker.reply_timeout_ms), by transport.");
+    for (int t = TRANSPORT_RABBITMQ; t <= TRANSPORT_REDIS; t++)
+        if (s->broker_used[t])
+            put(o, "conveyor_broker_stalled{transport=\"%s\"} %d\n", transport_name((enum transport)t),
+                broker_stalled_count(cfg, (enum transport)t, NULL, 0));
+    header(o, "conveyor_broker_silences_total", "counter",
+           "Bounds (broker.reply_timeout_ms, a missed heartbeat, an idle connection's probe) that fired on a broker "
+           "that did not answer, by transport: each moved its process on.");
+    for (int t = TRANSPORT_RABBITMQ; t <= TRANSPORT_REDIS; t++)
+        if (s->broker_used[t])
+            put(o, "conveyor_broker_silences_total{transport=\"%s\"} %llu\n", transport_name((enum transport)t),
+                (unsigned long long)broker_silences_total(cfg, (enum transport)t));
     header(o, "conveyor_build_info", "gauge", "The running version, as a label.");
     put(o, "conveyor_build_info{version=\"%s\"} 1\n", CONVEYOR_VERSION);
 }

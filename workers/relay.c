@@ -219,6 +219,15 @@ static void relay_stop_drain(const struct cfg *cfg, struct db *db, struct broker
 
 /* Holds the relay lock on db and publishes until stop or a lost connection. */
 static bool config_refused; /* a server refused what the configuration says: the relay stops */
+/* The relay could not publish for its deadline (give_up_ms) and gave up its lock: it stands
+ * by for that long before it tries the lock again, so a healthy pool's relay takes over. */
+static bool gave_up;
+
+/* How long the active relay may fail to publish (events waiting, the broker
+ * silent, unreachable or refusing them) before it gives up the lock: twice
+ * broker.reply_timeout_ms, so that a move to another node of the list (one
+ * reply timeout on the silent node, then a publish on the next) fits in it. */
+static int64_t give_up_ms(const struct cfg *cfg) { return 2L * cfg->broker_reply_timeout_ms; }
 
 static void relay_active(const struct cfg *cfg, struct db *db) {
     char sql[128];
@@ -244,18 +253,28 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
     struct broker *b = NULL;
     char err[512];
     int failures = 0;
+    int64_t failing_since = 0; /* monotonic ms of the first failure since the last publish (0: none) */
     int64_t next_prune = clock_mono_ms();
     struct claim_floor floor = {0};
     while (!stop_requested && db_ok(db)) {
         pool_load_report(db, cfg); /* at most once a second: conveyor-admin stats' in flight */
-        if (!b && !(b = broker_open_wait(cfg, cfg->events_transport, &stop_requested, err, sizeof err))) {
-            if (!err[0]) break; /* stopped */
+        int cls = 0;
+        if (!b && !(b = broker_open_class(cfg, cfg->events_transport, &cls, err, sizeof err)) && cls == CV_ECONFIG) {
             log_error("events broker refused the configuration: %s; stopping", err);
             config_refused = true;
             break;
         }
-        int n = relay_drain(db, b, cfg->relay_batch, &floor);
+        if (!b && !failures) log_warn("events broker unreachable: %s; retrying", err);
+        int n = b ? relay_drain(db, b, cfg->relay_batch, &floor) : CV_ERETRY;
         if (n < 0) {
+            if (!failing_since) failing_since = clock_mono_ms();
+            if (clock_mono_ms() - failing_since >= give_up_ms(cfg) && db_ok(db)) {
+                log_warn("the relay could not publish for %lld ms (%s): giving up the relay lock, so that another "
+                         "pool's relay takes over; standing by", (long long)(clock_mono_ms() - failing_since),
+                         b ? broker_error(b) : err);
+                gave_up = true;
+                break;
+            }
             if (n == CV_ERETRY && db_ok(db)) {
                 broker_close(b); /* the broker failed: reconnect it */
                 b = NULL;
@@ -265,6 +284,7 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
         }
         if (failures) log_info("relay publishing again");
         failures = 0;
+        failing_since = 0;
         if (n == cfg->relay_batch) continue;
         if (clock_mono_ms() >= next_prune) {
             relay_prune(db, cfg->outbox_retention_s);
@@ -312,6 +332,10 @@ int relay_run(const struct cfg *cfg) {
         if (stop_requested && db_ok(db)) pool_load_forget(db);
         db_close(db); /* releases the lock if held */
         if (config_refused) break;
+        if (gave_up) { /* another pool's relay may take the lock meanwhile */
+            gave_up = false;
+            backoff_sleep((int)give_up_ms(cfg), &stop_requested);
+        }
     }
     log_info("relay stopped");
     return config_refused ? CV_EXIT_CONFIG : 0;

@@ -299,6 +299,11 @@ struct sb_slot {
      * (scoreboard_pending_*) */
     uint64_t pending_xid;
     uint32_t pending[SB_TYPES][2];            /* by type index: applied, rejected */
+    /* its broker (broker_stall.c): monotonic ms; 0 when none */
+    int64_t broker_wait_until_ms;             /* a reply owed is overdue after this */
+    int64_t broker_silent_ms;                 /* a bound last fired on a silent broker */
+    int64_t broker_answer_ms;                 /* the broker last answered */
+    uint64_t broker_silences;                 /* bounds that fired on a silent broker (a counter) */
 };
 struct scoreboard {
     int32_t nslots;
@@ -371,6 +376,25 @@ struct sb_queue_totals {
 void sb_queue_totals(const struct cfg_queue *q, struct sb_queue_totals *out);
 /* The resident size of process pid in bytes (/proc), or -1 when it cannot be read. */
 long long sb_resident_bytes(pid_t pid);
+/* ---- broker_stall.c: a broker that does not answer, seen from the pool ---- */
+/* Child (scoreboard_attach calls it): the process's broker_note calls go to
+ * slot (broker_stall_hook); NULL: nowhere. */
+struct sb_slot;
+void broker_stall_attach(struct sb_slot *slot);
+/* Reader: how many of the pool's processes (workers, the relay, the reaper)
+ * using transport t are stalled on their broker now: a reply owed for longer
+ * than its budget plus STALL_GRACE_MS; or a bound that fired on a silent
+ * broker (broker.reply_timeout_ms) less than STALL_SHOW_MS ago (shown that
+ * long even when the process moved on at once), or less than twice that
+ * timeout ago with no answer since. who (n bytes, may be NULL) names the first
+ * such process ("relay", "worker of catalog"), "" when none. */
+#define STALL_GRACE_MS 2000
+#define STALL_SHOW_MS 5000
+int broker_stalled_count(const struct cfg *cfg, enum transport t, char *who, size_t n);
+/* Reader: the bounds that fired on a silent broker of transport t, summed
+ * over the pool's slots (every process that ran in them). */
+uint64_t broker_silences_total(const struct cfg *cfg, enum transport t);
+
 /* Worker: it runs command id of type now (NULL: none). */
 void scoreboard_current(const char *id, const char *type);
 /* Reader: the command slot s runs into id and type ("" when none). Returns

@@ -87,7 +87,7 @@ def test_endpoints_and_every_label_set_from_the_start():
         status, headers, body = wait_http(pool, "/readyz", 200)
         ready = json.loads(body)
         eq(ready["status"], "ready", "/readyz status")
-        want = {"database", "migrations", "draining", TRANSPORT} | {f"workers.{q}" for q in ROUTING}
+        want = {"database", "migrations", "draining", "broker_stall", TRANSPORT} | {f"workers.{q}" for q in ROUTING}
         eq(set(ready["checks"]), want, "/readyz checks")
         check(all(v == "ok" for v in ready["checks"].values()), f"every check ok: {ready}")
         eq(headers.get("Content-Type"), "application/json", "/readyz content type")
@@ -124,6 +124,10 @@ def test_endpoints_and_every_label_set_from_the_start():
         eq(value(samples, "conveyor_dependency_up", dependency="postgresql"), 1.0, "postgresql up")
         eq(value(samples, "conveyor_dependency_up", dependency=TRANSPORT), 1.0, f"{TRANSPORT} up")
         eq(value(samples, "conveyor_build_info", version="0.1.0"), 1.0, "build info")
+        # a broker that answers: nothing stalled, no bound fired (test_hangs freezes one)
+        eq(value(samples, "conveyor_broker_stalled", transport=TRANSPORT), 0.0, "no process stalled on its broker")
+        eq(value(samples, "conveyor_broker_silences_total", transport=TRANSPORT), 0.0, "no silence")
+        eq(ready["checks"]["broker_stall"], "ok", "the broker_stall check")
         wait_metric(pool, lambda s: value(s, "conveyor_relay_active") == 1.0, "the pool's relay active")
         eq(types["conveyor_commands"], "counter", "commands_total type")
         eq(types["conveyor_command_latency_seconds"], "histogram", "latency type")

@@ -8,10 +8,14 @@ for seconds neither loses its rows nor lets a later event of its aggregate
 overtake them."""
 import json
 import select
+import socket
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 
-from harness import Events, Pool, Publisher, check, db, envelope, eq, query
+from harness import REDIS_URL, Events, Pool, Publisher, check, db, envelope, eq, http_pool, query
 
 SLOW_POLL = "relay: { poll_interval_ms = 60000; };"
 NO_WORKERS = {"users": 0, "catalog": 0, "orders": 0}
@@ -261,3 +265,140 @@ def test_a_pool_stopped_under_load_leaves_nothing_unpublished():
                 time.sleep(0.1)
     finally:
         pub.close()
+
+
+class FreezableProxy:
+    """A TCP proxy to (host, port) that can be frozen: while frozen it reads
+    and forwards nothing, and accepts new connections without answering on
+    them, so its peers see what a frozen server shows (connected, silent)."""
+
+    def __init__(self, host, port):
+        self.upstream = (host, port)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.frozen, self.stop, self.conns = False, False, []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        while self.frozen and not self.stop:
+            time.sleep(0.05)
+        try:
+            u = socket.create_connection(self.upstream, timeout=5)
+        except OSError:
+            c.close()
+            return
+        self.conns += [c, u]
+        threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+        threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+
+    def _pump(self, src, dst):
+        src.settimeout(0.05)
+        while not self.stop:
+            if self.frozen:
+                time.sleep(0.05)
+                continue
+            try:
+                data = src.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            while self.frozen and not self.stop:  # read as it froze: held, as a frozen server would
+                time.sleep(0.05)
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        for x in (src, dst):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop = True
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def get(url):
+    """(status, body) of GET url."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_relay_whose_events_broker_is_silent_gives_up_its_lock_rabbitmq():
+    """The events broker (Redis here, behind a proxy; commands on RabbitMQ)
+    goes silent with its connections open: the relay's publish ends at
+    broker.reply_timeout_ms (1 s here), it gives up the relay lock after twice
+    that without a publish (so a healthy pool's relay can take over) and stands
+    by; /readyz and the metrics name the stall; once the broker answers again
+    the relay takes the lock back and publishes what waited. Before the bounds
+    it waited for Redis's reply for 30 s, holding the lock."""
+    redis_url = REDIS_URL
+    hostport = redis_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    proxy = FreezableProxy(hostport.rsplit(":", 1)[0], int(hostport.rsplit(":", 1)[1]))
+    try:
+        env = {"CONVEYOR_EVENTS_TRANSPORT": "redis", "CONVEYOR_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"}
+        with http_pool(extra="broker: { reply_timeout_ms = 1000; };", env=env) as pool:
+            url = f"http://127.0.0.1:{pool.port}"
+            pub = Publisher()
+            before = envelope("createProduct", {"name": "events broker answering", "price": "1.00"})
+            pub.command(before)
+            wait_published = lambda cid: query("SELECT count(*) FROM outbox WHERE payload->>'commandId' = %s "
+                                               "AND published_at IS NOT NULL", cid)[0][0] > 0
+            deadline = time.time() + 20
+            while not wait_published(before["id"]) and time.time() < deadline:
+                time.sleep(0.1)
+            check(wait_published(before["id"]), "published while the broker answers")
+            proxy.frozen = True
+            time.sleep(0.2)  # every pump has seen it
+            t0 = time.time()
+            during = envelope("createProduct", {"name": "events broker silent", "price": "1.00"})
+            pub.command(during)
+            seen_ready = seen_metric = None
+            while time.time() < t0 + 15 and not (seen_ready and seen_metric and
+                                                 "giving up the relay lock" in pool.read_log()):
+                status, body = get(url + "/readyz")
+                if status == 503 and json.loads(body)["checks"].get("broker_stall", "ok").startswith("stalled: redis"):
+                    seen_ready = seen_ready or time.time() - t0
+                _, text = get(url + "/metrics")
+                line = [x for x in text.splitlines() if x.startswith('conveyor_broker_stalled{transport="redis"}')]
+                if line and float(line[0].split()[-1]) > 0:
+                    seen_metric = seen_metric or time.time() - t0
+                time.sleep(0.1)
+            log = pool.read_log()
+            check("giving up the relay lock" in log, f"the relay gave up its lock:\n{log[-3000:]}")
+            check("the server is silent" in log, f"the silence was named:\n{log[-3000:]}")
+            check(seen_ready is not None, "/readyz named the stalled broker")
+            check(seen_metric is not None, "conveyor_broker_stalled showed it")
+            check(not wait_published(during["id"]), "nothing published while the broker is silent")
+            proxy.frozen = False
+            deadline = time.time() + 20
+            while not wait_published(during["id"]) and time.time() < deadline:
+                time.sleep(0.1)
+            check(wait_published(during["id"]), "published once the broker answers again")
+            _, text = get(url + "/metrics")
+            line = [x for x in text.splitlines() if x.startswith('conveyor_broker_silences_total{transport="redis"}')]
+            check(line and float(line[0].split()[-1]) > 0, f"silences counted: {line}")
+            pub.close()
+            eq(pool.stop(), (0, []), "clean stop")
+    finally:
+        proxy.close()

@@ -422,6 +422,25 @@ TEST(dedup_window_has_defaults_and_bounds) {
     CHECK(strstr(err, "unknown setting 'dedup.window'") != NULL);
 }
 
+TEST(broker_reply_timeout_has_a_default_and_bounds) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(c.broker_reply_timeout_ms == 10000);
+    cfg_free(&c);
+    CHECK(cfg_load("../queues.conf", &c, err, sizeof err) == 0);
+    CHECK(c.broker_reply_timeout_ms == 10000);
+    cfg_free(&c);
+    CHECK(load_text("broker: { reply_timeout_ms = 4000; };\n" MINIMAL, &c) == 0);
+    CHECK(c.broker_reply_timeout_ms == 4000);
+    cfg_free(&c);
+    CHECK(load_text("broker: { reply_timeout_ms = 999; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "'broker.reply_timeout_ms' must be between 1000 and 120000 (got 999)") != NULL);
+    CHECK(load_text("broker: { reply_timeout_ms = 120001; };\n" MINIMAL, &c) < 0);
+    CHECK(load_text("broker: { heartbeat = 5; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "unknown setting 'broker.heartbeat'") != NULL);
+}
+
 TEST_MAIN()
 
 TEST(transaction_limits_have_defaults) {

@@ -1,0 +1,229 @@
+"""A hung broker node (issue 21, point 1): a node frozen with its connections
+open (SIGSTOP of its process: the kernel still holds its sockets, nothing
+answers) must not stall the events. Every broker operation has a bound that
+fires while the peer is silent (broker.reply_timeout_ms, docs/scaling.md "What a
+hang costs"); then the process moves on: to the next node of its URL list, or to
+the primary the Sentinels name after their failover.
+
+  cvh1 cvh2 cvh3   three RabbitMQ nodes (quorum queues), or a Redis primary
+                   (cvh1), its replica (cvh2) and Sentinels (cvh3-5)
+  cvh4 cvh5        a pool each (HTTP listener on the host's address)
+  cvh6             the producer
+  cvh7             PostgreSQL
+
+Under load, the node every process reaches first (RabbitMQ: a member of the
+queue that does not lead it, so that only the clients' bounds are measured;
+Redis: the primary) is frozen for FREEZE_S. Checked: the events flow again
+within HANG_BOUND_S of the freeze (the documented bound with the default
+settings), /readyz and conveyor_broker_stalled show the stall while it lasts,
+every command is applied once (stocks exact, one result each) and the producer
+got every command confirmed. Figures are printed (FIGURES ...) for
+docs/scaling.md."""
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import cluster
+from cluster import Postgres, RabbitCluster, RedisSentinel, addr, metric, wait_for
+from harness import check, eq, run_bin, write_config
+from test_scale_out import (HTTP_PORT, POOL_HOSTS, QUEUE_OPTS, AmqpEvents, Producer, StreamEvents,
+                            await_every_result, check_outcome, commands, largest_gap, phase_clock, relay_host,
+                            seed_products, start_pools)
+
+FREEZE_S = 60
+HANG_BOUND_S = 15.0  # docs/scaling.md: events flow again within 15 s of a node freezing (default settings)
+
+
+def secs(t):
+    return "never" if t is None else f"{t:.1f} s"
+
+
+def readyz(h):
+    """The pool's /readyz: (status code, its checks)."""
+    try:
+        with urllib.request.urlopen(f"http://{addr(h)}:{HTTP_PORT}/readyz", timeout=3) as r:
+            return r.status, json.loads(r.read())["checks"]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["checks"]
+    except OSError:
+        return None, {}
+
+
+def watch_stall(events, t, phase, until):
+    """Polls both pools' /readyz and conveyor_broker_stalled while the node is
+    frozen, and the events' flow. Returns (seconds after t when a pool first
+    showed the stall in its metrics, in /readyz; the events' first arrival
+    after the freeze's largest gap)."""
+    seen_metric = seen_ready = None
+    while time.time() < until:
+        now = time.time() - t
+        for h in POOL_HOSTS:
+            try:
+                if seen_metric is None and metric(h, HTTP_PORT, "conveyor_broker_stalled") > 0:
+                    seen_metric = now
+                    phase(f"conveyor_broker_stalled > 0 on {h} {now:.1f} s after the freeze")
+            except OSError:
+                pass
+            if seen_ready is None:
+                code, checks = readyz(h)
+                if code == 503 and checks.get("broker_stall", "ok") != "ok":
+                    seen_ready = now
+                    phase(f"/readyz of {h} says {checks['broker_stall']!r} {now:.1f} s after the freeze")
+        time.sleep(0.25)
+    return seen_metric, seen_ready
+
+
+def frozen_run(phase, events, prod, freeze, thaw, what):
+    """Freezes with freeze() once 1,000 commands are confirmed, watches for
+    FREEZE_S, thaws. Returns (t_freeze, events gap, metric seen, readyz seen)."""
+    wait_for("1,000 confirmed", lambda: len(prod.confirmed) >= 1000, timeout=120, every=0.02)
+    freeze()
+    t = time.time()
+    phase(f"froze {what} (SIGSTOP) with {len(prod.confirmed)} confirmed")
+    seen_metric, seen_ready = watch_stall(events, t, phase, t + FREEZE_S)
+    thaw()
+    phase(f"thawed {what} after {time.time() - t:.1f} s")
+    gap = largest_gap(events.times, t, FREEZE_S)
+    phase(f"the events stopped for {gap:.1f} s at most after the freeze")
+    return t, gap, seen_metric, seen_ready
+
+
+def check_hang(gap, seen_metric, seen_ready, what):
+    check(gap <= HANG_BOUND_S, f"the events flowed again within {HANG_BOUND_S:.0f} s of {what} freezing "
+                               f"(they stopped for {gap:.1f} s)")
+    check(seen_metric is not None and seen_metric <= HANG_BOUND_S,
+          f"conveyor_broker_stalled showed the stall within {HANG_BOUND_S:.0f} s (at {seen_metric})")
+    check(seen_ready is not None and seen_ready <= HANG_BOUND_S,
+          f"/readyz named the stalled broker within {HANG_BOUND_S:.0f} s (at {seen_ready})")
+
+
+def test_frozen_node_rabbitmq():
+    phase = phase_clock()
+    cluster.setup(7)
+    pools, frozen_pid = {}, None
+    try:
+        pg = Postgres("cvh7")
+        rc = RabbitCluster(("cvh1", "cvh2", "cvh3"))
+        phase("PostgreSQL and a three-node RabbitMQ cluster up")
+        env = {"CONVEYOR_DATABASE_URL": pg.url, "CONVEYOR_RABBITMQ_URL": rc.urls(), "CONVEYOR_TRANSPORT": "rabbitmq"}
+        queue_opts = QUEUE_OPTS + ' queue_type = "quorum";'
+        config = write_config({"catalog": 2}, queue_opts=queue_opts)
+        r = run_bin("conveyor-workers", "-c", config, "--setup", env=env, timeout=120)
+        eq(r.returncode, 0, f"--setup on the cluster ({r.stderr})")
+        leader = rc.leader("conveyor.catalog", via="cvh1")
+        followers = [h for h in rc.hosts if h != leader]
+        frozen, watcher = followers
+        # every process reaches the frozen node first; the events are watched through a third
+        env["CONVEYOR_RABBITMQ_URL"] = ",".join(rc.url(h) for h in [frozen, leader, watcher])
+        events = AmqpEvents(rc.url(watcher))
+        pools = start_pools(env, queue_opts)
+        phase(f"pools on {', '.join(POOL_HOSTS)}; every process on {frozen} (the queue's leader is {leader})")
+        pids = seed_products(pg, config, env, phase)
+        updates = commands(pids, 16000, seed=21)
+        prod = Producer(config, env, updates, rate=200)  # 80 s of commands: the freeze falls inside
+        with open(rc.env(frozen)["RABBITMQ_PID_FILE"]) as f:
+            frozen_pid = int(f.read().strip())
+        holder = wait_for("an active relay", lambda: relay_host(pools), timeout=30)
+        conns = rc.ctl(frozen, "list_connections", "name").stdout
+        check(len([c for c in conns.split("\n") if c.strip()]) >= 6, f"the pools and the producer on {frozen}: {conns}")
+
+        def freeze():
+            os.kill(frozen_pid, signal.SIGSTOP)
+
+        def thaw():
+            os.kill(frozen_pid, signal.SIGCONT)
+
+        t, gap, seen_metric, seen_ready = frozen_run(phase, events, prod, freeze, thaw, f"node {frozen}")
+        frozen_pid = None
+        after = relay_host(pools)
+        phase(f"relay active on {holder} before the freeze, on {after} after it")
+        await_every_result(pg, prod, updates, events, phase)
+        events.close()
+        dups = check_outcome(pg, updates, events.events, pids)
+        for h, p in pools.items():
+            code, left = p.stop()
+            eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+        pools = {}
+        print(f"FIGURES rabbitmq-frozen-node: the events stopped for {gap:.1f} s at most after node {frozen} froze "
+              f"for {FREEZE_S} s; conveyor_broker_stalled at {secs(seen_metric)}, /readyz at {secs(seen_ready)}; relay on "
+              f"{holder} then {after}; {dups} duplicate deliveries", flush=True)
+        check_hang(gap, seen_metric, seen_ready, "a RabbitMQ node")
+    finally:
+        if frozen_pid:
+            os.kill(frozen_pid, signal.SIGCONT)
+        for p in pools.values():
+            try:
+                p.stop()
+            except Exception as e:  # the hosts go anyway
+                print(f"stopping a pool: {e}")
+        cluster.teardown()
+        phase("torn down")
+
+
+def test_frozen_primary_redis():
+    phase = phase_clock()
+    cluster.setup(7)
+    pools, rs = {}, None
+    try:
+        pg = Postgres("cvh7")
+        rs = RedisSentinel("cvh1", "cvh2", ("cvh3", "cvh4", "cvh5"))
+        # a second replica (cvh3), so that the promoted one has a replica while cvh1 is frozen (wait_replicas = 1)
+        d = os.path.join(cluster.STATE, "redis-cvh3")
+        os.makedirs(d)
+        rs.procs["cvh3"] = cluster.spawn("cvh3", "redis-server", "--bind", addr("cvh3"), "--port", "6379",
+                                         "--protected-mode", "no", "--dir", d, "--save", "", "--appendonly", "yes",
+                                         "--appendfsync", "everysec", "--replicaof", addr("cvh1"), "6379",
+                                         name="redis-cvh3")
+        wait_for("the second replica in sync",
+                 lambda: rs.info("cvh3", "replication").get("master_link_status") == "up", timeout=60)
+        phase("PostgreSQL, a Redis primary, two replicas and three Sentinels up")
+        env = {"CONVEYOR_DATABASE_URL": pg.url, "CONVEYOR_REDIS_URL": rs.url(), "CONVEYOR_TRANSPORT": "redis"}
+        wait = "redis: { wait_replicas = 1; };"  # wait_timeout_ms: the default (1000), a blocking WAIT's time
+        config = write_config({"catalog": 2}, extra=wait, queue_opts=QUEUE_OPTS)
+        r = run_bin("conveyor-workers", "-c", config, "--setup", env=env, timeout=120)
+        eq(r.returncode, 0, f"--setup ({r.stderr})")
+        events = StreamEvents(rs)
+        pools = start_pools(env, QUEUE_OPTS, extra=wait)
+        phase(f"pools on {', '.join(POOL_HOSTS)}")
+        pids = seed_products(pg, config, env, phase)
+        updates = commands(pids, 12000, seed=22)
+        prod = Producer(config, env, updates, rate=150)  # 80 s of commands
+        holder = wait_for("an active relay", lambda: relay_host(pools), timeout=30)
+        proc = rs.procs["cvh1"]
+
+        def freeze():
+            proc.send_signal(signal.SIGSTOP)
+
+        def thaw():
+            proc.send_signal(signal.SIGCONT)
+
+        t, gap, seen_metric, seen_ready = frozen_run(phase, events, prod, freeze, thaw, "the primary (cvh1)")
+        named = rs.primary()
+        phase(f"the Sentinels name {named} after the thaw")
+        check(named is not None and named[0] != addr("cvh1"), f"the Sentinels failed over to a replica ({named})")
+        after = relay_host(pools)
+        phase(f"relay active on {holder} before the freeze, on {after} after it")
+        await_every_result(pg, prod, updates, events, phase)
+        events.close()
+        dups = check_outcome(pg, updates, events.events, pids)
+        for h, p in pools.items():
+            code, left = p.stop()
+            eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+        pools = {}
+        print(f"FIGURES redis-frozen-primary: the events stopped for {gap:.1f} s at most after the primary froze "
+              f"for {FREEZE_S} s; conveyor_broker_stalled at {secs(seen_metric)}, /readyz at {secs(seen_ready)}; relay on "
+              f"{holder} then {after}; {dups} duplicate deliveries", flush=True)
+        check_hang(gap, seen_metric, seen_ready, "the Redis primary")
+    finally:
+        if rs and rs.procs.get("cvh1") and rs.procs["cvh1"].poll() is None:
+            rs.procs["cvh1"].send_signal(signal.SIGCONT)
+        for p in pools.values():
+            try:
+                p.stop()
+            except Exception as e:
+                print(f"stopping a pool: {e}")
+        cluster.teardown()
+        phase("torn down")
