@@ -30,7 +30,7 @@ cppcheck --quiet --error-exitcode=1 --std=c11 -D_GNU_SOURCE --library=posix --in
   --enable=warning,performance,portability,style \
   --suppress=variableScope --suppress=constParameter --suppress=usleepCalled \
   --template='{file}:{line}: {severity} ({id}): {message}' \
-  -I shared -I workers -I producer -I tests/unit \
+  -I shared -I workers -I workers/domain -I workers/http -I producer -I tests/unit \
   shared workers producer bench/*.c tests/unit tests/fuzz || status=1
 
 echo "analyze: gcc -fanalyzer (build-analyzer)" >&2
@@ -50,10 +50,10 @@ echo "analyze: ignored results (gcc -O1 -D_FORTIFY_SOURCE=2)" >&2
 # NULL passed to sprintf once fortify turns it into __sprintf_chk. So this is
 # a pass of its own, over what the build above compiles.
 cflags=$(pkg-config --cflags librabbitmq hiredis libpq libcjson uuid libconfig libsodium)
-for f in shared/*.c workers/*.c producer/*.c bench/*.c tests/unit/*.c; do
+for f in shared/*.c workers/*.c workers/domain/*.c workers/http/*.c producer/*.c bench/*.c tests/unit/*.c; do
   # shellcheck disable=SC2086
   gcc -std=c11 -D_GNU_SOURCE -O1 -D_FORTIFY_SOURCE=2 -Werror=unused-result -c -o /dev/null \
-    $cflags -I shared -I workers -I producer -I tests/unit "$f" || status=1
+    $cflags -I shared -I workers -I workers/domain -I workers/http -I producer -I tests/unit "$f" || status=1
 done
 
 [ $status = 0 ] && echo "analyze: no findings" >&2

@@ -264,6 +264,12 @@ void signals_stop_sets(volatile sig_atomic_t *flag);
  * *why is NULL on success). Allocates nothing. */
 bool json_check(const char *text, size_t len, int max_depth, const char **why);
 
+/* ---- json_out.c: small helpers for the JSON Conveyor writes ---------------------- */
+/* Adds key: value to o, or key: null when value is NULL. */
+void json_add_optional(cJSON *o, const char *key, const char *value);
+/* Adds v to o as key, or null when v is NaN or negative (not known). */
+void json_add_number_or_null(cJSON *o, const char *key, double v);
+
 /* ---- backoff.c ------------------------------------------------------------------ */
 /* Capped exponential backoff for attempt n (0-based): d = base_ms doubled n times,
  * at most cap_ms; returns a random delay in [d/2, d] (jittered, with a floor). */
@@ -453,6 +459,9 @@ void db_discard(struct db *db);
  * items are left out. Returns a malloc'd string the caller frees (never
  * NULL: xmalloc). */
 char *db_array(const char *const *items, int n);
+
+/* SQL that formats a timestamptz column as RFC 3339 UTC with milliseconds. */
+#define SQL_RFC3339(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
 
 /* ---- db_fork.c: a forked primary among the hosts of a multi-host URL ---------------------
  * After a failover the promoted standby writes on a new timeline; an old primary that

@@ -1,157 +1,16 @@
 /*
- * workers.h - the internal header of conveyor-workers: payload validation,
- * command handlers, the worker loop, the outbox relay and the supervisor.
+ * workers.h - the internal header of conveyor-workers' and conveyor-admin's
+ * processes (workers/): the batch, the worker loop, the outbox relay, the
+ * supervisor, the scoreboard, the dead letters. It includes domain.h, the
+ * header of the handlers' room (workers/domain/); the HTTP child's own
+ * declarations are in workers/http/http.h, which nothing outside http/ includes.
  */
 #ifndef CONVEYOR_WORKERS_H
 #define CONVEYOR_WORKERS_H
 
-#include "core.h"
+#include "domain.h"
 
 #include <sys/types.h>
-
-/* ---- validate.c: payload rules, collecting every broken one ------------------- */
-struct verr {
-    cJSON *fields; /* {field: reason}; NULL while nothing is wrong; owned */
-    const char *prefix; /* prepended to field names in errors ("items[2]."), or NULL */
-};
-/* Records reason for prefix+field (a field keeps its first reason); copies both. */
-void verr_add(struct verr *v, const char *field, const char *reason);
-/* True once an error is recorded. */
-bool verr_any(const struct verr *v);
-/* Frees the recorded errors (fields NULL again, v reusable); nothing recorded is fine. */
-void verr_free(struct verr *v);
-
-/* Each v_* reads obj[field]. absent: a missing or null field; returns 1 when
- * the field is present and valid (and writes *out), 0 when absent (an error
- * is recorded if required), -1 when invalid (an error is recorded). Strings
- * written to *out are malloc'd; the caller frees them (v_password's points into
- * obj instead). Unless 1, *out is NULL or "" (v_int leaves *out untouched). */
-int v_string(struct verr *v, const cJSON *obj, const char *field, bool required, bool trim,
-             size_t min_chars, size_t max_chars, char **out);
-int v_uuid(struct verr *v, const cJSON *obj, const char *field, bool required, char out[ID_LEN + 1]);
-/* An integral JSON number in [min, max]. */
-int v_int(struct verr *v, const cJSON *obj, const char *field, bool required, long long min,
-          long long max, long long *out);
-/* A price: a number or decimal string, 0..99999999.99, at most 2 decimals;
- * written as "123.40". */
-int v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]);
-/* An email per docs/contract.md ("register"), trimmed (the handler stores it lower-cased:
- * PostgreSQL's lower(), the mapping of the users_email_check constraint). */
-int v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out);
-/* A password per docs/contract.md ("register"): 8-128 bytes, an upper-case letter, a lower-case letter, a digit. */
-int v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out);
-
-/* SQL that formats a timestamptz column as RFC 3339 UTC with milliseconds. */
-#define SQL_RFC3339(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-
-/* ---- handler.c: the command table and the context a handler works in ---------- */
-struct rejection {
-    const char *code;      /* VALIDATION_FAILED, NOT_FOUND, ... (static) */
-    char message[256];
-    cJSON *fields;         /* owned, may be NULL */
-    cJSON *details;        /* owned, may be NULL */
-};
-
-/* Running ahead (batch.c): a batch's handlers send their first statements
- * together, in one round trip, then finish in order with their results. */
-enum ahead_stage {
-    AHEAD_OFF,    /* every statement runs now (db_exec) */
-    AHEAD_SEND,   /* the first statement is deferred; ctx_exec returns CV_EAHEAD */
-    AHEAD_RESUME, /* the first statement's result is *first; a second returns CV_EAHEAD */
-};
-/* What ctx_exec returns when the handler must stop and be run again later. */
-enum { CV_EAHEAD = -10 };
-
-struct cmd_ctx {
-    struct db *db;
-    const struct cfg *cfg;
-    const struct envelope *cmd;
-    cJSON *events;         /* array of event envelopes to write to the outbox; owned */
-    bool validate_only;    /* return 0 once the payload passed validation (tests, fuzzing) */
-    struct rejection rej;
-    enum ahead_stage ahead;
-    int *handle;           /* AHEAD_SEND: where the first statement's result handle goes (db_defer_result) */
-    PGresult **first;      /* AHEAD_RESUME: the first statement's result, taken by ctx_exec (not owned) */
-    int statements;        /* ctx_exec calls so far */
-};
-
-/* A handler validates cmd->payload and applies it inside the open transaction.
- * Returns 0 after emitting its events, CV_EREJECT with ctx->rej filled (the
- * caller rolls back the domain changes and emits command.rejected), or
- * CV_ERETRY / CV_EREFUSED from the database, or CV_EAHEAD from ctx_exec (run it
- * again). With validate_only, 0 once the payload passed, before any statement. */
-typedef int (*handler_fn)(struct cmd_ctx *ctx);
-
-/* The rows a command will lock, stated before it runs, so that a batch takes
- * its locks in one order (batch.c) and concurrent batches never deadlock. */
-enum lock_keys {
-    LOCKS_NONE,           /* no row that another command waits for (a new row of a new id) */
-    LOCKS_PRODUCT,        /* the product payload.productId */
-    LOCKS_USER,           /* the user payload.userId */
-    LOCKS_ITEM_PRODUCTS,  /* the products payload.items[].productId */
-    LOCKS_ORDER_PRODUCTS, /* the products of the items of order payload.orderId, then that order */
-};
-
-/* A command type's handler. */
-struct handler {
-    const char *type;
-    handler_fn run;
-    enum lock_keys locks;
-    /* it can run ahead (batch.c): it does the same until its first statement
-     * each time it runs (no clock, no random id, no password hash before it),
-     * and usually needs no other */
-    bool runs_ahead;
-};
-/* The handler of TYPE, or NULL when this build does not know it. */
-const struct handler *handler_find(const char *type);
-/* The key that orders a command among those of its batch: "p:<productId>" or
- * "u:<userId>" for a command that locks one row, the least id of several
- * products, or "" (nothing, or not a usable id). Written to out. */
-void handler_lock_key(const struct handler *h, const cJSON *payload, char out[ID_LEN + 3]);
-/* Appends to products (a cJSON array of strings) the ids of the products the
- * command locks that its payload names, and to orders the order whose items'
- * products it locks. Ids that are not UUIDs are left out (the handler rejects them). */
-void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *products, cJSON *orders);
-/* A handler's statement: db_exec on ctx->db, except when running ahead: in
- * AHEAD_SEND the first statement is deferred (its handle in *ctx->handle) and
- * CV_EAHEAD returned; in AHEAD_RESUME the first returns its result (*out,
- * owned by the caller) and a second returns CV_EAHEAD (the command then runs
- * again, not ahead; so does a first statement that failed: *ctx->first NULL).
- * The handler returns CV_EAHEAD as it returns any error. With CV_EAHEAD *out is
- * NULL; a deferral that fails returns its error class. Otherwise as db_exec. */
-int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out);
-/* Appends an event (event_new: takes data, NULL gives {}) to ctx->events, made
- * on first use and owned by ctx. */
-void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
-              const char *aggregate_id, cJSON *data);
-/* Adds key: value to o, or key: null when value is NULL. */
-void json_add_optional(cJSON *o, const char *key, const char *value);
-/* Adds v to o as key, or null when v is NaN or negative (not known). */
-void json_add_number_or_null(cJSON *o, const char *key, double v);
-/* Fills ctx->rej; takes fields and details (freeing those of an earlier
- * rejection); code is kept, not copied (a static string). Returns CV_EREJECT. */
-int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,
-               const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-/* Rejects with VALIDATION_FAILED and the fields of v (taken: v->fields is NULL
- * after). Returns CV_EREJECT. */
-int ctx_reject_invalid(struct cmd_ctx *ctx, struct verr *v);
-
-/* The handlers of the command table: each a handler_fn (see above). */
-int handle_register(struct cmd_ctx *ctx);
-int handle_change_password(struct cmd_ctx *ctx);
-int handle_create_product(struct cmd_ctx *ctx);
-int handle_update_product(struct cmd_ctx *ctx);
-int handle_update_stock(struct cmd_ctx *ctx);
-int handle_delete_product(struct cmd_ctx *ctx);
-int handle_place_order(struct cmd_ctx *ctx);
-int handle_cancel_order(struct cmd_ctx *ctx);
-
-/* stock.low / stock.depleted for a product whose stock went from prev to next. */
-void emit_stock_notifications(struct cmd_ctx *ctx, const char *product_id, long long prev, long long next);
-/* Hashes a password with argon2id at the configured cost into out (a
- * crypto_pwhash_str string). Returns 0, or CV_ERETRY when the memory for it
- * could not be had (logged as an error with the command id). */
-int password_hash(const struct cmd_ctx *ctx, const char *password, char out[128]);
 
 /* ---- batch.c: the transaction of a batch --------------------------------------- */
 enum outcome { OUTCOME_APPLIED, OUTCOME_REJECTED, OUTCOME_DUPLICATE }; /* as enum sb_outcome's first three */
@@ -401,56 +260,10 @@ void scoreboard_current(const char *id, const char *type);
  * false when none (or a torn read three times over). */
 bool sb_current_read(const struct sb_slot *s, char id[ID_LEN + 1], char type[CFG_NAME_MAX]);
 
-/* ---- http.c / metrics.c: the pool's HTTP listener ----------------------------------- */
-/* What the HTTP child samples every few seconds (never per request). */
-struct http_sample {
-    bool sampled;                  /* a sample was taken */
-    bool db_up, migrations_ok;
-    bool broker_used[2], broker_up[2]; /* by enum transport */
-    long outbox_pending;
-    double outbox_oldest_s;
-    int nqueues;
-    struct queue_counts *queues;   /* by cfg queue index (counts of a broker that is down: 0) */
-    char *recent;                  /* the last 20 processed commands, a JSON array (NULL: not read) */
-};
+/* ---- http/http.c: the pool's HTTP listener (the rest of it: http/http.h) ------- */
 /* The child that serves http.listen (cfg->http_listen): /livez, /readyz, /metrics.
  * Returns the exit status: 0 when stopped, 1 when it cannot listen (logged). */
 int http_run(const struct cfg *cfg);
-/* An embedded file of the dashboard (cmake/embed_assets.cmake): path "/" or
- * "/app.js"..., its content type and bytes. The array ends with a NULL path. */
-struct asset {
-    const char *path, *type;
-    const unsigned char *data;
-    size_t len;
-};
-extern const struct asset dashboard_assets[];
-/* Appends the Prometheus text exposition (0.0.4) of the scoreboard and sample s
- * to *buf (malloc'd, *len bytes, NUL-terminated; the caller frees it). */
-void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **buf, size_t *len);
-
-/* ---- rollup.c: the dashboard's numbers over time (the HTTP child) --------------- */
-struct rollup;
-/* A queue now: commands ended since the pool started, per second over the last
- * 10 s, and the latency percentiles of the last minute (seconds; NAN: none). */
-struct rollup_live {
-    uint64_t done;
-    double rate, p50, p99;
-};
-/* The rollups of cfg's queues, counting from now; rollup_free frees. */
-struct rollup *rollup_new(const struct cfg *cfg);
-void rollup_free(struct rollup *r);
-/* Main thread, every second: a snapshot of the scoreboard; at a new minute the
- * last one's counts are added into metrics_minute through db (NULL or a
- * failure: tried again next tick); hourly, rows older than 7 days deleted. */
-void rollup_tick(struct rollup *r, struct db *db);
-/* Main thread, on stop: the minute so far written (a failure: logged, lost). */
-void rollup_flush(struct rollup *r, struct db *db);
-/* Any thread: queue qi (cfg index) now, into *out. */
-void rollup_live(struct rollup *r, int qi, struct rollup_live *out);
-/* Any thread: the last hour (60 one-minute steps) or day (288 five-minute
- * steps) as /api/history's JSON (caller frees), read through db, the running
- * minute added from memory; NULL with err when the database fails. */
-cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size_t errlen);
 
 /* ---- relay_wake.c: a worker wakes the pool's own relay (a shared page, an eventfd) */
 /* Supervisor, before forking: 0, or -1 when the system refused (workers then NOTIFY). */

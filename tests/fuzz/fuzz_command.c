@@ -2,7 +2,7 @@
  * validation of every command and the traceparent parser, on arbitrary bytes.
  * Nothing may crash, leak or read out of bounds; a parsed envelope must have a
  * UUID id and a payload object. */
-#include "workers.h"
+#include "domain.h"
 
 #include <stdlib.h>
 #include <string.h>

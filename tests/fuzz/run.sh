@@ -9,10 +9,10 @@ OUT=${CONVEYOR_FUZZ_DIR:-$ROOT/build-fuzz}
 mkdir -p "$OUT/corpus"
 # shellcheck disable=SC2046
 clang -g -O1 -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I "$ROOT/shared" -I "$ROOT/workers" \
+  -I "$ROOT/shared" -I "$ROOT/workers/domain" \
   "$ROOT/tests/fuzz/fuzz_command.c" \
-  "$ROOT"/shared/{envelope,json_check,event,id,clock,utf8,log,db,db_fork,backoff,alloc,url,trace}.c \
-  "$ROOT"/workers/validate.c "$ROOT"/workers/handler*.c \
+  "$ROOT"/shared/{envelope,json_check,event,id,clock,utf8,log,db,backoff,alloc,url,trace,json_out,db_fork}.c \
+  "$ROOT"/workers/domain/validate.c "$ROOT"/workers/domain/handler*.c \
   $(pkg-config --cflags --libs libcjson libpq uuid libsodium librabbitmq) -lm -lpthread -o "$OUT/fuzz_command"
 # seeds: one valid command of each type, and every message of the poison corpus
 /usr/bin/python3 "$ROOT/tests/poison/corpus.py" --write-seeds "$OUT/corpus"

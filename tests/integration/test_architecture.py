@@ -1,14 +1,24 @@
 """docs/architecture.md holds: a command added in one place and forgotten in
-another fails here, as does an include that crosses a layer, or a source file
-the architecture page does not describe.
+another fails here, as does an include that crosses a layer or a room, a C file
+of workers/ outside its three rooms, or a source file the architecture page does
+not describe.
 
-The command table of workers/handler.c is the one list of command types; for
-every type in it there must be its handler, its prototype, one queue in
+The command table of workers/domain/handler.c is the one list of command types;
+for every type in it there must be its handler, its prototype, one queue in
 queues.conf (and the test harness's routing), a payload schema, an event schema
 for every event it emits, a row in the README's command table with the codes it
 can reject with, a section in docs/reference.md and in docs/contract.md, a test
-that publishes it, and valid payloads in the poison corpus. Nothing here needs
-the servers: it reads the repository."""
+that publishes it, and valid payloads in the poison corpus.
+
+The rooms of workers/ (domain/, http/, the pool in workers/ itself) and what
+each may include are those of the page's "Layers" section; the include rules
+are checked on the #include "..." lines of the files (system headers are free),
+and that http/ calls no function of domain/.
+
+Nothing here needs the servers or a build: it reads the repository only. So
+SERVERS = False below: tests/CMakeLists.txt runs each case once (not once per
+transport, as integration.none.test_architecture.<case>) and outside the
+conveyor_suite fixture (no secrets scan), and run.py skips harness.setup()."""
 import json
 import os
 import re
@@ -16,6 +26,8 @@ import sys
 
 import contract
 from harness import ROOT, ROUTING, check, eq
+
+SERVERS = False  # read by tests/CMakeLists.txt and run.py: see the docstring
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "poison"))
 import corpus  # noqa: E402
@@ -30,18 +42,35 @@ def c_sources(folder):
     return sorted(f for f in os.listdir(os.path.join(ROOT, folder)) if f.endswith((".c", ".h")))
 
 
+def c_tree(folder):
+    """Every .c and .h file under folder, recursively, as paths relative to ROOT."""
+    out = []
+    for d, _, names in os.walk(os.path.join(ROOT, folder)):
+        out += [os.path.relpath(os.path.join(d, f), ROOT) for f in names if f.endswith((".c", ".h"))]
+    return sorted(out)
+
+
+def includes(path):
+    """The quoted includes of a file (#include "x.h"), in order."""
+    return re.findall(r'^\s*#\s*include\s+"([^"]+)"', read(path), re.M)
+
+
+DOMAIN = os.path.join("workers", "domain")
+HTTP = os.path.join("workers", "http")
+
+
 def handler_table():
-    """[(type, function, runs_ahead)] of workers/handler.c's table."""
-    block = re.search(r"handlers\[\]\s*=\s*\{(.*?)\n\};", read("workers", "handler.c"), re.S)
-    check(block, "workers/handler.c: no `handlers[] = {...};` table")
+    """[(type, function, runs_ahead)] of workers/domain/handler.c's table."""
+    block = re.search(r"handlers\[\]\s*=\s*\{(.*?)\n\};", read(DOMAIN, "handler.c"), re.S)
+    check(block, "workers/domain/handler.c: no `handlers[] = {...};` table")
     rows = []
     for entry in re.findall(r"\{([^{}]*)\}", block.group(1)):  # designated initialisers
         type_ = re.search(r'\.type\s*=\s*"(\w+)"', entry)
         fn = re.search(r"\.run\s*=\s*(\w+)", entry)
-        check(type_ and fn, f"workers/handler.c: a row without .type or .run: {entry.strip()}")
+        check(type_ and fn, f"workers/domain/handler.c: a row without .type or .run: {entry.strip()}")
         ahead = re.search(r"\.runs_ahead\s*=\s*(true|false)", entry)
         rows.append((type_.group(1), fn.group(1), ahead.group(1) if ahead else "false"))
-    check(rows, "workers/handler.c: the table has no rows")
+    check(rows, "workers/domain/handler.c: the table has no rows")
     return rows
 
 
@@ -75,7 +104,7 @@ def sections(text, level):
 def test_every_command_is_complete():
     table = handler_table()
     types = [t for t, _, _ in table]
-    eq(len(types), len(set(types)), "command types in workers/handler.c are unique")
+    eq(len(types), len(set(types)), "command types in workers/domain/handler.c are unique")
     problems = []
 
     def need(cond, what):
@@ -83,15 +112,16 @@ def test_every_command_is_complete():
             problems.append(what)
 
     # the handler and its prototype
-    workers_h = read("workers", "workers.h")
-    files = {f: read("workers", f) for f in c_sources("workers") if f.endswith(".c")}
+    domain_h = read(DOMAIN, "domain.h")
+    files = {f: read(f) for f in c_tree("workers") if f.endswith(".c")}  # by path: workers/domain/handler.c
     handler_file = {}
     for type_, fn, _ in table:
-        need(re.search(rf"^int {fn}\(struct cmd_ctx \*ctx\);", workers_h, re.M),
-             f"{type_}: no prototype `int {fn}(struct cmd_ctx *ctx);` in workers/workers.h")
+        need(re.search(rf"^int {fn}\(struct cmd_ctx \*ctx\);", domain_h, re.M),
+             f"{type_}: no prototype `int {fn}(struct cmd_ctx *ctx);` in workers/domain/domain.h")
         defined = [f for f, text in files.items() if re.search(rf"^int {fn}\(struct cmd_ctx \*ctx\) \{{", text, re.M)]
-        need(len(defined) == 1 and defined[0].startswith("handler_"),
-             f"{type_}: {fn} must be defined in one workers/handler_*.c (found in {defined})")
+        need(len(defined) == 1 and os.path.dirname(defined[0]) == DOMAIN
+             and os.path.basename(defined[0]).startswith("handler_"),
+             f"{type_}: {fn} must be defined in one workers/domain/handler_*.c (found in {defined})")
         if defined:
             handler_file[type_] = files[defined[0]]
 
@@ -109,7 +139,7 @@ def test_every_command_is_complete():
     command_schemas = {f[:-len(".schema.json")] for f in os.listdir(os.path.join(contract.SCHEMAS, "commands"))}
     need(command_schemas == set(types), f"schemas/commands/ {sorted(command_schemas)} against the handlers "
                                         f"{sorted(types)}")
-    shared_events = emitted(files["handler.c"])  # helpers (stock.low, stock.depleted)
+    shared_events = emitted(files[os.path.join(DOMAIN, "handler.c")])  # helpers (stock.low, stock.depleted)
     all_events = set().union(*(emitted(t) for t in files.values()))
     event_schemas = {f[:-len(".schema.json")] for f in os.listdir(os.path.join(contract.SCHEMAS, "events"))}
     need(event_schemas == all_events, f"schemas/events/ {sorted(event_schemas)} against the events workers/ emits "
@@ -180,38 +210,100 @@ def _is_json(text):
         return False
 
 
-# What each layer may include (quoted includes; system headers are free).
+# What each folder may include (quoted includes; system headers are free). The
+# rows of workers/ are its three rooms; docs/architecture.md's "Layers" table
+# states the same sets (test_the_page_states_these_include_rules).
 MAY_INCLUDE = {
     "shared": {"core.h", "broker_backend.h"},
-    "workers": {"workers.h", "core.h", "http.h"},
+    "workers/domain": {"domain.h", "core.h"},
+    "workers": {"workers.h", "domain.h", "core.h"},
+    "workers/http": {"http.h", "workers.h", "domain.h", "core.h"},
     "producer": {"conveyor.h", "core.h"},
     "bench": {"core.h"},
+}
+ROOMS = ("workers/domain", "workers", "workers/http")
+# Not on the page's table (they are not source folders), held to the same idea:
+# conveyor_domain's tests and the fuzz target see the domain, never the pool.
+TEST_MAY_INCLUDE = {
+    "tests/unit": {"test.h", "core.h", "domain.h"},
+    "tests/fuzz": {"domain.h"},
 }
 
 
 def test_layers_include_only_downward():
     problems = []
-    for folder, allowed in MAY_INCLUDE.items():
+    for folder, allowed in list(MAY_INCLUDE.items()) + list(TEST_MAY_INCLUDE.items()):
         for f in c_sources(folder):
-            for inc in re.findall(r'^#include "([^"]+)"', read(folder, f), re.M):
+            for inc in includes(os.path.join(folder, f)):
                 if inc not in allowed:
                     problems.append(f"{folder}/{f} includes \"{inc}\" ({folder}/ may include {sorted(allowed)})")
-    http_files = {"http.c", "dashboard.c", "http_action.c"}  # the HTTP child's own header
-    for f in c_sources("workers"):
-        if f not in http_files and "http.h" in re.findall(r'^#include "([^"]+)"', read("workers", f), re.M):
-            problems.append(f"workers/{f} includes http.h (only the HTTP child's files {sorted(http_files)} may)")
     for f in c_sources("shared"):
-        if "broker_backend.h" in re.findall(r'^#include "([^"]+)"', read("shared", f), re.M):
+        if "broker_backend.h" in includes(os.path.join("shared", f)):
             if not f.startswith("broker"):
                 problems.append(f"shared/{f} includes broker_backend.h (only broker.c and the backends may)")
+    # the headers' own chain: domain.h sees core.h only, workers.h the domain, http.h the pool
+    for header, want in (("workers/domain/domain.h", ["core.h"]), ("workers/workers.h", ["domain.h"]),
+                         ("workers/http/http.h", ["workers.h"])):
+        if includes(header) != want:
+            problems.append(f"{header} includes {includes(header)}, expected {want}")
+    # the embedded assets (cmake/embed_assets.cmake writes a C file of the http/ room)
+    gen = re.findall(r'#include \\"([^"\\]+)\\"', read("cmake", "embed_assets.cmake"))
+    if gen != ["http.h"]:
+        problems.append(f"cmake/embed_assets.cmake: the generated file includes {gen}, expected [\"http.h\"]")
     check('#include "' not in read("producer", "conveyor.h"), "producer/conveyor.h, the public header, must "
                                                              "include no Conveyor header")
     check(not problems, "\n".join(problems))
 
 
+def test_workers_has_three_rooms():
+    """Every C file of workers/ is in one of its rooms; the domain room holds the
+    rules, the table and the handlers (and every handler is there); nothing but
+    the HTTP room's files includes http.h (the rules above), and the HTTP room
+    calls no function of the domain (the JSON helpers they share are in shared/)."""
+    problems = []
+    for path in c_tree("workers"):
+        if os.path.dirname(path) not in ROOMS:
+            problems.append(f"{path} is in none of the rooms of workers/ {list(ROOMS)} (docs/architecture.md, Layers)")
+    domain = set(c_sources(DOMAIN))
+    want = {"domain.h", "validate.c", "handler.c"}
+    if not want <= domain:
+        problems.append(f"workers/domain/ lacks {sorted(want - domain)}")
+    for f in sorted(domain - want):
+        if not re.fullmatch(r"handler_\w+\.c", f):
+            problems.append(f"workers/domain/{f}: the domain room holds domain.h, validate.c, handler.c, handler_*.c")
+    for path in c_tree("workers"):
+        if os.path.basename(path).startswith("handler") and os.path.dirname(path) != DOMAIN:
+            problems.append(f"{path}: a handler outside workers/domain/")
+    # the functions domain/ defines (not static), and any call to one from http/
+    defined = set()
+    for f in domain:
+        if f.endswith(".c"):
+            defined |= set(re.findall(r"^(?!static\b)[A-Za-z_][\w \*]*?\b(\w+)\([^;]*?\)\s*\{",
+                                      read(DOMAIN, f), re.M))
+    check(defined, "workers/domain/: no function definitions found (the pattern is wrong?)")
+    for f in c_sources(HTTP):
+        text = re.sub(r"/\*.*?\*/", "", read(HTTP, f), flags=re.S)
+        called = sorted(fn for fn in defined if re.search(rf"\b{fn}\s*\(", text))
+        if called:
+            problems.append(f"workers/http/{f} calls into workers/domain/: {called}")
+    check(not problems, "\n".join(problems))
+
+
+def test_the_page_states_these_include_rules():
+    """The "may include" column of docs/architecture.md's Layers table names the
+    headers MAY_INCLUDE allows, folder by folder."""
+    page = read("docs", "architecture.md")
+    stated = {}
+    for m in re.finditer(r"^\| `([\w/]+)/` \| [^|]* \| ([^|]*) \| [^|]* \|$", page, re.M):
+        stated[m.group(1)] = set(re.findall(r"`([\w.]+\.h)`", m.group(2)))
+    for folder, allowed in MAY_INCLUDE.items():
+        check(folder in stated, f"docs/architecture.md: the Layers table has no row `{folder}/`")
+        eq(sorted(stated[folder]), sorted(allowed), f"docs/architecture.md, Layers: what {folder}/ may include")
+
+
 def test_architecture_page_describes_every_source_file():
     page = read("docs", "architecture.md")
-    listed = set(re.findall(r"^\| `((?:shared|workers|producer)/[\w.]+)` \|", page, re.M))
-    present = {f"{d}/{f}" for d in ("shared", "workers", "producer") for f in c_sources(d)}
+    listed = set(re.findall(r"^\| `((?:shared|workers|producer)/[\w./]+\.[ch])` \|", page, re.M))
+    present = set(c_tree("shared") + c_tree("workers") + c_tree("producer"))
     eq(sorted(present - listed), [], "source files docs/architecture.md's file table does not describe")
     eq(sorted(listed - present), [], "files docs/architecture.md's file table describes that do not exist")

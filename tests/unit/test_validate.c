@@ -1,7 +1,7 @@
 /* test_validate.c - every payload rule of register, createProduct and updateStock,
  * on both sides of each boundary. Invalid payloads are rejected before any SQL,
  * so the handlers run here without a database. */
-#include "workers.h"
+#include "domain.h"
 #include "test.h"
 
 /* A string of n copies of the UTF-8 character c. */

@@ -1,7 +1,7 @@
 /* handler_update_product.c - updateProduct: a partial update; product.updated
  * lists only the fields whose value really changed. ARCHIVED is final: an
  * archived product cannot be updated at all. */
-#include "workers.h"
+#include "domain.h"
 
 #include <stdio.h>
 #include <stdlib.h>

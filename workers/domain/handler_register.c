@@ -1,6 +1,6 @@
 /* handler_register.c - register: a new user with an argon2id password hash,
  * its email stored lower-cased by PostgreSQL's lower(). */
-#include "workers.h"
+#include "domain.h"
 
 #include <sodium.h>
 #include <stdlib.h>

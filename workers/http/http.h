@@ -1,6 +1,8 @@
-/* http.h - inside the pool's HTTP child: what http.c (the listener, probes,
- * metrics), dashboard.c (the page and its reading API) and http_action.c (its
- * actions) share. Everything here runs in that child only. */
+/* http.h - inside the pool's HTTP child (workers/http/): what http.c (the
+ * listener, probes), metrics.c (/metrics), rollup.c (numbers over time),
+ * dashboard.c (the page and its reading API) and http_action.c (its actions)
+ * share. Everything here runs in that child only; the rest of the pool sees
+ * only http_run (workers.h). */
 #ifndef CONVEYOR_HTTP_H
 #define CONVEYOR_HTTP_H
 
@@ -8,6 +10,54 @@
 
 #include <microhttpd.h>
 #include <pthread.h>
+
+/* ---- http.c / metrics.c: the pool's HTTP listener ----------------------------------- */
+/* What the HTTP child samples every few seconds (never per request). */
+struct http_sample {
+    bool sampled;                  /* a sample was taken */
+    bool db_up, migrations_ok;
+    bool broker_used[2], broker_up[2]; /* by enum transport */
+    long outbox_pending;
+    double outbox_oldest_s;
+    int nqueues;
+    struct queue_counts *queues;   /* by cfg queue index (counts of a broker that is down: 0) */
+    char *recent;                  /* the last 20 processed commands, a JSON array (NULL: not read) */
+};
+/* An embedded file of the dashboard (cmake/embed_assets.cmake): path "/" or
+ * "/app.js"..., its content type and bytes. The array ends with a NULL path. */
+struct asset {
+    const char *path, *type;
+    const unsigned char *data;
+    size_t len;
+};
+extern const struct asset dashboard_assets[];
+/* Appends the Prometheus text exposition (0.0.4) of the scoreboard and sample s
+ * to *buf (malloc'd, *len bytes, NUL-terminated; the caller frees it). */
+void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **buf, size_t *len);
+
+/* ---- rollup.c: the dashboard's numbers over time (the HTTP child) --------------- */
+struct rollup;
+/* A queue now: commands ended since the pool started, per second over the last
+ * 10 s, and the latency percentiles of the last minute (seconds; NAN: none). */
+struct rollup_live {
+    uint64_t done;
+    double rate, p50, p99;
+};
+/* The rollups of cfg's queues, counting from now; rollup_free frees. */
+struct rollup *rollup_new(const struct cfg *cfg);
+void rollup_free(struct rollup *r);
+/* Main thread, every second: a snapshot of the scoreboard; at a new minute the
+ * last one's counts are added into metrics_minute through db (NULL or a
+ * failure: tried again next tick); hourly, rows older than 7 days deleted. */
+void rollup_tick(struct rollup *r, struct db *db);
+/* Main thread, on stop: the minute so far written (a failure: logged, lost). */
+void rollup_flush(struct rollup *r, struct db *db);
+/* Any thread: queue qi (cfg index) now, into *out. */
+void rollup_live(struct rollup *r, int qi, struct rollup_live *out);
+/* Any thread: the last hour (60 one-minute steps) or day (288 five-minute
+ * steps) as /api/history's JSON (caller frees), read through db, the running
+ * minute added from memory; NULL with err when the database fails. */
+cJSON *rollup_history(struct rollup *r, struct db *db, bool day, char *err, size_t errlen);
 
 #define HTTP_BODY_MAX 65536 /* a POST body longer than this is refused (413) */
 

@@ -1,7 +1,7 @@
 /* handler_place_order.c - placeOrder: 1-100 items, the stock of every item
  * taken all-or-nothing. Product rows are locked in product-id order, so
  * concurrent orders never deadlock; each item keeps its unit price. */
-#include "workers.h"
+#include "domain.h"
 
 #include <stdio.h>
 #include <stdlib.h>

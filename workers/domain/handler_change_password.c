@@ -1,6 +1,6 @@
 /* handler_change_password.c - changePassword: check the current password
  * against the argon2id hash, then store the hash of the new one. */
-#include "workers.h"
+#include "domain.h"
 
 #include <sodium.h>
 #include <string.h>

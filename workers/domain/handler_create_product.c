@@ -1,5 +1,5 @@
 /* handler_create_product.c - createProduct: a new product, in status DRAFT. */
-#include "workers.h"
+#include "domain.h"
 
 #include <stdio.h>
 #include <stdlib.h>

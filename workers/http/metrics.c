@@ -4,7 +4,7 @@
  * HTTP child sampled. Every label set of the configuration is written from the
  * start, at 0. Names: README, "Metrics and health".
  */
-#include "workers.h"
+#include "http.h"
 
 #include <stdarg.h>
 #include <stdio.h>

@@ -1,7 +1,7 @@
 /* handler_cancel_order.c - cancelOrder: a placed order, once; the stock goes
  * back to the products that still exist (locked in product-id order, as
  * placeOrder does, and before the order row, so that none deadlocks). */
-#include "workers.h"
+#include "domain.h"
 
 #include <string.h>
 

@@ -1,7 +1,7 @@
 /* dashboard.c - the pool's dashboard: its page (embedded assets) and the
  * reading half of its API, served by the HTTP child (README, "Dashboard").
  *
- *   GET /, /app.js, /app.css, /favicon.svg   the page (workers/dashboard/)
+ *   GET /, /app.js, /app.css, /favicon.svg   the page (workers/http/assets/)
  *   GET /api/overview         queues, workers, relay, outbox, recent commands
  *   GET /api/history?range=hour|day           throughput and latency (rollup.c)
  *   GET /api/dead             dead letters by queue and reason, a page per queue (none taken off

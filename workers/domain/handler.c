@@ -1,7 +1,5 @@
 /* handler.c - the command table, and what handlers use to emit and reject. */
-#include "workers.h"
-
-#include <math.h>
+#include "domain.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -89,16 +87,6 @@ void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
               const char *aggregate_id, cJSON *data) {
     if (!ctx->events) ctx->events = cJSON_CreateArray();
     cJSON_AddItemToArray(ctx->events, event_new(type, ctx->cmd, aggregate_type, aggregate_id, data));
-}
-
-void json_add_optional(cJSON *o, const char *key, const char *value) {
-    if (value) cJSON_AddStringToObject(o, key, value);
-    else cJSON_AddNullToObject(o, key);
-}
-
-void json_add_number_or_null(cJSON *o, const char *key, double v) {
-    if (isnan(v) || v < 0) cJSON_AddNullToObject(o, key);
-    else cJSON_AddNumberToObject(o, key, v);
 }
 
 int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,

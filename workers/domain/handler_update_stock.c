@@ -1,7 +1,7 @@
 /* handler_update_stock.c - updateStock: change a product's stock, never below zero.
  * One conditional UPDATE does the usual case (its row lock serialises
  * concurrent changes); when it refuses, a locked read says why. */
-#include "workers.h"
+#include "domain.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,6 +1,6 @@
 /* handler_delete_product.c - deleteProduct: a soft delete, so that orders
  * already placed keep their items and prices. */
-#include "workers.h"
+#include "domain.h"
 
 int handle_delete_product(struct cmd_ctx *ctx) {
     struct verr v = {0};

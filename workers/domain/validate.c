@@ -1,5 +1,5 @@
 /* validate.c - payload rules (docs/contract.md, "Commands"), collecting every broken one. */
-#include "workers.h"
+#include "domain.h"
 
 #include <ctype.h>
 #include <math.h>

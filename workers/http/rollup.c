@@ -14,7 +14,7 @@
  * it, and by a history read from its query to its use of base, so a history
  * never counts a minute both from its row and from memory, nor from neither.
  */
-#include "workers.h"
+#include "http.h"
 
 #include <math.h>
 #include <pthread.h>
