@@ -50,113 +50,6 @@
 #define LIVE_WITHIN_MS 5000 /* the supervisor's last tick: older, /livez says 503 */
 #define BIND_WAIT_MS 10000  /* after a reload, how long the address is tried again */
 
-/* The page may load its own script, style and icon and call its own API; every
- * other response (JSON, text, the assets themselves) may load nothing. */
-static const char csp_page[] = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-                               "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-static const char csp_none[] = "default-src 'none'; frame-ancestors 'none'";
-
-/* Queues a response with the headers every response carries, and allow's
- * Allow header when not NULL (a 405). */
-static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
-                               size_t len, bool must_free, const char *allow) {
-    struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body,
-                                                             must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_MUST_COPY);
-    if (!r) {
-        if (must_free) free((void *)body);
-        return MHD_NO;
-    }
-    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
-    MHD_add_response_header(r, "Content-Security-Policy", strncmp(type, "text/html", 9) == 0 ? csp_page : csp_none);
-    MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
-    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
-    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
-    if (allow) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, allow);
-    enum MHD_Result rc = MHD_queue_response(conn, status, r);
-    MHD_destroy_response(r);
-    return rc;
-}
-
-enum MHD_Result http_reply(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
-                           size_t len, bool must_free) {
-    return respond(conn, status, type, body, len, must_free, NULL);
-}
-
-static enum MHD_Result text(struct MHD_Connection *conn, unsigned status, const char *body) {
-    return http_reply(conn, status, "text/plain; charset=utf-8", body, strlen(body), false);
-}
-
-enum MHD_Result http_json(struct MHD_Connection *conn, unsigned status, cJSON *o) {
-    char *json = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
-    if (!json) return text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory\n");
-    size_t len = strlen(json);
-    json = xrealloc(json, len + 2);
-    memcpy(json + len, "\n", 2);
-    return http_reply(conn, status, "application/json", json, len + 1, true);
-}
-
-enum MHD_Result http_error(struct MHD_Connection *conn, unsigned status, const char *fmt, ...) {
-    char msg[768];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "error", msg);
-    return http_json(conn, status, o);
-}
-
-enum MHD_Result http_unavailable(struct MHD_Connection *conn, const char *what, const char *detail) {
-    unsigned char raw[4];
-    char id[2 * sizeof raw + 1];
-    randombytes_buf(raw, sizeof raw);
-    sodium_bin2hex(id, sizeof id, raw, sizeof raw);
-    log_warn("HTTP 503, error %s: %s: %s", id, what, detail && *detail ? detail : "(no detail)");
-    char msg[256];
-    snprintf(msg, sizeof msg, "%s (error %s in the pool's log)", what, id);
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "error", msg);
-    cJSON_AddStringToObject(o, "errorId", id);
-    return http_json(conn, MHD_HTTP_SERVICE_UNAVAILABLE, o);
-}
-
-struct db *http_req_db(struct http *h, char *err, size_t errlen) {
-    if (h->req_db && !db_idle_alive(h->req_db)) {
-        log_info("the HTTP listener's database connection was closed by the server; reconnecting");
-        http_req_db_lost(h);
-    }
-    if (h->req_db) return h->req_db;
-    int cls;
-    char why[512];
-    h->req_db = db_connect_class(h->cfg->database_url, &cls, why, sizeof why);
-    if (!h->req_db) {
-        snprintf(err, errlen, "the database is unreachable: %s", why);
-        return NULL;
-    }
-    (void)db_cmd(h->req_db, "SET statement_timeout TO 5000");
-    return h->req_db;
-}
-
-void http_req_db_lost(struct http *h) {
-    db_close(h->req_db);
-    h->req_db = NULL;
-}
-
-struct broker *http_req_broker(struct http *h, enum transport t, char *err, size_t errlen) {
-    if (h->req_broker[t]) return h->req_broker[t];
-    int cls;
-    char why[512];
-    h->req_broker[t] = broker_open_class(h->cfg, t, &cls, why, sizeof why);
-    if (!h->req_broker[t]) snprintf(err, errlen, "%s is unreachable: %s", transport_name(t), why);
-    return h->req_broker[t];
-}
-
-void http_req_broker_lost(struct http *h, enum transport t) {
-    broker_close(h->req_broker[t]);
-    h->req_broker[t] = NULL;
-}
-
 /* True while the supervisor's loop ticks. */
 static bool supervisor_live(void) {
     const struct scoreboard *sb = scoreboard_get();
@@ -281,9 +174,9 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
     bool probe = strcmp(url, "/livez") == 0 || strcmp(url, "/readyz") == 0 || strcmp(url, "/metrics") == 0;
     bool api = strncmp(url, "/api/", 5) == 0;
     if (!probe && !api && !dashboard_is_asset(url))
-        return text(conn, MHD_HTTP_NOT_FOUND, "not found: the paths are /, /api/..., /livez, /readyz and /metrics\n");
+        return http_text(conn, MHD_HTTP_NOT_FOUND, "not found: the paths are /, /api/..., /livez, /readyz and /metrics\n");
     if (!probe && !host_is_ours(h, conn))
-        return text(conn, 421, "misdirected request: the Host header does not name this listener\n");
+        return http_text(conn, 421, "misdirected request: the Host header does not name this listener\n");
     if (post && api) {
         pthread_mutex_lock(&h->req_lock);
         enum MHD_Result rc = http_action(h, conn, url, r->body, r->len, r->too_big);
@@ -292,12 +185,12 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
     }
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
         const char *why = api ? "method not allowed: GET reads, POST acts\n" : "method not allowed: use GET\n";
-        return respond(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", why, strlen(why), false,
+        return http_reply_allow(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", why, strlen(why), false,
                        api ? "GET, HEAD, POST" : "GET, HEAD");
     }
     if (strcmp(url, "/livez") == 0)
-        return supervisor_live() ? text(conn, MHD_HTTP_OK, "ok\n")
-                                 : text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "the supervisor's loop stopped\n");
+        return supervisor_live() ? http_text(conn, MHD_HTTP_OK, "ok\n")
+                                 : http_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "the supervisor's loop stopped\n");
     if (strcmp(url, "/readyz") == 0) return readyz(h, conn);
     if (strcmp(url, "/metrics") == 0) return metrics(h, conn);
     if (!api || strcmp(url, "/api/overview") == 0) return dashboard_get(h, conn, url); /* no connection */

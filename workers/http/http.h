@@ -1,7 +1,9 @@
 /* http.h - inside the pool's HTTP child (workers/http/): what http.c (the
  * listener, probes), metrics.c (/metrics), rollup.c (numbers over time),
- * dashboard.c (the page and its reading API) and http_action.c (its actions)
- * share. Everything here runs in that child only; the rest of the pool sees
+ * dashboard.c (the page and its reading API), http_action.c (its actions),
+ * reply.c (answers) and request.c (a request's connections and token)
+ * share. Calls go one way: http.c routes to dashboard.c and http_action.c,
+ * and all of them use reply.c and request.c, which call back into none. Everything here runs in that child only; the rest of the pool sees
  * only http_run (workers.h). */
 #ifndef CONVEYOR_HTTP_H
 #define CONVEYOR_HTTP_H
@@ -79,10 +81,16 @@ struct http {
     int port;                   /* of http.listen, for the Host check */
 };
 
+/* ---- reply.c: answers ------------------------------------------------------------- */
 /* Queues a response (body: copied, or with must_free taken and freed) with the
  * headers every response carries (CSP, nosniff, no-store). */
 enum MHD_Result http_reply(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
                            size_t len, bool must_free);
+/* http_reply with an Allow header (a 405). */
+enum MHD_Result http_reply_allow(struct MHD_Connection *conn, unsigned status, const char *type, const char *body,
+                                 size_t len, bool must_free, const char *allow);
+/* A text/plain response of body (copied). */
+enum MHD_Result http_text(struct MHD_Connection *conn, unsigned status, const char *body);
 /* A JSON response of o, which it frees. */
 enum MHD_Result http_json(struct MHD_Connection *conn, unsigned status, cJSON *o);
 /* A JSON error {"error": message}. */
@@ -93,6 +101,7 @@ enum MHD_Result http_error(struct MHD_Connection *conn, unsigned status, const c
  * id, and answers {"error": "<what> (error <id> in the pool's log)",
  * "errorId": "<id>"}. */
 enum MHD_Result http_unavailable(struct MHD_Connection *conn, const char *what, const char *detail);
+/* ---- request.c: a request's connections and token --------------------------------- */
 /* The request threads' database (statement_timeout 5 s) or broker of transport
  * t, connected on first use, after a failure, and when the server closed the
  * database connection while it was idle (a restart: db_idle_alive); NULL with

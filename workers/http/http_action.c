@@ -24,17 +24,6 @@
 
 #define KEYS_MAX 1000 /* keys one request may name */
 
-bool http_has_token(const struct http *h, struct MHD_Connection *conn) {
-    const char *token = h->cfg->http_token;
-    const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
-    if (!token || !auth || strncasecmp(auth, "Bearer ", 7) != 0) return false;
-    /* both hashed to one length first: the comparison's time tells nothing of either */
-    unsigned char want[32], got[32];
-    crypto_generichash(want, sizeof want, (const unsigned char *)token, strlen(token), NULL, 0);
-    crypto_generichash(got, sizeof got, (const unsigned char *)auth + 7, strlen(auth + 7), NULL, 0);
-    return sodium_memcmp(want, got, sizeof want) == 0;
-}
-
 /* The peer's address, for the log. */
 static void peer_of(struct MHD_Connection *conn, char *out, size_t n) {
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
