@@ -56,6 +56,8 @@ struct claim_floor {
     int64_t pending_id;   /* the candidate's L (0: no candidate) */
     uint64_t pending_xid; /* the candidate's S */
     int64_t full_at_ms;   /* when the next claim from the lowest id is due (BELT_MS) */
+    long moves;           /* how often the floor moved (logged when the relay stops being active) */
+    long below;           /* rows a claim from the lowest id found below the floor */
 };
 
 /* A belt under the argument above: every BELT_MS one claim starts from the
@@ -82,7 +84,10 @@ struct claim_horizon {
 static void floor_advance(struct claim_floor *f, struct claim_horizon h, int n, int batch, int64_t last,
                           uint64_t mark_xid) {
     if (f->pending_id && h.xmin >= f->pending_xid && (n < batch || last >= f->pending_id)) {
-        if (f->pending_id > f->floor) f->floor = f->pending_id;
+        if (f->pending_id > f->floor) {
+            f->floor = f->pending_id;
+            f->moves++;
+        }
         f->pending_id = 0;
     }
     if (!f->pending_id && mark_xid) {
@@ -128,9 +133,11 @@ static int relay_drain(struct db *db, struct broker *b, int batch, struct claim_
         PQclear(r);
         return CV_ERETRY;
     }
-    if (belt && f->floor > 0 && strtoll(PQgetvalue(r, 0, 2), NULL, 10) <= f->floor)
+    if (belt && f->floor > 0 && strtoll(PQgetvalue(r, 0, 2), NULL, 10) <= f->floor) {
+        for (int i = 0; i < n && strtoll(PQgetvalue(r, i, 2), NULL, 10) <= f->floor; i++) f->below++;
         log_warn("the relay found unpublished outbox rows below its claim floor (id %s <= %lld): publishing them "
                  "now, after later ones", PQgetvalue(r, 0, 2), (long long)f->floor);
+    }
     for (int i = 0; i < n; i++) {
         ev[i].id = PQgetvalue(r, i, 3);
         ev[i].type = PQgetvalue(r, i, 4);
@@ -294,6 +301,8 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
         relay_wait(db, cfg->relay_poll_ms);
     }
     if (stop_requested && b && db_ok(db)) relay_stop_drain(cfg, db, b, &floor);
+    log_info("relay no longer active: its claim floor moved %ld times (last to id %lld); rows found below it: %ld",
+             floor.moves, (long long)floor.floor, floor.below);
     relay_wake_set_active(false);
     broker_close(b);
 }
