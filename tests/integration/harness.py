@@ -176,8 +176,10 @@ class Pool:
         return rc, left
 
     def check_log(self):
-        """No sanitizer report, and no crashed child unless the test caused it."""
+        """No sanitizer report, no row the relay found below its claim floor (a hole in the floor's
+        argument: docs/decisions.md, "No belt"), and no crashed child unless the test caused it."""
         text = self.read_log()
+        check("below its claim floor" not in text, f"the relay found rows below its claim floor:\n{text[-4000:]}")
         for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer"):
             check(marker not in text, f"sanitizer report in the pool log:\n{text[-4000:]}")
         if not self.expect_restarts:

@@ -402,3 +402,137 @@ def test_a_relay_whose_events_broker_is_silent_gives_up_its_lock_rabbitmq():
             eq(pool.stop(), (0, []), "clean stop")
     finally:
         proxy.close()
+
+
+def test_out_of_order_commits_thousands_of_times_lose_nothing_and_keep_aggregate_order():
+    """The floor's argument, forced: LATE_THREADS connections run transactions
+    that take an aggregate's lock (an advisory lock, so that the outbox INSERT
+    is the transaction's first write and the id's default assigns its
+    transaction id), insert 1 to 3 outbox rows, then stall a random time
+    (mostly milliseconds, sometimes 100-400 ms) before COMMIT, for LATE_S
+    seconds: later ids commit and are published before earlier ones thousands
+    of times while the relay moves its floor. Some commit with
+    synchronous_commit off, some insert under a savepoint (one in ten of those
+    rolled back), some roll back whole, some NOTIFY the relay. Every committed
+    row must arrive while the pool runs (nothing waits below the floor for the
+    stopping relay's drain), none that rolled back, and each aggregate's events
+    in its commit order; the relay's log must say its floor moved and found no
+    row below it."""
+    import random
+    pool = Pool(workers={"users": 0, "catalog": 1, "orders": 0}, extra="relay: { poll_interval_ms = 50; };")
+    pub, ev = Publisher(), Events()
+    try:
+        create(pub, ev, "template")
+        template = ev.events[-1]
+        aggs = [str(uuid.uuid4()) for _ in range(LATE_AGGREGATES)]
+        next_n = [0] * len(aggs)  # per aggregate, the next commit's number (taken under its lock)
+        expect, never = {}, set()  # event id -> (aggregate, n, k); event ids that rolled back
+        stats = {"tx": 0, "rolled_back": 0, "rows": 0, "stalled_long": 0, "late": 0, "top": 0}
+        mu = threading.Lock()
+        stop = time.time() + LATE_S
+        errors = []
+
+        def run(seed):
+            rnd = random.Random(seed)
+            c = db()
+            c.autocommit = False
+            try:
+                while time.time() < stop:
+                    a = rnd.randrange(len(aggs))
+                    rollback = rnd.random() < 0.03
+                    with c.cursor() as cur:
+                        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LATE_LOCK_CLASS, a))
+                        if rnd.random() < 0.3:
+                            cur.execute("SET LOCAL synchronous_commit TO off")
+                        savepoint = rnd.random() < 0.2
+                        undo = savepoint and rnd.random() < 0.1
+                        if savepoint:
+                            cur.execute("SAVEPOINT s")
+                        rows = []
+                        for k in range(rnd.randint(1, 3)):
+                            eid = str(uuid.uuid4())
+                            e = dict(template, id=eid, aggregateId=aggs[a])
+                            cur.execute("INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, "
+                                        "payload) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                                        (eid, e["aggregateType"], aggs[a], e["type"], json.dumps(e)))
+                            first = min(first, cur.fetchone()[0]) if k else cur.fetchone()[0]
+                            rows.append(eid)
+                        if undo:
+                            cur.execute("ROLLBACK TO SAVEPOINT s")
+                        elif savepoint:
+                            cur.execute("RELEASE SAVEPOINT s")
+                        if rnd.random() < 0.5:
+                            cur.execute("NOTIFY \"conveyor_outbox\"")
+                    x = rnd.random()
+                    stall = rnd.uniform(0.1, 0.4) if x < 0.03 else rnd.uniform(0.005, 0.04) if x < 0.3 \
+                        else rnd.uniform(0, 0.005)
+                    time.sleep(stall)
+                    with mu:
+                        stats["tx"] += 1
+                        stats["stalled_long"] += stall >= 0.1
+                        if rollback or undo:
+                            never.update(rows)
+                            stats["rolled_back"] += 1
+                        else:
+                            stats["late"] += first < stats["top"]  # a higher id committed before this one
+                            n = next_n[a]
+                            next_n[a] += 1
+                            for k, eid in enumerate(rows):
+                                expect[eid] = (a, n, k)
+                            stats["rows"] += len(rows)
+                    if rollback:
+                        c.rollback()
+                    else:
+                        c.commit()
+                        with mu:
+                            stats["top"] = max(stats["top"], first)  # a lower bound of the highest committed
+                    time.sleep(rnd.uniform(0, 0.01))
+            except Exception as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(repr(e))
+            finally:
+                c.close()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(LATE_THREADS)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            ev.poll(timeout=0.05)
+        for t in threads:
+            t.join()
+        check(not errors, f"the committing threads failed: {errors[:3]}")
+        check(stats["tx"] >= 2000 and stats["late"] >= 500,
+              f"thousands of transactions, hundreds committed after a higher id ({stats})")
+        ev.wait(lambda s: all(e in s.arrived for e in expect), timeout=30,
+                what=f"every committed row while the pool runs ({stats})")
+        eq(query("SELECT count(*) FROM outbox WHERE published_at IS NULL AND event_id = ANY(%s::uuid[])",
+                 list(expect))[0][0], 0, "committed rows left unpublished")
+        ev.poll(timeout=0.5)
+        eq(sorted(e for e in never if e in ev.arrived), [], "rows that rolled back were published")
+        order = {}
+        for e in ev.events:
+            if e["id"] in expect:
+                a, n, k = expect[e["id"]]
+                order.setdefault(a, []).append((n, k))
+        bad = [a for a, seq in order.items() if seq != sorted(seq)]
+        eq(bad, [], "aggregates whose events arrived out of commit order")
+        pub.close()
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+        log = pool.read_log()
+        check("below its claim floor" not in log, f"rows were found below the floor:\n{log[-3000:]}")
+        moved = [line for line in log.splitlines() if "its claim floor moved" in line]
+        check(moved and "rows found below it: 0" in moved[-1], f"the relay's floor summary: {moved}")
+        moves = int(moved[-1].split("moved ")[1].split(" times")[0])
+        check(moves >= 20, f"the floor moved during the run ({moves} times)")
+        print(f"{stats['tx']} transactions ({stats['rolled_back']} rolled back, {stats['stalled_long']} stalled "
+              f">= 100 ms, {stats['late']} committed after a higher id), {stats['rows']} rows published, "
+              f"the floor moved {moves} times")
+    finally:
+        if pool.proc.poll() is None:
+            pool.stop()
+
+
+LATE_S = 20.0
+LATE_THREADS = 8
+LATE_AGGREGATES = 24
+LATE_LOCK_CLASS = 22007
