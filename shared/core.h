@@ -51,7 +51,20 @@ enum {
     CV_ETIMEOUT = -5,
     CV_ECONFIG = -6,
 };
-const char *cv_strerror(int code); /* static string, never NULL */
+/* The name of a class (of every one above: keep them together), "ok" for CV_OK;
+ * a static string, never NULL ("unknown error" for any other value: a bug). */
+static inline const char *cv_strerror(int code) {
+    switch (code) {
+    case CV_OK: return "ok";
+    case CV_ERETRY: return "transient failure";
+    case CV_EREJECT: return "rejected";
+    case CV_EDEAD: return "not processable";
+    case CV_EREFUSED: return "refused";
+    case CV_ETIMEOUT: return "timed out";
+    case CV_ECONFIG: return "configuration error";
+    default: return "unknown error";
+    }
+}
 /* The exit status of a process stopped by CV_ECONFIG (conveyor-workers at start, or one of its children). */
 #define CV_EXIT_CONFIG 2
 

@@ -51,14 +51,16 @@ struct rejection {
 };
 
 /* Running ahead (batch.c): a batch's handlers send their first statements
- * together, in one round trip, then finish in order with their results. */
+ * together, in one round trip, then finish in order with their results. The
+ * handshake is not an error class: ctx_exec stops the handler by setting
+ * ctx->paused (and returning CV_ERETRY, which the handler returns as it
+ * returns any error); batch.c reads ctx->paused, never the class, to tell
+ * "run me again" from a failure. */
 enum ahead_stage {
     AHEAD_OFF,    /* every statement runs now (db_exec) */
-    AHEAD_SEND,   /* the first statement is deferred; ctx_exec returns CV_EAHEAD */
-    AHEAD_RESUME, /* the first statement's result is *first; a second returns CV_EAHEAD */
+    AHEAD_SEND,   /* the first statement is deferred; ctx_exec pauses the handler */
+    AHEAD_RESUME, /* the first statement's result is *first; a second pauses the handler */
 };
-/* What ctx_exec returns when the handler must stop and be run again later. */
-enum { CV_EAHEAD = -10 };
 
 struct cmd_ctx {
     struct db *db;
@@ -71,13 +73,16 @@ struct cmd_ctx {
     int *handle;           /* AHEAD_SEND: where the first statement's result handle goes (db_defer_result) */
     PGresult **first;      /* AHEAD_RESUME: the first statement's result, taken by ctx_exec (not owned) */
     int statements;        /* ctx_exec calls so far */
+    bool paused;           /* set by ctx_exec when it stopped the handler to be run again later (running
+                            * ahead): what the handler returned is then not its outcome */
 };
 
 /* A handler validates cmd->payload and applies it inside the open transaction.
  * Returns 0 after emitting its events, CV_EREJECT with ctx->rej filled (the
  * caller rolls back the domain changes and emits command.rejected), or
- * CV_ERETRY / CV_EREFUSED from the database, or CV_EAHEAD from ctx_exec (run it
- * again). With validate_only, 0 once the payload passed, before any statement. */
+ * CV_ERETRY / CV_EREFUSED from the database, or what ctx_exec returned when it
+ * paused the handler (ctx->paused: run it again). With validate_only, 0 once
+ * the payload passed, before any statement. */
 typedef int (*handler_fn)(struct cmd_ctx *ctx);
 
 /* The rows a command will lock, stated before it runs, so that a batch takes
@@ -112,11 +117,13 @@ void handler_lock_key(const struct handler *h, const cJSON *payload, char out[ID
 void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *products, cJSON *orders);
 /* A handler's statement: db_exec on ctx->db, except when running ahead: in
  * AHEAD_SEND the first statement is deferred (its handle in *ctx->handle) and
- * CV_EAHEAD returned; in AHEAD_RESUME the first returns its result (*out,
- * owned by the caller) and a second returns CV_EAHEAD (the command then runs
+ * the handler paused; in AHEAD_RESUME the first returns its result (*out,
+ * owned by the caller) and a second pauses the handler (the command then runs
  * again, not ahead; so does a first statement that failed: *ctx->first NULL).
- * The handler returns CV_EAHEAD as it returns any error. With CV_EAHEAD *out is
- * NULL; a deferral that fails returns its error class. Otherwise as db_exec. */
+ * Pausing sets ctx->paused and returns CV_ERETRY, with *out NULL: the handler
+ * returns it as it returns any error, and the caller (batch.c) acts on
+ * ctx->paused, not on the class. A deferral that fails returns its error class
+ * (not paused). Otherwise as db_exec. */
 int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out);
 /* Appends an event (event_new: takes data, NULL gives {}) to ctx->events, made
  * on first use and owned by ctx. */
