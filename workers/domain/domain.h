@@ -22,25 +22,30 @@ bool verr_any(const struct verr *v);
 /* Frees the recorded errors (fields NULL again, v reusable); nothing recorded is fine. */
 void verr_free(struct verr *v);
 
-/* Each v_* reads obj[field]. absent: a missing or null field; returns 1 when
- * the field is present and valid (and writes *out), 0 when absent (an error
- * is recorded if required), -1 when invalid (an error is recorded). Strings
- * written to *out are malloc'd; the caller frees them (v_password's points into
- * obj instead). Unless 1, *out is NULL or "" (v_int leaves *out untouched). */
-int v_string(struct verr *v, const cJSON *obj, const char *field, bool required, bool trim,
+/* What a v_* found: not an error class (an invalid field is recorded in the
+ * verr; the handler rejects with all of them). V_ABSENT is 0, so !r is "absent". */
+enum v_result {
+    V_ABSENT, /* a missing or null field (an error is recorded if required) */
+    V_VALID,  /* present and valid: *out is written */
+    V_INVALID /* present and invalid (an error is recorded) */
+};
+/* Each v_* reads obj[field] and returns an enum v_result. Strings written to
+ * *out are malloc'd; the caller frees them (v_password's points into obj
+ * instead). Unless V_VALID, *out is NULL or "" (v_int leaves *out untouched). */
+enum v_result v_string(struct verr *v, const cJSON *obj, const char *field, bool required, bool trim,
              size_t min_chars, size_t max_chars, char **out);
-int v_uuid(struct verr *v, const cJSON *obj, const char *field, bool required, char out[ID_LEN + 1]);
+enum v_result v_uuid(struct verr *v, const cJSON *obj, const char *field, bool required, char out[ID_LEN + 1]);
 /* An integral JSON number in [min, max]. */
-int v_int(struct verr *v, const cJSON *obj, const char *field, bool required, long long min,
+enum v_result v_int(struct verr *v, const cJSON *obj, const char *field, bool required, long long min,
           long long max, long long *out);
 /* A price: a number or decimal string, 0..99999999.99, at most 2 decimals;
  * written as "123.40". */
-int v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]);
+enum v_result v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]);
 /* An email per docs/contract.md ("register"), trimmed (the handler stores it lower-cased:
  * PostgreSQL's lower(), the mapping of the users_email_check constraint). */
-int v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out);
+enum v_result v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out);
 /* A password per docs/contract.md ("register"): 8-128 bytes, an upper-case letter, a lower-case letter, a digit. */
-int v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out);
+enum v_result v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out);
 
 /* ---- handler.c: the command table and the context a handler works in ---------- */
 struct rejection {
