@@ -1,8 +1,10 @@
 /*
  * core.h - the one internal header of Conveyor's shared library.
  *
- * Conventions (docs/architecture.md): functions return 0 or a negative CV_E* code;
- * pointer returns are NULL on failure; x_free(NULL) is a no-op; every
+ * Conventions (docs/architecture.md): functions return 0 or a negative CV_E* code
+ * (or a count >= 0, or a class); pointer returns are NULL on failure; a yes/no
+ * is a bool, and what is not an error has an enum of its own: never a bare -1,
+ * which is CV_ERETRY (test_architecture.test_one_error_channel); x_free(NULL) is a no-op; every
  * prototype says who owns what it returns. Errors carry a class (retry,
  * reject, dead, refused, config: the table below) so callers decide ack /
  * retry / dead-letter / stop from the code, never from message text.
