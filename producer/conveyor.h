@@ -23,6 +23,12 @@ extern "C" {
 
 typedef struct conveyor_client conveyor_client;
 
+/* The public codes, a set of their own: stable values (a program may compare
+ * or store them), distinct from the internal error classes of Conveyor's
+ * library (CV_E* of shared/core.h, which this header never exposes). Some
+ * values coincide (-1, -2, -3, -4 are CV_E* classes too) but the meanings do
+ * not: compare a conveyor_* result only with these names. docs/contract.md,
+ * "The C client's codes". */
 enum {
     CONVEYOR_OK = 0,
     CONVEYOR_EINVALID = -1,  /* the command is not a valid envelope, or no queue routes its type */

@@ -60,7 +60,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     enum transport t = cfg.events_transport;
-    if (transport && transport_parse(transport, &t) < 0) {
+    if (transport && !transport_parse(transport, &t)) {
         fprintf(stderr, "conveyor-subscribe: --transport must be rabbitmq or redis\n");
         cfg_free(&cfg);
         return 2;

@@ -338,7 +338,7 @@ static int select_node(struct amqp_broker *a, int i) {
     free(a->url);
     a->url = NULL;
     amqp_default_connection_info(&a->info);
-    if (url_list_item(a->base.cfg->rabbitmq_url, i, item, sizeof item) < 0)
+    if (!url_list_item(a->base.cfg->rabbitmq_url, i, item, sizeof item))
         return broker_fail(&a->base, CV_ECONFIG, "bad RabbitMQ URL: no node %d in the list", i + 1);
     a->url = xstrdup(item);
     char why[512];

@@ -82,10 +82,11 @@ struct redis_broker {
 };
 
 /* redis://[[user]:password@]host[:port][/db] or redis-sentinel://...
- * (url_parse_redis) into r. */
+ * (url_parse_redis) into r. Returns 0, or CV_ECONFIG with the reason in why. */
 static int parse_url(struct redis_broker *r, const char *url, char *why, size_t n) {
     struct redis_url *u = &r->url;
-    if (url_parse_redis(url, u, why, n) < 0) return -1;
+    int rc = url_parse_redis(url, u, why, n);
+    if (rc < 0) return rc;
     snprintf(r->host, sizeof r->host, "%s", u->host);
     r->port = u->port;
     return 0;
@@ -428,17 +429,20 @@ struct vouch {
 };
 
 /* Sets the owner's heartbeat key over *conn (opened here when NULL; on failure
- * it stays closed or is re-opened by the next command). Returns 0 or -1 with
- * why in err. */
+ * it stays closed or is re-opened by the next command). Returns 0, or the class
+ * of the failure with why in err: the class of the open (broker_redis_open), or
+ * CV_ERETRY when the SET failed. The caller treats every class alike: one more
+ * failed refresh, tried again at the next interval (a refusal ends the worker
+ * through its own connection). */
 static int vouch_refresh(struct vouch *v, struct broker **conn, char *err, size_t errlen) {
     const struct cfg *cfg = v->owner->base.cfg;
-    int cls; /* a refusal ends the worker through its own connection; here it is one more failed refresh */
-    if (!*conn && !(*conn = broker_redis_open(cfg, &cls, err, errlen))) return -1;
+    int cls = CV_ERETRY;
+    if (!*conn && !(*conn = broker_redis_open(cfg, &cls, err, errlen))) return cls < 0 ? cls : CV_ERETRY;
     redisReply *rep = cmd((struct redis_broker *)*conn, "SET %s %d EX %d", v->owner->heartbeat_key, (int)getpid(),
                           cfg->heartbeat_ttl_s);
     if (!rep) {
         snprintf(err, errlen, "%s", (*conn)->err);
-        return -1;
+        return CV_ERETRY;
     }
     freeReplyObject(rep);
     atomic_store(&v->owner->heartbeat_at, clock_mono_ms());

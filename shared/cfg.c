@@ -15,13 +15,14 @@ const char *transport_name(enum transport t) {
     return t == TRANSPORT_REDIS ? "redis" : "rabbitmq";
 }
 
-int transport_parse(const char *s, enum transport *t) {
-    if (strcmp(s, "rabbitmq") == 0) { *t = TRANSPORT_RABBITMQ; return 0; }
-    if (strcmp(s, "redis") == 0) { *t = TRANSPORT_REDIS; return 0; }
-    return -1;
+bool transport_parse(const char *s, enum transport *t) {
+    if (strcmp(s, "rabbitmq") == 0) { *t = TRANSPORT_RABBITMQ; return true; }
+    if (strcmp(s, "redis") == 0) { *t = TRANSPORT_REDIS; return true; }
+    return false;
 }
 
-/* Loader state: the file name and the error buffer. */
+/* Loader state: the file name and the error buffer. The loader's helpers
+ * return 0, or CV_ECONFIG with the message in err (fail). */
 struct loader {
     const char *file;
     char *err;
@@ -40,7 +41,7 @@ static int fail(struct loader *l, const config_setting_t *s, const char *fmt, ..
         snprintf(l->err, l->errlen, "%s:%d: %s", l->file, config_setting_source_line(s), msg);
     else
         snprintf(l->err, l->errlen, "%s: %s", l->file, msg);
-    return -1;
+    return CV_ECONFIG;
 }
 
 /* The dotted path of a setting, for messages ("queues.[1].workers"). */
@@ -131,7 +132,7 @@ static int get_long(struct loader *l, const config_setting_t *g, const char *nam
 static int get_int(struct loader *l, const config_setting_t *g, const char *name, long min, long max,
                    int *out) {
     long v = *out;
-    if (get_long(l, g, name, min, max, &v) < 0) return -1;
+    if (get_long(l, g, name, min, max, &v) < 0) return CV_ECONFIG;
     *out = (int)v;
     return 0;
 }
@@ -161,7 +162,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     setting_path(qs, p, sizeof p);
     if (config_setting_type(qs) != CONFIG_TYPE_GROUP)
         return fail(l, qs, "'%s' must be a group { name = ...; commands = [...]; }", p);
-    if (only_known(l, qs, keys) < 0) return -1;
+    if (only_known(l, qs, keys) < 0) return CV_ECONFIG;
     const char *name = NULL;
     if (!config_setting_lookup_string(qs, "name", &name))
         return fail(l, qs, "'%s.name' is required and must be a string", p);
@@ -178,14 +179,14 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     q->lock_timeout_ms = 10000;
     q->idle_in_transaction_timeout_ms = 60000; /* room for a batch's password hashes (0.1 s each) */
     char *tr = NULL, *qt = NULL;
-    if (get_string(l, qs, "transport", &tr) < 0) return -1;
-    if (tr && transport_parse(tr, &q->transport) < 0) {
+    if (get_string(l, qs, "transport", &tr) < 0) return CV_ECONFIG;
+    if (tr && !transport_parse(tr, &q->transport)) {
         free(tr);
         return fail(l, config_setting_get_member(qs, "transport"),
                     "'%s.transport' must be \"rabbitmq\" or \"redis\"", p);
     }
     free(tr);
-    if (get_string(l, qs, "queue_type", &qt) < 0) return -1;
+    if (get_string(l, qs, "queue_type", &qt) < 0) return CV_ECONFIG;
     if (qt && strcmp(qt, "quorum") != 0 && strcmp(qt, "classic") != 0) {
         free(qt);
         return fail(l, config_setting_get_member(qs, "queue_type"),
@@ -193,14 +194,14 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     }
     if (qt) q->quorum = strcmp(qt, "quorum") == 0;
     free(qt);
-    if (get_int(l, qs, "workers", 0, 256, &q->workers) < 0) return -1;
-    if (get_int(l, qs, "prefetch", 1, 65535, &q->prefetch) < 0) return -1;
-    if (get_int(l, qs, "max_attempts", 1, 1000, &q->max_attempts) < 0) return -1;
-    if (get_int(l, qs, "batch_size", 1, 1000, &q->batch_size) < 0) return -1;
+    if (get_int(l, qs, "workers", 0, 256, &q->workers) < 0) return CV_ECONFIG;
+    if (get_int(l, qs, "prefetch", 1, 65535, &q->prefetch) < 0) return CV_ECONFIG;
+    if (get_int(l, qs, "max_attempts", 1, 1000, &q->max_attempts) < 0) return CV_ECONFIG;
+    if (get_int(l, qs, "batch_size", 1, 1000, &q->batch_size) < 0) return CV_ECONFIG;
     if (get_int(l, qs, "statement_timeout_ms", 100, 86400000, &q->statement_timeout_ms) < 0 ||
         get_int(l, qs, "lock_timeout_ms", 0, 86400000, &q->lock_timeout_ms) < 0 ||
         get_int(l, qs, "idle_in_transaction_timeout_ms", 1000, 86400000, &q->idle_in_transaction_timeout_ms) < 0)
-        return -1;
+        return CV_ECONFIG;
     if (q->lock_timeout_ms > q->statement_timeout_ms) { /* a lock is waited for inside a statement */
         config_setting_t *lock = config_setting_get_member(qs, "lock_timeout_ms");
         if (lock)
@@ -280,84 +281,84 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const k_dedup[] = {"retention_days", "prune_batch", NULL};
     static const char *const k_http[] = {"listen", "token", "token_file", NULL};
     config_setting_t *root = config_root_setting(lc), *g;
-    if (only_known(l, root, top) < 0) return -1;
+    if (only_known(l, root, top) < 0) return CV_ECONFIG;
 
-    if (get_string(l, root, "prefix", &c->prefix) < 0) return -1;
+    if (get_string(l, root, "prefix", &c->prefix) < 0) return CV_ECONFIG;
     if (!valid_name(c->prefix)) return fail(l, config_setting_get_member(root, "prefix"),
                                             "'prefix' must be letters, digits, '_' or '-'");
     enum transport deflt = TRANSPORT_RABBITMQ;
     char *tr = NULL;
-    if (get_string(l, root, "transport", &tr) < 0) return -1;
-    if (tr && transport_parse(tr, &deflt) < 0) {
+    if (get_string(l, root, "transport", &tr) < 0) return CV_ECONFIG;
+    if (tr && !transport_parse(tr, &deflt)) {
         free(tr);
         return fail(l, config_setting_get_member(root, "transport"), "'transport' must be \"rabbitmq\" or \"redis\"");
     }
     free(tr);
 
-    if (get_group(l, root, "database", k_url, &g) < 0 || get_string(l, g, "url", &c->database_url) < 0) return -1;
+    if (get_group(l, root, "database", k_url, &g) < 0 || get_string(l, g, "url", &c->database_url) < 0) return CV_ECONFIG;
     if (get_group(l, root, "rabbitmq", k_rabbitmq, &g) < 0 || get_string_or_list(l, g, "url", &c->rabbitmq_url) < 0 ||
         get_string(l, g, "ca_file", &c->rabbitmq_ca_file) < 0 || get_string(l, g, "cert_file", &c->rabbitmq_cert_file) < 0 ||
-        get_string(l, g, "key_file", &c->rabbitmq_key_file) < 0) return -1;
+        get_string(l, g, "key_file", &c->rabbitmq_key_file) < 0) return CV_ECONFIG;
     if (!c->rabbitmq_cert_file != !c->rabbitmq_key_file)
         return fail(l, g, "'rabbitmq.cert_file' and 'rabbitmq.key_file' go together: set both or neither");
     if (get_group(l, root, "redis", k_redis, &g) < 0 || get_string(l, g, "url", &c->redis_url) < 0 ||
         get_int(l, g, "heartbeat_interval", 1, 3600, &c->heartbeat_interval_s) < 0 ||
         get_int(l, g, "heartbeat_ttl", 2, 86400, &c->heartbeat_ttl_s) < 0 ||
         get_int(l, g, "wait_replicas", 0, 64, &c->redis_wait_replicas) < 0 ||
-        get_int(l, g, "wait_timeout_ms", 1, 25000, &c->redis_wait_timeout_ms) < 0) return -1;
+        get_int(l, g, "wait_timeout_ms", 1, 25000, &c->redis_wait_timeout_ms) < 0) return CV_ECONFIG;
     if (c->heartbeat_ttl_s <= c->heartbeat_interval_s)
         return fail(l, config_setting_get_member(g, "heartbeat_ttl"),
                     "'redis.heartbeat_ttl' must be longer than 'redis.heartbeat_interval'");
     if (get_group(l, root, "producer", k_producer, &g) < 0 ||
-        get_int(l, g, "publish_retry_ms", 0, 3600000, &c->publish_retry_ms) < 0) return -1;
+        get_int(l, g, "publish_retry_ms", 0, 3600000, &c->publish_retry_ms) < 0) return CV_ECONFIG;
     if (get_group(l, root, "broker", k_broker, &g) < 0 ||
-        get_int(l, g, "reply_timeout_ms", 1000, 120000, &c->broker_reply_timeout_ms) < 0) return -1;
+        get_int(l, g, "reply_timeout_ms", 1000, 120000, &c->broker_reply_timeout_ms) < 0) return CV_ECONFIG;
     if (get_group(l, root, "retry", k_retry, &g) < 0 ||
         get_int(l, g, "base_delay_ms", 1, 3600000, &c->retry_base_ms) < 0 ||
-        get_int(l, g, "max_delay_ms", 1, 86400000, &c->retry_max_ms) < 0) return -1;
+        get_int(l, g, "max_delay_ms", 1, 86400000, &c->retry_max_ms) < 0) return CV_ECONFIG;
     if (c->retry_max_ms < c->retry_base_ms)
         return fail(l, config_setting_get_member(g, "max_delay_ms"), "'retry.max_delay_ms' must not be below 'retry.base_delay_ms'");
 
     c->events_transport = deflt;
-    if (get_group(l, root, "events", k_events, &g) < 0) return -1;
+    if (get_group(l, root, "events", k_events, &g) < 0) return CV_ECONFIG;
     tr = NULL;
-    if (get_string(l, g, "transport", &tr) < 0) return -1;
-    if (tr && transport_parse(tr, &c->events_transport) < 0) {
+    if (get_string(l, g, "transport", &tr) < 0) return CV_ECONFIG;
+    if (tr && !transport_parse(tr, &c->events_transport)) {
         free(tr);
         return fail(l, config_setting_get_member(g, "transport"), "'events.transport' must be \"rabbitmq\" or \"redis\"");
     }
     free(tr);
-    if (get_long(l, g, "stream_maxlen", 1, 1000000000L, &c->events_maxlen) < 0) return -1;
+    if (get_long(l, g, "stream_maxlen", 1, 1000000000L, &c->events_maxlen) < 0) return CV_ECONFIG;
     if (get_group(l, root, "limits", k_limits, &g) < 0 ||
-        get_long(l, g, "max_message_bytes", 64, 100L * 1024 * 1024, &c->max_message_bytes) < 0) return -1;
+        get_long(l, g, "max_message_bytes", 64, 100L * 1024 * 1024, &c->max_message_bytes) < 0) return CV_ECONFIG;
     if (get_group(l, root, "domain", k_domain, &g) < 0 ||
         get_int(l, g, "stock_low_threshold", 0, 2147483647L, &c->stock_low_threshold) < 0 ||
         get_int(l, g, "password_hash_opslimit", 1, 100, &c->password_opslimit) < 0 ||
-        get_int(l, g, "password_hash_memlimit_mb", 1, 4096, &c->password_memlimit_mb) < 0) return -1;
+        get_int(l, g, "password_hash_memlimit_mb", 1, 4096, &c->password_memlimit_mb) < 0) return CV_ECONFIG;
     if (get_group(l, root, "relay", k_relay, &g) < 0 ||
         get_int(l, g, "poll_interval_ms", 10, 60000, &c->relay_poll_ms) < 0 ||
         get_int(l, g, "batch_size", 1, 10000, &c->relay_batch) < 0 ||
-        get_long(l, g, "retention_seconds", 0, 365L * 86400, &c->outbox_retention_s) < 0) return -1;
+        get_long(l, g, "retention_seconds", 0, 365L * 86400, &c->outbox_retention_s) < 0) return CV_ECONFIG;
     if (get_group(l, root, "supervisor", k_sup, &g) < 0 ||
         get_int(l, g, "shutdown_timeout", 1, 3600, &c->shutdown_timeout_s) < 0 ||
         get_int(l, g, "max_jobs", 0, 2147483647L, &c->max_jobs) < 0 ||
-        get_int(l, g, "max_rss_mb", 0, 1048576, &c->max_rss_mb) < 0) return -1;
+        get_int(l, g, "max_rss_mb", 0, 1048576, &c->max_rss_mb) < 0) return CV_ECONFIG;
     if (get_group(l, root, "dedup", k_dedup, &g) < 0 ||
         get_int(l, g, "retention_days", 0, 36500, &c->dedup_retention_days) < 0 ||
-        get_int(l, g, "prune_batch", 1, 100000, &c->dedup_prune_batch) < 0) return -1;
+        get_int(l, g, "prune_batch", 1, 100000, &c->dedup_prune_batch) < 0) return CV_ECONFIG;
 
     char *token_file = NULL;
     if (get_group(l, root, "http", k_http, &g) < 0 || get_string(l, g, "listen", &c->http_listen) < 0 ||
         get_string(l, g, "token", &c->http_token) < 0 || get_string(l, g, "token_file", &token_file) < 0) {
         free(token_file);
-        return -1;
+        return CV_ECONFIG;
     }
     if (token_file) {
         int rc = c->http_token ? fail(l, config_setting_get_member(g, "token_file"),
                                       "'http.token' and 'http.token_file' are both set; set one of them")
                                : read_secret_file(l, "http.token_file", token_file, &c->http_token);
         free(token_file);
-        if (rc < 0) return -1;
+        if (rc < 0) return CV_ECONFIG;
     }
     if (c->http_token && strlen(c->http_token) < HTTP_TOKEN_MIN)
         return fail(l, NULL, "the http token (http.token or http.token_file) must be at least %d characters "
@@ -365,7 +366,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     char host[64];
     int port;
     bool v6;
-    if (c->http_listen && cfg_http_address(c->http_listen, host, sizeof host, &port, &v6) < 0)
+    if (c->http_listen && !cfg_http_address(c->http_listen, host, sizeof host, &port, &v6))
         return fail(l, config_setting_get_member(g, "listen"),
                     "'http.listen' must be \"IPv4:PORT\" or \"[IPv6]:PORT\" (say \"127.0.0.1:9464\"), port 1-65535");
 
@@ -380,7 +381,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
         struct cfg_queue *q = &c->queues[i];
         int rc = load_queue(l, c, config_setting_get_elem(qs, (unsigned)i), deflt, q);
         c->nqueues = i + 1; /* so cfg_free sees what was allocated */
-        if (rc < 0) return -1;
+        if (rc < 0) return CV_ECONFIG;
         for (int j = 0; j < i; j++)
             if (strcmp(c->queues[j].name, q->name) == 0)
                 return fail(l, config_setting_get_elem(qs, (unsigned)i), "queue '%s' is defined twice", q->name);
@@ -407,7 +408,7 @@ static int env_url(struct loader *l, const char *var, const char *file_var, char
         return 0;
     }
     if (!has_file) return 0;
-    if (read_secret_file(l, file_var, path, dst) < 0) return -1;
+    if (read_secret_file(l, file_var, path, dst) < 0) return CV_ECONFIG;
     *setting = file_var;
     return 0;
 }
@@ -426,10 +427,10 @@ static int apply_env(struct loader *l, struct cfg *c) {
     if (env_url(l, "CONVEYOR_DATABASE_URL", "CONVEYOR_DATABASE_URL_FILE", &c->database_url, &c->database_url_setting) < 0 ||
         env_url(l, "CONVEYOR_RABBITMQ_URL", "CONVEYOR_RABBITMQ_URL_FILE", &c->rabbitmq_url, &c->rabbitmq_url_setting) < 0 ||
         env_url(l, "CONVEYOR_REDIS_URL", "CONVEYOR_REDIS_URL_FILE", &c->redis_url, &c->redis_url_setting) < 0)
-        return -1;
+        return CV_ECONFIG;
     if ((v = getenv("CONVEYOR_TRANSPORT")) && *v) {
         enum transport t;
-        if (transport_parse(v, &t) < 0)
+        if (!transport_parse(v, &t))
             return fail(l, NULL, "CONVEYOR_TRANSPORT must be \"rabbitmq\" or \"redis\" (got \"%s\")", v);
         for (int i = 0; i < c->nqueues; i++) c->queues[i].transport = t;
         c->events_transport = t;
@@ -437,7 +438,7 @@ static int apply_env(struct loader *l, struct cfg *c) {
     if ((c->rabbitmq_ca_file || c->rabbitmq_cert_file) && strncmp(c->rabbitmq_url, "amqps://", 8) != 0)
         return fail(l, NULL, "'rabbitmq.ca_file' and 'rabbitmq.cert_file' are for TLS: the RabbitMQ URL must then be amqps://");
     if ((v = getenv("CONVEYOR_EVENTS_TRANSPORT")) && *v) {
-        if (transport_parse(v, &c->events_transport) < 0)
+        if (!transport_parse(v, &c->events_transport))
             return fail(l, NULL, "CONVEYOR_EVENTS_TRANSPORT must be \"rabbitmq\" or \"redis\" (got \"%s\")", v);
     }
     return 0;
@@ -497,7 +498,7 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     if (rc == 0 && cfg_uses(c, TRANSPORT_RABBITMQ)) rc = check_url(&l, URL_AMQP, c->rabbitmq_url_setting, c->rabbitmq_url);
     if (rc == 0 && cfg_uses(c, TRANSPORT_REDIS)) rc = check_url(&l, URL_REDIS, c->redis_url_setting, c->redis_url);
     if (rc < 0) cfg_free(c);
-    return rc < 0 ? CV_ECONFIG : 0;
+    return rc; /* 0 or CV_ECONFIG */
 }
 
 void cfg_free(struct cfg *c) {
@@ -541,25 +542,25 @@ bool cfg_uses(const struct cfg *c, enum transport t) {
     return false;
 }
 
-int cfg_http_address(const char *listen, char *host, size_t n, int *port, bool *v6) {
+bool cfg_http_address(const char *listen, char *host, size_t n, int *port, bool *v6) {
     const char *colon = strrchr(listen, ':');
-    if (!colon || colon == listen) return -1;
+    if (!colon || colon == listen) return false;
     const char *h = listen;
     size_t len = (size_t)(colon - listen);
     *v6 = h[0] == '[';
     if (*v6) {
-        if (len < 3 || h[len - 1] != ']') return -1;
+        if (len < 3 || h[len - 1] != ']') return false;
         h++;
         len -= 2;
     }
-    if (len >= n) return -1;
+    if (len >= n) return false;
     memcpy(host, h, len);
     host[len] = '\0';
     unsigned char addr[sizeof(struct in6_addr)];
-    if (inet_pton(*v6 ? AF_INET6 : AF_INET, host, addr) != 1) return -1;
+    if (inet_pton(*v6 ? AF_INET6 : AF_INET, host, addr) != 1) return false;
     char *end;
     long p = strtol(colon + 1, &end, 10);
-    if (!isdigit((unsigned char)colon[1]) || *end || p < 1 || p > 65535) return -1;
+    if (!isdigit((unsigned char)colon[1]) || *end || p < 1 || p > 65535) return false;
     *port = (int)p;
-    return 0;
+    return true;
 }

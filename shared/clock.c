@@ -62,8 +62,8 @@ bool clock_rfc3339_valid(const char *s) {
     return false;
 }
 
-int64_t clock_rfc3339_ms(const char *s) {
-    if (!clock_rfc3339_valid(s)) return -1;
+bool clock_rfc3339_ms(const char *s, int64_t *out) {
+    if (!clock_rfc3339_valid(s)) return false;
     struct tm tm = {0};
     tm.tm_year = atoi(s) - 1900;
     tm.tm_mon = atoi(s + 5) - 1;
@@ -81,5 +81,6 @@ int64_t clock_rfc3339_ms(const char *s) {
         int64_t off = ((int64_t)atoi(p + 1) * 60 + atoi(p + 4)) * 60000;
         ms += *p == '+' ? -off : off;
     }
-    return ms;
+    *out = ms;
+    return true;
 }

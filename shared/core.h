@@ -1,8 +1,10 @@
 /*
  * core.h - the one internal header of Conveyor's shared library.
  *
- * Conventions (docs/architecture.md): functions return 0 or a negative CV_E* code;
- * pointer returns are NULL on failure; x_free(NULL) is a no-op; every
+ * Conventions (docs/architecture.md): functions return 0 or a negative CV_E* code
+ * (or a count >= 0, or a class); pointer returns are NULL on failure; a yes/no
+ * is a bool, and what is not an error has an enum of its own: never a bare -1,
+ * which is CV_ERETRY (test_architecture.test_one_error_channel); x_free(NULL) is a no-op; every
  * prototype says who owns what it returns. Errors carry a class (retry,
  * reject, dead, refused, config: the table below) so callers decide ack /
  * retry / dead-letter / stop from the code, never from message text.
@@ -51,7 +53,20 @@ enum {
     CV_ETIMEOUT = -5,
     CV_ECONFIG = -6,
 };
-const char *cv_strerror(int code); /* static string, never NULL */
+/* The name of a class (of every one above: keep them together), "ok" for CV_OK;
+ * a static string, never NULL ("unknown error" for any other value: a bug). */
+static inline const char *cv_strerror(int code) {
+    switch (code) {
+    case CV_OK: return "ok";
+    case CV_ERETRY: return "transient failure";
+    case CV_EREJECT: return "rejected";
+    case CV_EDEAD: return "not processable";
+    case CV_EREFUSED: return "refused";
+    case CV_ETIMEOUT: return "timed out";
+    case CV_ECONFIG: return "configuration error";
+    default: return "unknown error";
+    }
+}
 /* The exit status of a process stopped by CV_ECONFIG (conveyor-workers at start, or one of its children). */
 #define CV_EXIT_CONFIG 2
 
@@ -96,8 +111,8 @@ char *xstrndup(const char *s, size_t n);
 enum transport { TRANSPORT_RABBITMQ, TRANSPORT_REDIS };
 /* A static string: "redis" for TRANSPORT_REDIS, else "rabbitmq". */
 const char *transport_name(enum transport t);
-/* "rabbitmq" or "redis" into *t; returns 0, or -1 for anything else. */
-int transport_parse(const char *s, enum transport *t);
+/* "rabbitmq" or "redis" into *t; returns true, or false (*t untouched) for anything else. */
+bool transport_parse(const char *s, enum transport *t);
 
 #define CFG_NAME_MAX 64
 struct cfg_queue {
@@ -193,8 +208,8 @@ bool cfg_uses(const struct cfg *c, enum transport t);
 #define HTTP_TOKEN_MIN 16
 /* Splits an http.listen value, "IPv4:PORT" or "[IPv6]:PORT", into host (the
  * address without brackets, at most n-1 bytes) and *port (1-65535); *v6 says
- * which family. Returns 0, or -1 when it is not of that form. */
-int cfg_http_address(const char *listen, char *host, size_t n, int *port, bool *v6);
+ * which family. Returns true, or false when it is not of that form. */
+bool cfg_http_address(const char *listen, char *host, size_t n, int *port, bool *v6);
 
 /* ---- url.c: connection URLs ------------------------------------------------------ */
 /* url with its password replaced by ***: scheme://user:***@host..., libpq's
@@ -233,10 +248,10 @@ struct redis_url {
 int url_parse_redis(const char *url, struct redis_url *out, char *why, size_t n);
 /* A RabbitMQ URL setting may list the nodes of one cluster: "amqp://a,amqp://b".
  * url_list_count returns how many URLs list holds (1 or more); url_list_item copies
- * URL i (from 0, spaces around it cut) into out and returns 0, or -1 when there is
- * no URL i or it does not fit in n bytes. */
+ * URL i (from 0, spaces around it cut) into out and returns true, or false when
+ * there is no URL i or it does not fit in n bytes. */
 int url_list_count(const char *list);
-int url_list_item(const char *list, int i, char *out, size_t n);
+bool url_list_item(const char *list, int i, char *out, size_t n);
 
 /* ---- id.c / clock.c / utf8.c ------------------------------------------------ */
 #define ID_LEN 36
@@ -248,8 +263,9 @@ int64_t clock_mono_ms(void);                       /* monotonic ms */
 int64_t clock_mono_us(void);                       /* monotonic microseconds (durations) */
 void clock_rfc3339(int64_t ms, char out[32]);      /* 2026-11-20T10:00:00.123Z */
 bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any offset */
-/* An RFC 3339 date-time (any offset) as ms since the epoch (fraction cut to ms), or -1 when not valid. */
-int64_t clock_rfc3339_ms(const char *s);
+/* An RFC 3339 date-time (any offset) as ms since the epoch (fraction cut to ms) into *out: true, or
+ * false (*out untouched) when not valid. A valid date-time before 1970 gives a negative *out. */
+bool clock_rfc3339_ms(const char *s, int64_t *out);
 bool utf8_valid(const char *s, size_t len);        /* well-formed, no overlongs or surrogates */
 size_t utf8_chars(const char *s);                  /* code points in a valid string */
 

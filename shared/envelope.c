@@ -113,7 +113,8 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
     }
     const cJSON *created = cJSON_GetObjectItemCaseSensitive(e->root, "createdAt");
     if (created && !cJSON_IsNull(created)) {
-        e->created_ms = cJSON_IsString(created) ? clock_rfc3339_ms(created->valuestring) : -1;
+        e->created_ms = -1; /* kept when not valid */
+        if (cJSON_IsString(created)) (void)clock_rfc3339_ms(created->valuestring, &e->created_ms);
         if (e->created_ms < 0) field_error(e, "createdAt", "must be an RFC 3339 date-time");
         else e->created_at = created->valuestring;
     }

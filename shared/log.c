@@ -63,16 +63,3 @@ void log_cmd(enum log_level level, const struct envelope *cmd, const char *fmt, 
     log_line(level, cmd ? cmd->id : NULL, cmd && cmd->trace.trace_id[0] ? cmd->trace.trace_id : NULL, fmt, ap);
     va_end(ap);
 }
-
-const char *cv_strerror(int code) {
-    switch (code) {
-    case CV_OK: return "ok";
-    case CV_ERETRY: return "transient failure";
-    case CV_EREJECT: return "rejected";
-    case CV_EDEAD: return "not processable";
-    case CV_EREFUSED: return "refused";
-    case CV_ETIMEOUT: return "timed out";
-    case CV_ECONFIG: return "configuration error";
-    default: return "unknown error";
-    }
-}

@@ -54,23 +54,23 @@ int url_list_count(const char *list) {
     return n;
 }
 
-int url_list_item(const char *list, int i, char *out, size_t n) {
+bool url_list_item(const char *list, int i, char *out, size_t n) {
     if (n) out[0] = '\0';
     const char *p = list;
     for (int k = 0; k < i; k++) {
         size_t sep = 0;
         while (*p && !(sep = list_separator(p))) p++;
-        if (!*p) return -1;
+        if (!*p) return false;
         p += sep;
     }
     while (*p == ' ' || *p == '\t') p++;
     size_t len = 0;
     while (p[len] && !list_separator(p + len)) len++;
     while (len && (p[len - 1] == ' ' || p[len - 1] == '\t')) len--;
-    if (len + 1 > n) return -1;
+    if (len + 1 > n) return false;
     memcpy(out, p, len);
     out[len] = '\0';
-    return 0;
+    return true;
 }
 
 /* True at the start of a "password" (or libpq's "sslpassword", the client
@@ -110,7 +110,7 @@ void url_redact(const char *url, char *out, size_t n) {
     if (is_amqp_list(url)) { /* each URL of the list on its own, joined by ", " */
         char item[1024], shown[1024];
         for (int i = 0, k = url_list_count(url); i < k; i++) {
-            if (url_list_item(url, i, item, sizeof item) < 0) snprintf(item, sizeof item, "amqp://***");
+            if (!url_list_item(url, i, item, sizeof item)) snprintf(item, sizeof item, "amqp://***");
             url_redact(item, shown, sizeof shown);
             if (i) put(out, n, &at, ", ", 2);
             put(out, n, &at, shown, strlen(shown));
@@ -184,7 +184,7 @@ void url_scrub(const char *text, const char *url, char *out, size_t n) {
         int cur = 0;
         snprintf(work[0], sizeof work[0], "%s", text ? text : "");
         for (int i = 0, k = url_list_count(url); i < k; i++) {
-            if (url_list_item(url, i, item, sizeof item) < 0) { /* cannot be scrubbed: not shown at all */
+            if (!url_list_item(url, i, item, sizeof item)) { /* cannot be scrubbed: not shown at all */
                 snprintf(out, n, "(the error text is hidden: URL %d of the list is too long to mask)", i + 1);
                 return;
             }
@@ -436,7 +436,7 @@ static int check_amqp(const char *url, char *why, size_t n) {
     bool tls = strncmp(url, "amqps://", 8) == 0;
     for (int i = 0; i < k; i++) {
         char item[1024], inner[512];
-        if (url_list_item(url, i, item, sizeof item) < 0) {
+        if (!url_list_item(url, i, item, sizeof item)) {
             snprintf(why, n, "URL %d of the list is too long", i + 1);
             return CV_ECONFIG;
         }

@@ -217,7 +217,8 @@ static int cmd_list(const struct cfg *cfg, const char *queue, bool json, const c
     return 0;
 }
 
-static int parse_selector(const char *arg, struct selector *s) {
+/* arg (a command id, #N or --all) into *s: true, or false after saying why on stderr. */
+static bool parse_selector(const char *arg, struct selector *s) {
     memset(s, 0, sizeof *s);
     static char id[ID_LEN + 1];
     if (strcmp(arg, "--all") == 0) s->all = true;
@@ -225,9 +226,9 @@ static int parse_selector(const char *arg, struct selector *s) {
     else if (id_parse(arg, id)) s->id = id;
     else {
         fprintf(stderr, "conveyor-admin: '%s' is not a command id, #N or --all\n", arg);
-        return -1;
+        return false;
     }
-    return 0;
+    return true;
 }
 
 static int cmd_show(const struct cfg *cfg, const struct cfg_queue *q, struct selector *s) {
@@ -520,7 +521,7 @@ int main(int argc, char **argv) {
         else rc = cmd_list(&cfg, queue_name, json, cursor, limit);
     } else if ((strcmp(verb, "show") == 0 || strcmp(verb, "retry") == 0 || strcmp(verb, "purge") == 0) && n == 4) {
         if (!q) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], path);
-        else if (parse_selector(a[3], &s) == 0) {
+        else if (parse_selector(a[3], &s)) {
             if (strcmp(verb, "show") != 0) rc = cmd_take(&cfg, q, &s, strcmp(verb, "retry") == 0);
             else if (s.all) fprintf(stderr, "conveyor-admin: show takes one dead letter, not --all\n");
             else rc = cmd_show(&cfg, q, &s);

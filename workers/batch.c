@@ -399,7 +399,7 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
         if (hrc == 0 && (rc = defer_savepoint(db, "SAVEPOINT", end)) == 0) hrc = v[end]->handler->run(&ctx);
         ctx_release(&ctx);
         if (rc < 0) return rc;
-        if (hrc != CV_EAHEAD) { /* rejected before any statement (it runs alone), or deferring failed */
+        if (!ctx.paused) { /* rejected before any statement (it runs alone), or deferring failed */
             if (hrc < 0 && hrc != CV_EREJECT) return hrc;
             break;
         }

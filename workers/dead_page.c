@@ -22,24 +22,24 @@ void dead_page_free(struct dead_page *p) {
     memset(p, 0, sizeof *p);
 }
 
-/* Parses cursor (NULL or "": the first page) into *offset and *after. Returns 0, or -1 when it is not one. */
-static int parse_cursor(const char *cursor, long *offset, long long *after) {
+/* Parses cursor (NULL or "": the first page) into *offset and *after. Returns true, or false when it is not one. */
+static bool parse_cursor(const char *cursor, long *offset, long long *after) {
     *offset = 0;
     *after = 0;
-    if (!cursor || !*cursor) return 0;
+    if (!cursor || !*cursor) return true;
     char *end;
     errno = 0;
     long o = strtol(cursor, &end, 10);
-    if (errno || end == cursor || o < 0) return -1;
+    if (errno || end == cursor || o < 0) return false;
     long long a = 0;
     if (*end == '.') {
         char *e2;
         a = strtoll(end + 1, &e2, 10);
-        if (errno || e2 == end + 1 || a < 0 || *e2) return -1;
-    } else if (*end) return -1;
+        if (errno || e2 == end + 1 || a < 0 || *e2) return false;
+    } else if (*end) return false;
     *offset = o;
     *after = a;
-    return 0;
+    return true;
 }
 
 int dead_page_read(struct broker *b, struct db *db, const struct cfg_queue *q, const char *cursor, int limit,
@@ -51,7 +51,7 @@ int dead_page_read(struct broker *b, struct db *db, const struct cfg_queue *q, c
         snprintf(err, errlen, "limit must be 1 to %d", DEAD_PAGE_MAX);
         return CV_EREJECT;
     }
-    if (parse_cursor(cursor, &offset, &after) < 0) {
+    if (!parse_cursor(cursor, &offset, &after)) {
         snprintf(err, errlen, "'%s' is not a cursor this reader gave", cursor);
         return CV_EREJECT;
     }

@@ -45,7 +45,8 @@ void dead_letter_key(const struct dead_letter *d, char out[DEAD_KEY_LEN + 1]) {
 }
 
 long dead_letter_age_s(const struct dead_letter *d) {
-    int64_t at = d->failed_at ? clock_rfc3339_ms(d->failed_at) : -1;
+    int64_t at = -1; /* kept when absent or not valid */
+    if (d->failed_at) (void)clock_rfc3339_ms(d->failed_at, &at);
     return at < 0 ? -1 : (long)((clock_ms() - at) / 1000);
 }
 

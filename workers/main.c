@@ -148,7 +148,7 @@ int main(int argc, char **argv) {
         }
     }
     /* before the fork: every process of the pool sees the paused queues through it */
-    if (!setup_only && queue_pause_init() < 0)
+    if (!setup_only && !queue_pause_init())
         log_warn("no shared page for paused queues; each worker reads them for itself");
     int rc = stop_requested || setup_only ? 0 : supervisor_run(&cfg);
     cfg_free(&cfg);

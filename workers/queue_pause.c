@@ -38,13 +38,13 @@ struct pause_page {
 static struct pause_page local; /* without a shared page: this process only */
 static struct pause_page *page = &local;
 
-int queue_pause_init(void) {
+bool queue_pause_init(void) {
     // cppcheck-suppress invalidFunctionArg ; fd -1 is what MAP_ANONYMOUS asks for (Linux ignores it)
     void *p = mmap(NULL, sizeof *page, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return -1;
+    if (p == MAP_FAILED) return false;
     page = p;
     memset(page, 0, sizeof *page);
-    return 0;
+    return true;
 }
 
 /* True when name is in the page's paused set, read consistently: again while

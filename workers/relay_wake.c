@@ -11,6 +11,7 @@
  */
 #include "workers.h"
 
+#include <errno.h>
 #include <stdint.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -23,19 +24,21 @@ struct relay_wake {
 static struct relay_wake *shared; /* NULL until relay_wake_init: nothing local to wake */
 static int wake_fd = -1;
 
-int relay_wake_init(void) {
+bool relay_wake_init(void) {
     // cppcheck-suppress invalidFunctionArg ; fd -1 is what MAP_ANONYMOUS asks for (Linux ignores it)
     void *page = mmap(NULL, sizeof *shared, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (page == MAP_FAILED) return -1;
+    if (page == MAP_FAILED) return false;
     int fd = eventfd(0, EFD_NONBLOCK);
     if (fd < 0) {
+        int e = errno;
         munmap(page, sizeof *shared);
-        return -1;
+        errno = e; /* the caller logs the eventfd's reason */
+        return false;
     }
     shared = page;
     shared->active = 0;
     wake_fd = fd;
-    return 0;
+    return true;
 }
 
 void relay_wake_set_active(bool active) {

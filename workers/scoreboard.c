@@ -71,18 +71,18 @@ static inline void add(uint64_t *c, uint64_t n) {
     __atomic_store_n(c, __atomic_load_n(c, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
 }
 
-int scoreboard_init(const struct cfg *cfg) {
+bool scoreboard_init(const struct cfg *cfg) {
     int n = 2;
     for (int i = 0; i < cfg->nqueues; i++) n += cfg->queues[i].workers;
     n = 2 * n + 4;
     size_t size = sizeof(struct scoreboard) + (size_t)n * sizeof(struct sb_slot);
     // cppcheck-suppress invalidFunctionArg ; fd -1 is what MAP_ANONYMOUS asks for (Linux ignores it)
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return -1;
+    if (p == MAP_FAILED) return false;
     board = p; /* zero-filled by mmap */
     duration_bounds_for(cfg); /* before any fork: every child sees the same bounds */
     board->nslots = n;
-    return 0;
+    return true;
 }
 
 const struct scoreboard *scoreboard_get(void) { return board; }
@@ -100,7 +100,7 @@ static bool same_position(const struct sb_slot *s, enum sb_kind kind, const stru
 }
 
 int scoreboard_assign(enum sb_kind kind, const struct cfg_queue *q, int position) {
-    if (!board) return -1;
+    if (!board) return SB_NO_SLOT;
     int fresh = -1;
     for (int i = 0; i < board->nslots; i++) {
         struct sb_slot *s = &board->slot[i];
@@ -116,7 +116,7 @@ int scoreboard_assign(enum sb_kind kind, const struct cfg_queue *q, int position
     if (fresh < 0) {
         log_warn("scoreboard full (%d slots): a %s starts without one and is not counted; restart the pool to "
                  "resize it", board->nslots, kind == SB_WORKER ? "worker" : "process");
-        return -1;
+        return SB_NO_SLOT;
     }
     struct sb_slot *s = &board->slot[fresh];
     s->kind = kind;
@@ -301,13 +301,15 @@ void sb_queue_totals(const struct cfg_queue *q, struct sb_queue_totals *out) {
     }
 }
 
-long long sb_resident_bytes(pid_t pid) {
+bool sb_resident_bytes(pid_t pid, long long *bytes) {
     char path[64];
     snprintf(path, sizeof path, "/proc/%d/statm", (int)pid);
     FILE *f = fopen(path, "r");
-    if (!f) return -1;
+    if (!f) return false;
     long pages = 0, rss = 0;
     int got = fscanf(f, "%ld %ld", &pages, &rss);
     fclose(f);
-    return got == 2 ? (long long)rss * sysconf(_SC_PAGESIZE) : -1;
+    if (got != 2) return false;
+    *bytes = (long long)rss * sysconf(_SC_PAGESIZE);
+    return true;
 }

@@ -135,7 +135,7 @@ static void start_generation(struct pool *p) {
     }
     if (cfg->http_listen) { /* last: on SIGTERM it stops after the others (supervisor_run) */
         p->kids[k].kind = CHILD_HTTP;
-        p->kids[k].slot = -1;
+        p->kids[k].slot = SB_NO_SLOT;
         snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "http");
     }
     for (int i = 0; i < n; i++) spawn(p, &p->kids[i]);
@@ -239,8 +239,8 @@ int supervisor_run(struct cfg *cfg) {
     sigaddset(&p.mask, SIGINT);
     sigaddset(&p.mask, SIGHUP);
     sigprocmask(SIG_BLOCK, &p.mask, NULL);
-    if (relay_wake_init() < 0) log_warn("no shared wake-up for the relay (%s); workers NOTIFY it", strerror(errno));
-    if (scoreboard_init(cfg) < 0) log_warn("no scoreboard (%s): the pool's commands are not counted", strerror(errno));
+    if (!relay_wake_init()) log_warn("no shared wake-up for the relay (%s); workers NOTIFY it", strerror(errno));
+    if (!scoreboard_init(cfg)) log_warn("no scoreboard (%s): the pool's commands are not counted", strerror(errno));
     start_generation(&p);
 
     bool stopping = false, relay_told = false;

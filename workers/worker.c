@@ -150,8 +150,9 @@ static void count_commit(struct worker *w, struct batch_item **v, int n, int rc)
  * backend has not yet seen its client die) is asked again every 100 ms, for at
  * most the queue's statement and idle-in-transaction timeouts and 10 s; then,
  * or when the database no longer knows the transaction, they are dropped with
- * a warning. Returns 0 when nothing is pending any more, or -1 when the
- * connection failed (they stay pending; the caller reconnects). */
+ * a warning. Returns 0 when nothing is pending any more, or the error class of
+ * the query when the connection failed (CV_ERETRY: they stay pending; the
+ * caller reconnects). */
 static int count_reconcile(struct worker *w) {
     uint64_t xid = scoreboard_pending_xid();
     if (!xid) return 0;
@@ -162,8 +163,9 @@ static int count_reconcile(struct worker *w) {
         clock_mono_ms() + w->q->statement_timeout_ms + w->q->idle_in_transaction_timeout_ms + 10000;
     while (!stop_requested) {
         PGresult *r = NULL;
-        if (db_exec(w->db, "SELECT pg_xact_status($1::xid8)", 1, p, &r) < 0) {
-            if (!db_ok(w->db)) return -1;
+        int rc = db_exec(w->db, "SELECT pg_xact_status($1::xid8)", 1, p, &r);
+        if (rc < 0) {
+            if (!db_ok(w->db)) return rc;
             log_warn("the outcomes of transaction %s are not counted: the database does not know it (%s)", x,
                      db_errstr(w->db));
             scoreboard_pending_drop();
@@ -278,8 +280,9 @@ static bool should_recycle(struct worker *w) {
         return true;
     }
     if (w->cfg->max_rss_mb > 0) {
-        long long bytes = sb_resident_bytes(getpid());
-        long mb = bytes < 0 ? 0 : (long)(bytes >> 20);
+        long long bytes = 0; /* 0 when it cannot be read */
+        (void)sb_resident_bytes(getpid(), &bytes);
+        long mb = (long)(bytes >> 20);
         if (mb > w->cfg->max_rss_mb) {
             log_info("recycling at %ld MB resident (max_rss_mb %d)", mb, w->cfg->max_rss_mb);
             return true;
@@ -288,25 +291,44 @@ static bool should_recycle(struct worker *w) {
     return false;
 }
 
-/* Opens the broker (waiting while it is away) and starts consuming the queue.
- * Returns 0, -1 when stopped first, or worker_run's exit status:
- * CV_EXIT_CONFIG when the broker refused the configuration, 1 when consuming
- * failed (both logged). */
-static int consume_open(struct worker *w, const char *worker_id) {
+/* How consume_open ended: not an error class, and not an exit status
+ * (open_exit_status maps it to worker_run's). */
+enum open_result {
+    OPEN_OK,      /* consuming: w->broker open */
+    OPEN_STOPPED, /* a stop was asked for while it waited for the broker */
+    OPEN_CONFIG,  /* the broker refused the configuration (logged) */
+    OPEN_FAILED,  /* consuming failed (logged) */
+};
+
+/* worker_run's exit status after r: 0 (OPEN_OK, OPEN_STOPPED), CV_EXIT_CONFIG
+ * (OPEN_CONFIG) or 1 (OPEN_FAILED). */
+static int open_exit_status(enum open_result r) {
+    switch (r) {
+    case OPEN_OK:
+    case OPEN_STOPPED: return 0;
+    case OPEN_CONFIG: return CV_EXIT_CONFIG;
+    case OPEN_FAILED: break;
+    }
+    return 1;
+}
+
+/* Opens the broker (waiting while it is away) and starts consuming the queue:
+ * OPEN_OK with w->broker open, else w->broker NULL and why (enum open_result). */
+static enum open_result consume_open(struct worker *w, const char *worker_id) {
     char err[512];
     if (!(w->broker = broker_open_wait(w->cfg, w->q->transport, &stop_requested, err, sizeof err))) {
-        if (!err[0]) return -1; /* stopped */
+        if (!err[0]) return OPEN_STOPPED;
         log_error("broker refused the configuration: %s; stopping", err);
-        return CV_EXIT_CONFIG;
+        return OPEN_CONFIG;
     }
     if (broker_consume(w->broker, w->q, worker_id) < 0) {
         log_error("cannot consume %s: %s", w->q->name, broker_error(w->broker));
         broker_close(w->broker);
         w->broker = NULL;
-        return 1;
+        return OPEN_FAILED;
     }
     log_info("worker %s consuming queue %s (%s)", worker_id, w->q->name, transport_name(w->q->transport));
-    return 0;
+    return OPEN_OK;
 }
 
 /* How long a worker with nothing in hand waits for a message before it looks
@@ -326,10 +348,10 @@ static int consume_open(struct worker *w, const char *worker_id) {
  * are sent on close). Returns true while the queue is paused (having waited
  * 100 ms), or when the database was lost reading it (w->db is then NULL);
  * false once it is running, with w->broker open
- * (*status then tells whether opening it failed: worker_run's exit status, or
- * -1 when stopped). */
-static bool paused_now(struct worker *w, const char *worker_id, int *status) {
-    *status = 0;
+ * (*opened then tells whether opening it failed or was stopped: OPEN_OK when
+ * it opened, or when it was open already). */
+static bool paused_now(struct worker *w, const char *worker_id, enum open_result *opened) {
+    *opened = OPEN_OK;
     if (queue_pause_refresh(w->db) < 0) { /* logged; the state last read stays */
         db_check(w);
         if (!w->db) return true; /* lost: the loop reconnects before anything is taken */
@@ -345,7 +367,7 @@ static bool paused_now(struct worker *w, const char *worker_id, int *status) {
     }
     if (!w->broker) {
         log_info("queue %s is resumed: worker %s takes from it again", w->q->name, worker_id);
-        *status = consume_open(w, worker_id);
+        *opened = consume_open(w, worker_id);
     }
     return false;
 }
@@ -353,8 +375,8 @@ static bool paused_now(struct worker *w, const char *worker_id, int *status) {
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
     struct worker w = {.cfg = cfg, .q = q};
     batch_init(&w.batch, cfg, q);
-    int opened = consume_open(&w, worker_id);
-    if (opened) return opened < 0 ? 0 : opened;
+    enum open_result opened = consume_open(&w, worker_id);
+    if (opened != OPEN_OK) return open_exit_status(opened);
     scoreboard_state(SB_IDLE, 0);
 
     int broker_failures = 0;
@@ -383,10 +405,10 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
                 continue;
             }
         }
-        int reopened;
+        enum open_result reopened;
         if (paused_now(&w, worker_id, &reopened)) continue;
-        if (reopened) { /* stopped, or the broker refused the configuration */
-            status = reopened < 0 ? 0 : reopened;
+        if (reopened != OPEN_OK) { /* stopped, or the broker refused the configuration */
+            status = open_exit_status(reopened);
             break;
         }
         /* a batch is what is already delivered; when nothing is, the first one is

@@ -171,13 +171,17 @@ struct scoreboard {
     struct sb_slot slot[];
 };
 /* Supervisor, before forking: maps the region for cfg (see the file's comment
- * for its size). Returns 0, or -1 with errno (then nothing is counted). */
-int scoreboard_init(const struct cfg *cfg);
+ * for its size). Returns true, or false with errno (then nothing is counted). */
+bool scoreboard_init(const struct cfg *cfg);
 /* The region (read-only use), or NULL before scoreboard_init. */
 const struct scoreboard *scoreboard_get(void);
+/* A slot index that names no slot: the process is not counted (every function
+ * taking a slot accepts it and does nothing). Not an error class. */
+#define SB_NO_SLOT (-1)
 /* Supervisor: a slot for a child of kind (q and position: the worker's queue
  * and index in it; q NULL otherwise): the one an exited child of that position
- * left, else a fresh one; -1 when none is left (logged). */
+ * left, else a fresh one; SB_NO_SLOT before scoreboard_init or when none is
+ * left (logged). */
 int scoreboard_assign(enum sb_kind kind, const struct cfg_queue *q, int position);
 /* Supervisor: the slot's position is no longer the pool's (a reload): retired, reusable. */
 void scoreboard_release(int slot);
@@ -233,8 +237,9 @@ struct sb_queue_totals {
 };
 /* Reader: the totals of q's worker slots into *out (zeroed first; all 0 before scoreboard_init). */
 void sb_queue_totals(const struct cfg_queue *q, struct sb_queue_totals *out);
-/* The resident size of process pid in bytes (/proc), or -1 when it cannot be read. */
-long long sb_resident_bytes(pid_t pid);
+/* The resident size of process pid in bytes (/proc) into *bytes: true, or false
+ * (*bytes untouched) when it cannot be read. */
+bool sb_resident_bytes(pid_t pid, long long *bytes);
 /* ---- broker_stall.c: a broker that does not answer, seen from the pool ---- */
 /* Child (scoreboard_attach calls it): the process's broker_note calls go to
  * slot (broker_stall_hook); NULL: nowhere. */
@@ -266,8 +271,8 @@ bool sb_current_read(const struct sb_slot *s, char id[ID_LEN + 1], char type[CFG
 int http_run(const struct cfg *cfg);
 
 /* ---- relay_wake.c: a worker wakes the pool's own relay (a shared page, an eventfd) */
-/* Supervisor, before forking: 0, or -1 when the system refused (workers then NOTIFY). */
-int relay_wake_init(void);
+/* Supervisor, before forking: true, or false with errno when the system refused (workers then NOTIFY). */
+bool relay_wake_init(void);
 /* Relay: it holds (true) or gave up (false) the relay lock. */
 void relay_wake_set_active(bool active);
 /* Supervisor: pid exited; if it was the active relay, there is none now. */
@@ -282,9 +287,9 @@ void relay_wake_clear(void);
 
 /* ---- queue_pause.c: queues paused from the terminal (table queue_state) -------- */
 /* Supervisor, before forking: maps the page through which every process of the
- * pool sees the paused set. 0, or -1 when the system refused (each process then
- * reads the table for itself). */
-int queue_pause_init(void);
+ * pool sees the paused set. True, or false when the system refused (each
+ * process then reads the table for itself). */
+bool queue_pause_init(void);
 /* Reads the paused set from db into the page when the page is older than
  * 400 ms and no other process of the pool is reading it. Returns 0, or the
  * error class of the query (logged; the set last read stays). */

@@ -307,3 +307,45 @@ def test_architecture_page_describes_every_source_file():
     present = set(c_tree("shared") + c_tree("workers") + c_tree("producer"))
     eq(sorted(present - listed), [], "source files docs/architecture.md's file table does not describe")
     eq(sorted(listed - present), [], "files docs/architecture.md's file table describes that do not exist")
+
+
+def _code_only(text):
+    """text with its comments, string and character literals blanked (newlines
+    kept, so line numbers stay right)."""
+    def blank(m):
+        return re.sub(r"[^\n]", " ", m.group(0))
+    return re.sub(r'/\*.*?\*/|//[^\n]*|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', blank, text, flags=re.S)
+
+
+def test_one_error_channel():
+    """Issue 22, point 4: a function of shared/ or workers/ returns 0, a CV_E*
+    class, a count >= 0 or a class, a pointer or a bool; never a bare -1 (which
+    is numerically CV_ERETRY, a class its callers would act on). main() may
+    return exit statuses. The run-ahead handshake is no error code (CV_EAHEAD is
+    gone: workers/domain/domain.h, ctx->paused), and cv_strerror, beside the
+    classes in shared/core.h, names every one of them."""
+    problems = []
+    for path in c_tree("shared") + c_tree("workers"):
+        lines = _code_only(read(path)).split("\n")
+        function = None
+        for n, line in enumerate(lines, 1):
+            # a definition (or prototype) starts at column 0 in this code base
+            m = re.match(r"[A-Za-z_][\w \*]*?\b(\w+)\s*\(", line)
+            if m and not line.startswith(("typedef", "struct", "enum", "union")):
+                function = m.group(1)
+            if re.search(r"\breturn\s*\(?\s*-\s*1\s*\)?\s*;", line) and function != "main":
+                problems.append(f"{path}:{n}: return -1 in {function}() (return a CV_E* class, a bool, "
+                                "or an enum of its own: docs/architecture.md, Conventions)")
+    for path in c_tree("shared") + c_tree("workers") + c_tree("producer") + c_tree("tests"):
+        if "CV_EAHEAD" in read(path):
+            problems.append(f"{path}: CV_EAHEAD is back (running ahead is ctx->paused, not an error code)")
+    core = read("shared", "core.h")
+    classes = re.search(r"enum \{\s*(CV_OK = 0,.*?)\};", core, re.S)
+    check(classes, "shared/core.h: the enum of the CV_E* classes is not found")
+    names = re.findall(r"\b(CV_\w+)\s*=", classes.group(1))
+    strerror = re.search(r"cv_strerror\(int code\) \{(.*?)\n\}", core, re.S)
+    check(strerror, "shared/core.h: cv_strerror is not defined beside the classes")
+    for name in names:
+        if not re.search(rf"case {name}:\s*return \"", strerror.group(1)):
+            problems.append(f"shared/core.h: cv_strerror does not name {name}")
+    check(not problems, "\n".join(problems))

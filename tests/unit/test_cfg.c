@@ -507,7 +507,7 @@ TEST(http_listen_is_off_unless_set_and_checked) {
     char host[64];
     int port;
     bool v6;
-    CHECK(cfg_http_address(c.http_listen, host, sizeof host, &port, &v6) == 0);
+    CHECK(cfg_http_address(c.http_listen, host, sizeof host, &port, &v6));
     CHECK_STR(host, "::1");
     CHECK(port == 9464 && v6);
     cfg_free(&c);
@@ -532,10 +532,10 @@ TEST(rabbitmq_url_lists_the_nodes_of_a_cluster) {
     CHECK_STR(c.rabbitmq_url, "amqp://u:s3cret@n1:5672,amqp://u:s3cret@n2:5672,amqp://u:s3cret@n3");
     CHECK(url_list_count(c.rabbitmq_url) == 3);
     char item[256], shown[512];
-    CHECK(url_list_item(c.rabbitmq_url, 1, item, sizeof item) == 0);
+    CHECK(url_list_item(c.rabbitmq_url, 1, item, sizeof item));
     CHECK_STR(item, "amqp://u:s3cret@n2:5672");
-    CHECK(url_list_item(c.rabbitmq_url, 3, item, sizeof item) == -1);
-    CHECK(url_list_item(c.rabbitmq_url, 0, item, 8) == -1); /* does not fit */
+    CHECK(!url_list_item(c.rabbitmq_url, 3, item, sizeof item));
+    CHECK(!url_list_item(c.rabbitmq_url, 0, item, 8)); /* does not fit */
     url_redact(c.rabbitmq_url, shown, sizeof shown);
     CHECK_STR(shown, "amqp://u:***@n1:5672, amqp://u:***@n2:5672, amqp://u:***@n3");
     char scrubbed[256];
@@ -546,7 +546,7 @@ TEST(rabbitmq_url_lists_the_nodes_of_a_cluster) {
     setenv("CONVEYOR_RABBITMQ_URL", "amqp://a:1, amqp://b:2", 1);
     CHECK(load_text(MINIMAL, &c) == 0);
     CHECK(url_list_count(c.rabbitmq_url) == 2);
-    CHECK(url_list_item(c.rabbitmq_url, 1, item, sizeof item) == 0);
+    CHECK(url_list_item(c.rabbitmq_url, 1, item, sizeof item));
     CHECK_STR(item, "amqp://b:2");
     cfg_free(&c);
     /* a bad node is named by its place; mixed TLS refused; an empty item refused */

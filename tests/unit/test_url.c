@@ -82,13 +82,13 @@ TEST(parse_sentinel_lists_every_sentinel_and_the_master) {
 TEST(list_items_split_before_each_scheme_only) {
     const char *list = "amqp://a:p,w@n1:5672, amqps://b@n2:5671";
     CHECK(url_list_count(list) == 2);
-    CHECK(url_list_item(list, 0, out, sizeof out) == 0);
+    CHECK(url_list_item(list, 0, out, sizeof out));
     CHECK_STR(out, "amqp://a:p,w@n1:5672"); /* a comma in a password stays in its URL */
-    CHECK(url_list_item(list, 1, out, sizeof out) == 0);
+    CHECK(url_list_item(list, 1, out, sizeof out));
     CHECK_STR(out, "amqps://b@n2:5671"); /* spaces around it cut */
-    CHECK(url_list_item(list, 2, out, sizeof out) < 0);
+    CHECK(!url_list_item(list, 2, out, sizeof out));
     char tiny[8];
-    CHECK(url_list_item(list, 0, tiny, sizeof tiny) < 0); /* does not fit */
+    CHECK(!url_list_item(list, 0, tiny, sizeof tiny)); /* does not fit */
     CHECK(url_list_count("amqp://only") == 1);
 }
 

@@ -62,22 +62,22 @@ static void expect_fields(handler_fn h, const char *type, const char *payload_js
     cJSON_Delete(f);
 }
 
-/* One field checked alone: returns 1 valid, -1 invalid (with reason in *reason). */
-typedef int (*field_check)(struct verr *, const cJSON *);
-static int check_one(field_check fn, const char *json) {
+/* One field checked alone: V_VALID, V_INVALID (an error recorded) or V_ABSENT. */
+typedef enum v_result (*field_check)(struct verr *, const cJSON *);
+static enum v_result check_one(field_check fn, const char *json) {
     cJSON *o = cJSON_Parse(json);
     CHECK(o != NULL);
     struct verr v = {0};
-    int rc = fn(&v, o);
-    CHECK((rc < 0) == verr_any(&v) || rc == 0);
+    enum v_result rc = fn(&v, o);
+    CHECK((rc == V_INVALID) == verr_any(&v) || rc == V_ABSENT);
     verr_free(&v);
     cJSON_Delete(o);
     return rc;
 }
 
 static char *out_s;
-static int name_255(struct verr *v, const cJSON *o) {
-    int rc = v_string(v, o, "name", true, true, 1, 255, &out_s);
+static enum v_result name_255(struct verr *v, const cJSON *o) {
+    enum v_result rc = v_string(v, o, "name", true, true, 1, 255, &out_s);
     free(out_s);
     return rc;
 }
@@ -86,35 +86,35 @@ TEST(name_length_boundaries) {
     char buf[4096];
     char *s = rep("a", 255);
     snprintf(buf, sizeof buf, "{\"name\":\"%s\"}", s);
-    CHECK(check_one(name_255, buf) == 1);
+    CHECK(check_one(name_255, buf) == V_VALID);
     free(s);
     s = rep("a", 256);
     snprintf(buf, sizeof buf, "{\"name\":\"%s\"}", s);
-    CHECK(check_one(name_255, buf) == -1);
+    CHECK(check_one(name_255, buf) == V_INVALID);
     free(s);
     s = rep("\xc3\xa9", 255); /* 255 characters, 510 bytes */
     snprintf(buf, sizeof buf, "{\"name\":\"%s\"}", s);
-    CHECK(check_one(name_255, buf) == 1);
+    CHECK(check_one(name_255, buf) == V_VALID);
     free(s);
     s = rep("a", 255);
     snprintf(buf, sizeof buf, "{\"name\":\"   %s   \"}", s); /* too long only before trimming */
-    CHECK(check_one(name_255, buf) == 1);
+    CHECK(check_one(name_255, buf) == V_VALID);
     free(s);
-    CHECK(check_one(name_255, "{\"name\":\"a\"}") == 1);
-    CHECK(check_one(name_255, "{\"name\":\"\"}") == -1);
-    CHECK(check_one(name_255, "{\"name\":\"   \"}") == -1);
-    CHECK(check_one(name_255, "{\"name\":5}") == -1);
-    CHECK(check_one(name_255, "{}") == 0);
+    CHECK(check_one(name_255, "{\"name\":\"a\"}") == V_VALID);
+    CHECK(check_one(name_255, "{\"name\":\"\"}") == V_INVALID);
+    CHECK(check_one(name_255, "{\"name\":\"   \"}") == V_INVALID);
+    CHECK(check_one(name_255, "{\"name\":5}") == V_INVALID);
+    CHECK(check_one(name_255, "{}") == V_ABSENT);
     struct verr v = {0};
     cJSON *o = cJSON_Parse("{\"name\":\"  Ann  \"}");
-    CHECK(v_string(&v, o, "name", true, true, 1, 255, &out_s) == 1);
+    CHECK(v_string(&v, o, "name", true, true, 1, 255, &out_s) == V_VALID);
     CHECK_STR(out_s, "Ann");
     free(out_s);
     cJSON_Delete(o);
 }
 
-static int email(struct verr *v, const cJSON *o) {
-    int rc = v_email(v, o, "email", true, &out_s);
+static enum v_result email(struct verr *v, const cJSON *o) {
+    enum v_result rc = v_email(v, o, "email", true, &out_s);
     free(out_s);
     return rc;
 }
@@ -123,91 +123,91 @@ TEST(email_rules) {
     char buf[1024];
     char *local = rep("a", 64), *dom = rep("b", 254 - 64 - 1 - 4);
     snprintf(buf, sizeof buf, "{\"email\":\"%s@%s.com\"}", local, dom); /* 254 characters */
-    CHECK(check_one(email, buf) == 1);
+    CHECK(check_one(email, buf) == V_VALID);
     snprintf(buf, sizeof buf, "{\"email\":\"%s@%sb.com\"}", local, dom); /* 255 */
-    CHECK(check_one(email, buf) == -1);
+    CHECK(check_one(email, buf) == V_INVALID);
     free(local);
     free(dom);
-    CHECK(check_one(email, "{\"email\":\"a@b.co\"}") == 1);
-    CHECK(check_one(email, "{\"email\":\"ab.co\"}") == -1);
-    CHECK(check_one(email, "{\"email\":\"a@b@c.co\"}") == -1);
-    CHECK(check_one(email, "{\"email\":\"@b.co\"}") == -1);
-    CHECK(check_one(email, "{\"email\":\"a@bco\"}") == -1);
-    CHECK(check_one(email, "{\"email\":\"a@.co\"}") == -1);
-    CHECK(check_one(email, "{\"email\":\"a@co.\"}") == -1);
-    CHECK(check_one(email, "{\"email\":\"a b@c.co\"}") == -1);
-    CHECK(check_one(email, "{\"email\":7}") == -1);
+    CHECK(check_one(email, "{\"email\":\"a@b.co\"}") == V_VALID);
+    CHECK(check_one(email, "{\"email\":\"ab.co\"}") == V_INVALID);
+    CHECK(check_one(email, "{\"email\":\"a@b@c.co\"}") == V_INVALID);
+    CHECK(check_one(email, "{\"email\":\"@b.co\"}") == V_INVALID);
+    CHECK(check_one(email, "{\"email\":\"a@bco\"}") == V_INVALID);
+    CHECK(check_one(email, "{\"email\":\"a@.co\"}") == V_INVALID);
+    CHECK(check_one(email, "{\"email\":\"a@co.\"}") == V_INVALID);
+    CHECK(check_one(email, "{\"email\":\"a b@c.co\"}") == V_INVALID);
+    CHECK(check_one(email, "{\"email\":7}") == V_INVALID);
     struct verr v = {0};
     cJSON *o = cJSON_Parse("{\"email\":\" Ann@Example.COM \"}");
-    CHECK(v_email(&v, o, "email", true, &out_s) == 1);
+    CHECK(v_email(&v, o, "email", true, &out_s) == V_VALID);
     CHECK_STR(out_s, "Ann@Example.COM"); /* trimmed; lower-cased by the database as it is stored */
     free(out_s);
     cJSON_Delete(o);
 }
 
-static int password(struct verr *v, const cJSON *o) {
+static enum v_result password(struct verr *v, const cJSON *o) {
     const char *p;
     return v_password(v, o, "password", true, &p);
 }
 
 TEST(password_rules) {
     char buf[512];
-    CHECK(check_one(password, "{\"password\":\"Abcdef1\"}") == -1);  /* 7 bytes */
-    CHECK(check_one(password, "{\"password\":\"Abcdef12\"}") == 1);  /* 8 */
+    CHECK(check_one(password, "{\"password\":\"Abcdef1\"}") == V_INVALID);  /* 7 bytes */
+    CHECK(check_one(password, "{\"password\":\"Abcdef12\"}") == V_VALID);  /* 8 */
     char *s = rep("a", 126);
     snprintf(buf, sizeof buf, "{\"password\":\"A1%s\"}", s); /* 128 */
-    CHECK(check_one(password, buf) == 1);
+    CHECK(check_one(password, buf) == V_VALID);
     snprintf(buf, sizeof buf, "{\"password\":\"A1a%s\"}", s); /* 129 */
-    CHECK(check_one(password, buf) == -1);
+    CHECK(check_one(password, buf) == V_INVALID);
     free(s);
-    CHECK(check_one(password, "{\"password\":\"abcdefg1\"}") == -1); /* no upper */
-    CHECK(check_one(password, "{\"password\":\"ABCDEFG1\"}") == -1); /* no lower */
-    CHECK(check_one(password, "{\"password\":\"Abcdefgh\"}") == -1); /* no digit */
-    CHECK(check_one(password, "{\"password\":12345678}") == -1);
+    CHECK(check_one(password, "{\"password\":\"abcdefg1\"}") == V_INVALID); /* no upper */
+    CHECK(check_one(password, "{\"password\":\"ABCDEFG1\"}") == V_INVALID); /* no lower */
+    CHECK(check_one(password, "{\"password\":\"Abcdefgh\"}") == V_INVALID); /* no digit */
+    CHECK(check_one(password, "{\"password\":12345678}") == V_INVALID);
 }
 
 static char price_out[32];
-static int price(struct verr *v, const cJSON *o) { return v_price(v, o, "price", true, price_out); }
+static enum v_result price(struct verr *v, const cJSON *o) { return v_price(v, o, "price", true, price_out); }
 
 TEST(price_rules) {
-    CHECK(check_one(price, "{\"price\":0}") == 1);
-    CHECK(check_one(price, "{\"price\":-0.01}") == -1);
-    CHECK(check_one(price, "{\"price\":99999999.99}") == 1);
+    CHECK(check_one(price, "{\"price\":0}") == V_VALID);
+    CHECK(check_one(price, "{\"price\":-0.01}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":99999999.99}") == V_VALID);
     CHECK_STR(price_out, "99999999.99");
-    CHECK(check_one(price, "{\"price\":100000000}") == -1);
-    CHECK(check_one(price, "{\"price\":100000000.00}") == -1);
-    CHECK(check_one(price, "{\"price\":19.99}") == 1);
+    CHECK(check_one(price, "{\"price\":100000000}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":100000000.00}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":19.99}") == V_VALID);
     CHECK_STR(price_out, "19.99");
-    CHECK(check_one(price, "{\"price\":0.1}") == 1);
+    CHECK(check_one(price, "{\"price\":0.1}") == V_VALID);
     CHECK_STR(price_out, "0.10");
-    CHECK(check_one(price, "{\"price\":1.234}") == -1);
-    CHECK(check_one(price, "{\"price\":\"19.99\"}") == 1);
-    CHECK(check_one(price, "{\"price\":\"0\"}") == 1);
-    CHECK(check_one(price, "{\"price\":\"012.5\"}") == 1);
+    CHECK(check_one(price, "{\"price\":1.234}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":\"19.99\"}") == V_VALID);
+    CHECK(check_one(price, "{\"price\":\"0\"}") == V_VALID);
+    CHECK(check_one(price, "{\"price\":\"012.5\"}") == V_VALID);
     CHECK_STR(price_out, "12.50");
-    CHECK(check_one(price, "{\"price\":\"99999999.99\"}") == 1);
-    CHECK(check_one(price, "{\"price\":\"100000000.00\"}") == -1);
-    CHECK(check_one(price, "{\"price\":\"19.999\"}") == -1);
-    CHECK(check_one(price, "{\"price\":\"-1\"}") == -1);
-    CHECK(check_one(price, "{\"price\":\"1e3\"}") == -1);
-    CHECK(check_one(price, "{\"price\":\"12.\"}") == -1);
-    CHECK(check_one(price, "{\"price\":\"abc\"}") == -1);
-    CHECK(check_one(price, "{\"price\":true}") == -1);
-    CHECK(check_one(price, "{\"price\":1e300}") == -1);
+    CHECK(check_one(price, "{\"price\":\"99999999.99\"}") == V_VALID);
+    CHECK(check_one(price, "{\"price\":\"100000000.00\"}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":\"19.999\"}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":\"-1\"}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":\"1e3\"}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":\"12.\"}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":\"abc\"}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":true}") == V_INVALID);
+    CHECK(check_one(price, "{\"price\":1e300}") == V_INVALID);
 }
 
 static long long int_out;
-static int stock(struct verr *v, const cJSON *o) { return v_int(v, o, "stock", false, 0, 2147483647LL, &int_out); }
+static enum v_result stock(struct verr *v, const cJSON *o) { return v_int(v, o, "stock", false, 0, 2147483647LL, &int_out); }
 
 TEST(stock_rules) {
-    CHECK(check_one(stock, "{\"stock\":0}") == 1);
-    CHECK(check_one(stock, "{\"stock\":-1}") == -1);
-    CHECK(check_one(stock, "{\"stock\":2147483647}") == 1);
-    CHECK(check_one(stock, "{\"stock\":2147483648}") == -1);
-    CHECK(check_one(stock, "{\"stock\":1.5}") == -1);
-    CHECK(check_one(stock, "{\"stock\":\"3\"}") == -1);
-    CHECK(check_one(stock, "{\"stock\":1e400}") == -1);
-    CHECK(check_one(stock, "{}") == 0);
+    CHECK(check_one(stock, "{\"stock\":0}") == V_VALID);
+    CHECK(check_one(stock, "{\"stock\":-1}") == V_INVALID);
+    CHECK(check_one(stock, "{\"stock\":2147483647}") == V_VALID);
+    CHECK(check_one(stock, "{\"stock\":2147483648}") == V_INVALID);
+    CHECK(check_one(stock, "{\"stock\":1.5}") == V_INVALID);
+    CHECK(check_one(stock, "{\"stock\":\"3\"}") == V_INVALID);
+    CHECK(check_one(stock, "{\"stock\":1e400}") == V_INVALID);
+    CHECK(check_one(stock, "{}") == V_ABSENT);
 }
 
 TEST(register_rejections_name_every_field) {
@@ -241,8 +241,8 @@ TEST(create_product_length_boundaries_accept) {
     cJSON *o = cJSON_Parse(buf);
     struct verr v = {0};
     char *sd, *sc;
-    CHECK(v_string(&v, o, "description", false, false, 0, 10000, &sd) == 1);
-    CHECK(v_string(&v, o, "category", false, true, 0, 100, &sc) == 1);
+    CHECK(v_string(&v, o, "description", false, false, 0, 10000, &sd) == V_VALID);
+    CHECK(v_string(&v, o, "category", false, true, 0, 100, &sc) == V_VALID);
     CHECK(!verr_any(&v));
     free(sd);
     free(sc);
@@ -251,17 +251,17 @@ TEST(create_product_length_boundaries_accept) {
     cJSON_Delete(o);
 }
 
-static int qty(struct verr *v, const cJSON *o) {
+static enum v_result qty(struct verr *v, const cJSON *o) {
     return v_int(v, o, "quantityChange", true, -1000000000LL, 1000000000LL, &int_out);
 }
 
 TEST(update_stock_rules) {
-    CHECK(check_one(qty, "{\"quantityChange\":1000000000}") == 1);
-    CHECK(check_one(qty, "{\"quantityChange\":1000000001}") == -1);
-    CHECK(check_one(qty, "{\"quantityChange\":-1000000000}") == 1);
-    CHECK(check_one(qty, "{\"quantityChange\":-1000000001}") == -1);
-    CHECK(check_one(qty, "{\"quantityChange\":1.5}") == -1);
-    CHECK(check_one(qty, "{\"quantityChange\":\"1\"}") == -1);
+    CHECK(check_one(qty, "{\"quantityChange\":1000000000}") == V_VALID);
+    CHECK(check_one(qty, "{\"quantityChange\":1000000001}") == V_INVALID);
+    CHECK(check_one(qty, "{\"quantityChange\":-1000000000}") == V_VALID);
+    CHECK(check_one(qty, "{\"quantityChange\":-1000000001}") == V_INVALID);
+    CHECK(check_one(qty, "{\"quantityChange\":1.5}") == V_INVALID);
+    CHECK(check_one(qty, "{\"quantityChange\":\"1\"}") == V_INVALID);
     expect_fields(handle_update_stock, "updateStock", "{\"productId\":\"" "5f0c6a8e-8a9b-4f0e-9d3c-1f2e3d4c5b6a" "\",\"quantityChange\":0}",
                   (const char *[]){"quantityChange", NULL});
     expect_fields(handle_update_stock, "updateStock", "{}", (const char *[]){"productId", "quantityChange", NULL});

@@ -22,25 +22,30 @@ bool verr_any(const struct verr *v);
 /* Frees the recorded errors (fields NULL again, v reusable); nothing recorded is fine. */
 void verr_free(struct verr *v);
 
-/* Each v_* reads obj[field]. absent: a missing or null field; returns 1 when
- * the field is present and valid (and writes *out), 0 when absent (an error
- * is recorded if required), -1 when invalid (an error is recorded). Strings
- * written to *out are malloc'd; the caller frees them (v_password's points into
- * obj instead). Unless 1, *out is NULL or "" (v_int leaves *out untouched). */
-int v_string(struct verr *v, const cJSON *obj, const char *field, bool required, bool trim,
+/* What a v_* found: not an error class (an invalid field is recorded in the
+ * verr; the handler rejects with all of them). V_ABSENT is 0, so !r is "absent". */
+enum v_result {
+    V_ABSENT, /* a missing or null field (an error is recorded if required) */
+    V_VALID,  /* present and valid: *out is written */
+    V_INVALID /* present and invalid (an error is recorded) */
+};
+/* Each v_* reads obj[field] and returns an enum v_result. Strings written to
+ * *out are malloc'd; the caller frees them (v_password's points into obj
+ * instead). Unless V_VALID, *out is NULL or "" (v_int leaves *out untouched). */
+enum v_result v_string(struct verr *v, const cJSON *obj, const char *field, bool required, bool trim,
              size_t min_chars, size_t max_chars, char **out);
-int v_uuid(struct verr *v, const cJSON *obj, const char *field, bool required, char out[ID_LEN + 1]);
+enum v_result v_uuid(struct verr *v, const cJSON *obj, const char *field, bool required, char out[ID_LEN + 1]);
 /* An integral JSON number in [min, max]. */
-int v_int(struct verr *v, const cJSON *obj, const char *field, bool required, long long min,
+enum v_result v_int(struct verr *v, const cJSON *obj, const char *field, bool required, long long min,
           long long max, long long *out);
 /* A price: a number or decimal string, 0..99999999.99, at most 2 decimals;
  * written as "123.40". */
-int v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]);
+enum v_result v_price(struct verr *v, const cJSON *obj, const char *field, bool required, char out[32]);
 /* An email per docs/contract.md ("register"), trimmed (the handler stores it lower-cased:
  * PostgreSQL's lower(), the mapping of the users_email_check constraint). */
-int v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out);
+enum v_result v_email(struct verr *v, const cJSON *obj, const char *field, bool required, char **out);
 /* A password per docs/contract.md ("register"): 8-128 bytes, an upper-case letter, a lower-case letter, a digit. */
-int v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out);
+enum v_result v_password(struct verr *v, const cJSON *obj, const char *field, bool required, const char **out);
 
 /* ---- handler.c: the command table and the context a handler works in ---------- */
 struct rejection {
@@ -51,14 +56,16 @@ struct rejection {
 };
 
 /* Running ahead (batch.c): a batch's handlers send their first statements
- * together, in one round trip, then finish in order with their results. */
+ * together, in one round trip, then finish in order with their results. The
+ * handshake is not an error class: ctx_exec stops the handler by setting
+ * ctx->paused (and returning CV_ERETRY, which the handler returns as it
+ * returns any error); batch.c reads ctx->paused, never the class, to tell
+ * "run me again" from a failure. */
 enum ahead_stage {
     AHEAD_OFF,    /* every statement runs now (db_exec) */
-    AHEAD_SEND,   /* the first statement is deferred; ctx_exec returns CV_EAHEAD */
-    AHEAD_RESUME, /* the first statement's result is *first; a second returns CV_EAHEAD */
+    AHEAD_SEND,   /* the first statement is deferred; ctx_exec pauses the handler */
+    AHEAD_RESUME, /* the first statement's result is *first; a second pauses the handler */
 };
-/* What ctx_exec returns when the handler must stop and be run again later. */
-enum { CV_EAHEAD = -10 };
 
 struct cmd_ctx {
     struct db *db;
@@ -71,13 +78,16 @@ struct cmd_ctx {
     int *handle;           /* AHEAD_SEND: where the first statement's result handle goes (db_defer_result) */
     PGresult **first;      /* AHEAD_RESUME: the first statement's result, taken by ctx_exec (not owned) */
     int statements;        /* ctx_exec calls so far */
+    bool paused;           /* set by ctx_exec when it stopped the handler to be run again later (running
+                            * ahead): what the handler returned is then not its outcome */
 };
 
 /* A handler validates cmd->payload and applies it inside the open transaction.
  * Returns 0 after emitting its events, CV_EREJECT with ctx->rej filled (the
  * caller rolls back the domain changes and emits command.rejected), or
- * CV_ERETRY / CV_EREFUSED from the database, or CV_EAHEAD from ctx_exec (run it
- * again). With validate_only, 0 once the payload passed, before any statement. */
+ * CV_ERETRY / CV_EREFUSED from the database, or what ctx_exec returned when it
+ * paused the handler (ctx->paused: run it again). With validate_only, 0 once
+ * the payload passed, before any statement. */
 typedef int (*handler_fn)(struct cmd_ctx *ctx);
 
 /* The rows a command will lock, stated before it runs, so that a batch takes
@@ -112,11 +122,13 @@ void handler_lock_key(const struct handler *h, const cJSON *payload, char out[ID
 void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *products, cJSON *orders);
 /* A handler's statement: db_exec on ctx->db, except when running ahead: in
  * AHEAD_SEND the first statement is deferred (its handle in *ctx->handle) and
- * CV_EAHEAD returned; in AHEAD_RESUME the first returns its result (*out,
- * owned by the caller) and a second returns CV_EAHEAD (the command then runs
+ * the handler paused; in AHEAD_RESUME the first returns its result (*out,
+ * owned by the caller) and a second pauses the handler (the command then runs
  * again, not ahead; so does a first statement that failed: *ctx->first NULL).
- * The handler returns CV_EAHEAD as it returns any error. With CV_EAHEAD *out is
- * NULL; a deferral that fails returns its error class. Otherwise as db_exec. */
+ * Pausing sets ctx->paused and returns CV_ERETRY, with *out NULL: the handler
+ * returns it as it returns any error, and the caller (batch.c) acts on
+ * ctx->paused, not on the class. A deferral that fails returns its error class
+ * (not paused). Otherwise as db_exec. */
 int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out);
 /* Appends an event (event_new: takes data, NULL gives {}) to ctx->events, made
  * on first use and owned by ctx. */

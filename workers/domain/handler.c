@@ -65,18 +65,24 @@ void handler_lock_rows(const struct handler *h, const cJSON *payload, cJSON *pro
     }
 }
 
+/* Stops the handler to run it again later: ctx->paused says so, not the class. */
+static int ctx_pause(struct cmd_ctx *ctx) {
+    ctx->paused = true;
+    return CV_ERETRY;
+}
+
 int ctx_exec(struct cmd_ctx *ctx, const char *sql, int nparams, const char *const *params, PGresult **out) {
     int nth = ctx->statements++;
     if (ctx->ahead == AHEAD_OFF) return db_exec(ctx->db, sql, nparams, params, out);
     if (out) *out = NULL;
-    if (nth > 0) return CV_EAHEAD;
+    if (nth > 0) return ctx_pause(ctx);
     if (ctx->ahead == AHEAD_SEND) {
         int h = db_defer_result(ctx->db, sql, nparams, params);
         if (h < 0) return h;
         *ctx->handle = h;
-        return CV_EAHEAD;
+        return ctx_pause(ctx);
     }
-    if (!*ctx->first) return CV_EAHEAD; /* it failed: the command runs again to meet the error */
+    if (!*ctx->first) return ctx_pause(ctx); /* it failed: the command runs again to meet the error */
     if (out) *out = *ctx->first;
     else PQclear(*ctx->first);
     *ctx->first = NULL;

@@ -14,7 +14,7 @@ int handle_create_product(struct cmd_ctx *ctx) {
     v_price(&v, p, "price", true, price);
     v_int(&v, p, "stock", false, 0, 2147483647LL, &stock);
     v_string(&v, p, "category", false, true, 0, 100, &category);
-    if (v_uuid(&v, p, "productId", false, product_id) == 0) id_new(product_id);
+    if (v_uuid(&v, p, "productId", false, product_id) == V_ABSENT) id_new(product_id);
     int rc;
     if (verr_any(&v) || ctx->validate_only) {
         rc = verr_any(&v) ? ctx_reject_invalid(ctx, &v) : 0;

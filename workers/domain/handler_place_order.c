@@ -49,7 +49,7 @@ int handle_place_order(struct cmd_ctx *ctx) {
                 verr_add(&v, prefix, "must be an object {productId, quantity}");
                 continue;
             }
-            if (v_uuid(&v, e, "productId", true, it[i].product_id) > 0)
+            if (v_uuid(&v, e, "productId", true, it[i].product_id) == V_VALID)
                 for (int j = 0; j < i; j++)
                     if (strcmp(it[j].product_id, it[i].product_id) == 0) verr_add(&v, "productId", "appears twice");
             v_int(&v, e, "quantity", true, 1, MAX_QUANTITY, &it[i].quantity);

@@ -14,7 +14,7 @@ int handle_register(struct cmd_ctx *ctx) {
     v_string(&v, p, "name", true, true, 1, 255, &name);
     v_email(&v, p, "email", true, &email);
     v_password(&v, p, "password", true, &password);
-    if (v_uuid(&v, p, "userId", false, user_id) == 0) id_new(user_id);
+    if (v_uuid(&v, p, "userId", false, user_id) == V_ABSENT) id_new(user_id);
     int rc;
     if (verr_any(&v) || ctx->validate_only) {
         rc = verr_any(&v) ? ctx_reject_invalid(ctx, &v) : 0;

@@ -25,15 +25,16 @@ int handle_update_product(struct cmd_ctx *ctx) {
     for (const char *const *f = not_clearable; *f; f++)
         if (cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(p, *f)))
             verr_add(&v, *f, "cannot be null (only description and category can be cleared)");
-    int has_name = v_string(&v, p, "name", false, true, 1, 255, &name);
-    int has_price = v_price(&v, p, "price", false, price);
-    int has_desc = v_string(&v, p, "description", false, false, 0, 10000, &description);
-    int has_cat = v_string(&v, p, "category", false, true, 0, 100, &category);
-    int has_status = v_string(&v, p, "status", false, false, 1, 16, &status);
+    /* present (valid or not) unless V_ABSENT */
+    enum v_result has_name = v_string(&v, p, "name", false, true, 1, 255, &name);
+    enum v_result has_price = v_price(&v, p, "price", false, price);
+    enum v_result has_desc = v_string(&v, p, "description", false, false, 0, 10000, &description);
+    enum v_result has_cat = v_string(&v, p, "category", false, true, 0, 100, &category);
+    enum v_result has_status = v_string(&v, p, "status", false, false, 1, 16, &status);
     /* description and category may be cleared with an explicit null */
     bool clear_desc = cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(p, "description"));
     bool clear_cat = cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(p, "category"));
-    if (has_status > 0) {
+    if (has_status == V_VALID) {
         bool known = false;
         for (const char *const *s = statuses; *s; s++) known |= strcmp(*s, status) == 0;
         if (!known) verr_add(&v, "status", "must be DRAFT, ACTIVE, INACTIVE or ARCHIVED");

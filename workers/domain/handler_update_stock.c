@@ -14,7 +14,7 @@ int handle_update_stock(struct cmd_ctx *ctx) {
     char product_id[ID_LEN + 1];
     long long q = 0;
     v_uuid(&v, p, "productId", true, product_id);
-    if (v_int(&v, p, "quantityChange", true, -1000000000LL, 1000000000LL, &q) > 0 && q == 0)
+    if (v_int(&v, p, "quantityChange", true, -1000000000LL, 1000000000LL, &q) == V_VALID && q == 0)
         verr_add(&v, "quantityChange", "must not be 0");
     if (verr_any(&v)) return ctx_reject_invalid(ctx, &v);
     if (ctx->validate_only) return 0;

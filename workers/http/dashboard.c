@@ -60,7 +60,9 @@ static cJSON *overview_workers(const struct scoreboard *sb) {
                 if (o != SB_RETRIED && o != SB_DUPLICATE) /* ended here, by its work */
                     done += __atomic_load_n(&s->counts[t].outcomes[o], __ATOMIC_RELAXED);
         cJSON_AddNumberToObject(w, "done", (double)done);
-        json_add_number_or_null(w, "residentBytes", pid ? (double)sb_resident_bytes(pid) : -1);
+        long long rss = -1; /* null when it cannot be read */
+        if (pid) (void)sb_resident_bytes(pid, &rss);
+        json_add_number_or_null(w, "residentBytes", (double)rss);
         cJSON_AddItemToArray(a, w);
     }
     return a;

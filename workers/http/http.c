@@ -276,7 +276,7 @@ static struct MHD_Daemon *listen_on(struct http *h) {
     char host[64];
     int port;
     bool v6;
-    if (cfg_http_address(h->cfg->http_listen, host, sizeof host, &port, &v6) < 0) return NULL; /* checked by cfg_load */
+    if (!cfg_http_address(h->cfg->http_listen, host, sizeof host, &port, &v6)) return NULL; /* checked by cfg_load */
     struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port)};
     if (v6) inet_pton(AF_INET6, host, &a6.sin6_addr);

@@ -160,8 +160,8 @@ static void workers(struct out *o, const struct cfg *cfg, const struct scoreboar
         const struct sb_slot *s = &sb->slot[k];
         pid_t pid = __atomic_load_n(&s->pid, __ATOMIC_RELAXED);
         if (!__atomic_load_n(&s->used, __ATOMIC_ACQUIRE) || s->kind != SB_WORKER || !pid) continue;
-        long long rss = sb_resident_bytes(pid);
-        if (rss >= 0) put(o, "conveyor_worker_resident_bytes{queue=\"%s\",slot=\"%d\"} %lld\n", label(s->queue, ql), k, rss);
+        long long rss;
+        if (sb_resident_bytes(pid, &rss)) put(o, "conveyor_worker_resident_bytes{queue=\"%s\",slot=\"%d\"} %lld\n", label(s->queue, ql), k, rss);
     }
 }
 
