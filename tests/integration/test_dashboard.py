@@ -62,8 +62,11 @@ def wait_for(what, fn, timeout=20):
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
-        last = fn()
-        if last:
+        try:
+            last = fn()
+        except OSError as e:  # the HTTP child starts beside the workers: not listening yet
+            last = e
+        if last and not isinstance(last, OSError):
             return last
         time.sleep(0.1)
     raise Failure(f"timed out waiting for {what} (last: {last!r})")
