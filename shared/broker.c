@@ -1,7 +1,7 @@
-/* broker.c - the broker interface: dispatch to the RabbitMQ or Redis backend, and names. */
+/* broker.c - the broker interface: dispatch to the RabbitMQ or Redis backend
+ * (what the backends share with it is in broker_common.c). */
 #include "broker_backend.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,20 +42,6 @@ int broker_declare_topology(const struct cfg *cfg, char *err, size_t errlen) {
     if (b && (rc = broker_declare(b)) < 0) snprintf(err, errlen, "%s", broker_error(b));
     broker_close(b);
     return rc;
-}
-
-void broker_close(struct broker *b) {
-    if (b) b->ops->close(b);
-}
-
-const char *broker_error(const struct broker *b) { return b ? b->err : "no broker"; }
-
-int broker_fail(struct broker *b, int code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(b->err, sizeof b->err, fmt, ap);
-    va_end(ap);
-    return code;
 }
 
 int broker_declare(struct broker *b) { return b->ops->declare(b); }
@@ -129,21 +115,6 @@ int broker_dead_count(struct broker *b, const struct cfg_queue *q, long *n) {
     return b->ops->dead_count(b, q, n);
 }
 
-void dead_letter_clear(struct dead_letter *d) {
-    free(d->body);
-    free(d->message_id);
-    free(d->reason);
-    free(d->error);
-    free(d->failed_at);
-    free(d->dead_id);
-    memset(d, 0, sizeof *d);
-}
-
-void dead_letters_free(struct dead_letter *d, int n) {
-    for (int i = 0; d && i < n; i++) dead_letter_clear(&d[i]);
-    free(d);
-}
-
 int broker_queue_counts(struct broker *b, const struct cfg_queue *q, struct queue_counts *out) {
     *out = (struct queue_counts){0, -1, 0, 0, -1};
     return b->ops->queue_counts(b, q, out);
@@ -159,33 +130,3 @@ int broker_next_event(struct broker *b, char **json, int timeout_ms) {
     return b->ops->next_event(b, json, timeout_ms);
 }
 
-void delivery_free(struct delivery *d) {
-    if (!d) return;
-    free(d->body);
-    free(d->message_id);
-    free(d->traceparent);
-    d->body = d->message_id = d->traceparent = NULL;
-}
-
-void names_amqp_queue(const struct cfg *c, const char *queue, char *out, size_t n) {
-    snprintf(out, n, "%s.%s", c->prefix, queue);
-}
-
-void names_amqp_dead(const struct cfg *c, const char *queue, char *out, size_t n) {
-    snprintf(out, n, "%s.%s.dead", c->prefix, queue);
-}
-
-/* kind: "queue", "inflight", "retry", "dead", "events", "worker"; queue may be NULL */
-void names_redis(const struct cfg *c, const char *kind, const char *queue, char *out, size_t n) {
-    if (queue) snprintf(out, n, "%s:%s:%s", c->prefix, kind, queue);
-    else snprintf(out, n, "%s:%s", c->prefix, kind);
-}
-
-/* The process's stall listener (broker_stall_hook); NULL: none. */
-static broker_stall_fn stall_hook;
-
-void broker_stall_hook(broker_stall_fn fn) { stall_hook = fn; }
-
-void broker_note(enum broker_note note, int budget_ms) {
-    if (stall_hook) stall_hook(note, budget_ms);
-}

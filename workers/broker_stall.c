@@ -36,6 +36,10 @@ static void on_note(enum broker_note note, int budget_ms) {
 
 void broker_stall_attach(struct sb_slot *slot) {
     my_slot = slot;
+    if (slot) { /* a new process in the slot: its broker has not stalled yet */
+        __atomic_store_n(&slot->broker_wait_until_ms, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&slot->broker_silent_ms, 0, __ATOMIC_RELAXED);
+    }
     broker_stall_hook(slot ? on_note : NULL);
 }
 

@@ -169,14 +169,9 @@ void scoreboard_tick(void) {
     if (board) __atomic_store_n(&board->supervisor_tick_ms, clock_mono_ms(), __ATOMIC_RELAXED);
 }
 
-void scoreboard_attach(int slot) {
-    mine = board && slot >= 0 ? &board->slot[slot] : NULL;
-    if (mine) { /* a new process in the slot: its broker has not stalled yet */
-        __atomic_store_n(&mine->broker_wait_until_ms, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&mine->broker_silent_ms, 0, __ATOMIC_RELAXED);
-    }
-    broker_stall_attach(mine);
-}
+void scoreboard_attach(int slot) { mine = board && slot >= 0 ? &board->slot[slot] : NULL; }
+
+struct sb_slot *scoreboard_mine(void) { return mine; }
 
 void scoreboard_state(enum sb_state state, int in_hand) {
     if (!mine) return;

@@ -74,6 +74,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     prctl(PR_SET_NAME, comm);
     log_init(kind_name[c->kind]);
     scoreboard_attach(c->slot);
+    broker_stall_attach(scoreboard_mine()); /* its broker waits are noted in the same slot */
     int rc = c->kind == CHILD_WORKER ? worker_run(cfg, c->queue, c->worker_id)
            : c->kind == CHILD_RELAY  ? relay_run(cfg)
            : c->kind == CHILD_HTTP   ? http_run(cfg)

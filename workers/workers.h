@@ -196,6 +196,8 @@ void scoreboard_tick(void);
 void scoreboard_set_flags(bool draining);
 /* Child: from now on it writes slot (-1: none). */
 void scoreboard_attach(int slot);
+/* Child: its own slot (scoreboard_attach), or NULL when it has none. */
+struct sb_slot *scoreboard_mine(void);
 /* Worker: its state (idle, busy) and how many messages it holds. */
 void scoreboard_state(enum sb_state state, int in_hand);
 /* Worker: one command of type ended with outcome (retried, dead: no commit). */
