@@ -9,7 +9,7 @@
 
 static const char *component = "conveyor";
 static enum log_level min_level = LOG_INFO;
-static const char *level_names[] = {"debug", "info", "warn", "error"};
+static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
 void log_init(const char *name) {
     component = name;

@@ -59,7 +59,8 @@ static const char usage[] =
     "before an error of either kind at start.\n";
 
 struct selector {
-    const char *id;        /* a command id, or NULL */
+    const char *id;        /* a command id (in id_buf), or NULL */
+    char id_buf[ID_LEN + 1];
     int index;             /* #N, or 0 */
     bool all;
     struct db *reset_db;      /* retry: reset the attempt count of each chosen command here, first */
@@ -220,10 +221,9 @@ static int cmd_list(const struct cfg *cfg, const char *queue, bool json, const c
 /* arg (a command id, #N or --all) into *s: true, or false after saying why on stderr. */
 static bool parse_selector(const char *arg, struct selector *s) {
     memset(s, 0, sizeof *s);
-    static char id[ID_LEN + 1];
     if (strcmp(arg, "--all") == 0) s->all = true;
     else if (arg[0] == '#' && atoi(arg + 1) > 0) s->index = atoi(arg + 1);
-    else if (id_parse(arg, id)) s->id = id;
+    else if (id_parse(arg, s->id_buf)) s->id = s->id_buf;
     else {
         fprintf(stderr, "conveyor-admin: '%s' is not a command id, #N or --all\n", arg);
         return false;

@@ -4,7 +4,7 @@
  *
  *   redelivered ones only: attempts += 1 (command_attempts, its own transaction,
  *                          before any handler; a first delivery is attempt 1)
- *                          (batch_count_attempts)
+ *                          (count_attempts)
  *   BEGIN; INSERT processed_commands(ids)     -- sent with the first command's first
  *                                              -- statement; a conflict: duplicate (the
  *                                              -- first command, run already, is undone)
@@ -166,7 +166,15 @@ static bool is_rejected(const struct batch_item *it) { return it->rc == OUTCOME_
 static bool is_retried(const struct batch_item *it) { return it->claimed && it->rc < 0; }
 static bool any_item(const struct batch_item *it) { (void)it; return true; }
 
-int batch_count_attempts(struct batch *b, struct batch_item **v, int n) {
+/* Counts one more start of the handler for each redelivered item, durably,
+ * before any runs (one transaction that commits asynchronously: the counts
+ * only have to survive this worker, not the database host); a first delivery
+ * is attempt 1, not written. Sets each item's attempts; an item out of
+ * attempts is marked exhausted (its error says why), the others live.
+ * Returns 0, or the error class of a failed statement (CV_ERETRY, CV_EREFUSED):
+ * then the transaction is rolled back, nothing is counted and no item is marked
+ * live or exhausted (each has attempts 1). */
+static int count_attempts(struct batch *b, struct batch_item **v, int n) {
     int nredelivered = 0;
     for (int i = 0; i < n; i++) {
         v[i]->attempts = 1;
@@ -218,23 +226,6 @@ int batch_count_attempts(struct batch *b, struct batch_item **v, int n) {
     return 0;
 }
 
-/* True when some item locks several products (lock_batch applies). */
-static bool locks_several(struct batch_item **v, int n) {
-    for (int i = 0; i < n; i++)
-        if (v[i]->handler->locks == LOCKS_ITEM_PRODUCTS || v[i]->handler->locks == LOCKS_ORDER_PRODUCTS) return true;
-    return false;
-}
-
-void batch_order(struct batch_item **v, int n) {
-    if (locks_several(v, n)) return; /* lock_batch takes every product first: arrival order is kept */
-    for (int i = 1; i < n; i++) {
-        struct batch_item *x = v[i];
-        int j = i;
-        for (; j > 0 && strcmp(v[j - 1]->key, x->key) > 0; j--) v[j] = v[j - 1];
-        v[j] = x;
-    }
-}
-
 /* Opens the batch's transaction and inserts the dedup rows of its commands
  * (in id order, so concurrent batches cannot deadlock on them), deferred: they
  * go ahead of the next statement, in the same round trip, and claim_read reads
@@ -265,7 +256,7 @@ static int claim_send(struct batch *b, struct batch_item **v, int n) {
  * BEGIN and the claim ride with it), and the commands then find them held.
  * Returns 0 (also when there is nothing to do) or the statement's error class. */
 static int lock_batch(struct batch *b, struct batch_item **v, int n) {
-    if (n < 2 || !locks_several(v, n)) return 0;
+    if (n < 2 || !batch_locks_several(v, n)) return 0;
     cJSON *products = cJSON_CreateArray(), *orders = cJSON_CreateArray();
     for (int i = 0; i < n; i++) handler_lock_rows(v[i]->handler, v[i]->env.payload, products, orders);
     char *pa = json_array_literal(products), *oa = json_array_literal(orders);
@@ -451,7 +442,17 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
     return rc < 0 ? rc : stop;
 }
 
-int batch_run(struct batch *b, struct batch_item **v, int n) {
+/* Runs the items in one transaction, each in its own savepoint when there are
+ * several (a failing command is rolled back alone and settled on its own),
+ * and commits once. Before the COMMIT is sent, the outcomes it commits are
+ * armed in the scoreboard with the transaction's id (commit_batch); count_outcomes
+ * settles them. Sets each item's rc (an outcome, or the error class of
+ * its failure, with error), and moves the items' events into the outbox.
+ * Returns 0, or the error class that undid the whole batch: then every item
+ * that had not failed on its own carries it, with error, and the transaction
+ * is rolled back (if the connection broke after the COMMIT was sent, it may
+ * have committed: the retry finds the commands done). */
+static int run_batch(struct batch *b, struct batch_item **v, int n) {
     struct db *db = b->db;
     b->claim = -1;
     b->xid = 0;
@@ -522,3 +523,52 @@ int batch_run(struct batch *b, struct batch_item **v, int n) {
     return rc;
 }
 
+
+/* After run_batch returned rc for the n items v: counts the outcomes it
+ * committed (rc 0), with their duration and latency, then forgets the pending
+ * copy run_batch armed; after an error on a connection that still works
+ * (nothing committed) only forgets it; after a broken connection leaves it
+ * pending, for the worker's reconciliation once reconnected (the COMMIT may
+ * have been applied). */
+static void count_outcomes(struct batch *b, struct batch_item **v, int n, int rc) {
+    if (rc < 0) {
+        if (db_ok(b->db)) scoreboard_pending_drop();
+        return;
+    }
+    int64_t commit_us = clock_mono_us(), commit_ms = clock_ms();
+    for (int i = 0; i < n; i++) {
+        if (v[i]->rc < 0) continue; /* failed alone: the worker settles it */
+        log_cmd(LOG_DEBUG, &v[i]->env, "%s %s", v[i]->env.type, sb_outcome_names[v[i]->rc]);
+        /* enum outcome and enum sb_outcome agree on applied, rejected, duplicate */
+        scoreboard_committed(v[i]->env.type, (enum sb_outcome)v[i]->rc, v[i]->started_us, commit_us,
+                             v[i]->env.created_ms, commit_ms);
+    }
+    scoreboard_pending_drop();
+}
+
+int batch_process(struct batch *b, struct batch_item **v, int n) {
+    if (n == 0) return 0;
+    int rc = count_attempts(b, v, n);
+    if (rc < 0) return rc;
+    struct batch_item **live = xmalloc((size_t)n * sizeof *live);
+    int nlive = 0;
+    for (int i = 0; i < n; i++)
+        if (v[i]->live) live[nlive++] = v[i];
+    batch_order(live, nlive);
+    if (nlive > 0) {
+        scoreboard_current(live[0]->env.id, live[0]->env.type);
+        rc = run_batch(b, live, nlive);
+        count_outcomes(b, live, nlive, rc);
+    }
+    if (rc == CV_EREFUSED && nlive > 1) {
+        /* the database refused the batch as a whole (its outbox insert, say):
+         * run each alone, so that only the command at fault fails */
+        log_warn("a batch of %d failed as a whole (%s); running each command alone", nlive, db_errstr(b->db));
+        for (int i = 0; i < nlive; i++) {
+            batch_item_forget(live[i]);
+            count_outcomes(b, &live[i], 1, run_batch(b, &live[i], 1));
+        }
+    }
+    free(live);
+    return 0;
+}

@@ -227,11 +227,13 @@ static void relay_stop_drain(const struct cfg *cfg, struct db *db, struct broker
         log_info("relay published %ld event%s left in the outbox before stopping", total, total == 1 ? "" : "s");
 }
 
-/* Holds the relay lock on db and publishes until stop or a lost connection. */
-static bool config_refused; /* a server refused what the configuration says: the relay stops */
-/* The relay could not publish for its deadline (give_up_ms) and gave up its lock: it stands
- * by for that long before it tries the lock again, so a healthy pool's relay takes over. */
-static bool gave_up;
+/* How a spell as the active relay ended. */
+enum relay_end {
+    RELAY_LOST,          /* stop asked for, or the database connection lost: it tries again */
+    RELAY_GAVE_UP,       /* it could not publish for give_up_ms and gave up its lock: it stands by
+                          * that long before it tries the lock again, so a healthy pool's relay takes over */
+    RELAY_CONFIG_REFUSED /* a server refused what the configuration says: the relay stops */
+};
 
 /* How long the active relay may fail to publish (events waiting, the broker
  * silent, unreachable or refusing them) before it gives up the lock: twice
@@ -239,25 +241,27 @@ static bool gave_up;
  * reply timeout on the silent node, then a publish on the next) fits in it. */
 static int64_t give_up_ms(const struct cfg *cfg) { return 2L * cfg->broker_reply_timeout_ms; }
 
-static void relay_active(const struct cfg *cfg, struct db *db) {
+/* Holds the relay lock on db and publishes until stop, a lost connection, a
+ * deadline without publishing, or a refused configuration; says which. */
+static enum relay_end relay_active(const struct cfg *cfg, struct db *db) {
     char sql[128];
     snprintf(sql, sizeof sql, "LISTEN \"%s_outbox\"", cfg->prefix);
-    if (db_cmd(db, sql) < 0) return;
+    if (db_cmd(db, sql) < 0) return RELAY_LOST;
     /* "published" marks commit without waiting for the disk: one lost in a
      * database crash only means those events are published again, which
      * at-least-once delivery allows (subscribers dedupe by event id) */
-    if (db_cmd(db, "SET synchronous_commit TO off") < 0) return;
+    if (db_cmd(db, "SET synchronous_commit TO off") < 0) return RELAY_LOST;
     /* The claim, the mark and the prune each have their index, and must use
      * it however small the outbox's statistics say it is: a plan made while
      * the outbox was empty (a new database, one just vacuumed empty) is a
      * sequential scan, and the connection keeps that plan until autovacuum
      * next analyzes the outbox (up to a minute), while every claim and mark
      * reads the whole table. */
-    if (db_cmd(db, "SET enable_seqscan TO off") < 0) return;
+    if (db_cmd(db, "SET enable_seqscan TO off") < 0) return RELAY_LOST;
     /* ... and the claim reads the outbox sequence, which only a sequential
      * scan can read: the penalty enable_seqscan adds to it puts the claim far
      * above jit_above_cost, and each claim would spend about 90 ms compiling */
-    if (db_cmd(db, "SET jit TO off") < 0) return;
+    if (db_cmd(db, "SET jit TO off") < 0) return RELAY_LOST;
     relay_wake_clear();
     relay_wake_set_active(true); /* the pool's workers wake this relay directly */
     struct broker *b = NULL;
@@ -266,12 +270,13 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
     int64_t failing_since = 0; /* monotonic ms of the first failure since the last publish (0: none) */
     int64_t next_prune = clock_mono_ms();
     struct claim_floor floor = {0};
+    enum relay_end end = RELAY_LOST;
     while (!stop_requested && db_ok(db)) {
         pool_load_report(db, cfg); /* at most once a second: conveyor-admin stats' in flight */
         int cls = 0;
         if (!b && !(b = broker_open_class(cfg, cfg->events_transport, &cls, err, sizeof err)) && cls == CV_ECONFIG) {
             log_error("events broker refused the configuration: %s; stopping", err);
-            config_refused = true;
+            end = RELAY_CONFIG_REFUSED;
             break;
         }
         if (!b && !failures) log_warn("events broker unreachable: %s; retrying", err);
@@ -282,7 +287,7 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
                 log_warn("the relay could not publish for %lld ms (%s): giving up the relay lock, so that another "
                          "pool's relay takes over; standing by", (long long)(clock_mono_ms() - failing_since),
                          b ? broker_error(b) : err);
-                gave_up = true;
+                end = RELAY_GAVE_UP;
                 break;
             }
             if (n == CV_ERETRY && db_ok(db)) {
@@ -308,6 +313,7 @@ static void relay_active(const struct cfg *cfg, struct db *db) {
              floor.moves, (long long)floor.floor, floor.below);
     relay_wake_set_active(false);
     broker_close(b);
+    return end;
 }
 
 int relay_run(const struct cfg *cfg) {
@@ -315,12 +321,14 @@ int relay_run(const struct cfg *cfg) {
     snprintf(lock_name, sizeof lock_name, "%s.relay", cfg->prefix);
     const char *p[1] = {lock_name};
     bool said_standby = false;
-    while (!stop_requested) {
+    enum relay_end end = RELAY_LOST;
+    while (!stop_requested && end != RELAY_CONFIG_REFUSED) {
         struct db *db = db_connect_retry(cfg->database_url, &stop_requested);
         if (!db) {
-            config_refused = !stop_requested; /* said by db_connect_retry */
+            if (!stop_requested) end = RELAY_CONFIG_REFUSED; /* said by db_connect_retry */
             break;
         }
+        end = RELAY_LOST;
         /* The lock goes with the session: when this host is cut off, PostgreSQL
          * must end the session soon, so another pool's relay takes over (the
          * server's keepalive probes and unacknowledged data, ~4 s; docs/scaling.md). */
@@ -333,7 +341,7 @@ int relay_run(const struct cfg *cfg) {
             if (got) {
                 log_info("relay active: publishing the outbox to %s", transport_name(cfg->events_transport));
                 said_standby = false;
-                relay_active(cfg, db);
+                end = relay_active(cfg, db);
                 break;
             }
             if (!said_standby) log_info("another relay is active; standing by");
@@ -343,12 +351,9 @@ int relay_run(const struct cfg *cfg) {
         }
         if (stop_requested && db_ok(db)) pool_load_forget(db);
         db_close(db); /* releases the lock if held */
-        if (config_refused) break;
-        if (gave_up) { /* another pool's relay may take the lock meanwhile */
-            gave_up = false;
+        if (end == RELAY_GAVE_UP) /* another pool's relay may take the lock meanwhile */
             backoff_sleep((int)give_up_ms(cfg), &stop_requested);
-        }
     }
     log_info("relay stopped");
-    return config_refused ? CV_EXIT_CONFIG : 0;
+    return end == RELAY_CONFIG_REFUSED ? CV_EXIT_CONFIG : 0;
 }

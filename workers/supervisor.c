@@ -36,7 +36,7 @@
 #define RESTART_CAP_MS 10000  /* ... up to 10 s */
 
 enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER, CHILD_HTTP };
-static const char *kind_name[] = {"worker", "relay", "reaper", "http"};
+static const char *const kind_name[] = {"worker", "relay", "reaper", "http"};
 
 struct child {
     pid_t pid;                     /* 0 while not running */

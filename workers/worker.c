@@ -28,7 +28,6 @@ struct worker {
     long jobs;             /* commands handled, for max_jobs */
 };
 
-static const char *outcome_name[] = {"applied", "rejected", "duplicate"};
 /* an outcome is counted as the scoreboard's outcome of the same number */
 _Static_assert(OUTCOME_APPLIED == (int)SB_APPLIED && OUTCOME_REJECTED == (int)SB_REJECTED &&
                    OUTCOME_DUPLICATE == (int)SB_DUPLICATE, "enum outcome and enum sb_outcome disagree");
@@ -122,27 +121,6 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
 }
 
 
-/* After batch_run returned rc for the n items v: counts the outcomes it
- * committed (rc 0), with their duration and latency, then forgets the pending
- * copy batch_run armed; after an error on a connection that still works
- * (nothing committed) only forgets it; after a broken connection leaves it
- * pending, for count_reconcile once reconnected (the COMMIT may have been applied). */
-static void count_commit(struct worker *w, struct batch_item **v, int n, int rc) {
-    if (rc < 0) {
-        if (w->db && db_ok(w->db)) scoreboard_pending_drop();
-        return;
-    }
-    int64_t commit_us = clock_mono_us(), commit_ms = clock_ms();
-    for (int i = 0; i < n; i++) {
-        if (v[i]->rc < 0) continue; /* failed alone: settled by attempt_failed */
-        log_cmd(LOG_DEBUG, &v[i]->env, "%s %s", v[i]->env.type, outcome_name[v[i]->rc]);
-        /* enum outcome and enum sb_outcome agree on applied, rejected, duplicate */
-        scoreboard_committed(v[i]->env.type, (enum sb_outcome)v[i]->rc, v[i]->started_us, commit_us,
-                             v[i]->env.created_ms, commit_ms);
-    }
-    scoreboard_pending_drop();
-}
-
 /* Settles the outcomes pending in this worker's slot (left by a predecessor
  * killed between a COMMIT and its counting, or by a connection lost during a
  * COMMIT): asks the database whether their transaction committed, and folds
@@ -211,19 +189,19 @@ static bool admit(struct worker *w, struct batch_item *it) {
     return true;
 }
 
-/* Runs the n messages of a batch, then settles each: acks after the commit
- * (one ack for a batch that went through whole), retries or dead letters. */
+/* Runs the n messages of a batch (batch_process), then settles each: acks
+ * after the commit (one ack for a batch that went through whole), retries or
+ * dead letters. */
 static void process_batch(struct worker *w, struct batch_item *items, int n) {
     struct batch_item **v = xmalloc((size_t)n * sizeof *v);
     int nv = 0;
     for (int i = 0; i < n; i++)
         if (admit(w, &items[i])) v[nv++] = &items[i];
     w->batch.db = w->db;
-    /* no database (lost with an earlier batch of this take): hand them back, as
-     * when the count fails; the next take reconnects first */
-    if (nv > 0 && (!w->db || batch_count_attempts(&w->batch, v, nv) < 0)) {
-        /* the database is away: hand them back and reconnect (they come back
-         * redelivered, and one never started before is then counted as started once) */
+    /* no database (lost with an earlier batch of this take), or lost before
+     * anything ran: hand them back and reconnect (they come back redelivered,
+     * and one never started before is then counted as started once) */
+    if (nv > 0 && (!w->db || batch_process(&w->batch, v, nv) < 0)) {
         db_check(w);
         for (int i = 0; i < nv; i++)
             if (broker_requeue(w->broker, &v[i]->d) < 0)
@@ -231,28 +209,13 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
                         "closes", broker_error(w->broker));
         nv = 0;
     }
-    int nlive = 0;
-    for (int i = 0; i < nv; i++) {
-        if (v[i]->live) v[nlive++] = v[i];
-        else if (v[i]->exhausted) /* started max_attempts times (some of them killed their worker) */
-            settle_dead(w, &v[i]->d, "retries_exhausted", v[i]->error, v[i]->attempts, &v[i]->env);
-    }
-    batch_order(v, nlive);
-    if (nlive > 0) scoreboard_current(v[0]->env.id, v[0]->env.type);
-    int brc = nlive > 0 ? batch_run(&w->batch, v, nlive) : 0;
-    count_commit(w, v, nlive, brc);
-    if (brc == CV_EREFUSED && nlive > 1) {
-        /* the database refused the batch as a whole (its outbox insert, say):
-         * run each alone, so that only the command at fault fails */
-        log_warn("a batch of %d failed as a whole (%s); running each command alone", nlive, db_errstr(w->db));
-        for (int i = 0; i < nlive; i++) {
-            batch_item_forget(v[i]);
-            count_commit(w, &v[i], 1, batch_run(&w->batch, &v[i], 1));
-        }
-    }
     /* failures first: a retry acks its own delivery */
-    for (int i = 0; i < nlive; i++)
-        if (v[i]->rc < 0) attempt_failed(w, v[i]);
+    for (int i = 0; i < nv; i++) {
+        if (v[i]->exhausted) /* started max_attempts times (some of them killed their worker) */
+            settle_dead(w, &v[i]->d, "retries_exhausted", v[i]->error, v[i]->attempts, &v[i]->env);
+        else if (v[i]->live && v[i]->rc < 0)
+            attempt_failed(w, v[i]);
+    }
     struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;
     for (int i = 0; i < n; i++) /* in arrival order */

@@ -21,7 +21,7 @@ struct batch_item {
     struct envelope env;
     const struct handler *handler;
     bool live;            /* parsed, known, within its attempts: it takes part in the transaction */
-    bool exhausted;       /* out of attempts (batch_count_attempts): dead-letter it, error says why */
+    bool exhausted;       /* out of attempts (count_attempts): dead-letter it, error says why */
     int attempts;         /* handler starts, this one included */
     bool counted;         /* its attempts are in command_attempts (it was redelivered) */
     bool claimed;         /* its dedup row is in this transaction: it runs */
@@ -47,32 +47,24 @@ struct batch {
 /* Fills b for the queue q of cfg (both kept: they must outlive b; b->db is set
  * by the caller). */
 void batch_init(struct batch *b, const struct cfg *cfg, const struct cfg_queue *q);
-/* Counts one more start of the handler for each redelivered item, durably,
- * before any runs (one transaction that commits asynchronously: the counts
- * only have to survive this worker, not the database host); a first delivery
- * is attempt 1, not written. Sets each item's attempts; an item out of
- * attempts is marked exhausted (its error says why), the others live.
- * Returns 0, or the error class of a failed statement (CV_ERETRY, CV_EREFUSED):
- * then the transaction is rolled back, nothing is counted and no item is marked
- * live or exhausted (each has attempts 1). */
-int batch_count_attempts(struct batch *b, struct batch_item **v, int n);
+/* Runs the n admitted items v of one take, handed over once: counts the
+ * start of each redelivered one (an item out of attempts is marked exhausted,
+ * with its error, and does not run), orders the live ones by the row each
+ * locks first (batch_order), runs them in one transaction (each alone when
+ * the database refused the batch as a whole) and counts what committed in the
+ * scoreboard. Returns 0: then each item's live, exhausted and rc (an outcome,
+ * or the error class of a failed attempt, with error) say how the caller
+ * settles it; or the error class of the attempt count (the database away
+ * before anything ran: no item ran, none is live, the caller hands them back). */
+int batch_process(struct batch *b, struct batch_item **v, int n);
+/* True when some item locks several products: the batch then locks them all
+ * first, in one statement (batch.c's lock_batch), and keeps arrival order. */
+bool batch_locks_several(struct batch_item *const *v, int n);
 /* Orders v stably by key (the row each command locks first): every batch
  * takes its rows' locks in one order, so concurrent batches do not deadlock;
- * commands on one aggregate keep their order. */
+ * commands on one aggregate keep their order. Keeps arrival order when
+ * batch_locks_several. (batch_order.c: pure, unit-tested.) */
 void batch_order(struct batch_item **v, int n);
-/* Runs the items in one transaction, each in its own savepoint when there are
- * several (a failing command is rolled back alone and settled on its own),
- * and commits once. Before the COMMIT is sent, the outcomes it commits are
- * armed in the scoreboard with the transaction's id (scoreboard_pending_*):
- * the caller counts them and drops them after a 0, drops them after an error
- * on a connection that still works (nothing committed), and leaves them for
- * reconciliation when the connection broke (the COMMIT may have been applied). Sets each item's rc (an outcome, or the error class of
- * its failure, with error), and moves the items' events into the outbox.
- * Returns 0, or the error class that undid the whole batch: then every item
- * that had not failed on its own carries it, with error, and the transaction
- * is rolled back (if the connection broke after the COMMIT was sent, it may
- * have committed: the retry finds the commands done). */
-int batch_run(struct batch *b, struct batch_item **v, int n);
 /* Frees what running an item left (error text, events, a first result; not its
  * delivery or envelope) and clears claimed and rc; it can run again. */
 void batch_item_forget(struct batch_item *it);
