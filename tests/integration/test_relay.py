@@ -7,6 +7,7 @@ still commit a row at or below it is in progress, so a commit that stalls
 for seconds neither loses its rows nor lets a later event of its aggregate
 overtake them."""
 import json
+import os
 import select
 import socket
 import threading
@@ -15,7 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 
-from harness import REDIS_URL, Events, Pool, Publisher, check, db, envelope, eq, http_pool, query
+from harness import REDIS_URL, ROOT, Events, Pool, Publisher, check, db, envelope, eq, http_pool, query
 
 SLOW_POLL = "relay: { poll_interval_ms = 60000; };"
 NO_WORKERS = {"users": 0, "catalog": 0, "orders": 0}
@@ -530,6 +531,63 @@ def test_out_of_order_commits_thousands_of_times_lose_nothing_and_keep_aggregate
     finally:
         if pool.proc.poll() is None:
             pool.stop()
+
+
+def test_the_claims_sequence_read_never_runs_ahead():
+    """The hole the floor once had (docs/decisions.md, "The cause, found"): a
+    plain SELECT from a sequence reads its tuple without the buffer's lock and
+    can catch a nextval writing its WAL record, while the tuple holds the value
+    logged ahead (ids not handed out yet). The relay's claim must read the last
+    id under the lock, with pg_sequence_last_value, and that read must never go
+    back while three connections call nextval in a loop; the plain read's
+    figure is printed beside it (it goes back, now and then: the cause)."""
+    src = open(os.path.join(ROOT, "workers", "relay.c")).read()
+    check("pg_sequence_last_value('outbox_id_seq'::regclass)" in src and "FROM outbox_id_seq" not in src,
+          "relay.c's claim reads the outbox sequence's last id with pg_sequence_last_value, and only so")
+    c = db()
+    c.autocommit = True
+    with c.cursor() as cur:  # as outbox_id_seq (sql/0004): CACHE 1
+        cur.execute("DROP SEQUENCE IF EXISTS relay_read_race; CREATE SEQUENCE relay_read_race CACHE 1")
+    stop = time.time() + 5.0
+    went_back = {}
+
+    def burn():
+        w = db()
+        w.autocommit = True
+        with w.cursor() as cur:
+            while time.time() < stop:
+                cur.execute("SELECT nextval('relay_read_race') FROM generate_series(1, 50)")
+        w.close()
+
+    def read(name, sql):
+        r = db()
+        r.autocommit = True
+        prev, back, n = 0, 0, 0
+        with r.cursor() as cur:
+            while time.time() < stop:
+                cur.execute(sql)
+                v = cur.fetchone()[0] or 0
+                back += v < prev
+                prev, n = max(prev, v), n + 1
+        r.close()
+        went_back[name] = (back, n)
+
+    threads = [threading.Thread(target=burn) for _ in range(3)] + [
+        threading.Thread(target=read, args=("locked", "SELECT pg_sequence_last_value('relay_read_race'::regclass)")),
+        threading.Thread(target=read, args=("plain", "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 "
+                                                     "END FROM relay_read_race"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with c.cursor() as cur:
+        cur.execute("DROP SEQUENCE relay_read_race")
+    c.close()
+    check(went_back["locked"][1] > 100 and went_back["plain"][1] > 100, f"both read in a loop: {went_back}")
+    eq(went_back["locked"][0], 0, "times pg_sequence_last_value went back (it had read an id not handed out)")
+    print(f"FIGURES sequence reads under nextval: pg_sequence_last_value went back 0 times in "
+          f"{went_back['locked'][1]} reads; a plain SELECT from the sequence {went_back['plain'][0]} times in "
+          f"{went_back['plain'][1]}")
 
 
 LATE_S = 20.0
