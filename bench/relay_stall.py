@@ -28,9 +28,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
 from harness import Events, Pool, Publisher, db, envelope, new_id, query  # noqa: E402
 
-CLAIM = ("SELECT CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END, "
+CLAIM = ("SELECT coalesce(pg_sequence_last_value('outbox_id_seq'::regclass), 0), "
          "pg_snapshot_xmin(pg_current_snapshot())::text, o.id, o.event_id::text, o.event_type, o.payload::text "
-         "FROM outbox_id_seq s LEFT JOIN LATERAL (SELECT id, event_id, event_type, payload FROM outbox "
+         "FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT id, event_id, event_type, payload FROM outbox "
          "WHERE published_at IS NULL AND id > %s ORDER BY id LIMIT 500) o ON true ORDER BY o.id")
 
 
@@ -103,7 +103,7 @@ def claim_cost(n):
     holder.autocommit = False
     hcur = holder.cursor()
     hcur.execute("SELECT pg_current_xact_id()")  # holds back the horizon, as a stalled commit does
-    cur.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM outbox_id_seq")
+    cur.execute("SELECT coalesce(pg_sequence_last_value('outbox_id_seq'::regclass), 0)")
     below = cur.fetchone()[0]
     cur.execute("INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
                 "SELECT gen_random_uuid(), 'product', gen_random_uuid(), 'bench.dead', '{}' FROM generate_series(1, %s)",
