@@ -228,14 +228,17 @@ TEST_MAY_INCLUDE = {
     "tests/unit": {"test.h", "core.h", "domain.h"},
     "tests/fuzz": {"domain.h"},
 }
+# The one unit test of the pool's room: its pure piece, the batch's lock order.
+TEST_FILE_MAY_INCLUDE = {"tests/unit/test_batch_order.c": {"test.h", "workers.h"}}
 
 
 def test_layers_include_only_downward():
     problems = []
     for folder, allowed in list(MAY_INCLUDE.items()) + list(TEST_MAY_INCLUDE.items()):
         for f in c_sources(folder):
-            for inc in includes(os.path.join(folder, f)):
-                if inc not in allowed:
+            path = os.path.join(folder, f)
+            for inc in includes(path):
+                if inc not in TEST_FILE_MAY_INCLUDE.get(path, allowed):
                     problems.append(f"{folder}/{f} includes \"{inc}\" ({folder}/ may include {sorted(allowed)})")
     for f in c_sources("shared"):
         if "broker_backend.h" in includes(os.path.join("shared", f)):
@@ -349,3 +352,87 @@ def test_one_error_channel():
         if not re.search(rf"case {name}:\s*return \"", strerror.group(1)):
             problems.append(f"shared/core.h: cv_strerror does not name {name}")
     check(not problems, "\n".join(problems))
+
+
+def _code(text):
+    """C text without comments, string and character literals."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", " ", text)
+    text = re.sub(r'"(?:\\.|[^"\\\n])*"', '""', text)
+    return re.sub(r"'(?:\\.|[^'\\\n])'", "''", text)
+
+
+DEFINITION = re.compile(r"^(?!static\b)[A-Za-z_][\w \t\*]*?\b([a-z_]\w*)\s*\([^;{]*\)\s*\{", re.M)
+CALL = re.compile(r"\b([a-z_]\w*)\s*\(")
+
+
+def _scc(graph):
+    """The strongly connected components of graph (node -> set of nodes) with
+    more than one node: the circles."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_circles_between_files_or_folders():
+    """No two C files call each other in a circle (A calls a function that only B
+    defines, and B, through any chain, one that only A defines), and no two
+    folders do (docs/architecture.md, "Layers"). Read from the sources: the
+    non-static definitions of each file and the names it calls."""
+    files = [f for folder in ("shared", "workers", "producer") for f in c_tree(folder) if f.endswith(".c")]
+    code = {f: _code(read(f)) for f in files}
+    defined = {}
+    for f, text in code.items():
+        for name in DEFINITION.findall(text):
+            defined.setdefault(name, set()).add(f)
+    check(len(defined) > 100, f"the definitions were read ({len(defined)} names)")
+    # a name defined in several files (conveyor-admin and conveyor-workers each have a main) ties none
+    owner = {name: next(iter(fs)) for name, fs in defined.items() if len(fs) == 1}
+    graph = {f: set() for f in files}
+    for f, text in code.items():
+        for name in set(CALL.findall(text)):
+            g = owner.get(name)
+            if g and g != f:
+                graph[f].add(g)
+    check(sum(len(v) for v in graph.values()) > 100, "the calls between files were read")
+    circles = _scc(graph)
+    check(not circles, "files that call each other in a circle:\n  " + "\n  ".join(" <-> ".join(c) for c in circles))
+    # Folders: the supervisor starts the HTTP child (http_run, declared in
+    # workers.h beside worker_run and relay_run): the one call from the pool's
+    # room into http/, and the one edge the folders' graph leaves out.
+    into_http = sorted((f, g) for f, targets in graph.items() for g in targets
+                       if os.path.dirname(g) == HTTP and os.path.dirname(f) != HTTP)
+    eq(into_http, [(os.path.join("workers", "supervisor.c"), os.path.join(HTTP, "http.c"))],
+       "calls into workers/http/ from outside it (only the supervisor's start of the child)")
+    folders = {}
+    for f, targets in graph.items():
+        for g in targets:
+            if os.path.dirname(f) != os.path.dirname(g) and (f, g) not in into_http:
+                folders.setdefault(os.path.dirname(f), set()).add(os.path.dirname(g))
+    circles = _scc(folders)
+    check(not circles, "folders that call each other in a circle:\n  " + "\n  ".join(" <-> ".join(c) for c in circles))
