@@ -261,40 +261,14 @@ static int read_secret_file(struct loader *l, const char *what, const char *path
     return 0;
 }
 
-static int load(struct loader *l, config_t *lc, struct cfg *c) {
-    static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
-                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "broker", "queues",
-                                      NULL};
+/* The connections: database, rabbitmq (URL or node list, TLS files), redis.
+ * Returns 0 or CV_ECONFIG (said through l). */
+static int load_connections(struct loader *l, config_setting_t *root, struct cfg *c) {
     static const char *const k_url[] = {"url", NULL};
     static const char *const k_rabbitmq[] = {"url", "ca_file", "cert_file", "key_file", NULL};
     static const char *const k_redis[] = {"url", "heartbeat_interval", "heartbeat_ttl", "wait_replicas",
                                           "wait_timeout_ms", NULL};
-    static const char *const k_producer[] = {"publish_retry_ms", NULL};
-    static const char *const k_broker[] = {"reply_timeout_ms", NULL};
-    static const char *const k_retry[] = {"base_delay_ms", "max_delay_ms", NULL};
-    static const char *const k_events[] = {"transport", "stream_maxlen", NULL};
-    static const char *const k_limits[] = {"max_message_bytes", NULL};
-    static const char *const k_domain[] = {"stock_low_threshold", "password_hash_opslimit",
-                                           "password_hash_memlimit_mb", NULL};
-    static const char *const k_relay[] = {"poll_interval_ms", "batch_size", "retention_seconds", NULL};
-    static const char *const k_sup[] = {"shutdown_timeout", "max_jobs", "max_rss_mb", NULL};
-    static const char *const k_dedup[] = {"retention_days", "prune_batch", NULL};
-    static const char *const k_http[] = {"listen", "token", "token_file", NULL};
-    config_setting_t *root = config_root_setting(lc), *g;
-    if (only_known(l, root, top) < 0) return CV_ECONFIG;
-
-    if (get_string(l, root, "prefix", &c->prefix) < 0) return CV_ECONFIG;
-    if (!valid_name(c->prefix)) return fail(l, config_setting_get_member(root, "prefix"),
-                                            "'prefix' must be letters, digits, '_' or '-'");
-    enum transport deflt = TRANSPORT_RABBITMQ;
-    char *tr = NULL;
-    if (get_string(l, root, "transport", &tr) < 0) return CV_ECONFIG;
-    if (tr && !transport_parse(tr, &deflt)) {
-        free(tr);
-        return fail(l, config_setting_get_member(root, "transport"), "'transport' must be \"rabbitmq\" or \"redis\"");
-    }
-    free(tr);
-
+    config_setting_t *g;
     if (get_group(l, root, "database", k_url, &g) < 0 || get_string(l, g, "url", &c->database_url) < 0) return CV_ECONFIG;
     if (get_group(l, root, "rabbitmq", k_rabbitmq, &g) < 0 || get_string_or_list(l, g, "url", &c->rabbitmq_url) < 0 ||
         get_string(l, g, "ca_file", &c->rabbitmq_ca_file) < 0 || get_string(l, g, "cert_file", &c->rabbitmq_cert_file) < 0 ||
@@ -309,6 +283,24 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     if (c->heartbeat_ttl_s <= c->heartbeat_interval_s)
         return fail(l, config_setting_get_member(g, "heartbeat_ttl"),
                     "'redis.heartbeat_ttl' must be longer than 'redis.heartbeat_interval'");
+    return 0;
+}
+
+/* The tuning groups: producer, broker, retry, events (its transport defaults
+ * to deflt), limits, domain, relay, supervisor, dedup. Returns 0 or CV_ECONFIG. */
+static int load_tuning(struct loader *l, config_setting_t *root, enum transport deflt, struct cfg *c) {
+    static const char *const k_producer[] = {"publish_retry_ms", NULL};
+    static const char *const k_broker[] = {"reply_timeout_ms", NULL};
+    static const char *const k_retry[] = {"base_delay_ms", "max_delay_ms", NULL};
+    static const char *const k_events[] = {"transport", "stream_maxlen", NULL};
+    static const char *const k_limits[] = {"max_message_bytes", NULL};
+    static const char *const k_domain[] = {"stock_low_threshold", "password_hash_opslimit",
+                                           "password_hash_memlimit_mb", NULL};
+    static const char *const k_relay[] = {"poll_interval_ms", "batch_size", "retention_seconds", NULL};
+    static const char *const k_sup[] = {"shutdown_timeout", "max_jobs", "max_rss_mb", NULL};
+    static const char *const k_dedup[] = {"retention_days", "prune_batch", NULL};
+    config_setting_t *g;
+    char *tr = NULL;
     if (get_group(l, root, "producer", k_producer, &g) < 0 ||
         get_int(l, g, "publish_retry_ms", 0, 3600000, &c->publish_retry_ms) < 0) return CV_ECONFIG;
     if (get_group(l, root, "broker", k_broker, &g) < 0 ||
@@ -321,7 +313,6 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
 
     c->events_transport = deflt;
     if (get_group(l, root, "events", k_events, &g) < 0) return CV_ECONFIG;
-    tr = NULL;
     if (get_string(l, g, "transport", &tr) < 0) return CV_ECONFIG;
     if (tr && !transport_parse(tr, &c->events_transport)) {
         free(tr);
@@ -347,6 +338,13 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
         get_int(l, g, "retention_days", 0, 36500, &c->dedup_retention_days) < 0 ||
         get_int(l, g, "prune_batch", 1, 100000, &c->dedup_prune_batch) < 0) return CV_ECONFIG;
 
+    return 0;
+}
+
+/* The http group: listen, token or token_file. Returns 0 or CV_ECONFIG. */
+static int load_http(struct loader *l, config_setting_t *root, struct cfg *c) {
+    static const char *const k_http[] = {"listen", "token", "token_file", NULL};
+    config_setting_t *g;
     char *token_file = NULL;
     if (get_group(l, root, "http", k_http, &g) < 0 || get_string(l, g, "listen", &c->http_listen) < 0 ||
         get_string(l, g, "token", &c->http_token) < 0 || get_string(l, g, "token_file", &token_file) < 0) {
@@ -370,6 +368,11 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
         return fail(l, config_setting_get_member(g, "listen"),
                     "'http.listen' must be \"IPv4:PORT\" or \"[IPv6]:PORT\" (say \"127.0.0.1:9464\"), port 1-65535");
 
+    return 0;
+}
+
+/* The queues list (each through load_queue; names unique). Returns 0 or CV_ECONFIG. */
+static int load_queues(struct loader *l, config_setting_t *root, enum transport deflt, struct cfg *c) {
     config_setting_t *qs = config_setting_get_member(root, "queues");
     if (!qs) return fail(l, NULL, "'queues' is required: a list of ( { name = ...; commands = [...]; }, ... )");
     if (config_setting_type(qs) != CONFIG_TYPE_LIST)
@@ -386,6 +389,31 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
             if (strcmp(c->queues[j].name, q->name) == 0)
                 return fail(l, config_setting_get_elem(qs, (unsigned)i), "queue '%s' is defined twice", q->name);
     }
+    return 0;
+}
+
+static int load(struct loader *l, config_t *lc, struct cfg *c) {
+    static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
+                                      "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "broker", "queues",
+                                      NULL};
+    config_setting_t *root = config_root_setting(lc);
+    if (only_known(l, root, top) < 0) return CV_ECONFIG;
+
+    if (get_string(l, root, "prefix", &c->prefix) < 0) return CV_ECONFIG;
+    if (!valid_name(c->prefix)) return fail(l, config_setting_get_member(root, "prefix"),
+                                            "'prefix' must be letters, digits, '_' or '-'");
+    enum transport deflt = TRANSPORT_RABBITMQ;
+    char *tr = NULL;
+    if (get_string(l, root, "transport", &tr) < 0) return CV_ECONFIG;
+    if (tr && !transport_parse(tr, &deflt)) {
+        free(tr);
+        return fail(l, config_setting_get_member(root, "transport"), "'transport' must be \"rabbitmq\" or \"redis\"");
+    }
+    free(tr);
+
+    if (load_connections(l, root, c) < 0 || load_tuning(l, root, deflt, c) < 0 || load_http(l, root, c) < 0 ||
+        load_queues(l, root, deflt, c) < 0)
+        return CV_ECONFIG;
     return 0;
 }
 

@@ -25,37 +25,99 @@ static void array_add(char *buf, size_t n, const char *s) {
     snprintf(buf + len, n - len, "%s%s", len > 1 ? "," : "", s);
 }
 
+/* Checks payload.items into it (room for MAX_ITEMS), adding each problem to
+ * v. Returns how many items it holds (0 when the field itself is wrong). */
+static int check_items(struct verr *v, const cJSON *items, struct item *it) {
+    int n = 0;
+    if (!items || cJSON_IsNull(items)) verr_add(v, "items", "is required");
+    else if (!cJSON_IsArray(items)) verr_add(v, "items", "must be an array");
+    else if ((n = cJSON_GetArraySize(items)) < 1 || n > MAX_ITEMS) {
+        verr_add(v, "items", "must hold 1-100 items");
+        n = 0;
+    } else {
+        for (int i = 0; i < n; i++) {
+            char prefix[32];
+            snprintf(prefix, sizeof prefix, "items[%d].", i);
+            v->prefix = prefix;
+            const cJSON *e = cJSON_GetArrayItem(items, i);
+            memset(&it[i], 0, sizeof it[i]);
+            if (!cJSON_IsObject(e)) {
+                v->prefix = NULL;
+                snprintf(prefix, sizeof prefix, "items[%d]", i);
+                verr_add(v, prefix, "must be an object {productId, quantity}");
+                continue;
+            }
+            if (v_uuid(v, e, "productId", true, it[i].product_id) == V_VALID)
+                for (int j = 0; j < i; j++)
+                    if (strcmp(it[j].product_id, it[i].product_id) == 0) verr_add(v, "productId", "appears twice");
+            v_int(v, e, "quantity", true, 1, MAX_QUANTITY, &it[i].quantity);
+            v->prefix = NULL;
+        }
+    }
+    return n;
+}
+
+/* Rejects the order for its first problem, by kind: a missing product, one
+ * not for sale, one short. Returns true when it rejected (*rc: ctx_reject's
+ * result), false when every item can be taken. */
+static bool reject_first_problem(struct cmd_ctx *ctx, const struct item *it, int n, int *rc) {
+    for (int i = 0; i < n; i++)
+        if (!it[i].found) {
+            cJSON *d = cJSON_CreateObject();
+            cJSON_AddStringToObject(d, "productId", it[i].product_id);
+            *rc = ctx_reject(ctx, "NOT_FOUND", NULL, d, "product %s does not exist", it[i].product_id);
+            return true;
+        }
+    for (int i = 0; i < n; i++)
+        if (strcmp(it[i].status, "ACTIVE") != 0) {
+            cJSON *d = cJSON_CreateObject();
+            cJSON_AddStringToObject(d, "productId", it[i].product_id);
+            cJSON_AddStringToObject(d, "status", it[i].status);
+            *rc = ctx_reject(ctx, "PRODUCT_UNAVAILABLE", NULL, d, "product %s is %s, not ACTIVE", it[i].product_id,
+                             it[i].status);
+            return true;
+        }
+    for (int i = 0; i < n; i++)
+        if (it[i].stock < it[i].quantity) {
+            cJSON *d = cJSON_CreateObject();
+            cJSON_AddStringToObject(d, "productId", it[i].product_id);
+            cJSON_AddNumberToObject(d, "available", (double)it[i].stock);
+            cJSON_AddNumberToObject(d, "requested", (double)it[i].quantity);
+            *rc = ctx_reject(ctx, "INSUFFICIENT_STOCK", NULL, d, "only %lld of product %s in stock, %lld requested",
+                             it[i].stock, it[i].product_id, it[i].quantity);
+            return true;
+        }
+    return false;
+}
+
+/* Emits order.placed (its items with their unit prices, the total) and the
+ * stock notifications of every item. */
+static void emit_placed(struct cmd_ctx *ctx, const char *order_id, const char *user_id, const struct item *it, int n,
+                        const char *total) {
+    cJSON *data = cJSON_CreateObject(), *arr = cJSON_CreateArray();
+    cJSON_AddStringToObject(data, "orderId", order_id);
+    cJSON_AddStringToObject(data, "userId", user_id);
+    for (int i = 0; i < n; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "productId", it[i].product_id);
+        cJSON_AddNumberToObject(o, "quantity", (double)it[i].quantity);
+        cJSON_AddStringToObject(o, "unitPrice", it[i].price);
+        cJSON_AddItemToArray(arr, o);
+    }
+    cJSON_AddItemToObject(data, "items", arr);
+    cJSON_AddStringToObject(data, "total", total);
+    ctx_emit(ctx, "order.placed", "order", order_id, data);
+    for (int i = 0; i < n; i++)
+        emit_stock_notifications(ctx, it[i].product_id, it[i].stock, it[i].stock - it[i].quantity);
+}
+
 int handle_place_order(struct cmd_ctx *ctx) {
     const cJSON *p = ctx->cmd->payload;
     struct verr v = {0};
     char user_id[ID_LEN + 1];
     v_uuid(&v, p, "userId", true, user_id);
-    const cJSON *items = cJSON_GetObjectItemCaseSensitive(p, "items");
-    int n = 0;
     struct item it[MAX_ITEMS];
-    if (!items || cJSON_IsNull(items)) verr_add(&v, "items", "is required");
-    else if (!cJSON_IsArray(items)) verr_add(&v, "items", "must be an array");
-    else if ((n = cJSON_GetArraySize(items)) < 1 || n > MAX_ITEMS) verr_add(&v, "items", "must hold 1-100 items");
-    else {
-        for (int i = 0; i < n; i++) {
-            char prefix[32];
-            snprintf(prefix, sizeof prefix, "items[%d].", i);
-            v.prefix = prefix;
-            const cJSON *e = cJSON_GetArrayItem(items, i);
-            memset(&it[i], 0, sizeof it[i]);
-            if (!cJSON_IsObject(e)) {
-                v.prefix = NULL;
-                snprintf(prefix, sizeof prefix, "items[%d]", i);
-                verr_add(&v, prefix, "must be an object {productId, quantity}");
-                continue;
-            }
-            if (v_uuid(&v, e, "productId", true, it[i].product_id) == V_VALID)
-                for (int j = 0; j < i; j++)
-                    if (strcmp(it[j].product_id, it[i].product_id) == 0) verr_add(&v, "productId", "appears twice");
-            v_int(&v, e, "quantity", true, 1, MAX_QUANTITY, &it[i].quantity);
-            v.prefix = NULL;
-        }
-    }
+    int n = check_items(&v, cJSON_GetObjectItemCaseSensitive(p, "items"), it);
     if (verr_any(&v)) return ctx_reject_invalid(ctx, &v);
     if (ctx->validate_only) return 0;
 
@@ -97,33 +159,7 @@ int handle_place_order(struct cmd_ctx *ctx) {
                 snprintf(it[i].status, sizeof it[i].status, "%s", PQgetvalue(r, row, 3));
             }
     PQclear(r);
-    /* the first problem, by kind: a missing product, one not for sale, one short */
-    for (int i = 0; i < n; i++)
-        if (!it[i].found) {
-            cJSON *d = cJSON_CreateObject();
-            cJSON_AddStringToObject(d, "productId", it[i].product_id);
-            rc = ctx_reject(ctx, "NOT_FOUND", NULL, d, "product %s does not exist", it[i].product_id);
-            goto out;
-        }
-    for (int i = 0; i < n; i++)
-        if (strcmp(it[i].status, "ACTIVE") != 0) {
-            cJSON *d = cJSON_CreateObject();
-            cJSON_AddStringToObject(d, "productId", it[i].product_id);
-            cJSON_AddStringToObject(d, "status", it[i].status);
-            rc = ctx_reject(ctx, "PRODUCT_UNAVAILABLE", NULL, d, "product %s is %s, not ACTIVE", it[i].product_id,
-                            it[i].status);
-            goto out;
-        }
-    for (int i = 0; i < n; i++)
-        if (it[i].stock < it[i].quantity) {
-            cJSON *d = cJSON_CreateObject();
-            cJSON_AddStringToObject(d, "productId", it[i].product_id);
-            cJSON_AddNumberToObject(d, "available", (double)it[i].stock);
-            cJSON_AddNumberToObject(d, "requested", (double)it[i].quantity);
-            rc = ctx_reject(ctx, "INSUFFICIENT_STOCK", NULL, d, "only %lld of product %s in stock, %lld requested",
-                            it[i].stock, it[i].product_id, it[i].quantity);
-            goto out;
-        }
+    if (reject_first_problem(ctx, it, n, &rc)) goto out;
 
     char order_id[ID_LEN + 1];
     id_new(order_id);
@@ -146,21 +182,7 @@ int handle_place_order(struct cmd_ctx *ctx) {
                             "JOIN products p ON p.id = x.id", 3, (const char *[]){order_id, ids, qtys}, NULL)) < 0)
         goto out;
 
-    cJSON *data = cJSON_CreateObject(), *arr = cJSON_CreateArray();
-    cJSON_AddStringToObject(data, "orderId", order_id);
-    cJSON_AddStringToObject(data, "userId", user_id);
-    for (int i = 0; i < n; i++) {
-        cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "productId", it[i].product_id);
-        cJSON_AddNumberToObject(o, "quantity", (double)it[i].quantity);
-        cJSON_AddStringToObject(o, "unitPrice", it[i].price);
-        cJSON_AddItemToArray(arr, o);
-    }
-    cJSON_AddItemToObject(data, "items", arr);
-    cJSON_AddStringToObject(data, "total", total);
-    ctx_emit(ctx, "order.placed", "order", order_id, data);
-    for (int i = 0; i < n; i++)
-        emit_stock_notifications(ctx, it[i].product_id, it[i].stock, it[i].stock - it[i].quantity);
+    emit_placed(ctx, order_id, user_id, it, n, total);
     rc = 0;
 out:
     free(ids);
