@@ -129,6 +129,8 @@ static int publish_traced(conveyor_client *c, const char *type, const char *payl
     return rc;
 }
 
+/* Long on purpose: the option table, its checks and the one loop over the
+ * commands, in the order a reader of --help meets them. */
 int main(int argc, char **argv) {
     const char *path = "queues.conf", *corr = NULL, *traceparent = NULL;
     bool wait = false;

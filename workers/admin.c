@@ -446,6 +446,8 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     return rc;
 }
 
+/* Long on purpose: the option table, where --all goes back among the words,
+ * and the dispatch to one cmd_* function per subcommand, in --help's order. */
 int main(int argc, char **argv) {
     const char *path = "queues.conf";
     bool json = false, all = false;

@@ -335,6 +335,30 @@ static bool paused_now(struct worker *w, const char *worker_id, enum open_result
     return false;
 }
 
+/* Connects the worker's database when it has none: its results watched as
+ * progress (the Redis heartbeat), its statements, locks and idle transactions
+ * bounded, the outcomes a predecessor left reconciled (count_reconcile).
+ * Returns 0 when w->db is ready; CV_ECONFIG when the database refused the
+ * configuration (said by db_connect_retry) or a stop came while it waited
+ * (w->db NULL); CV_ERETRY after a failure on the new connection (logged; it
+ * is closed, and the caller tries again after a pause here). */
+static int db_ready(struct worker *w) {
+    if (w->db) return 0;
+    if (!(w->db = db_connect_retry(w->cfg->database_url, &stop_requested))) return CV_ECONFIG;
+    liveness_watch_db(db_conn(w->db));
+    char limits[192];
+    snprintf(limits, sizeof limits, "SET statement_timeout TO %d; SET lock_timeout TO %d; "
+             "SET idle_in_transaction_session_timeout TO %d", w->q->statement_timeout_ms, w->q->lock_timeout_ms,
+             w->q->idle_in_transaction_timeout_ms);
+    if (db_cmd(w->db, limits) < 0 || count_reconcile(w) < 0) { /* logged */
+        db_close(w->db);
+        w->db = NULL;
+        backoff_sleep(500, &stop_requested);
+        return CV_ERETRY;
+    }
+    return 0;
+}
+
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
     struct worker w = {.cfg = cfg, .q = q};
     batch_init(&w.batch, cfg, q);
@@ -350,24 +374,12 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     struct delivery *extra = xcalloc((size_t)take_max, sizeof *extra);
     int status = 0;
     while (!stop_requested) {
-        if (!w.db) { /* take nothing while the database is away */
-            if (!(w.db = db_connect_retry(cfg->database_url, &stop_requested))) {
-                if (!stop_requested) status = CV_EXIT_CONFIG; /* refused: said by db_connect_retry */
-                break;
-            }
-            /* its results are progress (the Redis heartbeat), its transactions bounded */
-            liveness_watch_db(db_conn(w.db));
-            char limits[192];
-            snprintf(limits, sizeof limits, "SET statement_timeout TO %d; SET lock_timeout TO %d; "
-                     "SET idle_in_transaction_session_timeout TO %d", q->statement_timeout_ms, q->lock_timeout_ms,
-                     q->idle_in_transaction_timeout_ms);
-            if (db_cmd(w.db, limits) < 0 || count_reconcile(&w) < 0) { /* logged */
-                db_close(w.db);
-                w.db = NULL;
-                backoff_sleep(500, &stop_requested);
-                continue;
-            }
+        int drc = db_ready(&w); /* take nothing while the database is away */
+        if (drc == CV_ECONFIG) {
+            if (!stop_requested) status = CV_EXIT_CONFIG;
+            break;
         }
+        if (drc < 0) continue;
         enum open_result reopened;
         if (paused_now(&w, worker_id, &reopened)) continue;
         if (reopened != OPEN_OK) { /* stopped, or the broker refused the configuration */

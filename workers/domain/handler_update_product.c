@@ -16,6 +16,8 @@ static bool same(const char *a, const char *b) {
     return (!a && !b) || (a && b && strcmp(a, b) == 0);
 }
 
+/* Long on purpose: each of the five optional fields is checked, compared with
+ * the locked row and added to `changed` in the same few lines, field by field. */
 int handle_update_product(struct cmd_ctx *ctx) {
     const cJSON *p = ctx->cmd->payload;
     struct verr v = {0};
