@@ -46,7 +46,6 @@
 #include "broker_backend.h"
 
 #include <hiredis/hiredis.h>
-#include <libpq-events.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sodium.h>
@@ -400,25 +399,6 @@ static int redis_publish_commands(struct broker *b, const struct outgoing_comman
 
 /* ---- liveness: the heartbeat thread (see the header comment) ---------------------------- */
 
-
-static _Atomic int64_t progress_at_ms; /* monotonic ms of the worker's last progress (one per process) */
-
-/* The worker made progress: a broker call, or a database result. */
-static void progress(void) { atomic_store(&progress_at_ms, clock_mono_ms()); }
-
-/* libpq event procedure: every result created on the watched connection is progress. */
-static int on_db_event(PGEventId id, void *info, void *pass) {
-    (void)info;
-    (void)pass;
-    if (id == PGEVT_RESULTCREATE) progress();
-    return 1;
-}
-
-void liveness_watch_db(PGconn *db) {
-    if (db && !PQregisterEventProc(db, on_db_event, "conveyor-liveness", NULL))
-        log_warn("cannot watch the database connection for progress: its statements do not count as progress");
-}
-
 struct vouch {
     pthread_t thread;
     pthread_mutex_t lock;
@@ -465,7 +445,7 @@ static void *vouch_main(void *arg) {
         while (!v->stop && pthread_cond_timedwait(&v->wake, &v->lock, &until) == 0) {}
         if (v->stop) break;
         pthread_mutex_unlock(&v->lock);
-        int64_t idle = clock_mono_ms() - atomic_load(&progress_at_ms);
+        int64_t idle = clock_mono_ms() - liveness_progress_at_ms();
         if (idle > v->stall_limit_ms) {
             if (!stalled)
                 log_warn("no progress for %lld s (no broker reply, no database result): no longer refreshing %s; "
@@ -511,7 +491,7 @@ static void vouch_start(struct redis_broker *r, const struct cfg_queue *q) {
     pthread_cond_init(&v->wake, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&v->lock, NULL);
-    progress();
+    liveness_progress();
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -588,7 +568,7 @@ static int recover_inflight(struct redis_broker *r) {
 /* Refreshes the worker's liveness key when it is due (vouch_main usually has). */
 static int heartbeat(struct redis_broker *r) {
     int64_t now = clock_mono_ms();
-    progress();
+    liveness_progress();
     if (r->heartbeat_at && now - r->heartbeat_at < r->base.cfg->heartbeat_interval_s * 1000L) return 0;
     redisReply *rep = cmd(r, "SET %s %d EX %d", r->heartbeat_key, (int)getpid(), r->base.cfg->heartbeat_ttl_s);
     if (!rep) return last_error(r);
@@ -714,7 +694,7 @@ static int redis_take(struct broker *b, struct delivery *d, int max) {
 
 static int redis_ack(struct broker *b, const struct delivery *d) {
     struct redis_broker *r = (struct redis_broker *)b;
-    progress();
+    liveness_progress();
     redisReply *rep = cmd(r, "LREM %s 1 %b", r->inflight_key, d->body, d->len);
     if (!rep) return last_error(r);
     freeReplyObject(rep);
@@ -724,7 +704,7 @@ static int redis_ack(struct broker *b, const struct delivery *d) {
 /* Held until the next take, whose script removes them before it takes. */
 static int redis_ack_batch(struct broker *b, const struct delivery *d, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
-    progress();
+    liveness_progress();
     if (r->nheld + n > r->held_cap) {
         int cap = r->nheld + n > 2 * r->held_cap ? r->nheld + n : 2 * r->held_cap;
         struct held_ack *held = realloc(r->held, (size_t)cap * sizeof *held);
@@ -793,7 +773,7 @@ static const char moves_script[] =
 
 static int transaction(struct redis_broker *r, const char *what, int n, const char **cmds, const char **keys,
                        const char **vals, const size_t *lens) {
-    progress();
+    liveness_progress();
     if (ready(r) < 0) return CV_ERETRY;
     const char *argv[3 + 3 * 3]; /* EVAL, script, numkeys; up to 3 keys, 3 (command, value) pairs */
     size_t argl[3 + 3 * 3];
@@ -860,7 +840,7 @@ static const char retry_script[] =
 
 static int redis_retry(struct broker *b, const struct delivery *d, int delay_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
-    progress();
+    liveness_progress();
     char due[32];
     snprintf(due, sizeof due, "%lld", (long long)(clock_ms() + delay_ms));
     if (!r->ctx && connect_now(r) < 0) return CV_ERETRY;
