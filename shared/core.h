@@ -648,7 +648,7 @@ int broker_dead_letter(struct broker *b, const struct delivery *d, const char *r
  * back on its queue (RabbitMQ: a delay queue whose TTL dead-letters back;
  * Redis: the retry sorted set, moved back by broker_maintain). */
 int broker_retry(struct broker *b, const struct delivery *d, int delay_ms);
-/* Redis liveness (liveness.c; the heartbeat thread is broker_redis.c's): a consuming worker's heartbeat is refreshed by
+/* Redis liveness (liveness.c; the heartbeat is redis_heartbeat.c): a consuming worker's heartbeat is refreshed by
  * a thread of its own while the worker makes progress, that is, gets a reply from
  * its broker or a result from the database connection given here (every result,
  * an error too, counts). Call once per connection, right after it is opened.

@@ -1,7 +1,7 @@
 /* liveness.c - the worker's progress, one timestamp per process: a broker call
  * (the Redis backend notes it, liveness_progress) or a result on a watched
  * database connection (liveness_watch_db). The Redis heartbeat thread
- * (broker_redis.c) reads it (liveness_progress_at_ms) and stops vouching for
+ * (redis_heartbeat.c) reads it (liveness_progress_at_ms) and stops vouching for
  * a worker that made none for too long. Calls nothing of the brokers. */
 #include "core.h"
 
