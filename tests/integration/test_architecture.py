@@ -233,6 +233,7 @@ TEST_MAY_INCLUDE = {
 # prefix of its other pieces). The header includes broker_backend.h for them.
 PRIVATE_HEADERS = {
     "redis_internal.h": ("broker_redis.c", "redis_"),
+    "amqp_internal.h": ("broker_amqp.c", "amqp_"),
 }
 
 
