@@ -270,6 +270,36 @@ def test_layers_include_only_downward():
     check(not problems, "\n".join(problems))
 
 
+def test_shared_calls_have_no_circles():
+    """Calls between the files of shared/ go one way (issue 22, point 2): no file
+    calls a function of a file that calls it back, directly or round a circle.
+    broker.c dispatches to the backends, each backend's operations call its
+    connection (never the other way round), and everything may use
+    broker_common.c and the small helpers below them."""
+    files = [f for f in c_sources("shared") if f.endswith(".c")]
+    code = {f: _code_only(read("shared", f)) for f in files}
+    defined = {}  # function -> the file that defines it (not static)
+    for f, text in code.items():
+        for m in re.finditer(r"^(?!static\b)[A-Za-z_][\w \*]*?\b(\w+)\([^;{]*?\)\s*\{", text, re.M):
+            defined[m.group(1)] = f
+    check(len(defined) > 50, f"shared/: only {len(defined)} function definitions found (the pattern is wrong?)")
+    calls = {f: sorted({g for fn, g in defined.items() if g != f and re.search(rf"\b{fn}\s*\(", text)})
+             for f, text in code.items()}
+
+    def circle(path):
+        for g in calls[path[-1]]:
+            if g in path:
+                return path[path.index(g):] + [g]
+            found = circle(path + [g])
+            if found:
+                return found
+        return None
+
+    for f in files:
+        found = circle([f])
+        check(not found, "shared/ calls round a circle: " + " -> ".join(found or []))
+
+
 def test_workers_has_three_rooms():
     """Every C file of workers/ is in one of its rooms; the domain room holds the
     rules, the table and the handlers (and every handler is there); nothing but
