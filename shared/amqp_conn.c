@@ -41,6 +41,7 @@
 /* How long the close handshake of amqp_conn_drop may wait for the server's close-ok. */
 #define CLOSE_WAIT_MS 1000
 
+/* Closes c with the handshake, bounded by CLOSE_WAIT_MS, and destroys it; errors are ignored. */
 void amqp_conn_drop(amqp_connection_state_t *c) {
     if (!*c) return;
     struct timeval tv = {CLOSE_WAIT_MS / 1000, (CLOSE_WAIT_MS % 1000) * 1000};

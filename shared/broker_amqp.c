@@ -7,7 +7,8 @@
  * call re-opens it): "consume" carries basic.consume deliveries and acks;
  * "publish" is in confirm mode and only publishes, so confirms never interleave
  * with deliveries. Topology: docs/contract.md, "RabbitMQ". An amqps:// URL opens
- * both over TLS (new_socket: the one place a RabbitMQ socket is made).
+ * both over TLS (amqp_conn.c's new_socket: the one place a RabbitMQ socket is
+ * made).
  */
 #include "amqp_internal.h"
 

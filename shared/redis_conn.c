@@ -278,7 +278,8 @@ redisReply *redis_conn_cmd(struct redis_broker *r, const char *fmt, ...) {
 }
 
 /* As redis_conn_cmd, with the arguments as an array. */
-redisReply *redis_conn_argv_cmd(struct redis_broker *r, int argc, const char **argv, const size_t *argl) {
+redisReply *redis_conn_argv_cmd(struct redis_broker *r, int argc, const char **argv,
+                                const size_t *argl) {
     if (redis_conn_ready(r) < 0) {
         r->block_ms = 0;
         return NULL;
