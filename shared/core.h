@@ -648,12 +648,18 @@ int broker_dead_letter(struct broker *b, const struct delivery *d, const char *r
  * back on its queue (RabbitMQ: a delay queue whose TTL dead-letters back;
  * Redis: the retry sorted set, moved back by broker_maintain). */
 int broker_retry(struct broker *b, const struct delivery *d, int delay_ms);
-/* Redis liveness (broker_redis.c): a consuming worker's heartbeat is refreshed by
+/* Redis liveness (liveness.c; the heartbeat is redis_heartbeat.c): a consuming worker's heartbeat is refreshed by
  * a thread of its own while the worker makes progress, that is, gets a reply from
  * its broker or a result from the database connection given here (every result,
  * an error too, counts). Call once per connection, right after it is opened.
  * NULL is ignored; a connection that cannot be watched is logged (a warning). */
 void liveness_watch_db(PGconn *db);
+/* Notes that this process made progress now (the Redis backend, at a broker
+ * call). Cannot fail; safe from any thread. */
+void liveness_progress(void);
+/* Monotonic ms of this process's last progress (liveness_progress, or a result
+ * on a watched connection); 0 if none yet. Safe from any thread. */
+int64_t liveness_progress_at_ms(void);
 /* Redis housekeeping, run by the reaper: moves due retries back to their queues
  * and returns the in-flight messages of workers whose heartbeat expired.
  * Returns the number of messages moved, or an error class (what moved before it

@@ -1,0 +1,89 @@
+/* amqp_internal.h - what the pieces of the RabbitMQ backend share; only they
+ * include it. The pieces, and the one way calls go between them:
+ *
+ *   broker_amqp.c    the operations, the table of them, broker_amqp_open
+ *     -> amqp_publish.c  publishing with confirms and their deadline
+ *     -> amqp_conn.c     the node list, opening a connection (TLS, login), the
+ *                        bounds on a silent node, RPC replies as classes
+ *   amqp_publish.c -> amqp_conn.c
+ *
+ * None of them calls back up that list; all of them may use broker_common.c
+ * (broker_backend.h). */
+#ifndef CONVEYOR_AMQP_INTERNAL_H
+#define CONVEYOR_AMQP_INTERNAL_H
+
+#include "broker_backend.h"
+
+#include <amqp.h>
+
+#define CHANNEL 1 /* the one channel of each connection that carries messages */
+
+/* One RabbitMQ broker: its two connections (amqp_conn.c opens them) and what
+ * the operations keep. */
+struct amqp_broker {
+    struct broker base;
+    amqp_connection_state_t consume, publish;
+    uint64_t publish_tag;      /* last delivery tag used on the publish channel */
+    int64_t publish_heard_ms;  /* monotonic ms the publish connection last answered (probe_idle) */
+    bool probe_open;           /* PROBE_CHANNEL is open on the publish connection (passive_count) */
+    char *url;                 /* the node's URL in use; amqp_parse_url writes into this copy */
+    struct amqp_connection_info info;
+    int nurls, url_at;         /* rabbitmq.url lists nurls nodes; info is of node url_at */
+    char queue[256], dead[256];
+    char commands_ex[256], events_ex[256];
+    bool consuming;
+    int prefetch;
+    uint64_t ack_held;         /* a multiple ack up to this tag, not sent yet (0: none) */
+    int ack_held_n;            /* how many deliveries it covers */
+    bool tls_unclear;          /* the last login broke on a TLS error that named no reason (login) */
+};
+
+/* One message to publish with confirms. */
+struct amqp_msg {
+    const char *exchange, *routing_key;
+    const void *body;
+    size_t len;
+    const char *message_id, *type;
+    amqp_table_t headers;
+    const char *expiration;    /* per-message TTL in ms, or NULL */
+};
+
+/* ---- amqp_conn.c: the connections ----------------------------------------------------- */
+
+/* Counts the nodes of rabbitmq.url into a->nurls and makes the node this
+ * process reached last (at first the first) the one a->info describes; a->base.cfg
+ * must be set. Opens nothing. Returns 0, or CV_ECONFIG with the reason in
+ * a->base.err (a bad URL); a->url is then the caller's to free. */
+int amqp_conn_start(struct amqp_broker *a);
+/* Opens *out (a->consume or a->publish) with channel 1, in confirm mode when
+ * confirms, unless it is open (a->publish idle for long is probed first): on
+ * the current node, else on the next ones of the list in turn. Returns 0, or
+ * the class of the last failure with its reason in a->base.err (CV_ECONFIG at
+ * once when a node refuses the login or a certificate). *out is owned by a. */
+int amqp_conn_open(struct amqp_broker *a, amqp_connection_state_t *out, bool confirms);
+/* Closes *c with the close handshake (bounded), destroys it and sets it NULL;
+ * a NULL *c is a no-op. Errors are ignored: the connection is gone either way. */
+void amqp_conn_drop(amqp_connection_state_t *c);
+/* As amqp_conn_drop without the handshake: for a silent server. */
+void amqp_conn_drop_silent(amqp_connection_state_t *c);
+/* A bound fired on a silent node: says so (broker_note BROKER_SILENT, the log),
+ * sets the reason (fmt) in a->base.err, and moves this broker, and the next
+ * broker this process opens, to the next node of the list. Returns CV_ERETRY;
+ * the caller drops the connection (amqp_conn_drop_silent). */
+int amqp_conn_silent(struct amqp_broker *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* An RPC reply as 0, or a class with the reason in a->base.err (what names the
+ * request): CV_EREFUSED when the server refused it, CV_ERETRY when the
+ * connection failed (after amqp_conn_silent when a bound fired). On a class
+ * the caller drops the connection. */
+int amqp_conn_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what);
+
+/* ---- amqp_publish.c: publishing with confirms ----------------------------------------- */
+
+/* Publishes the n messages m (borrowed) on the publish connection (opened if
+ * need be) and waits for the broker to confirm every one. Returns 0,
+ * CV_EREFUSED when one was unroutable (with mandatory) or the channel was
+ * refused, CV_ERETRY when one was nacked or the connection failed or was
+ * silent (it is then dropped), with the reason in a->base.err. */
+int amqp_publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory);
+
+#endif
