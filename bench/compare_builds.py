@@ -37,14 +37,18 @@ def run_once(bin_dir, extra):
 
 
 def cases(figures):
-    """{case: (throughput / pgbench x1 before it, workers' + relay's us per command)}."""
+    """{case: (throughput / pgbench x1 before it, workers' + relay's us per
+    command, p99 ms at half rate or None)}."""
     out = {}
     for case, runs in figures["conveyor"].items():
         full = runs["full"]
-        before = full.get("pgbenchX1Before") or {}
-        base = before.get("commandsPerSecond") or figures["pgbench"]["x1"]["commandsPerSecond"]
+        before = full.get("pgbenchX1Before")  # commands/s of the pgbench x1 run just before it
+        if isinstance(before, dict):
+            before = before.get("commandsPerSecond")
+        base = before or figures["pgbench"]["x1"]["commandsPerSecond"]
         us = full.get("cpu", {}).get("usPerCommand", {})
-        out[case] = (full["commandsPerSecond"] / base, us.get("workers", 0) + us.get("relay", 0))
+        half = (runs.get("halfRate") or {}).get("latencyMs", {}).get("p99")
+        out[case] = (full["commandsPerSecond"] / base, us.get("workers", 0) + us.get("relay", 0), half)
     return out
 
 
@@ -59,7 +63,10 @@ def main():
         for name, d in (("A", args.a), ("B", args.b)):
             print(f"round {r + 1}: build {name} ({d})", file=sys.stderr, flush=True)
             results[name].append(cases(run_once(d, extra)))
-    print(f"{'case':<20} {'A ratio':>8} {'B ratio':>8} {'B/A':>6} {'A spread':>9} {'A us/cmd':>9} {'B us/cmd':>9}")
+            print(f"  {name}: " + ", ".join(f"{c} {v[0]:.2f} x limit, p99 {v[2]} ms" for c, v in results[name][-1].items()),
+                  file=sys.stderr, flush=True)
+    print(f"{'case':<20} {'A ratio':>8} {'B ratio':>8} {'B/A':>6} {'A spread':>9} {'A us/cmd':>9} {'B us/cmd':>9} "
+          f"{'A p99':>7} {'B p99':>7}")
     for case in results["A"][0]:
         a = [x[case][0] for x in results["A"]]
         b = [x[case][0] for x in results["B"]]
@@ -67,7 +74,10 @@ def main():
         ub = statistics.median(x[case][1] for x in results["B"])
         ma, mb = statistics.median(a), statistics.median(b)
         spread = (max(a) - min(a)) / ma if ma else 0
-        print(f"{case:<20} {ma:>8.2f} {mb:>8.2f} {mb / ma if ma else 0:>6.2f} {spread:>8.0%} {ua:>9.1f} {ub:>9.1f}")
+        pa = statistics.median(x[case][2] or 0 for x in results["A"])
+        pb = statistics.median(x[case][2] or 0 for x in results["B"])
+        print(f"{case:<20} {ma:>8.2f} {mb:>8.2f} {mb / ma if ma else 0:>6.2f} {spread:>8.0%} {ua:>9.1f} {ub:>9.1f} "
+              f"{pa:>7.1f} {pb:>7.1f}")
 
 
 if __name__ == "__main__":
