@@ -35,7 +35,7 @@ TEST(commands_on_one_row_keep_their_arrival_order) {
     const char *const keys[] = {"p:b", "p:a", "p:b", "p:a", "p:b", ""};
     make(items, v, 6, types, keys);
     batch_order(v, 6);
-    int want[] = {5, 1, 3, 0, 2, 4}; /* "" (no row) first, then each row's commands as they came */
+    const int want[] = {5, 1, 3, 0, 2, 4}; /* "" (no row) first, then each row's commands as they came */
     for (int i = 0; i < 6; i++) CHECK(v[i]->attempts == want[i]);
 }
 
