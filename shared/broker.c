@@ -3,8 +3,6 @@
 #include "broker_backend.h"
 
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen) {
     return broker_open_class(cfg, t, NULL, err, errlen);

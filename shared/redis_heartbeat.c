@@ -57,8 +57,8 @@ struct vouch {
  * through its own connection). */
 static int vouch_refresh(struct vouch *v, struct redis_broker **conn, char *err, size_t errlen) {
     const struct cfg *cfg = v->owner->base.cfg;
-    int cls = CV_ERETRY;
-    if (!*conn && !(*conn = redis_conn_open(cfg, &cls, err, errlen))) return cls < 0 ? cls : CV_ERETRY;
+    int cls;
+    if (!*conn && !(*conn = redis_conn_open(cfg, &cls, err, errlen))) return cls; /* a class: always set */
     redisReply *rep = redis_conn_cmd(*conn, "SET %s %d EX %d", v->owner->heartbeat_key, (int)getpid(),
                                      cfg->heartbeat_ttl_s);
     if (!rep) {

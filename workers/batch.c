@@ -524,6 +524,10 @@ static int run_batch(struct batch *b, struct batch_item **v, int n) {
 }
 
 
+/* count_outcomes counts an outcome as the scoreboard's outcome of the same number */
+_Static_assert(OUTCOME_APPLIED == (int)SB_APPLIED && OUTCOME_REJECTED == (int)SB_REJECTED &&
+                   OUTCOME_DUPLICATE == (int)SB_DUPLICATE, "enum outcome and enum sb_outcome disagree");
+
 /* After run_batch returned rc for the n items v: counts the outcomes it
  * committed (rc 0), with their duration and latency, then forgets the pending
  * copy run_batch armed; after an error on a connection that still works

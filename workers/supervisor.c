@@ -18,7 +18,7 @@
  *
  * Children die with the supervisor: PR_SET_PDEATHSIG sends them SIGTERM when it
  * dies, even of kill -9, and they drain (a Redis worker goes on refreshing its own
- * heartbeat meanwhile: broker_redis.c), so no orphan goes on taking messages.
+ * heartbeat meanwhile: shared/redis_heartbeat.c), so no orphan goes on taking messages.
  */
 #include "workers.h"
 

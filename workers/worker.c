@@ -28,9 +28,6 @@ struct worker {
     long jobs;             /* commands handled, for max_jobs */
 };
 
-/* an outcome is counted as the scoreboard's outcome of the same number */
-_Static_assert(OUTCOME_APPLIED == (int)SB_APPLIED && OUTCOME_REJECTED == (int)SB_REJECTED &&
-                   OUTCOME_DUPLICATE == (int)SB_DUPLICATE, "enum outcome and enum sb_outcome disagree");
 
 /* Drops a broken database connection so that the next batch reconnects. */
 static void db_check(struct worker *w) {
@@ -339,12 +336,13 @@ static bool paused_now(struct worker *w, const char *worker_id, enum open_result
  * progress (the Redis heartbeat), its statements, locks and idle transactions
  * bounded, the outcomes a predecessor left reconciled (count_reconcile).
  * Returns 0 when w->db is ready; CV_ECONFIG when the database refused the
- * configuration (said by db_connect_retry) or a stop came while it waited
- * (w->db NULL); CV_ERETRY after a failure on the new connection (logged; it
- * is closed, and the caller tries again after a pause here). */
+ * configuration (said by db_connect_retry); CV_ERETRY when a stop came while
+ * it waited, or after a failure on the new connection (logged; it is closed,
+ * and the caller tries again after a pause here); w->db is NULL then. */
 static int db_ready(struct worker *w) {
     if (w->db) return 0;
-    if (!(w->db = db_connect_retry(w->cfg->database_url, &stop_requested))) return CV_ECONFIG;
+    if (!(w->db = db_connect_retry(w->cfg->database_url, &stop_requested)))
+        return stop_requested ? CV_ERETRY : CV_ECONFIG;
     liveness_watch_db(db_conn(w->db));
     char limits[192];
     snprintf(limits, sizeof limits, "SET statement_timeout TO %d; SET lock_timeout TO %d; "
@@ -376,10 +374,10 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     while (!stop_requested) {
         int drc = db_ready(&w); /* take nothing while the database is away */
         if (drc == CV_ECONFIG) {
-            if (!stop_requested) status = CV_EXIT_CONFIG;
+            status = CV_EXIT_CONFIG;
             break;
         }
-        if (drc < 0) continue;
+        if (drc < 0) continue; /* the loop ends here when it was a stop */
         enum open_result reopened;
         if (paused_now(&w, worker_id, &reopened)) continue;
         if (reopened != OPEN_OK) { /* stopped, or the broker refused the configuration */
