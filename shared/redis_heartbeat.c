@@ -49,6 +49,18 @@ struct vouch {
     int64_t stall_limit_ms;    /* no progress for longer than this: stop refreshing */
 };
 
+/* SETs owner's heartbeat key (this pid, expiring after heartbeat_ttl) over
+ * conn, and notes when in owner->heartbeat_at. True, or false when the
+ * command failed (why in conn->base.err). */
+static bool set_key(struct redis_broker *conn, struct redis_broker *owner) {
+    redisReply *rep = redis_conn_cmd(conn, "SET %s %d EX %d", owner->heartbeat_key, (int)getpid(),
+                                     owner->base.cfg->heartbeat_ttl_s);
+    if (!rep) return false;
+    freeReplyObject(rep);
+    atomic_store(&owner->heartbeat_at, clock_mono_ms());
+    return true;
+}
+
 /* Sets the owner's heartbeat key over *conn (opened here when NULL; on failure
  * it stays closed or is re-opened by the next command). Returns 0, or the class
  * of the failure with why in err: the class of the open (redis_conn_open), or
@@ -59,14 +71,10 @@ static int vouch_refresh(struct vouch *v, struct redis_broker **conn, char *err,
     const struct cfg *cfg = v->owner->base.cfg;
     int cls;
     if (!*conn && !(*conn = redis_conn_open(cfg, &cls, err, errlen))) return cls; /* a class: always set */
-    redisReply *rep = redis_conn_cmd(*conn, "SET %s %d EX %d", v->owner->heartbeat_key, (int)getpid(),
-                                     cfg->heartbeat_ttl_s);
-    if (!rep) {
+    if (!set_key(*conn, v->owner)) {
         snprintf(err, errlen, "%s", (*conn)->base.err);
         return CV_ERETRY;
     }
-    freeReplyObject(rep);
-    atomic_store(&v->owner->heartbeat_at, clock_mono_ms());
     return 0;
 }
 
@@ -168,11 +176,6 @@ int redis_heartbeat_refresh(struct redis_broker *r) {
     int64_t now = clock_mono_ms();
     liveness_progress();
     if (r->heartbeat_at && now - r->heartbeat_at < r->base.cfg->heartbeat_interval_s * 1000L) return 0;
-    redisReply *rep = redis_conn_cmd(r, "SET %s %d EX %d", r->heartbeat_key, (int)getpid(),
-                                     r->base.cfg->heartbeat_ttl_s);
-    if (!rep) return redis_conn_last_error(r);
-    freeReplyObject(rep);
-    r->heartbeat_at = now;
-    return 0;
+    return set_key(r, r) ? 0 : redis_conn_last_error(r);
 }
 
