@@ -133,6 +133,44 @@ struct cfg_queue {
     int ncommands;
 };
 
+/* ---- cron.c: cron expressions ------------------------------------------------
+ * Five fields (minute hour day-of-month month day-of-week) or six (a seconds
+ * field first); each `*`, a number, a range a-b, a list a,b,c, a step (star)/n or
+ * a-b/n; months JAN-DEC and days SUN-SAT by name too (any case); day of week
+ * 0-7 (0 and 7: Sunday). When both day fields are restricted, a day matches
+ * when either does (Vixie cron's rule). Times are local wall times written as
+ * "naive" seconds: timegm() of the wall clock's fields (no zone involved). */
+struct cron {
+    uint64_t seconds, minutes; /* bit n: second / minute n */
+    uint32_t hours, mdays;     /* bit n: hour n; day of month n (1-31) */
+    uint16_t months;           /* bit n: month n (1-12) */
+    uint8_t wdays;             /* bit n: day of week n (0 Sunday - 6) */
+    bool mday_any, wday_any;   /* the field was `*` (or `?`) */
+    bool with_seconds;         /* six fields */
+};
+/* Parses expr into *out: 0, or CV_ECONFIG with why (which field, what is wrong). */
+int cron_parse(const char *expr, struct cron *out, char *why, size_t n);
+/* The first wall time (naive seconds) strictly after `after` that c matches,
+ * or -1 when none comes within 5 years (e.g. "0 0 30 2 *"). */
+int64_t cron_next(const struct cron *c, int64_t after);
+
+/* A schedule of queues.conf (`schedules`): fires the command type with payload
+ * once per slot (shared/schedule.c). */
+enum schedule_kind { SCHEDULE_CRON, SCHEDULE_EVERY };
+enum catch_up { CATCH_UP_NONE, CATCH_UP_LAST, CATCH_UP_ALL };
+struct cfg_schedule {
+    char name[CFG_NAME_MAX];
+    enum schedule_kind kind;
+    char *cron_text;           /* cron: the expression as written (owned) */
+    struct cron cron;          /* cron: parsed */
+    char timezone[64];         /* cron: an IANA zone name of the system's tz data; "UTC" by default */
+    int64_t every_s;           /* every: the interval in seconds (>= 1); slots at multiples of it since the epoch */
+    char type[CFG_NAME_MAX];   /* a command type some queue routes */
+    char *payload;             /* a JSON object, as text; "{{slot}}" in its strings is the slot (owned) */
+    enum catch_up catch_up;    /* slots found more than catch_up_window_s after their time */
+    int64_t catch_up_window_s; /* a slot fired within this long after its time is on time */
+};
+
 struct cfg {
     char *path;               /* the file it was read from */
     char *prefix;             /* "conveyor": exchange, queue and key names */
@@ -183,6 +221,8 @@ struct cfg {
     char *http_token;
     struct cfg_queue *queues;
     int nqueues;
+    struct cfg_schedule *schedules; /* `schedules` (owned); none: NULL, 0 */
+    int nschedules;
 };
 
 /* Reads and checks FILE, then applies the CONVEYOR_* environment overrides.
@@ -731,5 +771,25 @@ int broker_next_event(struct broker *b, char **json, int timeout_ms);
 void names_amqp_queue(const struct cfg *c, const char *queue, char *out, size_t n);
 void names_amqp_dead(const struct cfg *c, const char *queue, char *out, size_t n);
 void names_redis(const struct cfg *c, const char *kind, const char *queue, char *out, size_t n);
+
+/* ---- schedule.c: a schedule's slots (pure; the timekeeper fires them) -------------- */
+#define SLOT_KEY_MAX 32
+/* The namespace of slot ids (UUIDv5), fixed for ever: docs/contract.md. */
+#define SCHEDULE_ID_NAMESPACE "6d1f3c2e-5b7a-4c1e-9f0d-2a8b4e6c7d95"
+/* The key of slot `slot` of s into out: a cron slot is its wall time
+ * (naive seconds) as "YYYY-MM-DDTHH:MM:SS"; an `every` slot its instant
+ * (unix seconds) as "@<seconds>". */
+void schedule_slot_key(const struct cfg_schedule *s, int64_t slot, char out[SLOT_KEY_MAX]);
+/* The command id of a slot: the UUIDv5 (SHA-1, RFC 9562) of "<name>\n<key>"
+ * in SCHEDULE_ID_NAMESPACE, lower case. The same everywhere, for ever. */
+void schedule_slot_id(const char *name, const char *key, char out[ID_LEN + 1]);
+/* A copy of s->payload (parsed) in which every string equal to or holding
+ * "{{slot}}" has it replaced by slot_text; the caller cJSON_Delete()s it. */
+cJSON *schedule_payload(const struct cfg_schedule *s, const char *slot_text);
+/* every: the first slot (unix seconds, a multiple of every_s) strictly after `after`. */
+int64_t schedule_every_next(int64_t every_s, int64_t after);
+/* True when zone names a zone of the system's tz data: a TZif file under
+ * /usr/share/zoneinfo (no "..", no leading '/'). "UTC" is one. */
+bool tz_known(const char *zone);
 
 #endif
