@@ -261,7 +261,7 @@ int conveyor_publish(conveyor_client *c, const char *type, const char *payload_j
         cJSON_Delete(payload);
         return fail(c, CONVEYOR_EINVALID, "%s", "the payload is not a JSON object");
     }
-    char *env = envelope_build(NULL, type, payload, correlation_id, NULL);
+    char *env = envelope_build(NULL, type, payload, correlation_id, NULL, NULL);
     cJSON_Delete(payload);
     int rc = conveyor_publish_envelope(c, env, id_out);
     free(env);

@@ -375,6 +375,8 @@ struct envelope {
     const char *correlation_id; /* NULL when absent; points into root */
     const char *created_at;  /* NULL when absent; points into root */
     int64_t created_ms;      /* created_at in ms since the epoch (parsed once, here); -1 when absent or invalid */
+    const char *not_before;  /* notBefore: not applied before this time (RFC 3339 with an offset); NULL when
+                              * absent or invalid (then in field_errors); points into root */
     struct trace trace;      /* from the traceparent field, else envelope_trace_header; trace_id "" when none */
     const char *trace_ignored; /* why the traceparent field was ignored (static), or NULL */
     bool has_nul;            /* a string somewhere holds \u0000 */
@@ -402,10 +404,11 @@ void envelope_trace_header(struct envelope *e, const char *traceparent);
  * (password, currentPassword, newPassword) with "***", for display: the
  * command itself is never changed on its way. Returns how many it replaced. */
 int envelope_mask_secrets(cJSON *command);
-/* Builds the JSON text of a command; id and created_at are made when NULL.
- * Takes nothing; returns a malloc'd string the caller frees, NULL on error. */
+/* Builds the JSON text of a command; id and created_at are made when NULL;
+ * not_before (RFC 3339) is left out when NULL. Takes nothing; returns a
+ * malloc'd string the caller frees, NULL on error. */
 char *envelope_build(const char *id, const char *type, const cJSON *payload,
-                     const char *correlation_id, const char *created_at);
+                     const char *correlation_id, const char *created_at, const char *not_before);
 
 /* ---- event.c: the event envelope ---------------------------------------------- */
 /* A new event for command cmd; takes ownership of data (NULL gives {}); cmd is

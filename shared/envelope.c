@@ -118,6 +118,15 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
         if (e->created_ms < 0) field_error(e, "createdAt", "must be an RFC 3339 date-time");
         else e->created_at = created->valuestring;
     }
+    /* a time with its offset: a local time without one would mean another
+     * instant on each host (clock_rfc3339_ms takes only such times) */
+    const cJSON *not_before = cJSON_GetObjectItemCaseSensitive(e->root, "notBefore");
+    if (not_before && !cJSON_IsNull(not_before)) {
+        int64_t ms;
+        if (!cJSON_IsString(not_before) || !clock_rfc3339_ms(not_before->valuestring, &ms))
+            field_error(e, "notBefore", "must be an RFC 3339 date-time with an offset");
+        else e->not_before = not_before->valuestring;
+    }
     /* best effort: a traceparent that is not a valid one is ignored (a header may give one) */
     const cJSON *traceparent = cJSON_GetObjectItemCaseSensitive(e->root, "traceparent");
     if (cJSON_IsString(traceparent)) trace_parse(traceparent->valuestring, &e->trace, &e->trace_ignored);
@@ -142,7 +151,7 @@ void envelope_free(struct envelope *e) {
 }
 
 char *envelope_build(const char *id, const char *type, const cJSON *payload,
-                     const char *correlation_id, const char *created_at) {
+                     const char *correlation_id, const char *created_at, const char *not_before) {
     char idbuf[ID_LEN + 1], ts[32];
     if (!id) { id_new(idbuf); id = idbuf; }
     if (!created_at) { clock_rfc3339(clock_ms(), ts); created_at = ts; }
@@ -152,6 +161,7 @@ char *envelope_build(const char *id, const char *type, const cJSON *payload,
     cJSON_AddItemToObject(o, "payload", cJSON_Duplicate(payload, 1));
     if (correlation_id) cJSON_AddStringToObject(o, "correlationId", correlation_id);
     cJSON_AddStringToObject(o, "createdAt", created_at);
+    if (not_before) cJSON_AddStringToObject(o, "notBefore", not_before);
     char *s = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
     return s;

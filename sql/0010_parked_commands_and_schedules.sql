@@ -29,6 +29,8 @@ CREATE INDEX parked_commands_queue ON parked_commands (queue, due_at);
 CREATE TABLE schedules (
     name             text PRIMARY KEY,
     paused           boolean NOT NULL DEFAULT false,
+    cursor           bigint,                    -- slots after this are not fired yet: the naive wall
+                                                -- seconds of a cron slot, the unix seconds of an `every` one
     last_slot        text,                      -- the key of the last slot fired (or skipped by catch_up)
     last_slot_at     timestamptz,               -- that slot's instant
     last_command_id  uuid,                      -- the command the last fired slot sent

@@ -13,12 +13,6 @@
 #include <unistd.h>
 
 #define PRUNE_EVERY_MS 60000
-/* The server drops the relay's session (and its lock) when its host stops
- * answering: keepalive probes after 2 s idle, 1 s apart, 2 unanswered; data
- * unacknowledged for 4 s. */
-#define RELAY_SESSION_LIVENESS                                                                            \
-    "SELECT set_config('tcp_keepalives_idle', '2', false), set_config('tcp_keepalives_interval', '1', false), " \
-    "set_config('tcp_keepalives_count', '2', false), set_config('tcp_user_timeout', '4000', false)"
 #define DEDUP_PRUNE_BUDGET_MS 1000 /* per pass: the relay goes back to publishing after that */
 
 /* Where a claim starts, and why events of one aggregate go out in commit order.
@@ -234,41 +228,33 @@ static void relay_stop_drain(const struct cfg *cfg, struct db *db, struct broker
         log_info("relay published %ld event%s left in the outbox before stopping", total, total == 1 ? "" : "s");
 }
 
-/* How a spell as the active relay ended. */
-enum relay_end {
-    RELAY_LOST,          /* stop asked for, or the database connection lost: it tries again */
-    RELAY_GAVE_UP,       /* it could not publish for give_up_ms and gave up its lock: it stands by
-                          * that long before it tries the lock again, so a healthy pool's relay takes over */
-    RELAY_CONFIG_REFUSED /* a server refused what the configuration says: the relay stops */
-};
-
 /* How long the active relay may fail to publish (events waiting, the broker
  * silent, unreachable or refusing them) before it gives up the lock: twice
  * broker.reply_timeout_ms, so that a move to another node of the list (one
  * reply timeout on the silent node, then a publish on the next) fits in it. */
-static int64_t give_up_ms(const struct cfg *cfg) { return 2L * cfg->broker_reply_timeout_ms; }
+static int give_up_ms(const struct cfg *cfg) { return 2 * cfg->broker_reply_timeout_ms; }
 
 /* Holds the relay lock on db and publishes until stop, a lost connection, a
  * deadline without publishing, or a refused configuration; says which. */
-static enum relay_end relay_active(const struct cfg *cfg, struct db *db) {
+static enum singleton_end relay_active(const struct cfg *cfg, struct db *db) {
     char sql[128];
     snprintf(sql, sizeof sql, "LISTEN \"%s_outbox\"", cfg->prefix);
-    if (db_cmd(db, sql) < 0) return RELAY_LOST;
+    if (db_cmd(db, sql) < 0) return SINGLETON_LOST;
     /* "published" marks commit without waiting for the disk: one lost in a
      * database crash only means those events are published again, which
      * at-least-once delivery allows (subscribers dedupe by event id) */
-    if (db_cmd(db, "SET synchronous_commit TO off") < 0) return RELAY_LOST;
+    if (db_cmd(db, "SET synchronous_commit TO off") < 0) return SINGLETON_LOST;
     /* The claim, the mark and the prune each have their index, and must use
      * it however small the outbox's statistics say it is: a plan made while
      * the outbox was empty (a new database, one just vacuumed empty) is a
      * sequential scan, and the connection keeps that plan until autovacuum
      * next analyzes the outbox (up to a minute), while every claim and mark
      * reads the whole table. */
-    if (db_cmd(db, "SET enable_seqscan TO off") < 0) return RELAY_LOST;
+    if (db_cmd(db, "SET enable_seqscan TO off") < 0) return SINGLETON_LOST;
     /* ... and the penalty enable_seqscan adds to any sequential scan left in
      * a plan can put a statement far above jit_above_cost: a claim once spent
      * about 90 ms compiling */
-    if (db_cmd(db, "SET jit TO off") < 0) return RELAY_LOST;
+    if (db_cmd(db, "SET jit TO off") < 0) return SINGLETON_LOST;
     relay_wake_clear();
     relay_wake_set_active(true); /* the pool's workers wake this relay directly */
     struct broker *b = NULL;
@@ -277,13 +263,13 @@ static enum relay_end relay_active(const struct cfg *cfg, struct db *db) {
     int64_t failing_since = 0; /* monotonic ms of the first failure since the last publish (0: none) */
     int64_t next_prune = clock_mono_ms();
     struct claim_floor floor = {0};
-    enum relay_end end = RELAY_LOST;
+    enum singleton_end end = SINGLETON_LOST;
     while (!stop_requested && db_ok(db)) {
         pool_load_report(db, cfg); /* at most once a second: conveyor-admin stats' in flight */
         int cls = 0;
         if (!b && !(b = broker_open_class(cfg, cfg->events_transport, &cls, err, sizeof err)) && cls == CV_ECONFIG) {
             log_error("events broker refused the configuration: %s; stopping", err);
-            end = RELAY_CONFIG_REFUSED;
+            end = SINGLETON_CONFIG_REFUSED;
             break;
         }
         if (!b && !failures) log_warn("events broker unreachable: %s; retrying", err);
@@ -294,7 +280,7 @@ static enum relay_end relay_active(const struct cfg *cfg, struct db *db) {
                 log_warn("the relay could not publish for %lld ms (%s): giving up the relay lock, so that another "
                          "pool's relay takes over; standing by", (long long)(clock_mono_ms() - failing_since),
                          b ? broker_error(b) : err);
-                end = RELAY_GAVE_UP;
+                end = SINGLETON_GAVE_UP;
                 break;
             }
             if (n == CV_ERETRY && db_ok(db)) {
@@ -323,44 +309,16 @@ static enum relay_end relay_active(const struct cfg *cfg, struct db *db) {
     return end;
 }
 
-int relay_run(const struct cfg *cfg) {
-    char lock_name[128];
-    snprintf(lock_name, sizeof lock_name, "%s.relay", cfg->prefix);
-    const char *p[1] = {lock_name};
-    bool said_standby = false;
-    enum relay_end end = RELAY_LOST;
-    while (!stop_requested && end != RELAY_CONFIG_REFUSED) {
-        struct db *db = db_connect_retry(cfg->database_url, &stop_requested);
-        if (!db) {
-            if (!stop_requested) end = RELAY_CONFIG_REFUSED; /* said by db_connect_retry */
-            break;
-        }
-        end = RELAY_LOST;
-        /* The lock goes with the session: when this host is cut off, PostgreSQL
-         * must end the session soon, so another pool's relay takes over (the
-         * server's keepalive probes and unacknowledged data, ~4 s; docs/scaling.md). */
-        if (db_cmd(db, RELAY_SESSION_LIVENESS) < 0) log_warn("relay: keepalive settings not taken: %s", db_errstr(db));
-        while (!stop_requested && db_ok(db)) {
-            PGresult *r;
-            if (db_exec(db, "SELECT pg_try_advisory_lock(hashtext($1))", 1, p, &r) < 0) break;
-            bool got = PQgetvalue(r, 0, 0)[0] == 't';
-            PQclear(r);
-            if (got) {
-                log_info("relay active: publishing the outbox to %s", transport_name(cfg->events_transport));
-                said_standby = false;
-                end = relay_active(cfg, db);
-                break;
-            }
-            if (!said_standby) log_info("another relay is active; standing by");
-            said_standby = true;
-            pool_load_report(db, cfg);
-            backoff_sleep(1000, &stop_requested);
-        }
-        if (stop_requested && db_ok(db)) pool_load_forget(db);
-        db_close(db); /* releases the lock if held */
-        if (end == RELAY_GAVE_UP) /* another pool's relay may take the lock meanwhile */
-            backoff_sleep((int)give_up_ms(cfg), &stop_requested);
-    }
-    log_info("relay stopped");
-    return end == RELAY_CONFIG_REFUSED ? CV_EXIT_CONFIG : 0;
-}
+/* Standing by: the pool's in-flight figure is still reported (conveyor-admin stats). */
+static void relay_standing_by(const struct cfg *cfg, struct db *db) { pool_load_report(db, cfg); }
+
+static const struct singleton relay_singleton = {
+    .name = "relay",
+    .doing = "publishing the outbox",
+    .active = relay_active,
+    .standing_by = relay_standing_by,
+    .stopping = pool_load_forget,
+    .gave_up_wait_ms = give_up_ms,
+};
+
+int relay_run(const struct cfg *cfg) { return singleton_run(cfg, &relay_singleton); }

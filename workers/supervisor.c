@@ -35,8 +35,8 @@
 #define RESTART_BASE_MS 250   /* backoff of a crash-looping child: 250 ms, doubling ... */
 #define RESTART_CAP_MS 10000  /* ... up to 10 s */
 
-enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER, CHILD_HTTP };
-static const char *const kind_name[] = {"worker", "relay", "reaper", "http"};
+enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER, CHILD_HTTP, CHILD_TIMEKEEPER };
+static const char *const kind_name[] = {"worker", "relay", "reaper", "http", "timekeeper"};
 
 struct child {
     pid_t pid;                     /* 0 while not running */
@@ -67,7 +67,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     sigprocmask(SIG_UNBLOCK, mask, NULL);
     (void)prctl(PR_SET_PDEATHSIG, SIGTERM); /* fails only for an invalid signal */
     if (getppid() != parent) stop_requested = 1; /* it died before the prctl: no signal will come */
-    /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper */
+    /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper, cv-timekeeper */
     char comm[16];
     snprintf(comm, sizeof comm, "cv-%s%s%s", kind_name[c->kind], c->kind == CHILD_WORKER ? "-" : "",
              c->kind == CHILD_WORKER ? c->queue->name : "");
@@ -78,6 +78,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     int rc = c->kind == CHILD_WORKER ? worker_run(cfg, c->queue, c->worker_id)
            : c->kind == CHILD_RELAY  ? relay_run(cfg)
            : c->kind == CHILD_HTTP   ? http_run(cfg)
+           : c->kind == CHILD_TIMEKEEPER ? timekeeper_run(cfg)
                                      : reaper_run(cfg);
     exit(rc); /* exit, not _exit: flushes stdio, and LeakSanitizer checks the child */
 }
@@ -101,7 +102,7 @@ static void spawn(struct pool *p, struct child *c) {
 static void start_generation(struct pool *p) {
     const struct cfg *cfg = p->cfg;
     bool redis_queues = false;
-    int n = 1;
+    int n = 2; /* the relay and the timekeeper */
     for (int i = 0; i < cfg->nqueues; i++) {
         n += cfg->queues[i].workers;
         redis_queues |= cfg->queues[i].transport == TRANSPORT_REDIS;
@@ -129,6 +130,9 @@ static void start_generation(struct pool *p) {
     p->kids[k].kind = CHILD_RELAY;
     p->kids[k].slot = scoreboard_assign(SB_RELAY, NULL, 0);
     snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "relay");
+    p->kids[k].kind = CHILD_TIMEKEEPER;
+    p->kids[k].slot = SB_NO_SLOT;
+    snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "timekeeper");
     if (redis_queues) {
         p->kids[k].kind = CHILD_REAPER;
         p->kids[k].slot = scoreboard_assign(SB_REAPER, NULL, 0);
@@ -140,7 +144,7 @@ static void start_generation(struct pool *p) {
         snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "http");
     }
     for (int i = 0; i < n; i++) spawn(p, &p->kids[i]);
-    log_info("pool started: %d workers, a relay%s%s", n - 1 - redis_queues - (cfg->http_listen != NULL),
+    log_info("pool started: %d workers, a relay, a timekeeper%s%s", n - 2 - redis_queues - (cfg->http_listen != NULL),
              redis_queues ? ", a reaper" : "", cfg->http_listen ? " and an HTTP listener" : "");
 }
 

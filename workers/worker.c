@@ -195,10 +195,19 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
     for (int i = 0; i < n; i++)
         if (admit(w, &items[i])) v[nv++] = &items[i];
     w->batch.db = w->db;
+    /* those not due yet are parked and acked, never run (parking.c); when
+     * parking fails, the whole batch is handed back below (none may run early) */
+    int parked = nv > 0 && w->db ? parking_park(w->db, w->q, v, nv) : 0;
+    if (parked > 0) {
+        int kept = 0;
+        for (int i = 0; i < nv; i++)
+            if (!v[i]->parked) v[kept++] = v[i];
+        nv = kept;
+    }
     /* no database (lost with an earlier batch of this take), or lost before
      * anything ran: hand them back and reconnect (they come back redelivered,
      * and one never started before is then counted as started once) */
-    if (nv > 0 && (!w->db || batch_process(&w->batch, v, nv) < 0)) {
+    if (nv > 0 && (!w->db || parked < 0 || batch_process(&w->batch, v, nv) < 0)) {
         db_check(w);
         for (int i = 0; i < nv; i++)
             if (broker_requeue(w->broker, &v[i]->d) < 0)
@@ -216,7 +225,7 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
     struct delivery *acks = xmalloc((size_t)n * sizeof *acks);
     int nacks = 0;
     for (int i = 0; i < n; i++) /* in arrival order */
-        if (items[i].live && items[i].rc >= 0) acks[nacks++] = items[i].d;
+        if ((items[i].live && items[i].rc >= 0) || items[i].parked) acks[nacks++] = items[i].d;
     /* one ack for a batch that went through whole; else one each */
     bool whole = nacks == n;
     for (int sent = 0; sent < nacks;) {

@@ -21,6 +21,7 @@ struct batch_item {
     struct envelope env;
     const struct handler *handler;
     bool live;            /* parsed, known, within its attempts: it takes part in the transaction */
+    bool parked;          /* not due yet: parked in the database (parking_park), to be acked; not live */
     bool exhausted;       /* out of attempts (count_attempts): dead-letter it, error says why */
     int attempts;         /* handler starts, this one included */
     bool counted;         /* its attempts are in command_attempts (it was redelivered) */
@@ -69,6 +70,64 @@ void batch_order(struct batch_item **v, int n);
  * delivery or envelope) and clears claimed and rc; it can run again. */
 void batch_item_forget(struct batch_item *it);
 
+/* ---- parking.c: commands that wait for their time ------------------------------ */
+/* Parks each of the n items v of queue q whose notBefore is still to come by
+ * the database's clock (and that is not processed already) in parked_commands,
+ * in one statement; a copy of one parked already counts as parked. Marks them
+ * parked (the caller acks them; they must not run). Items without a valid
+ * notBefore are left alone. Returns how many are parked, or the error class
+ * of the statement (none marked). */
+int parking_park(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n);
+/* One pass of the active timekeeper: claims up to batch parked rows that are
+ * due by the database's clock (FOR UPDATE SKIP LOCKED), publishes each to the
+ * queue that routes it now through brokers[transport] (opened when NULL,
+ * owned by the caller), and deletes them once the broker confirmed them, in
+ * one transaction. Returns how many were published, or an error class with
+ * why in err (the rows stay parked; a broker that failed is closed and NULL). */
+int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers[2], int batch, char *err,
+                    size_t errlen);
+
+/* ---- schedule_fire.c: the schedules' slots, fired by the active timekeeper ------ */
+/* When each schedule of the configuration is next looked at (monotonic ms;
+ * 0: at the next pass). Owned by the timekeeper's active spell. */
+struct schedule_firing {
+    int64_t *look_at;
+    int n;
+};
+void schedule_firing_init(struct schedule_firing *f, const struct cfg *cfg);
+void schedule_firing_free(struct schedule_firing *f);
+/* For every schedule whose time to look has come: parks the command of each
+ * slot that is due by the database's clock (id: the slot's UUIDv5; due at the
+ * slot's instant, so parking_release publishes it at once), skips slots as its
+ * catch_up says, and records the schedule's state (schedules row), in one
+ * transaction per schedule. Returns how many slots it fired, or the error
+ * class of the first failure (logged; that schedule is looked at again on
+ * the next pass). */
+int schedule_fire_due(struct db *db, const struct cfg *cfg, struct schedule_firing *f);
+
+/* ---- singleton.c: one process of a kind active across every pool ---------------- */
+/* How a spell as the active one ended. */
+enum singleton_end {
+    SINGLETON_LOST,          /* stop asked for, or the database connection lost: it tries again */
+    SINGLETON_GAVE_UP,       /* it could not do its work for a while and gave up its lock: it stands by
+                              * gave_up_wait_ms before it tries again, so a healthy pool's process takes over */
+    SINGLETON_CONFIG_REFUSED /* a server refused what the configuration says: it stops */
+};
+struct singleton {
+    const char *name;  /* the lock is "<prefix>.<name>"; log lines say the name */
+    const char *doing; /* what the active one does, for the log line */
+    /* works while it holds the lock on db (and db is up, and no stop is asked for); says how it ended */
+    enum singleton_end (*active)(const struct cfg *cfg, struct db *db);
+    void (*standing_by)(const struct cfg *cfg, struct db *db); /* about once a second while another is active; or NULL */
+    void (*stopping)(struct db *db);                           /* on stop, before its connection closes; or NULL */
+    int (*gave_up_wait_ms)(const struct cfg *cfg);             /* after SINGLETON_GAVE_UP */
+};
+/* Connects (waiting while the database is away), takes the lock or stands by,
+ * and runs s->active while it holds it, until stop_requested. Returns the exit
+ * status: 0 when stopped, CV_EXIT_CONFIG when the database refused the
+ * configuration or active said SINGLETON_CONFIG_REFUSED (logged). */
+int singleton_run(const struct cfg *cfg, const struct singleton *s);
+
 /* ---- worker.c / relay.c / supervisor.c ------------------------------------------ */
 extern volatile sig_atomic_t stop_requested; /* set by SIGTERM / SIGINT in a child */
 
@@ -81,6 +140,9 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
  * 0 when stopped, CV_EXIT_CONFIG when the database or the events broker refuses
  * the configuration (logged). Other failures are retried with backoff. */
 int relay_run(const struct cfg *cfg);
+/* Publishes due parked commands and fires the schedules while it holds the
+ * timekeeper lock (timekeeper.c); returns the exit status as relay_run. */
+int timekeeper_run(const struct cfg *cfg);
 /* Redis: moves due retries back and requeues the work of dead workers; returns the
  * exit status: 0 when stopped, CV_EXIT_CONFIG when Redis refuses the configuration
  * (logged). A failed round is logged once and retried with backoff. */

@@ -180,7 +180,7 @@ TEST(created_at_must_be_rfc3339) {
 
 TEST(build_round_trips) {
     cJSON *p = cJSON_Parse("{\"productId\":\"x\",\"quantityChange\":-3}");
-    char *s = envelope_build(NULL, "updateStock", p, "corr", NULL);
+    char *s = envelope_build(NULL, "updateStock", p, "corr", NULL, NULL);
     struct envelope e;
     CHECK(parse(s, &e) == 0);
     CHECK_STR(e.type, "updateStock");

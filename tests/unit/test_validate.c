@@ -16,7 +16,7 @@ static char *rep(const char *c, size_t n) {
 /* Runs a handler on payload; returns the rejection fields (caller frees). A
  * payload holding "__valid" must pass validation instead (NULL is returned). */
 static cJSON *rejected_fields(handler_fn h, const char *type, cJSON *payload) {
-    char *env = envelope_build(NULL, type, payload, NULL, NULL);
+    char *env = envelope_build(NULL, type, payload, NULL, NULL, NULL);
     struct envelope e;
     char err[256];
     CHECK(envelope_parse(env, strlen(env), 1 << 20, NULL, &e, err, sizeof err) == 0);

@@ -1,0 +1,150 @@
+/* parking.c - where a command waits for its time: the table parked_commands
+ * (sql/0010). A worker parks a command it took before its notBefore
+ * (parking_park) and acks it: no delivery held, no attempt spent. The active
+ * timekeeper (timekeeper.c) publishes the rows that are due back to their
+ * queue (parking_release), and a worker then applies them. Both judge time by
+ * the database's clock (now()), never a host's. docs/decisions.md, "Where
+ * commands wait".
+ */
+#include "workers.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int parking_park(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n) {
+    const char **ids = xcalloc((size_t)n, sizeof *ids), **types = xcalloc((size_t)n, sizeof *types);
+    const char **dues = xcalloc((size_t)n, sizeof *dues), **bodies = xcalloc((size_t)n, sizeof *bodies);
+    char (*due_text)[24] = xcalloc((size_t)n, sizeof *due_text);
+    char **copies = xcalloc((size_t)n, sizeof *copies);
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        const struct envelope *e = &v[i]->env;
+        int64_t ms;
+        /* an invalid notBefore is rejected by the batch (VALIDATION_FAILED), like any field */
+        if (!e->not_before || e->field_errors || e->has_nul || !clock_rfc3339_ms(e->not_before, &ms)) continue;
+        snprintf(due_text[k], sizeof due_text[k], "%lld", (long long)ms);
+        copies[k] = xstrndup(v[i]->d.body, v[i]->d.len); /* the body as taken (a NUL byte was dead-lettered) */
+        ids[k] = e->id;
+        types[k] = e->type;
+        dues[k] = due_text[k];
+        bodies[k] = copies[k];
+        k++;
+    }
+    int parked = 0;
+    if (k > 0) {
+        char *a_ids = db_array(ids, k), *a_types = db_array(types, k), *a_dues = db_array(dues, k),
+             *a_bodies = db_array(bodies, k);
+        const char *p[5] = {a_ids, a_types, a_dues, a_bodies, q->name};
+        PGresult *r = NULL;
+        /* one statement, one transaction: every command not due yet by the
+         * database's clock is parked (once: a copy of one parked already finds
+         * its row), and named, so the caller acks it; one processed already (a
+         * copy of one applied or cancelled) is not: the batch finds it a duplicate */
+        int rc = db_exec(db,
+                         "WITH later AS (SELECT c.id, c.type, to_timestamp(c.due_ms / 1000.0) AS due_at, c.body "
+                         "FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) AS c(id, type, due_ms, body) "
+                         "WHERE to_timestamp(c.due_ms / 1000.0) > now() "
+                         "AND NOT EXISTS (SELECT 1 FROM processed_commands d WHERE d.id = c.id)), "
+                         "parked AS (INSERT INTO parked_commands (id, queue, type, due_at, envelope, reason) "
+                         "SELECT DISTINCT ON (id) id, $5, type, due_at, body, 'delayed' FROM later ORDER BY id "
+                         "ON CONFLICT (id) DO NOTHING) "
+                         "SELECT id::text FROM later",
+                         5, p, &r);
+        free(a_ids);
+        free(a_types);
+        free(a_dues);
+        free(a_bodies);
+        if (rc < 0) parked = rc;
+        for (int j = 0; rc == 0 && j < PQntuples(r); j++)
+            for (int i = 0; i < n; i++)
+                if (!v[i]->parked && strcmp(v[i]->env.id, PQgetvalue(r, j, 0)) == 0) {
+                    v[i]->parked = true;
+                    log_cmd(LOG_DEBUG, &v[i]->env, "parked until %s", v[i]->env.not_before);
+                    parked++;
+                }
+        PQclear(r);
+    }
+    for (int i = 0; i < k; i++) free(copies[i]);
+    free(copies);
+    free(due_text);
+    free(ids);
+    free(types);
+    free(dues);
+    free(bodies);
+    return parked;
+}
+
+/* The queue a due row goes back to: its own while the configuration still
+ * has it and it still takes the type, else the queue that now routes the
+ * type; NULL when none does. */
+static const struct cfg_queue *release_queue(const struct cfg *cfg, const char *queue, const char *type) {
+    const struct cfg_queue *q = cfg_queue_named(cfg, queue);
+    return q && cfg_queue_for(cfg, type) == q ? q : cfg_queue_for(cfg, type);
+}
+
+/* Publishes the rows of r (id, queue, type, envelope) that have a queue, those
+ * of transport t, through brokers[t] (opened when NULL). Returns how many, or
+ * the class of the failure (brokers[t] then closed and NULL) with why in err. */
+static int release_send(const struct cfg *cfg, struct broker *brokers[2], enum transport t, PGresult *r,
+                        char *err, size_t errlen) {
+    int n = PQntuples(r), k = 0;
+    struct outgoing_command *oc = xcalloc((size_t)(n ? n : 1), sizeof *oc);
+    for (int i = 0; i < n; i++) {
+        const struct cfg_queue *q = release_queue(cfg, PQgetvalue(r, i, 1), PQgetvalue(r, i, 2));
+        if (!q || q->transport != t) continue;
+        oc[k++] = (struct outgoing_command){q, PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
+                                            (size_t)PQgetlength(r, i, 3), PQgetvalue(r, i, 0)};
+    }
+    int rc = 0, cls = 0;
+    if (k > 0 && !brokers[t] && !(brokers[t] = broker_open_class(cfg, t, &cls, err, errlen))) rc = cls ? cls : CV_ERETRY;
+    if (k > 0 && rc == 0 && (rc = broker_publish_commands(brokers[t], oc, k)) < 0) {
+        snprintf(err, errlen, "%s", broker_error(brokers[t]));
+        broker_close(brokers[t]);
+        brokers[t] = NULL;
+    }
+    free(oc);
+    return rc < 0 ? rc : k;
+}
+
+int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers[2], int batch, char *err,
+                    size_t errlen) {
+    char limit[16];
+    snprintf(limit, sizeof limit, "%d", batch);
+    const char *p[1] = {limit};
+    PGresult *r = NULL;
+    err[0] = '\0';
+    if (db_cmd(db, "BEGIN") < 0) return db_err(db);
+    /* locked until the broker confirmed them and their delete commits: a
+     * cancel (conveyor-admin scheduled cancel) waits for that, then finds
+     * nothing to cancel; or it came first, and the claim skips the row */
+    int rc = db_exec(db, "SELECT id::text, queue, type, envelope FROM parked_commands WHERE due_at <= now() "
+                         "ORDER BY due_at, id LIMIT $1::int FOR UPDATE SKIP LOCKED", 1, p, &r);
+    int sent = 0;
+    for (int t = 0; rc == 0 && t < 2; t++) {
+        int n = release_send(cfg, brokers, (enum transport)t, r, err, errlen);
+        if (n < 0) rc = n;
+        else sent += n;
+    }
+    if (rc == 0 && sent < PQntuples(r)) /* a type no queue routes any more: it stays, said once a pass */
+        log_warn("%d due parked command%s of a type no queue routes: left parked", PQntuples(r) - sent,
+                 PQntuples(r) - sent == 1 ? "" : "s");
+    if (rc == 0 && sent > 0) {
+        const char **ids = xcalloc((size_t)PQntuples(r), sizeof *ids);
+        int k = 0;
+        for (int i = 0; i < PQntuples(r); i++)
+            if (release_queue(cfg, PQgetvalue(r, i, 1), PQgetvalue(r, i, 2))) ids[k++] = PQgetvalue(r, i, 0);
+        char *a = db_array(ids, k);
+        const char *dp[1] = {a};
+        rc = db_exec(db, "DELETE FROM parked_commands WHERE id = ANY($1::uuid[])", 1, dp, NULL);
+        free(a);
+        free(ids);
+    }
+    if (rc == 0) rc = db_cmd(db, "COMMIT");
+    else (void)db_cmd(db, "ROLLBACK"); /* fails only with the connection, which rolls back too */
+    if (rc < 0 && !err[0]) snprintf(err, errlen, "%s", db_errstr(db));
+    PQclear(r);
+    /* published but not deleted (a failed COMMIT): published again later, and
+     * the copy is absorbed by the command's dedup row */
+    return rc < 0 ? rc : sent;
+}
