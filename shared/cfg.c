@@ -392,10 +392,45 @@ static int load_queues(struct loader *l, config_setting_t *root, enum transport 
     return 0;
 }
 
+/* The schedules list (optional; each read by cfg_schedule_read, names unique,
+ * the type routed by some queue). Returns 0 or CV_ECONFIG, naming the schedule
+ * (or its index) and the field. */
+static int load_schedules(struct loader *l, config_setting_t *root, struct cfg *c) {
+    static const char *const keys[] = {"name", "cron", "every", "timezone", "type", "payload", "catch_up",
+                                       "catch_up_window", NULL};
+    config_setting_t *ss = config_setting_get_member(root, "schedules");
+    if (!ss) return 0;
+    if (config_setting_type(ss) != CONFIG_TYPE_LIST)
+        return fail(l, ss, "'schedules' must be a list ( { name = ...; cron = ...; type = ...; }, ... )");
+    int n = config_setting_length(ss);
+    c->schedules = n ? xcalloc((size_t)n, sizeof *c->schedules) : NULL;
+    for (int i = 0; i < n; i++) {
+        config_setting_t *g = config_setting_get_elem(ss, (unsigned)i);
+        struct cfg_schedule *s = &c->schedules[i];
+        c->nschedules = i + 1; /* so cfg_free sees what was allocated */
+        if (config_setting_type(g) != CONFIG_TYPE_GROUP)
+            return fail(l, g, "'schedules.[%d]' must be a group { name = ...; cron = ...; type = ...; }", i);
+        if (only_known(l, g, keys) < 0) return CV_ECONFIG;
+        char why[512], who[96];
+        const config_setting_t *where = g;
+        int rc = cfg_schedule_read(g, s, why, sizeof why, &where);
+        if (s->name[0]) snprintf(who, sizeof who, "schedule '%s' (schedules.[%d])", s->name, i);
+        else snprintf(who, sizeof who, "schedule schedules.[%d]", i);
+        if (rc < 0) return fail(l, where, "%s: %s", who, why);
+        if (!cfg_queue_for(c, s->type))
+            return fail(l, config_setting_get_member(g, "type"), "%s: 'type' \"%s\" is routed by no queue "
+                        "(a schedule sends a command type some queue lists in its commands)", who, s->type);
+        for (int j = 0; j < i; j++)
+            if (strcmp(c->schedules[j].name, s->name) == 0)
+                return fail(l, config_setting_get_member(g, "name"), "%s: 'name' is used twice", who);
+    }
+    return 0;
+}
+
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
                                       "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "broker", "queues",
-                                      NULL};
+                                      "schedules", NULL};
     config_setting_t *root = config_root_setting(lc);
     if (only_known(l, root, top) < 0) return CV_ECONFIG;
 
@@ -412,7 +447,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     free(tr);
 
     if (load_connections(l, root, c) < 0 || load_tuning(l, root, deflt, c) < 0 || load_http(l, root, c) < 0 ||
-        load_queues(l, root, deflt, c) < 0)
+        load_queues(l, root, deflt, c) < 0 || load_schedules(l, root, c) < 0)
         return CV_ECONFIG;
     return 0;
 }
@@ -536,6 +571,8 @@ void cfg_free(struct cfg *c) {
         free(c->queues[i].commands);
     }
     free(c->queues);
+    for (int i = 0; i < c->nschedules; i++) cfg_schedule_free(&c->schedules[i]);
+    free(c->schedules);
     free(c->path);
     free(c->prefix);
     free(c->database_url);

@@ -225,6 +225,18 @@ struct cfg {
     int nschedules;
 };
 
+/* cfg_schedules.c: one entry of `schedules` (a libconfig group g whose members
+ * cfg.c has checked are known) read into *s: name, cron (parsed) or every,
+ * timezone (tz_known), type (not its routing: cfg.c checks it), payload (a JSON
+ * object), catch_up, catch_up_window, with their defaults. Returns 0, or
+ * CV_ECONFIG with why (naming the field, not the file) and *where, the setting
+ * at fault (for its line). Either way *s may own memory: cfg_schedule_free. */
+struct config_setting_t;
+int cfg_schedule_read(const struct config_setting_t *g, struct cfg_schedule *s, char *why, size_t n,
+                      const struct config_setting_t **where);
+/* Frees what cfg_schedule_read allocated in s (not s); NULL is fine. */
+void cfg_schedule_free(struct cfg_schedule *s);
+
 /* Reads and checks FILE, then applies the CONVEYOR_* environment overrides.
  * Returns 0, or CV_ECONFIG with a message naming the file, line and key in err.
  * *out is overwritten (not freed first); on success the caller cfg_free()s it,
@@ -794,5 +806,30 @@ int64_t schedule_every_next(int64_t every_s, int64_t after);
 /* True when zone names a zone of the system's tz data: a TZif file under
  * /usr/share/zoneinfo (no "..", no leading '/'). "UTC" is one. */
 bool tz_known(const char *zone);
+
+/* ---- duration.c -------------------------------------------------------------------- */
+/* A duration as queues.conf writes it: an integer and a unit s, m, h or d ("90s",
+ * "15m", "1h", "2d"; a bare integer is seconds), into *seconds: true, or false
+ * (*seconds untouched) for anything else (a sign, a space, a fraction, too long). */
+bool duration_parse(const char *s, int64_t *seconds);
+
+/* ---- schedule_zone.c: a schedule's slots in the database's clock and tz data ---------- *
+ * Each returns 0, or db_exec's error class (the error in db_err / db_errstr);
+ * the out values are written only on 0. The zone is read from PostgreSQL's tz
+ * data, never from the session's TimeZone or the process's TZ. */
+/* The instant (unix ms) of slot `slot` of s: every: slot * 1000 (no query);
+ * cron: conveyor_wall_instant (migration 0010) of the slot's wall time in
+ * s->timezone (a wall time that does not exist: the instant of the change; one
+ * that happens twice: the later). */
+int schedule_slot_instant(struct db *db, const struct cfg_schedule *s, int64_t slot, int64_t *instant_ms);
+/* The database's now() as unix ms into *now_ms, and into *now_slot_base the
+ * value to pass as `after` to cron_next (cron: the wall time of now() in
+ * s->timezone, naive seconds) or schedule_every_next (every: now in unix
+ * seconds), both rounded down to the second: the next slot after now. */
+int schedule_wall_now(struct db *db, const struct cfg_schedule *s, int64_t *now_slot_base, int64_t *now_ms);
+/* The instant instant_ms as RFC 3339 to the second, with the UTC offset of
+ * s->timezone at that instant ("2026-03-29T03:00:00+02:00"); "Z" for an
+ * `every` schedule and for the zone "UTC". Into out (always NUL-terminated on 0). */
+int schedule_slot_text(struct db *db, const struct cfg_schedule *s, int64_t instant_ms, char out[40]);
 
 #endif
