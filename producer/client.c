@@ -256,12 +256,17 @@ int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int
 
 int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
                      const char *correlation_id, char id_out[37]) {
+    return conveyor_publish_at(c, type, payload_json, correlation_id, NULL, id_out);
+}
+
+int conveyor_publish_at(conveyor_client *c, const char *type, const char *payload_json,
+                        const char *correlation_id, const char *not_before, char id_out[37]) {
     cJSON *payload = cJSON_Parse(payload_json);
     if (!cJSON_IsObject(payload)) {
         cJSON_Delete(payload);
         return fail(c, CONVEYOR_EINVALID, "%s", "the payload is not a JSON object");
     }
-    char *env = envelope_build(NULL, type, payload, correlation_id, NULL, NULL);
+    char *env = envelope_build(NULL, type, payload, correlation_id, NULL, not_before);
     cJSON_Delete(payload);
     int rc = conveyor_publish_envelope(c, env, id_out);
     free(env);

@@ -79,6 +79,14 @@ int conveyor_config_error(const conveyor_client *c);
  * connection is closed, and opened again by the next publish. */
 int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
                      const char *correlation_id, char id_out[37]);
+/* As conveyor_publish, for a command that must not run before not_before: an
+ * RFC 3339 date-time with an offset ("2026-12-24T18:00:00+01:00", "...Z"), the
+ * envelope's notBefore (docs/contract.md). A pool that takes it earlier parks it
+ * in PostgreSQL and runs it once that time has passed by the database's clock;
+ * a time already past runs it at once. NULL not_before is conveyor_publish.
+ * CONVEYOR_EINVALID when not_before is not such a date-time. */
+int conveyor_publish_at(conveyor_client *c, const char *type, const char *payload_json,
+                        const char *correlation_id, const char *not_before, char id_out[37]);
 /* Publishes a whole envelope ({"type", "payload"} at least; id and createdAt
  * are added when missing, and replace an id or createdAt that is not a string;
  * a string that is not a UUID / RFC 3339 date-time is CONVEYOR_EINVALID).

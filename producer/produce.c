@@ -15,8 +15,9 @@ enum { EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXI
 
 static const char usage[] =
     "usage: conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--correlation-id ID]\n"
-    "                        [--traceparent VALUE] TYPE PAYLOAD_JSON\n"
-    "       conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] < commands.ndjson\n"
+    "                        [--traceparent VALUE] [--at TIME | --in DURATION] TYPE PAYLOAD_JSON\n"
+    "       conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--at TIME | --in DURATION]\n"
+    "                        < commands.ndjson\n"
     "\n"
     "Publishes a command (TYPE and its payload object), or one command per line of\n"
     "standard input (a whole envelope, or {\"type\": ..., \"payload\": {...}}), routed by\n"
@@ -31,6 +32,11 @@ static const char usage[] =
     "      --correlation-id ID set the command's correlationId\n"
     "      --traceparent VALUE set the command's W3C traceparent (00-<trace-id>-<parent-id>-<flags>);\n"
     "                          on stdin, an envelope carries its own \"traceparent\"\n"
+    "      --at TIME           run the command(s) not before TIME (RFC 3339 with an offset,\n"
+    "                          2026-12-24T18:00:00+01:00): the envelope's notBefore; a line of\n"
+    "                          stdin with its own notBefore keeps it\n"
+    "      --in DURATION       ... not before DURATION from now by this host's clock (90s, 15m,\n"
+    "                          2h, 7d; a number alone is seconds)\n"
     "  -h, --help              this help\n"
     "\n"
     "Exit status: 0 published (with --wait: every result was a success event),\n"
@@ -102,12 +108,13 @@ static int wait_result(conveyor_client *c, const char *id, int timeout_ms) {
     return code_for(rc);
 }
 
-/* As conveyor_publish, with the envelope field traceparent (checked by the
- * caller): builds {type, payload, correlationId?, traceparent} and publishes it
- * whole. Returns as conveyor_publish (CONVEYOR_EINVALID: the payload is not a
- * JSON object, with the reason in conveyor_error). */
-static int publish_traced(conveyor_client *c, const char *type, const char *payload_json, const char *corr,
-                          const char *traceparent, char id[37]) {
+/* As conveyor_publish, with the envelope fields traceparent (checked by the
+ * caller) and notBefore when not NULL: builds {type, payload, correlationId?,
+ * traceparent?, notBefore?} and publishes it whole. Returns as
+ * conveyor_publish (CONVEYOR_EINVALID: the payload is not a JSON object, or
+ * a field is invalid, with the reason in conveyor_error). */
+static int publish_built(conveyor_client *c, const char *type, const char *payload_json, const char *corr,
+                         const char *traceparent, const char *not_before, char id[37]) {
     cJSON *payload = cJSON_Parse(payload_json);
     if (!cJSON_IsObject(payload)) { /* as conveyor_publish says it */
         cJSON_Delete(payload);
@@ -117,7 +124,8 @@ static int publish_traced(conveyor_client *c, const char *type, const char *payl
     cJSON_AddStringToObject(env, "type", type);
     cJSON_AddItemToObject(env, "payload", payload);
     if (corr) cJSON_AddStringToObject(env, "correlationId", corr);
-    cJSON_AddStringToObject(env, "traceparent", traceparent);
+    if (traceparent) cJSON_AddStringToObject(env, "traceparent", traceparent);
+    if (not_before) cJSON_AddStringToObject(env, "notBefore", not_before);
     char *json = cJSON_PrintUnformatted(env);
     cJSON_Delete(env);
     if (!json) { /* as alloc.c does when memory cannot be had */
@@ -129,16 +137,49 @@ static int publish_traced(conveyor_client *c, const char *type, const char *payl
     return rc;
 }
 
+/* A line of stdin with "notBefore": not_before added when it is an object
+ * without one (malloc'd; the caller frees it and line); else line itself. */
+static char *line_not_before(char *line, const char *not_before) {
+    cJSON *o = not_before ? cJSON_Parse(line) : NULL;
+    char *out = line;
+    if (cJSON_IsObject(o) && !cJSON_GetObjectItemCaseSensitive(o, "notBefore")) {
+        cJSON_AddStringToObject(o, "notBefore", not_before);
+        char *json = cJSON_PrintUnformatted(o);
+        if (json) {
+            free(line);
+            out = json;
+        }
+    }
+    cJSON_Delete(o);
+    return out;
+}
+
+/* --at TIME or --in DURATION into out (RFC 3339); returns true, or false with why. */
+static bool not_before_option(const char *at, const char *in, char out[40], const char **why) {
+    int64_t ms, secs;
+    if (at && in) *why = "give --at or --in, not both";
+    else if (at && !clock_rfc3339_ms(at, &ms)) *why = "--at must be an RFC 3339 date-time with an offset "
+                                                    "(2026-12-24T18:00:00+01:00 or ...Z)";
+    else if (in && (!duration_parse(in, &secs) || secs < 0)) *why = "--in must be a duration: 90s, 15m, 2h, 7d";
+    else {
+        if (at) snprintf(out, 40, "%s", at);
+        else if (in) clock_rfc3339(clock_ms() + secs * 1000, out);
+        return true;
+    }
+    return false;
+}
+
 /* Long on purpose: the option table, its checks and the one loop over the
  * commands, in the order a reader of --help meets them. */
 int main(int argc, char **argv) {
-    const char *path = "queues.conf", *corr = NULL, *traceparent = NULL;
+    const char *path = "queues.conf", *corr = NULL, *traceparent = NULL, *at = NULL, *in = NULL;
     bool wait = false;
     double timeout_s = 30;
     static const struct option opts[] = {
         {"config", required_argument, 0, 'c'}, {"wait", no_argument, 0, 'w'},
         {"timeout", required_argument, 0, 't'}, {"correlation-id", required_argument, 0, 'r'},
-        {"traceparent", required_argument, 0, 'p'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"traceparent", required_argument, 0, 'p'}, {"at", required_argument, 0, 'a'},
+        {"in", required_argument, 0, 'i'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "c:wt:h", opts, NULL)) != -1) {
         switch (o) {
@@ -147,6 +188,8 @@ int main(int argc, char **argv) {
         case 't': timeout_s = atof(optarg); break;
         case 'r': corr = optarg; break;
         case 'p': traceparent = optarg; break;
+        case 'a': at = optarg; break;
+        case 'i': in = optarg; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return EXIT_USAGE;
         }
@@ -163,6 +206,12 @@ int main(int argc, char **argv) {
                 nargs != 2 ? "goes with TYPE and PAYLOAD_JSON (on stdin, put it in the envelope)" : why);
         return EXIT_USAGE;
     }
+    char not_before_text[40] = "";
+    if ((at || in) && !not_before_option(at, in, not_before_text, &why)) {
+        fprintf(stderr, "conveyor-produce: %s\n", why);
+        return EXIT_USAGE;
+    }
+    const char *not_before = not_before_text[0] ? not_before_text : NULL;
     if (timeout_s <= 0) {
         fprintf(stderr, "conveyor-produce: --timeout must be a positive number of seconds\n");
         return EXIT_USAGE;
@@ -177,8 +226,9 @@ int main(int argc, char **argv) {
     int timeout_ms = (int)(timeout_s * 1000);
     int status = 0;
     if (nargs == 2) {
-        int rc = traceparent ? publish_traced(c, argv[optind], argv[optind + 1], corr, traceparent, id)
-                             : conveyor_publish(c, argv[optind], argv[optind + 1], corr, id);
+        int rc = traceparent || not_before
+                     ? publish_built(c, argv[optind], argv[optind + 1], corr, traceparent, not_before, id)
+                     : conveyor_publish(c, argv[optind], argv[optind + 1], corr, id);
         if (rc < 0) {
             fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
             status = rc == CONVEYOR_EBROKER && conveyor_config_error(c) ? EXIT_USAGE : code_for(rc);
@@ -212,7 +262,7 @@ int main(int argc, char **argv) {
             lineno++;
             if (!*l) { free(l); continue; }
             lines[n] = lineno;
-            batch[n++] = l;
+            batch[n++] = line_not_before(l, not_before);
         }
         if (n == 0) {
             if (eof) break;
