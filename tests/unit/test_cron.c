@@ -104,12 +104,12 @@ TEST(feb_29_comes_in_leap_years) {
     CHECK(next("0 0 29 2 *", wall(2028, 2, 29, 0, 0, 0)) == wall(2032, 2, 29, 0, 0, 0));
     CHECK(next("0 12 * 2 *", wall(2028, 2, 28, 13, 0, 0)) == wall(2028, 2, 29, 12, 0, 0));
     CHECK(next("0 12 * 2 *", wall(2027, 2, 28, 13, 0, 0)) == wall(2028, 2, 1, 12, 0, 0));
-    CHECK(next("0 0 29 2 *", wall(2097, 3, 1, 0, 0, 0)) == -1); /* 2100 is not a leap year: 2104 is too far */
+    CHECK(next("0 0 29 2 *", wall(2097, 3, 1, 0, 0, 0)) == CRON_NONE); /* 2100 is not a leap year: 2104 is too far */
 }
 
 TEST(a_day_that_never_comes_gives_minus_one) {
-    CHECK(next("0 0 30 2 *", wall(2026, 1, 1, 0, 0, 0)) == -1);
-    CHECK(next("0 0 31 4,6,9,11 *", wall(2026, 1, 1, 0, 0, 0)) == -1);
+    CHECK(next("0 0 30 2 *", wall(2026, 1, 1, 0, 0, 0)) == CRON_NONE);
+    CHECK(next("0 0 31 4,6,9,11 *", wall(2026, 1, 1, 0, 0, 0)) == CRON_NONE);
 }
 
 TEST(either_day_field_matches_when_both_are_restricted) {
