@@ -165,13 +165,13 @@ int cron_parse(const char *expr, struct cron *out, char *why, size_t n) {
     char **f = fields + (nf - 5);
     uint64_t b[6];
     bool any, mday_any, wday_any;
+    b[5] = 1; /* five fields: second 0 */
+    if (nf == 6 && parse_field(&F_SECOND, fields[0], &b[5], &any, why, n) < 0) return CV_ECONFIG;
     if (parse_field(&F_MINUTE, f[0], &b[0], &any, why, n) < 0 || parse_field(&F_HOUR, f[1], &b[1], &any, why, n) < 0 ||
         parse_field(&F_MDAY, f[2], &b[2], &mday_any, why, n) < 0 ||
         parse_field(&F_MONTH, f[3], &b[3], &any, why, n) < 0 ||
         parse_field(&F_WDAY, f[4], &b[4], &wday_any, why, n) < 0)
         return CV_ECONFIG;
-    b[5] = 1; /* five fields: second 0 */
-    if (nf == 6 && parse_field(&F_SECOND, fields[0], &b[5], &any, why, n) < 0) return CV_ECONFIG;
     if (b[4] & (1u << 7)) b[4] = (b[4] | 1u) & 0x7f; /* 7 is Sunday, as 0 */
     out->seconds = b[5];
     out->minutes = b[0];

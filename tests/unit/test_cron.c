@@ -49,6 +49,8 @@ TEST(each_field_names_itself_when_out_of_range) {
     refused("* * * 0 *", "month: 0 is out of range 1-12");
     refused("* * * * 8", "day of week: 8 is out of range 0-7");
     refused("60 * * * * *", "second: 60 is out of range 0-59");
+    refused("0 60 * * * *", "minute: 60 is out of range 0-59"); /* six fields: the second field is the minute */
+    refused("0 0 0 0 * *", "day of month: 0 is out of range 1-31");
     refused("99999999999 * * * *", "minute: ");
 }
 
