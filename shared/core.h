@@ -151,7 +151,8 @@ struct cron {
 /* Parses expr into *out: 0, or CV_ECONFIG with why (which field, what is wrong). */
 int cron_parse(const char *expr, struct cron *out, char *why, size_t n);
 /* The first wall time (naive seconds) strictly after `after` that c matches,
- * or -1 when none comes within 5 years (e.g. "0 0 30 2 *"). */
+ * or -1 (CRON_NONE) when none comes within 5 years (e.g. "0 0 30 2 *"). */
+#define CRON_NONE ((int64_t)-1)
 int64_t cron_next(const struct cron *c, int64_t after);
 
 /* A schedule of queues.conf (`schedules`): fires the command type with payload

@@ -102,6 +102,7 @@ static int parse_item(const struct cron_field *f, const char *item, uint64_t *bi
             p++;
             range = true;
             if (read_value(f, &p, &hi, why, n) < 0) return CV_ECONFIG;
+            if (f == &F_WDAY && hi == 0 && lo > 0) hi = 7; /* FRI-SUN: Sunday as 7 */
             if (hi < lo) {
                 snprintf(why, n, "%s: range %d-%d goes backwards", f->what, lo, hi);
                 return CV_ECONFIG;
@@ -164,13 +165,13 @@ int cron_parse(const char *expr, struct cron *out, char *why, size_t n) {
     char **f = fields + (nf - 5);
     uint64_t b[6];
     bool any, mday_any, wday_any;
+    b[5] = 1; /* five fields: second 0 */
+    if (nf == 6 && parse_field(&F_SECOND, fields[0], &b[5], &any, why, n) < 0) return CV_ECONFIG;
     if (parse_field(&F_MINUTE, f[0], &b[0], &any, why, n) < 0 || parse_field(&F_HOUR, f[1], &b[1], &any, why, n) < 0 ||
         parse_field(&F_MDAY, f[2], &b[2], &mday_any, why, n) < 0 ||
         parse_field(&F_MONTH, f[3], &b[3], &any, why, n) < 0 ||
         parse_field(&F_WDAY, f[4], &b[4], &wday_any, why, n) < 0)
         return CV_ECONFIG;
-    b[5] = 1; /* five fields: second 0 */
-    if (nf == 6 && parse_field(&F_SECOND, fields[0], &b[5], &any, why, n) < 0) return CV_ECONFIG;
     if (b[4] & (1u << 7)) b[4] = (b[4] | 1u) & 0x7f; /* 7 is Sunday, as 0 */
     out->seconds = b[5];
     out->minutes = b[0];
@@ -183,11 +184,12 @@ int cron_parse(const char *expr, struct cron *out, char *why, size_t n) {
     return 0;
 }
 
-/* The lowest set bit of bits at or above from, or -1 when none (not an error class: an index). */
+#define NO_BIT 64
+/* The lowest set bit of bits at or above from, or NO_BIT when none. */
 static int next_bit(uint64_t bits, int from) {
-    if (from > 63) return -1;
+    if (from > 63) return NO_BIT;
     uint64_t rest = bits & (~(uint64_t)0 << from);
-    return rest ? __builtin_ctzll(rest) : -1;
+    return rest ? __builtin_ctzll(rest) : NO_BIT;
 }
 
 /* Vixie's rule: with both day fields restricted, either may match. */
@@ -209,7 +211,7 @@ int64_t cron_next(const struct cron *c, int64_t after) {
     time_t t = (time_t)(after + 1);
     struct tm tm;
     while ((int64_t)t <= limit) {
-        if (!gmtime_r(&t, &tm)) return -1;
+        if (!gmtime_r(&t, &tm)) return CRON_NONE;
         if (!(c->months & (1u << (tm.tm_mon + 1)))) {
             tm.tm_mon++, tm.tm_mday = 1, tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
         } else if (!day_matches(c, &tm)) {
@@ -217,19 +219,19 @@ int64_t cron_next(const struct cron *c, int64_t after) {
         } else {
             int h = next_bit(c->hours, tm.tm_hour);
             if (h != tm.tm_hour) {
-                if (h < 0) tm.tm_mday++, tm.tm_hour = 0;
+                if (h == NO_BIT) tm.tm_mday++, tm.tm_hour = 0;
                 else tm.tm_hour = h;
                 tm.tm_min = tm.tm_sec = 0;
             } else {
                 int m = next_bit(c->minutes, tm.tm_min);
                 if (m != tm.tm_min) {
-                    if (m < 0) tm.tm_hour++, tm.tm_min = 0;
+                    if (m == NO_BIT) tm.tm_hour++, tm.tm_min = 0;
                     else tm.tm_min = m;
                     tm.tm_sec = 0;
                 } else {
                     int s = next_bit(c->seconds, tm.tm_sec);
                     if (s == tm.tm_sec) return (int64_t)t;
-                    if (s < 0) tm.tm_min++, tm.tm_sec = 0;
+                    if (s == NO_BIT) tm.tm_min++, tm.tm_sec = 0;
                     else tm.tm_sec = s;
                 }
             }
@@ -237,5 +239,5 @@ int64_t cron_next(const struct cron *c, int64_t after) {
         tm.tm_isdst = 0;
         t = timegm(&tm);
     }
-    return -1;
+    return CRON_NONE;
 }

@@ -172,6 +172,35 @@ def test_bad_urls_stop_at_start():
         check(SECRET not in r.stdout + r.stderr and var in r.stderr, f"--check names {var}, masked: {r.stderr}")
 
 
+def test_bad_schedules_stop_at_start():
+    """A wrong schedule is a configuration error: --check and the start both exit
+    2, with one line naming the file, the schedule and the field, and why."""
+    cases = [  # (the schedule's settings, the field, words of the reason)
+        ('cron = "0 25 * * *"; type = "register";', "cron", "hour: 25 is out of range 0-23"),
+        ('cron = "0 3 * *"; type = "register";', "cron", "expected 5 or 6 fields, got 4"),
+        ('cron = "0 3 * * *"; timezone = "Mars/Olympus"; type = "register";', "timezone",
+         "Mars/Olympus.*not a time zone"),
+        ('every = "1h"; type = "register"; payload = "[1, 2]";', "payload", "JSON object"),
+        ('every = "1h"; type = "register"; payload = "{\\"a\\": }";', "payload", "JSON object"),
+        ('every = "1h"; type = "launchRocket";', "type", "launchRocket.*routed by no queue"),
+        ('cron = "0 3 * * *"; every = "1h"; type = "register";', "every", "both set"),
+        ('every = "1h"; timezone = "Europe/Paris"; type = "register";', "timezone", "for a 'cron' schedule"),
+    ]
+    for settings, field, words in cases:
+        config = write_config(extra=f'schedules = ( {{ name = "nightly-x"; {settings} }} );')
+        try:
+            for args in (("--check",), ()):
+                r = run_bin("conveyor-workers", "-c", config, *args, timeout=20)
+                what = f"conveyor-workers {' '.join(args)} with {settings}"
+                eq(r.returncode, 2, f"{what}: exit status; output:\n{r.stdout}{r.stderr}")
+                lines = [line for line in r.stderr.splitlines() if "nightly-x" in line]
+                eq(len(lines), 1, f"{what}: lines naming the schedule in:\n{r.stderr}")
+                check(config in lines[0] and f"'{field}'" in lines[0] and re.search(words, lines[0]),
+                      f"{what}: the line names the file, the field '{field}' and says why ({words!r}): {lines[0]}")
+        finally:
+            os.unlink(config)
+
+
 def test_check_prints_the_urls_masked():
     env = {"CONVEYOR_RABBITMQ_URL": with_password(AMQP_URL, "guest", SECRET),
            "CONVEYOR_REDIS_URL": with_password(REDIS_URL, "", SECRET),

@@ -630,3 +630,94 @@ TEST(database_url_hosts_are_counted) {
     CHECK(db_url_hosts("postgresql://[::1]:5432,[::2]:5432/conveyor") == 2);
     CHECK(db_url_hosts("not a url at all = = =") == 0);
 }
+
+#define TWO_QUEUES "queues = ( { name = \"q\"; commands = [\"register\", \"restockReport\"]; } );\n"
+
+TEST(schedules_are_parsed_into_the_struct) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text(TWO_QUEUES
+                    "schedules = (\n"
+                    "  { name = \"nightly-restock.v2\"; cron = \"0 3 * * *\"; timezone = \"Europe/Paris\";\n"
+                    "    type = \"restockReport\"; payload = \"{\\\"day\\\": \\\"{{slot}}\\\", \\\"n\\\": [1]}\";\n"
+                    "    catch_up = \"last\"; catch_up_window = \"15m\"; },\n"
+                    "  { name = \"tick\"; every = \"90s\"; type = \"register\"; catch_up = \"all\"; },\n"
+                    "  { name = \"secs\"; cron = \"*/10 * * * * *\"; type = \"register\"; catch_up = \"none\"; }\n"
+                    ");\n",
+                    &c) == 0);
+    if (err[0]) fprintf(stderr, "%s\n", err);
+    CHECK(c.nschedules == 3);
+    if (c.nschedules != 3) return;
+    const struct cfg_schedule *a = &c.schedules[0], *b = &c.schedules[1], *s = &c.schedules[2];
+    CHECK_STR(a->name, "nightly-restock.v2");
+    CHECK(a->kind == SCHEDULE_CRON);
+    CHECK_STR(a->cron_text, "0 3 * * *");
+    CHECK(a->cron.hours == 1u << 3 && a->cron.minutes == 1 && !a->cron.with_seconds);
+    CHECK_STR(a->timezone, "Europe/Paris");
+    CHECK_STR(a->type, "restockReport");
+    CHECK_STR(a->payload, "{\"day\": \"{{slot}}\", \"n\": [1]}");
+    CHECK(a->catch_up == CATCH_UP_LAST && a->catch_up_window_s == 900);
+    CHECK_STR(b->name, "tick");
+    CHECK(b->kind == SCHEDULE_EVERY && b->every_s == 90 && b->cron_text == NULL);
+    CHECK_STR(b->payload, "{}");
+    CHECK(b->catch_up == CATCH_UP_ALL && b->catch_up_window_s == 60);
+    CHECK(s->kind == SCHEDULE_CRON && s->cron.with_seconds && s->catch_up == CATCH_UP_NONE);
+    CHECK_STR(s->timezone, "UTC");
+    cfg_free(&c);
+    CHECK(c.schedules == NULL && c.nschedules == 0);
+    /* none at all: NULL, 0; the repository's file loads with whatever it holds */
+    CHECK(load_text(MINIMAL, &c) == 0 && c.schedules == NULL && c.nschedules == 0);
+    cfg_free(&c);
+    CHECK(load_text(MINIMAL "schedules = ();\n", &c) == 0 && c.nschedules == 0);
+    cfg_free(&c);
+}
+
+/* A file with one schedule (its fields in body) is refused, the message holding each of words. */
+static void schedule_refused(const char *body, const char *const *words) {
+    struct cfg c;
+    char text[1024];
+    snprintf(text, sizeof text, TWO_QUEUES "schedules = (\n  { %s }\n);\n", body);
+    int rc = load_text(text, &c);
+    bool ok = rc == CV_ECONFIG && strstr(err, ":3:");
+    for (const char *const *w = words; *w && ok; w++) ok = strstr(err, *w) != NULL;
+    if (!ok) {
+        fprintf(stderr, "schedule { %s }: rc %d, err \"%s\"\n", body, rc, err);
+        test_failures++;
+    }
+    if (rc == 0) cfg_free(&c);
+}
+#define REFUSED(body, ...) schedule_refused(body, (const char *const[]){__VA_ARGS__, NULL})
+
+TEST(bad_schedules_are_refused_naming_schedule_and_field) {
+    clear_env();
+    REFUSED("name = \"n\"; cron = \"60 * * * *\"; type = \"register\";", "schedule 'n'", "'cron'",
+            "minute: 60 is out of range 0-59");
+    REFUSED("name = \"n\"; cron = \"* * * *\"; type = \"register\";", "'cron'", "expected 5 or 6 fields, got 4");
+    REFUSED("name = \"n\"; cron = \"0 3 * * *\"; timezone = \"Mars/Olympus\"; type = \"register\";",
+            "schedule 'n'", "'timezone'", "Mars/Olympus");
+    REFUSED("name = \"n\"; every = \"1h\"; timezone = \"UTC\"; type = \"register\";", "schedule 'n'", "'timezone'");
+    REFUSED("name = \"n\"; cron = \"0 3 * * *\"; every = \"1h\"; type = \"register\";", "schedule 'n'", "'cron'",
+            "'every'", "both");
+    REFUSED("name = \"n\"; type = \"register\";", "schedule 'n'", "'cron' or 'every' is required");
+    REFUSED("name = \"n\"; every = \"0s\"; type = \"register\";", "'every'", "duration");
+    REFUSED("name = \"n\"; every = \"soon\"; type = \"register\";", "'every'", "duration");
+    REFUSED("name = \"n\"; every = 60; type = \"register\";", "'every' must be a non-empty string");
+    REFUSED("name = \"n\"; every = \"1h\"; type = \"nope\";", "schedule 'n'", "'type'", "nope", "routed by no queue");
+    REFUSED("name = \"n\"; every = \"1h\";", "schedule 'n'", "'type' is required");
+    REFUSED("name = \"n\"; every = \"1h\"; type = \"register\"; payload = \"[1]\";", "schedule 'n'", "'payload'",
+            "JSON object");
+    REFUSED("name = \"n\"; every = \"1h\"; type = \"register\"; payload = \"{nope\";", "'payload'", "JSON object");
+    REFUSED("name = \"n\"; every = \"1h\"; type = \"register\"; catch_up = \"some\";", "'catch_up'", "\"all\"");
+    REFUSED("name = \"n\"; every = \"1h\"; type = \"register\"; catch_up_window = \"0s\";", "'catch_up_window'");
+    REFUSED("every = \"1h\"; type = \"register\";", "schedule schedules.[0]", "'name' is required");
+    REFUSED("name = \"a b\"; every = \"1h\"; type = \"register\";", "schedule schedules.[0]", "'name' must be");
+    REFUSED("name = \"n\"; every = \"1h\"; type = \"register\"; colour = \"red\";", "unknown setting",
+            "schedules.[0].colour");
+    /* a name used twice: the second is named */
+    struct cfg c;
+    CHECK(load_text(TWO_QUEUES "schedules = ( { name = \"n\"; every = \"1h\"; type = \"register\"; },\n"
+                    "  { name = \"n\"; every = \"2h\"; type = \"register\"; } );\n", &c) == CV_ECONFIG);
+    CHECK(strstr(err, ":3:") && strstr(err, "schedule 'n' (schedules.[1])") && strstr(err, "'name' is used twice"));
+    CHECK(load_text(TWO_QUEUES "schedules = { name = \"n\"; };\n", &c) == CV_ECONFIG);
+    CHECK(strstr(err, "'schedules' must be a list") != NULL);
+}
