@@ -39,7 +39,12 @@ TOKEN_FILE=$RUN/http-token
 if [ ! -s "$TOKEN_FILE" ]; then
   (umask 077; openssl rand -hex 24 > "$TOKEN_FILE")
 fi
-{ cat queues.conf; echo "http: { listen = \"$HTTP\"; token_file = \"$TOKEN_FILE\"; };"; } > "$RUN/queues.conf"
+# and one schedule: a "special of the day" product every 10 s (a cron with seconds, in Paris time)
+{ cat queues.conf
+  echo "http: { listen = \"$HTTP\"; token_file = \"$TOKEN_FILE\"; };"
+  echo 'schedules = ( { name = "demo-special"; cron = "*/10 * * * * *"; timezone = "Europe/Paris";'
+  echo '  type = "createProduct"; payload = "{\"name\": \"Special of {{slot}}\", \"price\": \"5.00\"}"; } );'
+} > "$RUN/queues.conf"
 
 start_pool() {  # transport
   CONVEYOR_TRANSPORT=$1 setsid conveyor-workers -c "$RUN/queues.conf" >>"$RUN/workers-$1.log" 2>&1 &
@@ -58,7 +63,7 @@ demo() {  # transport
   : > "$RUN/workers-$t.log"
   start_pool "$t"
   export CONVEYOR_TRANSPORT=$t
-  conveyor-subscribe -c queues.conf --timeout 5 '#' > "$RUN/events-$t.ndjson" &
+  conveyor-subscribe -c queues.conf --timeout 6 '#' > "$RUN/events-$t.ndjson" &
   sub=$!
   sleep 0.5
   echo "--- publishing commands with conveyor-produce"
@@ -71,9 +76,17 @@ demo() {  # transport
   conveyor-produce -c queues.conf register \
     "{\"name\":\"Ada\",\"email\":\"ada.$RANDOM$RANDOM@example.com\",\"password\":\"Analytical1\"}" >/dev/null
   conveyor-produce -c queues.conf register '{"name":"","email":"nope","password":"short"}' >/dev/null
+  echo "--- a delayed command: updateStock +5 of that product, not before 3 s from now (conveyor-produce --in 3s)"
+  conveyor-produce -c queues.conf --in 3s updateStock "{\"productId\":\"$pid\",\"quantityChange\":5}"
+  sleep 0.5
+  echo "parked until its time (conveyor-admin scheduled list):"
+  conveyor-admin -c "$RUN/queues.conf" scheduled list || true
   echo "--- events as they arrived (conveyor-subscribe '#'):"
   wait "$sub" || true
   cat "$RUN/events-$t.ndjson"
+  echo "--- the schedule demo-special (cron \"*/10 * * * * *\", Europe/Paris) fires within 10 s:"
+  conveyor-subscribe -c queues.conf -n 1 --timeout 15 'product.created' || true
+  conveyor-admin -c "$RUN/queues.conf" schedules || true
   unset CONVEYOR_TRANSPORT
 }
 

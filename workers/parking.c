@@ -107,28 +107,43 @@ static int release_send(const struct cfg *cfg, struct broker *brokers[2], enum t
     return rc < 0 ? rc : k;
 }
 
+/* The command types some queue of cfg routes, as a PostgreSQL array literal (malloc'd). */
+static char *routed_types(const struct cfg *cfg) {
+    int n = 0;
+    for (int i = 0; i < cfg->nqueues; i++) n += cfg->queues[i].ncommands;
+    const char **v = xcalloc((size_t)(n ? n : 1), sizeof *v);
+    int k = 0;
+    for (int i = 0; i < cfg->nqueues; i++)
+        for (int j = 0; j < cfg->queues[i].ncommands; j++) v[k++] = cfg->queues[i].commands[j];
+    char *a = db_array(v, k);
+    free(v);
+    return a;
+}
+
 int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers[2], int batch, char *err,
                     size_t errlen) {
     char limit[16];
     snprintf(limit, sizeof limit, "%d", batch);
-    const char *p[1] = {limit};
+    char *types = routed_types(cfg);
+    const char *p[2] = {limit, types};
     PGresult *r = NULL;
     err[0] = '\0';
     if (db_cmd(db, "BEGIN") < 0) return db_err(db);
     /* locked until the broker confirmed them and their delete commits: a
      * cancel (conveyor-admin scheduled cancel) waits for that, then finds
      * nothing to cancel; or it came first, and the claim skips the row */
+    /* a type no queue routes any more stays parked (seen in scheduled list)
+     * and is not claimed: it would hold up the rows behind it */
     int rc = db_exec(db, "SELECT id::text, queue, type, envelope FROM parked_commands WHERE due_at <= now() "
-                         "ORDER BY due_at, id LIMIT $1::int FOR UPDATE SKIP LOCKED", 1, p, &r);
+                         "AND type = ANY($2::text[]) ORDER BY due_at, id LIMIT $1::int FOR UPDATE SKIP LOCKED",
+                     2, p, &r);
+    free(types);
     int sent = 0;
     for (int t = 0; rc == 0 && t < 2; t++) {
         int n = release_send(cfg, brokers, (enum transport)t, r, err, errlen);
         if (n < 0) rc = n;
         else sent += n;
     }
-    if (rc == 0 && sent < PQntuples(r)) /* a type no queue routes any more: it stays, said once a pass */
-        log_warn("%d due parked command%s of a type no queue routes: left parked", PQntuples(r) - sent,
-                 PQntuples(r) - sent == 1 ? "" : "s");
     if (rc == 0 && sent > 0) {
         const char **ids = xcalloc((size_t)PQntuples(r), sizeof *ids);
         int k = 0;
