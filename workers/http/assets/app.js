@@ -1,7 +1,7 @@
 /* Conveyor dashboard: plain ES2020, no library. The DOM is built with
  * createElement/textContent only (dead-letter text is untrusted), under a CSP
  * without inline script or style. Polls: overview 1 s, history 2 s (hour) or
- * 30 s (day), dead letters 3 s. Rows are kept by key between polls so buttons
+ * 30 s (day), dead letters 3 s, parked commands and schedules 3 s. Rows are kept by key between polls so buttons
  * keep their focus and state. */
 'use strict';
 (() => {
@@ -624,6 +624,111 @@
     return frag;
   }
 
+  /* ---------- parked commands and schedules ---------- */
+
+  function fmtDue(iso) {
+    const d = parseTime(iso);
+    if (!d) return '—';
+    const s = (d.getTime() - serverNow) / 1000;
+    return fmtDateTime(iso) + (s > 0 ? ' (in ' + fmtAge(s) + ')' : ' (due)');
+  }
+
+  function renderScheduled(d) {
+    const queues = Array.isArray(d.queues) ? d.queues : [];
+    reconcile($('parked-queues'), queues, (q) => q.queue, createParkedQueue, updateParkedQueue);
+    const rows = Array.isArray(d.rows) ? d.rows : [];
+    reconcile($('parked-rows'), rows, (r) => r.id, createParkedRow, updateParkedRow);
+    $('parked-empty').hidden = rows.length > 0;
+  }
+  function createParkedQueue(q) {
+    const tr = h('tr', { 'data-test': 'parked-queue', 'data-queue': q.queue });
+    tr.__c = cells(tr, 3, [1]);
+    return tr;
+  }
+  function updateParkedQueue(tr, q) {
+    setText(tr.__c[0], q.queue);
+    setText(tr.__c[1], fmtInt(q.parked));
+    setText(tr.__c[2], q.nextDueAt ? fmtDue(q.nextDueAt) : '—');
+  }
+  function createParkedRow(r) {
+    const tr = h('tr', { 'data-test': 'parked-row', 'data-id': r.id });
+    const c = cells(tr, 6, []);
+    c[0].append(commandLink(r.id, false));
+    const b = actionButton('Cancel', 'parked-cancel', () =>
+      twoStep(b, 'Confirm cancel', async () => {
+        const res = await busyWhile([b], () => post('/api/scheduled/cancel', { id: r.id }, 'cancel of ' + r.id));
+        if (res) {
+          status(res.id + ': cancelled (command.rejected CANCELLED)');
+          polls.scheduled.kick();
+        }
+      })
+    );
+    b.__label = 'Cancel';
+    c[5].className = 'actions';
+    c[5].append(b);
+    tr.__c = c;
+    return tr;
+  }
+  function updateParkedRow(tr, r) {
+    const c = tr.__c;
+    setText(c[1], r.queue || '—');
+    setText(c[2], r.type || '—');
+    setText(c[3], (r.reason || '—') + (r.schedule ? ' · ' + r.schedule : ''));
+    setText(c[4], fmtDue(r.dueAt));
+  }
+
+  function renderSchedules(d) {
+    const list = Array.isArray(d.schedules) ? d.schedules : [];
+    reconcile($('schedules'), list, (s) => s.name, createScheduleRow, updateScheduleRow);
+    $('schedules-empty').hidden = list.length > 0;
+  }
+  function createScheduleRow(s) {
+    const tr = h('tr', { 'data-test': 'schedule-row', 'data-name': s.name });
+    const c = cells(tr, 10, [6, 7]);
+    c[0].className = 'name';
+    c[8].append((tr.__state = h('span', { class: 'badge' })));
+    const b = actionButton('Pause', 'schedule-pause', async () => {
+      const cur = tr.__s;
+      const want = !cur.paused;
+      const r = await busyWhile([b], () => post('/api/schedules/pause', { name: cur.name, paused: want }, (want ? 'pause of ' : 'resume of ') + cur.name));
+      if (r) {
+        status('schedule ' + r.name + ': ' + (r.paused ? 'paused' : 'resumed'));
+        cur.paused = !!r.paused;
+        updateScheduleRow(tr, cur);
+        polls.schedules.kick();
+      }
+    });
+    c[9].append(b);
+    tr.__b = b;
+    tr.__c = c;
+    return tr;
+  }
+  function updateScheduleRow(tr, s) {
+    tr.__s = s;
+    const c = tr.__c;
+    setText(c[0], s.name);
+    setText(c[1], s.type || '—');
+    setText(c[2], s.kind === 'every' ? 'every ' + fmtInt(s.everySeconds) + ' s' : (s.cron || '—') + ' (' + (s.timezone || 'UTC') + ')');
+    setText(c[3], s.nextSlotAt ? fmtDue(s.nextSlotAt) : '—');
+    setText(c[4], s.lastSlot || '—');
+    const key = (s.lastCommandId || '') + '\n' + (s.lastOutcome || '');
+    if (c[5].__cur !== key) {
+      c[5].__cur = key;
+      c[5].replaceChildren();
+      const kind = s.lastOutcome === 'applied' ? 'good' : s.lastOutcome === 'rejected' ? 'warn' : 'dim';
+      if (s.lastOutcome) c[5].append(h('span', { class: 'badge ' + kind, text: s.lastOutcome }));
+      if (s.lastCommandId) c[5].append(' ', commandLink(s.lastCommandId, true));
+      if (!s.lastOutcome && !s.lastCommandId) c[5].append(h('span', { class: 'muted', text: '—' }));
+    }
+    setText(c[6], fmtInt(s.fired));
+    setText(c[7], fmtInt(s.missed));
+    setText(tr.__state, s.paused ? 'paused' : 'active');
+    setClass(tr.__state, 'badge ' + (s.paused ? 'warn' : 'good'));
+    tr.setAttribute('data-paused', s.paused ? 'true' : 'false');
+    setText(tr.__b, s.paused ? 'Resume' : 'Pause');
+    tr.__b.setAttribute('aria-label', (s.paused ? 'Resume ' : 'Pause ') + s.name);
+  }
+
   /* ---------- charts ---------- */
 
   const RANGES = { hour: { every: 2000, step: 60, tick: 600 }, day: { every: 30000, step: 300, tick: 10800 } };
@@ -905,8 +1010,10 @@
     } else {
       problems.delete('command');
       deadDirty = true;
-    polls.dead.kick();
+      polls.dead.kick();
       polls.history.kick();
+      polls.scheduled.kick();
+      polls.schedules.kick();
     }
   }
 
@@ -934,6 +1041,18 @@
       else if (r.status) setText($('dead-summary'), 'Could not load dead letters: ' + r.error);
     }, () => 1000),
     history: poller(pollHistory, () => 500),
+    scheduled: poller(async () => {
+      if (route.name !== 'overview') return;
+      const r = await api('/api/scheduled');
+      note('scheduled', r);
+      if (r.ok) renderScheduled(r.data);
+    }, () => 3000),
+    schedules: poller(async () => {
+      if (route.name !== 'overview') return;
+      const r = await api('/api/schedules');
+      note('schedules', r);
+      if (r.ok) renderSchedules(r.data);
+    }, () => 3000),
     command: poller(pollCommand, () => 10000),
   };
 
