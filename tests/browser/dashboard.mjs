@@ -111,6 +111,24 @@ async function expectCommand(id) {
   say({ step: 'seen', id, ms: Math.round(performance.now() - t0) });
 }
 
+/* The status line's text once a message newer than seq shows, or why not. */
+async function statusAfter(seq, what) {
+  try {
+    await page.waitForFunction(
+      (seq) => {
+        const s = document.querySelector('[data-test="status"]');
+        return s && Number(s.getAttribute('data-seq') || 0) > seq;
+      },
+      seq,
+      { timeout: 10000 }
+    );
+    return (await page.locator('[data-test="status"]').textContent()) || '';
+  } catch (e) {
+    if (!(e && e.name === 'TimeoutError')) throw e;
+    return `no status shown within 10 s of ${what}`;
+  }
+}
+
 async function retryDead(id) {
   const row = page.locator(`[data-test="dead-row"][data-command-id=${q(id)}]`).first();
   try {
@@ -131,43 +149,9 @@ async function retryDead(id) {
     { timeout: 5000 }
   );
   // Each message the status line shows bumps its data-seq: wait for the one of this click.
-  const statusLine = page.locator('[data-test="status"]');
-  const seq = Number((await statusLine.getAttribute('data-seq')) || 0);
+  const seq = Number((await page.locator('[data-test="status"]').getAttribute('data-seq')) || 0);
   await row.locator('[data-test="dead-retry"]').click({ timeout: 10000 });
-  let status = null;
-  try {
-    await page.waitForFunction(
-      (seq) => {
-        const s = document.querySelector('[data-test="status"]');
-        return s && Number(s.getAttribute('data-seq') || 0) > seq;
-      },
-      seq,
-      { timeout: 10000 }
-    );
-    status = (await statusLine.textContent()) || '';
-  } catch (e) {
-    if (!(e && e.name === 'TimeoutError')) throw e;
-    status = 'no status shown within 10 s of the Retry click';
-  }
-  say({ step: 'retried', status });
-}
-
-/* The status line's text once a message newer than seq shows, or why not. */
-async function statusAfter(seq, what) {
-  try {
-    await page.waitForFunction(
-      (seq) => {
-        const s = document.querySelector('[data-test="status"]');
-        return s && Number(s.getAttribute('data-seq') || 0) > seq;
-      },
-      seq,
-      { timeout: 10000 }
-    );
-    return (await page.locator('[data-test="status"]').textContent()) || '';
-  } catch (e) {
-    if (!(e && e.name === 'TimeoutError')) throw e;
-    return `no status shown within 10 s of ${what}`;
-  }
+  say({ step: 'retried', status: await statusAfter(seq, 'the Retry click') });
 }
 
 async function cancelParked(id) {

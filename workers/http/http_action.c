@@ -133,9 +133,12 @@ static enum MHD_Result dead_action(struct http *h, struct MHD_Connection *conn, 
     return rc;
 }
 
+/* Pause or resume queue q or, q NULL, the schedule body's "name" names (paused: body's "paused"). */
 static enum MHD_Result pause_action(struct http *h, struct MHD_Connection *conn, const cJSON *body,
                                     const struct cfg_queue *q) {
     const cJSON *paused = cJSON_GetObjectItemCaseSensitive(body, "paused");
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(body, "name");
+    if (!q && !cJSON_IsString(name)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "name must be a schedule's name");
     if (!cJSON_IsBool(paused)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "paused must be true or false");
     char err[512], peer[64], by[96];
     struct db *db = http_req_db(h, err, sizeof err);
@@ -143,14 +146,17 @@ static enum MHD_Result pause_action(struct http *h, struct MHD_Connection *conn,
     peer_of(conn, peer, sizeof peer);
     snprintf(by, sizeof by, "dashboard@%s", peer);
     bool on = cJSON_IsTrue(paused);
-    if (queue_pause_set(db, q->name, on, by, NULL) < 0) {
-        snprintf(err, sizeof err, "cannot %s %s: %s", on ? "pause" : "resume", q->name, db_errstr(db));
+    const char *what = q ? q->name : name->valuestring, *kind = q ? "" : "schedule ";
+    int rc = q ? queue_pause_set(db, what, on, by, NULL) : schedule_pause_set(db, h->cfg, what, on, by);
+    if (rc == CV_EREJECT) return http_error(conn, MHD_HTTP_NOT_FOUND, "no such schedule in this pool's configuration");
+    if (rc < 0) {
+        snprintf(err, sizeof err, "cannot %s %s%s: %s", on ? "pause" : "resume", kind, what, db_errstr(db));
         http_req_db_lost(h);
         return http_unavailable(conn, "cannot change the pause", err);
     }
-    log_info("dashboard (%s): %s %s", peer, on ? "paused" : "resumed", q->name);
+    log_info("dashboard (%s): %s %s%s", peer, on ? "paused" : "resumed", kind, what);
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "queue", q->name);
+    cJSON_AddStringToObject(o, q ? "queue" : "name", what);
     cJSON_AddBoolToObject(o, "paused", on);
     return http_json(conn, MHD_HTTP_OK, o);
 }
@@ -184,31 +190,6 @@ static enum MHD_Result cancel_action(struct http *h, struct MHD_Connection *conn
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
-static enum MHD_Result schedule_pause_action(struct http *h, struct MHD_Connection *conn, const cJSON *body) {
-    const cJSON *name = cJSON_GetObjectItemCaseSensitive(body, "name");
-    const cJSON *paused = cJSON_GetObjectItemCaseSensitive(body, "paused");
-    if (!cJSON_IsString(name)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "name must be a schedule's name");
-    if (!cJSON_IsBool(paused)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "paused must be true or false");
-    char err[512], peer[64], by[96];
-    struct db *db = http_req_db(h, err, sizeof err);
-    if (!db) return http_unavailable(conn, "the database is unreachable", err);
-    peer_of(conn, peer, sizeof peer);
-    snprintf(by, sizeof by, "dashboard@%s", peer);
-    bool on = cJSON_IsTrue(paused);
-    int rc = schedule_pause_set(db, h->cfg, name->valuestring, on, by);
-    if (rc == CV_EREJECT) return http_error(conn, MHD_HTTP_NOT_FOUND, "no such schedule in this pool's configuration");
-    if (rc < 0) {
-        snprintf(err, sizeof err, "cannot %s schedule %s: %s", on ? "pause" : "resume", name->valuestring, db_errstr(db));
-        http_req_db_lost(h);
-        return http_unavailable(conn, "cannot change the schedule's pause", err);
-    }
-    log_info("dashboard (%s): schedule %s %s", peer, name->valuestring, on ? "paused" : "resumed");
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "name", name->valuestring);
-    cJSON_AddBoolToObject(o, "paused", on);
-    return http_json(conn, MHD_HTTP_OK, o);
-}
-
 enum MHD_Result http_action(struct http *h, struct MHD_Connection *conn, const char *url, const char *body, size_t len,
                             bool too_big) {
     bool retry = strcmp(url, "/api/dead/retry") == 0, purge = strcmp(url, "/api/dead/purge") == 0;
@@ -235,7 +216,7 @@ enum MHD_Result http_action(struct http *h, struct MHD_Connection *conn, const c
     const cJSON *name = cJSON_GetObjectItemCaseSensitive(o, "queue");
     const struct cfg_queue *q = cJSON_IsString(name) ? cfg_queue_named(h->cfg, name->valuestring) : NULL;
     enum MHD_Result rc;
-    if (cancel || schedule) rc = cancel ? cancel_action(h, conn, o) : schedule_pause_action(h, conn, o);
+    if (cancel || schedule) rc = cancel ? cancel_action(h, conn, o) : pause_action(h, conn, o, NULL);
     else if (!cJSON_IsString(name)) rc = http_error(conn, MHD_HTTP_BAD_REQUEST, "queue must be a queue's name");
     else if (!q) rc = http_error(conn, MHD_HTTP_NOT_FOUND, "no such queue in this pool's configuration");
     else rc = pause ? pause_action(h, conn, o, q) : dead_action(h, conn, o, retry, q);

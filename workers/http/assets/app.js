@@ -358,29 +358,46 @@
     return tds;
   }
 
+  /* The Pause / Resume button (tr.__b) and state badge (tr.__state) of a row
+   * whose item tr.__item ({name, paused}) is paused by a POST to path with
+   * {[key]: name, paused}; what names its kind in messages ('' for a queue);
+   * then update(tr, item) redraws the row and poll is kicked. */
+  function pauseControls(tr, test, path, key, what, update, poll) {
+    tr.__state = h('span', { class: 'badge' });
+    const b = (tr.__b = actionButton('Pause', test, async () => {
+      const cur = tr.__item;
+      const want = !cur.paused;
+      const r = await busyWhile([b], () => post(path, { [key]: cur.name, paused: want }, (want ? 'pause ' : 'resume ') + what + cur.name));
+      if (r) {
+        status(what + r[key] + ': ' + (r.paused ? 'paused' : 'resumed'));
+        cur.paused = !!r.paused;
+        update(tr, cur);
+        poll().kick();
+      }
+    }));
+    return [tr.__state, b];
+  }
+  /* Shows item's state (running: the word when not paused) on its row's badge and button. */
+  function showPaused(tr, item, running) {
+    tr.__item = item;
+    setText(tr.__state, item.paused ? 'paused' : running);
+    setClass(tr.__state, 'badge ' + (item.paused ? 'warn' : 'good'));
+    tr.setAttribute('data-paused', item.paused ? 'true' : 'false');
+    setText(tr.__b, item.paused ? 'Resume' : 'Pause');
+    tr.__b.setAttribute('aria-label', (item.paused ? 'Resume ' : 'Pause ') + item.name);
+  }
+
   function createQueueRow(q) {
     const tr = h('tr', { 'data-test': 'queue-row', 'data-queue': q.name });
     const c = cells(tr, 12, [2, 3, 4, 5, 6, 7, 8, 9]);
     c[0].className = 'name';
-    c[10].append((tr.__state = h('span', { class: 'badge' })));
-    const b = actionButton('Pause', 'queue-pause', async () => {
-      const cur = tr.__q;
-      const want = !cur.paused;
-      const r = await busyWhile([b], () => post('/api/queue/pause', { queue: cur.name, paused: want }, (want ? 'pause ' : 'resume ') + cur.name));
-      if (r) {
-        status(r.queue + ': ' + (r.paused ? 'paused' : 'resumed'));
-        cur.paused = !!r.paused;
-        updateQueueRow(tr, cur);
-        polls.overview.kick();
-      }
-    });
+    const [state, b] = pauseControls(tr, 'queue-pause', '/api/queue/pause', 'queue', '', updateQueueRow, () => polls.overview);
+    c[10].append(state);
     c[11].append(b);
     tr.__c = c;
-    tr.__b = b;
     return tr;
   }
   function updateQueueRow(tr, q) {
-    tr.__q = q;
     const c = tr.__c;
     setText(c[0], q.name);
     setText(c[1], q.transport || '—');
@@ -393,11 +410,7 @@
     setText(c[7], fmtMs(q.latencyP50Seconds));
     setText(c[8], fmtMs(q.latencyP99Seconds));
     setText(c[9], fmtInt(q.done));
-    setText(tr.__state, q.paused ? 'paused' : 'running');
-    setClass(tr.__state, 'badge ' + (q.paused ? 'warn' : 'good'));
-    tr.setAttribute('data-paused', q.paused ? 'true' : 'false');
-    setText(tr.__b, q.paused ? 'Resume' : 'Pause');
-    tr.__b.setAttribute('aria-label', (q.paused ? 'Resume ' : 'Pause ') + q.name);
+    showPaused(tr, q, 'running');
   }
 
   function createWorkerRow() {
@@ -686,25 +699,13 @@
     const tr = h('tr', { 'data-test': 'schedule-row', 'data-name': s.name });
     const c = cells(tr, 10, [6, 7]);
     c[0].className = 'name';
-    c[8].append((tr.__state = h('span', { class: 'badge' })));
-    const b = actionButton('Pause', 'schedule-pause', async () => {
-      const cur = tr.__s;
-      const want = !cur.paused;
-      const r = await busyWhile([b], () => post('/api/schedules/pause', { name: cur.name, paused: want }, (want ? 'pause of ' : 'resume of ') + cur.name));
-      if (r) {
-        status('schedule ' + r.name + ': ' + (r.paused ? 'paused' : 'resumed'));
-        cur.paused = !!r.paused;
-        updateScheduleRow(tr, cur);
-        polls.schedules.kick();
-      }
-    });
+    const [state, b] = pauseControls(tr, 'schedule-pause', '/api/schedules/pause', 'name', 'schedule ', updateScheduleRow, () => polls.schedules);
+    c[8].append(state);
     c[9].append(b);
-    tr.__b = b;
     tr.__c = c;
     return tr;
   }
   function updateScheduleRow(tr, s) {
-    tr.__s = s;
     const c = tr.__c;
     setText(c[0], s.name);
     setText(c[1], s.type || '—');
@@ -722,11 +723,7 @@
     }
     setText(c[6], fmtInt(s.fired));
     setText(c[7], fmtInt(s.missed));
-    setText(tr.__state, s.paused ? 'paused' : 'active');
-    setClass(tr.__state, 'badge ' + (s.paused ? 'warn' : 'good'));
-    tr.setAttribute('data-paused', s.paused ? 'true' : 'false');
-    setText(tr.__b, s.paused ? 'Resume' : 'Pause');
-    tr.__b.setAttribute('aria-label', (s.paused ? 'Resume ' : 'Pause ') + s.name);
+    showPaused(tr, s, 'active');
   }
 
   /* ---------- charts ---------- */
