@@ -91,6 +91,11 @@ int admin_scheduled_list(struct db *db, const struct cfg *cfg, const char *queue
 int admin_scheduled_cancel(struct db *db, const struct cfg *cfg, const char *id, const char *by, bool json) {
     struct parked_cancel c;
     int rc = parked_cancel(db, cfg, id, &c);
+    if (rc < 0 && strcmp(db_sqlstate(db), "55P03") == 0) {
+        fprintf(stderr, "conveyor-admin: %s is locked (the timekeeper may be publishing it now): nothing cancelled; "
+                        "try again\n", id);
+        return EXIT_UNREACHABLE;
+    }
     if (rc < 0) return db_failed(db, "cancel the parked command", rc);
     static const char *const outcome[] = {"not parked", "already ran", "cancelled"}; /* by enum parked_cancel_outcome */
     if (json) {
@@ -136,7 +141,7 @@ int admin_schedules_list(struct db *db, const struct cfg *cfg, bool json) {
         return db_failed(db, "read the schedules", rc);
     }
     if (!json)
-        printf("%-20s %-14s %-7s %-28s %-24s %-20s %-8s %6s %6s %5s\n", "SCHEDULE", "TYPE", "STATE", "WHEN", "NEXT",
+        printf("%-20s %-14s %-7s %-32s %-24s %-20s %-8s %6s %6s %5s\n", "SCHEDULE", "TYPE", "STATE", "WHEN", "NEXT",
                "LAST SLOT", "OUTCOME", "FIRED", "MISSED", "RUNS");
     for (int i = 0; i < cfg->nschedules; i++) {
         if (json) {
@@ -145,7 +150,7 @@ int admin_schedules_list(struct db *db, const struct cfg *cfg, bool json) {
         }
         char when[96];
         when_of(st[i].s, when, sizeof when);
-        printf("%-20s %-14.14s %-7s %-28.28s %-24s %-20s %-8s %6lld %6lld %5lld\n", st[i].s->name, st[i].s->type,
+        printf("%-20s %-14.14s %-7s %-32.32s %-24s %-20s %-8s %6lld %6lld %5lld\n", st[i].s->name, st[i].s->type,
                st[i].paused ? "paused" : "active", when, st[i].next_slot_at[0] ? st[i].next_slot_at : "-",
                st[i].last_slot[0] ? st[i].last_slot : "-", st[i].last_outcome[0] ? st[i].last_outcome : "-",
                st[i].fired, st[i].missed, st[i].runs);
