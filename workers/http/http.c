@@ -23,8 +23,9 @@
  * dozen passive declares per queue, which cost the broker measurably when done
  * every second) every BROKER_SAMPLE_MS, the schedules' rows every SAMPLE_MS
  * and the parked commands' counts (a count walks an index of every parked
- * row: about 0.3 s for a million) every PARKED_SAMPLE_MS, on connections of
- * its own, so /metrics and /readyz never run a query; and it ticks the dashboard's
+ * row: 0.3 to 1 s for a million) every PARKED_SAMPLE_MS, or less often when a
+ * count takes long (PARKED_COST: the counts take at most 1% of the time), on
+ * connections of its own, so /metrics and /readyz never run a query; and it ticks the dashboard's
  * rollups (rollup.c) every SAMPLE_MS. Any other path is 404, any other method 405; a request
  * libmicrohttpd cannot parse gets its 400. Every response has a strict
  * Content-Security-Policy (the page's own script and style only), nosniff and
@@ -48,6 +49,7 @@
 #define SAMPLE_MS 1000
 #define BROKER_SAMPLE_MS 5000
 #define PARKED_SAMPLE_MS 10000
+#define PARKED_COST 100 /* the parked counts are sampled again after at least this many times their duration */
 #define RECENT_MS 250
 #define HTTP_THREADS 4
 #define LIVE_WITHIN_MS 5000 /* the supervisor's last tick: older, /livez says 503 */
@@ -254,9 +256,16 @@ static char *sample_recent(struct http *h) {
 }
 
 /* The parked commands of every queue into s->parked (true), through the
- * sampler's connection; false when it failed (the last sample stands). */
-static bool sample_parked(struct http *h, struct http_sample *s) {
-    return h->db && parked_counts(h->db, h->cfg, s->parked) == 0;
+ * sampler's connection, in a transaction whose statements may take 30 s (not
+ * the sampler's 2 s: a million parked rows take up to a second); false when it
+ * failed (the last sample stands). *took_ms: how long it took. */
+static bool sample_parked(struct http *h, struct http_sample *s, int64_t *took_ms) {
+    int64_t t0 = clock_mono_ms();
+    bool ok = h->db && db_cmd(h->db, "BEGIN; SET LOCAL statement_timeout TO 30000") == 0 &&
+              parked_counts(h->db, h->cfg, s->parked) == 0;
+    if (h->db) (void)db_cmd(h->db, ok ? "COMMIT" : "ROLLBACK");
+    *took_ms = clock_mono_ms() - t0;
+    return ok;
 }
 
 /* The schedules' rows into s->schedules (true); false when the read failed (the last sample stands). */
@@ -359,8 +368,10 @@ int http_run(const struct cfg *cfg) {
                 next_brokers = clock_mono_ms() + BROKER_SAMPLE_MS;
                 sample_brokers(&h, &s);
             }
-            bool parked = clock_mono_ms() >= next_parked && sample_parked(&h, &s);
-            if (parked) next_parked = clock_mono_ms() + PARKED_SAMPLE_MS;
+            int64_t took = 0;
+            bool parked = clock_mono_ms() >= next_parked && sample_parked(&h, &s, &took);
+            if (parked) next_parked = clock_mono_ms() + (PARKED_COST * took > PARKED_SAMPLE_MS ? PARKED_COST * took
+                                                                                               : PARKED_SAMPLE_MS);
             bool schedules = sample_schedules(&h, &s);
             pthread_mutex_lock(&h.lock);
             struct http_sample old = h.sample;

@@ -235,7 +235,7 @@ static void scheduled(struct out *o, const struct cfg *cfg, const struct http_sa
     char l[2 * CFG_NAME_MAX + 1];
     header(o, "conveyor_scheduled_commands", "gauge",
            "Commands parked until their time (a notBefore, a schedule's slot), by the queue they go to (sampled "
-           "from PostgreSQL every 10 s).");
+           "from PostgreSQL every 10 s; less often while a count takes over 0.1 s: 100 times its duration).");
     for (int i = 0; i < cfg->nqueues; i++)
         put(o, "conveyor_scheduled_commands{queue=\"%s\"} %ld\n", label(cfg->queues[i].name, l),
             s->parked && i < s->nqueues ? s->parked[i].count : 0);
