@@ -21,7 +21,7 @@ static const char usage[] =
     "       conveyor-admin [OPTIONS] stats [QUEUE]\n"
     "       conveyor-admin [OPTIONS] queue pause QUEUE [NOTE]\n"
     "       conveyor-admin [OPTIONS] queue resume QUEUE\n"
-    "       conveyor-admin [OPTIONS] scheduled list [QUEUE] [--limit N] [--cursor CURSOR]\n"
+    "       conveyor-admin [OPTIONS] scheduled list [QUEUE] [--limit N] [--cursor C]\n"
     "       conveyor-admin [OPTIONS] scheduled cancel ID\n"
     "       conveyor-admin [OPTIONS] schedules [list]\n"
     "       conveyor-admin [OPTIONS] schedules pause NAME\n"

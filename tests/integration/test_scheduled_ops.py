@@ -184,7 +184,7 @@ def test_schedules_without_any_list_and_refuse_an_unknown_name():
             eq(r.returncode, 2, f"{args}: exit status")
             check("usage:" in r.stderr, f"{args}: the usage: {r.stderr}")
         r = admin("--help")
-        for line in ("scheduled list [QUEUE] [--limit N] [--cursor CURSOR]", "scheduled cancel ID",
+        for line in ("scheduled list [QUEUE] [--limit N] [--cursor C]", "scheduled cancel ID",
                      "schedules [list]", "schedules pause NAME", "schedules resume NAME"):
             check(line in r.stdout, f"--help lists '{line}': {r.stdout}")
     finally:
