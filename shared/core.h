@@ -429,6 +429,14 @@ char *envelope_build(const char *id, const char *type, const cJSON *payload,
  * span of the same trace (trace_child). Caller owns the result (cJSON_Delete). */
 cJSON *event_new(const char *type, const struct envelope *cmd,
                  const char *aggregate_type, const char *aggregate_id, cJSON *data);
+struct db;
+/* Defers (db_defer: sent with db's next statement) the one INSERT of events
+ * (a JSON array of event envelopes, as event_new makes them; borrowed) into
+ * the outbox, in array order, inside the caller's open transaction. Returns 0,
+ * or CV_ERETRY when the array cannot be printed (out of memory), or db_defer's
+ * class. A worker's batch (batch.c) and an operator's cancel (parked_view.c)
+ * both write their events through it. */
+int event_outbox_defer(struct db *db, const cJSON *events);
 
 /* ---- topic.c --------------------------------------------------------------------- */
 /* AMQP topic matching: words split by '.', '*' one word, '#' zero or more. A NULL or

@@ -1,6 +1,7 @@
 /* admin.c - conveyor-admin: see, retry and purge dead letters, on both
  * transports; see what every queue holds and how fast it goes (stats); pause
- * and resume a queue for every pool (queue). */
+ * and resume a queue for every pool (queue); the commands parked until their
+ * time and the schedules (scheduled, schedules: admin_scheduled.c prints). */
 #include "workers.h"
 
 #include <getopt.h>
@@ -11,8 +12,6 @@
 
 #include <unistd.h>
 
-enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
-
 static const char usage[] =
     "usage: conveyor-admin [OPTIONS] dead counts\n"
     "       conveyor-admin [OPTIONS] dead list [QUEUE] [--limit N] [--cursor CURSOR]\n"
@@ -22,6 +21,11 @@ static const char usage[] =
     "       conveyor-admin [OPTIONS] stats [QUEUE]\n"
     "       conveyor-admin [OPTIONS] queue pause QUEUE [NOTE]\n"
     "       conveyor-admin [OPTIONS] queue resume QUEUE\n"
+    "       conveyor-admin [OPTIONS] scheduled list [QUEUE] [--limit N] [--cursor C]\n"
+    "       conveyor-admin [OPTIONS] scheduled cancel ID\n"
+    "       conveyor-admin [OPTIONS] schedules [list]\n"
+    "       conveyor-admin [OPTIONS] schedules pause NAME\n"
+    "       conveyor-admin [OPTIONS] schedules resume NAME\n"
     "\n"
     "OPTIONS may come before or after the subcommand and its arguments\n"
     "('stats --json' is '--json stats'); after '--' every word is an argument\n"
@@ -47,16 +51,28 @@ static const char usage[] =
     "second (what is already taken finishes) until 'queue resume'; the state is kept\n"
     "in PostgreSQL (table queue_state), with who changed it, when, and NOTE.\n"
     "\n"
+    "'scheduled list' prints per queue the commands parked until their time (a\n"
+    "notBefore in the future, a schedule's slot) and when the first is due, then a\n"
+    "page of them by due time (at most N, default 100, at most 1000; the --cursor of\n"
+    "the next page on stderr). 'scheduled cancel' deletes a parked command before\n"
+    "its time: it is recorded rejected, and its command.rejected event (code\n"
+    "CANCELLED) is published; 1 when it is not parked (it already ran, or is on its\n"
+    "way in its queue). 'schedules' lists the schedules of FILE and their state\n"
+    "(paused, the next slot, the last slot and its command's outcome, slots fired\n"
+    "and missed, manual runs); 'schedules pause' stops every pool's timekeeper\n"
+    "firing NAME's slots until 'schedules resume' (table schedules).\n"
+    "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
-    "      --json         one JSON object per line (dead counts, dead list, stats)\n"
+    "      --json         one JSON object per line (dead counts, dead list, stats,\n"
+    "                     scheduled, schedules)\n"
     "      --all          every dead letter of QUEUE: the SELECTOR of retry and purge\n"
     "  -h, --help         this help\n"
     "\n"
-    "Exit status: 0 done, 1 nothing matched the selector, 2 usage or configuration\n"
-    "error (an unknown queue, a bad URL, credentials or a TLS certificate a server\n"
-    "refused, a server certificate that is not trusted or not for the host), 3 a\n"
-    "broker or the database could not be reached. Nothing is printed on stdout\n"
-    "before an error of either kind at start.\n";
+    "Exit status: 0 done, 1 nothing matched the selector (or the ID), 2 usage or\n"
+    "configuration error (an unknown queue or schedule, a bad URL, credentials or a\n"
+    "TLS certificate a server refused, a server certificate that is not trusted or\n"
+    "not for the host), 3 a broker or the database could not be reached. Nothing is\n"
+    "printed on stdout before an error of either kind at start.\n";
 
 struct selector {
     const char *id;        /* a command id (in id_buf), or NULL */
@@ -377,11 +393,13 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     /* RabbitMQ's in flight: what the pools' workers hold, as each pool reports it (pool_load.c) */
     long *held = xcalloc((size_t)cfg->nqueues, sizeof *held);
     bool held_known = !rc && pool_load_read(db, cfg, held) == 0;
+    struct parked_queue_stat *parked = xcalloc((size_t)cfg->nqueues + 1, sizeof *parked);
+    bool parked_known = !rc && parked_counts(db, cfg, parked) == 0; /* n/a with an older schema */
     db_close(db);
     if (!rc) open_brokers(cfg, only ? only->name : NULL);
     if (!rc && !json)
-        printf("%-12s %-9s %-7s %8s %9s %6s %6s %9s %9s %9s\n", "QUEUE", "TRANSPORT", "STATE", "WAITING", "IN-FLIGHT",
-               "RETRY", "DEAD", "CONSUMERS", "RATE/S 1M", "RATE/S 5M");
+        printf("%-12s %-9s %-7s %8s %9s %6s %6s %7s %9s %9s %9s\n", "QUEUE", "TRANSPORT", "STATE", "WAITING",
+               "IN-FLIGHT", "RETRY", "DEAD", "PARKED", "CONSUMERS", "RATE/S 1M", "RATE/S 5M");
     for (int i = 0; !rc && i < cfg->nqueues; i++) {
         const struct cfg_queue *q = &cfg->queues[i];
         if (only && q != only) continue;
@@ -408,6 +426,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
             json_add_number_or_null(o, "inFlight", (double)n.in_flight);
             json_add_number_or_null(o, "retrying", (double)n.retrying);
             json_add_number_or_null(o, "dead", (double)n.dead);
+            json_add_number_or_null(o, "parked", parked_known ? (double)parked[i].count : -1);
             json_add_number_or_null(o, "consumers", (double)n.consumers);
             cJSON_AddNumberToObject(o, "processed1m", (double)s->processed_1m);
             cJSON_AddNumberToObject(o, "processed5m", (double)s->processed_5m);
@@ -421,6 +440,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         print_count(n.in_flight, 9);
         print_count(n.retrying, 6);
         print_count(n.dead, 6);
+        print_count(parked_known ? parked[i].count : -1, 7);
         print_count(n.consumers, 9);
         printf(" %9.2f %9.2f\n", rate_1m, rate_5m);
     }
@@ -443,6 +463,54 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     }
     free(st);
     free(held);
+    free(parked);
+    return rc;
+}
+
+/* --limit's value (NULL: def) into *limit: true, or false when it is not a number in 1..max. */
+static bool parse_limit(const char *arg, int def, int max, int *limit) {
+    *limit = def;
+    if (!arg) return true;
+    char *end;
+    long v = strtol(arg, &end, 10);
+    *limit = (int)v;
+    return *arg && *end == '\0' && v >= 1 && v <= max;
+}
+
+/* scheduled list|cancel, schedules [list|pause|resume]: the words a (n of
+ * them) checked, the database opened (or exit 2 / 3), then admin_scheduled.c. */
+static int cmd_waiting(const struct cfg *cfg, char **a, int n, bool json, const char *limit_arg, const char *cursor) {
+    const char *verb = n >= 2 ? a[1] : "list";
+    bool scheduled = strcmp(a[0], "scheduled") == 0, pause = strcmp(verb, "pause") == 0;
+    char id[ID_LEN + 1], who[160];
+    int limit;
+    who_am_i(who, sizeof who);
+    if (scheduled && strcmp(verb, "list") == 0) {
+        if (n > 3 || !parse_limit(limit_arg, PARKED_PAGE_DEFAULT, PARKED_PAGE_MAX, &limit)) {
+            fprintf(stderr, "conveyor-admin: scheduled list [QUEUE] [--limit 1-%d] [--cursor CURSOR]\n", PARKED_PAGE_MAX);
+            return EXIT_USAGE;
+        }
+        if (n == 3 && !cfg_queue_named(cfg, a[2])) {
+            fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[2], cfg->path);
+            return EXIT_USAGE;
+        }
+    } else if (scheduled && strcmp(verb, "cancel") == 0 && n == 3) {
+        if (!id_parse(a[2], id)) {
+            fprintf(stderr, "conveyor-admin: '%s' is not a command id\n", a[2]);
+            return EXIT_USAGE;
+        }
+    } else if (scheduled || !(n == 1 || (strcmp(verb, "list") == 0 && n == 2) ||
+                              ((pause || strcmp(verb, "resume") == 0) && n == 3))) {
+        fputs(usage, stderr);
+        return EXIT_USAGE;
+    }
+    struct db *db = db_or_exit(cfg, scheduled ? "scheduled" : "schedules");
+    int rc;
+    if (scheduled && strcmp(verb, "list") == 0) rc = admin_scheduled_list(db, cfg, n == 3 ? a[2] : NULL, cursor, limit, json);
+    else if (scheduled) rc = admin_scheduled_cancel(db, cfg, id, who, json);
+    else if (n == 3) rc = admin_schedules_pause(db, cfg, a[2], pause, who);
+    else rc = admin_schedules_list(db, cfg, json);
+    db_close(db);
     return rc;
 }
 
@@ -476,9 +544,11 @@ int main(int argc, char **argv) {
     static char all_word[] = "--all";
     if (all) a[n++] = all_word;
     bool dead = n >= 2 && strcmp(a[0], "dead") == 0, stats = n >= 1 && strcmp(a[0], "stats") == 0,
-         queue = n >= 3 && strcmp(a[0], "queue") == 0;
-    bool paged = dead && strcmp(a[1], "list") == 0; /* the one subcommand that takes --limit and --cursor */
-    if ((!dead && !stats && !queue) || ((limit_arg || cursor) && !paged)) {
+         queue = n >= 3 && strcmp(a[0], "queue") == 0, scheduled = n >= 2 && strcmp(a[0], "scheduled") == 0,
+         schedules = n >= 1 && strcmp(a[0], "schedules") == 0;
+    /* the two subcommands that take --limit and --cursor */
+    bool paged = (dead || scheduled) && strcmp(a[1], "list") == 0;
+    if ((!dead && !stats && !queue && !scheduled && !schedules) || ((limit_arg || cursor) && !paged)) {
         fputs(usage, stderr);
         free(a);
         return EXIT_USAGE;
@@ -495,7 +565,9 @@ int main(int argc, char **argv) {
     const char *verb = stats ? "stats" : a[1];
     const struct cfg_queue *q = n >= 3 ? cfg_queue_named(&cfg, a[2]) : NULL;
     struct selector s;
-    if (stats && n <= 2) {
+    if (scheduled || schedules) {
+        rc = cmd_waiting(&cfg, a, n, json, limit_arg, cursor);
+    } else if (stats && n <= 2) {
         const struct cfg_queue *only = n == 2 ? cfg_queue_named(&cfg, a[1]) : NULL;
         if (n == 2 && !only) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", a[1], path);
         else rc = cmd_stats(&cfg, only, json);
@@ -508,14 +580,8 @@ int main(int argc, char **argv) {
         rc = cmd_counts(&cfg, json);
     } else if (strcmp(verb, "list") == 0) {
         const char *queue_name = n >= 3 ? a[2] : NULL;
-        int limit = DEAD_PAGE_DEFAULT;
-        bool ok = n <= 3 && !all;
-        if (limit_arg) {
-            char *end;
-            long v = strtol(limit_arg, &end, 10);
-            ok = ok && *limit_arg && *end == '\0' && v >= 1 && v <= DEAD_PAGE_MAX;
-            limit = (int)v;
-        }
+        int limit;
+        bool ok = parse_limit(limit_arg, DEAD_PAGE_DEFAULT, DEAD_PAGE_MAX, &limit) && n <= 3 && !all;
         const struct cfg_queue *lq = queue_name ? cfg_queue_named(&cfg, queue_name) : NULL;
         if (!ok) fprintf(stderr, "conveyor-admin: dead list [QUEUE] [--limit 1-%d] [--cursor CURSOR]\n", DEAD_PAGE_MAX);
         else if (queue_name && !lq) fprintf(stderr, "conveyor-admin: no queue '%s' in %s\n", queue_name, path);

@@ -54,17 +54,6 @@ void batch_item_forget(struct batch_item *it) {
     it->rc = 0;
 }
 
-/* command.rejected data: {code, message, fields?, details?}. Takes rej's JSON. */
-static cJSON *rejection_data(struct rejection *rej) {
-    cJSON *d = cJSON_CreateObject();
-    cJSON_AddStringToObject(d, "code", rej->code);
-    cJSON_AddStringToObject(d, "message", rej->message);
-    if (rej->fields) cJSON_AddItemToObject(d, "fields", rej->fields);
-    if (rej->details) cJSON_AddItemToObject(d, "details", rej->details);
-    rej->fields = rej->details = NULL;
-    return d;
-}
-
 /* Envelope-level rules that make a command rejected rather than dead. */
 static int check_envelope_rules(struct cmd_ctx *ctx) {
     if (ctx->cmd->has_nul) {
@@ -115,7 +104,7 @@ static int run_command(struct batch *b, struct batch_item *it, int sp) {
         /* undo what it wrote; sent with the next statement */
         if (sp >= 0 && (rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", sp)) < 0) goto out;
         log_cmd(LOG_DEBUG, env, "%s rejected: %s (%s)", env->type, ctx.rej.code, ctx.rej.message);
-        ctx_emit(&ctx, "command.rejected", "command", env->id, rejection_data(&ctx.rej));
+        ctx_emit_rejection(&ctx);
     } else if (rc < 0) {
         goto out;
     }
@@ -315,19 +304,9 @@ static int commit_batch(struct batch *b, struct batch_item **v, int n) {
             cJSON_AddItemToArray(all, cJSON_DetachItemViaPointer(v[i]->events, v[i]->events->child));
     int rc = 0;
     bool events = cJSON_GetArraySize(all) > 0;
-    if (events) {
-        char *json = cJSON_PrintUnformatted(all);
-        if (!json) { /* out of memory: without its events the batch must not commit */
-            cJSON_Delete(all);
-            return CV_ERETRY;
-        }
-        const char *p[1] = {json};
-        rc = db_defer(b->db, "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
-                             "SELECT (e->>'id')::uuid, e->>'aggregateType', (e->>'aggregateId')::uuid, e->>'type', e "
-                             "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n", 1, p);
-        free(json);
-    }
+    if (events) rc = event_outbox_defer(b->db, all);
     cJSON_Delete(all);
+    if (rc < 0) return rc;
     bool settle = false;
     for (int i = 0; i < n; i++) settle |= is_retried(v[i]) || is_rejected(v[i]) || is_counted_settled(v[i]);
     if (rc == 0 && settle) {

@@ -449,6 +449,114 @@ int dead_page_read(struct broker *b, struct db *db, const struct cfg_queue *q, c
 int dead_page_find(struct broker *b, struct db *db, const struct cfg_queue *q, const char *key, long number,
                    struct dead_page *out, char *err, size_t errlen);
 
+/* ---- parked_view.c: the parked commands as an operator sees them (sql/0010) ---- */
+#define PARKED_PAGE_MAX 1000    /* the largest page */
+#define PARKED_PAGE_DEFAULT 100 /* conveyor-admin scheduled list without --limit */
+/* A queue's parked commands: how many, and when the first is due. */
+struct parked_queue_stat {
+    long count;
+    char next_due[32]; /* RFC 3339 UTC; "" when none */
+    double next_due_s; /* unix seconds; 0 when none */
+};
+/* The parked commands of every queue of cfg into out (cfg->nqueues entries,
+ * in cfg order, zeroed first: a queue with none is 0): one statement, an
+ * index-only walk of parked_commands_queue per queue. 0 or the error class. */
+int parked_counts(struct db *db, const struct cfg *cfg, struct parked_queue_stat *out);
+/* A parked command as a page shows it (its message is not read). */
+struct parked_row {
+    char id[ID_LEN + 1];
+    char queue[CFG_NAME_MAX], type[CFG_NAME_MAX];
+    char reason[16];              /* delayed | schedule */
+    char schedule[CFG_NAME_MAX];  /* reason schedule: which one; else "" */
+    char due_at[32], parked_at[32]; /* RFC 3339 UTC, milliseconds */
+};
+struct parked_page {
+    struct parked_row *rows; /* n rows, by due time, then id */
+    int n;
+    char next[96];           /* the cursor of the next page, "" when this is the last */
+};
+/* Frees what a page holds and zeroes it; NULL is fine. */
+void parked_page_free(struct parked_page *p);
+/* The page of parked commands (of queue only, or of all when NULL) that
+ * cursor (NULL or "": the first) starts, at most limit (1..PARKED_PAGE_MAX)
+ * rows, ordered by due_at then id, into *out (parked_page_free it). Returns
+ * 0, or an error class with err: CV_EREJECT for a bad limit or cursor. */
+int parked_page_read(struct db *db, const char *queue, const char *cursor, int limit, struct parked_page *out,
+                     char *err, size_t errlen);
+/* A row as JSON (caller frees): id, queue, type, reason, schedule (or null), dueAt, parkedAt. */
+cJSON *parked_row_json(const struct parked_row *row);
+/* What a cancel found: the command parked and now cancelled; not parked but
+ * processed already (its outcome and when); or neither (unknown, or on its
+ * way in a queue: published by the timekeeper, not taken yet). */
+enum parked_cancel_outcome { PARKED_NOT_FOUND, PARKED_ALREADY_RAN, PARKED_CANCELLED };
+struct parked_cancel {
+    enum parked_cancel_outcome outcome;
+    char queue[CFG_NAME_MAX];    /* cancelled: the queue it waited for */
+    char type[CFG_NAME_MAX];     /* cancelled or already ran: its type */
+    char event_id[ID_LEN + 1];   /* cancelled: its command.rejected event */
+    char ran_outcome[16];        /* already ran: applied | rejected */
+    char processed_at[32];       /* already ran: when (RFC 3339 UTC) */
+};
+/* Cancels parked command id (lower case) in one transaction (lock_timeout
+ * 3 s): deletes its row; inserts processed_commands (id, type, 'rejected')
+ * and, that row being new, one command.rejected event {code CANCELLED,
+ * message "cancelled by an operator before its time"} (ctx_emit_rejection,
+ * with the stored message's correlationId and trace) into the outbox, and
+ * NOTIFY "<prefix>_outbox"; commits. A command processed meanwhile (taken
+ * between the timekeeper's publish and its delete) is left as it is
+ * (already ran). Returns 0 with *out saying which, or an error class
+ * (CV_ERETRY: the database is away, or the row stayed locked 3 s; nothing
+ * changed). */
+int parked_cancel(struct db *db, const struct cfg *cfg, const char *id, struct parked_cancel *out);
+
+/* ---- schedule_view.c: the schedules as an operator sees them (sql/0010) -------- */
+/* A schedule of the configuration and its row of the schedules table. */
+struct schedule_state {
+    const struct cfg_schedule *s; /* its configuration (points into the cfg read) */
+    bool has_row;                 /* the table has a row for it (it fired or was paused once) */
+    bool paused;
+    char last_slot[SLOT_KEY_MAX]; /* the key of the last slot fired or skipped; "" when none */
+    char last_slot_at[32];        /* that slot's instant, RFC 3339 UTC; "" when none */
+    double last_slot_s;           /* the same in unix seconds; 0 when none */
+    char last_command_id[ID_LEN + 1]; /* the last fired slot's command; "" when none */
+    char last_outcome[16];        /* its processed_commands outcome, "pending" when not processed yet; "" when none */
+    char next_slot_at[32];        /* the next slot's instant as the timekeeper last computed it; "" when unknown */
+    long long fired, missed, runs;
+    char updated_at[32], updated_by[160]; /* who paused or resumed it last, when; "" when nobody */
+};
+/* Every schedule of cfg into out (cfg->nschedules entries, in cfg order),
+ * each joined with its row when it has one (a row of a schedule no longer
+ * configured is left out). Returns 0 or the error class. */
+int schedule_states_read(struct db *db, const struct cfg *cfg, struct schedule_state *out);
+/* Pauses (paused true) or resumes schedule name, saying who did it (by):
+ * upserts its row (updated_at now). Returns 0, CV_EREJECT when cfg has no
+ * schedule called name, or the error class of the statement. */
+int schedule_pause_set(struct db *db, const struct cfg *cfg, const char *name, bool paused, const char *by);
+/* st as JSON (caller frees): name, type, kind (cron | every), cron, timezone,
+ * everySeconds, catchUp, paused, nextSlotAt, lastSlot, lastSlotAt,
+ * lastCommandId, lastOutcome, fired, missed, runs, changedAt, changedBy
+ * (null where not known). */
+cJSON *schedule_state_json(const struct schedule_state *st);
+
+/* ---- admin_scheduled.c: conveyor-admin scheduled and schedules -------------------- */
+/* conveyor-admin's exit statuses besides 0 (README, "Exit status"). */
+enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
+/* Each prints its answer on stdout (--json: one JSON object per line) and
+ * why it failed on stderr, through db (borrowed, open), and returns
+ * conveyor-admin's exit status.
+ * scheduled list [QUEUE]: the parked count and next due time of every queue
+ * (or QUEUE's), then a page (cursor, limit) of the parked commands; the next
+ * page's --cursor on stderr (--json: nextCursor on the last row). */
+int admin_scheduled_list(struct db *db, const struct cfg *cfg, const char *queue, const char *cursor, int limit,
+                         bool json);
+/* scheduled cancel ID (by: user@host, for the log): 0 cancelled, 1 not parked
+ * (already ran, or unknown: said which), 3 the database failed. */
+int admin_scheduled_cancel(struct db *db, const struct cfg *cfg, const char *id, const char *by, bool json);
+/* schedules [list]: every configured schedule and its state. */
+int admin_schedules_list(struct db *db, const struct cfg *cfg, bool json);
+/* schedules pause|resume NAME (by: user@host): 0, 2 an unknown NAME, 3 the database failed. */
+int admin_schedules_pause(struct db *db, const struct cfg *cfg, const char *name, bool pause, const char *by);
+
 /* ---- dedup_prune.c: the dedup table's window ------------------------------------ */
 /* Deletes processed_commands rows older than cfg->dedup_retention_days (0:
  * keeps them all) in batches of cfg->dedup_prune_batch, each its own

@@ -7,11 +7,12 @@
 //   {"step":"seen","id":ID,"ms":N} | {"step":"not_seen","id":ID}
 //   {"step":"retried","status":TEXT}           the status line after the Retry click
 //   {"step":"refused","statuses":[a,b,c,d]}    401, 403, 403, 415 expected
+//   {"step":"cancelled","status":TEXT}         the status line after Cancel, Confirm cancel
 //   {"step":"done","errors":[...]}             console errors, CSP warnings, page errors,
 //                                              failed requests, responses >= 400
 //   {"step":"crashed","error":TEXT}            then exit 1
 // Read on stdin, one at a time, in order:
-//   {"expect_command":ID}  {"retry_dead":ID}  {"refusals":true}  {"finish":true}
+//   {"expect_command":ID}  {"retry_dead":ID}  {"refusals":true}  {"cancel_parked":ID}  {"finish":true}
 import { chromium } from 'playwright-core';
 import readline from 'node:readline';
 
@@ -110,6 +111,24 @@ async function expectCommand(id) {
   say({ step: 'seen', id, ms: Math.round(performance.now() - t0) });
 }
 
+/* The status line's text once a message newer than seq shows, or why not. */
+async function statusAfter(seq, what) {
+  try {
+    await page.waitForFunction(
+      (seq) => {
+        const s = document.querySelector('[data-test="status"]');
+        return s && Number(s.getAttribute('data-seq') || 0) > seq;
+      },
+      seq,
+      { timeout: 10000 }
+    );
+    return (await page.locator('[data-test="status"]').textContent()) || '';
+  } catch (e) {
+    if (!(e && e.name === 'TimeoutError')) throw e;
+    return `no status shown within 10 s of ${what}`;
+  }
+}
+
 async function retryDead(id) {
   const row = page.locator(`[data-test="dead-row"][data-command-id=${q(id)}]`).first();
   try {
@@ -130,25 +149,21 @@ async function retryDead(id) {
     { timeout: 5000 }
   );
   // Each message the status line shows bumps its data-seq: wait for the one of this click.
-  const statusLine = page.locator('[data-test="status"]');
-  const seq = Number((await statusLine.getAttribute('data-seq')) || 0);
+  const seq = Number((await page.locator('[data-test="status"]').getAttribute('data-seq')) || 0);
   await row.locator('[data-test="dead-retry"]').click({ timeout: 10000 });
-  let status = null;
-  try {
-    await page.waitForFunction(
-      (seq) => {
-        const s = document.querySelector('[data-test="status"]');
-        return s && Number(s.getAttribute('data-seq') || 0) > seq;
-      },
-      seq,
-      { timeout: 10000 }
-    );
-    status = (await statusLine.textContent()) || '';
-  } catch (e) {
-    if (!(e && e.name === 'TimeoutError')) throw e;
-    status = 'no status shown within 10 s of the Retry click';
-  }
-  say({ step: 'retried', status });
+  say({ step: 'retried', status: await statusAfter(seq, 'the Retry click') });
+}
+
+async function cancelParked(id) {
+  const row = page.locator(`[data-test="parked-row"][data-id=${q(id)}]`).first();
+  await row.waitFor({ state: 'visible', timeout: 20000 });
+  const seq = Number((await page.locator('[data-test="status"]').getAttribute('data-seq')) || 0);
+  const button = row.locator('[data-test="parked-cancel"]');
+  await button.click({ timeout: 10000 }); // arms it: "Confirm cancel"
+  await button.click({ timeout: 10000 });
+  const status = await statusAfter(seq, 'the Cancel click');
+  await row.waitFor({ state: 'detached', timeout: 10000 });
+  say({ step: 'cancelled', status });
 }
 
 async function refusals() {
@@ -197,6 +212,7 @@ async function handle(line) {
   if (typeof msg.expect_command === 'string') return expectCommand(msg.expect_command);
   if (typeof msg.retry_dead === 'string') return retryDead(msg.retry_dead);
   if (msg.refusals) return refusals();
+  if (typeof msg.cancel_parked === 'string') return cancelParked(msg.cancel_parked);
   if (msg.finish) return finish();
   throw new Error('unknown message: ' + line);
 }

@@ -445,6 +445,14 @@ def test_the_page_in_a_browser():
             # refusals: no token from the page, another origin, a cross-site fetch, not JSON
             refused = browser.ask({"refusals": True}, "refused", timeout=30)
             eq(refused["statuses"], [401, 403, 403, 415], "refused POSTs")
+            # a parked command (the test's own row, due tomorrow) cancelled from the page
+            parked = envelope("createProduct", {"name": "cancelled in the browser", "price": 1})
+            query("INSERT INTO parked_commands (id, queue, type, due_at, envelope, reason) "
+                  "VALUES (%s, 'catalog', 'createProduct', now() + interval '1 day', %s, 'delayed')",
+                  parked["id"], json.dumps(parked))
+            cancelled = browser.ask({"cancel_parked": parked["id"]}, "cancelled", timeout=45)
+            check("cancelled" in cancelled["status"], f"the page says what it did: {cancelled}")
+            eq(ev.wait_result(parked["id"])[0]["data"]["code"], "CANCELLED", "its one result event")
             done = browser.ask({"finish": True}, "done", timeout=60)
             eq(done["errors"], [], "no console error, no failed request, no CSP violation")
         finally:

@@ -192,3 +192,25 @@ def test_docs_agree_with_each_other_and_the_tools_rabbitmq():
             check("3 the broker" in flat or "3 a broker" in flat, f"{b} --help: 3 is unreachable:\n{h}")
     admin_help = subprocess.run([os.path.join(BIN, "conveyor-admin"), "--help"], capture_output=True, text=True).stdout
     check("before or after the subcommand" in admin_help, "conveyor-admin --help: options anywhere")
+
+
+def test_every_admin_subcommand_is_in_the_readme():
+    """Each subcommand conveyor-admin --help lists (its words before the first
+    argument: "dead list", "schedules pause") is shown in the README as
+    `conveyor-admin <words>`."""
+    import subprocess
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    h = subprocess.run([os.path.join(BIN, "conveyor-admin"), "--help"], capture_output=True, text=True).stdout
+    subcommands = []
+    for line in h.splitlines():
+        m = re.match(r"(?:usage:)?\s*conveyor-admin \[OPTIONS\] (.*)$", line)
+        if m:
+            words = []
+            for w in m.group(1).split():
+                if not re.fullmatch(r"[a-z]+", w):
+                    break
+                words.append(w)
+            subcommands.append(" ".join(words))
+    check(len(subcommands) >= 8, f"the usage lines of conveyor-admin --help: {subcommands}")
+    missing = [c for c in subcommands if f"conveyor-admin {c}" not in readme]
+    eq(missing, [], "conveyor-admin subcommands of --help the README does not show")

@@ -12,7 +12,7 @@ from harness import (AMQP_URL, REDIS_URL, ROOT, TRANSPORT, Events, Pool, Publish
                      query, run_bin)
 
 QUEUE_FIELDS = {"kind", "queue", "transport", "paused", "stateChangedAt", "stateChangedBy", "note", "waiting",
-                "inFlight", "retrying", "dead", "consumers", "processed1m", "processed5m", "ratePerSecond1m",
+                "inFlight", "retrying", "dead", "parked", "consumers", "processed1m", "processed5m", "ratePerSecond1m",
                 "ratePerSecond5m"}
 
 

@@ -141,6 +141,12 @@ int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *deta
 /* Rejects with VALIDATION_FAILED and the fields of v (taken: v->fields is NULL
  * after). Returns CV_EREJECT. */
 int ctx_reject_invalid(struct cmd_ctx *ctx, struct verr *v);
+/* Appends the command.rejected event of ctx's command to ctx->events (as
+ * ctx_emit): data {code, message, fields?, details?} from ctx->rej, whose
+ * fields and details it takes. The one builder of a rejection's event: a
+ * worker's (batch.c) and an operator's cancel of a parked command
+ * (parked_view.c) both call it. */
+void ctx_emit_rejection(struct cmd_ctx *ctx);
 
 /* The handlers of the command table: each a handler_fn (see above). */
 int handle_register(struct cmd_ctx *ctx);

@@ -95,6 +95,17 @@ void ctx_emit(struct cmd_ctx *ctx, const char *type, const char *aggregate_type,
     cJSON_AddItemToArray(ctx->events, event_new(type, ctx->cmd, aggregate_type, aggregate_id, data));
 }
 
+void ctx_emit_rejection(struct cmd_ctx *ctx) {
+    struct rejection *rej = &ctx->rej;
+    cJSON *d = cJSON_CreateObject();
+    cJSON_AddStringToObject(d, "code", rej->code);
+    cJSON_AddStringToObject(d, "message", rej->message);
+    if (rej->fields) cJSON_AddItemToObject(d, "fields", rej->fields);
+    if (rej->details) cJSON_AddItemToObject(d, "details", rej->details);
+    rej->fields = rej->details = NULL;
+    ctx_emit(ctx, "command.rejected", "command", ctx->cmd->id, d);
+}
+
 int ctx_reject(struct cmd_ctx *ctx, const char *code, cJSON *fields, cJSON *details,
                const char *fmt, ...) {
     ctx->rej.code = code;

@@ -8,6 +8,10 @@
  *                             its queue): [queue=Q] [limit=N, default 200, at most 1000] [cursor=C, with queue]
  *   GET /api/dead/letter?queue=Q&key=K        one, its message's secrets masked
  *   GET /api/command?id=UUID  one command: processed, attempts, events, dead letters
+ *   GET /api/scheduled        parked commands: per queue the count and next due time (sampled),
+ *                             and a page of them by due time: [queue=Q] [limit=N, default 20,
+ *                             at most 1000] [cursor=C]
+ *   GET /api/schedules        every configured schedule and its state
  *
  * The overview reads only the scoreboard and the last sample (no query); the
  * others query through the request thread's own connections. Reading needs
@@ -353,6 +357,65 @@ static enum MHD_Result command(struct http *h, struct MHD_Connection *conn) {
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
+#define PARKED_SHOWN 20
+
+static enum MHD_Result scheduled(struct http *h, struct MHD_Connection *conn) {
+    const char *only = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "queue");
+    const char *cursor = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "cursor");
+    const char *lim = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "limit");
+    if (only && !cfg_queue_named(h->cfg, only))
+        return http_error(conn, MHD_HTTP_NOT_FOUND, "no such queue: give queue=NAME of this pool's configuration");
+    char *end = NULL;
+    long limit = lim ? strtol(lim, &end, 10) : PARKED_SHOWN;
+    if (lim && (*end || limit < 1 || limit > PARKED_PAGE_MAX))
+        return http_error(conn, MHD_HTTP_BAD_REQUEST, "limit must be 1 to %d", PARKED_PAGE_MAX);
+    char err[512];
+    struct db *db = http_req_db(h, err, sizeof err);
+    if (!db) return http_unavailable(conn, "the database is unreachable", err);
+    struct parked_page p;
+    int rc = parked_page_read(db, only, cursor, (int)limit, &p, err, sizeof err);
+    if (rc == CV_EREJECT) return http_error(conn, MHD_HTTP_BAD_REQUEST, "%s", err);
+    if (rc < 0) {
+        http_req_db_lost(h);
+        return http_unavailable(conn, "cannot read the parked commands", err);
+    }
+    cJSON *o = cJSON_CreateObject(), *queues = cJSON_AddArrayToObject(o, "queues");
+    pthread_mutex_lock(&h->lock); /* the counts: the last sample's (a count walks every parked row) */
+    for (int i = 0; i < h->cfg->nqueues; i++) {
+        const struct parked_queue_stat *st = h->sample.parked ? &h->sample.parked[i] : NULL;
+        if (only && strcmp(only, h->cfg->queues[i].name) != 0) continue;
+        cJSON *q = cJSON_CreateObject();
+        cJSON_AddStringToObject(q, "queue", h->cfg->queues[i].name);
+        cJSON_AddNumberToObject(q, "parked", st ? (double)st->count : 0);
+        json_add_optional(q, "nextDueAt", st && st->next_due[0] ? st->next_due : NULL);
+        cJSON_AddItemToArray(queues, q);
+    }
+    pthread_mutex_unlock(&h->lock);
+    cJSON *rows = cJSON_AddArrayToObject(o, "rows");
+    for (int i = 0; i < p.n; i++) cJSON_AddItemToArray(rows, parked_row_json(&p.rows[i]));
+    cJSON_AddNumberToObject(o, "limit", (double)limit);
+    json_add_optional(o, "nextCursor", p.next[0] ? p.next : NULL);
+    parked_page_free(&p);
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
+static enum MHD_Result schedules(struct http *h, struct MHD_Connection *conn) {
+    char err[512];
+    struct db *db = http_req_db(h, err, sizeof err);
+    if (!db) return http_unavailable(conn, "the database is unreachable", err);
+    struct schedule_state *st = xcalloc((size_t)h->cfg->nschedules + 1, sizeof *st);
+    if (schedule_states_read(db, h->cfg, st) < 0) {
+        snprintf(err, sizeof err, "%s", db_errstr(db));
+        free(st);
+        http_req_db_lost(h);
+        return http_unavailable(conn, "cannot read the schedules", err);
+    }
+    cJSON *o = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(o, "schedules");
+    for (int i = 0; i < h->cfg->nschedules; i++) cJSON_AddItemToArray(a, schedule_state_json(&st[i]));
+    free(st);
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
 enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const char *url) {
     const struct asset *a = asset_of(url);
     if (a) return http_reply(conn, MHD_HTTP_OK, a->type, (const char *)a->data, a->len, false);
@@ -366,5 +429,7 @@ enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const
     if (strcmp(url, "/api/dead") == 0) return dead(h, conn);
     if (strcmp(url, "/api/dead/letter") == 0) return dead_letter(h, conn);
     if (strcmp(url, "/api/command") == 0) return command(h, conn);
+    if (strcmp(url, "/api/scheduled") == 0) return scheduled(h, conn);
+    if (strcmp(url, "/api/schedules") == 0) return schedules(h, conn);
     return http_error(conn, MHD_HTTP_NOT_FOUND, "not found: see the README, \"Dashboard\", for the API's paths");
 }

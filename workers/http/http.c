@@ -21,8 +21,11 @@
  * main thread samples the database (outbox, migrations) every SAMPLE_MS, the
  * recent commands every RECENT_MS and the brokers (queue counts: on RabbitMQ a
  * dozen passive declares per queue, which cost the broker measurably when done
- * every second) every BROKER_SAMPLE_MS, on connections of its own, so
- * /metrics and /readyz never run a query; and it ticks the dashboard's
+ * every second) every BROKER_SAMPLE_MS, the schedules' rows every SAMPLE_MS
+ * and the parked commands' counts (a count walks an index of every parked
+ * row: 0.3 to 1 s for a million) every PARKED_SAMPLE_MS, or less often when a
+ * count takes long (PARKED_COST: the counts take at most 1% of the time), on
+ * connections of its own, so /metrics and /readyz never run a query; and it ticks the dashboard's
  * rollups (rollup.c) every SAMPLE_MS. Any other path is 404, any other method 405; a request
  * libmicrohttpd cannot parse gets its 400. Every response has a strict
  * Content-Security-Policy (the page's own script and style only), nosniff and
@@ -45,6 +48,8 @@
 
 #define SAMPLE_MS 1000
 #define BROKER_SAMPLE_MS 5000
+#define PARKED_SAMPLE_MS 10000
+#define PARKED_COST 100 /* the parked counts are sampled again after at least this many times their duration */
 #define RECENT_MS 250
 #define HTTP_THREADS 4
 #define LIVE_WITHIN_MS 5000 /* the supervisor's last tick: older, /livez says 503 */
@@ -207,7 +212,7 @@ static void sample_db(struct http *h, struct http_sample *s) {
         int cls;
         h->db = db_connect_class(h->cfg->database_url, &cls, err, sizeof err);
         if (!h->db) return;
-        (void)db_cmd(h->db, "SET statement_timeout TO 2000");
+        (void)db_cmd(h->db, "SET statement_timeout TO 2000; SET jit TO off"); /* jit: no gain on the counts, ~20 ms each */
     }
     int nmig = 0;
     while (migrations[nmig].name) nmig++;
@@ -248,6 +253,41 @@ static char *sample_recent(struct http *h) {
     char *json = xstrdup(PQgetvalue(r, 0, 0));
     PQclear(r);
     return json;
+}
+
+/* The parked commands of every queue into s->parked (true), through the
+ * sampler's connection, in a transaction whose statements may take 30 s (not
+ * the sampler's 2 s: a million parked rows take up to a second); false when it
+ * failed (the last sample stands). *took_ms: how long it took. */
+static bool sample_parked(struct http *h, struct http_sample *s, int64_t *took_ms) {
+    int64_t t0 = clock_mono_ms();
+    bool ok = h->db && db_cmd(h->db, "BEGIN; SET LOCAL statement_timeout TO 30000") == 0 &&
+              parked_counts(h->db, h->cfg, s->parked) == 0;
+    if (h->db) (void)db_cmd(h->db, ok ? "COMMIT" : "ROLLBACK");
+    *took_ms = clock_mono_ms() - t0;
+    return ok;
+}
+
+/* The schedules' rows into s->schedules (true); false when the read failed (the last sample stands). */
+static bool sample_schedules(struct http *h, struct http_sample *s) {
+    return h->db && schedule_states_read(h->db, h->cfg, s->schedules) == 0;
+}
+
+/* A new sample for cfg, its arrays allocated (zeroed); sample_free frees them. */
+static struct http_sample sample_new(const struct cfg *cfg) {
+    struct http_sample s = {.nqueues = cfg->nqueues, .nschedules = cfg->nschedules};
+    s.queues = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.queues);
+    s.parked = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.parked);
+    s.schedules = xcalloc((size_t)cfg->nschedules + 1, sizeof *s.schedules);
+    for (int i = 0; i < cfg->nschedules; i++) s.schedules[i].s = &cfg->schedules[i];
+    return s;
+}
+
+/* Frees the arrays of s (not recent, which moves from sample to sample). */
+static void sample_free(struct http_sample *s) {
+    free(s->queues);
+    free(s->parked);
+    free(s->schedules);
 }
 
 /* One sample of the brokers the pool uses: connected, and each queue's counts. */
@@ -297,8 +337,7 @@ int http_run(const struct cfg *cfg) {
     struct http h = {.cfg = cfg, .rollup = rollup_new(cfg)};
     pthread_mutex_init(&h.lock, NULL);
     pthread_mutex_init(&h.req_lock, NULL);
-    h.sample.nqueues = cfg->nqueues;
-    h.sample.queues = xcalloc((size_t)cfg->nqueues, sizeof *h.sample.queues);
+    h.sample = sample_new(cfg);
     /* after a reload the listener of the old generation is still closing (it is
      * retired first): the address is tried again for BIND_WAIT_MS */
     struct MHD_Daemon *d = listen_on(&h);
@@ -310,7 +349,7 @@ int http_run(const struct cfg *cfg) {
         if (!stop_requested)
             log_error("cannot listen on %s (http.listen): the address is in use or not this host's",
                       cfg->http_listen);
-        free(h.sample.queues);
+        sample_free(&h.sample);
         rollup_free(h.rollup);
         pthread_mutex_destroy(&h.lock);
         pthread_mutex_destroy(&h.req_lock);
@@ -318,28 +357,35 @@ int http_run(const struct cfg *cfg) {
     }
     log_info("listening on http://%s (the dashboard at /; /livez, /readyz, /metrics; actions %s)", cfg->http_listen,
              cfg->http_token ? "need the token" : "off: no http.token");
-    for (int64_t next_sample = 0, next_brokers = 0; !stop_requested;) {
+    for (int64_t next_sample = 0, next_brokers = 0, next_parked = 0; !stop_requested;) {
         if (clock_mono_ms() >= next_sample) { /* every SAMPLE_MS: the database, the rollups */
             next_sample = clock_mono_ms() + SAMPLE_MS;
-            struct http_sample s = {.sampled = true, .nqueues = cfg->nqueues};
-            s.queues = xcalloc((size_t)cfg->nqueues, sizeof *s.queues);
+            struct http_sample s = sample_new(cfg);
+            s.sampled = true;
             sample_db(&h, &s);
             bool brokers = clock_mono_ms() >= next_brokers;
             if (brokers) {
                 next_brokers = clock_mono_ms() + BROKER_SAMPLE_MS;
                 sample_brokers(&h, &s);
             }
+            int64_t took = 0;
+            bool parked = clock_mono_ms() >= next_parked && sample_parked(&h, &s, &took);
+            if (parked) next_parked = clock_mono_ms() + (PARKED_COST * took > PARKED_SAMPLE_MS ? PARKED_COST * took
+                                                                                               : PARKED_SAMPLE_MS);
+            bool schedules = sample_schedules(&h, &s);
             pthread_mutex_lock(&h.lock);
             struct http_sample old = h.sample;
             s.recent = old.recent;
             if (!brokers) { /* the brokers' part of the last sample stands */
                 memcpy(s.broker_used, old.broker_used, sizeof s.broker_used);
                 memcpy(s.broker_up, old.broker_up, sizeof s.broker_up);
-                if (old.queues) memcpy(s.queues, old.queues, (size_t)cfg->nqueues * sizeof *s.queues);
+                memcpy(s.queues, old.queues, (size_t)cfg->nqueues * sizeof *s.queues);
             }
+            if (!parked) memcpy(s.parked, old.parked, (size_t)cfg->nqueues * sizeof *s.parked);
+            if (!schedules) memcpy(s.schedules, old.schedules, (size_t)cfg->nschedules * sizeof *s.schedules);
             h.sample = s;
             pthread_mutex_unlock(&h.lock);
-            free(old.queues);
+            sample_free(&old);
             rollup_tick(h.rollup, h.db);
         }
         char *recent = sample_recent(&h); /* every RECENT_MS: a command shows on the page within ~1.3 s */
@@ -361,7 +407,7 @@ int http_run(const struct cfg *cfg) {
     pthread_mutex_destroy(&h.req_lock);
     db_close(h.db);
     for (int t = 0; t < 2; t++) broker_close(h.broker[t]);
-    free(h.sample.queues);
+    sample_free(&h.sample);
     pthread_mutex_destroy(&h.lock);
     log_info("http listener stopped");
     return 0;

@@ -24,6 +24,9 @@ struct http_sample {
     int nqueues;
     struct queue_counts *queues;   /* by cfg queue index (counts of a broker that is down: 0) */
     char *recent;                  /* the last 20 processed commands, a JSON array (NULL: not read) */
+    struct parked_queue_stat *parked; /* by cfg queue index: parked commands (sampled every 10 s; 0 before) */
+    int nschedules;
+    struct schedule_state *schedules; /* by cfg schedule index: their rows (sampled; zeroed before) */
 };
 /* An embedded file of the dashboard (cmake/embed_assets.cmake): path "/" or
  * "/app.js"..., its content type and bytes. The array ends with a NULL path. */

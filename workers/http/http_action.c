@@ -4,13 +4,16 @@
  *   POST /api/dead/retry   {"queue": Q, "keys": [K, ...]}
  *   POST /api/dead/purge   {"queue": Q, "keys": [K, ...]}
  *   POST /api/queue/pause  {"queue": Q, "paused": true|false}
+ *   POST /api/scheduled/cancel  {"id": UUID}: a parked command cancelled (parked_cancel)
+ *   POST /api/schedules/pause   {"name": N, "paused": true|false}
  *
  * Each is checked in this order, and refused with a JSON {"error"} naming why:
  * same origin (Sec-Fetch-Site "same-origin", or an Origin that is this Host;
  * neither: 403), actions enabled (http.token set: else 403), the token
  * (Authorization: Bearer, constant time: 401), Content-Type application/json
  * (415), the body (at most HTTP_BODY_MAX: 413; JSON of that shape: 400), the
- * queue (404). A bulk action touches only the keys it names: what the page
+ * queue or schedule (404); a cancel of a command that is not parked is a 404
+ * that says whether it already ran. A bulk action touches only the keys it names: what the page
  * showed, never what came since. Every action done is logged with its peer.
  */
 #include "http.h"
@@ -130,9 +133,12 @@ static enum MHD_Result dead_action(struct http *h, struct MHD_Connection *conn, 
     return rc;
 }
 
+/* Pause or resume queue q or, q NULL, the schedule body's "name" names (paused: body's "paused"). */
 static enum MHD_Result pause_action(struct http *h, struct MHD_Connection *conn, const cJSON *body,
                                     const struct cfg_queue *q) {
     const cJSON *paused = cJSON_GetObjectItemCaseSensitive(body, "paused");
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(body, "name");
+    if (!q && !cJSON_IsString(name)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "name must be a schedule's name");
     if (!cJSON_IsBool(paused)) return http_error(conn, MHD_HTTP_BAD_REQUEST, "paused must be true or false");
     char err[512], peer[64], by[96];
     struct db *db = http_req_db(h, err, sizeof err);
@@ -140,25 +146,58 @@ static enum MHD_Result pause_action(struct http *h, struct MHD_Connection *conn,
     peer_of(conn, peer, sizeof peer);
     snprintf(by, sizeof by, "dashboard@%s", peer);
     bool on = cJSON_IsTrue(paused);
-    if (queue_pause_set(db, q->name, on, by, NULL) < 0) {
-        snprintf(err, sizeof err, "cannot %s %s: %s", on ? "pause" : "resume", q->name, db_errstr(db));
+    const char *what = q ? q->name : name->valuestring, *kind = q ? "" : "schedule ";
+    int rc = q ? queue_pause_set(db, what, on, by, NULL) : schedule_pause_set(db, h->cfg, what, on, by);
+    if (rc == CV_EREJECT) return http_error(conn, MHD_HTTP_NOT_FOUND, "no such schedule in this pool's configuration");
+    if (rc < 0) {
+        snprintf(err, sizeof err, "cannot %s %s%s: %s", on ? "pause" : "resume", kind, what, db_errstr(db));
         http_req_db_lost(h);
         return http_unavailable(conn, "cannot change the pause", err);
     }
-    log_info("dashboard (%s): %s %s", peer, on ? "paused" : "resumed", q->name);
+    log_info("dashboard (%s): %s %s%s", peer, on ? "paused" : "resumed", kind, what);
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "queue", q->name);
+    cJSON_AddStringToObject(o, q ? "queue" : "name", what);
     cJSON_AddBoolToObject(o, "paused", on);
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
+static enum MHD_Result cancel_action(struct http *h, struct MHD_Connection *conn, const cJSON *body) {
+    const cJSON *arg = cJSON_GetObjectItemCaseSensitive(body, "id");
+    char id[ID_LEN + 1], err[512], peer[64];
+    if (!cJSON_IsString(arg) || !id_parse(arg->valuestring, id))
+        return http_error(conn, MHD_HTTP_BAD_REQUEST, "id must be a command id (a UUID)");
+    struct db *db = http_req_db(h, err, sizeof err);
+    if (!db) return http_unavailable(conn, "the database is unreachable", err);
+    struct parked_cancel c;
+    if (parked_cancel(db, h->cfg, id, &c) < 0) {
+        snprintf(err, sizeof err, "cannot cancel %s: %s", id, db_errstr(db));
+        http_req_db_lost(h);
+        return http_unavailable(conn, "cannot cancel the parked command", err);
+    }
+    if (c.outcome == PARKED_ALREADY_RAN)
+        return http_error(conn, MHD_HTTP_NOT_FOUND, "%s already ran (%s at %s): nothing cancelled", id, c.ran_outcome,
+                          c.processed_at);
+    if (c.outcome == PARKED_NOT_FOUND)
+        return http_error(conn, MHD_HTTP_NOT_FOUND, "no parked command with id %s (it may be on its way in a queue)", id);
+    peer_of(conn, peer, sizeof peer);
+    log_info("dashboard (%s): parked command %s (%s, queue %s) cancelled", peer, id, c.type, c.queue);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", id);
+    cJSON_AddStringToObject(o, "outcome", "cancelled");
+    cJSON_AddStringToObject(o, "queue", c.queue);
+    cJSON_AddStringToObject(o, "type", c.type);
+    cJSON_AddStringToObject(o, "eventId", c.event_id);
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
 enum MHD_Result http_action(struct http *h, struct MHD_Connection *conn, const char *url, const char *body, size_t len,
                             bool too_big) {
     bool retry = strcmp(url, "/api/dead/retry") == 0, purge = strcmp(url, "/api/dead/purge") == 0;
-    bool pause = strcmp(url, "/api/queue/pause") == 0;
-    if (!retry && !purge && !pause)
-        return http_error(conn, MHD_HTTP_NOT_FOUND, "not found: the actions are /api/dead/retry, /api/dead/purge "
-                                                    "and /api/queue/pause");
+    bool pause = strcmp(url, "/api/queue/pause") == 0, cancel = strcmp(url, "/api/scheduled/cancel") == 0,
+         schedule = strcmp(url, "/api/schedules/pause") == 0;
+    if (!retry && !purge && !pause && !cancel && !schedule)
+        return http_error(conn, MHD_HTTP_NOT_FOUND, "not found: the actions are /api/dead/retry, /api/dead/purge, "
+                                                    "/api/queue/pause, /api/scheduled/cancel and /api/schedules/pause");
     const char *why = cross_origin(conn);
     if (why) return http_error(conn, MHD_HTTP_FORBIDDEN, "%s", why);
     if (!h->cfg->http_token)
@@ -177,7 +216,8 @@ enum MHD_Result http_action(struct http *h, struct MHD_Connection *conn, const c
     const cJSON *name = cJSON_GetObjectItemCaseSensitive(o, "queue");
     const struct cfg_queue *q = cJSON_IsString(name) ? cfg_queue_named(h->cfg, name->valuestring) : NULL;
     enum MHD_Result rc;
-    if (!cJSON_IsString(name)) rc = http_error(conn, MHD_HTTP_BAD_REQUEST, "queue must be a queue's name");
+    if (cancel || schedule) rc = cancel ? cancel_action(h, conn, o) : pause_action(h, conn, o, NULL);
+    else if (!cJSON_IsString(name)) rc = http_error(conn, MHD_HTTP_BAD_REQUEST, "queue must be a queue's name");
     else if (!q) rc = http_error(conn, MHD_HTTP_NOT_FOUND, "no such queue in this pool's configuration");
     else rc = pause ? pause_action(h, conn, o, q) : dead_action(h, conn, o, retry, q);
     cJSON_Delete(o);

@@ -228,6 +228,38 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
     put(o, "conveyor_build_info{version=\"%s\"} 1\n", CONVEYOR_VERSION);
 }
 
+/* What waits for its time (sampled from PostgreSQL, so every pool shows what
+ * the database committed): the parked commands per queue and the first one's
+ * due time; per configured schedule its last slot, slots fired and missed. */
+static void scheduled(struct out *o, const struct cfg *cfg, const struct http_sample *s) {
+    char l[2 * CFG_NAME_MAX + 1];
+    header(o, "conveyor_scheduled_commands", "gauge",
+           "Commands parked until their time (a notBefore, a schedule's slot), by the queue they go to (sampled "
+           "from PostgreSQL every 10 s; less often while a count takes over 0.1 s: 100 times its duration).");
+    for (int i = 0; i < cfg->nqueues; i++)
+        put(o, "conveyor_scheduled_commands{queue=\"%s\"} %ld\n", label(cfg->queues[i].name, l),
+            s->parked && i < s->nqueues ? s->parked[i].count : 0);
+    header(o, "conveyor_scheduled_next_due_timestamp_seconds", "gauge",
+           "Unix time at which the queue's first parked command is due; 0 when none is parked (sampled).");
+    for (int i = 0; i < cfg->nqueues; i++)
+        put(o, "conveyor_scheduled_next_due_timestamp_seconds{queue=\"%s\"} %.3f\n", label(cfg->queues[i].name, l),
+            s->parked && i < s->nqueues ? s->parked[i].next_due_s : 0);
+    static const char *const names[3][3] = {
+        {"conveyor_schedule_last_slot_timestamp_seconds", "gauge",
+         "Unix time of the schedule's last slot fired or skipped; 0 before its first."},
+        {"conveyor_schedule_fired_total", "counter", "Slots of the schedule fired (manual runs not counted)."},
+        {"conveyor_schedule_missed_total", "counter", "Slots of the schedule skipped by its catch_up."}};
+    for (int m = 0; m < 3; m++) {
+        header(o, names[m][0], names[m][1], names[m][2]);
+        for (int i = 0; i < cfg->nschedules; i++) {
+            const struct schedule_state *st = s->schedules && i < s->nschedules ? &s->schedules[i] : NULL;
+            label(cfg->schedules[i].name, l);
+            if (m == 0) put(o, "%s{schedule=\"%s\"} %.3f\n", names[m][0], l, st ? st->last_slot_s : 0);
+            else put(o, "%s{schedule=\"%s\"} %lld\n", names[m][0], l, st ? (m == 1 ? st->fired : st->missed) : 0);
+        }
+    }
+}
+
 void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **buf, size_t *len) {
     struct out o = {xmalloc(16384), 0, 16384};
     o.buf[0] = '\0';
@@ -235,6 +267,7 @@ void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **b
     commands(&o, cfg, sb);
     workers(&o, cfg, sb);
     gauges(&o, cfg, sb, s);
+    scheduled(&o, cfg, s);
     *buf = o.buf;
     *len = o.len;
 }

@@ -1,7 +1,7 @@
 /* Conveyor dashboard: plain ES2020, no library. The DOM is built with
  * createElement/textContent only (dead-letter text is untrusted), under a CSP
  * without inline script or style. Polls: overview 1 s, history 2 s (hour) or
- * 30 s (day), dead letters 3 s. Rows are kept by key between polls so buttons
+ * 30 s (day), dead letters 3 s, parked commands and schedules 3 s. Rows are kept by key between polls so buttons
  * keep their focus and state. */
 'use strict';
 (() => {
@@ -358,29 +358,46 @@
     return tds;
   }
 
+  /* The Pause / Resume button (tr.__b) and state badge (tr.__state) of a row
+   * whose item tr.__item ({name, paused}) is paused by a POST to path with
+   * {[key]: name, paused}; what names its kind in messages ('' for a queue);
+   * then update(tr, item) redraws the row and poll is kicked. */
+  function pauseControls(tr, test, path, key, what, update, poll) {
+    tr.__state = h('span', { class: 'badge' });
+    const b = (tr.__b = actionButton('Pause', test, async () => {
+      const cur = tr.__item;
+      const want = !cur.paused;
+      const r = await busyWhile([b], () => post(path, { [key]: cur.name, paused: want }, (want ? 'pause ' : 'resume ') + what + cur.name));
+      if (r) {
+        status(what + r[key] + ': ' + (r.paused ? 'paused' : 'resumed'));
+        cur.paused = !!r.paused;
+        update(tr, cur);
+        poll().kick();
+      }
+    }));
+    return [tr.__state, b];
+  }
+  /* Shows item's state (running: the word when not paused) on its row's badge and button. */
+  function showPaused(tr, item, running) {
+    tr.__item = item;
+    setText(tr.__state, item.paused ? 'paused' : running);
+    setClass(tr.__state, 'badge ' + (item.paused ? 'warn' : 'good'));
+    tr.setAttribute('data-paused', item.paused ? 'true' : 'false');
+    setText(tr.__b, item.paused ? 'Resume' : 'Pause');
+    tr.__b.setAttribute('aria-label', (item.paused ? 'Resume ' : 'Pause ') + item.name);
+  }
+
   function createQueueRow(q) {
     const tr = h('tr', { 'data-test': 'queue-row', 'data-queue': q.name });
     const c = cells(tr, 12, [2, 3, 4, 5, 6, 7, 8, 9]);
     c[0].className = 'name';
-    c[10].append((tr.__state = h('span', { class: 'badge' })));
-    const b = actionButton('Pause', 'queue-pause', async () => {
-      const cur = tr.__q;
-      const want = !cur.paused;
-      const r = await busyWhile([b], () => post('/api/queue/pause', { queue: cur.name, paused: want }, (want ? 'pause ' : 'resume ') + cur.name));
-      if (r) {
-        status(r.queue + ': ' + (r.paused ? 'paused' : 'resumed'));
-        cur.paused = !!r.paused;
-        updateQueueRow(tr, cur);
-        polls.overview.kick();
-      }
-    });
+    const [state, b] = pauseControls(tr, 'queue-pause', '/api/queue/pause', 'queue', '', updateQueueRow, () => polls.overview);
+    c[10].append(state);
     c[11].append(b);
     tr.__c = c;
-    tr.__b = b;
     return tr;
   }
   function updateQueueRow(tr, q) {
-    tr.__q = q;
     const c = tr.__c;
     setText(c[0], q.name);
     setText(c[1], q.transport || '—');
@@ -393,11 +410,7 @@
     setText(c[7], fmtMs(q.latencyP50Seconds));
     setText(c[8], fmtMs(q.latencyP99Seconds));
     setText(c[9], fmtInt(q.done));
-    setText(tr.__state, q.paused ? 'paused' : 'running');
-    setClass(tr.__state, 'badge ' + (q.paused ? 'warn' : 'good'));
-    tr.setAttribute('data-paused', q.paused ? 'true' : 'false');
-    setText(tr.__b, q.paused ? 'Resume' : 'Pause');
-    tr.__b.setAttribute('aria-label', (q.paused ? 'Resume ' : 'Pause ') + q.name);
+    showPaused(tr, q, 'running');
   }
 
   function createWorkerRow() {
@@ -622,6 +635,95 @@
       h('pre', { class: 'code', text: prettyJson(d.message == null ? '' : d.message) })
     );
     return frag;
+  }
+
+  /* ---------- parked commands and schedules ---------- */
+
+  function fmtDue(iso) {
+    const d = parseTime(iso);
+    if (!d) return '—';
+    const s = (d.getTime() - serverNow) / 1000;
+    return fmtDateTime(iso) + (s > 0 ? ' (in ' + fmtAge(s) + ')' : ' (due)');
+  }
+
+  function renderScheduled(d) {
+    const queues = Array.isArray(d.queues) ? d.queues : [];
+    reconcile($('parked-queues'), queues, (q) => q.queue, createParkedQueue, updateParkedQueue);
+    const rows = Array.isArray(d.rows) ? d.rows : [];
+    reconcile($('parked-rows'), rows, (r) => r.id, createParkedRow, updateParkedRow);
+    $('parked-empty').hidden = rows.length > 0;
+  }
+  function createParkedQueue(q) {
+    const tr = h('tr', { 'data-test': 'parked-queue', 'data-queue': q.queue });
+    tr.__c = cells(tr, 3, [1]);
+    return tr;
+  }
+  function updateParkedQueue(tr, q) {
+    setText(tr.__c[0], q.queue);
+    setText(tr.__c[1], fmtInt(q.parked));
+    setText(tr.__c[2], q.nextDueAt ? fmtDue(q.nextDueAt) : '—');
+  }
+  function createParkedRow(r) {
+    const tr = h('tr', { 'data-test': 'parked-row', 'data-id': r.id });
+    const c = cells(tr, 6, []);
+    c[0].append(commandLink(r.id, false));
+    const b = actionButton('Cancel', 'parked-cancel', () =>
+      twoStep(b, 'Confirm cancel', async () => {
+        const res = await busyWhile([b], () => post('/api/scheduled/cancel', { id: r.id }, 'cancel of ' + r.id));
+        if (res) {
+          status(res.id + ': cancelled (command.rejected CANCELLED)');
+          polls.scheduled.kick();
+        }
+      })
+    );
+    b.__label = 'Cancel';
+    c[5].className = 'actions';
+    c[5].append(b);
+    tr.__c = c;
+    return tr;
+  }
+  function updateParkedRow(tr, r) {
+    const c = tr.__c;
+    setText(c[1], r.queue || '—');
+    setText(c[2], r.type || '—');
+    setText(c[3], (r.reason || '—') + (r.schedule ? ' · ' + r.schedule : ''));
+    setText(c[4], fmtDue(r.dueAt));
+  }
+
+  function renderSchedules(d) {
+    const list = Array.isArray(d.schedules) ? d.schedules : [];
+    reconcile($('schedules'), list, (s) => s.name, createScheduleRow, updateScheduleRow);
+    $('schedules-empty').hidden = list.length > 0;
+  }
+  function createScheduleRow(s) {
+    const tr = h('tr', { 'data-test': 'schedule-row', 'data-name': s.name });
+    const c = cells(tr, 10, [6, 7]);
+    c[0].className = 'name';
+    const [state, b] = pauseControls(tr, 'schedule-pause', '/api/schedules/pause', 'name', 'schedule ', updateScheduleRow, () => polls.schedules);
+    c[8].append(state);
+    c[9].append(b);
+    tr.__c = c;
+    return tr;
+  }
+  function updateScheduleRow(tr, s) {
+    const c = tr.__c;
+    setText(c[0], s.name);
+    setText(c[1], s.type || '—');
+    setText(c[2], s.kind === 'every' ? 'every ' + fmtInt(s.everySeconds) + ' s' : (s.cron || '—') + ' (' + (s.timezone || 'UTC') + ')');
+    setText(c[3], s.nextSlotAt ? fmtDue(s.nextSlotAt) : '—');
+    setText(c[4], s.lastSlot || '—');
+    const key = (s.lastCommandId || '') + '\n' + (s.lastOutcome || '');
+    if (c[5].__cur !== key) {
+      c[5].__cur = key;
+      c[5].replaceChildren();
+      const kind = s.lastOutcome === 'applied' ? 'good' : s.lastOutcome === 'rejected' ? 'warn' : 'dim';
+      if (s.lastOutcome) c[5].append(h('span', { class: 'badge ' + kind, text: s.lastOutcome }));
+      if (s.lastCommandId) c[5].append(' ', commandLink(s.lastCommandId, true));
+      if (!s.lastOutcome && !s.lastCommandId) c[5].append(h('span', { class: 'muted', text: '—' }));
+    }
+    setText(c[6], fmtInt(s.fired));
+    setText(c[7], fmtInt(s.missed));
+    showPaused(tr, s, 'active');
   }
 
   /* ---------- charts ---------- */
@@ -905,8 +1007,10 @@
     } else {
       problems.delete('command');
       deadDirty = true;
-    polls.dead.kick();
+      polls.dead.kick();
       polls.history.kick();
+      polls.scheduled.kick();
+      polls.schedules.kick();
     }
   }
 
@@ -934,6 +1038,18 @@
       else if (r.status) setText($('dead-summary'), 'Could not load dead letters: ' + r.error);
     }, () => 1000),
     history: poller(pollHistory, () => 500),
+    scheduled: poller(async () => {
+      if (route.name !== 'overview') return;
+      const r = await api('/api/scheduled');
+      note('scheduled', r);
+      if (r.ok) renderScheduled(r.data);
+    }, () => 3000),
+    schedules: poller(async () => {
+      if (route.name !== 'overview') return;
+      const r = await api('/api/schedules');
+      note('schedules', r);
+      if (r.ok) renderSchedules(r.data);
+    }, () => 3000),
     command: poller(pollCommand, () => 10000),
   };
 
