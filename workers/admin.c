@@ -26,6 +26,7 @@ static const char usage[] =
     "       conveyor-admin [OPTIONS] schedules [list]\n"
     "       conveyor-admin [OPTIONS] schedules pause NAME\n"
     "       conveyor-admin [OPTIONS] schedules resume NAME\n"
+    "       conveyor-admin [OPTIONS] schedules run NAME\n"
     "\n"
     "OPTIONS may come before or after the subcommand and its arguments\n"
     "('stats --json' is '--json stats'); after '--' every word is an argument\n"
@@ -60,7 +61,8 @@ static const char usage[] =
     "way in its queue). 'schedules' lists the schedules of FILE and their state\n"
     "(paused, the next slot, the last slot and its command's outcome, slots fired\n"
     "and missed, manual runs); 'schedules pause' stops every pool's timekeeper\n"
-    "firing NAME's slots until 'schedules resume' (table schedules).\n"
+    "firing NAME's slots until 'schedules resume' (table schedules). 'schedules run'\n"
+    "sends NAME's command once now, with an id of its own (printed).\n"
     "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
     "      --json         one JSON object per line (dead counts, dead list, stats,\n"
@@ -481,7 +483,8 @@ static bool parse_limit(const char *arg, int def, int max, int *limit) {
  * them) checked, the database opened (or exit 2 / 3), then admin_scheduled.c. */
 static int cmd_waiting(const struct cfg *cfg, char **a, int n, bool json, const char *limit_arg, const char *cursor) {
     const char *verb = n >= 2 ? a[1] : "list";
-    bool scheduled = strcmp(a[0], "scheduled") == 0, pause = strcmp(verb, "pause") == 0;
+    bool scheduled = strcmp(a[0], "scheduled") == 0, pause = strcmp(verb, "pause") == 0,
+         run = strcmp(verb, "run") == 0;
     char id[ID_LEN + 1], who[160];
     int limit;
     who_am_i(who, sizeof who);
@@ -500,7 +503,7 @@ static int cmd_waiting(const struct cfg *cfg, char **a, int n, bool json, const 
             return EXIT_USAGE;
         }
     } else if (scheduled || !(n == 1 || (strcmp(verb, "list") == 0 && n == 2) ||
-                              ((pause || strcmp(verb, "resume") == 0) && n == 3))) {
+                              ((pause || run || strcmp(verb, "resume") == 0) && n == 3))) {
         fputs(usage, stderr);
         return EXIT_USAGE;
     }
@@ -508,6 +511,7 @@ static int cmd_waiting(const struct cfg *cfg, char **a, int n, bool json, const 
     int rc;
     if (scheduled && strcmp(verb, "list") == 0) rc = admin_scheduled_list(db, cfg, n == 3 ? a[2] : NULL, cursor, limit, json);
     else if (scheduled) rc = admin_scheduled_cancel(db, cfg, id, who, json);
+    else if (n == 3 && run) rc = admin_schedules_run(db, cfg, a[2], who, json);
     else if (n == 3) rc = admin_schedules_pause(db, cfg, a[2], pause, who);
     else rc = admin_schedules_list(db, cfg, json);
     db_close(db);

@@ -174,3 +174,27 @@ int admin_schedules_pause(struct db *db, const struct cfg *cfg, const char *name
     else printf("resumed schedule %s\n", name);
     return 0;
 }
+
+int admin_schedules_run(struct db *db, const struct cfg *cfg, const char *name, const char *by, bool json) {
+    const struct cfg_schedule *s = NULL;
+    for (int i = 0; i < cfg->nschedules && !s; i++)
+        if (strcmp(cfg->schedules[i].name, name) == 0) s = &cfg->schedules[i];
+    if (!s) {
+        fprintf(stderr, "conveyor-admin: no schedule '%s' in %s\n", name, cfg->path);
+        return EXIT_USAGE;
+    }
+    char id[ID_LEN + 1];
+    int rc = schedule_run_now(db, cfg, s, id);
+    if (rc < 0) return db_failed(db, "run the schedule", rc);
+    log_info("schedule %s run by %s: command %s", name, by, id);
+    if (json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "schedule", name);
+        cJSON_AddStringToObject(o, "id", id);
+        json_line(o);
+    } else {
+        printf("%s\n", id);
+    }
+    return 0;
+}
+

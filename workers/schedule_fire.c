@@ -45,17 +45,16 @@ struct pass {
     int64_t next_ms;         /* the next slot's instant, or -1 (none comes, or not computed yet) */
 };
 
-/* Parks the command of slot `slot` (instant instant_ms) of s. Returns 0 or an error class. */
-static int fire_slot(struct db *db, const struct cfg *cfg, const struct cfg_schedule *s, int64_t slot,
-                     int64_t instant_ms, struct pass *ps) {
-    char key[SLOT_KEY_MAX], id[ID_LEN + 1], text[40], created[32], corr[CFG_NAME_MAX + 16], due[24];
-    schedule_slot_key(s, slot, key);
-    schedule_slot_id(s->name, key, id);
+/* Parks the command of schedule s with id, due at instant_ms, {{slot}} the
+ * instant as the schedule's zone writes it, correlationId corr. A row with
+ * that id already parked is left as it is. Returns 0 or an error class. */
+static int park_schedule_command(struct db *db, const struct cfg *cfg, const struct cfg_schedule *s, const char *id,
+                                 int64_t instant_ms, const char *corr) {
+    char text[40], created[32], due[24];
     int rc = schedule_slot_text(db, s, instant_ms, text);
     if (rc < 0) return rc;
     cJSON *payload = schedule_payload(s, text);
     clock_rfc3339(instant_ms, created);
-    snprintf(corr, sizeof corr, "schedule:%s", s->name);
     char *body = envelope_build(id, s->type, payload, corr, created, NULL);
     cJSON_Delete(payload);
     snprintf(due, sizeof due, "%lld", (long long)instant_ms);
@@ -65,6 +64,18 @@ static int fire_slot(struct db *db, const struct cfg *cfg, const struct cfg_sche
                      "VALUES ($1, $2, $3, to_timestamp($4::bigint / 1000.0), $5, 'schedule', $6) "
                      "ON CONFLICT (id) DO NOTHING", 6, p, NULL);
     free(body);
+    return rc;
+}
+
+/* Parks the command of slot `slot` (instant instant_ms) of s, its id the
+ * slot's UUIDv5, and notes it in ps. Returns 0 or an error class. */
+static int fire_slot(struct db *db, const struct cfg *cfg, const struct cfg_schedule *s, int64_t slot,
+                     int64_t instant_ms, struct pass *ps) {
+    char key[SLOT_KEY_MAX], id[ID_LEN + 1], corr[CFG_NAME_MAX + 16];
+    schedule_slot_key(s, slot, key);
+    schedule_slot_id(s->name, key, id);
+    snprintf(corr, sizeof corr, "schedule:%s", s->name);
+    int rc = park_schedule_command(db, cfg, s, id, instant_ms, corr);
     if (rc < 0) return rc;
     ps->fired++;
     snprintf(ps->last_key, sizeof ps->last_key, "%s", key);
@@ -185,3 +196,21 @@ int schedule_fire_due(struct db *db, const struct cfg *cfg, struct schedule_firi
     }
     return first_error ? first_error : total;
 }
+
+int schedule_run_now(struct db *db, const struct cfg *cfg, const struct cfg_schedule *s, char id[ID_LEN + 1]) {
+    char corr[CFG_NAME_MAX + 16];
+    int64_t base, now_ms;
+    id_new(id);
+    snprintf(corr, sizeof corr, "schedule:%s:run", s->name);
+    const char *p[1] = {s->name};
+    int rc = db_cmd(db, "BEGIN");
+    if (rc == 0) rc = schedule_wall_now(db, s, &base, &now_ms);
+    if (rc == 0) rc = park_schedule_command(db, cfg, s, id, now_ms, corr);
+    if (rc == 0)
+        rc = db_exec(db, "INSERT INTO schedules (name, runs) VALUES ($1, 1) "
+                         "ON CONFLICT (name) DO UPDATE SET runs = schedules.runs + 1, updated_at = now()", 1, p, NULL);
+    if (rc == 0) rc = db_cmd(db, "COMMIT");
+    if (rc < 0) (void)db_cmd(db, "ROLLBACK"); /* fails only with the connection, which rolls back too */
+    return rc;
+}
+

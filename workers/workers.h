@@ -104,6 +104,11 @@ void schedule_firing_free(struct schedule_firing *f);
  * class of the first failure (logged; that schedule is looked at again on
  * the next pass). */
 int schedule_fire_due(struct db *db, const struct cfg *cfg, struct schedule_firing *f);
+/* conveyor-admin schedules run: parks one command of s due now, with a random
+ * id (into id) and correlationId "schedule:<name>:run", and counts it in the
+ * schedule's runs, in one transaction (the active timekeeper publishes it
+ * within its next pass). Returns 0 or an error class. */
+int schedule_run_now(struct db *db, const struct cfg *cfg, const struct cfg_schedule *s, char id[ID_LEN + 1]);
 
 /* ---- singleton.c: one process of a kind active across every pool ---------------- */
 /* How a spell as the active one ended. */
@@ -556,6 +561,8 @@ int admin_scheduled_cancel(struct db *db, const struct cfg *cfg, const char *id,
 int admin_schedules_list(struct db *db, const struct cfg *cfg, bool json);
 /* schedules pause|resume NAME (by: user@host): 0, 2 an unknown NAME, 3 the database failed. */
 int admin_schedules_pause(struct db *db, const struct cfg *cfg, const char *name, bool pause, const char *by);
+/* schedules run NAME (by: user@host): one run now; prints its command id. 0, 2 an unknown NAME, 3 the database failed. */
+int admin_schedules_run(struct db *db, const struct cfg *cfg, const char *name, const char *by, bool json);
 
 /* ---- dedup_prune.c: the dedup table's window ------------------------------------ */
 /* Deletes processed_commands rows older than cfg->dedup_retention_days (0:

@@ -15,6 +15,7 @@ that time has passed by the database's clock.
   not applied;
 - conveyor-produce --in parks it the same way.
 """
+import calendar
 import json
 import os
 import signal
@@ -189,3 +190,32 @@ def test_conveyor_produce_in_and_at_park_the_command():
         eq(r.returncode, 2, "a bad --at is a usage error")
         check("--at" in r.stderr, f"the message names --at: {r.stderr}")
         ev.close()
+
+
+def test_cancel_before_its_time_ends_it_in_one_cancelled_rejection_and_after_it_ran_is_refused():
+    with Pool():
+        ev = Events()
+        pub = Publisher()
+        later = pub.command(create(iso(db_now() + 3)))
+        soon = pub.command(create(iso(db_now() + 1)))
+        wait_for(lambda: len(parked([later["id"], soon["id"]])) == 2, 10, "both commands to be parked")
+        r = run_bin("conveyor-admin", "-c", os.path.join(ROOT, "queues.conf"), "scheduled", "cancel", later["id"])
+        eq(r.returncode, 0, f"cancel before its time ({r.stderr})")
+        res = ev.wait_result(later["id"])[0]
+        eq((res["type"], res["data"]["code"]), ("command.rejected", "CANCELLED"), "the cancelled command's result")
+        eq(ev.wait_result(soon["id"], timeout=20)[0]["type"], "product.created", "the other one ran")
+        while db_now() < due_of(later) + 1.5:
+            time.sleep(0.2)
+        time.sleep(1)
+        eq(len(ev.for_command(later["id"])), 1, "result events of the cancelled command")
+        eq(query("SELECT count(*) FROM products WHERE id = %s", later["payload"]["productId"])[0][0], 0,
+           "the cancelled command never ran")
+        r = run_bin("conveyor-admin", "-c", os.path.join(ROOT, "queues.conf"), "scheduled", "cancel", soon["id"])
+        eq(r.returncode, 1, "cancel after it ran")
+        check("already ran" in r.stderr or "already ran" in r.stdout, f"it says it already ran: {r.stderr}")
+        pub.close()
+        ev.close()
+
+
+def due_of(cmd):
+    return calendar.timegm(time.strptime(cmd["notBefore"][:19], "%Y-%m-%dT%H:%M:%S")) + int(cmd["notBefore"][20:23]) / 1000

@@ -194,3 +194,59 @@ def test_a_cron_schedule_fires_with_its_slot_in_the_payload():
     row = query("SELECT last_slot, last_command_id::text, fired FROM schedules WHERE name = %s", name)[0]
     eq(row[1], slot_id(name, row[0]), "the last slot's command id is the UUIDv5 of its name and key")
     check(row[0][4] == "-" and row[0][10] == "T", f"a cron slot's key is its wall time: {row[0]}")
+
+
+def test_a_configured_schedule_listed_paused_resumed_run_by_hand_and_in_the_metrics():
+    from harness import http_pool, run_bin
+    from test_metrics import scrape, value
+    name = unique_names("ops")[0]
+    pid = product()
+    conf = schedules_conf([(name, 'every = "1s";', pid)])
+
+    def state(pool):
+        r = run_bin("conveyor-admin", "-c", pool.config, "--json", "schedules")
+        eq(r.returncode, 0, f"schedules ({r.stderr})")
+        return [json.loads(l) for l in r.stdout.splitlines() if json.loads(l)["name"] == name][0]
+
+    def admin(pool, *args):
+        r = run_bin("conveyor-admin", "-c", pool.config, *args)
+        eq(r.returncode, 0, f"conveyor-admin {' '.join(args)} ({r.stderr})")
+        return r.stdout
+
+    with http_pool(extra=conf) as pool:
+        deadline = time.time() + 15
+        while time.time() < deadline and (state(pool)["fired"] < 3 or state(pool)["lastOutcome"] != "applied"):
+            time.sleep(0.3)
+        st = state(pool)
+        check(st["fired"] >= 3 and st["lastOutcome"] == "applied" and st["nextSlotAt"] and not st["paused"],
+              f"the schedule fired, listed with its last slot's outcome and its next slot: {st}")
+        eq(st["lastCommandId"], slot_id(name, st["lastSlot"]), "the last slot's command id")
+        samples, _ = scrape(pool)
+        check(value(samples, "conveyor_schedule_fired_total", schedule=name) >= 1, "fired_total in /metrics")
+        check(value(samples, "conveyor_schedule_last_slot_timestamp_seconds", schedule=name) > 1.7e9,
+              "the last slot's time in /metrics")
+        eq(value(samples, "conveyor_schedule_missed_total", schedule=name), 0, "missed_total in /metrics")
+
+        admin(pool, "schedules", "pause", name)
+        time.sleep(1.5)  # a pass under way when the pause landed ends; the timekeeper looks every second
+        paused_stock, paused_fired = stock(pid), state(pool)["fired"]
+        time.sleep(3)
+        eq((stock(pid), state(pool)["fired"]), (paused_stock, paused_fired), "stock and fired while paused")
+        eq(state(pool)["missed"], 0, "slots of a pause are not missed")
+
+        run_id = admin(pool, "schedules", "run", name).strip()
+        deadline = time.time() + 10
+        while time.time() < deadline and not query("SELECT 1 FROM processed_commands WHERE id = %s", run_id):
+            time.sleep(0.2)
+        eq(stock(pid), paused_stock + 1, "a manual run is applied while the schedule is paused")
+        eq(state(pool)["runs"], 1, "runs")
+        check(run_id != slot_id(name, state(pool)["lastSlot"]), "a run has an id of its own")
+
+        admin(pool, "schedules", "resume", name)
+        deadline = time.time() + 10
+        while time.time() < deadline and stock(pid) < paused_stock + 3:
+            time.sleep(0.2)
+        check(stock(pid) >= paused_stock + 3, "slots fire again once resumed")
+        r = run_bin("conveyor-admin", "-c", pool.config, "schedules", "run", "no-such-schedule")
+        eq(r.returncode, 2, "run of an unknown schedule")
+        check("no-such-schedule" in r.stderr, f"the message names it: {r.stderr}")
