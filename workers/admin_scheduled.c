@@ -141,7 +141,7 @@ int admin_schedules_list(struct db *db, const struct cfg *cfg, bool json) {
         return db_failed(db, "read the schedules", rc);
     }
     if (!json)
-        printf("%-20s %-14s %-7s %-32s %-24s %-20s %-8s %6s %6s %5s\n", "SCHEDULE", "TYPE", "STATE", "WHEN", "NEXT",
+        printf("%-20s %-14s %-7s %-40s %-24s %-20s %-8s %6s %6s %5s\n", "SCHEDULE", "TYPE", "STATE", "WHEN", "NEXT",
                "LAST SLOT", "OUTCOME", "FIRED", "MISSED", "RUNS");
     for (int i = 0; i < cfg->nschedules; i++) {
         if (json) {
@@ -150,7 +150,7 @@ int admin_schedules_list(struct db *db, const struct cfg *cfg, bool json) {
         }
         char when[96];
         when_of(st[i].s, when, sizeof when);
-        printf("%-20s %-14.14s %-7s %-32.32s %-24s %-20s %-8s %6lld %6lld %5lld\n", st[i].s->name, st[i].s->type,
+        printf("%-20s %-14.14s %-7s %-40.40s %-24s %-20s %-8s %6lld %6lld %5lld\n", st[i].s->name, st[i].s->type,
                st[i].paused ? "paused" : "active", when, st[i].next_slot_at[0] ? st[i].next_slot_at : "-",
                st[i].last_slot[0] ? st[i].last_slot : "-", st[i].last_outcome[0] ? st[i].last_outcome : "-",
                st[i].fired, st[i].missed, st[i].runs);
