@@ -227,3 +227,124 @@ def test_frozen_primary_redis():
                 print(f"stopping a pool: {e}")
         cluster.teardown()
         phase("torn down")
+
+
+# ---- a relay cut off from its broker, a healthy pool beside it (issue 21, point 1) ----------------------
+
+def cut_from_broker(h, ports):
+    """Drops every packet between host h and the broker's ports (iptables in h's
+    namespace, both ways): its connections stay open and nothing answers, while
+    its path to PostgreSQL and its HTTP listener work."""
+    for p in ports:
+        cluster.run_on(h, "iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", str(p), "-j", "DROP")
+        cluster.run_on(h, "iptables", "-A", "INPUT", "-p", "tcp", "--sport", str(p), "-j", "DROP")
+
+
+def heal_from_broker(h):
+    cluster.run_on(h, "iptables", "-F")
+
+
+def relay_cut_off_run(env, config, pg, events, ports, what):
+    """Two pools (cvh4, cvh5); under load, the host whose pool holds the relay
+    lock is cut off from every broker node (cut_from_broker) while the other's
+    path works. Checked: the other pool's relay becomes active (its log, its
+    conveyor_relay_active gauge) and the cut-off one's says 0; while the cut
+    lasts, every command is applied and its result event arrives; nothing lost or
+    applied twice, per product in commit order. Returns the figures line."""
+    phase = phase_clock()
+    pools = {}
+    try:
+        pools = start_pools(env, QUEUE_OPTS)
+        phase(f"pools on {', '.join(POOL_HOSTS)}")
+        pids = seed_products(pg, config, env, phase)
+        updates = commands(pids, 12000, seed=23)
+        prod = Producer(config, env, updates, rate=200)  # 60 s of commands: the cut falls inside
+        wait_for("1,000 confirmed", lambda: len(prod.confirmed) >= 1000, timeout=120, every=0.02)
+        holder = wait_for("an active relay", lambda: relay_host(pools), timeout=30)
+        other = [h for h in POOL_HOSTS if h != holder][0]
+        eq(metric(holder, HTTP_PORT, "conveyor_relay_active"), 1.0, f"conveyor_relay_active on {holder}")
+        eq(metric(other, HTTP_PORT, "conveyor_relay_active"), 0.0, f"conveyor_relay_active on {other}")
+        before = len(events.events)
+        cut_from_broker(holder, ports)
+        t = time.time()
+        phase(f"cut {holder} (its pool holds the relay lock) off from {what}, with {len(prod.confirmed)} confirmed")
+        wait_for(f"the relay on {other} to take over", lambda: "relay active" in pools[other].read_log(),
+                 timeout=120, every=0.05)
+        takeover = time.time() - t
+        phase(f"relay on {other} active {takeover:.1f} s after the cut")
+        check("giving up the relay lock" in pools[holder].read_log(),
+              f"the relay on {holder} says it gave up its lock:\n{pools[holder].read_log()[-3000:]}")
+        wait_for("events from the new relay", lambda: any(x > t + takeover for x in events.times[before:]),
+                 timeout=60, every=0.05)
+        eq(metric(other, HTTP_PORT, "conveyor_relay_active"), 1.0, f"conveyor_relay_active on {other} after the cut")
+        eq(metric(holder, HTTP_PORT, "conveyor_relay_active"), 0.0, f"conveyor_relay_active on {holder} after the cut")
+        gap = largest_gap(events.times, t, time.time() - t)
+        # still cut off: the healthy pool alone applies the rest and publishes every event
+        await_every_result(pg, prod, updates, events, phase)
+        check(holder != relay_host(pools), f"{holder} did not take the relay back while cut off")
+        heal_from_broker(holder)
+        phase(f"healed {holder} after {time.time() - t:.1f} s")
+        events.close()
+        dups = check_outcome(pg, updates, events.events, pids)
+        for h, p in pools.items():
+            code, left = p.stop()
+            eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+        pools = {}
+        return (f"relay on {holder} cut off from {what}: the relay on {other} active {takeover:.1f} s after the cut, "
+                f"the events stopped for {gap:.1f} s at most; {dups} duplicate deliveries")
+    finally:
+        for p in pools.values():
+            try:
+                p.stop()
+            except Exception as e:  # the hosts go anyway
+                print(f"stopping a pool: {e}")
+
+
+def test_a_relay_cut_off_from_the_broker_hands_over_rabbitmq():
+    cluster.setup(7)
+    try:
+        pg = Postgres("cvh7")
+        rc = RabbitCluster(("cvh1",))
+        env = {"CONVEYOR_DATABASE_URL": pg.url, "CONVEYOR_RABBITMQ_URL": rc.urls(), "CONVEYOR_TRANSPORT": "rabbitmq"}
+        config = write_config({"catalog": 2}, queue_opts=QUEUE_OPTS)
+        r = run_bin("conveyor-workers", "-c", config, "--setup", env=env, timeout=120)
+        eq(r.returncode, 0, f"--setup ({r.stderr})")
+        events = AmqpEvents(rc.url("cvh1"))
+        figures = relay_cut_off_run(env, config, pg, events, [5672], "RabbitMQ (cvh1)")
+        print(f"FIGURES rabbitmq-relay-cut-off: {figures}", flush=True)
+    finally:
+        cluster.teardown()
+
+
+class OneRedis:
+    """A Redis server on host, alone (no Sentinel): what StreamEvents reads."""
+
+    def __init__(self, host):
+        self.host = host
+        d = os.path.join(cluster.STATE, f"redis-{host}")
+        os.makedirs(d)
+        cluster.spawn(host, "redis-server", "--bind", addr(host), "--port", "6379", "--protected-mode", "no",
+                      "--dir", d, "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", name=f"redis-{host}")
+        wait_for("Redis", lambda: RedisSentinel.info(host, "server"), timeout=30)
+
+    def url(self):
+        return f"redis://{addr(self.host)}:6379"
+
+    def primary(self):
+        return addr(self.host), 6379
+
+
+def test_a_relay_cut_off_from_the_broker_hands_over_redis():
+    cluster.setup(7)
+    try:
+        pg = Postgres("cvh7")
+        rd = OneRedis("cvh1")
+        env = {"CONVEYOR_DATABASE_URL": pg.url, "CONVEYOR_REDIS_URL": rd.url(), "CONVEYOR_TRANSPORT": "redis"}
+        config = write_config({"catalog": 2}, queue_opts=QUEUE_OPTS)
+        r = run_bin("conveyor-workers", "-c", config, "--setup", env=env, timeout=120)
+        eq(r.returncode, 0, f"--setup ({r.stderr})")
+        events = StreamEvents(rd)
+        figures = relay_cut_off_run(env, config, pg, events, [6379], "Redis (cvh1)")
+        print(f"FIGURES redis-relay-cut-off: {figures}", flush=True)
+    finally:
+        cluster.teardown()
