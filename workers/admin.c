@@ -14,9 +14,11 @@
 enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
 
 /* The exit status of a failure of class cls (the README's "Exit status"): 3 for
- * what may pass by itself (CV_ERETRY: a server lost or silent), 2 for the rest
- * (a refused login, permission, certificate or request: configuration). */
-static int exit_of_class(int cls) { return cls == CV_ERETRY ? EXIT_UNREACHABLE : EXIT_USAGE; }
+ * what may pass by itself (CV_ERETRY, CV_ETIMEOUT: a server lost or silent), 2
+ * for the rest (a refused login, permission, certificate or request: configuration). */
+static int exit_of_class(int cls) {
+    return cls == CV_ERETRY || cls == CV_ETIMEOUT ? EXIT_UNREACHABLE : EXIT_USAGE;
+}
 
 static const char usage[] =
     "usage: conveyor-admin [OPTIONS] dead counts\n"

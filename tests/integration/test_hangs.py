@@ -31,7 +31,7 @@ from cluster import Postgres, RabbitCluster, RedisSentinel, addr, metric, wait_f
 from harness import Pool, check, eq, run_bin, write_config
 from test_scale_out import (HTTP_PORT, POOL_HOSTS, QUEUE_OPTS, AmqpEvents, Producer, StreamEvents,
                             await_every_result, check_outcome, commands, largest_gap, phase_clock, pools_config,
-                            relay_host, seed_products, start_pools)
+                            relay_host, seed_products, start_pools, stop_anyway, stop_cleanly)
 
 FREEZE_S = 60
 HANG_BOUND_S = 15.0  # docs/scaling.md: events flow again within 15 s of a node freezing (default settings)
@@ -143,9 +143,7 @@ def test_frozen_node_rabbitmq():
         await_every_result(pg, prod, updates, events, phase)
         events.close()
         dups = check_outcome(pg, updates, events.events, pids)
-        for h, p in pools.items():
-            code, left = p.stop()
-            eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+        stop_cleanly(pools)
         pools = {}
         print(f"FIGURES rabbitmq-frozen-node: the events stopped for {gap:.1f} s at most after node {frozen} froze "
               f"for {FREEZE_S} s; conveyor_broker_stalled at {secs(seen_metric)}, /readyz at {secs(seen_ready)}; relay on "
@@ -154,11 +152,7 @@ def test_frozen_node_rabbitmq():
     finally:
         if frozen_pid:
             os.kill(frozen_pid, signal.SIGCONT)
-        for p in pools.values():
-            try:
-                p.stop()
-            except Exception as e:  # the hosts go anyway
-                print(f"stopping a pool: {e}")
+        stop_anyway(pools)
         cluster.teardown()
         phase("torn down")
 
@@ -209,9 +203,7 @@ def test_frozen_primary_redis():
         await_every_result(pg, prod, updates, events, phase)
         events.close()
         dups = check_outcome(pg, updates, events.events, pids)
-        for h, p in pools.items():
-            code, left = p.stop()
-            eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+        stop_cleanly(pools)
         pools = {}
         print(f"FIGURES redis-frozen-primary: the events stopped for {gap:.1f} s at most after the primary froze "
               f"for {FREEZE_S} s; conveyor_broker_stalled at {secs(seen_metric)}, /readyz at {secs(seen_ready)}; relay on "
@@ -220,11 +212,7 @@ def test_frozen_primary_redis():
     finally:
         if rs and rs.procs.get("cvh1") and rs.procs["cvh1"].poll() is None:
             rs.procs["cvh1"].send_signal(signal.SIGCONT)
-        for p in pools.values():
-            try:
-                p.stop()
-            except Exception as e:
-                print(f"stopping a pool: {e}")
+        stop_anyway(pools)
         cluster.teardown()
         phase("torn down")
 
@@ -286,18 +274,12 @@ def relay_cut_off_run(env, config, pg, events, ports, what):
         phase(f"healed {holder} after {time.time() - t:.1f} s")
         events.close()
         dups = check_outcome(pg, updates, events.events, pids)
-        for h, p in pools.items():
-            code, left = p.stop()
-            eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+        stop_cleanly(pools)
         pools = {}
         return (f"relay on {holder} cut off from {what}: the relay on {other} active {takeover:.1f} s after the cut, "
                 f"the events stopped for {gap:.1f} s at most; {dups} duplicate deliveries")
     finally:
-        for p in pools.values():
-            try:
-                p.stop()
-            except Exception as e:  # the hosts go anyway
-                print(f"stopping a pool: {e}")
+        stop_anyway(pools)
 
 
 def test_a_relay_cut_off_from_the_broker_hands_over_rabbitmq():
@@ -433,9 +415,7 @@ def test_a_frozen_sentinel_redis():
         frozen = None
         events.close()
         dups = check_outcome(pg, updates, events.events, pids)
-        for h, p in pools.items():
-            code, left = p.stop()
-            eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+        stop_cleanly(pools)
         pools = {}
         print(f"FIGURES redis-frozen-sentinel: the first Sentinel frozen, the pools' connections dropped: the events "
               f"stopped for {gap:.1f} s at most; a fresh pool ready in {ready:.1f} s; {dups} duplicate deliveries",
@@ -445,10 +425,6 @@ def test_a_frozen_sentinel_redis():
     finally:
         if frozen is not None and frozen.poll() is None:
             frozen.send_signal(signal.SIGCONT)
-        for p in pools.values():
-            try:
-                p.stop()
-            except Exception as e:
-                print(f"stopping a pool: {e}")
+        stop_anyway(pools)
         cluster.teardown()
         phase("torn down")

@@ -8,7 +8,7 @@ import pika
 import redis as redislib
 
 from harness import (AMQP_URL, BIN, DB_URL, REDIS_URL, ROOT, TRANSPORT, Events, Pool, check, drain_dead, eq, new_id,
-                     query, run_bin)
+                     query, rabbitmqctl, run_bin)
 
 
 def produce(*args, input_=None, env=None):
@@ -201,18 +201,10 @@ def limited_broker_user():
     permission on any resource; Redis: an ACL without the list reads). Returns
     (its URL, a function that removes it)."""
     if TRANSPORT == "rabbitmq":
-        env = dict(os.environ)
-        for line in subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "rabbit-env"], capture_output=True,
-                                   text=True, check=True).stdout.splitlines():
-            k, _, v = line.partition("=")
-            env[k] = v
-
-        def ctl(*args):
-            subprocess.run(["rabbitmqctl", "-q", "-n", env["RABBITMQ_NODENAME"], *args], env=env, check=True,
-                           capture_output=True, timeout=60)
-        ctl("add_user", "cv-limited", "limited-pw")
-        ctl("set_permissions", "-p", "/", "cv-limited", "^$", "^$", "^$")
-        return AMQP_URL.replace("guest:guest@", "cv-limited:limited-pw@"), lambda: ctl("delete_user", "cv-limited")
+        rabbitmqctl("add_user", "cv-limited", "limited-pw")
+        rabbitmqctl("set_permissions", "-p", "/", "cv-limited", "^$", "^$", "^$")
+        return (AMQP_URL.replace("guest:guest@", "cv-limited:limited-pw@"),
+                lambda: rabbitmqctl("delete_user", "cv-limited"))
     r = redislib.Redis.from_url(REDIS_URL)
     r.execute_command("ACL", "SETUSER", "cv-limited", "on", ">limited-pw", "~*", "&*", "+@all", "-lrange", "-lmove",
                       "-rpoplpush", "-lrem", "-eval", "-evalsha", "-fcall")
