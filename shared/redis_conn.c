@@ -34,7 +34,8 @@ static int parse_url(struct redis_broker *r, const char *url, char *why, size_t 
 static bool refused_reply(const char *e);
 
 /* With Sentinels: asks them in turn (from the one that answered last) for the
- * address of the primary of the URL's master name, into r->host and r->port.
+ * address of the primary of the URL's master name, into r->host and r->port
+ * (a Sentinel that failed before the one that answered is logged: each has 1 s).
  * Returns 0, or CV_ERETRY with the reason in r->base.err (no Sentinel reached
  * or none knows the master: a failover may be under way); CV_ECONFIG when
  * every one answered and none named a primary (r->refused set). */
@@ -56,6 +57,8 @@ static int ask_sentinels(struct redis_broker *r) {
             rep->element[1]->type == REDIS_REPLY_STRING && atoi(rep->element[1]->str) > 0) {
             snprintf(r->host, sizeof r->host, "%s", rep->element[0]->str);
             r->port = atoi(rep->element[1]->str);
+            if (k > 0) /* one before it was silent or wrong: each reconnect pays for it until it answers */
+                log_warn("redis: %s; Sentinel %s:%d named the primary", why, s->host, s->port);
             r->sentinel_at = i;
             freeReplyObject(rep);
             redisFree(c);

@@ -12,6 +12,10 @@
 
 #include <unistd.h>
 
+int exit_of_class(int cls) {
+    return cls == CV_ERETRY || cls == CV_ETIMEOUT ? EXIT_UNREACHABLE : EXIT_USAGE;
+}
+
 static const char usage[] =
     "usage: conveyor-admin [OPTIONS] dead counts\n"
     "       conveyor-admin [OPTIONS] dead list [QUEUE] [--limit N] [--cursor CURSOR]\n"
@@ -123,7 +127,7 @@ static struct broker *broker_of(const struct cfg *cfg, const struct cfg_queue *q
     int cls;
     if (!brokers[q->transport] && !(brokers[q->transport] = broker_open_class(cfg, q->transport, &cls, err, sizeof err))) {
         fprintf(stderr, "conveyor-admin: %s\n", err);
-        exit(cls == CV_ECONFIG ? EXIT_USAGE : EXIT_UNREACHABLE);
+        exit(exit_of_class(cls));
     }
     return brokers[q->transport];
 }
@@ -153,7 +157,7 @@ static int read_page(const struct cfg *cfg, const struct cfg_queue *q, const cha
     int rc = dead_page_read(broker_of(cfg, q), index_db_of(cfg, q), q, cursor, limit, p, err, sizeof err);
     if (rc < 0) {
         fprintf(stderr, "conveyor-admin: %s\n", err);
-        return rc == CV_EREJECT ? EXIT_USAGE : EXIT_UNREACHABLE;
+        return exit_of_class(rc);
     }
     return 0;
 }
@@ -255,7 +259,7 @@ static int cmd_show(const struct cfg *cfg, const struct cfg_queue *q, struct sel
     int rc = dead_page_find(broker_of(cfg, q), index_db_of(cfg, q), q, s->id, s->index, &p, err, sizeof err), found = 0;
     if (rc < 0) {
         fprintf(stderr, "conveyor-admin: %s\n", err);
-        return EXIT_UNREACHABLE;
+        return exit_of_class(rc);
     }
     for (int j = 0; j < p.n; j++) {
         print_json(dead_letter_json(q, &p.d[j], (int)p.number[j], true), true);
@@ -272,14 +276,15 @@ static int cmd_take(const struct cfg *cfg, const struct cfg_queue *q, struct sel
     int cls;
     if (retry && !(s->reset_db = db_connect_class(cfg->database_url, &cls, err, sizeof err))) {
         fprintf(stderr, "conveyor-admin: retrying needs the database (attempt counts): %s\n", err);
-        return cls == CV_ECONFIG ? EXIT_USAGE : EXIT_UNREACHABLE;
+        return exit_of_class(cls);
     }
     int count = 0;
     int rc = dead_index_take(b, retry ? s->reset_db : index_db_of(cfg, q), q, choose, s, retry, &count);
     if (rc < 0) fprintf(stderr, "conveyor-admin: %s stopped: %s\n", retry ? "retry" : "purge", broker_error(b));
     db_close(s->reset_db);
     printf("%s %d dead letter%s of %s\n", retry ? "requeued" : "purged", count, count == 1 ? "" : "s", q->name);
-    if (rc < 0 || s->failed) return EXIT_UNREACHABLE;
+    if (rc < 0) return exit_of_class(rc);
+    if (s->failed) return EXIT_UNREACHABLE; /* the database failed under the reset (said by choose) */
     return count ? 0 : EXIT_NONE;
 }
 
@@ -290,7 +295,7 @@ static struct db *db_or_exit(const struct cfg *cfg, const char *why) {
     struct db *db = db_connect_class(cfg->database_url, &cls, err, sizeof err);
     if (!db) {
         fprintf(stderr, "conveyor-admin: %s needs the database: %s\n", why, err);
-        exit(cls == CV_ECONFIG ? EXIT_USAGE : EXIT_UNREACHABLE);
+        exit(exit_of_class(cls));
     }
     return db;
 }
@@ -317,7 +322,7 @@ static int cmd_queue(const struct cfg *cfg, const struct cfg_queue *q, bool paus
         fprintf(stderr, "conveyor-admin: cannot %s %s: %s%s\n", pause ? "pause" : "resume", q->name, db_errstr(db),
                 strcmp(db_sqlstate(db), "42P01") == 0 ? " (the schema is older: run conveyor-workers --setup)" : "");
         db_close(db);
-        return rc == CV_ERETRY ? EXIT_UNREACHABLE : EXIT_USAGE;
+        return exit_of_class(rc);
     }
     db_close(db);
     log_info("queue %s %s by %s%s%s", q->name, pause ? "paused" : "resumed", who, note ? ": " : "", note ? note : "");
@@ -371,7 +376,7 @@ static int read_db_stats(struct db *db, const struct cfg *cfg, struct queue_db_s
     if (rc < 0) {
         fprintf(stderr, "conveyor-admin: cannot read the statistics: %s%s\n", db_errstr(db),
                 strcmp(db_sqlstate(db), "42P01") == 0 ? " (the schema is older: run conveyor-workers --setup)" : "");
-        return rc == CV_ERETRY ? EXIT_UNREACHABLE : EXIT_USAGE;
+        return exit_of_class(rc);
     }
     *backlog = atol(PQgetvalue(r, 0, 0));
     *oldest_s = atof(PQgetvalue(r, 0, 1));
@@ -407,9 +412,10 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         if (only && q != only) continue;
         struct broker *b = broker_of(cfg, q);
         struct queue_counts n;
-        if (broker_queue_counts(b, q, &n) < 0) {
+        int counted = broker_queue_counts(b, q, &n);
+        if (counted < 0) {
             fprintf(stderr, "conveyor-admin: cannot count the messages of %s: %s\n", q->name, broker_error(b));
-            rc = EXIT_UNREACHABLE;
+            rc = exit_of_class(counted);
             break;
         }
         if (q->transport == TRANSPORT_RABBITMQ) n.in_flight = held_known ? held[i] : -1;

@@ -21,7 +21,7 @@ static void json_line(cJSON *o) {
 static int db_failed(struct db *db, const char *what, int rc) {
     fprintf(stderr, "conveyor-admin: cannot %s: %s%s\n", what, db_errstr(db),
             strcmp(db_sqlstate(db), "42P01") == 0 ? " (the schema is older: run conveyor-workers --setup)" : "");
-    return rc == CV_ERETRY ? EXIT_UNREACHABLE : EXIT_USAGE;
+    return exit_of_class(rc);
 }
 
 /* The queues' counts (only: that queue's; NULL: all), a table or {kind "queue", queue, parked, nextDueAt}. */

@@ -38,7 +38,8 @@ static const char usage[] =
     "\n"
     "Exit status: 0 stopped cleanly, 2 usage or configuration error (including\n"
     "credentials or a TLS certificate a server refused, a server certificate that is\n"
-    "not trusted or not for the host), 3 the database schema could not be migrated.\n";
+    "not trusted or not for the host), 3 the database schema could not be migrated,\n"
+    "1 libsodium failed to initialise (the machine, not the configuration).\n";
 
 /* Says on stderr, in one line, that the URL of setting is wrong, and why. */
 static void url_refused(const char *setting, const char *url, const char *why) {

@@ -546,6 +546,11 @@ cJSON *schedule_state_json(const struct schedule_state *st);
 /* ---- admin_scheduled.c: conveyor-admin scheduled and schedules -------------------- */
 /* conveyor-admin's exit statuses besides 0 (README, "Exit status"). */
 enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
+/* conveyor-admin's exit status for a failure of class cls (the README's "Exit
+ * status"): 3 for what may pass by itself (CV_ERETRY, CV_ETIMEOUT: a server
+ * lost or silent), 2 for the rest (a refused login, permission, certificate or
+ * request: configuration). (admin.c) */
+int exit_of_class(int cls);
 /* Each prints its answer on stdout (--json: one JSON object per line) and
  * why it failed on stderr, through db (borrowed, open), and returns
  * conveyor-admin's exit status.

@@ -470,3 +470,15 @@ def run_bin(name, *args, env=None, input_=None, timeout=60):
         # its output only: the arguments are the test's own input (a payload with a password)
         f.write(f"$ {name}\n{r.stdout}\n{r.stderr}".encode(errors="replace"))
     return r
+
+
+def rabbitmqctl(*args, timeout=120):
+    """rabbitmqctl against this server set's RabbitMQ node (scripts/servers.sh
+    rabbit-env); raises when it fails."""
+    env = dict(os.environ)
+    for line in subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "rabbit-env"], capture_output=True,
+                               text=True, check=True).stdout.splitlines():
+        k, _, v = line.partition("=")
+        env[k] = v
+    return subprocess.run(["rabbitmqctl", "-q", "-n", env["RABBITMQ_NODENAME"], *args], env=env, check=True,
+                          capture_output=True, timeout=timeout)

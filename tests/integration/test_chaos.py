@@ -22,7 +22,7 @@ import redis as redislib
 
 import contract
 from harness import (AMQP_URL, REDIS_URL, ROOT, TRANSPORT, Pool, Publisher, check, drain_dead, envelope, eq,
-                     new_id, query)
+                     new_id, query, rabbitmqctl)
 
 N = int(os.environ.get("CONVEYOR_CHAOS_COMMANDS", "20000"))
 PRODUCTS = 100
@@ -109,16 +109,9 @@ def worker_pids(supervisor):
 
 def restart_broker():
     if TRANSPORT == "rabbitmq":
-        env = dict(os.environ)
-        for line in subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "rabbit-env"], capture_output=True,
-                                   text=True, check=True).stdout.splitlines():
-            k, _, v = line.partition("=")
-            env[k] = v
-        subprocess.run(["rabbitmqctl", "-q", "-n", env["RABBITMQ_NODENAME"], "stop_app"], env=env, check=True,
-                       capture_output=True, timeout=120)
+        rabbitmqctl("stop_app")
         time.sleep(1)
-        subprocess.run(["rabbitmqctl", "-q", "-n", env["RABBITMQ_NODENAME"], "start_app"], env=env, check=True,
-                       capture_output=True, timeout=120)
+        rabbitmqctl("start_app")
     else:
         pid = int(redislib.Redis.from_url(REDIS_URL).info("server")["process_id"])
         os.kill(pid, signal.SIGKILL)  # a crash: only the AOF (appendfsync always) keeps what was acknowledged

@@ -10,7 +10,8 @@
 - the duration histogram's buckets reach the longest a command can take under
   the configured timeouts;
 - the dashboard's reads after a PostgreSQL restart answer at once, and a read
-  that fails answers with an error id, never with the server's own text.
+  that fails answers with an error id, never with the server's own text; the
+  same for a broker that cannot be reached (the dead-letter API).
 """
 import os
 import random
@@ -19,7 +20,8 @@ import subprocess
 import threading
 import time
 
-from harness import (ROOT, Events, Failure, Publisher, check, drain_dead, envelope, eq, http_pool, query)
+from harness import (AMQP_URL, REDIS_URL, ROOT, TRANSPORT, Events, Failure, Publisher, check, drain_dead, envelope,
+                     eq, http_pool, query)
 from test_dashboard import request
 from test_metrics import catalog_worker_pids, scrape, value, wait_http, wait_metric
 
@@ -229,3 +231,34 @@ def test_dashboard_reads_after_a_postgresql_restart_answer_and_say_no_server_tex
         for p in ("/api/history?range=hour", path):
             status, _, body = request(pool, "GET", p)
             eq(status, 200, f"the first GET {p} after a restart ({body})")
+
+
+def test_the_dead_letter_api_with_the_broker_unreachable_says_no_broker_text():
+    """The pool's broker behind a TCP proxy that is closed once the pool runs:
+    /api/dead answers 503 with an error id, the broker's text (its address,
+    "connection refused", the client library's words) only in the pool's log."""
+    from test_relay import FreezableProxy
+    url = AMQP_URL if TRANSPORT == "rabbitmq" else REDIS_URL
+    host, port = url.split("@")[-1].split("//")[-1].split("/")[0].split(":")
+    proxy = FreezableProxy(host, int(port))
+    prefix = url.rsplit(f"{host}:{port}", 1)[0]
+    env = {"CONVEYOR_RABBITMQ_URL" if TRANSPORT == "rabbitmq" else "CONVEYOR_REDIS_URL":
+           f"{prefix}127.0.0.1:{proxy.port}" + ("/0" if TRANSPORT == "redis" else "")}
+    try:
+        with http_pool(workers={"catalog": 1}, env=env) as pool:
+            wait_http(pool, "/readyz", 200)
+            eq(request(pool, "GET", "/api/dead?queue=catalog")[0], 200, "the dead letters while the broker is there")
+            proxy.close()  # every connection closed, and the port refuses new ones
+            for look in ("the first read (its connection broken)", "the next (a connect refused)"):
+                status, _, body = request(pool, "GET", "/api/dead?queue=catalog")
+                eq(status, 503, f"the dead letters with the broker unreachable, {look} ({body})")
+                check(isinstance(body, dict) and len(body.get("errorId", "")) == 8, f"an error id: {body}")
+                text = body["error"]
+                for w in ("127.0.0.1", str(proxy.port), port, "refused", "rabbitmq", "redis", "amqp", "socket",
+                          "connection", "reset", "closed", "errno"):
+                    check(w.lower() not in text.lower(), f"the broker's text ({w!r}) in the answer, {look}: {text!r}")
+                logged = [l for l in pool.read_log().splitlines() if f"error {body['errorId']}" in l]
+                check(logged and ("rabbitmq" in logged[0] or "redis" in logged[0]),
+                      f"the log holds the broker's text under the id, {look}: {logged}")
+    finally:
+        proxy.close()

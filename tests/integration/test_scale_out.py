@@ -51,6 +51,23 @@ def start_pools(env, queue_opts, extra=""):
                     extra=pools_config(h) + extra, wrap=on(h)) for h in POOL_HOSTS}
 
 
+def stop_cleanly(pools):
+    """Stops every pool of pools ({host: Pool}), each with exit 0 and nothing left running."""
+    for h, p in pools.items():
+        code, left = p.stop()
+        eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+
+
+def stop_anyway(pools):
+    """Stops what is left of pools after a failure (said, not raised: the hosts go anyway)."""
+    for p in pools.values():
+        try:
+            if p.proc.poll() is None:
+                p.stop()
+        except Exception as e:
+            print(f"stopping a pool: {e}")
+
+
 def relay_host(pools):
     """The pool host whose relay is active now (its last relay line says so)."""
     for h, p in pools.items():
@@ -312,8 +329,7 @@ def test_cluster_node_loss_and_a_partitioned_pool_rabbitmq():
         check(dropped > 0, f"the throttled link dropped packets: {stats}")
         for h, p in pools.items():
             check("trying node 2 of 3" in p.read_log(), f"the pool on {h} moved to the next node")
-            code, left = p.stop()
-            eq((code, left), (0, []), f"the pool on {h} stops cleanly")
+        stop_cleanly(pools)
         pools = {}
         check("trying node 2 of 3" in err, f"the producer moved to the next node: {err[-2000:]}")
         node_gap = largest_gap(events.times, t_kill, t_part - t_kill)  # up to the partition
@@ -322,11 +338,7 @@ def test_cluster_node_loss_and_a_partitioned_pool_rabbitmq():
               f"relay takeover {takeover:.1f} s after the partition, the events stopped for {part_gap:.1f} s; "
               f"{dups} duplicate deliveries; per pool {took}")
     finally:
-        for p in pools.values():
-            try:
-                p.stop()
-            except Exception as e:  # the hosts go anyway
-                print(f"stopping a pool: {e}")
+        stop_anyway(pools)
         cluster.teardown()
         phase("torn down")
 
@@ -389,11 +401,6 @@ def test_sentinel_failover_and_a_killed_pool_redis():
               f"pool kill, the events stopped for {largest_gap(events.times, t_kill, 10):.1f} s; {dups} duplicate "
               f"deliveries; per pool {took}")
     finally:
-        for p in pools.values():
-            try:
-                if p.proc.poll() is None:
-                    p.stop()
-            except Exception as e:
-                print(f"stopping a pool: {e}")
+        stop_anyway(pools)
         cluster.teardown()
         phase("torn down")

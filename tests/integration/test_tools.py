@@ -4,7 +4,11 @@ import os
 import subprocess
 import time
 
-from harness import (BIN, DB_URL, ROOT, Events, Pool, check, eq, new_id, query, run_bin)
+import pika
+import redis as redislib
+
+from harness import (AMQP_URL, BIN, DB_URL, REDIS_URL, ROOT, TRANSPORT, Events, Pool, check, drain_dead, eq, new_id,
+                     query, rabbitmqctl, run_bin)
 
 
 def produce(*args, input_=None, env=None):
@@ -190,6 +194,52 @@ def test_options_come_before_or_after_the_subcommand():
     eq(r.returncode, 4, f"conveyor-subscribe PATTERN --timeout (stderr: {r.stderr})")
     r = run_bin("conveyor-workers", "--check", "-c", conf)
     eq(r.returncode, 0, f"conveyor-workers --check -c FILE (stderr: {r.stderr})")
+
+
+def limited_broker_user():
+    """A broker user who may log in but not read a dead-letter queue (RabbitMQ: no
+    permission on any resource; Redis: an ACL without the list reads). Returns
+    (its URL, a function that removes it)."""
+    if TRANSPORT == "rabbitmq":
+        rabbitmqctl("add_user", "cv-limited", "limited-pw")
+        rabbitmqctl("set_permissions", "-p", "/", "cv-limited", "^$", "^$", "^$")
+        return (AMQP_URL.replace("guest:guest@", "cv-limited:limited-pw@"),
+                lambda: rabbitmqctl("delete_user", "cv-limited"))
+    r = redislib.Redis.from_url(REDIS_URL)
+    r.execute_command("ACL", "SETUSER", "cv-limited", "on", ">limited-pw", "~*", "&*", "+@all", "-lrange", "-lmove",
+                      "-rpoplpush", "-lrem", "-eval", "-evalsha", "-fcall")
+    host = REDIS_URL.split("//", 1)[1]
+    return f"redis://cv-limited:limited-pw@{host}", lambda: r.execute_command("ACL", "DELUSER", "cv-limited")
+
+
+def test_admin_dead_exits_2_when_a_broker_refuses_and_3_when_unreachable():
+    """conveyor-admin dead show, purge and retry follow the README's "Exit status":
+    a broker that refuses the user (a permission: configuration) is 2, one that
+    cannot be reached is 3 (they exited 3 for both)."""
+    conf = os.path.join(ROOT, "queues.conf")
+    eq(run_bin("conveyor-workers", "-c", conf, "--setup", timeout=120).returncode, 0, "--setup")
+    setting = "CONVEYOR_RABBITMQ_URL" if TRANSPORT == "rabbitmq" else "CONVEYOR_REDIS_URL"
+    drain_dead("catalog")
+    if TRANSPORT == "rabbitmq":  # a letter the index does not have: show rebuilds it, which reads the queue
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        conn.channel().basic_publish("", "conveyor.catalog.dead", b'{"type":"createProduct","payload":{}}')
+        conn.close()
+    url, remove = limited_broker_user()
+    try:
+        for args in (("dead", "show", "catalog", "#1"), ("dead", "purge", "catalog", "--all"),
+                     ("dead", "retry", "catalog", "--all")):
+            r = admin("-c", conf, *args, env={setting: url})
+            eq(r.returncode, 2, f"conveyor-admin {' '.join(args)} refused by the broker (stderr: {r.stderr})")
+            check("ACCESS_REFUSED" in r.stderr or "NOPERM" in r.stderr, f"it says why: {r.stderr}")
+            check("limited-pw" not in r.stderr, f"no password: {r.stderr}")
+            r = admin("-c", conf, *args, env={setting: "amqp://guest:guest@127.0.0.1:1" if TRANSPORT == "rabbitmq"
+                                              else "redis://127.0.0.1:1/0"})
+            eq(r.returncode, 3, f"conveyor-admin {' '.join(args)} with the broker unreachable (stderr: {r.stderr})")
+            eq(r.stdout, "", f"conveyor-admin {' '.join(args)}: nothing on stdout before the error")
+    finally:
+        remove()
+        drain_dead("catalog")
+    eq(admin("-c", conf, "dead", "list", "catalog").returncode, 0, "the index agrees with the queue again")
 
 
 def test_produce_prints_its_summary_however_short_the_run():
