@@ -4,7 +4,7 @@
 # a finding fails the suite), builds twice (Release, and ASan+UBSan) and
 # runs every unit and integration test against real PostgreSQL, Redis and
 # RabbitMQ on both transports, with each build (the fault runs on test hosts,
-# label hosts, with the Release build only). Safe to run again.
+# labels hosts and faults, with the Release build only). Safe to run again.
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh -R redis   extra arguments go to ctest (both builds)
@@ -41,11 +41,12 @@ for variant in release asan; do
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   # the chaos test runs 20,000 commands; a quarter of that under the sanitizers (several times slower)
   if [ $variant = asan ]; then export CONVEYOR_CHAOS_COMMANDS=5000; else unset CONVEYOR_CHAOS_COMMANDS; fi
-  # the long fault runs on test hosts (label hosts: minutes of frozen nodes and
-  # failovers) and the benchmark's smoke run (label bench) run in the Release
+  # the long fault runs (label hosts: minutes of frozen nodes and failovers on
+  # test hosts; label faults: a minute of kills -9 or a stop of every pool on the
+  # local servers) and the benchmark's smoke run (label bench) run in the Release
   # build only, the fuzzer (label fuzz) in the sanitizer build only, where it can
   # find what it is for: the suite stays within CI's time
-  if [ $variant = asan ]; then only=(-LE 'hosts|bench'); else only=(-LE fuzz); fi
+  if [ $variant = asan ]; then only=(-LE 'hosts|faults|bench'); else only=(-LE fuzz); fi
   ctest --test-dir "$dir" --output-on-failure --timeout 900 "${only[@]}" "$@" || status=1
   echo "=== figures: $variant"
   grep -hE '^(FIGURES|chaos \(|[0-9]+ poison messages|worst commit-to-event|standby relay published)' \

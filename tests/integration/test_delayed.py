@@ -124,7 +124,7 @@ def kill_pool(pool):
     pool.proc.wait()
 
 
-def test_a_thousand_delayed_commands_across_kills_none_early_none_lost_none_twice():
+def test_a_thousand_delayed_commands_across_kills_none_early_none_lost_none_twice():  # faults
     n, spread = 1000, 20.0
     pub = Publisher()
     start = db_now() + 3

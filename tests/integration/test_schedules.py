@@ -84,7 +84,7 @@ def every_second_keys(first, last):
     return [f"@{s}" for s in range(first, last + 1)]
 
 
-def test_three_schedules_every_second_apply_each_slot_once_across_kills_of_the_firing_pool():
+def test_three_schedules_every_second_apply_each_slot_once_across_kills_of_the_firing_pool():  # faults
     names = unique_names("tick-a", "tick-b", "tick-c")
     pids = [product() for _ in names]
     conf = schedules_conf([(n, 'every = "1s";', p) for n, p in zip(names, pids)])
@@ -140,7 +140,7 @@ def first_firing(pool, name):
     return None
 
 
-def test_catch_up_none_last_and_all_after_every_pool_was_stopped_across_ten_slots():
+def test_catch_up_none_last_and_all_after_every_pool_was_stopped_across_ten_slots():  # faults
     names = unique_names("none", "last", "all")
     pids = [product() for _ in names]
     window = 2
