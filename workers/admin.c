@@ -12,9 +12,6 @@
 
 #include <unistd.h>
 
-int exit_of_class(int cls) {
-    return cls == CV_ERETRY || cls == CV_ETIMEOUT ? EXIT_UNREACHABLE : EXIT_USAGE;
-}
 
 static const char usage[] =
     "usage: conveyor-admin [OPTIONS] dead counts\n"

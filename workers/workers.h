@@ -549,8 +549,11 @@ enum { EXIT_NONE = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
 /* conveyor-admin's exit status for a failure of class cls (the README's "Exit
  * status"): 3 for what may pass by itself (CV_ERETRY, CV_ETIMEOUT: a server
  * lost or silent), 2 for the rest (a refused login, permission, certificate or
- * request: configuration). (admin.c) */
-int exit_of_class(int cls);
+ * request: configuration). Here, so that admin.c and admin_scheduled.c share it
+ * without calling each other. */
+static inline int exit_of_class(int cls) {
+    return cls == CV_ERETRY || cls == CV_ETIMEOUT ? EXIT_UNREACHABLE : EXIT_USAGE;
+}
 /* Each prints its answer on stdout (--json: one JSON object per line) and
  * why it failed on stderr, through db (borrowed, open), and returns
  * conveyor-admin's exit status.
