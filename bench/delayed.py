@@ -17,9 +17,10 @@ For each transport:
    published and parked first: the bench fails when they are not); the
    parking throughput (commands parked per second from the first publish to
    the last parked_at), the time from T until all are applied, and its ratio
-   to the plain run's; checks that all were applied and none before T (by the
-   database's clock), and shows the plan of the timekeeper's claim at T (all
-   due at once);
+   to the plain run's; the time from T until the timekeeper released them all
+   (published and unparked), and its CPU and its backend's meanwhile; checks
+   that all were applied and none before T (by the database's clock), and
+   shows the plan of the timekeeper's claim at T (all due at once);
 3. idle: the CPU seconds per second of the timekeeper (comm cv-timekeeper)
    and of the PostgreSQL backend serving it (its application_name), over
    --idle-seconds with no parked row, then with --parked rows due in a year
@@ -42,20 +43,12 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
 from harness import BIN, Pool, db, query, session_pids, setup, write_config  # noqa: E402
+from test_delayed import db_now, iso  # noqa: E402  (the database's clock; notBefore text)
 
 # The timekeeper's claim, as workers/parking.c parking_release sends it ($1: RELEASE_BATCH).
 CLAIM = ("SELECT id::text, queue, type, envelope FROM parked_commands WHERE due_at <= {now} "
-         "ORDER BY due_at, id LIMIT 500 FOR UPDATE SKIP LOCKED")
+         "ORDER BY due_at LIMIT 500 FOR UPDATE SKIP LOCKED")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def db_now():
-    return query("SELECT extract(epoch FROM clock_timestamp())::float8")[0][0]
-
-
-def iso(epoch):
-    ms = int(round(epoch * 1000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
 
 
 def commands(n, not_before=None):
@@ -171,6 +164,14 @@ def delayed(pool, transport, conf, n, plain_seconds, margin):
     plan, buffers = explain(f"'{iso(due + 1)}'::timestamptz")  # the claim at T: every row due at once
     tk, backend = timekeeper(pool)
     cpu0 = cpu(tk) + cpu(backend)
+    deadline = time.time() + max(600, n / 20) + due - t0
+    while True:  # released: the timekeeper published and deleted every row (within a poll)
+        left, released = query("SELECT count(*), extract(epoch FROM clock_timestamp())::float8 FROM parked_commands")[0]
+        if not left:
+            break
+        if time.time() > deadline:
+            raise SystemExit(f"delayed: {left} still parked; pool log {pool.log.name}")
+        time.sleep(0.25)
     applied(pool, producer, rng, n, max(600, n / 20) + due - t0)
     cpu1 = cpu(tk) + cpu(backend)
     ok, first, last = outcomes(ids)
@@ -178,7 +179,8 @@ def delayed(pool, transport, conf, n, plain_seconds, margin):
         raise SystemExit(f"delayed: {ok} of {n} applied, the first at {first}, T {due}")
     return {"commands": n, "parkSeconds": round(parked_last - t0, 2), "parkedPerSecond": round(n / (parked_last - t0)),
             "marginSeconds": round(due - parked_last, 1), "seconds": round(last - due, 2),
-            "perSecond": round(n / (last - due)), "firstAfterTMs": round(1000 * (first - due), 1),
+            "perSecond": round(n / (last - due)), "releasedSeconds": round(max(released - due, 0.001), 2),
+            "firstAfterTMs": round(1000 * (first - due), 1),
             "timekeeperAndBackendCpuSeconds": round(cpu1 - cpu0, 2),
             "claimAtT": {"buffers": buffers, "plan": plan}}
 
@@ -270,9 +272,11 @@ def main():
                   f"({d['parkedPerSecond']}/s; {d['marginSeconds']} s before T)", flush=True)
             print(f"{transport:8} delayed: all applied {d['seconds']} s after T ({d['perSecond']}/s), the first "
                   f"{d['firstAfterTMs']} ms after T, none before; ratio to plain {d['seconds'] / p['seconds']:.2f}; "
+                  f"all released (published and unparked) {d['releasedSeconds']} s after T "
+                  f"({round(d['commands'] / d['releasedSeconds'])}/s); "
                   f"timekeeper + its backend {d['timekeeperAndBackendCpuSeconds']} CPU s", flush=True)
-            print(f"{transport:8} the claim at T ({a.commands} due at once): {d['claimAtT']['buffers']} buffers; "
-                  + " | ".join(x.strip() for x in d["claimAtT"]["plan"]), flush=True)
+            print(f"{transport:8} the claim at T ({a.commands} due at once): {d['claimAtT']['buffers']} buffers:\n    "
+                  + "\n    ".join(d["claimAtT"]["plan"]), flush=True)
             row["ratio"] = round(d["seconds"] / p["seconds"], 2)
             if a.parked:
                 quiet()
@@ -281,8 +285,8 @@ def main():
                     print(f"{transport:8} idle, {label}: timekeeper {i[k]['timekeeper']:.5f}, its backend "
                           f"{i[k]['backend']:.5f} CPU s/s over {a.idle_seconds:.0f} s", flush=True)
                 print(f"{transport:8} {a.parked} parked (inserted in {i['insertSeconds']} s): sizes MB {i['sizesMB']}; "
-                      f"count per queue {i['countPerQueueMs']} ms; the claim: {i['claimBuffers']} buffers; "
-                      + " | ".join(x.strip() for x in i["claimPlan"]), flush=True)
+                      f"count per queue {i['countPerQueueMs']} ms; the claim: {i['claimBuffers']} buffers:\n    "
+                      + "\n    ".join(i["claimPlan"]), flush=True)
         finally:
             pool.stop()
         out.append(row)
