@@ -131,11 +131,15 @@ int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers
     if (db_cmd(db, "BEGIN") < 0) return db_err(db);
     /* locked until the broker confirmed them and their delete commits: a
      * cancel (conveyor-admin scheduled cancel) waits for that, then finds
-     * nothing to cancel; or it came first, and the claim skips the row */
-    /* a type no queue routes any more stays parked (seen in scheduled list)
-     * and is not claimed: it would hold up the rows behind it */
+     * nothing to cancel; or it came first, and the claim skips the row.
+     * Ordered by due_at alone: the index parked_commands_due yields the first
+     * `batch` rows and the scan stops there, however many fall due at once (a
+     * tie-breaker would make it read and sort every due row on each pass:
+     * docs/performance.md, "Delayed commands and schedules"). A type no queue
+     * routes any more stays parked (seen in scheduled list) and is not
+     * claimed: it would hold up the rows behind it */
     int rc = db_exec(db, "SELECT id::text, queue, type, envelope FROM parked_commands WHERE due_at <= now() "
-                         "AND type = ANY($2::text[]) ORDER BY due_at, id LIMIT $1::int FOR UPDATE SKIP LOCKED",
+                         "AND type = ANY($2::text[]) ORDER BY due_at LIMIT $1::int FOR UPDATE SKIP LOCKED",
                      2, p, &r);
     free(types);
     int sent = 0;
