@@ -148,7 +148,7 @@ class Pool:
         deadline = time.time() + timeout
         while time.time() < deadline:
             text = self.read_log()
-            if "relay active" in text or "standing by" in text:
+            if "relay active" in text or "another relay is active; standing by" in text:
                 n = sum(1 for line in text.splitlines() if "consuming queue" in line)
                 want = sum(1 for line in open(self.config) if "workers =" in line and "workers = 0;" not in line)
                 if n >= want:

@@ -71,7 +71,7 @@ def stop_anyway(pools):
 def relay_host(pools):
     """The pool host whose relay is active now (its last relay line says so)."""
     for h, p in pools.items():
-        lines = [l for l in p.read_log().splitlines() if "relay active" in l or "standing by" in l]
+        lines = [l for l in p.read_log().splitlines() if "relay active" in l or "another relay is active; standing by" in l]
         if lines and "relay active" in lines[-1]:
             return h
     return None
