@@ -124,11 +124,11 @@ int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers
                     size_t errlen) {
     char limit[16];
     snprintf(limit, sizeof limit, "%d", batch);
-    char *types = routed_types(cfg);
-    const char *p[2] = {limit, types};
     PGresult *r = NULL;
     err[0] = '\0';
     if (db_cmd(db, "BEGIN") < 0) return db_err(db);
+    char *types = routed_types(cfg);
+    const char *p[2] = {limit, types};
     /* locked until the broker confirmed them and their delete commits: a
      * cancel (conveyor-admin scheduled cancel) waits for that, then finds
      * nothing to cancel; or it came first, and the claim skips the row.
