@@ -158,7 +158,7 @@ def test_a_thousand_delayed_commands_across_kills_none_early_none_lost_none_twic
         pub.close()
 
 
-def test_a_command_parked_for_an_hour_survives_a_restart_of_every_server():
+def test_a_command_parked_for_an_hour_survives_a_restart_of_every_server():  # faults
     pub = Publisher()
     due = db_now() + 3600
     cmd = pub.command(create(iso(due)))
