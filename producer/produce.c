@@ -160,7 +160,8 @@ static bool not_before_option(const char *at, const char *in, char out[40], cons
     if (at && in) *why = "give --at or --in, not both";
     else if (at && !clock_rfc3339_ms(at, &ms)) *why = "--at must be an RFC 3339 date-time with an offset "
                                                     "(2026-12-24T18:00:00+01:00 or ...Z)";
-    else if (in && (!duration_parse(in, &secs) || secs < 0)) *why = "--in must be a duration: 90s, 15m, 2h, 7d";
+    else if (in && (!duration_parse(in, &secs) || secs < 0 || secs > 100LL * 366 * 86400))
+        *why = "--in must be a duration of at most 100 years: 90s, 15m, 2h, 7d";
     else {
         if (at) snprintf(out, 40, "%s", at);
         else if (in) clock_rfc3339(clock_ms() + secs * 1000, out);

@@ -12,6 +12,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* ms of an RFC 3339 time (clock_rfc3339_ms: the fraction cut to ms) rounded
+ * up when the fraction goes on past ms: a command is never due before its
+ * notBefore, not even by a microsecond. */
+static int64_t due_ms_ceil(const char *s, int64_t ms) {
+    const char *f = strchr(s, '.');
+    for (int i = 1; f && f[i] >= '0' && f[i] <= '9'; i++)
+        if (i > 3 && f[i] != '0') return ms + 1;
+    return ms;
+}
+
 int parking_park(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n) {
     const char **ids = xcalloc((size_t)n, sizeof *ids), **types = xcalloc((size_t)n, sizeof *types);
     const char **dues = xcalloc((size_t)n, sizeof *dues), **bodies = xcalloc((size_t)n, sizeof *bodies);
@@ -23,7 +33,7 @@ int parking_park(struct db *db, const struct cfg_queue *q, struct batch_item **v
         int64_t ms;
         /* an invalid notBefore is rejected by the batch (VALIDATION_FAILED), like any field */
         if (!e->not_before || e->field_errors || e->has_nul || !clock_rfc3339_ms(e->not_before, &ms)) continue;
-        snprintf(due_text[k], sizeof due_text[k], "%lld", (long long)ms);
+        snprintf(due_text[k], sizeof due_text[k], "%lld", (long long)due_ms_ceil(e->not_before, ms));
         copies[k] = xstrndup(v[i]->d.body, v[i]->d.len); /* the body as taken (a NUL byte was dead-lettered) */
         ids[k] = e->id;
         types[k] = e->type;
