@@ -23,7 +23,7 @@ AMQP_DIST_PORT=${CONVEYOR_AMQP_DIST_PORT:-55673}
 PG_BIN=/usr/lib/postgresql/15/bin
 
 PACKAGES="build-essential cmake pkg-config git
-  librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev libmicrohttpd-dev
+  librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev libmicrohttpd-dev tzdata
   postgresql redis-server redis-tools rabbitmq-server amqp-tools
   python3-pika python3-redis python3-psycopg2 python3-jsonschema python3-prometheus-client python3-yaml procps clang libclang-rt-14-dev
   curl openssl iproute2 docker-compose"
