@@ -94,7 +94,16 @@ rabbit_running() {
 
 pg_up() {
   local st=$1 d="$1/pg"
-  if pg_running; then return; fi
+  if pg_running; then
+    # the rate-limit tests read commit times (pg_xact_commit_timestamp): a cluster
+    # started before that setting existed is switched on and restarted, once
+    if [ "$(psql -h 127.0.0.1 -p "$PG_PORT" -U conveyor -d postgres -tAc 'show track_commit_timestamp')" != on ]; then
+      log "PostgreSQL: track_commit_timestamp on (a restart)"
+      psql -q -h 127.0.0.1 -p "$PG_PORT" -U conveyor -d postgres -c 'ALTER SYSTEM SET track_commit_timestamp = on'
+      su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -w -t 60 -D '$d' -l '$d/server.log' restart" >/dev/null
+    fi
+    return
+  fi
   if [ ! -f "$d/PG_VERSION" ]; then
     log "initialising PostgreSQL in $d"
     mkdir -p "$d"; chown postgres:postgres "$d"; chmod 700 "$d"
@@ -107,6 +116,7 @@ max_connections = 200
 shared_buffers = 256MB
 fsync = on
 synchronous_commit = on
+track_commit_timestamp = on
 CONF
   fi
   log "starting PostgreSQL on 127.0.0.1:$PG_PORT"

@@ -427,10 +427,47 @@ static int load_schedules(struct loader *l, config_setting_t *root, struct cfg *
     return 0;
 }
 
+/* The rate_limits list (optional; each read by cfg_rate_limit_read, names
+ * unique, a command type counted by one limit at most). Returns 0 or
+ * CV_ECONFIG, naming the limit (or its index) and the field. */
+static int load_rate_limits(struct loader *l, config_setting_t *root, struct cfg *c) {
+    static const char *const keys[] = {"name", "types", "queue", "rate", "burst", "key", "over", "shards", NULL};
+    config_setting_t *ls = config_setting_get_member(root, "rate_limits");
+    if (!ls) return 0;
+    if (config_setting_type(ls) != CONFIG_TYPE_LIST)
+        return fail(l, ls, "'rate_limits' must be a list ( { name = ...; types = [...]; rate = \"100/s\"; }, ... )");
+    int n = config_setting_length(ls);
+    c->rate_limits = n ? xcalloc((size_t)n, sizeof *c->rate_limits) : NULL;
+    for (int i = 0; i < n; i++) {
+        config_setting_t *g = config_setting_get_elem(ls, (unsigned)i);
+        struct cfg_rate_limit *rl = &c->rate_limits[i];
+        if (config_setting_type(g) != CONFIG_TYPE_GROUP)
+            return fail(l, g, "'rate_limits.[%d]' must be a group { name = ...; types = [...]; rate = ...; }", i);
+        if (only_known(l, g, keys) < 0) return CV_ECONFIG;
+        char why[512], who[96];
+        const config_setting_t *where = g;
+        int rc = cfg_rate_limit_read(g, c, rl, why, sizeof why, &where);
+        c->nrate_limits = i + 1; /* so cfg_free sees what was allocated */
+        if (rl->name[0]) snprintf(who, sizeof who, "rate limit '%s' (rate_limits.[%d])", rl->name, i);
+        else snprintf(who, sizeof who, "rate limit rate_limits.[%d]", i);
+        if (rc < 0) return fail(l, where, "%s: %s", who, why);
+        for (int j = 0; j < i; j++) {
+            if (strcmp(c->rate_limits[j].name, rl->name) == 0)
+                return fail(l, config_setting_get_member(g, "name"), "%s: 'name' is used twice", who);
+            for (int k = 0; k < rl->ntypes; k++)
+                for (int m = 0; m < c->rate_limits[j].ntypes; m++)
+                    if (strcmp(rl->types[k], c->rate_limits[j].types[m]) == 0)
+                        return fail(l, g, "%s: command type '%s' is counted by rate limit '%s' too (a type is "
+                                    "in one limit at most)", who, rl->types[k], c->rate_limits[j].name);
+        }
+    }
+    return 0;
+}
+
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
                                       "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "broker", "queues",
-                                      "schedules", NULL};
+                                      "schedules", "rate_limits", NULL};
     config_setting_t *root = config_root_setting(lc);
     if (only_known(l, root, top) < 0) return CV_ECONFIG;
 
@@ -447,7 +484,8 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     free(tr);
 
     if (load_connections(l, root, c) < 0 || load_tuning(l, root, deflt, c) < 0 || load_http(l, root, c) < 0 ||
-        load_queues(l, root, deflt, c) < 0 || load_schedules(l, root, c) < 0)
+        load_queues(l, root, deflt, c) < 0 || load_schedules(l, root, c) < 0 ||
+        load_rate_limits(l, root, c) < 0)
         return CV_ECONFIG;
     return 0;
 }
@@ -573,6 +611,8 @@ void cfg_free(struct cfg *c) {
     free(c->queues);
     for (int i = 0; i < c->nschedules; i++) cfg_schedule_free(&c->schedules[i]);
     free(c->schedules);
+    for (int i = 0; i < c->nrate_limits; i++) cfg_rate_limit_free(&c->rate_limits[i]);
+    free(c->rate_limits);
     free(c->path);
     free(c->prefix);
     free(c->database_url);

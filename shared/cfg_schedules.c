@@ -1,96 +1,39 @@
 /* cfg_schedules.c - one schedule of queues.conf's `schedules` list, read and
  * checked field by field (cfg.c walks the list, refuses unknown settings and
  * duplicate names, checks the type's routing and makes the message). */
-#include "core.h"
+#include "cfg_field.h"
 
-#include <ctype.h>
-#include <libconfig.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* The fields' reader: the group, where a failure is, and why. */
-struct field_reader {
-    const config_setting_t *g;
-    const config_setting_t **where;
-    char *why;
-    size_t n;
-};
-
-static int refuse(struct field_reader *r, const char *member, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-/* Says why (with where: member of the group, or the group) and returns CV_ECONFIG. */
-static int refuse(struct field_reader *r, const char *member, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(r->why, r->n, fmt, ap);
-    va_end(ap);
-    const config_setting_t *m = member ? config_setting_get_member(r->g, member) : NULL;
-    *r->where = m ? m : r->g;
-    return CV_ECONFIG;
-}
-
-/* The string member name into *out (borrowed from the group), NULL when absent;
- * present and not a non-empty string is an error. */
-static int member_string(struct field_reader *r, const char *name, const char **out) {
-    const config_setting_t *m = config_setting_get_member(r->g, name);
-    *out = NULL;
-    if (!m) return 0;
-    if (config_setting_type(m) != CONFIG_TYPE_STRING || !*config_setting_get_string(m))
-        return refuse(r, name, "'%s' must be a non-empty string", name);
-    *out = config_setting_get_string(m);
-    return 0;
-}
-
-/* A duration member (duration_parse) of at least 1 s into *out; absent keeps *out. */
-static int member_duration(struct field_reader *r, const char *name, int64_t *out) {
-    const char *v;
-    if (member_string(r, name, &v) < 0) return CV_ECONFIG;
-    if (!v) return 0;
-    int64_t s;
-    if (!duration_parse(v, &s) || s < 1 || s > 366LL * 86400)
-        return refuse(r, name, "'%s' must be a duration of 1s to 366d such as \"90s\", \"15m\", \"1h\" or \"2d\" "
-                               "(got \"%s\")", name, v);
-    *out = s;
-    return 0;
-}
-
-static bool schedule_name_ok(const char *s) {
-    size_t len = strlen(s);
-    if (len == 0 || len >= CFG_NAME_MAX) return false;
-    for (; *s; s++)
-        if (!isalnum((unsigned char)*s) && *s != '_' && *s != '-' && *s != '.') return false;
-    return true;
-}
-
 /* name, and exactly one of cron (with its timezone) and every. */
 static int read_when(struct field_reader *r, struct cfg_schedule *s) {
     const char *name, *cron, *every, *zone;
-    if (member_string(r, "name", &name) < 0) return CV_ECONFIG;
-    if (!name) return refuse(r, NULL, "'name' is required");
-    if (!schedule_name_ok(name))
-        return refuse(r, "name", "'name' must be 1-63 letters, digits, '_', '-' or '.' (got \"%s\")", name);
+    if (field_string(r, "name", &name) < 0) return CV_ECONFIG;
+    if (!name) return field_refuse(r, NULL, "'name' is required");
+    if (!field_name_ok(name))
+        return field_refuse(r, "name", "'name' must be 1-63 letters, digits, '_', '-' or '.' (got \"%s\")", name);
     snprintf(s->name, sizeof s->name, "%s", name);
-    if (member_string(r, "cron", &cron) < 0 || member_string(r, "every", &every) < 0 ||
-        member_string(r, "timezone", &zone) < 0)
+    if (field_string(r, "cron", &cron) < 0 || field_string(r, "every", &every) < 0 ||
+        field_string(r, "timezone", &zone) < 0)
         return CV_ECONFIG;
-    if (cron && every) return refuse(r, "every", "'cron' and 'every' are both set: a schedule has one of them");
-    if (!cron && !every) return refuse(r, NULL, "'cron' or 'every' is required");
+    if (cron && every) return field_refuse(r, "every", "'cron' and 'every' are both set: a schedule has one of them");
+    if (!cron && !every) return field_refuse(r, NULL, "'cron' or 'every' is required");
     if (every) {
         if (zone)
-            return refuse(r, "timezone", "'timezone' is for a 'cron' schedule: 'every' counts from the epoch, in UTC");
+            return field_refuse(r, "timezone", "'timezone' is for a 'cron' schedule: 'every' counts from the epoch, in UTC");
         s->kind = SCHEDULE_EVERY;
-        return member_duration(r, "every", &s->every_s);
+        return field_duration(r, "every", &s->every_s);
     }
     s->kind = SCHEDULE_CRON;
     s->cron_text = xstrdup(cron);
     char why[256];
     if (cron_parse(cron, &s->cron, why, sizeof why) < 0)
-        return refuse(r, "cron", "'cron' is not a cron expression (\"%s\"): %s", cron, why);
+        return field_refuse(r, "cron", "'cron' is not a cron expression (\"%s\"): %s", cron, why);
     snprintf(s->timezone, sizeof s->timezone, "%s", zone ? zone : "UTC");
     if (!tz_known(s->timezone))
-        return refuse(r, "timezone", "'timezone' \"%s\" is not a time zone of the system's tz data "
+        return field_refuse(r, "timezone", "'timezone' \"%s\" is not a time zone of the system's tz data "
                                      "(/usr/share/zoneinfo), such as \"Europe/Paris\" or \"UTC\"", zone);
     return 0;
 }
@@ -98,28 +41,28 @@ static int read_when(struct field_reader *r, struct cfg_schedule *s) {
 /* type, payload, catch_up, catch_up_window. */
 static int read_what(struct field_reader *r, struct cfg_schedule *s) {
     const char *type, *payload, *catch_up;
-    if (member_string(r, "type", &type) < 0) return CV_ECONFIG;
-    if (!type) return refuse(r, NULL, "'type' is required: the command type the schedule sends");
-    if (strlen(type) >= sizeof s->type) return refuse(r, "type", "'type' is longer than %d characters", CFG_NAME_MAX - 1);
+    if (field_string(r, "type", &type) < 0) return CV_ECONFIG;
+    if (!type) return field_refuse(r, NULL, "'type' is required: the command type the schedule sends");
+    if (strlen(type) >= sizeof s->type) return field_refuse(r, "type", "'type' is longer than %d characters", CFG_NAME_MAX - 1);
     snprintf(s->type, sizeof s->type, "%s", type);
-    if (member_string(r, "payload", &payload) < 0) return CV_ECONFIG;
+    if (field_string(r, "payload", &payload) < 0) return CV_ECONFIG;
     s->payload = xstrdup(payload ? payload : "{}");
     const char *bad = NULL;
     cJSON *parsed = json_check(s->payload, strlen(s->payload), JSON_MAX_DEPTH, &bad) ? cJSON_Parse(s->payload) : NULL;
     bool object = cJSON_IsObject(parsed);
     cJSON_Delete(parsed);
     if (!object)
-        return refuse(r, "payload", "'payload' must be a string holding a JSON object, such as \"{\\\"n\\\": 1}\"%s%s",
+        return field_refuse(r, "payload", "'payload' must be a string holding a JSON object, such as \"{\\\"n\\\": 1}\"%s%s",
                       bad ? ": " : " (it holds another JSON value)", bad ? bad : "");
     s->catch_up = CATCH_UP_NONE;
-    if (member_string(r, "catch_up", &catch_up) < 0) return CV_ECONFIG;
+    if (field_string(r, "catch_up", &catch_up) < 0) return CV_ECONFIG;
     if (catch_up && strcmp(catch_up, "none") != 0) {
         if (strcmp(catch_up, "last") == 0) s->catch_up = CATCH_UP_LAST;
         else if (strcmp(catch_up, "all") == 0) s->catch_up = CATCH_UP_ALL;
-        else return refuse(r, "catch_up", "'catch_up' must be \"none\", \"last\" or \"all\" (got \"%s\")", catch_up);
+        else return field_refuse(r, "catch_up", "'catch_up' must be \"none\", \"last\" or \"all\" (got \"%s\")", catch_up);
     }
     s->catch_up_window_s = 60;
-    return member_duration(r, "catch_up_window", &s->catch_up_window_s);
+    return field_duration(r, "catch_up_window", &s->catch_up_window_s);
 }
 
 int cfg_schedule_read(const config_setting_t *g, struct cfg_schedule *s, char *why, size_t n,

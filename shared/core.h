@@ -172,6 +172,26 @@ struct cfg_schedule {
     int64_t catch_up_window_s; /* a slot fired within this long after its time is on time */
 };
 
+/* A rate limit of queues.conf (`rate_limits`; shared/cfg_rate_limits.c): the
+ * commands of its types applied at most `rate` per second on average and
+ * `burst` at once, one bucket per value of key when it has one; counted on
+ * committed work (workers/rate_limit.c, docs/decisions.md "Rate limits"). */
+enum rate_over { RATE_OVER_WAIT, RATE_OVER_REJECT };
+#define RATE_SHARDS_MAX 64
+#define RATE_BUCKET_MAX 130 /* a bucket name: a key value of up to 128 bytes, or "h:" and its hash */
+struct cfg_rate_limit {
+    char name[CFG_NAME_MAX];
+    char queue[CFG_NAME_MAX]; /* given as `queue`: its name ("" when given as `types`) */
+    char **types;             /* the command types it counts (a queue's commands) (owned) */
+    int ntypes;
+    double rate;              /* tokens per second (> 0) */
+    char rate_text[32];       /* as written: "100/s", "6000/min", "10/h" */
+    double burst;             /* the bucket's size: at most this many at once (>= 1) */
+    char *key;                /* the field path inside the payload ("customerId", "a.b") (owned); NULL: one bucket */
+    enum rate_over over;      /* what a command finds when no token is left: it waits (parked) or is rejected */
+    int shards;               /* rows one bucket is split into (1 .. RATE_SHARDS_MAX, at most burst) */
+};
+
 struct cfg {
     char *path;               /* the file it was read from */
     char *prefix;             /* "conveyor": exchange, queue and key names */
@@ -224,6 +244,8 @@ struct cfg {
     int nqueues;
     struct cfg_schedule *schedules; /* `schedules` (owned); none: NULL, 0 */
     int nschedules;
+    struct cfg_rate_limit *rate_limits; /* `rate_limits` (owned); none: NULL, 0 */
+    int nrate_limits;
 };
 
 /* cfg_schedules.c: one entry of `schedules` (a libconfig group g whose members
@@ -237,6 +259,17 @@ int cfg_schedule_read(const struct config_setting_t *g, struct cfg_schedule *s, 
                       const struct config_setting_t **where);
 /* Frees what cfg_schedule_read allocated in s (not s); NULL is fine. */
 void cfg_schedule_free(struct cfg_schedule *s);
+/* cfg_rate_limits.c: one entry of `rate_limits` (group g, members known) read
+ * into *rl: name, types or queue (the queue's commands from c, which must
+ * hold the queues), rate, burst, key, over, shards, with their defaults.
+ * Returns 0, or CV_ECONFIG with why and *where as cfg_schedule_read. Either
+ * way *rl may own memory: cfg_rate_limit_free. */
+int cfg_rate_limit_read(const struct config_setting_t *g, const struct cfg *c, struct cfg_rate_limit *rl, char *why,
+                        size_t n, const struct config_setting_t **where);
+/* Frees what cfg_rate_limit_read allocated in rl (not rl); NULL is fine. */
+void cfg_rate_limit_free(struct cfg_rate_limit *rl);
+/* The rate limit that counts command type TYPE, or NULL (a type is in one at most). Points into c. */
+const struct cfg_rate_limit *cfg_rate_limit_for(const struct cfg *c, const char *type);
 
 /* Reads and checks FILE, then applies the CONVEYOR_* environment overrides.
  * Returns 0, or CV_ECONFIG with a message naming the file, line and key in err.

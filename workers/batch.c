@@ -54,8 +54,9 @@ void batch_item_forget(struct batch_item *it) {
     it->rc = 0;
 }
 
-/* Envelope-level rules that make a command rejected rather than dead. */
-static int check_envelope_rules(struct cmd_ctx *ctx) {
+/* Rules that make a command rejected before its handler runs: the envelope's
+ * (rather than dead), and its rate limit's verdict (over = "reject", no token). */
+static int check_envelope_rules(struct cmd_ctx *ctx, const struct batch_item *it) {
     if (ctx->cmd->has_nul) {
         cJSON *f = cJSON_CreateObject();
         cJSON_AddStringToObject(f, "payload", "strings must not contain NUL characters (\\u0000)");
@@ -64,6 +65,13 @@ static int check_envelope_rules(struct cmd_ctx *ctx) {
     if (ctx->cmd->field_errors)
         return ctx_reject(ctx, "VALIDATION_FAILED", cJSON_Duplicate(ctx->cmd->field_errors, 1), NULL,
                           "the envelope breaks a rule");
+    if (it->limit_rejected) {
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "limit", it->limit->name);
+        cJSON_AddNumberToObject(d, "retryAfterMs", (double)it->later_ms);
+        return ctx_reject(ctx, "RATE_LIMITED", NULL, d, "rate limit '%s' (%s) has no token left; try again in %lld ms",
+                          it->limit->name, it->limit->rate_text, (long long)it->later_ms);
+    }
     return 0;
 }
 
@@ -94,7 +102,7 @@ static int run_command(struct batch *b, struct batch_item *it, int sp) {
     if (sp >= 0 && (rc = defer_savepoint(db, "SAVEPOINT", sp)) < 0) return rc;
     struct cmd_ctx ctx = {.db = db, .cfg = b->cfg, .cmd = env};
     if (!it->started_us) it->started_us = clock_mono_us(); /* the command's duration starts here */
-    rc = check_envelope_rules(&ctx);
+    rc = check_envelope_rules(&ctx, it);
     if (rc == 0) rc = it->handler->run(&ctx);
     enum outcome outcome = OUTCOME_APPLIED;
     if (rc == CV_EREJECT) {
@@ -307,6 +315,7 @@ static int commit_batch(struct batch *b, struct batch_item **v, int n) {
     if (events) rc = event_outbox_defer(b->db, all);
     cJSON_Delete(all);
     if (rc < 0) return rc;
+    if (rc == 0) rc = rate_limit_refund_defer(b->db, v, n); /* the tokens of those that did no work */
     bool settle = false;
     for (int i = 0; i < n; i++) settle |= is_retried(v[i]) || is_rejected(v[i]) || is_counted_settled(v[i]);
     if (rc == 0 && settle) {
@@ -365,7 +374,7 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
         if (!v[end]->started_us) v[end]->started_us = clock_mono_us();
         struct cmd_ctx ctx = {.db = db, .cfg = b->cfg, .cmd = &v[end]->env, .ahead = AHEAD_SEND,
                               .handle = &v[end]->handle};
-        int hrc = check_envelope_rules(&ctx);
+        int hrc = check_envelope_rules(&ctx, v[end]);
         if (hrc == 0 && (rc = defer_savepoint(db, "SAVEPOINT", end)) == 0) hrc = v[end]->handler->run(&ctx);
         ctx_release(&ctx);
         if (rc < 0) return rc;
@@ -421,25 +430,57 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
     return rc < 0 ? rc : stop;
 }
 
+/* Moves the items rate_limit_take parked to the end of v, the others keeping
+ * their order, and sets *np to how many others there are. Returns 0. */
+static int park_apart(struct batch_item **v, int *np) {
+    int n = *np, kept = 0, k = 0;
+    struct batch_item **waiting = xmalloc((size_t)n * sizeof *waiting);
+    for (int i = 0; i < n; i++) {
+        if (v[i]->parked) waiting[k++] = v[i];
+        else v[kept++] = v[i];
+    }
+    memcpy(&v[kept], waiting, (size_t)k * sizeof *waiting);
+    free(waiting);
+    *np = kept;
+    return 0;
+}
+
 /* Runs the items in one transaction, each in its own savepoint when there are
  * several (a failing command is rolled back alone and settled on its own),
  * and commits once. Before the COMMIT is sent, the outcomes it commits are
  * armed in the scoreboard with the transaction's id (commit_batch); count_outcomes
  * settles them. Sets each item's rc (an outcome, or the error class of
  * its failure, with error), and moves the items' events into the outbox.
+ * Commands of a rate-limited type first take their tokens (rate_limit_take):
+ * those parked for one are moved to the end of v and *np no longer counts
+ * them (their caller acks them once this returns 0).
  * Returns 0, or the error class that undid the whole batch: then every item
- * that had not failed on its own carries it, with error, and the transaction
- * is rolled back (if the connection broke after the COMMIT was sent, it may
- * have committed: the retry finds the commands done). */
-static int run_batch(struct batch *b, struct batch_item **v, int n) {
+ * that had not failed on its own carries it, with error, the parked ones are
+ * back in *np, and the transaction is rolled back (if the connection broke
+ * after the COMMIT was sent, it may have committed: the retry finds the
+ * commands done). */
+static int run_batch(struct batch *b, struct batch_item **v, int *np) {
     struct db *db = b->db;
+    int n = *np, parked = 0;
     b->claim = -1;
     b->xid = 0;
-    bool savepoints = n > 1;
+    bool limited = false;
+    for (int i = 0; i < n; i++) {
+        rate_limit_forget(v[i]); /* a new transaction: no token held */
+        limited |= v[i]->limit != NULL;
+    }
+    /* a limited command rejected alone keeps its limit's count: savepoints then too */
+    bool savepoints = n > 1 || limited;
     int rc = claim_send(b, v, n);
-    if (rc == 0) rc = lock_batch(b, v, n);
     bool claim_pending = rc == 0; /* its result not read yet */
-    bool any = false; /* something to commit */
+    if (rc == 0 && limited) { /* the claims first (a duplicate takes no token), then the tokens */
+        claim_pending = false;
+        rc = claim_read(b, v, n, 0);
+        if (rc == 0 && (rc = parked = rate_limit_take(db, b->q, v, n)) > 0) rc = park_apart(v, np);
+        n = *np;
+    }
+    if (rc == 0) rc = lock_batch(b, v, n);
+    bool any = parked > 0; /* something to commit */
     for (int i = 0; i < n && rc == 0; i++) {
         if (savepoints) {
             int next = run_ahead(b, v, i, n, &claim_pending);
@@ -492,6 +533,13 @@ static int run_batch(struct batch *b, struct batch_item **v, int n) {
     if (rc < 0 || !any) abandon_transaction(db); /* nothing of the batch was committed */
     db_release_results(db); /* what no one took (the claim of a batch that failed early) */
     b->claim = -1;
+    if (rc < 0 && parked > 0) { /* their parking was undone with the rest: they are in the batch again */
+        for (int i = n; i < n + parked; i++) {
+            v[i]->parked = false;
+            v[i]->rc = 0;
+        }
+        *np = n = n + parked;
+    }
     if (rc < 0)
         for (int i = 0; i < n; i++)
             if (v[i]->rc >= 0) {
@@ -540,7 +588,7 @@ int batch_process(struct batch *b, struct batch_item **v, int n) {
     batch_order(live, nlive);
     if (nlive > 0) {
         scoreboard_current(live[0]->env.id, live[0]->env.type);
-        rc = run_batch(b, live, nlive);
+        rc = run_batch(b, live, &nlive); /* those it parked for a token are moved past nlive */
         count_outcomes(b, live, nlive, rc);
     }
     if (rc == CV_EREFUSED && nlive > 1) {
@@ -549,7 +597,9 @@ int batch_process(struct batch *b, struct batch_item **v, int n) {
         log_warn("a batch of %d failed as a whole (%s); running each command alone", nlive, db_errstr(b->db));
         for (int i = 0; i < nlive; i++) {
             batch_item_forget(live[i]);
-            count_outcomes(b, &live[i], 1, run_batch(b, &live[i], 1));
+            int one = 1;
+            int orc = run_batch(b, &live[i], &one);
+            count_outcomes(b, &live[i], one, orc);
         }
     }
     free(live);

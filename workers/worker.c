@@ -183,6 +183,7 @@ static bool admit(struct worker *w, struct batch_item *it) {
         return false;
     }
     handler_lock_key(it->handler, it->env.payload, it->key);
+    rate_limit_bind(w->cfg, it);
     return true;
 }
 

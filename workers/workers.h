@@ -34,6 +34,12 @@ struct batch_item {
     char *error;          /* with a failure: the database's error text (owned) */
     char key[ID_LEN + 3]; /* the row it locks first (handler_lock_key), for lock order; or "" */
     int64_t started_us;   /* when its handler first started (clock_mono_us), or 0 */
+    /* its rate limit (rate_limit.c): set by rate_limit_bind when it is admitted */
+    const struct cfg_rate_limit *limit; /* the limit that counts its type, or NULL */
+    char bucket[RATE_BUCKET_MAX];       /* the bucket: its key's value ("" without a key) */
+    int token_shard;      /* the row of the token it holds in the open transaction, or -1 */
+    bool limit_rejected;  /* no token, over = "reject": the batch rejects it RATE_LIMITED */
+    int64_t later_ms;     /* no token: when it is due (parked) or a token is expected (retryAfterMs) */
 };
 
 /* A worker's transactions: its connection and what a batch needs to know. */
@@ -69,6 +75,25 @@ void batch_order(struct batch_item **v, int n);
 /* Frees what running an item left (error text, events, a first result; not its
  * delivery or envelope) and clears claimed and rc; it can run again. */
 void batch_item_forget(struct batch_item *it);
+
+/* ---- rate_limit.c: rate limits counted on committed work -------------------------- */
+/* Sets it's limit (cfg_rate_limit_for its type) and bucket (its key's value in
+ * the payload), and no token held. */
+void rate_limit_bind(const struct cfg *cfg, struct batch_item *it);
+/* Forgets the token it held and its limit's verdict (its transaction ended). */
+void rate_limit_forget(struct batch_item *it);
+/* Inside the open transaction, once the dedup rows are claimed: each claimed
+ * item of a limited type takes a token of its bucket (rows locked until the
+ * transaction ends; buckets in one order), or, with none left, is parked
+ * (over = "wait": parked_commands row and dedup row removal deferred, marked
+ * parked and not claimed: the caller acks it after the COMMIT) or marked
+ * limit_rejected with later_ms (over = "reject"). Returns how many it parked,
+ * or an error class (the transaction is then to be rolled back). */
+int rate_limit_take(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n);
+/* Defers the return of the tokens of the items that did no work (rejected, a
+ * duplicate, or failed alone and rolled back to their savepoint) to the rows
+ * they came from, before the COMMIT. Returns 0 or an error class. */
+int rate_limit_refund_defer(struct db *db, struct batch_item **v, int n);
 
 /* ---- parking.c: commands that wait for their time ------------------------------ */
 /* Parks each of the n items v of queue q whose notBefore is still to come by
