@@ -9,7 +9,9 @@
 -- batch gives back, in the same transaction, the tokens of commands that did
 -- no work (rejected by their handler, or failed and retried). Each row holds
 -- burst/shards tokens at most and refills at rate/shards per second, by the
--- database's clock (clock_timestamp()).
+-- database's clock (clock_timestamp()). The active timekeeper deletes the
+-- buckets of a keyed limit that have been full for a minute (a missing bucket
+-- is a full one), adding their counts to the limit's totals row (shard -1).
 CREATE TABLE rate_limit_buckets (
     limit_name  text NOT NULL,                 -- the limit's name in queues.conf
     bucket      text NOT NULL,                 -- the key's value ('' without a key; shard -1: the totals row)
@@ -27,6 +29,14 @@ ALTER TABLE parked_commands DROP CONSTRAINT parked_commands_reason_check;
 ALTER TABLE parked_commands ADD CONSTRAINT parked_commands_reason_check
     CHECK (reason IN ('delayed', 'schedule', 'rate_limited'));
 ALTER TABLE parked_commands ADD COLUMN rate_limit text; -- reason 'rate_limited': which limit
+
+-- Makes the missing rows of a bucket, full.
+CREATE FUNCTION conveyor_rate_rows(p_limit text, p_bucket text, p_shards int, p_burst_s double precision)
+RETURNS void LANGUAGE sql AS $$
+    INSERT INTO rate_limit_buckets (limit_name, bucket, shard, tokens, refilled_at)
+    SELECT p_limit, p_bucket, s, p_burst_s, clock_timestamp() FROM generate_series(0, p_shards - 1) AS s
+    ON CONFLICT DO NOTHING
+$$;
 
 -- Takes up to p_need tokens of bucket p_bucket of limit p_limit for the
 -- calling transaction (the rows it debits stay locked until it ends), trying
@@ -58,11 +68,9 @@ DECLARE
 BEGIN
     granted := '{}';
     later_ms := '{}';
-    IF NOT EXISTS (SELECT 1 FROM rate_limit_buckets b
-                   WHERE b.limit_name = p_limit AND b.bucket = p_bucket AND b.shard = p_shards - 1) THEN
-        INSERT INTO rate_limit_buckets (limit_name, bucket, shard, tokens, refilled_at)
-        SELECT p_limit, p_bucket, s, burst_s, now_ts FROM generate_series(0, p_shards - 1) AS s
-        ON CONFLICT DO NOTHING;
+    IF (SELECT count(*) FROM rate_limit_buckets b
+        WHERE b.limit_name = p_limit AND b.bucket = p_bucket AND b.shard BETWEEN 0 AND p_shards - 1) < p_shards THEN
+        PERFORM conveyor_rate_rows(p_limit, p_bucket, p_shards, burst_s);
     END IF;
     FOR i IN 0 .. p_shards LOOP
         EXIT WHEN need = 0;
@@ -74,6 +82,12 @@ BEGIN
             SELECT b.shard, b.tokens, b.refilled_at, b.line_until INTO r FROM rate_limit_buckets b
             WHERE b.limit_name = p_limit AND b.bucket = p_bucket AND b.shard = p_first % p_shards
             FOR UPDATE;
+            IF NOT FOUND THEN -- pruned meanwhile (an idle bucket is a full one): made again
+                PERFORM conveyor_rate_rows(p_limit, p_bucket, p_shards, burst_s);
+                SELECT b.shard, b.tokens, b.refilled_at, b.line_until INTO r FROM rate_limit_buckets b
+                WHERE b.limit_name = p_limit AND b.bucket = p_bucket AND b.shard = p_first % p_shards
+                FOR UPDATE;
+            END IF;
         ELSE
             EXIT;
         END IF;

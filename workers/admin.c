@@ -49,7 +49,9 @@ static const char usage[] =
     "every second), waiting out a retry delay, and dead; its consumers\n"
     "(RabbitMQ); the commands applied or rejected in the last minute and the last\n"
     "5 minutes (per second); and the outbox: events not yet published, and the age\n"
-    "of the oldest. 'queue pause' makes every pool stop taking from QUEUE within a\n"
+    "of the oldest; then each rate limit: its tokens now (a keyed limit: its emptiest\n"
+    "bucket), the commands parked for a token now, and those that waited or were\n"
+    "rejected RATE_LIMITED since it was first used. 'queue pause' makes every pool stop taking from QUEUE within a\n"
     "second (what is already taken finishes) until 'queue resume'; the state is kept\n"
     "in PostgreSQL (table queue_state), with who changed it, when, and NOTE.\n"
     "\n"
@@ -386,6 +388,25 @@ static void print_count(long n, int width) {
     else printf(" %*ld", width, n);
 }
 
+/* stats: the rate limits' state, a table or one JSON object per limit (kind "rate_limit"). */
+static void print_rate_limits(const struct rate_limit_state *st, int n, bool json) {
+    if (n > 0 && !json)
+        printf("%-20s %-10s %6s %-6s %10s %10s %9s %9s  %s\n", "RATE LIMIT", "RATE", "BURST", "OVER", "TOKENS",
+               "WAITING", "WAITED", "REJECTED", "KEY");
+    for (int i = 0; i < n; i++) {
+        if (json) {
+            cJSON *o = rate_limit_state_json(&st[i]);
+            cJSON_AddStringToObject(o, "kind", "rate_limit");
+            print_json(o, false);
+            continue;
+        }
+        const struct cfg_rate_limit *rl = st[i].rl;
+        printf("%-20s %-10s %6.0f %-6s %10.1f %10lld %9lld %9lld  %s%s\n", rl->name, rl->rate_text, rl->burst,
+               rl->over == RATE_OVER_WAIT ? "wait" : "reject", st[i].tokens, st[i].waiting, st[i].waited,
+               st[i].rejected, rl->key ? "payload." : "-", rl->key ? rl->key : "");
+    }
+}
+
 /* stats [QUEUE]: per queue what its broker holds, its state and its recent
  * rate; then the outbox. */
 static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool json) {
@@ -399,6 +420,9 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     bool held_known = !rc && pool_load_read(db, cfg, held) == 0;
     struct parked_queue_stat *parked = xcalloc((size_t)cfg->nqueues + 1, sizeof *parked);
     bool parked_known = !rc && parked_counts(db, cfg, parked) == 0; /* n/a with an older schema */
+    struct rate_limit_state *limits = xcalloc((size_t)cfg->nrate_limits + 1, sizeof *limits);
+    bool limits_known = !rc && rate_limit_states_read(db, cfg, limits) == 0 &&
+                        rate_limit_waiting_read(db, cfg, limits) == 0;
     db_close(db);
     if (!rc) open_brokers(cfg, only ? only->name : NULL);
     if (!rc && !json)
@@ -466,6 +490,8 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         printf("outbox: %ld event%s not yet published%s%s%s\n", backlog, backlog == 1 ? "" : "s",
                age[0] ? ", the oldest " : "", age, age[0] ? " old" : "");
     }
+    if (!rc && limits_known && !only) print_rate_limits(limits, cfg->nrate_limits, json);
+    free(limits);
     free(st);
     free(held);
     free(parked);

@@ -1,7 +1,8 @@
 /* timekeeper.c - the process that keeps time for every pool: while it holds
  * the timekeeper lock (singleton.c: one active across every pool on every
  * host), it publishes parked commands that are due back to their queues
- * (parking.c) and fires the schedules' slots (schedule_fire.c). Time is the
+ * (parking.c), fires the schedules' slots (schedule_fire.c) and, once a
+ * minute, prunes the idle buckets of keyed rate limits (rate_limit_buckets.c). Time is the
  * database's clock: every host judges by the same one.
  */
 #include "workers.h"
@@ -12,6 +13,8 @@
  * command is published at most this long after its time (plus one pass), and
  * each look is one index probe of parked_commands_due. */
 #define TIMEKEEPER_POLL_MS 200
+/* How often idle rate-limit buckets are pruned. */
+#define PRUNE_MS 60000
 /* Rows claimed, published and deleted in one transaction. */
 #define RELEASE_BATCH 500
 
@@ -27,7 +30,12 @@ static enum singleton_end timekeeper_active(const struct cfg *cfg, struct db *db
     enum singleton_end end = SINGLETON_LOST;
     struct schedule_firing firing;
     schedule_firing_init(&firing, cfg);
+    int64_t next_prune = clock_mono_ms() + PRUNE_MS;
     while (!stop_requested && db_ok(db)) {
+        if (clock_mono_ms() >= next_prune) { /* a failure is logged; tried again in a minute */
+            next_prune = clock_mono_ms() + PRUNE_MS;
+            (void)rate_limit_prune(db, cfg);
+        }
         int fired = schedule_fire_due(db, cfg, &firing); /* parks what is due: released just below */
         if (fired < 0 && !db_ok(db)) break;
         int n = parking_release(db, cfg, brokers, RELEASE_BATCH, err, sizeof err);

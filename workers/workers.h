@@ -95,6 +95,32 @@ int rate_limit_take(struct db *db, const struct cfg_queue *q, struct batch_item 
  * they came from, before the COMMIT. Returns 0 or an error class. */
 int rate_limit_refund_defer(struct db *db, struct batch_item **v, int n);
 
+/* ---- rate_limit_buckets.c: the buckets seen from outside a transaction ----------- */
+/* A rate limit now (what stats, /metrics and the dashboard show). */
+struct rate_limit_state {
+    const struct cfg_rate_limit *rl; /* its configuration (points into the cfg read) */
+    bool read;            /* its rows were read (false: none yet, or not read) */
+    double tokens;        /* tokens now (refilled to the database's now); a keyed limit: its emptiest bucket */
+    long long buckets;    /* buckets with rows (a keyed limit: keys seen lately) */
+    long long waited;     /* commands parked for a token, committed, since the limit was first used */
+    long long rejected;   /* commands rejected RATE_LIMITED, committed */
+    long long waiting;    /* parked for a token now (rate_limit_waiting_read) */
+};
+/* Every limit of cfg into out (cfg->nrate_limits entries, in cfg order):
+ * tokens, buckets, waited, rejected; a limit never used is full. Returns 0 or
+ * the error class. */
+int rate_limit_states_read(struct db *db, const struct cfg *cfg, struct rate_limit_state *out);
+/* The commands parked for each limit's token now into out[i].waiting (a walk
+ * of the parked rows: for stats, not for every sample). Returns 0 or the error class. */
+int rate_limit_waiting_read(struct db *db, const struct cfg *cfg, struct rate_limit_state *out);
+/* st as JSON (caller frees): name, types, queue, rate, perSecond, burst, key,
+ * over, shards, tokens, buckets, waited, rejected, waiting. */
+cJSON *rate_limit_state_json(const struct rate_limit_state *st);
+/* The active timekeeper, about once a minute: deletes the buckets of keyed
+ * limits that have been full for a minute (up to 10,000), adding their counts
+ * to their limit's totals row. Returns how many rows it deleted, or the error class. */
+int rate_limit_prune(struct db *db, const struct cfg *cfg);
+
 /* ---- parking.c: commands that wait for their time ------------------------------ */
 /* Parks each of the n items v of queue q whose notBefore is still to come by
  * the database's clock (and that is not processed already) in parked_commands,

@@ -8,6 +8,7 @@
  *                             its queue): [queue=Q] [limit=N, default 200, at most 1000] [cursor=C, with queue]
  *   GET /api/dead/letter?queue=Q&key=K        one, its message's secrets masked
  *   GET /api/command?id=UUID  one command: processed, attempts, events, dead letters
+ *   GET /api/limits           the rate limits: tokens now, commands waiting and rejected (sampled)
  *   GET /api/scheduled        parked commands: per queue the count and next due time (sampled),
  *                             and a page of them by due time: [queue=Q] [limit=N, default 20,
  *                             at most 1000] [cursor=C]
@@ -416,6 +417,15 @@ static enum MHD_Result schedules(struct http *h, struct MHD_Connection *conn) {
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
+/* GET /api/limits: every rate limit (rate_limit_state_json) from the last sample. */
+static enum MHD_Result limits(struct http *h, struct MHD_Connection *conn) {
+    cJSON *o = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(o, "limits");
+    pthread_mutex_lock(&h->lock);
+    for (int i = 0; i < h->sample.nrate_limits; i++) cJSON_AddItemToArray(a, rate_limit_state_json(&h->sample.limits[i]));
+    pthread_mutex_unlock(&h->lock);
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
 enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const char *url) {
     const struct asset *a = asset_of(url);
     if (a) return http_reply(conn, MHD_HTTP_OK, a->type, (const char *)a->data, a->len, false);
@@ -431,5 +441,6 @@ enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const
     if (strcmp(url, "/api/command") == 0) return command(h, conn);
     if (strcmp(url, "/api/scheduled") == 0) return scheduled(h, conn);
     if (strcmp(url, "/api/schedules") == 0) return schedules(h, conn);
+    if (strcmp(url, "/api/limits") == 0) return limits(h, conn);
     return http_error(conn, MHD_HTTP_NOT_FOUND, "not found: see the README, \"Dashboard\", for the API's paths");
 }

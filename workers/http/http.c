@@ -21,8 +21,8 @@
  * main thread samples the database (outbox, migrations) every SAMPLE_MS, the
  * recent commands every RECENT_MS and the brokers (queue counts: on RabbitMQ a
  * dozen passive declares per queue, which cost the broker measurably when done
- * every second) every BROKER_SAMPLE_MS, the schedules' rows every SAMPLE_MS
- * and the parked commands' counts (a count walks an index of every parked
+ * every second) every BROKER_SAMPLE_MS, the schedules' rows every SAMPLE_MS,
+ * the rate limits' buckets every SAMPLE_MS, and the parked commands' counts (a count walks an index of every parked
  * row: 0.3 to 1 s for a million) every PARKED_SAMPLE_MS, or less often when a
  * count takes long (PARKED_COST: the counts take at most 1% of the time), on
  * connections of its own, so /metrics and /readyz never run a query; and it ticks the dashboard's
@@ -273,13 +273,22 @@ static bool sample_schedules(struct http *h, struct http_sample *s) {
     return h->db && schedule_states_read(h->db, h->cfg, s->schedules) == 0;
 }
 
+/* The rate limits' buckets into s->limits (true); false when the read failed (the last sample stands). */
+static bool sample_limits(struct http *h, struct http_sample *s) {
+    return h->db && rate_limit_states_read(h->db, h->cfg, s->limits) == 0;
+}
+
 /* A new sample for cfg, its arrays allocated (zeroed); sample_free frees them. */
 static struct http_sample sample_new(const struct cfg *cfg) {
-    struct http_sample s = {.nqueues = cfg->nqueues, .nschedules = cfg->nschedules};
+    struct http_sample s = {.nqueues = cfg->nqueues, .nschedules = cfg->nschedules,
+                            .nrate_limits = cfg->nrate_limits};
     s.queues = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.queues);
     s.parked = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.parked);
     s.schedules = xcalloc((size_t)cfg->nschedules + 1, sizeof *s.schedules);
     for (int i = 0; i < cfg->nschedules; i++) s.schedules[i].s = &cfg->schedules[i];
+    s.limits = xcalloc((size_t)cfg->nrate_limits + 1, sizeof *s.limits);
+    for (int i = 0; i < cfg->nrate_limits; i++)
+        s.limits[i] = (struct rate_limit_state){.rl = &cfg->rate_limits[i], .tokens = cfg->rate_limits[i].burst};
     return s;
 }
 
@@ -288,6 +297,7 @@ static void sample_free(struct http_sample *s) {
     free(s->queues);
     free(s->parked);
     free(s->schedules);
+    free(s->limits);
 }
 
 /* One sample of the brokers the pool uses: connected, and each queue's counts. */
@@ -372,7 +382,7 @@ int http_run(const struct cfg *cfg) {
             bool parked = clock_mono_ms() >= next_parked && sample_parked(&h, &s, &took);
             if (parked) next_parked = clock_mono_ms() + (PARKED_COST * took > PARKED_SAMPLE_MS ? PARKED_COST * took
                                                                                                : PARKED_SAMPLE_MS);
-            bool schedules = sample_schedules(&h, &s);
+            bool schedules = sample_schedules(&h, &s), limits = sample_limits(&h, &s);
             pthread_mutex_lock(&h.lock);
             struct http_sample old = h.sample;
             s.recent = old.recent;
@@ -383,6 +393,7 @@ int http_run(const struct cfg *cfg) {
             }
             if (!parked) memcpy(s.parked, old.parked, (size_t)cfg->nqueues * sizeof *s.parked);
             if (!schedules) memcpy(s.schedules, old.schedules, (size_t)cfg->nschedules * sizeof *s.schedules);
+            if (!limits) memcpy(s.limits, old.limits, (size_t)cfg->nrate_limits * sizeof *s.limits);
             h.sample = s;
             pthread_mutex_unlock(&h.lock);
             sample_free(&old);

@@ -27,6 +27,8 @@ struct http_sample {
     struct parked_queue_stat *parked; /* by cfg queue index: parked commands (sampled every 10 s; 0 before) */
     int nschedules;
     struct schedule_state *schedules; /* by cfg schedule index: their rows (sampled; zeroed before) */
+    int nrate_limits;
+    struct rate_limit_state *limits;  /* by cfg rate limit index: tokens, counts (sampled; full before) */
 };
 /* An embedded file of the dashboard (cmake/embed_assets.cmake): path "/" or
  * "/app.js"..., its content type and bytes. The array ends with a NULL path. */

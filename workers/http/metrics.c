@@ -260,6 +260,26 @@ static void scheduled(struct out *o, const struct cfg *cfg, const struct http_sa
     }
 }
 
+/* The rate limits (sampled from PostgreSQL: every pool shows what the
+ * database committed, so a sum over pools counts each command once per pool). */
+static void rate_limits(struct out *o, const struct cfg *cfg, const struct http_sample *s) {
+    char l[2 * CFG_NAME_MAX + 1];
+    header(o, "conveyor_limit_tokens", "gauge",
+           "Tokens the rate limit has now (a keyed limit: its emptiest bucket), by the database's clock (sampled).");
+    for (int i = 0; i < cfg->nrate_limits; i++)
+        put(o, "conveyor_limit_tokens{limit=\"%s\"} %.3f\n", label(cfg->rate_limits[i].name, l),
+            s->limits && i < s->nrate_limits ? s->limits[i].tokens : cfg->rate_limits[i].burst);
+    header(o, "conveyor_limited_total", "counter",
+           "Commands the rate limit held: parked for a token (over=\"wait\"; a command may wait more than once) or "
+           "rejected RATE_LIMITED (over=\"reject\"), as committed in PostgreSQL (the same in every pool: do not sum).");
+    for (int i = 0; i < cfg->nrate_limits; i++) {
+        const struct rate_limit_state *st = s->limits && i < s->nrate_limits ? &s->limits[i] : NULL;
+        label(cfg->rate_limits[i].name, l);
+        put(o, "conveyor_limited_total{limit=\"%s\",over=\"wait\"} %lld\n", l, st ? st->waited : 0);
+        put(o, "conveyor_limited_total{limit=\"%s\",over=\"reject\"} %lld\n", l, st ? st->rejected : 0);
+    }
+}
+
 void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **buf, size_t *len) {
     struct out o = {xmalloc(16384), 0, 16384};
     o.buf[0] = '\0';
@@ -268,6 +288,7 @@ void metrics_render(const struct cfg *cfg, const struct http_sample *s, char **b
     workers(&o, cfg, sb);
     gauges(&o, cfg, sb, s);
     scheduled(&o, cfg, s);
+    rate_limits(&o, cfg, s);
     *buf = o.buf;
     *len = o.len;
 }
