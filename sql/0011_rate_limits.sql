@@ -14,11 +14,13 @@
 -- is a full one), adding their counts to the limit's totals row (shard -1).
 CREATE TABLE rate_limit_buckets (
     limit_name  text NOT NULL,                 -- the limit's name in queues.conf
-    bucket      text NOT NULL,                 -- the key's value ('' without a key; shard -1: the totals row)
-    shard       int NOT NULL,                  -- 0 .. shards-1; -1 holds the counts of pruned buckets
+    bucket      text NOT NULL,                 -- the key's value ('' without a key, and for the totals row)
+    shard       int NOT NULL,                  -- 0 .. shards-1; -1: the limit's totals row (the counts of
+                                               -- pruned buckets); -2: a bucket's waiting line when shards > 1
     tokens      double precision NOT NULL,     -- as of refilled_at
     refilled_at timestamptz NOT NULL,
-    line_until  timestamptz,                   -- over = wait: when the last command parked on this row is due
+    line_until  timestamptz,                   -- over = wait: when the last command parked for this bucket is
+                                               -- due (shard 0 with one shard, else the row of shard -2)
     waited      bigint NOT NULL DEFAULT 0,     -- commands parked for a token (over = wait), committed
     rejected    bigint NOT NULL DEFAULT 0,     -- commands rejected RATE_LIMITED (over = reject), committed
     PRIMARY KEY (limit_name, bucket, shard)
@@ -44,8 +46,9 @@ $$;
 -- holds (SKIP LOCKED), and waiting for shard p_first only when every shard is
 -- held. granted: the shard of each token taken (the caller gives one back to
 -- the same shard). later_ms, one per command left without a token: with
--- p_over 'wait', in how many ms it is due (the row's waiting line: spaced by
--- the row's refill, after the last one parked there), counted in waited; with
+-- p_over 'wait', in how many ms it is due (the bucket's waiting line: spaced
+-- by its rate, after the last one parked, and not before a token is due in a
+-- shard it holds), counted in waited; with
 -- 'reject', in how many ms a token is expected (retryAfterMs), counted in
 -- rejected. Rows are created full on first use.
 CREATE FUNCTION conveyor_rate_take(p_limit text, p_bucket text, p_shards int, p_first int, p_rate double precision,
@@ -61,7 +64,6 @@ DECLARE
     t       double precision;
     g       int;
     line_shard int;
-    line_tokens double precision;
     line_end timestamptz;
     soonest double precision;
     slot    timestamptz;
@@ -92,7 +94,9 @@ BEGIN
             EXIT;
         END IF;
         CONTINUE WHEN NOT FOUND;
-        t := least(burst_s, r.tokens + rate_s * greatest(0, extract(epoch FROM now_ts - r.refilled_at)));
+        -- refilled up to the time the row is held (a wait for its lock is not refilled twice)
+        now_ts := greatest(clock_timestamp(), r.refilled_at);
+        t := least(burst_s, r.tokens + rate_s * extract(epoch FROM now_ts - r.refilled_at));
         g := least(floor(t)::int, need);
         IF g > 0 THEN
             granted := granted || array_fill(r.shard, ARRAY[g]);
@@ -103,7 +107,6 @@ BEGIN
         WHERE limit_name = p_limit AND bucket = p_bucket AND shard = r.shard;
         IF line_shard IS NULL THEN
             line_shard := r.shard;
-            line_tokens := t;
             line_end := r.line_until;
         END IF;
         soonest := least(coalesce(soonest, 'infinity'), (1 - t) / rate_s);
@@ -111,13 +114,23 @@ BEGIN
     IF need = 0 OR line_shard IS NULL THEN
         RETURN;
     END IF;
+    now_ts := clock_timestamp();
     IF p_over = 'wait' THEN
-        slot := greatest(now_ts + make_interval(secs => greatest(0, 1 - line_tokens) / rate_s),
-                         coalesce(line_end + make_interval(secs => 1 / rate_s), now_ts));
+        -- one waiting line per bucket, spaced by the bucket's rate: with several
+        -- shards it is a row of its own (shard -2), locked after the shards
+        IF p_shards > 1 THEN
+            line_shard := -2;
+            INSERT INTO rate_limit_buckets (limit_name, bucket, shard, tokens, refilled_at)
+            VALUES (p_limit, p_bucket, -2, 0, now_ts) ON CONFLICT DO NOTHING;
+            SELECT b.line_until INTO line_end FROM rate_limit_buckets b
+            WHERE b.limit_name = p_limit AND b.bucket = p_bucket AND b.shard = -2 FOR UPDATE;
+        END IF;
+        slot := greatest(now_ts + make_interval(secs => greatest(0, soonest)),
+                         coalesce(line_end + make_interval(secs => 1 / p_rate), now_ts));
         FOR k IN 1 .. need LOOP
             later_ms := later_ms || ceil(extract(epoch FROM slot - now_ts) * 1000)::bigint;
             IF k < need THEN
-                slot := slot + make_interval(secs => 1 / rate_s);
+                slot := slot + make_interval(secs => 1 / p_rate);
             END IF;
         END LOOP;
         UPDATE rate_limit_buckets SET line_until = slot, waited = waited + need

@@ -82,7 +82,11 @@ static int by_bucket(const void *a, const void *b) {
 
 /* Parks the n waiters w (over = "wait", later_ms set) in parked_commands for
  * queue q, due later_ms from now by the database's clock, and removes their
- * dedup rows, inside the open transaction (deferred). Returns 0 or an error class. */
+ * dedup rows, inside the open transaction (deferred). A row of the same id
+ * may still be there: the timekeeper that released this very message holds it
+ * until its DELETE commits. The upsert waits for that lock (DO NOTHING would
+ * not, and the timekeeper's DELETE would then remove the new parking: a lost
+ * command), and inserts anew once the row is gone. Returns 0 or an error class. */
 static int park_waiters(struct db *db, const struct cfg_queue *q, struct batch_item **w, int n) {
     const char **ids = xcalloc((size_t)n, sizeof *ids), **types = xcalloc((size_t)n, sizeof *types),
                **laters = xcalloc((size_t)n, sizeof *laters), **bodies = xcalloc((size_t)n, sizeof *bodies),
@@ -104,7 +108,9 @@ static int park_waiters(struct db *db, const struct cfg_queue *q, struct batch_i
                       "AS c(id, type, later_ms, body, rate_limit)), "
                       "parked AS (INSERT INTO parked_commands (id, queue, type, due_at, envelope, reason, rate_limit) "
                       "SELECT id, $6, type, clock_timestamp() + make_interval(secs => later_ms / 1000.0), body, "
-                      "'rate_limited', rate_limit FROM w ON CONFLICT (id) DO NOTHING) "
+                      "'rate_limited', rate_limit FROM w ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, "
+                      "due_at = excluded.due_at, envelope = excluded.envelope, reason = excluded.reason, "
+                      "rate_limit = excluded.rate_limit) "
                       "DELETE FROM processed_commands WHERE id IN (SELECT id FROM w)",
                       6, p);
     for (int i = 0; i < 5; i++) free(a[i]);

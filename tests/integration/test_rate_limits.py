@@ -103,3 +103,175 @@ def test_wait_parks_without_spending_an_attempt_and_counts_it():
         eq(out.returncode, 0, f"stats exit status ({out.stderr})")
         check(name in out.stdout and "10/s" in out.stdout, f"stats shows the limit:\n{out.stdout}")
     pub.close()
+
+
+SHORT_HEARTBEAT = "redis: { heartbeat_interval = 1; heartbeat_ttl = 3; };"
+
+
+def rejected_code(events, cid):
+    got = [e for e in events.for_command(cid) if e["type"] == "command.rejected"]
+    return got[0]["data"] if got else None
+
+
+def stock_of(pid):
+    rows = query("SELECT stock FROM products WHERE id = %s", pid)
+    return rows[0][0] if rows else None
+
+
+def create_products(pub, events, n):
+    cmds = [pub.command(product()) for _ in range(n)]
+    events.wait(lambda ev: all(any(e["type"] == "product.created" for e in ev.for_command(c["id"])) for c in cmds),
+                timeout=60, what=f"{n} products created")
+    return [c["payload"]["productId"] for c in cmds]
+
+
+def test_reject_says_rate_limited_and_a_command_its_handler_rejects_gives_its_token_back():
+    name = fresh("reject")
+    conf = limit_conf({"name": name, "types": ["updateStock"], "rate": "1/h", "burst": 1, "over": "reject"})
+    pub, events = Publisher(), Events()
+    with Pool(extra=conf):
+        (pid,) = create_products(pub, events, 1)
+        # rejected by its handler (no such product): it did no work, so its token goes back
+        ghost = pub.command(envelope("updateStock", {"productId": new_id(), "quantityChange": 1}))
+        events.wait(lambda ev: rejected_code(ev, ghost["id"]), what="the unknown product's rejection")
+        eq(rejected_code(events, ghost["id"])["code"], "NOT_FOUND", "an unknown product is rejected by its handler")
+        first = pub.command(envelope("updateStock", {"productId": pid, "quantityChange": 5}))
+        events.wait(lambda ev: ev.for_command(first["id"]), what="the first update's event")
+        eq([e["type"] for e in events.for_command(first["id"])], ["stock.updated"],
+           "the one token (given back by the rejected command) applies the first update")
+        second = pub.command(envelope("updateStock", {"productId": pid, "quantityChange": 7}))
+        events.wait(lambda ev: ev.for_command(second["id"]), what="the second update's event")
+        data = rejected_code(events, second["id"])
+        check(data is not None, f"the second update is rejected: {events.for_command(second['id'])}")
+        eq(data["code"], "RATE_LIMITED", "code of a command over a limit with over = reject")
+        eq(data["details"]["limit"], name, "details.limit")
+        after = data["details"]["retryAfterMs"]
+        check(isinstance(after, int) and 0 < after <= 3600 * 1000, f"retryAfterMs within the hour's refill: {after}")
+        eq(stock_of(pid), 5, "stock: only the first update applied")
+        eq(query("SELECT outcome FROM processed_commands WHERE id = %s", second["id"])[0][0], "rejected",
+           "the limited command is recorded rejected")
+        eq(query("SELECT sum(rejected) FROM rate_limit_buckets WHERE limit_name = %s", name)[0][0], 1,
+           "rejections counted")
+    pub.close()
+
+
+def test_a_pool_killed_between_the_debit_and_the_commit_gives_the_token_back():
+    name = fresh("killed")
+    conf = limit_conf({"name": name, "types": ["updateStock"], "rate": "1/h", "burst": 1, "over": "reject"})
+    conf += "\n" + SHORT_HEARTBEAT
+    pub, events = Publisher(), Events()
+    with Pool(extra=conf):
+        (pid,) = create_products(pub, events, 1)
+    holder = db()
+    holder.autocommit = False
+    cur = holder.cursor()
+    cur.execute("SELECT 1 FROM products WHERE id = %s FOR UPDATE", (pid,))  # the update will wait for this
+    pool = Pool(extra=conf, expect_restarts=True)
+    try:
+        cmd = pub.command(envelope("updateStock", {"productId": pid, "quantityChange": 3}))
+        # its transaction took the limit's only token, then waits for the product's row
+        wait_for("the update waiting for the product's lock",
+                 lambda: query("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                               "AND query ILIKE '%%products%%'")[0][0], 30)
+        os.killpg(pool.proc.pid, signal.SIGKILL)
+        pool.proc.wait()
+    finally:
+        holder.rollback()
+        holder.close()
+    # the orphaned transaction ends when its backend finds its client gone: the token is back
+    wait_for("the orphaned transaction rolled back",
+             lambda: query("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0][0] == 0
+             and query("SELECT count(*) FROM processed_commands WHERE id = %s", cmd["id"])[0][0] == 0, 30)
+    eq(stock_of(pid), 0, "nothing of the killed transaction committed")
+    with Pool(extra=conf):
+        events.wait(lambda ev: ev.for_command(cmd["id"]), timeout=40, what="the update applied after the restart")
+        eq([e["type"] for e in events.for_command(cmd["id"])], ["stock.updated"],
+           "the redelivered update finds the token the killed transaction held")
+        again = pub.command(envelope("updateStock", {"productId": pid, "quantityChange": 4}))
+        events.wait(lambda ev: ev.for_command(again["id"]), what="the next update's event")
+        eq(rejected_code(events, again["id"])["code"], "RATE_LIMITED", "one token: the next update is limited")
+        eq(stock_of(pid), 3, "stock: the update applied once")
+    pool.check_log()
+    pub.close()
+
+
+def test_one_bucket_per_key_holds_each_key_to_its_rate():
+    name = fresh("perkey")
+    conf = limit_conf({"name": name, "types": ["updateStock"], "rate": "2/s", "burst": 2,
+                       "key": "payload.productId", "over": "wait"})
+    pub, events = Publisher(), Events()
+    with Pool(extra=conf, workers={"catalog": 2}, queue_opts="batch_size = 50;"):
+        pids = create_products(pub, events, 1000)
+        cmds = {pid: [] for pid in pids}
+        for pid in pids:  # a product's 4 updates one after another: without the limit, one batch applies them
+            for _ in range(4):
+                env = envelope("updateStock", {"productId": pid, "quantityChange": 1})
+                pub.raw("catalog", json.dumps(env).encode(), message_id=env["id"])
+                cmds[pid].append(env["id"])
+        ids = [i for v in cmds.values() for i in v]
+        done = wait_for("4,000 updates applied",
+                        lambda: (lambda t: t if len(t) == len(ids) else None)(commit_times(ids)), 180)
+        eq(sorted({o for o, _ in done.values()}), ["applied"], "outcomes")
+        spans = sorted(max(done[i][1] for i in v) - min(done[i][1] for i in v) for v in cmds.values())
+        # a key's bucket holds 2 and refills 2/s: its 4th update is debited at least 1 s after its
+        # 1st; commits come a transaction's length after their debits (allowed: 0.25 s)
+        check(spans[0] >= 0.75, f"a key had its 4 updates committed within {spans[0]:.3f} s (2/s, burst 2)")
+        print(f"FIGURES per-key 2/s: 1st-to-4th commit per key min {spans[0]:.3f} s, median "
+              f"{spans[len(spans) // 2]:.3f} s, max {spans[-1]:.3f} s; whole run "
+              f"{max(t for _, t in done.values()) - min(t for _, t in done.values()):.2f} s")
+        eq(query("SELECT count(*) FROM products WHERE id = ANY(%s::uuid[]) AND stock = 4", pids)[0][0], 1000,
+           "every product's stock: its 4 updates, each applied once")
+        eq(attempts_of(ids), 0, "attempts spent by waiting")
+    pub.close()
+
+
+def test_a_limit_of_100_per_second_holds_across_two_pools_of_four_workers():  # faults
+    name = fresh("global")
+    conf = limit_conf({"name": name, "types": ["createProduct"], "rate": "100/s", "burst": 100, "over": "wait"})
+    pub = Publisher()
+    with Pool(extra=conf, workers={"catalog": 4}), Pool(extra=conf, workers={"catalog": 4}):
+        ids = [pub.command(product())["id"] for _ in range(2600)]
+        done = wait_for("2,600 commands applied",
+                        lambda: (lambda t: t if len(t) == len(ids) else None)(commit_times(ids)), 120)
+    pub.close()
+    times = sorted(t for _, t in done.values())
+    start = times[300]  # past the burst of 100 and the first second: the limit is what holds them back
+    in_window = sum(1 for t in times if start <= t < start + 20)
+    rate = in_window / 20
+    print(f"FIGURES rate limit 100/s, two pools of 4 workers: {rate:.1f}/s over 20 s of commits "
+          f"({in_window} commands); whole run {times[-1] - times[0]:.1f} s")
+    check(abs(rate - 100) <= 5, f"the limit held {rate:.1f}/s over 20 s of committed commands (100/s +- 5 %)")
+    eq(sorted({o for o, _ in done.values()}), ["applied"], "outcomes")
+    eq(attempts_of(ids), 0, "attempts spent by waiting")
+
+
+def test_bad_limits_are_refused_naming_the_field():
+    cases = [
+        ({"name": "x", "types": ["updateStock"], "rate": "fast"}, "'rate' must be a number per second"),
+        ({"name": "x", "types": ["noSuchType"], "rate": "1/s"}, "routed by no queue"),
+        ({"name": "x", "types": ["updateStock"], "queue": "catalog", "rate": "1/s"}, "'types' and 'queue' are both set"),
+        ({"name": "x", "types": ["updateStock"], "rate": "1/s", "over": "drop"}, "'over' must be \"wait\" or \"reject\""),
+        ({"name": "x", "types": ["updateStock"], "rate": "1/s", "key": "customerId"}, "'key' must be a payload field"),
+        ({"name": "x", "types": ["updateStock"], "rate": "10/s", "burst": 2, "shards": 4}, "must not be above 'burst'"),
+    ]
+    for limit, want in cases:
+        path = os.path.join(ROOT, "build", f"bad-limit-{new_id()[:8]}.conf")
+        with open(path, "w") as f:
+            f.write(open(os.path.join(ROOT, "queues.conf")).read() + "\n" + limit_conf(limit) + "\n")
+        try:
+            r = run_bin("conveyor-workers", "-c", path, "--check")
+        finally:
+            os.unlink(path)
+        eq(r.returncode, 2, f"exit status of a configuration with {limit} ({r.stderr})")
+        check(want in r.stderr and "rate_limits" in r.stderr, f"the error names the field: {r.stderr!r}, want {want!r}")
+    two = limit_conf({"name": "a", "types": ["updateStock"], "rate": "1/s"},
+                     {"name": "b", "queue": "catalog", "rate": "1/s"})
+    path = os.path.join(ROOT, "build", f"bad-limit-{new_id()[:8]}.conf")
+    with open(path, "w") as f:
+        f.write(open(os.path.join(ROOT, "queues.conf")).read() + "\n" + two + "\n")
+    try:
+        r = run_bin("conveyor-workers", "-c", path, "--check")
+    finally:
+        os.unlink(path)
+    eq(r.returncode, 2, "a type in two limits")
+    check("is counted by rate limit 'a' too" in r.stderr, r.stderr)
