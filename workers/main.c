@@ -116,7 +116,8 @@ int main(int argc, char **argv) {
         url_redact(cfg.database_url, db, sizeof db);
         url_redact(cfg.rabbitmq_url, amqp, sizeof amqp);
         url_redact(cfg.redis_url, redis, sizeof redis);
-        printf("%s: ok (%d queues, %d schedules)\n%s %s\n", path, cfg.nqueues, cfg.nschedules, cfg.database_url_setting, db);
+        printf("%s: ok (%d queues, %d schedules, %d rate limits)\n%s %s\n", path, cfg.nqueues, cfg.nschedules,
+               cfg.nrate_limits, cfg.database_url_setting, db);
         if (cfg_uses(&cfg, TRANSPORT_RABBITMQ)) printf("%s %s\n", cfg.rabbitmq_url_setting, amqp);
         if (cfg_uses(&cfg, TRANSPORT_REDIS)) printf("%s %s\n", cfg.redis_url_setting, redis);
         cfg_free(&cfg);

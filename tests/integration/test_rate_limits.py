@@ -21,7 +21,7 @@ import time
 
 from harness import (ROOT, TRANSPORT, Events, Pool, Publisher, check, envelope, eq, http_pool, new_id, query,
                      run_bin, db)
-from test_metrics import scrape, value
+from test_metrics import get, scrape, value
 
 
 def limit_conf(*limits):
@@ -99,6 +99,11 @@ def test_wait_parks_without_spending_an_attempt_and_counts_it():
             return samples if got == waited else None
         samples = wait_for("conveyor_limited_total equal to the committed count", metric, 20)
         value(samples, "conveyor_limit_tokens", limit=name)
+        status, _, body = get(pool, "/api/limits")
+        eq(status, 200, "/api/limits status")
+        shown = [l for l in json.loads(body)["limits"] if l["name"] == name]
+        eq(len(shown), 1, "the limit on the dashboard's API")
+        eq((shown[0]["rate"], shown[0]["over"], shown[0]["waited"]), ("10/s", "wait", waited), "the limit as shown")
         out = run_bin("conveyor-admin", "-c", pool.config, "stats")
         eq(out.returncode, 0, f"stats exit status ({out.stderr})")
         check(name in out.stdout and "10/s" in out.stdout, f"stats shows the limit:\n{out.stdout}")

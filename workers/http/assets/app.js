@@ -1,7 +1,7 @@
 /* Conveyor dashboard: plain ES2020, no library. The DOM is built with
  * createElement/textContent only (dead-letter text is untrusted), under a CSP
  * without inline script or style. Polls: overview 1 s, history 2 s (hour) or
- * 30 s (day), dead letters 3 s, parked commands and schedules 3 s. Rows are kept by key between polls so buttons
+ * 30 s (day), dead letters 3 s, parked commands, schedules and rate limits 3 s. Rows are kept by key between polls so buttons
  * keep their focus and state. */
 'use strict';
 (() => {
@@ -726,6 +726,33 @@
     showPaused(tr, s, 'active');
   }
 
+  /* ---------- rate limits ---------- */
+
+  function renderLimits(d) {
+    const list = Array.isArray(d.limits) ? d.limits : [];
+    reconcile($('limits'), list, (l) => l.name, createLimitRow, updateLimitRow);
+    $('limits-empty').hidden = list.length > 0;
+  }
+  function createLimitRow(l) {
+    const tr = h('tr', { 'data-test': 'limit-row', 'data-name': l.name });
+    const c = cells(tr, 9, [3, 6, 7, 8]);
+    c[0].className = 'name';
+    tr.__c = c;
+    return tr;
+  }
+  function updateLimitRow(tr, l) {
+    const c = tr.__c;
+    setText(c[0], l.name);
+    setText(c[1], l.queue ? 'queue ' + l.queue : (l.types || []).join(', '));
+    setText(c[2], l.rate);
+    setText(c[3], fmtInt(l.burst));
+    setText(c[4], l.over);
+    setText(c[5], l.key || '—');
+    setText(c[6], (Math.floor(l.tokens * 10) / 10).toFixed(1));
+    setText(c[7], fmtInt(l.waited));
+    setText(c[8], fmtInt(l.rejected));
+  }
+
   /* ---------- charts ---------- */
 
   const RANGES = { hour: { every: 2000, step: 60, tick: 600 }, day: { every: 30000, step: 300, tick: 10800 } };
@@ -1011,6 +1038,7 @@
       polls.history.kick();
       polls.scheduled.kick();
       polls.schedules.kick();
+      polls.limits.kick();
     }
   }
 
@@ -1049,6 +1077,12 @@
       const r = await api('/api/schedules');
       note('schedules', r);
       if (r.ok) renderSchedules(r.data);
+    }, () => 3000),
+    limits: poller(async () => {
+      if (route.name !== 'overview') return;
+      const r = await api('/api/limits');
+      note('limits', r);
+      if (r.ok) renderLimits(r.data);
     }, () => 3000),
     command: poller(pollCommand, () => 10000),
   };
