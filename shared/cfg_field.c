@@ -43,7 +43,9 @@ int field_int(struct field_reader *r, const char *name, long lo, long hi, long *
     const config_setting_t *m = config_setting_get_member(r->g, name);
     if (!m) return 0;
     int t = config_setting_type(m);
-    long long v = t == CONFIG_TYPE_INT ? config_setting_get_int(m) : t == CONFIG_TYPE_INT64 ? config_setting_get_int64(m) : 0;
+    long long v = t == CONFIG_TYPE_INT     ? config_setting_get_int(m)
+                  : t == CONFIG_TYPE_INT64 ? config_setting_get_int64(m)
+                                           : 0;
     if ((t != CONFIG_TYPE_INT && t != CONFIG_TYPE_INT64) || v < lo || v > hi)
         return field_refuse(r, name, "'%s' must be an integer from %ld to %ld", name, lo, hi);
     *out = (long)v;

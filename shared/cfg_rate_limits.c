@@ -98,7 +98,8 @@ static int read_bucket(struct field_reader *r, struct cfg_rate_limit *rl) {
     if (field_string(r, "key", &key) < 0 || field_string(r, "over", &over) < 0) return CV_ECONFIG;
     if (key && !key_ok(key))
         return field_refuse(r, "key", "'key' must be a payload field such as \"payload.customerId\" or "
-                                      "\"payload.customer.id\" (letters, digits, '_' and '-' between dots; got \"%s\")", key);
+                                      "\"payload.customer.id\" (letters, digits, '_' and '-' between dots; "
+                                      "got \"%s\")", key);
     if (key) rl->key = xstrdup(key + 8);
     rl->over = RATE_OVER_WAIT;
     if (over && strcmp(over, "wait") != 0) {

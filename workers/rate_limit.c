@@ -214,7 +214,8 @@ int rate_limit_take(struct db *db, const struct cfg_queue *q, struct batch_item 
 int rate_limit_refund_defer(struct db *db, struct batch_item **v, int n) {
     const char **names = xcalloc((size_t)n, sizeof *names), **buckets = xcalloc((size_t)n, sizeof *buckets),
                **shards = xcalloc((size_t)n, sizeof *shards), **sizes = xcalloc((size_t)n, sizeof *sizes);
-    char (*shard_text)[16] = xcalloc((size_t)n, sizeof *shard_text), (*size_text)[40] = xcalloc((size_t)n, sizeof *size_text);
+    char (*shard_text)[16] = xcalloc((size_t)n, sizeof *shard_text);
+    char (*size_text)[40] = xcalloc((size_t)n, sizeof *size_text);
     int k = 0, rc = 0;
     for (int i = 0; i < n; i++) {
         const struct batch_item *it = v[i];

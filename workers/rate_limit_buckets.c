@@ -32,17 +32,25 @@ static void limit_arrays(const struct cfg *cfg, char *a[5]) {
     free(text);
 }
 
+/* Runs sql with cfg's limits as its parameters $1..$5 (limit_arrays). Returns
+ * db_exec's: 0 with *r (the caller PQclear()s it), or an error class. */
+static int limits_exec(struct db *db, const struct cfg *cfg, const char *sql, PGresult **r) {
+    char *a[5];
+    limit_arrays(cfg, a);
+    const char *p[5] = {a[0], a[1], a[2], a[3], a[4]};
+    int rc = db_exec(db, sql, 5, p, r);
+    for (int c = 0; c < 5; c++) free(a[c]);
+    return rc;
+}
+
 int rate_limit_states_read(struct db *db, const struct cfg *cfg, struct rate_limit_state *out) {
     for (int i = 0; i < cfg->nrate_limits; i++)
         out[i] = (struct rate_limit_state){.rl = &cfg->rate_limits[i], .tokens = cfg->rate_limits[i].burst};
     if (cfg->nrate_limits == 0) return 0;
-    char *a[5];
-    limit_arrays(cfg, a);
-    const char *p[5] = {a[0], a[1], a[2], a[3], a[4]};
     PGresult *r = NULL;
     /* a bucket's tokens now: its rows refilled to now, each capped at its size;
      * a keyed limit shows its emptiest bucket (a key never seen is full) */
-    int rc = db_exec(db,
+    int rc = limits_exec(db, cfg,
                      "WITH l AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::float8[], $4::int[], $5::bool[]) "
                      "AS l(name, rate, burst, shards, keyed)), "
                      "b AS (SELECT r.limit_name, r.bucket, sum(least(l.burst / l.shards, r.tokens + l.rate / l.shards "
@@ -54,8 +62,7 @@ int rate_limit_states_read(struct db *db, const struct cfg *cfg, struct rate_lim
                      "(SELECT coalesce(sum(r.waited), 0) FROM rate_limit_buckets r WHERE r.limit_name = l.name), "
                      "(SELECT coalesce(sum(r.rejected), 0) FROM rate_limit_buckets r WHERE r.limit_name = l.name) "
                      "FROM l",
-                     5, p, &r);
-    for (int c = 0; c < 5; c++) free(a[c]);
+                     &r);
     if (rc < 0) return rc;
     for (int j = 0; j < PQntuples(r); j++)
         for (int i = 0; i < cfg->nrate_limits; i++)
@@ -117,14 +124,11 @@ int rate_limit_prune(struct db *db, const struct cfg *cfg) {
     bool keyed = false;
     for (int i = 0; i < cfg->nrate_limits; i++) keyed |= cfg->rate_limits[i].key != NULL;
     if (!keyed) return 0;
-    char *a[5];
-    limit_arrays(cfg, a);
-    const char *p[5] = {a[0], a[1], a[2], a[3], a[4]};
     PGresult *r = NULL;
     /* full for a minute (refilled since its last use, no waiting line ahead):
      * as good as absent; a row a take uses meanwhile is kept (the freshness is
      * checked again on the row the DELETE locks) */
-    int rc = db_exec(db,
+    int rc = limits_exec(db, cfg,
                      "WITH l AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::float8[], $4::int[], $5::bool[]) "
                      "AS l(name, rate, burst, shards, keyed) WHERE keyed), "
                      "idle AS (SELECT r.limit_name, r.bucket FROM rate_limit_buckets r JOIN l ON l.name = r.limit_name "
@@ -135,14 +139,13 @@ int rate_limit_prune(struct db *db, const struct cfg *cfg) {
                      "AND r.bucket = i.bucket AND r.shard <> -1 AND l.name = r.limit_name "
                      "AND r.refilled_at < clock_timestamp() - make_interval(secs => l.burst / l.rate + 60) "
                      "RETURNING r.limit_name, r.waited, r.rejected), "
-                     "totals AS (INSERT INTO rate_limit_buckets (limit_name, bucket, shard, tokens, refilled_at, waited, "
-                     "rejected) SELECT limit_name, '', -1, 0, clock_timestamp(), sum(waited), sum(rejected) FROM gone "
+                     "totals AS (INSERT INTO rate_limit_buckets (limit_name, bucket, shard, tokens, refilled_at, "
+                     "waited, rejected) SELECT limit_name, '', -1, 0, clock_timestamp(), sum(waited), sum(rejected) FROM gone "
                      "GROUP BY limit_name ON CONFLICT (limit_name, bucket, shard) DO UPDATE SET "
                      "waited = rate_limit_buckets.waited + excluded.waited, "
                      "rejected = rate_limit_buckets.rejected + excluded.rejected) "
                      "SELECT count(*) FROM gone",
-                     5, p, &r);
-    for (int c = 0; c < 5; c++) free(a[c]);
+                     &r);
     if (rc < 0) return rc;
     int n = atoi(PQgetvalue(r, 0, 0));
     PQclear(r);

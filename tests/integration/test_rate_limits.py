@@ -21,6 +21,7 @@ import time
 
 from harness import (ROOT, TRANSPORT, Events, Pool, Publisher, check, envelope, eq, http_pool, new_id, query,
                      run_bin, db)
+from test_delayed import wait_for
 from test_metrics import get, scrape, value
 
 
@@ -57,16 +58,6 @@ def commit_times(ids):
     return {i: (o, t) for i, o, t in rows}
 
 
-def wait_for(what, pred, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def attempts_of(ids):
     return query("SELECT count(*) FROM command_attempts WHERE id = ANY(%s::uuid[])", list(ids))[0][0]
 
@@ -78,15 +69,15 @@ def test_wait_parks_without_spending_an_attempt_and_counts_it():
     with http_pool(extra=conf, workers={"catalog": 2}) as pool:
         cmds = [pub.command(product()) for _ in range(40)]
         ids = [c["id"] for c in cmds]
-        seen_parked = wait_for("a command parked for a token",
-                               lambda: query("SELECT count(*) FROM parked_commands WHERE reason = 'rate_limited' "
-                                             "AND rate_limit = %s", name)[0][0], 20)
+        seen_parked = wait_for(lambda: query("SELECT count(*) FROM parked_commands WHERE reason = 'rate_limited' "
+                                             "AND rate_limit = %s", name)[0][0], 20, "a command parked for a token")
         check(seen_parked > 0, "commands wait in parked_commands")
-        done = wait_for("all 40 applied", lambda: (lambda t: t if len(t) == 40 else None)(commit_times(ids)), 60)
+        done = wait_for(lambda: (lambda t: t if len(t) == 40 else None)(commit_times(ids)), 60, "all 40 applied")
         eq(sorted({o for o, _ in done.values()}), ["applied"], "outcomes")
         times = sorted(t for _, t in done.values())
         # 5 at once, then 10/s: the 40th no sooner than 3.5 s after the first (35 tokens to refill)
-        check(times[-1] - times[0] >= 3.5 * 0.95, f"40 commands at 10/s with a burst of 5 took {times[-1] - times[0]:.2f} s")
+        check(times[-1] - times[0] >= 3.5 * 0.95,
+              f"40 commands at 10/s with a burst of 5 took {times[-1] - times[0]:.2f} s")
         eq(attempts_of(ids), 0, "attempt rows of commands that waited")
         eq(query("SELECT count(*) FROM products WHERE id = ANY(%s::uuid[])",
                  [c["payload"]["productId"] for c in cmds])[0][0], 40, "products created")
@@ -97,7 +88,7 @@ def test_wait_parks_without_spending_an_attempt_and_counts_it():
             samples, _ = scrape(pool)
             got = value(samples, "conveyor_limited_total", limit=name, over="wait")
             return samples if got == waited else None
-        samples = wait_for("conveyor_limited_total equal to the committed count", metric, 20)
+        samples = wait_for(metric, 20, "conveyor_limited_total equal to the committed count")
         value(samples, "conveyor_limit_tokens", limit=name)
         status, _, body = get(pool, "/api/limits")
         eq(status, 200, "/api/limits status")
@@ -175,18 +166,17 @@ def test_a_pool_killed_between_the_debit_and_the_commit_gives_the_token_back():
     try:
         cmd = pub.command(envelope("updateStock", {"productId": pid, "quantityChange": 3}))
         # its transaction took the limit's only token, then waits for the product's row
-        wait_for("the update waiting for the product's lock",
-                 lambda: query("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                               "AND query ILIKE '%%products%%'")[0][0], 30)
+        wait_for(lambda: query("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                               "AND query ILIKE '%%products%%'")[0][0], 30, "the update waiting for the product's lock")
         os.killpg(pool.proc.pid, signal.SIGKILL)
         pool.proc.wait()
     finally:
         holder.rollback()
         holder.close()
     # the orphaned transaction ends when its backend finds its client gone: the token is back
-    wait_for("the orphaned transaction rolled back",
-             lambda: query("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0][0] == 0
-             and query("SELECT count(*) FROM processed_commands WHERE id = %s", cmd["id"])[0][0] == 0, 30)
+    wait_for(lambda: query("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0][0] == 0
+             and query("SELECT count(*) FROM processed_commands WHERE id = %s", cmd["id"])[0][0] == 0, 30,
+             "the orphaned transaction rolled back")
     eq(stock_of(pid), 0, "nothing of the killed transaction committed")
     with Pool(extra=conf):
         events.wait(lambda ev: ev.for_command(cmd["id"]), timeout=40, what="the update applied after the restart")
@@ -214,8 +204,8 @@ def test_one_bucket_per_key_holds_each_key_to_its_rate():
                 pub.raw("catalog", json.dumps(env).encode(), message_id=env["id"])
                 cmds[pid].append(env["id"])
         ids = [i for v in cmds.values() for i in v]
-        done = wait_for("4,000 updates applied",
-                        lambda: (lambda t: t if len(t) == len(ids) else None)(commit_times(ids)), 180)
+        done = wait_for(lambda: (lambda t: t if len(t) == len(ids) else None)(commit_times(ids)), 180,
+                        "4,000 updates applied")
         eq(sorted({o for o, _ in done.values()}), ["applied"], "outcomes")
         spans = sorted(max(done[i][1] for i in v) - min(done[i][1] for i in v) for v in cmds.values())
         # a key's bucket holds 2 and refills 2/s: its 4th update is debited at least 1 s after its
@@ -236,8 +226,8 @@ def test_a_limit_of_100_per_second_holds_across_two_pools_of_four_workers():  # 
     pub = Publisher()
     with Pool(extra=conf, workers={"catalog": 4}), Pool(extra=conf, workers={"catalog": 4}):
         ids = [pub.command(product())["id"] for _ in range(2600)]
-        done = wait_for("2,600 commands applied",
-                        lambda: (lambda t: t if len(t) == len(ids) else None)(commit_times(ids)), 120)
+        done = wait_for(lambda: (lambda t: t if len(t) == len(ids) else None)(commit_times(ids)), 120,
+                        "2,600 commands applied")
     pub.close()
     times = sorted(t for _, t in done.values())
     start = times[300]  # past the burst of 100 and the first second: the limit is what holds them back
@@ -254,8 +244,10 @@ def test_bad_limits_are_refused_naming_the_field():
     cases = [
         ({"name": "x", "types": ["updateStock"], "rate": "fast"}, "'rate' must be a number per second"),
         ({"name": "x", "types": ["noSuchType"], "rate": "1/s"}, "routed by no queue"),
-        ({"name": "x", "types": ["updateStock"], "queue": "catalog", "rate": "1/s"}, "'types' and 'queue' are both set"),
-        ({"name": "x", "types": ["updateStock"], "rate": "1/s", "over": "drop"}, "'over' must be \"wait\" or \"reject\""),
+        ({"name": "x", "types": ["updateStock"], "queue": "catalog", "rate": "1/s"},
+         "'types' and 'queue' are both set"),
+        ({"name": "x", "types": ["updateStock"], "rate": "1/s", "over": "drop"},
+         "'over' must be \"wait\" or \"reject\""),
         ({"name": "x", "types": ["updateStock"], "rate": "1/s", "key": "customerId"}, "'key' must be a payload field"),
         ({"name": "x", "types": ["updateStock"], "rate": "10/s", "burst": 2, "shards": 4}, "must not be above 'burst'"),
     ]
