@@ -83,7 +83,9 @@ int parking_park(struct db *db, const struct cfg_queue *q, struct batch_item **v
  * queue that routes it now through brokers[transport] (opened when NULL,
  * owned by the caller), and deletes them once the broker confirmed them, in
  * one transaction. Returns how many were published, or an error class with
- * why in err (the rows stay parked; a broker that failed is closed and NULL). */
+ * why in err (the rows stay parked; a broker that failed is closed and NULL);
+ * CV_EFULL: a bounded queue was full, its rows stay parked (those it took and
+ * the other queues' rows are published and deleted), why in err. */
 int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers[2], int batch, char *err,
                     size_t errlen);
 
