@@ -25,7 +25,7 @@ AMQP_MGMT_PORT=${CONVEYOR_AMQP_MGMT_PORT:-$((AMQP_PORT + 2))}
 PG_BIN=/usr/lib/postgresql/15/bin
 
 PACKAGES="build-essential cmake pkg-config git
-  librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev libmicrohttpd-dev tzdata
+  librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev libmicrohttpd-dev libcurl4-openssl-dev tzdata
   postgresql redis-server redis-tools rabbitmq-server amqp-tools
   python3-pika python3-redis python3-psycopg2 python3-jsonschema python3-prometheus-client python3-yaml procps clang libclang-rt-14-dev
   curl openssl iproute2 docker-compose"
@@ -54,7 +54,7 @@ state_dir() {
 need_install() {
   for b in "$PG_BIN/postgres" /usr/bin/redis-server /usr/sbin/rabbitmq-server /usr/bin/amqp-publish \
            /usr/include/amqp.h /usr/include/hiredis/hiredis.h /usr/include/cjson/cJSON.h \
-           /usr/include/libconfig.h /usr/include/sodium.h /usr/include/microhttpd.h /usr/include/uuid/uuid.h /usr/bin/cmake \
+           /usr/include/libconfig.h /usr/include/sodium.h /usr/include/microhttpd.h /usr/include/x86_64-linux-gnu/curl/curl.h /usr/include/uuid/uuid.h /usr/bin/cmake \
            /usr/bin/clang /usr/bin/curl /usr/bin/openssl /usr/bin/ip /usr/sbin/tc /usr/bin/docker-compose; do
     [ -e "$b" ] || return 0
   done

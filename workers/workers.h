@@ -89,6 +89,16 @@ int parking_park(struct db *db, const struct cfg_queue *q, struct batch_item **v
 int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers[2], int batch, char *err,
                     size_t errlen);
 
+/* ---- queue_limits.c: bounded queues' policies on RabbitMQ ------------------------ */
+/* Sets, through rabbitmq.management_url, the policy of each RabbitMQ queue with
+ * max_length (max-length, overflow reject-publish; merged with an operator's
+ * policy that matches the queue, at a priority above it) and deletes it for one
+ * without. Nothing to do (0) when no RabbitMQ queue is bounded and no URL is
+ * set. Returns 0, or a class with why in err (never a password): CV_ECONFIG (a
+ * bounded queue and no URL; credentials refused), CV_ERETRY (the API cannot be
+ * reached, or a 5xx), CV_EREFUSED (another refusal). */
+int queue_limits_apply(const struct cfg *cfg, char *err, size_t errlen);
+
 /* ---- schedule_fire.c: the schedules' slots, fired by the active timekeeper ------ */
 /* When each schedule of the configuration is next looked at (monotonic ms;
  * 0: at the next pass). Owned by the timekeeper's active spell. */
