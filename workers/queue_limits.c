@@ -202,6 +202,10 @@ int queue_limits_apply(const struct cfg *cfg, char *err, size_t errlen) {
         rc = q->max_length > 0 ? put_policy(cfg, q, vhost, list, err, errlen) : delete_policy(cfg, q, vhost, err, errlen);
     }
     cJSON_Delete(list);
+    if (rc < 0 && !bounded) { /* only stale policies to delete: not worth stopping for */
+        log_warn("cannot delete the policies of queues no longer bounded: %s", err);
+        return 0;
+    }
     if (rc < 0) {
         char shown[512], msg[1024];
         url_redact(cfg->rabbitmq_management_url, shown, sizeof shown);
