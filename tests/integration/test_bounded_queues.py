@@ -13,8 +13,8 @@ import urllib.request
 import pika
 import redis as redislib
 
-from harness import (AMQP_URL, REDIS_URL, TRANSPORT, Events, Pool, check, envelope, eq, new_id, query, run_bin,
-                     write_config)
+from harness import (AMQP_URL, REDIS_URL, TRANSPORT, Events, Pool, check, envelope, eq, http_pool, new_id, query,
+                     run_bin, write_config)
 
 MAX = 1000
 CODE_EFULL = -5  # producer/conveyor.h
@@ -149,7 +149,10 @@ def test_a_full_queue_refuses_new_commands_and_loses_none():
         row = [json.loads(x) for x in a.stdout.splitlines() if '"queue"' in x][0]
         eq(row["maxLength"], MAX, "stats shows the limit")
 
-        with Pool(workers={"users": 0, "catalog": 2, "orders": 0}, queue_opts=f"max_length = {MAX};") as pool:
+        with http_pool(workers={"users": 0, "catalog": 2, "orders": 0}, queue_opts=f"max_length = {MAX};") as pool:
+            with urllib.request.urlopen(f"{pool.origin}/metrics", timeout=10) as m:
+                metrics = m.read().decode()
+            check(f'conveyor_queue_max_length{{queue="catalog"}} {MAX}' in metrics, "/metrics shows the limit")
             got = wait_applied(accepted)
             eq(got, {"applied": len(accepted)}, "every accepted command applied")
             eq(query("SELECT count(*) FROM processed_commands WHERE id = %s", cid)[0][0], 0, "the refused one is not")
