@@ -150,8 +150,13 @@ def test_a_full_queue_refuses_new_commands_and_loses_none():
         eq(row["maxLength"], MAX, "stats shows the limit")
 
         with http_pool(workers={"users": 0, "catalog": 2, "orders": 0}, queue_opts=f"max_length = {MAX};") as pool:
-            with urllib.request.urlopen(f"{pool.origin}/metrics", timeout=10) as m:
-                metrics = m.read().decode()
+            metrics, deadline = "", time.time() + 20
+            while not metrics and time.time() < deadline:  # the HTTP child listens soon after the pool is ready
+                try:
+                    with urllib.request.urlopen(f"{pool.origin}/metrics", timeout=10) as m:
+                        metrics = m.read().decode()
+                except OSError:
+                    time.sleep(0.1)
             check(f'conveyor_queue_max_length{{queue="catalog"}} {MAX}' in metrics, "/metrics shows the limit")
             got = wait_applied(accepted)
             eq(got, {"applied": len(accepted)}, "every accepted command applied")
