@@ -166,8 +166,14 @@ static int amqp_publish_commands(struct broker *b, const struct outgoing_command
     struct amqp_msg *m = calloc((size_t)n, sizeof *m);
     bool *refused = calloc((size_t)n, sizeof *refused), *nacked = calloc((size_t)n, sizeof *nacked);
     int *idx = calloc((size_t)n, sizeof *idx), k = 0;
-    int rc = m && refused && nacked && idx ? mark_no_room(a, c, n, refused)
-                                           : broker_fail(b, CV_ERETRY, "rabbitmq: out of memory");
+    if (!m || !refused || !nacked || !idx) {
+        free(m);
+        free(refused);
+        free(nacked);
+        free(idx);
+        return broker_fail(b, CV_ERETRY, "rabbitmq: out of memory");
+    }
+    int rc = mark_no_room(a, c, n, refused);
     for (int i = 0; rc == 0 && i < n; i++) {
         if (refused[i]) continue;
         idx[k] = i;
@@ -180,7 +186,7 @@ static int amqp_publish_commands(struct broker *b, const struct outgoing_command
         for (int j = 0; j < k; j++) any = any || nacked[j];
         if (any) rc = nacks_were_full(a, c, idx, k, nacked, refused);
     }
-    if (refused) rc = report_refused(b, c, n, refused, rc);
+    rc = report_refused(b, c, n, refused, rc);
     free(m);
     free(refused);
     free(nacked);
