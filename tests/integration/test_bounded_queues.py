@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 
 import pika
@@ -52,12 +53,30 @@ def setup_with(config):
     eq(r.returncode, 0, f"--setup: {r.stderr}")
 
 
-def policy(name):
+def management(method, path, body=None):
+    """A request to RabbitMQ's management API (CONVEYOR_RABBITMQ_MANAGEMENT_URL); its JSON, or None."""
     auth = base64.b64encode(MGMT_URL.split("//", 1)[1].split("@", 1)[0].encode()).decode()
     base = "http://" + MGMT_URL.split("@", 1)[1]
-    req = urllib.request.Request(f"{base}/api/policies/%2F/{name}", headers={"authorization": f"Basic {auth}"})
+    req = urllib.request.Request(f"{base}/api/{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"authorization": f"Basic {auth}", "content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+        text = r.read()
+        return json.loads(text) if text else None
+
+
+def policy(name):
+    return management("GET", f"policies/%2F/{name}")
+
+
+def clear_policies():
+    """Back to an unbounded catalog (the other tests' setup would delete it too)."""
+    if TRANSPORT == "rabbitmq":
+        try:
+            management("DELETE", "policies/%2F/conveyor.catalog.max-length")
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise
 
 
 def product_line(tag):
@@ -171,6 +190,7 @@ def test_a_full_queue_refuses_new_commands_and_loses_none():
         n = query("SELECT count(*) FROM products WHERE name LIKE 'bq-%%' AND name NOT LIKE 'bq-foreign%%'")[0][0]
         check(n >= MAX + 1, f"each accepted createProduct made its row ({n})")
     finally:
+        clear_policies()
         os.unlink(config)
 
 
@@ -258,6 +278,7 @@ def test_a_retry_that_meets_a_full_queue_is_not_lost():
         eq(query("SELECT stock FROM products WHERE id = %s", pid)[0][0], 9, "applied once")
     finally:
         query("DROP TRIGGER IF EXISTS test_bq_once ON products")
+        clear_policies()
         os.unlink(config)
 
 
@@ -294,6 +315,7 @@ def test_a_due_parked_command_waits_while_its_queue_is_full():
             eq(wait_applied(fill + [later["id"]]), {"applied": small + 1}, "all applied once the queue drained")
             eq(pool.stop(), (0, []), "clean stop")
     finally:
+        clear_policies()
         os.unlink(config)
 
 
@@ -304,4 +326,22 @@ def test_a_bounded_rabbitmq_queue_needs_the_management_url_rabbitmq():
         eq(r.returncode, 2, f"a configuration error: {r.stderr}")
         check("rabbitmq.management_url" in r.stderr, f"names the setting: {r.stderr}")
     finally:
+        clear_policies()
+        os.unlink(config)
+
+
+def test_an_operators_policy_on_the_queue_is_kept_rabbitmq():
+    """RabbitMQ applies one policy per queue: Conveyor's takes the operator's keys and a priority above it."""
+    management("PUT", "policies/%2F/test-operator", {"pattern": "^conveyor\\.", "apply-to": "queues", "priority": 7,
+                                                      "definition": {"delivery-limit": 50}})
+    config = bounded_config(MAX)
+    try:
+        setup_with(config)
+        p = policy("conveyor.catalog.max-length")
+        eq((p["priority"], p["definition"]), (8, {"delivery-limit": 50, "max-length": MAX, "overflow": "reject-publish"}),
+           "the operator's definition kept, the limit added, above its priority")
+        eq(policy("test-operator")["definition"], {"delivery-limit": 50}, "the operator's own policy untouched")
+    finally:
+        management("DELETE", "policies/%2F/test-operator")
+        clear_policies()
         os.unlink(config)
