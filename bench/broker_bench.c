@@ -117,7 +117,7 @@ int main(int argc, char **argv) {
                                "{\"id\":\"%s\",\"type\":\"%s\",\"payload\":{\"productId\":"
                                "\"00000000-0000-4000-8000-000000000001\",\"quantityChange\":1}}",
                                ids[i], q->commands[0]);
-            oc[i] = (struct outgoing_command){q, q->commands[0], bodies[i], (size_t)len, ids[i]};
+            oc[i] = (struct outgoing_command){q, q->commands[0], bodies[i], (size_t)len, ids[i], NULL};
         }
         if ((rc = broker_publish_commands(b, oc, k)) < 0)
             fprintf(stderr, "conveyor-bench-broker: publish: %s\n", broker_error(b));

@@ -113,6 +113,7 @@ struct prepared {
     char id[ID_LEN + 1];
     char type[CFG_NAME_MAX];
     const struct cfg_queue *q;  /* the queue that routes its type */
+    bool refused;               /* CONVEYOR_EFULL: its bounded queue was full, it was not taken */
 };
 
 /* Completes envelope_json (id, createdAt) and makes the checks a worker makes.
@@ -169,15 +170,19 @@ static int prepare(conveyor_client *c, const char *envelope_json, struct prepare
 
 /* Sends the n prepared commands of transport t with one wait for the broker.
  * Returns 0, or the broker's class of the failure (CV_ERETRY: lost or not
- * taken now; CV_EREFUSED, CV_ECONFIG: it would fail again) with the reason in c->err. */
-static int send_once(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
+ * taken now; CV_EREFUSED, CV_ECONFIG: it would fail again; CV_EFULL: those
+ * with p[i].refused were refused by a full queue, the others taken) with the
+ * reason in c->err. */
+static int send_once(conveyor_client *c, enum transport t, struct prepared *p, int n) {
     struct broker *b = broker_for(c, t);
     if (!b) return c->open_class < 0 ? c->open_class : CV_ERETRY;
     struct outgoing_command *oc = calloc((size_t)n, sizeof *oc);
     if (!oc) return fail(c, CV_EREFUSED, "%s", "out of memory");
-    for (int i = 0; i < n; i++) oc[i] = (struct outgoing_command){p[i].q, p[i].type, p[i].body, strlen(p[i].body), p[i].id};
+    for (int i = 0; i < n; i++) oc[i] = (struct outgoing_command){p[i].q, p[i].type, p[i].body, strlen(p[i].body), p[i].id,
+                                                             &p[i].refused};
     int rc = broker_publish_commands(b, oc, n);
     free(oc);
+    if (rc == CV_EFULL) return fail(c, rc, "%s", broker_error(b)); /* refused, not lost: the connection is fine */
     if (rc < 0) {
         snprintf(c->err, sizeof c->err, "%s", broker_error(b));
         broker_close(b); /* re-opened on the next publish */
@@ -193,14 +198,17 @@ static int send_once(conveyor_client *c, enum transport t, const struct prepared
  * bodies, with the same ids, again with backoff while producer.publish_retry_ms
  * has not passed (checked before each attempt; one attempt is bounded by the
  * connect and confirm timeouts): a message sent twice is applied once (the ids).
- * A broker never reached, or a refusal, fails at once. Returns 0, or
- * CONVEYOR_EBROKER with the reason in c->err. */
-static int send_prepared(conveyor_client *c, enum transport t, const struct prepared *p, int n) {
+ * A broker never reached, or a refusal, fails at once; so does a full queue
+ * (CV_EFULL: never sent again, it is no lost broker). Returns 0,
+ * CONVEYOR_EFULL (p[i].refused: not taken; the others are), or
+ * CONVEYOR_EBROKER, with the reason in c->err. */
+static int send_prepared(conveyor_client *c, enum transport t, struct prepared *p, int n) {
     int64_t deadline = 0;
     int rc, delay = 100;
     c->config_error = false;
     while ((rc = send_once(c, t, p, n)) < 0) {
         c->config_error = rc == CV_ECONFIG;
+        if (rc == CV_EFULL) break;
         if (!c->reached[t] || c->cfg.publish_retry_ms <= 0 || rc != CV_ERETRY) return CONVEYOR_EBROKER;
         int64_t now = clock_mono_ms();
         if (!deadline) deadline = now + c->cfg.publish_retry_ms;
@@ -214,8 +222,8 @@ static int send_prepared(conveyor_client *c, enum transport t, const struct prep
         delay = delay * 2 > 1000 ? 1000 : delay * 2;
     }
     for (int i = 0; i < n; i++) /* sent, but conveyor_wait could not find it: publish it again */
-        if (remember(c, p[i].id) < 0) return fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
-    return 0;
+        if (!p[i].refused && remember(c, p[i].id) < 0) return fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
+    return rc == CV_EFULL ? CONVEYOR_EFULL : 0;
 }
 
 int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]) {
@@ -232,22 +240,30 @@ int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, cha
 int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int n, char (*ids)[37],
                            char **errors) {
     struct prepared *p = calloc((size_t)n, sizeof *p), *group = calloc((size_t)n, sizeof *group);
-    int rc = p && group ? 0 : fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
+    int *at = calloc((size_t)n, sizeof *at); /* group[j] is p[at[j]] */
+    int rc = p && group && at ? 0 : fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
     for (int i = 0; i < n; i++) {
         ids[i][0] = '\0';
         errors[i] = NULL;
     }
     for (int i = 0; rc == 0 && i < n; i++)
         if (prepare(c, envelopes[i], &p[i]) < 0) errors[i] = strdup(c->err);
-    for (int t = 0; t < 2 && rc == 0; t++) { /* one send per transport */
+    /* one send per transport; a full queue of one does not keep the other's from going */
+    for (int t = 0; t < 2 && (rc == 0 || rc == CONVEYOR_EFULL); t++) {
         int k = 0;
         for (int i = 0; i < n; i++)
-            if (p[i].body && p[i].q->transport == (enum transport)t) group[k++] = p[i];
-        if (k) rc = send_prepared(c, (enum transport)t, group, k);
+            if (p[i].body && p[i].q->transport == (enum transport)t) {
+                at[k] = i;
+                group[k++] = p[i];
+            }
+        int sent = k ? send_prepared(c, (enum transport)t, group, k) : 0;
+        for (int j = 0; j < k; j++) p[at[j]].refused = group[j].refused;
+        if (sent < 0) rc = sent;
     }
     free(group);
+    free(at);
     for (int i = 0; p && i < n; i++) {
-        if (p[i].body && rc == 0) snprintf(ids[i], 37, "%s", p[i].id);
+        if (p[i].body && (rc == 0 || (rc == CONVEYOR_EFULL && !p[i].refused))) snprintf(ids[i], 37, "%s", p[i].id);
         free(p[i].body);
     }
     free(p);

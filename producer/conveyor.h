@@ -35,6 +35,8 @@ enum {
     CONVEYOR_EBROKER = -2,   /* the broker could not be reached or refused the message */
     CONVEYOR_ETIMEOUT = -3,  /* no result event in time */
     CONVEYOR_REJECTED = -4,  /* the result is command.rejected */
+    CONVEYOR_EFULL = -5,     /* the command's queue is full (its max_length): refused, not queued; not
+                              * retried by the client (publish it again once the queue drains) */
 };
 
 /* Subscribe to result events at open, so conveyor_wait() sees every result
@@ -76,7 +78,12 @@ int conveyor_config_error(const conveyor_client *c);
  * fails at once. On CONVEYOR_EBROKER id_out holds the command's id too: the
  * command may have been queued, so publish it again with that id
  * (conveyor_publish_envelope), never as a new one. After a broker failure the
- * connection is closed, and opened again by the next publish. */
+ * connection is closed, and opened again by the next publish.
+ * CONVEYOR_EFULL: the queue that routes type has a max_length and holds that
+ * many waiting commands: the command was refused and is not queued (RabbitMQ:
+ * the policy's nack, or the client's own count before sending; Redis: the
+ * client's atomic count-and-push). It is not sent again as for a lost broker;
+ * id_out holds its id, which may be published again once the queue drains. */
 int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
                      const char *correlation_id, char id_out[37]);
 /* As conveyor_publish, for a command that must not run before not_before: an
@@ -98,7 +105,11 @@ int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, cha
  * malloc'd reason when envelope i was invalid (the caller frees it), else NULL.
  * Returns 0 when every valid envelope was confirmed (also when some or all were
  * invalid), or CONVEYOR_EBROKER (then none is reported sent, though some may
- * have been: publish them again, the ids make that safe; also out of memory). */
+ * have been: publish them again, the ids make that safe; also out of memory),
+ * or CONVEYOR_EFULL: a bounded queue was full; then ids[i] is the id of each
+ * envelope that was confirmed, and "" (errors[i] NULL) for each one refused
+ * (not queued): a refused one may be followed by confirmed ones when the
+ * queue drained meanwhile, or when they go to another queue. */
 int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int n, char (*ids)[37],
                            char **errors);
 /* Waits for the result event of command id (needs CONVEYOR_WAIT): the first

@@ -11,7 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
-enum { EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXIT_INVALID = 5 };
+enum { EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXIT_INVALID = 5, EXIT_FULL = 6 };
 
 static const char usage[] =
     "usage: conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--correlation-id ID]\n"
@@ -44,7 +44,9 @@ static const char usage[] =
     "(a bad URL, credentials or a TLS certificate a server refused, a server\n"
     "certificate that is not trusted or not for the host), 3 the broker could not\n"
     "be reached or refused a message, 4 --wait timed out, 5 a command was invalid\n"
-    "and was not sent.\n";
+    "and was not sent, 6 a queue with max_length was full and refused a command\n"
+    "(not queued; on stdin, the lines of that batch it refused are named, the\n"
+    "others' ids printed, and no further line is read).\n";
 
 static int code_for(int rc) {
     switch (rc) {
@@ -52,6 +54,7 @@ static int code_for(int rc) {
     case CONVEYOR_EBROKER: return EXIT_BROKER;
     case CONVEYOR_ETIMEOUT: return EXIT_TIMEOUT;
     case CONVEYOR_REJECTED: return EXIT_REJECTED;
+    case CONVEYOR_EFULL: return EXIT_FULL;
     default: return 0;
     }
 }
@@ -152,6 +155,19 @@ static char *line_not_before(char *line, const char *not_before) {
     }
     cJSON_Delete(o);
     return out;
+}
+
+/* After CONVEYOR_EFULL on a batch of stdin lines: names the lines refused
+ * (neither sent nor invalid), runs of consecutive ones as a range, on stderr. */
+static void report_refused(const long *lines, char (*ids)[37], const bool *invalid, int n, const char *why) {
+    for (int i = 0; i < n; i++) {
+        if (ids[i][0] || invalid[i]) continue;
+        int j = i;
+        while (j + 1 < n && !ids[j + 1][0] && !invalid[j + 1] && lines[j + 1] == lines[j] + 1) j++;
+        if (j == i) fprintf(stderr, "conveyor-produce: stdin line %ld refused, not queued: %s\n", lines[i], why);
+        else fprintf(stderr, "conveyor-produce: stdin lines %ld-%ld refused, not queued: %s\n", lines[i], lines[j], why);
+        i = j;
+    }
 }
 
 /* --at TIME or --in DURATION into out (RFC 3339); returns true, or false with why. */
@@ -256,7 +272,7 @@ int main(int argc, char **argv) {
     bool progress = isatty(STDERR_FILENO);
     long published = 0;
     int64_t started = clock_mono_ms(), shown = started;
-    while (status != EXIT_BROKER) {
+    while (status != EXIT_BROKER && status != EXIT_FULL) {
         int n = 0;
         char *l;
         while (n < BATCH_MAX && (l = next_line(&lr, n == 0, &eof))) {
@@ -270,7 +286,9 @@ int main(int argc, char **argv) {
             continue;
         }
         int rc = conveyor_publish_batch(c, (const char *const *)batch, n, bids, errors);
+        bool errors_seen[BATCH_MAX];
         for (int i = 0; i < n; i++) {
+            errors_seen[i] = errors[i] != NULL;
             if (errors[i]) {
                 fprintf(stderr, "conveyor-produce: stdin line %ld not sent: %s\n", lines[i], errors[i]);
                 status = EXIT_INVALID;
@@ -285,7 +303,10 @@ int main(int argc, char **argv) {
             free(errors[i]);
             free(batch[i]);
         }
-        if (rc < 0) {
+        if (rc == CONVEYOR_EFULL) { /* refused, not queued: say which lines, read no more */
+            report_refused(lines, bids, errors_seen, n, conveyor_error(c));
+            status = EXIT_FULL;
+        } else if (rc < 0) {
             fprintf(stderr, "conveyor-produce: stdin lines %ld-%ld not sent: %s\n", lines[0], lines[n - 1],
                     conveyor_error(c));
             status = EXIT_BROKER;

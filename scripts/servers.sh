@@ -18,12 +18,14 @@ PG_PORT=${CONVEYOR_PG_PORT:-55432}
 REDIS_PORT=${CONVEYOR_REDIS_PORT:-56379}
 AMQP_PORT=${CONVEYOR_AMQP_PORT:-55672}
 AMQP_DIST_PORT=${CONVEYOR_AMQP_DIST_PORT:-55673}
+# the management plugin's HTTP API (bounded queues: Conveyor sets its max-length policies there)
+AMQP_MGMT_PORT=${CONVEYOR_AMQP_MGMT_PORT:-$((AMQP_PORT + 2))}
 # a second set of servers (another clone, a helper's worktree) sets all four ports,
 # CONVEYOR_AMQP_NODENAME (say conveyor2@localhost) and CONVEYOR_STATE_DIR or its own clone
 PG_BIN=/usr/lib/postgresql/15/bin
 
 PACKAGES="build-essential cmake pkg-config git
-  librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev libmicrohttpd-dev tzdata
+  librabbitmq-dev libhiredis-dev libpq-dev libcjson-dev uuid-dev libconfig-dev libsodium-dev libmicrohttpd-dev libcurl4-openssl-dev tzdata
   postgresql redis-server redis-tools rabbitmq-server amqp-tools
   python3-pika python3-redis python3-psycopg2 python3-jsonschema python3-prometheus-client python3-yaml procps clang libclang-rt-14-dev
   curl openssl iproute2 docker-compose"
@@ -52,7 +54,7 @@ state_dir() {
 need_install() {
   for b in "$PG_BIN/postgres" /usr/bin/redis-server /usr/sbin/rabbitmq-server /usr/bin/amqp-publish \
            /usr/include/amqp.h /usr/include/hiredis/hiredis.h /usr/include/cjson/cJSON.h \
-           /usr/include/libconfig.h /usr/include/sodium.h /usr/include/microhttpd.h /usr/include/uuid/uuid.h /usr/bin/cmake \
+           /usr/include/libconfig.h /usr/include/sodium.h /usr/include/microhttpd.h /usr/include/x86_64-linux-gnu/curl/curl.h /usr/include/uuid/uuid.h /usr/bin/cmake \
            /usr/bin/clang /usr/bin/curl /usr/bin/openssl /usr/bin/ip /usr/sbin/tc /usr/bin/docker-compose; do
     [ -e "$b" ] || return 0
   done
@@ -84,6 +86,7 @@ rabbit_env() {
   export RABBITMQ_PID_FILE=$st/rabbitmq/rabbitmq.pid
   export RABBITMQ_ENABLED_PLUGINS_FILE=$st/rabbitmq/enabled_plugins
   export RABBITMQ_CONFIG_FILE=$st/rabbitmq/rabbitmq
+  export RABBITMQ_ADVANCED_CONFIG_FILE=$st/rabbitmq/advanced.config
 }
 rabbit_running() {
   local st=$1
@@ -143,8 +146,12 @@ rabbit_up() {
   if rabbit_running "$st"; then return; fi
   rabbit_env "$st"
   mkdir -p "$st/rabbitmq/mnesia" "$st/rabbitmq/log"
-  echo '[].' > "$RABBITMQ_ENABLED_PLUGINS_FILE"
-  printf 'loopback_users.guest = true\nlisteners.tcp.default = 127.0.0.1:%s\n' "$AMQP_PORT" > "$st/rabbitmq/rabbitmq.conf"
+  echo '[rabbitmq_management].' > "$RABBITMQ_ENABLED_PLUGINS_FILE"
+  printf 'loopback_users.guest = true\nlisteners.tcp.default = 127.0.0.1:%s\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\n' \
+    "$AMQP_PORT" "$AMQP_MGMT_PORT" > "$st/rabbitmq/rabbitmq.conf"
+  # a dead-lettered message a full queue refused (at-least-once dead-lettering of the
+  # delay queues) is offered again after this long (RabbitMQ's default: 2 min)
+  echo '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].' > "$RABBITMQ_ADVANCED_CONFIG_FILE"
   chown -R rabbitmq:rabbitmq "$st/rabbitmq"
   log "starting RabbitMQ on 127.0.0.1:$AMQP_PORT (about 10 s)"
   rm -f "$RABBITMQ_PID_FILE"
@@ -162,7 +169,7 @@ rabbit_up() {
 TLS_TEST_PORTS=${CONVEYOR_TLS_PORT_BASE:-57000}  # and the failover test's (57030-57041)
 reserve_ports() {
   local f=/proc/sys/net/ipv4/ip_local_reserved_ports
-  local want="$PG_PORT,$REDIS_PORT,$AMQP_PORT,$AMQP_DIST_PORT,$TLS_TEST_PORTS-$((TLS_TEST_PORTS + 49))"
+  local want="$PG_PORT,$REDIS_PORT,$AMQP_PORT,$AMQP_DIST_PORT,$AMQP_MGMT_PORT,$TLS_TEST_PORTS-$((TLS_TEST_PORTS + 49))"
   local have; have=$(cat "$f" 2>/dev/null) || return 0
   local merged=${have:+$have,}$want
   if ! echo "$merged" > "$f" 2>/dev/null; then
@@ -204,6 +211,7 @@ cmd_env() {
 export CONVEYOR_DATABASE_URL='postgresql://conveyor@127.0.0.1:$PG_PORT/conveyor'
 export CONVEYOR_RABBITMQ_URL='amqp://guest:guest@127.0.0.1:$AMQP_PORT'
 export CONVEYOR_REDIS_URL='redis://127.0.0.1:$REDIS_PORT/0'
+export CONVEYOR_RABBITMQ_MANAGEMENT_URL='http://guest:guest@127.0.0.1:$AMQP_MGMT_PORT'
 ENV
 }
 

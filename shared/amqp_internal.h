@@ -85,5 +85,10 @@ int amqp_conn_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what)
  * refused, CV_ERETRY when one was nacked or the connection failed or was
  * silent (it is then dropped), with the reason in a->base.err. */
 int amqp_publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory);
+/* As amqp_publish_confirmed, and nacked (n entries, zeroed by the caller; NULL:
+ * not wanted) tells which messages the broker nacked once every confirm came
+ * (then CV_ERETRY, the connection kept): a bounded queue's reject-publish. */
+int amqp_publish_confirmed_each(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory,
+                                bool *nacked);
 
 #endif

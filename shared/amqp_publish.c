@@ -47,6 +47,7 @@ struct confirms {
     uint64_t first;
     int n, left;              /* the deliveries, and how many are not confirmed yet */
     bool *done;               /* done[t - first]: tag t acked or nacked */
+    bool *nacked;             /* nacked[t - first]: tag t nacked (may be NULL) */
     const char *returned;     /* why one came back ("unroutable", "refused (basic.nack)"), or NULL */
     char returned_key[256];   /* the routing key of an unroutable one */
 };
@@ -73,6 +74,7 @@ static int confirm_frame(struct amqp_broker *a, struct confirms *w, const amqp_f
             if (t < w->first || t >= w->first + (uint64_t)w->n || w->done[t - w->first]) continue;
             w->done[t - w->first] = true;
             w->left--;
+            if (id == AMQP_BASIC_NACK_METHOD && w->nacked) w->nacked[t - w->first] = true;
         }
     } else if (id == AMQP_BASIC_RETURN_METHOD) {
         const amqp_basic_return_t *ret = f->payload.method.decoded;
@@ -96,8 +98,8 @@ static int confirm_frame(struct amqp_broker *a, struct confirms *w, const amqp_f
  * Returns 0 when all came and none came back, else as amqp_publish_confirmed;
  * when some did not come the publish connection is dropped (its confirms
  * would answer the next publish). */
-static int await_confirms(struct amqp_broker *a, uint64_t first, int n) {
-    struct confirms w = {first, n, n, calloc((size_t)n, sizeof *w.done), NULL, ""};
+static int await_confirms(struct amqp_broker *a, uint64_t first, int n, bool *nacked) {
+    struct confirms w = {first, n, n, calloc((size_t)n, sizeof *w.done), nacked, NULL, ""};
     if (!w.done) {
         amqp_conn_drop(&a->publish); /* its confirms would answer the next publish */
         return broker_fail(&a->base, CV_ERETRY, "rabbitmq: no memory to wait for confirms");
@@ -149,10 +151,15 @@ static int await_confirms(struct amqp_broker *a, uint64_t first, int n) {
  * quorum queue without a leader: send it again) or the connection failed (the
  * publish connection is then dropped). */
 int amqp_publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory) {
+    return amqp_publish_confirmed_each(a, m, n, mandatory, NULL);
+}
+
+int amqp_publish_confirmed_each(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory,
+                                bool *nacked) {
     if (n <= 0) return 0; /* nothing to confirm; and gcc then sees a sane size for calloc below */
     int rc = amqp_conn_open(a, &a->publish, true);
     if (rc < 0) return rc;
     uint64_t first = a->publish_tag + 1;
     if ((rc = send_all(a, m, n, mandatory)) < 0) return rc;
-    return await_confirms(a, first, n);
+    return await_confirms(a, first, n, nacked);
 }

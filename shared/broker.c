@@ -46,7 +46,7 @@ int broker_declare(struct broker *b) { return b->ops->declare(b); }
 
 int broker_publish_command(struct broker *b, const struct cfg_queue *q, const char *type,
                            const char *body, size_t len, const char *message_id) {
-    struct outgoing_command c = {q, type, body, len, message_id};
+    struct outgoing_command c = {q, type, body, len, message_id, NULL};
     return b->ops->publish_commands(b, &c, 1);
 }
 

@@ -101,15 +101,96 @@ out:
     return rc;
 }
 
+static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers);
+
+/* Bounded queues, before sending: each queue of c with max_length has room for
+ * max_length minus its waiting messages (a passive declare per queue); the
+ * commands beyond it, in c's order, get refused[i]. Returns 0 or a class. */
+static int mark_no_room(struct amqp_broker *a, const struct outgoing_command *c, int n, bool *refused) {
+    for (int i = 0; i < n; i++) {
+        if (c[i].q->max_length <= 0) continue;
+        bool seen = false;
+        for (int j = 0; j < i && !seen; j++) seen = c[j].q == c[i].q;
+        if (seen) continue; /* counted with its queue's first command */
+        char name[256];
+        long waiting = 0;
+        names_amqp_queue(a->base.cfg, c[i].q->name, name, sizeof name);
+        int rc = passive_count(a, name, &waiting, NULL);
+        if (rc < 0) return rc;
+        long room = c[i].q->max_length - waiting;
+        for (int j = i; j < n; j++)
+            if (c[j].q == c[i].q && !(refused[j] = room <= 0)) room--;
+    }
+    return 0;
+}
+
+/* After a nack: each nacked command whose queue has max_length and is found
+ * full (its waiting messages at or above it: the policy's reject-publish) is
+ * refused[i]. Returns 0 when every nack was such a refusal, else CV_ERETRY (a
+ * nack for another reason: send them again) or a class of the probe. */
+static int nacks_were_full(struct amqp_broker *a, const struct outgoing_command *c, const int *idx, int k,
+                           const bool *nacked, bool *refused) {
+    for (int m = 0; m < k; m++) {
+        if (!nacked[m]) continue;
+        const struct cfg_queue *q = c[idx[m]].q;
+        char name[256];
+        long waiting = 0;
+        names_amqp_queue(a->base.cfg, q->name, name, sizeof name);
+        int rc = q->max_length > 0 ? passive_count(a, name, &waiting, NULL) : 0;
+        if (rc < 0) return rc;
+        if (q->max_length <= 0 || waiting < q->max_length)
+            return broker_fail(&a->base, CV_ERETRY, "rabbitmq refused (basic.nack) the message: not taken now");
+        refused[idx[m]] = true;
+    }
+    return 0;
+}
+
+/* Sets *refused of each command (when asked) and, when some were refused,
+ * the CV_EFULL message; returns rc, or CV_EFULL for a success with refusals. */
+static int report_refused(struct broker *b, const struct outgoing_command *c, int n, const bool *refused, int rc) {
+    int nref = 0, first = -1;
+    for (int i = 0; i < n; i++) {
+        if (c[i].refused) *c[i].refused = rc == 0 && refused[i];
+        if (refused[i] && first < 0) first = i;
+        nref += refused[i];
+    }
+    if (rc < 0 || nref == 0) return rc;
+    char name[256];
+    names_amqp_queue(b->cfg, c[first].q->name, name, sizeof name);
+    return broker_fail(b, CV_EFULL, "queue %s is full (max_length %ld): %d of %d commands refused", name,
+                       c[first].q->max_length, nref, n);
+}
+
 static int amqp_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     struct amqp_msg *m = calloc((size_t)n, sizeof *m);
-    if (!m) return broker_fail(b, CV_ERETRY, "rabbitmq: out of memory");
-    for (int i = 0; i < n; i++)
-        m[i] = (struct amqp_msg){a->commands_ex, c[i].type, c[i].body, c[i].len, c[i].message_id, c[i].type,
-                                 amqp_empty_table, NULL};
-    int rc = amqp_publish_confirmed(a, m, n, true);
+    bool *refused = calloc((size_t)n, sizeof *refused), *nacked = calloc((size_t)n, sizeof *nacked);
+    int *idx = calloc((size_t)n, sizeof *idx), k = 0;
+    if (!m || !refused || !nacked || !idx) {
+        free(m);
+        free(refused);
+        free(nacked);
+        free(idx);
+        return broker_fail(b, CV_ERETRY, "rabbitmq: out of memory");
+    }
+    int rc = mark_no_room(a, c, n, refused);
+    for (int i = 0; rc == 0 && i < n; i++) {
+        if (refused[i]) continue;
+        idx[k] = i;
+        m[k++] = (struct amqp_msg){a->commands_ex, c[i].type, c[i].body, c[i].len, c[i].message_id, c[i].type,
+                                   amqp_empty_table, NULL};
+    }
+    if (rc == 0) rc = amqp_publish_confirmed_each(a, m, k, true, nacked);
+    if (rc == CV_ERETRY && a->publish) { /* every confirm came: some were nacked */
+        bool any = false;
+        for (int j = 0; j < k; j++) any = any || nacked[j];
+        if (any) rc = nacks_were_full(a, c, idx, k, nacked, refused);
+    }
+    rc = report_refused(b, c, n, refused, rc);
     free(m);
+    free(refused);
+    free(nacked);
+    free(idx);
     return rc;
 }
 
@@ -295,26 +376,39 @@ static int amqp_dead_letter(struct broker *b, const struct delivery *d, const ch
     return amqp_ack(b, d);
 }
 
-/* The delay queue for delay_ms: conveyor.<q>.retry.<nominal ms>, one per
- * doubling of the base delay, so messages of one queue expire in about the
- * order they were put in (a message expires only at the head of its queue). */
+/* The name of q's delay queue of nominal delay ms: <queue>.retry.<ms> (classic,
+ * at-most-once dead-lettering), or for a bounded queue <queue>.delay.<ms>
+ * (quorum, at-least-once dead-lettering: a message that a full queue
+ * refuses stays in it and is offered again, never dropped). */
+static void delay_queue_name(const struct cfg *c, const struct cfg_queue *q, long ms, char *out, size_t n) {
+    char name[256];
+    names_amqp_queue(c, q->name, name, sizeof name);
+    snprintf(out, n, "%s.%s.%ld", name, q->max_length > 0 ? "delay" : "retry", ms);
+}
+
+/* The delay queue for delay_ms (delay_queue_name), one per doubling of the
+ * base delay, so messages of one queue expire in about the order they were put
+ * in (a message expires only at the head of its queue); declared here. */
 static int retry_queue(struct amqp_broker *a, int delay_ms, char *name, size_t n) {
     const struct cfg *c = a->base.cfg;
     long nominal = c->retry_base_ms;
     while (nominal < delay_ms && nominal < c->retry_max_ms) nominal *= 2;
     if (nominal > c->retry_max_ms) nominal = c->retry_max_ms;
-    snprintf(name, n, "%s.retry.%ld", a->queue, nominal);
-    amqp_table_entry_t e[3];
-    e[0].key = amqp_cstring_bytes("x-dead-letter-exchange");
-    e[0].value.kind = AMQP_FIELD_KIND_UTF8;
-    e[0].value.value.bytes = amqp_cstring_bytes("");
-    e[1].key = amqp_cstring_bytes("x-dead-letter-routing-key");
-    e[1].value.kind = AMQP_FIELD_KIND_UTF8;
-    e[1].value.value.bytes = amqp_cstring_bytes(a->queue);
-    e[2].key = amqp_cstring_bytes("x-queue-type");
-    e[2].value.kind = AMQP_FIELD_KIND_UTF8;
-    e[2].value.value.bytes = amqp_cstring_bytes("classic");
-    amqp_table_t args = {3, e};
+    bool bounded = a->base.queue && a->base.queue->max_length > 0;
+    if (a->base.queue) delay_queue_name(c, a->base.queue, nominal, name, n);
+    else snprintf(name, n, "%s.retry.%ld", a->queue, nominal);
+    amqp_table_entry_t e[5];
+    const char *const kv[5][2] = {{"x-dead-letter-exchange", ""},
+                                  {"x-dead-letter-routing-key", a->queue},
+                                  {"x-queue-type", bounded ? "quorum" : "classic"},
+                                  {"x-dead-letter-strategy", "at-least-once"},
+                                  {"x-overflow", "reject-publish"}}; /* at-least-once needs it */
+    for (int i = 0; i < 5; i++) {
+        e[i].key = amqp_cstring_bytes(kv[i][0]);
+        e[i].value.kind = AMQP_FIELD_KIND_UTF8;
+        e[i].value.value.bytes = amqp_cstring_bytes(kv[i][1]);
+    }
+    amqp_table_t args = {bounded ? 5 : 3, e};
     int rc = amqp_conn_open(a, &a->publish, true);
     if (rc < 0) return rc;
     amqp_queue_declare(a->publish, CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, args);
@@ -483,7 +577,7 @@ static int amqp_queue_counts(struct broker *b, const struct cfg_queue *q, struct
     for (long nominal = c->retry_base_ms; rc == 0; nominal *= 2) {
         if (nominal > c->retry_max_ms) nominal = c->retry_max_ms;
         long n;
-        snprintf(other, sizeof other, "%s.retry.%ld", name, nominal);
+        delay_queue_name(c, q, nominal, other, sizeof other);
         if ((rc = passive_count(a, other, &n, NULL)) == 0) out->retrying += n;
         if (nominal >= c->retry_max_ms) break;
     }

@@ -45,16 +45,33 @@ static void redis_close(struct broker *b) {
 
 static int redis_declare(struct broker *b) { (void)b; return 0; }
 
+/* Each command LPUSHed, in one pipeline; to a bounded queue (max_length)
+ * through redis_script_bounded_push, which refuses it when the list is full:
+ * then CV_EFULL (the others were taken), each one's *refused set. */
 static int redis_publish_commands(struct broker *b, const struct outgoing_command *c, int n) {
     struct redis_broker *r = (struct redis_broker *)b;
     if (redis_conn_ready(r) < 0) return CV_ERETRY;
-    char key[256];
+    long long *len = calloc((size_t)n, sizeof *len);
+    if (!len) return broker_fail(b, CV_ERETRY, "redis: out of memory");
+    char key[256], max[24];
     for (int i = 0; i < n; i++) {
         names_redis(b->cfg, "queue", c[i].q->name, key, sizeof key);
-        redisAppendCommand(r->ctx, "LPUSH %s %b", key, c[i].body, c[i].len);
+        snprintf(max, sizeof max, "%ld", c[i].q->max_length);
+        if (c[i].q->max_length > 0)
+            redisAppendCommand(r->ctx, "EVAL %s 1 %s %s %b", redis_script_bounded_push, key, max, c[i].body, c[i].len);
+        else redisAppendCommand(r->ctx, "LPUSH %s %b", key, c[i].body, c[i].len);
     }
-    int rc = redis_conn_read_replies(r, n, "LPUSH");
-    return rc < 0 ? rc : redis_conn_wait_replicas(r, "LPUSH");
+    int rc = redis_conn_read_ints(r, n, "LPUSH", len), refused = 0, first = -1;
+    for (int i = 0; i < n; i++) {
+        if (c[i].refused) *c[i].refused = rc == 0 && len[i] < 0;
+        if (rc == 0 && len[i] < 0 && refused++ == 0) first = i;
+    }
+    free(len);
+    if (rc == 0) rc = redis_conn_wait_replicas(r, "LPUSH");
+    if (rc < 0 || !refused) return rc;
+    names_redis(b->cfg, "queue", c[first].q->name, key, sizeof key);
+    return broker_fail(b, CV_EFULL, "queue %s is full (max_length %ld): %d of %d commands refused", key,
+                       c[first].q->max_length, refused, n);
 }
 
 static int redis_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {

@@ -157,7 +157,7 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
                       struct cfg_queue *q) {
     static const char *const keys[] = {"name", "commands", "workers", "prefetch", "transport",
                                        "queue_type", "max_attempts", "batch_size", "statement_timeout_ms",
-                                       "lock_timeout_ms", "idle_in_transaction_timeout_ms", NULL};
+                                       "lock_timeout_ms", "idle_in_transaction_timeout_ms", "max_length", NULL};
     char p[256];
     setting_path(qs, p, sizeof p);
     if (config_setting_type(qs) != CONFIG_TYPE_GROUP)
@@ -198,6 +198,9 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     if (get_int(l, qs, "prefetch", 1, 65535, &q->prefetch) < 0) return CV_ECONFIG;
     if (get_int(l, qs, "max_attempts", 1, 1000, &q->max_attempts) < 0) return CV_ECONFIG;
     if (get_int(l, qs, "batch_size", 1, 1000, &q->batch_size) < 0) return CV_ECONFIG;
+    int max_length = 0; /* bounded queues: 0 unbounded */
+    if (get_int(l, qs, "max_length", 0, 1000000000, &max_length) < 0) return CV_ECONFIG;
+    q->max_length = max_length;
     if (get_int(l, qs, "statement_timeout_ms", 100, 86400000, &q->statement_timeout_ms) < 0 ||
         get_int(l, qs, "lock_timeout_ms", 0, 86400000, &q->lock_timeout_ms) < 0 ||
         get_int(l, qs, "idle_in_transaction_timeout_ms", 1000, 86400000, &q->idle_in_transaction_timeout_ms) < 0)
@@ -265,14 +268,15 @@ static int read_secret_file(struct loader *l, const char *what, const char *path
  * Returns 0 or CV_ECONFIG (said through l). */
 static int load_connections(struct loader *l, config_setting_t *root, struct cfg *c) {
     static const char *const k_url[] = {"url", NULL};
-    static const char *const k_rabbitmq[] = {"url", "ca_file", "cert_file", "key_file", NULL};
+    static const char *const k_rabbitmq[] = {"url", "ca_file", "cert_file", "key_file", "management_url", NULL};
     static const char *const k_redis[] = {"url", "heartbeat_interval", "heartbeat_ttl", "wait_replicas",
                                           "wait_timeout_ms", NULL};
     config_setting_t *g;
     if (get_group(l, root, "database", k_url, &g) < 0 || get_string(l, g, "url", &c->database_url) < 0) return CV_ECONFIG;
     if (get_group(l, root, "rabbitmq", k_rabbitmq, &g) < 0 || get_string_or_list(l, g, "url", &c->rabbitmq_url) < 0 ||
         get_string(l, g, "ca_file", &c->rabbitmq_ca_file) < 0 || get_string(l, g, "cert_file", &c->rabbitmq_cert_file) < 0 ||
-        get_string(l, g, "key_file", &c->rabbitmq_key_file) < 0) return CV_ECONFIG;
+        get_string(l, g, "key_file", &c->rabbitmq_key_file) < 0 ||
+        get_string(l, g, "management_url", &c->rabbitmq_management_url) < 0) return CV_ECONFIG;
     if (!c->rabbitmq_cert_file != !c->rabbitmq_key_file)
         return fail(l, g, "'rabbitmq.cert_file' and 'rabbitmq.key_file' go together: set both or neither");
     if (get_group(l, root, "redis", k_redis, &g) < 0 || get_string(l, g, "url", &c->redis_url) < 0 ||
@@ -529,6 +533,7 @@ static int apply_env(struct loader *l, struct cfg *c) {
         env_url(l, "CONVEYOR_RABBITMQ_URL", "CONVEYOR_RABBITMQ_URL_FILE", &c->rabbitmq_url, &c->rabbitmq_url_setting) < 0 ||
         env_url(l, "CONVEYOR_REDIS_URL", "CONVEYOR_REDIS_URL_FILE", &c->redis_url, &c->redis_url_setting) < 0)
         return CV_ECONFIG;
+    if ((v = getenv("CONVEYOR_RABBITMQ_MANAGEMENT_URL")) && *v) set_str(&c->rabbitmq_management_url, v);
     if ((v = getenv("CONVEYOR_TRANSPORT")) && *v) {
         enum transport t;
         if (!transport_parse(v, &t))
@@ -620,6 +625,7 @@ void cfg_free(struct cfg *c) {
     free(c->rabbitmq_ca_file);
     free(c->rabbitmq_cert_file);
     free(c->rabbitmq_key_file);
+    free(c->rabbitmq_management_url);
     free(c->redis_url);
     free(c->http_listen);
     if (c->http_token) sodium_memzero(c->http_token, strlen(c->http_token));

@@ -43,6 +43,9 @@
  *   CV_ECONFIG   a setting is wrong: unparsable URL,        the process stops, exit 2 (never retried)
  *                unknown scheme, credentials refused
  *   CV_ETIMEOUT  nothing arrived in time (not a failure)    -
+ *   CV_EFULL     a bounded queue (max_length) is full: the   - (a worker never publishes a new command;
+ *                command was refused, not taken              the producer says so, the timekeeper keeps
+ *                                                           it parked)
  */
 enum {
     CV_OK = 0,
@@ -52,6 +55,7 @@ enum {
     CV_EREFUSED = -4,
     CV_ETIMEOUT = -5,
     CV_ECONFIG = -6,
+    CV_EFULL = -7,
 };
 /* The name of a class (of every one above: keep them together), "ok" for CV_OK;
  * a static string, never NULL ("unknown error" for any other value: a bug). */
@@ -64,6 +68,7 @@ static inline const char *cv_strerror(int code) {
     case CV_EREFUSED: return "refused";
     case CV_ETIMEOUT: return "timed out";
     case CV_ECONFIG: return "configuration error";
+    case CV_EFULL: return "queue full";
     default: return "unknown error";
     }
 }
@@ -129,6 +134,8 @@ struct cfg_queue {
     int statement_timeout_ms;           /* statement_timeout */
     int lock_timeout_ms;                /* lock_timeout (0: only statement_timeout bounds a lock wait) */
     int idle_in_transaction_timeout_ms; /* idle_in_transaction_session_timeout (the session is ended) */
+    long max_length;     /* bounded queue: a new command is refused (CV_EFULL) while the queue holds this
+                          * many waiting; 0: unbounded (docs/decisions.md, "Bounded queues") */
     char **commands;     /* command types routed here, owned by the cfg */
     int ncommands;
 };
@@ -200,6 +207,8 @@ struct cfg {
     char *rabbitmq_ca_file;   /* amqps: CA certificates (PEM) that verify the broker; NULL: the system's */
     char *rabbitmq_cert_file; /* amqps: client certificate (PEM), with rabbitmq_key_file; NULL: none */
     char *rabbitmq_key_file;
+    char *rabbitmq_management_url; /* rabbitmq.management_url: the management plugin's HTTP API, where
+                                    * conveyor-workers sets the bounded queues' policies; NULL: none */
     char *redis_url;
     enum transport events_transport;
     long events_maxlen;       /* Redis stream MAXLEN ~ */
@@ -696,10 +705,16 @@ struct outgoing_command {
     const char *body;
     size_t len;
     const char *message_id;
+    bool *refused;      /* may be NULL; else set to whether this one was refused by a full queue */
 };
 /* Publishes n commands with one wait for the broker (a window of confirms /
  * one pipeline), as broker_publish_command does one. On an error none of them
- * may be taken as published (some may have been). */
+ * may be taken as published (some may have been), but CV_EFULL: a queue with
+ * max_length was full, the commands with *refused set were not taken (nothing
+ * of them is queued) and every other one was confirmed. A queue's fill is
+ * checked before sending (RabbitMQ: a passive declare; Redis: in the same
+ * script as the LPUSH), and a RabbitMQ nack from a queue found full is a
+ * refusal too (the policy's reject-publish), never CV_ERETRY. */
 int broker_publish_commands(struct broker *b, const struct outgoing_command *c, int n);
 /* Starts consuming QUEUE as worker WORKER_ID (q is kept: it must outlive b).
  * Returns 0: nothing is sent yet. RabbitMQ's basic.consume goes with the first

@@ -299,6 +299,10 @@ int redis_conn_last_error(struct redis_broker *r) {
 /* Reads the replies of n pipelined commands. Returns 0, CV_EREFUSED if Redis
  * refused one, or CV_ERETRY when the connection broke (it is then dropped). */
 int redis_conn_read_replies(struct redis_broker *r, int n, const char *what) {
+    return redis_conn_read_ints(r, n, what, NULL);
+}
+
+int redis_conn_read_ints(struct redis_broker *r, int n, const char *what, long long *ints) {
     int rc = 0;
     for (int i = 0; i < n; i++) {
         redisReply *rep = NULL;
@@ -311,6 +315,7 @@ int redis_conn_read_replies(struct redis_broker *r, int n, const char *what) {
         broker_note(BROKER_ANSWERED, 0);
         r->replied_ms = clock_mono_ms();
         if (rep->type == REDIS_REPLY_ERROR && rc == 0) rc = reply_error(r, rep, what);
+        if (ints) ints[i] = rep->type == REDIS_REPLY_INTEGER ? rep->integer : 0;
         freeReplyObject(rep);
         if (!r->ctx) return CV_ERETRY; /* dropped by reply_error: the other replies went with it */
     }

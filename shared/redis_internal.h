@@ -90,6 +90,9 @@ int redis_conn_last_error(struct redis_broker *r);
  * Returns 0, CV_EREFUSED if Redis refused one, or CV_ERETRY when the
  * connection broke (it is then dropped); the reason in r->base.err. */
 int redis_conn_read_replies(struct redis_broker *r, int n, const char *what);
+/* As redis_conn_read_replies, and ints[i] (when ints is not NULL) gets reply i
+ * when it is an integer (else 0). */
+int redis_conn_read_ints(struct redis_broker *r, int n, const char *what, long long *ints);
 /* With redis.wait_replicas: waits (WAIT) until that many replicas have what
  * this connection wrote. Returns 0 (also without the setting), or CV_ERETRY
  * (not confirmed in time, or the connection was lost) or CV_EREFUSED with
@@ -117,5 +120,6 @@ extern const char redis_script_take[];   /* held acks removed, then a fair share
 extern const char redis_script_moves[];  /* a message copied, then removed (requeue, dead letters) */
 extern const char redis_script_retry[];  /* into the retry set, then out of flight */
 extern const char redis_script_due[];    /* due retries back to their queue */
+extern const char redis_script_bounded_push[]; /* LPUSH unless the list holds max_length (bounded queues) */
 
 #endif

@@ -53,3 +53,12 @@ const char redis_script_due[] =
     "for _, v in ipairs(m) do redis.call('LPUSH', KEYS[2], v) redis.call('ZREM', KEYS[1], v) "
     "redis.call('SADD', KEYS[3], v) end "
     "return #m";
+
+/* A bounded queue's LPUSH (max_length): pushes ARGV[2] to KEYS[1] unless the
+ * list holds ARGV[1] or more already; returns its new length, or -1 when full
+ * (nothing pushed). Only Conveyor's producers and the timekeeper use it: a
+ * foreign LPUSH, and Conveyor's own moves back (retries, a dead worker's
+ * messages, requeues), are never refused and may go over the limit. */
+const char redis_script_bounded_push[] =
+    "if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end "
+    "return redis.call('LPUSH', KEYS[1], ARGV[2])";

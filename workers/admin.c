@@ -47,7 +47,8 @@ static const char usage[] =
     "'stats' prints per queue its state (running or paused), the messages waiting,\n"
     "in flight (RabbitMQ: what the running pools' workers hold, as each reports it\n"
     "every second), waiting out a retry delay, and dead; its consumers\n"
-    "(RabbitMQ); the commands applied or rejected in the last minute and the last\n"
+    "(RabbitMQ), and under a bounded queue its max_length (and \"full\"); the\n"
+    "commands applied or rejected in the last minute and the last\n"
     "5 minutes (per second); and the outbox: events not yet published, and the age\n"
     "of the oldest; then each rate limit: its tokens now (a keyed limit: its emptiest\n"
     "bucket), the commands parked for a token now, and those that waited or were\n"
@@ -383,6 +384,13 @@ static int read_db_stats(struct db *db, const struct cfg *cfg, struct queue_db_s
     return 0;
 }
 
+/* The line under a bounded queue's row of stats: its max_length, and "full" once
+ * waiting reaches it (a foreign LPUSH on Redis may take it beyond). */
+static void bounded_line(const struct cfg_queue *q, long waiting) {
+    printf("  %s: max_length %ld%s\n", q->name, q->max_length,
+           waiting >= q->max_length ? " (full: new commands are refused)" : "");
+}
+
 static void print_count(long n, int width) {
     if (n < 0) printf(" %*s", width, "n/a");
     else printf(" %*ld", width, n);
@@ -457,6 +465,8 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
             json_add_number_or_null(o, "dead", (double)n.dead);
             json_add_number_or_null(o, "parked", parked_known ? (double)parked[i].count : -1);
             json_add_number_or_null(o, "consumers", (double)n.consumers);
+            /* a bounded queue's max_length (null: unbounded) */
+            json_add_number_or_null(o, "maxLength", q->max_length > 0 ? (double)q->max_length : -1);
             cJSON_AddNumberToObject(o, "processed1m", (double)s->processed_1m);
             cJSON_AddNumberToObject(o, "processed5m", (double)s->processed_5m);
             cJSON_AddNumberToObject(o, "ratePerSecond1m", rate_1m);
@@ -472,6 +482,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         print_count(parked_known ? parked[i].count : -1, 7);
         print_count(n.consumers, 9);
         printf(" %9.2f %9.2f\n", rate_1m, rate_5m);
+        if (q->max_length > 0) bounded_line(q, n.waiting);
     }
     for (int i = 0; !rc && !json && i < cfg->nqueues; i++)
         if (st[i].paused && (!only || only == &cfg->queues[i]))

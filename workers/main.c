@@ -67,6 +67,15 @@ static int broker_wait(const struct cfg *cfg, enum transport t) {
         broker_close(b);
         if (!b) break;
         int rc = t == TRANSPORT_RABBITMQ ? broker_declare_topology(cfg, err, sizeof err) : 0;
+        if (rc == 0 && t == TRANSPORT_RABBITMQ && (rc = queue_limits_apply(cfg, err, sizeof err)) < 0) {
+            if (rc != CV_ERETRY) {
+                fprintf(stderr, "conveyor-workers: cannot bound the RabbitMQ queues: %s\n", err);
+                return CV_EXIT_CONFIG;
+            }
+            log_warn("cannot set the bounded queues' policies (%s); trying again", err);
+            backoff_sleep(1000, &stop_requested);
+            continue;
+        }
         if (rc == 0) return 0;
         if (rc == CV_ECONFIG) {
             url_refused(setting, url, err);

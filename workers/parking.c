@@ -94,24 +94,32 @@ static const struct cfg_queue *release_queue(const struct cfg *cfg, const char *
 }
 
 /* Publishes the rows of r (id, queue, type, envelope) that have a queue, those
- * of transport t, through brokers[t] (opened when NULL). Returns how many, or
- * the class of the failure (brokers[t] then closed and NULL) with why in err. */
+ * of transport t, through brokers[t] (opened when NULL). Returns how many were
+ * sent, or the class of the failure (brokers[t] then closed and NULL) with why
+ * in err; refused[i] (one per row of r) is set for a row a full bounded queue
+ * refused (CV_EFULL is no failure here: the others went, *full says so). */
 static int release_send(const struct cfg *cfg, struct broker *brokers[2], enum transport t, PGresult *r,
-                        char *err, size_t errlen) {
+                        bool *refused, bool *full, char *err, size_t errlen) {
     int n = PQntuples(r), k = 0;
     struct outgoing_command *oc = xcalloc((size_t)(n ? n : 1), sizeof *oc);
     for (int i = 0; i < n; i++) {
         const struct cfg_queue *q = release_queue(cfg, PQgetvalue(r, i, 1), PQgetvalue(r, i, 2));
         if (!q || q->transport != t) continue;
         oc[k++] = (struct outgoing_command){q, PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
-                                            (size_t)PQgetlength(r, i, 3), PQgetvalue(r, i, 0)};
+                                            (size_t)PQgetlength(r, i, 3), PQgetvalue(r, i, 0), &refused[i]};
     }
     int rc = 0, cls = 0;
     if (k > 0 && !brokers[t] && !(brokers[t] = broker_open_class(cfg, t, &cls, err, errlen))) rc = cls ? cls : CV_ERETRY;
     if (k > 0 && rc == 0 && (rc = broker_publish_commands(brokers[t], oc, k)) < 0) {
         snprintf(err, errlen, "%s", broker_error(brokers[t]));
-        broker_close(brokers[t]);
-        brokers[t] = NULL;
+        if (rc == CV_EFULL) { /* refused, not lost: the connection is fine */
+            *full = true;
+            for (int j = 0, sent = k; j < sent; j++) k -= *oc[j].refused;
+            rc = 0;
+        } else {
+            broker_close(brokers[t]);
+            brokers[t] = NULL;
+        }
     }
     free(oc);
     return rc < 0 ? rc : k;
@@ -153,16 +161,17 @@ int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers
                      2, p, &r);
     free(types);
     int sent = 0;
+    bool full = false, *refused = xcalloc(rc == 0 && PQntuples(r) ? (size_t)PQntuples(r) : 1, sizeof *refused);
     for (int t = 0; rc == 0 && t < 2; t++) {
-        int n = release_send(cfg, brokers, (enum transport)t, r, err, errlen);
+        int n = release_send(cfg, brokers, (enum transport)t, r, refused, &full, err, errlen);
         if (n < 0) rc = n;
         else sent += n;
     }
-    if (rc == 0 && sent > 0) {
+    if (rc == 0 && sent > 0) { /* a row a full queue refused stays parked, for a later pass */
         const char **ids = xcalloc((size_t)PQntuples(r), sizeof *ids);
         int k = 0;
         for (int i = 0; i < PQntuples(r); i++)
-            if (release_queue(cfg, PQgetvalue(r, i, 1), PQgetvalue(r, i, 2))) ids[k++] = PQgetvalue(r, i, 0);
+            if (!refused[i] && release_queue(cfg, PQgetvalue(r, i, 1), PQgetvalue(r, i, 2))) ids[k++] = PQgetvalue(r, i, 0);
         char *a = db_array(ids, k);
         const char *dp[1] = {a};
         rc = db_exec(db, "DELETE FROM parked_commands WHERE id = ANY($1::uuid[])", 1, dp, NULL);
@@ -173,7 +182,8 @@ int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers
     else (void)db_cmd(db, "ROLLBACK"); /* fails only with the connection, which rolls back too */
     if (rc < 0 && !err[0]) snprintf(err, errlen, "%s", db_errstr(db));
     PQclear(r);
+    free(refused);
     /* published but not deleted (a failed COMMIT): published again later, and
      * the copy is absorbed by the command's dedup row */
-    return rc < 0 ? rc : sent;
+    return rc < 0 ? rc : full ? CV_EFULL : sent;
 }

@@ -27,6 +27,7 @@ static enum singleton_end timekeeper_active(const struct cfg *cfg, struct db *db
     char err[512];
     int failures = 0;
     int64_t failing_since = 0;
+    bool holding_back = false; /* a full queue refused due parked commands (logged once) */
     enum singleton_end end = SINGLETON_LOST;
     struct schedule_firing firing;
     schedule_firing_init(&firing, cfg);
@@ -44,6 +45,14 @@ static enum singleton_end timekeeper_active(const struct cfg *cfg, struct db *db
             end = SINGLETON_CONFIG_REFUSED;
             break;
         }
+        if (n == CV_EFULL) { /* not a failure: the rows stay parked until the queue has room */
+            if (!holding_back) log_info("a full queue holds back due parked commands (%s); they stay parked", err);
+            holding_back = true;
+            backoff_sleep(TIMEKEEPER_POLL_MS, &stop_requested);
+            continue;
+        }
+        if (holding_back) log_info("due parked commands go to their queues again");
+        holding_back = false;
         if (n < 0) {
             if (!db_ok(db)) break;
             if (!failing_since) failing_since = clock_mono_ms();

@@ -134,9 +134,21 @@ int parking_park(struct db *db, const struct cfg_queue *q, struct batch_item **v
  * queue that routes it now through brokers[transport] (opened when NULL,
  * owned by the caller), and deletes them once the broker confirmed them, in
  * one transaction. Returns how many were published, or an error class with
- * why in err (the rows stay parked; a broker that failed is closed and NULL). */
+ * why in err (the rows stay parked; a broker that failed is closed and NULL);
+ * CV_EFULL: a bounded queue was full, its rows stay parked (those it took and
+ * the other queues' rows are published and deleted), why in err. */
 int parking_release(struct db *db, const struct cfg *cfg, struct broker *brokers[2], int batch, char *err,
                     size_t errlen);
+
+/* ---- queue_limits.c: bounded queues' policies on RabbitMQ ------------------------ */
+/* Sets, through rabbitmq.management_url, the policy of each RabbitMQ queue with
+ * max_length (max-length, overflow reject-publish; merged with an operator's
+ * policy that matches the queue, at a priority above it) and deletes it for one
+ * without. Nothing to do (0) when no RabbitMQ queue is bounded and no URL is
+ * set. Returns 0, or a class with why in err (never a password): CV_ECONFIG (a
+ * bounded queue and no URL; credentials refused), CV_ERETRY (the API cannot be
+ * reached, or a 5xx), CV_EREFUSED (another refusal). */
+int queue_limits_apply(const struct cfg *cfg, char *err, size_t errlen);
 
 /* ---- schedule_fire.c: the schedules' slots, fired by the active timekeeper ------ */
 /* When each schedule of the configuration is next looked at (monotonic ms;

@@ -721,3 +721,25 @@ TEST(bad_schedules_are_refused_naming_schedule_and_field) {
     CHECK(load_text(TWO_QUEUES "schedules = { name = \"n\"; };\n", &c) == CV_ECONFIG);
     CHECK(strstr(err, "'schedules' must be a list") != NULL);
 }
+
+TEST(max_length_bounds_a_queue) {
+    clear_env();
+    unsetenv("CONVEYOR_RABBITMQ_MANAGEMENT_URL");
+    struct cfg c;
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(c.queues[0].max_length == 0); /* unbounded by default */
+    CHECK(c.rabbitmq_management_url == NULL);
+    cfg_free(&c);
+    CHECK(load_text("rabbitmq: { management_url = \"http://u:p@h:15672\"; };\n"
+                    "queues = ( { name = \"q\"; commands = [\"register\"]; max_length = 1000; } );\n", &c) == 0);
+    CHECK(c.queues[0].max_length == 1000);
+    CHECK_STR(c.rabbitmq_management_url, "http://u:p@h:15672");
+    cfg_free(&c);
+    setenv("CONVEYOR_RABBITMQ_MANAGEMENT_URL", "http://e:f@g:1", 1);
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK_STR(c.rabbitmq_management_url, "http://e:f@g:1");
+    cfg_free(&c);
+    unsetenv("CONVEYOR_RABBITMQ_MANAGEMENT_URL");
+    CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; max_length = -1; } );\n", &c) < 0);
+    CHECK(strstr(err, "max_length") != NULL);
+}

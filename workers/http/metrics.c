@@ -189,6 +189,9 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
     header(o, "conveyor_queue_paused", "gauge", "1 while the queue is paused for every pool (conveyor-admin queue pause).");
     for (int i = 0; i < cfg->nqueues; i++)
         put(o, "conveyor_queue_paused{queue=\"%s\"} %d\n", label(cfg->queues[i].name, ql), queue_paused(&cfg->queues[i]) ? 1 : 0);
+    header(o, "conveyor_queue_max_length", "gauge", "The queue's max_length: a new command is refused at this depth (0: unbounded).");
+    for (int i = 0; i < cfg->nqueues; i++)
+        put(o, "conveyor_queue_max_length{queue=\"%s\"} %ld\n", label(cfg->queues[i].name, ql), cfg->queues[i].max_length);
     header(o, "conveyor_outbox_pending", "gauge", "Outbox rows not published yet (sampled).");
     put(o, "conveyor_outbox_pending %ld\n", s->outbox_pending);
     header(o, "conveyor_outbox_oldest_age_seconds", "gauge", "Age of the oldest unpublished outbox row (sampled).");
