@@ -44,8 +44,9 @@ static int limits_exec(struct db *db, const struct cfg *cfg, const char *sql, PG
 }
 
 int rate_limit_states_read(struct db *db, const struct cfg *cfg, struct rate_limit_state *out) {
-    for (int i = 0; i < cfg->nrate_limits; i++)
-        out[i] = (struct rate_limit_state){.rl = &cfg->rate_limits[i], .tokens = cfg->rate_limits[i].burst};
+    for (int i = 0; i < cfg->nrate_limits; i++) /* waiting is rate_limit_waiting_read's */
+        out[i] = (struct rate_limit_state){.rl = &cfg->rate_limits[i], .tokens = cfg->rate_limits[i].burst,
+                                           .waiting = out[i].waiting};
     if (cfg->nrate_limits == 0) return 0;
     PGresult *r = NULL;
     /* a bucket's tokens now: its rows refilled to now, each capped at its size;

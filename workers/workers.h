@@ -107,8 +107,8 @@ struct rate_limit_state {
     long long waiting;    /* parked for a token now (rate_limit_waiting_read) */
 };
 /* Every limit of cfg into out (cfg->nrate_limits entries, in cfg order):
- * tokens, buckets, waited, rejected; a limit never used is full. Returns 0 or
- * the error class. */
+ * tokens, buckets, waited, rejected (waiting is left as it was); a limit never
+ * used is full. Returns 0 or the error class. */
 int rate_limit_states_read(struct db *db, const struct cfg *cfg, struct rate_limit_state *out);
 /* The commands parked for each limit's token now into out[i].waiting (a walk
  * of the parked rows: for stats, not for every sample). Returns 0 or the error class. */

@@ -255,14 +255,15 @@ static char *sample_recent(struct http *h) {
     return json;
 }
 
-/* The parked commands of every queue into s->parked (true), through the
+/* The parked commands of every queue into s->parked, and those waiting for
+ * each rate limit's token into s->limits' waiting (true), through the
  * sampler's connection, in a transaction whose statements may take 30 s (not
  * the sampler's 2 s: a million parked rows take up to a second); false when it
  * failed (the last sample stands). *took_ms: how long it took. */
 static bool sample_parked(struct http *h, struct http_sample *s, int64_t *took_ms) {
     int64_t t0 = clock_mono_ms();
     bool ok = h->db && db_cmd(h->db, "BEGIN; SET LOCAL statement_timeout TO 30000") == 0 &&
-              parked_counts(h->db, h->cfg, s->parked) == 0;
+              parked_counts(h->db, h->cfg, s->parked) == 0 && rate_limit_waiting_read(h->db, h->cfg, s->limits) == 0;
     if (h->db) (void)db_cmd(h->db, ok ? "COMMIT" : "ROLLBACK");
     *took_ms = clock_mono_ms() - t0;
     return ok;
@@ -392,6 +393,7 @@ int http_run(const struct cfg *cfg) {
                 memcpy(s.queues, old.queues, (size_t)cfg->nqueues * sizeof *s.queues);
             }
             if (!parked) memcpy(s.parked, old.parked, (size_t)cfg->nqueues * sizeof *s.parked);
+            for (int i = 0; !parked && i < cfg->nrate_limits; i++) s.limits[i].waiting = old.limits[i].waiting;
             if (!schedules) memcpy(s.schedules, old.schedules, (size_t)cfg->nschedules * sizeof *s.schedules);
             if (!limits) memcpy(s.limits, old.limits, (size_t)cfg->nrate_limits * sizeof *s.limits);
             h.sample = s;
