@@ -7,6 +7,7 @@
 #   scripts/servers.sh down      stop all three (data is kept)
 #   scripts/servers.sh status    say what is running
 #   scripts/servers.sh env       print export lines: eval "$(scripts/servers.sh env)"
+#   scripts/servers.sh state     print the state folder (made if missing)
 #   scripts/servers.sh reset     down, delete the state folder
 #
 # Safe to run twice: every step checks before it acts.
@@ -221,6 +222,7 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
+  state) state_dir ;;
   pg-restart)  # a crash and restart of PostgreSQL (tests): immediate stop, then start
     st=$(state_dir)
     su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -w -t 60 -D '$st/pg' -m immediate -l '$st/pg/server.log' restart" >/dev/null ;;
@@ -229,6 +231,6 @@ case "${1:-}" in
     su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -w -t 60 -D '$st/pg' -m fast stop" >/dev/null ;;
   rabbit-env) st=$(state_dir); rabbit_env "$st"; env | grep '^RABBITMQ_' ;;
   reset) cmd_down; st=$(state_dir); rm -rf "${st:?}"/*; log "state removed" ;;
-  -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) echo "usage: $0 install|up|down|status|env|reset (see --help)" >&2; exit 2 ;;
+  -h|--help|help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) echo "usage: $0 install|up|down|status|env|state|reset (see --help)" >&2; exit 2 ;;
 esac

@@ -1,20 +1,59 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine (as root): installs what is
-# missing, starts the local servers, runs the static analysis (scripts/analyze.sh:
-# a finding fails the suite), builds twice (Release, and ASan+UBSan) and
-# runs every unit and integration test against real PostgreSQL, Redis and
-# RabbitMQ on both transports, with each build (the fault runs on test hosts,
-# labels hosts and faults, with the Release build only). Safe to run again.
+# missing, starts two sets of local servers, runs the static analysis
+# (scripts/analyze.sh: a finding fails the suite), builds twice (Release, and
+# ASan+UBSan), then runs every unit and integration test against
+# real PostgreSQL, Redis and RabbitMQ on both transports, with each build:
+#
+#   1. side by side, each against its own server set:
+#      the Release build's tests but those labelled hosts (the fault runs on
+#      the local servers, label faults, and the benchmark's smoke run, label
+#      bench, in this build only), on the caller's set (CONVEYOR_PG_PORT, ...:
+#      scripts/servers.sh; the README's ports by default), and
+#      the ASan build's tests but hosts, faults and bench (the fuzzer, label
+#      fuzz, in this build only), on a second set: CONVEYOR_ASAN_<NAME> for
+#      each CONVEYOR_<NAME> of servers.sh (PG_PORT, REDIS_PORT, AMQP_PORT,
+#      AMQP_DIST_PORT, AMQP_NODENAME, TLS_PORT_BASE, STATE_DIR), by default
+#      55532, 56479, 55772, 55773, conveyor2@localhost, 57100 and the first
+#      set's state folder with "-asan" after it;
+#   2. then alone, the Release build's tests labelled hosts (network
+#      namespaces with fixed names and servers of their own: one run at a time
+#      on a machine), on the first set.
+#
+# Each run's output goes to its own log (build/test-run-release.log,
+# build-asan/test-run-asan.log, build/test-run-hosts.log) and is printed, with
+# the figures its tests printed, when the run ends. Exit status 0 when the
+# analysis found nothing and every test passed, 1 otherwise. Safe to run again.
 #
 #   scripts/test.sh            everything
-#   scripts/test.sh -R redis   extra arguments go to ctest (both builds)
+#   scripts/test.sh -R redis   extra arguments go to ctest, every run (select by
+#                              name: -R, -E; a -L or -LE would combine with the
+#                              runs' own); a selection without a hosts test skips
+#                              step 2 (-R test_commands holds one: test_pg_failover's
+#                              test_commands_survive_a_failover..., so add -E failover)
+#   CONVEYOR_SKIP_HOSTS=1 scripts/test.sh   step 1 only (another party's hosts run
+#                              is on: the namespaces' names are the machine's)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 if [ "$(id -u)" = 0 ] && ! command -v apt-get >/dev/null; then
   echo "test.sh: needs Debian (apt-get)" >&2; exit 1
 fi
+
+# The ASan run's server set, exported over the caller's (in a subshell).
+use_asan_set() {
+  local first_state; first_state=$(scripts/servers.sh state)
+  export CONVEYOR_PG_PORT=${CONVEYOR_ASAN_PG_PORT:-55532}
+  export CONVEYOR_REDIS_PORT=${CONVEYOR_ASAN_REDIS_PORT:-56479}
+  export CONVEYOR_AMQP_PORT=${CONVEYOR_ASAN_AMQP_PORT:-55772}
+  export CONVEYOR_AMQP_DIST_PORT=${CONVEYOR_ASAN_AMQP_DIST_PORT:-55773}
+  export CONVEYOR_AMQP_NODENAME=${CONVEYOR_ASAN_AMQP_NODENAME:-conveyor2@localhost}
+  export CONVEYOR_TLS_PORT_BASE=${CONVEYOR_ASAN_TLS_PORT_BASE:-57100}
+  export CONVEYOR_STATE_DIR=${CONVEYOR_ASAN_STATE_DIR:-$first_state-asan}
+}
+
 scripts/servers.sh up
+(use_asan_set; mkdir -p "$CONVEYOR_STATE_DIR"; chmod 755 "$CONVEYOR_STATE_DIR"; scripts/servers.sh up)
 scripts/demo.sh stop >/dev/null 2>&1 || true  # a demo pool would take the tests' commands
 # the Node examples of the docs run in the suite, and the dashboard's browser test
 # drives Debian's chromium with playwright-core: Node, npm, chromium, their packages
@@ -29,27 +68,57 @@ if [ -n "$missing" ]; then  # only what is missing: a Node.js from elsewhere may
 fi
 (cd examples/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=warn >/dev/null)  # playwright-core 1.60: Node >= 18
-eval "$(scripts/servers.sh env)"
 unset CONVEYOR_TRANSPORT CONVEYOR_EVENTS_TRANSPORT
 status=0
+
 echo "=== static analysis"
 scripts/analyze.sh || status=1
-for variant in release asan; do
-  echo "=== build: $variant"
-  dir=$(scripts/build.sh "$([ $variant = asan ] && echo asan || echo release)")
-  echo "=== tests: $variant ($dir)"
-  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-  # the chaos test runs 20,000 commands; a quarter of that under the sanitizers (several times slower)
-  if [ $variant = asan ]; then export CONVEYOR_CHAOS_COMMANDS=5000; else unset CONVEYOR_CHAOS_COMMANDS; fi
-  # the long fault runs (label hosts: minutes of frozen nodes and failovers on
-  # test hosts; label faults: a minute of kills -9 or a stop of every pool on the
-  # local servers) and the benchmark's smoke run (label bench) run in the Release
-  # build only, the fuzzer (label fuzz) in the sanitizer build only, where it can
-  # find what it is for: the suite stays within CI's time
-  if [ $variant = asan ]; then only=(-LE 'hosts|faults|bench'); else only=(-LE fuzz); fi
-  ctest --test-dir "$dir" --output-on-failure --timeout 900 "${only[@]}" "$@" || status=1
-  echo "=== figures: $variant"
-  grep -hE '^(FIGURES|chaos \(|[0-9]+ poison messages|worst commit-to-event|standby relay published)' \
-    "$dir/Testing/Temporary/LastTest.log" || true
-done
+# both builds before any test starts: a build beside the tests would take their CPU
+# (nor beside the analysis: on 2 cores that was no faster than one after the other)
+echo "=== build: release"; release=$(scripts/build.sh release)
+echo "=== build: asan"; asan=$(scripts/build.sh asan)
+
+# run_tests NAME DIR CTEST-ARGS...: ctest in DIR against the server set of the
+# environment, its output into DIR/test-run-NAME.log and its LastTest.log kept
+# beside it (DIR/test-run-NAME.LastTest.log: a later run in DIR writes over
+# the first); then prints both (under a lock: the runs end in any order) and
+# returns ctest's status.
+run_tests() {
+  local name=$1 dir=$2; shift 2
+  local log="$dir/test-run-$name.log" rc=0
+  eval "$(scripts/servers.sh env)"
+  echo "=== tests: $name ($dir, PostgreSQL port ${CONVEYOR_PG_PORT:-55432}): started $(date -u +%T), log $log"
+  ctest --test-dir "$dir" --output-on-failure --timeout 900 "$@" >"$log" 2>&1 || rc=$?
+  cp "$dir/Testing/Temporary/LastTest.log" "$dir/test-run-$name.LastTest.log" 2>/dev/null || true
+  {
+    flock 9
+    echo "=== tests: $name ended $(date -u +%T) (ctest status $rc)"
+    cat "$log"
+    echo "=== figures: $name"
+    grep -hE '^(FIGURES|chaos \(|[0-9]+ poison messages|worst commit-to-event|standby relay published)' \
+      "$dir/test-run-$name.LastTest.log" 2>/dev/null || true
+  } 9>"$ROOT/build/test-run.lock"
+  return $rc
+}
+
+# the chaos test runs 20,000 commands; a quarter of that under the sanitizers (several times slower)
+(unset CONVEYOR_CHAOS_COMMANDS; run_tests release "$release" -LE 'hosts|fuzz' "$@") &
+release_run=$!
+(use_asan_set
+ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+ export CONVEYOR_CHAOS_COMMANDS=5000
+ run_tests asan "$asan" -LE 'hosts|faults|bench' "$@") &
+asan_run=$!
+wait $release_run || status=1
+wait $asan_run || status=1
+
+# the fault runs on test hosts, alone; none when the selection holds none
+hosts_tests=$(ctest --test-dir "$release" -N -L hosts "$@" | sed -n 's/^Total Tests: //p')
+if [ -n "${CONVEYOR_SKIP_HOSTS:-}" ] && [ "$CONVEYOR_SKIP_HOSTS" != 0 ]; then
+  echo "=== tests: hosts: skipped (CONVEYOR_SKIP_HOSTS)"
+elif [ "${hosts_tests:-0}" -gt 0 ]; then
+  (unset CONVEYOR_CHAOS_COMMANDS; run_tests hosts "$release" -L hosts "$@") || status=1
+else
+  echo "=== tests: hosts: none selected"
+fi
 exit $status

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 
-from harness import (ROOT, TRANSPORT, Events, Failure, Publisher, check, drain_dead, envelope, eq,
+from harness import (BIN, ROOT, TRANSPORT, Events, Failure, Publisher, check, drain_dead, envelope, eq,
                      http_pool, new_id, query, run_bin, write_config)
 from test_recovery import FAST_RETRY, chaos_trigger, product, stock
 
@@ -417,7 +417,9 @@ class Browser:
 def test_the_page_in_a_browser():
     drain_dead("catalog")
     os.makedirs(ARTIFACTS, exist_ok=True)
-    shot = os.path.join(ARTIFACTS, f"dashboard-{TRANSPORT}.png")
+    # one per build as well: scripts/test.sh runs the Release and the ASan suites at once
+    build = os.path.basename(os.path.normpath(BIN))
+    shot = os.path.join(ARTIFACTS, f"dashboard-{TRANSPORT}" + ("" if build == "build" else f"-{build}") + ".png")
     if os.path.exists(shot):
         os.unlink(shot)
     with chaos_trigger(), dash_pool(extra=FAST_RETRY, queue_opts="max_attempts = 2;") as pool:

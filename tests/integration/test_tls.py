@@ -8,12 +8,14 @@ server does not trust (signed by another CA: a `hostssl ... cert` rule on
 PostgreSQL, `cert_file` on RabbitMQ) is a configuration error too: every binary
 exits 2 at once, naming the setting, with no key in its output.
 
-The servers live under /var/tmp/conveyor-tls-<transport> (reachable by the
+The servers live under /var/tmp/conveyor-tls-<first port> (reachable by the
 postgres and rabbitmq users) on 127.0.0.1 and 127.0.0.2: connecting to
 127.0.0.2, a name the server's certificate does not bear, is the wrong-host case.
 Ports: CONVEYOR_TLS_PORT_BASE (57000) + 0/1/2, + 10 on the redis transport, so
-both transports can run at once. scripts/servers.sh reserves them against
-the kernel's ephemeral ports (a client socket that took one as its local port
+both transports, and the suites of two server sets (each with its own base:
+scripts/test.sh runs two), can run at once: the folder and the RabbitMQ
+node's name (conveyortls<first port>@localhost) follow the port.
+scripts/servers.sh reserves them against the kernel's ephemeral ports (a client socket that took one as its local port
 made PostgreSQL start without its 127.0.0.1 listener once)."""
 import json
 import os
@@ -29,8 +31,8 @@ from harness import BIN, TRANSPORT, Failure, Pool, check, eq, run_bin, write_con
 PG_BIN = "/usr/lib/postgresql/15/bin"
 BASE = int(os.environ.get("CONVEYOR_TLS_PORT_BASE", "57000")) + (10 if TRANSPORT == "redis" else 0)
 PG_PORT, AMQP_PORT, DIST_PORT = BASE, BASE + 1, BASE + 2
-NODE = "conveyortls@localhost" if TRANSPORT == "rabbitmq" else "conveyortls-redis@localhost"
-STATE = f"/var/tmp/conveyor-tls-{TRANSPORT}"
+NODE = f"conveyortls{BASE}@localhost"
+STATE = f"/var/tmp/conveyor-tls-{BASE}"
 CERTS = os.path.join(STATE, "certs")
 
 
