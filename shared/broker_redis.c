@@ -264,6 +264,18 @@ static int redis_requeue(struct broker *b, const struct delivery *d) {
     return transaction(r, "requeue", 3, cmds, keys, vals, lens);
 }
 
+/* As redis_requeue, marked returned only if it was taken so. */
+static int redis_release(struct broker *b, const struct delivery *d) {
+    struct redis_broker *r = (struct redis_broker *)b;
+    const char *const cmds[3] = {"LPUSH", "SADD", "LREM"};
+    const char *const keys[3] = {r->queue_key, r->returned_key, r->inflight_key};
+    const char *const vals[3] = {d->body, d->body, d->body};
+    size_t lens[3] = {d->len, d->len, d->len};
+    if (d->redelivered) return transaction(r, "release", 3, cmds, keys, vals, lens);
+    const char *const cmds2[2] = {cmds[0], cmds[2]}, *const keys2[2] = {keys[0], keys[2]};
+    return transaction(r, "release", 2, cmds2, keys2, vals, lens);
+}
+
 static int redis_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
                              const char *error, int attempts, const char *dead_id) {
     (void)dead_id; /* the list is read in pages as it is: no index */
@@ -557,6 +569,7 @@ static const struct broker_ops redis_ops = {
     .ack = redis_ack,
     .ack_batch = redis_ack_batch,
     .requeue = redis_requeue,
+    .release = redis_release,
     .dead_letter = redis_dead_letter,
     .retry = redis_retry,
     .maintain = redis_maintain,

@@ -189,6 +189,12 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
     header(o, "conveyor_queue_paused", "gauge", "1 while the queue is paused for every pool (conveyor-admin queue pause).");
     for (int i = 0; i < cfg->nqueues; i++)
         put(o, "conveyor_queue_paused{queue=\"%s\"} %d\n", label(cfg->queues[i].name, ql), queue_paused(&cfg->queues[i]) ? 1 : 0);
+    uint64_t opens = 0;
+    int breaker = (int)breaker_read(NULL, 0, &opens);
+    header(o, "conveyor_breaker_state", "gauge", "The pool's breaker around a dependency: 0 closed, 1 half-open, 2 open.");
+    put(o, "conveyor_breaker_state{dependency=\"postgresql\"} %d\n", breaker);
+    header(o, "conveyor_breaker_opened_total", "counter", "Times the pool's breaker opened (from closed).");
+    put(o, "conveyor_breaker_opened_total{dependency=\"postgresql\"} %llu\n", (unsigned long long)opens);
     header(o, "conveyor_outbox_pending", "gauge", "Outbox rows not published yet (sampled).");
     put(o, "conveyor_outbox_pending %ld\n", s->outbox_pending);
     header(o, "conveyor_outbox_oldest_age_seconds", "gauge", "Age of the oldest unpublished outbox row (sampled).");
