@@ -182,10 +182,10 @@ enum breaker_state breaker_read(char *why, size_t n, uint64_t *opens) {
     enum breaker_state st = (enum breaker_state)p->state;
     if (why) {
         if (st == BREAKER_OPEN)
-            snprintf(why, n, "open: %s (a probe in %lld ms)", p->reason,
+            snprintf(why, n, "open: the database failed (%s); a probe in %lld ms", p->reason,
                      (long long)(p->probe_at_ms > clock_mono_ms() ? p->probe_at_ms - clock_mono_ms() : 0));
         else if (st == BREAKER_HALF_OPEN)
-            snprintf(why, n, "half-open: probing the database with one command (opened by: %s)", p->reason);
+            snprintf(why, n, "half-open: probing the database with one command (it failed: %s)", p->reason);
         else
             snprintf(why, n, "closed");
     }
