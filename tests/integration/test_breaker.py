@@ -98,8 +98,8 @@ def test_postgresql_stopped_under_load_spends_no_attempt():  # faults
         for cid in ids:
             ev.wait_result(cid, timeout=60)
         ev.poll(1)
-        for cid in ids:
-            eq(len(ev.for_command(cid)), 1, f"one result event for {cid}")
+        for cid in ids:  # distinct ids: the relay, which lost the database too, may publish an event again
+            eq(len({e["id"] for e in ev.for_command(cid)}), 1, f"one result event for {cid}")
         eq(query("SELECT count(*) FROM processed_commands WHERE id = ANY(%s::uuid[])", ids)[0][0], len(ids),
            "every command processed")
         eq(query("SELECT count(*), count(DISTINCT name) FROM products WHERE name LIKE %s", tag + "-%")[0],
