@@ -38,6 +38,7 @@ struct worker {
     long jobs;             /* commands handled, for max_jobs */
     bool stood_down;       /* broker closed while the database breaker was open */
     int db_failures;       /* this worker's connects that failed in a row (its own backoff and log) */
+    bool probing;          /* it holds the breaker's half-open probe (breaker_turn) */
 };
 
 
@@ -411,7 +412,9 @@ static bool paused_now(struct worker *w, const char *worker_id, enum open_result
  * database refused the configuration (logged); CV_ERETRY when it could not
  * connect (the breaker is told; the first of a series is logged) or after a
  * failure on the new connection (logged; it is closed); w->db is NULL then,
- * and the caller tries again after a pause. */
+ * and the caller tries again after a pause. A connection that works clears
+ * the breaker's count of failures (breaker_success), unless it is the probe's:
+ * its command decides. */
 static int db_ready(struct worker *w) {
     if (w->db) return 0;
     char err[512];
@@ -440,6 +443,7 @@ static int db_ready(struct worker *w) {
         w->db = NULL;
         return CV_ERETRY;
     }
+    if (!w->probing) breaker_success(); /* closed: the count of failures starts again (a probe needs its command) */
     return 0;
 }
 
@@ -452,6 +456,40 @@ static void probe_without_command(struct worker *w) {
     }
     if (breaker_dependency_failed(w->db)) breaker_failure(w->cfg, db_errstr(w->db));
     db_check(w);
+}
+
+/* Before a take: while the database breaker is open, stands down and waits
+ * (buf holds max deliveries, for stand_down); else connects the database (w->db)
+ * and, after a stand-down, consumes anew (w->broker). Sets w->probing when this
+ * take is the breaker's probe. Returns 1 when the worker may take, 0 when it
+ * waited or the database failed (logged; the caller goes round again), or -1
+ * to stop with *status (a refused configuration; a stop while opening). */
+static int ready_to_take(struct worker *w, const char *worker_id, struct delivery *buf, int max, int *status) {
+    enum breaker_turn turn = breaker_turn();
+    w->probing = turn == BREAKER_PROBE;
+    if (turn == BREAKER_WAIT) { /* the database breaker is open: take nothing */
+        stand_down(w, buf, max);
+        backoff_sleep(100, &stop_requested);
+        return 0;
+    }
+    int drc = db_ready(w); /* take nothing while the database is away */
+    if (drc == CV_ECONFIG) {
+        *status = CV_EXIT_CONFIG;
+        return -1;
+    }
+    if (drc < 0) { /* capped backoff; the breaker opens meanwhile after its failures */
+        backoff_sleep(backoff_ms(w->db_failures, 100, 5000), &stop_requested);
+        return 0;
+    }
+    if (w->stood_down) { /* the breaker let it take again: consume anew */
+        w->stood_down = false;
+        enum open_result back = consume_open(w, worker_id);
+        if (back != OPEN_OK) {
+            *status = open_exit_status(back);
+            return -1;
+        }
+    }
+    return 1;
 }
 
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
@@ -469,32 +507,12 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     struct delivery *extra = xcalloc((size_t)take_max, sizeof *extra);
     int status = 0;
     while (!stop_requested) {
-        enum breaker_turn turn = breaker_turn();
-        if (turn == BREAKER_WAIT) { /* the database breaker is open: take nothing */
-            stand_down(&w, extra, take_max);
-            backoff_sleep(100, &stop_requested);
-            continue;
-        }
-        int drc = db_ready(&w); /* take nothing while the database is away */
-        if (drc == CV_ECONFIG) {
-            status = CV_EXIT_CONFIG;
-            break;
-        }
-        if (drc < 0) { /* capped backoff; the breaker opens meanwhile after its failures */
-            backoff_sleep(backoff_ms(w.db_failures, 100, 5000), &stop_requested);
-            continue;
-        }
-        if (w.stood_down) { /* the breaker let it take again: consume anew */
-            w.stood_down = false;
-            enum open_result back = consume_open(&w, worker_id);
-            if (back != OPEN_OK) {
-                status = open_exit_status(back);
-                break;
-            }
-        }
+        int ready = ready_to_take(&w, worker_id, extra, take_max, &status);
+        if (ready < 0) break;
+        if (ready == 0) continue; /* the loop ends here when it was a stop */
         enum open_result reopened;
         if (paused_now(&w, worker_id, &reopened)) {
-            if (turn == BREAKER_PROBE && w.db) probe_without_command(&w); /* not held up by a pause */
+            if (w.probing && w.db) probe_without_command(&w); /* not held up by a pause */
             continue;
         }
         if (reopened != OPEN_OK) { /* stopped, or the broker refused the configuration */
@@ -507,7 +525,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
          * and what came with it taken too */
         int want = take_max; /* and no more than max_jobs lets it run before it is recycled */
         if (cfg->max_jobs > 0 && cfg->max_jobs - w.jobs < want) want = (int)(cfg->max_jobs - w.jobs);
-        if (want < 1 || turn == BREAKER_PROBE) want = 1; /* a probe is one command */
+        if (want < 1 || w.probing) want = 1; /* a probe is one command */
         int n = 0, rc = broker_take(w.broker, extra, want);
         if (rc == 0 && (rc = broker_next(w.broker, &extra[0], TAKE_WAIT_MS)) > 0) {
             int more = broker_take(w.broker, &extra[1], want - 1);
@@ -527,7 +545,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         if (broker_failures) log_info("broker is back");
         broker_failures = 0;
         if (n == 0) {
-            if (turn == BREAKER_PROBE) probe_without_command(&w);
+            if (w.probing) probe_without_command(&w);
             continue;
         }
         /* a pause that came while it waited is seen before the next take: what

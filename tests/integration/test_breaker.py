@@ -69,25 +69,29 @@ def test_postgresql_stopped_under_load_spends_no_attempt():  # faults
         stopped = time.time()
         try:
             # while it is out: /readyz 503 naming the breaker, the metric open
-            seen_open, readyz_open = False, None
+            seen_open, readyz_open, dashboard_open = False, None, False
             while time.time() < stopped + OUTAGE_S:
                 status, why = breaker_check(pool)
                 if why and why.startswith("open:"):
                     readyz_open = (status, why)
                 samples, _ = scrape(pool)
                 seen_open |= samples.get(STATE) == 2.0
+                overview = json.loads(get(pool, "/api/overview")[2])  # the dashboard's badge reads it
+                dashboard_open |= overview["breaker"]["state"] == "open"
                 time.sleep(0.2)
             check(readyz_open is not None, "/readyz named the open breaker during the outage")
             eq(readyz_open[0], 503, "/readyz is 503 while the breaker is open")
             check(readyz_open[1].startswith("open: the database failed ("),
                   f"the reason names the database's failure: {readyz_open[1]}")
             check(seen_open, "conveyor_breaker_state was 2 (open) during the outage")
+            check(dashboard_open, "the dashboard's overview said the breaker was open")
             during = len(load.ids)
         finally:
             servers("up")
         wait_http(pool, "/readyz", 200, timeout=60)
         samples, _ = scrape(pool)
         eq(samples.get(STATE), 0.0, "the breaker is closed again")
+        eq(json.loads(get(pool, "/api/overview")[2])["breaker"]["state"], "closed", "the dashboard says closed")
         eq(samples.get(("conveyor_breaker_opened_total", frozenset({("dependency", "postgresql")}))), 1.0,
            "it opened once")
         time.sleep(1)
