@@ -220,6 +220,7 @@ def test_database_lost_mid_take_hands_the_rest_back():
         for c in cmds:
             eq(ev.wait_result(c["id"], timeout=30)[0]["type"], "stock.updated", "applied")
         eq([stock(p) for p in [slow] + others], [11] * 7, "each applied once")
+        check("attempt 1 of" not in pool.read_log(), "no attempt spent: the lost transaction was the database's")
         pub.close()
         ev.close()
         eq(pool.stop(), (0, []), "clean stop, no worker crashed")
