@@ -32,6 +32,7 @@ struct amqp_broker {
     char queue[256], dead[256];
     char commands_ex[256], events_ex[256];
     bool consuming;
+    char consumer_tag[256];    /* the server's name for the consumer (basic.consume-ok), for basic.cancel */
     int prefetch;
     uint64_t ack_held;         /* a multiple ack up to this tag, not sent yet (0: none) */
     int ack_held_n;            /* how many deliveries it covers */

@@ -73,6 +73,10 @@ int broker_take(struct broker *b, struct delivery *d, int max) {
 int broker_ack(struct broker *b, const struct delivery *d) { return b->ops->ack(b, d); }
 int broker_ack_batch(struct broker *b, const struct delivery *d, int n) { return n > 0 ? b->ops->ack_batch(b, d, n) : 0; }
 int broker_requeue(struct broker *b, const struct delivery *d) { return b->ops->requeue(b, d); }
+int broker_release(struct broker *b, const struct delivery *d) { return b->ops->release(b, d); }
+int broker_stop_consuming(struct broker *b, struct delivery *d, int max) {
+    return b->ops->stop_consuming && max > 0 ? b->ops->stop_consuming(b, d, max) : 0;
+}
 
 int broker_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
                        const char *error, int attempts, const char *dead_id) {

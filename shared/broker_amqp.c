@@ -210,9 +210,11 @@ static int start_consuming(struct amqp_broker *a) {
     if (rc < 0) return rc;
     amqp_basic_qos(a->consume, CHANNEL, 0, (uint16_t)a->prefetch, 0);
     if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.qos")) < 0) goto fail;
-    amqp_basic_consume(a->consume, CHANNEL, amqp_cstring_bytes(a->queue), amqp_empty_bytes, 0, 0, 0,
-                       amqp_empty_table);
+    amqp_basic_consume_ok_t *ok = amqp_basic_consume(a->consume, CHANNEL, amqp_cstring_bytes(a->queue),
+                                                     amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
     if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.consume")) < 0) goto fail;
+    snprintf(a->consumer_tag, sizeof a->consumer_tag, "%.*s", ok ? (int)ok->consumer_tag.len : 0,
+             ok ? (const char *)ok->consumer_tag.bytes : "");
     return 0;
 fail:
     drop_consume(a);
@@ -300,7 +302,9 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     /* back after a crash or a requeue (redelivered), or from a delay queue
      * (RabbitMQ's x-death header, added when it dead-letters the message back) */
     amqp_basic_properties_t *p = &env.message.properties;
-    d->redelivered = env.redelivered || ((p->_flags & AMQP_BASIC_HEADERS_FLAG) && find_header(&p->headers, "x-death"));
+    d->redelivered = env.redelivered || ((p->_flags & AMQP_BASIC_HEADERS_FLAG) &&
+                                         (find_header(&p->headers, "x-death") ||
+                                          find_header(&p->headers, "x-conveyor-redelivered")));
     if (p->_flags & AMQP_BASIC_HEADERS_FLAG) d->traceparent = header_str(&p->headers, "traceparent");
     amqp_destroy_envelope(&env);
     return 1;
@@ -343,6 +347,41 @@ static int traceparent_header(amqp_table_entry_t *e, const char *value) {
     e->value.kind = AMQP_FIELD_KIND_UTF8;
     e->value.value.bytes = amqp_cstring_bytes(value);
     return 1;
+}
+
+/* A copy to the tail of the queue, confirmed, then the original acked: a
+ * requeue would come back marked redelivered (one handler start counted). */
+static int amqp_release(struct broker *b, const struct delivery *d) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    amqp_table_entry_t h[2];
+    int nh = traceparent_header(&h[0], d->traceparent);
+    if (d->redelivered) { /* it stays redelivered: a start of it may be uncounted */
+        h[nh].key = amqp_cstring_bytes("x-conveyor-redelivered");
+        h[nh].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+        h[nh++].value.value.boolean = 1;
+    }
+    struct amqp_msg m = {"", a->queue, d->body, d->len, d->message_id, NULL, {nh, h}, NULL};
+    int rc = amqp_publish_confirmed(a, &m, 1, true);
+    if (rc < 0) return rc;
+    return amqp_ack(b, d);
+}
+
+/* basic.cancel; deliveries that arrived before its cancel-ok are kept by
+ * librabbitmq (queued frames) and read here without waiting. */
+static int amqp_stop_consuming(struct broker *b, struct delivery *d, int max) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    if (!a->consume) return 0; /* no channel: RabbitMQ has them back already */
+    send_held_ack(a);
+    if (!a->consume) return 0;
+    amqp_basic_cancel(a->consume, CHANNEL, amqp_cstring_bytes(a->consumer_tag));
+    int rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.cancel");
+    if (rc < 0) {
+        drop_consume(a);
+        return rc;
+    }
+    int n = 0;
+    while (n < max && (rc = amqp_next(b, &d[n], 0)) > 0) n++;
+    return n;
 }
 
 static int amqp_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
@@ -656,6 +695,8 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .ack = amqp_ack,
     .ack_batch = amqp_ack_batch,
     .requeue = amqp_requeue,
+    .release = amqp_release,
+    .stop_consuming = amqp_stop_consuming,
     .dead_letter = amqp_dead_letter,
     .retry = amqp_retry,
     .maintain = amqp_maintain,

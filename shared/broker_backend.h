@@ -17,6 +17,9 @@ struct broker_ops {
     /* may hold the ack and send it with the next take (broker_ack_batch) */
     int (*ack_batch)(struct broker *b, const struct delivery *d, int n);
     int (*requeue)(struct broker *b, const struct delivery *d);
+    int (*release)(struct broker *b, const struct delivery *d);
+    /* optional: a backend that delivers ahead of a take (else nothing to hand over) */
+    int (*stop_consuming)(struct broker *b, struct delivery *d, int max);
     int (*dead_letter)(struct broker *b, const struct delivery *d, const char *reason,
                        const char *error, int attempts, const char *dead_id);
     int (*retry)(struct broker *b, const struct delivery *d, int delay_ms);

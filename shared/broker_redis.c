@@ -272,13 +272,24 @@ static int transaction(struct redis_broker *r, const char *what, int n, const ch
     return redis_conn_read_replies(r, 1, what);
 }
 
-static int redis_requeue(struct broker *b, const struct delivery *d) {
-    struct redis_broker *r = (struct redis_broker *)b;
-    const char *const cmds[3] = {"LPUSH", "SADD", "LREM"};
-    const char *const keys[3] = {r->queue_key, r->returned_key, r->inflight_key};
+/* Moves d from flight back to the producer end of its queue, noted in the
+ * returned set first when marked (what names it in an error). */
+static int put_back(struct redis_broker *r, const struct delivery *d, bool marked, const char *what) {
+    const char *const cmds[3] = {"SADD", "LPUSH", "LREM"};
+    const char *const keys[3] = {r->returned_key, r->queue_key, r->inflight_key};
     const char *const vals[3] = {d->body, d->body, d->body};
     size_t lens[3] = {d->len, d->len, d->len};
-    return transaction(r, "requeue", 3, cmds, keys, vals, lens);
+    int from = marked ? 0 : 1;
+    return transaction(r, what, 3 - from, cmds + from, keys + from, vals + from, lens + from);
+}
+
+static int redis_requeue(struct broker *b, const struct delivery *d) {
+    return put_back((struct redis_broker *)b, d, true, "requeue");
+}
+
+/* As redis_requeue, marked returned only if it was taken so. */
+static int redis_release(struct broker *b, const struct delivery *d) {
+    return put_back((struct redis_broker *)b, d, d->redelivered, "release");
 }
 
 static int redis_dead_letter(struct broker *b, const struct delivery *d, const char *reason,
@@ -574,6 +585,7 @@ static const struct broker_ops redis_ops = {
     .ack = redis_ack,
     .ack_batch = redis_ack_batch,
     .requeue = redis_requeue,
+    .release = redis_release,
     .dead_letter = redis_dead_letter,
     .retry = redis_retry,
     .maintain = redis_maintain,

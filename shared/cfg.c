@@ -345,6 +345,21 @@ static int load_tuning(struct loader *l, config_setting_t *root, enum transport 
     return 0;
 }
 
+/* The breaker group (the database breaker, workers/breaker.c): failures,
+ * backoff_ms, max_backoff_ms. Returns 0 or CV_ECONFIG. */
+static int load_breaker(struct loader *l, config_setting_t *root, struct cfg *c) {
+    static const char *const k_breaker[] = {"failures", "backoff_ms", "max_backoff_ms", NULL};
+    config_setting_t *g;
+    if (get_group(l, root, "breaker", k_breaker, &g) < 0 ||
+        get_int(l, g, "failures", 1, 1000, &c->breaker_failures) < 0 ||
+        get_int(l, g, "backoff_ms", 100, 3600000, &c->breaker_backoff_ms) < 0 ||
+        get_int(l, g, "max_backoff_ms", 100, 3600000, &c->breaker_max_backoff_ms) < 0) return CV_ECONFIG;
+    if (c->breaker_max_backoff_ms < c->breaker_backoff_ms)
+        return fail(l, config_setting_get_member(g, "max_backoff_ms"),
+                    "'breaker.max_backoff_ms' must not be below 'breaker.backoff_ms'");
+    return 0;
+}
+
 /* The http group: listen, token or token_file. Returns 0 or CV_ECONFIG. */
 static int load_http(struct loader *l, config_setting_t *root, struct cfg *c) {
     static const char *const k_http[] = {"listen", "token", "token_file", NULL};
@@ -471,7 +486,7 @@ static int load_rate_limits(struct loader *l, config_setting_t *root, struct cfg
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
                                       "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "broker", "queues",
-                                      "schedules", "rate_limits", NULL};
+                                      "schedules", "rate_limits", "breaker", NULL};
     config_setting_t *root = config_root_setting(lc);
     if (only_known(l, root, top) < 0) return CV_ECONFIG;
 
@@ -487,7 +502,8 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     }
     free(tr);
 
-    if (load_connections(l, root, c) < 0 || load_tuning(l, root, deflt, c) < 0 || load_http(l, root, c) < 0 ||
+    if (load_connections(l, root, c) < 0 || load_tuning(l, root, deflt, c) < 0 || load_breaker(l, root, c) < 0 ||
+        load_http(l, root, c) < 0 ||
         load_queues(l, root, deflt, c) < 0 || load_schedules(l, root, c) < 0 ||
         load_rate_limits(l, root, c) < 0)
         return CV_ECONFIG;
@@ -568,6 +584,9 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     c->shutdown_timeout_s = 30;
     c->retry_base_ms = 1000;
     c->retry_max_ms = 300000;
+    c->breaker_failures = 3;
+    c->breaker_backoff_ms = 1000;
+    c->breaker_max_backoff_ms = 15000;
     c->heartbeat_interval_s = 2;
     c->heartbeat_ttl_s = 10;
     c->redis_wait_timeout_ms = 1000;

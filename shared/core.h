@@ -225,6 +225,13 @@ struct cfg {
     int max_rss_mb;           /* ... or above this resident size (0: never) */
     int retry_base_ms;        /* backoff of the first retry; doubles per attempt */
     int retry_max_ms;         /* cap of the backoff */
+    /* the database breaker (workers/breaker.c; the group breaker): it opens after
+     * breaker_failures consecutive failures of the database, and a probe is tried
+     * breaker_backoff_ms after it opened, doubling per failed probe up to
+     * breaker_max_backoff_ms */
+    int breaker_failures;
+    int breaker_backoff_ms;
+    int breaker_max_backoff_ms;
     int heartbeat_interval_s; /* Redis worker heartbeat refresh */
     int heartbeat_ttl_s;      /* Redis heartbeat expiry: then the reaper requeues in-flight work */
     int redis_wait_replicas;  /* Redis: a publish is confirmed once this many replicas have it (WAIT); 0: at once */
@@ -750,6 +757,23 @@ int broker_ack_batch(struct broker *b, const struct delivery *d, int n);
 /* Puts the message back on its queue, for a later attempt (Redis: marked
  * returned). RabbitMQ: 0 when the channel is gone (it is back already). */
 int broker_requeue(struct broker *b, const struct delivery *d);
+/* Hands the message back to its queue as it was taken, without the mark of a
+ * requeue: taken again, it is redelivered only if it was (d->redelivered), so
+ * the handing back counts as no handler start (the database breaker, workers/
+ * breaker.c: a message held when the database failed). RabbitMQ: a confirmed
+ * copy (body, message_id, traceparent, and the header x-conveyor-redelivered
+ * when it was redelivered) goes to the tail of the queue, then the original
+ * is acked; Redis: back to the producer end of the queue, marked returned
+ * only if it was. Returns 0 or an error class (the message then stays in
+ * flight: RabbitMQ returns it marked redelivered when the connection closes). */
+int broker_release(struct broker *b, const struct delivery *d);
+/* Stops this consumer's deliveries and hands over, into d (up to max; the
+ * caller delivery_free()s each), those the broker had already delivered to it
+ * and the worker had not taken: RabbitMQ basic.cancel, then what arrived
+ * before its cancel-ok; Redis delivers nothing ahead of a take: 0. The caller
+ * settles them (broker_release) and closes b. Returns how many, or an error
+ * class (the connection is then dropped: RabbitMQ returns them, redelivered). */
+int broker_stop_consuming(struct broker *b, struct delivery *d, int max);
 /* Moves the message, untouched, to the queue's dead letters with why (reason,
  * error and attempts are copied into it). dead_id (may be NULL) names this
  * dead-lettering for the dead-letter index (RabbitMQ: the header

@@ -161,6 +161,9 @@ int main(int argc, char **argv) {
     /* before the fork: every process of the pool sees the paused queues through it */
     if (!setup_only && !queue_pause_init())
         log_warn("no shared page for paused queues; each worker reads them for itself");
+    /* ... and the database breaker's state (breaker.c) */
+    if (!setup_only && !breaker_init())
+        log_warn("no shared page for the database breaker; each worker keeps its own");
     int rc = stop_requested || setup_only ? 0 : supervisor_run(&cfg);
     cfg_free(&cfg);
     return rc;

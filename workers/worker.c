@@ -9,6 +9,16 @@
  * after max_attempts handler starts it is dead-lettered (retries_exhausted).
  * A database error the handler did not anticipate is dead-lettered at once
  * (handler_error). The worker never waits with a message in hand.
+ *
+ * The database's own failure (breaker.c: refused, too many connections, shut
+ * down, the connection lost mid-transaction) is no command's: what the worker
+ * holds then is handed back uncounted (broker_release), even a command whose
+ * handler had started in the transaction that was lost (its work was rolled
+ * back with it; one that committed before the loss is found done). After
+ * breaker.failures in a row the pool's breaker opens: the worker hands back
+ * what its broker delivered ahead (broker_stop_consuming), closes its
+ * connections and takes nothing until its turn to probe, or until another
+ * worker's probe closed the breaker.
  */
 #include "workers.h"
 
@@ -26,6 +36,9 @@ struct worker {
     struct broker *broker;
     struct batch batch;    /* the transactions, on db */
     long jobs;             /* commands handled, for max_jobs */
+    bool stood_down;       /* broker closed while the database breaker was open */
+    int db_failures;       /* this worker's connects that failed in a row (its own backoff and log) */
+    bool probing;          /* it holds the breaker's half-open probe (breaker_turn) */
 };
 
 
@@ -68,6 +81,36 @@ static void settle_dead(struct worker *w, const struct delivery *d, const char *
     if (broker_requeue(w->broker, d) < 0)
         log_cmd(LOG_WARN, cmd, "requeue on stop failed (%s); the broker returns it when the connection closes",
                 broker_error(w->broker));
+}
+
+/* Hands the message back to its queue uncounted (broker_release): the
+ * database failed, not its command. A failure is logged: it stays in flight,
+ * and comes back redelivered (RabbitMQ, when the connection closes; Redis, by
+ * the reaper), counted as one start. */
+static void release_uncounted(struct worker *w, const struct delivery *d, const struct envelope *env) {
+    if (broker_release(w->broker, d) < 0)
+        log_cmd(LOG_WARN, env, "handing it back failed (%s); the broker returns it, marked redelivered",
+                broker_error(w->broker));
+}
+
+/* The database breaker opened: hands back what the broker delivered ahead
+ * (uncounted), closes the broker and database connections (a RabbitMQ consumer
+ * left open would hold its prefetch; closing would return them marked
+ * redelivered), and marks the worker stood down. buf holds max deliveries. */
+static void stand_down(struct worker *w, struct delivery *buf, int max) {
+    db_close(w->db);
+    w->db = NULL;
+    if (!w->broker) return; /* paused, or stood down already */
+    int n = broker_stop_consuming(w->broker, buf, max);
+    for (int i = 0; i < n; i++) {
+        release_uncounted(w, &buf[i], NULL);
+        delivery_free(&buf[i]);
+    }
+    log_msg(LOG_DEBUG, NULL, "the database breaker is open: handed back %d message%s delivered ahead; taking "
+            "nothing", n > 0 ? n : 0, n == 1 ? "" : "s");
+    broker_close(w->broker);
+    w->broker = NULL;
+    w->stood_down = true;
 }
 
 /* After a failed attempt: a refusal (CV_EREFUSED: a constraint violation or
@@ -189,8 +232,10 @@ static bool admit(struct worker *w, struct batch_item *it) {
 
 /* Runs the n messages of a batch (batch_process), then settles each: acks
  * after the commit (one ack for a batch that went through whole), retries or
- * dead letters. */
-static void process_batch(struct worker *w, struct batch_item *items, int n) {
+ * dead letters; when the database failed (breaker_dependency_failed), hands
+ * back uncounted those it did not settle, and tells the breaker. Returns true
+ * when the database failed (or was gone already), false when it served the batch. */
+static bool process_batch(struct worker *w, struct batch_item *items, int n) {
     struct batch_item **v = xmalloc((size_t)n * sizeof *v);
     int nv = 0;
     for (int i = 0; i < n; i++)
@@ -205,16 +250,34 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
             if (!v[i]->parked) v[kept++] = v[i];
         nv = kept;
     }
-    /* no database (lost with an earlier batch of this take), or lost before
-     * anything ran: hand them back and reconnect (they come back redelivered,
-     * and one never started before is then counted as started once) */
+    /* no database (lost with an earlier batch of this take), or it failed
+     * before anything ran: hand them back and reconnect; uncounted when the
+     * database failed, else requeued (they come back redelivered, and one
+     * never started before is then counted as started once) */
+    bool lost = false;
     if (nv > 0 && (!w->db || parked < 0 || batch_process(&w->batch, v, nv) < 0)) {
+        lost = breaker_dependency_failed(w->db);
+        if (lost && w->db) breaker_failure(w->cfg, db_errstr(w->db));
         db_check(w);
         for (int i = 0; i < nv; i++)
-            if (broker_requeue(w->broker, &v[i]->d) < 0)
+            if (lost) release_uncounted(w, &v[i]->d, &v[i]->env);
+            else if (broker_requeue(w->broker, &v[i]->d) < 0)
                 log_cmd(LOG_WARN, &v[i]->env, "requeue failed (%s); the broker returns it when the connection "
                         "closes", broker_error(w->broker));
         nv = 0;
+    } else if (nv > 0 && !db_ok(w->db)) {
+        /* the transaction was lost with its connection: the database's failure,
+         * not the commands'. Those it did not settle go back uncounted, even
+         * one whose handler had started (its work was rolled back with the
+         * transaction; if the COMMIT went through, the next take finds it done) */
+        lost = true;
+        breaker_failure(w->cfg, db_errstr(w->db));
+        db_check(w);
+        for (int i = 0; i < nv; i++)
+            if (v[i]->live && v[i]->rc < 0) {
+                release_uncounted(w, &v[i]->d, &v[i]->env);
+                v[i]->live = false; /* settled: neither retried nor acked below */
+            }
     }
     /* failures first: a retry acks its own delivery */
     for (int i = 0; i < nv; i++) {
@@ -241,6 +304,7 @@ static void process_batch(struct worker *w, struct batch_item *items, int n) {
     }
     free(acks);
     free(v);
+    return lost;
 }
 
 /* True when the worker should exit and be replaced (max_jobs, max_rss_mb). */
@@ -342,29 +406,91 @@ static bool paused_now(struct worker *w, const char *worker_id, enum open_result
     return false;
 }
 
-/* Connects the worker's database when it has none: its results watched as
- * progress (the Redis heartbeat), its statements, locks and idle transactions
- * bounded, the outcomes a predecessor left reconciled (count_reconcile).
- * Returns 0 when w->db is ready; CV_ECONFIG when the database refused the
- * configuration (said by db_connect_retry); CV_ERETRY when a stop came while
- * it waited, or after a failure on the new connection (logged; it is closed,
- * and the caller tries again after a pause here); w->db is NULL then. */
+/* Connects the worker's database when it has none, in one try: its results
+ * watched as progress (the Redis heartbeat), its statements, locks and idle
+ * transactions bounded, the outcomes a predecessor left reconciled
+ * (count_reconcile). Returns 0 when w->db is ready; CV_ECONFIG when the
+ * database refused the configuration (logged); CV_ERETRY when it could not
+ * connect (the breaker is told; the first of a series is logged) or after a
+ * failure on the new connection (logged; it is closed); w->db is NULL then,
+ * and the caller tries again after a pause. A connection that works clears
+ * the breaker's count of failures (breaker_success), unless it is the probe's:
+ * its command decides. */
 static int db_ready(struct worker *w) {
     if (w->db) return 0;
-    if (!(w->db = db_connect_retry(w->cfg->database_url, &stop_requested)))
-        return stop_requested ? CV_ERETRY : CV_ECONFIG;
+    char err[512];
+    int cls = CV_ERETRY;
+    if (!(w->db = db_connect_class(w->cfg->database_url, &cls, err, sizeof err))) {
+        if (cls != CV_ERETRY) {
+            char shown[512];
+            url_redact(w->cfg->database_url, shown, sizeof shown);
+            log_error("database (%s): %s; stopping (a configuration error is not retried)", shown, err);
+            return CV_ECONFIG;
+        }
+        if (w->db_failures++ == 0) log_warn("database unreachable, waiting for it: %s", err);
+        breaker_failure(w->cfg, err);
+        return CV_ERETRY;
+    }
+    if (w->db_failures) log_info("database is back");
+    w->db_failures = 0;
     liveness_watch_db(db_conn(w->db));
     char limits[192];
     snprintf(limits, sizeof limits, "SET statement_timeout TO %d; SET lock_timeout TO %d; "
              "SET idle_in_transaction_session_timeout TO %d", w->q->statement_timeout_ms, w->q->lock_timeout_ms,
              w->q->idle_in_transaction_timeout_ms);
     if (db_cmd(w->db, limits) < 0 || count_reconcile(w) < 0) { /* logged */
+        if (breaker_dependency_failed(w->db)) breaker_failure(w->cfg, db_errstr(w->db));
         db_close(w->db);
         w->db = NULL;
-        backoff_sleep(500, &stop_requested);
         return CV_ERETRY;
     }
+    if (!w->probing) breaker_success(); /* closed: the count of failures starts again (a probe needs its command) */
     return 0;
+}
+
+/* The probe found no command waiting: one statement on the new connection
+ * stands for it (success closes the breaker; a failure opens it again). */
+static void probe_without_command(struct worker *w) {
+    if (db_cmd(w->db, "SELECT 1") == 0) {
+        breaker_success();
+        return;
+    }
+    if (breaker_dependency_failed(w->db)) breaker_failure(w->cfg, db_errstr(w->db));
+    db_check(w);
+}
+
+/* Before a take: while the database breaker is open, stands down and waits
+ * (buf holds max deliveries, for stand_down); else connects the database (w->db)
+ * and, after a stand-down, consumes anew (w->broker). Sets w->probing when this
+ * take is the breaker's probe. Returns 1 when the worker may take, 0 when it
+ * waited or the database failed (logged; the caller goes round again), or -1
+ * to stop with *status (a refused configuration; a stop while opening). */
+static int ready_to_take(struct worker *w, const char *worker_id, struct delivery *buf, int max, int *status) {
+    enum breaker_turn turn = breaker_turn();
+    w->probing = turn == BREAKER_PROBE;
+    if (turn == BREAKER_WAIT) { /* the database breaker is open: take nothing */
+        stand_down(w, buf, max);
+        backoff_sleep(100, &stop_requested);
+        return 0;
+    }
+    int drc = db_ready(w); /* take nothing while the database is away */
+    if (drc == CV_ECONFIG) {
+        *status = CV_EXIT_CONFIG;
+        return -1;
+    }
+    if (drc < 0) { /* capped backoff; the breaker opens meanwhile after its failures */
+        backoff_sleep(backoff_ms(w->db_failures, 100, 5000), &stop_requested);
+        return 0;
+    }
+    if (w->stood_down) { /* the breaker let it take again: consume anew */
+        w->stood_down = false;
+        enum open_result back = consume_open(w, worker_id);
+        if (back != OPEN_OK) {
+            *status = open_exit_status(back);
+            return -1;
+        }
+    }
+    return 1;
 }
 
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
@@ -382,14 +508,14 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     struct delivery *extra = xcalloc((size_t)take_max, sizeof *extra);
     int status = 0;
     while (!stop_requested) {
-        int drc = db_ready(&w); /* take nothing while the database is away */
-        if (drc == CV_ECONFIG) {
-            status = CV_EXIT_CONFIG;
-            break;
-        }
-        if (drc < 0) continue; /* the loop ends here when it was a stop */
+        int ready = ready_to_take(&w, worker_id, extra, take_max, &status);
+        if (ready < 0) break;
+        if (ready == 0) continue; /* the loop ends here when it was a stop */
         enum open_result reopened;
-        if (paused_now(&w, worker_id, &reopened)) continue;
+        if (paused_now(&w, worker_id, &reopened)) {
+            if (w.probing && w.db) probe_without_command(&w); /* not held up by a pause */
+            continue;
+        }
         if (reopened != OPEN_OK) { /* stopped, or the broker refused the configuration */
             status = open_exit_status(reopened);
             break;
@@ -400,7 +526,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
          * and what came with it taken too */
         int want = take_max; /* and no more than max_jobs lets it run before it is recycled */
         if (cfg->max_jobs > 0 && cfg->max_jobs - w.jobs < want) want = (int)(cfg->max_jobs - w.jobs);
-        if (want < 1) want = 1;
+        if (want < 1 || w.probing) want = 1; /* a probe is one command */
         int n = 0, rc = broker_take(w.broker, extra, want);
         if (rc == 0 && (rc = broker_next(w.broker, &extra[0], TAKE_WAIT_MS)) > 0) {
             int more = broker_take(w.broker, &extra[1], want - 1);
@@ -419,15 +545,20 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         }
         if (broker_failures) log_info("broker is back");
         broker_failures = 0;
-        if (n == 0) continue;
+        if (n == 0) {
+            if (w.probing) probe_without_command(&w);
+            continue;
+        }
         /* a pause that came while it waited is seen before the next take: what
          * it holds now runs (handing it back would spend an attempt of each) */
         log_msg(LOG_DEBUG, NULL, "took %d message%s", n, n == 1 ? "" : "s");
         scoreboard_state(SB_BUSY, n);
         /* in transactions of batch_size, in arrival order; all of them, even
          * on stop (they are in hand) */
+        bool lost = false;
         for (int off = 0; off < n; off += q->batch_size)
-            process_batch(&w, &items[off], n - off < q->batch_size ? n - off : q->batch_size);
+            lost |= process_batch(&w, &items[off], n - off < q->batch_size ? n - off : q->batch_size);
+        if (!lost) breaker_success(); /* closes the breaker after a probe */
         for (int i = 0; i < n; i++) {
             batch_item_forget(&items[i]);
             delivery_free(&items[i].d);

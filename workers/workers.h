@@ -410,6 +410,37 @@ int relay_wake_fd(void);
 void relay_wake_clear(void);
 
 /* ---- queue_pause.c: queues paused from the terminal (table queue_state) -------- */
+/* ---- breaker.c: the database breaker, one per pool ------------------------------
+ * closed (workers take), open (they hand back what they hold uncounted and take
+ * nothing), half-open (one worker probes with one command). The numbers are
+ * conveyor_breaker_state's. */
+enum breaker_state { BREAKER_CLOSED = 0, BREAKER_HALF_OPEN = 1, BREAKER_OPEN = 2 };
+/* What a worker about to take may do: take (closed), probe (this process holds
+ * the half-open probe: one command), or wait (taking nothing). */
+enum breaker_turn { BREAKER_TAKE, BREAKER_PROBE, BREAKER_WAIT };
+/* Supervisor's parent (main.c), before forking: maps the pool's breaker page.
+ * True, or false when the system refused (each process then has its own). */
+bool breaker_init(void);
+/* A worker saw the database fail (why: its message, for the log and /readyz):
+ * closed, counts one consecutive failure and opens at cfg->breaker_failures;
+ * half-open and this process's probe, opens again with a longer backoff;
+ * else nothing. Logs the transition it makes. */
+void breaker_failure(const struct cfg *cfg, const char *why);
+/* A worker's batch (or the probe's statement) went through: clears the count
+ * of failures; half-open and this process's probe, closes (logged). */
+void breaker_success(void);
+/* Whether this worker may take now (enum breaker_turn); claims the probe, and
+ * logs it, when the open breaker's backoff is over (or a probe was abandoned). */
+enum breaker_turn breaker_turn(void);
+/* The state, with a sentence for /readyz in why (n bytes; may be NULL) and the
+ * times it opened in *opens (may be NULL). */
+enum breaker_state breaker_read(char *why, size_t n, uint64_t *opens);
+/* After a failed statement or connection on db (NULL: none): true when it is
+ * the database's failure (no connection; SQLSTATE 08xxx, 53300, 57P01, 57P02,
+ * 57P03), false when it is the command's own (a timeout, a serialization
+ * failure, a deadlock, a refusal). */
+bool breaker_dependency_failed(const struct db *db);
+
 /* Supervisor, before forking: maps the page through which every process of the
  * pool sees the paused set. True, or false when the system refused (each
  * process then reads the table for itself). */

@@ -224,7 +224,9 @@ def test_worker_without_progress_is_no_longer_vouched_for():
     connections) stops refreshing its heartbeat once it has gone longer without a
     database result or a broker reply than a working worker can, and starts again
     when it makes progress. (Redis: about 11 s plus the ttl; RabbitMQ has no heartbeat: the
-    command is applied once the database is back.)"""
+    command is applied once the database is back.) The database breaker is set
+    never to open here: open, it would close the worker's broker connection
+    (test_breaker), and this is the worker that keeps waiting."""
     dbname = query("SELECT current_database()")[0][0]
     holder = psycopg2.connect(DB_URL, dbname="postgres")  # the test's own, kept while new ones are refused
     holder.autocommit = True
@@ -232,7 +234,7 @@ def test_worker_without_progress_is_no_longer_vouched_for():
     try:
         # the limit: the longest of these two and a Redis command's bound (broker.reply_timeout_ms, 10 s, plus
         # the longest block: wait_timeout_ms, 1 s), plus heartbeat_ttl
-        with Pool(extra=SHORT_HEARTBEAT + FAST_RETRY,
+        with Pool(extra=SHORT_HEARTBEAT + FAST_RETRY + "breaker: { failures = 1000; };",
                   queue_opts="statement_timeout_ms = 1000; idle_in_transaction_timeout_ms = 1000;") as pool:
             pub, ev = Publisher(), Events()
             first = envelope("createProduct", {"name": "liveness-before", "price": 1})

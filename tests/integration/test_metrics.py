@@ -88,6 +88,7 @@ def test_endpoints_and_every_label_set_from_the_start():
         ready = json.loads(body)
         eq(ready["status"], "ready", "/readyz status")
         want = {"database", "migrations", "draining", "broker_stall", TRANSPORT} | {f"workers.{q}" for q in ROUTING}
+        want |= {"breaker"}  # the database breaker (test_breaker)
         eq(set(ready["checks"]), want, "/readyz checks")
         check(all(v == "ok" for v in ready["checks"].values()), f"every check ok: {ready}")
         eq(headers.get("Content-Type"), "application/json", "/readyz content type")
@@ -122,6 +123,8 @@ def test_endpoints_and_every_label_set_from_the_start():
         for n in ("conveyor_outbox_pending", "conveyor_outbox_oldest_age_seconds"):
             value(samples, n)
         eq(value(samples, "conveyor_dependency_up", dependency="postgresql"), 1.0, "postgresql up")
+        eq(value(samples, "conveyor_breaker_state", dependency="postgresql"), 0.0, "the database breaker closed")
+        eq(value(samples, "conveyor_breaker_opened_total", dependency="postgresql"), 0.0, "it never opened")
         eq(value(samples, "conveyor_dependency_up", dependency=TRANSPORT), 1.0, f"{TRANSPORT} up")
         eq(value(samples, "conveyor_build_info", version="0.1.0"), 1.0, "build info")
         # a broker that answers: nothing stalled, no bound fired (test_hangs freezes one)

@@ -743,3 +743,20 @@ TEST(max_length_bounds_a_queue) {
     CHECK(load_text("queues = ( { name = \"q\"; commands = [\"a\"]; max_length = -1; } );\n", &c) < 0);
     CHECK(strstr(err, "max_length") != NULL);
 }
+
+/* The database breaker's group: defaults, a setting taken, a cap below the base refused. */
+TEST(breaker_group) {
+    clear_env();
+    struct cfg c;
+    CHECK(load_text(MINIMAL, &c) == 0);
+    CHECK(c.breaker_failures == 3 && c.breaker_backoff_ms == 1000 && c.breaker_max_backoff_ms == 15000);
+    cfg_free(&c);
+    CHECK(load_text("breaker: { failures = 5; backoff_ms = 200; max_backoff_ms = 800; };\n" MINIMAL, &c) == 0);
+    CHECK(c.breaker_failures == 5 && c.breaker_backoff_ms == 200 && c.breaker_max_backoff_ms == 800);
+    cfg_free(&c);
+    CHECK(load_text("breaker: { backoff_ms = 2000; max_backoff_ms = 1000; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "'breaker.max_backoff_ms' must not be below 'breaker.backoff_ms'") != NULL);
+    CHECK(load_text("breaker: { failures = 0; };\n" MINIMAL, &c) < 0);
+    CHECK(strstr(err, "failures") != NULL);
+    CHECK(load_text("breaker: { threshold = 3; };\n" MINIMAL, &c) < 0);
+}

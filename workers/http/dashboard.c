@@ -101,6 +101,12 @@ static enum MHD_Result overview(struct http *h, struct MHD_Connection *conn) {
     cJSON_AddNumberToObject(pool, "pid", getppid());
     cJSON_AddBoolToObject(pool, "draining", sb && __atomic_load_n(&sb->draining, __ATOMIC_RELAXED));
     cJSON_AddBoolToObject(cJSON_AddObjectToObject(o, "actions"), "enabled", cfg->http_token != NULL);
+    /* the database breaker (breaker.c): "closed", "half-open" or "open", and why */
+    char breaker_why[400];
+    static const char *const breaker_states[] = {"closed", "half-open", "open"};
+    cJSON *breaker = cJSON_AddObjectToObject(o, "breaker");
+    cJSON_AddStringToObject(breaker, "state", breaker_states[breaker_read(breaker_why, sizeof breaker_why, NULL)]);
+    cJSON_AddStringToObject(breaker, "reason", breaker_why);
 
     pthread_mutex_lock(&h->lock);
     const struct http_sample *s = &h->sample;

@@ -108,6 +108,9 @@ static enum MHD_Result readyz(struct http *h, struct MHD_Connection *conn) {
     CHECK("broker_stall", !stall[0], stall);
     const struct scoreboard *sb = scoreboard_get();
     CHECK("draining", !(sb && __atomic_load_n(&sb->draining, __ATOMIC_RELAXED)), "draining");
+    /* the database breaker (breaker.c): ok only while closed */
+    char breaker[400];
+    CHECK("breaker", breaker_read(breaker, sizeof breaker, NULL) == BREAKER_CLOSED, breaker);
 #undef CHECK
     cJSON_AddStringToObject(o, "status", ready ? "ready" : "not ready");
     cJSON_AddItemToObject(o, "checks", checks);

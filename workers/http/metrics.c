@@ -192,6 +192,12 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
     header(o, "conveyor_queue_max_length", "gauge", "The queue's max_length: a new command is refused at this depth (0: unbounded).");
     for (int i = 0; i < cfg->nqueues; i++)
         put(o, "conveyor_queue_max_length{queue=\"%s\"} %ld\n", label(cfg->queues[i].name, ql), cfg->queues[i].max_length);
+    uint64_t opens = 0;
+    int breaker = (int)breaker_read(NULL, 0, &opens);
+    header(o, "conveyor_breaker_state", "gauge", "The pool's breaker around a dependency: 0 closed, 1 half-open, 2 open.");
+    put(o, "conveyor_breaker_state{dependency=\"postgresql\"} %d\n", breaker);
+    header(o, "conveyor_breaker_opened_total", "counter", "Times the pool's breaker opened (from closed).");
+    put(o, "conveyor_breaker_opened_total{dependency=\"postgresql\"} %llu\n", (unsigned long long)opens);
     header(o, "conveyor_outbox_pending", "gauge", "Outbox rows not published yet (sampled).");
     put(o, "conveyor_outbox_pending %ld\n", s->outbox_pending);
     header(o, "conveyor_outbox_oldest_age_seconds", "gauge", "Age of the oldest unpublished outbox row (sampled).");

@@ -310,6 +310,11 @@
     setText($('version'), o.version || '—');
     document.title = 'Conveyor' + (num(pool.pid) ? ' · pool ' + pool.pid : '');
     $('draining').hidden = !pool.draining;
+    /* the database breaker: a badge while it is not closed, its reason as the title */
+    const breaker = o.breaker || {};
+    $('breaker').hidden = !breaker.state || breaker.state === 'closed';
+    setText($('breaker'), 'database breaker ' + (breaker.state || ''));
+    $('breaker').title = breaker.reason || '';
 
     reconcile(
       $('deps'),
