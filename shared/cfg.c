@@ -460,16 +460,25 @@ static int load_rate_limits(struct loader *l, config_setting_t *root, struct cfg
     for (int i = 0; i < n; i++) {
         config_setting_t *g = config_setting_get_elem(ls, (unsigned)i);
         struct cfg_rate_limit *rl = &c->rate_limits[i];
+        const struct cfg_queue *q = NULL;
         if (config_setting_type(g) != CONFIG_TYPE_GROUP)
             return fail(l, g, "'rate_limits.[%d]' must be a group { name = ...; types = [...]; rate = ...; }", i);
         if (only_known(l, g, keys) < 0) return CV_ECONFIG;
         char why[512], who[96];
         const config_setting_t *where = g;
-        int rc = cfg_rate_limit_read(g, c, rl, why, sizeof why, &where);
+        int rc = cfg_rate_limit_read(g, rl, why, sizeof why, &where);
         c->nrate_limits = i + 1; /* so cfg_free sees what was allocated */
         if (rl->name[0]) snprintf(who, sizeof who, "rate limit '%s' (rate_limits.[%d])", rl->name, i);
         else snprintf(who, sizeof who, "rate limit rate_limits.[%d]", i);
         if (rc < 0) return fail(l, where, "%s: %s", who, why);
+        if (rl->queue[0] && !(q = cfg_queue_named(c, rl->queue)))
+            return fail(l, config_setting_get_member(g, "queue"), "%s: 'queue' \"%s\" is no queue of 'queues'", who,
+                        rl->queue);
+        for (int k = 0; rl->queue[0] && k < q->ncommands; k++) cfg_rate_limit_add_type(rl, q->commands[k]);
+        for (int k = 0; !rl->queue[0] && k < rl->ntypes; k++)
+            if (!cfg_queue_for(c, rl->types[k]))
+                return fail(l, config_setting_get_member(g, "types"), "%s: 'types': \"%s\" is routed by no queue (a "
+                            "limit counts command types some queue lists in its commands)", who, rl->types[k]);
         for (int j = 0; j < i; j++) {
             if (strcmp(c->rate_limits[j].name, rl->name) == 0)
                 return fail(l, config_setting_get_member(g, "name"), "%s: 'name' is used twice", who);

@@ -1,6 +1,7 @@
 /* cfg_rate_limits.c - one rate limit of queues.conf's `rate_limits` list, read
  * and checked field by field (cfg.c walks the list, refuses unknown settings,
- * duplicate names and a type counted by two limits, and makes the message). */
+ * duplicate names, an unrouted type and a type counted by two limits, gives a
+ * queue's limit the queue's commands, and makes the message). */
 #include "cfg_field.h"
 
 #include <ctype.h>
@@ -46,23 +47,22 @@ static bool key_ok(const char *s) {
     return part;
 }
 
-static void add_type(struct cfg_rate_limit *rl, const char *t) {
+void cfg_rate_limit_add_type(struct cfg_rate_limit *rl, const char *type) {
     rl->types = xrealloc(rl->types, (size_t)(rl->ntypes + 1) * sizeof *rl->types);
-    rl->types[rl->ntypes++] = xstrdup(t);
+    rl->types[rl->ntypes++] = xstrdup(type);
 }
 
-/* types = [...] (each routed by some queue of c) or queue = "name" (its commands): exactly one. */
-static int read_types(struct field_reader *r, const struct cfg *c, struct cfg_rate_limit *rl) {
+/* types = [...] or queue = "name": exactly one (cfg.c checks the routing, and
+ * gives a queue's limit its commands). */
+static int read_types(struct field_reader *r, struct cfg_rate_limit *rl) {
     const config_setting_t *types = config_setting_get_member(r->g, "types");
     const char *queue;
     if (field_string(r, "queue", &queue) < 0) return CV_ECONFIG;
     if (types && queue) return field_refuse(r, "queue", "'types' and 'queue' are both set: a limit counts one of them");
     if (!types && !queue) return field_refuse(r, NULL, "'types' (a list of command types) or 'queue' is required");
     if (queue) {
-        const struct cfg_queue *q = cfg_queue_named(c, queue);
-        if (!q) return field_refuse(r, "queue", "'queue' \"%s\" is no queue of 'queues'", queue);
-        snprintf(rl->queue, sizeof rl->queue, "%s", q->name);
-        for (int i = 0; i < q->ncommands; i++) add_type(rl, q->commands[i]);
+        if (strlen(queue) >= sizeof rl->queue) return field_refuse(r, "queue", "'queue' \"%s\" is too long", queue);
+        snprintf(rl->queue, sizeof rl->queue, "%s", queue);
         return 0;
     }
     int kind = config_setting_type(types);
@@ -72,12 +72,9 @@ static int read_types(struct field_reader *r, const struct cfg *c, struct cfg_ra
         const config_setting_t *e = config_setting_get_elem(types, (unsigned)i);
         const char *t = config_setting_type(e) == CONFIG_TYPE_STRING ? config_setting_get_string(e) : NULL;
         if (!t || !*t) return field_refuse(r, "types", "'types' must hold non-empty strings");
-        if (!cfg_queue_for(c, t))
-            return field_refuse(r, "types", "'types': \"%s\" is routed by no queue (a limit counts command types "
-                                            "some queue lists in its commands)", t);
         for (int j = 0; j < rl->ntypes; j++)
             if (!strcmp(rl->types[j], t)) return field_refuse(r, "types", "'types' lists \"%s\" twice", t);
-        add_type(rl, t);
+        cfg_rate_limit_add_type(rl, t);
     }
     return 0;
 }
@@ -116,8 +113,8 @@ static int read_bucket(struct field_reader *r, struct cfg_rate_limit *rl) {
     return 0;
 }
 
-int cfg_rate_limit_read(const config_setting_t *g, const struct cfg *c, struct cfg_rate_limit *rl, char *why,
-                        size_t n, const config_setting_t **where) {
+int cfg_rate_limit_read(const config_setting_t *g, struct cfg_rate_limit *rl, char *why, size_t n,
+                        const config_setting_t **where) {
     memset(rl, 0, sizeof *rl);
     struct field_reader r = {g, where, why, n};
     const char *name;
@@ -126,7 +123,7 @@ int cfg_rate_limit_read(const config_setting_t *g, const struct cfg *c, struct c
     if (!field_name_ok(name))
         return field_refuse(&r, "name", "'name' must be 1-63 letters, digits, '_', '-' or '.' (got \"%s\")", name);
     snprintf(rl->name, sizeof rl->name, "%s", name);
-    if (read_types(&r, c, rl) < 0 || read_bucket(&r, rl) < 0) return CV_ECONFIG;
+    if (read_types(&r, rl) < 0 || read_bucket(&r, rl) < 0) return CV_ECONFIG;
     return 0;
 }
 

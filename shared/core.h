@@ -276,12 +276,15 @@ int cfg_schedule_read(const struct config_setting_t *g, struct cfg_schedule *s, 
 /* Frees what cfg_schedule_read allocated in s (not s); NULL is fine. */
 void cfg_schedule_free(struct cfg_schedule *s);
 /* cfg_rate_limits.c: one entry of `rate_limits` (group g, members known) read
- * into *rl: name, types or queue (the queue's commands from c, which must
- * hold the queues), rate, burst, key, over, shards, with their defaults.
- * Returns 0, or CV_ECONFIG with why and *where as cfg_schedule_read. Either
- * way *rl may own memory: cfg_rate_limit_free. */
-int cfg_rate_limit_read(const struct config_setting_t *g, const struct cfg *c, struct cfg_rate_limit *rl, char *why,
-                        size_t n, const struct config_setting_t **where);
+ * into *rl: name, types (not their routing: cfg.c checks it) or queue (its
+ * name only: cfg.c adds its commands with cfg_rate_limit_add_type), rate,
+ * burst, key, over, shards, with their defaults. Returns 0, or CV_ECONFIG with
+ * why and *where as cfg_schedule_read. Either way *rl may own memory:
+ * cfg_rate_limit_free. */
+int cfg_rate_limit_read(const struct config_setting_t *g, struct cfg_rate_limit *rl, char *why, size_t n,
+                        const struct config_setting_t **where);
+/* Appends a copy of type to rl's types. */
+void cfg_rate_limit_add_type(struct cfg_rate_limit *rl, const char *type);
 /* Frees what cfg_rate_limit_read allocated in rl (not rl); NULL is fine. */
 void cfg_rate_limit_free(struct cfg_rate_limit *rl);
 /* The rate limit that counts command type TYPE, or NULL (a type is in one at most). Points into c. */

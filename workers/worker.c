@@ -462,35 +462,37 @@ static void probe_without_command(struct worker *w) {
 /* Before a take: while the database breaker is open, stands down and waits
  * (buf holds max deliveries, for stand_down); else connects the database (w->db)
  * and, after a stand-down, consumes anew (w->broker). Sets w->probing when this
- * take is the breaker's probe. Returns 1 when the worker may take, 0 when it
- * waited or the database failed (logged; the caller goes round again), or -1
- * to stop with *status (a refused configuration; a stop while opening). */
-static int ready_to_take(struct worker *w, const char *worker_id, struct delivery *buf, int max, int *status) {
+ * take is the breaker's probe. Says whether the worker may take (TAKE_GO), waited
+ * or met a failed database (TAKE_AGAIN: logged; the caller goes round again),
+ * or is to stop with *status (TAKE_STOP: a refused configuration; a stop while
+ * opening). */
+enum take_ready { TAKE_GO, TAKE_AGAIN, TAKE_STOP };
+static enum take_ready ready_to_take(struct worker *w, const char *worker_id, struct delivery *buf, int max, int *status) {
     enum breaker_turn turn = breaker_turn();
     w->probing = turn == BREAKER_PROBE;
     if (turn == BREAKER_WAIT) { /* the database breaker is open: take nothing */
         stand_down(w, buf, max);
         backoff_sleep(100, &stop_requested);
-        return 0;
+        return TAKE_AGAIN;
     }
     int drc = db_ready(w); /* take nothing while the database is away */
     if (drc == CV_ECONFIG) {
         *status = CV_EXIT_CONFIG;
-        return -1;
+        return TAKE_STOP;
     }
     if (drc < 0) { /* capped backoff; the breaker opens meanwhile after its failures */
         backoff_sleep(backoff_ms(w->db_failures, 100, 5000), &stop_requested);
-        return 0;
+        return TAKE_AGAIN;
     }
     if (w->stood_down) { /* the breaker let it take again: consume anew */
         w->stood_down = false;
         enum open_result back = consume_open(w, worker_id);
         if (back != OPEN_OK) {
             *status = open_exit_status(back);
-            return -1;
+            return TAKE_STOP;
         }
     }
-    return 1;
+    return TAKE_GO;
 }
 
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
@@ -508,9 +510,9 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
     struct delivery *extra = xcalloc((size_t)take_max, sizeof *extra);
     int status = 0;
     while (!stop_requested) {
-        int ready = ready_to_take(&w, worker_id, extra, take_max, &status);
-        if (ready < 0) break;
-        if (ready == 0) continue; /* the loop ends here when it was a stop */
+        enum take_ready ready = ready_to_take(&w, worker_id, extra, take_max, &status);
+        if (ready == TAKE_STOP) break;
+        if (ready == TAKE_AGAIN) continue; /* the loop ends here when it was a stop */
         enum open_result reopened;
         if (paused_now(&w, worker_id, &reopened)) {
             if (w.probing && w.db) probe_without_command(&w); /* not held up by a pause */

@@ -236,6 +236,8 @@ TEST_FILE_MAY_INCLUDE = {"tests/unit/test_batch_order.c": {"test.h", "workers.h"
 PRIVATE_HEADERS = {
     "redis_internal.h": ("broker_redis.c", "redis_"),
     "amqp_internal.h": ("broker_amqp.c", "amqp_"),
+    # not a backend: the readers of queues.conf's lists share their field reader
+    "cfg_field.h": ("cfg.c", "cfg_"),
 }
 
 
