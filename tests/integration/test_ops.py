@@ -13,7 +13,7 @@ from harness import (AMQP_URL, REDIS_URL, ROOT, TRANSPORT, Events, Pool, Publish
 
 QUEUE_FIELDS = {"kind", "queue", "transport", "paused", "stateChangedAt", "stateChangedBy", "note", "waiting",
                 "inFlight", "retrying", "dead", "parked", "consumers", "processed1m", "processed5m", "ratePerSecond1m",
-                "ratePerSecond5m"}
+                "ratePerSecond5m", "maxLength"}
 
 
 def admin(*args, env=None):
