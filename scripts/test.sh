@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine (as root): installs what is
 # missing, starts two sets of local servers, runs the static analysis
-# (scripts/analyze.sh: a finding fails the suite), builds twice (Release, and
-# ASan+UBSan), then runs every unit and integration test against
+# (scripts/analyze.sh: a finding fails the suite), builds three trees (Release,
+# ASan+UBSan, and Release again for the hosts run), then runs every unit and
+# integration test against
 # real PostgreSQL, Redis and RabbitMQ on both transports, with each build:
 #
 #   1. side by side, each against its own server set:
@@ -16,12 +17,15 @@
 #      AMQP_DIST_PORT, AMQP_NODENAME, TLS_PORT_BASE, STATE_DIR), by default
 #      55532, 56479, 55772, 55773, conveyor2@localhost, 57100 and the first
 #      set's state folder with "-asan" after it;
-#   2. then alone, the Release build's tests labelled hosts (network
-#      namespaces with fixed names and servers of their own: one run at a time
-#      on a machine), on the first set.
+#   2. after the ASan run, on its server set, while the Release run goes on:
+#      the tests labelled hosts (network namespaces with fixed names and
+#      servers of their own: one hosts run at a time on a machine), with the
+#      Release binaries of build-hosts/ (its own ctest tree: two ctest runs in
+#      one tree would share Testing/ and test-logs/). The Release run is the
+#      longer one (its fault runs): this keeps the suite within CI's time.
 #
 # Each run's output goes to its own log (build/test-run-release.log,
-# build-asan/test-run-asan.log, build/test-run-hosts.log) and is printed, with
+# build-asan/test-run-asan.log, build-hosts/test-run-hosts.log) and is printed, with
 # the figures its tests printed, when the run ends. Exit status 0 when the
 # analysis found nothing and every test passed, 1 otherwise. Safe to run again.
 #
@@ -77,6 +81,7 @@ scripts/analyze.sh || status=1
 # (nor beside the analysis: on 2 cores that was no faster than one after the other)
 echo "=== build: release"; release=$(scripts/build.sh release)
 echo "=== build: asan"; asan=$(scripts/build.sh asan)
+echo "=== build: hosts"; hosts=$(scripts/build.sh hosts)
 
 # run_tests NAME DIR CTEST-ARGS...: ctest in DIR against the server set of the
 # environment, its output into DIR/test-run-NAME.log and its LastTest.log kept
@@ -101,24 +106,25 @@ run_tests() {
   return $rc
 }
 
-# the chaos test runs 20,000 commands; a quarter of that under the sanitizers (several times slower)
+hosts_tests=$(ctest --test-dir "$hosts" -N -L hosts "$@" | sed -n 's/^Total Tests: //p')
 (unset CONVEYOR_CHAOS_COMMANDS; run_tests release "$release" -LE 'hosts|fuzz' "$@") &
 release_run=$!
+# the ASan run, then on its servers the hosts tests (Release binaries, from build-hosts/: a
+# ctest tree of their own, so the two ctest runs never share Testing/ or test-logs/)
 (use_asan_set
- export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
- export CONVEYOR_CHAOS_COMMANDS=5000
- run_tests asan "$asan" -LE 'hosts|faults|bench' "$@") &
+ rc=0
+ (export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  export CONVEYOR_CHAOS_COMMANDS=5000 # the chaos test's 20,000 commands, a quarter under the sanitizers
+  run_tests asan "$asan" -LE 'hosts|faults|bench' "$@") || rc=1
+ if [ -n "${CONVEYOR_SKIP_HOSTS:-}" ] && [ "$CONVEYOR_SKIP_HOSTS" != 0 ]; then
+   echo "=== tests: hosts: skipped (CONVEYOR_SKIP_HOSTS)"
+ elif [ "${hosts_tests:-0}" -gt 0 ]; then
+   (unset CONVEYOR_CHAOS_COMMANDS; run_tests hosts "$hosts" -L hosts "$@") || rc=1
+ else
+   echo "=== tests: hosts: none selected"
+ fi
+ exit $rc) &
 asan_run=$!
 wait $release_run || status=1
 wait $asan_run || status=1
-
-# the fault runs on test hosts, alone; none when the selection holds none
-hosts_tests=$(ctest --test-dir "$release" -N -L hosts "$@" | sed -n 's/^Total Tests: //p')
-if [ -n "${CONVEYOR_SKIP_HOSTS:-}" ] && [ "$CONVEYOR_SKIP_HOSTS" != 0 ]; then
-  echo "=== tests: hosts: skipped (CONVEYOR_SKIP_HOSTS)"
-elif [ "${hosts_tests:-0}" -gt 0 ]; then
-  (unset CONVEYOR_CHAOS_COMMANDS; run_tests hosts "$release" -L hosts "$@") || status=1
-else
-  echo "=== tests: hosts: none selected"
-fi
 exit $status
