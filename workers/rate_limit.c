@@ -212,6 +212,9 @@ int rate_limit_take(struct db *db, const struct cfg_queue *q, struct batch_item 
 }
 
 int rate_limit_refund_defer(struct db *db, struct batch_item **v, int n) {
+    bool any = false; /* the common case, no limit at all: nothing to allocate */
+    for (int i = 0; i < n && !any; i++) any = v[i]->token_shard >= 0;
+    if (!any) return 0;
     const char **names = xcalloc((size_t)n, sizeof *names), **buckets = xcalloc((size_t)n, sizeof *buckets),
                **shards = xcalloc((size_t)n, sizeof *shards), **sizes = xcalloc((size_t)n, sizeof *sizes);
     char (*shard_text)[16] = xcalloc((size_t)n, sizeof *shard_text);
