@@ -48,8 +48,13 @@ bool clock_rfc3339_valid(const char *s) {
         return false;
     int mon = (s[5] - '0') * 10 + (s[6] - '0'), day = (s[8] - '0') * 10 + (s[9] - '0');
     int hour = (s[11] - '0') * 10 + (s[12] - '0'), min = (s[14] - '0') * 10 + (s[15] - '0');
-    int sec = (s[17] - '0') * 10 + (s[18] - '0');
-    if (mon < 1 || mon > 12 || day < 1 || day > 31 || hour > 23 || min > 59 || sec > 60) return false;
+    int sec = (s[17] - '0') * 10 + (s[18] - '0'), year = atoi(s);
+    /* RFC 3339 5.7: the days of the month (February's 29th in a leap year only) */
+    static const int mdays[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    bool leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    if (mon < 1 || mon > 12 || day < 1 || day > mdays[mon - 1] + (mon == 2 && leap) || hour > 23 || min > 59 ||
+        sec > 60)
+        return false;
     const char *p = s + 19;
     if (*p == '.') {
         p++;
@@ -58,7 +63,7 @@ bool clock_rfc3339_valid(const char *s) {
     }
     if ((*p == 'Z' || *p == 'z') && p[1] == '\0') return true;
     if ((*p == '+' || *p == '-') && digits(p + 1, 2) && p[3] == ':' && digits(p + 4, 2) && p[6] == '\0')
-        return true;
+        return (p[1] - '0') * 10 + (p[2] - '0') <= 23 && (p[4] - '0') * 10 + (p[5] - '0') <= 59; /* an offset */
     return false;
 }
 

@@ -5,8 +5,10 @@ from docs/contract.md alone; reads the database with psycopg2. A missing server 
 failure, never a skip.
 """
 import base64
+import calendar
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -246,8 +248,14 @@ def schema_cannot_state(env):
     in the schema's "description"): a password's limit counts UTF-8 bytes where
     maxLength counts characters; a name's length counts after trimming; an
     order names each product once; a price given as a number has at most two
-    decimals (binary floating point defeats multipleOf). True when env breaks
-    one of them."""
+    decimals (binary floating point defeats multipleOf); a createdAt or notBefore
+    names a day its month has. True when env breaks one of them."""
+    for k in ("createdAt", "notBefore"):  # a day its month does not have (2026-02-31): the pattern allows 01-31
+        m = re.match(r"^(\d{4})-(\d\d)-(\d\d)T", env.get(k) or "") if isinstance(env, dict) and \
+            isinstance(env.get(k), str) else None
+        if m and 1 <= int(m.group(2)) <= 12 and int(m.group(3)) > calendar.monthrange(int(m.group(1)),
+                                                                                      int(m.group(2)))[1]:
+            return True
     p = env.get("payload") if isinstance(env, dict) else None
     if not isinstance(p, dict):
         return False

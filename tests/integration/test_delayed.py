@@ -105,7 +105,8 @@ def test_an_invalid_notbefore_is_rejected_and_a_past_one_runs_at_once():
     with Pool():
         ev = Events()
         pub = Publisher()
-        bad = [pub.command(create(nb)) for nb in ("tomorrow", "2026-12-24T18:00:00", 1767225600, "2026-13-01T00:00:00Z")]
+        bad = [pub.command(create(nb)) for nb in ("tomorrow", "2026-12-24T18:00:00", 1767225600, "2026-13-01T00:00:00Z",
+                                                   "2027-02-29T00:00:00Z")]
         past = pub.command(create(iso(db_now() - 3600)))
         for b in bad:
             r = ev.wait_result(b["id"])[0]

@@ -176,6 +176,15 @@ TEST(created_at_must_be_rfc3339) {
     CHECK(!clock_rfc3339_valid("2026-11-20 10:00:00Z"));
     CHECK(!clock_rfc3339_valid("2026-13-20T10:00:00Z"));
     CHECK(!clock_rfc3339_valid("2026-11-20T10:00:00"));
+    CHECK(!clock_rfc3339_valid("2026-02-31T10:00:00Z")); /* no such day */
+    CHECK(!clock_rfc3339_valid("2026-04-31T10:00:00Z"));
+    CHECK(!clock_rfc3339_valid("2026-02-29T10:00:00Z")); /* not a leap year */
+    CHECK(clock_rfc3339_valid("2028-02-29T10:00:00Z"));
+    CHECK(clock_rfc3339_valid("2000-02-29T10:00:00Z"));
+    CHECK(!clock_rfc3339_valid("1900-02-29T10:00:00Z"));
+    CHECK(!clock_rfc3339_valid("2026-11-20T10:00:00+24:00")); /* no such offset */
+    CHECK(!clock_rfc3339_valid("2026-11-20T10:00:00+99:99"));
+    CHECK(clock_rfc3339_valid("2026-11-20T10:00:00-23:59"));
 }
 
 TEST(build_round_trips) {
