@@ -38,8 +38,8 @@ static void bucket_of(const cJSON *payload, const char *path, char out[RATE_BUCK
         p += len + (p[len] == '.');
     }
     char *text = NULL;
-    if (cJSON_IsString(v)) text = xstrdup(v->valuestring);
-    else if (cJSON_IsNumber(v) || cJSON_IsBool(v)) text = cJSON_PrintUnformatted(v);
+    if (v && cJSON_IsString(v) && v->valuestring) text = xstrdup(v->valuestring);
+    else if (v && (cJSON_IsNumber(v) || cJSON_IsBool(v))) text = cJSON_PrintUnformatted(v);
     if (!text) return;
     size_t len = strlen(text);
     if (len <= 128) {
