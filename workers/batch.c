@@ -431,8 +431,8 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
 }
 
 /* Moves the items rate_limit_take parked to the end of v, the others keeping
- * their order, and sets *np to how many others there are. Returns 0. */
-static int park_apart(struct batch_item **v, int *np) {
+ * their order, and sets *np to how many others there are. */
+static void park_apart(struct batch_item **v, int *np) {
     int n = *np, kept = 0, k = 0;
     struct batch_item **waiting = xmalloc((size_t)n * sizeof *waiting);
     for (int i = 0; i < n; i++) {
@@ -442,7 +442,6 @@ static int park_apart(struct batch_item **v, int *np) {
     memcpy(&v[kept], waiting, (size_t)k * sizeof *waiting);
     free(waiting);
     *np = kept;
-    return 0;
 }
 
 /* Runs the items in one transaction, each in its own savepoint when there are
@@ -476,7 +475,13 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
     if (rc == 0 && limited) { /* the claims first (a duplicate takes no token), then the tokens */
         claim_pending = false;
         rc = claim_read(b, v, n, 0);
-        if (rc == 0 && (rc = parked = rate_limit_take(db, b->q, v, n)) > 0) rc = park_apart(v, np);
+        if (rc == 0) {
+            if ((parked = rate_limit_take(db, b->q, v, n)) < 0) {
+                rc = parked;
+                parked = 0;
+            }
+        }
+        if (parked > 0) park_apart(v, np);
         n = *np;
     }
     if (rc == 0) rc = lock_batch(b, v, n);
