@@ -55,8 +55,25 @@ int broker_publish_commands(struct broker *b, const struct outgoing_command *c, 
 }
 
 int broker_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
+    return broker_consume_as(b, q, worker_id, -1);
+}
+
+int broker_consume_as(struct broker *b, const struct cfg_queue *q, const char *worker_id, int worker_index) {
     b->queue = q;
+    b->worker_index = worker_index;
     return b->ops->consume(b, q, worker_id);
+}
+
+int broker_sort_lanes(struct broker *b, const struct cfg_queue *q, int max, int timeout_ms) {
+    if (q->lanes < 2 || !b->ops->sort_lanes) return 0;
+    return b->ops->sort_lanes(b, q, max, timeout_ms);
+}
+
+int broker_lane_counts(struct broker *b, const struct cfg_queue *q, struct lane_count *out) {
+    for (int i = 0; i < LANE_CLASSES * q->lanes; i++) out[i] = (struct lane_count){0, -1};
+    if (q->lanes < 2) return 0;
+    if (!b->ops->lane_counts) return broker_fail(b, CV_EREFUSED, "this broker cannot count lanes yet");
+    return b->ops->lane_counts(b, q, out);
 }
 
 int broker_next(struct broker *b, struct delivery *d, int timeout_ms) {

@@ -36,6 +36,9 @@ struct broker_ops {
     int (*publish_events)(struct broker *b, const struct outgoing_event *ev, int n);
     int (*subscribe)(struct broker *b, const char *pattern);
     int (*next_event)(struct broker *b, char **json, int timeout_ms);
+    /* optional (laned queues, core.h: broker_sort_lanes, broker_lane_counts) */
+    int (*sort_lanes)(struct broker *b, const struct cfg_queue *q, int max, int timeout_ms);
+    int (*lane_counts)(struct broker *b, const struct cfg_queue *q, struct lane_count *out);
 };
 
 /* Every backend's state starts with this header. */
@@ -43,6 +46,7 @@ struct broker {
     const struct broker_ops *ops;
     const struct cfg *cfg;              /* not owned */
     const struct cfg_queue *queue;      /* set by consume */
+    int worker_index;                   /* set by consume: which lanes of a laned queue (-1: every lane) */
     char err[512];
 };
 

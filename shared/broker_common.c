@@ -55,6 +55,18 @@ void names_amqp_dead(const struct cfg *c, const char *queue, char *out, size_t n
     snprintf(out, n, "%s.%s.dead", c->prefix, queue);
 }
 
+void names_amqp_lane(const struct cfg *c, const char *queue, int cls, int lane, char *out, size_t n) {
+    snprintf(out, n, "%s.%s.lane.%s.%d", c->prefix, queue, lane_class_name(cls), lane);
+}
+
+void names_amqp_lanes_exchange(const struct cfg *c, const char *queue, int cls, char *out, size_t n) {
+    snprintf(out, n, "%s.%s.lanes.%s", c->prefix, queue, lane_class_name(cls));
+}
+
+void names_redis_lane(const struct cfg *c, const char *queue, int cls, int lane, char *out, size_t n) {
+    snprintf(out, n, "%s:queue:%s:lane:%s:%d", c->prefix, queue, lane_class_name(cls), lane);
+}
+
 /* kind: "queue", "inflight", "retry", "dead", "events", "worker"; queue may be NULL */
 void names_redis(const struct cfg *c, const char *kind, const char *queue, char *out, size_t n) {
     if (queue) snprintf(out, n, "%s:%s:%s", c->prefix, kind, queue);

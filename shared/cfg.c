@@ -157,7 +157,8 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
                       struct cfg_queue *q) {
     static const char *const keys[] = {"name", "commands", "workers", "prefetch", "transport",
                                        "queue_type", "max_attempts", "batch_size", "statement_timeout_ms",
-                                       "lock_timeout_ms", "idle_in_transaction_timeout_ms", "max_length", NULL};
+                                       "lock_timeout_ms", "idle_in_transaction_timeout_ms", "max_length", "lanes",
+                                       "ordered", NULL};
     char p[256];
     setting_path(qs, p, sizeof p);
     if (config_setting_type(qs) != CONFIG_TYPE_GROUP)
@@ -201,6 +202,15 @@ static int load_queue(struct loader *l, struct cfg *c, config_setting_t *qs, enu
     int max_length = 0; /* bounded queues: 0 unbounded */
     if (get_int(l, qs, "max_length", 0, 1000000000, &max_length) < 0) return CV_ECONFIG;
     q->max_length = max_length;
+    q->lanes = 1;
+    if (get_int(l, qs, "lanes", 1, LANES_MAX, &q->lanes) < 0) return CV_ECONFIG;
+    config_setting_t *ord = config_setting_get_member(qs, "ordered");
+    if (ord && config_setting_type(ord) != CONFIG_TYPE_BOOL)
+        return fail(l, ord, "'%s.ordered' must be true or false", p);
+    q->ordered = ord && config_setting_get_bool(ord);
+    if (q->ordered && q->lanes < 2)
+        return fail(l, ord, "'%s.ordered' needs lanes (lanes = 2 to %d): one lane in order would serve the "
+                    "whole queue one command at a time", p, LANES_MAX);
     if (get_int(l, qs, "statement_timeout_ms", 100, 86400000, &q->statement_timeout_ms) < 0 ||
         get_int(l, qs, "lock_timeout_ms", 0, 86400000, &q->lock_timeout_ms) < 0 ||
         get_int(l, qs, "idle_in_transaction_timeout_ms", 1000, 86400000, &q->idle_in_transaction_timeout_ms) < 0)
@@ -640,6 +650,7 @@ void cfg_free(struct cfg *c) {
     for (int i = 0; i < c->nqueues; i++) {
         for (int j = 0; j < c->queues[i].ncommands; j++) free(c->queues[i].commands[j]);
         free(c->queues[i].commands);
+        free(c->queues[i].order_fields);
     }
     free(c->queues);
     for (int i = 0; i < c->nschedules; i++) cfg_schedule_free(&c->schedules[i]);
@@ -666,6 +677,18 @@ const struct cfg_queue *cfg_queue_for(const struct cfg *c, const char *type) {
         for (int j = 0; j < c->queues[i].ncommands; j++)
             if (strcmp(c->queues[i].commands[j], type) == 0) return &c->queues[i];
     return NULL;
+}
+
+void cfg_set_order_field(struct cfg *c, const char *type, const char *field) {
+    for (int i = 0; i < c->nqueues; i++) {
+        struct cfg_queue *q = &c->queues[i];
+        for (int j = 0; j < q->ncommands; j++) {
+            if (strcmp(q->commands[j], type) != 0) continue;
+            if (!q->order_fields) q->order_fields = xcalloc((size_t)q->ncommands, sizeof *q->order_fields);
+            q->order_fields[j] = field;
+            return;
+        }
+    }
 }
 
 const struct cfg_queue *cfg_queue_named(const struct cfg *c, const char *name) {

@@ -112,6 +112,51 @@ void *xrealloc(void *p, size_t size); /* like realloc: p may move; never NULL */
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
 
+/* ---- lane.c: lanes (docs/contract.md, "Lanes") -----------------------------
+ * A queue with lanes = N >= 2 is split, per priority class, into N lanes; a
+ * command goes to the lane its lane key hashes to: its fairnessKey, else its
+ * ordering key (orderingKey, else the payload field that names its aggregate),
+ * else its id (no order to keep). Workers take high before normal before low,
+ * with a guard (LANE_GUARD_*), round-robin across lanes within a class. */
+enum lane_class { LANE_HIGH = 0, LANE_NORMAL = 1, LANE_LOW = 2 };
+#define LANE_CLASSES 3
+#define LANES_MAX 64            /* lanes per class of one queue */
+#define LANE_KEY_CHARS 200      /* fairnessKey, orderingKey: at most this many characters */
+#define LANE_KEY_MAX 256        /* a lane key's bytes with its NUL (a longer one is hashed: lane_route) */
+/* The guard against starvation: of the takes of a worker, every
+ * LANE_GUARD_LOW-th looks at low first, every LANE_GUARD_NORMAL-th (the
+ * others) normal first: under a constant high load, low and normal each get
+ * at least one take in LANE_GUARD_LOW. */
+#define LANE_GUARD_LOW 8
+#define LANE_GUARD_NORMAL 4
+/* "high", "normal", "low" (static); "normal" for anything else. */
+const char *lane_class_name(int cls);
+/* The class named s, or -1. */
+int lane_class_parse(const char *s);
+/* The order in which take number n (0, 1, ...) looks at the classes, written
+ * to order[0..2]: high, normal, low, but low first on every LANE_GUARD_LOW-th
+ * and normal first on every other LANE_GUARD_NORMAL-th. */
+void lane_take_order(unsigned long n, int order[LANE_CLASSES]);
+/* Where a laned command goes, read from its body (no full envelope check: a
+ * body that is not a JSON object goes to class normal with key "" and is
+ * dead-lettered by its worker as ever). */
+struct lane_route {
+    int cls;                    /* enum lane_class */
+    char key[LANE_KEY_MAX];     /* the lane key: fairnessKey, else the ordering key, else the id, else "" */
+};
+struct cfg_queue;
+/* Fills *out for the command in body (len bytes) of queue q (its
+ * order_fields name the payload field of each type); fallback_id (a RabbitMQ
+ * message_id, may be NULL) stands for a body without an id. A key longer than
+ * LANE_KEY_MAX - 1 bytes is replaced by its hash in hex. Cannot fail. */
+void lane_route(const struct cfg_queue *q, const char *body, size_t len, const char *fallback_id,
+                struct lane_route *out);
+struct envelope;
+/* The ordering key of a parsed command of q into out (n bytes): its
+ * orderingKey, else the text of its payload's aggregate field (a string or an
+ * integer), else "" (no key: nothing to keep in order). Returns out. */
+const char *lane_order_key(const struct cfg_queue *q, const struct envelope *e, char *out, size_t n);
+
 /* ---- cfg.c: queues.conf ---------------------------------------------------- */
 enum transport { TRANSPORT_RABBITMQ, TRANSPORT_REDIS };
 /* A static string: "redis" for TRANSPORT_REDIS, else "rabbitmq". */
@@ -138,6 +183,15 @@ struct cfg_queue {
                           * many waiting; 0: unbounded (docs/decisions.md, "Bounded queues") */
     char **commands;     /* command types routed here, owned by the cfg */
     int ncommands;
+    /* lanes (docs/contract.md, "Lanes"): 1, no lanes (the queue as it always
+     * was); N >= 2: each priority class split into N lanes by the lane key */
+    int lanes;
+    bool ordered;        /* commands of one ordering key applied in the order the broker received them
+                          * (lanes >= 2): one consumer per lane at a time, a retrying command holds its key */
+    /* parallel to commands: the payload field naming the aggregate a command
+     * acts on (its default ordering key), or NULL; set by the pool from the
+     * domain's table (cfg_set_order_field), NULL in a producer */
+    const char **order_fields;
 };
 
 /* ---- cron.c: cron expressions ------------------------------------------------
@@ -306,6 +360,10 @@ int cfg_load(const char *path, struct cfg *out, char *err, size_t errlen);
 void cfg_free(struct cfg *c);
 /* The queue that routes TYPE, or NULL. Points into c. */
 const struct cfg_queue *cfg_queue_for(const struct cfg *c, const char *type);
+/* Records FIELD (a static string, not copied; NULL: none) as the payload field
+ * that names the aggregate of command TYPE, in the queue TYPE is routed to
+ * (q->order_fields); a type routed nowhere is ignored. */
+void cfg_set_order_field(struct cfg *c, const char *type, const char *field);
 /* The queue called NAME, or NULL. */
 const struct cfg_queue *cfg_queue_named(const struct cfg *c, const char *name);
 /* True when some queue, or the events, use transport T. */
@@ -444,6 +502,9 @@ struct envelope {
                               * absent or invalid (then in field_errors); points into root */
     struct trace trace;      /* from the traceparent field, else envelope_trace_header; trace_id "" when none */
     const char *trace_ignored; /* why the traceparent field was ignored (static), or NULL */
+    enum lane_class priority; /* the priority field; LANE_NORMAL when absent or invalid (then in field_errors) */
+    const char *fairness_key; /* fairnessKey, or NULL when absent or invalid; points into root */
+    const char *ordering_key; /* orderingKey, or NULL (then the payload's aggregate: lane_order_key) */
     bool has_nul;            /* a string somewhere holds \u0000 */
     cJSON *field_errors;     /* envelope fields that break a rule ({field: reason}), or NULL */
     cJSON *root;             /* owned */
@@ -732,6 +793,29 @@ int broker_publish_commands(struct broker *b, const struct outgoing_command *c, 
  * take returns to the queue whatever an earlier process with this worker id
  * left in flight. */
 int broker_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id);
+/* As broker_consume, for worker number worker_index (0 .. q->workers - 1) of
+ * its pool: a laned queue's worker consumes the lanes i with i % q->workers ==
+ * worker_index (of every class); broker_consume is worker_index 0 of a queue
+ * with one worker's view: every lane. */
+int broker_consume_as(struct broker *b, const struct cfg_queue *q, const char *worker_id, int worker_index);
+/* Laned queues (q->lanes >= 2). The sorter's step on RabbitMQ, the one active
+ * sorter's (workers/lane_sorter.c): moves up to max commands waiting in the
+ * queue q (its intake, where producers publish) into their lanes, in the
+ * order they arrived: published with confirms to the class's consistent-hash
+ * exchange with the lane key as routing key (lane_route), then acked. Waits up
+ * to timeout_ms for the first. Returns how many moved, or an error class (then
+ * none is acked: RabbitMQ hands them out again, and a copy that reached a lane
+ * is applied once by its id). Redis: 0 (its take script sorts). */
+int broker_sort_lanes(struct broker *b, const struct cfg_queue *q, int max, int timeout_ms);
+/* One lane's figures: waiting commands, and the age of its oldest in seconds
+ * (-1: not known; RabbitMQ cannot read a message without taking it). */
+struct lane_count {
+    long depth;
+    double oldest_age_s;
+};
+/* Fills out[cls * q->lanes + i] for every lane of the laned queue q (and the
+ * queue's intake is in broker_queue_counts' waiting). Returns 0 or a class. */
+int broker_lane_counts(struct broker *b, const struct cfg_queue *q, struct lane_count *out);
 /* Waits up to timeout_ms for a message (Redis: at most half the heartbeat
  * interval). Returns 1 with *d filled (caller delivery_free()s it), 0 on
  * timeout, or an error class (CV_ERETRY when the connection broke); *d is
@@ -870,6 +954,13 @@ int broker_next_event(struct broker *b, char **json, int timeout_ms);
 void names_amqp_queue(const struct cfg *c, const char *queue, char *out, size_t n);
 void names_amqp_dead(const struct cfg *c, const char *queue, char *out, size_t n);
 void names_redis(const struct cfg *c, const char *kind, const char *queue, char *out, size_t n);
+/* Lanes (docs/contract.md, "Lanes"): the lane queue <prefix>.<queue>.lane.<class>.<i>
+ * (quorum; single active consumer when the queue is ordered), the
+ * consistent-hash exchange of a class <prefix>.<queue>.lanes.<class> that the
+ * sorter publishes to; Redis, the list <prefix>:queue:<queue>:lane:<class>:<i>. */
+void names_amqp_lane(const struct cfg *c, const char *queue, int cls, int lane, char *out, size_t n);
+void names_amqp_lanes_exchange(const struct cfg *c, const char *queue, int cls, char *out, size_t n);
+void names_redis_lane(const struct cfg *c, const char *queue, int cls, int lane, char *out, size_t n);
 
 /* ---- schedule.c: a schedule's slots (pure; the timekeeper fires them) -------------- */
 #define SLOT_KEY_MAX 32

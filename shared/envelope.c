@@ -127,6 +127,24 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
             field_error(e, "notBefore", "must be an RFC 3339 date-time with an offset");
         else e->not_before = not_before->valuestring;
     }
+    /* lanes (docs/contract.md, "Lanes"): how a command is served, never whether */
+    e->priority = LANE_NORMAL;
+    const cJSON *prio = cJSON_GetObjectItemCaseSensitive(e->root, "priority");
+    if (prio && !cJSON_IsNull(prio)) {
+        int cls = cJSON_IsString(prio) ? lane_class_parse(prio->valuestring) : -1;
+        if (cls < 0) field_error(e, "priority", "must be \"high\", \"normal\" or \"low\"");
+        else e->priority = (enum lane_class)cls;
+    }
+    static const char *const key_fields[] = {"fairnessKey", "orderingKey"};
+    for (int i = 0; i < 2; i++) {
+        const cJSON *k = cJSON_GetObjectItemCaseSensitive(e->root, key_fields[i]);
+        if (!k || cJSON_IsNull(k)) continue;
+        if (!cJSON_IsString(k) || !k->valuestring[0]) field_error(e, key_fields[i], "must be a non-empty string");
+        else if (utf8_chars(k->valuestring) > LANE_KEY_CHARS)
+            field_error(e, key_fields[i], "must be at most 200 characters");
+        else if (i == 0) e->fairness_key = k->valuestring;
+        else e->ordering_key = k->valuestring;
+    }
     /* best effort: a traceparent that is not a valid one is ignored (a header may give one) */
     const cJSON *traceparent = cJSON_GetObjectItemCaseSensitive(e->root, "traceparent");
     if (cJSON_IsString(traceparent)) trace_parse(traceparent->valuestring, &e->trace, &e->trace_ignored);

@@ -43,6 +43,7 @@ struct child {
     enum child_kind kind;
     const struct cfg_queue *queue; /* the worker's queue */
     char worker_id[160];
+    int index;               /* a worker's number among its queue's workers */
     int64_t started_ms, restart_at_ms;
     int crashes;                   /* consecutive quick deaths */
     int slot;                      /* its scoreboard slot, or -1 */
@@ -75,7 +76,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     log_init(kind_name[c->kind]);
     scoreboard_attach(c->slot);
     broker_stall_attach(scoreboard_mine()); /* its broker waits are noted in the same slot */
-    int rc = c->kind == CHILD_WORKER ? worker_run(cfg, c->queue, c->worker_id)
+    int rc = c->kind == CHILD_WORKER ? worker_run(cfg, c->queue, c->worker_id, c->index)
            : c->kind == CHILD_RELAY  ? relay_run(cfg)
            : c->kind == CHILD_HTTP   ? http_run(cfg)
            : c->kind == CHILD_TIMEKEEPER ? timekeeper_run(cfg)
@@ -120,6 +121,7 @@ static void start_generation(struct pool *p) {
         for (int j = 0; j < cfg->queues[i].workers; j++, k++) {
             p->kids[k].queue = &cfg->queues[i];
             p->kids[k].slot = scoreboard_assign(SB_WORKER, &cfg->queues[i], j);
+            p->kids[k].index = j;
             /* stable across restarts, so a restarted worker finds what its predecessor left in
              * flight; a new generation (reload) gets new ids */
             char gen[16] = "";
@@ -156,6 +158,7 @@ static void reload(struct pool *p) {
         log_error("SIGHUP: %s; keeping the running configuration", err);
         return;
     }
+    handler_order_fields(&next);
     if (broker_declare_topology(&next, err, sizeof err) < 0) {
         log_error("SIGHUP: cannot declare the new RabbitMQ topology (%s); keeping the running configuration", err);
         cfg_free(&next);

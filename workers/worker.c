@@ -39,6 +39,7 @@ struct worker {
     bool stood_down;       /* broker closed while the database breaker was open */
     int db_failures;       /* this worker's connects that failed in a row (its own backoff and log) */
     bool probing;          /* it holds the breaker's half-open probe (breaker_turn) */
+    int index;             /* its number among its queue's workers in the pool (which lanes it serves) */
 };
 
 
@@ -355,7 +356,7 @@ static enum open_result consume_open(struct worker *w, const char *worker_id) {
         log_error("broker refused the configuration: %s; stopping", err);
         return OPEN_CONFIG;
     }
-    if (broker_consume(w->broker, w->q, worker_id) < 0) {
+    if (broker_consume_as(w->broker, w->q, worker_id, w->index) < 0) {
         log_error("cannot consume %s: %s", w->q->name, broker_error(w->broker));
         broker_close(w->broker);
         w->broker = NULL;
@@ -495,8 +496,8 @@ static enum take_ready ready_to_take(struct worker *w, const char *worker_id, st
     return TAKE_GO;
 }
 
-int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id) {
-    struct worker w = {.cfg = cfg, .q = q};
+int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id, int index) {
+    struct worker w = {.cfg = cfg, .q = q, .index = index};
     batch_init(&w.batch, cfg, q);
     enum open_result opened = consume_open(&w, worker_id);
     if (opened != OPEN_OK) return open_exit_status(opened);

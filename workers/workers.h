@@ -199,11 +199,11 @@ int singleton_run(const struct cfg *cfg, const struct singleton *s);
 /* ---- worker.c / relay.c / supervisor.c ------------------------------------------ */
 extern volatile sig_atomic_t stop_requested; /* set by SIGTERM / SIGINT in a child */
 
-/* Consumes queue q until stop_requested; returns the process exit status: 0
+/* Consumes queue q (as its worker number index: which lanes) until stop_requested; returns the process exit status: 0
  * when stopped or recycled (max_jobs, max_rss_mb), CV_EXIT_CONFIG when the broker
  * or the database refuses the configuration (logged), 1 when broker_consume
  * fails. A broker or database that is away is waited for, not an exit. */
-int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id);
+int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id, int index);
 /* Publishes the outbox while it holds the relay lock; returns the exit status:
  * 0 when stopped, CV_EXIT_CONFIG when the database or the events broker refuses
  * the configuration (logged). Other failures are retried with backoff. */

@@ -7,20 +7,25 @@
 #include <sodium.h>
 
 static const struct handler handlers[] = {
-    {.type = "register", .run = handle_register, .locks = LOCKS_USER},          /* hashes first */
-    {.type = "changePassword", .run = handle_change_password, .locks = LOCKS_USER}, /* hashes first */
-    {.type = "createProduct", .run = handle_create_product, .locks = LOCKS_PRODUCT}, /* makes an id when none is given */
-    {.type = "updateProduct", .run = handle_update_product, .locks = LOCKS_PRODUCT}, /* a locked read, then the update */
-    {.type = "updateStock", .run = handle_update_stock, .locks = LOCKS_PRODUCT, .runs_ahead = true},
-    {.type = "deleteProduct", .run = handle_delete_product, .locks = LOCKS_PRODUCT, .runs_ahead = true},
-    {.type = "placeOrder", .run = handle_place_order, .locks = LOCKS_ITEM_PRODUCTS},   /* several statements */
-    {.type = "cancelOrder", .run = handle_cancel_order, .locks = LOCKS_ORDER_PRODUCTS}, /* several statements */
+    {.type = "register", .run = handle_register, .locks = LOCKS_USER, .order_field = "userId"}, /* hashes first */
+    {.type = "changePassword", .run = handle_change_password, .locks = LOCKS_USER, .order_field = "userId"}, /* hashes first */
+    {.type = "createProduct", .run = handle_create_product, .locks = LOCKS_PRODUCT, .order_field = "productId"}, /* makes an id when none is given */
+    {.type = "updateProduct", .run = handle_update_product, .locks = LOCKS_PRODUCT, .order_field = "productId"}, /* a locked read, then the update */
+    {.type = "updateStock", .run = handle_update_stock, .locks = LOCKS_PRODUCT, .runs_ahead = true, .order_field = "productId"},
+    {.type = "deleteProduct", .run = handle_delete_product, .locks = LOCKS_PRODUCT, .runs_ahead = true, .order_field = "productId"},
+    {.type = "placeOrder", .run = handle_place_order, .locks = LOCKS_ITEM_PRODUCTS, .order_field = "userId"},   /* several statements */
+    {.type = "cancelOrder", .run = handle_cancel_order, .locks = LOCKS_ORDER_PRODUCTS, .order_field = "orderId"}, /* several statements */
 };
 
 const struct handler *handler_find(const char *type) {
     for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
         if (strcmp(handlers[i].type, type) == 0) return &handlers[i];
     return NULL;
+}
+
+void handler_order_fields(struct cfg *c) {
+    for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
+        cfg_set_order_field(c, handlers[i].type, handlers[i].order_field);
 }
 
 /* The UUID in obj[field], lower-cased into out; false when there is none. */
