@@ -142,12 +142,24 @@ redis_up() {
   die "Redis did not start; see $d/redis.log"
 }
 
+# the plugins Conveyor needs: the management API (bounded queues' policies) and
+# the consistent-hash exchange (lanes: docs/contract.md, section 10)
+RABBIT_PLUGINS='[rabbitmq_management,rabbitmq_consistent_hash_exchange].'
 rabbit_up() {
   local st=$1
-  if rabbit_running "$st"; then return; fi
+  if rabbit_running "$st"; then
+    rabbit_env "$st"
+    if [ "$(cat "$RABBITMQ_ENABLED_PLUGINS_FILE" 2>/dev/null)" != "$RABBIT_PLUGINS" ]; then
+      log "enabling RabbitMQ's consistent-hash exchange (a server started before lanes)"
+      echo "$RABBIT_PLUGINS" > "$RABBITMQ_ENABLED_PLUGINS_FILE"
+      rabbitmq-plugins -q -n "$RABBITMQ_NODENAME" enable --online rabbitmq_consistent_hash_exchange >/dev/null ||
+        die "cannot enable rabbitmq_consistent_hash_exchange"
+    fi
+    return
+  fi
   rabbit_env "$st"
   mkdir -p "$st/rabbitmq/mnesia" "$st/rabbitmq/log"
-  echo '[rabbitmq_management].' > "$RABBITMQ_ENABLED_PLUGINS_FILE"
+  echo "$RABBIT_PLUGINS" > "$RABBITMQ_ENABLED_PLUGINS_FILE"
   printf 'loopback_users.guest = true\nlisteners.tcp.default = 127.0.0.1:%s\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\n' \
     "$AMQP_PORT" "$AMQP_MGMT_PORT" > "$st/rabbitmq/rabbitmq.conf"
   # a dead-lettered message a full queue refused (at-least-once dead-lettering of the
