@@ -147,6 +147,13 @@ int rate_limit_waiting_read(struct db *db, const struct cfg *cfg, struct rate_li
 /* st as JSON (caller frees): name, types, queue, rate, perSecond, burst, key,
  * over, shards, tokens, buckets, waited, rejected, waiting. */
 cJSON *rate_limit_state_json(const struct rate_limit_state *st);
+
+/* ---- lane_view.c: the lanes of a queue as an operator sees them ------------------ */
+/* {queue, lanes, ordered, classes: [{class, waiting, deepestLane, deepestDepth,
+ * oldestAgeSeconds}], lane: [{lane: "<class>.<i>", depth, oldestAgeSeconds}]}
+ * of the laned queue q from its counts c (LANE_CLASSES * q->lanes, class by
+ * class; an age < 0 is null: not known). The caller owns the object. */
+cJSON *lane_queue_json(const struct cfg_queue *q, const struct lane_count *c);
 /* The active timekeeper, about once a minute: deletes the buckets of keyed
  * limits that have been full for a minute (up to 10,000), adding their counts
  * to their limit's totals row. Returns how many rows it deleted, or the error class. */
