@@ -121,7 +121,10 @@ const char redis_script_bounded_push[] =
  * share of what they hold (divided by the workers, rounded up): class by
  * class, round-robin over a class's lanes from the cursor, one message per
  * lane per round, each lane's oldest first; ordered, each lane taken from is
- * owned (its owner key set to the worker id, and named in the owned set).
+ * owned (its owner key set to the worker id, and named in the owned set), and
+ * a worker takes from no more lanes than a fair share of those open to it
+ * (their number divided by the workers, rounded up; the lanes it owns
+ * already are always open), so that the other workers find lanes to take.
  * Returns the messages as redis_script_take does: each followed by 1 if it
  * had been returned (KEYS[3]), else 0. */
 const char redis_script_lane_take[] = LANE_LUA
@@ -134,16 +137,20 @@ const char redis_script_lane_take[] = LANE_LUA
     "if not v then break end "
     "local c, l = lane_of(v, n, fields) "
     "redis.call('LPUSH', ARGV[8] .. c .. ':' .. l, v) end "
-    "local open, waiting = {}, 0 "
+    "local open, waiting, nopen, mine = {}, 0, 0, 0 "
     "for ci = 4, 6 do "
     "local ls = {} "
     "for j = 0, n - 1 do "
     "local name = ARGV[ci] .. ':' .. ((tonumber(ARGV[7]) + j) % n) "
-    "local len = redis.call('LLEN', ARGV[8] .. name) "
-    "if len > 0 and op ~= '' then local o = redis.call('GET', op .. name) if o and o ~= me then len = 0 end end "
-    "if len > 0 then ls[#ls + 1] = {ARGV[8] .. name, name, len, false} waiting = waiting + len end end "
+    "local len, o = redis.call('LLEN', ARGV[8] .. name), false "
+    "if len > 0 and op ~= '' then o = redis.call('GET', op .. name) if o and o ~= me then len = 0 end end "
+    "if len > 0 then "
+    "ls[#ls + 1] = {ARGV[8] .. name, name, len, o == me} "
+    "waiting, nopen = waiting + len, nopen + 1 "
+    "if o == me then mine = mine + 1 end end end "
     "open[#open + 1] = ls end "
     "local want = math.min(tonumber(ARGV[1]), math.ceil(waiting / tonumber(ARGV[2]))) "
+    "local lanes = op ~= '' and math.ceil(nopen / tonumber(ARGV[2])) or nopen "
     "local m, got = {}, 0 "
     "local marked = redis.call('EXISTS', KEYS[3]) == 1 "
     "for _, ls in ipairs(open) do "
@@ -151,7 +158,7 @@ const char redis_script_lane_take[] = LANE_LUA
     "while got < want and more do "
     "more = false "
     "for _, e in ipairs(ls) do "
-    "if got < want and e[3] > 0 then "
+    "if got < want and e[3] > 0 and (e[4] or mine < lanes) then "
     "local v = redis.call('LMOVE', e[1], KEYS[2], 'RIGHT', 'LEFT') "
     "e[3] = e[3] - 1 "
     "if v then "
@@ -159,7 +166,7 @@ const char redis_script_lane_take[] = LANE_LUA
     "m[#m + 1] = v "
     "m[#m + 1] = marked and redis.call('SREM', KEYS[3], v) or 0 "
     "if op ~= '' and not e[4] then "
-    "e[4] = true redis.call('SET', op .. e[2], me) redis.call('SADD', KEYS[4], op .. e[2]) end "
+    "e[4], mine = true, mine + 1 redis.call('SET', op .. e[2], me) redis.call('SADD', KEYS[4], op .. e[2]) end "
     "end end end end end "
     "return m";
 
