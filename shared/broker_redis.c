@@ -605,43 +605,69 @@ static int redis_retry(struct broker *b, const struct delivery *d, int delay_ms)
  * laned queue's to the heads of their lanes, redis_script_lane_return, and
  * for an ordered one also the workers that only own lanes: their owned sets).
  * Returns how many messages moved, or the class of the failure. */
-/* The workers of q named by the keys SCAN finds for kind ("inflight", or
- * "laneowned" for an ordered laned queue: <prefix>:<kind>:<q>:<workerId>)
- * whose liveness key expired: their in-flight lists returned (a laned
- * queue's to its lanes, lane_return, its lanes freed). Adds to *moved how
- * many messages moved. Returns 0 or the class of the failure. */
-static int reap(struct redis_broker *r, const struct cfg_queue *q, const char *kind, long long *moved) {
-    char queue[256], returned[256], pattern[300], worker[256], base[256], hb[600], inflight[600];
-    names_redis(r->base.cfg, "queue", q->name, queue, sizeof queue);
-    names_redis(r->base.cfg, "returned", q->name, returned, sizeof returned);
-    names_redis(r->base.cfg, "worker", NULL, worker, sizeof worker);
-    names_redis(r->base.cfg, "inflight", q->name, base, sizeof base);
-    names_redis(r->base.cfg, kind, q->name, pattern, sizeof pattern);
-    size_t plen = strlen(pattern) + 1; /* "...:<kind>:<q>:" */
-    strcat(pattern, ":*");
+/* Calls fn(r, key, arg) for every key SCAN finds that matches pattern, until
+ * fn returns a class. Returns 0, fn's class, or the class of the SCAN's failure. */
+static int scan_keys(struct redis_broker *r, const char *pattern,
+                     int (*fn)(struct redis_broker *r, const char *key, void *arg), void *arg) {
     char cursor[32] = "0";
+    int rc = 0;
     do {
         redisReply *rep = redis_conn_cmd(r, "SCAN %s MATCH %s COUNT 500", cursor, pattern);
         if (!rep) return redis_conn_last_error(r);
         snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
         redisReply *keys = rep->element[1];
-        for (size_t k = 0; k < keys->elements; k++) {
-            const char *id = keys->element[k]->str + plen;
-            snprintf(hb, sizeof hb, "%s:%s", worker, id);
-            snprintf(inflight, sizeof inflight, "%s:%s", base, id);
-            redisReply *x = q->lanes >= 2 ? lane_return(r, q, inflight, returned, id, hb)
-                                          : redis_conn_cmd(r, "EVAL %s 4 %s %s %s %s", redis_script_return, inflight,
-                                                           queue, returned, hb);
-            if (!x) { freeReplyObject(rep); return redis_conn_last_error(r); }
-            if (x->integer > 0)
-                log_warn("worker %s is gone (no heartbeat): returned %lld in-flight message%s to %s%s", id,
-                         x->integer, x->integer == 1 ? "" : "s", queue, q->lanes >= 2 ? "'s lanes" : "");
-            *moved += x->integer;
-            freeReplyObject(x);
-        }
+        for (size_t k = 0; k < keys->elements && rc == 0; k++) rc = fn(r, keys->element[k]->str, arg);
         freeReplyObject(rep);
-    } while (strcmp(cursor, "0") != 0);
+    } while (rc == 0 && strcmp(cursor, "0") != 0);
+    return rc;
+}
+
+/* What reap_one needs: the queue, its keys, where a key's worker id starts. */
+struct reap {
+    const struct cfg_queue *q;
+    size_t plen;
+    char queue[256], returned[256], worker[256], inflight[256];
+    long long moved;
+};
+
+/* The worker whose key (an in-flight list or an owned set) is key, if its
+ * liveness key expired: its in-flight list returned (a laned queue's to its
+ * lanes, lane_return, its lanes freed). Returns 0 or the class of the failure. */
+static int reap_one(struct redis_broker *r, const char *key, void *arg) {
+    struct reap *rp = arg;
+    const char *id = key + rp->plen;
+    char hb[600], inflight[600];
+    snprintf(hb, sizeof hb, "%s:%s", rp->worker, id);
+    snprintf(inflight, sizeof inflight, "%s:%s", rp->inflight, id);
+    redisReply *x = rp->q->lanes >= 2 ? lane_return(r, rp->q, inflight, rp->returned, id, hb)
+                                      : redis_conn_cmd(r, "EVAL %s 4 %s %s %s %s", redis_script_return, inflight,
+                                                       rp->queue, rp->returned, hb);
+    if (!x) return redis_conn_last_error(r);
+    if (x->integer > 0)
+        log_warn("worker %s is gone (no heartbeat): returned %lld in-flight message%s to %s%s", id, x->integer,
+                 x->integer == 1 ? "" : "s", rp->queue, rp->q->lanes >= 2 ? "'s lanes" : "");
+    rp->moved += x->integer;
+    freeReplyObject(x);
     return 0;
+}
+
+/* The workers of q named by the keys SCAN finds for kind ("inflight", or
+ * "laneowned" for an ordered laned queue: <prefix>:<kind>:<q>:<workerId>)
+ * whose liveness key expired (reap_one). Adds to *moved how many messages
+ * moved. Returns 0 or the class of the failure. */
+static int reap(struct redis_broker *r, const struct cfg_queue *q, const char *kind, long long *moved) {
+    struct reap rp = {.q = q};
+    char pattern[300];
+    names_redis(r->base.cfg, "queue", q->name, rp.queue, sizeof rp.queue);
+    names_redis(r->base.cfg, "returned", q->name, rp.returned, sizeof rp.returned);
+    names_redis(r->base.cfg, "worker", NULL, rp.worker, sizeof rp.worker);
+    names_redis(r->base.cfg, "inflight", q->name, rp.inflight, sizeof rp.inflight);
+    names_redis(r->base.cfg, kind, q->name, pattern, sizeof pattern);
+    rp.plen = strlen(pattern) + 1; /* "...:<kind>:<q>:" */
+    strcat(pattern, ":*");
+    int rc = scan_keys(r, pattern, reap_one, &rp);
+    *moved += rp.moved;
+    return rc;
 }
 
 static int redis_maintain(struct broker *b) {
@@ -764,6 +790,14 @@ static int redis_dead_count(struct broker *b, const struct cfg_queue *q, long *n
     return key_count((struct redis_broker *)b, "LLEN", key, n);
 }
 
+/* Adds the LLEN of key to *(long *)arg. Returns 0 or a class (scan_keys). */
+static int add_llen(struct redis_broker *r, const char *key, void *arg) {
+    long n = 0;
+    int rc = key_count(r, "LLEN", key, &n);
+    if (rc == 0) *(long *)arg += n;
+    return rc;
+}
+
 /* The sum of LLEN over every lane of the laned queue q (one pipeline) into
  * *n. Returns 0 or a class. */
 static int lanes_waiting(struct redis_broker *r, const struct cfg_queue *q, long *n) {
@@ -799,19 +833,7 @@ static int redis_queue_counts(struct broker *b, const struct cfg_queue *q, struc
     out->in_flight = 0;
     names_redis(b->cfg, "inflight", q->name, pattern, sizeof pattern);
     strcat(pattern, ":*");
-    char cursor[32] = "0";
-    do {
-        redisReply *rep = redis_conn_cmd(r, "SCAN %s MATCH %s COUNT 500", cursor, pattern);
-        if (!rep) return redis_conn_last_error(r);
-        snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
-        redisReply *keys = rep->element[1];
-        for (size_t k = 0; k < keys->elements && rc == 0; k++) {
-            long n = 0;
-            if ((rc = key_count(r, "LLEN", keys->element[k]->str, &n)) == 0) out->in_flight += n;
-        }
-        freeReplyObject(rep);
-    } while (rc == 0 && strcmp(cursor, "0") != 0);
-    return rc;
+    return scan_keys(r, pattern, add_llen, &out->in_flight);
 }
 
 /* Each lane of the laned queue q: its LLEN, and the age of its oldest (the
