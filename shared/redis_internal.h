@@ -48,6 +48,7 @@ struct redis_broker {
     char worker_id[256];
     struct lane_args *route;  /* the type -> aggregate field map as script arguments */
     unsigned long takes;      /* takes that took something: lane_take_order's n and the lanes' cursor */
+    int poll_ms;              /* broker_next's pause between polls now (lane_next), 0 after a take found some */
     int back[LANE_CLASSES * LANES_MAX]; /* messages put back per lane since the last take (lane_back) */
     /* subscription */
     char *pattern;
