@@ -27,6 +27,30 @@ void amqp_drop_consume(struct amqp_broker *a) {
     a->ack_held_n = 0;
 }
 
+int amqp_consume_open(struct amqp_broker *a, int prefetch) {
+    int rc = amqp_conn_open(a, &a->consume, false);
+    if (rc < 0) return rc;
+    amqp_basic_qos(a->consume, CHANNEL, 0, (uint16_t)prefetch, 0);
+    if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.qos")) < 0) amqp_drop_consume(a);
+    return rc;
+}
+
+int amqp_consume_queue(struct amqp_broker *a, const char *name, const char *tag, char *server_tag, size_t n) {
+    amqp_basic_consume_ok_t *ok = amqp_basic_consume(a->consume, CHANNEL, amqp_cstring_bytes(name),
+                                                     tag ? amqp_cstring_bytes(tag) : amqp_empty_bytes, 0, 0, 0,
+                                                     amqp_empty_table);
+    char what[300];
+    snprintf(what, sizeof what, "basic.consume of %s", name);
+    int rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), what);
+    if (rc < 0) {
+        amqp_drop_consume(a);
+        return rc;
+    }
+    if (server_tag)
+        snprintf(server_tag, n, "%.*s", ok ? (int)ok->consumer_tag.len : 0, ok ? (const char *)ok->consumer_tag.bytes : "");
+    return 0;
+}
+
 /* Acks tag (with multiple, every delivery up to it) on the consume channel.
  * Without the channel, or when the ack cannot be sent (the connection is then
  * dropped), RabbitMQ redelivers those messages and the worker finds them done:

@@ -94,6 +94,14 @@ char *amqp_copy_bytes(amqp_bytes_t b);
 /* Drops the consume connection (a->consume_gen counts it); its delivery tags,
  * and an ack held for them, go with it: RabbitMQ redelivers what was unacked. */
 void amqp_drop_consume(struct amqp_broker *a);
+/* Opens the consume connection (with channel 1) unless it is open, and sets
+ * the prefetch of the consumers started after it (basic.qos, per consumer).
+ * Returns 0, or a class with the connection dropped. */
+int amqp_consume_open(struct amqp_broker *a, int prefetch);
+/* basic.consume of queue name on the consume channel, under the consumer tag
+ * tag (NULL: the server names it, and the name goes into server_tag, n bytes,
+ * when not NULL). Returns 0, or a class with the connection dropped. */
+int amqp_consume_queue(struct amqp_broker *a, const char *name, const char *tag, char *server_tag, size_t n);
 /* Acks tag (with multiple, every delivery up to it) on the consume channel;
  * a failure is logged (the message comes back and is found done) and drops
  * the connection. */

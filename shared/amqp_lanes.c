@@ -94,26 +94,18 @@ static int lanes_start(struct amqp_broker *a) {
     if (a->consume && l->started && l->gen == a->consume_gen) return 0;
     lanes_clear(l);
     l->started = false;
-    int rc = amqp_conn_open(a, &a->consume, false);
-    if (rc < 0) return rc;
-    /* per consumer (global false): each lane's consumer may hold this many */
-    amqp_basic_qos(a->consume, CHANNEL, 0, (uint16_t)l->prefetch, 0);
-    if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.qos")) < 0) goto fail;
-    for (int c = 0; c < LANE_CLASSES; c++)
-        for (int p = 0; p < l->nserved; p++) {
+    int rc = amqp_consume_open(a, l->prefetch); /* per consumer: each lane's consumer may hold this many */
+    for (int c = 0; c < LANE_CLASSES && rc == 0; c++)
+        for (int p = 0; p < l->nserved && rc == 0; p++) {
             char name[256], tag[32];
             names_amqp_lane(a->base.cfg, l->q->name, c, l->served[p], name, sizeof name);
             lane_tag(c, p, tag, sizeof tag);
-            amqp_basic_consume(a->consume, CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(tag), 0, 0, 0,
-                               amqp_empty_table);
-            if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.consume of a lane")) < 0) goto fail;
+            rc = amqp_consume_queue(a, name, tag, NULL, 0);
         }
+    if (rc < 0) return rc;
     l->started = true;
     l->gen = a->consume_gen;
     return 0;
-fail:
-    amqp_drop_consume(a);
-    return rc;
 }
 
 /* Reads one delivery (waiting up to timeout_ms) into its lane's buffer.

@@ -18,21 +18,14 @@
 static int sort_start(struct amqp_broker *a, const struct cfg_queue *q, int max) {
     if (a->consume && a->sorting && a->sort_gen == a->consume_gen) return 0;
     a->sorting = false;
-    int rc = amqp_conn_open(a, &a->consume, false);
-    if (rc < 0) return rc;
     char intake[256];
     names_amqp_queue(a->base.cfg, q->name, intake, sizeof intake);
-    amqp_basic_qos(a->consume, CHANNEL, 0, (uint16_t)(max > 65535 ? 65535 : max), 0);
-    if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.qos")) < 0) goto fail;
-    amqp_basic_consume(a->consume, CHANNEL, amqp_cstring_bytes(intake), amqp_empty_bytes, 0, 0, 0,
-                       amqp_empty_table);
-    if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.consume of the intake")) < 0) goto fail;
+    int rc = amqp_consume_open(a, max > 65535 ? 65535 : max);
+    if (rc == 0) rc = amqp_consume_queue(a, intake, NULL, NULL, 0);
+    if (rc < 0) return rc;
     a->sorting = true;
     a->sort_gen = a->consume_gen;
     return 0;
-fail:
-    amqp_drop_consume(a);
-    return rc;
 }
 
 /* What one command of the intake becomes: the message to its lane, and the

@@ -198,7 +198,7 @@ static int amqp_publish_commands(struct broker *b, const struct outgoing_command
     return rc;
 }
 
-static const struct broker_ops amqp_lane_ops;
+static const struct broker_ops *lane_ops(void);
 
 static int amqp_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
     (void)worker_id;
@@ -208,7 +208,7 @@ static int amqp_consume(struct broker *b, const struct cfg_queue *q, const char 
     a->prefetch = q->prefetch > q->batch_size ? q->prefetch : q->batch_size; /* a batch is what is delivered */
     a->consuming = true;
     if (q->lanes >= 2) { /* its lanes, not the intake (the sorter's): the lane table's operations */
-        b->ops = &amqp_lane_ops;
+        b->ops = lane_ops();
         return amqp_lanes_consume(a, q, b->worker_index);
     }
     return 0; /* basic.consume is sent when the consume connection opens */
@@ -216,18 +216,8 @@ static int amqp_consume(struct broker *b, const struct cfg_queue *q, const char 
 
 static int start_consuming(struct amqp_broker *a) {
     if (a->consume) return 0;
-    int rc = amqp_conn_open(a, &a->consume, false);
-    if (rc < 0) return rc;
-    amqp_basic_qos(a->consume, CHANNEL, 0, (uint16_t)a->prefetch, 0);
-    if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.qos")) < 0) goto fail;
-    amqp_basic_consume_ok_t *ok = amqp_basic_consume(a->consume, CHANNEL, amqp_cstring_bytes(a->queue),
-                                                     amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
-    if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.consume")) < 0) goto fail;
-    snprintf(a->consumer_tag, sizeof a->consumer_tag, "%.*s", ok ? (int)ok->consumer_tag.len : 0,
-             ok ? (const char *)ok->consumer_tag.bytes : "");
-    return 0;
-fail:
-    amqp_drop_consume(a);
+    int rc = amqp_consume_open(a, a->prefetch);
+    if (rc == 0) rc = amqp_consume_queue(a, a->queue, NULL, a->consumer_tag, sizeof a->consumer_tag);
     return rc;
 }
 
@@ -678,33 +668,21 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .lane_counts = amqp_lane_counts,
 };
 
-/* A laned queue's worker (amqp_consume switches to it): its lanes' consumers
- * and buffer (amqp_lanes.c), acks one by one, an ordered lane's release a
- * requeue; the rest as amqp_ops. */
-static const struct broker_ops amqp_lane_ops = {
-    .close = amqp_close_broker,
-    .declare = amqp_declare,
-    .publish_commands = amqp_publish_commands,
-    .consume = amqp_consume,
-    .next = amqp_lanes_next,
-    .take = amqp_lanes_take,
-    .ack = amqp_ack,
-    .ack_batch = amqp_ack_each,
-    .requeue = amqp_requeue,
-    .release = amqp_lane_release,
-    .stop_consuming = amqp_lanes_stop,
-    .dead_letter = amqp_dead_letter,
-    .retry = amqp_retry,
-    .maintain = amqp_maintain,
-    .dead_walk = amqp_dead_walk,
-    .dead_count = amqp_dead_count,
-    .queue_counts = amqp_queue_counts,
-    .publish_events = amqp_publish_events,
-    .subscribe = amqp_subscribe,
-    .next_event = amqp_next_event,
-    .sort_lanes = amqp_sort_lanes,
-    .lane_counts = amqp_lane_counts,
-};
+/* A laned queue's worker (amqp_consume switches to it): amqp_ops with its
+ * lanes' consumers and buffer (amqp_lanes.c), acks one by one, an ordered
+ * lane's release a requeue. Made at the first use (a worker is one thread). */
+static const struct broker_ops *lane_ops(void) {
+    static struct broker_ops ops;
+    if (!ops.close) {
+        ops = amqp_ops;
+        ops.next = amqp_lanes_next;
+        ops.take = amqp_lanes_take;
+        ops.ack_batch = amqp_ack_each;
+        ops.release = amqp_lane_release;
+        ops.stop_consuming = amqp_lanes_stop;
+    }
+    return &ops;
+}
 
 /* A broker whose publish connection is open: see broker_backend.h. */
 struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size_t errlen) {
