@@ -249,6 +249,12 @@ int relay_run(const struct cfg *cfg);
 /* Publishes due parked commands and fires the schedules while it holds the
  * timekeeper lock (timekeeper.c); returns the exit status as relay_run. */
 int timekeeper_run(const struct cfg *cfg);
+/* Moves the laned RabbitMQ queues' commands from their intakes into their
+ * lanes while it holds the sorter lock (lane_sorter.c); returns the exit
+ * status as relay_run. */
+int lane_sorter_run(const struct cfg *cfg);
+/* Whether cfg has a laned queue on RabbitMQ (then the pool runs a sorter). */
+bool lane_sorter_needed(const struct cfg *cfg);
 /* Redis: moves due retries back and requeues the work of dead workers; returns the
  * exit status: 0 when stopped, CV_EXIT_CONFIG when Redis refuses the configuration
  * (logged). A failed round is logged once and retried with backoff. */
