@@ -131,8 +131,8 @@ enum lane_class { LANE_HIGH = 0, LANE_NORMAL = 1, LANE_LOW = 2 };
 #define LANE_GUARD_NORMAL 4
 /* "high", "normal", "low" (static); "normal" for anything else. */
 const char *lane_class_name(int cls);
-/* The class named s, or -1. */
-int lane_class_parse(const char *s);
+/* The class named s into *cls: true, or false (*cls untouched) for anything else. */
+bool lane_class_parse(const char *s, int *cls);
 /* The order in which take number n (0, 1, ...) looks at the classes, written
  * to order[0..2]: high, normal, low, but low first on every LANE_GUARD_LOW-th
  * and normal first on every other LANE_GUARD_NORMAL-th. */

@@ -131,8 +131,9 @@ int envelope_parse(const char *body, size_t len, size_t max_bytes, const char *f
     e->priority = LANE_NORMAL;
     const cJSON *prio = cJSON_GetObjectItemCaseSensitive(e->root, "priority");
     if (prio && !cJSON_IsNull(prio)) {
-        int cls = cJSON_IsString(prio) ? lane_class_parse(prio->valuestring) : -1;
-        if (cls < 0) field_error(e, "priority", "must be \"high\", \"normal\" or \"low\"");
+        int cls = LANE_NORMAL;
+        if (!cJSON_IsString(prio) || !lane_class_parse(prio->valuestring, &cls))
+            field_error(e, "priority", "must be \"high\", \"normal\" or \"low\"");
         else e->priority = (enum lane_class)cls;
     }
     static const char *const key_fields[] = {"fairnessKey", "orderingKey"};

@@ -15,10 +15,13 @@ static const char *const class_names[LANE_CLASSES] = {"high", "normal", "low"};
 
 const char *lane_class_name(int cls) { return cls >= 0 && cls < LANE_CLASSES ? class_names[cls] : "normal"; }
 
-int lane_class_parse(const char *s) {
+bool lane_class_parse(const char *s, int *cls) {
     for (int i = 0; s && i < LANE_CLASSES; i++)
-        if (strcmp(s, class_names[i]) == 0) return i;
-    return -1;
+        if (strcmp(s, class_names[i]) == 0) {
+            *cls = i;
+            return true;
+        }
+    return false;
 }
 
 void lane_take_order(unsigned long n, int order[LANE_CLASSES]) {
@@ -77,8 +80,7 @@ void lane_route(const struct cfg_queue *q, const char *body, size_t len, const c
         return;
     }
     const cJSON *prio = cJSON_GetObjectItemCaseSensitive(root, "priority");
-    int cls = cJSON_IsString(prio) ? lane_class_parse(prio->valuestring) : -1;
-    if (cls >= 0) out->cls = cls;
+    if (cJSON_IsString(prio)) (void)lane_class_parse(prio->valuestring, &out->cls);
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "type");
     const cJSON *payload = cJSON_GetObjectItemCaseSensitive(root, "payload");
     if (!member_key(root, "fairnessKey", out->key, sizeof out->key) &&

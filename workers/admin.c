@@ -391,6 +391,43 @@ static void bounded_line(const struct cfg_queue *q, long waiting) {
            waiting >= q->max_length ? " (full: new commands are refused)" : "");
 }
 
+/* stats of a queue with lanes: a JSON line (kind "lanes": lane_queue_json),
+ * or a line under its row per class: waiting, the deepest lane, the oldest
+ * age where the broker tells it. A count that fails is said, not fatal. */
+static void print_lanes(struct broker *b, const struct cfg_queue *q, bool json) {
+    struct lane_count *c = xcalloc((size_t)(LANE_CLASSES * q->lanes), sizeof *c);
+    if (broker_lane_counts(b, q, c) < 0) {
+        fprintf(stderr, "conveyor-admin: cannot count the lanes of %s: %s\n", q->name, broker_error(b));
+        free(c);
+        return;
+    }
+    cJSON *o = lane_queue_json(q, c);
+    free(c);
+    if (json) {
+        cJSON_AddStringToObject(o, "kind", "lanes");
+        print_json(o, false);
+        return;
+    }
+    printf("  %s: %d lanes per class%s;", q->name, q->lanes, q->ordered ? ", ordered" : "");
+    const cJSON *k;
+    cJSON_ArrayForEach(k, cJSON_GetObjectItem(o, "classes")) {
+        long waiting = (long)cJSON_GetObjectItem(k, "waiting")->valuedouble;
+        printf(" %s %ld", cJSON_GetObjectItem(k, "class")->valuestring, waiting);
+        if (waiting > 0)
+            printf(" (deepest %s: %ld)", cJSON_GetObjectItem(k, "deepestLane")->valuestring,
+                   (long)cJSON_GetObjectItem(k, "deepestDepth")->valuedouble);
+        const cJSON *age = cJSON_GetObjectItem(k, "oldestAgeSeconds");
+        if (waiting > 0 && cJSON_IsNumber(age)) {
+            char text[16];
+            print_age((long)age->valuedouble, text, sizeof text);
+            printf(", oldest %s", text);
+        }
+        printf(";");
+    }
+    printf("\n");
+    cJSON_Delete(o);
+}
+
 static void print_count(long n, int width) {
     if (n < 0) printf(" %*s", width, "n/a");
     else printf(" %*ld", width, n);
@@ -472,6 +509,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
             cJSON_AddNumberToObject(o, "ratePerSecond1m", rate_1m);
             cJSON_AddNumberToObject(o, "ratePerSecond5m", rate_5m);
             print_json(o, false);
+            if (q->lanes >= 2) print_lanes(b, q, true);
             continue;
         }
         printf("%-12s %-9s %-7s", q->name, transport_name(q->transport), s->paused ? "paused" : "running");
@@ -483,6 +521,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         print_count(n.consumers, 9);
         printf(" %9.2f %9.2f\n", rate_1m, rate_5m);
         if (q->max_length > 0) bounded_line(q, n.waiting);
+        if (q->lanes >= 2) print_lanes(b, q, false);
     }
     for (int i = 0; !rc && !json && i < cfg->nqueues; i++)
         if (st[i].paused && (!only || only == &cfg->queues[i]))

@@ -368,7 +368,8 @@ static int commit_batch(struct batch *b, struct batch_item **v, int n) {
 static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool *claim_pending) {
     struct db *db = b->db;
     int end = i, rc = 0;
-    for (; end < n && end - i < AHEAD_MAX && v[end]->handler->runs_ahead && !v[end]->alone; end++) {
+    for (; end < n && end - i < AHEAD_MAX && v[end]->handler->runs_ahead && !v[end]->alone && !v[end]->parked;
+         end++) {
         if (!*claim_pending && !v[end]->claimed) break; /* a known duplicate */
         v[end]->handle = -1;
         if (!v[end]->started_us) v[end]->started_us = clock_mono_us();
@@ -430,7 +431,7 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
     return rc < 0 ? rc : stop;
 }
 
-/* Moves the items rate_limit_take parked to the end of v, the others keeping
+/* Moves the items parked (rate_limit_take, key_hold_check, key_hold_failed) to the end of v, the others keeping
  * their order, and sets *np to how many others there are. */
 static void park_apart(struct batch_item **v, int *np) {
     int n = *np, kept = 0, k = 0;
@@ -468,25 +469,39 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
         rate_limit_forget(v[i]); /* a new transaction: no token held */
         limited |= v[i]->limit != NULL;
     }
-    /* a limited command rejected alone keeps its limit's count: savepoints then too */
-    bool savepoints = n > 1 || limited;
+    /* a limited command rejected alone keeps its limit's count, and a failed
+     * command of an ordered queue holds its key in this transaction: savepoints then too */
+    bool ordered = b->q->ordered;
+    bool savepoints = n > 1 || limited || ordered;
     int rc = claim_send(b, v, n);
     bool claim_pending = rc == 0; /* its result not read yet */
-    if (rc == 0 && limited) { /* the claims first (a duplicate takes no token), then the tokens */
+    if (rc == 0 && (limited || ordered)) { /* the claims first (a duplicate neither waits nor takes a token) */
         claim_pending = false;
         rc = claim_read(b, v, n, 0);
-        if (rc == 0) {
-            if ((parked = rate_limit_take(db, b->q, v, n)) < 0) {
-                rc = parked;
-                parked = 0;
-            }
-        }
-        if (parked > 0) park_apart(v, np);
-        n = *np;
     }
+    if (rc == 0 && ordered) { /* those behind a held key wait, and take no token */
+        int held = key_hold_check(db, b->q, v, n);
+        if (held < 0) rc = held;
+        else if (held > 0) {
+            parked += held;
+            park_apart(v, np);
+            n = *np;
+        }
+    }
+    if (rc == 0 && limited) {
+        int waiting = rate_limit_take(db, b->q, v, n);
+        if (waiting < 0) rc = waiting;
+        else if (waiting > 0) {
+            parked += waiting;
+            park_apart(v, np);
+            n = *np;
+        }
+    }
+    int behind = 0; /* parked behind a command of their key that failed in this batch */
     if (rc == 0) rc = lock_batch(b, v, n);
     bool any = parked > 0; /* something to commit */
     for (int i = 0; i < n && rc == 0; i++) {
+        if (v[i]->parked) continue; /* behind a command of its key that failed */
         if (savepoints) {
             int next = run_ahead(b, v, i, n, &claim_pending);
             if (next < 0) {
@@ -495,6 +510,7 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
             }
             any |= next > i;
             if ((i = next) == n) break;
+            if (v[i]->parked) continue;
         }
         if (!claim_pending && !v[i]->claimed) {
             any = true; /* a duplicate (its rc says so): its attempt count, if it has one, goes */
@@ -532,7 +548,19 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
         }
         v[i]->error = xstrdup(db_errstr(b->db));
         if (!savepoints || !db_ok(db)) rc = v[i]->rc;
-        else rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", i); /* this one alone is retried */
+        else if ((rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", i)) == 0) /* this one alone is retried */
+            behind += key_hold_failed(b->q, v, i, n); /* and holds its key */
+        any |= v[i]->will_hold; /* the hold is committed, alone if need be */
+    }
+    if (rc == 0 && behind > 0) {
+        parked += behind;
+        park_apart(v, np);
+        n = *np;
+        any = true;
+    }
+    if (rc == 0 && any && ordered) {
+        rc = key_hold_settle_defer(db, b->q, v, n, &v[n], behind);
+        if (rc == 0) rc = rate_limit_refund_defer(db, &v[n], behind); /* their tokens, if they took any */
     }
     if (rc == 0 && any) rc = commit_batch(b, v, n);
     if (rc < 0 || !any) abandon_transaction(db); /* nothing of the batch was committed */
@@ -541,6 +569,7 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
     if (rc < 0 && parked > 0) { /* their parking was undone with the rest: they are in the batch again */
         for (int i = n; i < n + parked; i++) {
             v[i]->parked = false;
+            v[i]->behind = false;
             v[i]->rc = 0;
         }
         *np = n = n + parked;
@@ -586,6 +615,8 @@ int batch_process(struct batch *b, struct batch_item **v, int n) {
     if (n == 0) return 0;
     int rc = count_attempts(b, v, n);
     if (rc < 0) return rc;
+    /* a command of an ordered queue out of attempts passes its key on before it is dead-lettered */
+    if ((rc = key_hold_release_exhausted(b->db, b->q, v, n)) < 0) return rc;
     struct batch_item **live = xmalloc((size_t)n * sizeof *live);
     int nlive = 0;
     for (int i = 0; i < n; i++)

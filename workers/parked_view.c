@@ -20,7 +20,8 @@
 #define CANCEL_CODE "CANCELLED"
 #define CANCEL_MESSAGE "cancelled by an operator before its time"
 /* the cursor's due time: RFC 3339 UTC with microseconds, exact for a timestamptz */
-#define SQL_DUE_EXACT "to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+/* a command waiting behind its key (reason 'ordered', key_hold.c) is due at 'infinity' */
+#define SQL_DUE_EXACT "coalesce(to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), 'infinity')"
 
 int parked_counts(struct db *db, const struct cfg *cfg, struct parked_queue_stat *out) {
     memset(out, 0, (size_t)cfg->nqueues * sizeof *out);
@@ -57,7 +58,7 @@ static bool cursor_parse(const char *cursor, char *due, size_t n, char id[ID_LEN
     const char *sep = strrchr(cursor, '_');
     if (!sep || (size_t)(sep - cursor) >= n || !id_parse(sep + 1, id)) return false;
     snprintf(due, n, "%.*s", (int)(sep - cursor), cursor);
-    return clock_rfc3339_valid(due);
+    return strcmp(due, "infinity") == 0 || clock_rfc3339_valid(due);
 }
 
 /* Copies row i of r (the page query's columns) into *row. */
@@ -115,7 +116,9 @@ cJSON *parked_row_json(const struct parked_row *row) {
     cJSON_AddStringToObject(o, "type", row->type);
     cJSON_AddStringToObject(o, "reason", row->reason);
     json_add_optional(o, "schedule", row->schedule[0] ? row->schedule : NULL);
-    cJSON_AddStringToObject(o, "dueAt", row->due_at);
+    /* null: waiting behind an earlier command of its key (reason "ordered"), no time */
+    if (row->due_at[0]) cJSON_AddStringToObject(o, "dueAt", row->due_at);
+    else cJSON_AddNullToObject(o, "dueAt");
     cJSON_AddStringToObject(o, "parkedAt", row->parked_at);
     return o;
 }
@@ -194,7 +197,11 @@ int parked_cancel(struct db *db, const struct cfg *cfg, const char *id, struct p
     int rc = db_cmd(db, "BEGIN");
     if (rc == 0) rc = db_defer(db, CANCEL_LOCK_TIMEOUT, 0, NULL);
     if (rc == 0)
-        rc = db_exec(db, "DELETE FROM parked_commands WHERE id = $1 RETURNING queue, type, envelope", 1, p, &del);
+        /* a command released to go next of its key (key_hold.c) passes the key on, cancelled */
+        rc = db_exec(db, "WITH d AS (DELETE FROM parked_commands WHERE id = $1 RETURNING queue, type, envelope, "
+                         "order_key) SELECT queue, type, envelope, CASE WHEN order_key IS NOT NULL THEN "
+                         "conveyor_key_release(queue, ARRAY[order_key], ARRAY[$1::uuid]) END FROM d",
+                     1, p, &del);
     if (rc == 0 && PQntuples(del) == 1) rc = settle_cancel(db, cfg, id, del, out);
     PQclear(del);
     if (out->outcome == PARKED_CANCELLED) return 0;

@@ -40,6 +40,12 @@ struct batch_item {
     int token_shard;      /* the row of the token it holds in the open transaction, or -1 */
     bool limit_rejected;  /* no token, over = "reject": the batch rejects it RATE_LIMITED */
     int64_t later_ms;     /* no token: when it is due (parked) or a token is expected (retryAfterMs) */
+    /* order per key in an ordered queue (key_hold.c) */
+    char order_key[LANE_KEY_MAX]; /* its ordering key (lane_order_key), once order_key_set; "" for none */
+    bool order_key_set;
+    bool holder;          /* it holds its key (released to go next, or retried): its settling passes the key on */
+    bool will_hold;       /* it failed and is retried: it holds its key from this commit on */
+    bool behind;          /* parked behind an earlier command of its key (parked too) */
 };
 
 /* A worker's transactions: its connection and what a batch needs to know. */
@@ -95,6 +101,31 @@ int rate_limit_take(struct db *db, const struct cfg_queue *q, struct batch_item 
  * they came from, before the COMMIT. Returns 0 or an error class. */
 int rate_limit_refund_defer(struct db *db, struct batch_item **v, int n);
 
+/* ---- key_hold.c: order per key in an ordered queue (docs/contract.md, section 10) ---- */
+/* After the claim (claimed items only), in the batch's open transaction: reads
+ * the holds of the items' ordering keys (locked until the transaction ends);
+ * an item whose key another command holds is parked behind it (deferred) and
+ * marked parked and behind (not run; acked after the COMMIT); an item that
+ * holds its key is marked holder. Nothing for a queue that is not ordered.
+ * Returns how many it parked, or an error class (the transaction is then to
+ * be rolled back; the items marked are not: nothing was marked). */
+int key_hold_check(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n);
+/* Item v[i] of an ordered queue failed and is retried: it will hold its key,
+ * and the items after it in v[i+1..n) of that key that are claimed and not
+ * parked are marked parked behind it (for key_hold_settle_defer). Returns how
+ * many it marked (0 when q is not ordered or v[i] has no key). */
+int key_hold_failed(const struct cfg_queue *q, struct batch_item **v, int i, int n);
+/* Defers, before the COMMIT: the parking of the nbehind items behind[] that
+ * key_hold_failed marked, the holds of the items of v[0..n) that failed, and
+ * the release of the keys whose holder settled. Returns 0 or an error class. */
+int key_hold_settle_defer(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n,
+                          struct batch_item **behind, int nbehind);
+/* The keys held by the items of v that are out of attempts (exhausted: to be
+ * dead-lettered) pass on, in a statement of its own (no transaction open).
+ * Returns 0 or an error class (then none passed on: the caller must not
+ * dead-letter them yet). */
+int key_hold_release_exhausted(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n);
+
 /* ---- rate_limit_buckets.c: the buckets seen from outside a transaction ----------- */
 /* A rate limit now (what stats, /metrics and the dashboard show). */
 struct rate_limit_state {
@@ -116,6 +147,13 @@ int rate_limit_waiting_read(struct db *db, const struct cfg *cfg, struct rate_li
 /* st as JSON (caller frees): name, types, queue, rate, perSecond, burst, key,
  * over, shards, tokens, buckets, waited, rejected, waiting. */
 cJSON *rate_limit_state_json(const struct rate_limit_state *st);
+
+/* ---- lane_view.c: the lanes of a queue as an operator sees them ------------------ */
+/* {queue, lanes, ordered, classes: [{class, waiting, deepestLane, deepestDepth,
+ * oldestAgeSeconds}], lane: [{lane: "<class>.<i>", depth, oldestAgeSeconds}]}
+ * of the laned queue q from its counts c (LANE_CLASSES * q->lanes, class by
+ * class; an age < 0 is null: not known). The caller owns the object. */
+cJSON *lane_queue_json(const struct cfg_queue *q, const struct lane_count *c);
 /* The active timekeeper, about once a minute: deletes the buckets of keyed
  * limits that have been full for a minute (up to 10,000), adding their counts
  * to their limit's totals row. Returns how many rows it deleted, or the error class. */

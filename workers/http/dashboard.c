@@ -9,6 +9,7 @@
  *   GET /api/dead/letter?queue=Q&key=K        one, its message's secrets masked
  *   GET /api/command?id=UUID  one command: processed, attempts, events, dead letters
  *   GET /api/limits           the rate limits: tokens now, commands waiting and rejected (sampled)
+ *   GET /api/lanes            the queues with lanes: each lane's depth and oldest age (sampled)
  *   GET /api/scheduled        parked commands: per queue the count and next due time (sampled),
  *                             and a page of them by due time: [queue=Q] [limit=N, default 20,
  *                             at most 1000] [cursor=C]
@@ -432,6 +433,16 @@ static enum MHD_Result limits(struct http *h, struct MHD_Connection *conn) {
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
+/* GET /api/lanes: the lanes of every queue that has them (lane_queue_json), from the last sample. */
+static enum MHD_Result lanes(struct http *h, struct MHD_Connection *conn) {
+    cJSON *o = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(o, "queues");
+    pthread_mutex_lock(&h->lock);
+    for (int i = 0; i < h->sample.nqueues && h->sample.lanes; i++)
+        if (h->sample.lanes[i]) cJSON_AddItemToArray(a, lane_queue_json(&h->cfg->queues[i], h->sample.lanes[i]));
+    pthread_mutex_unlock(&h->lock);
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
 enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const char *url) {
     const struct asset *a = asset_of(url);
     if (a) return http_reply(conn, MHD_HTTP_OK, a->type, (const char *)a->data, a->len, false);
@@ -448,5 +459,6 @@ enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const
     if (strcmp(url, "/api/scheduled") == 0) return scheduled(h, conn);
     if (strcmp(url, "/api/schedules") == 0) return schedules(h, conn);
     if (strcmp(url, "/api/limits") == 0) return limits(h, conn);
+    if (strcmp(url, "/api/lanes") == 0) return lanes(h, conn);
     return http_error(conn, MHD_HTTP_NOT_FOUND, "not found: see the README, \"Dashboard\", for the API's paths");
 }

@@ -288,6 +288,12 @@ static struct http_sample sample_new(const struct cfg *cfg) {
                             .nrate_limits = cfg->nrate_limits};
     s.queues = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.queues);
     s.parked = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.parked);
+    s.lanes = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.lanes);
+    for (int i = 0; i < cfg->nqueues; i++) {
+        int n = cfg->queues[i].lanes >= 2 ? LANE_CLASSES * cfg->queues[i].lanes : 0;
+        if (n) s.lanes[i] = xcalloc((size_t)n, sizeof **s.lanes);
+        for (int k = 0; k < n; k++) s.lanes[i][k].oldest_age_s = -1;
+    }
     s.schedules = xcalloc((size_t)cfg->nschedules + 1, sizeof *s.schedules);
     for (int i = 0; i < cfg->nschedules; i++) s.schedules[i].s = &cfg->schedules[i];
     s.limits = xcalloc((size_t)cfg->nrate_limits + 1, sizeof *s.limits);
@@ -298,6 +304,8 @@ static struct http_sample sample_new(const struct cfg *cfg) {
 
 /* Frees the arrays of s (not recent, which moves from sample to sample). */
 static void sample_free(struct http_sample *s) {
+    for (int i = 0; s->lanes && i < s->nqueues; i++) free(s->lanes[i]);
+    free(s->lanes);
     free(s->queues);
     free(s->parked);
     free(s->schedules);
@@ -313,9 +321,14 @@ static void sample_brokers(struct http *h, struct http_sample *s) {
         if (!h->broker[t] && !(h->broker[t] = broker_open_class(h->cfg, (enum transport)t, &cls, err, sizeof err)))
             continue;
         bool ok = true;
-        for (int i = 0; i < h->cfg->nqueues && ok; i++)
-            if (h->cfg->queues[i].transport == (enum transport)t)
-                ok = broker_queue_counts(h->broker[t], &h->cfg->queues[i], &s->queues[i]) == 0;
+        for (int i = 0; i < h->cfg->nqueues && ok; i++) {
+            const struct cfg_queue *q = &h->cfg->queues[i];
+            if (q->transport != (enum transport)t) continue;
+            ok = broker_queue_counts(h->broker[t], q, &s->queues[i]) == 0;
+            /* a lane count that fails leaves the lanes as they were (the queue's counts stand) */
+            if (ok && s->lanes[i] && broker_lane_counts(h->broker[t], q, s->lanes[i]) < 0)
+                log_debug("lanes of %s not counted: %s", q->name, broker_error(h->broker[t]));
+        }
         if (!ok) {
             broker_close(h->broker[t]);
             h->broker[t] = NULL;
@@ -394,6 +407,8 @@ int http_run(const struct cfg *cfg) {
                 memcpy(s.broker_used, old.broker_used, sizeof s.broker_used);
                 memcpy(s.broker_up, old.broker_up, sizeof s.broker_up);
                 memcpy(s.queues, old.queues, (size_t)cfg->nqueues * sizeof *s.queues);
+                for (int i = 0; i < cfg->nqueues; i++)
+                    if (s.lanes[i]) memcpy(s.lanes[i], old.lanes[i], LANE_CLASSES * (size_t)cfg->queues[i].lanes * sizeof **s.lanes);
             }
             if (!parked) memcpy(s.parked, old.parked, (size_t)cfg->nqueues * sizeof *s.parked);
             for (int i = 0; !parked && i < cfg->nrate_limits; i++) s.limits[i].waiting = old.limits[i].waiting;

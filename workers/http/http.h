@@ -25,6 +25,8 @@ struct http_sample {
     struct queue_counts *queues;   /* by cfg queue index (counts of a broker that is down: 0) */
     char *recent;                  /* the last 20 processed commands, a JSON array (NULL: not read) */
     struct parked_queue_stat *parked; /* by cfg queue index: parked commands (sampled every 10 s; 0 before) */
+    struct lane_count **lanes;     /* by cfg queue index: a laned queue's lanes (LANE_CLASSES * lanes, class
+                                    * by class; sampled with the brokers, depth 0 and age -1 before), else NULL */
     int nschedules;
     struct schedule_state *schedules; /* by cfg schedule index: their rows (sampled; zeroed before) */
     int nrate_limits;

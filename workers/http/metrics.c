@@ -165,6 +165,26 @@ static void workers(struct out *o, const struct cfg *cfg, const struct scoreboar
     }
 }
 
+/* The lanes of the laned queues (sampled with the brokers): each lane's
+ * depth, and its oldest command's age where the broker can tell it (Redis;
+ * RabbitMQ cannot read a message without taking it: no line). lane="<class>.<i>". */
+static void lane_gauges(struct out *o, const struct cfg *cfg, const struct http_sample *s) {
+    char ql[2 * CFG_NAME_MAX + 1];
+    header(o, "conveyor_lane_depth", "gauge", "Commands waiting in a lane of a queue with lanes (sampled).");
+    for (int i = 0; i < cfg->nqueues && s->lanes; i++)
+        for (int k = 0; s->lanes[i] && k < LANE_CLASSES * cfg->queues[i].lanes; k++)
+            put(o, "conveyor_lane_depth{queue=\"%s\",lane=\"%s.%d\"} %ld\n", label(cfg->queues[i].name, ql),
+                lane_class_name(k / cfg->queues[i].lanes), k % cfg->queues[i].lanes, s->lanes[i][k].depth);
+    header(o, "conveyor_lane_oldest_age_seconds", "gauge",
+           "Age of the oldest command waiting in a lane (sampled; Redis only: RabbitMQ cannot tell it).");
+    for (int i = 0; i < cfg->nqueues && s->lanes; i++)
+        for (int k = 0; s->lanes[i] && k < LANE_CLASSES * cfg->queues[i].lanes; k++)
+            if (s->lanes[i][k].oldest_age_s >= 0)
+                put(o, "conveyor_lane_oldest_age_seconds{queue=\"%s\",lane=\"%s.%d\"} %.3f\n",
+                    label(cfg->queues[i].name, ql), lane_class_name(k / cfg->queues[i].lanes),
+                    k % cfg->queues[i].lanes, s->lanes[i][k].oldest_age_s);
+}
+
 static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard *sb, const struct http_sample *s) {
     char ql[2 * CFG_NAME_MAX + 1];
     static const char *const names[4][2] = {
@@ -192,6 +212,7 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
     header(o, "conveyor_queue_max_length", "gauge", "The queue's max_length: a new command is refused at this depth (0: unbounded).");
     for (int i = 0; i < cfg->nqueues; i++)
         put(o, "conveyor_queue_max_length{queue=\"%s\"} %ld\n", label(cfg->queues[i].name, ql), cfg->queues[i].max_length);
+    lane_gauges(o, cfg, s);
     uint64_t opens = 0;
     int breaker = (int)breaker_read(NULL, 0, &opens);
     header(o, "conveyor_breaker_state", "gauge", "The pool's breaker around a dependency: 0 closed, 1 half-open, 2 open.");

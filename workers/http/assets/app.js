@@ -758,6 +758,32 @@
     setText(c[8], fmtInt(l.rejected));
   }
 
+  /* ---------- lanes ---------- */
+
+  function renderLanes(d) {
+    const rows = [];
+    for (const q of Array.isArray(d.queues) ? d.queues : [])
+      for (const k of Array.isArray(q.classes) ? q.classes : []) rows.push({ q, k });
+    reconcile($('lanes'), rows, (r) => r.q.queue + '/' + r.k.class, createLaneRow, updateLaneRow);
+    $('lanes-empty').hidden = rows.length > 0;
+  }
+  function createLaneRow(r) {
+    const tr = h('tr', { 'data-test': 'lane-row', 'data-queue': r.q.queue, 'data-class': r.k.class });
+    const c = cells(tr, 6, [2, 3, 5]);
+    c[0].className = 'name';
+    tr.__c = c;
+    return tr;
+  }
+  function updateLaneRow(tr, r) {
+    const c = tr.__c;
+    setText(c[0], r.q.queue + (r.q.ordered ? ' (ordered)' : ''));
+    setText(c[1], r.k.class);
+    setText(c[2], fmtInt(r.q.lanes));
+    setText(c[3], fmtInt(r.k.waiting));
+    setText(c[4], r.k.waiting > 0 ? r.k.deepestLane + ': ' + fmtInt(r.k.deepestDepth) : '—');
+    setText(c[5], typeof r.k.oldestAgeSeconds === 'number' && r.k.waiting > 0 ? r.k.oldestAgeSeconds.toFixed(1) + ' s' : '—');
+  }
+
   /* ---------- charts ---------- */
 
   const RANGES = { hour: { every: 2000, step: 60, tick: 600 }, day: { every: 30000, step: 300, tick: 10800 } };
@@ -1044,6 +1070,7 @@
       polls.scheduled.kick();
       polls.schedules.kick();
       polls.limits.kick();
+      polls.lanes.kick();
     }
   }
 
@@ -1088,6 +1115,12 @@
       const r = await api('/api/limits');
       note('limits', r);
       if (r.ok) renderLimits(r.data);
+    }, () => 3000),
+    lanes: poller(async () => {
+      if (route.name !== 'overview') return;
+      const r = await api('/api/lanes');
+      note('lanes', r);
+      if (r.ok) renderLanes(r.data);
     }, () => 3000),
     command: poller(pollCommand, () => 10000),
   };
