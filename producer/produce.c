@@ -15,9 +15,10 @@ enum { EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXI
 
 static const char usage[] =
     "usage: conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--correlation-id ID]\n"
-    "                        [--traceparent VALUE] [--at TIME | --in DURATION] TYPE PAYLOAD_JSON\n"
+    "                        [--traceparent VALUE] [--at TIME | --in DURATION] [--priority CLASS]\n"
+    "                        [--fairness-key KEY] [--ordering-key KEY] TYPE PAYLOAD_JSON\n"
     "       conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--at TIME | --in DURATION]\n"
-    "                        < commands.ndjson\n"
+    "                        [--priority CLASS] [--fairness-key KEY] [--ordering-key KEY] < commands.ndjson\n"
     "\n"
     "Publishes a command (TYPE and its payload object), or one command per line of\n"
     "standard input (a whole envelope, or {\"type\": ..., \"payload\": {...}}), routed by\n"
@@ -37,6 +38,12 @@ static const char usage[] =
     "                          stdin with its own notBefore keeps it\n"
     "      --in DURATION       ... not before DURATION from now by this host's clock (90s, 15m,\n"
     "                          2h, 7d; a number alone is seconds)\n"
+    "      --priority CLASS    high, normal or low: the envelope's priority (a queue with lanes\n"
+    "                          takes high first; README, \"Priorities, fairness and order\")\n"
+    "      --fairness-key KEY  the envelope's fairnessKey: who the command is fair between\n"
+    "      --ordering-key KEY  the envelope's orderingKey: the aggregate whose order it keeps\n"
+    "                          (default: the payload's productId, userId or orderId);\n"
+    "                          on stdin, a line with its own field keeps it\n"
     "  -h, --help              this help\n"
     "\n"
     "Exit status: 0 published (with --wait: every result was a success event),\n"
@@ -111,13 +118,29 @@ static int wait_result(conveyor_client *c, const char *id, int timeout_ms) {
     return code_for(rc);
 }
 
-/* As conveyor_publish, with the envelope fields traceparent (checked by the
- * caller) and notBefore when not NULL: builds {type, payload, correlationId?,
- * traceparent?, notBefore?} and publishes it whole. Returns as
+/* The envelope fields the options give, by name, each NULL when not given. */
+struct option_fields {
+    const char *traceparent, *not_before, *priority, *fairness_key, *ordering_key;
+};
+static bool any_field(const struct option_fields *f) {
+    return f->traceparent || f->not_before || f->priority || f->fairness_key || f->ordering_key;
+}
+
+/* Adds to the envelope o each field of f that is given and o lacks. */
+static void add_fields(cJSON *o, const struct option_fields *f) {
+    const char *names[] = {"traceparent", "notBefore", "priority", "fairnessKey", "orderingKey"};
+    const char *values[] = {f->traceparent, f->not_before, f->priority, f->fairness_key, f->ordering_key};
+    for (int i = 0; i < 5; i++)
+        if (values[i] && !cJSON_GetObjectItemCaseSensitive(o, names[i])) cJSON_AddStringToObject(o, names[i], values[i]);
+}
+
+/* As conveyor_publish, with the envelope fields of f (traceparent checked by
+ * the caller; the others by the client's envelope check): builds {type,
+ * payload, correlationId?, and f's} and publishes it whole. Returns as
  * conveyor_publish (CONVEYOR_EINVALID: the payload is not a JSON object, or
  * a field is invalid, with the reason in conveyor_error). */
 static int publish_built(conveyor_client *c, const char *type, const char *payload_json, const char *corr,
-                         const char *traceparent, const char *not_before, char id[37]) {
+                         const struct option_fields *f, char id[37]) {
     cJSON *payload = cJSON_Parse(payload_json);
     if (!cJSON_IsObject(payload)) { /* as conveyor_publish says it */
         cJSON_Delete(payload);
@@ -127,8 +150,7 @@ static int publish_built(conveyor_client *c, const char *type, const char *paylo
     cJSON_AddStringToObject(env, "type", type);
     cJSON_AddItemToObject(env, "payload", payload);
     if (corr) cJSON_AddStringToObject(env, "correlationId", corr);
-    if (traceparent) cJSON_AddStringToObject(env, "traceparent", traceparent);
-    if (not_before) cJSON_AddStringToObject(env, "notBefore", not_before);
+    add_fields(env, f);
     char *json = cJSON_PrintUnformatted(env);
     cJSON_Delete(env);
     if (!json) { /* as alloc.c does when memory cannot be had */
@@ -140,13 +162,14 @@ static int publish_built(conveyor_client *c, const char *type, const char *paylo
     return rc;
 }
 
-/* A line of stdin with "notBefore": not_before added when it is an object
- * without one (malloc'd; the caller frees it and line); else line itself. */
-static char *line_not_before(char *line, const char *not_before) {
-    cJSON *o = not_before ? cJSON_Parse(line) : NULL;
+/* A line of stdin with the fields of f (notBefore, priority, fairnessKey,
+ * orderingKey) it lacks added, when it is an object (malloc'd; the caller
+ * frees it and line); else line itself. */
+static char *line_fields(char *line, const struct option_fields *f) {
+    cJSON *o = any_field(f) ? cJSON_Parse(line) : NULL;
     char *out = line;
-    if (cJSON_IsObject(o) && !cJSON_GetObjectItemCaseSensitive(o, "notBefore")) {
-        cJSON_AddStringToObject(o, "notBefore", not_before);
+    if (cJSON_IsObject(o)) {
+        add_fields(o, f);
         char *json = cJSON_PrintUnformatted(o);
         if (json) {
             free(line);
@@ -190,13 +213,16 @@ static bool not_before_option(const char *at, const char *in, char out[40], cons
  * commands, in the order a reader of --help meets them. */
 int main(int argc, char **argv) {
     const char *path = "queues.conf", *corr = NULL, *traceparent = NULL, *at = NULL, *in = NULL;
+    struct option_fields fields = {0};
     bool wait = false;
     double timeout_s = 30;
     static const struct option opts[] = {
         {"config", required_argument, 0, 'c'}, {"wait", no_argument, 0, 'w'},
         {"timeout", required_argument, 0, 't'}, {"correlation-id", required_argument, 0, 'r'},
         {"traceparent", required_argument, 0, 'p'}, {"at", required_argument, 0, 'a'},
-        {"in", required_argument, 0, 'i'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"in", required_argument, 0, 'i'}, {"priority", required_argument, 0, 'P'},
+        {"fairness-key", required_argument, 0, 'f'}, {"ordering-key", required_argument, 0, 'o'},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "c:wt:h", opts, NULL)) != -1) {
         switch (o) {
@@ -207,6 +233,9 @@ int main(int argc, char **argv) {
         case 'p': traceparent = optarg; break;
         case 'a': at = optarg; break;
         case 'i': in = optarg; break;
+        case 'P': fields.priority = optarg; break;
+        case 'f': fields.fairness_key = optarg; break;
+        case 'o': fields.ordering_key = optarg; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return EXIT_USAGE;
         }
@@ -228,7 +257,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "conveyor-produce: %s\n", why);
         return EXIT_USAGE;
     }
-    const char *not_before = not_before_text[0] ? not_before_text : NULL;
+    int cls;
+    if (fields.priority && !lane_class_parse(fields.priority, &cls)) {
+        fprintf(stderr, "conveyor-produce: --priority must be high, normal or low (got '%s')\n", fields.priority);
+        return EXIT_USAGE;
+    }
+    fields.not_before = not_before_text[0] ? not_before_text : NULL;
     if (timeout_s <= 0) {
         fprintf(stderr, "conveyor-produce: --timeout must be a positive number of seconds\n");
         return EXIT_USAGE;
@@ -243,8 +277,8 @@ int main(int argc, char **argv) {
     int timeout_ms = (int)(timeout_s * 1000);
     int status = 0;
     if (nargs == 2) {
-        int rc = traceparent || not_before
-                     ? publish_built(c, argv[optind], argv[optind + 1], corr, traceparent, not_before, id)
+        fields.traceparent = traceparent;
+        int rc = any_field(&fields) ? publish_built(c, argv[optind], argv[optind + 1], corr, &fields, id)
                      : conveyor_publish(c, argv[optind], argv[optind + 1], corr, id);
         if (rc < 0) {
             fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
@@ -279,7 +313,7 @@ int main(int argc, char **argv) {
             lineno++;
             if (!*l) { free(l); continue; }
             lines[n] = lineno;
-            batch[n++] = line_not_before(l, not_before);
+            batch[n++] = line_fields(l, &fields);
         }
         if (n == 0) {
             if (eof) break;

@@ -52,7 +52,7 @@ static void print_page(const struct parked_page *p, bool json) {
         const struct parked_row *r = &p->rows[i];
         if (!json) {
             printf("%-36s %-12s %-14.14s %-8s %-16.16s %-24s %s\n", r->id, r->queue, r->type, r->reason,
-                   r->schedule[0] ? r->schedule : "-", r->due_at, r->parked_at);
+                   r->schedule[0] ? r->schedule : "-", r->due_at[0] ? r->due_at : "after its key", r->parked_at);
             continue;
         }
         cJSON *o = parked_row_json(r);
