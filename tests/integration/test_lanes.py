@@ -31,14 +31,14 @@ import os
 import signal
 import subprocess
 import tempfile
-import time
 
 import pika
 import redis as redislib
 
 from harness import (AMQP_URL, BIN, REDIS_URL, ROOT, ROUTING, TRANSPORT, Pool, check, db, eq, http_pool, new_id,
-                     query, run_bin, write_config)
+                     now_iso, query, run_bin, write_config)
 from test_delayed import wait_for
+from test_metrics import scrape, value
 
 CATALOG = {"catalog": ROUTING["catalog"]}
 CLASSES = ("high", "normal", "low")
@@ -541,3 +541,63 @@ def test_commands_waiting_before_lanes_are_applied_after_the_change():
     finally:
         os.unlink(plain)
         os.unlink(laned)
+
+
+# ---- what an operator sees -----------------------------------------------------------------
+
+def lanes_stats(config):
+    """conveyor-admin --json stats catalog: its "lanes" line."""
+    r = run_bin("conveyor-admin", "-c", config, "--json", "stats", "catalog")
+    eq(r.returncode, 0, f"stats exit status (stderr: {r.stderr})")
+    got = [o for o in map(json.loads, r.stdout.splitlines()) if o.get("kind") == "lanes"]
+    eq(len(got), 1, f"one lanes line: {r.stdout}")
+    return got[0]
+
+
+def test_lanes_are_seen_in_stats_and_metrics():
+    lanes = 4
+    clear_catalog()
+    config = config_of(lanes_opts(lanes))
+    pause(True)
+    try:
+        (k1, k2), where = keys_in_distinct_lanes(["A", "B", "C", "D", "E", "F"], 2, lanes, config)
+        with http_pool(workers={"catalog": 1}, routing=CATALOG, queue_opts=lanes_opts(lanes)) as p:
+            cmds = [product_cmd(fairnessKey=k1) for _ in range(30)] + \
+                   [product_cmd(fairnessKey=k2, priority="high") for _ in range(10)]
+            if TRANSPORT == "rabbitmq":  # the sorter moves a paused queue's commands into their lanes
+                produce(config, cmds)
+                settle_into_lanes(40, lanes)
+            else:  # Redis sorts in the take script, which a paused queue does not run: as if sorted
+                r = redislib.Redis.from_url(REDIS_URL)
+                for c in cmds:
+                    cls = c.get("priority", "normal")
+                    r.lpush(lane_name(cls, where[c["fairnessKey"]]), json.dumps(dict(c, createdAt=now_iso())))
+            normal, high = f"normal.{where[k1]}", f"high.{where[k2]}"
+            o = lanes_stats(p.config)
+            eq((o["queue"], o["lanes"], o["ordered"]), ("catalog", lanes, False), "the queue's lanes")
+            depth = {x["lane"]: x["depth"] for x in o["lane"]}
+            eq(len(depth), 3 * lanes, f"a row per lane of each class: {sorted(depth)}")
+            eq({k: v for k, v in depth.items() if v}, {normal: 30, high: 10}, "the lanes' depths")
+            classes = {c["class"]: c for c in o["classes"]}
+            eq([(classes[c]["waiting"]) for c in CLASSES], [10, 30, 0], "waiting per class")
+            eq(classes["normal"]["deepestLane"], normal, "the deepest normal lane")
+            age = classes["normal"]["oldestAgeSeconds"]
+            if TRANSPORT == "redis":
+                check(isinstance(age, (int, float)) and age >= 0, f"the oldest's age: {age}")
+            r = run_bin("conveyor-admin", "-c", p.config, "stats", "catalog")
+            check(f"catalog: {lanes} lanes per class" in r.stdout and f"deepest {normal}: 30" in r.stdout,
+                  f"the text form says the lanes:\n{r.stdout}")
+
+            def sampled():
+                samples, _ = scrape(p)
+                return samples if value(samples, "conveyor_lane_depth", queue="catalog", lane=normal) == 30 else None
+            samples = wait_for(sampled, 30, "conveyor_lane_depth sampled")
+            eq(value(samples, "conveyor_lane_depth", queue="catalog", lane=high), 10, "the high lane's depth")
+            eq(value(samples, "conveyor_lane_depth", queue="catalog", lane="low.0"), 0, "an empty lane")
+            pause(False)
+            wait_processed([c["id"] for c in cmds], 60, "the commands once resumed", (p,))
+            eq(p.stop(), (0, []), "clean stop")
+    finally:
+        pause(False)
+        clear_catalog()
+        os.unlink(config)
