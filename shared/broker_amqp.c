@@ -290,20 +290,33 @@ static int amqp_ack_each(struct broker *b, const struct delivery *d, int n) {
     return 0;
 }
 
-/* An ordered queue's lane delivery goes back to the head of its lane
- * (basic.reject with requeue), which keeps the lane's order at the cost of
- * one counted attempt (it comes back redelivered); an unordered one as
- * amqp_release: a copy to the intake (sorted again), then acked. */
-static int amqp_lane_release(struct broker *b, const struct delivery *d) {
-    struct amqp_broker *a = (struct amqp_broker *)b;
-    if (!b->queue || !b->queue->ordered) return amqp_release(b, d);
-    if (!a->consume) return 0; /* unacked on a closed channel: already back in its lane */
-    int rc = amqp_basic_reject(a->consume, CHANNEL, d->tag, 1);
-    if (rc != AMQP_STATUS_OK) {
-        amqp_drop_consume(a);
-        return broker_fail(b, CV_ERETRY, "rabbitmq reject: %s", amqp_error_string2(rc));
-    }
+/* An ordered queue's lane delivery handed back (a release, a requeue): the
+ * consume connection is dropped, which returns everything this worker holds
+ * of its lanes to the head of each lane, in the order the lane delivered it
+ * (RabbitMQ returns a gone consumer's messages in their checkout order). A
+ * requeue of the one delivery would not keep the order: its lane would
+ * deliver it again behind what the worker already holds of that lane. Each
+ * comes back redelivered: one counted start (docs/contract.md, "Lanes").
+ * What the worker still holds is then settled on a closed channel: an ack is
+ * lost (the command comes back and is found done), a hand-back is a no-op.
+ * Returns 0. */
+static int hand_back_ordered(struct amqp_broker *a) {
+    if (a->consume) log_debug("rabbitmq: an ordered lane's command handed back: its lanes get back all it holds");
+    amqp_drop_consume(a);
     return 0;
+}
+
+/* An unordered queue's lane delivery as amqp_release: a copy to the intake
+ * (sorted again), then acked; an ordered one: hand_back_ordered. */
+static int amqp_lane_release(struct broker *b, const struct delivery *d) {
+    if (!b->queue || !b->queue->ordered) return amqp_release(b, d);
+    return hand_back_ordered((struct amqp_broker *)b);
+}
+
+/* An unordered queue's lane delivery as amqp_requeue; an ordered one: hand_back_ordered. */
+static int amqp_lane_requeue(struct broker *b, const struct delivery *d) {
+    if (!b->queue || !b->queue->ordered) return amqp_requeue(b, d);
+    return hand_back_ordered((struct amqp_broker *)b);
 }
 
 /* basic.cancel; deliveries that arrived before its cancel-ok are kept by
@@ -670,7 +683,7 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
 
 /* A laned queue's worker (amqp_consume switches to it): amqp_ops with its
  * lanes' consumers and buffer (amqp_lanes.c), acks one by one, an ordered
- * lane's release a requeue. Made at the first use (a worker is one thread). */
+ * queue's hand-backs all at once (hand_back_ordered). Made at the first use (a worker is one thread). */
 static const struct broker_ops *lane_ops(void) {
     static struct broker_ops ops;
     if (!ops.close) {
@@ -679,6 +692,7 @@ static const struct broker_ops *lane_ops(void) {
         ops.take = amqp_lanes_take;
         ops.ack_batch = amqp_ack_each;
         ops.release = amqp_lane_release;
+        ops.requeue = amqp_lane_requeue;
         ops.stop_consuming = amqp_lanes_stop;
     }
     return &ops;
