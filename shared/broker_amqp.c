@@ -75,6 +75,36 @@ static int declare_lanes(struct amqp_broker *a, const struct cfg_queue *q) {
     return rc;
 }
 
+static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers);
+/* As passive_count, and *exists (if not NULL) says whether the queue exists. */
+static int passive_probe(struct amqp_broker *a, const char *name, long *messages, long *consumers, bool *exists);
+
+/* The lane queues of q beyond q->lanes that an earlier configuration made
+ * (lanes lowered): unbound from their class's exchange, so the sorter routes
+ * nothing more into them; what one still holds is said in the log (it waits
+ * there: move it to the intake, where it is sorted again). Returns 0 or a
+ * class (the caller drops the publish connection). */
+static int retire_lanes(struct amqp_broker *a, const struct cfg_queue *q) {
+    int rc = 0;
+    for (int c = 0; c < LANE_CLASSES && rc == 0; c++)
+        for (int i = q->lanes; i < LANES_MAX && rc == 0; i++) {
+            char ex[256], lane[256];
+            long waiting = 0;
+            bool exists = false;
+            names_amqp_lane(a->base.cfg, q->name, c, i, lane, sizeof lane);
+            if ((rc = passive_probe(a, lane, &waiting, NULL, &exists)) < 0 || !exists) continue;
+            names_amqp_lanes_exchange(a->base.cfg, q->name, c, ex, sizeof ex);
+            amqp_queue_unbind(a->publish, CHANNEL, amqp_cstring_bytes(lane), amqp_cstring_bytes(ex),
+                              amqp_cstring_bytes("1"), amqp_empty_table);
+            if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), "unbinding a lane beyond lanes")) < 0) break;
+            if (waiting > 0)
+                log_warn("lane queue %s is beyond %s's lanes = %d now: unbound, it still holds %ld command%s "
+                         "(move them to the queue %s.%s to have them sorted again)", lane, q->name, q->lanes,
+                         waiting, waiting == 1 ? "" : "s", a->base.cfg->prefix, q->name);
+        }
+    return rc;
+}
+
 static int amqp_declare(struct broker *b) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     int rc = amqp_conn_open(a, &a->publish, true);
@@ -98,14 +128,13 @@ static int amqp_declare(struct broker *b) {
                             amqp_cstring_bytes(q->commands[j]), amqp_empty_table);
             if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), "binding a command type")) < 0) goto out;
         }
-        if (q->lanes >= 2 && (rc = declare_lanes(a, q)) < 0) goto out;
+        if (q->lanes >= 2 && ((rc = declare_lanes(a, q)) < 0 || (rc = retire_lanes(a, q)) < 0)) goto out;
     }
 out:
     if (rc < 0) amqp_conn_drop(&a->publish);
     return rc;
 }
 
-static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers);
 
 /* Bounded queues, before sending: each queue of c with max_length has room for
  * max_length minus its waiting messages (a passive declare per queue); the
@@ -513,7 +542,8 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
  * class; a queue that does not exist counts 0 (RabbitMQ closes that channel:
  * it is acknowledged and opened again next time; a delay queue is declared only
  * at its first retry, so most of them do not exist). */
-static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers) {
+static int passive_probe(struct amqp_broker *a, const char *name, long *messages, long *consumers, bool *exists) {
+    if (exists) *exists = false;
     int rc = amqp_conn_open(a, &a->publish, true);
     if (rc < 0) return rc;
     if (!a->probe_open) {
@@ -545,7 +575,12 @@ static int passive_count(struct amqp_broker *a, const char *name, long *messages
     }
     *messages = ok->message_count;
     if (consumers) *consumers = ok->consumer_count;
+    if (exists) *exists = true;
     return 0;
+}
+
+static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers) {
+    return passive_probe(a, name, messages, consumers, NULL);
 }
 
 /* The dead letters of q: the message count of a passive declare (no message moves). */
