@@ -192,10 +192,16 @@ int amqp_lanes_next(struct broker *b, struct delivery *d, int timeout_ms) {
 /* basic.cancel of every lane consumer; what arrived before the cancels were
  * answered (librabbitmq keeps those frames) goes into the buffer, and up to
  * max of the buffer is handed over. What is left beyond max stays unacked
- * and comes back when the connection closes. */
+ * and comes back when the connection closes. An ordered queue's worker drops
+ * its consume connection instead and hands over nothing: RabbitMQ returns
+ * all it held to the head of each lane in the lane's order, before a standby
+ * consumer of the lane (another pool's) is given anything of it; a cancel
+ * would let the standby take the lane's later commands while this worker
+ * still holds earlier ones. */
 int amqp_lanes_stop(struct broker *b, struct delivery *d, int max) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     struct amqp_lanes *l = a->lanes;
+    if (l->q->ordered) amqp_drop_consume(a);
     if (!a->consume || !l->started || l->gen != a->consume_gen) {
         lanes_clear(l); /* no channel: RabbitMQ has them back already */
         return 0;

@@ -75,6 +75,36 @@ static int declare_lanes(struct amqp_broker *a, const struct cfg_queue *q) {
     return rc;
 }
 
+static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers);
+/* As passive_count, and *exists (if not NULL) says whether the queue exists. */
+static int passive_probe(struct amqp_broker *a, const char *name, long *messages, long *consumers, bool *exists);
+
+/* The lane queues of q beyond q->lanes that an earlier configuration made
+ * (lanes lowered): unbound from their class's exchange, so the sorter routes
+ * nothing more into them; what one still holds is said in the log (it waits
+ * there: move it to the intake, where it is sorted again). Returns 0 or a
+ * class (the caller drops the publish connection). */
+static int retire_lanes(struct amqp_broker *a, const struct cfg_queue *q) {
+    int rc = 0;
+    for (int c = 0; c < LANE_CLASSES && rc == 0; c++)
+        for (int i = q->lanes; i < LANES_MAX && rc == 0; i++) {
+            char ex[256], lane[256];
+            long waiting = 0;
+            bool exists = false;
+            names_amqp_lane(a->base.cfg, q->name, c, i, lane, sizeof lane);
+            if ((rc = passive_probe(a, lane, &waiting, NULL, &exists)) < 0 || !exists) continue;
+            names_amqp_lanes_exchange(a->base.cfg, q->name, c, ex, sizeof ex);
+            amqp_queue_unbind(a->publish, CHANNEL, amqp_cstring_bytes(lane), amqp_cstring_bytes(ex),
+                              amqp_cstring_bytes("1"), amqp_empty_table);
+            if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), "unbinding a lane beyond lanes")) < 0) break;
+            if (waiting > 0)
+                log_warn("lane queue %s is beyond %s's lanes = %d now: unbound, it still holds %ld command%s "
+                         "(move them to the queue %s.%s to have them sorted again)", lane, q->name, q->lanes,
+                         waiting, waiting == 1 ? "" : "s", a->base.cfg->prefix, q->name);
+        }
+    return rc;
+}
+
 static int amqp_declare(struct broker *b) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     int rc = amqp_conn_open(a, &a->publish, true);
@@ -98,14 +128,13 @@ static int amqp_declare(struct broker *b) {
                             amqp_cstring_bytes(q->commands[j]), amqp_empty_table);
             if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), "binding a command type")) < 0) goto out;
         }
-        if (q->lanes >= 2 && (rc = declare_lanes(a, q)) < 0) goto out;
+        if (q->lanes >= 2 && ((rc = declare_lanes(a, q)) < 0 || (rc = retire_lanes(a, q)) < 0)) goto out;
     }
 out:
     if (rc < 0) amqp_conn_drop(&a->publish);
     return rc;
 }
 
-static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers);
 
 /* Bounded queues, before sending: each queue of c with max_length has room for
  * max_length minus its waiting messages (a passive declare per queue); the
@@ -290,20 +319,33 @@ static int amqp_ack_each(struct broker *b, const struct delivery *d, int n) {
     return 0;
 }
 
-/* An ordered queue's lane delivery goes back to the head of its lane
- * (basic.reject with requeue), which keeps the lane's order at the cost of
- * one counted attempt (it comes back redelivered); an unordered one as
- * amqp_release: a copy to the intake (sorted again), then acked. */
-static int amqp_lane_release(struct broker *b, const struct delivery *d) {
-    struct amqp_broker *a = (struct amqp_broker *)b;
-    if (!b->queue || !b->queue->ordered) return amqp_release(b, d);
-    if (!a->consume) return 0; /* unacked on a closed channel: already back in its lane */
-    int rc = amqp_basic_reject(a->consume, CHANNEL, d->tag, 1);
-    if (rc != AMQP_STATUS_OK) {
-        amqp_drop_consume(a);
-        return broker_fail(b, CV_ERETRY, "rabbitmq reject: %s", amqp_error_string2(rc));
-    }
+/* An ordered queue's lane delivery handed back (a release, a requeue): the
+ * consume connection is dropped, which returns everything this worker holds
+ * of its lanes to the head of each lane, in the order the lane delivered it
+ * (RabbitMQ returns a gone consumer's messages in their checkout order). A
+ * requeue of the one delivery would not keep the order: its lane would
+ * deliver it again behind what the worker already holds of that lane. Each
+ * comes back redelivered: one counted start (docs/contract.md, "Lanes").
+ * What the worker still holds is then settled on a closed channel: an ack is
+ * lost (the command comes back and is found done), a hand-back is a no-op.
+ * Returns 0. */
+static int hand_back_ordered(struct amqp_broker *a) {
+    if (a->consume) log_debug("rabbitmq: an ordered lane's command handed back: its lanes get back all it holds");
+    amqp_drop_consume(a);
     return 0;
+}
+
+/* An unordered queue's lane delivery as amqp_release: a copy to the intake
+ * (sorted again), then acked; an ordered one: hand_back_ordered. */
+static int amqp_lane_release(struct broker *b, const struct delivery *d) {
+    if (!b->queue || !b->queue->ordered) return amqp_release(b, d);
+    return hand_back_ordered((struct amqp_broker *)b);
+}
+
+/* An unordered queue's lane delivery as amqp_requeue; an ordered one: hand_back_ordered. */
+static int amqp_lane_requeue(struct broker *b, const struct delivery *d) {
+    if (!b->queue || !b->queue->ordered) return amqp_requeue(b, d);
+    return hand_back_ordered((struct amqp_broker *)b);
 }
 
 /* basic.cancel; deliveries that arrived before its cancel-ok are kept by
@@ -500,7 +542,8 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
  * class; a queue that does not exist counts 0 (RabbitMQ closes that channel:
  * it is acknowledged and opened again next time; a delay queue is declared only
  * at its first retry, so most of them do not exist). */
-static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers) {
+static int passive_probe(struct amqp_broker *a, const char *name, long *messages, long *consumers, bool *exists) {
+    if (exists) *exists = false;
     int rc = amqp_conn_open(a, &a->publish, true);
     if (rc < 0) return rc;
     if (!a->probe_open) {
@@ -532,7 +575,12 @@ static int passive_count(struct amqp_broker *a, const char *name, long *messages
     }
     *messages = ok->message_count;
     if (consumers) *consumers = ok->consumer_count;
+    if (exists) *exists = true;
     return 0;
+}
+
+static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers) {
+    return passive_probe(a, name, messages, consumers, NULL);
 }
 
 /* The dead letters of q: the message count of a passive declare (no message moves). */
@@ -670,7 +718,7 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
 
 /* A laned queue's worker (amqp_consume switches to it): amqp_ops with its
  * lanes' consumers and buffer (amqp_lanes.c), acks one by one, an ordered
- * lane's release a requeue. Made at the first use (a worker is one thread). */
+ * queue's hand-backs all at once (hand_back_ordered). Made at the first use (a worker is one thread). */
 static const struct broker_ops *lane_ops(void) {
     static struct broker_ops ops;
     if (!ops.close) {
@@ -679,6 +727,7 @@ static const struct broker_ops *lane_ops(void) {
         ops.take = amqp_lanes_take;
         ops.ack_batch = amqp_ack_each;
         ops.release = amqp_lane_release;
+        ops.requeue = amqp_lane_requeue;
         ops.stop_consuming = amqp_lanes_stop;
     }
     return &ops;
