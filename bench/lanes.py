@@ -43,8 +43,11 @@ import tempfile
 import time
 import uuid
 
+import pika
+import redis
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
-from harness import BIN, ROOT, ROUTING, Pool, query, run_bin, setup, write_config  # noqa: E402
+from harness import AMQP_URL, BIN, REDIS_URL, ROOT, ROUTING, Pool, query, run_bin, setup, write_config  # noqa: E402
 from test_delayed import db_now  # noqa: E402  (the database's clock)
 
 PRODUCT_PREFIX = "00000000-0000-4000-8000-"  # bench/run.py's products: product n is PRODUCT_PREFIX + n as 12 digits
@@ -84,6 +87,27 @@ def workload(n, keys, seed=25):
     return cmds, key_of
 
 
+def drop_lanes(transport):
+    """Nothing left in catalog's intake or lanes; RabbitMQ's lane queues and exchanges deleted (a
+    lane queue is declared with x-single-active-consumer when ordered: the next run's differs)."""
+    if transport == "redis":
+        r = redis.Redis.from_url(REDIS_URL)
+        keys = list(r.scan_iter("conveyor:queue:catalog*"))
+        if keys:
+            r.delete(*keys)
+        return
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        ch = conn.channel()
+        ch.queue_purge("conveyor.catalog")
+        for c in ("high", "normal", "low"):
+            ch.exchange_delete(f"conveyor.catalog.lanes.{c}")
+            for i in range(64):
+                ch.queue_delete(f"conveyor.catalog.lane.{c}.{i}")
+    finally:
+        conn.close()
+
+
 def admin_pause(on):
     r = run_bin("conveyor-admin", "-c", os.path.join(ROOT, "queues.conf"), "queue", "pause" if on else "resume",
                 "catalog")
@@ -114,6 +138,7 @@ def pct(xs, p):
 
 def run(label, opts, a, cmds, key_of):
     ids = [c["id"] for c in cmds]
+    drop_lanes(a.transport)
     conf = write_config(workers={"catalog": 0}, routing=CATALOG, queue_opts=opts)
     r = run_bin("conveyor-workers", "-c", conf, "--setup", env={"CONVEYOR_TRANSPORT": a.transport}, timeout=120)
     if r.returncode != 0:
@@ -188,6 +213,7 @@ def main():
             key_of[new] = key_of.pop(c["id"])
             c["id"] = new
         out.append(run(label, opts, a, cmds, key_of))
+    drop_lanes(a.transport)
     base = out[0]["perSecond"]
     for r in out[1:]:
         r["ofNoLanes"] = round(r["perSecond"] / max(base, 1), 3)
