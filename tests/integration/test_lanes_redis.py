@@ -110,10 +110,10 @@ def test_kill_9_mid_batch_keeps_the_order_per_key_redis():
             ids[json.loads(body)["id"]] = k
             pipe.lpush("conveyor:queue:catalog", body)
         pipe.execute()
-        # a worker with a batch in flight, killed
+        # a worker of this pool (<host>-<supervisor pid>-catalog-<i>) with a batch in flight, killed
         victim, deadline = None, time.time() + 20
         while victim is None and time.time() < deadline:
-            for key in r.scan_iter("conveyor:inflight:catalog:*"):
+            for key in r.scan_iter(f"conveyor:inflight:catalog:*-{pool.proc.pid}-catalog-*"):
                 if r.llen(key) > 0:
                     hb = r.get("conveyor:worker:" + key.decode().split(":", 3)[3])
                     if hb:
