@@ -69,13 +69,14 @@ def test_dead_worker_returns_to_lane_heads_and_frees_its_lanes_redis():
     r.set(owner_key("normal", other), "someone-else")
     r.sadd(f"conveyor:laneowned:catalog:{ghost}", owner_key("normal", la), owner_key("normal", lb),
            owner_key("normal", other))
-    r.set(f"conveyor:worker:{ghost}", "1", px=1500)  # alive for 1.5 s more
+    r.set(f"conveyor:worker:{ghost}", "1", ex=600)  # alive until the test removes its heartbeat
     try:
         # no worker of catalog: the pool's reaper alone moves things
         with Pool(workers={"catalog": 0}, routing=CATALOG, queue_opts=OPTS):
-            time.sleep(0.8)
+            time.sleep(1.5)  # the reaper runs every 0.5 s: three passes over a live worker
             eq(r.llen(f"conveyor:inflight:catalog:{ghost}"), 3, "a live worker's flight stays")
             eq(r.get(owner_key("normal", la)), ghost.encode(), "and its lanes stay its")
+            r.delete(f"conveyor:worker:{ghost}")  # it dies: its heartbeat is gone
             deadline = time.time() + 10
             while r.exists(f"conveyor:inflight:catalog:{ghost}") and time.time() < deadline:
                 time.sleep(0.1)
