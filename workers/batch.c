@@ -549,7 +549,7 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
         v[i]->error = xstrdup(db_errstr(b->db));
         if (!savepoints || !db_ok(db)) rc = v[i]->rc;
         else if ((rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", i)) == 0) /* this one alone is retried */
-            behind += key_hold_failed(b->q, v, i, n); /* and holds its key */
+            behind += key_hold_failed(b->q, v, i, n, batch_will_retry(b->q, v[i])); /* and holds its key */
         any |= v[i]->will_hold || v[i]->holder; /* the hold, or its passing on, is committed, alone if need be */
     }
     if (rc == 0 && behind > 0) {

@@ -114,9 +114,9 @@ int key_hold_check(struct db *db, const struct cfg_queue *q, struct batch_item *
     return rc < 0 ? rc : nw;
 }
 
-int key_hold_failed(const struct cfg_queue *q, struct batch_item **v, int i, int n) {
+int key_hold_failed(const struct cfg_queue *q, struct batch_item **v, int i, int n, bool retried) {
     if (!q->ordered || !key_of(q, v[i])[0]) return 0;
-    if (!batch_will_retry(q, v[i])) {
+    if (!retried) {
         v[i]->dead_next = true; /* dead-lettered after the commit: the key passes on in it */
         return 0;
     }

@@ -104,7 +104,8 @@ int rate_limit_refund_defer(struct db *db, struct batch_item **v, int n);
 
 /* True when the failed item it (rc < 0) is retried after its batch; false
  * when the worker dead-letters it (a class other than CV_ERETRY, or its last
- * attempt). The one rule of worker.c's attempt_failed and key_hold.c. */
+ * attempt). The one rule of worker.c's attempt_failed and of the batch's key
+ * holds (batch.c tells key_hold_failed). */
 bool batch_will_retry(const struct cfg_queue *q, const struct batch_item *it);
 
 /* ---- key_hold.c: order per key in an ordered queue (docs/contract.md, section 10) ---- */
@@ -116,12 +117,12 @@ bool batch_will_retry(const struct cfg_queue *q, const struct batch_item *it);
  * Returns how many it parked, or an error class (the transaction is then to
  * be rolled back; the items marked are not: nothing was marked). */
 int key_hold_check(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n);
-/* Item v[i] of an ordered queue failed. Retried (batch_will_retry), it will
+/* Item v[i] of an ordered queue failed. Retried (retried: batch_will_retry), it will
  * hold its key, and the items after it in v[i+1..n) of that key that are
  * claimed and not parked are marked parked behind it; else it is marked
  * dead_next (its key passes on: key_hold_settle_defer). Returns how many it
  * marked behind (0 when q is not ordered or v[i] has no key). */
-int key_hold_failed(const struct cfg_queue *q, struct batch_item **v, int i, int n);
+int key_hold_failed(const struct cfg_queue *q, struct batch_item **v, int i, int n, bool retried);
 /* Defers, before the COMMIT: the parking of the nbehind items behind[] that
  * key_hold_failed marked, the holds of the items of v[0..n) that failed, and
  * the release of the keys whose holder settled. Returns 0 or an error class. */
