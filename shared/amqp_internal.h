@@ -1,11 +1,15 @@
 /* amqp_internal.h - what the pieces of the RabbitMQ backend share; only they
  * include it. The pieces, and the one way calls go between them:
  *
- *   broker_amqp.c    the operations, the table of them, broker_amqp_open
+ *   broker_amqp.c    the operations, the tables of them, broker_amqp_open
+ *     -> amqp_lanes.c    a laned queue's worker: its lane consumers and their buffer
+ *     -> amqp_sort.c     the sorter's step: the intake into the lanes
+ *     -> amqp_delivery.c the consume connection: reading deliveries, headers, acks
  *     -> amqp_publish.c  publishing with confirms and their deadline
  *     -> amqp_conn.c     the node list, opening a connection (TLS, login), the
  *                        bounds on a silent node, RPC replies as classes
- *   amqp_publish.c -> amqp_conn.c
+ *   amqp_lanes.c, amqp_sort.c -> amqp_delivery.c, amqp_publish.c, amqp_conn.c
+ *   amqp_delivery.c, amqp_publish.c -> amqp_conn.c
  *
  * None of them calls back up that list; all of them may use broker_common.c
  * (broker_backend.h). */
@@ -37,6 +41,10 @@ struct amqp_broker {
     uint64_t ack_held;         /* a multiple ack up to this tag, not sent yet (0: none) */
     int ack_held_n;            /* how many deliveries it covers */
     bool tls_unclear;          /* the last login broke on a TLS error that named no reason (login) */
+    uint64_t consume_gen;      /* counts the consume connections dropped: a tag of an older one is dead */
+    struct amqp_lanes *lanes;  /* a laned queue's consumer (amqp_lanes.c), or NULL */
+    uint64_t sort_gen;         /* the sorter consumes the intake on consume connection number sort_gen */
+    bool sorting;              /* ... once it started (amqp_sort.c) */
 };
 
 /* One message to publish with confirms. */
@@ -77,6 +85,60 @@ int amqp_conn_silent(struct amqp_broker *a, const char *fmt, ...) __attribute__(
  * connection failed (after amqp_conn_silent when a bound fired). On a class
  * the caller drops the connection. */
 int amqp_conn_check(struct amqp_broker *a, amqp_rpc_reply_t r, const char *what);
+
+/* ---- amqp_delivery.c: the consume connection ------------------------------------------ */
+
+/* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL);
+ * aborts when out of memory (xmalloc): a delivery has no error to return. */
+char *amqp_copy_bytes(amqp_bytes_t b);
+/* Drops the consume connection (a->consume_gen counts it); its delivery tags,
+ * and an ack held for them, go with it: RabbitMQ redelivers what was unacked. */
+void amqp_drop_consume(struct amqp_broker *a);
+/* Opens the consume connection (with channel 1) unless it is open, and sets
+ * the prefetch of the consumers started after it (basic.qos, per consumer).
+ * Returns 0, or a class with the connection dropped. */
+int amqp_consume_open(struct amqp_broker *a, int prefetch);
+/* basic.consume of queue name on the consume channel, under the consumer tag
+ * tag (NULL: the server names it, and the name goes into server_tag, n bytes,
+ * when not NULL). Returns 0, or a class with the connection dropped. */
+int amqp_consume_queue(struct amqp_broker *a, const char *name, const char *tag, char *server_tag, size_t n);
+/* Acks tag (with multiple, every delivery up to it) on the consume channel;
+ * a failure is logged (the message comes back and is found done) and drops
+ * the connection. */
+void amqp_send_ack(struct amqp_broker *a, uint64_t tag, bool multiple);
+/* Reads one delivery from the consume connection into *env (the caller
+ * amqp_destroy_envelope()s it): 1, 0 on timeout (0 ms: only what is already
+ * there), or CV_ERETRY (the connection is dropped, the reason in a->base.err). */
+int amqp_read_delivery(struct amqp_broker *a, amqp_envelope_t *env, int timeout_ms);
+/* The entry named key of a header table (h may be NULL), or NULL. */
+amqp_table_entry_t *amqp_find_header(amqp_table_t *h, const char *key);
+/* A header as a string (NULL if absent or not a string; the caller frees it); h may be NULL. */
+char *amqp_header_str(amqp_table_t *h, const char *key);
+/* Sets *e to the header traceparent = value (borrowed); returns 1, or 0 when value is NULL. */
+int amqp_traceparent_header(amqp_table_entry_t *e, const char *value);
+/* Whether env came back (redelivered, x-death, x-conveyor-redelivered): a handler may have started on it. */
+bool amqp_envelope_redelivered(amqp_envelope_t *env);
+/* *d (emptied first) filled from env: owned copies of body, message_id, traceparent. */
+void amqp_delivery_fill(amqp_envelope_t *env, struct delivery *d);
+
+/* ---- amqp_lanes.c: a laned queue's worker --------------------------------------------- */
+
+/* Starts consuming the lanes of the laned queue q (q->lanes >= 2) that worker
+ * number worker_index serves (-1: every lane): a->lanes set (freed by
+ * amqp_lanes_free). Sends nothing yet. Returns 0. */
+int amqp_lanes_consume(struct amqp_broker *a, const struct cfg_queue *q, int worker_index);
+/* The broker operations next, take and stop_consuming of a laned worker
+ * (core.h: broker_next, broker_take, broker_stop_consuming). */
+int amqp_lanes_next(struct broker *b, struct delivery *d, int timeout_ms);
+int amqp_lanes_take(struct broker *b, struct delivery *d, int max);
+int amqp_lanes_stop(struct broker *b, struct delivery *d, int max);
+/* Frees l and the deliveries it still buffers (NULL is fine). */
+void amqp_lanes_free(struct amqp_lanes *l);
+
+/* ---- amqp_sort.c: the sorter's step --------------------------------------------------- */
+
+/* core.h broker_sort_lanes on RabbitMQ. */
+int amqp_sort_lanes(struct broker *b, const struct cfg_queue *q, int max, int timeout_ms);
 
 /* ---- amqp_publish.c: publishing with confirms ----------------------------------------- */
 

@@ -16,61 +16,93 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A NUL-terminated malloc'd copy of bytes (an empty body has bytes == NULL);
- * aborts when out of memory (xmalloc): a delivery has no error to return. */
-static char *copy_bytes(amqp_bytes_t b) {
-    char *s = xmalloc(b.len + 1);
-    if (b.len) memcpy(s, b.bytes, b.len);
-    s[b.len] = '\0';
-    return s;
-}
-
-/* Drops the consume connection; its delivery tags, and an ack held for them, go with it. */
-static void drop_consume(struct amqp_broker *a) {
-    amqp_conn_drop(&a->consume);
-    a->ack_held = 0;
-    a->ack_held_n = 0;
-}
-
-/* Acks tag (with multiple, every delivery up to it) on the consume channel.
- * Without the channel, or when the ack cannot be sent (the connection is then
- * dropped), RabbitMQ redelivers those messages and the worker finds them done:
- * said in the log, not an error for the caller. */
-static void send_ack(struct amqp_broker *a, uint64_t tag, bool multiple) {
-    int rc = a->consume ? amqp_basic_ack(a->consume, CHANNEL, tag, multiple) : AMQP_STATUS_CONNECTION_CLOSED;
-    if (rc != AMQP_STATUS_OK) {
-        log_warn("rabbitmq ack: %s; the message%s will be redelivered and found done",
-                 a->consume ? amqp_error_string2(rc) : "the connection was lost", multiple ? "s" : "");
-        drop_consume(a);
-    }
-}
-
 /* Sends the held multiple ack, if any. */
 static void send_held_ack(struct amqp_broker *a) {
     uint64_t tag = a->ack_held;
     a->ack_held = 0;
     a->ack_held_n = 0;
-    if (tag) send_ack(a, tag, true);
+    if (tag) amqp_send_ack(a, tag, true);
 }
 
 static void amqp_close_broker(struct broker *b) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     broker_note(BROKER_IDLE, 0);
     send_held_ack(a);
-    drop_consume(a);
+    amqp_drop_consume(a);
     amqp_conn_drop(&a->publish);
+    amqp_lanes_free(a->lanes);
     free(a->url);
     free(a);
 }
 
-static int declare_queue(struct amqp_broker *a, const char *name, bool quorum) {
-    amqp_table_entry_t e = {amqp_cstring_bytes("x-queue-type"), {AMQP_FIELD_KIND_UTF8, {0}}};
-    e.value.value.bytes = amqp_cstring_bytes(quorum ? "quorum" : "classic");
-    amqp_table_t args = {1, &e};
+/* Declares the durable queue name (quorum or classic; with single_active, one
+ * consumer at a time: x-single-active-consumer). Returns 0 or a class. */
+static int declare_queue(struct amqp_broker *a, const char *name, bool quorum, bool single_active) {
+    amqp_table_entry_t e[2] = {{amqp_cstring_bytes("x-queue-type"), {AMQP_FIELD_KIND_UTF8, {0}}},
+                               {amqp_cstring_bytes("x-single-active-consumer"), {AMQP_FIELD_KIND_BOOLEAN, {0}}}};
+    e[0].value.value.bytes = amqp_cstring_bytes(quorum ? "quorum" : "classic");
+    e[1].value.value.boolean = 1;
+    amqp_table_t args = {single_active ? 2 : 1, e};
     amqp_queue_declare(a->publish, CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, args);
     char what[300];
     snprintf(what, sizeof what, "declaring queue %s", name);
     return amqp_conn_check(a, amqp_get_rpc_reply(a->publish), what);
+}
+
+/* The lanes of the laned queue q (docs/contract.md, "Lanes"): per class its
+ * consistent-hash exchange, and its lane queues bound to it with weight "1".
+ * Returns 0 or a class (the caller drops the publish connection). */
+static int declare_lanes(struct amqp_broker *a, const struct cfg_queue *q) {
+    int rc = 0;
+    for (int c = 0; c < LANE_CLASSES && rc == 0; c++) {
+        char ex[256];
+        names_amqp_lanes_exchange(a->base.cfg, q->name, c, ex, sizeof ex);
+        amqp_exchange_declare(a->publish, CHANNEL, amqp_cstring_bytes(ex), amqp_cstring_bytes("x-consistent-hash"),
+                              0, 1, 0, 0, amqp_empty_table);
+        if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish),
+                                  "declaring a lanes exchange (x-consistent-hash: is the plugin "
+                                  "rabbitmq_consistent_hash_exchange enabled?)")) < 0)
+            break;
+        for (int i = 0; i < q->lanes && rc == 0; i++) {
+            char lane[256];
+            names_amqp_lane(a->base.cfg, q->name, c, i, lane, sizeof lane);
+            if ((rc = declare_queue(a, lane, q->quorum, q->ordered)) < 0) break;
+            amqp_queue_bind(a->publish, CHANNEL, amqp_cstring_bytes(lane), amqp_cstring_bytes(ex),
+                            amqp_cstring_bytes("1"), amqp_empty_table);
+            rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), "binding a lane");
+        }
+    }
+    return rc;
+}
+
+static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers);
+/* As passive_count, and *exists (if not NULL) says whether the queue exists. */
+static int passive_probe(struct amqp_broker *a, const char *name, long *messages, long *consumers, bool *exists);
+
+/* The lane queues of q beyond q->lanes that an earlier configuration made
+ * (lanes lowered): unbound from their class's exchange, so the sorter routes
+ * nothing more into them; what one still holds is said in the log (it waits
+ * there: move it to the intake, where it is sorted again). Returns 0 or a
+ * class (the caller drops the publish connection). */
+static int retire_lanes(struct amqp_broker *a, const struct cfg_queue *q) {
+    int rc = 0;
+    for (int c = 0; c < LANE_CLASSES && rc == 0; c++)
+        for (int i = q->lanes; i < LANES_MAX && rc == 0; i++) {
+            char ex[256], lane[256];
+            long waiting = 0;
+            bool exists = false;
+            names_amqp_lane(a->base.cfg, q->name, c, i, lane, sizeof lane);
+            if ((rc = passive_probe(a, lane, &waiting, NULL, &exists)) < 0 || !exists) continue;
+            names_amqp_lanes_exchange(a->base.cfg, q->name, c, ex, sizeof ex);
+            amqp_queue_unbind(a->publish, CHANNEL, amqp_cstring_bytes(lane), amqp_cstring_bytes(ex),
+                              amqp_cstring_bytes("1"), amqp_empty_table);
+            if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), "unbinding a lane beyond lanes")) < 0) break;
+            if (waiting > 0)
+                log_warn("lane queue %s is beyond %s's lanes = %d now: unbound, it still holds %ld command%s "
+                         "(move them to the queue %s.%s to have them sorted again)", lane, q->name, q->lanes,
+                         waiting, waiting == 1 ? "" : "s", a->base.cfg->prefix, q->name);
+        }
+    return rc;
 }
 
 static int amqp_declare(struct broker *b) {
@@ -89,19 +121,20 @@ static int amqp_declare(struct broker *b) {
         char name[256], dead[256];
         names_amqp_queue(b->cfg, q->name, name, sizeof name);
         names_amqp_dead(b->cfg, q->name, dead, sizeof dead);
-        if ((rc = declare_queue(a, name, q->quorum)) < 0 || (rc = declare_queue(a, dead, q->quorum)) < 0) goto out;
+        if ((rc = declare_queue(a, name, q->quorum, false)) < 0 || (rc = declare_queue(a, dead, q->quorum, false)) < 0)
+            goto out;
         for (int j = 0; j < q->ncommands; j++) {
             amqp_queue_bind(a->publish, CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(a->commands_ex),
                             amqp_cstring_bytes(q->commands[j]), amqp_empty_table);
             if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), "binding a command type")) < 0) goto out;
         }
+        if (q->lanes >= 2 && ((rc = declare_lanes(a, q)) < 0 || (rc = retire_lanes(a, q)) < 0)) goto out;
     }
 out:
     if (rc < 0) amqp_conn_drop(&a->publish);
     return rc;
 }
 
-static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers);
 
 /* Bounded queues, before sending: each queue of c with max_length has room for
  * max_length minus its waiting messages (a passive declare per queue); the
@@ -194,6 +227,8 @@ static int amqp_publish_commands(struct broker *b, const struct outgoing_command
     return rc;
 }
 
+static const struct broker_ops *lane_ops(void);
+
 static int amqp_consume(struct broker *b, const struct cfg_queue *q, const char *worker_id) {
     (void)worker_id;
     struct amqp_broker *a = (struct amqp_broker *)b;
@@ -201,82 +236,18 @@ static int amqp_consume(struct broker *b, const struct cfg_queue *q, const char 
     names_amqp_dead(b->cfg, q->name, a->dead, sizeof a->dead);
     a->prefetch = q->prefetch > q->batch_size ? q->prefetch : q->batch_size; /* a batch is what is delivered */
     a->consuming = true;
+    if (q->lanes >= 2) { /* its lanes, not the intake (the sorter's): the lane table's operations */
+        b->ops = lane_ops();
+        return amqp_lanes_consume(a, q, b->worker_index);
+    }
     return 0; /* basic.consume is sent when the consume connection opens */
 }
 
 static int start_consuming(struct amqp_broker *a) {
     if (a->consume) return 0;
-    int rc = amqp_conn_open(a, &a->consume, false);
-    if (rc < 0) return rc;
-    amqp_basic_qos(a->consume, CHANNEL, 0, (uint16_t)a->prefetch, 0);
-    if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.qos")) < 0) goto fail;
-    amqp_basic_consume_ok_t *ok = amqp_basic_consume(a->consume, CHANNEL, amqp_cstring_bytes(a->queue),
-                                                     amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
-    if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.consume")) < 0) goto fail;
-    snprintf(a->consumer_tag, sizeof a->consumer_tag, "%.*s", ok ? (int)ok->consumer_tag.len : 0,
-             ok ? (const char *)ok->consumer_tag.bytes : "");
-    return 0;
-fail:
-    drop_consume(a);
+    int rc = amqp_consume_open(a, a->prefetch);
+    if (rc == 0) rc = amqp_consume_queue(a, a->queue, NULL, a->consumer_tag, sizeof a->consumer_tag);
     return rc;
-}
-
-/* Reads one delivery from the consume connection: 1, 0 on timeout, <0 on error. */
-static int read_delivery(struct amqp_broker *a, amqp_envelope_t *env, int timeout_ms) {
-    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-    for (;;) {
-        amqp_maybe_release_buffers(a->consume);
-        amqp_rpc_reply_t r = amqp_consume_message(a->consume, env, &tv, 0);
-        if (r.reply_type == AMQP_RESPONSE_NORMAL) {
-            broker_note(BROKER_ANSWERED, 0);
-            return 1;
-        }
-        if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_TIMEOUT) return 0;
-        if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_HEARTBEAT_TIMEOUT) {
-            amqp_conn_silent(a, "rabbitmq %s:%d: no heartbeat while consuming (%s)", a->info.host, a->info.port,
-                        amqp_error_string2(r.library_error));
-            amqp_conn_drop(&a->consume); /* librabbitmq closed the socket already: no handshake is tried */
-            a->ack_held = 0;
-            a->ack_held_n = 0;
-            return CV_ERETRY;
-        }
-        if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
-            amqp_frame_t f;
-            if (amqp_simple_wait_frame(a->consume, &f) != AMQP_STATUS_OK) break;
-            if (f.frame_type == AMQP_FRAME_METHOD &&
-                (f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ||
-                 f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD ||
-                 f.payload.method.id == AMQP_BASIC_CANCEL_METHOD)) {
-                amqp_channel_close_t *m = f.payload.method.decoded;
-                broker_fail(&a->base, CV_ERETRY, "rabbitmq closed the consumer: %.*s",
-                            f.payload.method.id == AMQP_BASIC_CANCEL_METHOD ? 9 : (int)m->reply_text.len,
-                            f.payload.method.id == AMQP_BASIC_CANCEL_METHOD ? "cancelled" : (char *)m->reply_text.bytes);
-                drop_consume(a);
-                return CV_ERETRY;
-            }
-            continue;
-        }
-        break;
-    }
-    broker_fail(&a->base, CV_ERETRY, "rabbitmq: connection lost while consuming");
-    drop_consume(a);
-    return CV_ERETRY;
-}
-
-/* The entry named key of a header table (h may be NULL), or NULL. */
-static amqp_table_entry_t *find_header(amqp_table_t *h, const char *key) {
-    for (int i = 0; h && i < h->num_entries; i++)
-        if (h->entries[i].key.len == strlen(key) && memcmp(h->entries[i].key.bytes, key, h->entries[i].key.len) == 0)
-            return &h->entries[i];
-    return NULL;
-}
-
-/* A header as a string (NULL if absent or not a string; the caller frees it); h may be NULL. */
-static char *header_str(amqp_table_t *h, const char *key) {
-    amqp_table_entry_t *e = find_header(h, key);
-    if (e && (e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES))
-        return copy_bytes(e->value.value.bytes);
-    return NULL;
 }
 
 static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
@@ -288,30 +259,14 @@ static int amqp_next(struct broker *b, struct delivery *d, int timeout_ms) {
     int rc = start_consuming(a);
     if (rc < 0) return rc;
     amqp_envelope_t env;
-    if ((rc = read_delivery(a, &env, timeout_ms)) <= 0) return rc;
-    d->len = env.message.body.len;
-    d->body = copy_bytes(env.message.body);
-    if (env.message.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) {
-        amqp_bytes_t id = env.message.properties.message_id;
-        d->message_id = copy_bytes(id);
-        /* a NUL byte would cut it into another id: make it unusable instead */
-        for (size_t i = 0; i < id.len; i++)
-            if (!d->message_id[i]) d->message_id[i] = '?';
-    }
-    d->tag = env.delivery_tag;
-    /* back after a crash or a requeue (redelivered), or from a delay queue
-     * (RabbitMQ's x-death header, added when it dead-letters the message back) */
-    amqp_basic_properties_t *p = &env.message.properties;
-    d->redelivered = env.redelivered || ((p->_flags & AMQP_BASIC_HEADERS_FLAG) &&
-                                         (find_header(&p->headers, "x-death") ||
-                                          find_header(&p->headers, "x-conveyor-redelivered")));
-    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) d->traceparent = header_str(&p->headers, "traceparent");
+    if ((rc = amqp_read_delivery(a, &env, timeout_ms)) <= 0) return rc;
+    amqp_delivery_fill(&env, d);
     amqp_destroy_envelope(&env);
     return 1;
 }
 
 static int amqp_ack(struct broker *b, const struct delivery *d) {
-    send_ack((struct amqp_broker *)b, d->tag, false);
+    amqp_send_ack((struct amqp_broker *)b, d->tag, false);
     return 0;
 }
 
@@ -334,19 +289,10 @@ static int amqp_requeue(struct broker *b, const struct delivery *d) {
     if (!a->consume) return 0; /* unacked on a closed channel: already back on the queue */
     int rc = amqp_basic_nack(a->consume, CHANNEL, d->tag, 0, 1);
     if (rc != AMQP_STATUS_OK) {
-        drop_consume(a);
+        amqp_drop_consume(a);
         return broker_fail(b, CV_ERETRY, "rabbitmq nack: %s", amqp_error_string2(rc));
     }
     return 0;
-}
-
-/* Sets *e to the header traceparent = value; returns 1, or 0 when value is NULL. */
-static int traceparent_header(amqp_table_entry_t *e, const char *value) {
-    if (!value) return 0;
-    e->key = amqp_cstring_bytes("traceparent");
-    e->value.kind = AMQP_FIELD_KIND_UTF8;
-    e->value.value.bytes = amqp_cstring_bytes(value);
-    return 1;
 }
 
 /* A copy to the tail of the queue, confirmed, then the original acked: a
@@ -354,7 +300,7 @@ static int traceparent_header(amqp_table_entry_t *e, const char *value) {
 static int amqp_release(struct broker *b, const struct delivery *d) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     amqp_table_entry_t h[2];
-    int nh = traceparent_header(&h[0], d->traceparent);
+    int nh = amqp_traceparent_header(&h[0], d->traceparent);
     if (d->redelivered) { /* it stays redelivered: a start of it may be uncounted */
         h[nh].key = amqp_cstring_bytes("x-conveyor-redelivered");
         h[nh].value.kind = AMQP_FIELD_KIND_BOOLEAN;
@@ -364,6 +310,42 @@ static int amqp_release(struct broker *b, const struct delivery *d) {
     int rc = amqp_publish_confirmed(a, &m, 1, true);
     if (rc < 0) return rc;
     return amqp_ack(b, d);
+}
+
+/* A laned worker's deliveries are handed out of their tag order (amqp_lanes.c):
+ * acked one by one, never by a multiple ack. */
+static int amqp_ack_each(struct broker *b, const struct delivery *d, int n) {
+    for (int i = 0; i < n; i++) amqp_send_ack((struct amqp_broker *)b, d[i].tag, false);
+    return 0;
+}
+
+/* An ordered queue's lane delivery handed back (a release, a requeue): the
+ * consume connection is dropped, which returns everything this worker holds
+ * of its lanes to the head of each lane, in the order the lane delivered it
+ * (RabbitMQ returns a gone consumer's messages in their checkout order). A
+ * requeue of the one delivery would not keep the order: its lane would
+ * deliver it again behind what the worker already holds of that lane. Each
+ * comes back redelivered: one counted start (docs/contract.md, "Lanes").
+ * What the worker still holds is then settled on a closed channel: an ack is
+ * lost (the command comes back and is found done), a hand-back is a no-op.
+ * Returns 0. */
+static int hand_back_ordered(struct amqp_broker *a) {
+    if (a->consume) log_debug("rabbitmq: an ordered lane's command handed back: its lanes get back all it holds");
+    amqp_drop_consume(a);
+    return 0;
+}
+
+/* An unordered queue's lane delivery as amqp_release: a copy to the intake
+ * (sorted again), then acked; an ordered one: hand_back_ordered. */
+static int amqp_lane_release(struct broker *b, const struct delivery *d) {
+    if (!b->queue || !b->queue->ordered) return amqp_release(b, d);
+    return hand_back_ordered((struct amqp_broker *)b);
+}
+
+/* An unordered queue's lane delivery as amqp_requeue; an ordered one: hand_back_ordered. */
+static int amqp_lane_requeue(struct broker *b, const struct delivery *d) {
+    if (!b->queue || !b->queue->ordered) return amqp_requeue(b, d);
+    return hand_back_ordered((struct amqp_broker *)b);
 }
 
 /* basic.cancel; deliveries that arrived before its cancel-ok are kept by
@@ -376,7 +358,7 @@ static int amqp_stop_consuming(struct broker *b, struct delivery *d, int max) {
     amqp_basic_cancel(a->consume, CHANNEL, amqp_cstring_bytes(a->consumer_tag));
     int rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.cancel");
     if (rc < 0) {
-        drop_consume(a);
+        amqp_drop_consume(a);
         return rc;
     }
     int n = 0;
@@ -403,7 +385,7 @@ static int amqp_dead_letter(struct broker *b, const struct delivery *d, const ch
     h[3].value.kind = AMQP_FIELD_KIND_UTF8;
     h[3].value.value.bytes = amqp_cstring_bytes(ts);
     /* the message's own traceparent header goes with it (a retry from the dead letters keeps its trace) */
-    int nh = 4 + traceparent_header(&h[4], d->traceparent);
+    int nh = 4 + amqp_traceparent_header(&h[4], d->traceparent);
     if (dead_id) { /* its row in the dead-letter index (workers/dead_index.c) */
         h[nh].key = amqp_cstring_bytes("x-conveyor-dead-id");
         h[nh].value.kind = AMQP_FIELD_KIND_UTF8;
@@ -464,7 +446,7 @@ static int amqp_retry(struct broker *b, const struct delivery *d, int delay_ms) 
     snprintf(expiration, sizeof expiration, "%d", delay_ms);
     amqp_table_entry_t h[1];
     struct amqp_msg m = {"", name, d->body, d->len, d->message_id, NULL,
-                         {traceparent_header(&h[0], d->traceparent), h}, NULL};
+                         {amqp_traceparent_header(&h[0], d->traceparent), h}, NULL};
     m.expiration = expiration;
     if ((rc = amqp_publish_confirmed(a, &m, 1, true)) < 0) return rc;
     return amqp_ack(b, d);
@@ -474,7 +456,7 @@ static int amqp_maintain(struct broker *b) { (void)b; return 0; /* RabbitMQ rede
 
 /* A header of a dead letter as its integer (0 if absent). */
 static int header_int(amqp_table_t *h, const char *key) {
-    amqp_table_entry_t *e = find_header(h, key);
+    amqp_table_entry_t *e = amqp_find_header(h, key);
     switch (e ? e->value.kind : 0) {
     case AMQP_FIELD_KIND_I8: return e->value.value.i8;
     case AMQP_FIELD_KIND_U8: return e->value.value.u8;
@@ -497,7 +479,7 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
     char dead[256], queue[256];
     names_amqp_dead(a->base.cfg, q->name, dead, sizeof dead);
     names_amqp_queue(a->base.cfg, q->name, queue, sizeof queue);
-    drop_consume(a);
+    amqp_drop_consume(a);
     int rc = amqp_conn_open(a, &a->consume, false), cap = 0, index = 0;
     if (rc < 0) return rc;
     while (rc == 0) {
@@ -510,23 +492,23 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
         struct dead_letter d;
         memset(&d, 0, sizeof d);
         d.len = msg.body.len;
-        d.body = copy_bytes(msg.body);
+        d.body = amqp_copy_bytes(msg.body);
         amqp_basic_properties_t *p = &msg.properties;
         amqp_table_t *h = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? &p->headers : NULL;
-        if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) d.message_id = copy_bytes(p->message_id);
-        d.reason = header_str(h, "x-conveyor-reason");
-        d.error = header_str(h, "x-conveyor-error");
-        d.failed_at = header_str(h, "x-conveyor-failed-at");
+        if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) d.message_id = amqp_copy_bytes(p->message_id);
+        d.reason = amqp_header_str(h, "x-conveyor-reason");
+        d.error = amqp_header_str(h, "x-conveyor-error");
+        d.failed_at = amqp_header_str(h, "x-conveyor-failed-at");
         d.attempts = header_int(h, "x-conveyor-attempts");
-        d.dead_id = header_str(h, "x-conveyor-dead-id");
-        char *traceparent = header_str(h, "traceparent");
+        d.dead_id = amqp_header_str(h, "x-conveyor-dead-id");
+        char *traceparent = amqp_header_str(h, "traceparent");
         amqp_destroy_message(&msg);
         index++;
         if (sel && sel(&d, index, arg)) {
             if (requeue) {
                 amqp_table_entry_t th[1];
                 struct amqp_msg m = {"", queue, d.body, d.len, d.message_id, NULL,
-                                     {traceparent_header(&th[0], traceparent), th}, NULL};
+                                     {amqp_traceparent_header(&th[0], traceparent), th}, NULL};
                 if ((rc = amqp_publish_confirmed(a, &m, 1, true)) < 0) {
                     free(traceparent);
                     dead_letter_clear(&d);
@@ -549,7 +531,7 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
             dead_letter_clear(&d);
         }
     }
-    drop_consume(a); /* the unacked ones go back to the dead queue */
+    amqp_drop_consume(a); /* the unacked ones go back to the dead queue */
     return rc;
 }
 
@@ -560,7 +542,8 @@ static int amqp_dead_walk(struct broker *b, const struct cfg_queue *q, dead_sele
  * class; a queue that does not exist counts 0 (RabbitMQ closes that channel:
  * it is acknowledged and opened again next time; a delay queue is declared only
  * at its first retry, so most of them do not exist). */
-static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers) {
+static int passive_probe(struct amqp_broker *a, const char *name, long *messages, long *consumers, bool *exists) {
+    if (exists) *exists = false;
     int rc = amqp_conn_open(a, &a->publish, true);
     if (rc < 0) return rc;
     if (!a->probe_open) {
@@ -592,7 +575,12 @@ static int passive_count(struct amqp_broker *a, const char *name, long *messages
     }
     *messages = ok->message_count;
     if (consumers) *consumers = ok->consumer_count;
+    if (exists) *exists = true;
     return 0;
+}
+
+static int passive_count(struct amqp_broker *a, const char *name, long *messages, long *consumers) {
+    return passive_probe(a, name, messages, consumers, NULL);
 }
 
 /* The dead letters of q: the message count of a passive declare (no message moves). */
@@ -611,6 +599,11 @@ static int amqp_queue_counts(struct broker *b, const struct cfg_queue *q, struct
     char name[256], other[300];
     names_amqp_queue(c, q->name, name, sizeof name);
     int rc = passive_count(a, name, &out->waiting, &out->consumers);
+    for (int k = 0; rc == 0 && q->lanes >= 2 && k < LANE_CLASSES * q->lanes; k++) { /* waiting: intake + lanes */
+        long n;
+        names_amqp_lane(c, q->name, k / q->lanes, k % q->lanes, other, sizeof other);
+        if ((rc = passive_count(a, other, &n, NULL)) == 0) out->waiting += n;
+    }
     names_amqp_dead(c, q->name, other, sizeof other);
     if (rc == 0) rc = passive_count(a, other, &out->dead, NULL);
     for (long nominal = c->retry_base_ms; rc == 0; nominal *= 2) {
@@ -621,6 +614,19 @@ static int amqp_queue_counts(struct broker *b, const struct cfg_queue *q, struct
         if (nominal >= c->retry_max_ms) break;
     }
     out->in_flight = -1; /* unacked messages: only the management plugin tells them */
+    return rc;
+}
+
+/* Each lane's waiting messages by a passive declare; the age of its oldest
+ * is not known (-1): AMQP cannot read a message without taking it. */
+static int amqp_lane_counts(struct broker *b, const struct cfg_queue *q, struct lane_count *out) {
+    int rc = 0;
+    for (int k = 0; rc == 0 && k < LANE_CLASSES * q->lanes; k++) {
+        char name[256];
+        names_amqp_lane(b->cfg, q->name, k / q->lanes, k % q->lanes, name, sizeof name);
+        out[k].oldest_age_s = -1;
+        rc = passive_count((struct amqp_broker *)b, name, &out[k].depth, NULL);
+    }
     return rc;
 }
 
@@ -641,7 +647,7 @@ static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev
         m[i].message_id = ev[i].id;
         m[i].type = ev[i].type;
         /* an event of a traced command carries its traceparent as a header too */
-        m[i].headers = (amqp_table_t){traceparent_header(&h[i], ev[i].traceparent), &h[i]};
+        m[i].headers = (amqp_table_t){amqp_traceparent_header(&h[i], ev[i].traceparent), &h[i]};
     }
     /* not mandatory: an event nobody subscribes to is not an error */
     int rc = amqp_publish_confirmed(a, m, n, false);
@@ -671,7 +677,7 @@ static int amqp_subscribe(struct broker *b, const char *pattern) {
     if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->consume), "basic.consume")) < 0) goto fail;
     return 0;
 fail:
-    drop_consume(a);
+    amqp_drop_consume(a);
     return rc;
 }
 
@@ -679,9 +685,9 @@ static int amqp_next_event(struct broker *b, char **json, int timeout_ms) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     if (!a->consume) return broker_fail(b, CV_ERETRY, "rabbitmq: the subscription was lost");
     amqp_envelope_t env;
-    int rc = read_delivery(a, &env, timeout_ms);
+    int rc = amqp_read_delivery(a, &env, timeout_ms);
     if (rc <= 0) return rc;
-    *json = copy_bytes(env.message.body);
+    *json = amqp_copy_bytes(env.message.body);
     amqp_destroy_envelope(&env);
     return 1;
 }
@@ -706,7 +712,26 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .publish_events = amqp_publish_events,
     .subscribe = amqp_subscribe,
     .next_event = amqp_next_event,
+    .sort_lanes = amqp_sort_lanes,
+    .lane_counts = amqp_lane_counts,
 };
+
+/* A laned queue's worker (amqp_consume switches to it): amqp_ops with its
+ * lanes' consumers and buffer (amqp_lanes.c), acks one by one, an ordered
+ * queue's hand-backs all at once (hand_back_ordered). Made at the first use (a worker is one thread). */
+static const struct broker_ops *lane_ops(void) {
+    static struct broker_ops ops;
+    if (!ops.close) {
+        ops = amqp_ops;
+        ops.next = amqp_lanes_next;
+        ops.take = amqp_lanes_take;
+        ops.ack_batch = amqp_ack_each;
+        ops.release = amqp_lane_release;
+        ops.requeue = amqp_lane_requeue;
+        ops.stop_consuming = amqp_lanes_stop;
+    }
+    return &ops;
+}
 
 /* A broker whose publish connection is open: see broker_backend.h. */
 struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size_t errlen) {

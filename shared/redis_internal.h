@@ -18,6 +18,7 @@
 #include <stdatomic.h>
 
 struct vouch; /* the heartbeat thread (redis_heartbeat.c) */
+struct lane_args; /* a laned queue's routing arguments (broker_redis.c) */
 
 /* One Redis broker: a connection (redis_conn.c) and what the operations keep. */
 struct redis_broker {
@@ -38,6 +39,17 @@ struct redis_broker {
     struct vouch *vouch;      /* the heartbeat thread while consuming, or NULL */
     struct held_ack { char *body; size_t len; } *held; /* acked batches not yet removed */
     int nheld, held_cap;
+    /* a laned queue (q->lanes >= 2; docs/contract.md, "Lanes"), set by consume */
+    int lanes;                /* N, or 0: no lanes (the code path of a plain queue) */
+    bool ordered;             /* lane owner keys: one worker per lane at a time */
+    char lane_prefix[300];    /* <prefix>:queue:<q>:lane: (then <class>:<i>) */
+    char owner_prefix[300];   /* <prefix>:laneowner:<q>: (then <class>:<i>), "" unless ordered */
+    char owned_key[600];      /* <prefix>:laneowned:<q>:<workerId>: the owner keys this worker set */
+    char worker_id[256];
+    struct lane_args *route;  /* the type -> aggregate field map as script arguments */
+    unsigned long takes;      /* takes that took something: lane_take_order's n and the lanes' cursor */
+    int poll_ms;              /* broker_next's pause between polls now (lane_next), 0 after a take found some */
+    int back[LANE_CLASSES * LANES_MAX]; /* messages put back per lane since the last take (lane_back) */
     /* subscription */
     char *pattern;
     char last_id[64];
@@ -121,5 +133,12 @@ extern const char redis_script_moves[];  /* a message copied, then removed (requ
 extern const char redis_script_retry[];  /* into the retry set, then out of flight */
 extern const char redis_script_due[];    /* due retries back to their queue */
 extern const char redis_script_bounded_push[]; /* LPUSH unless the list holds max_length (bounded queues) */
+/* laned queues (q->lanes >= 2) */
+extern const char redis_script_lane_take[];    /* acks, the intake sorted into lanes, then a fair share taken */
+extern const char redis_script_lane_return[];  /* an in-flight list back to the heads of its lanes, lanes freed */
+extern const char redis_script_lane_back[];    /* one message back to the head of its lane (requeue, release) */
+extern const char redis_script_lane_release[]; /* acks, then the worker's lanes freed once nothing is in flight */
+extern const char redis_script_lane_bounded_push[]; /* LPUSH unless the intake and the lanes hold max_length */
+extern const char redis_script_lane_counts[];  /* each lane's length and oldest message */
 
 #endif

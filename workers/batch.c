@@ -550,7 +550,7 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
         if (!savepoints || !db_ok(db)) rc = v[i]->rc;
         else if ((rc = defer_savepoint(db, "ROLLBACK TO SAVEPOINT", i)) == 0) /* this one alone is retried */
             behind += key_hold_failed(b->q, v, i, n); /* and holds its key */
-        any |= v[i]->will_hold; /* the hold is committed, alone if need be */
+        any |= v[i]->will_hold || v[i]->holder; /* the hold, or its passing on, is committed, alone if need be */
     }
     if (rc == 0 && behind > 0) {
         parked += behind;
@@ -584,6 +584,10 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
     return rc;
 }
 
+
+bool batch_will_retry(const struct cfg_queue *q, const struct batch_item *it) {
+    return it->rc == CV_ERETRY && it->attempts < q->max_attempts;
+}
 
 /* count_outcomes counts an outcome as the scoreboard's outcome of the same number */
 _Static_assert(OUTCOME_APPLIED == (int)SB_APPLIED && OUTCOME_REJECTED == (int)SB_REJECTED &&

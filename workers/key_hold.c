@@ -116,6 +116,10 @@ int key_hold_check(struct db *db, const struct cfg_queue *q, struct batch_item *
 
 int key_hold_failed(const struct cfg_queue *q, struct batch_item **v, int i, int n) {
     if (!q->ordered || !key_of(q, v[i])[0]) return 0;
+    if (!batch_will_retry(q, v[i])) {
+        v[i]->dead_next = true; /* dead-lettered after the commit: the key passes on in it */
+        return 0;
+    }
     v[i]->will_hold = true;
     int marked = 0;
     for (int j = i + 1; j < n; j++)
@@ -152,7 +156,9 @@ static int release_defer(struct db *db, const struct cfg_queue *q, struct batch_
     return rc;
 }
 
-static bool settled_holder(const struct batch_item *it) { return it->holder && !it->will_hold && it->rc >= 0; }
+static bool settled_holder(const struct batch_item *it) {
+    return it->holder && !it->will_hold && (it->rc >= 0 || it->dead_next);
+}
 static bool exhausted(const struct batch_item *it) { return it->exhausted; }
 
 int key_hold_settle_defer(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n,

@@ -2,8 +2,8 @@
  * host: the holder of a session advisory lock named "<prefix>.<name>". The
  * others stand by on their own connection and try the lock every second; when
  * the holder dies or its host is cut off, PostgreSQL ends its session and
- * frees the lock, and one of them takes over. The relay (relay.c) and the
- * timekeeper (timekeeper.c) are such processes.
+ * frees the lock, and one of them takes over. The relay (relay.c), the
+ * timekeeper (timekeeper.c) and the sorter (lane_sorter.c) are such processes.
  */
 #include "workers.h"
 

@@ -1,5 +1,6 @@
 /* supervisor.c - forks the pool (the workers of every queue, one relay, a
- * reaper when a queue is on Redis, and the HTTP listener when http.listen is
+ * timekeeper, a reaper when a queue is on Redis, a sorter when a laned queue is
+ * on RabbitMQ, and the HTTP listener when http.listen is
  * set: http.c), restarts a child that dies (backing off
  * when it crash-loops), reloads queues.conf on SIGHUP, and on SIGTERM / SIGINT
  * stops the children (the workers first, then the relay, which publishes
@@ -35,8 +36,8 @@
 #define RESTART_BASE_MS 250   /* backoff of a crash-looping child: 250 ms, doubling ... */
 #define RESTART_CAP_MS 10000  /* ... up to 10 s */
 
-enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER, CHILD_HTTP, CHILD_TIMEKEEPER };
-static const char *const kind_name[] = {"worker", "relay", "reaper", "http", "timekeeper"};
+enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER, CHILD_HTTP, CHILD_TIMEKEEPER, CHILD_SORTER };
+static const char *const kind_name[] = {"worker", "relay", "reaper", "http", "timekeeper", "sorter"};
 
 struct child {
     pid_t pid;                     /* 0 while not running */
@@ -68,7 +69,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     sigprocmask(SIG_UNBLOCK, mask, NULL);
     (void)prctl(PR_SET_PDEATHSIG, SIGTERM); /* fails only for an invalid signal */
     if (getppid() != parent) stop_requested = 1; /* it died before the prctl: no signal will come */
-    /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper, cv-timekeeper */
+    /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper, cv-timekeeper, cv-sorter */
     char comm[16];
     snprintf(comm, sizeof comm, "cv-%s%s%s", kind_name[c->kind], c->kind == CHILD_WORKER ? "-" : "",
              c->kind == CHILD_WORKER ? c->queue->name : "");
@@ -80,6 +81,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
            : c->kind == CHILD_RELAY  ? relay_run(cfg)
            : c->kind == CHILD_HTTP   ? http_run(cfg)
            : c->kind == CHILD_TIMEKEEPER ? timekeeper_run(cfg)
+           : c->kind == CHILD_SORTER ? lane_sorter_run(cfg)
                                      : reaper_run(cfg);
     exit(rc); /* exit, not _exit: flushes stdio, and LeakSanitizer checks the child */
 }
@@ -108,7 +110,9 @@ static void start_generation(struct pool *p) {
         n += cfg->queues[i].workers;
         redis_queues |= cfg->queues[i].transport == TRANSPORT_REDIS;
     }
+    bool sorter = lane_sorter_needed(cfg);
     n += redis_queues;
+    n += sorter;
     n += cfg->http_listen != NULL;
     p->kids = xcalloc((size_t)n, sizeof *p->kids);
     p->nkids = n;
@@ -140,14 +144,20 @@ static void start_generation(struct pool *p) {
         p->kids[k].slot = scoreboard_assign(SB_REAPER, NULL, 0);
         snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "reaper");
     }
+    if (sorter) {
+        p->kids[k].kind = CHILD_SORTER;
+        p->kids[k].slot = SB_NO_SLOT;
+        snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "sorter");
+    }
     if (cfg->http_listen) { /* last: on SIGTERM it stops after the others (supervisor_run) */
         p->kids[k].kind = CHILD_HTTP;
         p->kids[k].slot = SB_NO_SLOT;
         snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "http");
     }
     for (int i = 0; i < n; i++) spawn(p, &p->kids[i]);
-    log_info("pool started: %d workers, a relay, a timekeeper%s%s", n - 2 - redis_queues - (cfg->http_listen != NULL),
-             redis_queues ? ", a reaper" : "", cfg->http_listen ? " and an HTTP listener" : "");
+    log_info("pool started: %d workers, a relay, a timekeeper%s%s%s",
+             n - 2 - redis_queues - sorter - (cfg->http_listen != NULL), redis_queues ? ", a reaper" : "",
+             sorter ? ", a sorter" : "", cfg->http_listen ? " and an HTTP listener" : "");
 }
 
 /* SIGHUP: a checked new configuration, a new generation, the old one retired. */

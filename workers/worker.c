@@ -129,6 +129,7 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
         settle_dead(w, d, "handler_error", error, attempts, env);
         return;
     }
+    bool retried = batch_will_retry(w->q, it);
     db_check(w);
     if (w->db) {
         char n[16];
@@ -138,7 +139,7 @@ static void attempt_failed(struct worker *w, const struct batch_item *it) {
                              "ON CONFLICT (id) DO UPDATE SET last_error = $2, updated_at = now()", 3, p, NULL);
         /* a failure is logged; the count it would have kept is the broker's redelivery then */
     }
-    if (attempts >= w->q->max_attempts) {
+    if (!retried) {
         settle_dead(w, d, "retries_exhausted", error, attempts, env);
         return;
     }

@@ -46,6 +46,7 @@ struct batch_item {
     bool holder;          /* it holds its key (released to go next, or retried): its settling passes the key on */
     bool will_hold;       /* it failed and is retried: it holds its key from this commit on */
     bool behind;          /* parked behind an earlier command of its key (parked too) */
+    bool dead_next;       /* it failed for the last time: dead-lettered after the commit, its key passed on */
 };
 
 /* A worker's transactions: its connection and what a batch needs to know. */
@@ -101,6 +102,11 @@ int rate_limit_take(struct db *db, const struct cfg_queue *q, struct batch_item 
  * they came from, before the COMMIT. Returns 0 or an error class. */
 int rate_limit_refund_defer(struct db *db, struct batch_item **v, int n);
 
+/* True when the failed item it (rc < 0) is retried after its batch; false
+ * when the worker dead-letters it (a class other than CV_ERETRY, or its last
+ * attempt). The one rule of worker.c's attempt_failed and key_hold.c. */
+bool batch_will_retry(const struct cfg_queue *q, const struct batch_item *it);
+
 /* ---- key_hold.c: order per key in an ordered queue (docs/contract.md, section 10) ---- */
 /* After the claim (claimed items only), in the batch's open transaction: reads
  * the holds of the items' ordering keys (locked until the transaction ends);
@@ -110,10 +116,11 @@ int rate_limit_refund_defer(struct db *db, struct batch_item **v, int n);
  * Returns how many it parked, or an error class (the transaction is then to
  * be rolled back; the items marked are not: nothing was marked). */
 int key_hold_check(struct db *db, const struct cfg_queue *q, struct batch_item **v, int n);
-/* Item v[i] of an ordered queue failed and is retried: it will hold its key,
- * and the items after it in v[i+1..n) of that key that are claimed and not
- * parked are marked parked behind it (for key_hold_settle_defer). Returns how
- * many it marked (0 when q is not ordered or v[i] has no key). */
+/* Item v[i] of an ordered queue failed. Retried (batch_will_retry), it will
+ * hold its key, and the items after it in v[i+1..n) of that key that are
+ * claimed and not parked are marked parked behind it; else it is marked
+ * dead_next (its key passes on: key_hold_settle_defer). Returns how many it
+ * marked behind (0 when q is not ordered or v[i] has no key). */
 int key_hold_failed(const struct cfg_queue *q, struct batch_item **v, int i, int n);
 /* Defers, before the COMMIT: the parking of the nbehind items behind[] that
  * key_hold_failed marked, the holds of the items of v[0..n) that failed, and
@@ -249,6 +256,12 @@ int relay_run(const struct cfg *cfg);
 /* Publishes due parked commands and fires the schedules while it holds the
  * timekeeper lock (timekeeper.c); returns the exit status as relay_run. */
 int timekeeper_run(const struct cfg *cfg);
+/* Moves the laned RabbitMQ queues' commands from their intakes into their
+ * lanes while it holds the sorter lock (lane_sorter.c); returns the exit
+ * status as relay_run. */
+int lane_sorter_run(const struct cfg *cfg);
+/* Whether cfg has a laned queue on RabbitMQ (then the pool runs a sorter). */
+bool lane_sorter_needed(const struct cfg *cfg);
 /* Redis: moves due retries back and requeues the work of dead workers; returns the
  * exit status: 0 when stopped, CV_EXIT_CONFIG when Redis refuses the configuration
  * (logged). A failed round is logged once and retried with backoff. */
