@@ -606,11 +606,6 @@ static int redis_retry(struct broker *b, const struct delivery *d, int delay_ms)
     return 0;
 }
 
-/* Every Redis queue: due retries back (redis_script_due), the in-flight lists
- * of workers whose liveness key expired returned (redis_script_return; a
- * laned queue's to the heads of their lanes, redis_script_lane_return, and
- * for an ordered one also the workers that only own lanes: their owned sets).
- * Returns how many messages moved, or the class of the failure. */
 /* Calls fn(r, key, arg) for every key SCAN finds that matches pattern, until
  * fn returns a class. Returns 0, fn's class, or the class of the SCAN's failure. */
 static int scan_keys(struct redis_broker *r, const char *pattern,
@@ -676,6 +671,29 @@ static int reap(struct redis_broker *r, const struct cfg_queue *q, const char *k
     return rc;
 }
 
+/* The lanes q does not have (redis_script_lane_sweep: from q->lanes, or all
+ * when it has none, up to LANES_MAX) emptied onto the consuming end of its
+ * intake: commands left there when its lanes were lowered or removed (a
+ * configuration change) are not stranded. Adds to *moved how many moved.
+ * Returns 0 or the class of the failure. */
+static int sweep_lanes(struct redis_broker *r, const struct cfg_queue *q, const char *queue, long long *moved) {
+    redisReply *rep = redis_conn_cmd(r, "EVAL %s 1 %s %s:lane: %d %d", redis_script_lane_sweep, queue, queue,
+                                     q->lanes >= 2 ? q->lanes : 0, LANES_MAX);
+    if (!rep) return redis_conn_last_error(r);
+    if (rep->integer > 0)
+        log_warn("%lld command%s waited in lanes %s no longer has (lanes = %d): moved back to its intake",
+                 rep->integer, rep->integer == 1 ? "" : "s", queue, q->lanes);
+    *moved += rep->integer;
+    freeReplyObject(rep);
+    return 0;
+}
+
+/* Every Redis queue: on the first call, the lanes it does not have emptied
+ * into its intake (sweep_lanes); due retries back (redis_script_due), the in-flight lists
+ * of workers whose liveness key expired returned (redis_script_return; a
+ * laned queue's to the heads of their lanes, redis_script_lane_return, and
+ * for an ordered one also the workers that only own lanes: their owned sets).
+ * Returns how many messages moved, or the class of the failure. */
 static int redis_maintain(struct broker *b) {
     struct redis_broker *r = (struct redis_broker *)b;
     char now[32], queue[256], retry[256], returned[256];
@@ -685,17 +703,20 @@ static int redis_maintain(struct broker *b) {
         const struct cfg_queue *q = &b->cfg->queues[i];
         if (q->transport != TRANSPORT_REDIS) continue;
         names_redis(b->cfg, "queue", q->name, queue, sizeof queue);
+        int rc = r->swept ? 0 : sweep_lanes(r, q, queue, &moved);
+        if (rc < 0) return rc;
         names_redis(b->cfg, "retry", q->name, retry, sizeof retry);
         names_redis(b->cfg, "returned", q->name, returned, sizeof returned);
         redisReply *rep = redis_conn_cmd(r, "EVAL %s 3 %s %s %s %s", redis_script_due, retry, queue, returned, now);
         if (!rep) return redis_conn_last_error(r);
         moved += rep->integer;
         freeReplyObject(rep);
-        int rc = reap(r, q, "inflight", &moved);
+        rc = reap(r, q, "inflight", &moved);
         /* an ordered queue's worker may own lanes with nothing in flight */
         if (rc == 0 && q->lanes >= 2 && q->ordered) rc = reap(r, q, "laneowned", &moved);
         if (rc < 0) return rc;
     }
+    r->swept = true;
     return (int)moved;
 }
 

@@ -49,6 +49,7 @@ struct redis_broker {
     struct lane_args *route;  /* the type -> aggregate field map as script arguments */
     unsigned long takes;      /* takes that took something: lane_take_order's n and the lanes' cursor */
     int poll_ms;              /* broker_next's pause between polls now (lane_next), 0 after a take found some */
+    bool swept;               /* broker_maintain has emptied the lanes the queues no longer have (once) */
     int back[LANE_CLASSES * LANES_MAX]; /* messages put back per lane since the last take (lane_back) */
     /* subscription */
     char *pattern;
@@ -140,5 +141,6 @@ extern const char redis_script_lane_back[];    /* one message back to the head o
 extern const char redis_script_lane_release[]; /* acks, then the worker's lanes freed once nothing is in flight */
 extern const char redis_script_lane_bounded_push[]; /* LPUSH unless the intake and the lanes hold max_length */
 extern const char redis_script_lane_counts[];  /* each lane's length and oldest message */
+extern const char redis_script_lane_sweep[];   /* lanes a queue no longer has emptied into its intake */
 
 #endif

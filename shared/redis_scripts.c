@@ -244,3 +244,19 @@ const char redis_script_lane_counts[] =
     "local k = ARGV[1] .. c .. ':' .. i "
     "m[#m + 1] = redis.call('LLEN', k) m[#m + 1] = redis.call('LINDEX', k, -1) end end "
     "return m";
+
+/* Lanes a queue no longer has (its lanes lowered, or none now): every lane
+ * <lane prefix ARGV[1]><class>:<i> with i from ARGV[2] (the lanes it has; 0
+ * when it has none) up to ARGV[3] (LANES_MAX) emptied onto the consuming end
+ * of the intake KEYS[1], each lane's oldest ending up rightmost (taken, or
+ * sorted again, first). Returns how many moved. */
+const char redis_script_lane_sweep[] =
+    "local k = 0 "
+    "for _, c in ipairs({'high', 'normal', 'low'}) do "
+    "for i = tonumber(ARGV[2]), tonumber(ARGV[3]) - 1 do "
+    "local key = ARGV[1] .. c .. ':' .. i "
+    "while true do "
+    "local v = redis.call('LPOP', key) "
+    "if not v then break end "
+    "redis.call('RPUSH', KEYS[1], v) k = k + 1 end end end "
+    "return k";

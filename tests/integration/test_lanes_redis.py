@@ -110,10 +110,10 @@ def test_kill_9_mid_batch_keeps_the_order_per_key_redis():
             ids[json.loads(body)["id"]] = k
             pipe.lpush("conveyor:queue:catalog", body)
         pipe.execute()
-        # a worker with a batch in flight, killed
+        # a worker of this pool (<host>-<supervisor pid>-catalog-<i>) with a batch in flight, killed
         victim, deadline = None, time.time() + 20
         while victim is None and time.time() < deadline:
-            for key in r.scan_iter("conveyor:inflight:catalog:*"):
+            for key in r.scan_iter(f"conveyor:inflight:catalog:*-{pool.proc.pid}-catalog-*"):
                 if r.llen(key) > 0:
                     hb = r.get("conveyor:worker:" + key.decode().split(":", 3)[3])
                     if hb:
@@ -144,3 +144,25 @@ def test_kill_9_mid_batch_keeps_the_order_per_key_redis():
             time.sleep(0.1)
         eq(list(r.scan_iter("conveyor:laneowner:catalog:*")), [], "no lane owned once all is done")
     clean(r)
+
+
+def test_lanes_a_queue_no_longer_has_are_emptied_into_its_intake_redis():
+    """Commands left in lanes 2 and 3 when catalog goes from 4 lanes to 2 are applied, in order."""
+    r = redislib.Redis.from_url(REDIS_URL)
+    clean(r)
+    pid = new_id()
+    query("INSERT INTO products (id, name, price, stock) VALUES (%s, 'lane-sweep', 1, 0)", pid)
+    first, second, other = update(pid, "first"), update(pid, "second"), update(new_id(), "nobody")
+    r.lpush(lane_key("normal", 3), first, second)  # first is the older: rightmost
+    r.lpush(lane_key("high", 2), other)
+    ids = [json.loads(m)["id"] for m in (first, second)]
+    try:
+        with Pool(workers={"catalog": 1}, routing=CATALOG, queue_opts="lanes = 2; ordered = true;"):
+            deadline = time.time() + 20
+            while time.time() < deadline and query(
+                    "SELECT count(*) FROM processed_commands WHERE id = ANY(%s::uuid[])", ids)[0][0] < 2:
+                time.sleep(0.1)
+            eq(query("SELECT name FROM products WHERE id = %s", pid)[0][0], "second", "both applied, in order")
+            eq(r.exists(lane_key("normal", 3), lane_key("high", 2)), 0, "the lanes it no longer has are empty")
+    finally:
+        clean(r)
