@@ -7,7 +7,7 @@ servers of scripts/servers.sh, per transport.
 
 The same --commands updateStock commands, over --keys products whose shares
 are of mixed sizes (Zipf: the largest key has about 1/7.5 of all commands with
-1,000 keys, the smallest 4 or 5), shuffled, go three times through the queue
+1,000 keys, the smallest 4 or 5; --skew 0: all alike), shuffled, go three times through the queue
 catalog of a pool with --workers workers (batch_size --batch):
 
 1. no lanes (the queue as it always was);
@@ -70,10 +70,11 @@ def reset_products(n):
           PRODUCT_PREFIX, START_STOCK, n)
 
 
-def workload(n, keys, seed=25):
-    """n updateStock envelopes over keys products, Zipf shares, shuffled: (envelopes, key of each id)."""
+def workload(n, keys, skew=1.0, seed=25):
+    """n updateStock envelopes over keys products, key k's share 1/(k+1)^skew (Zipf; 0: all alike),
+    shuffled: (envelopes, key of each id)."""
     rnd = random.Random(seed)
-    weights = [1 / (k + 1) for k in range(keys)]
+    weights = [1 / (k + 1) ** skew for k in range(keys)]
     total = sum(weights)
     counts = [max(1, round(n * w / total)) for w in weights]
     cmds, key_of = [], {}
@@ -195,6 +196,8 @@ def main():
     ap.add_argument("--lanes", type=int, default=16)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--skew", type=float, default=1.0,
+                    help="key k has a share 1/(k+1)^skew (1: Zipf, the default; 0: every key alike)")
     ap.add_argument("--smoke", action="store_true", help="a few hundred commands: that the benchmark works")
     a = ap.parse_args()
     if a.smoke:
@@ -202,9 +205,9 @@ def main():
     os.environ["CONVEYOR_TRANSPORT"] = a.transport
     setup()
     reset_products(a.keys)
-    cmds, key_of = workload(a.commands, a.keys)
+    cmds, key_of = workload(a.commands, a.keys, a.skew)
     log(f"{len(cmds)} updateStock over {a.keys} keys (largest {max(list(key_of.values()).count(0), 0)}), "
-        f"{a.workers} workers, batch_size {a.batch}, {a.transport}")
+        f"skew {a.skew}, {a.workers} workers, batch_size {a.batch}, {a.transport}")
     out = []
     for label, opts in (("no lanes", ""), (f"{a.lanes} lanes", f"lanes = {a.lanes};"),
                         (f"{a.lanes} lanes, ordered", f"lanes = {a.lanes}; ordered = true;")):
@@ -218,6 +221,7 @@ def main():
     for r in out[1:]:
         r["ofNoLanes"] = round(r["perSecond"] / max(base, 1), 3)
     print(json.dumps({"transport": a.transport, "workers": a.workers, "batch": a.batch, "keys": a.keys,
+                      "skew": a.skew,
                       "runs": out}))
 
 

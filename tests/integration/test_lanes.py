@@ -45,8 +45,8 @@ import tempfile
 import pika
 import redis as redislib
 
-from harness import (AMQP_URL, BIN, REDIS_URL, ROOT, ROUTING, TRANSPORT, Pool, check, db, eq, http_pool, new_id,
-                     now_iso, query, run_bin, write_config)
+from harness import (AMQP_URL, BIN, REDIS_URL, ROOT, ROUTING, TRANSPORT, Pool, check, db, drain_dead, eq, http_pool,
+                     new_id, now_iso, query, run_bin, write_config)
 from test_delayed import wait_for
 from test_metrics import scrape, value
 
@@ -539,6 +539,8 @@ def test_a_dead_lettered_command_releases_the_next_of_its_key():
             bad, good = produce(config, [update_cmd(pid, "lane-poison"), update_cmd(pid, "after the poison")])
             wait_processed([good], 120, "the update behind the dead-lettered one", (p,))
             eq(processed([bad]), 0, "the poisoned update was not applied")
+            dead = [json.loads(d["body"]).get("id") for d in drain_dead("catalog")]
+            eq(dead, [bad], "the poisoned update dead-lettered")
             eq(query("SELECT attempts FROM command_attempts WHERE id = %s", bad), [(3,)],
                "it spent its 3 attempts (then dead-lettered) before the next of its key ran")
             last_try = query("SELECT updated_at FROM command_attempts WHERE id = %s", bad)[0][0]
