@@ -393,14 +393,17 @@ static void bounded_line(const struct cfg_queue *q, long waiting) {
 
 /* stats of a queue with lanes: a JSON line (kind "lanes": lane_queue_json),
  * or a line under its row per class: waiting, the deepest lane, the oldest
- * age where the broker tells it. A count that fails is said, not fatal. */
-static void print_lanes(struct broker *b, const struct cfg_queue *q, bool json) {
+ * age where it is known (Redis: its lanes' heads; RabbitMQ: what the pools'
+ * workers hold, their lane_oldest rows in db). A count that fails is said, not fatal. */
+static void print_lanes(struct broker *b, struct db *db, const struct cfg_queue *q, bool json) {
     struct lane_count *c = xcalloc((size_t)(LANE_CLASSES * q->lanes), sizeof *c);
     if (broker_lane_counts(b, q, c) < 0) {
         fprintf(stderr, "conveyor-admin: cannot count the lanes of %s: %s\n", q->name, broker_error(b));
         free(c);
         return;
     }
+    if (q->transport == TRANSPORT_RABBITMQ && pool_load_lane_ages(db, q, c) < 0)
+        fprintf(stderr, "conveyor-admin: cannot read the lanes' oldest of %s: %s\n", q->name, db_errstr(db));
     cJSON *o = lane_queue_json(q, c);
     free(c);
     if (json) {
@@ -417,7 +420,7 @@ static void print_lanes(struct broker *b, const struct cfg_queue *q, bool json) 
             printf(" (deepest %s: %ld)", cJSON_GetObjectItem(k, "deepestLane")->valuestring,
                    (long)cJSON_GetObjectItem(k, "deepestDepth")->valuedouble);
         const cJSON *age = cJSON_GetObjectItem(k, "oldestAgeSeconds");
-        if (waiting > 0 && cJSON_IsNumber(age)) {
+        if (cJSON_IsNumber(age)) { /* RabbitMQ: also of one held by its worker, not counted waiting */
             char text[16];
             print_age((long)age->valuedouble, text, sizeof text);
             printf(", oldest %s", text);
@@ -509,7 +512,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
             cJSON_AddNumberToObject(o, "ratePerSecond1m", rate_1m);
             cJSON_AddNumberToObject(o, "ratePerSecond5m", rate_5m);
             print_json(o, false);
-            if (q->lanes >= 2) print_lanes(b, q, true);
+            if (q->lanes >= 2) print_lanes(b, db, q, true);
             continue;
         }
         printf("%-12s %-9s %-7s", q->name, transport_name(q->transport), s->paused ? "paused" : "running");
@@ -521,7 +524,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         print_count(n.consumers, 9);
         printf(" %9.2f %9.2f\n", rate_1m, rate_5m);
         if (q->max_length > 0) bounded_line(q, n.waiting);
-        if (q->lanes >= 2) print_lanes(b, q, false);
+        if (q->lanes >= 2) print_lanes(b, db, q, false);
     }
     for (int i = 0; !rc && !json && i < cfg->nqueues; i++)
         if (st[i].paused && (!only || only == &cfg->queues[i]))
