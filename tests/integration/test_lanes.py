@@ -644,7 +644,7 @@ def test_a_lane_shows_its_oldest_age():
     oldest age is at least 30 s in stats --json, the text form and /metrics; no other lane has one,
     and once the lock goes and all is applied, the lane has none."""
     lanes = 2
-    opts = lanes_opts(lanes, more="lock_timeout_ms = 120000;")
+    opts = lanes_opts(lanes, more="lock_timeout_ms = 25000;")
     clear_catalog()
     config = config_of(opts)
     past = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30))
