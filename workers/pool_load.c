@@ -27,11 +27,13 @@ static void pool_name(char *out, size_t n) {
 }
 
 /* This pool's lane_oldest rows: one per lane whose workers hold a command with
- * a createdAt, the pool's others deleted. Nothing without a laned queue. */
+ * a createdAt, the pool's others deleted. Nothing without a laned queue on
+ * RabbitMQ (Redis reads its lanes' heads). */
 static void report_lanes(struct db *db, const struct cfg *cfg, const char *pool) {
     int total = 0;
     for (int i = 0; i < cfg->nqueues; i++)
-        if (cfg->queues[i].lanes >= 2) total += LANE_CLASSES * cfg->queues[i].lanes;
+        if (cfg->queues[i].lanes >= 2 && cfg->queues[i].transport == TRANSPORT_RABBITMQ)
+            total += LANE_CLASSES * cfg->queues[i].lanes;
     if (!total) return;
     const char **qs = xcalloc((size_t)total, sizeof *qs), **ls = xcalloc((size_t)total, sizeof *ls),
                **ms = xcalloc((size_t)total, sizeof *ms);
@@ -40,7 +42,7 @@ static void report_lanes(struct db *db, const struct cfg *cfg, const char *pool)
     int n = 0;
     for (int i = 0; i < cfg->nqueues; i++) {
         const struct cfg_queue *q = &cfg->queues[i];
-        if (q->lanes < 2) continue;
+        if (q->lanes < 2 || q->transport != TRANSPORT_RABBITMQ) continue;
         sb_queue_lane_oldest(q, oldest);
         for (int k = 0; k < LANE_CLASSES * q->lanes; k++) {
             if (oldest[k] <= 0) continue;

@@ -499,9 +499,10 @@ static enum take_ready ready_to_take(struct worker *w, const char *worker_id, st
 
 /* A laned worker: the oldest createdAt it holds per lane, of the n items in
  * hand and what its broker buffers, into its scoreboard slot (pool_load.c
- * reports it: the lane's oldest age on RabbitMQ). Nothing for a queue without lanes. */
+ * reports it: the lane's oldest age on RabbitMQ). Nothing for a queue without
+ * lanes or on Redis. */
 static void report_lane_oldest(struct worker *w, const struct batch_item *items, int n) {
-    if (w->q->lanes < 2) return;
+    if (w->q->lanes < 2 || w->q->transport != TRANSPORT_RABBITMQ) return; /* Redis reads its lanes' heads */
     int64_t ms[LANE_CLASSES * LANES_MAX] = {0};
     int nl = LANE_CLASSES * w->q->lanes;
     broker_lane_oldest(w->broker, ms);
