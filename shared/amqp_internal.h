@@ -132,6 +132,9 @@ int amqp_lanes_consume(struct amqp_broker *a, const struct cfg_queue *q, int wor
 int amqp_lanes_next(struct broker *b, struct delivery *d, int timeout_ms);
 int amqp_lanes_take(struct broker *b, struct delivery *d, int max);
 int amqp_lanes_stop(struct broker *b, struct delivery *d, int max);
+/* core.h broker_lane_oldest: the oldest createdAt of each lane's buffer (its
+ * deliveries' header x-conveyor-created-ms) into out where older. */
+void amqp_lanes_oldest(struct broker *b, int64_t *out);
 /* Frees l and the deliveries it still buffers (NULL is fine). */
 void amqp_lanes_free(struct amqp_lanes *l);
 

@@ -128,6 +128,15 @@ static int lanes_pull(struct amqp_broker *a, int timeout_ms) {
     }
     struct delivery d;
     amqp_delivery_fill(&env, &d);
+    /* its createdAt, as the sorter read it: what the lane's oldest age is told by (amqp_lanes_oldest) */
+    amqp_basic_properties_t *props = &env.message.properties;
+    const amqp_table_entry_t *at = (props->_flags & AMQP_BASIC_HEADERS_FLAG)
+                                       ? amqp_find_header(&props->headers, "x-conveyor-created-ms")
+                                       : NULL;
+    if (at && at->value.kind == AMQP_FIELD_KIND_I64 && at->value.value.i64 > 0) {
+        d.created_ms = at->value.value.i64;
+        d.lane = c * l->q->lanes + l->served[p];
+    }
     amqp_destroy_envelope(&env);
     fifo_push(&l->fifo[c][p], &d);
     l->buffered++;
@@ -187,6 +196,18 @@ int amqp_lanes_next(struct broker *b, struct delivery *d, int timeout_ms) {
         if ((rc = lanes_drain(a)) < 0) return rc; /* what came with it: a high one goes first */
     }
     return hand_out(a->lanes, d, 1);
+}
+
+void amqp_lanes_oldest(struct broker *b, int64_t *out) {
+    const struct amqp_lanes *l = ((struct amqp_broker *)b)->lanes;
+    for (int c = 0; l && c < LANE_CLASSES; c++)
+        for (int p = 0; p < l->nserved; p++) {
+            const struct lane_fifo *f = &l->fifo[c][p];
+            for (int k = 0; k < f->n; k++) {
+                const struct delivery *d = &f->v[(f->head + k) % f->cap];
+                if (d->created_ms > 0 && (!out[d->lane] || d->created_ms < out[d->lane])) out[d->lane] = d->created_ms;
+            }
+        }
 }
 
 /* basic.cancel of every lane consumer; what arrived before the cancels were

@@ -2,7 +2,8 @@
  * docs/contract.md, "Lanes"): the intake of a laned queue consumed on the
  * consume connection, each command published with confirms to its class's
  * consistent-hash exchange with its lane key as routing key (lane_route),
- * then the intake acked. One sorter is active at a time (workers/lane_sorter.c)
+ * then the intake acked; its createdAt rides along in the header
+ * x-conveyor-created-ms (ms since the epoch) for the lane's oldest age. One sorter is active at a time (workers/lane_sorter.c)
  * and it publishes in delivery order on one channel, so each lane receives
  * its commands in the intake's order. Called by the operations
  * (broker_amqp.c); calls amqp_delivery.c, amqp_publish.c and amqp_conn.c.
@@ -34,7 +35,7 @@ struct sorted {
     amqp_envelope_t env;
     struct lane_route route;
     char *message_id, *type;
-    amqp_table_entry_t h[2];
+    amqp_table_entry_t h[3];
 };
 
 /* m (to the lane exchange of its class, names in ex) from s->env. */
@@ -51,6 +52,11 @@ static void sorted_msg(struct sorted *s, const struct cfg_queue *q, char ex[LANE
         s->h[nh].key = amqp_cstring_bytes("x-conveyor-redelivered");
         s->h[nh].value.kind = AMQP_FIELD_KIND_BOOLEAN;
         s->h[nh++].value.value.boolean = 1;
+    }
+    if (s->route.created_ms > 0) { /* its lane's oldest age, read by the lane's consumer (amqp_lanes.c) */
+        s->h[nh].key = amqp_cstring_bytes("x-conveyor-created-ms");
+        s->h[nh].value.kind = AMQP_FIELD_KIND_I64;
+        s->h[nh++].value.value.i64 = s->route.created_ms;
     }
     *m = (struct amqp_msg){ex[s->route.cls], s->route.key, s->env.message.body.bytes, s->env.message.body.len,
                            s->message_id, s->type, {nh, s->h}, NULL};

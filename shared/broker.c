@@ -76,6 +76,10 @@ int broker_lane_counts(struct broker *b, const struct cfg_queue *q, struct lane_
     return b->ops->lane_counts(b, q, out);
 }
 
+void broker_lane_oldest(struct broker *b, int64_t *out) {
+    if (b && b->ops->lane_oldest) b->ops->lane_oldest(b, out);
+}
+
 int broker_next(struct broker *b, struct delivery *d, int timeout_ms) {
     return b->ops->next(b, d, timeout_ms);
 }

@@ -729,6 +729,7 @@ static const struct broker_ops *lane_ops(void) {
         ops.release = amqp_lane_release;
         ops.requeue = amqp_lane_requeue;
         ops.stop_consuming = amqp_lanes_stop;
+        ops.lane_oldest = amqp_lanes_oldest;
     }
     return &ops;
 }

@@ -39,6 +39,7 @@ struct broker_ops {
     /* optional (laned queues, core.h: broker_sort_lanes, broker_lane_counts) */
     int (*sort_lanes)(struct broker *b, const struct cfg_queue *q, int max, int timeout_ms);
     int (*lane_counts)(struct broker *b, const struct cfg_queue *q, struct lane_count *out);
+    void (*lane_oldest)(struct broker *b, int64_t *out);
 };
 
 /* Every backend's state starts with this header. */

@@ -143,6 +143,7 @@ void lane_take_order(unsigned long n, int order[LANE_CLASSES]);
 struct lane_route {
     int cls;                    /* enum lane_class */
     char key[LANE_KEY_MAX];     /* the lane key: fairnessKey, else the ordering key, else the id, else "" */
+    int64_t created_ms;         /* its createdAt, ms since the epoch; 0 when it has none valid */
 };
 struct cfg_queue;
 /* Fills *out for the command in body (len bytes) of queue q (its
@@ -711,6 +712,9 @@ struct delivery {
     uint64_t tag;          /* RabbitMQ delivery tag */
     bool redelivered;      /* delivered before (returned by a crash, a requeue or a retry): a
                             * handler may have started on it, so its attempts are counted */
+    int64_t created_ms;    /* a RabbitMQ lane's delivery: its createdAt (ms since the epoch, the
+                            * sorter's header x-conveyor-created-ms); 0 when not known */
+    int lane;              /* with created_ms: its lane, cls * q->lanes + i */
 };
 /* Frees body, message_id and traceparent (not d itself); NULL is fine. */
 void delivery_free(struct delivery *d);
@@ -808,7 +812,9 @@ int broker_consume_as(struct broker *b, const struct cfg_queue *q, const char *w
  * is applied once by its id). Redis: 0 (its take script sorts). */
 int broker_sort_lanes(struct broker *b, const struct cfg_queue *q, int max, int timeout_ms);
 /* One lane's figures: waiting commands, and the age of its oldest in seconds
- * (-1: not known; RabbitMQ cannot read a message without taking it). */
+ * (-1: not known; RabbitMQ cannot read a message without taking it:
+ * broker_lane_counts leaves it -1 there, and the readers fill it from what the
+ * workers hold, broker_lane_oldest via the pools' lane_oldest rows). */
 struct lane_count {
     long depth;
     double oldest_age_s;
@@ -816,6 +822,14 @@ struct lane_count {
 /* Fills out[cls * q->lanes + i] for every lane of the laned queue q (and the
  * queue's intake is in broker_queue_counts' waiting). Returns 0 or a class. */
 int broker_lane_counts(struct broker *b, const struct cfg_queue *q, struct lane_count *out);
+/* A laned worker's (broker_consume_as of a queue with lanes >= 2): for each
+ * lane it consumes, the createdAt (ms since the epoch) of the oldest command
+ * it has buffered and not handed out, into out[cls * q->lanes + i] where that
+ * is older than what out holds (0: none; the caller zeroes out, LANE_CLASSES *
+ * q->lanes entries, and adds what it was handed and holds). RabbitMQ only;
+ * any other broker leaves out as it is (Redis reads its lanes' heads:
+ * broker_lane_counts). Cannot fail. */
+void broker_lane_oldest(struct broker *b, int64_t *out);
 /* Waits up to timeout_ms for a message (Redis: at most half the heartbeat
  * interval). Returns 1 with *d filled (caller delivery_free()s it), 0 on
  * timeout, or an error class (CV_ERETRY when the connection broke); *d is

@@ -73,6 +73,7 @@ void lane_route(const struct cfg_queue *q, const char *body, size_t len, const c
                 struct lane_route *out) {
     out->cls = LANE_NORMAL;
     out->key[0] = '\0';
+    out->created_ms = 0;
     cJSON *root = body ? cJSON_ParseWithLength(body, len) : NULL;
     if (!cJSON_IsObject(root)) {
         if (fallback_id) snprintf(out->key, sizeof out->key, "%s", fallback_id);
@@ -81,6 +82,9 @@ void lane_route(const struct cfg_queue *q, const char *body, size_t len, const c
     }
     const cJSON *prio = cJSON_GetObjectItemCaseSensitive(root, "priority");
     if (cJSON_IsString(prio)) (void)lane_class_parse(prio->valuestring, &out->cls);
+    const cJSON *at = cJSON_GetObjectItemCaseSensitive(root, "createdAt");
+    int64_t ms = 0;
+    if (cJSON_IsString(at) && clock_rfc3339_ms(at->valuestring, &ms) && ms > 0) out->created_ms = ms;
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "type");
     const cJSON *payload = cJSON_GetObjectItemCaseSensitive(root, "payload");
     if (!member_key(root, "fairnessKey", out->key, sizeof out->key) &&

@@ -5,6 +5,8 @@
 -- it is settled (applied, rejected, or dead-lettered once out of attempts) the
 -- hold passes to the first of them, made due at once; the last one settled
 -- drops the hold. Commands of other keys are never held.
+-- Also here (the lanes' release, not yet shipped, rather than a migration of
+-- its own): lane_oldest, the oldest command a pool's workers hold per lane.
 CREATE TABLE key_holds (
     queue      text NOT NULL,
     order_key  text NOT NULL,
@@ -50,3 +52,19 @@ BEGIN
     END LOOP;
     RETURN passed;
 END $$;
+
+-- The lanes' oldest age on RabbitMQ (docs/contract.md, section 10), which
+-- cannot read a message without taking it: per pool, queue and lane
+-- ("<class>.<i>"), the createdAt of the oldest command its workers hold of
+-- that lane (buffered by the lane's consumer, or in a batch). Written by each
+-- pool's relay once a second (workers/pool_load.c), rows only for lanes with
+-- one; stale after 5 s like pool_in_flight; read by conveyor-admin stats and
+-- the dashboard (the minimum over the fresh rows, aged by the database clock).
+CREATE TABLE lane_oldest (
+    pool       text NOT NULL,
+    queue      text NOT NULL,
+    lane       text NOT NULL,
+    oldest_at  timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pool, queue, lane)
+);

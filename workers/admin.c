@@ -393,14 +393,17 @@ static void bounded_line(const struct cfg_queue *q, long waiting) {
 
 /* stats of a queue with lanes: a JSON line (kind "lanes": lane_queue_json),
  * or a line under its row per class: waiting, the deepest lane, the oldest
- * age where the broker tells it. A count that fails is said, not fatal. */
-static void print_lanes(struct broker *b, const struct cfg_queue *q, bool json) {
+ * age where it is known (Redis: its lanes' heads; RabbitMQ: what the pools'
+ * workers hold: ages, read from their lane_oldest rows, or NULL). A count
+ * that fails is said, not fatal. */
+static void print_lanes(struct broker *b, const struct lane_count *ages, const struct cfg_queue *q, bool json) {
     struct lane_count *c = xcalloc((size_t)(LANE_CLASSES * q->lanes), sizeof *c);
     if (broker_lane_counts(b, q, c) < 0) {
         fprintf(stderr, "conveyor-admin: cannot count the lanes of %s: %s\n", q->name, broker_error(b));
         free(c);
         return;
     }
+    for (int k = 0; ages && k < LANE_CLASSES * q->lanes; k++) c[k].oldest_age_s = ages[k].oldest_age_s;
     cJSON *o = lane_queue_json(q, c);
     free(c);
     if (json) {
@@ -417,7 +420,7 @@ static void print_lanes(struct broker *b, const struct cfg_queue *q, bool json) 
             printf(" (deepest %s: %ld)", cJSON_GetObjectItem(k, "deepestLane")->valuestring,
                    (long)cJSON_GetObjectItem(k, "deepestDepth")->valuedouble);
         const cJSON *age = cJSON_GetObjectItem(k, "oldestAgeSeconds");
-        if (waiting > 0 && cJSON_IsNumber(age)) {
+        if (cJSON_IsNumber(age)) { /* RabbitMQ: also of one held by its worker, not counted waiting */
             char text[16];
             print_age((long)age->valuedouble, text, sizeof text);
             printf(", oldest %s", text);
@@ -468,6 +471,16 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     struct rate_limit_state *limits = xcalloc((size_t)cfg->nrate_limits + 1, sizeof *limits);
     bool limits_known = !rc && rate_limit_states_read(db, cfg, limits) == 0 &&
                         rate_limit_waiting_read(db, cfg, limits) == 0;
+    /* RabbitMQ's lanes' oldest ages: what the pools' workers hold (pool_load.c) */
+    struct lane_count **ages = xcalloc((size_t)cfg->nqueues + 1, sizeof *ages);
+    for (int i = 0; !rc && i < cfg->nqueues; i++) {
+        const struct cfg_queue *q = &cfg->queues[i];
+        if (q->lanes < 2 || q->transport != TRANSPORT_RABBITMQ || (only && q != only)) continue;
+        ages[i] = xcalloc((size_t)(LANE_CLASSES * q->lanes), sizeof **ages);
+        for (int k = 0; k < LANE_CLASSES * q->lanes; k++) ages[i][k].oldest_age_s = -1;
+        if (pool_load_lane_ages(db, q, ages[i]) < 0) /* unknown: -1 stands */
+            fprintf(stderr, "conveyor-admin: cannot read the lanes' oldest of %s: %s\n", q->name, db_errstr(db));
+    }
     db_close(db);
     if (!rc) open_brokers(cfg, only ? only->name : NULL);
     if (!rc && !json)
@@ -509,7 +522,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
             cJSON_AddNumberToObject(o, "ratePerSecond1m", rate_1m);
             cJSON_AddNumberToObject(o, "ratePerSecond5m", rate_5m);
             print_json(o, false);
-            if (q->lanes >= 2) print_lanes(b, q, true);
+            if (q->lanes >= 2) print_lanes(b, ages[i], q, true);
             continue;
         }
         printf("%-12s %-9s %-7s", q->name, transport_name(q->transport), s->paused ? "paused" : "running");
@@ -521,7 +534,7 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         print_count(n.consumers, 9);
         printf(" %9.2f %9.2f\n", rate_1m, rate_5m);
         if (q->max_length > 0) bounded_line(q, n.waiting);
-        if (q->lanes >= 2) print_lanes(b, q, false);
+        if (q->lanes >= 2) print_lanes(b, ages[i], q, false);
     }
     for (int i = 0; !rc && !json && i < cfg->nqueues; i++)
         if (st[i].paused && (!only || only == &cfg->queues[i]))
@@ -544,6 +557,8 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
     free(limits);
     free(st);
     free(held);
+    for (int i = 0; i < cfg->nqueues; i++) free(ages[i]);
+    free(ages);
     free(parked);
     return rc;
 }

@@ -153,6 +153,7 @@ void scoreboard_exited(pid_t pid, int restart_reason, bool retired) {
         if (!s->used || __atomic_load_n(&s->pid, __ATOMIC_RELAXED) != pid) continue;
         __atomic_store_n(&s->pid, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&s->in_hand, 0, __ATOMIC_RELAXED);
+        for (int k = 0; k < LANE_CLASSES * LANES_MAX; k++) __atomic_store_n(&s->lane_oldest_ms[k], 0, __ATOMIC_RELAXED);
         __atomic_store_n(&s->state, retired ? SB_RETIRED : SB_DOWN, __ATOMIC_RELAXED);
         if (retired) s->taken = 0;
         if (restart_reason >= 0 && restart_reason < SB_NRESTARTS) add(&s->restarts[restart_reason], 1);
@@ -177,6 +178,12 @@ void scoreboard_state(enum sb_state state, int in_hand) {
     if (!mine) return;
     __atomic_store_n(&mine->in_hand, in_hand, __ATOMIC_RELAXED);
     __atomic_store_n(&mine->state, state, __ATOMIC_RELAXED);
+}
+
+void scoreboard_lane_oldest(const int64_t *ms, int n) {
+    if (!mine) return;
+    for (int k = 0; k < LANE_CLASSES * LANES_MAX; k++)
+        __atomic_store_n(&mine->lane_oldest_ms[k], k < n ? ms[k] : 0, __ATOMIC_RELAXED);
 }
 
 /* The index of type among the slot's types, or that of "unknown". */
@@ -293,6 +300,20 @@ void sb_queue_totals(const struct cfg_queue *q, struct sb_queue_totals *out) {
         for (int b = 0; b <= SB_LATENCY_BUCKETS; b++) out->latency[b] += __atomic_load_n(&s->latency[b], __ATOMIC_RELAXED);
         out->latency_sum_ms += __atomic_load_n(&s->latency_sum_ms, __ATOMIC_RELAXED);
         out->in_hand += __atomic_load_n(&s->in_hand, __ATOMIC_RELAXED);
+    }
+}
+
+void sb_queue_lane_oldest(const struct cfg_queue *q, int64_t *out) {
+    int n = LANE_CLASSES * q->lanes;
+    memset(out, 0, (size_t)n * sizeof *out);
+    const struct scoreboard *sb = scoreboard_get();
+    for (int k = 0; sb && k < sb->nslots; k++) {
+        const struct sb_slot *s = &sb->slot[k];
+        if (!sb_is_worker_of(s, q) || !__atomic_load_n(&s->pid, __ATOMIC_RELAXED)) continue;
+        for (int i = 0; i < n && i < LANE_CLASSES * LANES_MAX; i++) {
+            int64_t ms = __atomic_load_n(&s->lane_oldest_ms[i], __ATOMIC_RELAXED);
+            if (ms > 0 && (!out[i] || ms < out[i])) out[i] = ms;
+        }
     }
 }
 

@@ -497,6 +497,23 @@ static enum take_ready ready_to_take(struct worker *w, const char *worker_id, st
     return TAKE_GO;
 }
 
+/* A laned worker: the oldest createdAt it holds per lane, of the n items in
+ * hand and what its broker buffers, into its scoreboard slot (pool_load.c
+ * reports it: the lane's oldest age on RabbitMQ). Nothing for a queue without
+ * lanes or on Redis. */
+static void report_lane_oldest(struct worker *w, const struct batch_item *items, int n) {
+    if (w->q->lanes < 2 || w->q->transport != TRANSPORT_RABBITMQ) return; /* Redis reads its lanes' heads */
+    int64_t ms[LANE_CLASSES * LANES_MAX] = {0};
+    int nl = LANE_CLASSES * w->q->lanes;
+    broker_lane_oldest(w->broker, ms);
+    for (int i = 0; i < n; i++) {
+        const struct delivery *d = &items[i].d;
+        if (d->created_ms > 0 && d->lane >= 0 && d->lane < nl && (!ms[d->lane] || d->created_ms < ms[d->lane]))
+            ms[d->lane] = d->created_ms;
+    }
+    scoreboard_lane_oldest(ms, nl);
+}
+
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id, int index) {
     struct worker w = {.cfg = cfg, .q = q, .index = index};
     batch_init(&w.batch, cfg, q);
@@ -557,6 +574,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
          * it holds now runs (handing it back would spend an attempt of each) */
         log_msg(LOG_DEBUG, NULL, "took %d message%s", n, n == 1 ? "" : "s");
         scoreboard_state(SB_BUSY, n);
+        report_lane_oldest(&w, items, n);
         /* in transactions of batch_size, in arrival order; all of them, even
          * on stop (they are in hand) */
         bool lost = false;
@@ -571,6 +589,7 @@ int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *wor
         }
         w.jobs += n;
         scoreboard_state(SB_IDLE, 0); /* idle: its current command is no longer read */
+        report_lane_oldest(&w, NULL, 0);  /* what it still buffers */
         if (should_recycle(&w)) break;
     }
     free(items);

@@ -337,6 +337,10 @@ struct sb_slot {
     int64_t broker_silent_ms;                 /* a bound last fired on a silent broker */
     int64_t broker_answer_ms;                 /* the broker last answered */
     uint64_t broker_silences;                 /* bounds that fired on a silent broker (a counter) */
+    /* a laned worker on RabbitMQ: per lane (cls * lanes + i) the createdAt,
+     * ms since the epoch, of the oldest command it holds (buffered, or in its
+     * batch); 0: none (scoreboard_lane_oldest) */
+    int64_t lane_oldest_ms[LANE_CLASSES * LANES_MAX];
 };
 struct scoreboard {
     int32_t nslots;
@@ -374,6 +378,9 @@ void scoreboard_attach(int slot);
 struct sb_slot *scoreboard_mine(void);
 /* Worker: its state (idle, busy) and how many messages it holds. */
 void scoreboard_state(enum sb_state state, int in_hand);
+/* Worker: the oldest createdAt it holds per lane, ms[0..n-1] (0: none; n at
+ * most LANE_CLASSES * LANES_MAX), the slot's other lanes set to none. */
+void scoreboard_lane_oldest(const int64_t *ms, int n);
 /* Worker: one command of type ended with outcome (retried, dead: no commit). */
 void scoreboard_outcome(const char *type, enum sb_outcome outcome);
 /* Worker: one command of type committed with outcome; its handler started at
@@ -413,6 +420,9 @@ struct sb_queue_totals {
 };
 /* Reader: the totals of q's worker slots into *out (zeroed first; all 0 before scoreboard_init). */
 void sb_queue_totals(const struct cfg_queue *q, struct sb_queue_totals *out);
+/* Reader: per lane of q (out[cls * q->lanes + i], LANE_CLASSES * q->lanes
+ * entries, zeroed first) the oldest createdAt (ms) its running workers hold; 0: none. */
+void sb_queue_lane_oldest(const struct cfg_queue *q, int64_t *out);
 /* The resident size of process pid in bytes (/proc) into *bytes: true, or false
  * (*bytes untouched) when it cannot be read. */
 bool sb_resident_bytes(pid_t pid, long long *bytes);
@@ -525,11 +535,13 @@ cJSON *dead_letter_json(const struct cfg_queue *q, const struct dead_letter *d, 
  * the error class of the statement (db_errstr says why). */
 int dead_letter_reset_attempts(struct db *db, const struct dead_letter *d);
 
-/* ---- pool_load.c: the pool's in-flight counts in PostgreSQL (sql/0008) ------ */
+/* ---- pool_load.c: the pool's in-flight counts in PostgreSQL (sql/0008), and its lanes' oldest (sql/0012) */
 #define POOL_LOAD_FRESH_S_TEXT "5" /* a pool's rows older than this many seconds are not counted */
 /* Relay (active or standing by), as often as it likes: at most once a second
  * writes what this pool's workers hold per queue (the scoreboard's in_hand)
- * into pool_in_flight. A failure is logged at debug (the rows go stale). */
+ * into pool_in_flight, and per lane the oldest createdAt they hold
+ * (sb_queue_lane_oldest) into lane_oldest. A failure is logged at debug (the
+ * rows go stale). */
 void pool_load_report(struct db *db, const struct cfg *cfg);
 /* At a clean stop: deletes this pool's rows (best effort). */
 void pool_load_forget(struct db *db);
@@ -537,6 +549,11 @@ void pool_load_forget(struct db *db);
  * the pools with fresh rows of what their workers hold of queue i. Returns 0
  * or the error class (42P01: the schema is older). */
 int pool_load_read(struct db *db, const struct cfg *cfg, long *in_flight);
+/* The laned queue q on RabbitMQ: each lane's oldest age, from the fresh
+ * lane_oldest rows of every pool (the oldest createdAt a pool's workers hold
+ * of it, aged by the database's clock), into out[cls * q->lanes + i]
+ * .oldest_age_s; a lane without one keeps its value. Returns 0 or a class. */
+int pool_load_lane_ages(struct db *db, const struct cfg_queue *q, struct lane_count *out);
 
 /* ---- dead_index.c: RabbitMQ's dead letters indexed in PostgreSQL (sql/0007) ---- */
 /* After the broker confirmed the dead letter of d (dead_id its

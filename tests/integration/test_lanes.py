@@ -29,7 +29,10 @@ whole backlog waits before the first one is applied.
   key;
 - a queue moved from no lanes to lanes keeps the commands already waiting in
   its old queue (the lanes' intake);
-- the lanes in conveyor-admin stats (--json and text) and in /metrics.
+- the lanes in conveyor-admin stats (--json and text) and in /metrics; a lane's
+  oldest age, by its command's createdAt, also on RabbitMQ (the oldest its
+  workers hold, reported through PostgreSQL): a command created 30 s ago and
+  held by its worker, blocked on a row lock, shows at least 30 s.
 
 RabbitMQ's sorter moves a paused queue's commands into their lanes: there the
 tests wait until all are sorted before resuming. Redis sorts in the take
@@ -41,6 +44,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 
 import pika
 import redis as redislib
@@ -632,5 +636,64 @@ def test_lanes_are_seen_in_stats_and_metrics():
             eq(p.stop(), (0, []), "clean stop")
     finally:
         pause(False)
+        clear_catalog()
+        os.unlink(config)
+
+
+def test_a_lane_shows_its_oldest_age():
+    """A command created 30 s ago waits in its lane (Redis: pushed into the lane, behind one its
+    worker holds; RabbitMQ: held by its worker, blocked on a row lock the test holds): the lane's
+    oldest age is at least 30 s in stats --json, the text form and /metrics; no other lane has one,
+    and once the lock goes and all is applied, the lane has none."""
+    lanes = 2
+    opts = lanes_opts(lanes, more="lock_timeout_ms = 25000;")
+    clear_catalog()
+    config = config_of(opts)
+    past = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30))
+    holder = None
+    try:
+        key = "aged"
+        lane = f"normal.{lanes_of([key], lanes, config)[key]}"
+        pid = new_id()
+        with http_pool(workers={"catalog": 1}, routing=CATALOG, queue_opts=opts) as p:
+            wait_processed(produce(config, [product_cmd(pid)]), 60, "the product", (p,))
+            holder = db()
+            holder.autocommit = False
+            holder.cursor().execute("SELECT 1 FROM products WHERE id = %s FOR UPDATE", (pid,))
+            cmds = [update_cmd(pid, "aged one", fairnessKey=key, createdAt=past)]
+            produce(config, cmds)
+            wait_for(lambda: query("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0][0], 60,
+                     "the worker blocked on the row lock")
+            if TRANSPORT == "redis":  # the taken one left its lane: one behind it, as if sorted
+                cmds.append(update_cmd(pid, "aged two", fairnessKey=key, createdAt=past))
+                redislib.Redis.from_url(REDIS_URL).lpush(lane_name("normal", int(lane[-1])), json.dumps(cmds[-1]))
+
+            def ages():
+                return {x["lane"]: x["oldestAgeSeconds"] for x in lanes_stats(p.config)["lane"]}
+
+            def aged():
+                a = ages()
+                return a if isinstance(a[lane], (int, float)) and a[lane] >= 30 else None
+            got = wait_for(aged, 30, f"stats: lane {lane} at least 30 s old")
+            eq({k: v for k, v in got.items() if v is not None and k != lane}, {}, "no other lane has an age")
+            r = run_bin("conveyor-admin", "-c", p.config, "stats", "catalog")
+            line = next((x for x in r.stdout.splitlines() if "catalog: 2 lanes per class" in x), "")
+            check(", oldest " in line.split(" normal ")[-1].split(";")[0], f"the text form says the age:\n{r.stdout}")
+
+            def sampled():
+                samples, _ = scrape(p)
+                key = ("conveyor_lane_oldest_age_seconds", frozenset({"queue": "catalog", "lane": lane}.items()))
+                return samples if samples.get(key, 0) >= 30 else None
+            wait_for(sampled, 30, "conveyor_lane_oldest_age_seconds at least 30 s")
+            holder.rollback()
+            holder.close()
+            holder = None
+            wait_processed([c["id"] for c in cmds], 60, "the aged commands once the lock is gone", (p,))
+            wait_for(lambda: ages()[lane] is None, 30, "no age once the lane is empty and nothing held")
+            eq(p.stop(), (0, []), "clean stop")
+    finally:
+        if holder is not None:
+            holder.rollback()
+            holder.close()
         clear_catalog()
         os.unlink(config)

@@ -328,6 +328,10 @@ static void sample_brokers(struct http *h, struct http_sample *s) {
             /* a lane count that fails leaves the lanes as they were (the queue's counts stand) */
             if (ok && s->lanes[i] && broker_lane_counts(h->broker[t], q, s->lanes[i]) < 0)
                 log_debug("lanes of %s not counted: %s", q->name, broker_error(h->broker[t]));
+            /* RabbitMQ's oldest ages: what the pools' workers hold (pool_load.c) */
+            else if (ok && s->lanes[i] && t == TRANSPORT_RABBITMQ && h->db &&
+                     pool_load_lane_ages(h->db, q, s->lanes[i]) < 0)
+                log_debug("lanes' oldest of %s not read: %s", q->name, db_errstr(h->db));
         }
         if (!ok) {
             broker_close(h->broker[t]);

@@ -166,8 +166,9 @@ static void workers(struct out *o, const struct cfg *cfg, const struct scoreboar
 }
 
 /* The lanes of the laned queues (sampled with the brokers): each lane's
- * depth, and its oldest command's age where the broker can tell it (Redis;
- * RabbitMQ cannot read a message without taking it: no line). lane="<class>.<i>". */
+ * depth, and its oldest command's age where known (Redis: the lane's head;
+ * RabbitMQ: the oldest its workers hold, the pools' lane_oldest rows; no line
+ * when not known). lane="<class>.<i>". */
 static void lane_gauges(struct out *o, const struct cfg *cfg, const struct http_sample *s) {
     char ql[2 * CFG_NAME_MAX + 1];
     header(o, "conveyor_lane_depth", "gauge", "Commands waiting in a lane of a queue with lanes (sampled).");
@@ -176,7 +177,8 @@ static void lane_gauges(struct out *o, const struct cfg *cfg, const struct http_
             put(o, "conveyor_lane_depth{queue=\"%s\",lane=\"%s.%d\"} %ld\n", label(cfg->queues[i].name, ql),
                 lane_class_name(k / cfg->queues[i].lanes), k % cfg->queues[i].lanes, s->lanes[i][k].depth);
     header(o, "conveyor_lane_oldest_age_seconds", "gauge",
-           "Age of the oldest command waiting in a lane (sampled; Redis only: RabbitMQ cannot tell it).");
+           "Age of the oldest command waiting in a lane, by its createdAt (sampled; RabbitMQ: the oldest "
+           "its workers hold, an upper bound while they are busy).");
     for (int i = 0; i < cfg->nqueues && s->lanes; i++)
         for (int k = 0; s->lanes[i] && k < LANE_CLASSES * cfg->queues[i].lanes; k++)
             if (s->lanes[i][k].oldest_age_s >= 0)

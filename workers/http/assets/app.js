@@ -781,7 +781,7 @@
     setText(c[2], fmtInt(r.q.lanes));
     setText(c[3], fmtInt(r.k.waiting));
     setText(c[4], r.k.waiting > 0 ? r.k.deepestLane + ': ' + fmtInt(r.k.deepestDepth) : '—');
-    setText(c[5], typeof r.k.oldestAgeSeconds === 'number' && r.k.waiting > 0 ? r.k.oldestAgeSeconds.toFixed(1) + ' s' : '—');
+    setText(c[5], typeof r.k.oldestAgeSeconds === 'number' ? r.k.oldestAgeSeconds.toFixed(1) + ' s' : '—');
   }
 
   /* ---------- charts ---------- */
