@@ -45,6 +45,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 import pika
 import redis as redislib
@@ -631,6 +632,12 @@ def test_lanes_are_seen_in_stats_and_metrics():
             samples = wait_for(sampled, 30, "conveyor_lane_depth sampled")
             eq(value(samples, "conveyor_lane_depth", queue="catalog", lane=high), 10, "the high lane's depth")
             eq(value(samples, "conveyor_lane_depth", queue="catalog", lane="low.0"), 0, "an empty lane")
+            # the dashboard's reading API: the same sample
+            with urllib.request.urlopen(p.origin + "/api/lanes", timeout=10) as resp:
+                api = json.load(resp)
+            eq([q["queue"] for q in api["queues"]], ["catalog"], "/api/lanes: the queue with lanes")
+            got = {x["lane"]: x["depth"] for x in api["queues"][0]["lane"] if x["depth"]}
+            eq(got, {normal: 30, high: 10}, "/api/lanes: the lanes' depths")
             pause(False)
             wait_processed([c["id"] for c in cmds], 60, "the commands once resumed", (p,))
             eq(p.stop(), (0, []), "clean stop")
