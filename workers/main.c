@@ -120,7 +120,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "conveyor-workers: %s\n", err);
         return 2;
     }
-    handler_order_fields(&cfg);
+    pool_order_fields(&cfg);
     if (check) {
         char db[512], amqp[512], redis[512];
         url_redact(cfg.database_url, db, sizeof db);

@@ -160,6 +160,14 @@ static void start_generation(struct pool *p) {
              sorter ? ", a sorter" : "", cfg->http_listen ? " and an HTTP listener" : "");
 }
 
+void pool_order_fields(struct cfg *c) {
+    for (int i = 0; i < c->nqueues; i++)
+        for (int j = 0; j < c->queues[i].ncommands; j++) {
+            const struct handler *h = handler_find(c->queues[i].commands[j]);
+            cfg_set_order_field(c, c->queues[i].commands[j], h ? h->order_field : NULL);
+        }
+}
+
 /* SIGHUP: a checked new configuration, a new generation, the old one retired. */
 static void reload(struct pool *p) {
     struct cfg next;
@@ -168,7 +176,7 @@ static void reload(struct pool *p) {
         log_error("SIGHUP: %s; keeping the running configuration", err);
         return;
     }
-    handler_order_fields(&next);
+    pool_order_fields(&next);
     if (broker_declare_topology(&next, err, sizeof err) < 0) {
         log_error("SIGHUP: cannot declare the new RabbitMQ topology (%s); keeping the running configuration", err);
         cfg_free(&next);

@@ -250,6 +250,10 @@ extern volatile sig_atomic_t stop_requested; /* set by SIGTERM / SIGINT in a chi
  * or the database refuses the configuration (logged), 1 when broker_consume
  * fails. A broker or database that is away is waited for, not an exit. */
 int worker_run(const struct cfg *cfg, const struct cfg_queue *q, const char *worker_id, int index);
+/* Gives every queue of c the ordering field of each of its types from the
+ * domain's table (handler_find's order_field; cfg_set_order_field), after
+ * cfg_load and before forking (supervisor.c). */
+void pool_order_fields(struct cfg *c);
 /* Publishes the outbox while it holds the relay lock; returns the exit status:
  * 0 when stopped, CV_EXIT_CONFIG when the database or the events broker refuses
  * the configuration (logged). Other failures are retried with backoff. */

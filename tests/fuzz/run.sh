@@ -11,7 +11,7 @@ mkdir -p "$OUT/corpus"
 clang -g -O1 -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I "$ROOT/shared" -I "$ROOT/workers/domain" \
   "$ROOT/tests/fuzz/fuzz_command.c" \
-  "$ROOT"/shared/{envelope,json_check,event,id,clock,utf8,log,db,backoff,alloc,url,trace,json_out,db_fork}.c \
+  "$ROOT"/shared/{envelope,lane,json_check,event,id,clock,utf8,log,db,backoff,alloc,url,trace,json_out,db_fork}.c \
   "$ROOT"/workers/domain/validate.c "$ROOT"/workers/domain/handler*.c \
   $(pkg-config --cflags --libs libcjson libpq uuid libsodium librabbitmq) -lm -lpthread -o "$OUT/fuzz_command"
 # seeds: one valid command of each type, and every message of the poison corpus

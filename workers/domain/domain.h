@@ -113,8 +113,7 @@ struct handler {
      * key in a laned queue (docs/contract.md, "Lanes"), or NULL */
     const char *order_field;
 };
-/* Gives every queue of c the order fields of its types (cfg_set_order_field). */
-void handler_order_fields(struct cfg *c);
+
 /* The handler of TYPE, or NULL when this build does not know it. */
 const struct handler *handler_find(const char *type);
 /* The key that orders a command among those of its batch: "p:<productId>" or

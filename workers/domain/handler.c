@@ -23,11 +23,6 @@ const struct handler *handler_find(const char *type) {
     return NULL;
 }
 
-void handler_order_fields(struct cfg *c) {
-    for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
-        cfg_set_order_field(c, handlers[i].type, handlers[i].order_field);
-}
-
 /* The UUID in obj[field], lower-cased into out; false when there is none. */
 static bool uuid_member(const cJSON *obj, const char *field, char out[ID_LEN + 1]) {
     const cJSON *m = cJSON_GetObjectItemCaseSensitive(obj, field);
