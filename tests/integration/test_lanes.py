@@ -396,7 +396,7 @@ def test_a_flooding_key_does_not_hold_back_the_others():
           f"{flood_before} of {FLOOD} were applied before the last of them")
 
 
-def test_without_lanes_a_flooding_key_goes_first():
+def test_without_lanes_a_flooding_key_goes_first():  # faults (Release only: no lane code runs, and the ASan chain is the longer one in CI)
     keys = ["A", "B", "C", "D"]
     order, _, _ = fairness_run(1, keys, lambda others: processed(others) > 0)
     first_other = min(i for i, k in enumerate(order) if k != keys[0])
