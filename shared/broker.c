@@ -76,8 +76,10 @@ int broker_lane_counts(struct broker *b, const struct cfg_queue *q, struct lane_
     return b->ops->lane_counts(b, q, out);
 }
 
-void broker_lane_oldest(struct broker *b, int64_t *out) {
-    if (b && b->ops->lane_oldest) b->ops->lane_oldest(b, out);
+bool broker_lane_oldest(struct broker *b, int64_t *out) {
+    if (!b || !b->ops->lane_oldest) return false;
+    b->ops->lane_oldest(b, out);
+    return true;
 }
 
 int broker_next(struct broker *b, struct delivery *d, int timeout_ms) {

@@ -131,6 +131,10 @@ enum lane_class { LANE_HIGH = 0, LANE_NORMAL = 1, LANE_LOW = 2 };
 #define LANE_GUARD_NORMAL 4
 /* "high", "normal", "low" (static); "normal" for anything else. */
 const char *lane_class_name(int cls);
+/* The name of lane k of a queue with `lanes` lanes per class (k = cls * lanes
+ * + i, the order of broker_lane_counts): "<class>.<i>", as /metrics, stats and
+ * lane_oldest name it, into out (n bytes). Returns out. */
+const char *lane_label(int lanes, int k, char *out, size_t n);
 /* The class named s into *cls: true, or false (*cls untouched) for anything else. */
 bool lane_class_parse(const char *s, int *cls);
 /* The order in which take number n (0, 1, ...) looks at the classes, written
@@ -827,9 +831,9 @@ int broker_lane_counts(struct broker *b, const struct cfg_queue *q, struct lane_
  * it has buffered and not handed out, into out[cls * q->lanes + i] where that
  * is older than what out holds (0: none; the caller zeroes out, LANE_CLASSES *
  * q->lanes entries, and adds what it was handed and holds). RabbitMQ only;
- * any other broker leaves out as it is (Redis reads its lanes' heads:
- * broker_lane_counts). Cannot fail. */
-void broker_lane_oldest(struct broker *b, int64_t *out);
+ * any other broker leaves out as it is and returns false (Redis reads its
+ * lanes' heads: broker_lane_counts). Returns true when it told. Cannot fail. */
+bool broker_lane_oldest(struct broker *b, int64_t *out);
 /* Waits up to timeout_ms for a message (Redis: at most half the heartbeat
  * interval). Returns 1 with *d filled (caller delivery_free()s it), 0 on
  * timeout, or an error class (CV_ERETRY when the connection broke); *d is

@@ -15,6 +15,11 @@ static const char *const class_names[LANE_CLASSES] = {"high", "normal", "low"};
 
 const char *lane_class_name(int cls) { return cls >= 0 && cls < LANE_CLASSES ? class_names[cls] : "normal"; }
 
+const char *lane_label(int lanes, int k, char *out, size_t n) {
+    snprintf(out, n, "%s.%d", lane_class_name(k / lanes), k % lanes);
+    return out;
+}
+
 bool lane_class_parse(const char *s, int *cls) {
     for (int i = 0; s && i < LANE_CLASSES; i++)
         if (strcmp(s, class_names[i]) == 0) {

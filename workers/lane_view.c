@@ -19,7 +19,7 @@ cJSON *lane_queue_json(const struct cfg_queue *q, const struct lane_count *c) {
         for (int i = 0; i < q->lanes; i++) {
             const struct lane_count *l = &c[cls * q->lanes + i];
             char name[32];
-            snprintf(name, sizeof name, "%s.%d", lane_class_name(cls), i);
+            lane_label(q->lanes, cls * q->lanes + i, name, sizeof name);
             cJSON *one = cJSON_CreateObject();
             cJSON_AddStringToObject(one, "lane", name);
             cJSON_AddNumberToObject(one, "depth", (double)l->depth);
@@ -31,7 +31,7 @@ cJSON *lane_queue_json(const struct cfg_queue *q, const struct lane_count *c) {
         }
         cJSON *k = cJSON_CreateObject();
         char name[32];
-        snprintf(name, sizeof name, "%s.%d", lane_class_name(cls), deepest);
+        lane_label(q->lanes, cls * q->lanes + deepest, name, sizeof name);
         cJSON_AddStringToObject(k, "class", lane_class_name(cls));
         cJSON_AddNumberToObject(k, "waiting", (double)total);
         cJSON_AddStringToObject(k, "deepestLane", name);

@@ -46,7 +46,7 @@ static void report_lanes(struct db *db, const struct cfg *cfg, const char *pool)
         sb_queue_lane_oldest(q, oldest);
         for (int k = 0; k < LANE_CLASSES * q->lanes; k++) {
             if (oldest[k] <= 0) continue;
-            snprintf(lane[n], sizeof lane[n], "%s.%d", lane_class_name(k / q->lanes), k % q->lanes);
+            lane_label(q->lanes, k, lane[n], sizeof lane[n]);
             snprintf(at[n], sizeof at[n], "%lld", (long long)oldest[k]);
             qs[n] = q->name, ls[n] = lane[n], ms[n] = at[n];
             n++;
@@ -136,8 +136,7 @@ int pool_load_lane_ages(struct db *db, const struct cfg_queue *q, struct lane_co
         const char *lane = PQgetvalue(r, j, 0);
         for (int k = 0; k < LANE_CLASSES * q->lanes; k++) {
             char name[32];
-            snprintf(name, sizeof name, "%s.%d", lane_class_name(k / q->lanes), k % q->lanes);
-            if (strcmp(name, lane) != 0) continue;
+            if (strcmp(lane_label(q->lanes, k, name, sizeof name), lane) != 0) continue;
             double age = atof(PQgetvalue(r, j, 1));
             out[k].oldest_age_s = age > 0 ? age : 0;
             break;

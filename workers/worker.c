@@ -502,10 +502,10 @@ static enum take_ready ready_to_take(struct worker *w, const char *worker_id, st
  * reports it: the lane's oldest age on RabbitMQ). Nothing for a queue without
  * lanes or on Redis. */
 static void report_lane_oldest(struct worker *w, const struct batch_item *items, int n) {
-    if (w->q->lanes < 2 || w->q->transport != TRANSPORT_RABBITMQ) return; /* Redis reads its lanes' heads */
+    if (w->q->lanes < 2) return;
     int64_t ms[LANE_CLASSES * LANES_MAX] = {0};
     int nl = LANE_CLASSES * w->q->lanes;
-    broker_lane_oldest(w->broker, ms);
+    if (!broker_lane_oldest(w->broker, ms)) return; /* Redis reads its lanes' heads */
     for (int i = 0; i < n; i++) {
         const struct delivery *d = &items[i].d;
         if (d->created_ms > 0 && d->lane >= 0 && d->lane < nl && (!ms[d->lane] || d->created_ms < ms[d->lane]))

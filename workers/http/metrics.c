@@ -170,21 +170,21 @@ static void workers(struct out *o, const struct cfg *cfg, const struct scoreboar
  * RabbitMQ: the oldest its workers hold, the pools' lane_oldest rows; no line
  * when not known). lane="<class>.<i>". */
 static void lane_gauges(struct out *o, const struct cfg *cfg, const struct http_sample *s) {
-    char ql[2 * CFG_NAME_MAX + 1];
+    char ql[2 * CFG_NAME_MAX + 1], lane[32];
     header(o, "conveyor_lane_depth", "gauge", "Commands waiting in a lane of a queue with lanes (sampled).");
     for (int i = 0; i < cfg->nqueues && s->lanes; i++)
         for (int k = 0; s->lanes[i] && k < LANE_CLASSES * cfg->queues[i].lanes; k++)
-            put(o, "conveyor_lane_depth{queue=\"%s\",lane=\"%s.%d\"} %ld\n", label(cfg->queues[i].name, ql),
-                lane_class_name(k / cfg->queues[i].lanes), k % cfg->queues[i].lanes, s->lanes[i][k].depth);
+            put(o, "conveyor_lane_depth{queue=\"%s\",lane=\"%s\"} %ld\n", label(cfg->queues[i].name, ql),
+                lane_label(cfg->queues[i].lanes, k, lane, sizeof lane), s->lanes[i][k].depth);
     header(o, "conveyor_lane_oldest_age_seconds", "gauge",
            "Age of the oldest command waiting in a lane, by its createdAt (sampled; RabbitMQ: the oldest "
            "its workers hold, an upper bound while they are busy).");
     for (int i = 0; i < cfg->nqueues && s->lanes; i++)
         for (int k = 0; s->lanes[i] && k < LANE_CLASSES * cfg->queues[i].lanes; k++)
             if (s->lanes[i][k].oldest_age_s >= 0)
-                put(o, "conveyor_lane_oldest_age_seconds{queue=\"%s\",lane=\"%s.%d\"} %.3f\n",
-                    label(cfg->queues[i].name, ql), lane_class_name(k / cfg->queues[i].lanes),
-                    k % cfg->queues[i].lanes, s->lanes[i][k].oldest_age_s);
+                put(o, "conveyor_lane_oldest_age_seconds{queue=\"%s\",lane=\"%s\"} %.3f\n",
+                    label(cfg->queues[i].name, ql), lane_label(cfg->queues[i].lanes, k, lane, sizeof lane),
+                    s->lanes[i][k].oldest_age_s);
 }
 
 static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard *sb, const struct http_sample *s) {
