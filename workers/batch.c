@@ -432,8 +432,8 @@ static int run_ahead(struct batch *b, struct batch_item **v, int i, int n, bool 
 }
 
 /* Moves the items parked (rate_limit_take, key_hold_check, key_hold_failed) to the end of v, the others keeping
- * their order, and sets *np to how many others there are. */
-static void park_apart(struct batch_item **v, int *np) {
+ * their order, and sets *np to how many others there are. Returns how many it moved. */
+static int park_apart(struct batch_item **v, int *np) {
     int n = *np, kept = 0, k = 0;
     struct batch_item **waiting = xmalloc((size_t)n * sizeof *waiting);
     for (int i = 0; i < n; i++) {
@@ -443,6 +443,7 @@ static void park_apart(struct batch_item **v, int *np) {
     memcpy(&v[kept], waiting, (size_t)k * sizeof *waiting);
     free(waiting);
     *np = kept;
+    return k;
 }
 
 /* Runs the items in one transaction, each in its own savepoint when there are
@@ -479,24 +480,10 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
         claim_pending = false;
         rc = claim_read(b, v, n, 0);
     }
-    if (rc == 0 && ordered) { /* those behind a held key wait, and take no token */
-        int held = key_hold_check(db, b->q, v, n);
-        if (held < 0) rc = held;
-        else if (held > 0) {
-            parked += held;
-            park_apart(v, np);
-            n = *np;
-        }
-    }
-    if (rc == 0 && limited) {
-        int waiting = rate_limit_take(db, b->q, v, n);
-        if (waiting < 0) rc = waiting;
-        else if (waiting > 0) {
-            parked += waiting;
-            park_apart(v, np);
-            n = *np;
-        }
-    }
+    /* those behind a held key wait, and take no token; then those without a token wait
+     * (each step returns how many it parked, or an error class) */
+    if (rc == 0 && ordered && (rc = key_hold_check(db, b->q, v, n)) > 0) rc = 0, parked += park_apart(v, np), n = *np;
+    if (rc == 0 && limited && (rc = rate_limit_take(db, b->q, v, n)) > 0) rc = 0, parked += park_apart(v, np), n = *np;
     int behind = 0; /* parked behind a command of their key that failed in this batch */
     if (rc == 0) rc = lock_batch(b, v, n);
     bool any = parked > 0; /* something to commit */
@@ -553,8 +540,7 @@ static int run_batch(struct batch *b, struct batch_item **v, int *np) {
         any |= v[i]->will_hold || v[i]->holder; /* the hold, or its passing on, is committed, alone if need be */
     }
     if (rc == 0 && behind > 0) {
-        parked += behind;
-        park_apart(v, np);
+        parked += park_apart(v, np);
         n = *np;
         any = true;
     }
