@@ -28,6 +28,8 @@ static const char usage[] =
     "       conveyor-admin [OPTIONS] schedules pause NAME\n"
     "       conveyor-admin [OPTIONS] schedules resume NAME\n"
     "       conveyor-admin [OPTIONS] schedules run NAME\n"
+    "       conveyor-admin [OPTIONS] producer install|status [NAME | --database URL]\n"
+    "       conveyor-admin [OPTIONS] producer retry ID|--all [NAME | --database URL]\n"
     "\n"
     "OPTIONS may come before or after the subcommand and its arguments\n"
     "('stats --json' is '--json stats'); after '--' every word is an argument\n"
@@ -68,10 +70,20 @@ static const char usage[] =
     "firing NAME's slots until 'schedules resume' (table schedules). 'schedules run'\n"
     "sends NAME's command once now, with an id of its own (printed).\n"
     "\n"
+    "'producer install' puts the producer's outbox (schema conveyor: the table\n"
+    "conveyor.outbound, the function conveyor.enqueue) into a producer's own\n"
+    "PostgreSQL, or brings it up to date, and writes the command types FILE routes\n"
+    "(safe to run again). 'producer status' prints its rows pending, failed and\n"
+    "forwarded, the age of the oldest pending one, and the failed rows with why;\n"
+    "'producer retry' makes failed rows pending again (after a fix to FILE's\n"
+    "routing). The database: --database URL, or the NAME of one of FILE's\n"
+    "producers (the only one when FILE has one).\n"
+    "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
     "      --json         one JSON object per line (dead counts, dead list, stats,\n"
     "                     scheduled, schedules)\n"
     "      --all          every dead letter of QUEUE: the SELECTOR of retry and purge\n"
+    "      --database URL a producer's database (producer install, status, retry)\n"
     "  -h, --help         this help\n"
     "\n"
     "Exit status: 0 done, 1 nothing matched the selector (or the ID), 2 usage or\n"
@@ -621,7 +633,8 @@ int main(int argc, char **argv) {
     static const struct option opts[] = {{"config", required_argument, 0, 'c'}, {"json", no_argument, 0, 'j'},
                                          {"all", no_argument, 0, 'a'},          {"help", no_argument, 0, 'h'},
                                          {"limit", required_argument, 0, 'l'},  {"cursor", required_argument, 0, 'u'},
-                                         {0, 0, 0, 0}};
+                                         {"database", required_argument, 0, 'd'}, {0, 0, 0, 0}};
+    const char *database = NULL; /* producer ...: a producer's database */
     int o;
     /* options anywhere: getopt_long permutes them ahead of the words ("stats --json") */
     while ((o = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
@@ -631,6 +644,7 @@ int main(int argc, char **argv) {
         case 'a': all = true; break;
         case 'l': limit_arg = optarg; break;
         case 'u': cursor = optarg; break;
+        case 'd': database = optarg; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return EXIT_USAGE;
         }
@@ -643,10 +657,11 @@ int main(int argc, char **argv) {
     if (all) a[n++] = all_word;
     bool dead = n >= 2 && strcmp(a[0], "dead") == 0, stats = n >= 1 && strcmp(a[0], "stats") == 0,
          queue = n >= 3 && strcmp(a[0], "queue") == 0, scheduled = n >= 2 && strcmp(a[0], "scheduled") == 0,
-         schedules = n >= 1 && strcmp(a[0], "schedules") == 0;
+         schedules = n >= 1 && strcmp(a[0], "schedules") == 0, producer = n >= 1 && strcmp(a[0], "producer") == 0;
     /* the two subcommands that take --limit and --cursor */
     bool paged = (dead || scheduled) && strcmp(a[1], "list") == 0;
-    if ((!dead && !stats && !queue && !scheduled && !schedules) || ((limit_arg || cursor) && !paged)) {
+    if ((!dead && !stats && !queue && !scheduled && !schedules && !producer) || ((limit_arg || cursor) && !paged) ||
+        (database && !producer)) {
         fputs(usage, stderr);
         free(a);
         return EXIT_USAGE;
@@ -663,7 +678,9 @@ int main(int argc, char **argv) {
     const char *verb = stats ? "stats" : a[1];
     const struct cfg_queue *q = n >= 3 ? cfg_queue_named(&cfg, a[2]) : NULL;
     struct selector s;
-    if (scheduled || schedules) {
+    if (producer) {
+        rc = admin_producer(&cfg, a, n, database, json);
+    } else if (scheduled || schedules) {
         rc = cmd_waiting(&cfg, a, n, json, limit_arg, cursor);
     } else if (stats && n <= 2) {
         const struct cfg_queue *only = n == 2 ? cfg_queue_named(&cfg, a[1]) : NULL;
