@@ -54,7 +54,9 @@ static const char usage[] =
     "5 minutes (per second); and the outbox: events not yet published, and the age\n"
     "of the oldest; then each rate limit: its tokens now (a keyed limit: its emptiest\n"
     "bucket), the commands parked for a token now, and those that waited or were\n"
-    "rejected RATE_LIMITED since it was first used. 'queue pause' makes every pool stop taking from QUEUE within a\n"
+    "rejected RATE_LIMITED since it was first used; then each producer of FILE:\n"
+    "the commands its outbox holds not yet forwarded, the oldest one's age, and\n"
+    "its failed rows, as a forwarder last counted them. 'queue pause' makes every pool stop taking from QUEUE within a\n"
     "second (what is already taken finishes) until 'queue resume'; the state is kept\n"
     "in PostgreSQL (table queue_state), with who changed it, when, and NOTE.\n"
     "\n"
@@ -467,6 +469,27 @@ static void print_rate_limits(const struct rate_limit_state *st, int n, bool jso
     }
 }
 
+/* stats: the producers' outboxes (forward_state), a line or one JSON object
+ * per producer (kind "forward"); what a forwarder has not counted yet says so. */
+static void print_forward(const struct cfg *cfg, const struct forward_state *st, bool json) {
+    for (int i = 0; i < cfg->nproducers; i++) {
+        if (json) {
+            cJSON *o = forward_state_json(&st[i]);
+            cJSON_AddStringToObject(o, "kind", "forward");
+            print_json(o, false);
+        } else if (!st[i].read) {
+            printf("producer %s: not counted yet (no forwarder has reached its database)\n", st[i].producer->name);
+        } else {
+            char age[16] = "", seen[16] = "";
+            print_age((long)st[i].oldest_age_s, age, sizeof age);
+            print_age((long)st[i].report_age_s, seen, sizeof seen);
+            printf("producer %s: %lld command%s waiting to be forwarded%s%s%s, %lld failed (counted %s ago)\n",
+                   st[i].producer->name, st[i].pending, st[i].pending == 1 ? "" : "s", st[i].pending ? ", the oldest " : "",
+                   st[i].pending ? age : "", st[i].pending ? " old" : "", st[i].failed, seen);
+        }
+    }
+}
+
 /* stats [QUEUE]: per queue what its broker holds, its state and its recent
  * rate; then the outbox. */
 static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool json) {
@@ -493,6 +516,10 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         if (pool_load_lane_ages(db, q, ages[i]) < 0) /* unknown: -1 stands */
             fprintf(stderr, "conveyor-admin: cannot read the lanes' oldest of %s: %s\n", q->name, db_errstr(db));
     }
+    /* the producers' outboxes, as their forwarders last counted them */
+    struct forward_state *fwd = xcalloc((size_t)cfg->nproducers + 1, sizeof *fwd);
+    bool fwd_known = !rc && forward_states_read(db, cfg, fwd) == 0;
+    if (!rc && !fwd_known) fprintf(stderr, "conveyor-admin: cannot read the producers' outboxes: %s\n", db_errstr(db));
     db_close(db);
     if (!rc) open_brokers(cfg, only ? only->name : NULL);
     if (!rc && !json)
@@ -566,6 +593,8 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
                age[0] ? ", the oldest " : "", age, age[0] ? " old" : "");
     }
     if (!rc && limits_known && !only) print_rate_limits(limits, cfg->nrate_limits, json);
+    if (fwd_known && !only) print_forward(cfg, fwd, json);
+    free(fwd);
     free(limits);
     free(st);
     free(held);

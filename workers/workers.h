@@ -156,6 +156,21 @@ int rate_limit_waiting_read(struct db *db, const struct cfg *cfg, struct rate_li
  * over, shards, tokens, buckets, waited, rejected, waiting. */
 cJSON *rate_limit_state_json(const struct rate_limit_state *st);
 
+/* ---- forward_view.c: the producers' outboxes as an operator sees them ------------- */
+struct forward_state {
+    const struct cfg_producer *producer; /* points into the cfg read */
+    bool read;                 /* forward_state has its row (false: no forwarder has counted it yet) */
+    long long pending, failed; /* rows waiting, rows kept as failed, as last counted */
+    double oldest_age_s;       /* the oldest pending row's age now (0: none) */
+    double report_age_s;       /* how long ago it was counted (-1: never) */
+};
+/* Every producer of cfg into out (cfg->nproducers entries, in cfg order) from
+ * forward_state. Returns 0 or the error class. */
+int forward_states_read(struct db *db, const struct cfg *cfg, struct forward_state *out);
+/* {producer, pending, failed, oldestAgeSeconds, reportAgeSeconds} (nulls when
+ * not counted yet); the caller owns it. */
+cJSON *forward_state_json(const struct forward_state *st);
+
 /* ---- lane_view.c: the lanes of a queue as an operator sees them ------------------ */
 /* {queue, lanes, ordered, classes: [{class, waiting, deepestLane, deepestDepth,
  * oldestAgeSeconds}], lane: [{lane: "<class>.<i>", depth, oldestAgeSeconds}]}
