@@ -123,6 +123,13 @@ static int producer_retry(struct db *db, const char *label, const char *which) {
 int admin_producer(const struct cfg *cfg, char **words, int n, const char *database, bool json) {
     const char *verb = n >= 2 ? words[1] : "";
     bool retry = strcmp(verb, "retry") == 0;
+    /* getopt hands --all back after the words (admin.c): "retry --all shop" arrives as
+     * "retry shop --all"; retry's ID|--all goes first */
+    if (retry && n >= 4 && strcmp(words[n - 1], "--all") == 0) {
+        char *all = words[n - 1];
+        memmove(&words[3], &words[2], (size_t)(n - 3) * sizeof *words);
+        words[2] = all;
+    }
     int args = n - 2 - retry; /* words after the verb (and retry's ID), a NAME at most */
     if ((strcmp(verb, "install") != 0 && strcmp(verb, "status") != 0 && !retry) || args < 0 || args > 1 ||
         (database && args == 1)) {

@@ -102,7 +102,9 @@ def install(routing=None, extra="", expect=0):
 
 
 def producer(routing=None, extra=""):
-    """A fresh producer database with the outbox installed."""
+    """A fresh producer database with the outbox installed, and no count of it left from an
+    earlier test in Conveyor's forward_state."""
+    query("DELETE FROM forward_state WHERE producer = %s", PRODUCER)
     fresh_producer_db()
     install(routing, extra)
 
@@ -246,11 +248,18 @@ def start_broker():
 
 
 def forward_stats(conf):
-    """The "forward" lines of conveyor-admin --json stats."""
+    """The "forward" lines of conveyor-admin --json stats (a view of forward_state, which the
+    forwarders write about once a second)."""
     r = run_bin("conveyor-admin", "-c", conf, "--json", "stats")
     eq(r.returncode, 0, f"conveyor-admin stats exit status ({r.stderr})")
     rows = [json.loads(x) for x in r.stdout.splitlines() if x.strip().startswith("{")]
     return [o for o in rows if o.get("kind") == "forward"]
+
+
+def wait_stats(conf, pred, what, timeout=30):
+    """The forward lines of stats once pred(lines) holds."""
+    return wait_for(lambda: (lambda s: s if pred(s) else None)(forward_stats(conf)), timeout,
+                    f"stats: {what}")
 
 
 def forward_metrics(pool):
@@ -381,8 +390,13 @@ def test_an_unroutable_row_is_kept_failed_and_the_rows_after_it_go_on():
               f"its error names the type: {rows[stale]['error']!r}")
         check(rows[stale]["id"] < rows[after]["id"], "it came first")
         eq(applied([stale]), {}, "never applied")
-        stats = forward_stats(pool.config)
-        eq([(s["producer"], s["failed"], s["pending"]) for s in stats], [(PRODUCER, 1, 0)], f"stats: {stats}")
+        wait_stats(pool.config, lambda st: [(s["producer"], s["failed"], s["pending"]) for s in st] ==
+                   [(PRODUCER, 1, 0)], "shop: 1 failed, none pending")
+        r = run_bin("conveyor-admin", "-c", pool.config, "--json", "producer", "status", PRODUCER)
+        eq(r.returncode, 0, f"producer status ({r.stderr})")
+        lines = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+        eq([(o["commandId"], o["type"]) for o in lines if o["kind"] == "failed"], [(stale, "deleteProduct")],
+           f"producer status lists the failed row: {lines}")
         wait_for(lambda: forward_metrics(pool).get("conveyor_forward_failed") == 1, 30,
                  "conveyor_forward_failed{producer=\"shop\"} 1")
         eq(forward_metrics(pool).get("conveyor_forward_pending"), 0, "nothing pending")
@@ -391,6 +405,14 @@ def test_an_unroutable_row_is_kept_failed_and_the_rows_after_it_go_on():
         again = enqueue_one("createProduct", product_payload("still flowing"))
         wait_applied([again], 30, "a later command", [pool])
         eq(outbound([stale])[stale]["state"], "failed", "the failed row stays")
+        eq(pool.stop(), (0, []), "clean stop")
+    # routed again: producer retry sends it (the same command id)
+    with Pool(extra=PRODUCERS) as pool:
+        r = run_bin("conveyor-admin", "-c", pool.config, "producer", "retry", "--all", PRODUCER)
+        eq(r.returncode, 0, f"producer retry ({r.stdout} {r.stderr})")
+        wait_applied([stale], 30, "the failed row sent again", [pool])
+        eq(applied([stale]), {stale: "rejected"}, "applied once (rejected: no such product)")
+        eq(outbound([stale])[stale]["state"], "forwarded", "and marked forwarded")
         eq(pool.stop(), (0, []), "clean stop")
 
 
@@ -464,9 +486,12 @@ def test_the_backlog_shows_while_the_broker_is_stopped():
             m = wait_for(lambda: (lambda m: m if m.get("conveyor_forward_pending") == 20 and
                                   m.get("conveyor_forward_oldest_age_seconds", 0) > 0 else None)(
                 forward_metrics(pool)), 60, "20 pending with an oldest age on /metrics")
-            stats = forward_stats(pool.config)
-            eq([(s["producer"], s["pending"], s["failed"]) for s in stats], [(PRODUCER, 20, 0)], f"stats {stats}")
-            check(stats[0]["oldest_age_seconds"] > 0, f"stats' oldest age: {stats}")
+            # stats needs the broker (it counts the queues first); producer status reads the producer's database
+            r = run_bin("conveyor-admin", "-c", pool.config, "--json", "producer", "status", PRODUCER)
+            eq(r.returncode, 0, f"producer status with the broker down ({r.stderr})")
+            o = [json.loads(x) for x in r.stdout.splitlines() if '"outbound"' in x][0]
+            eq((o["pending"], o["failed"]), (20, 0), f"producer status: {o}")
+            check(o["oldest_age_seconds"] > 0, f"producer status: the oldest age {o}")
             eq(states(), {"pending": 20}, "kept pending while the broker is away")
         finally:
             start_broker()
@@ -476,8 +501,11 @@ def test_the_backlog_shows_while_the_broker_is_stopped():
         eq((m.get("conveyor_forward_oldest_age_seconds"), m.get("conveyor_forward_failed")), (0, 0),
            "no oldest age once drained, nothing failed")
         eq(states(), {"forwarded": 20}, "every row forwarded")
-        s = forward_stats(pool.config)[0]
-        eq((s["pending"], s["failed"], s["oldest_age_seconds"]), (0, 0, 0), f"stats after: {s}")
+        wait_stats(pool.config, lambda st: [(s["pending"], s["failed"], s["oldestAgeSeconds"]) for s in st] ==
+                   [(0, 0, 0)], "nothing pending once drained")
+        r = run_bin("conveyor-admin", "-c", pool.config, "producer", "status", PRODUCER)
+        eq(r.returncode, 0, f"producer status ({r.stderr})")
+        check("0 pending" in r.stdout and "20 forwarded" in r.stdout, f"producer status: {r.stdout}")
         eq(pool.stop(), (0, []), "clean stop")
 
 
