@@ -378,27 +378,32 @@ def test_install_is_idempotent():
 def test_an_unroutable_row_is_kept_failed_and_the_rows_after_it_go_on():
     producer()  # installed with deleteProduct routed
     stale = enqueue_one("deleteProduct", {"productId": new_id()})
+    bogus = new_id()  # a row written by hand, past enqueue's checks
+    shop_query("INSERT INTO conveyor.outbound (command_id, type, payload) VALUES (%s, 'shipParcel', '{}')", bogus)
     after = enqueue_one("createProduct", product_payload("after the stale one"))
     routing = {"users": ROUTING["users"], "catalog": ["createProduct", "updateProduct", "updateStock"],
                "orders": ROUTING["orders"]}  # deleteProduct routed no more
     with http_pool(extra=PRODUCERS, routing=routing) as pool:
         wait_applied([after], 30, "the command after the unroutable one", [pool])
-        rows = outbound([stale, after])
+        rows = outbound([stale, bogus, after])
         eq(rows[after]["state"], "forwarded", "the routable row")
+        eq(rows[bogus]["state"], "failed", "the row of an unknown type is kept, marked failed")
+        check(rows[bogus]["error"] and "shipParcel" in rows[bogus]["error"], f"its error: {rows[bogus]['error']!r}")
         eq(rows[stale]["state"], "failed", "the unroutable row is kept, marked failed")
         check(rows[stale]["error"] and "deleteProduct" in rows[stale]["error"],
               f"its error names the type: {rows[stale]['error']!r}")
         check(rows[stale]["id"] < rows[after]["id"], "it came first")
-        eq(applied([stale]), {}, "never applied")
+        eq(applied([stale, bogus]), {}, "never applied")
         wait_stats(pool.config, lambda st: [(s["producer"], s["failed"], s["pending"]) for s in st] ==
-                   [(PRODUCER, 1, 0)], "shop: 1 failed, none pending")
+                   [(PRODUCER, 2, 0)], "shop: 2 failed, none pending")
         r = run_bin("conveyor-admin", "-c", pool.config, "--json", "producer", "status", PRODUCER)
         eq(r.returncode, 0, f"producer status ({r.stderr})")
         lines = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
-        eq([(o["commandId"], o["type"]) for o in lines if o["kind"] == "failed"], [(stale, "deleteProduct")],
+        eq([(o["commandId"], o["type"]) for o in lines if o["kind"] == "failed"],
+           [(stale, "deleteProduct"), (bogus, "shipParcel")],
            f"producer status lists the failed row: {lines}")
-        wait_for(lambda: forward_metrics(pool).get("conveyor_forward_failed") == 1, 30,
-                 "conveyor_forward_failed{producer=\"shop\"} 1")
+        wait_for(lambda: forward_metrics(pool).get("conveyor_forward_failed") == 2, 30,
+                 "conveyor_forward_failed{producer=\"shop\"} 2")
         eq(forward_metrics(pool).get("conveyor_forward_pending"), 0, "nothing pending")
         # the active forwarder refreshed the known types: the shop can no longer enqueue it
         refused(("deleteProduct", {"productId": new_id()}), "deleteProduct")
@@ -408,11 +413,15 @@ def test_an_unroutable_row_is_kept_failed_and_the_rows_after_it_go_on():
         eq(pool.stop(), (0, []), "clean stop")
     # routed again: producer retry sends it (the same command id)
     with Pool(extra=PRODUCERS) as pool:
-        r = run_bin("conveyor-admin", "-c", pool.config, "producer", "retry", "--all", PRODUCER)
+        r = run_bin("conveyor-admin", "-c", pool.config, "producer", "retry", stale, PRODUCER)
         eq(r.returncode, 0, f"producer retry ({r.stdout} {r.stderr})")
+        r = run_bin("conveyor-admin", "-c", pool.config, "producer", "retry", "--all", PRODUCER)
+        eq(r.returncode, 0, f"producer retry --all ({r.stdout} {r.stderr})")
         wait_applied([stale], 30, "the failed row sent again", [pool])
         eq(applied([stale]), {stale: "rejected"}, "applied once (rejected: no such product)")
         eq(outbound([stale])[stale]["state"], "forwarded", "and marked forwarded")
+        wait_for(lambda: outbound([bogus])[bogus]["state"] == "failed", 30, "the unknown type failed again")
+        eq(len(shop_query("SELECT 1 FROM conveyor.outbound WHERE command_id = %s", bogus)), 1, "kept once")
         eq(pool.stop(), (0, []), "clean stop")
 
 
