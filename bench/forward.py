@@ -159,11 +159,12 @@ def throughput(transport, rows):
     depth = catalog_depth(transport, purge=True)
     if failed or depth != rows:
         raise SystemExit(f"{failed} rows not forwarded; the queue held {depth} of {rows}")
-    span = max(last - first, 1e-9)
+    span = last - first
     res = {"rows": rows, "wallSeconds": round(wall, 2), "perSecondFromStart": round(rows / wall),
-           "markSeconds": round(span, 2), "perSecondMarks": round((rows - first_batch) / span)}
+           "markSeconds": round(span, 2), "perSecondMarks": round((rows - first_batch) / span) if span > 0 else None}
     print(f"{transport:8} forwarder  {rows} rows: {res['perSecondFromStart']:6}/s from the pool's start "
-          f"({res['wallSeconds']} s), {res['perSecondMarks']:6}/s between its first and last mark", flush=True)
+          f"({res['wallSeconds']} s), {res['perSecondMarks'] or '-':>6}/s between its first and last mark "
+          f"({res['markSeconds']} s)", flush=True)
     return res
 
 
