@@ -338,10 +338,16 @@ def test_enqueue_refuses_what_it_can_check():
     big = product_payload("big")
     big["description"] = "x" * 70000  # over limits.max_message_bytes (65,536 by default)
     refused(("createProduct", big), "large", "size", "bytes", "65536")
+    refused(("createProduct", product_payload("long correlation"), None, "c" * 201), "correlation")
     eq(outbound(), {}, "nothing was inserted")
     ok = enqueue_one("createProduct", product_payload("fine"))
     eq(list(outbound()), [ok], "a valid command is")
     eq(outbound()[ok]["state"], "pending", "pending until a forwarder takes it")
+    try:  # the same id again (a retried transaction): refused or absorbed, never a second row
+        enqueue_one("createProduct", product_payload("fine again"), id_=ok)
+    except psycopg2.Error:
+        pass
+    eq(list(outbound()), [ok], "one row per command id")
 
 
 def test_install_is_idempotent():
@@ -516,6 +522,20 @@ def test_the_backlog_shows_while_the_broker_is_stopped():
         eq(r.returncode, 0, f"producer status ({r.stderr})")
         check("0 pending" in r.stdout and "20 forwarded" in r.stdout, f"producer status: {r.stdout}")
         eq(pool.stop(), (0, []), "clean stop")
+
+
+def test_a_producer_given_as_a_url_is_named_by_its_database():
+    producer()
+    query("DELETE FROM forward_state WHERE producer = %s", PRODUCER_DB)
+    with http_pool(extra=f'producers = ( "{PRODUCER_URL}" );') as pool:
+        cid = enqueue_one("createProduct", product_payload("by url"))
+        wait_applied([cid], 30, "the command of a producer given as a URL", [pool])
+        samples = wait_for(lambda: (lambda s: s if ("conveyor_forward_pending", frozenset(
+            {("producer", PRODUCER_DB)})) in s else None)(scrape(pool)[0]), 30,
+            f'conveyor_forward_pending{{producer="{PRODUCER_DB}"}}')
+        eq(samples[("conveyor_forward_pending", frozenset({("producer", PRODUCER_DB)}))], 0, "nothing pending")
+        eq(pool.stop(), (0, []), "clean stop")
+    query("DELETE FROM forward_state WHERE producer = %s", PRODUCER_DB)
 
 
 # ---- the fault run (Release only) -----------------------------------------------------------
