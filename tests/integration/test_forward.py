@@ -309,6 +309,57 @@ def test_a_committed_command_is_forwarded_and_a_rolled_back_one_never():
         eq(pool.stop(), (0, []), "clean stop")
 
 
+def test_a_row_committed_late_below_later_rows_is_forwarded():
+    """A shop transaction takes its outbound id, then stalls for seconds before its commit
+    while later transactions commit and are forwarded past it: its row must still be
+    forwarded once it commits (the claim floor waits below it), and a transaction that
+    waited for its row lock is forwarded after it (commit order on one aggregate)."""
+    producer()
+    with Pool(extra=PRODUCERS) as pool:
+        ev = Events()
+        pid = new_id()
+        c = shop()
+        with c, c.cursor() as cur:
+            cur.execute("INSERT INTO shop_products (id, name) VALUES (%s, 'stalled')", (pid,))
+            created = enqueue(cur, "createProduct", product_payload("stalled", pid))
+        ev.wait_result(created, timeout=30)
+        stalled = c  # locks the product's row, enqueues, and does not commit yet
+        with stalled.cursor() as cur:
+            cur.execute("UPDATE shop_products SET seq = seq + 1 WHERE id = %s RETURNING seq", (pid,))
+            first = enqueue(cur, "updateProduct", {"productId": pid, "description": "seq 1"})
+        waiter_done = []
+
+        def waiter():  # the next order of that product: waits for the row lock
+            w = shop()
+            with w, w.cursor() as cur:
+                cur.execute("UPDATE shop_products SET seq = seq + 1 WHERE id = %s RETURNING seq", (pid,))
+                seq = cur.fetchone()[0]
+                waiter_done.append(enqueue(cur, "updateProduct", {"productId": pid, "description": f"seq {seq}"}))
+            w.close()
+        t = threading.Thread(target=waiter, daemon=True)
+        t.start()
+        later, until, deadline = [], time.time() + 2.5, time.time() + 60
+        while time.time() < until or len(applied(later)) < 10:  # others forwarded past the stalled row
+            check(time.time() < deadline, "later commands forwarded meanwhile")
+            later.append(enqueue_one("createProduct", product_payload(f"past the stalled row {len(later)}")))
+            time.sleep(0.05)
+        check(not waiter_done, "the second order waits for the first's row lock")
+        eq(applied([first]), {}, "nothing forwards a row before its commit")
+        stalled.commit()
+        stalled.close()
+        t.join(30)
+        eq(len(waiter_done), 1, "the second order committed after the first")
+        second = waiter_done[0]
+        wait_applied([first, second], 30, "the stalled row and the one behind it", [pool])
+        ev.wait(lambda s: len([e for e in s.events if e["commandId"] in (first, second)]) == 2, 30, "both events")
+        got = [e["data"]["changed"]["description"] for e in ev.events if e["commandId"] in (first, second)]
+        eq(got, ["seq 1", "seq 2"], "the product's updates in commit order")
+        eq(query("SELECT description FROM products WHERE id = %s", pid)[0][0], "seq 2", "the last one holds")
+        eq(states(), {"forwarded": len(later) + 3}, "every row forwarded")
+        ev.close()
+        eq(pool.stop(), (0, []), "clean stop")
+
+
 def refused(sql_args, *words):
     """Runs enqueue with sql_args in a transaction that must fail; the error's message (checked to
     name one of words and to be a data exception or a raise)."""
