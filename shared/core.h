@@ -391,7 +391,8 @@ bool cfg_http_address(const char *listen, char *host, size_t n, int *port, bool 
 
 /* ---- url.c: connection URLs ------------------------------------------------------ */
 /* url with its password replaced by ***: scheme://user:***@host..., libpq's
- * password=... key in a key=value string, a password= query parameter. At most n-1
+ * password=... key in a key=value string, a password= query parameter; a text
+ * that is neither a URL nor key=value and holds ':' or '@' is all ***. At most n-1
  * bytes (truncated), always NUL-terminated; NULL url gives "". */
 void url_redact(const char *url, char *out, size_t n);
 /* text (an error message that may echo url, e.g. libpq's) with every password that url
