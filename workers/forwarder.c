@@ -315,6 +315,9 @@ static const struct singleton forward_singleton = {
 
 int forwarder_run(const struct cfg *cfg, int index) {
     producer = &cfg->producers[index];
+    char shown[512];
+    url_redact(producer->url, shown, sizeof shown);
+    log_info("forwarder of producer %s (%s)", producer->name, shown);
     char lock[CFG_NAME_MAX + 16];
     snprintf(lock, sizeof lock, "%s.forward", cfg->prefix);
     int rc = singleton_run_at(cfg, &forward_singleton, producer->url, lock);
