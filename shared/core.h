@@ -447,6 +447,9 @@ bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any of
 bool clock_rfc3339_ms(const char *s, int64_t *out);
 bool utf8_valid(const char *s, size_t len);        /* well-formed, no overlongs or surrogates */
 size_t utf8_chars(const char *s);                  /* code points in a valid string */
+/* Makes s valid UTF-8 in place: each byte that starts no well-formed character
+ * (a character cut by a truncation, a byte of another encoding) becomes '?'. */
+void utf8_cut(char *s);
 
 /* ---- signals.c ------------------------------------------------------------------ */
 /* From now on SIGTERM and SIGINT set *flag to 1 (no SA_RESTART needed: loops poll it). */
