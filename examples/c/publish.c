@@ -30,8 +30,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXIT_INVALID = 5, EXIT_FULL = 6 };
-
 static const char usage[] =
     "usage: publish [-c FILE] [-t SECONDS] TYPE PAYLOAD_JSON\n"
     "\n"
@@ -48,16 +46,16 @@ static const char usage[] =
     "result in time, 5 the command is invalid and was not sent, 6 its queue is\n"
     "full (not queued).\n";
 
-/* The exit status for a conveyor_publish or conveyor_wait result on client c. */
+/* The exit status (conveyor-produce's) for a conveyor_publish or conveyor_wait result on client c. */
 static int exit_status(conveyor_client *c, int rc) {
     switch (rc) {
     case CONVEYOR_OK: return 0;
-    case CONVEYOR_REJECTED: return EXIT_REJECTED;
-    case CONVEYOR_ETIMEOUT: return EXIT_TIMEOUT;
-    case CONVEYOR_EINVALID: return EXIT_INVALID;
-    case CONVEYOR_EFULL: return EXIT_FULL;
-    case CONVEYOR_EBROKER: return conveyor_config_error(c) ? EXIT_USAGE : EXIT_BROKER;
-    default: return EXIT_BROKER;
+    case CONVEYOR_REJECTED: return 1;
+    case CONVEYOR_ETIMEOUT: return 4;
+    case CONVEYOR_EINVALID: return 5;
+    case CONVEYOR_EFULL: return 6;
+    case CONVEYOR_EBROKER: return conveyor_config_error(c) ? 2 : 3; /* a refused configuration: 2 */
+    default: return 3;
     }
 }
 
@@ -75,23 +73,23 @@ int main(int argc, char **argv) {
             timeout_s = strtol(argv[++i], &end, 10);
             if (*end || timeout_s <= 0 || timeout_s > 86400) {
                 fprintf(stderr, "publish: -t wants whole seconds from 1 to 86400, not '%s'\n", argv[i]);
-                return EXIT_USAGE;
+                return 2;
             }
         } else if (argv[i][0] == '-' && argv[i][1]) {
             fprintf(stderr, "publish: unknown option or missing value: %s\n%s", argv[i], usage);
-            return EXIT_USAGE;
+            return 2;
         } else if (!type) {
             type = argv[i];
         } else if (!payload) {
             payload = argv[i];
         } else {
             fprintf(stderr, "publish: one command at a time (extra argument '%s')\n%s", argv[i], usage);
-            return EXIT_USAGE;
+            return 2;
         }
     }
     if (!type || !payload) {
         fprintf(stderr, "publish: TYPE and PAYLOAD_JSON are needed\n%s", usage);
-        return EXIT_USAGE;
+        return 2;
     }
 
     char err[512];
@@ -99,7 +97,7 @@ int main(int argc, char **argv) {
     conveyor_client *c = conveyor_open(config, CONVEYOR_WAIT, err, sizeof err, &code);
     if (!c) {
         fprintf(stderr, "publish: %s\n", err);
-        return code == CONVEYOR_EBROKER ? EXIT_BROKER : EXIT_USAGE;
+        return code == CONVEYOR_EBROKER ? 3 : 2;  /* unreachable : configuration */
     }
 
     char id[37];
