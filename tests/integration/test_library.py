@@ -215,7 +215,7 @@ def build_with_pkg_config(inst, tmp):
     os.makedirs(out)
     san = " ".join(inst.sanitize)
     r = run(["make", "-f", os.path.join(EXAMPLES, "Makefile"),
-             f"CFLAGS=-O2 -std=c11 -Wall -Wextra -Werror -pedantic {san}",
+             f"CFLAGS=-O2 -std=gnu11 -Wall -Wextra -Werror -pedantic {san}",
              f"LDFLAGS=-Wl,-rpath,{inst.libdir} {san}"], "make (pkg-config)", cwd=out,
             env={"PKG_CONFIG_PATH": os.path.join(inst.libdir, "pkgconfig")})
     for line in r.stdout.splitlines():
@@ -223,6 +223,18 @@ def build_with_pkg_config(inst, tmp):
             if flag.startswith(("-I", "-L")):
                 outside(flag[2:], f"the pkg-config build's {flag}")
     return built_programs(out)
+
+
+def build_with_cc(inst, tmp):
+    """The README's line, in a shell: cc -o publish publish.c $(pkg-config --cflags --libs conveyor)."""
+    out = os.path.join(tmp, "cc")
+    os.makedirs(out)
+    san = " ".join(inst.sanitize)
+    line = (f"cc -Wall -Wextra -Werror -pedantic {san} -o publish {os.path.join(EXAMPLES, 'publish.c')} "
+            f"$(pkg-config --cflags --libs conveyor) -Wl,-rpath,{inst.libdir}")
+    run(["sh", "-c", line], "cc with pkg-config", cwd=out,
+        env={"PKG_CONFIG_PATH": os.path.join(inst.libdir, "pkgconfig")})
+    return {"publish": os.path.join(out, "publish")}
 
 
 def build_with_cmake(inst, tmp):
@@ -248,13 +260,15 @@ def build_with_cmake(inst, tmp):
 
 
 def test_examples_build_against_the_installed_copy_and_run():
-    """examples/c built with pkg-config and with find_package(Conveyor) against
-    the installed copy; publish (each build's) publishes createProduct to a pool
-    and prints product.created, the row is there; a rejection exits 1 with
+    """examples/c built against the installed copy with pkg-config (the README's
+    cc line, and examples/c/Makefile) and with find_package(Conveyor); each
+    build's publish publishes createProduct to a pool and prints
+    product.created, and the row is there; a rejection exits 1 with
     command.rejected, an unknown type exits 5, no arguments 2."""
     with tempfile.TemporaryDirectory(prefix="conveyor-lib-") as tmp:
         inst = Installed(tmp)
-        builds = {"pkg-config": build_with_pkg_config(inst, tmp), "cmake": build_with_cmake(inst, tmp)}
+        builds = {"cc $(pkg-config)": build_with_cc(inst, tmp), "make (pkg-config)": build_with_pkg_config(inst, tmp),
+                  "cmake find_package": build_with_cmake(inst, tmp)}
         for programs in builds.values():
             for program in programs.values():
                 check_against_installed(program, inst)
@@ -276,7 +290,7 @@ def test_examples_build_against_the_installed_copy_and_run():
                 eq(query("SELECT name, stock FROM products WHERE id = %s", event["data"]["productId"]),
                    [(name, 2)], f"publish ({how}): the command was applied")
 
-            publish = builds["pkg-config"]["publish"]
+            publish = builds["make (pkg-config)"]["publish"]
             r = run([publish, "-c", config, "createProduct", '{"name":"Negative","price":"-1"}'],
                     "publish (rejected)", cwd=tmp, ok=False)
             eq(r.returncode, 1, f"a rejected command exits 1 ({r.stderr})")
