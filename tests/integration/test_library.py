@@ -7,9 +7,10 @@ functions of conveyor.h and nothing else (`nm -D`, version node CONVEYOR_<major>
 conveyor.h alone in include/, compiling alone in C and C++ with -pedantic, its
 CONVEYOR_E* values those of docs/contract.md; conveyor.pc and the CMake package
 Conveyor. The examples of examples/c/ are then built against that installed copy
-alone, never the build tree: once with pkg-config (examples/c/Makefile, whose
-recipe is `cc ... $(pkg-config --cflags --libs conveyor)`), once with
-find_package(Conveyor) (examples/c/CMakeLists.txt); each program resolves
+alone, never the build tree: with pkg-config (the README's line `cc -o publish
+publish.c $(pkg-config --cflags --libs conveyor)`, and examples/c/Makefile, whose
+recipe is the same), and with find_package(Conveyor) (examples/c/CMakeLists.txt);
+each program resolves
 libconveyor into the prefix (ldd), and `publish` publishes a command to a
 running pool and prints its result event, on both transports.
 
