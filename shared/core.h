@@ -258,6 +258,14 @@ struct cfg_rate_limit {
     int shards;               /* rows one bucket is split into (1 .. RATE_SHARDS_MAX, at most burst) */
 };
 
+/* A producer database of queues.conf (`producers`): its own PostgreSQL, where
+ * conveyor-admin producer install put schema `conveyor` (conveyor.outbound,
+ * conveyor.enqueue); each pool runs a forwarder (workers/forwarder.c) per producer. */
+struct cfg_producer {
+    char name[CFG_NAME_MAX]; /* the metrics' label: `name`, or the URL's database name */
+    char *url;               /* a libpq URL (owned); never printed unredacted */
+};
+
 struct cfg {
     char *path;               /* the file it was read from */
     char *prefix;             /* "conveyor": exchange, queue and key names */
@@ -321,6 +329,8 @@ struct cfg {
     int nschedules;
     struct cfg_rate_limit *rate_limits; /* `rate_limits` (owned); none: NULL, 0 */
     int nrate_limits;
+    struct cfg_producer *producers; /* `producers` (owned); none: NULL, 0 */
+    int nproducers;
 };
 
 /* cfg_schedules.c: one entry of `schedules` (a libconfig group g whose members
@@ -694,6 +704,10 @@ extern const struct migration migrations[]; /* sql/ in name order, NULL-terminat
  * CV_EREFUSED) with a message in err: that migration is rolled back, those
  * before it stay applied, and the lock is released. */
 int migrate_run(struct db *db, char *err, size_t errlen);
+extern const struct migration producer_migrations[]; /* sql/producer/ in name order, NULL-terminated */
+/* As migrate_run, for a producer's own database (conveyor-admin producer
+ * install): schema conveyor, its record conveyor.schema_migrations. */
+int migrate_producer(struct db *db, char *err, size_t errlen);
 
 /* ---- broker.c: one interface, two backends ---------------------------------------------- */
 /* Unless its comment says otherwise, a broker_* function that returns int returns
