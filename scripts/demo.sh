@@ -43,7 +43,7 @@ fi
 SHOP_URL="${CONVEYOR_DATABASE_URL%/*}/shop"
 psql -Atq "$CONVEYOR_DATABASE_URL" -c "SELECT 1 FROM pg_database WHERE datname = 'shop'" | grep -q 1 ||
   psql -q "$CONVEYOR_DATABASE_URL" -c "CREATE DATABASE shop"
-psql -q "$SHOP_URL" -c "CREATE TABLE IF NOT EXISTS shop_orders (id serial PRIMARY KEY, product uuid NOT NULL,
+psql -q "$SHOP_URL" -c "CREATE TABLE IF NOT EXISTS public.shop_orders (id serial PRIMARY KEY, product uuid NOT NULL,
   quantity int NOT NULL, saved_at timestamptz NOT NULL DEFAULT now())"
 conveyor-admin -c queues.conf producer install --database "$SHOP_URL"
 # and one schedule: a "special of the day" product every 10 s (a cron with seconds, in Paris time)
@@ -88,14 +88,14 @@ demo() {  # transport
   echo "    a second order rolls back, and its command is never published"
   psql -Atq "$SHOP_URL" <<SQL
 BEGIN;
-INSERT INTO shop_orders (product, quantity) VALUES ('$pid', 2);
-SELECT 'order ' || currval('shop_orders_id_seq') || ' saved with command ' ||
+INSERT INTO public.shop_orders (product, quantity) VALUES ('$pid', 2);
+SELECT 'order ' || currval('public.shop_orders_id_seq') || ' saved with command ' ||
        conveyor.enqueue('updateStock', jsonb_build_object('productId', '$pid', 'quantityChange', -2),
-                        correlation_id => 'shop-order-' || currval('shop_orders_id_seq'));
+                        correlation_id => 'shop-order-' || currval('public.shop_orders_id_seq'));
 COMMIT;
 BEGIN;
-INSERT INTO shop_orders (product, quantity) VALUES ('$pid', 1000);
-SELECT 'order ' || currval('shop_orders_id_seq') || ' rolled back with command ' ||
+INSERT INTO public.shop_orders (product, quantity) VALUES ('$pid', 1000);
+SELECT 'order ' || currval('public.shop_orders_id_seq') || ' rolled back with command ' ||
        conveyor.enqueue('updateStock', jsonb_build_object('productId', '$pid', 'quantityChange', -1000));
 ROLLBACK;
 SQL

@@ -512,10 +512,12 @@ static void url_dbname(const char *url, char *out, size_t n) {
 }
 
 /* The producers list (optional): each a URL string (named after its database)
- * or a group { name; url; }; names unique and valid, URLs PostgreSQL URLs
- * (checked, redacted in messages). Returns 0 or CV_ECONFIG naming the entry. */
+ * or a group { name; url or url_file; } (url_file: a file holding the URL, so
+ * that no password sits in queues.conf); names unique and valid, URLs
+ * PostgreSQL URLs (checked, redacted in messages). Returns 0 or CV_ECONFIG
+ * naming the entry. */
 static int load_producers(struct loader *l, config_setting_t *root, struct cfg *c) {
-    static const char *const keys[] = {"name", "url", NULL};
+    static const char *const keys[] = {"name", "url", "url_file", NULL};
     config_setting_t *ls = config_setting_get_member(root, "producers");
     if (!ls) return 0;
     if (config_setting_type(ls) != CONFIG_TYPE_LIST && config_setting_type(ls) != CONFIG_TYPE_ARRAY)
@@ -526,18 +528,28 @@ static int load_producers(struct loader *l, config_setting_t *root, struct cfg *
         config_setting_t *e = config_setting_get_elem(ls, (unsigned)i);
         struct cfg_producer *pr = &c->producers[i];
         c->nproducers = i + 1; /* so cfg_free sees what was allocated */
-        char *name = NULL;
+        char *name = NULL, *file = NULL, what[48];
+        int rc = 0;
+        snprintf(what, sizeof what, "producers.[%d].url_file", i);
         if (config_setting_type(e) == CONFIG_TYPE_STRING) {
             pr->url = xstrdup(config_setting_get_string(e));
         } else if (config_setting_type(e) == CONFIG_TYPE_GROUP) {
             if (only_known(l, e, keys) < 0 || get_string(l, e, "url", &pr->url) < 0 ||
-                get_string(l, e, "name", &name) < 0) {
-                free(name);
-                return CV_ECONFIG;
-            }
-            if (!pr->url) return fail(l, e, "'producers.[%d]' needs a url", i);
+                get_string(l, e, "url_file", &file) < 0 || get_string(l, e, "name", &name) < 0)
+                rc = CV_ECONFIG;
+            else if (pr->url && file)
+                rc = fail(l, e, "'producers.[%d]': 'url' and 'url_file' are both set; set one of them", i);
+            else if (file)
+                rc = read_secret_file(l, what, file, &pr->url);
+            else if (!pr->url)
+                rc = fail(l, e, "'producers.[%d]' needs a url (or url_file)", i);
         } else {
-            return fail(l, e, "'producers.[%d]' must be a URL string or a group { name = ...; url = ...; }", i);
+            rc = fail(l, e, "'producers.[%d]' must be a URL string or a group { name = ...; url = ...; }", i);
+        }
+        free(file);
+        if (rc < 0) {
+            free(name);
+            return rc;
         }
         if (name) snprintf(pr->name, sizeof pr->name, "%s", name);
         else url_dbname(pr->url, pr->name, sizeof pr->name);
@@ -713,7 +725,10 @@ void cfg_free(struct cfg *c) {
     free(c->schedules);
     for (int i = 0; i < c->nrate_limits; i++) cfg_rate_limit_free(&c->rate_limits[i]);
     free(c->rate_limits);
-    for (int i = 0; i < c->nproducers; i++) free(c->producers[i].url);
+    for (int i = 0; i < c->nproducers; i++) {
+        if (c->producers[i].url) sodium_memzero(c->producers[i].url, strlen(c->producers[i].url));
+        free(c->producers[i].url);
+    }
     free(c->producers);
     free(c->path);
     free(c->prefix);

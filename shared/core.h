@@ -391,7 +391,8 @@ bool cfg_http_address(const char *listen, char *host, size_t n, int *port, bool 
 
 /* ---- url.c: connection URLs ------------------------------------------------------ */
 /* url with its password replaced by ***: scheme://user:***@host..., libpq's
- * password=... key in a key=value string, a password= query parameter. At most n-1
+ * password=... key in a key=value string, a password= query parameter; a text
+ * that is neither a URL nor key=value and holds ':' or '@' is all ***. At most n-1
  * bytes (truncated), always NUL-terminated; NULL url gives "". */
 void url_redact(const char *url, char *out, size_t n);
 /* text (an error message that may echo url, e.g. libpq's) with every password that url
@@ -446,6 +447,9 @@ bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any of
 bool clock_rfc3339_ms(const char *s, int64_t *out);
 bool utf8_valid(const char *s, size_t len);        /* well-formed, no overlongs or surrogates */
 size_t utf8_chars(const char *s);                  /* code points in a valid string */
+/* Makes s valid UTF-8 in place: each byte that starts no well-formed character
+ * (a character cut by a truncation, a byte of another encoding) becomes '?'. */
+void utf8_cut(char *s);
 
 /* ---- signals.c ------------------------------------------------------------------ */
 /* From now on SIGTERM and SIGINT set *flag to 1 (no SA_RESTART needed: loops poll it). */

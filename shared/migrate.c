@@ -22,12 +22,13 @@ static const struct migration_set conveyor_set = {
     "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
     "SELECT 1 FROM schema_migrations WHERE version = $1", "INSERT INTO schema_migrations(version) VALUES ($1)"};
 
+/* recorded as "producer/<file>": other sets may share schema conveyor and its record */
 static const struct migration_set producer_set = {
     producer_migrations, PRODUCER_LOCK,
     "CREATE SCHEMA IF NOT EXISTS conveyor; CREATE TABLE IF NOT EXISTS conveyor.schema_migrations ("
     " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
-    "SELECT 1 FROM conveyor.schema_migrations WHERE version = $1",
-    "INSERT INTO conveyor.schema_migrations(version) VALUES ($1)"};
+    "SELECT 1 FROM conveyor.schema_migrations WHERE version = 'producer/' || $1",
+    "INSERT INTO conveyor.schema_migrations(version) VALUES ('producer/' || $1)"};
 
 static int migrate_set(struct db *db, const struct migration_set *set, char *err, size_t errlen);
 

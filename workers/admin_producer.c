@@ -36,7 +36,7 @@ static int producer_install(const struct cfg *cfg, struct db *db, const char *la
         fprintf(stderr, "conveyor-admin: %s: %s\n", label, err);
         return exit_of_class(applied);
     }
-    if (producer_types_sync(db, cfg) < 0) {
+    if (producer_types_sync(db, cfg, true) < 0) {
         fprintf(stderr, "conveyor-admin: %s: cannot write the command types: %s\n", label, db_errstr(db));
         return EXIT_UNREACHABLE;
     }
@@ -57,7 +57,7 @@ static int producer_status(struct db *db, const char *label, bool json) {
                     "FROM conveyor.outbound WHERE state = 'pending'), 0)", 0, NULL, &r) < 0) {
         fprintf(stderr, "conveyor-admin: %s: %s (is schema conveyor installed? conveyor-admin producer install)\n",
                 label, db_errstr(db));
-        return EXIT_UNREACHABLE;
+        return exit_of_class(db_err(db));
     }
     if (db_exec(db, "SELECT command_id::text, type, error, created_at::text FROM conveyor.outbound "
                     "WHERE state = 'failed' ORDER BY id LIMIT 100", 0, NULL, &f) < 0) {

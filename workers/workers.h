@@ -312,9 +312,10 @@ int lane_sorter_run(const struct cfg *cfg);
 int forwarder_run(const struct cfg *cfg, int index);
 /* producer_types.c: writes the command types cfg routes, and
  * limits.max_message_bytes, to the producer database db (schema conveyor), in
- * one transaction. Returns 0 or an error class (db_errstr says why: a schema
- * not installed). */
-int producer_types_sync(struct db *db, const struct cfg *cfg);
+ * one transaction; prune: and deletes the types cfg does not route (producer
+ * install; a forwarder only adds: other pools may route more). Returns 0 or an
+ * error class (db_errstr says why: a schema not installed). */
+int producer_types_sync(struct db *db, const struct cfg *cfg, bool prune);
 /* admin_producer.c: conveyor-admin producer install|status|retry (words[0] is
  * "producer"; database: --database, or NULL). Returns the exit status; says
  * what it did on stdout, what failed on stderr. */

@@ -43,17 +43,31 @@ CREATE INDEX outbound_failed ON conveyor.outbound (id) WHERE state = 'failed';
 -- the prune of forwarded rows
 CREATE INDEX outbound_forwarded ON conveyor.outbound (forwarded_at) WHERE state = 'forwarded';
 
+-- The command a row is: its envelope, as the forwarder sends it (the JSON
+-- text of this jsonb). createdAt and notBefore in UTC with microseconds.
+CREATE FUNCTION conveyor.envelope(o conveyor.outbound) RETURNS jsonb LANGUAGE sql STABLE AS $fn$
+    SELECT jsonb_build_object('id', o.command_id, 'type', o.type, 'payload', o.payload,
+                              'createdAt', to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+        || CASE WHEN o.correlation_id IS NULL THEN '{}'::jsonb
+                ELSE jsonb_build_object('correlationId', o.correlation_id) END
+        || CASE WHEN o.not_before IS NULL THEN '{}'::jsonb
+                ELSE jsonb_build_object('notBefore', to_char(o.not_before AT TIME ZONE 'UTC',
+                                                             'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) END
+$fn$;
+
 -- Enqueues one command in the caller's transaction and returns its id. Checks
 -- what SQL can: a type some queue routes, a JSON object payload, an id, a
--- correlation id of at most 200 characters, and the envelope's size under
+-- correlation id of at most 200 characters, a finite not_before in years 1 to
+-- 9999, and the envelope's size (conveyor.envelope, as sent) under
 -- limits.max_message_bytes. Everything else (the payload's fields) is checked
 -- by the workers, as for any producer: a bad one ends in command.rejected.
--- Raises 22023 (invalid_parameter_value) naming the problem; the row is then
--- not written, and the caller's transaction is aborted as with any error.
+-- Raises 22023 (invalid_parameter_value) naming the problem (23505 for an id
+-- enqueued before); the caller's transaction is then aborted as with any error.
 CREATE FUNCTION conveyor.enqueue(type text, payload jsonb, id uuid DEFAULT gen_random_uuid(),
                                  correlation_id text DEFAULT NULL, not_before timestamptz DEFAULT NULL)
 RETURNS uuid LANGUAGE plpgsql AS $fn$
 DECLARE
+    r conveyor.outbound;
     size bigint;
     max_bytes bigint;
 BEGIN
@@ -73,14 +87,18 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('conveyor.enqueue: correlation_id must be 1 to 200 characters, not %s', length($4));
     END IF;
-    -- the envelope as the forwarder sends it, with room for createdAt and notBefore
-    size := octet_length($2::text) + octet_length($1) + coalesce(octet_length($4), 0) + 160;
+    IF $5 IS NOT NULL AND (NOT isfinite($5) OR $5 < '0001-01-01T00:00:00Z' OR $5 >= '10000-01-01T00:00:00Z') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('conveyor.enqueue: not_before must be a time in the years 1 to 9999, not %s', $5);
+    END IF;
+    INSERT INTO conveyor.outbound (command_id, type, payload, correlation_id, not_before)
+        VALUES ($3, $1, $2, $4, $5) RETURNING * INTO r;
+    size := octet_length(conveyor.envelope(r)::text);
     SELECT s.value INTO max_bytes FROM conveyor.settings s WHERE s.name = 'max_message_bytes';
-    IF size > coalesce(max_bytes, 65536) THEN
+    IF size > coalesce(max_bytes, 65536) THEN  -- the row goes with the aborted transaction
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('conveyor.enqueue: the %s command is %s bytes, over limits.max_message_bytes (%s)', $1, size, max_bytes);
     END IF;
-    INSERT INTO conveyor.outbound (command_id, type, payload, correlation_id, not_before) VALUES ($3, $1, $2, $4, $5);
     PERFORM pg_notify('conveyor_outbound', '');
     RETURN $3;
 END
