@@ -68,15 +68,17 @@ class ResultEvents:
 
 events = ResultEvents()  # subscribed before anything is sent
 shop = psycopg2.connect(SHOP_URL)
+# the shop's own tables, in schema public (named: a role called conveyor would put
+# unqualified ones in schema conveyor, PostgreSQL's search_path being "$user", public)
 with shop, shop.cursor() as cur:
-    cur.execute("CREATE TABLE IF NOT EXISTS example_products (id uuid PRIMARY KEY, name text NOT NULL)")
-    cur.execute("CREATE TABLE IF NOT EXISTS example_orders (id uuid PRIMARY KEY, product_id uuid NOT NULL, "
+    cur.execute("CREATE TABLE IF NOT EXISTS public.example_products (id uuid PRIMARY KEY, name text NOT NULL)")
+    cur.execute("CREATE TABLE IF NOT EXISTS public.example_orders (id uuid PRIMARY KEY, product_id uuid NOT NULL, "
                 "quantity int NOT NULL, command_id uuid NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
 
 # The shop adds a product to its catalog, and tells Conveyor in the same transaction.
 product_id = str(uuid.uuid4())
 with shop, shop.cursor() as cur:
-    cur.execute("INSERT INTO example_products (id, name) VALUES (%s, %s)", (product_id, "Outbox mug"))
+    cur.execute("INSERT INTO public.example_products (id, name) VALUES (%s, %s)", (product_id, "Outbox mug"))
     cur.execute("SELECT conveyor.enqueue('createProduct', %s::jsonb)",
                 (json.dumps({"productId": product_id, "name": "Outbox mug", "price": "4.20", "stock": 12}),))
     created = str(cur.fetchone()[0])
@@ -89,7 +91,7 @@ if events.result(created)["type"] != "product.created":
 order_id = str(uuid.uuid4())
 with shop, shop.cursor() as cur:
     command_id = str(uuid.uuid4())
-    cur.execute("INSERT INTO example_orders (id, product_id, quantity, command_id) VALUES (%s, %s, %s, %s)",
+    cur.execute("INSERT INTO public.example_orders (id, product_id, quantity, command_id) VALUES (%s, %s, %s, %s)",
                 (order_id, product_id, 3, command_id))
     cur.execute("SELECT conveyor.enqueue('updateStock', %s::jsonb, %s::uuid, %s)",
                 (json.dumps({"productId": product_id, "quantityChange": -3}), command_id, f"order-{order_id}"))

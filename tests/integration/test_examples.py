@@ -41,7 +41,7 @@ def test_outbox_example_saves_an_order_with_its_command():
         event = json.loads(r.stdout.strip().splitlines()[0])
         eq((event["type"], event["data"]["quantityChange"], event["data"]["stock"]), ("stock.updated", -3, 9),
            "the order's result event")
-        orders = shop_query("SELECT id::text, command_id::text FROM example_orders")
+        orders = shop_query("SELECT id::text, command_id::text FROM public.example_orders")
         eq(len(orders), 1, "the shop saved its order")
         eq(event["commandId"], orders[0][1], "the event is its command's")
         eq(event["correlationId"], f"order-{orders[0][0]}", "with the order as correlation id")

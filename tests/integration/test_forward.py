@@ -50,8 +50,8 @@ PRODUCERS = f'producers = ( {{ name = "{PRODUCER}"; url = "{PRODUCER_URL}"; }} )
 CATALOG = {"catalog": ROUTING["catalog"]}
 FAST_RETRY = "retry: { base_delay_ms = 200; max_delay_ms = 2000; };"
 SHOP_SCHEMA = """
-CREATE TABLE shop_products (id uuid PRIMARY KEY, name text NOT NULL, seq int NOT NULL DEFAULT 0);
-CREATE TABLE shop_orders (id bigserial PRIMARY KEY, product_id uuid NOT NULL REFERENCES shop_products,
+CREATE TABLE public.shop_products (id uuid PRIMARY KEY, name text NOT NULL, seq int NOT NULL DEFAULT 0);
+CREATE TABLE public.shop_orders (id bigserial PRIMARY KEY, product_id uuid NOT NULL REFERENCES public.shop_products,
                           seq int NOT NULL, command_id uuid NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
 """
 
@@ -465,7 +465,8 @@ def test_an_unroutable_row_is_kept_failed_and_the_rows_after_it_go_on():
         wait_for(lambda: forward_metrics(pool).get("conveyor_forward_failed") == 2, 30,
                  "conveyor_forward_failed{producer=\"shop\"} 2")
         eq(forward_metrics(pool).get("conveyor_forward_pending"), 0, "nothing pending")
-        # the active forwarder refreshed the known types: the shop can no longer enqueue it
+        # forwarders only add types; install with the new routing prunes it: the shop can no longer enqueue it
+        install(routing)
         refused(("deleteProduct", {"productId": new_id()}), "deleteProduct")
         again = enqueue_one("createProduct", product_payload("still flowing"))
         wait_applied([again], 30, "a later command", [pool])
