@@ -393,7 +393,20 @@ def test_enqueue_refuses_what_it_can_check():
     big["description"] = "x" * 70000  # over limits.max_message_bytes (65,536 by default)
     refused(("createProduct", big), "large", "size", "bytes", "65536")
     refused(("createProduct", product_payload("long correlation"), None, "c" * 201), "correlation")
+    refused(("createProduct", product_payload("never"), None, None, "'infinity'::timestamptz"), "not_before")
     eq(outbound(), {}, "nothing was inserted")
+    c = shop()  # a shop that catches the error in a savepoint and goes on: only the valid command stays
+    with c, c.cursor() as cur:
+        cur.execute("SAVEPOINT before_enqueue")
+        try:
+            enqueue(cur, "createProduct", big)
+            raise Failure("a command over the limit was accepted")
+        except psycopg2.Error:
+            cur.execute("ROLLBACK TO SAVEPOINT before_enqueue")
+        kept = enqueue(cur, "createProduct", product_payload("after the savepoint"))
+    c.close()
+    eq(list(outbound()), [kept], "the refused command left no row behind its savepoint")
+    shop_query("DELETE FROM conveyor.outbound")
     ok = enqueue_one("createProduct", product_payload("fine"))
     eq(list(outbound()), [ok], "a valid command is")
     eq(outbound()[ok]["state"], "pending", "pending until a forwarder takes it")
