@@ -233,7 +233,8 @@ static int open_in(const char *dir, const char *name, int flags, bool *created) 
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     int fd = open(path, (flags & ~O_CREAT) | O_CLOEXEC);
-    if (fd >= 0 || errno != ENOENT || !(flags & O_CREAT)) return fd >= 0 ? fd : CV_EREFUSED;
+    if (fd >= 0) return fd;
+    if (errno != ENOENT || !(flags & O_CREAT)) return CV_EREFUSED;
     fd = open(path, flags | O_CLOEXEC, 0600);
     if (fd < 0) return CV_EREFUSED;
     if (created) *created = true;

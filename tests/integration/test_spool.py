@@ -22,6 +22,7 @@ import redis as redislib
 
 from harness import (AMQP_URL, BIN, REDIS_URL, ROOT, TRANSPORT, Pool, check, envelope, eq, free_port, log_file,
                      new_id, query, rabbitmqctl, run_bin, write_config)
+from test_bounded_queues import empty as purge
 from test_bounded_queues import management, setup_with
 
 N = 2000
@@ -59,15 +60,6 @@ def product(tag, pid=None):
 
 def lines_of(envs):
     return "".join(json.dumps(e) + "\n" for e in envs)
-
-
-def purge(queue="catalog"):
-    if TRANSPORT == "rabbitmq":
-        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-        conn.channel().queue_purge(f"conveyor.{queue}")
-        conn.close()
-    else:
-        redislib.Redis.from_url(REDIS_URL).delete(f"conveyor:queue:{queue}")
 
 
 def queued_ids(queue="catalog"):
@@ -424,3 +416,18 @@ def test_the_c_example_publishes_through_its_spool():
         purge()
         shutil.rmtree(d, ignore_errors=True)
         os.unlink(config)
+
+
+def test_the_flags_and_exit_status_are_documented():
+    """--help lists --spool, --flush, --status and exit 7; the README's exit-status
+    rule, its spool section and contract.md say the same."""
+    h = " ".join(run_bin("conveyor-produce", "--help").stdout.split())
+    for flag in ("--spool DIR", "--flush", "--status", "producer.spool_max_bytes"):
+        check(flag in h, f"--help names {flag}: {h}")
+    check("7 the spool (--spool) is full, locked by another process" in h, f"--help: exit 7: {h}")
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    check("### The offline spool" in readme and "and 7, a full or locked spool" in readme, "README: the spool, exit 7")
+    contract = " ".join(open(os.path.join(ROOT, "docs", "contract.md")).read().split())
+    check("| `CONVEYOR_ESPOOL` | -6 |" in contract and "It exits **7**" in contract, "contract.md: ESPOOL, exit 7")
+    r = run_bin("conveyor-produce", "--flush")
+    eq(r.returncode, 2, f"--flush without --spool is a usage error: {r.stderr}")
