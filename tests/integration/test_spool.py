@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import tempfile
@@ -431,3 +432,40 @@ def test_the_flags_and_exit_status_are_documented():
     check("| `CONVEYOR_ESPOOL` | -6 |" in contract and "It exits **7**" in contract, "contract.md: ESPOOL, exit 7")
     r = run_bin("conveyor-produce", "--flush")
     eq(r.returncode, 2, f"--flush without --spool is a usage error: {r.stderr}")
+
+
+def test_a_down_broker_is_tried_at_most_once_a_second():
+    """With the broker away, publishing does not try it on every command: 300
+    publishes of the C example against a listener that takes each connection and
+    closes it see a handful of connections, not one per command."""
+    config = idle_config()
+    d = tempfile.mkdtemp(prefix="conveyor-spool-")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    tries = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            tries.append(time.time())
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    env = ({"CONVEYOR_RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{port}"} if TRANSPORT == "rabbitmq"
+           else {"CONVEYOR_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    try:
+        r = run_bin("conveyor-example-spool", config, d, "300", env=env)
+        eq(r.returncode, 0, f"the example: {r.stderr}")
+        check("published 300 (300 spooled)" in r.stdout, r.stdout)
+        check(1 <= len(tries) < 30, f"{len(tries)} connections for 300 publishes and a flush")
+        print(f"{len(tries)} connections for 300 publishes and a flush")
+    finally:
+        listener.close()
+        shutil.rmtree(d, ignore_errors=True)
+        os.unlink(config)
