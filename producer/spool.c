@@ -133,25 +133,24 @@ struct scan {
 };
 
 /* Looks for a whole record after a bad one at bad (a corrupt record in the
- * middle, not a torn tail). Returns true with its offset in *at, false when
- * none follows (or the file cannot be read: the tail is then taken as torn,
- * and the open's own reads fail on a real read error). */
-static bool whole_record_after(int fd, int64_t bad, int64_t size, struct buf *b, int64_t *at) {
+ * middle, not a torn tail): REC_WHOLE with its offset in *at, REC_BAD when
+ * none follows, REC_IO when the file cannot be read (errno set). */
+static enum rec_check whole_record_after(int fd, int64_t bad, int64_t size, struct buf *b, int64_t *at) {
     char chunk[65536];
     uint32_t len;
     for (int64_t off = bad + 1; off < size; off += (int64_t)sizeof chunk - 3) {
         ssize_t r = read_at(fd, chunk, sizeof chunk, off);
-        if (r < 4) return false;
+        if (r < 0) return REC_IO;
+        if (r < 4) return REC_BAD;
         for (char *p = chunk; (p = memmem(p, (size_t)r - (size_t)(p - chunk), MAGIC, 4)); p++) {
             int64_t cand = off + (p - chunk);
-            if (check_record(fd, cand, size, b, &len) == REC_WHOLE) {
-                *at = cand;
-                return true;
-            }
+            enum rec_check c = check_record(fd, cand, size, b, &len);
+            if (c == REC_WHOLE) *at = cand;
+            if (c != REC_BAD) return c;
         }
-        if (r < (ssize_t)sizeof chunk) return false;
+        if (r < (ssize_t)sizeof chunk) return REC_BAD;
     }
-    return false;
+    return REC_BAD;
 }
 
 /* Walks the records of path (open as fd, size bytes) from the start, with the
@@ -169,21 +168,24 @@ static int scan(int fd, const char *path, int64_t size, int64_t sent, struct sca
         if (off == sent) sc->sent_found = true;
         if (off >= size) break;
         enum rec_check c = check_record(fd, off, size, &b, &len);
-        if (c == REC_IO) {
-            snprintf(err, errlen, "cannot read the spool %s: %s", path, strerror(errno));
-            rc = CV_EREFUSED;
-            break;
-        }
-        if (c == REC_BAD) {
-            int64_t next;
-            if (whole_record_after(fd, off, size, &b, &next)) {
+        int64_t next = 0;
+        if (c == REC_BAD) { /* a torn tail, or damage in the middle when a whole record follows */
+            c = whole_record_after(fd, off, size, &b, &next);
+            if (c == REC_BAD) {
+                sc->bad_at = off;
+                break;
+            }
+            if (c == REC_WHOLE) {
                 snprintf(err, errlen, "the spool %s has a corrupt record at offset %lld, and whole records follow "
                          "it (at offset %lld): not repaired, nothing is sent from it; move the file aside and "
                          "keep it (its records are commands not yet sent)", path, (long long)off, (long long)next);
                 rc = CV_EREFUSED;
-            } else {
-                sc->bad_at = off;
+                break;
             }
+        }
+        if (c == REC_IO) {
+            snprintf(err, errlen, "cannot read the spool %s: %s", path, strerror(errno));
+            rc = CV_EREFUSED;
             break;
         }
         if (off >= sent && sc->sent_found) {
