@@ -264,7 +264,7 @@ static int spool_prepared(conveyor_client *c, struct prepared *p, int n) {
         else if (remember(c, p[i].id) < 0) return fail(c, CONVEYOR_ESPOOL, "%s", "out of memory (after spooling)");
     }
     if (rc < 0) return CONVEYOR_ESPOOL;
-    snprintf(c->err, sizeof c->err, "spooled in %s, %lld commands wait there: %s", spool_dir(c->spool),
+    snprintf(c->err, sizeof c->err, "spooled in %s (waiting there now: %lld): %s", spool_dir(c->spool),
              spool_waiting(c->spool), c->spool_why[0] ? c->spool_why : "the broker could not be reached");
     return 0;
 }

@@ -268,7 +268,7 @@ static int open_spool(conveyor_client *c, const char *dir, bool flush) {
         if (flush) fprintf(stderr, "conveyor-produce: %d spooled commands sent from %s; none waits\n", rc, dir);
         return 0;
     }
-    fprintf(stderr, "conveyor-produce: %lld commands wait in the spool %s: %s\n", conveyor_spooled(c), dir,
+    fprintf(stderr, "conveyor-produce: waiting in the spool %s: %lld; not sent now: %s\n", dir, conveyor_spooled(c),
             conveyor_error(c));
     if (!flush) return 0; /* the publishes go behind them, and say what fails */
     return rc == CONVEYOR_EBROKER && conveyor_config_error(c) ? EXIT_USAGE : code_for(rc);
@@ -456,8 +456,8 @@ int main(int argc, char **argv) {
     }
     free(ids);
     if (conveyor_spooled(c) > 0)
-        fprintf(stderr, "conveyor-produce: %lld commands wait in the spool %s (sent by the next run with it, or "
-                "--flush)\n", conveyor_spooled(c), spool);
+        fprintf(stderr, "conveyor-produce: waiting in the spool %s: %lld (sent by the next run with it, or "
+                "--flush)\n", spool, conveyor_spooled(c));
     conveyor_close(c);
     return status;
 }
