@@ -3,6 +3,7 @@
 #include "core.h"
 #include "spool.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -283,7 +284,7 @@ static int flush_spool(conveyor_client *c, int *cls) {
     int sent = 0, rc = recs && p ? 0 : fail(c, CONVEYOR_ESPOOL, "%s", "out of memory");
     *cls = 0;
     c->config_error = false;
-    while (rc == 0 && spool_waiting(c->spool) > 0) {
+    while (rc == 0 && spool_waiting(c->spool) > 0 && sent <= INT_MAX - FLUSH_MAX) { /* a count an int holds */
         int n = spool_read(c->spool, recs, FLUSH_MAX, c->err, sizeof c->err);
         if (n <= 0) {
             rc = n < 0 ? CONVEYOR_ESPOOL : 0;

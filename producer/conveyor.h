@@ -157,7 +157,8 @@ int conveyor_wait(conveyor_client *c, const char *id, int timeout_ms, char **eve
  * or the directory cannot be used; the message says which) and c keeps no spool. */
 int conveyor_set_spool(conveyor_client *c, const char *dir, long long max_bytes);
 /* Sends what waits in c's spool, in order, with confirms, and empties the file
- * once all is sent. Returns how many it sent (0: nothing waited), or
+ * once all is sent (at most about INT_MAX commands a call: call again while
+ * conveyor_spooled(c) > 0). Returns how many it sent (0: nothing waited), or
  * CONVEYOR_EBROKER (the broker cannot be reached or refused a spooled command;
  * what was confirmed before is sent, the rest waits: call again),
  * CONVEYOR_EFULL (the first waiting command's queue is full: it waits),
