@@ -218,7 +218,7 @@ def test_two_thousand_commands_through_a_down_broker_and_a_kill():
         check("spooled in" in r.stderr and "wait" in r.stderr, f"it says the commands went to the spool: {r.stderr}")
         spooled = status(d)["records"]
         check(spooled >= N, f"all {N} wait: {spooled}")
-        print(f"killed after {len(printed)} ids printed; {spooled} records for {N} commands")
+        print(f"FIGURES spool: killed after {len(printed)} ids printed; {spooled} records for {N} commands")
         start_broker()
         stopped = False
         # a later start with one more command: what waits goes first, in order, then it
@@ -474,7 +474,7 @@ def test_a_down_broker_is_tried_at_most_once_a_second():
         eq(r.returncode, 0, f"the example: {r.stderr}")
         check("published 300 (300 spooled)" in r.stdout, r.stdout)
         check(1 <= len(tries) < 30, f"{len(tries)} connections for 300 publishes and a flush")
-        print(f"{len(tries)} connections for 300 publishes and a flush")
+        print(f"FIGURES spool: {len(tries)} connections for 300 publishes and a flush")
     finally:
         listener.close()
         shutil.rmtree(d, ignore_errors=True)
@@ -511,7 +511,7 @@ def test_a_flush_killed_midway_sends_again_at_most_its_window():
         queued = queued_ids()
         same_order(first_copies(queued), [e["id"] for e in envs], "each sent, in the order spooled")
         check(len(envs) <= len(queued) <= len(envs) + 500, f"sent again: at most one window ({len(queued)})")
-        print(f"{left} waited after the kill; {len(queued) - len(envs)} sent twice")
+        print(f"FIGURES spool: {left} waited after the flush was killed; {len(queued) - len(envs)} sent twice")
     finally:
         purge()
         shutil.rmtree(d, ignore_errors=True)
@@ -567,7 +567,7 @@ def test_a_broker_lost_mid_stream_spools_then_catches_up():
         eq(status(d)["records"], 0, "the spool was sent once the broker was back")
         queued = queued_ids()
         same_order(first_copies(queued), [e["id"] for e in envs], "the queue holds them in stdin's order")
-        print(f"{len(queued) - len(envs)} sent twice (unconfirmed when the broker went)")
+        print(f"FIGURES spool: {len(queued) - len(envs)} sent twice (unconfirmed when the broker went)")
     finally:
         if p.poll() is None:
             p.kill()
