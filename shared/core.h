@@ -712,6 +712,10 @@ extern const struct migration producer_migrations[]; /* sql/producer/ in name or
 /* As migrate_run, for a producer's own database (conveyor-admin producer
  * install): schema conveyor, its record conveyor.schema_migrations. */
 int migrate_producer(struct db *db, char *err, size_t errlen);
+extern const struct migration subscriber_migrations[]; /* sql/subscriber/ in name order, NULL-terminated */
+/* As migrate_run, for a subscriber's own database (conveyor-admin subscriber
+ * install): the inbox in schema conveyor, recorded as subscriber/<file>. */
+int migrate_subscriber(struct db *db, char *err, size_t errlen);
 
 /* ---- broker.c: one interface, two backends ---------------------------------------------- */
 /* Unless its comment says otherwise, a broker_* function that returns int returns
