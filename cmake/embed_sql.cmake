@@ -1,4 +1,8 @@
-# Writes OUT: a C file holding every SQL_DIR/NNNN_*.sql as a string, in name order.
+# Writes OUT: a C file holding every SQL_DIR/NNNN_*.sql as a string, in name order,
+# as the array VAR (default: migrations).
+if(NOT VAR)
+  set(VAR migrations)
+endif()
 file(GLOB files RELATIVE ${SQL_DIR} ${SQL_DIR}/*.sql)
 list(SORT files)
 set(body "/* generated from sql/ by cmake/embed_sql.cmake: do not edit */\n#include \"core.h\"\n")
@@ -7,10 +11,10 @@ set(i 0)
 foreach(f ${files})
   file(READ ${SQL_DIR}/${f} hex HEX)
   string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," hex "${hex}")
-  string(APPEND body "static const char m${i}[] = {${hex}0x00};\n")
-  string(APPEND table "  {\"${f}\", m${i}},\n")
+  string(APPEND body "static const char ${VAR}_${i}[] = {${hex}0x00};\n")
+  string(APPEND table "  {\"${f}\", ${VAR}_${i}},\n")
   math(EXPR i "${i}+1")
 endforeach()
-string(APPEND body "const struct migration migrations[] = {\n${table}  {0, 0}\n};\n")
+string(APPEND body "const struct migration ${VAR}[] = {\n${table}  {0, 0}\n};\n")
 file(WRITE ${OUT}.tmp "${body}")
 configure_file(${OUT}.tmp ${OUT} COPYONLY)

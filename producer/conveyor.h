@@ -11,6 +11,10 @@
  * Functions return 0 or a negative CONVEYOR_E* code; the text of the last
  * error is conveyor_error(c). Strings returned through out-parameters are
  * malloc'd and owned by the caller. A client is not thread-safe.
+ *
+ * Installed as the shared library libconveyor (README, "The C library"):
+ *   cc prog.c $(pkg-config --cflags --libs conveyor)
+ * or in CMake find_package(Conveyor) and the target Conveyor::conveyor.
  */
 #ifndef CONVEYOR_H
 #define CONVEYOR_H

@@ -39,8 +39,16 @@ TOKEN_FILE=$RUN/http-token
 if [ ! -s "$TOKEN_FILE" ]; then
   (umask 077; openssl rand -hex 24 > "$TOKEN_FILE")
 fi
+# a shop's own database, with Conveyor's outbox installed in it (README: "Publishing without dual writes")
+SHOP_URL="${CONVEYOR_DATABASE_URL%/*}/shop"
+psql -Atq "$CONVEYOR_DATABASE_URL" -c "SELECT 1 FROM pg_database WHERE datname = 'shop'" | grep -q 1 ||
+  psql -q "$CONVEYOR_DATABASE_URL" -c "CREATE DATABASE shop"
+psql -q "$SHOP_URL" -c "CREATE TABLE IF NOT EXISTS public.shop_orders (id serial PRIMARY KEY, product uuid NOT NULL,
+  quantity int NOT NULL, saved_at timestamptz NOT NULL DEFAULT now())"
+conveyor-admin -c queues.conf producer install --database "$SHOP_URL"
 # and one schedule: a "special of the day" product every 10 s (a cron with seconds, in Paris time)
 { cat queues.conf
+  echo "producers = ( { name = \"shop\"; url = \"$SHOP_URL\"; } );"
   echo "http: { listen = \"$HTTP\"; token_file = \"$TOKEN_FILE\"; };"
   echo 'schedules = ( { name = "demo-special"; cron = "*/10 * * * * *"; timezone = "Europe/Paris";'
   echo '  type = "createProduct"; payload = "{\"name\": \"Special of {{slot}}\", \"price\": \"5.00\"}"; } );'
@@ -76,6 +84,26 @@ demo() {  # transport
   conveyor-produce -c queues.conf register \
     "{\"name\":\"Ada\",\"email\":\"ada.$RANDOM$RANDOM@example.com\",\"password\":\"Analytical1\"}" >/dev/null
   conveyor-produce -c queues.conf register '{"name":"","email":"nope","password":"short"}' >/dev/null
+  echo "--- the shop saves an order and its updateStock -2 in ONE transaction of its own database (conveyor.enqueue);"
+  echo "    a second order rolls back, and its command is never published"
+  psql -Atq "$SHOP_URL" <<SQL
+BEGIN;
+INSERT INTO public.shop_orders (product, quantity) VALUES ('$pid', 2);
+SELECT 'order ' || currval('public.shop_orders_id_seq') || ' saved with command ' ||
+       conveyor.enqueue('updateStock', jsonb_build_object('productId', '$pid', 'quantityChange', -2),
+                        correlation_id => 'shop-order-' || currval('public.shop_orders_id_seq'));
+COMMIT;
+BEGIN;
+INSERT INTO public.shop_orders (product, quantity) VALUES ('$pid', 1000);
+SELECT 'order ' || currval('public.shop_orders_id_seq') || ' rolled back with command ' ||
+       conveyor.enqueue('updateStock', jsonb_build_object('productId', '$pid', 'quantityChange', -1000));
+ROLLBACK;
+SQL
+  for _ in $(seq 50); do
+    [ "$(psql -Atq "$SHOP_URL" -c "SELECT count(*) FROM conveyor.outbound WHERE state = 'pending'")" = 0 ] && break
+    sleep 0.1
+  done
+  conveyor-admin -c "$RUN/queues.conf" producer status shop
   echo "--- a delayed command: updateStock +5 of that product, not before 3 s from now (conveyor-produce --in 3s)"
   conveyor-produce -c queues.conf --in 3s updateStock "{\"productId\":\"$pid\",\"quantityChange\":5}"
   sleep 0.5

@@ -56,7 +56,8 @@ need_install() {
   for b in "$PG_BIN/postgres" /usr/bin/redis-server /usr/sbin/rabbitmq-server /usr/bin/amqp-publish \
            /usr/include/amqp.h /usr/include/hiredis/hiredis.h /usr/include/cjson/cJSON.h \
            /usr/include/libconfig.h /usr/include/sodium.h /usr/include/microhttpd.h /usr/include/x86_64-linux-gnu/curl/curl.h /usr/include/uuid/uuid.h /usr/bin/cmake \
-           /usr/bin/clang /usr/bin/curl /usr/bin/openssl /usr/bin/ip /usr/sbin/tc /usr/bin/docker-compose; do
+           /usr/bin/clang /usr/bin/curl /usr/bin/openssl /usr/bin/ip /usr/sbin/tc /usr/bin/docker-compose \
+           /usr/bin/pkg-config /usr/bin/g++ /usr/bin/readelf; do  # the last three: test_library (build-essential, pkg-config)
     [ -e "$b" ] || return 0
   done
   /usr/bin/python3 -c 'import pika, redis, psycopg2, jsonschema, prometheus_client, yaml' 2>/dev/null || return 0

@@ -503,10 +503,78 @@ static int load_rate_limits(struct loader *l, config_setting_t *root, struct cfg
     return 0;
 }
 
+/* The database name of a PostgreSQL URL ("postgresql://u:p@h:5432/shop?x=y"
+ * gives "shop") into out; "" when it has none. */
+static void url_dbname(const char *url, char *out, size_t n) {
+    const char *p = strstr(url, "://");
+    p = p ? strchr(p + 3, '/') : NULL;
+    size_t len = p ? strcspn(p + 1, "?#") : 0;
+    snprintf(out, n, "%.*s", (int)(len < n ? len : n - 1), p ? p + 1 : "");
+}
+
+/* The producers list (optional): each a URL string (named after its database)
+ * or a group { name; url or url_file; } (url_file: a file holding the URL, so
+ * that no password sits in queues.conf); names unique and valid, URLs
+ * PostgreSQL URLs (checked, redacted in messages). Returns 0 or CV_ECONFIG
+ * naming the entry. */
+static int load_producers(struct loader *l, config_setting_t *root, struct cfg *c) {
+    static const char *const keys[] = {"name", "url", "url_file", NULL};
+    config_setting_t *ls = config_setting_get_member(root, "producers");
+    if (!ls) return 0;
+    if (config_setting_type(ls) != CONFIG_TYPE_LIST && config_setting_type(ls) != CONFIG_TYPE_ARRAY)
+        return fail(l, ls, "'producers' must be a list ( \"postgresql://...\", { name = \"shop\"; url = \"postgresql://...\"; } )");
+    int n = config_setting_length(ls);
+    c->producers = n ? xcalloc((size_t)n, sizeof *c->producers) : NULL;
+    for (int i = 0; i < n; i++) {
+        config_setting_t *e = config_setting_get_elem(ls, (unsigned)i);
+        struct cfg_producer *pr = &c->producers[i];
+        c->nproducers = i + 1; /* so cfg_free sees what was allocated */
+        char *name = NULL, *file = NULL, what[48];
+        int rc = 0;
+        snprintf(what, sizeof what, "producers.[%d].url_file", i);
+        if (config_setting_type(e) == CONFIG_TYPE_STRING) {
+            pr->url = xstrdup(config_setting_get_string(e));
+        } else if (config_setting_type(e) == CONFIG_TYPE_GROUP) {
+            if (only_known(l, e, keys) < 0 || get_string(l, e, "url", &pr->url) < 0 ||
+                get_string(l, e, "url_file", &file) < 0 || get_string(l, e, "name", &name) < 0)
+                rc = CV_ECONFIG;
+            else if (pr->url && file)
+                rc = fail(l, e, "'producers.[%d]': 'url' and 'url_file' are both set; set one of them", i);
+            else if (file)
+                rc = read_secret_file(l, what, file, &pr->url);
+            else if (!pr->url)
+                rc = fail(l, e, "'producers.[%d]' needs a url (or url_file)", i);
+        } else {
+            rc = fail(l, e, "'producers.[%d]' must be a URL string or a group { name = ...; url = ...; }", i);
+        }
+        free(file);
+        if (rc < 0) {
+            free(name);
+            return rc;
+        }
+        if (name) snprintf(pr->name, sizeof pr->name, "%s", name);
+        else url_dbname(pr->url, pr->name, sizeof pr->name);
+        bool too_long = name && strlen(name) >= sizeof pr->name;
+        free(name);
+        char why[256], shown[512];
+        if (url_check(URL_POSTGRES, pr->url, why, sizeof why) < 0) {
+            url_redact(pr->url, shown, sizeof shown);
+            return fail(l, e, "'producers.[%d]': %s (%s)", i, why, shown);
+        }
+        if (too_long || !valid_name(pr->name))
+            return fail(l, e, "'producers.[%d]': the name \"%s\" must be 1-%d letters, digits, '_' or '-' (give "
+                        "`name` when the URL's database name is not one)", i, pr->name, CFG_NAME_MAX - 1);
+        for (int j = 0; j < i; j++)
+            if (strcmp(c->producers[j].name, pr->name) == 0)
+                return fail(l, e, "'producers.[%d]': the name \"%s\" is used twice", i, pr->name);
+    }
+    return 0;
+}
+
 static int load(struct loader *l, config_t *lc, struct cfg *c) {
     static const char *const top[] = {"prefix", "transport", "database", "rabbitmq", "redis", "events",
                                       "limits", "domain", "relay", "supervisor", "retry", "dedup", "http", "producer", "broker", "queues",
-                                      "schedules", "rate_limits", "breaker", NULL};
+                                      "schedules", "rate_limits", "breaker", "producers", NULL};
     config_setting_t *root = config_root_setting(lc);
     if (only_known(l, root, top) < 0) return CV_ECONFIG;
 
@@ -525,7 +593,7 @@ static int load(struct loader *l, config_t *lc, struct cfg *c) {
     if (load_connections(l, root, c) < 0 || load_tuning(l, root, deflt, c) < 0 || load_breaker(l, root, c) < 0 ||
         load_http(l, root, c) < 0 ||
         load_queues(l, root, deflt, c) < 0 || load_schedules(l, root, c) < 0 ||
-        load_rate_limits(l, root, c) < 0)
+        load_rate_limits(l, root, c) < 0 || load_producers(l, root, c) < 0)
         return CV_ECONFIG;
     return 0;
 }
@@ -659,6 +727,11 @@ void cfg_free(struct cfg *c) {
     free(c->schedules);
     for (int i = 0; i < c->nrate_limits; i++) cfg_rate_limit_free(&c->rate_limits[i]);
     free(c->rate_limits);
+    for (int i = 0; i < c->nproducers; i++) {
+        if (c->producers[i].url) sodium_memzero(c->producers[i].url, strlen(c->producers[i].url));
+        free(c->producers[i].url);
+    }
+    free(c->producers);
     free(c->path);
     free(c->prefix);
     free(c->database_url);

@@ -258,6 +258,14 @@ struct cfg_rate_limit {
     int shards;               /* rows one bucket is split into (1 .. RATE_SHARDS_MAX, at most burst) */
 };
 
+/* A producer database of queues.conf (`producers`): its own PostgreSQL, where
+ * conveyor-admin producer install put schema `conveyor` (conveyor.outbound,
+ * conveyor.enqueue); each pool runs a forwarder (workers/forwarder.c) per producer. */
+struct cfg_producer {
+    char name[CFG_NAME_MAX]; /* the metrics' label: `name`, or the URL's database name */
+    char *url;               /* a libpq URL (owned); never printed unredacted */
+};
+
 struct cfg {
     char *path;               /* the file it was read from */
     char *prefix;             /* "conveyor": exchange, queue and key names */
@@ -322,6 +330,8 @@ struct cfg {
     int nschedules;
     struct cfg_rate_limit *rate_limits; /* `rate_limits` (owned); none: NULL, 0 */
     int nrate_limits;
+    struct cfg_producer *producers; /* `producers` (owned); none: NULL, 0 */
+    int nproducers;
 };
 
 /* cfg_schedules.c: one entry of `schedules` (a libconfig group g whose members
@@ -382,7 +392,8 @@ bool cfg_http_address(const char *listen, char *host, size_t n, int *port, bool 
 
 /* ---- url.c: connection URLs ------------------------------------------------------ */
 /* url with its password replaced by ***: scheme://user:***@host..., libpq's
- * password=... key in a key=value string, a password= query parameter. At most n-1
+ * password=... key in a key=value string, a password= query parameter; a text
+ * that is neither a URL nor key=value and holds ':' or '@' is all ***. At most n-1
  * bytes (truncated), always NUL-terminated; NULL url gives "". */
 void url_redact(const char *url, char *out, size_t n);
 /* text (an error message that may echo url, e.g. libpq's) with every password that url
@@ -437,6 +448,9 @@ bool clock_rfc3339_valid(const char *s);           /* RFC 3339 date-time, any of
 bool clock_rfc3339_ms(const char *s, int64_t *out);
 bool utf8_valid(const char *s, size_t len);        /* well-formed, no overlongs or surrogates */
 size_t utf8_chars(const char *s);                  /* code points in a valid string */
+/* Makes s valid UTF-8 in place: each byte that starts no well-formed character
+ * (a character cut by a truncation, a byte of another encoding) becomes '?'. */
+void utf8_cut(char *s);
 
 /* ---- signals.c ------------------------------------------------------------------ */
 /* From now on SIGTERM and SIGINT set *flag to 1 (no SA_RESTART needed: loops poll it). */
@@ -695,6 +709,14 @@ extern const struct migration migrations[]; /* sql/ in name order, NULL-terminat
  * CV_EREFUSED) with a message in err: that migration is rolled back, those
  * before it stay applied, and the lock is released. */
 int migrate_run(struct db *db, char *err, size_t errlen);
+extern const struct migration producer_migrations[]; /* sql/producer/ in name order, NULL-terminated */
+/* As migrate_run, for a producer's own database (conveyor-admin producer
+ * install): schema conveyor, its record conveyor.schema_migrations. */
+int migrate_producer(struct db *db, char *err, size_t errlen);
+extern const struct migration subscriber_migrations[]; /* sql/subscriber/ in name order, NULL-terminated */
+/* As migrate_run, for a subscriber's own database (conveyor-admin subscriber
+ * install): the inbox in schema conveyor, recorded as subscriber/<file>. */
+int migrate_subscriber(struct db *db, char *err, size_t errlen);
 
 /* ---- broker.c: one interface, two backends ---------------------------------------------- */
 /* Unless its comment says otherwise, a broker_* function that returns int returns

@@ -119,6 +119,11 @@ void url_redact(const char *url, char *out, size_t n) {
     }
     const char *p = url, *scheme_end = strstr(url, "://");
     bool query = scheme_end != NULL;
+    if (!scheme_end && !strchr(url, '=') && strpbrk(url, ":@")) {
+        /* neither a URL nor key=value ("user:secret@host/db" without its scheme): any part may be a password */
+        put(out, n, &at, MASK, strlen(MASK));
+        return;
+    }
     if (scheme_end) {
         const char *auth = scheme_end + 3, *end = userinfo_end(auth);
         const char *colon = end ? memchr(auth, ':', (size_t)(end - auth)) : NULL;

@@ -1,5 +1,8 @@
-/* utf8.c - UTF-8 well-formedness (RFC 3629) and length in code points. */
+/* utf8.c - UTF-8 well-formedness (RFC 3629), length in code points, and a
+ * repair of text cut in a character. */
 #include "core.h"
+
+#include <string.h>
 
 bool utf8_valid(const char *str, size_t len) {
     const unsigned char *s = (const unsigned char *)str, *end = s + len;
@@ -29,4 +32,13 @@ size_t utf8_chars(const char *s) {
     for (; *s; s++)
         if (((unsigned char)*s & 0xC0) != 0x80) n++;
     return n;
+}
+
+void utf8_cut(char *s) {
+    for (unsigned char *p = (unsigned char *)s; *p;) {
+        size_t n = *p < 0x80 ? 1 : *p >= 0xF0 ? 4 : *p >= 0xE0 ? 3 : 2;
+        size_t avail = strnlen((const char *)p, n);
+        if (avail == n && utf8_valid((const char *)p, n)) p += n;
+        else *p++ = '?';
+    }
 }

@@ -28,6 +28,9 @@ static const char usage[] =
     "       conveyor-admin [OPTIONS] schedules pause NAME\n"
     "       conveyor-admin [OPTIONS] schedules resume NAME\n"
     "       conveyor-admin [OPTIONS] schedules run NAME\n"
+    "       conveyor-admin [OPTIONS] producer install|status [NAME | --database URL]\n"
+    "       conveyor-admin [OPTIONS] producer retry ID|--all [NAME | --database URL]\n"
+    "       conveyor-admin [OPTIONS] subscriber install|status --database URL\n"
     "\n"
     "OPTIONS may come before or after the subcommand and its arguments\n"
     "('stats --json' is '--json stats'); after '--' every word is an argument\n"
@@ -52,7 +55,9 @@ static const char usage[] =
     "5 minutes (per second); and the outbox: events not yet published, and the age\n"
     "of the oldest; then each rate limit: its tokens now (a keyed limit: its emptiest\n"
     "bucket), the commands parked for a token now, and those that waited or were\n"
-    "rejected RATE_LIMITED since it was first used. 'queue pause' makes every pool stop taking from QUEUE within a\n"
+    "rejected RATE_LIMITED since it was first used; then each producer of FILE:\n"
+    "the commands its outbox holds not yet forwarded, the oldest one's age, and\n"
+    "its failed rows, as a forwarder last counted them. 'queue pause' makes every pool stop taking from QUEUE within a\n"
     "second (what is already taken finishes) until 'queue resume'; the state is kept\n"
     "in PostgreSQL (table queue_state), with who changed it, when, and NOTE.\n"
     "\n"
@@ -68,10 +73,26 @@ static const char usage[] =
     "firing NAME's slots until 'schedules resume' (table schedules). 'schedules run'\n"
     "sends NAME's command once now, with an id of its own (printed).\n"
     "\n"
+    "'producer install' puts the producer's outbox (schema conveyor: the table\n"
+    "conveyor.outbound, the function conveyor.enqueue) into a producer's own\n"
+    "PostgreSQL, or brings it up to date, and writes the command types FILE routes\n"
+    "(safe to run again). 'producer status' prints its rows pending, failed and\n"
+    "forwarded, the age of the oldest pending one, and the failed rows with why;\n"
+    "'producer retry' makes failed rows pending again (after a fix to FILE's\n"
+    "routing). The database: --database URL, or the NAME of one of FILE's\n"
+    "producers (the only one when FILE has one).\n"
+    "\n"
+    "'subscriber install' puts the subscriber's inbox (the table conveyor.inbox,\n"
+    "the function conveyor.consume(subscription, event_id)) into a subscriber's\n"
+    "own PostgreSQL, or brings it up to date (safe to run again); 'subscriber\n"
+    "status' prints per subscription the events its inbox holds.\n"
+    "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
     "      --json         one JSON object per line (dead counts, dead list, stats,\n"
     "                     scheduled, schedules)\n"
     "      --all          every dead letter of QUEUE: the SELECTOR of retry and purge\n"
+    "      --database URL a producer's or subscriber's database (producer ...,\n"
+    "                     subscriber ...)\n"
     "  -h, --help         this help\n"
     "\n"
     "Exit status: 0 done, 1 nothing matched the selector (or the ID), 2 usage or\n"
@@ -455,6 +476,27 @@ static void print_rate_limits(const struct rate_limit_state *st, int n, bool jso
     }
 }
 
+/* stats: the producers' outboxes (forward_state), a line or one JSON object
+ * per producer (kind "forward"); what a forwarder has not counted yet says so. */
+static void print_forward(const struct cfg *cfg, const struct forward_state *st, bool json) {
+    for (int i = 0; i < cfg->nproducers; i++) {
+        if (json) {
+            cJSON *o = forward_state_json(&st[i]);
+            cJSON_AddStringToObject(o, "kind", "forward");
+            print_json(o, false);
+        } else if (!st[i].read) {
+            printf("producer %s: not counted yet (no forwarder has reached its database)\n", st[i].producer->name);
+        } else {
+            char age[16] = "", seen[16] = "";
+            print_age((long)st[i].oldest_age_s, age, sizeof age);
+            print_age((long)st[i].report_age_s, seen, sizeof seen);
+            printf("producer %s: %lld command%s waiting to be forwarded%s%s%s, %lld failed (counted %s ago)\n",
+                   st[i].producer->name, st[i].pending, st[i].pending == 1 ? "" : "s", st[i].pending ? ", the oldest " : "",
+                   st[i].pending ? age : "", st[i].pending ? " old" : "", st[i].failed, seen);
+        }
+    }
+}
+
 /* stats [QUEUE]: per queue what its broker holds, its state and its recent
  * rate; then the outbox. */
 static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool json) {
@@ -481,6 +523,10 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
         if (pool_load_lane_ages(db, q, ages[i]) < 0) /* unknown: -1 stands */
             fprintf(stderr, "conveyor-admin: cannot read the lanes' oldest of %s: %s\n", q->name, db_errstr(db));
     }
+    /* the producers' outboxes, as their forwarders last counted them */
+    struct forward_state *fwd = xcalloc((size_t)cfg->nproducers + 1, sizeof *fwd);
+    bool fwd_known = !rc && forward_states_read(db, cfg, fwd) == 0;
+    if (!rc && !fwd_known) fprintf(stderr, "conveyor-admin: cannot read the producers' outboxes: %s\n", db_errstr(db));
     db_close(db);
     if (!rc) open_brokers(cfg, only ? only->name : NULL);
     if (!rc && !json)
@@ -554,6 +600,8 @@ static int cmd_stats(const struct cfg *cfg, const struct cfg_queue *only, bool j
                age[0] ? ", the oldest " : "", age, age[0] ? " old" : "");
     }
     if (!rc && limits_known && !only) print_rate_limits(limits, cfg->nrate_limits, json);
+    if (fwd_known && !only) print_forward(cfg, fwd, json);
+    free(fwd);
     free(limits);
     free(st);
     free(held);
@@ -621,7 +669,8 @@ int main(int argc, char **argv) {
     static const struct option opts[] = {{"config", required_argument, 0, 'c'}, {"json", no_argument, 0, 'j'},
                                          {"all", no_argument, 0, 'a'},          {"help", no_argument, 0, 'h'},
                                          {"limit", required_argument, 0, 'l'},  {"cursor", required_argument, 0, 'u'},
-                                         {0, 0, 0, 0}};
+                                         {"database", required_argument, 0, 'd'}, {0, 0, 0, 0}};
+    const char *database = NULL; /* producer ...: a producer's database */
     int o;
     /* options anywhere: getopt_long permutes them ahead of the words ("stats --json") */
     while ((o = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
@@ -631,6 +680,7 @@ int main(int argc, char **argv) {
         case 'a': all = true; break;
         case 'l': limit_arg = optarg; break;
         case 'u': cursor = optarg; break;
+        case 'd': database = optarg; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return EXIT_USAGE;
         }
@@ -643,15 +693,22 @@ int main(int argc, char **argv) {
     if (all) a[n++] = all_word;
     bool dead = n >= 2 && strcmp(a[0], "dead") == 0, stats = n >= 1 && strcmp(a[0], "stats") == 0,
          queue = n >= 3 && strcmp(a[0], "queue") == 0, scheduled = n >= 2 && strcmp(a[0], "scheduled") == 0,
-         schedules = n >= 1 && strcmp(a[0], "schedules") == 0;
+         schedules = n >= 1 && strcmp(a[0], "schedules") == 0, producer = n >= 1 && strcmp(a[0], "producer") == 0,
+         subscriber = n >= 1 && strcmp(a[0], "subscriber") == 0;
     /* the two subcommands that take --limit and --cursor */
     bool paged = (dead || scheduled) && strcmp(a[1], "list") == 0;
-    if ((!dead && !stats && !queue && !scheduled && !schedules) || ((limit_arg || cursor) && !paged)) {
+    if ((!dead && !stats && !queue && !scheduled && !schedules && !producer && !subscriber) ||
+        ((limit_arg || cursor) && !paged) || (database && !producer && !subscriber)) {
         fputs(usage, stderr);
         free(a);
         return EXIT_USAGE;
     }
     log_init("admin");
+    if (subscriber) { /* needs no configuration: the subscriber's database only */
+        int rc = admin_subscriber(a, n, database, json);
+        free(a);
+        return rc;
+    }
     struct cfg cfg;
     char err[1024];
     if (cfg_load(path, &cfg, err, sizeof err) < 0) {
@@ -663,7 +720,9 @@ int main(int argc, char **argv) {
     const char *verb = stats ? "stats" : a[1];
     const struct cfg_queue *q = n >= 3 ? cfg_queue_named(&cfg, a[2]) : NULL;
     struct selector s;
-    if (scheduled || schedules) {
+    if (producer) {
+        rc = admin_producer(&cfg, a, n, database, json);
+    } else if (scheduled || schedules) {
         rc = cmd_waiting(&cfg, a, n, json, limit_arg, cursor);
     } else if (stats && n <= 2) {
         const struct cfg_queue *only = n == 2 ? cfg_queue_named(&cfg, a[1]) : NULL;

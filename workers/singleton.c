@@ -3,7 +3,9 @@
  * others stand by on their own connection and try the lock every second; when
  * the holder dies or its host is cut off, PostgreSQL ends its session and
  * frees the lock, and one of them takes over. The relay (relay.c), the
- * timekeeper (timekeeper.c) and the sorter (lane_sorter.c) are such processes.
+ * timekeeper (timekeeper.c) and the sorter (lane_sorter.c) are such processes;
+ * so is a producer's forwarder (forwarder.c), whose lock lives in the
+ * producer's database.
  */
 #include "workers.h"
 
@@ -19,11 +21,15 @@
 int singleton_run(const struct cfg *cfg, const struct singleton *s) {
     char lock_name[128];
     snprintf(lock_name, sizeof lock_name, "%s.%s", cfg->prefix, s->name);
+    return singleton_run_at(cfg, s, cfg->database_url, lock_name);
+}
+
+int singleton_run_at(const struct cfg *cfg, const struct singleton *s, const char *url, const char *lock_name) {
     const char *p[1] = {lock_name};
     bool said_standby = false;
     enum singleton_end end = SINGLETON_LOST;
     while (!stop_requested && end != SINGLETON_CONFIG_REFUSED) {
-        struct db *db = db_connect_retry(cfg->database_url, &stop_requested);
+        struct db *db = db_connect_retry(url, &stop_requested);
         if (!db) {
             if (!stop_requested) end = SINGLETON_CONFIG_REFUSED; /* said by db_connect_retry */
             break;

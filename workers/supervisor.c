@@ -36,15 +36,15 @@
 #define RESTART_BASE_MS 250   /* backoff of a crash-looping child: 250 ms, doubling ... */
 #define RESTART_CAP_MS 10000  /* ... up to 10 s */
 
-enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER, CHILD_HTTP, CHILD_TIMEKEEPER, CHILD_SORTER };
-static const char *const kind_name[] = {"worker", "relay", "reaper", "http", "timekeeper", "sorter"};
+enum child_kind { CHILD_WORKER, CHILD_RELAY, CHILD_REAPER, CHILD_HTTP, CHILD_TIMEKEEPER, CHILD_SORTER, CHILD_FORWARD };
+static const char *const kind_name[] = {"worker", "relay", "reaper", "http", "timekeeper", "sorter", "forward"};
 
 struct child {
     pid_t pid;                     /* 0 while not running */
     enum child_kind kind;
     const struct cfg_queue *queue; /* the worker's queue */
     char worker_id[160];
-    int index;               /* a worker's number among its queue's workers */
+    int index;               /* a worker's number among its queue's workers; a forwarder's producer */
     int64_t started_ms, restart_at_ms;
     int crashes;                   /* consecutive quick deaths */
     int slot;                      /* its scoreboard slot, or -1 */
@@ -69,7 +69,8 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
     sigprocmask(SIG_UNBLOCK, mask, NULL);
     (void)prctl(PR_SET_PDEATHSIG, SIGTERM); /* fails only for an invalid signal */
     if (getppid() != parent) stop_requested = 1; /* it died before the prctl: no signal will come */
-    /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper, cv-timekeeper, cv-sorter */
+    /* the name ps and top show (15 bytes): cv-worker-<queue>, cv-relay, cv-reaper, cv-timekeeper, cv-sorter,
+     * cv-forward */
     char comm[16];
     snprintf(comm, sizeof comm, "cv-%s%s%s", kind_name[c->kind], c->kind == CHILD_WORKER ? "-" : "",
              c->kind == CHILD_WORKER ? c->queue->name : "");
@@ -82,6 +83,7 @@ static void child_main(const struct cfg *cfg, struct child *c, const sigset_t *m
            : c->kind == CHILD_HTTP   ? http_run(cfg)
            : c->kind == CHILD_TIMEKEEPER ? timekeeper_run(cfg)
            : c->kind == CHILD_SORTER ? lane_sorter_run(cfg)
+           : c->kind == CHILD_FORWARD ? forwarder_run(cfg, c->index)
                                      : reaper_run(cfg);
     exit(rc); /* exit, not _exit: flushes stdio, and LeakSanitizer checks the child */
 }
@@ -113,6 +115,7 @@ static void start_generation(struct pool *p) {
     bool sorter = lane_sorter_needed(cfg);
     n += redis_queues;
     n += sorter;
+    n += cfg->nproducers;
     n += cfg->http_listen != NULL;
     p->kids = xcalloc((size_t)n, sizeof *p->kids);
     p->nkids = n;
@@ -149,15 +152,22 @@ static void start_generation(struct pool *p) {
         p->kids[k].slot = SB_NO_SLOT;
         snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "sorter");
     }
+    for (int i = 0; i < cfg->nproducers; i++, k++) {
+        p->kids[k].kind = CHILD_FORWARD;
+        p->kids[k].slot = SB_NO_SLOT;
+        p->kids[k].index = i;
+        snprintf(p->kids[k].worker_id, sizeof p->kids[0].worker_id, "forward-%s", cfg->producers[i].name);
+    }
     if (cfg->http_listen) { /* last: on SIGTERM it stops after the others (supervisor_run) */
         p->kids[k].kind = CHILD_HTTP;
         p->kids[k].slot = SB_NO_SLOT;
         snprintf(p->kids[k++].worker_id, sizeof p->kids[0].worker_id, "http");
     }
     for (int i = 0; i < n; i++) spawn(p, &p->kids[i]);
-    log_info("pool started: %d workers, a relay, a timekeeper%s%s%s",
-             n - 2 - redis_queues - sorter - (cfg->http_listen != NULL), redis_queues ? ", a reaper" : "",
-             sorter ? ", a sorter" : "", cfg->http_listen ? " and an HTTP listener" : "");
+    log_info("pool started: %d workers, a relay, a timekeeper%s%s, %d forwarder%s%s",
+             n - 2 - redis_queues - sorter - cfg->nproducers - (cfg->http_listen != NULL),
+             redis_queues ? ", a reaper" : "", sorter ? ", a sorter" : "", cfg->nproducers,
+             cfg->nproducers == 1 ? "" : "s", cfg->http_listen ? " and an HTTP listener" : "");
 }
 
 void pool_order_fields(struct cfg *c) {

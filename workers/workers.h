@@ -156,6 +156,21 @@ int rate_limit_waiting_read(struct db *db, const struct cfg *cfg, struct rate_li
  * over, shards, tokens, buckets, waited, rejected, waiting. */
 cJSON *rate_limit_state_json(const struct rate_limit_state *st);
 
+/* ---- forward_view.c: the producers' outboxes as an operator sees them ------------- */
+struct forward_state {
+    const struct cfg_producer *producer; /* points into the cfg read */
+    bool read;                 /* forward_state has its row (false: no forwarder has counted it yet) */
+    long long pending, failed; /* rows waiting, rows kept as failed, as last counted */
+    double oldest_age_s;       /* the oldest pending row's age now (0: none) */
+    double report_age_s;       /* how long ago it was counted (-1: never) */
+};
+/* Every producer of cfg into out (cfg->nproducers entries, in cfg order) from
+ * forward_state. Returns 0 or the error class. */
+int forward_states_read(struct db *db, const struct cfg *cfg, struct forward_state *out);
+/* {producer, pending, failed, oldestAgeSeconds, reportAgeSeconds} (nulls when
+ * not counted yet); the caller owns it. */
+cJSON *forward_state_json(const struct forward_state *st);
+
 /* ---- lane_view.c: the lanes of a queue as an operator sees them ------------------ */
 /* {queue, lanes, ordered, classes: [{class, waiting, deepestLane, deepestDepth,
  * oldestAgeSeconds}], lane: [{lane: "<class>.<i>", depth, oldestAgeSeconds}]}
@@ -219,6 +234,29 @@ int schedule_fire_due(struct db *db, const struct cfg *cfg, struct schedule_firi
  * within its next pass). Returns 0 or an error class. */
 int schedule_run_now(struct db *db, const struct cfg *cfg, const struct cfg_schedule *s, char id[ID_LEN + 1]);
 
+/* ---- claim_floor.c: where an outbox claim starts (the relay's, the forwarder's) --------- */
+/* The floor of claims: any id at or below it that will ever be committed is
+ * marked already (the argument: claim_floor.c). */
+struct claim_floor {
+    int64_t floor;        /* claims start above this id */
+    int64_t pending_id;   /* the candidate's L (0: no candidate) */
+    uint64_t pending_xid; /* the candidate's S */
+    long moves;           /* how often the floor moved (logged when the relay stops being active) */
+    long below;           /* rows the stopping relay's claim from the start found at or below the floor */
+};
+/* What a claim read besides its rows: the sequence's last id and the xmin of
+ * the claim's own snapshot. */
+struct claim_horizon {
+    int64_t last_id;
+    uint64_t xmin;
+};
+/* Called after a claim from f->floor whose rows (n, the last of them last)
+ * are all marked: promotes the candidate if that claim covered it, then takes
+ * a new candidate (h.last_id, mark_xid) if there is none (mark_xid 0: no
+ * mark, no new candidate). */
+void claim_floor_advance(struct claim_floor *f, struct claim_horizon h, int n, int batch, int64_t last,
+                         uint64_t mark_xid);
+
 /* ---- singleton.c: one process of a kind active across every pool ---------------- */
 /* How a spell as the active one ended. */
 enum singleton_end {
@@ -241,6 +279,9 @@ struct singleton {
  * status: 0 when stopped, CV_EXIT_CONFIG when the database refused the
  * configuration or active said SINGLETON_CONFIG_REFUSED (logged). */
 int singleton_run(const struct cfg *cfg, const struct singleton *s);
+/* As singleton_run, on the database at url with the lock lock_name (a
+ * producer's forwarder: its lock lives in the producer's database). */
+int singleton_run_at(const struct cfg *cfg, const struct singleton *s, const char *url, const char *lock_name);
 
 /* ---- worker.c / relay.c / supervisor.c ------------------------------------------ */
 extern volatile sig_atomic_t stop_requested; /* set by SIGTERM / SIGINT in a child */
@@ -265,6 +306,23 @@ int timekeeper_run(const struct cfg *cfg);
  * lanes while it holds the sorter lock (lane_sorter.c); returns the exit
  * status as relay_run. */
 int lane_sorter_run(const struct cfg *cfg);
+/* forwarder.c: the forwarder of cfg->producers[index] (cv-forward): one active
+ * per producer database (its lock taken there), the others stand by; returns
+ * the exit status as relay_run. */
+int forwarder_run(const struct cfg *cfg, int index);
+/* producer_types.c: writes the command types cfg routes, and
+ * limits.max_message_bytes, to the producer database db (schema conveyor), in
+ * one transaction; prune: and deletes the types cfg does not route (producer
+ * install; a forwarder only adds: other pools may route more). Returns 0 or an
+ * error class (db_errstr says why: a schema not installed). */
+int producer_types_sync(struct db *db, const struct cfg *cfg, bool prune);
+/* admin_producer.c: conveyor-admin producer install|status|retry (words[0] is
+ * "producer"; database: --database, or NULL). Returns the exit status; says
+ * what it did on stdout, what failed on stderr. */
+int admin_producer(const struct cfg *cfg, char **words, int n, const char *database, bool json);
+/* admin_subscriber.c: conveyor-admin subscriber install|status --database URL
+ * (words[0] is "subscriber"). Returns the exit status, as admin_producer. */
+int admin_subscriber(char **words, int n, const char *database, bool json);
 /* Whether cfg has a laned queue on RabbitMQ (then the pool runs a sorter). */
 bool lane_sorter_needed(const struct cfg *cfg);
 /* Redis: moves due retries back and requeues the work of dead workers; returns the

@@ -201,6 +201,46 @@ def test_bad_schedules_stop_at_start():
             os.unlink(config)
 
 
+def test_bad_producers_stop_at_start():
+    """A wrong entry of `producers` is a configuration error: --check and the
+    start both exit 2, with one line naming the file, the entry and why, and
+    never the URL's password."""
+    secret_file = tempfile.NamedTemporaryFile("w", suffix=".url", delete=False)
+    secret_file.write(f"shop:{SECRET}@127.0.0.1:1/shop\n")  # not a URL, nor key=value
+    secret_file.close()
+    empty_file = tempfile.NamedTemporaryFile("w", suffix=".url", delete=False)
+    empty_file.close()
+    cases = [  # (the producers setting, words of the reason)
+        (f'producers = ( "postgresql://shop:{SECRET}@127.0.0.1:1/" );', r"producers.\[0\].*the name \"\" must be"),
+        (f'producers = ( {{ name = "a b"; url = "postgresql://shop:{SECRET}@h/shop"; }} );', r"name \"a b\" must be"),
+        ('producers = ( { name = "shop"; } );', r"producers.\[0\]' needs a url"),
+        (f'producers = ( {{ url = "postgresql://h/shop"; url_file = "{secret_file.name}"; }} );', "both set"),
+        (f'producers = ( {{ url_file = "{empty_file.name}"; }} );', r"url_file.*is empty"),
+        ('producers = ( "postgresql://h/shop", { url = "postgresql://other/shop"; } );', r"\"shop\" is used twice"),
+        ('producers = ( { name = "shop"; url = "postgresql://h/shop"; port = 5; } );', "unknown setting 'producers"),
+        ('producers = "postgresql://h/shop";', "must be a list"),
+        (f'producers = ( {{ name = "shop"; url_file = "{secret_file.name}"; }} );', r"producers.\[0\]': "),
+    ]
+    try:
+        for setting, words in cases:
+            config = write_config(extra=setting)
+            try:
+                for args in (("--check",), ()):
+                    r = run_bin("conveyor-workers", "-c", config, *args, timeout=20)
+                    what = f"conveyor-workers {' '.join(args)} with {setting}"
+                    eq(r.returncode, 2, f"{what}: exit status; output:\n{r.stdout}{r.stderr}")
+                    check(SECRET not in r.stdout + r.stderr, f"{what}: the password is printed:\n{r.stderr}")
+                    lines = [line for line in r.stderr.splitlines() if "producers" in line]
+                    eq(len(lines), 1, f"{what}: lines naming producers in:\n{r.stderr}")
+                    check(config in lines[0] and re.search(words, lines[0]),
+                          f"{what}: the line names the file and says why ({words!r}): {lines[0]}")
+            finally:
+                os.unlink(config)
+    finally:
+        os.unlink(secret_file.name)
+        os.unlink(empty_file.name)
+
+
 def test_check_prints_the_urls_masked():
     env = {"CONVEYOR_RABBITMQ_URL": with_password(AMQP_URL, "guest", SECRET),
            "CONVEYOR_REDIS_URL": with_password(REDIS_URL, "", SECRET),

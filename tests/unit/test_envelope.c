@@ -236,6 +236,11 @@ TEST(utf8_rules) {
     CHECK(!utf8_valid("\xf4\x90\x80\x80", 4));  /* above U+10FFFF */
     CHECK(!utf8_valid("\xc3", 1));              /* truncated */
     CHECK(utf8_chars("\xc3\xa9t\xc3\xa9") == 3);
+    char cut[] = "caf\xc3\xa9 \xe2\x82", other[] = "\xff\xc3\xa9\x80";
+    utf8_cut(cut);                              /* a character cut by a truncation */
+    CHECK_STR(cut, "caf\xc3\xa9 ??");
+    utf8_cut(other);                            /* bytes of no character */
+    CHECK_STR(other, "?\xc3\xa9?");
 }
 
 TEST(topic_patterns) {

@@ -16,6 +16,11 @@ TEST(redact_masks_the_password_of_every_form) {
     CHECK(strstr(out, "kv-secret") == NULL && strstr(out, "host=db") != NULL);
     url_redact("postgresql://db/conveyor?user=c&password=q-secret", out, sizeof out);
     CHECK(strstr(out, "q-secret") == NULL);
+    /* a URL missing its scheme is no URL, but its password is still one */
+    url_redact("shop:no-scheme-pw@db/shop", out, sizeof out);
+    CHECK(strstr(out, "no-scheme-pw") == NULL && strstr(out, "***") != NULL);
+    url_redact("localhost", out, sizeof out);
+    CHECK_STR(out, "localhost");
     url_redact(NULL, out, sizeof out);
     CHECK_STR(out, "");
 }

@@ -10,6 +10,7 @@
  *   GET /api/command?id=UUID  one command: processed, attempts, events, dead letters
  *   GET /api/limits           the rate limits: tokens now, commands waiting and rejected (sampled)
  *   GET /api/lanes            the queues with lanes: each lane's depth and oldest age (sampled)
+ *   GET /api/producers        the producers' outboxes: pending, failed, oldest age (sampled)
  *   GET /api/scheduled        parked commands: per queue the count and next due time (sampled),
  *                             and a page of them by due time: [queue=Q] [limit=N, default 20,
  *                             at most 1000] [cursor=C]
@@ -443,6 +444,15 @@ static enum MHD_Result lanes(struct http *h, struct MHD_Connection *conn) {
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
+/* GET /api/producers: every producer's outbox (forward_state_json), from the last sample. */
+static enum MHD_Result producers(struct http *h, struct MHD_Connection *conn) {
+    cJSON *o = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(o, "producers");
+    pthread_mutex_lock(&h->lock);
+    for (int i = 0; i < h->sample.nproducers; i++) cJSON_AddItemToArray(a, forward_state_json(&h->sample.producers[i]));
+    pthread_mutex_unlock(&h->lock);
+    return http_json(conn, MHD_HTTP_OK, o);
+}
+
 enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const char *url) {
     const struct asset *a = asset_of(url);
     if (a) return http_reply(conn, MHD_HTTP_OK, a->type, (const char *)a->data, a->len, false);
@@ -460,5 +470,6 @@ enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const
     if (strcmp(url, "/api/schedules") == 0) return schedules(h, conn);
     if (strcmp(url, "/api/limits") == 0) return limits(h, conn);
     if (strcmp(url, "/api/lanes") == 0) return lanes(h, conn);
+    if (strcmp(url, "/api/producers") == 0) return producers(h, conn);
     return http_error(conn, MHD_HTTP_NOT_FOUND, "not found: see the README, \"Dashboard\", for the API's paths");
 }

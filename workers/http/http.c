@@ -282,10 +282,15 @@ static bool sample_limits(struct http *h, struct http_sample *s) {
     return h->db && rate_limit_states_read(h->db, h->cfg, s->limits) == 0;
 }
 
+/* The producers' outboxes into s->producers (true); false when the read failed (the last sample stands). */
+static bool sample_producers(struct http *h, struct http_sample *s) {
+    return h->db && forward_states_read(h->db, h->cfg, s->producers) == 0;
+}
+
 /* A new sample for cfg, its arrays allocated (zeroed); sample_free frees them. */
 static struct http_sample sample_new(const struct cfg *cfg) {
     struct http_sample s = {.nqueues = cfg->nqueues, .nschedules = cfg->nschedules,
-                            .nrate_limits = cfg->nrate_limits};
+                            .nrate_limits = cfg->nrate_limits, .nproducers = cfg->nproducers};
     s.queues = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.queues);
     s.parked = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.parked);
     s.lanes = xcalloc((size_t)cfg->nqueues + 1, sizeof *s.lanes);
@@ -299,6 +304,9 @@ static struct http_sample sample_new(const struct cfg *cfg) {
     s.limits = xcalloc((size_t)cfg->nrate_limits + 1, sizeof *s.limits);
     for (int i = 0; i < cfg->nrate_limits; i++)
         s.limits[i] = (struct rate_limit_state){.rl = &cfg->rate_limits[i], .tokens = cfg->rate_limits[i].burst};
+    s.producers = xcalloc((size_t)cfg->nproducers + 1, sizeof *s.producers);
+    for (int i = 0; i < cfg->nproducers; i++)
+        s.producers[i] = (struct forward_state){.producer = &cfg->producers[i], .report_age_s = -1};
     return s;
 }
 
@@ -310,6 +318,7 @@ static void sample_free(struct http_sample *s) {
     free(s->parked);
     free(s->schedules);
     free(s->limits);
+    free(s->producers);
 }
 
 /* One sample of the brokers the pool uses: connected, and each queue's counts. */
@@ -403,7 +412,8 @@ int http_run(const struct cfg *cfg) {
             bool parked = clock_mono_ms() >= next_parked && sample_parked(&h, &s, &took);
             if (parked) next_parked = clock_mono_ms() + (PARKED_COST * took > PARKED_SAMPLE_MS ? PARKED_COST * took
                                                                                                : PARKED_SAMPLE_MS);
-            bool schedules = sample_schedules(&h, &s), limits = sample_limits(&h, &s);
+            bool schedules = sample_schedules(&h, &s), limits = sample_limits(&h, &s),
+                 producers = sample_producers(&h, &s);
             pthread_mutex_lock(&h.lock);
             struct http_sample old = h.sample;
             s.recent = old.recent;
@@ -418,6 +428,7 @@ int http_run(const struct cfg *cfg) {
             for (int i = 0; !parked && i < cfg->nrate_limits; i++) s.limits[i].waiting = old.limits[i].waiting;
             if (!schedules) memcpy(s.schedules, old.schedules, (size_t)cfg->nschedules * sizeof *s.schedules);
             if (!limits) memcpy(s.limits, old.limits, (size_t)cfg->nrate_limits * sizeof *s.limits);
+            if (!producers) memcpy(s.producers, old.producers, (size_t)cfg->nproducers * sizeof *s.producers);
             h.sample = s;
             pthread_mutex_unlock(&h.lock);
             sample_free(&old);

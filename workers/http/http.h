@@ -31,6 +31,8 @@ struct http_sample {
     struct schedule_state *schedules; /* by cfg schedule index: their rows (sampled; zeroed before) */
     int nrate_limits;
     struct rate_limit_state *limits;  /* by cfg rate limit index: tokens, counts (sampled; full before) */
+    int nproducers;
+    struct forward_state *producers;  /* by cfg producer index: its outbox's counts (sampled; unread before) */
 };
 /* An embedded file of the dashboard (cmake/embed_assets.cmake): path "/" or
  * "/app.js"..., its content type and bytes. The array ends with a NULL path. */

@@ -187,6 +187,27 @@ static void lane_gauges(struct out *o, const struct cfg *cfg, const struct http_
                     s->lanes[i][k].oldest_age_s);
 }
 
+/* The producers' outboxes (forward_state, as their forwarders last counted
+ * them in each producer's database): no line for a producer not counted yet. */
+static void forward_gauges(struct out *o, const struct http_sample *s) {
+    char pl[2 * CFG_NAME_MAX + 1];
+    static const char *const names[4][2] = {
+        {"conveyor_forward_pending", "Commands in a producer's outbox not forwarded yet (its database's count)."},
+        {"conveyor_forward_oldest_age_seconds", "Age of the oldest command waiting in a producer's outbox (0: none)."},
+        {"conveyor_forward_failed", "Rows of a producer's outbox kept as failed (conveyor-admin producer status)."},
+        {"conveyor_forward_report_age_seconds", "How long ago a forwarder counted the producer's outbox."}};
+    for (int g = 0; g < 4; g++) {
+        header(o, names[g][0], "gauge", names[g][1]);
+        for (int i = 0; i < s->nproducers && s->producers; i++) {
+            const struct forward_state *st = &s->producers[i];
+            if (!st->read) continue;
+            double v = g == 0 ? (double)st->pending : g == 1 ? st->oldest_age_s : g == 2 ? (double)st->failed
+                                                                                         : st->report_age_s;
+            put(o, "%s{producer=\"%s\"} %.*f\n", names[g][0], label(st->producer->name, pl), g % 2 ? 3 : 0, v);
+        }
+    }
+}
+
 static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard *sb, const struct http_sample *s) {
     char ql[2 * CFG_NAME_MAX + 1];
     static const char *const names[4][2] = {
@@ -215,6 +236,7 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
     for (int i = 0; i < cfg->nqueues; i++)
         put(o, "conveyor_queue_max_length{queue=\"%s\"} %ld\n", label(cfg->queues[i].name, ql), cfg->queues[i].max_length);
     lane_gauges(o, cfg, s);
+    forward_gauges(o, s);
     uint64_t opens = 0;
     int breaker = (int)breaker_read(NULL, 0, &opens);
     header(o, "conveyor_breaker_state", "gauge", "The pool's breaker around a dependency: 0 closed, 1 half-open, 2 open.");

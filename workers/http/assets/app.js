@@ -784,6 +784,30 @@
     setText(c[5], typeof r.k.oldestAgeSeconds === 'number' ? r.k.oldestAgeSeconds.toFixed(1) + ' s' : '—');
   }
 
+  /* ---------- producers' outboxes ---------- */
+
+  function renderProducers(d) {
+    const rows = Array.isArray(d.producers) ? d.producers : [];
+    reconcile($('producers'), rows, (p) => p.producer, createProducerRow, updateProducerRow);
+    $('producers-empty').hidden = rows.length > 0;
+  }
+  function createProducerRow(p) {
+    const tr = h('tr', { 'data-test': 'producer-row', 'data-producer': p.producer });
+    const c = cells(tr, 5, [1, 2, 3, 4]);
+    c[0].className = 'name';
+    tr.__c = c;
+    return tr;
+  }
+  function updateProducerRow(tr, p) {
+    const c = tr.__c;
+    const known = typeof p.pending === 'number';
+    setText(c[0], p.producer);
+    setText(c[1], known ? fmtInt(p.pending) : '—');
+    setText(c[2], known && p.pending > 0 ? p.oldestAgeSeconds.toFixed(1) + ' s' : '—');
+    setText(c[3], known ? fmtInt(p.failed) : '—');
+    setText(c[4], typeof p.reportAgeSeconds === 'number' ? p.reportAgeSeconds.toFixed(0) + ' s ago' : 'not yet');
+  }
+
   /* ---------- charts ---------- */
 
   const RANGES = { hour: { every: 2000, step: 60, tick: 600 }, day: { every: 30000, step: 300, tick: 10800 } };
@@ -1071,6 +1095,7 @@
       polls.schedules.kick();
       polls.limits.kick();
       polls.lanes.kick();
+      polls.producers.kick();
     }
   }
 
@@ -1121,6 +1146,12 @@
       const r = await api('/api/lanes');
       note('lanes', r);
       if (r.ok) renderLanes(r.data);
+    }, () => 3000),
+    producers: poller(async () => {
+      if (route.name !== 'overview') return;
+      const r = await api('/api/producers');
+      note('producers', r);
+      if (r.ok) renderProducers(r.data);
     }, () => 3000),
     command: poller(pollCommand, () => 10000),
   };
