@@ -1,7 +1,9 @@
 /* client.c - the C API of conveyor.h: publish commands, wait for results. */
 #include "conveyor.h"
 #include "core.h"
+#include "spool.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +24,9 @@ struct conveyor_client {
     struct broker *events;      /* subscription, with CONVEYOR_WAIT */
     struct pending *pending;
     size_t npending, cap;
+    struct spool *spool;        /* the offline spool (conveyor_set_spool), or NULL */
+    int64_t spool_retry_at;     /* while the broker is away, what waits is not tried before this (monotonic ms) */
+    char spool_why[512];        /* why the last try of the broker for the spool failed */
     char err[1024];
 };
 
@@ -60,6 +65,7 @@ void conveyor_close(conveyor_client *c) {
     broker_close(c->brokers[0]);
     broker_close(c->brokers[1]);
     broker_close(c->events);
+    spool_close(c->spool);
     for (size_t i = 0; i < c->npending; i++) free(c->pending[i].result);
     free(c->pending);
     cfg_free(&c->cfg);
@@ -226,11 +232,177 @@ static int send_prepared(conveyor_client *c, enum transport t, struct prepared *
     return rc == CV_EFULL ? CONVEYOR_EFULL : 0;
 }
 
+/* Commands sent together from the spool at most (one window of confirms). */
+#define FLUSH_MAX 500
+/* While the broker is away, the spool tries it at most this often (conveyor.h). */
+#define SPOOL_RETRY_MS 1000
+
+/* The broker could not take what was tried for the spool now (its reason in
+ * c->err): it is not tried again for SPOOL_RETRY_MS, and the reason is kept. */
+static void spool_broker_away(conveyor_client *c) {
+    c->spool_retry_at = clock_mono_ms() + SPOOL_RETRY_MS;
+    snprintf(c->spool_why, sizeof c->spool_why, "%s", c->err);
+}
+
+/* Appends the prepared p[0..n) to c's spool in order, durable when it returns,
+ * and keeps their ids for conveyor_wait. Returns 0 (c->err then says where they
+ * wait and why), or CONVEYOR_ESPOOL with the reason in c->err: the spool is full
+ * (p[i].refused for each one not spooled; the ones before it are) or cannot be
+ * written (none is: every p[i].refused). */
+static int spool_prepared(conveyor_client *c, struct prepared *p, int n) {
+    const char **bodies = calloc((size_t)n, sizeof *bodies);
+    size_t *lens = calloc((size_t)n, sizeof *lens);
+    int appended = 0, rc = bodies && lens ? 0 : fail(c, CV_EREFUSED, "%s", "out of memory");
+    for (int i = 0; rc == 0 && i < n; i++) {
+        bodies[i] = p[i].body;
+        lens[i] = strlen(p[i].body);
+    }
+    if (rc == 0) rc = spool_append(c->spool, bodies, lens, n, &appended, c->err, sizeof c->err);
+    free(bodies);
+    free(lens);
+    for (int i = 0; i < n; i++) {
+        if (i >= appended) p[i].refused = true;
+        else if (remember(c, p[i].id) < 0) return fail(c, CONVEYOR_ESPOOL, "%s", "out of memory (after spooling)");
+    }
+    if (rc < 0) return CONVEYOR_ESPOOL;
+    snprintf(c->err, sizeof c->err, "spooled in %s (waiting there now: %lld): %s", spool_dir(c->spool),
+             spool_waiting(c->spool), c->spool_why[0] ? c->spool_why : "the broker could not be reached");
+    return 0;
+}
+
+/* Sends what waits in c's spool, in order, FLUSH_MAX at a time, each run of
+ * one transport with one wait for its confirms, and moves the spool's marker
+ * past what was confirmed. Returns how many were sent, or CONVEYOR_EBROKER
+ * (*cls the broker's class: CV_ERETRY when it could not be reached or did not
+ * confirm, which may pass; what was confirmed before is marked sent),
+ * CONVEYOR_EFULL (the first waiting command's queue is full), CONVEYOR_EINVALID
+ * (a spooled command that no queue routes now, named by its offset: those
+ * before it are sent), CONVEYOR_ESPOOL, with the reason in c->err. */
+static int flush_spool(conveyor_client *c, int *cls) {
+    struct spool_record *recs = calloc(FLUSH_MAX, sizeof *recs);
+    struct prepared *p = calloc(FLUSH_MAX, sizeof *p);
+    int sent = 0, rc = recs && p ? 0 : fail(c, CONVEYOR_ESPOOL, "%s", "out of memory");
+    *cls = 0;
+    c->config_error = false;
+    while (rc == 0 && spool_waiting(c->spool) > 0 && sent <= INT_MAX - FLUSH_MAX) { /* a count an int holds */
+        int n = spool_read(c->spool, recs, FLUSH_MAX, c->err, sizeof c->err);
+        if (n <= 0) {
+            rc = n < 0 ? CONVEYOR_ESPOOL : 0;
+            break;
+        }
+        int ready = 0, bad = 0;
+        while (ready < n && prepare(c, recs[ready].body, &p[ready]) == 0) ready++;
+        if (ready < n) {
+            char why[sizeof c->err];
+            snprintf(why, sizeof why, "%s", c->err);
+            snprintf(c->err, sizeof c->err, "the spooled command at offset %lld of %s/spool.log cannot be sent: %.700s",
+                     (long long)recs[ready].at, spool_dir(c->spool), why);
+            bad = CONVEYOR_EINVALID;
+        }
+        for (int i = 0, j; i < ready && rc == 0; i = j) {
+            enum transport t = p[i].q->transport;
+            for (j = i; j < ready && p[j].q->transport == t;) j++;
+            int r = send_once(c, t, p + i, j - i), upto = j; /* p[i..upto) confirmed */
+            if (r == CV_EFULL) {
+                for (upto = i; upto < j && !p[upto].refused;) upto++;
+                rc = CONVEYOR_EFULL;
+            } else if (r < 0) {
+                upto = i;
+                *cls = r;
+                c->config_error = r == CV_ECONFIG;
+                rc = CONVEYOR_EBROKER;
+            }
+            if (upto > i && spool_mark_sent(c->spool, recs[upto - 1].end, upto - i, c->err, sizeof c->err) < 0)
+                rc = CONVEYOR_ESPOOL;
+            else sent += upto - i;
+        }
+        if (rc == 0) rc = bad;
+        for (int i = 0; i < ready; i++) free(p[i].body);
+        spool_records_free(recs, n);
+    }
+    free(recs);
+    free(p);
+    return rc < 0 ? rc : sent;
+}
+
+/* As send_prepared, through c's spool when it has one (conveyor.h, "The
+ * offline spool"): what waits is sent first (tried at most once per
+ * SPOOL_RETRY_MS while the broker is away); p goes to the broker once nothing
+ * waits, and behind what waits in the spool else, or when the broker cannot
+ * be reached now (sent once: the spool is the retry, not
+ * producer.publish_retry_ms). Returns 0 (sent, or spooled), CONVEYOR_EFULL
+ * (p[i].refused: refused by a full queue; every one when a full queue holds up
+ * the spool), CONVEYOR_EBROKER (a refusal of the broker: not spooled),
+ * CONVEYOR_ESPOOL (the spool is full, or cannot be written or sent: p[i].refused
+ * for those not spooled), with the reason in c->err. */
+static int send_or_spool(conveyor_client *c, enum transport t, struct prepared *p, int n) {
+    if (!c->spool) return send_prepared(c, t, p, n);
+    c->config_error = false;
+    if (spool_waiting(c->spool) > 0 && clock_mono_ms() >= c->spool_retry_at) {
+        int cls, rc = flush_spool(c, &cls);
+        if (rc == CONVEYOR_EBROKER && cls == CV_ERETRY) {
+            spool_broker_away(c);
+        } else if (rc < 0) {
+            char why[sizeof c->err];
+            snprintf(why, sizeof why, "%s", c->err);
+            snprintf(c->err, sizeof c->err, "not sent and not spooled: the commands waiting in the spool %s before "
+                     "it cannot be sent: %.700s", spool_dir(c->spool), why);
+            for (int i = 0; i < n; i++) p[i].refused = true;
+            return rc == CONVEYOR_EINVALID ? CONVEYOR_ESPOOL : rc;
+        }
+    }
+    if (spool_waiting(c->spool) == 0) {
+        int rc = send_once(c, t, p, n);
+        if (rc == 0 || rc == CV_EFULL) {
+            for (int i = 0; i < n; i++)
+                if (!p[i].refused && remember(c, p[i].id) < 0) return fail(c, CONVEYOR_EBROKER, "%s", "out of memory");
+            return rc == CV_EFULL ? CONVEYOR_EFULL : 0;
+        }
+        c->config_error = rc == CV_ECONFIG;
+        if (rc != CV_ERETRY) return CONVEYOR_EBROKER; /* a refusal: it would be refused again */
+        spool_broker_away(c);
+    }
+    return spool_prepared(c, p, n);
+}
+
+int conveyor_set_spool(conveyor_client *c, const char *dir, long long max_bytes) {
+    spool_close(c->spool);
+    c->spool = NULL;
+    c->spool_retry_at = 0;
+    c->spool_why[0] = '\0';
+    if (!dir) return 0;
+    char warn[1024];
+    if (spool_open(dir, max_bytes > 0 ? max_bytes : c->cfg.spool_max_bytes, &c->spool, warn, sizeof warn, c->err,
+                   sizeof c->err) < 0)
+        return CONVEYOR_ESPOOL;
+    if (warn[0]) snprintf(c->err, sizeof c->err, "%s", warn);
+    return 0;
+}
+
+int conveyor_flush(conveyor_client *c) {
+    if (!c->spool) return fail(c, CONVEYOR_EINVALID, "%s", "the client has no spool (conveyor_set_spool)");
+    int cls, rc = flush_spool(c, &cls);
+    if (rc == CONVEYOR_EBROKER && cls == CV_ERETRY) spool_broker_away(c);
+    return rc;
+}
+
+long long conveyor_spooled(const conveyor_client *c) { return c ? spool_waiting(c->spool) : 0; }
+
+int conveyor_spool_status(const char *dir, long long *records, long long *bytes, char oldest[40], char *err,
+                          size_t errlen) {
+    struct spool_status st;
+    if (spool_status(dir, &st, err, errlen) < 0) return CONVEYOR_ESPOOL;
+    if (records) *records = st.records;
+    if (bytes) *bytes = st.bytes;
+    if (oldest) snprintf(oldest, 40, "%s", st.oldest);
+    return 0;
+}
+
 int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, char id_out[37]) {
     struct prepared p;
     int rc = prepare(c, envelope_json, &p);
     if (rc == 0) {
-        rc = send_prepared(c, p.q->transport, &p, 1);
+        rc = send_or_spool(c, p.q->transport, &p, 1);
         snprintf(id_out, ID_LEN + 1, "%s", p.id); /* also on CONVEYOR_EBROKER: it may be queued (conveyor.h) */
     }
     free(p.body);
@@ -249,21 +421,22 @@ int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int
     for (int i = 0; rc == 0 && i < n; i++)
         if (prepare(c, envelopes[i], &p[i]) < 0) errors[i] = strdup(c->err);
     /* one send per transport; a full queue of one does not keep the other's from going */
-    for (int t = 0; t < 2 && (rc == 0 || rc == CONVEYOR_EFULL); t++) {
+    for (int t = 0; t < 2 && (rc == 0 || rc == CONVEYOR_EFULL || rc == CONVEYOR_ESPOOL); t++) {
         int k = 0;
         for (int i = 0; i < n; i++)
             if (p[i].body && p[i].q->transport == (enum transport)t) {
                 at[k] = i;
                 group[k++] = p[i];
             }
-        int sent = k ? send_prepared(c, (enum transport)t, group, k) : 0;
+        int sent = k ? send_or_spool(c, (enum transport)t, group, k) : 0;
         for (int j = 0; j < k; j++) p[at[j]].refused = group[j].refused;
         if (sent < 0) rc = sent;
     }
     free(group);
     free(at);
     for (int i = 0; p && i < n; i++) {
-        if (p[i].body && (rc == 0 || (rc == CONVEYOR_EFULL && !p[i].refused))) snprintf(ids[i], 37, "%s", p[i].id);
+        if (p[i].body && (rc == 0 || ((rc == CONVEYOR_EFULL || rc == CONVEYOR_ESPOOL) && !p[i].refused)))
+            snprintf(ids[i], 37, "%s", p[i].id);
         free(p[i].body);
     }
     free(p);

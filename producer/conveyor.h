@@ -41,6 +41,8 @@ enum {
     CONVEYOR_REJECTED = -4,  /* the result is command.rejected */
     CONVEYOR_EFULL = -5,     /* the command's queue is full (its max_length): refused, not queued; not
                               * retried by the client (publish it again once the queue drains) */
+    CONVEYOR_ESPOOL = -6,    /* the offline spool (conveyor_set_spool) is full, locked by another process,
+                              * corrupt or cannot be written: the message says which; not spooled */
 };
 
 /* Subscribe to result events at open, so conveyor_wait() sees every result
@@ -87,7 +89,10 @@ int conveyor_config_error(const conveyor_client *c);
  * many waiting commands: the command was refused and is not queued (RabbitMQ:
  * the policy's nack, or the client's own count before sending; Redis: the
  * client's atomic count-and-push). It is not sent again as for a lost broker;
- * id_out holds its id, which may be published again once the queue drains. */
+ * id_out holds its id, which may be published again once the queue drains.
+ * With a spool (conveyor_set_spool, below) a broker that cannot be reached
+ * spools the command instead (0), and CONVEYOR_ESPOOL says the spool is full
+ * or cannot be written: the command is neither sent nor spooled. */
 int conveyor_publish(conveyor_client *c, const char *type, const char *payload_json,
                      const char *correlation_id, char id_out[37]);
 /* As conveyor_publish, for a command that must not run before not_before: an
@@ -113,7 +118,11 @@ int conveyor_publish_envelope(conveyor_client *c, const char *envelope_json, cha
  * or CONVEYOR_EFULL: a bounded queue was full; then ids[i] is the id of each
  * envelope that was confirmed, and "" (errors[i] NULL) for each one refused
  * (not queued): a refused one may be followed by confirmed ones when the
- * queue drained meanwhile, or when they go to another queue. */
+ * queue drained meanwhile, or when they go to another queue. With a spool:
+ * CONVEYOR_ESPOOL when the spool was full (or cannot be written): ids[i] is
+ * the id of each envelope sent or spooled, and "" (errors[i] NULL) for each
+ * one neither sent nor spooled (the spool takes them in order, none after
+ * the first it cannot take). */
 int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int n, char (*ids)[37],
                            char **errors);
 /* Waits for the result event of command id (needs CONVEYOR_WAIT): the first
@@ -125,6 +134,50 @@ int conveyor_publish_batch(conveyor_client *c, const char *const *envelopes, int
  * subscription is made again, not returned: events published meanwhile are
  * missed (their commands then time out). */
 int conveyor_wait(conveyor_client *c, const char *id, int timeout_ms, char **event_json);
+
+/* The offline spool (docs/contract.md, "The C client's codes"; README, "The
+ * offline spool"). With a spool, a publish the broker cannot take (it cannot be
+ * reached, or was lost, or did not confirm: not a refusal) is appended to a file
+ * in dir and fsync'd before the call returns 0: durably accepted, its id in
+ * id_out, sent later in order with the same id (workers apply an id once). While
+ * anything waits in the spool, new commands go behind it: a publish first sends
+ * what waits (trying the broker at most once a second while it is away), and
+ * spools the new command when that does not empty the spool. So a publish that
+ * returns 0 with conveyor_spooled(c) > 0 went to the spool. Without a spool, a
+ * lost broker is waited for (producer.publish_retry_ms); with one, the spool is
+ * the retry: it spools at once. Never spooled: an invalid command
+ * (CONVEYOR_EINVALID), a full queue (CONVEYOR_EFULL; also while a full queue
+ * holds up the spool's first command), a broker that refuses the configuration
+ * or the message (CONVEYOR_EBROKER). Nothing runs in the background: what waits
+ * is sent by the client's own calls (a publish, conveyor_flush). */
+
+/* Gives c a spool in dir (made, mode 0700, when missing): locks it against a
+ * second writer (flock: one process per directory) and checks it, cutting off a
+ * torn or corrupt last record (a warning on stderr names its bytes; the same
+ * text in conveyor_error). max_bytes bounds the file (<= 0: the configuration's
+ * producer.spool_max_bytes, 64 MiB by default). Sends nothing: the next publish
+ * or conveyor_flush does. dir NULL closes c's spool. Returns 0, or
+ * CONVEYOR_ESPOOL (locked by another process, a corrupt record in the middle,
+ * or the directory cannot be used; the message says which) and c keeps no spool. */
+int conveyor_set_spool(conveyor_client *c, const char *dir, long long max_bytes);
+/* Sends what waits in c's spool, in order, with confirms, and empties the file
+ * once all is sent (at most about INT_MAX commands a call: call again while
+ * conveyor_spooled(c) > 0). Returns how many it sent (0: nothing waited), or
+ * CONVEYOR_EBROKER (the broker cannot be reached or refused a spooled command;
+ * what was confirmed before is sent, the rest waits: call again),
+ * CONVEYOR_EFULL (the first waiting command's queue is full: it waits),
+ * CONVEYOR_EINVALID (c has no spool, or a spooled command no queue routes now),
+ * CONVEYOR_ESPOOL (the file cannot be read or written). */
+int conveyor_flush(conveyor_client *c);
+/* The commands waiting in c's spool; 0 without a spool, and for NULL. */
+long long conveyor_spooled(const conveyor_client *c);
+/* What waits in the spool in dir, read without its lock (a writer may hold it)
+ * and without changing it: *records commands, the file's *bytes, and the
+ * createdAt of the oldest in oldest ("" when none waits); any may be NULL.
+ * A directory without a spool holds none. Returns 0, or CONVEYOR_ESPOOL with
+ * the reason in err (a corrupt record in the middle, a read error). */
+int conveyor_spool_status(const char *dir, long long *records, long long *bytes, char oldest[40], char *err,
+                          size_t errlen);
 
 #ifdef __cplusplus
 }

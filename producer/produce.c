@@ -11,7 +11,10 @@
 #include <string.h>
 #include <unistd.h>
 
-enum { EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXIT_INVALID = 5, EXIT_FULL = 6 };
+enum {
+    EXIT_REJECTED = 1, EXIT_USAGE = 2, EXIT_BROKER = 3, EXIT_TIMEOUT = 4, EXIT_INVALID = 5, EXIT_FULL = 6,
+    EXIT_SPOOL = 7
+};
 
 static const char usage[] =
     "usage: conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--correlation-id ID]\n"
@@ -19,6 +22,8 @@ static const char usage[] =
     "                        [--fairness-key KEY] [--ordering-key KEY] TYPE PAYLOAD_JSON\n"
     "       conveyor-produce [-c FILE] [--wait] [--timeout SECONDS] [--at TIME | --in DURATION]\n"
     "                        [--priority CLASS] [--fairness-key KEY] [--ordering-key KEY] < commands.ndjson\n"
+    "       conveyor-produce [-c FILE] --spool DIR --flush\n"
+    "       conveyor-produce --spool DIR --status\n"
     "\n"
     "Publishes a command (TYPE and its payload object), or one command per line of\n"
     "standard input (a whole envelope, or {\"type\": ..., \"payload\": {...}}), routed by\n"
@@ -44,6 +49,16 @@ static const char usage[] =
     "      --ordering-key KEY  the envelope's orderingKey: the aggregate whose order it keeps\n"
     "                          (default: the payload's productId, userId or orderId);\n"
     "                          on stdin, a line with its own field keeps it\n"
+    "      --spool DIR         the offline spool: a command the broker cannot take now (it cannot\n"
+    "                          be reached) is appended to DIR/spool.log, fsync'd, and its id\n"
+    "                          printed (exit 0); what waits there is sent first, in order, by\n"
+    "                          this and every later run with DIR (one process per DIR: locked);\n"
+    "                          bounded by producer.spool_max_bytes (default 64 MiB). Never\n"
+    "                          spooled: an invalid command (5), a full queue (6)\n"
+    "      --flush             with --spool: send what waits in DIR, in order, and exit (0: none\n"
+    "                          is left; 3: the broker cannot be reached, the rest waits)\n"
+    "      --status            with --spool: print what waits in DIR as one JSON line\n"
+    "                          ({\"dir\", \"records\", \"bytes\", \"oldestCreatedAt\"}) and exit\n"
     "  -h, --help              this help\n"
     "\n"
     "Exit status: 0 published (with --wait: every result was a success event),\n"
@@ -53,7 +68,9 @@ static const char usage[] =
     "be reached or refused a message, 4 --wait timed out, 5 a command was invalid\n"
     "and was not sent, 6 a queue with max_length was full and refused a command\n"
     "(not queued; on stdin, the lines of that batch it refused are named, the\n"
-    "others' ids printed, and no further line is read).\n";
+    "others' ids printed, and no further line is read), 7 the spool (--spool) is\n"
+    "full, locked by another process, corrupt or cannot be written (the message\n"
+    "says which; the command was neither sent nor spooled).\n";
 
 static int code_for(int rc) {
     switch (rc) {
@@ -62,6 +79,7 @@ static int code_for(int rc) {
     case CONVEYOR_ETIMEOUT: return EXIT_TIMEOUT;
     case CONVEYOR_REJECTED: return EXIT_REJECTED;
     case CONVEYOR_EFULL: return EXIT_FULL;
+    case CONVEYOR_ESPOOL: return EXIT_SPOOL;
     default: return 0;
     }
 }
@@ -180,15 +198,17 @@ static char *line_fields(char *line, const struct option_fields *f) {
     return out;
 }
 
-/* After CONVEYOR_EFULL on a batch of stdin lines: names the lines refused
- * (neither sent nor invalid), runs of consecutive ones as a range, on stderr. */
-static void report_refused(const long *lines, char (*ids)[37], const bool *invalid, int n, const char *why) {
+/* After CONVEYOR_EFULL (or CONVEYOR_ESPOOL) on a batch of stdin lines: names
+ * the lines refused (neither sent nor invalid: what says how, "refused, not
+ * queued"), runs of consecutive ones as a range, on stderr. */
+static void report_refused(const long *lines, char (*ids)[37], const bool *invalid, int n, const char *what,
+                           const char *why) {
     for (int i = 0; i < n; i++) {
         if (ids[i][0] || invalid[i]) continue;
         int j = i;
         while (j + 1 < n && !ids[j + 1][0] && !invalid[j + 1] && lines[j + 1] == lines[j] + 1) j++;
-        if (j == i) fprintf(stderr, "conveyor-produce: stdin line %ld refused, not queued: %s\n", lines[i], why);
-        else fprintf(stderr, "conveyor-produce: stdin lines %ld-%ld refused, not queued: %s\n", lines[i], lines[j], why);
+        if (j == i) fprintf(stderr, "conveyor-produce: stdin line %ld %s: %s\n", lines[i], what, why);
+        else fprintf(stderr, "conveyor-produce: stdin lines %ld-%ld %s: %s\n", lines[i], lines[j], what, why);
         i = j;
     }
 }
@@ -209,12 +229,57 @@ static bool not_before_option(const char *at, const char *in, char out[40], cons
     return false;
 }
 
+/* --spool DIR --status: prints what waits in dir as one JSON line. Returns an exit status. */
+static int spool_status(const char *dir) {
+    long long records = 0, bytes = 0;
+    char oldest[40], err[1024];
+    if (conveyor_spool_status(dir, &records, &bytes, oldest, err, sizeof err) < 0) {
+        fprintf(stderr, "conveyor-produce: %s\n", err);
+        return EXIT_SPOOL;
+    }
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "dir", dir);
+    cJSON_AddNumberToObject(o, "records", (double)records);
+    cJSON_AddNumberToObject(o, "bytes", (double)bytes);
+    json_add_optional(o, "oldestCreatedAt", oldest[0] ? oldest : NULL);
+    char *json = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!json) { /* as alloc.c does when memory cannot be had */
+        log_error("out of memory");
+        abort();
+    }
+    printf("%s\n", json);
+    free(json);
+    return 0;
+}
+
+/* --spool DIR: gives c its spool, and sends what waits there (with --flush,
+ * only that). Returns 0 to go on publishing, or an exit status: the spool
+ * cannot be used; with flush, how the sending ended. */
+static int open_spool(conveyor_client *c, const char *dir, bool flush) {
+    int rc = conveyor_set_spool(c, dir, 0);
+    if (rc < 0) {
+        fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
+        return EXIT_SPOOL;
+    }
+    if (!flush && conveyor_spooled(c) == 0) return 0;
+    rc = conveyor_flush(c);
+    if (rc >= 0) {
+        if (flush) fprintf(stderr, "conveyor-produce: %d spooled commands sent from %s; none waits\n", rc, dir);
+        return 0;
+    }
+    fprintf(stderr, "conveyor-produce: waiting in the spool %s: %lld; not sent now: %s\n", dir, conveyor_spooled(c),
+            conveyor_error(c));
+    if (!flush) return 0; /* the publishes go behind them, and say what fails */
+    return rc == CONVEYOR_EBROKER && conveyor_config_error(c) ? EXIT_USAGE : code_for(rc);
+}
+
 /* Long on purpose: the option table, its checks and the one loop over the
  * commands, in the order a reader of --help meets them. */
 int main(int argc, char **argv) {
-    const char *path = "queues.conf", *corr = NULL, *traceparent = NULL, *at = NULL, *in = NULL;
+    const char *path = "queues.conf", *corr = NULL, *traceparent = NULL, *at = NULL, *in = NULL, *spool = NULL;
     struct option_fields fields = {0};
-    bool wait = false;
+    bool wait = false, flush = false, status_only = false;
     double timeout_s = 30;
     static const struct option opts[] = {
         {"config", required_argument, 0, 'c'}, {"wait", no_argument, 0, 'w'},
@@ -222,6 +287,7 @@ int main(int argc, char **argv) {
         {"traceparent", required_argument, 0, 'p'}, {"at", required_argument, 0, 'a'},
         {"in", required_argument, 0, 'i'}, {"priority", required_argument, 0, 'P'},
         {"fairness-key", required_argument, 0, 'f'}, {"ordering-key", required_argument, 0, 'o'},
+        {"spool", required_argument, 0, 'S'}, {"flush", no_argument, 0, 'F'}, {"status", no_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "c:wt:h", opts, NULL)) != -1) {
@@ -236,6 +302,9 @@ int main(int argc, char **argv) {
         case 'P': fields.priority = optarg; break;
         case 'f': fields.fairness_key = optarg; break;
         case 'o': fields.ordering_key = optarg; break;
+        case 'S': spool = optarg; break;
+        case 'F': flush = true; break;
+        case 'T': status_only = true; break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return EXIT_USAGE;
         }
@@ -245,6 +314,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "conveyor-produce: give TYPE and PAYLOAD_JSON, or commands on stdin\n%s", usage);
         return EXIT_USAGE;
     }
+    if ((flush || status_only) && (!spool || nargs != 0 || (flush && status_only))) {
+        fprintf(stderr, "conveyor-produce: --flush and --status go with --spool DIR, alone (no command, not both)\n");
+        return EXIT_USAGE;
+    }
+    if (status_only) return spool_status(spool);
     struct trace trace;
     const char *why;
     if (traceparent && (nargs != 2 || !trace_parse(traceparent, &trace, &why))) {
@@ -274,6 +348,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "conveyor-produce: %s\n", err);
         return open_rc == CONVEYOR_EBROKER ? EXIT_BROKER : EXIT_USAGE;
     }
+    if (spool) {
+        int rc = open_spool(c, spool, flush);
+        if (flush || rc) {
+            conveyor_close(c);
+            return rc;
+        }
+    }
     int timeout_ms = (int)(timeout_s * 1000);
     int status = 0;
     if (nargs == 2) {
@@ -286,6 +367,7 @@ int main(int argc, char **argv) {
         } else {
             printf("%s\n", id);
             fflush(stdout);
+            if (conveyor_spooled(c) > 0) fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
             if (wait) status = wait_result(c, id, timeout_ms);
         }
         conveyor_close(c);
@@ -303,10 +385,10 @@ int main(int argc, char **argv) {
     size_t nids = 0, idcap = 0;
     bool eof = false;
     /* on a terminal, a progress line on stderr (count and rate), twice a second */
-    bool progress = isatty(STDERR_FILENO);
+    bool progress = isatty(STDERR_FILENO), spool_told = false;
     long published = 0;
     int64_t started = clock_mono_ms(), shown = started;
-    while (status != EXIT_BROKER && status != EXIT_FULL) {
+    while (status != EXIT_BROKER && status != EXIT_FULL && status != EXIT_SPOOL) {
         int n = 0;
         char *l;
         while (n < BATCH_MAX && (l = next_line(&lr, n == 0, &eof))) {
@@ -337,9 +419,10 @@ int main(int argc, char **argv) {
             free(errors[i]);
             free(batch[i]);
         }
-        if (rc == CONVEYOR_EFULL) { /* refused, not queued: say which lines, read no more */
-            report_refused(lines, bids, errors_seen, n, conveyor_error(c));
-            status = EXIT_FULL;
+        if (rc == CONVEYOR_EFULL || rc == CONVEYOR_ESPOOL) { /* refused, not queued: say which lines, read no more */
+            report_refused(lines, bids, errors_seen, n,
+                           rc == CONVEYOR_EFULL ? "refused, not queued" : "neither sent nor spooled", conveyor_error(c));
+            status = code_for(rc);
         } else if (rc < 0) {
             fprintf(stderr, "conveyor-produce: stdin lines %ld-%ld not sent: %s\n", lines[0], lines[n - 1],
                     conveyor_error(c));
@@ -348,6 +431,10 @@ int main(int argc, char **argv) {
                 status = EXIT_USAGE;
                 break;
             }
+        }
+        if (spool && !spool_told && rc == 0 && conveyor_spooled(c) > 0) { /* once: why commands go to the spool */
+            fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
+            spool_told = true;
         }
         fflush(stdout);
         int64_t now = clock_mono_ms();
@@ -368,6 +455,9 @@ int main(int argc, char **argv) {
         if (s && (!status || s == EXIT_TIMEOUT)) status = s;
     }
     free(ids);
+    if (conveyor_spooled(c) > 0)
+        fprintf(stderr, "conveyor-produce: waiting in the spool %s: %lld (sent by the next run with it, or "
+                "--flush)\n", spool, conveyor_spooled(c));
     conveyor_close(c);
     return status;
 }

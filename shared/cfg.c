@@ -303,7 +303,7 @@ static int load_connections(struct loader *l, config_setting_t *root, struct cfg
 /* The tuning groups: producer, broker, retry, events (its transport defaults
  * to deflt), limits, domain, relay, supervisor, dedup. Returns 0 or CV_ECONFIG. */
 static int load_tuning(struct loader *l, config_setting_t *root, enum transport deflt, struct cfg *c) {
-    static const char *const k_producer[] = {"publish_retry_ms", NULL};
+    static const char *const k_producer[] = {"publish_retry_ms", "spool_max_bytes", NULL};
     static const char *const k_broker[] = {"reply_timeout_ms", NULL};
     static const char *const k_retry[] = {"base_delay_ms", "max_delay_ms", NULL};
     static const char *const k_events[] = {"transport", "stream_maxlen", NULL};
@@ -316,7 +316,8 @@ static int load_tuning(struct loader *l, config_setting_t *root, enum transport 
     config_setting_t *g;
     char *tr = NULL;
     if (get_group(l, root, "producer", k_producer, &g) < 0 ||
-        get_int(l, g, "publish_retry_ms", 0, 3600000, &c->publish_retry_ms) < 0) return CV_ECONFIG;
+        get_int(l, g, "publish_retry_ms", 0, 3600000, &c->publish_retry_ms) < 0 ||
+        get_long(l, g, "spool_max_bytes", 4096, 1L << 40, &c->spool_max_bytes) < 0) return CV_ECONFIG;
     if (get_group(l, root, "broker", k_broker, &g) < 0 ||
         get_int(l, g, "reply_timeout_ms", 1000, 120000, &c->broker_reply_timeout_ms) < 0) return CV_ECONFIG;
     if (get_group(l, root, "retry", k_retry, &g) < 0 ||
@@ -678,6 +679,7 @@ int cfg_load(const char *path, struct cfg *c, char *err, size_t errlen) {
     c->heartbeat_ttl_s = 10;
     c->redis_wait_timeout_ms = 1000;
     c->publish_retry_ms = 30000;
+    c->spool_max_bytes = 64L * 1024 * 1024;
     c->broker_reply_timeout_ms = 10000;
     c->password_opslimit = 2;      /* crypto_pwhash_OPSLIMIT_INTERACTIVE */
     c->password_memlimit_mb = 64;  /* crypto_pwhash_MEMLIMIT_INTERACTIVE */

@@ -305,6 +305,7 @@ struct cfg {
     int redis_wait_timeout_ms; /* ... within this long (at most 25 s: below a Redis reply's 30 s read
                                 * timeout), else it is not confirmed (sent again: a copy) */
     int publish_retry_ms;     /* the C client: how long a publish the broker did not confirm is sent again */
+    long spool_max_bytes;     /* the C client's offline spool (conveyor_set_spool): the most its file may hold */
     int broker_reply_timeout_ms; /* broker.reply_timeout_ms: the longest any broker operation waits on a silent
                                   * server (a confirm, an RPC reply, a Redis reply beyond its block time, a
                                   * login); RabbitMQ heartbeats are negotiated at half of it (seconds, rounded
@@ -712,6 +713,10 @@ extern const struct migration producer_migrations[]; /* sql/producer/ in name or
 /* As migrate_run, for a producer's own database (conveyor-admin producer
  * install): schema conveyor, its record conveyor.schema_migrations. */
 int migrate_producer(struct db *db, char *err, size_t errlen);
+extern const struct migration subscriber_migrations[]; /* sql/subscriber/ in name order, NULL-terminated */
+/* As migrate_run, for a subscriber's own database (conveyor-admin subscriber
+ * install): the inbox in schema conveyor, recorded as subscriber/<file>. */
+int migrate_subscriber(struct db *db, char *err, size_t errlen);
 
 /* ---- broker.c: one interface, two backends ---------------------------------------------- */
 /* Unless its comment says otherwise, a broker_* function that returns int returns

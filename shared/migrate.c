@@ -1,5 +1,6 @@
 /* migrate.c - applies a set of NNNN_*.sql in order, once, under an advisory
- * lock: sql/ into Conveyor's database, sql/producer/ into a producer's. */
+ * lock: sql/ into Conveyor's database, sql/producer/ into a producer's,
+ * sql/subscriber/ into a subscriber's. */
 #include "core.h"
 
 #include <stdio.h>
@@ -7,6 +8,7 @@
 
 #define MIGRATION_LOCK "7305917400000001" /* pg_advisory_lock key for migrations */
 #define PRODUCER_LOCK "7305917400000002"  /* ... for a producer database's */
+#define SUBSCRIBER_LOCK "7305917400000003" /* ... for a subscriber database's */
 
 /* Which set, where its record lives, and what makes that record's table. */
 struct migration_set {
@@ -30,11 +32,21 @@ static const struct migration_set producer_set = {
     "SELECT 1 FROM conveyor.schema_migrations WHERE version = 'producer/' || $1",
     "INSERT INTO conveyor.schema_migrations(version) VALUES ('producer/' || $1)"};
 
+/* recorded as "subscriber/<file>", beside a producer's when one database is both */
+static const struct migration_set subscriber_set = {
+    subscriber_migrations, SUBSCRIBER_LOCK,
+    "CREATE SCHEMA IF NOT EXISTS conveyor; CREATE TABLE IF NOT EXISTS conveyor.schema_migrations ("
+    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    "SELECT 1 FROM conveyor.schema_migrations WHERE version = 'subscriber/' || $1",
+    "INSERT INTO conveyor.schema_migrations(version) VALUES ('subscriber/' || $1)"};
+
 static int migrate_set(struct db *db, const struct migration_set *set, char *err, size_t errlen);
 
 int migrate_run(struct db *db, char *err, size_t errlen) { return migrate_set(db, &conveyor_set, err, errlen); }
 
 int migrate_producer(struct db *db, char *err, size_t errlen) { return migrate_set(db, &producer_set, err, errlen); }
+
+int migrate_subscriber(struct db *db, char *err, size_t errlen) { return migrate_set(db, &subscriber_set, err, errlen); }
 
 static int migrate_set(struct db *db, const struct migration_set *set, char *err, size_t errlen) {
     char lock[64];

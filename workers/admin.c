@@ -30,6 +30,7 @@ static const char usage[] =
     "       conveyor-admin [OPTIONS] schedules run NAME\n"
     "       conveyor-admin [OPTIONS] producer install|status [NAME | --database URL]\n"
     "       conveyor-admin [OPTIONS] producer retry ID|--all [NAME | --database URL]\n"
+    "       conveyor-admin [OPTIONS] subscriber install|status --database URL\n"
     "\n"
     "OPTIONS may come before or after the subcommand and its arguments\n"
     "('stats --json' is '--json stats'); after '--' every word is an argument\n"
@@ -81,11 +82,17 @@ static const char usage[] =
     "routing). The database: --database URL, or the NAME of one of FILE's\n"
     "producers (the only one when FILE has one).\n"
     "\n"
+    "'subscriber install' puts the subscriber's inbox (the table conveyor.inbox,\n"
+    "the function conveyor.consume(subscription, event_id)) into a subscriber's\n"
+    "own PostgreSQL, or brings it up to date (safe to run again); 'subscriber\n"
+    "status' prints per subscription the events its inbox holds.\n"
+    "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
     "      --json         one JSON object per line (dead counts, dead list, stats,\n"
     "                     scheduled, schedules)\n"
     "      --all          every dead letter of QUEUE: the SELECTOR of retry and purge\n"
-    "      --database URL a producer's database (producer install, status, retry)\n"
+    "      --database URL a producer's or subscriber's database (producer ...,\n"
+    "                     subscriber ...)\n"
     "  -h, --help         this help\n"
     "\n"
     "Exit status: 0 done, 1 nothing matched the selector (or the ID), 2 usage or\n"
@@ -686,16 +693,22 @@ int main(int argc, char **argv) {
     if (all) a[n++] = all_word;
     bool dead = n >= 2 && strcmp(a[0], "dead") == 0, stats = n >= 1 && strcmp(a[0], "stats") == 0,
          queue = n >= 3 && strcmp(a[0], "queue") == 0, scheduled = n >= 2 && strcmp(a[0], "scheduled") == 0,
-         schedules = n >= 1 && strcmp(a[0], "schedules") == 0, producer = n >= 1 && strcmp(a[0], "producer") == 0;
+         schedules = n >= 1 && strcmp(a[0], "schedules") == 0, producer = n >= 1 && strcmp(a[0], "producer") == 0,
+         subscriber = n >= 1 && strcmp(a[0], "subscriber") == 0;
     /* the two subcommands that take --limit and --cursor */
     bool paged = (dead || scheduled) && strcmp(a[1], "list") == 0;
-    if ((!dead && !stats && !queue && !scheduled && !schedules && !producer) || ((limit_arg || cursor) && !paged) ||
-        (database && !producer)) {
+    if ((!dead && !stats && !queue && !scheduled && !schedules && !producer && !subscriber) ||
+        ((limit_arg || cursor) && !paged) || (database && !producer && !subscriber)) {
         fputs(usage, stderr);
         free(a);
         return EXIT_USAGE;
     }
     log_init("admin");
+    if (subscriber) { /* needs no configuration: the subscriber's database only */
+        int rc = admin_subscriber(a, n, database, json);
+        free(a);
+        return rc;
+    }
     struct cfg cfg;
     char err[1024];
     if (cfg_load(path, &cfg, err, sizeof err) < 0) {

@@ -320,6 +320,9 @@ int producer_types_sync(struct db *db, const struct cfg *cfg, bool prune);
  * "producer"; database: --database, or NULL). Returns the exit status; says
  * what it did on stdout, what failed on stderr. */
 int admin_producer(const struct cfg *cfg, char **words, int n, const char *database, bool json);
+/* admin_subscriber.c: conveyor-admin subscriber install|status --database URL
+ * (words[0] is "subscriber"). Returns the exit status, as admin_producer. */
+int admin_subscriber(char **words, int n, const char *database, bool json);
 /* Whether cfg has a laned queue on RabbitMQ (then the pool runs a sorter). */
 bool lane_sorter_needed(const struct cfg *cfg);
 /* Redis: moves due retries back and requeues the work of dead workers; returns the

@@ -12,7 +12,8 @@ publish.c $(pkg-config --cflags --libs conveyor)`, and examples/c/Makefile, whos
 recipe is the same), and with find_package(Conveyor) (examples/c/CMakeLists.txt);
 each program resolves
 libconveyor into the prefix (ldd), and `publish` publishes a command to a
-running pool and prints its result event, on both transports.
+running pool and prints its result event, on both transports; `spool` spools
+with its broker away and sends what waits at its next run.
 
 In the ASan build the installed library needs the sanitizers' runtime first in
 the process, as any ASan-built library does: there the examples are built with
@@ -26,8 +27,9 @@ import re
 import shlex
 import subprocess
 import tempfile
+import time
 
-from harness import BIN, ROOT, Pool, check, eq, log_file, query
+from harness import BIN, ROOT, TRANSPORT, Pool, check, eq, log_file, query
 
 EXAMPLES = os.path.join(ROOT, "examples", "c")
 # the codes of the C client as they were when the library was first installable:
@@ -265,7 +267,9 @@ def test_examples_build_against_the_installed_copy_and_run():
     cc line, and examples/c/Makefile) and with find_package(Conveyor); each
     build's publish publishes createProduct to a pool and prints
     product.created, and the row is there; a rejection exits 1 with
-    command.rejected, an unknown type exits 5, no arguments 2."""
+    command.rejected, an unknown type exits 5, no arguments 2; the spool
+    example spools two commands with its broker away, and its next run sends
+    them first, then its own: the three applied."""
     with tempfile.TemporaryDirectory(prefix="conveyor-lib-") as tmp:
         inst = Installed(tmp)
         builds = {"cc $(pkg-config)": build_with_cc(inst, tmp), "make (pkg-config)": build_with_pkg_config(inst, tmp),
@@ -304,4 +308,25 @@ def test_examples_build_against_the_installed_copy_and_run():
             eq(r.returncode, 2, "no arguments: usage, exit 2")
             r = run([publish, "--help"], "publish --help", cwd=tmp)
             check("Exit status" in r.stdout, "publish --help states the exit statuses")
+            # the spool example (examples/c/spool.c; test_spool runs it from the build tree): with its
+            # broker away it spools, then the next run sends what waits first
+            spool, d = builds["cmake find_package"]["spool"], os.path.join(tmp, "spool")
+            away = ({"CONVEYOR_RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1"} if TRANSPORT == "rabbitmq"
+                    else {"CONVEYOR_REDIS_URL": "redis://127.0.0.1:1/0"})
+            r = run([spool, config, d, "2"], "spool (broker away)", cwd=tmp, env=away)
+            check("published 2 (2 spooled)" in r.stdout and "waiting 2 records" in r.stdout, r.stdout)
+            spooled = r.stdout.splitlines()[:2]
+            r = run([spool, config, d, "1"], "spool (broker back)", cwd=tmp)
+            check("published 1 (0 spooled)" in r.stdout and "waiting 0 records, 0 bytes, oldest -" in r.stdout,
+                  r.stdout)
+            check(not any(m in r.stderr for m in SANITIZER_MARKERS), f"spool: {r.stderr}")
+            ids = spooled + r.stdout.splitlines()[:1]
+            deadline = time.time() + 60
+            while True:
+                applied = query("SELECT count(*) FROM processed_commands WHERE id = ANY(%s::uuid[]) "
+                                "AND outcome = 'applied'", ids)[0][0]
+                if applied == 3 or time.time() > deadline:
+                    break
+                time.sleep(0.2)
+            eq(applied, 3, "the two spooled commands and the third applied")
             eq(pool.stop(), (0, []), "clean stop")

@@ -615,7 +615,13 @@ TEST(redis_sentinel_urls) {
     CHECK(load_text("redis: { wait_replicas = -1; };\n" MINIMAL, &c) < 0);
     CHECK(load_text("producer: { publish_retry_ms = 0; };\n" MINIMAL, &c) == 0);
     CHECK(c.publish_retry_ms == 0 && c.redis_wait_replicas == 0);
+    CHECK(c.spool_max_bytes == 64L * 1024 * 1024);
     cfg_free(&c);
+    CHECK(load_text("producer: { spool_max_bytes = 4096; };\n" MINIMAL, &c) == 0);
+    CHECK(c.spool_max_bytes == 4096);
+    cfg_free(&c);
+    CHECK(load_text("producer: { spool_max_bytes = 4095; };\n" MINIMAL, &c) < 0);
+    CHECK(load_text("producer: { spool_max_bytes = \"64M\"; };\n" MINIMAL, &c) < 0);
 }
 
 /* db_url_hosts: a URL of several hosts is checked for a forked primary at each
