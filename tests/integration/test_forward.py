@@ -604,6 +604,72 @@ def test_a_producer_given_as_a_url_is_named_by_its_database():
     query("DELETE FROM forward_state WHERE producer = %s", PRODUCER_DB)
 
 
+def test_two_producers_a_postgres_restart_and_the_prune():
+    """One pool, two producer databases (a forwarder each, counted apart); forwarded rows
+    pruned after relay.retention_seconds (0 here); a crash and restart of PostgreSQL (both
+    producers' and Conveyor's): the forwarders reconnect and go on."""
+    producer()
+    depot_db = PRODUCER_DB + "_depot"
+    depot_url = urllib.parse.urlunsplit(urllib.parse.urlsplit(PRODUCER_URL)._replace(path="/" + depot_db))
+    query("DELETE FROM forward_state WHERE producer = 'depot'")
+    c = db()
+    with c.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {depot_db} WITH (FORCE)")
+        cur.execute(f"CREATE DATABASE {depot_db}")
+    c.close()
+    r = run_bin("conveyor-admin", "-c", os.path.join(ROOT, "queues.conf"), "producer", "install", "--database",
+                depot_url)
+    eq(r.returncode, 0, f"install into the second producer ({r.stderr})")
+
+    def depot_enqueue(n, name):
+        d = psycopg2.connect(depot_url)
+        with d, d.cursor() as cur:
+            ids = [enqueue(cur, "createProduct", product_payload(f"{name} {i}")) for i in range(n)]
+        d.close()
+        return ids
+
+    def depot_rows():
+        d = psycopg2.connect(depot_url)
+        try:
+            with d.cursor() as cur:
+                cur.execute("SELECT count(*) FROM conveyor.outbound")
+                return cur.fetchone()[0]
+        finally:
+            d.close()
+    ids = [enqueue_one("createProduct", product_payload(f"shop {i}")) for i in range(5)] + depot_enqueue(5, "depot")
+    both = (f'producers = ( {{ name = "{PRODUCER}"; url = "{PRODUCER_URL}"; }}, '
+            f'{{ name = "depot"; url = "{depot_url}"; }} );\nrelay: {{ retention_seconds = 0; }};')
+    try:
+        with http_pool(extra=both, expect_restarts=True) as pool:
+            eq(len([p for p in session_pids(pool.proc.pid) if comm(p) == "cv-forward"]), 2, "a forwarder each")
+            wait_applied(ids, 30, "the commands of both producers", [pool])
+            wait_for(lambda: not outbound() and depot_rows() == 0, 30, "forwarded rows pruned (retention 0)")
+            wait_for(lambda: forward_metrics(pool).get("conveyor_forward_pending") == 0 and
+                     forward_metrics(pool, "depot").get("conveyor_forward_pending") == 0, 30,
+                     "each producer counted on /metrics")
+            subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "pg-restart"], check=True,
+                           capture_output=True, timeout=120)
+            more = wait_for(lambda: _try(lambda: [enqueue_one("createProduct", product_payload("after the restart"))]
+                                         + depot_enqueue(1, "depot after the restart")), 60,
+                            "the producers' database back")
+            wait_applied(more, 120, "commands after PostgreSQL's restart", [pool])
+            eq(pool.stop(), (0, []), "clean stop")
+    finally:
+        c = db()
+        with c.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {depot_db} WITH (FORCE)")
+        c.close()
+        query("DELETE FROM forward_state WHERE producer = 'depot'")
+
+
+def _try(fn):
+    """fn(), or None when the database is not back yet."""
+    try:
+        return fn()
+    except psycopg2.OperationalError:
+        return None
+
+
 # ---- the fault run (Release only) -----------------------------------------------------------
 
 TRANSACTIONS = int(os.environ.get("CONVEYOR_FORWARD_TRANSACTIONS", "5000"))
