@@ -670,6 +670,45 @@ def _try(fn):
         return None
 
 
+def test_a_full_queue_holds_up_only_its_own_commands():
+    """catalog bounded (max_length 5) with no worker: the forwarder's createProducts beyond the
+    bound are refused by the broker and stay pending (not failed), while a later command of
+    another queue goes on; once catalog has a worker, the held ones follow."""
+    from test_bounded_queues import depth, empty, management
+    producer()
+    routing = {"catalog": ROUTING["catalog"], "orders": ROUTING["orders"]}
+    opts = "max_length = 5;"
+    empty("catalog")
+    conf = write_config(workers={"catalog": 0, "orders": 0}, routing=routing, queue_opts=opts, extra=PRODUCERS)
+    setup_with(conf)  # the bound: RabbitMQ's policies
+    os.unlink(conf)
+    try:
+        with Pool(workers={"catalog": 0, "orders": 1}, routing=routing, queue_opts=opts, extra=PRODUCERS) as pool:
+            cat = [enqueue_one("createProduct", product_payload(f"bounded {i}")) for i in range(12)]
+            held = wait_for(lambda: (lambda rows: rows if depth("catalog") >= 5 and len(rows) + depth("catalog") == 12
+                                     else None)([c for c, r in outbound(cat).items() if r["state"] == "pending"]),
+                            30, "catalog full, the rest of its commands held")
+            other = enqueue_one("cancelOrder", {"orderId": new_id()})
+            wait_applied([other], 30, "a command of another queue, enqueued after the held ones", [pool])
+            eq(applied([other]), {other: "rejected"}, "applied (rejected: no such order)")
+            check(all(outbound(held)[c]["state"] == "pending" for c in held),
+                  "the held commands wait, pending (not failed)")
+            eq(states().get("failed", 0), 0, "nothing failed")
+            eq(pool.stop(), (0, []), "clean stop")
+        with Pool(workers={"catalog": 1, "orders": 0}, routing=routing, queue_opts=opts, extra=PRODUCERS) as pool:
+            wait_applied(cat, 60, "every catalog command once catalog drains", [pool])
+            eq(set(applied(cat).values()), {"applied"}, "applied")
+            wait_for(lambda: states() == {"forwarded": 13}, 30, "every row forwarded")
+            eq(pool.stop(), (0, []), "clean stop")
+    finally:
+        if TRANSPORT == "rabbitmq":
+            for q in routing:
+                try:
+                    management("DELETE", f"policies/%2F/conveyor.{q}.max-length")
+                except OSError:
+                    pass
+
+
 # ---- the fault run (Release only) -----------------------------------------------------------
 
 TRANSACTIONS = int(os.environ.get("CONVEYOR_FORWARD_TRANSACTIONS", "5000"))
