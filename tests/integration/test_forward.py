@@ -14,10 +14,15 @@ them forwarded.
   a JSON object and one too large; install is idempotent;
 - a row whose type no queue routes any more is kept, marked failed with its
   error, counted in stats and /metrics, and the rows after it go on;
+- a row committed late, below rows already forwarded, is forwarded (the claim
+  floor), and the order behind its row lock kept;
 - kill -9 of the active forwarder: another takes over (the standby of a
   second pool, or the restarted child), commands keep flowing;
-- while the broker is stopped the backlog shows in /metrics and stats, and
-  empties once it is back;
+- while the broker is stopped the backlog shows in /metrics and producer
+  status, and empties once it is back (stats too);
+- two producers in one pool, the prune of forwarded rows, a PostgreSQL crash;
+  a full bounded queue holds up only its own commands; a RabbitMQ binding
+  removed behind the forwarder's back loses nothing;
 - the fault run (Release only): 5,000 shop transactions (10 % rolled back),
   each saving an order and enqueueing updateProduct on one of 50 products,
   while the broker stops for 20 s and the forwarder is killed -9 twice (once
@@ -707,6 +712,33 @@ def test_a_full_queue_holds_up_only_its_own_commands():
                     management("DELETE", f"policies/%2F/conveyor.{q}.max-length")
                 except OSError:
                     pass
+
+
+def test_a_binding_removed_behind_the_forwarders_back_loses_nothing_rabbitmq():
+    """A type queues.conf routes but RabbitMQ no longer does (its binding removed behind the
+    pool's back): the mandatory publish comes back unroutable, nothing is marked forwarded
+    for it; the forwarder's next connection declares the topology again (the binding
+    back), and the command is delivered and applied once, the rows beside it too."""
+    import pika
+    from harness import AMQP_URL
+    producer()
+    with Pool(extra=PRODUCERS) as pool:
+        first = enqueue_one("createProduct", product_payload("before the unbind"))
+        wait_applied([first], 30, "a command before the binding goes", [pool])
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        conn.channel().queue_unbind("conveyor.catalog", "conveyor.commands", "deleteProduct")
+        conn.close()
+        c = shop()
+        with c, c.cursor() as cur:  # one batch: the unroutable row among others
+            before = enqueue(cur, "createProduct", product_payload("beside it, before"))
+            lost = enqueue(cur, "deleteProduct", {"productId": new_id()})
+            after = enqueue(cur, "createProduct", product_payload("beside it, after"))
+        c.close()
+        wait_applied([before, lost, after], 30, "the unroutable command and the rows beside it", [pool])
+        eq(applied([lost]), {lost: "rejected"}, "applied once (rejected: no such product)")
+        check("no queue is bound for 'deleteProduct'" in pool.read_log(), "the return was seen and logged")
+        wait_for(lambda: states() == {"forwarded": 4}, 30, "every row forwarded")
+        eq(pool.stop(), (0, []), "clean stop")
 
 
 # ---- the fault run (Release only) -----------------------------------------------------------
