@@ -560,7 +560,7 @@ def test_a_standby_forwarder_takes_over_from_a_killed_one():
                 eq(p.stop(), (0, []), "clean stop")
 
 
-def test_the_backlog_shows_while_the_broker_is_stopped():
+def test_the_backlog_shows_while_the_broker_is_stopped():  # faults (Release only: 16 s a transport of waiting)
     producer()
     with http_pool(extra=PRODUCERS, expect_restarts=True) as pool:
         wait_for(lambda: forward_metrics(pool).get("conveyor_forward_pending") == 0, 30,
@@ -860,7 +860,7 @@ def test_committed_orders_commands_are_applied_once_in_commit_order_through_faul
         holder = wait_active(pools)
         check(holder in forwarder_pids(first), "the first pool's forwarder is the active one")
 
-        shop_run = Shop(products, rate=max(30.0, TRANSACTIONS / 90))
+        shop_run = Shop(products, rate=max(30.0, TRANSACTIONS / 60))  # about 60 s: every fault falls inside it
         # 1. kill -9 of the active forwarder while a second pool's stands by
         shop_run.wait_progress(0.1)
         os.kill(holder, signal.SIGKILL)
