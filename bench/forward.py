@@ -40,7 +40,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
 
 import pika
@@ -48,11 +47,11 @@ import psycopg2
 import redis
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
-from harness import (AMQP_URL, BIN, DB_URL, REDIS_URL, ROUTING, Events, Pool, db, query, run_bin,  # noqa: E402
-                     setup, write_config)
+from harness import AMQP_URL, BIN, REDIS_URL, ROUTING, Events, Pool, query, run_bin, setup, write_config  # noqa: E402
+from test_forward import db_url, fresh_db, sql_at  # noqa: E402  (a database of its own on the same server)
 
 SHOP_DB = "conveyor_bench_shop"
-SHOP_URL = urllib.parse.urlunsplit(urllib.parse.urlsplit(DB_URL)._replace(path="/" + SHOP_DB, query=""))
+SHOP_URL = db_url(SHOP_DB)
 PRODUCERS = f'producers = ( {{ name = "bench"; url = "{SHOP_URL}"; }} );'
 CATALOG = {"catalog": ROUTING["catalog"]}
 PRODUCT_PREFIX = "00000000-0000-4000-8000-"  # bench/run.py's products
@@ -65,25 +64,12 @@ def log(msg):
 
 
 def shop_sql(sql, *args):
-    c = psycopg2.connect(SHOP_URL)
-    c.autocommit = True
-    try:
-        with c.cursor() as cur:
-            cur.execute(sql, args or None)
-            return cur.fetchall() if cur.description else None
-    finally:
-        c.close()
+    return sql_at(SHOP_URL, sql, *args)
 
 
 def fresh_shop():
     """The producer's database, new, with the outbox installed."""
-    c = db()
-    try:
-        with c.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {SHOP_DB} WITH (FORCE)")
-            cur.execute(f"CREATE DATABASE {SHOP_DB}")
-    finally:
-        c.close()
+    fresh_db(SHOP_DB)
     conf = write_config(routing=CATALOG, extra=PRODUCERS)
     try:
         r = run_bin("conveyor-admin", "-c", conf, "producer", "install", "--database", SHOP_URL)
@@ -264,10 +250,7 @@ def main():
         out.append({"transport": transport, "throughput": throughput(transport, a.rows),
                     "latency": latency(transport, a.latency_commands, a.rate, a.workers)
                     if a.latency_commands > 0 else None})
-    c = db()
-    with c.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {SHOP_DB} WITH (FORCE)")
-    c.close()
+    query(f"DROP DATABASE IF EXISTS {SHOP_DB} WITH (FORCE)")
     print(json.dumps(out))
 
 

@@ -29,6 +29,7 @@ them forwarded.
   with a standby, once with its whole pool): every committed command applied
   exactly once and in each product's commit order, no rolled-back one ever.
 """
+import contextlib
 import json
 import os
 import random
@@ -40,16 +41,22 @@ import urllib.parse
 import uuid
 
 import psycopg2
-import redis as redislib
 
-from harness import (DB_URL, REDIS_URL, ROOT, ROUTING, TRANSPORT, Events, Failure, Pool, check, db, eq, http_pool,
-                     new_id, query, rabbitmqctl, run_bin, session_pids, write_config)
+from harness import (DB_URL, ROOT, ROUTING, TRANSPORT, Events, Failure, Pool, check, db, eq, http_pool, new_id, query,
+                     run_bin, session_pids, write_config)
 from test_delayed import wait_for
 from test_lanes import SHORT_HEARTBEAT, clear_catalog, lanes_opts, setup_with
 from test_metrics import scrape
+from test_spool import start_broker, stop_broker
+
+
+def db_url(name):
+    """The URL of database name on Conveyor's PostgreSQL server."""
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(DB_URL)._replace(path="/" + name, query=""))
+
 
 PRODUCER_DB = "producer_test"
-PRODUCER_URL = urllib.parse.urlunsplit(urllib.parse.urlsplit(DB_URL)._replace(path="/" + PRODUCER_DB, query=""))
+PRODUCER_URL = db_url(PRODUCER_DB)
 PRODUCER = "shop"
 PRODUCERS = f'producers = ( {{ name = "{PRODUCER}"; url = "{PRODUCER_URL}"; }} );'
 CATALOG = {"catalog": ROUTING["catalog"]}
@@ -63,19 +70,30 @@ CREATE TABLE public.shop_orders (id bigserial PRIMARY KEY, product_id uuid NOT N
 
 # ---- the producer's database ------------------------------------------------------------
 
-def fresh_producer_db():
-    """producer_test dropped (whoever is connected) and created empty, with the shop's own tables."""
+def fresh_db(name):
+    """Database name dropped (whoever is connected) and created empty."""
     c = db()
     try:
         with c.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {PRODUCER_DB} WITH (FORCE)")
-            cur.execute(f"CREATE DATABASE {PRODUCER_DB}")
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            cur.execute(f"CREATE DATABASE {name}")
     finally:
         c.close()
-    c = shop()
-    with c, c.cursor() as cur:
-        cur.execute(SHOP_SCHEMA)
-    c.close()
+
+
+def sql_at(url, sql, *args):
+    """One statement on its own connection (autocommit) to the database at url; its rows."""
+    with contextlib.closing(psycopg2.connect(url)) as c:
+        c.autocommit = True
+        cur = c.cursor()
+        cur.execute(sql, args or None)
+        return cur.fetchall() if cur.description else None
+
+
+def fresh_producer_db():
+    """producer_test new, with the shop's own tables."""
+    fresh_db(PRODUCER_DB)
+    sql_at(PRODUCER_URL, SHOP_SCHEMA)
 
 
 def shop():
@@ -84,14 +102,7 @@ def shop():
 
 
 def shop_query(sql, *args):
-    c = shop()
-    c.autocommit = True
-    try:
-        with c.cursor() as cur:
-            cur.execute(sql, args or None)
-            return cur.fetchall() if cur.description else None
-    finally:
-        c.close()
+    return sql_at(PRODUCER_URL, sql, *args)
 
 
 def install(routing=None, extra="", expect=0):
@@ -234,22 +245,6 @@ def wait_active(pools, timeout=60, other_than=None):
     return wait_for(lambda: (lambda p: p if p and p != other_than else None)(active_forwarder(pools)), timeout,
                     "a forwarder holding the producer database's lock" +
                     (f" other than {other_than}" if other_than else ""))
-
-
-def stop_broker():
-    if TRANSPORT == "rabbitmq":
-        rabbitmqctl("stop_app")
-    else:
-        pid = int(redislib.Redis.from_url(REDIS_URL).info("server")["process_id"])
-        os.kill(pid, signal.SIGKILL)
-
-
-def start_broker():
-    if TRANSPORT == "rabbitmq":
-        rabbitmqctl("start_app")
-    else:
-        subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "up"], check=True, capture_output=True,
-                       timeout=300)
 
 
 def forward_stats(conf):
@@ -615,13 +610,9 @@ def test_two_producers_a_postgres_restart_and_the_prune():
     producers' and Conveyor's): the forwarders reconnect and go on."""
     producer()
     depot_db = PRODUCER_DB + "_depot"
-    depot_url = urllib.parse.urlunsplit(urllib.parse.urlsplit(PRODUCER_URL)._replace(path="/" + depot_db))
+    depot_url = db_url(depot_db)
     query("DELETE FROM forward_state WHERE producer = 'depot'")
-    c = db()
-    with c.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {depot_db} WITH (FORCE)")
-        cur.execute(f"CREATE DATABASE {depot_db}")
-    c.close()
+    fresh_db(depot_db)
     r = run_bin("conveyor-admin", "-c", os.path.join(ROOT, "queues.conf"), "producer", "install", "--database",
                 depot_url)
     eq(r.returncode, 0, f"install into the second producer ({r.stderr})")
@@ -634,13 +625,7 @@ def test_two_producers_a_postgres_restart_and_the_prune():
         return ids
 
     def depot_rows():
-        d = psycopg2.connect(depot_url)
-        try:
-            with d.cursor() as cur:
-                cur.execute("SELECT count(*) FROM conveyor.outbound")
-                return cur.fetchone()[0]
-        finally:
-            d.close()
+        return sql_at(depot_url, "SELECT count(*) FROM conveyor.outbound")[0][0]
     ids = [enqueue_one("createProduct", product_payload(f"shop {i}")) for i in range(5)] + depot_enqueue(5, "depot")
     both = (f'producers = ( {{ name = "{PRODUCER}"; url = "{PRODUCER_URL}"; }}, '
             f'{{ name = "depot"; url = "{depot_url}"; }} );\nrelay: {{ retention_seconds = 0; }};')
@@ -660,10 +645,7 @@ def test_two_producers_a_postgres_restart_and_the_prune():
             wait_applied(more, 120, "commands after PostgreSQL's restart", [pool])
             eq(pool.stop(), (0, []), "clean stop")
     finally:
-        c = db()
-        with c.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {depot_db} WITH (FORCE)")
-        c.close()
+        query(f"DROP DATABASE IF EXISTS {depot_db} WITH (FORCE)")
         query("DELETE FROM forward_state WHERE producer = 'depot'")
 
 
