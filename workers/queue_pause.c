@@ -106,6 +106,8 @@ int queue_pause_refresh(struct db *db) {
 
 bool queue_paused(const struct cfg_queue *q) { return in_page(q->name); }
 
+bool queue_pause_known(void) { return __atomic_load_n(&page->seq, __ATOMIC_ACQUIRE) != 0; }
+
 
 int queue_pause_set(struct db *db, const char *queue, bool paused, const char *by, const char *note) {
     const char *p[4] = {queue, paused ? "true" : "false", by, note};

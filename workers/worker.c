@@ -382,7 +382,9 @@ static enum open_result consume_open(struct worker *w, const char *worker_id) {
  * more. On Redis the connection's heartbeat thread stops and its key is
  * deleted; its in-flight list is empty (what it took is settled, and held acks
  * are sent on close). Returns true while the queue is paused (having waited
- * 100 ms), or when the database was lost reading it (w->db is then NULL);
+ * 100 ms; 20 ms while the pool has not read the state yet: a worker started
+ * under a pause takes nothing before it knows), or when the database was lost
+ * reading it (w->db is then NULL);
  * false once it is running, with w->broker open
  * (*opened then tells whether opening it failed or was stopped: OPEN_OK when
  * it opened, or when it was open already). */
@@ -391,6 +393,10 @@ static bool paused_now(struct worker *w, const char *worker_id, enum open_result
     if (queue_pause_refresh(w->db) < 0) { /* logged; the state last read stays */
         db_check(w);
         if (!w->db) return true; /* lost: the loop reconnects before anything is taken */
+    }
+    if (!queue_pause_known()) { /* another process of the pool is reading it for the first time */
+        backoff_sleep(20, &stop_requested);
+        return true;
     }
     if (queue_paused(w->q)) {
         if (w->broker) {

@@ -576,6 +576,9 @@ int queue_pause_refresh(struct db *db);
 /* True when q is paused, as last read (false before the first read). For the
  * metrics: conveyor_queue_paused{queue} is 1 when true. Reads the page only. */
 bool queue_paused(const struct cfg_queue *q);
+/* True once the pool has read queue_state at least once (a refresh wrote the
+ * page): before that queue_paused knows nothing, and a worker takes nothing. */
+bool queue_pause_known(void);
 /* Pauses (paused true) or resumes queue in queue_state, saying who did it (by)
  * and why (note, may be NULL). Returns 0 or the error class (db_exec). */
 int queue_pause_set(struct db *db, const char *queue, bool paused, const char *by, const char *note);
