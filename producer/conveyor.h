@@ -12,6 +12,13 @@
  * error is conveyor_error(c). Strings returned through out-parameters are
  * malloc'd and owned by the caller. A client is not thread-safe.
  *
+ * SIGPIPE: ignore it in a program that uses the library (signal(SIGPIPE,
+ * SIG_IGN) at start, as conveyor-produce does). The Redis client (hiredis)
+ * writes without MSG_NOSIGNAL, so a write to a connection the server reset
+ * raises SIGPIPE, whose default action ends the process; ignored, the write
+ * fails with EPIPE and the library treats it as a lost broker (retried or,
+ * with a spool, spooled).
+ *
  * Installed as the shared library libconveyor (README, "The C library"):
  *   cc prog.c $(pkg-config --cflags --libs conveyor)
  * or in CMake find_package(Conveyor) and the target Conveyor::conveyor.

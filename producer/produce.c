@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -289,6 +290,9 @@ int main(int argc, char **argv) {
         {"fairness-key", required_argument, 0, 'f'}, {"ordering-key", required_argument, 0, 'o'},
         {"spool", required_argument, 0, 'S'}, {"flush", no_argument, 0, 'F'}, {"status", no_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    /* hiredis writes without MSG_NOSIGNAL: a reset Redis connection must fail the
+     * write (EPIPE: a lost broker, spooled or retried), not kill the process */
+    signal(SIGPIPE, SIG_IGN);
     int o;
     while ((o = getopt_long(argc, argv, "c:wt:h", opts, NULL)) != -1) {
         switch (o) {

@@ -298,9 +298,10 @@ static int take_lock(struct spool *s, bool *created, char *err, size_t errlen) {
 /* Empties the log once nothing in it waits: truncated (fsync'd), then the marker 0.
  * Returns 0 or CV_EREFUSED (errno set). */
 static int empty_log(struct spool *s) {
-    if (ftruncate(s->log_fd, 0) < 0 || fsync(s->log_fd) < 0 || write_marker(s->sent_fd, 0) < 0) return CV_EREFUSED;
-    s->size = s->sent = 0;
-    return 0;
+    if (ftruncate(s->log_fd, 0) < 0 || fsync(s->log_fd) < 0) return CV_EREFUSED;
+    s->size = s->sent = 0; /* the log is empty now, whatever befalls the marker: appends go at 0 */
+    s->waiting = 0;
+    return write_marker(s->sent_fd, 0); /* a stale marker past the end is reset by the next open */
 }
 
 /* The repairs of spool_open after its scan: a torn tail cut off (warned), a
@@ -475,7 +476,7 @@ int spool_mark_sent(struct spool *s, int64_t end, long long nrecords, char *err,
         snprintf(err, errlen, "cannot write the spool %s: %s", s->log_path, strerror(errno));
         return rc;
     }
-    s->waiting = end >= s->size ? 0 : s->waiting - nrecords;
+    if (s->size > 0) s->waiting -= nrecords; /* else empty_log emptied it */
     return 0;
 }
 
