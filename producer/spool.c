@@ -411,7 +411,8 @@ static int cut_tail(struct spool *s, int64_t size, const struct scan *sc, char *
         return CV_EREFUSED;
     }
     if (sc->cut_records == 0) snprintf(lost, sizeof lost, "that one command is lost");
-    else snprintf(lost, sizeof lost, "its commands are lost: %lld whole records%s", sc->cut_records,
+    else snprintf(lost, sizeof lost, "its commands are lost: %lld whole record%s%s", sc->cut_records,
+                  sc->cut_records == 1 ? "" : "s",
                   sc->torn ? " and a torn or corrupt part" : " without the last one of the append");
     snprintf(text, sizeof text, "the spool %s ended in an append that did not finish (cut short by a crash or a "
              "power loss before it was confirmed): dropped its %lld bytes at offset %lld, kept in %s; %s, the %lld "

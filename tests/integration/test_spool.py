@@ -406,7 +406,7 @@ def test_an_append_that_did_not_finish_is_cut_whole_and_kept_aside():
                 zero(log, recs[3][0], recs[3][1])
                 with open(log, "r+b") as f:
                     f.truncate(recs[4][0] + recs[4][1] // 2)
-                said = "its commands are lost: 1 whole records and a torn or corrupt part"
+                said = "its commands are lost: 1 whole record and a torn or corrupt part"
             elif damage == "last missing":  # whole records of the append, its last one never written
                 os.truncate(log, recs[4][0])
                 said = "its commands are lost: 2 whole records without the last one of the append"
@@ -443,6 +443,61 @@ def test_an_append_that_did_not_finish_is_cut_whole_and_kept_aside():
         purge()
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+        os.unlink(config)
+
+
+FORK_PROGRAM = r"""
+#include <conveyor.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char err[512], id[37];
+    conveyor_client *c = conveyor_open(argv[1], 0, err, sizeof err, NULL);
+    if (!c || conveyor_set_spool(c, argv[2], 0) < 0) return 2;
+    pid_t pid = fork();
+    if (pid == 0) { /* the child: the parent's spool (and lock) is not its own */
+        int rc = conveyor_publish(c, "createProduct", "{\"name\":\"fork\",\"price\":\"1.00\"}", NULL, id);
+        printf("child %d %s\n", rc, conveyor_error(c));
+        fflush(stdout);
+        _exit(0);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    int rc = conveyor_publish(c, "createProduct", "{\"name\":\"parent\",\"price\":\"1.00\"}", NULL, id);
+    printf("parent %d %lld\n", rc, conveyor_spooled(c));
+    conveyor_close(c);
+    return 0;
+}
+"""
+
+
+def test_a_forked_child_cannot_use_its_parents_spool():
+    """fork() shares the spool's lock: the child's publish is refused
+    (CONVEYOR_ESPOOL, saying why), the parent's is spooled."""
+    config = idle_config()
+    d = tempfile.mkdtemp(prefix="conveyor-spool-")
+    tmp = tempfile.mkdtemp(prefix="conveyor-fork-")
+    try:
+        needed = subprocess.run(["readelf", "-d", os.path.join(BIN, "libconveyor.so")], capture_output=True,
+                                text=True).stdout
+        san = ["-fsanitize=address,undefined"] if "libasan" in needed else []
+        src, prog = os.path.join(tmp, "fork.c"), os.path.join(tmp, "fork")
+        open(src, "w").write(FORK_PROGRAM)
+        r = subprocess.run(["cc", *san, "-I", os.path.join(ROOT, "producer"), src, "-L", BIN, "-lconveyor",
+                            f"-Wl,-rpath,{BIN}", "-o", prog], capture_output=True, text=True)
+        eq(r.returncode, 0, f"the fork program builds: {r.stderr}")
+        r = subprocess.run([prog, config, d], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **down_env()}, cwd=ROOT)
+        eq(r.returncode, 0, f"the fork program: {r.stdout} {r.stderr}")
+        lines = r.stdout.splitlines()
+        child = [x for x in lines if x.startswith("child ")]
+        check(len(child) == 1 and child[0].startswith("child -6 ") and "a fork of it?" in child[0], r.stdout)
+        check("parent 0 1" in lines, f"the parent spools: {r.stdout}")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         os.unlink(config)
 
 
