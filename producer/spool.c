@@ -214,14 +214,14 @@ static int scan(int fd, const char *path, int64_t size, int64_t sent, struct sca
                 w.batch = r.batch;
                 off = next;
             }
-        } else if (c == REC_WHOLE && w.damage_at >= 0 && r.batch != w.batch) {
-            c = REC_BAD; /* past damage, a record of another batch */
         }
+        if (c == REC_WHOLE && w.open && r.batch != w.batch) c = REC_BAD; /* another append follows */
         if (c == REC_BAD || (c == REC_WHOLE && w.damage_at >= 0 && (r.flags & LAST_OF_BATCH))) {
-            snprintf(err, errlen, "the spool %s has a corrupt record at offset %lld, and whole records of a "
-                     "finished or a later append follow it (at offset %lld): not repaired, nothing is sent from it; move the "
-                     "file aside and keep it (its records are commands not yet sent)", path,
-                     (long long)w.damage_at, (long long)off);
+            snprintf(err, errlen, "the spool %s has %s at offset %lld, and whole records of a finished or a later "
+                     "append follow it (at offset %lld): not repaired, nothing is sent from it; move the file aside "
+                     "and keep it (its records are commands not yet sent)", path,
+                     w.damage_at >= 0 ? "a corrupt record" : "an append that did not finish",
+                     (long long)(w.damage_at >= 0 ? w.damage_at : w.batch_at), (long long)off);
             rc = CV_EREFUSED;
             break;
         }
@@ -231,14 +231,6 @@ static int scan(int fd, const char *path, int64_t size, int64_t sent, struct sca
             break;
         }
         if (!w.open) w = (struct walk){true, r.batch, off, sc->before + sc->from, 0, -1};
-        else if (r.batch != w.batch) { /* an append without its last record, followed by another */
-            snprintf(err, errlen, "the spool %s has an append that did not finish at offset %lld, and whole "
-                     "records of another follow it (at offset %lld): not repaired, nothing is sent from it; move "
-                     "the file aside and keep it (its records are commands not yet sent)", path,
-                     (long long)w.batch_at, (long long)off);
-            rc = CV_EREFUSED;
-            break;
-        }
         w.in_batch++;
         if (r.batch > sc->last_batch) sc->last_batch = r.batch;
         if (off >= sent && sc->sent_found) {

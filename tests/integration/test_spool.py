@@ -3,7 +3,9 @@ API's spool (conveyor_set_spool, conveyor_flush, conveyor_spooled,
 conveyor_spool_status). With the broker down, commands are appended to a local
 file, fsync'd, and sent in order once it is back; a producer killed -9 loses
 nothing it spooled; a full spool, a locked one, a corrupt one are refused with a
-clear message and exit 7; a torn or corrupt last record is dropped, and said so;
+clear message and exit 7; an append a crash cut short (a torn last record, or
+damage followed by whole records of that append) is cut whole, kept aside in
+spool.log.torn-OFFSET, and said so; a forked child is refused;
 an invalid command and a full queue are never spooled (README, "The offline
 spool"; docs/decisions.md, "The offline spool")."""
 import hashlib
