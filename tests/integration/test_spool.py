@@ -475,6 +475,19 @@ int main(int argc, char **argv) {
 """
 
 
+def c_program(tmp, source):
+    """source built against the build tree's libconveyor (with its sanitizers) in tmp: the program's path."""
+    needed = subprocess.run(["readelf", "-d", os.path.join(BIN, "libconveyor.so")], capture_output=True,
+                            text=True).stdout
+    san = ["-fsanitize=address,undefined"] if "libasan" in needed else []
+    src, prog = os.path.join(tmp, "prog.c"), os.path.join(tmp, "prog")
+    open(src, "w").write(source)
+    r = subprocess.run(["cc", *san, "-I", os.path.join(ROOT, "producer"), src, "-L", BIN, "-lconveyor",
+                        f"-Wl,-rpath,{BIN}", "-o", prog], capture_output=True, text=True)
+    eq(r.returncode, 0, f"the program builds: {r.stderr}")
+    return prog
+
+
 def test_a_forked_child_cannot_use_its_parents_spool():
     """fork() shares the spool's lock: the child's publish is refused
     (CONVEYOR_ESPOOL, saying why), the parent's is spooled."""
@@ -482,14 +495,7 @@ def test_a_forked_child_cannot_use_its_parents_spool():
     d = tempfile.mkdtemp(prefix="conveyor-spool-")
     tmp = tempfile.mkdtemp(prefix="conveyor-fork-")
     try:
-        needed = subprocess.run(["readelf", "-d", os.path.join(BIN, "libconveyor.so")], capture_output=True,
-                                text=True).stdout
-        san = ["-fsanitize=address,undefined"] if "libasan" in needed else []
-        src, prog = os.path.join(tmp, "fork.c"), os.path.join(tmp, "fork")
-        open(src, "w").write(FORK_PROGRAM)
-        r = subprocess.run(["cc", *san, "-I", os.path.join(ROOT, "producer"), src, "-L", BIN, "-lconveyor",
-                            f"-Wl,-rpath,{BIN}", "-o", prog], capture_output=True, text=True)
-        eq(r.returncode, 0, f"the fork program builds: {r.stderr}")
+        prog = c_program(tmp, FORK_PROGRAM)
         r = subprocess.run([prog, config, d], capture_output=True, text=True, timeout=120,
                            env={**os.environ, **down_env()}, cwd=ROOT)
         eq(r.returncode, 0, f"the fork program: {r.stdout} {r.stderr}")
@@ -498,6 +504,52 @@ def test_a_forked_child_cannot_use_its_parents_spool():
         check(len(child) == 1 and child[0].startswith("child -6 ") and "a fork of it?" in child[0], r.stdout)
         check("parent 0 1" in lines, f"the parent spools: {r.stdout}")
     finally:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.unlink(config)
+
+
+MARKER_PROGRAM = r"""
+#include <conveyor.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    char err[512], id[37];
+    conveyor_client *c = conveyor_open(argv[1], 0, err, sizeof err, NULL);
+    if (!c || conveyor_set_spool(c, argv[2], 0) < 0) return 2;
+    int rc = conveyor_flush(c);
+    printf("flush %d %lld %s\n", rc, conveyor_spooled(c), conveyor_error(c));
+    rc = conveyor_publish(c, "createProduct", "{\"name\":\"after\",\"price\":\"1.00\"}", NULL, id);
+    printf("publish %d %lld %s\n", rc, conveyor_spooled(c), id);
+    conveyor_close(c);
+    return 0;
+}
+"""
+
+
+def test_a_marker_that_cannot_be_written_after_the_flush_leaves_the_spool_usable():
+    """Everything sent, the log truncated, then the marker's write fails
+    (spool.sent on /dev/full: ENOSPC): the flush says so (CONVEYOR_ESPOOL), and
+    the client knows its log is empty: the next publish is sent, not refused."""
+    purge()
+    config = idle_config()
+    d = tempfile.mkdtemp(prefix="conveyor-spool-")
+    tmp = tempfile.mkdtemp(prefix="conveyor-marker-")
+    try:
+        r = produce(config, "--spool", d, input_=lines_of([product(i) for i in range(3)]), env=down_env())
+        eq(r.returncode, 0, f"spooled: {r.stderr}")
+        spooled = r.stdout.split()
+        os.unlink(os.path.join(d, "spool.sent"))
+        os.symlink("/dev/full", os.path.join(d, "spool.sent"))
+        prog = c_program(tmp, MARKER_PROGRAM)
+        r = subprocess.run([prog, config, d], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        eq(r.returncode, 0, f"the program: {r.stdout} {r.stderr}")
+        lines = r.stdout.splitlines()
+        check(lines[0].startswith("flush -6 0 ") and "No space left on device" in lines[0], r.stdout)
+        check(lines[1].startswith("publish 0 0 "), f"the next publish is sent: {r.stdout}")
+        eq(queued_ids(), spooled + [lines[1].split()[3]], "the spooled three, then the new one")
+        eq(os.path.getsize(os.path.join(d, "spool.log")), 0, "the log is empty")
+    finally:
+        purge()
         shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.unlink(config)
