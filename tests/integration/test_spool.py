@@ -555,6 +555,29 @@ def test_a_marker_that_cannot_be_written_after_the_flush_leaves_the_spool_usable
         os.unlink(config)
 
 
+def test_a_closed_stdout_still_ends_the_run_by_sigpipe():
+    """conveyor-produce ignores SIGPIPE (a reset Redis connection must fail its
+    write, not kill the run); its stdout's reader gone (`| head -1`) still ends
+    it by SIGPIPE at the first ids written, reading no further line."""
+    config = idle_config()
+    d = tempfile.mkdtemp(prefix="conveyor-spool-")
+    try:
+        p = subprocess.Popen([os.path.join(BIN, "conveyor-produce"), "-c", config, "--spool", d],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             env={**os.environ, **down_env()}, cwd=ROOT)
+        p.stdout.close()  # the reader is gone before the first id
+        try:
+            p.stdin.write(lines_of([product(i) for i in range(3000)]).encode())
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+        eq(p.wait(120), -signal.SIGPIPE, "ended by SIGPIPE")
+        check(status(d)["records"] < 3000, "no further line read after the ids could not be written")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        os.unlink(config)
+
+
 def test_refusals_are_never_spooled():
     """An invalid command (exit 5) and a full queue (exit 6) are not spooled,
     whether or not the broker is up; a full queue holding up what waits refuses
