@@ -449,15 +449,6 @@ def test_an_append_that_did_not_finish_is_cut_whole_and_kept_aside():
 
 
 FORK_PROGRAM = r"""
-#include <conveyor.h>
-#include <stdio.h>
-#include <string.h>
-#include <sys/wait.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    char err[512], id[37];
-    conveyor_client *c = conveyor_open(argv[1], 0, err, sizeof err, NULL);
-    if (!c || conveyor_set_spool(c, argv[2], 0) < 0) return 2;
     pid_t pid = fork();
     if (pid == 0) { /* the child: the parent's spool (and lock) is not its own */
         int rc = conveyor_publish(c, "createProduct", "{\"name\":\"fork\",\"price\":\"1.00\"}", NULL, id);
@@ -469,14 +460,29 @@ int main(int argc, char **argv) {
     waitpid(pid, &st, 0);
     int rc = conveyor_publish(c, "createProduct", "{\"name\":\"parent\",\"price\":\"1.00\"}", NULL, id);
     printf("parent %d %lld\n", rc, conveyor_spooled(c));
+"""
+
+
+C_MAIN = r"""#include <conveyor.h>
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char err[512], id[37];
+    (void)argc;
+    conveyor_client *c = conveyor_open(argv[1], 0, err, sizeof err, NULL);
+    if (!c || conveyor_set_spool(c, argv[2], 0) < 0) return 2;
+%s
     conveyor_close(c);
     return 0;
 }
 """
 
 
-def c_program(tmp, source):
-    """source built against the build tree's libconveyor (with its sanitizers) in tmp: the program's path."""
+def c_program(tmp, body):
+    """A program of C_MAIN around body (argv: a config, a spool directory), built against the build tree's
+    libconveyor (with its sanitizers) in tmp: its path."""
+    source = C_MAIN % body
     needed = subprocess.run(["readelf", "-d", os.path.join(BIN, "libconveyor.so")], capture_output=True,
                             text=True).stdout
     san = ["-fsanitize=address,undefined"] if "libasan" in needed else []
@@ -510,19 +516,10 @@ def test_a_forked_child_cannot_use_its_parents_spool():
 
 
 MARKER_PROGRAM = r"""
-#include <conveyor.h>
-#include <stdio.h>
-int main(int argc, char **argv) {
-    char err[512], id[37];
-    conveyor_client *c = conveyor_open(argv[1], 0, err, sizeof err, NULL);
-    if (!c || conveyor_set_spool(c, argv[2], 0) < 0) return 2;
     int rc = conveyor_flush(c);
     printf("flush %d %lld %s\n", rc, conveyor_spooled(c), conveyor_error(c));
     rc = conveyor_publish(c, "createProduct", "{\"name\":\"after\",\"price\":\"1.00\"}", NULL, id);
     printf("publish %d %lld %s\n", rc, conveyor_spooled(c), id);
-    conveyor_close(c);
-    return 0;
-}
 """
 
 
