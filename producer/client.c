@@ -260,10 +260,13 @@ static int spool_prepared(conveyor_client *c, struct prepared *p, int n) {
     if (rc == 0) rc = spool_append(c->spool, bodies, lens, n, &appended, c->err, sizeof c->err);
     free(bodies);
     free(lens);
-    for (int i = 0; i < n; i++) {
-        if (i >= appended) p[i].refused = true;
-        else if (remember(c, p[i].id) < 0) return fail(c, CONVEYOR_ESPOOL, "%s", "out of memory (after spooling)");
+    bool lost_ids = false;
+    for (int i = 0; i < n; i++) { /* every one: a failed try of the broker may have marked some refused */
+        p[i].refused = i >= appended;
+        if (!p[i].refused && !lost_ids && remember(c, p[i].id) < 0) lost_ids = true;
     }
+    if (lost_ids) return fail(c, CONVEYOR_ESPOOL, "%s", "out of memory after spooling (the spooled ones are kept "
+                              "and sent: their ids are given; conveyor_wait cannot find them)");
     if (rc < 0) return CONVEYOR_ESPOOL;
     snprintf(c->err, sizeof c->err, "spooled in %s (waiting there now: %lld): %s", spool_dir(c->spool),
              spool_waiting(c->spool), c->spool_why[0] ? c->spool_why : "the broker could not be reached");

@@ -12,6 +12,13 @@
  * error is conveyor_error(c). Strings returned through out-parameters are
  * malloc'd and owned by the caller. A client is not thread-safe.
  *
+ * SIGPIPE: ignore it in a program that uses the library (signal(SIGPIPE,
+ * SIG_IGN) at start, as conveyor-produce does). The Redis client (hiredis)
+ * writes without MSG_NOSIGNAL, so a write to a connection the server reset
+ * raises SIGPIPE, whose default action ends the process; ignored, the write
+ * fails with EPIPE and the library treats it as a lost broker (retried or,
+ * with a spool, spooled).
+ *
  * Installed as the shared library libconveyor (README, "The C library"):
  *   cc prog.c $(pkg-config --cflags --libs conveyor)
  * or in CMake find_package(Conveyor) and the target Conveyor::conveyor.
@@ -139,7 +146,8 @@ int conveyor_wait(conveyor_client *c, const char *id, int timeout_ms, char **eve
  * offline spool"). With a spool, a publish the broker cannot take (it cannot be
  * reached, or was lost, or did not confirm: not a refusal) is appended to a file
  * in dir and fsync'd before the call returns 0: durably accepted, its id in
- * id_out, sent later in order with the same id (workers apply an id once). While
+ * id_out, sent later in order with the same id (workers apply an id once,
+ * within dedup.retention_days: flush well before). While
  * anything waits in the spool, new commands go behind it: a publish first sends
  * what waits (trying the broker at most once a second while it is away), and
  * spools the new command when that does not empty the spool. So a publish that
@@ -152,9 +160,11 @@ int conveyor_wait(conveyor_client *c, const char *id, int timeout_ms, char **eve
  * is sent by the client's own calls (a publish, conveyor_flush). */
 
 /* Gives c a spool in dir (made, mode 0700, when missing): locks it against a
- * second writer (flock: one process per directory) and checks it, cutting off a
- * torn or corrupt last record (a warning on stderr names its bytes; the same
- * text in conveyor_error). max_bytes bounds the file (<= 0: the configuration's
+ * second writer (flock: one process per directory; a fork()ed child is refused
+ * too, CONVEYOR_ESPOOL: it opens a spool of its own) and checks it, cutting off
+ * an append that did not finish at its end (a crash mid-append: its bytes kept
+ * in dir/spool.log.torn-OFFSET; a warning on stderr names them; the same text
+ * in conveyor_error). max_bytes bounds the file (<= 0: the configuration's
  * producer.spool_max_bytes, 64 MiB by default). Sends nothing: the next publish
  * or conveyor_flush does. dir NULL closes c's spool. Returns 0, or
  * CONVEYOR_ESPOOL (locked by another process, a corrupt record in the middle,
@@ -175,7 +185,8 @@ long long conveyor_spooled(const conveyor_client *c);
  * and without changing it: *records commands, the file's *bytes, and the
  * createdAt of the oldest in oldest ("" when none waits); any may be NULL.
  * A directory without a spool holds none. Returns 0, or CONVEYOR_ESPOOL with
- * the reason in err (a corrupt record in the middle, a read error). */
+ * the reason in err (a missing directory, a corrupt record in the middle, a
+ * read error). */
 int conveyor_spool_status(const char *dir, long long *records, long long *bytes, char oldest[40], char *err,
                           size_t errlen);
 

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,6 +73,16 @@ static const char usage[] =
     "full, locked by another process, corrupt or cannot be written (the message\n"
     "says which; the command was neither sent nor spooled).\n";
 
+/* Flushes stdout; when its reader has gone (EPIPE: `| head -1`), ends the
+ * process by SIGPIPE as it would without main's SIG_IGN (which is for the
+ * broker's sockets, not for stdout). */
+static void flush_stdout(void) {
+    if ((fflush(stdout) == EOF || ferror(stdout)) && errno == EPIPE) {
+        signal(SIGPIPE, SIG_DFL);
+        raise(SIGPIPE);
+    }
+}
+
 static int code_for(int rc) {
     switch (rc) {
     case CONVEYOR_EINVALID: return EXIT_INVALID;
@@ -128,7 +139,7 @@ static int wait_result(conveyor_client *c, const char *id, int timeout_ms) {
     int rc = conveyor_wait(c, id, timeout_ms, &event);
     if (event) {
         printf("%s\n", event);
-        fflush(stdout);
+        flush_stdout();
         free(event);
     } else {
         fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
@@ -289,6 +300,9 @@ int main(int argc, char **argv) {
         {"fairness-key", required_argument, 0, 'f'}, {"ordering-key", required_argument, 0, 'o'},
         {"spool", required_argument, 0, 'S'}, {"flush", no_argument, 0, 'F'}, {"status", no_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    /* hiredis writes without MSG_NOSIGNAL: a reset Redis connection must fail the
+     * write (EPIPE: a lost broker, spooled or retried), not kill the process */
+    signal(SIGPIPE, SIG_IGN);
     int o;
     while ((o = getopt_long(argc, argv, "c:wt:h", opts, NULL)) != -1) {
         switch (o) {
@@ -366,7 +380,7 @@ int main(int argc, char **argv) {
             status = rc == CONVEYOR_EBROKER && conveyor_config_error(c) ? EXIT_USAGE : code_for(rc);
         } else {
             printf("%s\n", id);
-            fflush(stdout);
+            flush_stdout();
             if (conveyor_spooled(c) > 0) fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
             if (wait) status = wait_result(c, id, timeout_ms);
         }
@@ -436,7 +450,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "conveyor-produce: %s\n", conveyor_error(c));
             spool_told = true;
         }
-        fflush(stdout);
+        flush_stdout();
         int64_t now = clock_mono_ms();
         if (progress && now - shown >= 500) {
             fprintf(stderr, "\rconveyor-produce: %ld published, %.0f/s ", published,
@@ -449,7 +463,7 @@ int main(int argc, char **argv) {
                 (double)(clock_mono_ms() - started) / 1000.0);
     free(bids);
     free(lr.buf);
-    fflush(stdout);
+    flush_stdout();
     for (size_t i = 0; i < nids; i++) {
         int s = wait_result(c, ids[i], timeout_ms);
         if (s && (!status || s == EXIT_TIMEOUT)) status = s;

@@ -4,8 +4,11 @@
  * of checksummed records until they are sent. Internal to producer/ (client.c);
  * the format and its bounds are in docs/decisions.md, "The offline spool".
  *
- * DIR/spool.log   records: "CVS1", u32 length (LE), 16-byte BLAKE2b of
- *                 (length, body), body (the envelope as it will be sent)
+ * DIR/spool.log   records: "CVS2", u32 length, u64 batch (the append's
+ *                 number), u32 flags (1: the last record of its append), all
+ *                 LE, 16-byte BLAKE2b of (length, batch, flags, body), body (the
+ *                 envelope as it will be sent)
+ * DIR/spool.log.torn-OFFSET  the bytes an open cut off (an append that did not finish)
  * DIR/spool.sent  16 bytes: u64 offset (LE) and its complement: the records
  *                 before the offset were confirmed by the broker
  * DIR/spool.lock  flock'd by the one writer; holds its pid
@@ -41,12 +44,16 @@ struct spool_status {
 
 /* Opens the spool in dir (created, mode 0700, when missing), locks it against
  * a second writer (flock on DIR/spool.lock, LOCK_NB), and checks every record:
- * a torn or corrupt last record is cut off (the file truncated and fsync'd,
- * log_warn naming the bytes, and the same text in warn when warn is not
- * NULL: warn[0] stays '\0' otherwise). Returns 0 with *out (spool_close it), or
- * CV_EREFUSED with the reason in err: locked by another process (its pid named),
- * a corrupt record followed by whole ones (its offset named: the file is kept
- * as it is), a file that cannot be created, read or written. */
+ * an append that did not finish (its last record missing: torn, corrupt or
+ * zeroed records, possibly whole ones of that append after them) at the end is
+ * cut off from its first record (the bytes copied to DIR/spool.log.torn-OFFSET
+ * first, then the file truncated and fsync'd, log_warn naming the bytes, and
+ * the same text in warn when warn is not NULL: warn[0] stays '\0' otherwise).
+ * Returns 0 with *out (spool_close it), or CV_EREFUSED with the reason in err:
+ * locked by another process (its pid named), damage followed by whole records
+ * of a finished or a later append (its offset named: the file is kept as it
+ * is), a file that cannot be created, read or written. Only the process that
+ * opened it may use it (a fork's child is refused: CV_EREFUSED). */
 int spool_open(const char *dir, long long max_bytes, struct spool **out, char *warn, size_t warnlen, char *err,
                size_t errlen);
 /* Closes the files (the lock goes with them) and frees s; NULL is fine. */
@@ -59,8 +66,10 @@ const char *spool_dir(const struct spool *s);
  * fdatasync: durable when it returns. Appends as many as fit under the bound,
  * in order (none after the first that does not fit). Returns 0 with *appended
  * = n; CV_EFULL with *appended < n (the others appended and durable) and the
- * bound named in err; or CV_EREFUSED when the file cannot be written (ENOSPC,
- * EIO: the file is cut back to where it was, *appended = 0). */
+ * bound named in err (or the size of a command larger than the bound); or
+ * CV_EREFUSED when the file cannot be written (ENOSPC, EIO: the file is cut
+ * back to where it was, *appended = 0). The records are one append (batch):
+ * the last one flagged. */
 int spool_append(struct spool *s, const char *const *bodies, const size_t *lens, int n, int *appended, char *err,
                  size_t errlen);
 /* The first up to max waiting records, in order, into recs. Returns how many
@@ -77,8 +86,8 @@ int spool_mark_sent(struct spool *s, int64_t end, long long nrecords, char *err,
 /* What the spool in dir holds, read without its lock and without changing it
  * (a writer may be appending: an incomplete tail is counted in torn_bytes).
  * A directory without a spool holds nothing (0). Returns 0, or CV_EREFUSED
- * with the reason in err (a corrupt record followed by whole ones, a read
- * error). */
+ * with the reason in err (a missing directory, a corrupt record followed by
+ * whole ones of a finished append, a read error). */
 int spool_status(const char *dir, struct spool_status *st, char *err, size_t errlen);
 
 #endif

@@ -32,7 +32,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "cannot open the client: %s\n", err);
         return 2;
     }
-    /* after conveyor_open: locks DIR, checks it (a torn last record is cut off) */
+    /* after conveyor_open: locks DIR, checks it (an append a crash cut short is cut off, kept aside) */
     if (conveyor_set_spool(c, argv[2], 0) != CONVEYOR_OK) {
         fprintf(stderr, "cannot use the spool: %s\n", conveyor_error(c));
         conveyor_close(c);

@@ -3,9 +3,12 @@ API's spool (conveyor_set_spool, conveyor_flush, conveyor_spooled,
 conveyor_spool_status). With the broker down, commands are appended to a local
 file, fsync'd, and sent in order once it is back; a producer killed -9 loses
 nothing it spooled; a full spool, a locked one, a corrupt one are refused with a
-clear message and exit 7; a torn or corrupt last record is dropped, and said so;
+clear message and exit 7; an append a crash cut short (a torn last record, or
+damage followed by whole records of that append) is cut whole, kept aside in
+spool.log.torn-OFFSET, and said so; a forked child is refused;
 an invalid command and a full queue are never spooled (README, "The offline
 spool"; docs/decisions.md, "The offline spool")."""
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +31,7 @@ from test_bounded_queues import management, setup_with
 
 N = 2000
 EXIT_INVALID, EXIT_FULL, EXIT_SPOOL = 5, 6, 7  # conveyor-produce --help
-HEAD = 24  # a record's magic, length and checksum (docs/decisions.md)
+HEAD = 36  # a record's magic, length, batch, flags and checksum (docs/decisions.md)
 
 
 def idle_config(extra="", queue_opts=""):
@@ -135,17 +138,24 @@ def start_broker():
             time.sleep(0.5)
 
 
-def records(path):
-    """(offset, size) of each whole record of a spool.log (docs/decisions.md's format)."""
+def records(path, full=False):
+    """(offset, size) of each whole record of a spool.log (docs/decisions.md's
+    format); with full, (offset, size, batch, flags)."""
     data = open(path, "rb").read()
     out, off = [], 0
-    while off + HEAD <= len(data) and data[off:off + 4] == b"CVS1":
-        (n,) = struct.unpack_from("<I", data, off + 4)
+    while off + HEAD <= len(data) and data[off:off + 4] == b"CVS2":
+        n, batch, flags = struct.unpack_from("<IQI", data, off + 4)
         if off + HEAD + n > len(data):
             break
-        out.append((off, HEAD + n))
+        out.append((off, HEAD + n, batch, flags) if full else (off, HEAD + n))
         off += HEAD + n
     return out
+
+
+def record_bytes(body, batch, last):
+    """One spool record, as the client writes it (docs/decisions.md's format)."""
+    fields = struct.pack("<IQI", len(body), batch, 1 if last else 0)
+    return b"CVS2" + fields + hashlib.blake2b(fields + body, digest_size=16).digest() + body
 
 
 def wait_applied(ids, timeout=180):
@@ -267,6 +277,13 @@ def test_a_full_or_locked_spool_is_refused():
         eq(r.returncode, EXIT_SPOOL, f"one more: {r.stderr}")
         check("is full" in r.stderr, r.stderr)
         eq(r.stdout, "", "no id for a command not spooled")
+        big = json.dumps({"name": "x" * 5000, "price": 1})
+        d2 = tempfile.mkdtemp(prefix="conveyor-spool-")
+        r = produce(config, "--spool", d2, "createProduct", big, env=down)
+        shutil.rmtree(d2, ignore_errors=True)
+        eq(r.returncode, EXIT_SPOOL, f"a command larger than the bound: {r.stderr}")
+        check("more than the spool" in r.stderr and "can ever hold (at most 4096 bytes" in r.stderr
+              and "is full" not in r.stderr, f"says so, not 'full': {r.stderr}")
 
         hold = subprocess.Popen([os.path.join(BIN, "conveyor-produce"), "-c", config, "--spool", d],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -298,13 +315,16 @@ def test_a_torn_or_corrupt_spool_loses_at_most_its_last_record():
     down = down_env()
     dirs = []
 
-    def spool_of(n):
+    def spool_of(n):  # two appends: n - 1 commands, then one
         d = tempfile.mkdtemp(prefix="conveyor-spool-")
         dirs.append(d)
         envs = [product(i) for i in range(n)]
-        r = produce(config, "--spool", d, input_=lines_of(envs), env=down)
-        eq(r.returncode, 0, f"spooled: {r.stderr}")
-        return d, os.path.join(d, "spool.log"), r.stdout.split()
+        ids = []
+        for part in (envs[:-1], envs[-1:]):
+            r = produce(config, "--spool", d, input_=lines_of(part), env=down)
+            eq(r.returncode, 0, f"spooled: {r.stderr}")
+            ids += r.stdout.split()
+        return d, os.path.join(d, "spool.log"), ids
 
     def flip(path, at):
         data = bytearray(open(path, "rb").read())
@@ -327,7 +347,8 @@ def test_a_torn_or_corrupt_spool_loses_at_most_its_last_record():
             eq(status(d)["records"], 4, f"{damage}: --status counts the whole ones")
             r = produce(config, "--spool", d, "--flush")
             eq(r.returncode, 0, f"{damage}: --flush: {r.stderr}")
-            check(f"dropped its {lost} bytes at offset {off}" in r.stderr, f"{damage}: says what it dropped: {r.stderr}")
+            check(f"dropped its {lost} bytes at offset {off}, kept in {log}.torn-{off}" in r.stderr
+                  and "that one command is lost" in r.stderr, f"{damage}: says what it dropped: {r.stderr}")
             check("4 spooled commands sent" in r.stderr, r.stderr)
             eq(queued_ids(), ids[:4], f"{damage}: the four before it sent, in order")
             eq(status(d)["records"], 0, "none waits")
@@ -346,6 +367,211 @@ def test_a_torn_or_corrupt_spool_loses_at_most_its_last_record():
         purge()
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+        os.unlink(config)
+
+
+def test_an_append_that_did_not_finish_is_cut_whole_and_kept_aside():
+    """A power loss mid-append may leave zeros or garbage followed by whole
+    records of that same append (pages written back out of order): the append,
+    never confirmed (its last record missing), is cut from its first record, the
+    bytes kept in spool.log.torn-OFFSET (mode 0600), the appends before it sent;
+    damage followed by a finished append is refused as before."""
+    config = idle_config()
+    down = down_env()
+    dirs = []
+
+    def two_appends():  # two commands, then three: records 0-1 and 2-4
+        d = tempfile.mkdtemp(prefix="conveyor-spool-")
+        dirs.append(d)
+        ids = []
+        for k in (2, 3):
+            r = produce(config, "--spool", d, input_=lines_of([product(i) for i in range(k)]), env=down)
+            eq(r.returncode, 0, f"spooled: {r.stderr}")
+            ids += r.stdout.split()
+        log = os.path.join(d, "spool.log")
+        recs = records(log, full=True)
+        eq([(b, f) for _, _, b, f in recs], [(1, 0), (1, 1), (2, 0), (2, 0), (2, 1)],
+           "two appends, each one's last record flagged")
+        return d, log, ids, recs
+
+    def zero(path, off, size):
+        with open(path, "r+b") as f:
+            f.seek(off)
+            f.write(b"\0" * size)
+
+    try:
+        for damage in ("middle zeroed", "last missing", "hand-built"):
+            purge()
+            d, log, ids, recs = two_appends()
+            cut_at = recs[2][0]
+            if damage == "middle zeroed":  # zeros, then a whole record of the same append: no last one
+                zero(log, recs[3][0], recs[3][1])
+                with open(log, "r+b") as f:
+                    f.truncate(recs[4][0] + recs[4][1] // 2)
+                said = "its commands are lost: 1 whole record and a torn or corrupt part"
+            elif damage == "last missing":  # whole records of the append, its last one never written
+                os.truncate(log, recs[4][0])
+                said = "its commands are lost: 2 whole records without the last one of the append"
+            else:  # a file written by hand: garbage between whole records of an unfinished append
+                data = open(log, "rb").read()[:cut_at]
+                body = json.dumps(product("x")).encode()
+                data += record_bytes(body, 2, False) + os.urandom(50) + record_bytes(body, 2, False)
+                open(log, "wb").write(data)
+                said = "its commands are lost: 2 whole records and a torn or corrupt part"
+            before = open(log, "rb").read()
+            eq(status(d)["records"], 2, f"{damage}: --status counts the finished append only")
+            r = produce(config, "--spool", d, "--flush")
+            eq(r.returncode, 0, f"{damage}: --flush: {r.stderr}")
+            torn = f"{log}.torn-{cut_at}"
+            check(f"dropped its {len(before) - cut_at} bytes at offset {cut_at}, kept in {torn}" in r.stderr
+                  and said in r.stderr and "the 2 before it are kept" in r.stderr, f"{damage}: {r.stderr}")
+            eq(open(torn, "rb").read(), before[cut_at:], f"{damage}: the cut bytes kept")
+            eq(os.stat(torn).st_mode & 0o777, 0o600, "kept mode 0600")
+            check("2 spooled commands sent" in r.stderr, r.stderr)
+            eq(queued_ids(), ids[:2], f"{damage}: the finished append sent, in order")
+
+        d, log, ids, recs = two_appends()  # damage in an append whose last record is whole: refused
+        zero(log, recs[2][0], recs[2][1])
+        before = open(log, "rb").read()
+        r = produce(config, "--spool", d, "--flush")
+        eq(r.returncode, EXIT_SPOOL, f"damage then a finished append: {r.stderr}")
+        check(f"corrupt record at offset {recs[2][0]}" in r.stderr and "not repaired" in r.stderr, r.stderr)
+        eq(open(log, "rb").read(), before, "the file is kept as it was")
+
+        r = run_bin("conveyor-produce", "--spool", os.path.join(d, "no-such-dir"), "--status")
+        eq(r.returncode, EXIT_SPOOL, f"--status of a missing directory: {r.stderr}")
+        check("cannot read the spool directory" in r.stderr, r.stderr)
+    finally:
+        purge()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        os.unlink(config)
+
+
+FORK_PROGRAM = r"""
+    pid_t pid = fork();
+    if (pid == 0) { /* the child: the parent's spool (and lock) is not its own */
+        int rc = conveyor_publish(c, "createProduct", "{\"name\":\"fork\",\"price\":\"1.00\"}", NULL, id);
+        printf("child %d %s\n", rc, conveyor_error(c));
+        fflush(stdout);
+        _exit(0);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    int rc = conveyor_publish(c, "createProduct", "{\"name\":\"parent\",\"price\":\"1.00\"}", NULL, id);
+    printf("parent %d %lld\n", rc, conveyor_spooled(c));
+"""
+
+
+C_MAIN = r"""#include <conveyor.h>
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char err[512], id[37];
+    (void)argc;
+    conveyor_client *c = conveyor_open(argv[1], 0, err, sizeof err, NULL);
+    if (!c || conveyor_set_spool(c, argv[2], 0) < 0) return 2;
+%s
+    conveyor_close(c);
+    return 0;
+}
+"""
+
+
+def c_program(tmp, body):
+    """A program of C_MAIN around body (argv: a config, a spool directory), built against the build tree's
+    libconveyor (with its sanitizers) in tmp: its path."""
+    source = C_MAIN % body
+    needed = subprocess.run(["readelf", "-d", os.path.join(BIN, "libconveyor.so")], capture_output=True,
+                            text=True).stdout
+    san = ["-fsanitize=address,undefined"] if "libasan" in needed else []
+    src, prog = os.path.join(tmp, "prog.c"), os.path.join(tmp, "prog")
+    open(src, "w").write(source)
+    r = subprocess.run(["cc", *san, "-I", os.path.join(ROOT, "producer"), src, "-L", BIN, "-lconveyor",
+                        f"-Wl,-rpath,{BIN}", "-o", prog], capture_output=True, text=True)
+    eq(r.returncode, 0, f"the program builds: {r.stderr}")
+    return prog
+
+
+def test_a_forked_child_cannot_use_its_parents_spool():
+    """fork() shares the spool's lock: the child's publish is refused
+    (CONVEYOR_ESPOOL, saying why), the parent's is spooled."""
+    config = idle_config()
+    d = tempfile.mkdtemp(prefix="conveyor-spool-")
+    tmp = tempfile.mkdtemp(prefix="conveyor-fork-")
+    try:
+        prog = c_program(tmp, FORK_PROGRAM)
+        r = subprocess.run([prog, config, d], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **down_env()}, cwd=ROOT)
+        eq(r.returncode, 0, f"the fork program: {r.stdout} {r.stderr}")
+        lines = r.stdout.splitlines()
+        child = [x for x in lines if x.startswith("child ")]
+        check(len(child) == 1 and child[0].startswith("child -6 ") and "a fork of it?" in child[0], r.stdout)
+        check("parent 0 1" in lines, f"the parent spools: {r.stdout}")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.unlink(config)
+
+
+MARKER_PROGRAM = r"""
+    int rc = conveyor_flush(c);
+    printf("flush %d %lld %s\n", rc, conveyor_spooled(c), conveyor_error(c));
+    rc = conveyor_publish(c, "createProduct", "{\"name\":\"after\",\"price\":\"1.00\"}", NULL, id);
+    printf("publish %d %lld %s\n", rc, conveyor_spooled(c), id);
+"""
+
+
+def test_a_marker_that_cannot_be_written_after_the_flush_leaves_the_spool_usable():
+    """Everything sent, the log truncated, then the marker's write fails
+    (spool.sent on /dev/full: ENOSPC): the flush says so (CONVEYOR_ESPOOL), and
+    the client knows its log is empty: the next publish is sent, not refused."""
+    purge()
+    config = idle_config()
+    d = tempfile.mkdtemp(prefix="conveyor-spool-")
+    tmp = tempfile.mkdtemp(prefix="conveyor-marker-")
+    try:
+        r = produce(config, "--spool", d, input_=lines_of([product(i) for i in range(3)]), env=down_env())
+        eq(r.returncode, 0, f"spooled: {r.stderr}")
+        spooled = r.stdout.split()
+        os.unlink(os.path.join(d, "spool.sent"))
+        os.symlink("/dev/full", os.path.join(d, "spool.sent"))
+        prog = c_program(tmp, MARKER_PROGRAM)
+        r = subprocess.run([prog, config, d], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        eq(r.returncode, 0, f"the program: {r.stdout} {r.stderr}")
+        lines = r.stdout.splitlines()
+        check(lines[0].startswith("flush -6 0 ") and "No space left on device" in lines[0], r.stdout)
+        check(lines[1].startswith("publish 0 0 "), f"the next publish is sent: {r.stdout}")
+        eq(queued_ids(), spooled + [lines[1].split()[3]], "the spooled three, then the new one")
+        eq(os.path.getsize(os.path.join(d, "spool.log")), 0, "the log is empty")
+    finally:
+        purge()
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.unlink(config)
+
+
+def test_a_closed_stdout_still_ends_the_run_by_sigpipe():
+    """conveyor-produce ignores SIGPIPE (a reset Redis connection must fail its
+    write, not kill the run); its stdout's reader gone (`| head -1`) still ends
+    it by SIGPIPE at the first ids written, reading no further line."""
+    config = idle_config()
+    d = tempfile.mkdtemp(prefix="conveyor-spool-")
+    try:
+        p = subprocess.Popen([os.path.join(BIN, "conveyor-produce"), "-c", config, "--spool", d],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             env={**os.environ, **down_env()}, cwd=ROOT)
+        p.stdout.close()  # the reader is gone before the first id
+        try:
+            p.stdin.write(lines_of([product(i) for i in range(3000)]).encode())
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+        eq(p.wait(120), -signal.SIGPIPE, "ended by SIGPIPE")
+        check(status(d)["records"] < 3000, "no further line read after the ids could not be written")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
         os.unlink(config)
 
 
