@@ -55,7 +55,7 @@ def wait_results(ev, ids, timeout):
             raise Failure(f"timed out: {len(have)} of {len(ids)} commands have their result event")
 
 
-def test_applied_and_rejected_counts_equal_the_database_across_kills():
+def test_applied_and_rejected_counts_equal_the_database_across_kills():  # faults (Release only: the ASan chain, with the hosts run after it, is CI's longest)
     drain_dead("catalog")
     # six workers: the kills spread over them, so that none crash-loops into a long restart delay
     with http_pool(workers={"catalog": 6}, queue_opts="batch_size = 8;", expect_restarts=True) as pool:

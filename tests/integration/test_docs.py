@@ -123,7 +123,7 @@ def test_compose_file_describes_the_scaled_out_topology():
             check("conveyor:***@rabbitmq-1" in r.stdout or transport == "redis", f"URLs shown masked: {r.stdout}")
 
 
-def test_dockerfile_build_stage_builds_rabbitmq():
+def test_dockerfile_build_stage_builds_rabbitmq():  # faults (Release only: it builds its own Release tree either way)
     """The container image's build stage, run without a Docker engine: exactly
     what its COPY lines copy, in a clean folder, then its cmake configure and
     build of the same targets (scripts/docker_build_check.py). It failed while

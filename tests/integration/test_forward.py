@@ -606,7 +606,7 @@ def test_a_producer_given_as_a_url_is_named_by_its_database():
     query("DELETE FROM forward_state WHERE producer = %s", PRODUCER_DB)
 
 
-def test_two_producers_a_postgres_restart_and_the_prune():
+def test_two_producers_a_postgres_restart_and_the_prune():  # faults (Release only: a PostgreSQL restart)
     """One pool, two producer databases (a forwarder each, counted apart); forwarded rows
     pruned after relay.retention_seconds (0 here); a crash and restart of PostgreSQL (both
     producers' and Conveyor's): the forwarders reconnect and go on."""

@@ -237,7 +237,7 @@ def test_a_stalled_commit_keeps_its_aggregates_order():
         eq(pool.stop(), (0, []), "clean stop")
 
 
-def test_a_pool_stopped_under_load_leaves_nothing_unpublished():
+def test_a_pool_stopped_under_load_leaves_nothing_unpublished():  # faults (Release only: the ASan chain, with the hosts run after it, is CI's longest)
     """SIGTERM while the workers drain a backlog, three times: the relay stops
     after them and publishes what they committed meanwhile, so the outbox is
     empty when the pool has exited (a broker being up to take it)."""
@@ -411,7 +411,7 @@ def test_a_relay_whose_events_broker_is_silent_gives_up_its_lock_rabbitmq():
         proxy.close()
 
 
-def test_out_of_order_commits_thousands_of_times_lose_nothing_and_keep_aggregate_order():
+def test_out_of_order_commits_thousands_of_times_lose_nothing_and_keep_aggregate_order():  # faults (Release only: the ASan chain, with the hosts run after it, is CI's longest)
     """The floor's argument, forced: LATE_THREADS connections run transactions
     that take an aggregate's lock (an advisory lock, so that the outbox INSERT
     is the transaction's first write and the id's default assigns its
