@@ -190,6 +190,86 @@ long long conveyor_spooled(const conveyor_client *c);
 int conveyor_spool_status(const char *dir, long long *records, long long *bytes, char oldest[40], char *err,
                           size_t errlen);
 
+
+/* ---- Durable subscriptions (docs/contract.md section 13) --------------------------------
+ *
+ *   const char *patterns[] = {"stock.*", NULL};
+ *   conveyor_subscription *s = conveyor_subscription_open("queues.conf", "stock-view", patterns, NULL,
+ *                                                         err, sizeof err, NULL);
+ *   conveyor_event *ev;
+ *   while (conveyor_subscription_next(s, 1000, &ev) >= 0) {
+ *       if (!ev) continue;                                  // nothing within the timeout
+ *       if (apply(ev->json) == 0) conveyor_subscription_ack(s, ev);  // frees ev
+ *       else conveyor_subscription_nack(s, ev, "why");     // again later; frees ev
+ *   }
+ *   conveyor_subscription_close(s);
+ *
+ * One handle is used by one thread at a time. Events of one aggregate are handed
+ * out one at a time, in commit order: the next one of an aggregate comes after
+ * the one before was acked (or dead-lettered). Events of other aggregates may be
+ * handed out while some are outstanding (up to the partition's bound). */
+
+typedef struct conveyor_subscription conveyor_subscription;
+
+/* One event handed out by conveyor_subscription_next; owned by the library
+ * until conveyor_subscription_ack or _nack frees it (every one must get one of
+ * the two; conveyor_subscription_close frees those that did not, and they come
+ * again). */
+typedef struct conveyor_event {
+    const char *id;           /* the event id (UUID text) */
+    const char *type;         /* the event type, e.g. "stock.updated" */
+    const char *aggregate_id; /* "" when the event has none */
+    const char *json;         /* the event's JSON, as published (NUL-terminated) */
+    size_t len;               /* strlen(json) */
+    int attempt;              /* 1 the first time this process hands it out, then 2, 3, ... */
+    int partition;            /* the partition it came from; -1 for a replayed or a dead letter retried */
+} conveyor_event;
+
+/* Options of conveyor_subscription_open; NULL for all the defaults. Zeroed
+ * fields are defaults; set size to sizeof(struct conveyor_subscription_options). */
+struct conveyor_subscription_options {
+    size_t size;
+    const char *from;      /* where a new subscription starts: NULL or "newest", "oldest",
+                            * an RFC 3339 time, or an event id (contract section 13) */
+    int partitions;        /* a new subscription's partitions, 1-64 (0: 4) */
+    int max_attempts;      /* nacks before an event is dead-lettered (0: 5) */
+    int retry_base_ms;     /* the first retry's delay, doubled per attempt up to 60 s (0: 1000) */
+    const char *transport; /* "rabbitmq" or "redis" (NULL: the configuration's events transport) */
+};
+
+/* Opens (and, the first time, creates) the subscription name with the
+ * NULL-terminated patterns (NULL or empty: the existing subscription's, or
+ * "#" for a new one), reading the configuration at config_path for the
+ * brokers and Conveyor's database. Returns the handle (conveyor_subscription_close
+ * frees it), or NULL with the reason in err and, if code is not NULL, *code:
+ * CONVEYOR_EINVALID (a bad name, pattern or option, an existing subscription
+ * with other patterns, transport or from: err names what it has; the
+ * configuration, or a login the broker or database refused) or
+ * CONVEYOR_EBROKER (the broker or the database could not be reached). */
+conveyor_subscription *conveyor_subscription_open(const char *config_path, const char *name,
+                                                  const char *const *patterns,
+                                                  const struct conveyor_subscription_options *opts, char *err,
+                                                  size_t errlen, int *code);
+/* Waits up to timeout_ms for the next event: returns 0 with *ev set (NULL when
+ * none came in time), or CONVEYOR_EBROKER when the broker or the database
+ * was lost (the reason in conveyor_subscription_error; call again: it
+ * reconnects, and what it held comes again). */
+int conveyor_subscription_next(conveyor_subscription *s, int timeout_ms, conveyor_event **ev);
+/* The event was handled: acknowledges it and frees ev. Returns 0, or
+ * CONVEYOR_EBROKER (the acknowledgement was lost: the event may come again). */
+int conveyor_subscription_ack(conveyor_subscription *s, conveyor_event *ev);
+/* The event failed (reason: a short text, may be NULL): it comes again after
+ * the retry delay, later events of its aggregate wait behind it; after
+ * max_attempts it is written to the subscription's dead letters and
+ * acknowledged. Frees ev. Returns 0 (1 when it was dead-lettered), or
+ * CONVEYOR_EBROKER. */
+int conveyor_subscription_nack(conveyor_subscription *s, conveyor_event *ev, const char *reason);
+/* The last error's message; never NULL. */
+const char *conveyor_subscription_error(const conveyor_subscription *s);
+/* Gives up the partitions (what is not acked comes again, to another process)
+ * and frees s; NULL is a no-op. */
+void conveyor_subscription_close(conveyor_subscription *s);
+
 #ifdef __cplusplus
 }
 #endif

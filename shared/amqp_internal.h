@@ -157,4 +157,27 @@ int amqp_publish_confirmed(struct amqp_broker *a, const struct amqp_msg *m, int 
 int amqp_publish_confirmed_each(struct amqp_broker *a, const struct amqp_msg *m, int n, bool mandatory,
                                 bool *nacked);
 
+
+/* ---- broker_amqp.c, for the other pieces ------------------------------------------------- */
+/* Declares the durable queue name on the publish connection (quorum or
+ * classic; single_active: x-single-active-consumer). Returns 0 or a class
+ * (the caller drops the publish connection). */
+int amqp_declare_durable_queue(struct amqp_broker *a, const char *name, bool quorum, bool single_active);
+/* The messages ready in queue name and its consumers (either may be NULL) by a
+ * passive declare on a channel of its own; *exists (may be NULL) says whether
+ * it exists (a missing one counts 0). Returns 0 or a class. */
+int amqp_passive_probe(struct amqp_broker *a, const char *name, long *messages, long *consumers, bool *exists);
+
+/* ---- amqp_subscription.c: a durable subscription's partitions (core.h) ----------------- */
+int amqp_subscription_declare(struct broker *b, const struct subscription_spec *s);
+int amqp_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
+int amqp_subscription_detach(struct broker *b, int partition);
+int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+int amqp_subscription_ack(struct broker *b, const struct sub_delivery *d);
+void amqp_subscription_free(struct broker *b); /* on close: what attach kept */
+
+/* ---- amqp_subscription_admin.c: a subscription's counts, and its removal (core.h) -------- */
+int amqp_subscription_counts(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out);
+int amqp_subscription_remove(struct broker *b, const struct subscription_spec *s);
+
 #endif

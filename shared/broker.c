@@ -2,6 +2,8 @@
  * (what the backends share with it is in broker_common.c). */
 #include "broker_backend.h"
 
+#include <stdlib.h>
+
 #include <stdio.h>
 
 struct broker *broker_open(const struct cfg *cfg, enum transport t, char *err, size_t errlen) {
@@ -153,5 +155,34 @@ int broker_subscribe(struct broker *b, const char *pattern) { return b->ops->sub
 
 int broker_next_event(struct broker *b, char **json, int timeout_ms) {
     return b->ops->next_event(b, json, timeout_ms);
+}
+
+void sub_delivery_free(struct sub_delivery *d) {
+    free(d->json);
+    d->json = NULL;
+}
+
+int broker_subscription_declare(struct broker *b, const struct subscription_spec *s) {
+    return b->ops->subscription_declare(b, s);
+}
+
+int broker_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch) {
+    return b->ops->subscription_attach(b, s, partition, prefetch);
+}
+
+int broker_subscription_detach(struct broker *b, int partition) { return b->ops->subscription_detach(b, partition); }
+
+int broker_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms) {
+    return b->ops->subscription_fetch(b, out, max, timeout_ms);
+}
+
+int broker_subscription_ack(struct broker *b, const struct sub_delivery *d) { return b->ops->subscription_ack(b, d); }
+
+int broker_subscription_counts(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out) {
+    return b->ops->subscription_counts(b, s, out);
+}
+
+int broker_subscription_remove(struct broker *b, const struct subscription_spec *s) {
+    return b->ops->subscription_remove(b, s);
 }
 

@@ -713,7 +713,13 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .subscribe = amqp_subscribe,
     .next_event = amqp_next_event,
     .sort_lanes = amqp_sort_lanes,
-    .lane_counts = amqp_lane_counts,
+    .lane_counts = amqp_lane_counts,    .subscription_declare = amqp_subscription_declare,
+    .subscription_attach = amqp_subscription_attach,
+    .subscription_detach = amqp_subscription_detach,
+    .subscription_fetch = amqp_subscription_fetch,
+    .subscription_ack = amqp_subscription_ack,
+    .subscription_counts = amqp_subscription_counts,
+    .subscription_remove = amqp_subscription_remove,
 };
 
 /* A laned queue's worker (amqp_consume switches to it): amqp_ops with its
@@ -751,4 +757,12 @@ struct broker *broker_amqp_open(const struct cfg *cfg, int *cls, char *err, size
         return NULL;
     }
     return &a->base;
+}
+
+int amqp_declare_durable_queue(struct amqp_broker *a, const char *name, bool quorum, bool single_active) {
+    return declare_queue(a, name, quorum, single_active);
+}
+
+int amqp_passive_probe(struct amqp_broker *a, const char *name, long *messages, long *consumers, bool *exists) {
+    return passive_probe(a, name, messages, consumers, exists);
 }

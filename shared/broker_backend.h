@@ -40,6 +40,14 @@ struct broker_ops {
     int (*sort_lanes)(struct broker *b, const struct cfg_queue *q, int max, int timeout_ms);
     int (*lane_counts)(struct broker *b, const struct cfg_queue *q, struct lane_count *out);
     void (*lane_oldest)(struct broker *b, int64_t *out);
+    /* durable subscriptions (core.h: broker_subscription_*) */
+    int (*subscription_declare)(struct broker *b, const struct subscription_spec *s);
+    int (*subscription_attach)(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
+    int (*subscription_detach)(struct broker *b, int partition);
+    int (*subscription_fetch)(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+    int (*subscription_ack)(struct broker *b, const struct sub_delivery *d);
+    int (*subscription_counts)(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out);
+    int (*subscription_remove)(struct broker *b, const struct subscription_spec *s);
 };
 
 /* Every backend's state starts with this header. */

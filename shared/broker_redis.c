@@ -972,7 +972,13 @@ static const struct broker_ops redis_ops = {
     .lane_counts = redis_lane_counts,
     .publish_events = redis_publish_events,
     .subscribe = redis_subscribe,
-    .next_event = redis_next_event,
+    .next_event = redis_next_event,    .subscription_declare = redis_subscription_declare,
+    .subscription_attach = redis_subscription_attach,
+    .subscription_detach = redis_subscription_detach,
+    .subscription_fetch = redis_subscription_fetch,
+    .subscription_ack = redis_subscription_ack,
+    .subscription_counts = redis_subscription_counts,
+    .subscription_remove = redis_subscription_remove,
 };
 
 /* A connection (redis_conn_open) with the operations' table: see broker_backend.h. */

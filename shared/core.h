@@ -991,6 +991,60 @@ int broker_subscribe(struct broker *b, const char *pattern);
  * subscription is then lost (broker_subscribe again). */
 int broker_next_event(struct broker *b, char **json, int timeout_ms);
 
+/* Durable subscriptions (docs/contract.md section 13): the broker's side. The
+ * registry, the partitions' ownership, retries and replay are the library's
+ * (producer/subscription.c); a backend keeps the queues (RabbitMQ) or groups
+ * (Redis) of each partition and reads and acknowledges them. */
+#define SUBSCRIPTION_PARTITIONS_MAX 64
+struct subscription_spec {
+    const char *name;              /* checked: 1-64 of [A-Za-z0-9_-] */
+    const char *const *patterns;   /* topic patterns, npatterns of them */
+    int npatterns;
+    int partitions;                /* 1..SUBSCRIPTION_PARTITIONS_MAX */
+};
+/* One event of a partition, as fetched. json is malloc'd (sub_delivery_free). */
+struct sub_delivery {
+    char *json;
+    size_t len;
+    int partition;
+    uint64_t tag;      /* RabbitMQ: the delivery tag */
+    uint64_t gen;      /* RabbitMQ: the consume connection it came on (a tag of an older one is dead) */
+    char entry[48];    /* Redis: the stream entry id */
+    bool redelivered;  /* it was delivered before (RabbitMQ's flag; Redis: read from the pending list) */
+};
+struct subscription_counts {
+    long lag;              /* section 13's lag: RabbitMQ ready messages, Redis the slowest group's lag + pending */
+    double oldest_age_s;   /* Redis: the oldest unsettled entry's age (0: none); RabbitMQ: -1 (unknown) */
+    long consumers;        /* RabbitMQ: consumers of its queues; Redis: -1 */
+    bool gap;              /* Redis: the stream was trimmed past entries a partition had not read */
+};
+void sub_delivery_free(struct sub_delivery *d);
+/* Creates what s needs on the broker unless it is there (idempotent): RabbitMQ
+ * the hash exchange bound to the events exchange with each pattern and the
+ * partition queues; Redis the partition groups, at the stream's last entry.
+ * Returns 0 or an error class. */
+int broker_subscription_declare(struct broker *b, const struct subscription_spec *s);
+/* Starts reading partition i of s (RabbitMQ: a consumer with prefetch on its
+ * queue; Redis: from its pending entries first). s is borrowed until detach or
+ * close. Returns 0 or an error class. */
+int broker_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
+/* Stops reading partition i: what was fetched of it and not acked comes again
+ * to its next reader. Returns 0 or an error class. */
+int broker_subscription_detach(struct broker *b, int partition);
+/* Waits up to timeout_ms for events of the attached partitions: returns how
+ * many it wrote to out (at most max; 0 on timeout), or an error class (every
+ * partition is then detached: attach again). Events of a partition come in
+ * its order; Redis skips (and acks) entries of other partitions and types. */
+int broker_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+/* Acknowledges d (it was handled). Returns 0 or an error class (it may come again). */
+int broker_subscription_ack(struct broker *b, const struct sub_delivery *d);
+/* Counts s on the broker into *out. Returns 0 or an error class. */
+int broker_subscription_counts(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out);
+/* Deletes what s has on the broker (its events with it). Returns 0 or an error class. */
+int broker_subscription_remove(struct broker *b, const struct subscription_spec *s);
+/* The partition of an event of aggregate id on Redis: crc32(id) mod partitions. */
+int subscription_partition_of(const char *aggregate_id, int partitions);
+
 /* Names of things, from the prefix (buffers of at least 256 bytes). */
 void names_amqp_queue(const struct cfg *c, const char *queue, char *out, size_t n);
 void names_amqp_dead(const struct cfg *c, const char *queue, char *out, size_t n);

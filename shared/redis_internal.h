@@ -143,4 +143,17 @@ extern const char redis_script_lane_bounded_push[]; /* LPUSH unless the intake a
 extern const char redis_script_lane_counts[];  /* each lane's length and oldest message */
 extern const char redis_script_lane_sweep[];   /* lanes a queue no longer has emptied into its intake */
 
+
+/* ---- redis_subscription.c: a durable subscription's partitions (core.h) ----------------- */
+int redis_subscription_declare(struct broker *b, const struct subscription_spec *s);
+int redis_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
+int redis_subscription_detach(struct broker *b, int partition);
+int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+int redis_subscription_ack(struct broker *b, const struct sub_delivery *d);
+void redis_subscription_free(struct broker *b); /* on close: what attach kept */
+
+/* ---- redis_subscription_admin.c: a subscription's counts, and its removal (core.h) -------- */
+int redis_subscription_counts(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out);
+int redis_subscription_remove(struct broker *b, const struct subscription_spec *s);
+
 #endif
