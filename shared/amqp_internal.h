@@ -43,6 +43,7 @@ struct amqp_broker {
     bool tls_unclear;          /* the last login broke on a TLS error that named no reason (login) */
     uint64_t consume_gen;      /* counts the consume connections dropped: a tag of an older one is dead */
     struct amqp_lanes *lanes;  /* a laned queue's consumer (amqp_lanes.c), or NULL */
+    struct amqp_sub *sub;      /* a subscription's attached partitions (amqp_subscription.c), or NULL */
     uint64_t sort_gen;         /* the sorter consumes the intake on consume connection number sort_gen */
     bool sorting;              /* ... once it started (amqp_sort.c) */
 };

@@ -51,6 +51,7 @@ struct redis_broker {
     int poll_ms;              /* broker_next's pause between polls now (lane_next), 0 after a take found some */
     bool swept;               /* broker_maintain has emptied the lanes the queues no longer have (once) */
     int back[LANE_CLASSES * LANES_MAX]; /* messages put back per lane since the last take (lane_back) */
+    struct redis_sub *sub;    /* a durable subscription's attached partitions (redis_subscription.c), or NULL */
     /* subscription */
     char *pattern;
     char last_id[64];
