@@ -26,8 +26,10 @@ static void sleep_ms(int ms) {
 }
 
 /* Runs cmd with ev on its stdin and the CONVEYOR_* environment, for at most
- * timeout_s. Returns 0 when it exited 0, else -1 with why in why (n bytes). */
-static int run_exec(const char *cmd, const char *name, const conveyor_event *ev, int timeout_s, char *why, size_t n) {
+ * timeout_s, keeping s's partitions meanwhile (conveyor_subscription_poll).
+ * Returns 0 when it exited 0, else -1 with why in why (n bytes). */
+static int run_exec(conveyor_subscription *s, const char *cmd, const char *name, const conveyor_event *ev,
+                    int timeout_s, char *why, size_t n) {
     int fd[2];
     if (pipe(fd) < 0) {
         snprintf(why, n, "pipe: %s", strerror(errno));
@@ -60,7 +62,12 @@ static int run_exec(const char *cmd, const char *name, const conveyor_event *ev,
     size_t off = 0;
     int64_t deadline = clock_mono_ms() + (int64_t)timeout_s * 1000;
     int status = 0;
+    int64_t poll_at = clock_mono_ms() + 1000;
     for (;;) {
+        if (clock_mono_ms() >= poll_at) {
+            conveyor_subscription_poll(s);
+            poll_at = clock_mono_ms() + 1000;
+        }
         if (fd[1] >= 0 && off < ev->len) {
             ssize_t w = write(fd[1], ev->json + off, ev->len - off);
             if (w > 0) off += (size_t)w;
@@ -177,7 +184,7 @@ int durable_run(const struct durable_options *d) {
         if (ev && d->exec) {
             char why[300], id[40];
             snprintf(id, sizeof id, "%s", ev->id);
-            int rc = run_exec(d->exec, d->name, ev, d->exec_timeout_s, why, sizeof why);
+            int rc = run_exec(s, d->exec, d->name, ev, d->exec_timeout_s, why, sizeof why);
             if (stop && rc < 0) break; /* not settled: it comes again */
             int r2 = rc == 0 ? conveyor_subscription_ack(s, ev) : conveyor_subscription_nack(s, ev, why);
             if (rc < 0) fprintf(stderr, "conveyor-subscribe: event %s: %s%s\n", id, why, r2 == 1 ? ": dead-lettered" : "");

@@ -24,7 +24,7 @@
 
 #define HOLD_PER_PARTITION 1000 /* events held per partition owned, at most (section 13) */
 #define FETCH_MAX 256           /* events read from the broker in one go */
-#define PREFETCH 256            /* RabbitMQ's prefetch per partition; Redis reads this many per partition */
+#define PREFETCH 1000           /* RabbitMQ's prefetch per partition (section 13's bound); Redis reads at most this many */
 #define RETRY_MAX_MS 60000
 #define REPLAY_BATCH 200
 #define DRAIN_MAX_MS 30000      /* a partition given up waits this long at most for its events out */
@@ -656,6 +656,8 @@ int conveyor_subscription_nack(conveyor_subscription *s, conveyor_event *ev, con
     settle(s, h);
     return rc < 0 ? rc : 1;
 }
+
+int conveyor_subscription_poll(conveyor_subscription *s) { return housekeeping(s, clock_mono_ms()); }
 
 const char *conveyor_subscription_error(const conveyor_subscription *s) {
     return s && s->err[0] ? s->err : s ? "no error" : "no subscription";

@@ -29,9 +29,9 @@ int sub_registry_connect(struct sub_registry *g, const char *url, const char *na
     g->replay_locked = false;
     g->db = db_connect_class(url, &cls, g->err, sizeof g->err);
     if (!g->db) return cls;
-    /* a process that hangs loses its session, and its partitions, after 20 s
-     * without a statement (it runs one every second) */
-    int rc = db_cmd(g->db, "SET idle_session_timeout = '20s'; SET application_name = 'conveyor-subscription'");
+    /* a process that hangs loses its session, and its partitions, after 60 s
+     * without a statement (it runs one every second while it runs) */
+    int rc = db_cmd(g->db, "SET idle_session_timeout = '60s'; SET application_name = 'conveyor-subscription'");
     if (rc < 0) return failed(g, rc, "setting the session up");
     const char *p[1] = {name};
     PGresult *r;
