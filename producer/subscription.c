@@ -570,6 +570,7 @@ conveyor_subscription *conveyor_subscription_open(const char *config_path, const
 int conveyor_subscription_next(conveyor_subscription *s, int timeout_ms, conveyor_event **ev) {
     *ev = NULL;
     int64_t deadline = clock_mono_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    bool read_once = false; /* a timeout of 0 still reads what the broker has ready, once */
     for (;;) {
         int64_t now = clock_mono_ms();
         if (housekeeping(s, now) < 0) return CONVEYOR_EBROKER;
@@ -586,11 +587,12 @@ int conveyor_subscription_next(conveyor_subscription *s, int timeout_ms, conveyo
             return 0;
         }
         int64_t left = deadline - now;
-        if (left <= 0) return 0;
+        if (left <= 0 && (read_once || s->row.replaying)) return 0;
+        read_once = true;
         int64_t slice = left;
         if (slice > s->next_balance_ms - now) slice = s->next_balance_ms - now;
         if (wake && slice > wake - now) slice = wake - now;
-        if (slice < 1) slice = 1;
+        if (slice < 0 || left <= 0) slice = 0;
         if (slice > 1000) slice = 1000;
         if (s->row.replaying) { /* the live partitions wait; the replay's rows are read by replay_step */
             struct timespec ts = {0, (slice < 100 ? slice : 100) * 1000000L};
