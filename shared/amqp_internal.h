@@ -175,7 +175,6 @@ int amqp_subscription_attach(struct broker *b, const struct subscription_spec *s
 int amqp_subscription_detach(struct broker *b, int partition);
 int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
 int amqp_subscription_ack(struct broker *b, const struct sub_delivery *d);
-void amqp_subscription_free(struct broker *b); /* on close: what attach kept */
 
 /* ---- amqp_subscription_admin.c: a subscription's counts, and its removal (core.h) -------- */
 int amqp_subscription_counts(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out);

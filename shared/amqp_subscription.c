@@ -24,12 +24,6 @@ struct amqp_sub {
     int prefetch;
 };
 
-void amqp_subscription_free(struct broker *b) {
-    struct amqp_broker *a = (struct amqp_broker *)b;
-    free(a->sub);
-    a->sub = NULL;
-}
-
 int amqp_subscription_declare(struct broker *b, const struct subscription_spec *s) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     int rc = amqp_conn_open(a, &a->publish, true);
@@ -120,16 +114,18 @@ int amqp_subscription_detach(struct broker *b, int partition) {
     return any ? consume_attached(a) : 0;
 }
 
-/* The partition of a delivery from its consumer tag "p<i>", or -1. */
-static int tag_partition(amqp_bytes_t tag) {
-    if (tag.len < 2 || tag.len > 4 || ((const char *)tag.bytes)[0] != 'p') return -1;
+/* The partition of a delivery from its consumer tag "p<i>" into *out: true,
+ * or false for a tag of another kind. */
+static bool tag_partition(amqp_bytes_t tag, int *out) {
+    if (tag.len < 2 || tag.len > 4 || ((const char *)tag.bytes)[0] != 'p') return false;
     int i = 0;
     for (size_t k = 1; k < tag.len; k++) {
         char c = ((const char *)tag.bytes)[k];
-        if (c < '0' || c > '9') return -1;
+        if (c < '0' || c > '9') return false;
         i = i * 10 + (c - '0');
     }
-    return i < SUBSCRIPTION_PARTITIONS_MAX ? i : -1;
+    *out = i;
+    return i < SUBSCRIPTION_PARTITIONS_MAX;
 }
 
 int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms) {
@@ -148,8 +144,8 @@ int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max,
             return rc;
         }
         if (rc == 0) break;
-        int p = tag_partition(env.consumer_tag);
-        if (p < 0 || !a->sub->attached[p]) { /* not ours (a cancelled consumer's): it comes back with the connection */
+        int p = -1;
+        if (!tag_partition(env.consumer_tag, &p) || !a->sub->attached[p]) { /* not ours (a cancelled consumer's): it comes back with the connection */
             amqp_destroy_envelope(&env);
             continue;
         }

@@ -63,6 +63,11 @@ void names_amqp_lanes_exchange(const struct cfg *c, const char *queue, int cls, 
     snprintf(out, n, "%s.%s.lanes.%s", c->prefix, queue, lane_class_name(cls));
 }
 
+void sub_delivery_free(struct sub_delivery *d) {
+    free(d->json);
+    d->json = NULL;
+}
+
 void names_amqp_subscription(const struct cfg *c, const char *name, char *out, size_t n) {
     snprintf(out, n, "%s.sub.%s", c->prefix, name);
 }

@@ -134,7 +134,7 @@ static void redis_close(struct broker *b) {
     forget_held_acks(r);
     free(r->held);
     lane_args_free(r->route);
-    redis_subscription_free(b);
+    free(r->sub); /* what a subscription's attach kept (redis_subscription.c) */
     if (r->heartbeat_key[0] && r->ctx) {
         /* a clean stop: nothing unsettled is in flight (or only what is done
          * already), so no reaper needs to wait for the expiry */

@@ -27,12 +27,6 @@ struct redis_sub {
     bool gap_said;
 };
 
-void redis_subscription_free(struct broker *b) {
-    struct redis_broker *r = (struct redis_broker *)b;
-    free(r->sub);
-    r->sub = NULL;
-}
-
 /* XGROUP CREATE of partition i's group at id (MKSTREAM); an existing group is
  * left as it is. Returns 0 or a class. */
 static int create_group(struct redis_broker *r, const char *name, int i, const char *id) {
