@@ -55,13 +55,12 @@ static const redisReply *field(const redisReply *m, const char *key) {
     return NULL;
 }
 
-/* An integer field (-1 when absent or nil). */
-static long long int_field(const redisReply *m, const char *key) {
+/* An integer field, or dflt when absent or nil. */
+static long long int_field(const redisReply *m, const char *key, long long dflt) {
     const redisReply *v = field(m, key);
-    if (!v) return -1;
-    if (v->type == REDIS_REPLY_INTEGER) return v->integer;
-    if (v->type == REDIS_REPLY_STRING) return strtoll(v->str, NULL, 10);
-    return -1;
+    if (v && v->type == REDIS_REPLY_INTEGER) return v->integer;
+    if (v && v->type == REDIS_REPLY_STRING) return strtoll(v->str, NULL, 10);
+    return dflt;
 }
 
 /* A string field copied into out (n bytes; "" when absent). */
@@ -97,10 +96,10 @@ static int count_after(struct redis_broker *r, const char *after, long *n) {
     return 0;
 }
 
-/* The age in seconds (at Redis's time now_ms) of entry id, or -1 when id is "". */
+/* The age in seconds (at Redis's time now_ms) of entry id (0 for "" or no id). */
 static double age_of(const char *id, uint64_t now_ms) {
     uint64_t ms, seq;
-    if (!parse_id(id, &ms, &seq) || !*id) return -1;
+    if (!parse_id(id, &ms, &seq)) return 0;
     return now_ms > ms ? (double)(now_ms - ms) / 1000.0 : 0;
 }
 
@@ -110,8 +109,8 @@ static int count_group(struct redis_broker *r, const char *group, const redisRep
                        uint64_t now_ms, struct subscription_counts *out) {
     char last[64], first[64], max_deleted[64];
     str_field(g, "last-delivered-id", last, sizeof last);
-    long long pending = int_field(g, "pending"), lag = int_field(g, "lag");
-    long long length = int_field(stream, "length");
+    long long pending = int_field(g, "pending", 0), lag = int_field(g, "lag", -1); /* -1: nil */
+    long long length = int_field(stream, "length", 0);
     const redisReply *fe = field(stream, "first-entry");
     first[0] = '\0';
     if (fe && fe->type == REDIS_REPLY_ARRAY && fe->elements > 0 && fe->element[0]->type == REDIS_REPLY_STRING)

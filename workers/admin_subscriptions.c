@@ -135,17 +135,19 @@ static int sub_list(const struct cfg *cfg, struct db *db, bool json) {
     return rc ? rc : later;
 }
 
-/* Whether processes of name run (they hold its shared advisory lock): how many, or -1. */
-static int running_processes(struct db *db, const char *name) {
+/* How many processes of name run (they hold its shared advisory lock, -1)
+ * into *k. Returns 0 or the database's error class. */
+static int running_processes(struct db *db, const char *name, int *k) {
     const char *p[1] = {name};
     PGresult *r;
-    if (db_exec(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
-                    "AND classid = hashtext('conveyor.sub.' || $1)::oid AND objid = (-1)::oid",
-                1, p, &r) < 0)
-        return -1;
-    int k = atoi(PQgetvalue(r, 0, 0));
+    *k = 0;
+    int rc = db_exec(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+                         "AND classid = hashtext('conveyor.sub.' || $1)::oid AND objid = (-1)::oid",
+                     1, p, &r);
+    if (rc < 0) return rc;
+    *k = atoi(PQgetvalue(r, 0, 0));
     PQclear(r);
-    return k;
+    return 0;
 }
 
 /* subscriptions remove NAME: refused while processes of it run; else the
@@ -154,10 +156,13 @@ static int sub_remove(const struct cfg *cfg, struct db *db, const char *name) {
     struct subscription_row *s;
     int rc = one_row(db, name, &s);
     if (rc) return rc;
-    int running = running_processes(db, name);
+    int running = 0;
     enum transport t;
     struct subscription_spec spec;
-    if (running > 0) {
+    if (running_processes(db, name, &running) < 0) {
+        fprintf(stderr, "conveyor-admin: subscription %s: %s\n", name, db_errstr(db));
+        rc = exit_of_class(db_err(db));
+    } else if (running > 0) {
         fprintf(stderr, "conveyor-admin: subscription %s has %d running process%s: stop %s first\n", name, running,
                 running == 1 ? "" : "es", running == 1 ? "it" : "them");
         rc = EXIT_USAGE;
