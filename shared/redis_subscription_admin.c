@@ -7,12 +7,17 @@
  *     The latter is the group's `lag` while that is known and no entry it had
  *     not read was trimmed; when the stream's first entry is past the group's
  *     last-delivered-id, every entry of the stream is after it (XLEN); when
- *     `lag` is nil (entries deleted with XDEL after it), they are counted with
- *     XRANGE, 1,000 a round trip, up to COUNT_CAP (then the figure is "at least").
+ *     `lag` is nil they are counted with XRANGE, 1,000 a round trip, up to
+ *     COUNT_CAP (then the figure is "at least"), once per last-delivered-id in
+ *     a call. Redis 7.0 says nil whenever it does not know how many entries the
+ *     group read (`entries-read`): a group created at `$` on a stream that grew
+ *     since, until it reads the stream's newest entry; or entries deleted
+ *     with XDEL after its position.
  *   - a gap: entries it had not read are gone (the stream trimmed past them:
  *     its lag is more than what the stream still holds after its
- *     last-delivered-id; or deleted: XINFO STREAM's max-deleted-entry-id is
- *     after its last-delivered-id).
+ *     last-delivered-id, which can be told while its `entries-read` is known,
+ *     as it is for a group that reads; or deleted: XINFO STREAM's
+ *     max-deleted-entry-id is after its last-delivered-id).
  *   - the oldest unsettled entry: its oldest pending one (XPENDING's summary)
  *     and the first entry after its last-delivered-id; age = Redis's TIME
  *     minus the entry id's milliseconds.
@@ -103,10 +108,18 @@ static double age_of(const char *id, uint64_t now_ms) {
     return now_ms > ms ? (double)(now_ms - ms) / 1000.0 : 0;
 }
 
+/* What count_after found for a last-delivered-id, within one count. */
+struct counted_after {
+    char after[64];
+    long n;
+};
+
 /* Counts group `group` (its XINFO GROUPS entry g) into *out (lag, oldest,
- * gap: merged with what is there). stream: XINFO STREAM's reply. Returns 0 or a class. */
+ * gap: merged with what is there). stream: XINFO STREAM's reply; seen (ncounted
+ * entries, room for SUBSCRIPTION_PARTITIONS_MAX) what count_after found in this
+ * count. Returns 0 or a class. */
 static int count_group(struct redis_broker *r, const char *group, const redisReply *g, const redisReply *stream,
-                       uint64_t now_ms, struct subscription_counts *out) {
+                       uint64_t now_ms, struct counted_after *seen, int *nseen, struct subscription_counts *out) {
     char last[64], first[64], max_deleted[64];
     str_field(g, "last-delivered-id", last, sizeof last);
     long long pending = int_field(g, "pending", 0), lag = int_field(g, "lag", -1); /* -1: nil */
@@ -126,9 +139,16 @@ static int count_group(struct redis_broker *r, const char *group, const redisRep
         gap = lag > length; /* trimmed past entries it had not read */
     } else if (lag >= 0) {
         unread = (long)lag;
-    } else { /* nil: entries deleted after it; count them */
-        int rc = count_after(r, last, &unread);
-        if (rc < 0) return rc;
+    } else { /* nil: not known to Redis; counted (once per position) */
+        int k = 0;
+        while (k < *nseen && strcmp(seen[k].after, last) != 0) k++;
+        if (k == *nseen) {
+            int rc = count_after(r, last, &seen[k].n);
+            if (rc < 0) return rc;
+            snprintf(seen[k].after, sizeof seen[k].after, "%s", last);
+            (*nseen)++;
+        }
+        unread = seen[k].n;
     }
     if (*max_deleted && id_cmp(max_deleted, last) > 0) gap = true;
     long total = unread + (pending > 0 ? (long)pending : 0);
@@ -174,6 +194,7 @@ int redis_subscription_counts(struct broker *b, const struct subscription_spec *
     int rc = redis_conn_ready(r);
     if (rc < 0) return rc;
     if ((rc = stream_exists(r)) <= 0) return rc; /* no stream: nothing to count */
+    rc = 0;
     redisReply *t = redis_conn_cmd(r, "TIME");
     if (!t) return redis_conn_last_error(r);
     uint64_t now_ms = 0;
@@ -187,13 +208,15 @@ int redis_subscription_counts(struct broker *b, const struct subscription_spec *
         freeReplyObject(st);
         return redis_conn_last_error(r);
     }
-    for (int i = 0; rc == 0 && i < s->partitions; i++) {
+    struct counted_after seen[SUBSCRIPTION_PARTITIONS_MAX];
+    int nseen = 0;
+    for (int i = 0; rc == 0 && i < s->partitions && i < SUBSCRIPTION_PARTITIONS_MAX; i++) {
         char group[128];
         snprintf(group, sizeof group, "sub:%s:%d", s->name, i);
         for (size_t k = 0; gs->type == REDIS_REPLY_ARRAY && k < gs->elements; k++) {
             const redisReply *name = field(gs->element[k], "name");
             if (name && name->type == REDIS_REPLY_STRING && strcmp(name->str, group) == 0) {
-                rc = count_group(r, group, gs->element[k], st, now_ms, out);
+                rc = count_group(r, group, gs->element[k], st, now_ms, seen, &nseen, out);
                 break;
             }
         }
@@ -212,6 +235,7 @@ int redis_subscription_remove(struct broker *b, const struct subscription_spec *
     int rc = redis_conn_ready(r);
     if (rc < 0) return rc;
     if ((rc = stream_exists(r)) <= 0) return rc; /* no stream: no group */
+    rc = 0;
     for (int i = 0; i < s->partitions; i++) {
         char group[128];
         snprintf(group, sizeof group, "sub:%s:%d", s->name, i);
