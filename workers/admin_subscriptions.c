@@ -77,13 +77,13 @@ static void print_row(const struct subscription_row *s, bool counted, long consu
     for (int k = 0; k < s->npatterns; k++) printf(" %s", s->patterns[k]);
     printf(", from %s, created %s, last seen %s\n", s->start_from, s->created_at,
            s->last_seen_at ? s->last_seen_at : "never");
-    char lag[32] = "not counted yet", age[48] = "?";
+    char lag[32] = "not counted yet", age[64] = "";
     if (s->lag >= 0) snprintf(lag, sizeof lag, "%ld event%s", s->lag, s->lag == 1 ? "" : "s");
-    if (s->oldest_age_s >= 0) snprintf(age, sizeof age, "%.1f s", s->oldest_age_s);
-    printf("  lag %s (%s), the oldest %s%s old, %s, %ld dead letter%s", lag,
-           counted ? "counted now" : "the pools' last count", strcmp(s->transport, "rabbitmq") == 0 ? "at most " : "",
-           age, s->gap ? "a gap (the stream was trimmed past unread entries)" : "no gap", s->dead,
-           s->dead == 1 ? "" : "s");
+    if (s->lag > 0 && s->oldest_age_s >= 0)
+        snprintf(age, sizeof age, ", the oldest %s%.1f s old", strcmp(s->transport, "rabbitmq") == 0 ? "at most " : "",
+                 s->oldest_age_s);
+    printf("  lag %s (%s)%s, %s, %ld dead letter%s", lag, counted ? "counted now" : "the pools' last count", age,
+           s->gap ? "a gap (the stream was trimmed past unread entries)" : "no gap", s->dead, s->dead == 1 ? "" : "s");
     if (consumers >= 0) printf(", %ld consumer%s", consumers, consumers == 1 ? "" : "s");
     printf("\n");
 }
