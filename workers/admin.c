@@ -116,10 +116,10 @@ static const char usage[] =
     "  -h, --help         this help\n"
     "\n"
     "Exit status: 0 done, 1 nothing matched the selector (or the ID), 2 usage or\n"
-    "configuration error (an unknown queue, schedule or subscription, a bad URL, credentials or a\n"
-    "TLS certificate a server refused, a server certificate that is not trusted or\n"
-    "not for the host), 3 a broker or the database could not be reached. Nothing is\n"
-    "printed on stdout before an error of either kind at start.\n";
+    "configuration error (an unknown queue, schedule or subscription, a bad URL,\n"
+    "credentials or a TLS certificate a server refused, a server certificate that is\n"
+    "not trusted or not for the host), 3 a broker or the database could not be\n"
+    "reached. Nothing is printed on stdout before an error of either kind at start.\n";
 
 struct selector {
     const char *id;        /* a command id (in id_buf), or NULL */
