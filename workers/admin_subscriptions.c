@@ -135,14 +135,14 @@ static int sub_list(const struct cfg *cfg, struct db *db, bool json) {
     return rc ? rc : later;
 }
 
-/* How many processes of name run (they hold its shared advisory lock, -1)
+/* How many processes of name run (they hold its shared advisory lock, 65535)
  * into *k. Returns 0 or the database's error class. */
 static int running_processes(struct db *db, const char *name, int *k) {
     const char *p[1] = {name};
     PGresult *r;
     *k = 0;
     int rc = db_exec(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
-                         "AND classid = hashtext('conveyor.sub.' || $1)::oid AND objid = (-1)::oid",
+                         "AND classid = hashtext('conveyor.sub.' || $1)::oid AND objid = 65535",
                      1, p, &r);
     if (rc < 0) return rc;
     *k = atoi(PQgetvalue(r, 0, 0));
