@@ -143,6 +143,8 @@ extern const char redis_script_lane_release[]; /* acks, then the worker's lanes 
 extern const char redis_script_lane_bounded_push[]; /* LPUSH unless the intake and the lanes hold max_length */
 extern const char redis_script_lane_counts[];  /* each lane's length and oldest message */
 extern const char redis_script_lane_sweep[];   /* lanes a queue no longer has emptied into its intake */
+extern const char redis_script_subscription_groups[]; /* a subscription's partition groups, at one id (section 13) */
+extern const char redis_script_subscription_resync[]; /* a caught-up group's entries-read set right after a gap */
 
 
 /* ---- redis_subscription.c: a durable subscription's partitions (core.h) ----------------- */
