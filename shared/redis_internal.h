@@ -151,7 +151,8 @@ extern const char redis_script_subscription_resync[]; /* a caught-up group's ent
 int redis_subscription_declare(struct broker *b, const struct subscription_spec *s);
 int redis_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
 int redis_subscription_detach(struct broker *b, int partition);
-int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms);
+int redis_subscription_keepalive(struct broker *b);
 int redis_subscription_ack(struct broker *b, const struct sub_delivery *d);
 
 /* ---- redis_subscription_admin.c: a subscription's counts, and its removal (core.h) -------- */

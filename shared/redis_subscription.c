@@ -55,7 +55,13 @@ int redis_subscription_attach(struct broker *b, const struct subscription_spec *
 
 int redis_subscription_detach(struct broker *b, int partition) {
     struct redis_broker *r = (struct redis_broker *)b;
-    if (r->sub && partition >= 0 && partition < SUBSCRIPTION_PARTITIONS_MAX) r->sub->attached[partition] = false;
+    if (r->sub && partition < 0) memset(r->sub->attached, 0, sizeof r->sub->attached);
+    else if (r->sub && partition < SUBSCRIPTION_PARTITIONS_MAX) r->sub->attached[partition] = false;
+    return 0;
+}
+
+int redis_subscription_keepalive(struct broker *b) {
+    (void)b; /* a Redis connection idle for long is probed before its next command (redis_conn_ready) */
     return 0;
 }
 
@@ -153,7 +159,7 @@ static int read_partition(struct redis_broker *r, int i, struct sub_delivery *ou
     return n;
 }
 
-int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms) {
+int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
     if (!r->sub) return 0;
     int64_t deadline = clock_mono_ms() + timeout_ms;
@@ -162,8 +168,10 @@ int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max
         if (rc < 0) return rc;
         for (int k = 0; k < SUBSCRIPTION_PARTITIONS_MAX && n < max; k++) {
             int i = (r->sub->next + k) % SUBSCRIPTION_PARTITIONS_MAX;
-            if (!r->sub->attached[i]) continue;
-            if ((rc = read_partition(r, i, out + n, max - n)) < 0) {
+            if (!r->sub->attached[i] || (room && room[i] <= 0)) continue;
+            int want = max - n;
+            if (room && room[i] < want) want = room[i];
+            if ((rc = read_partition(r, i, out + n, want)) < 0) {
                 for (int j = 0; j < n; j++) sub_delivery_free(&out[j]);
                 /* a lost connection: read each partition's pending entries again when it is back */
                 for (int j = 0; j < SUBSCRIPTION_PARTITIONS_MAX; j++) snprintf(r->sub->cursor[j], 48, "0");
