@@ -19,7 +19,8 @@
 //                      [--from newest|oldest|TIME|EVENT_ID] [--bin conveyor-subscribe]
 //                      [--count N] [--idle-exit SECONDS]
 //
-// --database defaults to $READ_MODEL_DATABASE_URL. The last line on stdout is a
+// --database defaults to $READ_MODEL_DATABASE_URL (the environment keeps a
+// password out of ps). The last line on stdout is a
 // summary: {"handled", "applied", "duplicates", "nacked"}.
 const { spawn } = require('child_process');
 const { parseArgs } = require('util');

@@ -33,7 +33,8 @@ only; later runs go on where the last one stopped, whatever was published meanwh
                   [--from newest|oldest|TIME|EVENT_ID] [--bin conveyor-subscribe]
                   [--count N] [--idle-exit SECONDS]
 
---database defaults to $READ_MODEL_DATABASE_URL. --count N stops after N events
+--database defaults to $READ_MODEL_DATABASE_URL (the environment keeps a
+password out of ps). --count N stops after N events
 acked, --idle-exit after SECONDS with no event (for tests and demos). The last
 line on stdout is a summary: {"handled", "applied", "duplicates", "nacked"}."""
 import argparse
