@@ -264,6 +264,13 @@ int conveyor_subscription_ack(conveyor_subscription *s, conveyor_event *ev);
  * acknowledged. Frees ev. Returns 0 (1 when it was dead-lettered), or
  * CONVEYOR_EBROKER. */
 int conveyor_subscription_nack(conveyor_subscription *s, conveyor_event *ev, const char *reason);
+/* Does the subscription's once-a-second work (its session in Conveyor's
+ * database, the partitions' balance, dead letters asked again) without
+ * handing out an event: call it about once a second while a handler runs for
+ * long. A process that calls neither this nor _next for 60 s loses its
+ * partitions to the others (its session ends: contract section 13). Returns
+ * 0 or CONVEYOR_EBROKER. */
+int conveyor_subscription_poll(conveyor_subscription *s);
 /* The last error's message; never NULL. */
 const char *conveyor_subscription_error(const conveyor_subscription *s);
 /* Gives up the partitions (what is not acked comes again, to another process)

@@ -43,6 +43,7 @@ struct amqp_broker {
     bool tls_unclear;          /* the last login broke on a TLS error that named no reason (login) */
     uint64_t consume_gen;      /* counts the consume connections dropped: a tag of an older one is dead */
     struct amqp_lanes *lanes;  /* a laned queue's consumer (amqp_lanes.c), or NULL */
+    struct amqp_sub *sub;      /* a subscription's attached partitions (amqp_subscription.c), or NULL */
     uint64_t sort_gen;         /* the sorter consumes the intake on consume connection number sort_gen */
     bool sorting;              /* ... once it started (amqp_sort.c) */
 };
@@ -174,7 +175,6 @@ int amqp_subscription_attach(struct broker *b, const struct subscription_spec *s
 int amqp_subscription_detach(struct broker *b, int partition);
 int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
 int amqp_subscription_ack(struct broker *b, const struct sub_delivery *d);
-void amqp_subscription_free(struct broker *b); /* on close: what attach kept */
 
 /* ---- amqp_subscription_admin.c: a subscription's counts, and its removal (core.h) -------- */
 int amqp_subscription_counts(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out);

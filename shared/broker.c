@@ -157,11 +157,6 @@ int broker_next_event(struct broker *b, char **json, int timeout_ms) {
     return b->ops->next_event(b, json, timeout_ms);
 }
 
-void sub_delivery_free(struct sub_delivery *d) {
-    free(d->json);
-    d->json = NULL;
-}
-
 int broker_subscription_declare(struct broker *b, const struct subscription_spec *s) {
     return b->ops->subscription_declare(b, s);
 }

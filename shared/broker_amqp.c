@@ -31,6 +31,7 @@ static void amqp_close_broker(struct broker *b) {
     amqp_drop_consume(a);
     amqp_conn_drop(&a->publish);
     amqp_lanes_free(a->lanes);
+    free(a->sub); /* what a subscription's attach kept (amqp_subscription.c) */
     free(a->url);
     free(a);
 }
@@ -633,7 +634,7 @@ static int amqp_lane_counts(struct broker *b, const struct cfg_queue *q, struct 
 static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev, int n) {
     struct amqp_broker *a = (struct amqp_broker *)b;
     struct amqp_msg *m = calloc((size_t)n, sizeof *m);
-    amqp_table_entry_t *h = calloc((size_t)n, sizeof *h); /* each event's traceparent header */
+    amqp_table_entry_t *h = calloc((size_t)n * 2, sizeof *h); /* each event's traceparent and aggregate headers */
     if (!m || !h) {
         free(m);
         free(h);
@@ -647,7 +648,15 @@ static int amqp_publish_events(struct broker *b, const struct outgoing_event *ev
         m[i].message_id = ev[i].id;
         m[i].type = ev[i].type;
         /* an event of a traced command carries its traceparent as a header too */
-        m[i].headers = (amqp_table_t){amqp_traceparent_header(&h[i], ev[i].traceparent), &h[i]};
+        amqp_table_entry_t *e = &h[2 * i];
+        int k = amqp_traceparent_header(e, ev[i].traceparent);
+        if (ev[i].aggregate_id && ev[i].aggregate_id[0]) { /* the subscriptions' partition key (section 13) */
+            e[k].key = amqp_cstring_bytes("x-conveyor-aggregate");
+            e[k].value.kind = AMQP_FIELD_KIND_UTF8;
+            e[k].value.value.bytes = amqp_cstring_bytes(ev[i].aggregate_id);
+            k++;
+        }
+        m[i].headers = (amqp_table_t){k, e};
     }
     /* not mandatory: an event nobody subscribes to is not an error */
     int rc = amqp_publish_confirmed(a, m, n, false);
@@ -713,7 +722,8 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .subscribe = amqp_subscribe,
     .next_event = amqp_next_event,
     .sort_lanes = amqp_sort_lanes,
-    .lane_counts = amqp_lane_counts,    .subscription_declare = amqp_subscription_declare,
+    .lane_counts = amqp_lane_counts,
+    .subscription_declare = amqp_subscription_declare,
     .subscription_attach = amqp_subscription_attach,
     .subscription_detach = amqp_subscription_detach,
     .subscription_fetch = amqp_subscription_fetch,

@@ -63,6 +63,27 @@ void names_amqp_lanes_exchange(const struct cfg *c, const char *queue, int cls, 
     snprintf(out, n, "%s.%s.lanes.%s", c->prefix, queue, lane_class_name(cls));
 }
 
+void sub_delivery_free(struct sub_delivery *d) {
+    free(d->json);
+    d->json = NULL;
+}
+
+void names_amqp_subscription(const struct cfg *c, const char *name, char *out, size_t n) {
+    snprintf(out, n, "%s.sub.%s", c->prefix, name);
+}
+
+void names_amqp_subscription_partition(const struct cfg *c, const char *name, int i, char *out, size_t n) {
+    snprintf(out, n, "%s.sub.%s.%d", c->prefix, name, i);
+}
+
+void names_redis_subscription_group(const char *name, int i, char *out, size_t n) {
+    snprintf(out, n, "sub:%s:%d", name, i);
+}
+
+void names_redis_subscription_consumer(const char *name, int i, char *out, size_t n) {
+    snprintf(out, n, "%s:%d", name, i);
+}
+
 void names_redis_lane(const struct cfg *c, const char *queue, int cls, int lane, char *out, size_t n) {
     snprintf(out, n, "%s:queue:%s:lane:%s:%d", c->prefix, queue, lane_class_name(cls), lane);
 }

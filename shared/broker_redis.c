@@ -134,6 +134,7 @@ static void redis_close(struct broker *b) {
     forget_held_acks(r);
     free(r->held);
     lane_args_free(r->route);
+    free(r->sub); /* what a subscription's attach kept (redis_subscription.c) */
     if (r->heartbeat_key[0] && r->ctx) {
         /* a clean stop: nothing unsettled is in flight (or only what is done
          * already), so no reaper needs to wait for the expiry */
@@ -972,7 +973,8 @@ static const struct broker_ops redis_ops = {
     .lane_counts = redis_lane_counts,
     .publish_events = redis_publish_events,
     .subscribe = redis_subscribe,
-    .next_event = redis_next_event,    .subscription_declare = redis_subscription_declare,
+    .next_event = redis_next_event,
+    .subscription_declare = redis_subscription_declare,
     .subscription_attach = redis_subscription_attach,
     .subscription_detach = redis_subscription_detach,
     .subscription_fetch = redis_subscription_fetch,

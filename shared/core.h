@@ -751,6 +751,8 @@ struct outgoing_event {   /* one event to publish */
     const char *type;
     const char *json;
     const char *traceparent; /* the event's traceparent field, or NULL: RabbitMQ sends it as a header too */
+    const char *aggregate_id; /* its aggregateId, or NULL: RabbitMQ sends it as the header x-conveyor-aggregate,
+                               * which subscriptions' consistent-hash exchanges hash (docs/contract.md section 13) */
 };
 
 /* Stall reporting. A backend says when it starts waiting for a reply it is
@@ -1046,6 +1048,13 @@ int broker_subscription_remove(struct broker *b, const struct subscription_spec 
 int subscription_partition_of(const char *aggregate_id, int partitions);
 
 /* Names of things, from the prefix (buffers of at least 256 bytes). */
+/* A durable subscription's names (docs/contract.md section 13): RabbitMQ its
+ * hash exchange <prefix>.sub.<name> and partition queue <prefix>.sub.<name>.<i>;
+ * Redis its partition group sub:<name>:<i> and that group's one consumer <name>:<i>. */
+void names_amqp_subscription(const struct cfg *c, const char *name, char *out, size_t n);
+void names_amqp_subscription_partition(const struct cfg *c, const char *name, int i, char *out, size_t n);
+void names_redis_subscription_group(const char *name, int i, char *out, size_t n);
+void names_redis_subscription_consumer(const char *name, int i, char *out, size_t n);
 void names_amqp_queue(const struct cfg *c, const char *queue, char *out, size_t n);
 void names_amqp_dead(const struct cfg *c, const char *queue, char *out, size_t n);
 void names_redis(const struct cfg *c, const char *kind, const char *queue, char *out, size_t n);

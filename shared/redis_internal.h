@@ -51,6 +51,7 @@ struct redis_broker {
     int poll_ms;              /* broker_next's pause between polls now (lane_next), 0 after a take found some */
     bool swept;               /* broker_maintain has emptied the lanes the queues no longer have (once) */
     int back[LANE_CLASSES * LANES_MAX]; /* messages put back per lane since the last take (lane_back) */
+    struct redis_sub *sub;    /* a durable subscription's attached partitions (redis_subscription.c), or NULL */
     /* subscription */
     char *pattern;
     char last_id[64];
@@ -142,6 +143,8 @@ extern const char redis_script_lane_release[]; /* acks, then the worker's lanes 
 extern const char redis_script_lane_bounded_push[]; /* LPUSH unless the intake and the lanes hold max_length */
 extern const char redis_script_lane_counts[];  /* each lane's length and oldest message */
 extern const char redis_script_lane_sweep[];   /* lanes a queue no longer has emptied into its intake */
+extern const char redis_script_subscription_groups[]; /* a subscription's partition groups, at one id (section 13) */
+extern const char redis_script_subscription_resync[]; /* a caught-up group's entries-read set right after a gap */
 
 
 /* ---- redis_subscription.c: a durable subscription's partitions (core.h) ----------------- */
@@ -150,7 +153,6 @@ int redis_subscription_attach(struct broker *b, const struct subscription_spec *
 int redis_subscription_detach(struct broker *b, int partition);
 int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
 int redis_subscription_ack(struct broker *b, const struct sub_delivery *d);
-void redis_subscription_free(struct broker *b); /* on close: what attach kept */
 
 /* ---- redis_subscription_admin.c: a subscription's counts, and its removal (core.h) -------- */
 int redis_subscription_counts(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out);

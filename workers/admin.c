@@ -31,6 +31,10 @@ static const char usage[] =
     "       conveyor-admin [OPTIONS] producer install|status [NAME | --database URL]\n"
     "       conveyor-admin [OPTIONS] producer retry ID|--all [NAME | --database URL]\n"
     "       conveyor-admin [OPTIONS] subscriber install|status --database URL\n"
+    "       conveyor-admin [OPTIONS] subscriptions [list]\n"
+    "       conveyor-admin [OPTIONS] subscriptions remove NAME\n"
+    "       conveyor-admin [OPTIONS] subscriptions dead NAME\n"
+    "       conveyor-admin [OPTIONS] subscriptions retry NAME EVENT_ID|--all\n"
     "\n"
     "OPTIONS may come before or after the subcommand and its arguments\n"
     "('stats --json' is '--json stats'); after '--' every word is an argument\n"
@@ -87,19 +91,35 @@ static const char usage[] =
     "own PostgreSQL, or brings it up to date (safe to run again); 'subscriber\n"
     "status' prints per subscription the events its inbox holds.\n"
     "\n"
+    "'subscriptions' lists the durable subscriptions of the registry (Conveyor's\n"
+    "table subscriptions): name, transport, patterns, partitions, where it started\n"
+    "(from), created, last seen (a process of it last reported), and, counted now on\n"
+    "its broker: lag (RabbitMQ: messages ready in its partition queues, by passive\n"
+    "declares; Redis: the largest of its partition groups' lag + pending, XINFO\n"
+    "GROUPS), the oldest unsettled event's age (Redis: from its stream id, now;\n"
+    "RabbitMQ: since a pool's count last saw its queues empty, from the registry: an\n"
+    "upper bound), gap (Redis: the stream was trimmed past entries a partition had\n"
+    "not read; now, or as a pool noted it), its dead letters (subscription_dead)\n"
+    "and, on RabbitMQ, its consumers. A broker that fails mid-way: the rest show the\n"
+    "pools' last counts (countedFrom \"registry\"), exit 3. 'subscriptions remove'\n"
+    "deletes its broker objects (RabbitMQ: its queues and exchange; Redis: its\n"
+    "groups), then its row and dead letters; refused while a process of it runs.\n"
+    "'subscriptions dead' lists its dead letters; 'subscriptions retry' asks its\n"
+    "processes to hand one (or --all) out again (within a second or so).\n"
+    "\n"
     "  -c, --config FILE  configuration (default ./queues.conf)\n"
     "      --json         one JSON object per line (dead counts, dead list, stats,\n"
-    "                     scheduled, schedules)\n"
+    "                     scheduled, schedules, subscriptions)\n"
     "      --all          every dead letter of QUEUE: the SELECTOR of retry and purge\n"
     "      --database URL a producer's or subscriber's database (producer ...,\n"
     "                     subscriber ...)\n"
     "  -h, --help         this help\n"
     "\n"
     "Exit status: 0 done, 1 nothing matched the selector (or the ID), 2 usage or\n"
-    "configuration error (an unknown queue or schedule, a bad URL, credentials or a\n"
-    "TLS certificate a server refused, a server certificate that is not trusted or\n"
-    "not for the host), 3 a broker or the database could not be reached. Nothing is\n"
-    "printed on stdout before an error of either kind at start.\n";
+    "configuration error (an unknown queue, schedule or subscription, a bad URL,\n"
+    "credentials or a TLS certificate a server refused, a server certificate that is\n"
+    "not trusted or not for the host), 3 a broker or the database could not be\n"
+    "reached. Nothing is printed on stdout before an error of either kind at start.\n";
 
 struct selector {
     const char *id;        /* a command id (in id_buf), or NULL */
@@ -694,10 +714,11 @@ int main(int argc, char **argv) {
     bool dead = n >= 2 && strcmp(a[0], "dead") == 0, stats = n >= 1 && strcmp(a[0], "stats") == 0,
          queue = n >= 3 && strcmp(a[0], "queue") == 0, scheduled = n >= 2 && strcmp(a[0], "scheduled") == 0,
          schedules = n >= 1 && strcmp(a[0], "schedules") == 0, producer = n >= 1 && strcmp(a[0], "producer") == 0,
-         subscriber = n >= 1 && strcmp(a[0], "subscriber") == 0;
+         subscriber = n >= 1 && strcmp(a[0], "subscriber") == 0,
+         subscriptions = n >= 1 && strcmp(a[0], "subscriptions") == 0;
     /* the two subcommands that take --limit and --cursor */
     bool paged = (dead || scheduled) && strcmp(a[1], "list") == 0;
-    if ((!dead && !stats && !queue && !scheduled && !schedules && !producer && !subscriber) ||
+    if ((!dead && !stats && !queue && !scheduled && !schedules && !producer && !subscriber && !subscriptions) ||
         ((limit_arg || cursor) && !paged) || (database && !producer && !subscriber)) {
         fputs(usage, stderr);
         free(a);
@@ -722,6 +743,8 @@ int main(int argc, char **argv) {
     struct selector s;
     if (producer) {
         rc = admin_producer(&cfg, a, n, database, json);
+    } else if (subscriptions) {
+        rc = admin_subscriptions(&cfg, a, n, json);
     } else if (scheduled || schedules) {
         rc = cmd_waiting(&cfg, a, n, json, limit_arg, cursor);
     } else if (stats && n <= 2) {

@@ -37,9 +37,10 @@ static int relay_drain(struct db *db, struct broker *b, int batch, struct claim_
      * (docs/decisions.md, "No belt": the rows once left below the floor) */
     int rc = db_exec(db, "SELECT coalesce(pg_sequence_last_value('outbox_id_seq'::regclass), 0), "
                          "pg_snapshot_xmin(pg_current_snapshot())::text, "
-                         "o.id, o.event_id::text, o.event_type, o.payload::text, o.payload->>'traceparent' "
+                         "o.id, o.event_id::text, o.event_type, o.payload::text, o.payload->>'traceparent', "
+                         "o.aggregate_id::text "
                          "FROM (SELECT 1) one LEFT JOIN LATERAL ("
-                         "SELECT id, event_id, event_type, payload FROM outbox "
+                         "SELECT id, event_id, event_type, payload, aggregate_id FROM outbox "
                          "WHERE published_at IS NULL AND id > $1::bigint ORDER BY id LIMIT $2) o ON true "
                          "ORDER BY o.id",
                      2, p, &r);
@@ -69,6 +70,7 @@ static int relay_drain(struct db *db, struct broker *b, int batch, struct claim_
         ev[i].type = PQgetvalue(r, i, 4);
         ev[i].json = PQgetvalue(r, i, 5);
         ev[i].traceparent = PQgetisnull(r, i, 6) ? NULL : PQgetvalue(r, i, 6);
+        ev[i].aggregate_id = PQgetvalue(r, i, 7);
         row_ids[i] = PQgetvalue(r, i, 2);
     }
     rc = broker_publish_events(b, ev, n);

@@ -171,6 +171,47 @@ int forward_states_read(struct db *db, const struct cfg *cfg, struct forward_sta
  * not counted yet); the caller owns it. */
 cJSON *forward_state_json(const struct forward_state *st);
 
+/* ---- subscription_view.c: the durable subscriptions as an operator sees them ------- */
+/* One row of the registry (docs/contract.md section 13), its strings malloc'd. */
+struct subscription_row {
+    char *name, *transport;    /* transport: "rabbitmq" or "redis" */
+    char **patterns;           /* npatterns topic patterns */
+    int npatterns, partitions;
+    char *start_from;          /* as created: newest, oldest, an RFC 3339 time, an event id */
+    char *created_at;          /* RFC 3339 */
+    char *last_seen_at;        /* a process of it last reported (NULL: never) */
+    long lag;                  /* as a pool last counted it (-1: not counted yet) */
+    double oldest_age_s;       /* the oldest unsettled event's age now, from that count (-1: not counted) */
+    double counted_age_s;      /* how long ago it was counted (-1: never) */
+    char *gap;                 /* Redis: a gap was seen, and what (NULL: none) */
+    double empty_age_s;        /* RabbitMQ: since its queues were last seen empty (or its creation) */
+    long dead;                 /* its dead letters (subscription_dead) */
+};
+/* The registry's rows (only the one named name when not NULL), by name, into
+ * *out (n of them; subscription_rows_free frees). Returns 0 or the error class
+ * (*out NULL, *n 0). */
+int subscription_rows_read(struct db *db, const char *name, struct subscription_row **out, int *n);
+void subscription_rows_free(struct subscription_row *rows, int n);
+/* s as a broker's spec (borrowing s's strings) and its transport into *t:
+ * true, or false when the row names no transport Conveyor knows. */
+bool subscription_row_spec(const struct subscription_row *s, enum transport *t, struct subscription_spec *spec);
+/* {name, transport, patterns, partitions, from, createdAt, lastSeenAt, lag,
+ * oldestAgeSeconds, gap, gapNote, dead, countedAgeSeconds} (nulls where not
+ * known); the caller owns it. */
+cJSON *subscription_row_json(const struct subscription_row *s);
+
+/* ---- subscription_count.c: the pools' count of the subscriptions ----------------- */
+/* Writes counts c of subscription name (of transport t) to its registry row:
+ * lag, counted_at, oldest_age_seconds (RabbitMQ: from empty_seen_at, set when
+ * c->lag is 0), gap (noted once seen, kept). Returns 0 or the error class. */
+int subscription_count_write(struct db *db, const char *name, enum transport t, const struct subscription_counts *c);
+/* Counts every registered subscription whose transport has a broker in
+ * brokers (by enum transport; NULL: skipped) and writes each one's counts.
+ * A broker that fails is not used again in this call and failed[t] is set
+ * (the caller reopens it). Returns how many were counted, or the database's
+ * error class. */
+int subscription_count_all(struct db *db, struct broker *const brokers[2], bool failed[2]);
+
 /* ---- lane_view.c: the lanes of a queue as an operator sees them ------------------ */
 /* {queue, lanes, ordered, classes: [{class, waiting, deepestLane, deepestDepth,
  * oldestAgeSeconds}], lane: [{lane: "<class>.<i>", depth, oldestAgeSeconds}]}
@@ -323,6 +364,11 @@ int admin_producer(const struct cfg *cfg, char **words, int n, const char *datab
 /* admin_subscriber.c: conveyor-admin subscriber install|status --database URL
  * (words[0] is "subscriber"). Returns the exit status, as admin_producer. */
 int admin_subscriber(char **words, int n, const char *database, bool json);
+/* admin_subscriptions.c: conveyor-admin subscriptions [list] | remove NAME |
+ * dead NAME | retry NAME EVENT_ID|--all (words[0] is "subscriptions"), through
+ * cfg's database and brokers. Returns the exit status: 0, 1 nothing to retry,
+ * 2 usage or an unknown NAME, 3 the database or a broker could not be reached. */
+int admin_subscriptions(const struct cfg *cfg, char **words, int n, bool json);
 /* Whether cfg has a laned queue on RabbitMQ (then the pool runs a sorter). */
 bool lane_sorter_needed(const struct cfg *cfg);
 /* Redis: moves due retries back and requeues the work of dead workers; returns the

@@ -239,8 +239,11 @@ PRIVATE_HEADERS = {
     # not a backend: the readers of queues.conf's lists share their field reader
     "cfg_field.h": ("cfg.c", "cfg_"),
 }
-# producer/'s one private header: the offline spool, seen by the client and the spool only.
-PRODUCER_PRIVATE = {"spool.h": ("client.c", "spool.c")}
+# producer/'s private headers, each seen by its pieces only.
+PRODUCER_PRIVATE = {"spool.h": ("client.c", "spool.c"),
+                    # durable subscriptions: the API and its registry; the CLI's durable modes
+                    "subscription_internal.h": ("subscription.c", "subscription_registry.c"),
+                    "durable.h": ("subscribe.c", "durable_subscription.c")}
 
 
 def private_headers_of(f):

@@ -11,6 +11,8 @@
  *   GET /api/limits           the rate limits: tokens now, commands waiting and rejected (sampled)
  *   GET /api/lanes            the queues with lanes: each lane's depth and oldest age (sampled)
  *   GET /api/producers        the producers' outboxes: pending, failed, oldest age (sampled)
+ *   GET /api/subscriptions    the durable subscriptions: a JSON array of their registry rows, lag,
+ *                             oldest age, gap and dead letters as the pools last counted (sampled)
  *   GET /api/scheduled        parked commands: per queue the count and next due time (sampled),
  *                             and a page of them by due time: [queue=Q] [limit=N, default 20,
  *                             at most 1000] [cursor=C]
@@ -453,6 +455,18 @@ static enum MHD_Result producers(struct http *h, struct MHD_Connection *conn) {
     return http_json(conn, MHD_HTTP_OK, o);
 }
 
+/* GET /api/subscriptions: the durable subscriptions' registry rows
+ * (subscription_row_json: the pools' last counts), from the last sample; a
+ * JSON array. */
+static enum MHD_Result subscriptions(struct http *h, struct MHD_Connection *conn) {
+    cJSON *a = cJSON_CreateArray();
+    pthread_mutex_lock(&h->lock);
+    for (int i = 0; i < h->sample.nsubscriptions; i++)
+        cJSON_AddItemToArray(a, subscription_row_json(&h->sample.subscriptions[i]));
+    pthread_mutex_unlock(&h->lock);
+    return http_json(conn, MHD_HTTP_OK, a);
+}
+
 enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const char *url) {
     const struct asset *a = asset_of(url);
     if (a) return http_reply(conn, MHD_HTTP_OK, a->type, (const char *)a->data, a->len, false);
@@ -471,5 +485,6 @@ enum MHD_Result dashboard_get(struct http *h, struct MHD_Connection *conn, const
     if (strcmp(url, "/api/limits") == 0) return limits(h, conn);
     if (strcmp(url, "/api/lanes") == 0) return lanes(h, conn);
     if (strcmp(url, "/api/producers") == 0) return producers(h, conn);
+    if (strcmp(url, "/api/subscriptions") == 0) return subscriptions(h, conn);
     return http_error(conn, MHD_HTTP_NOT_FOUND, "not found: see the README, \"Dashboard\", for the API's paths");
 }

@@ -22,7 +22,9 @@
  * recent commands every RECENT_MS and the brokers (queue counts: on RabbitMQ a
  * dozen passive declares per queue, which cost the broker measurably when done
  * every second) every BROKER_SAMPLE_MS, the schedules' rows every SAMPLE_MS,
- * the rate limits' buckets every SAMPLE_MS, and the parked commands' counts (a count walks an index of every parked
+ * the rate limits' buckets every SAMPLE_MS, the durable subscriptions' registry
+ * rows every SAMPLE_MS (counted on their brokers into the registry with the
+ * brokers' sample: subscription_count.c), and the parked commands' counts (a count walks an index of every parked
  * row: 0.3 to 1 s for a million) every PARKED_SAMPLE_MS, or less often when a
  * count takes long (PARKED_COST: the counts take at most 1% of the time), on
  * connections of its own, so /metrics and /readyz never run a query; and it ticks the dashboard's
@@ -282,6 +284,26 @@ static bool sample_limits(struct http *h, struct http_sample *s) {
     return h->db && rate_limit_states_read(h->db, h->cfg, s->limits) == 0;
 }
 
+/* The durable subscriptions' registry rows into s (true); false when the read failed (the last sample stands). */
+static bool sample_subscriptions(struct http *h, struct http_sample *s) {
+    return h->db && subscription_rows_read(h->db, NULL, &s->subscriptions, &s->nsubscriptions) == 0;
+}
+
+/* With the brokers' sample: every registered subscription of a transport the
+ * pool uses counted on its broker, into the registry (subscription_count.c);
+ * a broker that failed is closed (opened again next time). */
+static void count_subscriptions(struct http *h) {
+    bool failed[2];
+    if (!h->db) return;
+    int n = subscription_count_all(h->db, h->broker, failed);
+    if (n < 0) log_debug("subscriptions not counted: %s", db_errstr(h->db));
+    for (int t = 0; t < 2; t++)
+        if (failed[t]) {
+            broker_close(h->broker[t]);
+            h->broker[t] = NULL;
+        }
+}
+
 /* The producers' outboxes into s->producers (true); false when the read failed (the last sample stands). */
 static bool sample_producers(struct http *h, struct http_sample *s) {
     return h->db && forward_states_read(h->db, h->cfg, s->producers) == 0;
@@ -319,6 +341,7 @@ static void sample_free(struct http_sample *s) {
     free(s->schedules);
     free(s->limits);
     free(s->producers);
+    subscription_rows_free(s->subscriptions, s->nsubscriptions);
 }
 
 /* One sample of the brokers the pool uses: connected, and each queue's counts. */
@@ -407,13 +430,14 @@ int http_run(const struct cfg *cfg) {
             if (brokers) {
                 next_brokers = clock_mono_ms() + BROKER_SAMPLE_MS;
                 sample_brokers(&h, &s);
+                count_subscriptions(&h);
             }
             int64_t took = 0;
             bool parked = clock_mono_ms() >= next_parked && sample_parked(&h, &s, &took);
             if (parked) next_parked = clock_mono_ms() + (PARKED_COST * took > PARKED_SAMPLE_MS ? PARKED_COST * took
                                                                                                : PARKED_SAMPLE_MS);
             bool schedules = sample_schedules(&h, &s), limits = sample_limits(&h, &s),
-                 producers = sample_producers(&h, &s);
+                 producers = sample_producers(&h, &s), subscriptions = sample_subscriptions(&h, &s);
             pthread_mutex_lock(&h.lock);
             struct http_sample old = h.sample;
             s.recent = old.recent;
@@ -429,6 +453,12 @@ int http_run(const struct cfg *cfg) {
             if (!schedules) memcpy(s.schedules, old.schedules, (size_t)cfg->nschedules * sizeof *s.schedules);
             if (!limits) memcpy(s.limits, old.limits, (size_t)cfg->nrate_limits * sizeof *s.limits);
             if (!producers) memcpy(s.producers, old.producers, (size_t)cfg->nproducers * sizeof *s.producers);
+            if (!subscriptions) { /* the last rows stand: they move to the new sample */
+                s.subscriptions = old.subscriptions;
+                s.nsubscriptions = old.nsubscriptions;
+                old.subscriptions = NULL;
+                old.nsubscriptions = 0;
+            }
             h.sample = s;
             pthread_mutex_unlock(&h.lock);
             sample_free(&old);

@@ -33,6 +33,8 @@ struct http_sample {
     struct rate_limit_state *limits;  /* by cfg rate limit index: tokens, counts (sampled; full before) */
     int nproducers;
     struct forward_state *producers;  /* by cfg producer index: its outbox's counts (sampled; unread before) */
+    int nsubscriptions;
+    struct subscription_row *subscriptions; /* the registry's rows (subscription_view.c; sampled), owned */
 };
 /* An embedded file of the dashboard (cmake/embed_assets.cmake): path "/" or
  * "/app.js"..., its content type and bytes. The array ends with a NULL path. */

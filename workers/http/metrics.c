@@ -208,6 +208,33 @@ static void forward_gauges(struct out *o, const struct http_sample *s) {
     }
 }
 
+/* The durable subscriptions (docs/contract.md section 13), from their registry
+ * rows as the pools last counted them: no lag, age or gap line for one not
+ * counted yet; its dead letters always. */
+static void subscription_gauges(struct out *o, const struct http_sample *s) {
+    char sl[2 * CFG_NAME_MAX + 1];
+    static const char *const names[4][2] = {
+        {"conveyor_subscription_lag", "Events a durable subscription has not settled yet (RabbitMQ: ready in its "
+                                      "queues; Redis: its slowest partition's lag + pending), as a pool last counted."},
+        {"conveyor_subscription_oldest_age_seconds",
+         "Age of the oldest event a durable subscription has not settled (RabbitMQ: since its queues were last seen "
+         "empty, an upper bound; 0: none)."},
+        {"conveyor_subscription_gap", "1 when the Redis stream was trimmed past entries a subscription's partition "
+                                      "had not read (kept until it is removed)."},
+        {"conveyor_subscription_dead", "Dead letters of a durable subscription (conveyor-admin subscriptions dead)."}};
+    for (int g = 0; g < 4; g++) {
+        header(o, names[g][0], "gauge", names[g][1]);
+        for (int i = 0; i < s->nsubscriptions && s->subscriptions; i++) {
+            const struct subscription_row *r = &s->subscriptions[i];
+            if (g < 3 && r->lag < 0) continue; /* not counted yet */
+            if (g == 1) put(o, "%s{subscription=\"%s\"} %.3f\n", names[g][0], label(r->name, sl),
+                            r->oldest_age_s < 0 ? 0 : r->oldest_age_s);
+            else put(o, "%s{subscription=\"%s\"} %ld\n", names[g][0], label(r->name, sl),
+                     g == 0 ? r->lag : g == 2 ? (long)(r->gap != NULL) : r->dead);
+        }
+    }
+}
+
 static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard *sb, const struct http_sample *s) {
     char ql[2 * CFG_NAME_MAX + 1];
     static const char *const names[4][2] = {
@@ -237,6 +264,7 @@ static void gauges(struct out *o, const struct cfg *cfg, const struct scoreboard
         put(o, "conveyor_queue_max_length{queue=\"%s\"} %ld\n", label(cfg->queues[i].name, ql), cfg->queues[i].max_length);
     lane_gauges(o, cfg, s);
     forward_gauges(o, s);
+    subscription_gauges(o, s);
     uint64_t opens = 0;
     int breaker = (int)breaker_read(NULL, 0, &opens);
     header(o, "conveyor_breaker_state", "gauge", "The pool's breaker around a dependency: 0 closed, 1 half-open, 2 open.");

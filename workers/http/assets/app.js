@@ -808,6 +808,34 @@
     setText(c[4], typeof p.reportAgeSeconds === 'number' ? p.reportAgeSeconds.toFixed(0) + ' s ago' : 'not yet');
   }
 
+  /* ---------- durable subscriptions ---------- */
+
+  function renderSubscriptions(d) {
+    const rows = Array.isArray(d) ? d : [];
+    reconcile($('subscriptions'), rows, (s) => s.name, createSubscriptionRow, updateSubscriptionRow);
+    $('subscriptions-empty').hidden = rows.length > 0;
+  }
+  function createSubscriptionRow(s) {
+    const tr = h('tr', { 'data-test': 'subscription-row', 'data-subscription': s.name });
+    const c = cells(tr, 8, [3, 4, 6, 7]);
+    c[0].className = 'name';
+    tr.__c = c;
+    return tr;
+  }
+  function updateSubscriptionRow(tr, s) {
+    const c = tr.__c;
+    const known = typeof s.lag === 'number';
+    setText(c[0], s.name);
+    setText(c[1], s.transport + ', ' + fmtInt(s.partitions) + ' partitions');
+    setText(c[2], Array.isArray(s.patterns) ? s.patterns.join(' ') : '');
+    setText(c[3], known ? fmtInt(s.lag) : '—');
+    setText(c[4], known && s.lag > 0 && typeof s.oldestAgeSeconds === 'number' ? fmtAge(s.oldestAgeSeconds) : '—');
+    setText(c[5], s.gap ? 'yes' : 'no');
+    c[5].title = s.gapNote || '';
+    setText(c[6], fmtInt(s.dead));
+    setText(c[7], typeof s.countedAgeSeconds === 'number' ? s.countedAgeSeconds.toFixed(0) + ' s ago' : 'not yet');
+  }
+
   /* ---------- charts ---------- */
 
   const RANGES = { hour: { every: 2000, step: 60, tick: 600 }, day: { every: 30000, step: 300, tick: 10800 } };
@@ -1096,6 +1124,7 @@
       polls.limits.kick();
       polls.lanes.kick();
       polls.producers.kick();
+      polls.subscriptions.kick();
     }
   }
 
@@ -1152,6 +1181,12 @@
       const r = await api('/api/producers');
       note('producers', r);
       if (r.ok) renderProducers(r.data);
+    }, () => 3000),
+    subscriptions: poller(async () => {
+      if (route.name !== 'overview') return;
+      const r = await api('/api/subscriptions');
+      note('subscriptions', r);
+      if (r.ok) renderSubscriptions(r.data);
     }, () => 3000),
     command: poller(pollCommand, () => 10000),
   };
