@@ -142,8 +142,8 @@ durable() {  # transport product-id
   cat "$RUN/durable-$t-1.ndjson"
   echo "--- with no process of $name running, 3 updateStock +1 are applied:"
   for _ in 1 2 3; do
-    conveyor-produce -c queues.conf --wait updateStock "{\"productId\":\"$pid\",\"quantityChange\":1}" |
-      tail -1 | sed -n 's/.*"previousStock": *\([0-9]*\).*"stock": *\([0-9]*\).*/  stock \1 -> \2/p'
+    ev=$(conveyor-produce -c queues.conf --wait updateStock "{\"productId\":\"$pid\",\"quantityChange\":1}" | tail -1)
+    echo "  stock.updated: $(sed -n 's/.*"previousStock": *\([0-9]*\).*/\1/p' <<<"$ev") -> $(sed -n 's/.*"stock": *\([0-9]*\).*/\1/p' <<<"$ev")"
   done
   conveyor-admin -c "$RUN/queues.conf" subscriptions list 2>/dev/null || true
   echo "--- started again, $name receives what was published while it was stopped:"
