@@ -169,8 +169,9 @@ Its health and metrics: http://$HTTP/readyz, http://$HTTP/livez, http://$HTTP/me
 Try it by hand:
   eval "\$(scripts/servers.sh env)"; export PATH="$BUILD:\$PATH"
   conveyor-subscribe 'stock.*' &
-  conveyor-subscribe --name demo-view-rabbitmq --timeout 5   # the demo's durable subscription: the stock events kept since
   conveyor-produce --wait createProduct '{"name":"Mug","price":3,"stock":11}'
+  conveyor-produce updateStock '{"productId":"$pid","quantityChange":-1}'
+  conveyor-subscribe --name demo-view-rabbitmq -t 5   # the demo's durable subscription: the stock events since the demo
   curl -s http://$HTTP/metrics | grep '^conveyor_commands_total' 
   amqp-publish --url="\$CONVEYOR_RABBITMQ_URL" -e conveyor.commands -r createProduct -p \\
     -b '{"id":"'\$(cat /proc/sys/kernel/random/uuid)'","type":"createProduct","payload":{"name":"Bowl","price":"2.00"}}'
