@@ -23,6 +23,7 @@
 // password out of ps). The last line on stdout is a
 // summary: {"handled", "applied", "duplicates", "nacked"}.
 const { spawn } = require('child_process');
+const { constants } = require('os');
 const { parseArgs } = require('util');
 const { Client } = require('pg');
 
@@ -143,6 +144,11 @@ async function connect(url) {
   return db;
 }
 
+// Runs the subscriber and handles its events until --count, --idle-exit, a
+// signal, or the subscriber's own exit; sets the exit status: 0, or the
+// subscriber's when it stopped by itself (2 usage or configuration, 3 a server
+// unreachable), 2 when it cannot be run. Rejects when the read model's database
+// cannot be reached at the start.
 async function main() {
   const o = options();
   let db = await connect(o.database);
@@ -160,10 +166,11 @@ async function main() {
   });
   const exited = new Promise((resolve) => sub.on('close', (code, signal) => {
     if (gone && code !== null && code < 0) exitStatus = 2; // it never ran
-    else exitStatus = code === null ? 128 + require('os').constants.signals[signal] : code;
+    else exitStatus = code === null ? 128 + constants.signals[signal] : code;
     resolve();
   }));
   sub.stdin.on('error', () => { gone = true; }); // the subscriber has stopped: EPIPE
+  // writes one answer (`ack ID`, `nack ID REASON`) to the subscriber's stdin; false once it has gone
   const answer = (line) => { if (!gone) sub.stdin.write(`${line}\n`); return !gone; };
 
   let stopping = false;

@@ -159,6 +159,11 @@ def stop(proc):
 
 
 def main():
+    """Runs the subscriber and handles its events until --count, --idle-exit, a
+    signal, or the subscriber's own exit. Returns the exit status: 0, or the
+    subscriber's when it stopped by itself (2 usage or configuration, 3 a server
+    unreachable), 2 when it cannot be run. Raises when the read model's database
+    cannot be reached at the start."""
     o = options()
     conn = psycopg2.connect(o.database)
     with conn, conn.cursor() as cur:
@@ -188,9 +193,9 @@ def main():
                 print(f"read_model: no event for {o.idle_exit:g} s; stopping", file=sys.stderr)
                 break
             event = json.loads(line)
-            if conn.closed:  # lost with the database: try again with this event
-                conn = psycopg2.connect(o.database)
             try:
+                if conn.closed:  # lost with the database: a new connection for this event
+                    conn = psycopg2.connect(o.database)
                 applied = handle(conn, o.name, event)
             except Exception as e:  # rolled back: the subscription hands it out again later
                 reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
