@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -44,6 +45,7 @@ static int run_exec(conveyor_subscription *s, const char *cmd, const char *name,
     }
     if (pid == 0) {
         setpgid(0, 0); /* its own group: a timeout kills what it started too */
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* and the subscriber killed -9 takes it along */
         signal(SIGPIPE, SIG_DFL);
         dup2(fd[0], 0);
         close(fd[0]);
@@ -162,7 +164,7 @@ int durable_run(const struct durable_options *d) {
     bool eof = false, said = false;
     int status = 0;
     long settled = 0;
-    int64_t idle_since = clock_mono_ms();
+    int64_t idle_since = clock_mono_ms(), poll_at = 0;
     while (!stop && !eof && (d->count < 0 || settled < d->count)) {
         if (d->timeout_s > 0 && out.n == 0 && clock_mono_ms() - idle_since > d->timeout_s * 1000) {
             status = 4;
@@ -203,12 +205,21 @@ int durable_run(const struct durable_options *d) {
         }
         if (!d->acks) continue;
         /* the reader's answers: what is there now, or up to 100 ms when nothing else is to do */
+        if (out.n >= d->window && clock_mono_ms() >= poll_at) { /* a full window: keep the partitions meanwhile */
+            conveyor_subscription_poll(s);
+            poll_at = clock_mono_ms() + 1000;
+        }
         struct pollfd pfd = {0, POLLIN, 0};
         int wait = ev || out.n < d->window ? 0 : 100;
         if (poll(&pfd, 1, wait) <= 0) continue;
         ssize_t r = read(0, buf + have, sizeof buf - 1 - have);
         if (r <= 0) {
             eof = r == 0 || (errno != EINTR && errno != EAGAIN);
+            if (eof && have > 0) { /* a last answer without its newline */
+                buf[have] = '\0';
+                settled += answer(s, &out, buf);
+                have = 0;
+            }
             continue;
         }
         have += (size_t)r;

@@ -27,7 +27,6 @@
 #define PREFETCH 1000           /* RabbitMQ's prefetch per partition (section 13's bound); Redis reads at most this many */
 #define RETRY_MAX_MS 60000
 #define REPLAY_BATCH 200
-#define DRAIN_MAX_MS 30000      /* a partition given up waits this long at most for its events out */
 
 enum held_state { H_WAITING, H_OUT, H_RETRY };
 enum held_source { SRC_LIVE, SRC_REPLAY, SRC_DEAD };
@@ -63,10 +62,11 @@ struct conveyor_subscription {
     bool want[SUBSCRIPTION_PARTITIONS_MAX];
     int64_t drain_since[SUBSCRIPTION_PARTITIONS_MAX]; /* a partition given up: since when it drains (0: not) */
     int nout[SUBSCRIPTION_PARTITIONS_MAX];    /* OUT events per partition */
+    int npart[SUBSCRIPTION_PARTITIONS_MAX];   /* live events held per partition (HOLD_PER_PARTITION at most) */
     struct held *head, *tail;
     int nheld;
     int max_attempts, retry_base_ms;
-    int64_t next_balance_ms, next_seen_ms;
+    int64_t next_balance_ms, next_seen_ms, next_gap_ms;
     bool broker_lost;                         /* reattach every owned partition */
     /* the replay */
     int64_t replay_cursor, replay_batch_end;
@@ -82,6 +82,7 @@ static void held_unlink(conveyor_subscription *s, struct held *h) {
     if (h->prev) h->prev->next = h->next; else s->head = h->next;
     if (h->next) h->next->prev = h->prev; else s->tail = h->prev;
     s->nheld--;
+    if (h->src == SRC_LIVE && h->d.partition >= 0) s->npart[h->d.partition]--;
     if (h->state == H_OUT && h->d.partition >= 0) s->nout[h->d.partition]--;
     if (h->src == SRC_REPLAY) s->replay_held--;
 }
@@ -122,6 +123,7 @@ static void held_append(conveyor_subscription *s, struct held *h) {
     if (s->tail) s->tail->next = h; else s->head = h;
     s->tail = h;
     s->nheld++;
+    if (h->src == SRC_LIVE && h->d.partition >= 0) s->npart[h->d.partition]++;
     if (h->src == SRC_REPLAY) s->replay_held++;
 }
 
@@ -190,10 +192,8 @@ static struct held *pick(conveyor_subscription *s, int64_t now, int64_t *wake_ms
 /* ---- the partitions ------------------------------------------------------------------------ */
 
 static void detach_all(conveyor_subscription *s) {
-    for (int i = 0; i < SUBSCRIPTION_PARTITIONS_MAX; i++) {
-        if (s->attached[i] && s->b) broker_subscription_detach(s->b, i);
-        s->attached[i] = false;
-    }
+    if (s->b) broker_subscription_detach(s->b, -1);
+    memset(s->attached, 0, sizeof s->attached);
     drop_waiting(s, -1);
 }
 
@@ -243,9 +243,10 @@ static int housekeeping(conveyor_subscription *s, int64_t now) {
             continue;
         }
         if (!s->g.owned[i]) continue;
-        /* given up: its events out settle first (bounded), then it goes */
+        /* given up: its events out settle first (a process that hangs loses
+         * its session, and the partition, after 60 s idle), then it goes */
         if (!s->drain_since[i]) s->drain_since[i] = now;
-        if (s->nout[i] > 0 && now - s->drain_since[i] < DRAIN_MAX_MS) continue;
+        if (s->nout[i] > 0) continue;
         if (s->attached[i]) broker_subscription_detach(s->b, i);
         s->attached[i] = false;
         drop_waiting(s, s->transport == TRANSPORT_RABBITMQ ? -1 : i); /* RabbitMQ gives back every partition's */
@@ -253,9 +254,13 @@ static int housekeeping(conveyor_subscription *s, int64_t now) {
         if (sub_registry_release(&s->g, i) < 0) return lose_db(s), CONVEYOR_EBROKER;
     }
     memcpy(s->want, want, sizeof want);
+    if (broker_subscription_keepalive(s->b) < 0) lose_broker(s); /* reattached below, or next time */
     if (now >= s->next_seen_ms) {
         s->next_seen_ms = now + 5000;
         if (sub_registry_seen(&s->g) < 0) return lose_db(s), CONVEYOR_EBROKER;
+    }
+    if (now >= s->next_gap_ms) {
+        s->next_gap_ms = now + 60000;
         if (s->transport == TRANSPORT_REDIS && !s->gap_said) {
             struct subscription_counts c;
             if (broker_subscription_counts(s->b, &s->spec, &c) == 0 && c.gap) {
@@ -271,8 +276,13 @@ static int housekeeping(conveyor_subscription *s, int64_t now) {
     if (sub_registry_claim_retries(&s->g, 10, &r) < 0) return lose_db(s), CONVEYOR_EBROKER;
     for (int k = 0; k < PQntuples(r); k++) {
         if (held_find(s, PQgetvalue(r, k, 0))) continue;
-        struct held *h = held_new(xstrdup(PQgetvalue(r, k, 1)), SRC_DEAD);
-        if (h) held_append(s, h); else sub_registry_retry_done(&s->g, PQgetvalue(r, k, 0));
+        char *json = xstrdup(PQgetvalue(r, k, 1));
+        struct held *h = held_new(json, SRC_DEAD);
+        if (h) held_append(s, h);
+        else { /* not an event: nothing to retry */
+            free(json);
+            sub_registry_retry_done(&s->g, PQgetvalue(r, k, 0));
+        }
     }
     PQclear(r);
     if (s->row.replaying) return 0; /* the live partitions wait for the replay */
@@ -297,9 +307,23 @@ static int housekeeping(conveyor_subscription *s, int64_t now) {
  * progress, its end. Returns 0 or CONVEYOR_EBROKER. */
 static int replay_step(conveyor_subscription *s) {
     if (!s->row.replaying || !s->db_up || s->replay_held > 0) return 0;
+    bool had = s->g.replay_locked;
     int locked = sub_registry_replay_lock(&s->g);
     if (locked < 0) return lose_db(s), CONVEYOR_EBROKER;
     if (!locked) return 0; /* another process replays */
+    if (!had) { /* taken now: go on from where the process before got */
+        struct sub_row row;
+        int found = sub_registry_load(&s->g, &row);
+        if (found < 0) return lose_db(s), CONVEYOR_EBROKER;
+        if (found) {
+            if (row.replay_cursor > s->replay_cursor) s->replay_cursor = s->replay_batch_end = row.replay_cursor;
+            sub_row_free(&row);
+        }
+    }
+    /* every outbox row up to the replay's end must be committed or gone first */
+    int visible = sub_registry_replay_visible(&s->g, &s->row);
+    if (visible < 0) return lose_db(s), CONVEYOR_EBROKER;
+    if (!visible) return 0;
     if (s->replay_batch_end > s->replay_cursor) { /* the batch out is settled */
         s->replay_cursor = s->replay_batch_end;
         if (sub_registry_replay_progress(&s->g, s->replay_cursor, false) < 0) return lose_db(s), CONVEYOR_EBROKER;
@@ -310,8 +334,12 @@ static int replay_step(conveyor_subscription *s) {
     int n = PQntuples(r);
     for (int k = 0; k < n; k++) {
         s->replay_batch_end = strtoll(PQgetvalue(r, k, 0), NULL, 10);
-        struct held *h = held_new(xstrdup(PQgetvalue(r, k, 1)), SRC_REPLAY);
-        if (!h) continue;
+        char *json = xstrdup(PQgetvalue(r, k, 1));
+        struct held *h = held_new(json, SRC_REPLAY);
+        if (!h) {
+            free(json);
+            continue;
+        }
         bool match = false;
         for (int p = 0; p < s->npatterns && !match; p++) match = topic_match(s->patterns[p], h->type);
         if (!match) {
@@ -350,16 +378,18 @@ static int replayed_already(conveyor_subscription *s, const struct held *h) {
 /* Reads what the broker has (waiting up to timeout_ms) into the list.
  * Returns 0 or CONVEYOR_EBROKER. */
 static int fill(conveyor_subscription *s, int timeout_ms) {
-    int owned = 0;
-    for (int i = 0; i < SUBSCRIPTION_PARTITIONS_MAX; i++) owned += s->attached[i];
-    int room = HOLD_PER_PARTITION * (owned ? owned : 1) - s->nheld;
-    if (owned == 0 || room <= 0) {
+    int room[SUBSCRIPTION_PARTITIONS_MAX], any = 0;
+    for (int i = 0; i < SUBSCRIPTION_PARTITIONS_MAX; i++) {
+        room[i] = s->attached[i] ? HOLD_PER_PARTITION - s->npart[i] : 0;
+        any += room[i] > 0;
+    }
+    if (!any) { /* nothing owned, or every partition holds its most: wait (housekeeping goes on) */
         struct timespec ts = {timeout_ms / 1000, (timeout_ms % 1000) * 1000000L};
         nanosleep(&ts, NULL);
         return 0;
     }
     struct sub_delivery buf[FETCH_MAX];
-    int n = broker_subscription_fetch(s->b, buf, room < FETCH_MAX ? room : FETCH_MAX, timeout_ms);
+    int n = broker_subscription_fetch(s->b, buf, FETCH_MAX, room, timeout_ms);
     if (n < 0) {
         lose_broker(s);
         return CONVEYOR_EBROKER;
@@ -374,18 +404,20 @@ static int fill(conveyor_subscription *s, int timeout_ms) {
         }
         h->d = buf[k];
         struct held *old = held_find(s, h->id);
-        if (old && old->src == SRC_LIVE) { /* delivered again (a connection lost): the new delivery is the one to ack */
-            if (old->state == H_OUT) s->nout[old->d.partition]--;
-            sub_delivery_free(&old->d);
-            old->d = h->d;
-            if (old->state == H_OUT) s->nout[old->d.partition]++;
-            h->d.json = NULL;
+        if (old && old->src == SRC_LIVE && old->d.partition == h->d.partition) {
+            /* delivered again (a connection lost): the new delivery is the one to
+             * ack; the caller may hold the old one's json, which stays */
+            old->d.tag = h->d.tag;
+            old->d.gen = h->d.gen;
+            memcpy(old->d.entry, h->d.entry, sizeof old->d.entry);
+            old->d.redelivered = true;
             held_free(h);
             continue;
         }
         int dup = old ? 1 : replayed_already(s, h);
         if (dup < 0) {
             held_free(h);
+            for (int j = k + 1; j < n; j++) sub_delivery_free(&buf[j]);
             return lose_db(s), CONVEYOR_EBROKER;
         }
         if (dup) { /* the replay (or a retried dead letter) has it */
@@ -635,6 +667,10 @@ int conveyor_subscription_ack(conveyor_subscription *s, conveyor_event *ev) {
 int conveyor_subscription_nack(conveyor_subscription *s, conveyor_event *ev, const char *reason) {
     if (!ev) return 0;
     struct held *h = (struct held *)ev;
+    if (h->src == SRC_LIVE && !s->attached[h->d.partition]) { /* its partition went: it comes again to the owner */
+        settle(s, h);
+        return 0;
+    }
     if (h->attempts < s->max_attempts) {
         if (h->d.partition >= 0 && h->state == H_OUT) s->nout[h->d.partition]--;
         h->state = H_RETRY;

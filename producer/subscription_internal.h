@@ -25,6 +25,7 @@ struct sub_row {
     int64_t replay_after, replay_end, replay_cursor;
     char replay_published_before[40]; /* timestamptz text, "" when no replay */
     char replay_occurred_after[40];   /* "" when none */
+    char replay_xmax[24];             /* the transaction ids before this had ended at creation ("" when none) */
     int64_t created_ms;               /* created_at, ms since the epoch */
 };
 void sub_row_free(struct sub_row *r);
@@ -72,6 +73,9 @@ int sub_registry_replay_rows(struct sub_registry *g, const struct sub_row *row, 
                              PGresult **out);
 /* Records the replay's progress (cursor), and with done its end. Returns 0 or a class. */
 int sub_registry_replay_progress(struct sub_registry *g, int64_t cursor, bool done);
+/* Whether every outbox row up to the replay's end is committed or rolled
+ * back (no transaction that was running at creation still runs): 1, 0, or a class. */
+int sub_registry_replay_visible(struct sub_registry *g, const struct sub_row *row);
 /* Whether the replay is complete: no row it must wait for (unpublished rows
  * up to its end while its publish bound is ahead). Returns 1, 0, or a class. */
 int sub_registry_replay_complete(struct sub_registry *g, const struct sub_row *row, int64_t cursor);

@@ -86,7 +86,8 @@ int sub_registry_load(struct sub_registry *g, struct sub_row *row) {
                      "SELECT transport, patterns::text, partitions, start_from, "
                      "replay_after IS NOT NULL AND replay_done_at IS NULL, coalesce(replay_after, 0), "
                      "coalesce(replay_end, 0), coalesce(replay_cursor, 0), coalesce(replay_published_before::text, ''), "
-                     "coalesce(replay_occurred_after::text, ''), (extract(epoch FROM created_at) * 1000)::bigint "
+                     "coalesce(replay_occurred_after::text, ''), (extract(epoch FROM created_at) * 1000)::bigint, "
+                     "coalesce(replay_xmax::text, '') "
                      "FROM subscriptions WHERE name = $1",
                      1, p, &r);
     if (rc < 0) return failed(g, rc, "reading the subscription's row");
@@ -106,6 +107,7 @@ int sub_registry_load(struct sub_registry *g, struct sub_row *row) {
     snprintf(row->replay_published_before, sizeof row->replay_published_before, "%s", PQgetvalue(r, 0, 8));
     snprintf(row->replay_occurred_after, sizeof row->replay_occurred_after, "%s", PQgetvalue(r, 0, 9));
     row->created_ms = strtoll(PQgetvalue(r, 0, 10), NULL, 10);
+    snprintf(row->replay_xmax, sizeof row->replay_xmax, "%s", PQgetvalue(r, 0, 11));
     PQclear(r);
     return 1;
 }
@@ -162,10 +164,11 @@ int sub_registry_create(struct sub_registry *g, const char *transport, const cha
                  "  CASE WHEN $5 ~* '^[0-9a-f]{8}-' THEN (SELECT created_at FROM outbox WHERE event_id = $5::uuid) "
                  "    WHEN $5 IN ('newest', 'oldest') THEN NULL ELSE $5::timestamptz END AS since) "
                  "INSERT INTO subscriptions (name, transport, patterns, partitions, start_from, replay_after, replay_end, "
-                 "  replay_published_before, replay_occurred_after, replay_cursor) "
+                 "  replay_published_before, replay_occurred_after, replay_cursor, replay_xmax) "
                  "SELECT $1, $2, $3::text[], $4::int, $5, after, "
                  "  CASE WHEN after IS NULL THEN NULL ELSE (SELECT coalesce(max(id), 0) FROM outbox) END, "
-                 "  CASE WHEN after IS NULL THEN NULL ELSE now() + interval '60 seconds' END, occurred_after, after "
+                 "  CASE WHEN after IS NULL THEN NULL ELSE now() + interval '60 seconds' END, occurred_after, after, "
+                 "  CASE WHEN after IS NULL THEN NULL ELSE pg_snapshot_xmax(pg_current_snapshot()) END "
                  "FROM start WHERE coalesce(since, now()) >= now() - interval '30 days' "
                  "ON CONFLICT (name) DO NOTHING RETURNING 1",
                  5, p, &r);
@@ -197,6 +200,7 @@ int sub_registry_balance(struct sub_registry *g, int partitions, bool want[SUBSC
     PGresult *r;
     int rc = db_exec(g->db,
                      "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                     "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                      "AND classid::bigint = ($1::bigint & 4294967295) AND objid = 65535 AND objsubid = 2",
                      1, p, &r);
     if (rc < 0) {
@@ -279,8 +283,13 @@ int sub_registry_replay_rows(struct sub_registry *g, const struct sub_row *row, 
     replay_params(row, cursor, c, e, p);
     snprintf(m, sizeof m, "%d", max);
     p[4] = m;
-    int rc = db_exec(g->db, "SELECT id, payload::text FROM outbox WHERE " REPLAY_WHERE " ORDER BY id LIMIT $5::int", 5,
-                     p, out);
+    /* not past a row of its range the relay has not marked yet while the
+     * publish bound is ahead: it may fall in the bounds once marked */
+    int rc = db_exec(g->db,
+                     "SELECT id, payload::text FROM outbox WHERE " REPLAY_WHERE " AND id < coalesce(("
+                     "SELECT min(id) FROM outbox WHERE id > $1::bigint AND id <= $2::bigint AND published_at IS NULL "
+                     "AND now() < $3::timestamptz), $2::bigint + 1) ORDER BY id LIMIT $5::int",
+                     5, p, out);
     return rc < 0 ? failed(g, rc, "reading the outbox for the replay") : 0;
 }
 
@@ -293,6 +302,17 @@ int sub_registry_replay_progress(struct sub_registry *g, int64_t cursor, bool do
                      "replay_done_at = CASE WHEN $3::boolean THEN now() ELSE replay_done_at END WHERE name = $1",
                      3, p, NULL);
     return rc < 0 ? failed(g, rc, "recording the replay's progress") : 0;
+}
+
+int sub_registry_replay_visible(struct sub_registry *g, const struct sub_row *row) {
+    if (!row->replay_xmax[0]) return 1;
+    const char *p[1] = {row->replay_xmax};
+    PGresult *r;
+    int rc = db_exec(g->db, "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8", 1, p, &r);
+    if (rc < 0) return failed(g, rc, "waiting for the transactions before the replay");
+    int yes = PQgetvalue(r, 0, 0)[0] == 't';
+    PQclear(r);
+    return yes;
 }
 
 int sub_registry_replay_complete(struct sub_registry *g, const struct sub_row *row, int64_t cursor) {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, from a fresh Debian machine (as root): installs what is missing,
 # starts PostgreSQL, Redis and RabbitMQ, builds Conveyor, runs the worker pool,
-# and shows commands going in and events coming out, first on RabbitMQ, then on
-# Redis. It leaves a pool running on RabbitMQ for you to try by hand.
+# and shows commands going in and events coming out, first on Redis, then on
+# RabbitMQ, and a durable subscription catching up after a stop. It leaves a pool
+# running on RabbitMQ for you to try by hand.
 #
 #   scripts/demo.sh        the demo (safe to run again: it replaces its pool)
 #   scripts/demo.sh stop   stop the pool the demo left running
@@ -115,7 +116,38 @@ SQL
   echo "--- the schedule demo-special (cron \"*/10 * * * * *\", Europe/Paris) fires within 10 s:"
   conveyor-subscribe -c queues.conf -n 1 --timeout 15 'product.created' || true
   conveyor-admin -c "$RUN/queues.conf" schedules || true
+  durable "$t" "$pid"
   unset CONVEYOR_TRANSPORT
+}
+
+# A durable subscription (README: "Durable subscriptions") catches up after a
+# stop: its first run creates it and takes what comes; stopped, it misses
+# nothing: the commands published meanwhile are waiting for its second run.
+durable() {  # transport product-id
+  local t=$1 pid=$2 name="demo-view-$1" first
+  echo "--- a durable subscription: conveyor-subscribe --name $name 'stock.*'"
+  # start clean: an earlier demo's subscription would have kept stock events for it
+  # since (harmless: the first run below takes them too)
+  conveyor-admin -c "$RUN/queues.conf" subscriptions remove "$name" >/dev/null 2>&1 || true
+  conveyor-subscribe -c queues.conf --name "$name" --timeout 3 'stock.*' > "$RUN/durable-$t-1.ndjson" &
+  first=$!
+  for _ in $(seq 100); do  # created once its row is in the registry (after its broker objects)
+    [ "$(psql -Atq "$CONVEYOR_DATABASE_URL" -c "SELECT count(*) FROM subscriptions WHERE name = '$name'")" = 1 ] && break
+    kill -0 "$first" 2>/dev/null || break
+    sleep 0.1
+  done
+  conveyor-produce -c queues.conf --wait updateStock "{\"productId\":\"$pid\",\"quantityChange\":1}" >/dev/null
+  wait "$first" || true  # exit 4: 3 s without an event
+  echo "first run (stopped after 3 s without an event) received:"
+  cat "$RUN/durable-$t-1.ndjson"
+  echo "--- with no process of $name running, 3 updateStock +1 are applied:"
+  for _ in 1 2 3; do
+    ev=$(conveyor-produce -c queues.conf --wait updateStock "{\"productId\":\"$pid\",\"quantityChange\":1}" | tail -1)
+    echo "  stock.updated: $(sed -n 's/.*"previousStock": *\([0-9]*\).*/\1/p' <<<"$ev") -> $(sed -n 's/.*"stock": *\([0-9]*\).*/\1/p' <<<"$ev")"
+  done
+  conveyor-admin -c "$RUN/queues.conf" subscriptions list 2>/dev/null || true
+  echo "--- started again, $name receives what was published while it was stopped:"
+  conveyor-subscribe -c queues.conf --name "$name" -n 3 --timeout 15 || echo "(it did not: exit status $?)"
 }
 
 demo redis
@@ -138,6 +170,8 @@ Try it by hand:
   eval "\$(scripts/servers.sh env)"; export PATH="$BUILD:\$PATH"
   conveyor-subscribe 'stock.*' &
   conveyor-produce --wait createProduct '{"name":"Mug","price":3,"stock":11}'
+  conveyor-produce updateStock '{"productId":"$pid","quantityChange":-1}'
+  conveyor-subscribe --name demo-view-rabbitmq -t 5   # the demo's durable subscription: the stock events since the demo
   curl -s http://$HTTP/metrics | grep '^conveyor_commands_total' 
   amqp-publish --url="\$CONVEYOR_RABBITMQ_URL" -e conveyor.commands -r createProduct -p \\
     -b '{"id":"'\$(cat /proc/sys/kernel/random/uuid)'","type":"createProduct","payload":{"name":"Bowl","price":"2.00"}}'

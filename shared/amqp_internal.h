@@ -173,7 +173,8 @@ int amqp_passive_probe(struct amqp_broker *a, const char *name, long *messages, 
 int amqp_subscription_declare(struct broker *b, const struct subscription_spec *s);
 int amqp_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
 int amqp_subscription_detach(struct broker *b, int partition);
-int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms);
+int amqp_subscription_keepalive(struct broker *b);
 int amqp_subscription_ack(struct broker *b, const struct sub_delivery *d);
 
 /* ---- amqp_subscription_admin.c: a subscription's counts, and its removal (core.h) -------- */

@@ -106,7 +106,12 @@ int amqp_subscription_attach(struct broker *b, const struct subscription_spec *s
 
 int amqp_subscription_detach(struct broker *b, int partition) {
     struct amqp_broker *a = (struct amqp_broker *)b;
-    if (!a->sub || partition < 0 || partition >= SUBSCRIPTION_PARTITIONS_MAX || !a->sub->attached[partition]) return 0;
+    if (a->sub && partition < 0) { /* every partition: the connection goes once */
+        memset(a->sub->attached, 0, sizeof a->sub->attached);
+        amqp_drop_consume(a);
+        return 0;
+    }
+    if (!a->sub || partition >= SUBSCRIPTION_PARTITIONS_MAX || !a->sub->attached[partition]) return 0;
     a->sub->attached[partition] = false;
     amqp_drop_consume(a); /* everything unacked goes back (the file's comment) */
     bool any = false;
@@ -128,7 +133,18 @@ static bool tag_partition(amqp_bytes_t tag, int *out) {
     return i < SUBSCRIPTION_PARTITIONS_MAX;
 }
 
-int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms) {
+int amqp_subscription_keepalive(struct broker *b) {
+    struct amqp_broker *a = (struct amqp_broker *)b;
+    if (!a->consume) return 0;
+    amqp_frame_t f = {.frame_type = AMQP_FRAME_HEARTBEAT, .channel = 0};
+    if (amqp_send_frame(a->consume, &f) == AMQP_STATUS_OK) return 0;
+    amqp_drop_consume(a);
+    if (a->sub) memset(a->sub->attached, 0, sizeof a->sub->attached);
+    return broker_fail(b, CV_ERETRY, "rabbitmq: the subscription's connection was lost (a heartbeat could not be sent)");
+}
+
+int amqp_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms) {
+    (void)room; /* the prefetch per partition's consumer bounds it */
     struct amqp_broker *a = (struct amqp_broker *)b;
     if (!a->sub || !a->consume) {
         if (a->sub) memset(a->sub->attached, 0, sizeof a->sub->attached);

@@ -167,9 +167,11 @@ int broker_subscription_attach(struct broker *b, const struct subscription_spec 
 
 int broker_subscription_detach(struct broker *b, int partition) { return b->ops->subscription_detach(b, partition); }
 
-int broker_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms) {
-    return b->ops->subscription_fetch(b, out, max, timeout_ms);
+int broker_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms) {
+    return b->ops->subscription_fetch(b, out, max, room, timeout_ms);
 }
+
+int broker_subscription_keepalive(struct broker *b) { return b->ops->subscription_keepalive(b); }
 
 int broker_subscription_ack(struct broker *b, const struct sub_delivery *d) { return b->ops->subscription_ack(b, d); }
 

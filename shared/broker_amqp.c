@@ -727,6 +727,7 @@ static const struct broker_ops amqp_ops = { /* no .take: broker.c takes with nex
     .subscription_attach = amqp_subscription_attach,
     .subscription_detach = amqp_subscription_detach,
     .subscription_fetch = amqp_subscription_fetch,
+    .subscription_keepalive = amqp_subscription_keepalive,
     .subscription_ack = amqp_subscription_ack,
     .subscription_counts = amqp_subscription_counts,
     .subscription_remove = amqp_subscription_remove,

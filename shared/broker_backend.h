@@ -44,7 +44,8 @@ struct broker_ops {
     int (*subscription_declare)(struct broker *b, const struct subscription_spec *s);
     int (*subscription_attach)(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
     int (*subscription_detach)(struct broker *b, int partition);
-    int (*subscription_fetch)(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+    int (*subscription_fetch)(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms);
+    int (*subscription_keepalive)(struct broker *b);
     int (*subscription_ack)(struct broker *b, const struct sub_delivery *d);
     int (*subscription_counts)(struct broker *b, const struct subscription_spec *s, struct subscription_counts *out);
     int (*subscription_remove)(struct broker *b, const struct subscription_spec *s);

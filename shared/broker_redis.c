@@ -978,6 +978,7 @@ static const struct broker_ops redis_ops = {
     .subscription_attach = redis_subscription_attach,
     .subscription_detach = redis_subscription_detach,
     .subscription_fetch = redis_subscription_fetch,
+    .subscription_keepalive = redis_subscription_keepalive,
     .subscription_ack = redis_subscription_ack,
     .subscription_counts = redis_subscription_counts,
     .subscription_remove = redis_subscription_remove,

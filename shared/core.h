@@ -1030,14 +1030,22 @@ int broker_subscription_declare(struct broker *b, const struct subscription_spec
  * queue; Redis: from its pending entries first). s is borrowed until detach or
  * close. Returns 0 or an error class. */
 int broker_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
-/* Stops reading partition i: what was fetched of it and not acked comes again
- * to its next reader. Returns 0 or an error class. */
+/* Stops reading partition i (every partition: -1): what was fetched of it and
+ * not acked comes again to its next reader. RabbitMQ opens the consume
+ * connection anew, so every partition's unacked deliveries come again (an ack
+ * of the older connection's, by its gen, is not sent). Returns 0 or an error class. */
 int broker_subscription_detach(struct broker *b, int partition);
 /* Waits up to timeout_ms for events of the attached partitions: returns how
  * many it wrote to out (at most max; 0 on timeout), or an error class (every
- * partition is then detached: attach again). Events of a partition come in
- * its order; Redis skips (and acks) entries of other partitions and types. */
-int broker_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+ * partition is then detached: attach again). room (may be NULL) bounds what is
+ * read of each partition (room[i] <= 0: none; RabbitMQ's prefetch bounds it
+ * there). Events of a partition come in its order; Redis skips (and acks)
+ * entries of other partitions and types. */
+int broker_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms);
+/* Keeps the reading connection alive while no fetch runs (a handler running
+ * long): RabbitMQ sends a heartbeat on the consume connection; Redis nothing.
+ * Returns 0 or an error class. */
+int broker_subscription_keepalive(struct broker *b);
 /* Acknowledges d (it was handled). Returns 0 or an error class (it may come again). */
 int broker_subscription_ack(struct broker *b, const struct sub_delivery *d);
 /* Counts s on the broker into *out. Returns 0 or an error class. */

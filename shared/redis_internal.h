@@ -143,13 +143,16 @@ extern const char redis_script_lane_release[]; /* acks, then the worker's lanes 
 extern const char redis_script_lane_bounded_push[]; /* LPUSH unless the intake and the lanes hold max_length */
 extern const char redis_script_lane_counts[];  /* each lane's length and oldest message */
 extern const char redis_script_lane_sweep[];   /* lanes a queue no longer has emptied into its intake */
+extern const char redis_script_subscription_groups[]; /* a subscription's partition groups, at one id (section 13) */
+extern const char redis_script_subscription_resync[]; /* a caught-up group's entries-read set right after a gap */
 
 
 /* ---- redis_subscription.c: a durable subscription's partitions (core.h) ----------------- */
 int redis_subscription_declare(struct broker *b, const struct subscription_spec *s);
 int redis_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch);
 int redis_subscription_detach(struct broker *b, int partition);
-int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms);
+int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms);
+int redis_subscription_keepalive(struct broker *b);
 int redis_subscription_ack(struct broker *b, const struct sub_delivery *d);
 
 /* ---- redis_subscription_admin.c: a subscription's counts, and its removal (core.h) -------- */

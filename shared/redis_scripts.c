@@ -260,3 +260,54 @@ const char redis_script_lane_sweep[] =
     "if not v then break end "
     "redis.call('RPUSH', KEYS[1], v) k = k + 1 end end end "
     "return k";
+
+/* A durable subscription's partition groups on the events stream (KEYS[1]),
+ * ARGV[1] the group names' prefix ("sub:<name>:"), ARGV[2] the partitions:
+ * each created unless it exists, all at the stream's last id, with their
+ * entries-read set to the entries the stream was ever given, so that Redis
+ * knows each group's lag from the start and a trim past entries a group has
+ * not read shows as a lag above what the stream still holds (the gap,
+ * docs/contract.md section 13). A missing stream is created empty. Returns
+ * the groups it created. */
+const char redis_script_subscription_groups[] =
+    "local last, added = '0-0', 0 "
+    "if redis.call('EXISTS', KEYS[1]) == 1 then "
+    "  local info = redis.call('XINFO', 'STREAM', KEYS[1]) "
+    "  for i = 1, #info, 2 do "
+    "    if info[i] == 'last-generated-id' then last = info[i + 1] end "
+    "    if info[i] == 'entries-added' then added = info[i + 1] end "
+    "  end "
+    "end "
+    "local made = 0 "
+    "for i = 0, tonumber(ARGV[2]) - 1 do "
+    "  local ok = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1] .. i, last, 'MKSTREAM', 'ENTRIESREAD', added) "
+    "  if type(ok) == 'table' and ok.err then "
+    "    if not string.find(ok.err, 'BUSYGROUP') then return ok end "
+    "  else made = made + 1 end "
+    "end "
+    "return made";
+
+/* After a gap (section 13): group ARGV[1] of the stream KEYS[1], when it has
+ * read the stream's last entry, gets its entries-read set to the entries the
+ * stream was ever given, so that its lag counts no trimmed entry again.
+ * Returns 1 when it set it, 0 when the group is not caught up. */
+const char redis_script_subscription_resync[] =
+    "local info = redis.call('XINFO', 'STREAM', KEYS[1]) "
+    "local last, added "
+    "for i = 1, #info, 2 do "
+    "  if info[i] == 'last-generated-id' then last = info[i + 1] end "
+    "  if info[i] == 'entries-added' then added = info[i + 1] end "
+    "end "
+    "for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do "
+    "  local name, delivered "
+    "  for i = 1, #g, 2 do "
+    "    if g[i] == 'name' then name = g[i + 1] end "
+    "    if g[i] == 'last-delivered-id' then delivered = g[i + 1] end "
+    "  end "
+    "  if name == ARGV[1] then "
+    "    if delivered ~= last then return 0 end "
+    "    redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', added) "
+    "    return 1 "
+    "  end "
+    "end "
+    "return 0";

@@ -6,7 +6,7 @@
  * entry: an entry of another partition (crc32 of its aggregateId,
  * subscription_partition.c) or of a type no pattern matches is acknowledged
  * at once. The groups of one subscription are created at the same id, so
- * they start at the same entry. Called by the operations (broker_redis.c's
+ * they start at the same entry (redis_script_subscription_groups). Called by the operations (broker_redis.c's
  * table); calls redis_conn.c. */
 #include "redis_internal.h"
 
@@ -25,56 +25,20 @@ struct redis_sub {
     int count;                                    /* entries a read asks for per partition */
     int next;                                     /* the partition read first next time (round robin) */
     bool gap_said;
+    int64_t resync_at[SUBSCRIPTION_PARTITIONS_MAX]; /* when a caught-up group's entries-read is set right next */
 };
-
-/* XGROUP CREATE of partition i's group at id (MKSTREAM); an existing group is
- * left as it is. Returns 0 or a class. */
-static int create_group(struct redis_broker *r, const char *name, int i, const char *id) {
-    char g[160];
-    names_redis_subscription_group(name, i, g, sizeof g);
-    redisReply *rep = redis_conn_cmd(r, "XGROUP CREATE %s %s %s MKSTREAM", r->events_key, g, id);
-    if (rep) {
-        freeReplyObject(rep);
-        return 0;
-    }
-    int rc = redis_conn_last_error(r);
-    return rc == CV_EREFUSED && strstr(r->base.err, "BUSYGROUP") ? 0 : rc;
-}
-
-/* The last-delivered-id of group g into id (n bytes). Returns 0 or a class. */
-static int group_last_id(struct redis_broker *r, const char *g, char *id, size_t n) {
-    redisReply *rep = redis_conn_cmd(r, "XINFO GROUPS %s", r->events_key);
-    if (!rep) return redis_conn_last_error(r);
-    int rc = broker_fail(&r->base, CV_EREFUSED, "redis: group %s not found on %s", g, r->events_key);
-    for (size_t k = 0; rep->type == REDIS_REPLY_ARRAY && k < rep->elements; k++) {
-        redisReply *grp = rep->element[k];
-        const char *gname = NULL, *last = NULL;
-        for (size_t f = 0; grp->type == REDIS_REPLY_ARRAY && f + 1 < grp->elements; f += 2) {
-            const char *key = grp->element[f]->str;
-            if (!key) continue;
-            if (strcmp(key, "name") == 0) gname = grp->element[f + 1]->str;
-            if (strcmp(key, "last-delivered-id") == 0) last = grp->element[f + 1]->str;
-        }
-        if (gname && last && strcmp(gname, g) == 0) {
-            snprintf(id, n, "%s", last);
-            rc = 0;
-            break;
-        }
-    }
-    freeReplyObject(rep);
-    return rc;
-}
 
 int redis_subscription_declare(struct broker *b, const struct subscription_spec *s) {
     struct redis_broker *r = (struct redis_broker *)b;
     int rc = redis_conn_ready(r);
     if (rc < 0) return rc;
-    /* partition 0's group at the stream's end, then every other at the same id */
-    char g0[160], id[48];
-    names_redis_subscription_group(s->name, 0, g0, sizeof g0);
-    if ((rc = create_group(r, s->name, 0, "$")) < 0 || (rc = group_last_id(r, g0, id, sizeof id)) < 0) return rc;
-    for (int i = 1; i < s->partitions && rc == 0; i++) rc = create_group(r, s->name, i, id);
-    return rc;
+    char prefix[120];
+    snprintf(prefix, sizeof prefix, "sub:%s:", s->name); /* names_redis_subscription_group without the number */
+    redisReply *rep = redis_conn_cmd(r, "EVAL %s 1 %s %s %d", redis_script_subscription_groups, r->events_key,
+                                     prefix, s->partitions);
+    if (!rep) return redis_conn_last_error(r);
+    freeReplyObject(rep);
+    return 0;
 }
 
 int redis_subscription_attach(struct broker *b, const struct subscription_spec *s, int partition, int prefetch) {
@@ -91,7 +55,13 @@ int redis_subscription_attach(struct broker *b, const struct subscription_spec *
 
 int redis_subscription_detach(struct broker *b, int partition) {
     struct redis_broker *r = (struct redis_broker *)b;
-    if (r->sub && partition >= 0 && partition < SUBSCRIPTION_PARTITIONS_MAX) r->sub->attached[partition] = false;
+    if (r->sub && partition < 0) memset(r->sub->attached, 0, sizeof r->sub->attached);
+    else if (r->sub && partition < SUBSCRIPTION_PARTITIONS_MAX) r->sub->attached[partition] = false;
+    return 0;
+}
+
+int redis_subscription_keepalive(struct broker *b) {
+    (void)b; /* a Redis connection idle for long is probed before its next command (redis_conn_ready) */
     return 0;
 }
 
@@ -172,6 +142,13 @@ static int read_partition(struct redis_broker *r, int i, struct sub_delivery *ou
         d->redelivered = pending;
     }
     if (pending && ne == 0) snprintf(sub->cursor[i], sizeof sub->cursor[i], ">"); /* the pending list is read */
+    if (!pending && ne == 0 && clock_mono_ms() >= sub->resync_at[i]) {
+        /* caught up: every 10 s its entries-read is set to the stream's count, so
+         * that after a gap its lag counts no trimmed entry (a no-op otherwise) */
+        sub->resync_at[i] = clock_mono_ms() + 10000;
+        redisReply *set = redis_conn_cmd(r, "EVAL %s 1 %s %s", redis_script_subscription_resync, r->events_key, g);
+        if (set) freeReplyObject(set);
+    }
     int rc = ack_ids(r, g, skip, nskip);
     free(skip);
     freeReplyObject(rep);
@@ -182,7 +159,7 @@ static int read_partition(struct redis_broker *r, int i, struct sub_delivery *ou
     return n;
 }
 
-int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, int timeout_ms) {
+int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max, const int *room, int timeout_ms) {
     struct redis_broker *r = (struct redis_broker *)b;
     if (!r->sub) return 0;
     int64_t deadline = clock_mono_ms() + timeout_ms;
@@ -191,8 +168,10 @@ int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max
         if (rc < 0) return rc;
         for (int k = 0; k < SUBSCRIPTION_PARTITIONS_MAX && n < max; k++) {
             int i = (r->sub->next + k) % SUBSCRIPTION_PARTITIONS_MAX;
-            if (!r->sub->attached[i]) continue;
-            if ((rc = read_partition(r, i, out + n, max - n)) < 0) {
+            if (!r->sub->attached[i] || (room && room[i] <= 0)) continue;
+            int want = max - n;
+            if (room && room[i] < want) want = room[i];
+            if ((rc = read_partition(r, i, out + n, want)) < 0) {
                 for (int j = 0; j < n; j++) sub_delivery_free(&out[j]);
                 /* a lost connection: read each partition's pending entries again when it is back */
                 for (int j = 0; j < SUBSCRIPTION_PARTITIONS_MAX; j++) snprintf(r->sub->cursor[j], 48, "0");

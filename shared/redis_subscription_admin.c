@@ -138,7 +138,12 @@ static int count_group(struct redis_broker *r, const char *group, const redisRep
         unread = (long)length;
         gap = lag > length; /* trimmed past entries it had not read */
     } else if (lag >= 0) {
-        unread = (long)lag;
+        /* a group that has read the stream's last entry has nothing unread, whatever
+         * its entries-read (after a gap Redis counts the entries trimmed away as
+         * unread until the subscription sets it right: redis_subscription.c) */
+        char generated[64];
+        str_field(stream, "last-generated-id", generated, sizeof generated);
+        unread = *generated && id_cmp(last, generated) >= 0 ? 0 : (long)lag;
     } else { /* nil: not known to Redis; counted (once per position) */
         int k = 0;
         while (k < *nseen && strcmp(seen[k].after, last) != 0) k++;

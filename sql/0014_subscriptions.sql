@@ -19,6 +19,8 @@ CREATE TABLE subscriptions (
     replay_occurred_after   timestamptz,
     replay_cursor           bigint,
     replay_done_at          timestamptz,
+    replay_xmax             xid8,                   -- transactions from this one on had not ended at creation:
+                                                    -- the replay waits until none of them runs
     -- what the pools count (a few seconds old at most while a pool runs)
     lag                bigint,
     oldest_age_seconds double precision,

@@ -142,6 +142,7 @@ static int running_processes(struct db *db, const char *name, int *k) {
     PGresult *r;
     *k = 0;
     int rc = db_exec(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+                         "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                          "AND classid = hashtext('conveyor.sub.' || $1)::oid AND objid = 65535",
                      1, p, &r);
     if (rc < 0) return rc;
