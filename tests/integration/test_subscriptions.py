@@ -491,7 +491,7 @@ def test_exec_retries_with_backoff_dead_letters_and_a_retry_from_admin():
         check_commit_order([(i, by_id[i]) for i in successes(d)], rows, "--exec's successes")
 
         # a command that always fails: dead letters after 3 attempts
-        s = Sub(dead_name, "--exec", "exit 1", "--max-attempts", "3", "--retry-base-ms", "100",
+        s = Sub(dead_name, "--exec", exec_script(d, 99), "--max-attempts", "3", "--retry-base-ms", "100",
                 patterns=["stock.updated"])
         created(dead_name, s)
         floor = max_outbox_id()
@@ -507,6 +507,8 @@ def test_exec_retries_with_backoff_dead_letters_and_a_retry_from_admin():
         eq([x[0] for x in dead], dead_ids, "the dead letters are the 3 events")
         eq([x[1] for x in dead], [3, 3, 3], "attempts of each dead letter")
         eq([json.loads(x[2])["id"] for x in dead], dead_ids, "each dead letter keeps its event")
+        for eid in dead_ids:
+            eq([x[0] for x in attempts_of(d, eid)], [1, 2, 3], f"event {eid}: the runs of the command that fails")
 
         s = Sub(dead_name, "--exec", exec_script(d2, 1), "--max-attempts", "3", "--retry-base-ms", "100")
         try:
@@ -678,13 +680,16 @@ def test_lag_equals_the_brokers_count():
                            f"the broker's count at {n}")
         o = admin_lag(name, pool.config)
         eq(o.get("lag"), counted, f"conveyor-admin subscriptions' lag against the broker's count ({o})")
+        check(o.get("oldestAgeSeconds", 0) > 0, f"an oldest age while {n} wait: {o}")
         wait_for(lambda: metric_lag(pool, name) == counted, 30,
                  f"conveyor_subscription_lag{{subscription=\"{name}\"}} {counted}")
         s = Sub(name)
         try:
             wait_for(lambda: s.alive() and len(set(s.ids())) >= n, 60, f"a process printed the {n} events")
             wait_for(lambda: broker_lag(name, 4) == 0, 30, "the broker's count at 0 once printed (and acked)")
-            eq(admin_lag(name, pool.config).get("lag"), 0, "conveyor-admin subscriptions' lag once read")
+            o = admin_lag(name, pool.config)
+            eq((o.get("lag"), o.get("oldestAgeSeconds")), (0, 0), f"conveyor-admin subscriptions' lag and oldest "
+               f"age once read ({o})")
             wait_for(lambda: metric_lag(pool, name) == 0, 30, "conveyor_subscription_lag 0 once read")
         finally:
             s.stop_clean()
