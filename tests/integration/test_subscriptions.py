@@ -700,7 +700,10 @@ def test_lag_equals_the_brokers_count():
 def test_an_exit_after_count_leaves_nothing_it_printed_unacknowledged():
     """Plain mode acknowledges each event once written (§13's CLI): 300 events
     waiting, `conveyor-subscribe --name N -n 300` prints them and exits 0; then the
-    broker holds none of them, and a next run gets nothing again."""
+    broker holds none of them, and a next run gets nothing again. (On RabbitMQ
+    3.10 the last acks sent before the consume connection closes are sometimes
+    dropped by the quorum queues, rabbitmq/rabbitmq-server#10327: the events come
+    again; a process that closes at once after its acks shows it.)"""
     n = 300
     name = sub_name("count")
     with Pool(workers=CATALOG4) as pool:
