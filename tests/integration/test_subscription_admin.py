@@ -386,7 +386,7 @@ def test_remove_deletes_the_broker_objects_and_the_row():
         holder = psycopg2.connect(DB_URL)
         holder.autocommit = True
         with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(hashtext('conveyor.sub.' || %s), -1)", (name,))
+            cur.execute("SELECT pg_advisory_lock_shared(hashtext('conveyor.sub.' || %s), 65535)", (name,))
         try:
             r = admin("subscriptions", "remove", name)
             eq(r.returncode, 2, f"remove while a process runs: exit 2; {r.stdout}{r.stderr}")
