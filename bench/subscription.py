@@ -29,6 +29,10 @@ subscription and product). Per transport and round:
    after 5 s without an event; events/s = events handled / (the last ack - the
    processes' start, before conveyor_subscription_open: connecting and taking
    the partitions count), over all the processes of the run (wall clock);
+   before each inbox drain, --sql-events of the inbox's transactions alone
+   (psycopg2, one connection, no broker: "sql" in the table) show what the
+   database allows one process at that moment (its commits wait for the disk,
+   whose speed drifts with the machine's other load);
 4. checked: every event handled exactly once (the sum of the processes'
    counts; inbox: the inbox's rows and the read model's events), none of an
    aggregate out of order (the read model's previousStock check), no broker
@@ -48,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import pika
 import psycopg2
@@ -193,11 +198,14 @@ def drain(conf, transport, name, handler, procs, n):
             raise RuntimeError(f"{name}: conveyor-bench-subscription exited {p.returncode}: {err}")
         outs.append(json.loads(out))
     active = [o for o in outs if o["events"]]
+    t0 = min(o["startMs"] for o in outs)
     total = sum(o["events"] for o in outs)
     span = (max(o["lastMs"] for o in active) - min(o["startMs"] for o in outs)) / 1000.0 if active else 0
     first = (min(o["firstMs"] for o in active) - min(o["startMs"] for o in outs)) / 1000.0 if active else 0
     res = {"transport": transport, "handler": handler, "processes": procs, "events": total, "seconds": span,
            "toFirstEvent": first, "rate": total / span if span else 0, "perProcess": [o["events"] for o in outs],
+           # each process's first event and last ack, in s from the run's start: whether they overlapped
+           "spans": [[round((o["firstMs"] - t0) / 1000.0, 2), round((o["lastMs"] - t0) / 1000.0, 2)] for o in active],
            "brokerErrors": sum(o["brokerErrors"] for o in outs), "duplicates": sum(o["duplicates"] for o in outs)}
     problems = []
     if total != n:
@@ -217,16 +225,51 @@ def drain(conf, transport, name, handler, procs, n):
     return res
 
 
+def sql_alone(n):
+    """The inbox's transaction without a broker: n times, on one connection of the
+    subscriber's database, BEGIN, conveyor.consume, the read model's UPDATE,
+    COMMIT (what bench/subscription_bench.c's handle() sends, with psycopg2):
+    the database's own limit for one process, measured just before the drains.
+    Returns events/s."""
+    name = f"bench-sql-{time.strftime('%H%M%S')}"
+    sub_sql("INSERT INTO bench_stock (subscription, product_id, stock) "
+            "SELECT %s, (%s || lpad(g::text, 12, '0'))::uuid, %s FROM generate_series(1, %s) g",
+            name, PRODUCT_PREFIX, START_STOCK, PRODUCTS)
+    conn = psycopg2.connect(SUB_URL)
+    cur = conn.cursor()
+    events = []
+    for k in range(n):
+        pid = f"{PRODUCT_PREFIX}{k % PRODUCTS + 1:012d}"
+        prev = START_STOCK + k // PRODUCTS
+        events.append((str(uuid.uuid4()), pid, json.dumps({"type": "stock.updated", "aggregateId": pid, "data": {
+            "productId": pid, "previousStock": prev, "stock": prev + 1, "quantityChange": 1}})))
+    t0 = time.time()
+    for eid, pid, doc in events:
+        cur.execute("SELECT conveyor.consume(%s, %s::uuid)", (name, eid))
+        if cur.fetchone()[0]:
+            cur.execute("UPDATE bench_stock SET stock = (%s::jsonb->'data'->>'stock')::bigint, events = events + 1, "
+                        "reordered = reordered + (stock IS DISTINCT FROM (%s::jsonb->'data'->>'previousStock')::bigint)::int "
+                        "WHERE subscription = %s AND product_id = %s::uuid", (doc, doc, name, pid))
+        conn.commit()
+    rate = n / (time.time() - t0)
+    conn.close()
+    sub_sql("DELETE FROM bench_stock WHERE subscription = %s", name)
+    sub_sql("DELETE FROM conveyor.inbox WHERE subscription = %s", name)
+    return rate
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=20000, help="the backlog: updateStock commands (20000)")
     ap.add_argument("--transports", default="rabbitmq,redis")
     ap.add_argument("--rounds", type=int, default=1, help="backlogs per transport, each drained by the four cases (1)")
     ap.add_argument("--partitions", type=int, default=4, help="each subscription's partitions (4)")
+    ap.add_argument("--sql-events", type=int, default=3000,
+                    help="before each inbox drain, this many of the inbox's transactions alone (3000; 0: none)")
     ap.add_argument("--smoke", action="store_true", help="500 events, to check that the benchmark works")
     a = ap.parse_args()
     if a.smoke:
-        a.events = 500
+        a.events, a.sql_events = 500, 200
     transports = [t for t in a.transports.split(",") if t]
     if any(t not in ("rabbitmq", "redis") for t in transports):
         ap.error("--transports: rabbitmq and/or redis")
@@ -256,11 +299,18 @@ def main():
                 log(f"{t} round {rnd + 1}: backlog of {a.events} events in each of {len(CASES)} subscriptions "
                     f"({time.time() - t0:.1f} s)")
                 for c in CASES:
+                    if c[0] == "inbox" and a.sql_events:
+                        sql_rate = sql_alone(a.sql_events)
+                        log(f"{t} round {rnd + 1}: the inbox's transaction alone (one connection, no broker): "
+                            f"{sql_rate:.0f}/s")
+                        runs.append({"transport": t, "round": rnd + 1, "handler": "sql", "processes": 1,
+                                     "events": a.sql_events, "seconds": a.sql_events / sql_rate, "toFirstEvent": 0,
+                                     "rate": sql_rate, "perProcess": [a.sql_events], "problems": []})
                     res = drain(conf, t, names[c], c[0], c[1], a.events)
                     res["round"] = rnd + 1
                     runs.append(res)
                     log(f"{t} round {rnd + 1} {c[0]} x{c[1]}: {res['rate']:.0f} events/s ({res['events']} in "
-                        f"{res['seconds']:.2f} s; per process {res['perProcess']})"
+                        f"{res['seconds']:.2f} s; per process {res['perProcess']}, first event to last ack {res['spans']})"
                         + (f" PROBLEMS: {'; '.join(res['problems'])}" if res["problems"] else ""))
                     failed |= bool(res["problems"])
             except (RuntimeError, subprocess.TimeoutExpired, psycopg2.Error, pika.exceptions.AMQPError,
