@@ -17,15 +17,16 @@
  * --idle-ms passed with no event after the first one, until --start-ms passed
  * with none at all, or until SIGTERM/SIGINT; then closes the subscription and
  * prints one JSON object: events handled, applied (consume returned true),
- * duplicates (false), reordered (a stock.updated whose previousStock was not
- * the read model's stock: an aggregate's events out of commit order), broker
- * errors, the wall-clock ms of its start (before the open), of the first
- * event and of the last ack, and events/s from its start to the last ack. Exit 0 when it ran, 1 on an error, 2 on bad arguments.
+ * duplicates (false), broker errors, the wall-clock ms of its start (before
+ * the open), of the first event and of the last ack, and events/s from its
+ * start to the last ack. Exit 0 when it ran, 1 on an error, 2 on bad arguments.
  *
  * The read model is the subscriber database's table bench_stock (subscription
  * text, product_id uuid, primary key both; stock bigint, events bigint,
- * reordered bigint), whose rows of the subscription the caller fills with the
- * products' stock before the backlog is made. */
+ * reordered bigint: a stock.updated whose previousStock was not the stock
+ * held, i.e. an aggregate's events out of commit order), whose rows of the
+ * subscription the caller fills with the products' stock before the backlog
+ * is made. */
 #include "conveyor.h"
 
 #include <getopt.h>
@@ -39,6 +40,7 @@
 
 static volatile sig_atomic_t stop_requested;
 
+/* SIGTERM, SIGINT: the loop stops after the event in hand, closes and prints. */
 static void on_signal(int sig) {
     (void)sig;
     stop_requested = 1;
@@ -59,8 +61,9 @@ static long long mono_ms(void) {
 }
 
 /* The statements, prepared once on the subscriber's connection; 0 or -1 (the
- * message on stderr). The UPDATE takes the event's JSON and counts an event whose previousStock is not the
- * stock the read model holds (an aggregate's events applied out of order). */
+ * message on stderr). The UPDATE takes the event's JSON and counts an event
+ * whose previousStock is not the stock the read model holds (an aggregate's
+ * events applied out of order). */
 static int prepare(PGconn *pg) {
     static const char *const stmts[][2] = {
         {"consume", "SELECT conveyor.consume($1, $2::uuid)"},
@@ -116,12 +119,15 @@ static int handle(PGconn *pg, const char *name, const conveyor_event *ev) {
     return first ? 1 : 0;
 }
 
+/* The synopsis, on f. */
 static void usage(FILE *f) {
     fprintf(f, "usage: conveyor-bench-subscription -c CONFIG --name NAME --create [--transport T] [--partitions N]\n"
                "       conveyor-bench-subscription -c CONFIG --name NAME (--database URL | --no-inbox) [--transport T]\n"
                "                                   [--idle-ms MS] [--start-ms MS] [--count N]\n");
 }
 
+/* Exit 0 when it ran (or --create made the subscription), 1 on an error (the
+ * subscription, the database, or more than 100 broker errors), 2 on bad arguments. */
 int main(int argc, char **argv) {
     const char *config = "queues.conf", *name = NULL, *transport = NULL, *database = NULL;
     bool create = false, no_inbox = false;
