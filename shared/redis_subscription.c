@@ -17,6 +17,8 @@
 #include <time.h>
 
 #define IDLE_POLL_MS 50 /* the pause between two reads that found nothing (groups cannot be blocked on together) */
+#define ACK_BATCH 64    /* acks held at most before they are sent (one XACK per group) */
+#define ACK_HOLD_MS 100 /* nor held longer than this when the next ack or fetch comes */
 
 struct redis_sub {
     const struct subscription_spec *spec; /* borrowed from attach */
@@ -26,7 +28,36 @@ struct redis_sub {
     int next;                                     /* the partition read first next time (round robin) */
     bool gap_said;
     int64_t resync_at[SUBSCRIPTION_PARTITIONS_MAX]; /* when a caught-up group's entries-read is set right next */
+    /* acks held, sent together: a reply per XACK costs a disk write with appendfsync always */
+    struct held_ack_id {
+        int partition;
+        char entry[48];
+    } acks[ACK_BATCH];
+    int nacks;
+    int64_t acks_since; /* monotonic ms of the oldest held */
 };
+
+static int ack_ids(struct redis_broker *r, const char *g, const char **ids, int n);
+
+/* Sends the acks held (one XACK per partition's group). Returns 0 or a class
+ * (they are dropped either way: what they acked comes again, and is found done). */
+static int flush_acks(struct redis_broker *r) {
+    struct redis_sub *sub = r->sub;
+    if (!sub || !sub->nacks) return 0;
+    int rc = 0;
+    for (int i = 0; i < SUBSCRIPTION_PARTITIONS_MAX && rc == 0; i++) {
+        const char *ids[ACK_BATCH];
+        int n = 0;
+        for (int k = 0; k < sub->nacks; k++)
+            if (sub->acks[k].partition == i) ids[n++] = sub->acks[k].entry;
+        if (!n) continue;
+        char g[160];
+        names_redis_subscription_group(sub->spec->name, i, g, sizeof g);
+        if ((rc = redis_conn_ready(r)) == 0) rc = ack_ids(r, g, ids, n);
+    }
+    sub->nacks = 0;
+    return rc;
+}
 
 int redis_subscription_declare(struct broker *b, const struct subscription_spec *s) {
     struct redis_broker *r = (struct redis_broker *)b;
@@ -55,14 +86,16 @@ int redis_subscription_attach(struct broker *b, const struct subscription_spec *
 
 int redis_subscription_detach(struct broker *b, int partition) {
     struct redis_broker *r = (struct redis_broker *)b;
+    flush_acks(r); /* before its next owner reads its pending list */
     if (r->sub && partition < 0) memset(r->sub->attached, 0, sizeof r->sub->attached);
     else if (r->sub && partition < SUBSCRIPTION_PARTITIONS_MAX) r->sub->attached[partition] = false;
     return 0;
 }
 
 int redis_subscription_keepalive(struct broker *b) {
-    (void)b; /* a Redis connection idle for long is probed before its next command (redis_conn_ready) */
-    return 0;
+    /* a Redis connection idle for long is probed before its next command (redis_conn_ready);
+     * acks held by a handler that runs long go now */
+    return flush_acks((struct redis_broker *)b);
 }
 
 /* Whether the event json belongs to partition i of s: its type matches a
@@ -165,6 +198,7 @@ int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max
     int64_t deadline = clock_mono_ms() + timeout_ms;
     for (;;) {
         int n = 0, rc = redis_conn_ready(r);
+        if (rc == 0) rc = flush_acks(r);
         if (rc < 0) return rc;
         for (int k = 0; k < SUBSCRIPTION_PARTITIONS_MAX && n < max; k++) {
             int i = (r->sub->next + k) % SUBSCRIPTION_PARTITIONS_MAX;
@@ -190,9 +224,11 @@ int redis_subscription_fetch(struct broker *b, struct sub_delivery *out, int max
 int redis_subscription_ack(struct broker *b, const struct sub_delivery *d) {
     struct redis_broker *r = (struct redis_broker *)b;
     if (!r->sub || !r->sub->spec) return broker_fail(b, CV_EREFUSED, "redis: no subscription attached");
-    char g[160];
-    names_redis_subscription_group(r->sub->spec->name, d->partition, g, sizeof g);
-    const char *id = d->entry;
-    int rc = redis_conn_ready(r);
-    return rc < 0 ? rc : ack_ids(r, g, &id, 1);
+    struct redis_sub *sub = r->sub;
+    if (!sub->nacks) sub->acks_since = clock_mono_ms();
+    sub->acks[sub->nacks].partition = d->partition;
+    snprintf(sub->acks[sub->nacks].entry, sizeof sub->acks[sub->nacks].entry, "%s", d->entry);
+    sub->nacks++;
+    if (sub->nacks < ACK_BATCH && clock_mono_ms() - sub->acks_since < ACK_HOLD_MS) return 0;
+    return flush_acks(r);
 }
