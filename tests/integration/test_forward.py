@@ -538,7 +538,8 @@ def test_a_standby_forwarder_takes_over_from_a_killed_one():
     try:
         holder = wait_active([first])
         second = Pool(extra=PRODUCERS)
-        check(forwarder_pids(second), "the second pool runs a forwarder too")
+        # its supervisor starts it beside the workers: not yet there when the pool says it is up
+        wait_for(lambda: forwarder_pids(second), 20, "the second pool runs a forwarder too")
         eq(active_forwarder([first, second]), holder, "the second pool's forwarder stands by")
         ids = [enqueue_one("createProduct", product_payload(f"before {i}")) for i in range(10)]
         wait_applied(ids, 30, "commands before the kill", [first, second])
