@@ -99,7 +99,25 @@ def test_migrations_once_under_two_pools():
         pools = [subprocess.Popen([os.path.join(BIN, "conveyor-workers"), "-c", os.path.join(ROOT, "queues.conf")],
                                   env=dict(os.environ, CONVEYOR_DATABASE_URL=url), stderr=subprocess.PIPE,
                                   text=True, start_new_session=True) for _ in range(2)]
-        time.sleep(3)
+        # both pools up past the migrations (one applies them, the other waits), then a moment
+        # for the relays: one takes the lock and says so (3 s flat was short on a busy machine)
+        files = sorted(f for f in os.listdir(os.path.join(ROOT, "sql")) if f.endswith(".sql"))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                import psycopg2
+                c = psycopg2.connect(url)
+                try:
+                    cur = c.cursor()
+                    cur.execute("SELECT count(*) FROM schema_migrations")
+                    if cur.fetchone()[0] >= len(files):
+                        break
+                finally:
+                    c.close()
+            except Exception:  # the table is not there yet
+                pass
+            time.sleep(0.2)
+        time.sleep(2)
         for p in pools:
             p.terminate()
         logs = [p.communicate(timeout=40)[1] for p in pools]
