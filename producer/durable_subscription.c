@@ -121,7 +121,9 @@ static conveyor_event *out_take(struct out_table *t, const char *id) {
 
 /* One answer line of the reader. Returns 1 when it settled an event, 0 otherwise. */
 static int answer(conveyor_subscription *s, struct out_table *t, char *line) {
-    char *verb = strtok(line, " \t\r"), *id = strtok(NULL, " \t\r"), *reason = strtok(NULL, "\r");
+    char *save = NULL;
+    char *verb = strtok_r(line, " \t\r", &save), *id = strtok_r(NULL, " \t\r", &save);
+    char *reason = strtok_r(NULL, "\r", &save);
     if (!verb) return 0;
     bool ack = strcmp(verb, "ack") == 0, nack = strcmp(verb, "nack") == 0;
     if ((!ack && !nack) || !id) {

@@ -240,7 +240,6 @@ int redis_subscription_remove(struct broker *b, const struct subscription_spec *
     int rc = redis_conn_ready(r);
     if (rc < 0) return rc;
     if ((rc = stream_exists(r)) <= 0) return rc; /* no stream: no group */
-    rc = 0;
     for (int i = 0; i < s->partitions; i++) {
         char group[128];
         snprintf(group, sizeof group, "sub:%s:%d", s->name, i);
