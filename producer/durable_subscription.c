@@ -67,7 +67,7 @@ static int run_exec(conveyor_subscription *s, const char *cmd, const char *name,
     int64_t poll_at = clock_mono_ms() + 1000;
     for (;;) {
         if (clock_mono_ms() >= poll_at) {
-            conveyor_subscription_poll(s);
+            conveyor_subscription_poll(s); /* a failure is said by the next _next, after the command */
             poll_at = clock_mono_ms() + 1000;
         }
         if (fd[1] >= 0 && off < ev->len) {
@@ -208,7 +208,10 @@ int durable_run(const struct durable_options *d) {
         if (!d->acks) continue;
         /* the reader's answers: what is there now, or up to 100 ms when nothing else is to do */
         if (out.n >= d->window && clock_mono_ms() >= poll_at) { /* a full window: keep the partitions meanwhile */
-            conveyor_subscription_poll(s);
+            if (conveyor_subscription_poll(s) < 0 && !said) {
+                fprintf(stderr, "conveyor-subscribe: %s; trying again\n", conveyor_subscription_error(s));
+                said = true;
+            }
             poll_at = clock_mono_ms() + 1000;
         }
         struct pollfd pfd = {0, POLLIN, 0};

@@ -38,12 +38,22 @@ struct held {
     char type[160];
     char agg[80];           /* the aggregate key: its aggregateId, or its event id when it has none */
     char agg_id[80];        /* aggregateId as given ("" when none) */
-    int64_t outbox_id;      /* SRC_REPLAY: its outbox row */
+    int64_t occurred_ms;    /* its occurredAt, ms since the epoch (0: none readable) */
     enum held_state state;
     enum held_source src;
     int attempts;           /* hand-outs so far */
     int64_t due_ms;         /* H_RETRY: monotonic ms it may go again */
     struct held *prev, *next;
+};
+
+/* A set of aggregate keys for one scan of the list (open addressing), kept
+ * between scans: a scan clears only the slots it filled, so it costs what it
+ * looked at, not what is held. */
+struct agg_set {
+    const char **v;
+    size_t cap;
+    size_t *used; /* the slots filled by this scan */
+    size_t nused;
 };
 
 struct conveyor_subscription {
@@ -65,6 +75,7 @@ struct conveyor_subscription {
     int npart[SUBSCRIPTION_PARTITIONS_MAX];   /* live events held per partition (HOLD_PER_PARTITION at most) */
     struct held *head, *tail;
     int nheld;
+    struct agg_set seen;                      /* pick's scratch set */
     int max_attempts, retry_base_ms;
     int64_t next_balance_ms, next_seen_ms, next_gap_ms;
     bool broker_lost;                         /* reattach every owned partition */
@@ -99,6 +110,7 @@ static struct held *held_new(char *json, enum held_source src) {
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(o, "type");
     const cJSON *agg = cJSON_GetObjectItemCaseSensitive(o, "aggregateId");
+    const cJSON *at = cJSON_GetObjectItemCaseSensitive(o, "occurredAt");
     char idbuf[ID_LEN + 1];
     if (!cJSON_IsString(id) || !id_parse(id->valuestring, idbuf)) {
         cJSON_Delete(o);
@@ -109,6 +121,7 @@ static struct held *held_new(char *json, enum held_source src) {
     snprintf(h->type, sizeof h->type, "%s", cJSON_IsString(type) ? type->valuestring : "");
     snprintf(h->agg_id, sizeof h->agg_id, "%s", cJSON_IsString(agg) ? agg->valuestring : "");
     snprintf(h->agg, sizeof h->agg, "%s", h->agg_id[0] ? h->agg_id : h->id);
+    if (!cJSON_IsString(at) || !clock_rfc3339_ms(at->valuestring, &h->occurred_ms)) h->occurred_ms = 0;
     cJSON_Delete(o);
     h->d.json = json;
     h->d.len = strlen(json);
@@ -144,12 +157,6 @@ static void drop_waiting(conveyor_subscription *s, int i) {
     }
 }
 
-/* A set of aggregate keys, for one scan of the list (open addressing). */
-struct agg_set {
-    const char **v;
-    size_t cap;
-};
-
 static uint64_t hash_str(const char *p) {
     uint64_t h = 1469598103934665603ull;
     while (*p) h = (h ^ (unsigned char)*p++) * 1099511628211ull;
@@ -161,6 +168,7 @@ static bool agg_set_add(struct agg_set *a, const char *key) {
     for (size_t k = hash_str(key) & (a->cap - 1);; k = (k + 1) & (a->cap - 1)) {
         if (!a->v[k]) {
             a->v[k] = key;
+            a->used[a->nused++] = k;
             return true;
         }
         if (strcmp(a->v[k], key) == 0) return false;
@@ -172,12 +180,19 @@ static bool agg_set_add(struct agg_set *a, const char *key) {
 static struct held *pick(conveyor_subscription *s, int64_t now, int64_t *wake_ms) {
     *wake_ms = 0;
     if (!s->head) return NULL;
-    size_t cap = 16;
-    while (cap < (size_t)s->nheld * 2 + 2) cap *= 2;
-    struct agg_set seen = {xcalloc(cap, sizeof(char *)), cap};
+    struct agg_set *seen = &s->seen;
+    if (seen->cap < (size_t)s->nheld * 2 + 2) { /* room for every key held, at most half full */
+        size_t cap = seen->cap ? seen->cap : 64;
+        while (cap < (size_t)s->nheld * 2 + 2) cap *= 2;
+        free(seen->v);
+        free(seen->used);
+        seen->v = xcalloc(cap, sizeof *seen->v);
+        seen->used = xcalloc(cap, sizeof *seen->used);
+        seen->cap = cap;
+    }
     struct held *found = NULL;
     for (struct held *h = s->head; h && !found; h = h->next) {
-        if (!agg_set_add(&seen, h->agg)) continue; /* an earlier one of its aggregate is held */
+        if (!agg_set_add(seen, h->agg)) continue; /* an earlier one of its aggregate is held */
         if (h->d.partition >= 0 && s->drain_since[h->d.partition]) continue; /* being given up */
         if (h->state == H_WAITING) found = h;
         else if (h->state == H_RETRY) {
@@ -185,7 +200,8 @@ static struct held *pick(conveyor_subscription *s, int64_t now, int64_t *wake_ms
             else if (!*wake_ms || h->due_ms < *wake_ms) *wake_ms = h->due_ms;
         }
     }
-    free(seen.v);
+    for (size_t k = 0; k < seen->nused; k++) seen->v[seen->used[k]] = NULL;
+    seen->nused = 0;
     return found;
 }
 
@@ -346,7 +362,6 @@ static int replay_step(conveyor_subscription *s) {
             held_free(h);
             continue;
         }
-        h->outbox_id = s->replay_batch_end;
         held_append(s, h);
     }
     PQclear(r);
@@ -367,11 +382,7 @@ static int replay_step(conveyor_subscription *s) {
  * with --from, and it may be one the outbox had then). 1, 0, or a class. */
 static int replayed_already(conveyor_subscription *s, const struct held *h) {
     if (!s->has_replay) return 0;
-    cJSON *o = cJSON_Parse(h->d.json);
-    const cJSON *at = cJSON_GetObjectItemCaseSensitive(o, "occurredAt");
-    int64_t ms = 0;
-    bool early = !cJSON_IsString(at) || !clock_rfc3339_ms(at->valuestring, &ms) || ms <= s->row.created_ms + 5000;
-    cJSON_Delete(o);
+    bool early = h->occurred_ms <= s->row.created_ms + 5000; /* or none readable */
     return early ? sub_registry_replayed(&s->g, &s->row, h->id) : 0;
 }
 
@@ -403,7 +414,9 @@ static int fill(conveyor_subscription *s, int timeout_ms) {
             continue;
         }
         h->d = buf[k];
-        struct held *old = held_find(s, h->id);
+        /* only a redelivery can be held already (a connection lost and back), or a dead
+         * letter being retried: a first delivery needs no look through the list */
+        struct held *old = buf[k].redelivered ? held_find(s, h->id) : NULL;
         if (old && old->src == SRC_LIVE && old->d.partition == h->d.partition) {
             /* delivered again (a connection lost): the new delivery is the one to
              * ack; the caller may hold the old one's json, which stays */
@@ -530,6 +543,7 @@ conveyor_subscription *conveyor_subscription_open(const char *config_path, const
     s->b = broker_open_class(&s->cfg, s->transport, &cls, s->err, sizeof s->err);
     if (!s->b) return open_fail(s, open_code(cls), code, err, errlen);
     int found = sub_registry_load(&s->g, &s->row);
+    bool existed = found > 0;
     if (found < 0) {
         snprintf(s->err, sizeof s->err, "Conveyor's database: %s", s->g.err);
         return open_fail(s, CONVEYOR_EBROKER, code, err, errlen);
@@ -593,7 +607,7 @@ conveyor_subscription *conveyor_subscription_open(const char *config_path, const
     s->spec = (struct subscription_spec){s->name, (const char *const *)s->patterns, s->npatterns, s->row.partitions};
     s->has_replay = strcmp(s->row.start_from, "newest") != 0;
     s->replay_cursor = s->replay_batch_end = s->row.replay_cursor;
-    s->broker_lost = true; /* declare again (idempotent: a broker that lost them gets them back) */
+    s->broker_lost = existed; /* an existing one is declared again (a broker that lost them gets them back) */
     if (housekeeping(s, clock_mono_ms()) < 0) return open_fail(s, CONVEYOR_EBROKER, code, err, errlen);
     if (code) *code = CONVEYOR_OK;
     return s;
@@ -711,6 +725,8 @@ void conveyor_subscription_close(conveyor_subscription *s) {
     broker_close(s->b);
     sub_registry_close(&s->g);
     sub_row_free(&s->row);
+    free(s->seen.v);
+    free(s->seen.used);
     for (int i = 0; i < s->npatterns; i++) free(s->patterns[i]);
     free(s->patterns);
     if (s->cfg_ok) cfg_free(&s->cfg);

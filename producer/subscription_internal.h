@@ -11,8 +11,9 @@
 
 #include "core.h"
 
-#define SUB_MEMBER_KEY 65535 /* the shared lock every live process holds (key2) */
-#define SUB_REPLAY_KEY 65534 /* the replay's lock (key2) */
+/* The advisory locks (key1 hashtext('conveyor.sub.' || name), key2 as below)
+ * are written into subscription_registry.c's SQL: key2 = the partition, 65535
+ * the shared lock every live process holds, 65534 the replay's. */
 
 /* A subscription's row of the registry, as read. */
 struct sub_row {

@@ -12,12 +12,6 @@
 
 #include <stdio.h>
 
-/* Partition i's queue of s (out: 256 bytes at least). */
-static void partition_queue(const struct amqp_broker *a, const struct subscription_spec *s, int i, char *out,
-                            size_t n) {
-    snprintf(out, n, "%s.sub.%s.%d", a->base.cfg->prefix, s->name, i);
-}
-
 /* core.h broker_subscription_counts on RabbitMQ: the ready messages of every
  * partition queue summed into out->lag, and their consumers into
  * out->consumers (passive declares on a channel of their own: a queue that
@@ -29,7 +23,7 @@ int amqp_subscription_counts(struct broker *b, const struct subscription_spec *s
     for (int i = 0; i < s->partitions; i++) {
         char name[256];
         long messages = 0, consumers = 0;
-        partition_queue(a, s, i, name, sizeof name);
+        names_amqp_subscription_partition(a->base.cfg, s->name, i, name, sizeof name);
         int rc = amqp_passive_probe(a, name, &messages, &consumers, NULL);
         if (rc < 0) return rc;
         out->lag += messages;
@@ -50,12 +44,12 @@ int amqp_subscription_remove(struct broker *b, const struct subscription_spec *s
     if (rc < 0) return rc;
     char name[256], what[320];
     for (int i = 0; i < s->partitions; i++) {
-        partition_queue(a, s, i, name, sizeof name);
+        names_amqp_subscription_partition(a->base.cfg, s->name, i, name, sizeof name);
         amqp_queue_delete(a->publish, CHANNEL, amqp_cstring_bytes(name), 0, 0);
         snprintf(what, sizeof what, "deleting queue %s", name);
         if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), what)) < 0) goto fail;
     }
-    snprintf(name, sizeof name, "%s.sub.%s", a->base.cfg->prefix, s->name);
+    names_amqp_subscription(a->base.cfg, s->name, name, sizeof name);
     amqp_exchange_delete(a->publish, CHANNEL, amqp_cstring_bytes(name), 0);
     snprintf(what, sizeof what, "deleting exchange %s", name);
     if ((rc = amqp_conn_check(a, amqp_get_rpc_reply(a->publish), what)) < 0) goto fail;

@@ -895,9 +895,14 @@ static int redis_publish_events(struct broker *b, const struct outgoing_event *e
     if (redis_conn_ready(r) < 0) return CV_ERETRY;
     char maxlen[32];
     snprintf(maxlen, sizeof maxlen, "%ld", b->cfg->events_maxlen);
-    for (int i = 0; i < n; i++)
-        redisAppendCommand(r->ctx, "XADD %s MAXLEN ~ %s * type %s event %s", r->events_key, maxlen,
-                           ev[i].type, ev[i].json);
+    for (int i = 0; i < n; i++) {
+        if (ev[i].aggregate_id && ev[i].aggregate_id[0]) /* the subscriptions' partition key (section 13) */
+            redisAppendCommand(r->ctx, "XADD %s MAXLEN ~ %s * type %s aggregate %s event %s", r->events_key, maxlen,
+                               ev[i].type, ev[i].aggregate_id, ev[i].json);
+        else
+            redisAppendCommand(r->ctx, "XADD %s MAXLEN ~ %s * type %s event %s", r->events_key, maxlen,
+                               ev[i].type, ev[i].json);
+    }
     int rc = redis_conn_read_replies(r, n, "XADD");
     return rc < 0 ? rc : redis_conn_wait_replicas(r, "XADD");
 }

@@ -98,15 +98,24 @@ int redis_subscription_keepalive(struct broker *b) {
     return flush_acks((struct redis_broker *)b);
 }
 
-/* Whether the event json belongs to partition i of s: its type matches a
- * pattern and its aggregateId hashes to i. */
-static bool event_is_ours(const struct subscription_spec *s, int i, const char *json) {
-    cJSON *o = cJSON_Parse(json);
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
-    const cJSON *agg = cJSON_GetObjectItemCaseSensitive(o, "aggregateId");
+/* Whether the entry belongs to partition i of s: its type matches a pattern
+ * and its aggregate id hashes to i. The entry's fields type and aggregate
+ * (the relay writes both) are read first; the event's JSON is parsed only for
+ * an entry written without them (another publisher). */
+static bool event_is_ours(const struct subscription_spec *s, int i, const char *type, const char *aggregate,
+                          const char *json) {
+    cJSON *o = type && aggregate ? NULL : cJSON_Parse(json);
+    if (!type) {
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+        type = cJSON_IsString(t) ? t->valuestring : NULL;
+    }
     bool ours = false;
-    for (int k = 0; cJSON_IsString(t) && k < s->npatterns && !ours; k++) ours = topic_match(s->patterns[k], t->valuestring);
-    if (ours) ours = subscription_partition_of(cJSON_IsString(agg) ? agg->valuestring : "", s->partitions) == i;
+    for (int k = 0; type && k < s->npatterns && !ours; k++) ours = topic_match(s->patterns[k], type);
+    if (ours && !aggregate) {
+        const cJSON *agg = cJSON_GetObjectItemCaseSensitive(o, "aggregateId");
+        aggregate = cJSON_IsString(agg) ? agg->valuestring : "";
+    }
+    if (ours) ours = subscription_partition_of(aggregate, s->partitions) == i;
     cJSON_Delete(o);
     return ours;
 }
@@ -153,16 +162,21 @@ static int read_partition(struct redis_broker *r, int i, struct sub_delivery *ou
         redisReply *en = entries->element[k];
         const char *id = en->element[0]->str;
         redisReply *fields = en->elements > 1 ? en->element[1] : NULL;
-        const char *json = NULL;
-        for (size_t f = 0; fields && fields->type == REDIS_REPLY_ARRAY && f + 1 < fields->elements; f += 2)
-            if (fields->element[f]->str && strcmp(fields->element[f]->str, "event") == 0) json = fields->element[f + 1]->str;
+        const char *json = NULL, *type = NULL, *aggregate = NULL;
+        for (size_t f = 0; fields && fields->type == REDIS_REPLY_ARRAY && f + 1 < fields->elements; f += 2) {
+            const char *key = fields->element[f]->str, *value = fields->element[f + 1]->str;
+            if (!key) continue;
+            if (strcmp(key, "event") == 0) json = value;
+            else if (strcmp(key, "type") == 0) type = value;
+            else if (strcmp(key, "aggregate") == 0) aggregate = value;
+        }
         if (pending) snprintf(sub->cursor[i], sizeof sub->cursor[i], "%s", id);
         if (!json && pending && !sub->gap_said) { /* a pending entry the stream trimmed away */
             log_warn("subscription %s: partition %d's pending entry %s was trimmed from %s before it was settled "
                      "(a gap: events.stream_maxlen)", sub->spec->name, i, id, r->events_key);
             sub->gap_said = true;
         }
-        if (!json || !event_is_ours(sub->spec, i, json)) {
+        if (!json || !event_is_ours(sub->spec, i, type, aggregate, json)) {
             skip[nskip++] = id;
             continue;
         }

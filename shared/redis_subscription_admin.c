@@ -217,7 +217,7 @@ int redis_subscription_counts(struct broker *b, const struct subscription_spec *
     int nseen = 0;
     for (int i = 0; rc == 0 && i < s->partitions && i < SUBSCRIPTION_PARTITIONS_MAX; i++) {
         char group[128];
-        snprintf(group, sizeof group, "sub:%s:%d", s->name, i);
+        names_redis_subscription_group(s->name, i, group, sizeof group);
         for (size_t k = 0; gs->type == REDIS_REPLY_ARRAY && k < gs->elements; k++) {
             const redisReply *name = field(gs->element[k], "name");
             if (name && name->type == REDIS_REPLY_STRING && strcmp(name->str, group) == 0) {
@@ -242,7 +242,7 @@ int redis_subscription_remove(struct broker *b, const struct subscription_spec *
     if ((rc = stream_exists(r)) <= 0) return rc; /* no stream: no group */
     for (int i = 0; i < s->partitions; i++) {
         char group[128];
-        snprintf(group, sizeof group, "sub:%s:%d", s->name, i);
+        names_redis_subscription_group(s->name, i, group, sizeof group);
         redisReply *rep = redis_conn_cmd(r, "XGROUP DESTROY %s %s", r->events_key, group);
         if (!rep) return redis_conn_last_error(r);
         freeReplyObject(rep);

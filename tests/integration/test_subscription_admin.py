@@ -12,17 +12,17 @@ applies). Every figure is held to the broker's own count of the same objects
 import http.client
 import json
 import os
-import time
 import uuid
 
 import pika
 import psycopg2
 import redis as redislib
 
-from harness import (AMQP_URL, DB_URL, REDIS_URL, ROOT, TRANSPORT, Events, Failure, Publisher, check, envelope,
+from harness import (AMQP_URL, DB_URL, REDIS_URL, ROOT, TRANSPORT, Events, Publisher, check, envelope,
                      eq, http_pool, query, run_bin)
 
 from prometheus_client.parser import text_string_to_metric_families
+from test_delayed import wait_for as delayed_wait_for
 
 PARTITIONS = 3
 CONFIG = os.path.join(ROOT, "queues.conf")
@@ -37,15 +37,8 @@ def json_lines(text):
 
 
 def wait_for(what, fn, timeout=40):
-    """fn()'s value once it is truthy (the pools count every 5 s)."""
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise Failure(f"timed out waiting for {what} (last: {last!r})")
+    """fn()'s value once it is truthy (the pools count every 5 s): test_delayed's wait_for."""
+    return delayed_wait_for(fn, timeout, what)
 
 
 # ---- a subscription made by §13's names --------------------------------------------

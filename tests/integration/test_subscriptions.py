@@ -663,6 +663,23 @@ def metric_lag(pool, name):
     return samples.get(("conveyor_subscription_lag", frozenset({("subscription", name)})))
 
 
+def stopped_with_backlog(name, n, prefix):
+    """Creates the subscription name (4 partitions, stock.updated), stops its
+    process, then publishes n stock.updated over 10 new products through the
+    running pool and waits until the relay has published them all: n events
+    wait for name, no process of it runs."""
+    pub, ev = Publisher(), Events()
+    pids = products(pub, ev, 10, prefix=prefix)
+    ev.close()
+    s = Sub(name, "--partitions", "4", patterns=["stock.updated"])
+    created(name, s)
+    s.stop_clean()
+    floor = max_outbox_id()
+    publish_stock(pub, pids, n)
+    pub.close()
+    wait_published(pids, floor, n)
+
+
 def test_lag_equals_the_brokers_count():
     """Processes stopped, then 300 stock.updated published: the lag from
     `conveyor-admin --json subscriptions` and conveyor_subscription_lag (once a
@@ -671,16 +688,7 @@ def test_lag_equals_the_brokers_count():
     n = 300
     name = sub_name("lag")
     with http_pool(workers=CATALOG4) as pool:
-        pub, ev = Publisher(), Events()
-        pids = products(pub, ev, 10, prefix="lag")
-        ev.close()
-        s = Sub(name, "--partitions", "4", patterns=["stock.updated"])
-        created(name, s)
-        s.stop_clean()
-        floor = max_outbox_id()
-        publish_stock(pub, pids, n)
-        pub.close()
-        wait_published(pids, floor, n)
+        stopped_with_backlog(name, n, "lag")
         # the broker has them all (RabbitMQ routes on publish; the relay's publish is confirmed)
         counted = wait_for(lambda: (lambda c: c if c == n else None)(broker_lag(name, 4)), 10,
                            f"the broker's count at {n}")
@@ -713,16 +721,7 @@ def test_an_exit_after_count_leaves_nothing_it_printed_unacknowledged():
     n = 300
     name = sub_name("count")
     with Pool(workers=CATALOG4) as pool:
-        pub, ev = Publisher(), Events()
-        pids = products(pub, ev, 10, prefix="count")
-        ev.close()
-        s = Sub(name, "--partitions", "4", patterns=["stock.updated"])
-        created(name, s)
-        s.stop_clean()
-        floor = max_outbox_id()
-        publish_stock(pub, pids, n)
-        pub.close()
-        wait_published(pids, floor, n)
+        stopped_with_backlog(name, n, "count")
         wait_for(lambda: broker_lag(name, 4) == n, 10, f"the broker's count at {n}")
         s = Sub(name, "-n", str(n))
         eq(s.proc.wait(60), 0, f"-n {n}: exit status once {n} were printed ({s.stderr()[-2000:]})")
